@@ -1,0 +1,43 @@
+# Tierline: every target sets up what it needs, so a fresh clone needs no other step.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+MODELS ?= models
+
+.DEFAULT_GOAL := help
+.PHONY: help setup models models-tiny test lint demo bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	# the local CPU wheel first: any other torch spec would pull GBs of CUDA packages
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[build,dev]'
+	touch $(STAMP)
+
+setup: $(STAMP) ## create .venv and install pinned dependencies
+
+models: setup ## build the default model family from scratch into models/ (CPU, <= 45 min)
+	$(PY) -m tierline models build --config default --out $(MODELS)
+
+models-tiny: setup ## build the tiny family (tests use it) into runs/tiny
+	$(PY) -m tierline models build --config tiny --out runs/tiny
+
+lint: setup ## ruff over the code
+	$(VENV)/bin/ruff check .
+
+test: setup lint ## lint + the whole test suite
+	$(PY) -m pytest -q
+
+demo: setup ## run the platform on this machine with the committed models
+	$(PY) -m tierline demo --models $(MODELS)
+
+bench: setup ## measure speed and size of every tier (writes BENCHMARKS.md)
+	$(PY) -m tierline models bench --models $(MODELS)
+
+clean: ## remove the venv and caches
+	rm -rf $(VENV) .pytest_cache .ruff_cache runs

@@ -1,0 +1,297 @@
+"""One engine interface for every tier, and the decoding loop they share.
+
+A backend (torch, onnxruntime, LiteRT) only implements `_forward`, one step of the
+decoder in the optimum convention on numpy arrays. Everything else (left padding,
+sampling, stop strings, the KV cache's sliding window, confidence, timings) lives
+here once, so the three tiers generate exactly the same way.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from shared.tokenizer import CharTokenizer
+
+Past = list  # backend-specific KV cache (list of per-layer arrays)
+
+
+@dataclass
+class GenerationParams:
+    max_tokens: int = 64  # completion tokens at most
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus sampling mass
+    stop: tuple[str, ...] = ()  # stop strings (not included in the text)
+    seed: int | None = None  # sampling seed; None = nondeterministic
+    attention_window: int = 0  # 0 = the model's own window
+
+    def __post_init__(self):
+        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+            raise ValueError(f"max_tokens must be a positive int, got {self.max_tokens!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.attention_window < 0:
+            raise ValueError(f"attention_window must be >= 0, got {self.attention_window!r}")
+        self.stop = tuple(self.stop)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    finish_reason: str  # "stop" (eos or a stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+    confidence: float  # lowest probability among the chosen tokens (1.0 = sure)
+    mean_logprob: float  # mean log-probability of the chosen tokens
+    first_token_s: float  # prefill + first token, seconds
+    total_s: float
+    token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class EngineInfo:
+    tier: str
+    model: str
+    version: str
+    params: int
+    bytes: int
+    max_context: int  # prompt + completion tokens at most
+    window_limit: int  # widest attention window supported
+
+
+class EngineError(ValueError):
+    """A request the engine cannot serve (too long, window too wide...)."""
+
+
+class Engine(abc.ABC):
+    """Load once, then generate for batches of prompts with a KV cache."""
+
+    supports_batch_prefill = True  # False: the backend takes one row at a time
+
+    def __init__(self, tokenizer: CharTokenizer, info: EngineInfo):
+        self.tokenizer = tokenizer
+        self.info = info
+
+    # -- the one thing a backend implements --------------------------------------------
+    @abc.abstractmethod
+    def _forward(
+        self,
+        input_ids: np.ndarray,  # (B, T) int64
+        attention_mask: np.ndarray,  # (B, P+T) int64
+        position_ids: np.ndarray,  # (B, T) int64
+        past: Past | None,
+    ) -> tuple[np.ndarray, Past]:
+        """logits (B, T, V) float32 and the new cache."""
+
+    @abc.abstractmethod
+    def _trim_past(self, past: Past, keep: int) -> Past:
+        """Keep the last `keep` positions of every cache entry (sliding window)."""
+
+    # -- shared decoding ---------------------------------------------------------------------
+    def check(self, prompt: str, params: GenerationParams) -> int:
+        """Validate one request against the model's limits; returns its prompt length."""
+        if params.attention_window > self.info.window_limit:
+            raise EngineError(
+                f"attention_window {params.attention_window} exceeds the model's limit {self.info.window_limit}"
+            )
+        n = len(self.tokenizer.encode(prompt))
+        if n + params.max_tokens > self.info.max_context:
+            raise EngineError(
+                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
+                f"context of {self.info.max_context} tokens"
+            )
+        return n
+
+    def generate(self, prompt: str, params: GenerationParams | None = None) -> GenerationResult:
+        return self.generate_batch([prompt], [params or GenerationParams()])[0]
+
+    def generate_batch(
+        self, prompts: Sequence[str], params: Sequence[GenerationParams]
+    ) -> list[GenerationResult]:
+        """Decode a batch together; rows may differ in every parameter but the window."""
+        if len(prompts) != len(params):
+            raise ValueError("one GenerationParams per prompt")
+        if not prompts:
+            return []
+        for p, g in zip(prompts, params):
+            self.check(p, g)
+        # rows with different windows cannot share one cache: run them apart
+        windows = {g.attention_window or self.info.window_limit for g in params}
+        if len(windows) > 1 or not self.supports_batch_prefill and len(prompts) > 1:
+            out: list[GenerationResult | None] = [None] * len(prompts)
+            groups: dict[int, list[int]] = {}
+            for i, g in enumerate(params):
+                key = (g.attention_window or self.info.window_limit) if self.supports_batch_prefill else i
+                groups.setdefault(key, []).append(i)
+            for idx in groups.values():
+                for i, r in zip(idx, self._decode([prompts[i] for i in idx], [params[i] for i in idx])):
+                    out[i] = r
+            return out  # type: ignore[return-value]
+        return list(self._decode(prompts, params))
+
+    def generate_uncached(self, prompt: str, max_tokens: int = 64) -> str:
+        """Greedy decoding that recomputes the whole sequence each step (no KV cache).
+
+        Slow on purpose: the reference the cached path must reproduce token for token.
+        """
+        ids = self.tokenizer.encode(prompt)
+        out: list[int] = []
+        for _ in range(max_tokens):
+            seq = np.array([ids + out], dtype=np.int64)
+            mask = np.ones_like(seq)
+            pos = np.arange(seq.shape[1], dtype=np.int64)[None]
+            logits, _ = self._forward(seq, mask, pos, None)
+            t = int(np.argmax(logits[0, -1]))
+            if t == self.tokenizer.eos_id:
+                break
+            out.append(t)
+        return self.tokenizer.decode(out)
+
+    def stream(self, prompt: str, params: GenerationParams | None = None) -> Iterator[str]:
+        """Text chunks as tokens are generated (stop strings held back until resolved)."""
+        yield from self._decode([prompt], [params or GenerationParams()], stream=True)
+
+    def _decode(self, prompts, params, stream: bool = False):
+        t0 = time.perf_counter()
+        tok = self.tokenizer
+        B = len(prompts)
+        window = params[0].attention_window or self.info.window_limit
+        ids = [tok.encode(p) for p in prompts]
+        L = max(len(x) for x in ids)
+        input_ids = np.full((B, L), tok.pad_id, dtype=np.int64)
+        mask = np.zeros((B, L), dtype=np.int64)
+        for b, x in enumerate(ids):
+            input_ids[b, L - len(x):] = x
+            mask[b, L - len(x):] = 1
+        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        rngs = [np.random.default_rng(g.seed) for g in params]
+
+        if L <= window:
+            logits, past = self._forward(input_ids, mask, positions, None)
+            cur_mask = mask
+        else:  # prompt longer than the window: feed it one token at a time, evicting
+            past, past_len = None, 0
+            for t in range(L):
+                if past_len > window - 1:
+                    past, past_len = self._trim_past(past, window - 1), window - 1
+                m = mask[:, t - past_len: t + 1]
+                logits, past = self._forward(input_ids[:, t:t + 1], m, positions[:, t:t + 1], past)
+                past_len += 1
+            cur_mask = mask[:, -past_len:]
+        last = logits[:, -1, :]
+        next_pos = positions[:, -1] + 1
+
+        gen: list[list[int]] = [[] for _ in range(B)]
+        probs: list[list[float]] = [[] for _ in range(B)]
+        done = [False] * B
+        reason = ["length"] * B
+        texts = [""] * B
+        emitted = 0
+        first_token_s = 0.0
+        max_steps = max(g.max_tokens for g in params)
+        for step in range(max_steps):
+            chosen = np.zeros(B, dtype=np.int64)
+            for b in range(B):
+                if done[b]:
+                    chosen[b] = tok.pad_id
+                    continue
+                t, p = _pick(last[b], params[b], rngs[b])
+                chosen[b] = t
+                if t == tok.eos_id:
+                    done[b], reason[b] = True, "stop"
+                    continue
+                gen[b].append(t)
+                probs[b].append(p)
+                texts[b] = tok.decode(gen[b])
+                cut = _find_stop(texts[b], params[b].stop)
+                if cut is not None:
+                    texts[b] = texts[b][:cut]
+                    done[b], reason[b] = True, "stop"
+                elif len(gen[b]) >= params[b].max_tokens:
+                    done[b] = True
+            if step == 0:
+                first_token_s = time.perf_counter() - t0
+            if stream:
+                safe = _stream_safe_len(texts[0], params[0].stop, done[0])
+                if safe > emitted:
+                    yield texts[0][emitted:safe]
+                    emitted = safe
+            if all(done):
+                break
+            # one decode step for the whole batch
+            if cur_mask.shape[1] >= window:
+                past = self._trim_past(past, window - 1)
+                cur_mask = cur_mask[:, -(window - 1):]
+            cur_mask = np.concatenate([cur_mask, np.ones((B, 1), dtype=np.int64)], axis=1)
+            logits, past = self._forward(chosen[:, None], cur_mask, next_pos[:, None], past)
+            last = logits[:, -1, :]
+            next_pos = next_pos + 1
+        if stream:
+            return
+        total = time.perf_counter() - t0
+        for b in range(B):
+            lp = [math.log(max(p, 1e-12)) for p in probs[b]]
+            yield GenerationResult(
+                text=texts[b],
+                finish_reason=reason[b],
+                prompt_tokens=len(ids[b]),
+                completion_tokens=len(gen[b]),
+                confidence=min(probs[b]) if probs[b] else 0.0,
+                mean_logprob=sum(lp) / len(lp) if lp else 0.0,
+                first_token_s=first_token_s,
+                total_s=total,
+                token_ids=gen[b],
+            )
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def _pick(logits: np.ndarray, g: GenerationParams, rng: np.random.Generator) -> tuple[int, float]:
+    """The next token and the probability the model gave it."""
+    probs = _softmax(logits)
+    if g.greedy:
+        t = int(np.argmax(logits))
+        return t, float(probs[t])
+    scaled = _softmax(logits / g.temperature)
+    if g.top_p < 1.0:
+        order = np.argsort(-scaled)
+        cum = np.cumsum(scaled[order])
+        keep = order[: int(np.searchsorted(cum, g.top_p) + 1)]
+        filtered = np.zeros_like(scaled)
+        filtered[keep] = scaled[keep]
+        scaled = filtered / filtered.sum()
+    t = int(rng.choice(len(scaled), p=scaled))
+    return t, float(probs[t])
+
+
+def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None
+
+
+def _stream_safe_len(text: str, stops: tuple[str, ...], done: bool) -> int:
+    """How much of text can be sent without risking a partial stop string."""
+    if done or not stops:
+        return len(text)
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return len(text) - hold

@@ -1,0 +1,1 @@
+"""Backends of the shared engine interface: torch (cloud), onnxruntime (edge), LiteRT (device)."""

@@ -1,0 +1,154 @@
+"""The device backend: the pruned model as .tflite, run by LiteRT with a KV cache.
+
+The file (see tierline/modelling/export_tflite.py) has `prefill_{len}` signatures for
+a few fixed prompt lengths and a `decode` signature, all over fixed-size caches of
+shape (1, block_size, n_head, head_dim) where slot == absolute position. This module
+maps the base engine's optimum-style calls onto them: `past=None` starts a fresh
+cache and prefills, anything else decodes at `position_ids`. The sliding window is
+exact: `_trim_past` raises the `kv_start` input, which masks the evicted positions,
+since a fixed-size cache cannot drop rows.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+try:
+    from ai_edge_litert.interpreter import Interpreter
+except ImportError:  # the slim runtime some devices ship instead
+    from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
+
+from shared.engine import Engine, EngineInfo
+from shared.engines.torch_engine import _check_vocab
+from shared.model import GPTConfig
+from shared.tokenizer import CharTokenizer
+
+_PREFILL = re.compile(r"^prefill_(\d+)$")
+
+
+@dataclass(frozen=True)
+class LiteRTPast:
+    """The cache arrays of one sequence and which of their positions are live."""
+
+    caches: dict[str, np.ndarray]  # kv_cache_{k,v}_{i} -> (1, block_size, n_head, head_dim)
+    length: int  # positions 0..length-1 have been written
+    start: int  # positions < start were evicted by the sliding window (masked, not erased)
+
+
+class LiteRTEngine(Engine):
+    supports_batch_prefill = False  # the signatures are batch 1
+
+    def __init__(self, interpreter: Interpreter, cfg: GPTConfig, tokenizer: CharTokenizer, info: EngineInfo,
+                 path: Path):
+        super().__init__(tokenizer, info)
+        self.cfg = cfg
+        self.path = path
+        self._interpreter = interpreter  # the runners below need it alive
+        sigs = interpreter.get_signature_list()
+        self.prefill_lens = sorted(int(m.group(1)) for s in sigs if (m := _PREFILL.match(s)))
+        self._prefill = {n: interpreter.get_signature_runner(f"prefill_{n}") for n in self.prefill_lens}
+        self._decode_runner = interpreter.get_signature_runner("decode")
+        self.cache_names = [f"kv_cache_{kv}_{i}" for i in range(cfg.n_layer) for kv in ("k", "v")]
+        self.cache_shape = (1, cfg.block_size, cfg.n_head, cfg.head_dim)
+
+    @classmethod
+    def load(cls, path: str | Path, tokenizer: CharTokenizer, tier: str = "device", model_name: str = "tierline",
+             version: str = "0", threads: int | None = None) -> "LiteRTEngine":
+        """Open `path` and the config.json beside it; every mismatch names the file."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such .tflite file")
+        cfg = _load_config(path.parent / "config.json")
+        _check_vocab(cfg.vocab_size, tokenizer, path)
+        try:
+            interpreter = Interpreter(model_path=str(path), num_threads=threads)
+            sigs = interpreter.get_signature_list()
+        except Exception as exc:  # the runtime raises ValueError/RuntimeError with no file name
+            raise ValueError(f"{path}: not a readable .tflite model ({exc})") from exc
+        _check_signatures(interpreter, sigs, cfg, path)
+        info = EngineInfo(tier, model_name, version, num_params(cfg), path.stat().st_size,
+                          cfg.block_size, cfg.window_limit)
+        return cls(interpreter, cfg, tokenizer, info, path)
+
+    # -- the backend --------------------------------------------------------------------------
+    def _forward(self, input_ids, attention_mask, position_ids, past):
+        if input_ids.shape[0] != 1:
+            raise ValueError(f"{self.path}: LiteRT signatures take one sequence, got a batch of {input_ids.shape[0]}")
+        tokens = input_ids[0].astype(np.int32)
+        pos0 = int(position_ids[0, 0])
+        if pos0 + len(tokens) > self.cfg.block_size:
+            raise ValueError(f"{self.path}: positions up to {pos0 + len(tokens) - 1} exceed the cache "
+                             f"({self.cfg.block_size} positions)")
+        if past is None:
+            past = LiteRTPast({n: np.zeros(self.cache_shape, np.float32) for n in self.cache_names}, 0, 0)
+        caches, last = past.caches, None
+        i = 0
+        while i < len(tokens):  # prefill in as few fixed-length calls as fit; single tokens decode
+            p, rest = pos0 + i, len(tokens) - i
+            n = self._chunk_len(p, rest)
+            take = min(n, rest)
+            chunk = np.full(n, self.tokenizer.pad_id, np.int32)
+            chunk[:take] = tokens[i:i + take]
+            runner = self._decode_runner if n == 1 else self._prefill[n]
+            out = runner(tokens=chunk[None], input_pos=np.arange(p, p + n, dtype=np.int32),
+                         kv_start=np.array([past.start], np.int32), **caches)
+            caches = {name: out[name] for name in self.cache_names}
+            last = out["logits"][0, take - 1]
+            i += take
+        logits = np.array(last, dtype=np.float32)[None, None, :]
+        return logits, replace(past, caches=caches, length=pos0 + len(tokens))
+
+    def _chunk_len(self, pos: int, rest: int) -> int:
+        """The signature length for the next `rest` tokens at `pos`: padding must stay inside the cache."""
+        if rest == 1:
+            return 1
+        room = self.cfg.block_size - pos
+        fits = [n for n in self.prefill_lens if n <= room]
+        covering = [n for n in fits if n >= rest]
+        if covering:
+            return covering[0]
+        full = [n for n in fits if n <= rest]
+        return full[-1] if full else 1
+
+    def _trim_past(self, past: LiteRTPast, keep: int) -> LiteRTPast:
+        return replace(past, start=max(past.start, past.length - keep))
+
+
+def num_params(cfg: GPTConfig) -> int:
+    """GPT(cfg).num_params() without building the model (the device needs no torch weights)."""
+    c, inner, f = cfg.n_embd, cfg.n_head * cfg.head_dim, cfg.ffn_hidden
+    block = 2 * c + 3 * (c * inner + inner) + inner * c + c + 2 * c + c * f + f + f * c + c
+    return cfg.vocab_size * c + cfg.block_size * c + cfg.n_layer * block + 2 * c + c * cfg.vocab_size
+
+
+def _load_config(path: Path) -> GPTConfig:
+    try:
+        return GPTConfig.from_json(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: config.json missing beside the .tflite") from None
+    except (ValueError, TypeError) as exc:
+        msg = str(exc)
+        raise ValueError(msg if msg.startswith(str(path)) else f"{path}: not a valid GPT config ({msg})") from exc
+
+
+def _check_signatures(interpreter: Interpreter, sigs: dict, cfg: GPTConfig, path: Path) -> None:
+    """The file must have decode + prefill_* over caches shaped like config.json says."""
+    prefills = [s for s in sigs if _PREFILL.match(s)]
+    if "decode" not in sigs or not prefills:
+        raise ValueError(f"{path}: expected signatures decode and prefill_*, found {sorted(sigs)}")
+    caches = {f"kv_cache_{kv}_{i}" for i in range(cfg.n_layer) for kv in ("k", "v")}
+    want_in = {"tokens", "input_pos", "kv_start"} | caches
+    shape = [1, cfg.block_size, cfg.n_head, cfg.head_dim]
+    for name in ("decode", *prefills):
+        if set(sigs[name]["inputs"]) != want_in or set(sigs[name]["outputs"]) != caches | {"logits"}:
+            raise ValueError(f"{path}: signature {name} has inputs {sorted(sigs[name]['inputs'])}, "
+                             f"expected {sorted(want_in)} (config.json: {cfg.n_layer} layers)")
+        details = interpreter.get_signature_runner(name).get_input_details()
+        for c in caches:
+            if list(details[c]["shape"]) != shape:
+                raise ValueError(f"{path}: {name}/{c} has shape {list(details[c]['shape'])}, "
+                                 f"config.json implies {shape}")

@@ -1,0 +1,121 @@
+"""The edge backend: onnxruntime on CPU, running the one-graph decoder with a KV cache.
+
+The graph has the optimum decoder names (see tierline/modelling/export_onnx.py), so
+`_forward` is a single session.run; prefill passes empty (B, nh, 0, hd) past arrays.
+The cache is plain numpy, and the sliding window is applied here, by trimming it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from shared.engine import Engine, EngineInfo, Past
+from shared.engines.torch_engine import _check_vocab
+from shared.model import GPTConfig
+from shared.tokenizer import CharTokenizer
+
+CONFIG_FILE = "config.json"  # written beside the .onnx file by the pipeline
+META_CONFIG = "tierline.config"  # the config embedded by export_onnx (fallback)
+META_PARAMS = "tierline.num_params"  # the torch model's parameter count, embedded by export_onnx
+_QUANT_PARAM_SUFFIXES = ("_scale", "_zero_point")  # quantization bookkeeping, not weights
+
+
+class OnnxEngine(Engine):
+    def __init__(self, session: ort.InferenceSession, tokenizer: CharTokenizer, info: EngineInfo, cfg: GPTConfig):
+        super().__init__(tokenizer, info)
+        self.session = session
+        self.cfg = cfg
+        n = cfg.n_layer
+        self._past_names = [(f"past_key_values.{i}.key", f"past_key_values.{i}.value") for i in range(n)]
+        self._out_names = ["logits"] + [f"present.{i}.{kind}" for i in range(n) for kind in ("key", "value")]
+
+    @classmethod
+    def load(cls, path: str | Path, tokenizer: CharTokenizer, tier: str = "edge", model_name: str = "tierline",
+             version: str = "0", threads: int | None = None) -> "OnnxEngine":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such ONNX model")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        try:
+            session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own (non-ValueError) types for bad files
+            raise ValueError(f"{path}: not a readable ONNX model ({exc})") from exc
+        meta = session.get_modelmeta().custom_metadata_map
+        cfg = _load_config(path, meta)
+        _check_graph(session, cfg, path)
+        _check_vocab(cfg.vocab_size, tokenizer, path)
+        params = int(meta[META_PARAMS]) if META_PARAMS in meta else _initializer_params(path)
+        info = EngineInfo(tier, model_name, version, params, path.stat().st_size, cfg.block_size, cfg.window_limit)
+        return cls(session, tokenizer, info, cfg)
+
+    def _forward(self, input_ids, attention_mask, position_ids, past):
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        if past is None:
+            empty = np.zeros((input_ids.shape[0], self.cfg.n_head, 0, self.cfg.head_dim), dtype=np.float32)
+            past = [(empty, empty)] * self.cfg.n_layer
+        for (kn, vn), (k, v) in zip(self._past_names, past):
+            feed[kn], feed[vn] = k, v
+        out = self.session.run(self._out_names, feed)
+        present = [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(self.cfg.n_layer)]
+        return out[0][:, -1:, :], present
+
+    def _trim_past(self, past: Past, keep: int) -> Past:
+        # contiguous copies: onnxruntime would copy a strided view on every step anyway
+        return [(np.ascontiguousarray(k[:, :, -keep:]), np.ascontiguousarray(v[:, :, -keep:])) for k, v in past]
+
+
+def _load_config(path: Path, meta: dict[str, str]) -> GPTConfig:
+    """config.json beside the model (the pipeline's contract), else the config embedded at export."""
+    cfg_path = path.parent / CONFIG_FILE
+    if cfg_path.is_file():
+        return GPTConfig.from_json(cfg_path)
+    if META_CONFIG in meta:
+        try:
+            return GPTConfig(**json.loads(meta[META_CONFIG]))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: embedded config is invalid ({exc})") from exc
+    raise ValueError(f"{path}: no {CONFIG_FILE} beside it and no embedded config")
+
+
+def _check_graph(session: ort.InferenceSession, cfg: GPTConfig, path: Path) -> None:
+    """The graph's inputs must be the decoder the config describes (a stale config.json shows here)."""
+    inputs = {i.name: i.shape for i in session.get_inputs()}
+    outputs = {o.name: o.shape for o in session.get_outputs()}
+    n_past = sum(1 for name in inputs if name.startswith("past_key_values."))
+    problems = []
+    for name in ("input_ids", "attention_mask", "position_ids"):
+        if name not in inputs:
+            problems.append(f"no input {name!r}")
+    if "logits" not in outputs:
+        problems.append("no output 'logits'")
+    if n_past != 2 * cfg.n_layer:
+        problems.append(f"{n_past} past inputs, config says {cfg.n_layer} layers")
+    for name, shape in inputs.items():
+        if name.startswith("past_key_values.") and len(shape) == 4:
+            if shape[1] != cfg.n_head or shape[3] != cfg.head_dim:
+                problems.append(f"{name} has shape {shape}, config says (B, {cfg.n_head}, P, {cfg.head_dim})")
+                break
+    vocab = outputs.get("logits", [None, None, None])[-1]
+    if isinstance(vocab, int) and vocab != cfg.vocab_size:
+        problems.append(f"logits over {vocab} tokens, config says {cfg.vocab_size}")
+    if problems:
+        raise ValueError(f"{path}: graph does not match its config: " + "; ".join(problems))
+
+
+def _initializer_params(path: Path) -> int:
+    """Weight elements in the graph's initializers (used when the export metadata is missing)."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    return sum(
+        int(np.prod(t.dims)) for t in graph.initializer
+        if len(t.dims) >= 1 and not t.name.endswith(_QUANT_PARAM_SUFFIXES)
+    )

@@ -1,0 +1,92 @@
+"""The shared decoding loop, on the torch backend: batching, streaming, stops, windows."""
+
+import numpy as np
+import pytest
+import torch
+
+from shared.engine import EngineError, EngineInfo, GenerationParams
+from shared.engines.torch_engine import TorchEngine
+from shared.model import GPT, GPTConfig
+from shared.tokenizer import CharTokenizer
+
+PROMPTS = ["Q:1+2=?\nA:", "Q:max(3,9,4)=?\nA:", "Q:a=3;b=a+4;b=?\nA:"]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    tok = CharTokenizer.default()
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, head_dim=8,
+                          n_embd=16, ffn_hidden=32))
+    return TorchEngine(model, tok, EngineInfo("cloud", "t", "0", model.num_params(), 0, 64, 64))
+
+
+def test_batch_equals_one_by_one(engine):
+    g = GenerationParams(max_tokens=12)
+    batch = engine.generate_batch(PROMPTS, [g] * 3)
+    for p, r in zip(PROMPTS, batch):
+        one = engine.generate(p, g)
+        assert r.text == one.text
+        assert r.prompt_tokens == len(engine.tokenizer.encode(p))
+        assert 0.0 < r.confidence <= 1.0
+
+
+def test_cached_equals_uncached(engine):
+    for p in PROMPTS:
+        assert engine.generate(p, GenerationParams(max_tokens=15)).text == engine.generate_uncached(p, 15)
+
+
+def test_stream_concatenates_to_the_text(engine):
+    g = GenerationParams(max_tokens=10)
+    assert "".join(engine.stream(PROMPTS[0], g)) == engine.generate(PROMPTS[0], g).text
+
+
+def test_stop_string_cuts_and_reports_stop(engine):
+    full = engine.generate(PROMPTS[1], GenerationParams(max_tokens=12))
+    assert full.finish_reason == "length" and len(full.text) >= 4
+    stop = full.text[2:4]
+    cut = engine.generate(PROMPTS[1], GenerationParams(max_tokens=12, stop=(stop,)))
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.find(stop)]
+    streamed = "".join(engine.stream(PROMPTS[1], GenerationParams(max_tokens=12, stop=(stop,))))
+    assert streamed == cut.text
+
+
+def test_sampling_is_seeded(engine):
+    g = GenerationParams(max_tokens=10, temperature=1.5, top_p=0.9, seed=42)
+    assert engine.generate(PROMPTS[0], g).text == engine.generate(PROMPTS[0], g).text
+
+
+def test_attention_window_equals_masked_reference(engine):
+    """Evicting the cache must give exactly what the windowed full forward gives."""
+    model, tok = engine.model, engine.tokenizer
+    prompt, window, n = PROMPTS[2], 6, 10  # prompt longer than the window: token-by-token prefill
+    ids = tok.encode(prompt)
+    out = []
+    for _ in range(n):
+        x = torch.tensor([ids + out])
+        logits, _ = model(x, torch.ones_like(x), attention_window=window)
+        out.append(int(logits[0, -1].argmax()))
+    ref = tok.decode(out[: out.index(tok.eos_id)] if tok.eos_id in out else out)
+    got = engine.generate(prompt, GenerationParams(max_tokens=n, attention_window=window)).text
+    assert got == ref
+
+
+def test_limits_are_enforced(engine):
+    with pytest.raises(EngineError, match="attention_window 65 exceeds the model's limit 64"):
+        engine.generate(PROMPTS[0], GenerationParams(max_tokens=4, attention_window=65))
+    with pytest.raises(EngineError, match="context of 64"):
+        engine.generate(PROMPTS[0], GenerationParams(max_tokens=60))
+    with pytest.raises(ValueError, match="max_tokens"):
+        GenerationParams(max_tokens=0)
+    with pytest.raises(ValueError, match="temperature"):
+        GenerationParams(temperature=-1)
+    with pytest.raises(ValueError, match="temperature"):
+        GenerationParams(temperature=float("nan"))
+
+
+def test_mixed_windows_in_one_batch(engine):
+    gs = [GenerationParams(max_tokens=8), GenerationParams(max_tokens=8, attention_window=5)]
+    batch = engine.generate_batch(PROMPTS[:2], gs)
+    assert [r.text for r in batch] == [engine.generate(p, g).text for p, g in zip(PROMPTS[:2], gs)]
+    assert np.isfinite(batch[1].mean_logprob)

@@ -1,0 +1,163 @@
+"""The `tierline` command.
+
+Errors a user can cause (a bad flag, a missing or corrupt artifact) print one line
+and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+DEFAULT_MODELS = Path("models")
+
+
+class UsageError(Exception):
+    """A user mistake: printed as one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + error
+        raise UsageError(message)
+
+
+def _positive(flag: str):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {text!r}") from None
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"{flag} must be positive, got {v}")
+        return v
+    return parse
+
+
+def _non_negative(flag: str):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {text!r}") from None
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"{flag} must be >= 0, got {v}")
+        return v
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from shared.artifacts import TIERS
+    from shared.problems import SPLITS
+
+    p = _Parser(prog="tierline", description="Serve one model family across cloud, edge and device tiers.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    models = sub.add_parser("models", help="build, evaluate and benchmark the model family")
+    msub = models.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    b = msub.add_parser("build", help="build a model family from scratch")
+    b.add_argument("--config", default="default", choices=("tiny", "default"))
+    b.add_argument("--out", type=Path, default=None, help="output directory (default: models/ or runs/tiny)")
+    b.add_argument("--seed", type=_non_negative("--seed"), default=0)
+
+    e = msub.add_parser("eval", help="exact-match accuracy of one tier")
+    e.add_argument("--tier", required=True, choices=TIERS)
+    e.add_argument("--n", type=_positive("--n"), default=500)
+    e.add_argument("--seed", type=_non_negative("--seed"), default=0)
+    e.add_argument("--split", default="test", choices=SPLITS)
+    e.add_argument("--models", type=Path, default=DEFAULT_MODELS)
+    e.add_argument("--threads", type=_positive("--threads"), default=2)
+    e.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+    be = msub.add_parser("bench", help="decode speed and first-token latency of every tier")
+    be.add_argument("--models", type=Path, default=DEFAULT_MODELS)
+    be.add_argument("--rounds", type=_positive("--rounds"), default=3)
+    be.add_argument("--prompts", type=_positive("--prompts"), default=16)
+    be.add_argument("--threads", type=_positive("--threads"), default=2)
+    be.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    be.add_argument("--write", type=Path, default=None, help="also write the table into this Markdown file")
+
+    d = sub.add_parser("demo", help="run the platform on this machine and print a summary")
+    d.add_argument("--models", type=Path, default=DEFAULT_MODELS)
+    d.add_argument("--n", type=_positive("--n"), default=200)
+    return p
+
+
+def _cmd_build(args) -> int:
+    from tierline.modelling.pipeline import build, family
+
+    out = args.out or (DEFAULT_MODELS if args.config == "default" else Path("runs/tiny"))
+    report = build(family(args.config, seed=args.seed), out)
+    print(json.dumps({k: report[k] for k in ("family", "build_seconds", "params", "int8_kv_cache_agreement")}))
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from shared.artifacts import load_engine
+    from shared.problems import generate
+    from tierline.modelling.evaluate import evaluate
+
+    engine = load_engine(args.models, args.tier, threads=args.threads)
+    r = evaluate(engine, generate(args.split, args.n, seed=args.seed))
+    r.pop("correct")
+    out = {"tier": args.tier, "split": args.split, "seed": args.seed, **r,
+           "params": engine.info.params, "bytes": engine.info.bytes}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        levels = " ".join(f"L{k}={v:.3f}" for k, v in out["by_level"].items())
+        print(f"{args.tier}: accuracy {out['accuracy']:.3f} ({levels}), n={out['n']}, "
+              f"{out['tokens_per_s']} tokens/s, {out['params']:,} params, {out['bytes']:,} bytes")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from tierline.modelling.bench import bench, render
+
+    result = bench(args.models, rounds=args.rounds, n_prompts=args.prompts, threads=args.threads)
+    if args.write:
+        args.write.write_text("# Tier speed (`tierline models bench`)\n\n" + render(result))
+    print(json.dumps(result) if args.json else render(result))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from shared.artifacts import TIERS, load_engine
+    from shared.problems import generate
+    from tierline.modelling.evaluate import evaluate
+
+    problems = generate("test", args.n, seed=7)
+    table = Table(title=f"Tierline model family on {args.n} fresh test problems")
+    for col in ("tier", "accuracy", "L1", "L2", "L3", "L4", "L5", "tokens/s", "params"):
+        table.add_column(col)
+    for tier in TIERS:
+        r = evaluate(load_engine(args.models, tier), problems)
+        table.add_row(tier, f"{r['accuracy']:.3f}", *(f"{v:.2f}" for v in r["by_level"].values()),
+                      str(r["tokens_per_s"]), f"{load_engine(args.models, tier).info.params:,}")
+    Console().print(table)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        handler = {"build": _cmd_build, "eval": _cmd_eval, "bench": _cmd_bench}.get(
+            getattr(args, "action", None), _cmd_demo)
+        return handler(args)
+    except UsageError as exc:
+        print(f"tierline: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ValueError, FileNotFoundError) as exc:
+        # ArtifactError is a ValueError; messages name the file or the flag
+        print(f"tierline: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Building the model family: train, distill, quantize, prune, export, evaluate."""

@@ -1,0 +1,65 @@
+"""Exact-match evaluation of any engine on the reasoning benchmark."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from shared.engine import Engine, GenerationParams
+from shared.problems import LEVELS, Problem, is_correct
+
+EVAL_MAX_TOKENS = 96  # longest worked answer of level 5 is about 60 characters
+
+
+def evaluate(
+    engine: Engine,
+    problems: list[Problem],
+    batch_size: int = 32,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
+    """accuracy, by_level, n, tokens_per_s (completion tokens over wall time)."""
+    # batch problems of one level together: similar lengths, little padding
+    order = sorted(range(len(problems)), key=lambda i: (problems[i].level, len(problems[i].prompt)))
+    correct = [False] * len(problems)
+    tokens, t0 = 0, time.perf_counter()
+    step = batch_size if engine.supports_batch_prefill else 1
+    for start in range(0, len(order), step):
+        idx = order[start:start + step]
+        prompts = [problems[i].prompt for i in idx]
+        params = [GenerationParams(max_tokens=_budget(engine, p)) for p in prompts]
+        for i, r in zip(idx, engine.generate_batch(prompts, params)):
+            correct[i] = is_correct(problems[i], r.text)
+            tokens += r.completion_tokens
+        if progress:
+            progress(len(idx))
+    seconds = time.perf_counter() - t0
+    by_level = {}
+    for level in LEVELS:
+        hits = [c for p, c in zip(problems, correct) if p.level == level]
+        if hits:
+            by_level[str(level)] = round(sum(hits) / len(hits), 4)
+    return {
+        "accuracy": round(sum(correct) / len(problems), 4),
+        "by_level": by_level,
+        "n": len(problems),
+        "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else 0.0,
+        "seconds": round(seconds, 2),
+        "correct": correct,
+    }
+
+
+def _budget(engine: Engine, prompt: str) -> int:
+    n = len(engine.tokenizer.encode(prompt))
+    return max(1, min(EVAL_MAX_TOKENS, engine.info.max_context - n))
+
+
+def kv_agreement(engine: Engine, problems: list[Problem], progress: Callable[[int], None] | None = None) -> float:
+    """Share of problems whose greedy text is identical with and without the KV cache."""
+    same = 0
+    for p in problems:
+        budget = _budget(engine, p.prompt)
+        cached = engine.generate(p.prompt, GenerationParams(max_tokens=budget)).text
+        same += cached == engine.generate_uncached(p.prompt, max_tokens=budget)
+        if progress:
+            progress(1)
+    return same / len(problems)

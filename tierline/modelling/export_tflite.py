@@ -1,0 +1,162 @@
+"""Export the (pruned) device GPT to .tflite with an external KV cache, for LiteRT.
+
+The file follows the LiteRT generative convention (the layout litert-torch's own
+`generative.utilities.converter` produces): one `prefill_{len}` signature per fixed
+prompt length and one `decode` signature, each taking `tokens` (1, len) int32,
+`input_pos` (len,) int32 and the caches `kv_cache_k_{i}` / `kv_cache_v_{i}`
+(1, block_size, n_head, head_dim) float32, and returning `logits` (1, len, vocab)
+plus the updated caches under the same names.
+
+One extra input, `kv_start` (1,) int32, makes the engine's sliding window exact: keys
+at positions < kv_start are masked out. The base engine evicts the oldest cache
+entries when a request's `attention_window` is narrower than the sequence; a fixed-size
+cache cannot drop rows, so it masks them instead. Pass 0 for plain causal attention.
+
+We do not call litert-torch's `convert_to_tflite` helper directly: it needs its own
+`ModelConfig`, names the file itself, quantizes by default and drops prefill logits;
+the engine needs the logits of the last prompt token. Instead we add the same
+signatures to `litert_torch.signature(...)` ourselves, reusing its `KVCache` pytree
+(which gives the `kv_cache_k_{i}` names) and its dynamic-update-slice cache update.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from shared.model import GPT, GPTConfig
+
+CACHE_LAYOUT = "BTNH"  # (batch=1, position, head, head_dim), litert-torch's default layout
+DEFAULT_PREFILL_LENS = (32, 64, 128, 256)
+
+
+class KVCacheDecoder(nn.Module):
+    """GPT's own weights behind the LiteRT prefill/decode calling convention.
+
+    The mask comes from `input_pos`: a query at position p attends keys at positions
+    k with kv_start <= k <= p (and p - k < attention_window when the config sets one),
+    so the padding a fixed-length prefill writes past the prompt is never read, and
+    is overwritten by later decode steps. Cache slot == absolute position.
+    """
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model  # shares the parameters; nothing is copied
+        self.cfg = model.cfg
+        self.register_buffer("key_pos", torch.arange(model.cfg.block_size, dtype=torch.int32), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_cache, kv_start: torch.Tensor) -> dict:
+        from litert_torch.generative.layers import kv_cache as kv_utils
+
+        m, cfg = self.model, self.cfg
+        T = tokens.shape[1]
+        pos = input_pos.to(torch.int32)
+        x = m.wte(tokens) + m.wpe(pos)[None]
+        q_pos = pos[:, None]  # (T, 1)
+        k_pos = self.key_pos[None, :]  # (1, S)
+        allowed = (k_pos <= q_pos) & (k_pos >= kv_start.to(torch.int32))
+        if cfg.attention_window:
+            allowed = allowed & (q_pos - k_pos < cfg.attention_window)
+        blocked = ~allowed[None, None]  # (1, 1, T, S)
+        scale = 1.0 / math.sqrt(cfg.head_dim)
+        entries = []
+        for block, entry in zip(m.blocks, kv_cache.caches):
+            a = block.attn
+            h = block.ln1(x)
+            q = a.q(h).view(1, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (1, nh, T, hd)
+            k = a.k(h).view(1, T, cfg.n_head, cfg.head_dim)  # (1, T, nh, hd): the cache layout
+            v = a.v(h).view(1, T, cfg.n_head, cfg.head_dim)
+            entry = kv_utils.update(entry, pos, k, v)
+            keys = entry.k_cache.permute(0, 2, 3, 1)  # (1, nh, hd, S)
+            values = entry.v_cache.transpose(1, 2)  # (1, nh, S, hd)
+            att = (q @ keys) * scale  # (1, nh, T, S)
+            att = att.masked_fill(blocked, torch.finfo(att.dtype).min)
+            y = F.softmax(att, dim=-1) @ values  # (1, nh, T, hd)
+            y = y.transpose(1, 2).reshape(1, T, cfg.n_head * cfg.head_dim)
+            x = x + a.proj(y)
+            x = x + block.mlp(block.ln2(x))
+            entries.append(entry)
+        logits = m.lm_head(m.ln_f(x))
+        return {"logits": logits, "kv_cache": kv_utils.KVCache(tuple(entries))}
+
+
+def default_prefill_lens(cfg: GPTConfig) -> tuple[int, ...]:
+    """32/64/128/256 up to block_size, plus block_size itself: any prompt fits one call."""
+    lens = [n for n in DEFAULT_PREFILL_LENS if n < cfg.block_size]
+    return tuple(lens + [cfg.block_size])
+
+
+def empty_cache(cfg: GPTConfig):
+    """A zero KVCache of the exported layout (litert-torch's pytree, for the names)."""
+    from litert_torch.generative.layers import kv_cache as kv_utils
+
+    shape = (1, cfg.block_size, cfg.n_head, cfg.head_dim)
+    return kv_utils.KVCache(tuple(
+        kv_utils.KVCacheEntry(torch.zeros(shape), torch.zeros(shape)) for _ in range(cfg.n_layer)
+    ))
+
+
+def export_tflite(model: GPT, path: Path, prefill_lens: tuple[int, ...] | None = None) -> dict:
+    """Write `path` (.tflite, fp32) with prefill_{len} + decode signatures, and config.json beside it.
+
+    Returns a JSON-able description of what was exported (signatures, inputs, cache
+    layout, seconds), which the pipeline stores in the device model card.
+    """
+    import litert_torch
+
+    path = Path(path)
+    cfg = model.cfg
+    lens = tuple(sorted(set(prefill_lens))) if prefill_lens else default_prefill_lens(cfg)
+    bad = [n for n in lens if not isinstance(n, int) or not 1 < n <= cfg.block_size]
+    if bad:
+        raise ValueError(f"{path}: prefill lengths {bad} must be ints in (1, block_size={cfg.block_size}]")
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    wrapper = KVCacheDecoder(model).eval()
+    cache = empty_cache(cfg)
+    start = torch.zeros(1, dtype=torch.int32)
+    converter = None
+    for n in lens:
+        kwargs = {"tokens": torch.zeros(1, n, dtype=torch.int32), "input_pos": torch.arange(n, dtype=torch.int32),
+                  "kv_cache": cache, "kv_start": start}
+        converter = (litert_torch.signature(f"prefill_{n}", wrapper, sample_kwargs=kwargs) if converter is None
+                     else converter.signature(f"prefill_{n}", wrapper, sample_kwargs=kwargs))
+    converter.signature("decode", wrapper, sample_kwargs={
+        "tokens": torch.zeros(1, 1, dtype=torch.int32), "input_pos": torch.zeros(1, dtype=torch.int32),
+        "kv_cache": cache, "kv_start": start})
+    try:
+        with torch.no_grad():
+            edge_model = converter.convert()
+    finally:
+        model.train(was_training)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    edge_model.export(str(path))
+    cfg.to_json(path.parent / "config.json")
+    cache_names = [f"kv_cache_{kv}_{i}" for i in range(cfg.n_layer) for kv in ("k", "v")]
+    return {
+        "format": "tflite",
+        "runtime": "LiteRT (ai-edge-litert)",
+        "exporter": f"litert-torch {litert_torch.__version__}",
+        "precision": "fp32",
+        "signatures": [f"prefill_{n}" for n in lens] + ["decode"],
+        "prefill_lens": list(lens),
+        "inputs": ["tokens", "input_pos", "kv_start", *cache_names],
+        "outputs": ["logits", *cache_names],
+        "kv_cache": {
+            "layout": CACHE_LAYOUT,
+            "shape": [1, cfg.block_size, cfg.n_head, cfg.head_dim],
+            "dtype": "float32",
+            "slot": "absolute position (input_pos)",
+            "bytes": 2 * cfg.n_layer * cfg.block_size * cfg.n_head * cfg.head_dim * 4,
+        },
+        "attention_window": cfg.attention_window,
+        "bytes": path.stat().st_size,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }

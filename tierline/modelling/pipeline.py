@@ -1,0 +1,276 @@
+"""`tierline models build`: the whole family from scratch, deterministic for a seed.
+
+tokenizer -> teacher (cloud, fp32 safetensors)
+          -> student by soft-label distillation, and the same student without it (baseline)
+          -> student to ONNX with a KV cache, int8 dynamic quantization (edge)
+          -> student structurally pruned, fine-tuned, exported to .tflite (device)
+          -> every tier evaluated per level, model cards, manifest.json
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from shared.artifacts import MANIFEST, TIER_FORMATS, file_entry, load_engine, write_card
+from shared.engine import EngineInfo
+from shared.engines.torch_engine import TorchEngine
+from shared.model import GPT, GPTConfig, save_model
+from shared.problems import ANSWER_MARKER, generate
+from shared.tokenizer import CharTokenizer
+from tierline.modelling.evaluate import evaluate, kv_agreement
+from tierline.modelling.train import TrainConfig, train
+
+MODEL_NAME = "tierline-reasoner"
+
+
+@dataclass
+class FamilyConfig:
+    name: str
+    teacher: GPTConfig  # cloud model
+    student: GPTConfig  # edge model, <= 1/3 of the teacher's parameters
+    teacher_train: TrainConfig
+    student_train: TrainConfig  # distill_alpha > 0; the baseline reuses it with alpha 0
+    finetune: TrainConfig  # after pruning (distilled from the teacher)
+    prune_ratio: float = 0.35  # device params / student params, at most
+    eval_n: int = 1000  # test problems for the report (balanced over levels)
+    kv_check_n: int = 200  # problems for the cached-vs-uncached check of the int8 model
+    calib_n: int = 256  # calibration problems for pruning importance
+    threads: int = 2  # torch / onnxruntime threads (the reference machine has 2 cores)
+
+    def __post_init__(self):
+        ratio = _params(self.student) / _params(self.teacher)
+        if ratio > 1 / 3:
+            raise ValueError(f"family {self.name!r}: student has {ratio:.2f} of the teacher's parameters (max 1/3)")
+
+
+def _params(cfg: GPTConfig) -> int:
+    return GPT(cfg).num_params()
+
+
+def _gpt(vocab: int, layers: int, heads: int, width: int, block: int = 256) -> GPTConfig:
+    return GPTConfig(vocab_size=vocab, block_size=block, n_layer=layers, n_head=heads, head_dim=width // heads,
+                     n_embd=width, ffn_hidden=4 * width)
+
+
+def family(name: str, seed: int = 0) -> FamilyConfig:
+    vocab = CharTokenizer.default().vocab_size
+    if name == "tiny":  # the whole pipeline in well under 2 minutes, accuracy irrelevant
+        return FamilyConfig(
+            name="tiny",
+            teacher=_gpt(vocab, 2, 2, 64),
+            student=_gpt(vocab, 2, 2, 32),
+            teacher_train=TrainConfig(steps=40, batch_size=16, lr=3e-3, warmup=5, seed=seed),
+            student_train=TrainConfig(steps=30, batch_size=16, lr=3e-3, warmup=5, distill_alpha=0.5, seed=seed),
+            finetune=TrainConfig(steps=10, batch_size=16, lr=2e-3, warmup=2, distill_alpha=0.5, seed=seed + 1),
+            eval_n=40, kv_check_n=10, calib_n=32,
+        )
+    if name == "default":
+        return FamilyConfig(
+            name="default",
+            teacher=_gpt(vocab, 4, 4, 128),
+            student=_gpt(vocab, 3, 3, 96),
+            teacher_train=TrainConfig(steps=1500, batch_size=64, lr=3e-3, warmup=50, seed=seed),
+            student_train=TrainConfig(steps=900, batch_size=64, lr=3e-3, warmup=50, distill_alpha=0.5, seed=seed),
+            finetune=TrainConfig(steps=400, batch_size=64, lr=2e-3, warmup=20, distill_alpha=0.5, seed=seed + 1),
+        )
+    raise ValueError(f"unknown family config {name!r}; expected 'tiny' or 'default'")
+
+
+class _Steps:
+    """A rich progress display with one bar per pipeline stage."""
+
+    def __init__(self, console: Console):
+        self.progress = Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=console)
+
+    @contextmanager
+    def stage(self, title: str, total: int):
+        task = self.progress.add_task(title, total=total, note="")
+
+        def advance(n: int = 1, note: str = "") -> None:
+            self.progress.update(task, advance=n, note=note)
+
+        yield advance
+        self.progress.update(task, completed=total)
+
+
+def build(cfg: FamilyConfig, out: Path, console: Console | None = None) -> dict:
+    """Build every artifact into `out`; returns the report (also written as report.json)."""
+    console = console or Console(stderr=True)
+    torch.set_num_threads(cfg.threads)
+    t_start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "_work"
+    work.mkdir(exist_ok=True)
+    tok = CharTokenizer.default()
+    tok.save(out / "tokenizer.json")
+    test = generate("test", cfg.eval_n, seed=cfg.teacher_train.seed)
+    calib = generate("calib", cfg.calib_n, seed=cfg.teacher_train.seed)
+    timings: dict[str, float] = {}
+    results: dict[str, dict] = {}
+    steps = _Steps(console)
+
+    def torch_engine(model: GPT, tier: str) -> TorchEngine:
+        info = EngineInfo(tier, MODEL_NAME, cfg.name, model.num_params(), 0, model.cfg.block_size,
+                          model.cfg.window_limit)
+        return TorchEngine(model, tok, info)
+
+    def fit(title: str, model: GPT, tc: TrainConfig, teacher: GPT | None = None) -> dict:
+        t0 = time.perf_counter()
+        with steps.stage(title, tc.steps) as adv:
+            summary = train(model, tok, tc, teacher=teacher, progress=lambda s, loss: adv(1, f"loss {loss:.3f}"))
+        timings[title] = round(time.perf_counter() - t0, 1)
+        return summary
+
+    def score(title: str, engine) -> dict:
+        with steps.stage(f"eval {title}", len(test)) as adv:
+            r = evaluate(engine, test, progress=adv)
+        r.pop("correct")
+        results[title] = r
+        return r
+
+    with steps.progress:
+        torch.manual_seed(cfg.teacher_train.seed)
+        teacher = GPT(cfg.teacher)
+        teacher_summary = fit("teacher (cloud)", teacher, cfg.teacher_train)
+        save_model(teacher, out / "cloud")
+        score("cloud", torch_engine(teacher, "cloud"))
+
+        torch.manual_seed(cfg.student_train.seed + 1)
+        student = GPT(cfg.student)
+        student_summary = fit("student, distilled", student, cfg.student_train, teacher=teacher)
+        torch.manual_seed(cfg.student_train.seed + 1)
+        baseline = GPT(cfg.student)
+        baseline_cfg = replace(cfg.student_train, distill_alpha=0.0)
+        baseline_summary = fit("student, no distillation", baseline, baseline_cfg)
+        score("student_fp32_torch", torch_engine(student, "edge"))
+        score("student_no_distill", torch_engine(baseline, "edge"))
+
+        from tierline.modelling.export_onnx import export_onnx, quantize_int8
+
+        edge_dir = out / "edge"
+        edge_dir.mkdir(exist_ok=True)
+        t0 = time.perf_counter()
+        export_onnx(student, work / "model.fp32.onnx")
+        quantize_int8(work / "model.fp32.onnx", edge_dir / "model.int8.onnx")
+        student.cfg.to_json(edge_dir / "config.json")
+        student.cfg.to_json(work / "config.json")
+        timings["export + quantize (edge)"] = round(time.perf_counter() - t0, 1)
+
+        from tierline.modelling.prune import prune
+
+        t0 = time.perf_counter()
+        device_model, prune_report = prune(student, tok, cfg.prune_ratio, calib)
+        timings["prune"] = round(time.perf_counter() - t0, 1)
+        finetune_summary = fit("device fine-tune", device_model, cfg.finetune, teacher=teacher)
+
+        from tierline.modelling.export_tflite import export_tflite
+
+        device_dir = out / "device"
+        device_dir.mkdir(exist_ok=True)
+        t0 = time.perf_counter()
+        tflite_report = export_tflite(device_model, device_dir / "model.tflite")
+        device_model.cfg.to_json(device_dir / "config.json")
+        timings["export (device)"] = round(time.perf_counter() - t0, 1)
+
+        manifest = _write_manifest(out, cfg)
+        from shared.engines.onnx_engine import OnnxEngine
+
+        score("edge_fp32_onnx", OnnxEngine.load(work / "model.fp32.onnx", tok, "edge", threads=cfg.threads))
+        edge = load_engine(out, "edge", threads=cfg.threads)
+        score("edge", edge)
+        score("device", load_engine(out, "device", threads=cfg.threads))
+        with steps.stage("int8 KV-cache check", cfg.kv_check_n) as adv:
+            kv_same = kv_agreement(edge, test[: cfg.kv_check_n], progress=adv)
+
+    shutil.rmtree(work)
+    params = {"cloud": teacher.num_params(), "edge": student.num_params(), "device": device_model.num_params()}
+    trainings = {
+        "cloud": {"train": asdict(cfg.teacher_train), "summary": teacher_summary},
+        "edge": {"train": asdict(cfg.student_train), "summary": student_summary,
+                 "baseline_no_distillation": {"train": asdict(baseline_cfg), "summary": baseline_summary}},
+        "device": {"pruned_from": "edge student (fp32)", "prune": prune_report,
+                   "finetune": asdict(cfg.finetune), "summary": finetune_summary, "export": tflite_report},
+    }
+    configs = {"cloud": cfg.teacher, "edge": cfg.student, "device": device_model.cfg}
+    for tier in ("cloud", "edge", "device"):
+        entry = manifest["artifacts"][tier]
+        write_card(out / tier, {
+            "tier": tier, "model": MODEL_NAME, "family": cfg.name, "format": TIER_FORMATS[tier],
+            "params": params[tier], "bytes": entry["weights"]["bytes"], "sha256": entry["weights"]["sha256"],
+            "quantization": "int8 dynamic (onnxruntime)" if tier == "edge" else "none (fp32)",
+            "pruning": (f"structural, {params['device'] / params['edge']:.1%} of the student" if tier == "device"
+                        else "none"),
+            "config": asdict(configs[tier]),
+            "answer_marker": ANSWER_MARKER,
+            "accuracy": results[tier],
+            "training": trainings[tier],
+        })
+    report = {
+        "family": cfg.name,
+        "seed": cfg.teacher_train.seed,
+        "machine": {"platform": platform.platform(), "processor": platform.machine(), "threads": cfg.threads},
+        "build_seconds": round(time.perf_counter() - t_start, 1),
+        "timings": timings,
+        "params": params,
+        "ratios": {"student_over_teacher": round(params["edge"] / params["cloud"], 4),
+                   "device_over_student": round(params["device"] / params["edge"], 4)},
+        "accuracy": results,
+        "int8_kv_cache_agreement": round(kv_same, 4),
+        "distillation_gain": round(results["student_fp32_torch"]["accuracy"]
+                                   - results["student_no_distill"]["accuracy"], 4),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "REPORT.md").write_text(render_report(report))
+    # the manifest is rewritten last so it also lists the cards
+    _write_manifest(out, cfg)
+    return report
+
+
+def _write_manifest(out: Path, cfg: FamilyConfig) -> dict:
+    weights = {"cloud": "cloud/model.safetensors", "edge": "edge/model.int8.onnx", "device": "device/model.tflite"}
+    artifacts: dict = {"tokenizer": file_entry(out, out / "tokenizer.json")}
+    for tier, rel in weights.items():
+        entry = {"format": TIER_FORMATS[tier], "weights": file_entry(out, out / rel),
+                 "config": file_entry(out, out / tier / "config.json")}
+        for card in ("card.json", "card.md"):
+            if (out / tier / card).exists():
+                entry[card.replace(".", "_")] = file_entry(out, out / tier / card)
+        artifacts[tier] = entry
+    manifest = {"model_name": MODEL_NAME, "version": f"{cfg.name}-seed{cfg.teacher_train.seed}",
+                "family": cfg.name, "answer_marker": ANSWER_MARKER, "artifacts": artifacts}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def render_report(report: dict) -> str:
+    acc = report["accuracy"]
+    levels = list(next(iter(acc.values()))["by_level"])
+    rows = ["| model | " + " | ".join(f"L{lv}" for lv in levels) + " | all | tokens/s |",
+            "|---|" + "---|" * (len(levels) + 2)]
+    for name, r in acc.items():
+        rows.append(f"| {name} | " + " | ".join(f"{r['by_level'][lv]:.3f}" for lv in levels)
+                    + f" | {r['accuracy']:.3f} | {r['tokens_per_s']} |")
+    return "\n".join([
+        f"# Model family `{report['family']}` (seed {report['seed']})", "",
+        f"Built in {report['build_seconds']:.0f} s on {report['machine']['platform']} "
+        f"({report['machine']['threads']} threads).", "",
+        "## Exact-match accuracy on the test split, per level", "", *rows, "",
+        f"- parameters: {report['params']} (student/teacher {report['ratios']['student_over_teacher']:.3f}, "
+        f"device/student {report['ratios']['device_over_student']:.3f})",
+        f"- distillation gain (student distilled minus the same student trained without it): "
+        f"{report['distillation_gain']:+.3f}",
+        f"- int8 edge model, greedy text identical with and without the KV cache: "
+        f"{report['int8_kv_cache_agreement']:.1%}", "",
+        "## Stage timings (s)", "", *[f"- {k}: {v}" for k, v in report["timings"].items()], "",
+    ])

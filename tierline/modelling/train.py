@@ -1,0 +1,121 @@
+"""Training: plain next-token training, soft-label distillation, fine-tuning.
+
+Loss is taken on the completion only (the worked chain, the answer and <eos>):
+the prompt is given, the model learns to reason from it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.nn import functional as F
+
+from shared.model import GPT
+from shared.problems import Problem, iter_problems
+from shared.tokenizer import CharTokenizer
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # optimiser steps
+    batch_size: int = 64  # problems per step
+    lr: float = 2e-3  # peak learning rate (cosine decay after warm-up)
+    warmup: int = 50  # linear warm-up steps
+    weight_decay: float = 0.01
+    distill_alpha: float = 0.0  # weight of the KL term; 0 = hard labels only
+    distill_temperature: float = 2.0  # softening of teacher and student logits
+    seed: int = 0  # data order and initialisation
+
+    def __post_init__(self):
+        if self.steps <= 0 or self.batch_size <= 0:
+            raise ValueError(f"steps and batch_size must be positive, got {self.steps}, {self.batch_size}")
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise ValueError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
+
+
+def encode_batch(problems: list[Problem], tok: CharTokenizer, block_size: int):
+    """(input_ids, targets, loss_mask), right-padded; targets are inputs shifted by one."""
+    rows = []
+    for p in problems:
+        prompt = tok.encode(p.prompt)
+        full = prompt + tok.encode(p.target, bos=False) + [tok.eos_id]
+        if len(full) > block_size + 1:
+            raise ValueError(f"problem of {len(full)} tokens exceeds block_size {block_size}: {p.prompt!r}")
+        rows.append((full, len(prompt)))
+    T = max(len(r) for r, _ in rows) - 1
+    x = torch.full((len(rows), T), tok.pad_id, dtype=torch.long)
+    y = torch.full((len(rows), T), tok.pad_id, dtype=torch.long)
+    m = torch.zeros((len(rows), T), dtype=torch.bool)
+    for i, (full, n_prompt) in enumerate(rows):
+        n = len(full) - 1
+        x[i, :n] = torch.tensor(full[:-1])
+        y[i, :n] = torch.tensor(full[1:])
+        m[i, n_prompt - 1: n] = True  # predict every completion token
+    return x, y, m
+
+
+def _lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(
+    model: GPT,
+    tok: CharTokenizer,
+    cfg: TrainConfig,
+    teacher: GPT | None = None,
+    progress: Callable[[int, float], None] | None = None,
+    levels: tuple[int, ...] = (1, 2, 3, 4, 5),
+) -> dict:
+    """Train in place; returns a summary (final loss, seconds, tokens seen)."""
+    if cfg.distill_alpha > 0 and teacher is None:
+        raise ValueError("distillation needs a teacher")
+    torch.manual_seed(cfg.seed)
+    # one level per batch: rows of similar length, little padding
+    streams = {lv: iter_problems("train", cfg.seed, levels=(lv,)) for lv in levels}
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.98),
+    )
+    if teacher is not None:
+        teacher.eval()
+    model.train()
+    t0, tokens, loss_ema = time.perf_counter(), 0, None
+    for step in range(cfg.steps):
+        stream = streams[levels[step % len(levels)]]
+        batch = [next(stream) for _ in range(cfg.batch_size)]
+        x, y, m = encode_batch(batch, tok, model.cfg.block_size)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg)
+        logits, _ = model(x)
+        hard = F.cross_entropy(logits[m], y[m])
+        loss = hard
+        if cfg.distill_alpha > 0:
+            with torch.no_grad():
+                t_logits, _ = teacher(x)
+            T = cfg.distill_temperature
+            kl = F.kl_div(
+                F.log_softmax(logits[m] / T, -1), F.log_softmax(t_logits[m] / T, -1),
+                log_target=True, reduction="batchmean",
+            ) * (T * T)
+            loss = cfg.distill_alpha * kl + (1 - cfg.distill_alpha) * hard
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        tokens += int(m.sum())
+        lv = float(loss.detach())
+        loss_ema = lv if loss_ema is None else 0.95 * loss_ema + 0.05 * lv
+        if progress:
+            progress(step + 1, loss_ema)
+    model.eval()
+    return {"steps": cfg.steps, "final_loss": round(loss_ema, 4), "seconds": round(time.perf_counter() - t0, 1),
+            "completion_tokens": tokens}

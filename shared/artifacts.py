@@ -98,7 +98,7 @@ def load_engine(models_dir: str | Path, tier: str, threads: int | None = None, d
         if entry["format"] == "safetensors":
             from shared.engines.torch_engine import TorchEngine
 
-            return TorchEngine.load(weights.parent, tok, tier, name, version, device=device)
+            return TorchEngine.load(weights.parent, tok, tier, name, version, device=device, threads=threads)
         if entry["format"].startswith("onnx"):
             from shared.engines.onnx_engine import OnnxEngine
 

@@ -74,6 +74,14 @@ class EngineError(ValueError):
     """A request the engine cannot serve (too long, window too wide...)."""
 
 
+def check_vocab(model_vocab: int, tokenizer: CharTokenizer, where) -> None:
+    """A tokenizer that does not fit the model would decode nonsense: refuse it."""
+    if model_vocab != tokenizer.vocab_size:
+        raise ValueError(
+            f"{where}: model vocabulary ({model_vocab}) does not match the tokenizer's ({tokenizer.vocab_size})"
+        )
+
+
 class Engine(abc.ABC):
     """Load once, then generate for batches of prompts with a KV cache."""
 

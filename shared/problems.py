@@ -69,21 +69,16 @@ def is_correct(problem: Problem, completion: str) -> bool:
 
 
 def _arith(rng: random.Random, level: int):
-    """Multi-step arithmetic; products first, then sums left to right."""
+    """Multi-step arithmetic on one-digit numbers; products first, then left to right.
+
+    Each worked step is one fact (a two-digit running value plus or minus a digit,
+    or a product of two digits), so the difficulty is the number of steps.
+    """
     n_ops = level
-    hi = (9, 15, 20, 20, 20)[level - 1]
-    nums = [rng.randint(0, hi)]
-    ops = []
-    for _ in range(n_ops):
-        op = rng.choice("+-*") if level > 1 else rng.choice("+-")
-        ops.append(op)
-        nums.append(rng.randint(0, 9) if op == "*" else rng.randint(0, hi))
-    # a product needs a one-digit left operand too
-    for i, op in enumerate(ops):
-        if op == "*" and nums[i] > 9:
-            nums[i] = rng.randint(0, 9)
-        if op == "*" and i > 0 and ops[i - 1] == "*":
-            return None  # no chained products: keep each step one table look-up
+    nums = [rng.randint(0, 9) for _ in range(n_ops + 1)]
+    ops = [rng.choice("+-*") if level > 1 else rng.choice("+-") for _ in range(n_ops)]
+    if any(a == b == "*" for a, b in zip(ops, ops[1:])):
+        return None  # no chained products: keep each step one table look-up
     steps = []
     vals, rest_ops = [nums[0]], []
     for op, n in zip(ops, nums[1:]):
@@ -101,8 +96,6 @@ def _arith(rng: random.Random, level: int):
         acc = new
         if not 0 <= acc <= MAX_VALUE:
             return None
-    if any(v > MAX_VALUE for v in vals):
-        return None
     expr = str(nums[0]) + "".join(f"{op}{n}" for op, n in zip(ops, nums[1:]))
     return f"{expr}=?", ";".join(steps), str(acc)
 
@@ -118,12 +111,12 @@ def _vars(rng: random.Random, level: int):
     decls, steps = [], []
     for i, name in enumerate(names):
         if i == 0 or (level >= 3 and rng.random() < 0.25):
-            v = rng.randint(0, 20 if level < 3 else 30)
+            v = rng.randint(0, 9 if level < 3 else 20)
             decls.append(f"{name}={v}")
             values[name] = v
             continue
         src = rng.choice(names[:i]) if level >= 3 else names[i - 1]
-        op = rng.choice("+-*")
+        op = rng.choice("+-*" if values[src] <= 9 else "+-")  # products stay one table look-up
         k = rng.randint(1, 9)
         v = {"+": values[src] + k, "-": values[src] - k, "*": values[src] * k}[op]
         if not 0 <= v <= MAX_VALUE:
@@ -160,9 +153,9 @@ _ITEMS = ("apples", "pens", "cards", "coins", "books", "eggs")
 
 def _word(rng: random.Random, level: int):
     """A short story of gains and losses with distractor sentences."""
-    n_events = (1, 1, 2, 3, 3)[level - 1]
-    n_distract = (0, 1, 1, 1, 2)[level - 1]
-    hi = (9, 15, 20, 30, 30)[level - 1]
+    n_events = (1, 1, 2, 2, 3)[level - 1]
+    n_distract = (0, 1, 1, 2, 2)[level - 1]
+    hi = (9, 9, 20, 20, 20)[level - 1]
     who, other = rng.sample(_NAMES, 2)
     item, other_item = rng.sample(_ITEMS, 2)
     have = rng.randint(0, hi)

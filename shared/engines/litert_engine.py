@@ -22,9 +22,8 @@ try:
 except ImportError:  # the slim runtime some devices ship instead
     from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
 
-from shared.engine import Engine, EngineInfo
-from shared.engines.torch_engine import _check_vocab
-from shared.model import GPTConfig
+from shared.engine import Engine, EngineInfo, check_vocab
+from shared.model_config import GPTConfig
 from shared.tokenizer import CharTokenizer
 
 _PREFILL = re.compile(r"^prefill_(\d+)$")
@@ -63,7 +62,7 @@ class LiteRTEngine(Engine):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such .tflite file")
         cfg = _load_config(path.parent / "config.json")
-        _check_vocab(cfg.vocab_size, tokenizer, path)
+        check_vocab(cfg.vocab_size, tokenizer, path)
         try:
             interpreter = Interpreter(model_path=str(path), num_threads=threads)
             sigs = interpreter.get_signature_list()

@@ -3,6 +3,7 @@
 The graph has the optimum decoder names (see tierline/modelling/export_onnx.py), so
 `_forward` is a single session.run; prefill passes empty (B, nh, 0, hd) past arrays.
 The cache is plain numpy, and the sliding window is applied here, by trimming it.
+No torch here: the edge node needs only onnxruntime and numpy.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from shared.engine import Engine, EngineInfo, Past
-from shared.engines.torch_engine import _check_vocab
-from shared.model import GPTConfig
+from shared.engine import Engine, EngineInfo, Past, check_vocab
+from shared.model_config import GPTConfig
 from shared.tokenizer import CharTokenizer
 
 CONFIG_FILE = "config.json"  # written beside the .onnx file by the pipeline
@@ -25,6 +25,8 @@ _QUANT_PARAM_SUFFIXES = ("_scale", "_zero_point")  # quantization bookkeeping, n
 
 
 class OnnxEngine(Engine):
+    """One InferenceSession for prefill and decode; the KV cache lives in numpy between steps."""
+
     def __init__(self, session: ort.InferenceSession, tokenizer: CharTokenizer, info: EngineInfo, cfg: GPTConfig):
         super().__init__(tokenizer, info)
         self.session = session
@@ -43,7 +45,6 @@ class OnnxEngine(Engine):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
         try:
             session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own (non-ValueError) types for bad files
@@ -51,13 +52,14 @@ class OnnxEngine(Engine):
         meta = session.get_modelmeta().custom_metadata_map
         cfg = _load_config(path, meta)
         _check_graph(session, cfg, path)
-        _check_vocab(cfg.vocab_size, tokenizer, path)
-        params = int(meta[META_PARAMS]) if META_PARAMS in meta else _initializer_params(path)
+        check_vocab(cfg.vocab_size, tokenizer, path)
+        params = int(meta[META_PARAMS]) if meta.get(META_PARAMS, "").isdigit() else _initializer_params(path)
         info = EngineInfo(tier, model_name, version, params, path.stat().st_size, cfg.block_size, cfg.window_limit)
         return cls(session, tokenizer, info, cfg)
 
     def _forward(self, input_ids, attention_mask, position_ids, past):
-        feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        feed = {"input_ids": np.asarray(input_ids, np.int64), "attention_mask": np.asarray(attention_mask, np.int64),
+                "position_ids": np.asarray(position_ids, np.int64)}  # the graph takes int64 only
         if past is None:
             empty = np.zeros((input_ids.shape[0], self.cfg.n_head, 0, self.cfg.head_dim), dtype=np.float32)
             past = [(empty, empty)] * self.cfg.n_layer
@@ -76,7 +78,10 @@ def _load_config(path: Path, meta: dict[str, str]) -> GPTConfig:
     """config.json beside the model (the pipeline's contract), else the config embedded at export."""
     cfg_path = path.parent / CONFIG_FILE
     if cfg_path.is_file():
-        return GPTConfig.from_json(cfg_path)
+        try:
+            return GPTConfig.from_json(cfg_path)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{cfg_path}: not a valid model config ({exc})") from exc
     if META_CONFIG in meta:
         try:
             return GPTConfig(**json.loads(meta[META_CONFIG]))

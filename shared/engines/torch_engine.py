@@ -4,30 +4,33 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from shared.engine import Engine, EngineInfo, Past
+from shared.engine import Engine, EngineInfo, Past, check_vocab
 from shared.model import GPT, load_model
 from shared.tokenizer import CharTokenizer
 
 
 class TorchEngine(Engine):
-    def __init__(self, model: GPT, tokenizer: CharTokenizer, info: EngineInfo, device: str = "cpu"):
+    def __init__(self, model: GPT, tokenizer: CharTokenizer, info: EngineInfo, device: str = "cpu",
+                 threads: int | None = None):
         super().__init__(tokenizer, info)
+        if threads:
+            torch.set_num_threads(threads)
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
 
     @classmethod
     def load(cls, directory: str | Path, tokenizer: CharTokenizer, tier: str = "cloud",
-             model_name: str = "tierline", version: str = "0", device: str = "cpu") -> "TorchEngine":
+             model_name: str = "tierline", version: str = "0", device: str = "cpu",
+             threads: int | None = None) -> "TorchEngine":
         directory = Path(directory)
         model = load_model(directory)
-        _check_vocab(model.cfg.vocab_size, tokenizer, directory)
+        check_vocab(model.cfg.vocab_size, tokenizer, directory)
         size = (directory / "model.safetensors").stat().st_size
         info = EngineInfo(tier, model_name, version, model.num_params(), size,
                           model.cfg.block_size, model.cfg.window_limit)
-        return cls(model, tokenizer, info, device)
+        return cls(model, tokenizer, info, device, threads)
 
     @torch.inference_mode()
     def _forward(self, input_ids, attention_mask, position_ids, past):
@@ -43,9 +46,3 @@ class TorchEngine(Engine):
     def _trim_past(self, past: Past, keep: int) -> Past:
         return [(k[:, :, -keep:], v[:, :, -keep:]) for k, v in past]
 
-
-def _check_vocab(model_vocab: int, tokenizer: CharTokenizer, where: Path) -> None:
-    if model_vocab != tokenizer.vocab_size:
-        raise ValueError(
-            f"{where}: model vocabulary ({model_vocab}) does not match the tokenizer's ({tokenizer.vocab_size})"
-        )

@@ -21,9 +21,10 @@ signatures to `litert_torch.signature(...)` ourselves, reusing its `KVCache` pyt
 
 from __future__ import annotations
 
-import json
+import copy
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -117,6 +118,8 @@ def export_tflite(model: GPT, path: Path, prefill_lens: tuple[int, ...] | None =
     if bad:
         raise ValueError(f"{path}: prefill lengths {bad} must be ints in (1, block_size={cfg.block_size}]")
     t0 = time.perf_counter()
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        model = copy.deepcopy(model).cpu()  # the converter traces on CPU; leave the caller's model where it is
     was_training = model.training
     model.eval()
     wrapper = KVCacheDecoder(model).eval()
@@ -132,7 +135,8 @@ def export_tflite(model: GPT, path: Path, prefill_lens: tuple[int, ...] | None =
         "tokens": torch.zeros(1, 1, dtype=torch.int32), "input_pos": torch.zeros(1, dtype=torch.int32),
         "kv_cache": cache, "kv_start": start})
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch pytree deprecations inside the converter
             edge_model = converter.convert()
     finally:
         model.train(was_training)

@@ -10,6 +10,7 @@ tokenizer -> teacher (cloud, fp32 safetensors)
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import time
@@ -31,6 +32,7 @@ from tierline.modelling.evaluate import evaluate, kv_agreement
 from tierline.modelling.train import TrainConfig, train
 
 MODEL_NAME = "tierline-reasoner"
+os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "0")  # our own progress bars instead
 
 
 @dataclass
@@ -44,7 +46,8 @@ class FamilyConfig:
     prune_ratio: float = 0.35  # device params / student params, at most
     eval_n: int = 1000  # test problems for the report (balanced over levels)
     kv_check_n: int = 200  # problems for the cached-vs-uncached check of the int8 model
-    calib_n: int = 256  # calibration problems for pruning importance
+    calib_n: int = 256  # calibration problems for pruning importance and int8 activation scales
+    device_levels: tuple[int, ...] = (1, 2, 3)  # the device answers easy requests: fine-tune on these
     threads: int = 2  # torch / onnxruntime threads (the reference machine has 2 cores)
 
     def __post_init__(self):
@@ -67,21 +70,21 @@ def family(name: str, seed: int = 0) -> FamilyConfig:
     if name == "tiny":  # the whole pipeline in well under 2 minutes, accuracy irrelevant
         return FamilyConfig(
             name="tiny",
-            teacher=_gpt(vocab, 2, 2, 64),
-            student=_gpt(vocab, 2, 2, 32),
+            teacher=_gpt(vocab, 4, 2, 96),
+            student=_gpt(vocab, 3, 2, 48),
             teacher_train=TrainConfig(steps=40, batch_size=16, lr=3e-3, warmup=5, seed=seed),
             student_train=TrainConfig(steps=30, batch_size=16, lr=3e-3, warmup=5, distill_alpha=0.5, seed=seed),
             finetune=TrainConfig(steps=10, batch_size=16, lr=2e-3, warmup=2, distill_alpha=0.5, seed=seed + 1),
             eval_n=40, kv_check_n=10, calib_n=32,
         )
-    if name == "default":
+    if name == "default":  # about 40 minutes on 2 CPU cores
         return FamilyConfig(
             name="default",
             teacher=_gpt(vocab, 4, 4, 128),
-            student=_gpt(vocab, 3, 3, 96),
-            teacher_train=TrainConfig(steps=1500, batch_size=64, lr=3e-3, warmup=50, seed=seed),
-            student_train=TrainConfig(steps=900, batch_size=64, lr=3e-3, warmup=50, distill_alpha=0.5, seed=seed),
-            finetune=TrainConfig(steps=400, batch_size=64, lr=2e-3, warmup=20, distill_alpha=0.5, seed=seed + 1),
+            student=_gpt(vocab, 3, 2, 80),
+            teacher_train=TrainConfig(steps=5500, batch_size=32, lr=3e-3, warmup=100, seed=seed),
+            student_train=TrainConfig(steps=3500, batch_size=32, lr=3e-3, warmup=100, distill_alpha=0.5, seed=seed),
+            finetune=TrainConfig(steps=1200, batch_size=32, lr=2e-3, warmup=50, distill_alpha=0.5, seed=seed + 1),
         )
     raise ValueError(f"unknown family config {name!r}; expected 'tiny' or 'default'")
 
@@ -125,10 +128,11 @@ def build(cfg: FamilyConfig, out: Path, console: Console | None = None) -> dict:
                           model.cfg.window_limit)
         return TorchEngine(model, tok, info)
 
-    def fit(title: str, model: GPT, tc: TrainConfig, teacher: GPT | None = None) -> dict:
+    def fit(title: str, model: GPT, tc: TrainConfig, teacher: GPT | None = None, levels=(1, 2, 3, 4, 5)) -> dict:
         t0 = time.perf_counter()
         with steps.stage(title, tc.steps) as adv:
-            summary = train(model, tok, tc, teacher=teacher, progress=lambda s, loss: adv(1, f"loss {loss:.3f}"))
+            summary = train(model, tok, tc, teacher=teacher, levels=levels,
+                            progress=lambda s, loss: adv(1, f"loss {loss:.3f}"))
         timings[title] = round(time.perf_counter() - t0, 1)
         return summary
 
@@ -162,7 +166,9 @@ def build(cfg: FamilyConfig, out: Path, console: Console | None = None) -> dict:
         edge_dir.mkdir(exist_ok=True)
         t0 = time.perf_counter()
         export_onnx(student, work / "model.fp32.onnx")
-        quantize_int8(work / "model.fp32.onnx", edge_dir / "model.int8.onnx")
+        # static activation scales from the calibration split: cached == uncached, row by row
+        calib_ids = [tok.encode(p.text) for p in calib]
+        quantize_int8(work / "model.fp32.onnx", edge_dir / "model.int8.onnx", calib_ids=calib_ids)
         student.cfg.to_json(edge_dir / "config.json")
         student.cfg.to_json(work / "config.json")
         timings["export + quantize (edge)"] = round(time.perf_counter() - t0, 1)
@@ -172,7 +178,8 @@ def build(cfg: FamilyConfig, out: Path, console: Console | None = None) -> dict:
         t0 = time.perf_counter()
         device_model, prune_report = prune(student, tok, cfg.prune_ratio, calib)
         timings["prune"] = round(time.perf_counter() - t0, 1)
-        finetune_summary = fit("device fine-tune", device_model, cfg.finetune, teacher=teacher)
+        finetune_summary = fit("device fine-tune", device_model, cfg.finetune, teacher=teacher,
+                               levels=cfg.device_levels)
 
         from tierline.modelling.export_tflite import export_tflite
 
@@ -200,7 +207,7 @@ def build(cfg: FamilyConfig, out: Path, console: Console | None = None) -> dict:
         "edge": {"train": asdict(cfg.student_train), "summary": student_summary,
                  "baseline_no_distillation": {"train": asdict(baseline_cfg), "summary": baseline_summary}},
         "device": {"pruned_from": "edge student (fp32)", "prune": prune_report,
-                   "finetune": asdict(cfg.finetune), "summary": finetune_summary, "export": tflite_report},
+                   "finetune": asdict(cfg.finetune), "finetune_levels": list(cfg.device_levels), "summary": finetune_summary, "export": tflite_report},
     }
     configs = {"cloud": cfg.teacher, "edge": cfg.student, "device": device_model.cfg}
     for tier in ("cloud", "edge", "device"):
@@ -208,7 +215,7 @@ def build(cfg: FamilyConfig, out: Path, console: Console | None = None) -> dict:
         write_card(out / tier, {
             "tier": tier, "model": MODEL_NAME, "family": cfg.name, "format": TIER_FORMATS[tier],
             "params": params[tier], "bytes": entry["weights"]["bytes"], "sha256": entry["weights"]["sha256"],
-            "quantization": "int8 dynamic (onnxruntime)" if tier == "edge" else "none (fp32)",
+            "quantization": "int8 static, per-channel weights (onnxruntime)" if tier == "edge" else "none (fp32)",
             "pruning": (f"structural, {params['device'] / params['edge']:.1%} of the student" if tier == "device"
                         else "none"),
             "config": asdict(configs[tier]),

@@ -1,0 +1,47 @@
+"""The model family's configuration, importable without torch (the device tier has none)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 91  # size of the shared character tokenizer
+    block_size: int = 256  # longest sequence (prompt + completion), learned positions
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads per block
+    head_dim: int = 32  # width of one head; n_head * head_dim need not equal n_embd
+    n_embd: int = 128  # residual stream width
+    ffn_hidden: int = 512  # MLP hidden width (4 * n_embd before pruning)
+    attention_window: int = 0  # 0 = full causal attention; N = attend to the last N tokens only
+    dropout: float = 0.0  # training only
+
+    def __post_init__(self):
+        for f in ("vocab_size", "block_size", "n_layer", "n_head", "head_dim", "n_embd", "ffn_hidden"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"GPTConfig.{f} must be a positive int, got {v!r}")
+        if not 0 <= self.attention_window <= self.block_size:
+            raise ValueError(
+                f"GPTConfig.attention_window must be in [0, block_size={self.block_size}], got {self.attention_window}"
+            )
+
+    @property
+    def window_limit(self) -> int:
+        """The widest attention window the model supports (its context length)."""
+        return self.attention_window or self.block_size
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "GPTConfig":
+        data = json.loads(Path(path).read_text())
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
+        return cls(**data)

@@ -1,0 +1,28 @@
+"""Shared fixtures: the tiny model family is built once per test session."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`tierline ...` as a user runs it: a real process, its own stdout/stderr/exit code."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "tierline", *args], cwd=ROOT, env=env, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory) -> Path:
+    """The whole pipeline (train, distill, quantize, prune, export, evaluate) on the tiny config."""
+    out = tmp_path_factory.mktemp("tiny") / "models"
+    proc = run_cli("models", "build", "--config", "tiny", "--out", str(out), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["family"] == "tiny"
+    return out

@@ -1,0 +1,106 @@
+"""`tierline models build|eval` on the tiny family: the contract other tools read."""
+
+import json
+import shutil
+
+import pytest
+
+from shared.artifacts import ArtifactError, load_engine, load_manifest, sha256_of
+from tests.conftest import run_cli
+
+
+def test_build_writes_every_artifact_with_cards(tiny_family):
+    manifest = load_manifest(tiny_family)
+    arts = manifest["artifacts"]
+    assert set(arts) == {"tokenizer", "cloud", "edge", "device"}
+    for tier in ("cloud", "edge", "device"):
+        entry = arts[tier]
+        assert sha256_of(tiny_family / entry["weights"]["path"]) == entry["weights"]["sha256"]
+        card = json.loads((tiny_family / tier / "card.json").read_text())
+        assert card["sha256"] == entry["weights"]["sha256"]
+        assert set(card["accuracy"]["by_level"]) == {"1", "2", "3", "4", "5"}
+        assert (tiny_family / tier / "card.md").read_text().startswith("# Model card")
+    assert arts["edge"]["weights"]["path"].endswith(".onnx")
+    assert arts["device"]["weights"]["path"].endswith(".tflite")
+    report = json.loads((tiny_family / "report.json").read_text())
+    # the distillation baseline is measured, not assumed
+    assert "student_no_distill" in report["accuracy"] and "student_fp32_torch" in report["accuracy"]
+    assert report["params"]["edge"] <= report["params"]["cloud"] / 3
+    assert report["params"]["device"] <= 0.35 * report["params"]["edge"]
+    assert 0.0 <= report["int8_kv_cache_agreement"] <= 1.0
+
+
+@pytest.mark.parametrize("tier", ["cloud", "edge", "device"])
+def test_eval_json_contract(tiny_family, tier):
+    proc = run_cli("models", "eval", "--tier", tier, "--n", "10", "--seed", "3", "--models", str(tiny_family),
+                   "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    for key in ("accuracy", "by_level", "n", "params", "bytes", "tokens_per_s"):
+        assert key in out
+    assert out["n"] == 10 and 0.0 <= out["accuracy"] <= 1.0
+    assert set(out["by_level"]) == {"1", "2", "3", "4", "5"}
+    assert out["params"] > 0 and out["bytes"] > 0 and out["tokens_per_s"] > 0
+
+
+def _copy(src, tmp_path):
+    dst = tmp_path / "m"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _one_line_error(proc, *needles):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--tier", "fog"], "--tier"),
+    (["--tier", "edge", "--n", "0"], "--n"),
+    (["--tier", "edge", "--seed", "-1"], "--seed"),
+    (["--tier", "edge", "--split", "dev"], "--split"),
+])
+def test_bad_flags(tiny_family, args, needle):
+    _one_line_error(run_cli("models", "eval", "--models", str(tiny_family), *args), needle)
+
+
+def test_wrong_sha256_is_refused(tiny_family, tmp_path):
+    m = _copy(tiny_family, tmp_path)
+    path = m / "edge" / "model.int8.onnx"
+    path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
+    _one_line_error(run_cli("models", "eval", "--tier", "edge", "--models", str(m)), "model.int8.onnx", "sha256")
+
+
+def test_missing_artifact(tiny_family, tmp_path):
+    m = _copy(tiny_family, tmp_path)
+    (m / "device" / "model.tflite").unlink()
+    _one_line_error(run_cli("models", "eval", "--tier", "device", "--models", str(m)), "model.tflite", "missing")
+    _one_line_error(run_cli("models", "eval", "--tier", "cloud", "--models", str(tmp_path / "nowhere")),
+                    "manifest.json")
+
+
+def test_corrupt_artifact_with_matching_manifest(tiny_family, tmp_path):
+    """A file that is broken yet listed with its own sha256: the runtime's error, still one line."""
+    m = _copy(tiny_family, tmp_path)
+    path = m / "device" / "model.tflite"
+    path.write_bytes(b"not a flatbuffer")
+    manifest = json.loads((m / "manifest.json").read_text())
+    manifest["artifacts"]["device"]["weights"]["sha256"] = sha256_of(path)
+    (m / "manifest.json").write_text(json.dumps(manifest))
+    _one_line_error(run_cli("models", "eval", "--tier", "device", "--models", str(m)), "model.tflite")
+
+
+def test_tokenizer_that_does_not_match_the_model(tiny_family, tmp_path):
+    from shared.tokenizer import CharTokenizer, build_tokenizer
+
+    m = _copy(tiny_family, tmp_path)
+    CharTokenizer(build_tokenizer("0123456789+-=")).save(m / "tokenizer.json")
+    manifest = json.loads((m / "manifest.json").read_text())
+    manifest["artifacts"]["tokenizer"]["sha256"] = sha256_of(m / "tokenizer.json")
+    (m / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="vocabulary"):
+        load_engine(m, "cloud")
+    _one_line_error(run_cli("models", "eval", "--tier", "edge", "--models", str(m)), "vocabulary")

@@ -1,0 +1,170 @@
+"""The edge backend reproduces the torch model: same logits, same greedy text, a sound KV cache."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from shared.engine import EngineInfo, GenerationParams
+from shared.engines.onnx_engine import OnnxEngine
+from shared.engines.torch_engine import TorchEngine
+from shared.model import GPT
+from shared.model_config import GPTConfig
+from shared.tokenizer import CharTokenizer
+from tierline.modelling.export_onnx import export_onnx, input_names, output_names, quantize_int8
+
+WEIGHT_STD = 0.3  # random weights well away from init scale: peaked, varied logits, few near-ties
+ATOL = 1e-4  # fp32 ONNX vs torch logits
+PROMPTS = ["12+7=", "What is 3*4?", "a", "x=5; y=x+2; y?", "Compare 17 and 71."]
+MAX_TOKENS = 12  # completion tokens per prompt in the generation tests
+
+
+@pytest.fixture(scope="module")
+def tok() -> CharTokenizer:
+    return CharTokenizer.default()
+
+
+@pytest.fixture(scope="module")
+def model(tok: CharTokenizer) -> GPT:
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, head_dim=16, n_embd=32,
+                    ffn_hidden=64)
+    m = GPT(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0.0, WEIGHT_STD)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(model: GPT, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("edge")
+    export_onnx(model, d / "model.fp32.onnx")
+    quantize_int8(d / "model.fp32.onnx", d / "model.int8.onnx")
+    model.cfg.to_json(d / "config.json")
+    return d
+
+
+@pytest.fixture(scope="module")
+def torch_engine(model: GPT, tok: CharTokenizer) -> TorchEngine:
+    info = EngineInfo("cloud", "t", "0", model.num_params(), 0, model.cfg.block_size, model.cfg.window_limit)
+    return TorchEngine(model, tok, info)
+
+
+@pytest.fixture(scope="module")
+def fp32(onnx_dir: Path, tok: CharTokenizer) -> OnnxEngine:
+    return OnnxEngine.load(onnx_dir / "model.fp32.onnx", tok, threads=1)
+
+
+@pytest.fixture(scope="module")
+def int8(onnx_dir: Path, tok: CharTokenizer) -> OnnxEngine:
+    return OnnxEngine.load(onnx_dir / "model.int8.onnx", tok, threads=1)
+
+
+def _left_padded(tok: CharTokenizer, prompts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ids = [tok.encode(p) for p in prompts]
+    L = max(len(x) for x in ids)
+    input_ids = np.full((len(ids), L), tok.pad_id, dtype=np.int64)
+    mask = np.zeros_like(input_ids)
+    for b, x in enumerate(ids):
+        input_ids[b, L - len(x):], mask[b, L - len(x):] = x, 1
+    return input_ids, mask, np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+
+
+def test_graph_has_the_optimum_decoder_names(fp32: OnnxEngine, model: GPT) -> None:
+    n = model.cfg.n_layer
+    assert [i.name for i in fp32.session.get_inputs()] == input_names(n)
+    assert [o.name for o in fp32.session.get_outputs()] == output_names(n)
+    assert fp32.info.params == model.num_params()
+    assert fp32.info.max_context == model.cfg.block_size
+
+
+def test_fp32_logits_match_torch_prefill_and_decode(fp32: OnnxEngine, model: GPT, tok: CharTokenizer) -> None:
+    ids, mask, pos = _left_padded(tok, PROMPTS[:3])
+    B, T = ids.shape
+    nh, hd = model.cfg.n_head, model.cfg.head_dim
+    feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+    for i in range(model.cfg.n_layer):  # prefill: past of length 0
+        feed[f"past_key_values.{i}.key"] = feed[f"past_key_values.{i}.value"] = np.zeros((B, nh, 0, hd), np.float32)
+    out = fp32.session.run(None, feed)
+    with torch.no_grad():
+        ref, past = model(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(pos), None,
+                          attention_window=0)
+    assert out[0].shape == (B, T, model.cfg.vocab_size)
+    np.testing.assert_allclose(out[0], ref.numpy(), atol=ATOL)
+    np.testing.assert_allclose(out[1], past[0][0].numpy(), atol=ATOL)
+
+    nxt = np.array([[5], [6], [7]], dtype=np.int64)  # one decode step on the cache
+    mask2 = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
+    pos2 = pos[:, -1:] + 1
+    feed = {"input_ids": nxt, "attention_mask": mask2, "position_ids": pos2}
+    for i in range(model.cfg.n_layer):
+        feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = out[1 + 2 * i], out[2 + 2 * i]
+    out2 = fp32.session.run(None, feed)
+    with torch.no_grad():
+        ref2, _ = model(torch.from_numpy(nxt), torch.from_numpy(mask2), torch.from_numpy(pos2), past,
+                        attention_window=0)
+    np.testing.assert_allclose(out2[0], ref2.numpy(), atol=ATOL)
+    assert out2[1].shape == (B, nh, T + 1, hd)
+
+
+def test_fp32_greedy_batch_matches_torch(fp32: OnnxEngine, torch_engine: TorchEngine) -> None:
+    params = [GenerationParams(max_tokens=MAX_TOKENS)] * len(PROMPTS)
+    got = fp32.generate_batch(PROMPTS, params)
+    want = torch_engine.generate_batch(PROMPTS, params)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert any(len(set(r.token_ids)) > 1 for r in want)  # not a degenerate one-token model
+
+
+def test_fp32_sliding_window_matches_torch(fp32: OnnxEngine, torch_engine: TorchEngine) -> None:
+    """A prompt longer than the window is fed token by token with the cache trimmed."""
+    params = [GenerationParams(max_tokens=MAX_TOKENS, attention_window=6)] * 2
+    prompts = ["x=5; y=x+2; y?", "12+7="]
+    got = fp32.generate_batch(prompts, params)
+    want = torch_engine.generate_batch(prompts, params)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+
+
+def test_int8_cached_matches_uncached(int8: OnnxEngine) -> None:
+    for prompt in PROMPTS:
+        cached = int8.generate(prompt, GenerationParams(max_tokens=MAX_TOKENS)).text
+        assert cached == int8.generate_uncached(prompt, max_tokens=MAX_TOKENS), prompt
+
+
+def test_int8_quantized_the_weight_matmuls(onnx_dir: Path) -> None:
+    fp32_size = (onnx_dir / "model.fp32.onnx").stat().st_size
+    assert (onnx_dir / "model.int8.onnx").stat().st_size < fp32_size
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(onnx_dir / "model.int8.onnx")).graph.node]
+    assert "MatMulInteger" in ops and "Gather" in ops  # weights int8, embeddings fp32
+
+
+def test_corrupt_file_raises_value_error_naming_it(onnx_dir: Path, tmp_path: Path, tok: CharTokenizer) -> None:
+    bad = tmp_path / "model.int8.onnx"
+    bad.write_bytes((onnx_dir / "model.int8.onnx").read_bytes()[:2000])
+    with pytest.raises(ValueError, match=re.escape(str(bad))):
+        OnnxEngine.load(bad, tok)
+    bad.write_bytes(b"not a model at all")
+    with pytest.raises(ValueError, match=re.escape(str(bad))):
+        OnnxEngine.load(bad, tok)
+    with pytest.raises(FileNotFoundError):
+        OnnxEngine.load(tmp_path / "missing.onnx", tok)
+
+
+def test_config_mismatch_and_vocab_mismatch(onnx_dir: Path, tmp_path: Path, model: GPT, tok: CharTokenizer) -> None:
+    path = tmp_path / "model.onnx"
+    path.write_bytes((onnx_dir / "model.fp32.onnx").read_bytes())
+    assert OnnxEngine.load(path, tok).info.params == model.num_params()  # no config.json: the embedded one
+    GPTConfig(**{**model.cfg.__dict__, "n_layer": 3}).to_json(tmp_path / "config.json")
+    with pytest.raises(ValueError, match="3 layers"):
+        OnnxEngine.load(path, tok)
+    model.cfg.to_json(tmp_path / "config.json")
+    other = CharTokenizer.default()
+    other.vocab_size += 1
+    with pytest.raises(ValueError, match="vocabulary"):
+        OnnxEngine.load(path, other)

@@ -6,7 +6,8 @@ STAMP  := $(VENV)/.installed
 MODELS ?= models
 
 .DEFAULT_GOAL := help
-.PHONY: help setup models models-tiny test lint demo bench clean
+.PHONY: help setup proto models models-tiny test lint demo up down bench clean
+PROTO_OUT := tierline/v1/inference_pb2.py
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -19,7 +20,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[build,dev]'
 	touch $(STAMP)
 
-setup: $(STAMP) ## create .venv and install pinned dependencies
+$(PROTO_OUT): proto/tierline/v1/inference.proto $(STAMP)
+	$(PY) -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_python_out=. $<
+
+setup: $(STAMP) $(PROTO_OUT) ## create .venv, install pinned dependencies, generate the gRPC code
+
+proto: $(PROTO_OUT) ## regenerate the gRPC/protobuf code (into the ignored tierline/v1/)
 
 models: setup ## build the default model family from scratch into models/ (CPU, <= 45 min)
 	$(PY) -m tierline models build --config default --out $(MODELS)
@@ -33,8 +39,14 @@ lint: setup ## ruff over the code
 test: setup lint ## lint + the whole test suite
 	$(PY) -m pytest -q
 
-demo: setup ## run the platform on this machine with the committed models
+demo: setup ## start nats-server, the tiers and the router, send a mixed workload, stop
 	$(PY) -m tierline demo --models $(MODELS)
+
+up: setup ## start the platform and leave it running (stop: Ctrl-C or make down)
+	$(PY) -m tierline up --models $(MODELS)
+
+down: ## stop what make up started
+	@if [ -f runs/up.pid ]; then kill -TERM $$(cat runs/up.pid) && echo stopped; else echo "nothing running"; fi
 
 bench: setup ## measure speed and size of every tier (writes BENCHMARKS.md)
 	$(PY) -m tierline models bench --models $(MODELS)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -90,6 +91,8 @@ class Engine(abc.ABC):
     def __init__(self, tokenizer: CharTokenizer, info: EngineInfo):
         self.tokenizer = tokenizer
         self.info = info
+        # one decode at a time per engine: runtimes such as LiteRT's interpreter are not thread-safe
+        self._lock = threading.RLock()
 
     # -- the one thing a backend implements --------------------------------------------
     @abc.abstractmethod
@@ -168,9 +171,19 @@ class Engine(abc.ABC):
 
     def stream(self, prompt: str, params: GenerationParams | None = None) -> Iterator[str]:
         """Text chunks as tokens are generated (stop strings held back until resolved)."""
+        for item in self.stream_with_result(prompt, params):
+            if isinstance(item, str):
+                yield item
+
+    def stream_with_result(self, prompt: str, params: GenerationParams | None = None) -> Iterator:
+        """Text chunks (str) as they are generated, then the GenerationResult."""
         yield from self._decode([prompt], [params or GenerationParams()], stream=True)
 
     def _decode(self, prompts, params, stream: bool = False):
+        with self._lock:
+            yield from self._decode_locked(prompts, params, stream)
+
+    def _decode_locked(self, prompts, params, stream: bool):
         t0 = time.perf_counter()
         tok = self.tokenizer
         B = len(prompts)
@@ -245,8 +258,6 @@ class Engine(abc.ABC):
             logits, past = self._forward(chosen[:, None], cur_mask, next_pos[:, None], past)
             last = logits[:, -1, :]
             next_pos = next_pos + 1
-        if stream:
-            return
         total = time.perf_counter() - t0
         for b in range(B):
             lp = [math.log(max(p, 1e-12)) for p in probs[b]]

@@ -9,7 +9,8 @@ from shared.model import GPT, GPTConfig, build_mask, load_model, save_model
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=50, block_size=64, n_layer=2, n_head=2, head_dim=8, n_embd=16, ffn_hidden=32)).eval()
+    cfg = GPTConfig(vocab_size=50, block_size=64, n_layer=2, n_head=2, head_dim=8, n_embd=16, ffn_hidden=32)
+    return GPT(cfg).eval()
 
 
 def test_kv_cache_matches_full_forward(model):

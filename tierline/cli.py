@@ -79,9 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--json", action="store_true", help="one JSON object on stdout")
     be.add_argument("--write", type=Path, default=None, help="also write the table into this Markdown file")
 
-    d = sub.add_parser("demo", help="run the platform on this machine and print a summary")
+    d = sub.add_parser("demo", help="start the platform, send a mixed workload through the router, stop")
     d.add_argument("--models", type=Path, default=DEFAULT_MODELS)
-    d.add_argument("--n", type=_positive("--n"), default=200)
+    d.add_argument("--n", type=_positive("--n"), default=300, help="requests to send")
+    d.add_argument("--concurrency", type=_positive("--concurrency"), default=16)
+
+    u = sub.add_parser("up", help="start the platform and keep it running (Ctrl-C or `make down` stops it)")
+    u.add_argument("--models", type=Path, default=DEFAULT_MODELS)
+    u.add_argument("--pidfile", type=Path, default=Path("runs/up.pid"))
     return p
 
 
@@ -124,23 +129,15 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
+    from tierline.demo import demo
 
-    from shared.artifacts import TIERS, load_engine
-    from shared.problems import generate
-    from tierline.modelling.evaluate import evaluate
+    return demo(args.models, n=args.n, concurrency=args.concurrency)
 
-    problems = generate("test", args.n, seed=7)
-    table = Table(title=f"Tierline model family on {args.n} fresh test problems")
-    for col in ("tier", "accuracy", "L1", "L2", "L3", "L4", "L5", "tokens/s", "params"):
-        table.add_column(col)
-    for tier in TIERS:
-        r = evaluate(load_engine(args.models, tier), problems)
-        table.add_row(tier, f"{r['accuracy']:.3f}", *(f"{v:.2f}" for v in r["by_level"].values()),
-                      str(r["tokens_per_s"]), f"{load_engine(args.models, tier).info.params:,}")
-    Console().print(table)
-    return 0
+
+def _cmd_up(args) -> int:
+    from tierline.demo import up
+
+    return up(args.models, args.pidfile)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         handler = {"build": _cmd_build, "eval": _cmd_eval, "bench": _cmd_bench}.get(
-            getattr(args, "action", None), _cmd_demo)
+            getattr(args, "action", None)) or {"demo": _cmd_demo, "up": _cmd_up}[args.command]
         return handler(args)
     except UsageError as exc:
         print(f"tierline: error: {exc}", file=sys.stderr)

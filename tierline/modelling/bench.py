@@ -62,8 +62,9 @@ def render(result: dict) -> str:
     rows = ["| tier | params | bytes | b1 tokens/s | b1 first token (ms) | b8 tokens/s | b8 first token (ms) |",
             "|---|---|---|---|---|---|---|"]
     for tier, r in result["tiers"].items():
-        rows.append(f"| {tier} | {r['params']:,} | {r['bytes']:,} | {r['batch1']['tokens_per_s']} | "
-                    f"{r['batch1']['first_token_ms']} | {r['batch8']['tokens_per_s']} | {r['batch8']['first_token_ms']} |")
+        b1, b8 = r["batch1"], r["batch8"]
+        rows.append(f"| {tier} | {r['params']:,} | {r['bytes']:,} | {b1['tokens_per_s']} | {b1['first_token_ms']} | "
+                    f"{b8['tokens_per_s']} | {b8['first_token_ms']} |")
     rows.append("")
     rows.append(f"Edge over cloud, decode tokens/s: batch 1 x{result['edge_over_cloud_batch1']}, "
                 f"batch 8 x{result['edge_over_cloud_batch8']} ({result['threads']} threads, "

@@ -103,8 +103,11 @@ class _Steps:
         def advance(n: int = 1, note: str = "") -> None:
             self.progress.update(task, advance=n, note=note)
 
+        t0 = time.perf_counter()
         yield advance
         self.progress.update(task, completed=total)
+        if not self.progress.console.is_terminal:  # a log file gets one line per stage instead of bars
+            self.progress.console.print(f"{title}: done in {time.perf_counter() - t0:.1f} s")
 
 
 def build(cfg: FamilyConfig, out: Path, console: Console | None = None) -> dict:
@@ -207,7 +210,8 @@ def build(cfg: FamilyConfig, out: Path, console: Console | None = None) -> dict:
         "edge": {"train": asdict(cfg.student_train), "summary": student_summary,
                  "baseline_no_distillation": {"train": asdict(baseline_cfg), "summary": baseline_summary}},
         "device": {"pruned_from": "edge student (fp32)", "prune": prune_report,
-                   "finetune": asdict(cfg.finetune), "finetune_levels": list(cfg.device_levels), "summary": finetune_summary, "export": tflite_report},
+                   "finetune": asdict(cfg.finetune), "finetune_levels": list(cfg.device_levels),
+                   "summary": finetune_summary, "export": tflite_report},
     }
     configs = {"cloud": cfg.teacher, "edge": cfg.student, "device": device_model.cfg}
     for tier in ("cloud", "edge", "device"):

@@ -1,0 +1,1 @@
+"""The device tier: the LiteRT model served on the board (shared/tier_process.py)."""

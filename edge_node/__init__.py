@@ -1,0 +1,1 @@
+"""The edge tier: a thin process around the shared engine and servicer (shared/tier_process.py)."""

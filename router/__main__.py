@@ -1,0 +1,72 @@
+"""`python -m router --manifest FILE`: the front door, on gRPC, routing over NATS."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from router.policy import Policy
+from router.service import RouterServicer
+from shared.manifest import EXIT_BAD_MANIFEST, ManifestError, load_manifest
+from shared.messaging import NatsAuthError, connect
+from shared.metrics import Metrics
+from shared.serving import SERVICE_NAME
+from shared.tier_process import nats_options
+from tierline.v1 import inference_pb2_grpc as pb_grpc
+
+
+async def serve(manifest_path: str) -> int:
+    try:
+        manifest = load_manifest(manifest_path, check_artifacts=False)
+    except ManifestError as exc:
+        print(f"router: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_MANIFEST
+    rc = manifest.router
+    try:
+        nc = await connect(nats_options(manifest), name="tierline-router")
+    except (NatsAuthError, ConnectionError) as exc:
+        print(f"router: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_MANIFEST
+    metrics = Metrics("router")
+    policy = Policy(rc.device_complexity, rc.cloud_complexity, dict(rc.confidence_threshold))
+    servicer = RouterServicer(nc, policy, manifest.model_name, tuple(manifest.tiers),
+                              manifest.nats.request_timeout_ms / 1000, rc.retries_per_tier, metrics,
+                              manifest.limits.max_prompt_chars)
+    server = grpc.aio.server()
+    pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{rc.grpc_host}:{rc.grpc_port}")
+    await server.start()
+    metrics_port = metrics.serve(rc.grpc_host, rc.metrics_port) if rc.metrics_port >= 0 else None
+    print(json.dumps({"event": "ready", "tier": "router", "grpc_port": port, "metrics_port": metrics_port}),
+          flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(grace=2)
+    await nc.drain()
+    metrics.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m router", description="Tierline router")
+    parser.add_argument("--manifest", required=True, help="YAML tier manifest")
+    args = parser.parse_args(argv)
+    return asyncio.run(serve(args.manifest))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Dynamic batching in front of an engine: concurrent requests are decoded together.
+
+One worker thread owns the engine. Requests wait in a bounded priority queue;
+the worker takes the highest-priority ones (oldest first within a priority), up to
+`max_batch_size`, waiting at most `max_queue_delay_ms` after the first for others
+to join. A full queue is refused at once (`QueueFull`), a request whose deadline
+has passed before its batch starts is failed (`DeadlineExceeded`) without running.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from shared.engine import Engine, GenerationParams, GenerationResult
+
+DEFAULT_MAX_BATCH_SIZE = 8
+DEFAULT_MAX_QUEUE_DELAY_MS = 5.0  # milliseconds the first request waits for company
+DEFAULT_MAX_QUEUE = 64  # requests waiting, beyond which new ones are refused
+
+
+class QueueFull(RuntimeError):
+    """The bounded queue is full: the caller should back off (RESOURCE_EXHAUSTED)."""
+
+
+class DeadlineExceeded(RuntimeError):
+    """The request's deadline passed before it could run."""
+
+
+@dataclass
+class BatchConfig:
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE  # requests decoded together at most
+    max_queue_delay_ms: float = DEFAULT_MAX_QUEUE_DELAY_MS  # wait for a fuller batch, at most
+    max_queue: int = DEFAULT_MAX_QUEUE  # waiting requests at most
+
+    def __post_init__(self):
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_queue_delay_ms < 0:
+            raise ValueError(f"max_queue_delay_ms must be >= 0, got {self.max_queue_delay_ms}")
+        if self.max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
+
+
+@dataclass(order=True)
+class _Item:
+    sort_key: tuple  # (-priority, sequence): heapq pops the highest priority, oldest first
+    prompt: str = field(compare=False)
+    params: GenerationParams = field(compare=False)
+    deadline: float | None = field(compare=False)  # time.monotonic() value, None = no deadline
+    enqueued: float = field(compare=False)
+    future: Future = field(compare=False)
+
+
+@dataclass
+class BatchedResult:
+    result: GenerationResult
+    queue_s: float  # time spent waiting for a batch
+    batch_size: int  # how many requests shared the batch
+
+
+class Batcher:
+    """A priority queue and one worker thread feeding `engine.generate_batch`."""
+
+    def __init__(self, engine: Engine, config: BatchConfig | None = None, on_batch=None):
+        self.engine = engine
+        self.config = config or BatchConfig()
+        self._on_batch = on_batch  # called with (batch_size, queue_depth) for metrics
+        self._heap: list[_Item] = []
+        self._seq = itertools.count()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._worker = threading.Thread(target=self._run, name="batcher", daemon=True)
+        self._worker.start()
+
+    @property
+    def depth(self) -> int:
+        with self._cv:
+            return len(self._heap)
+
+    def submit(self, prompt: str, params: GenerationParams, priority: int = 0,
+               timeout_s: float | None = None) -> Future:
+        """Queue one request; the future resolves to a `BatchedResult` or raises."""
+        fut: Future = Future()
+        now = time.monotonic()
+        item = _Item((-priority, next(self._seq)), prompt, params,
+                     None if timeout_s is None else now + timeout_s, now, fut)
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("batcher is closed")
+            if len(self._heap) >= self.config.max_queue:
+                raise QueueFull(f"queue full ({self.config.max_queue} requests waiting)")
+            heapq.heappush(self._heap, item)
+            self._cv.notify()
+        return fut
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            pending, self._heap = self._heap, []
+            self._cv.notify_all()
+        for item in pending:
+            item.future.set_exception(RuntimeError("server shutting down"))
+        self._worker.join(timeout=5)
+
+    def _take_batch(self) -> list[_Item]:
+        cfg = self.config
+        with self._cv:
+            while not self._heap and not self._closed:
+                self._cv.wait()
+            if self._closed:
+                return []
+            # the first request waits a little for others to join it
+            first_seen = time.monotonic()
+            while len(self._heap) < cfg.max_batch_size:
+                left = cfg.max_queue_delay_ms / 1000 - (time.monotonic() - first_seen)
+                if left <= 0 or self._closed:
+                    break
+                self._cv.wait(timeout=left)
+            batch = [heapq.heappop(self._heap) for _ in range(min(cfg.max_batch_size, len(self._heap)))]
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if not batch:
+                if self._closed:
+                    return
+                continue
+            now = time.monotonic()
+            live = []
+            for item in batch:
+                if item.future.cancelled() or not item.future.set_running_or_notify_cancel():
+                    continue  # the caller gave up while it waited
+                if item.deadline is not None and now >= item.deadline:
+                    item.future.set_exception(DeadlineExceeded("deadline passed while queued"))
+                    continue
+                live.append(item)
+            if not live:
+                continue
+            if self._on_batch:
+                self._on_batch(len(live), self.depth)
+            try:
+                results = self.engine.generate_batch([i.prompt for i in live], [i.params for i in live])
+            except Exception as exc:  # one bad batch must not kill the worker
+                for item in live:
+                    item.future.set_exception(exc)
+                continue
+            for item, r in zip(live, results):
+                item.future.set_result(BatchedResult(r, now - item.enqueued, len(live)))

@@ -1,0 +1,186 @@
+"""The YAML tier manifest: one schema that configures every Tierline process.
+
+`load_manifest(path)` reads the file into the dataclasses below and checks it
+whole before anything starts: an unknown key, a wrong type, a value out of range,
+a missing artifact or a sha256 that does not match gives one `ManifestError`
+naming the file and the field (`tiers.edge.batching.max_queue: ...`); the
+processes print it and exit 2. The schema is documented in docs/MANIFEST.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from shared.artifacts import TIERS, sha256_of
+from shared.batching import BatchConfig
+
+EXIT_BAD_MANIFEST = 2
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used; the message names the file and the field."""
+
+
+@dataclass
+class NatsConfig:
+    url: str = "nats://127.0.0.1:4222"  # the NATS server (or a leaf node near the tier)
+    user: str = ""  # user/password authentication, or
+    password: str = ""
+    nkey_seed_file: str = ""  # an nkey seed file (relative to the manifest)
+    connect_timeout_ms: int = 2000  # per connection attempt
+    request_timeout_ms: int = 10000  # one request to a tier over NATS
+
+
+@dataclass
+class TierConfig:
+    artifact: str  # weights, relative to models_dir (the manifest in models_dir lists the rest)
+    sha256: str  # of the weights; checked at start
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 0  # 0 = any free port (reported at start)
+    metrics_port: int = 0  # Prometheus /metrics; 0 = any free port, -1 = off
+    threads: int = 2  # runtime threads
+    timeout_ms: int = 10000  # a request's deadline inside the tier when the caller sets none
+    cost_per_1k_tokens: float = 1.0  # relative cost, for cost reports
+    cache_size: int = 0  # LRU result cache for greedy requests (0 = off)
+    batching: BatchConfig = field(default_factory=BatchConfig)
+
+
+@dataclass
+class LimitsConfig:
+    max_prompt_chars: int = 2000  # longer prompts get INVALID_ARGUMENT
+    max_tokens: int = 128  # largest max_tokens accepted
+    default_max_tokens: int = 96  # when a request sets none
+
+
+@dataclass
+class RouterConfig:
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 0
+    metrics_port: int = 0
+    # escalate when the answering tier's confidence is below its threshold
+    confidence_threshold: dict[str, float] = field(default_factory=lambda: {"device": 0.5, "edge": 0.5})
+    # prompts scored at or above this complexity go straight to the cloud
+    cloud_complexity: float = 0.8
+    # prompts scored below this may be answered by the device
+    device_complexity: float = 0.2
+    retries_per_tier: int = 1  # another replica before escalating
+
+
+@dataclass
+class Manifest:
+    path: Path  # the manifest file itself (for relative paths and messages)
+    model_name: str
+    models_dir: str  # relative to the manifest file
+    tiers: dict[str, TierConfig]
+    nats: NatsConfig = field(default_factory=NatsConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    version: int = 1
+
+    @property
+    def models_path(self) -> Path:
+        return (self.path.parent / self.models_dir).resolve()
+
+    def tier(self, name: str) -> TierConfig:
+        if name not in self.tiers:
+            raise ManifestError(f"{self.path}: tiers.{name}: not configured (have {', '.join(self.tiers)})")
+        return self.tiers[name]
+
+
+_RANGES = {  # field -> (min, max) inclusive, None = unbounded
+    "grpc_port": (0, 65535), "metrics_port": (-1, 65535), "threads": (1, 256), "timeout_ms": (1, None),
+    "cost_per_1k_tokens": (0, None), "cache_size": (0, None), "max_prompt_chars": (1, None),
+    "max_tokens": (1, None), "default_max_tokens": (1, None), "connect_timeout_ms": (1, None),
+    "request_timeout_ms": (1, None), "cloud_complexity": (0, 1), "device_complexity": (0, 1),
+    "retries_per_tier": (0, 10), "max_batch_size": (1, 1024), "max_queue_delay_ms": (0, 10000),
+    "max_queue": (1, 100000), "version": (1, 1),
+}
+
+
+def load_manifest(path: str | Path, check_artifacts: bool = True) -> Manifest:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: manifest not found") from None
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{path}: expected a mapping at the top level")
+    manifest = _build(Manifest, {**raw, "path": path}, path, "")
+    bad = set(manifest.tiers) - set(TIERS)
+    if bad:
+        raise ManifestError(f"{path}: tiers.{sorted(bad)[0]}: unknown tier; allowed: {', '.join(TIERS)}")
+    for name, t in manifest.router.confidence_threshold.items():
+        if name not in TIERS or not 0 <= t <= 1:
+            raise ManifestError(f"{path}: router.confidence_threshold.{name}: must be a tier name -> value in [0, 1]")
+    if manifest.limits.default_max_tokens > manifest.limits.max_tokens:
+        raise ManifestError(f"{path}: limits.default_max_tokens: must be <= limits.max_tokens "
+                            f"({manifest.limits.max_tokens})")
+    if check_artifacts:
+        for name, tier in manifest.tiers.items():
+            artifact = manifest.models_path / tier.artifact
+            if not artifact.is_file():
+                raise ManifestError(f"{path}: tiers.{name}.artifact: file not found: {artifact}")
+            actual = sha256_of(artifact)
+            if actual != tier.sha256:
+                raise ManifestError(f"{path}: tiers.{name}.sha256: {artifact} has sha256 {actual}, "
+                                    f"the manifest says {tier.sha256}")
+    return manifest
+
+
+def _build(cls, data: Any, path: Path, where: str):
+    """A dataclass from a YAML mapping, checking keys, types and ranges as it goes."""
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path}: {where or 'top level'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        key = sorted(unknown)[0]
+        raise ManifestError(f"{path}: {where}{key}: unknown key; allowed: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, f in fields.items():
+        dotted = f"{where}{name}"
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ManifestError(f"{path}: {dotted}: required field missing")
+            continue
+        kwargs[name] = _convert(hints[name], data[name], path, dotted)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        raise ManifestError(f"{path}: {where.rstrip('.') or 'top level'}: {exc}") from None
+
+
+def _convert(hint, value, path: Path, dotted: str):
+    origin = typing.get_origin(hint)
+    if hint is Path:
+        return Path(value)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path, dotted + ".")
+    if origin is dict:
+        key_t, val_t = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ManifestError(f"{path}: {dotted}: expected a mapping, got {type(value).__name__}")
+        return {str(k): _convert(val_t, v, path, f"{dotted}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        return value
+    ok = {int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool),
+          str: isinstance(value, str), bool: isinstance(value, bool)}.get(hint, True)
+    if not ok:
+        raise ManifestError(f"{path}: {dotted}: expected {hint.__name__}, got {value!r}")
+    leaf = dotted.rsplit(".", 1)[-1]
+    if leaf in _RANGES:
+        lo, hi = _RANGES[leaf]
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise ManifestError(f"{path}: {dotted}: {value!r} out of range [{lo}, {'inf' if hi is None else hi}]")
+    return float(value) if hint is float else value

@@ -1,0 +1,133 @@
+"""NATS for Tierline: subject names, connecting with credentials, a tier's micro service.
+
+Every subject is built by `subject()`. A tier registers a `nats.micro` service
+named `tierline-<tier>` with the endpoint `tierline.<tier>.infer` in the default
+queue group, so replicas of a tier share the load and `$SRV.PING|INFO|STATS`
+discover them. Payloads are the protobuf `InferRequest` / `InferResponse` of
+proto/tierline/v1; errors travel as nats.micro error headers carrying the gRPC
+status name, converted in one place (`_respond_error`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import nats
+from nats.micro import add_service
+
+SUBJECT_PREFIX = "tierline"
+STATUS_HEADER = "Tierline-Status"  # the gRPC status name of an error reply
+DEFAULT_RECONNECT_WAIT_S = 1.0  # seconds between reconnect attempts (forever)
+START_TIMEOUT_S = 10.0  # connecting and registering, at most
+HANDLER_THREADS = 64  # requests in flight per tier process (they wait on the batcher)
+
+
+def subject(tier: str, verb: str = "infer") -> str:
+    """The one place subject names are made: tierline.<tier>.<verb>."""
+    return f"{SUBJECT_PREFIX}.{tier}.{verb}"
+
+
+class NatsAuthError(ConnectionError):
+    """The NATS server refused the credentials."""
+
+
+@dataclass
+class NatsOptions:
+    url: str
+    user: str = ""
+    password: str = ""
+    nkey_seed_file: str = ""
+    connect_timeout_s: float = 2.0
+
+    def connect_kwargs(self) -> dict:
+        kw = {"servers": [self.url], "connect_timeout": self.connect_timeout_s,
+              "max_reconnect_attempts": -1, "reconnect_time_wait": DEFAULT_RECONNECT_WAIT_S,
+              "allow_reconnect": True}
+        if self.user:
+            kw.update(user=self.user, password=self.password)
+        if self.nkey_seed_file:
+            kw["nkeys_seed"] = str(Path(self.nkey_seed_file))
+        return kw
+
+
+async def connect(opts: NatsOptions, name: str):
+    """A connection that reconnects forever; a refused login raises NatsAuthError at once."""
+    errors: list[Exception] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(exc)
+
+    try:
+        return await nats.connect(name=name, error_cb=on_error, **opts.connect_kwargs())
+    except Exception as exc:  # nats raises several types; authorization is the one users must fix
+        text = " ".join(str(e) for e in [exc, *errors]).lower()
+        if "authorization" in text or "authentication" in text:
+            raise NatsAuthError(f"NATS at {opts.url} refused the credentials for user {opts.user!r}") from None
+        raise ConnectionError(f"cannot connect to NATS at {opts.url}: {exc or type(exc).__name__}") from None
+
+
+class TierService:
+    """Runs a tier's nats.micro service on its own event loop thread.
+
+    `handle(request_bytes, timeout_s) -> response_bytes` is called in a worker
+    thread for each message (the servicer's blocking path), so many requests are
+    in flight at once and the batcher can group them.
+    """
+
+    def __init__(self, tier: str, opts: NatsOptions, handle, status_of, version: str = "1.0.0"):
+        self.tier, self.opts, self._handle, self._status_of, self.version = tier, opts, handle, status_of, version
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"nats-{tier}", daemon=True)
+        self._nc = None
+        self._service = None
+        self._tasks: set[asyncio.Task] = set()
+        self._pool = ThreadPoolExecutor(HANDLER_THREADS, thread_name_prefix=f"nats-{tier}")
+
+    def start(self) -> None:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=START_TIMEOUT_S + 1)
+
+    async def _start(self) -> None:
+        self._nc = await connect(self.opts, name=f"tierline-{self.tier}")
+        self._service = await add_service(self._nc, name=f"tierline-{self.tier}", version=self.version,
+                                          description=f"Tierline {self.tier} tier")
+        await self._service.add_endpoint(name="infer", subject=subject(self.tier), handler=self._on_request)
+
+    async def _on_request(self, req) -> None:
+        # callbacks run one at a time: hand each request to its own task
+        task = asyncio.get_running_loop().create_task(self._serve(req))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, req) -> None:
+        timeout = float((req.headers or {}).get("Tierline-Timeout", 0)) or None
+        try:
+            data = await asyncio.get_running_loop().run_in_executor(self._pool, self._handle, req.data, timeout)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
+            await self._respond_error(req, exc)
+            return
+        await req.respond(data)
+
+    async def _respond_error(self, req, exc: Exception) -> None:
+        code, message = self._status_of(exc)
+        await req.respond_error(code=str(code.value[0]), description=message,
+                                headers={STATUS_HEADER: code.name})
+
+    def stop(self) -> None:
+        async def _stop():
+            if self._service:
+                await self._service.stop()
+            if self._nc:
+                await self._nc.drain()
+
+        if self._thread.is_alive():
+            try:
+                asyncio.run_coroutine_threadsafe(_stop(), self._loop).result(timeout=5)
+            except Exception:  # noqa: BLE001 - stopping anyway
+                pass
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)

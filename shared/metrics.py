@@ -1,0 +1,66 @@
+"""Prometheus metrics of a Tierline process, named after vLLM's where one exists.
+
+Each process (and each server a test starts) owns its own registry, served on
+`/metrics` by `serve()` on a port that may be 0 (any free one).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+PREFIX = "tierline"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)  # seconds
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class Metrics:
+    def __init__(self, tier: str):
+        self.tier = tier
+        self.registry = CollectorRegistry()
+        r, t = self.registry, ["tier"]
+        self.requests = Counter(f"{PREFIX}_requests", "Requests answered, by tier and outcome",
+                                ["tier", "outcome"], registry=r)
+        self.escalations = Counter(f"{PREFIX}_escalations", "Requests moved to another tier",
+                                   ["from_tier", "to_tier", "reason"], registry=r)
+        self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds", "Request received to first token",
+                              t, buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram(f"{PREFIX}_e2e_request_latency_seconds", "Request received to answer",
+                             t, buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram(f"{PREFIX}_request_queue_time_seconds", "Waiting for a batch",
+                                    t, buckets=LATENCY_BUCKETS, registry=r)
+        self.waiting = Gauge(f"{PREFIX}_num_requests_waiting", "Requests queued for a batch", t, registry=r)
+        self.batch_size = Histogram(f"{PREFIX}_batch_size", "Requests decoded together", t,
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.cache_queries = Counter(f"{PREFIX}_result_cache_queries", "Result-cache lookups", t, registry=r)
+        self.cache_hits = Counter(f"{PREFIX}_result_cache_hits", "Result-cache hits", t, registry=r)
+        self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens processed", t, registry=r)
+        self.generation_tokens = Counter(f"{PREFIX}_generation_tokens", "Tokens generated", t, registry=r)
+        self._http = None
+
+    def observe_batch(self, size: int, waiting: int) -> None:
+        self.batch_size.labels(self.tier).observe(size)
+        self.waiting.labels(self.tier).set(waiting)
+
+    def cache_lookup(self, hit: bool) -> None:
+        self.cache_queries.labels(self.tier).inc()
+        if hit:
+            self.cache_hits.labels(self.tier).inc()
+
+    def observe_response(self, tier: str, outcome: str, ttft_s: float, total_s: float, queue_s: float,
+                         prompt_tokens: int, completion_tokens: int) -> None:
+        self.requests.labels(tier, outcome).inc()
+        self.ttft.labels(tier).observe(ttft_s)
+        self.e2e.labels(tier).observe(total_s)
+        self.queue_time.labels(tier).observe(queue_s)
+        self.prompt_tokens.labels(tier).inc(prompt_tokens)
+        self.generation_tokens.labels(tier).inc(completion_tokens)
+
+    def serve(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Start /metrics; returns the bound port."""
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        return self._http.server_port
+
+    def stop(self) -> None:
+        if self._http:
+            self._http.shutdown()
+            self._http = None

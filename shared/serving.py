@@ -1,0 +1,235 @@
+"""The gRPC InferenceService of one tier: validation, batching, streaming, statuses.
+
+Every tier (cloud, edge, device) serves this same servicer around its engine.
+Requests are validated field by field (INVALID_ARGUMENT naming the field), queued
+in the dynamic batcher, and errors become gRPC statuses in exactly one place
+(`_status_of`). `create_server` binds a port (0 = any free one) and returns it,
+apart from starting, so tests run real servers on free ports.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from shared.batching import BatchConfig, BatchedResult, Batcher, DeadlineExceeded, QueueFull
+from shared.engine import Engine, EngineError, GenerationParams
+from tierline.v1 import inference_pb2 as pb
+from tierline.v1 import inference_pb2_grpc as pb_grpc
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+DEFAULT_WORKERS = 32  # gRPC handler threads (they mostly wait on the batcher)
+
+
+class RequestError(ValueError):
+    """A request field that cannot be served; `field` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass
+class Limits:
+    max_prompt_chars: int = 2000
+    max_tokens: int = 128
+    default_max_tokens: int = 96
+
+
+def validate(req: pb.InferRequest, engine: Engine, limits: Limits, model_name: str) -> GenerationParams:
+    """GenerationParams for a request, or RequestError naming the first bad field."""
+    if not req.prompt:
+        raise RequestError("prompt", "must not be empty")
+    if len(req.prompt) > limits.max_prompt_chars:
+        raise RequestError("prompt", f"{len(req.prompt)} characters exceeds the limit of {limits.max_prompt_chars}")
+    if req.model and req.model != model_name:
+        raise RequestError("model", f"unknown model {req.model!r}; this server serves {model_name!r}")
+    p = req.parameters
+    if not math.isfinite(p.temperature) or p.temperature < 0:
+        raise RequestError("parameters.temperature", f"must be >= 0, got {p.temperature}")
+    top_p = p.top_p if p.HasField("top_p") else 1.0
+    if not (0 < top_p <= 1):
+        raise RequestError("parameters.top_p", f"must be in (0, 1], got {top_p}")
+    max_tokens = p.max_tokens if p.HasField("max_tokens") else limits.default_max_tokens
+    if max_tokens <= 0:
+        raise RequestError("parameters.max_tokens", f"must be > 0, got {max_tokens}")
+    if max_tokens > limits.max_tokens:
+        raise RequestError("parameters.max_tokens", f"{max_tokens} exceeds the limit of {limits.max_tokens}")
+    if p.attention_window < 0:
+        raise RequestError("parameters.attention_window", f"must be >= 0, got {p.attention_window}")
+    if p.attention_window > engine.info.window_limit:
+        raise RequestError("parameters.attention_window",
+                           f"{p.attention_window} exceeds the model's limit of {engine.info.window_limit}")
+    if any(not s for s in p.stop):
+        raise RequestError("parameters.stop", "stop strings must not be empty")
+    if req.priority not in pb.Priority.values():
+        raise RequestError("priority", f"unknown priority {req.priority}")
+    if engine.tokenizer.unknown_count(req.prompt):
+        raise RequestError("prompt", "contains characters outside the model's vocabulary")
+    params = GenerationParams(max_tokens=max_tokens, temperature=p.temperature, top_p=top_p, stop=tuple(p.stop),
+                              seed=p.seed if p.HasField("seed") else None, attention_window=p.attention_window)
+    try:
+        engine.check(req.prompt, params)
+    except EngineError as exc:
+        raise RequestError("parameters.max_tokens" if "context" in str(exc) else "parameters.attention_window",
+                           str(exc)) from None
+    return params
+
+
+class _LRU:
+    def __init__(self, size: int):
+        self.size, self._d, self._lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            if key in self._d:
+                self._d.move_to_end(key)
+                return self._d[key]
+        return None
+
+    def put(self, key, value) -> None:
+        if self.size <= 0:
+            return
+        with self._lock:
+            self._d[key] = value
+            self._d.move_to_end(key)
+            while len(self._d) > self.size:
+                self._d.popitem(last=False)
+
+
+class TierServicer(pb_grpc.InferenceServiceServicer):
+    def __init__(self, engine: Engine, batch: BatchConfig | None = None, limits: Limits | None = None,
+                 cache_size: int = 0, default_timeout_s: float = 30.0, metrics=None):
+        self.engine = engine
+        self.limits = limits or Limits()
+        self.batch_config = batch or BatchConfig()
+        self.metrics = metrics
+        self.batcher = Batcher(engine, self.batch_config,
+                               on_batch=metrics.observe_batch if metrics else None)
+        self.cache = _LRU(cache_size)
+        self.default_timeout_s = default_timeout_s
+        self._stream_lock = threading.Lock()  # streams use the engine directly, one at a time
+
+    # -- the one place exceptions become statuses ---------------------------------------------
+    @staticmethod
+    def _status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
+        if isinstance(exc, RequestError):
+            return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        if isinstance(exc, QueueFull):
+            return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+        if isinstance(exc, (DeadlineExceeded, futures.TimeoutError)):
+            return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the answer was ready"
+        return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+
+    def handle(self, req: pb.InferRequest, timeout_s: float | None) -> pb.InferResponse:
+        """Serve one request (also used by the NATS endpoint); raises on failure."""
+        t0 = time.perf_counter()
+        params = validate(req, self.engine, self.limits, self.engine.info.model)
+        request_id = req.request_id or uuid.uuid4().hex
+        key = (req.prompt, params.max_tokens, params.stop, params.attention_window) if params.greedy else None
+        hit = self.cache.get(key) if key else None
+        if key and self.metrics:
+            self.metrics.cache_lookup(hit is not None)
+        if hit is not None:
+            resp = pb.InferResponse()
+            resp.CopyFrom(hit)
+            resp.request_id, resp.cached = request_id, True
+            resp.timings.CopyFrom(pb.Timings(total_ms=(time.perf_counter() - t0) * 1000))
+            return resp
+        timeout = timeout_s if timeout_s is not None else self.default_timeout_s
+        fut = self.batcher.submit(req.prompt, params, priority=int(req.priority), timeout_s=timeout)
+        try:
+            out: BatchedResult = fut.result(timeout=timeout)
+        except futures.TimeoutError:
+            fut.cancel()
+            raise
+        resp = self._response(request_id, out, t0)
+        if self.metrics:
+            r = out.result
+            self.metrics.observe_response(self.engine.info.tier, "answered", resp.timings.first_token_ms / 1000,
+                                          resp.timings.total_ms / 1000, out.queue_s, r.prompt_tokens,
+                                          r.completion_tokens)
+        if key:
+            self.cache.put(key, resp)
+        return resp
+
+    def _response(self, request_id: str, out: BatchedResult, t0: float) -> pb.InferResponse:
+        r, info = out.result, self.engine.info
+        total_ms = (time.perf_counter() - t0) * 1000
+        return pb.InferResponse(
+            request_id=request_id,
+            choices=[pb.Choice(text=r.text, finish_reason=r.finish_reason)],
+            usage=pb.Usage(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens),
+            tier=info.tier, model=info.model, model_version=info.version, confidence=r.confidence,
+            escalation_path=[pb.Attempt(tier=info.tier, outcome="answered", confidence=r.confidence)],
+            timings=pb.Timings(queue_ms=out.queue_s * 1000, first_token_ms=out.queue_s * 1000 + r.first_token_s * 1000,
+                               total_ms=total_ms),
+        )
+
+    # -- gRPC methods -------------------------------------------------------------------------------
+    def Infer(self, request, context):
+        try:
+            return self.handle(request, context.time_remaining())
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status here
+            code, msg = self._status_of(exc)
+            context.abort(code, msg)
+
+    def InferStream(self, request, context):
+        t0 = time.perf_counter()
+        try:
+            params = validate(request, self.engine, self.limits, self.engine.info.model)
+        except Exception as exc:  # noqa: BLE001
+            code, msg = self._status_of(exc)
+            context.abort(code, msg)
+        request_id = request.request_id or uuid.uuid4().hex
+        info = self.engine.info
+        result = None
+        with self._stream_lock:
+            for item in self.engine.stream_with_result(request.prompt, params):
+                if not context.is_active():
+                    return  # the client went away: stop generating
+                if not isinstance(item, str):
+                    result = item
+                    continue
+                yield pb.InferResponse(request_id=request_id, choices=[pb.Choice(text=item)], tier=info.tier,
+                                       model=info.model, model_version=info.version)
+        yield pb.InferResponse(
+            request_id=request_id,
+            choices=[pb.Choice(text="", finish_reason=result.finish_reason)],
+            usage=pb.Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens),
+            tier=info.tier, model=info.model, model_version=info.version, confidence=result.confidence,
+            timings=pb.Timings(first_token_ms=result.first_token_s * 1000, total_ms=(time.perf_counter() - t0) * 1000),
+        )
+
+    def GetServerInfo(self, request, context):
+        info, b = self.engine.info, self.batch_config
+        return pb.ServerInfo(tier=info.tier, model=info.model, model_version=info.version,
+                             max_context=info.max_context, max_prompt_chars=self.limits.max_prompt_chars,
+                             max_tokens_limit=self.limits.max_tokens, attention_window_limit=info.window_limit,
+                             max_batch_size=b.max_batch_size, max_queue=b.max_queue)
+
+
+def create_server(servicer: pb_grpc.InferenceServiceServicer, host: str = "127.0.0.1", port: int = 0,
+                  workers: int = DEFAULT_WORKERS) -> tuple[grpc.Server, int]:
+    """A gRPC server with the InferenceService, health and reflection; not started yet."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+    pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not bind {host}:{port}")
+    return server, bound

@@ -1,0 +1,75 @@
+"""`python -m cloud_node|edge_node|device_agent --manifest FILE`: one tier as a process.
+
+Loads the manifest and the tier's engine (sha256-checked), serves gRPC, /metrics
+and the NATS micro service, prints one JSON line `{"event": "ready", ...}` with the
+bound ports on stdout, and runs until SIGINT/SIGTERM. A bad manifest, artifact or
+NATS login prints one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from dataclasses import asdict
+
+from shared.artifacts import ArtifactError, load_engine
+from shared.manifest import EXIT_BAD_MANIFEST, ManifestError, load_manifest
+from shared.messaging import NatsAuthError, NatsOptions, TierService, subject
+from shared.metrics import Metrics
+from shared.serving import Limits, TierServicer, create_server
+from tierline.v1 import inference_pb2 as pb
+
+
+def nats_options(manifest) -> NatsOptions:
+    n = manifest.nats
+    seed = str((manifest.path.parent / n.nkey_seed_file).resolve()) if n.nkey_seed_file else ""
+    return NatsOptions(url=n.url, user=n.user, password=n.password, nkey_seed_file=seed,
+                       connect_timeout_s=n.connect_timeout_ms / 1000)
+
+
+def main(tier: str, argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m {tier}", description=f"Tierline {tier} tier")
+    parser.add_argument("--manifest", required=True, help="YAML tier manifest")
+    parser.add_argument("--no-nats", action="store_true", help="serve gRPC only (no NATS registration)")
+    args = parser.parse_args(argv)
+    tier_name = {"cloud_node": "cloud", "edge_node": "edge", "device_agent": "device"}.get(tier, tier)
+    try:
+        manifest = load_manifest(args.manifest)
+        tc = manifest.tier(tier_name)
+        engine = load_engine(manifest.models_path, tier_name, threads=tc.threads)
+    except (ManifestError, ArtifactError) as exc:
+        print(f"{tier}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_MANIFEST
+    metrics = Metrics(tier_name)
+    servicer = TierServicer(engine, tc.batching, Limits(**asdict(manifest.limits)), tc.cache_size,
+                            tc.timeout_ms / 1000, metrics)
+    server, port = create_server(servicer, tc.grpc_host, tc.grpc_port)
+    server.start()
+    metrics_port = metrics.serve(tc.grpc_host, tc.metrics_port) if tc.metrics_port >= 0 else None
+    nats_service = None
+    if not args.no_nats:
+        def handle(data: bytes, timeout_s: float | None) -> bytes:
+            return servicer.handle(pb.InferRequest.FromString(data), timeout_s).SerializeToString()
+
+        nats_service = TierService(tier_name, nats_options(manifest), handle, servicer._status_of)
+        try:
+            nats_service.start()
+        except (NatsAuthError, ConnectionError, TimeoutError) as exc:
+            print(f"{tier}: error: {exc}", file=sys.stderr)
+            server.stop(0)
+            return EXIT_BAD_MANIFEST
+    print(json.dumps({"event": "ready", "tier": tier_name, "grpc_port": port, "metrics_port": metrics_port,
+                      "nats_subject": None if args.no_nats else subject(tier_name)}), flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    if nats_service:
+        nats_service.stop()
+    server.stop(grace=2).wait()
+    servicer.batcher.close()
+    metrics.stop()
+    return 0

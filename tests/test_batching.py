@@ -1,0 +1,74 @@
+"""The dynamic batcher: requests decoded together, priorities, bounded queue, deadlines."""
+
+import threading
+import time
+
+import pytest
+
+from shared.batching import BatchConfig, Batcher, DeadlineExceeded, QueueFull
+from shared.engine import GenerationParams, GenerationResult
+
+
+class RecordingEngine:
+    """Stands in for a model: records each batch, can be held to build a queue."""
+
+    supports_batch_prefill = True
+
+    def __init__(self):
+        self.batches: list[list[str]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def generate_batch(self, prompts, params):
+        self.gate.wait(10)
+        self.batches.append(list(prompts))
+        return [GenerationResult(p.upper(), "stop", 1, 1, 1.0, 0.0, 0.0, 0.0) for p in prompts]
+
+
+def test_concurrent_requests_share_a_batch():
+    eng = RecordingEngine()
+    b = Batcher(eng, BatchConfig(max_batch_size=8, max_queue_delay_ms=200))
+    futs = [b.submit(f"p{i}", GenerationParams()) for i in range(5)]
+    outs = [f.result(timeout=5) for f in futs]
+    assert [o.result.text for o in outs] == [f"P{i}" for i in range(5)]
+    assert eng.batches == [[f"p{i}" for i in range(5)]]
+    assert all(o.batch_size == 5 for o in outs)
+    b.close()
+
+
+def test_high_priority_goes_first_and_the_queue_is_bounded():
+    eng = RecordingEngine()
+    eng.gate.clear()
+    b = Batcher(eng, BatchConfig(max_batch_size=1, max_queue_delay_ms=0, max_queue=3))
+    first = b.submit("busy", GenerationParams())
+    time.sleep(0.2)  # the worker holds "busy"; the next ones queue
+    low = b.submit("low", GenerationParams(), priority=1)
+    high = b.submit("high", GenerationParams(), priority=3)
+    normal = b.submit("normal", GenerationParams(), priority=2)
+    with pytest.raises(QueueFull):
+        b.submit("one too many", GenerationParams())
+    eng.gate.set()
+    for f in (first, low, high, normal):
+        f.result(timeout=5)
+    assert [batch[0] for batch in eng.batches] == ["busy", "high", "normal", "low"]
+    b.close()
+
+
+def test_expired_request_is_not_run():
+    eng = RecordingEngine()
+    eng.gate.clear()
+    b = Batcher(eng, BatchConfig(max_batch_size=1, max_queue_delay_ms=0))
+    b.submit("busy", GenerationParams())
+    time.sleep(0.1)
+    late = b.submit("late", GenerationParams(), timeout_s=0.05)
+    time.sleep(0.2)
+    eng.gate.set()
+    with pytest.raises(DeadlineExceeded):
+        late.result(timeout=5)
+    assert ["late"] not in eng.batches
+    b.close()
+
+
+def test_config_validates():
+    with pytest.raises(ValueError, match="max_batch_size"):
+        BatchConfig(max_batch_size=0)

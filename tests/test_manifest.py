@@ -1,0 +1,74 @@
+"""The YAML tier manifest: validated whole at start, errors name the file and the field."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from shared.manifest import ManifestError, load_manifest
+
+
+@pytest.fixture
+def manifest(tiny_family, tmp_path):
+    from shared.artifacts import load_manifest as load_models
+
+    models = load_models(tiny_family)["artifacts"]
+    data = {
+        "model_name": "tierline-reasoner",
+        "models_dir": str(tiny_family),
+        "nats": {"url": "nats://127.0.0.1:4222", "user": "u", "password": "p"},
+        "tiers": {t: {"artifact": models[t]["weights"]["path"], "sha256": models[t]["weights"]["sha256"],
+                      "batching": {"max_batch_size": 4}} for t in ("device", "edge", "cloud")},
+    }
+    path = tmp_path / "m.yaml"
+
+    def write(**changes):
+        d = yaml.safe_load(yaml.safe_dump(data))
+        for dotted, value in changes.items():
+            node = d
+            *parents, leaf = dotted.split("__")
+            for p in parents:
+                node = node[p]
+            if value is None:
+                del node[leaf]
+            else:
+                node[leaf] = value
+        path.write_text(yaml.safe_dump(d))
+        return path
+
+    return write
+
+
+def test_valid_manifest_loads(manifest):
+    m = load_manifest(manifest())
+    assert m.tier("edge").batching.max_batch_size == 4
+    assert m.tier("cloud").batching.max_queue == 64  # the default
+    assert m.models_path.is_dir()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"tiers__edge__batchsize": 3}, "tiers.edge.batchsize: unknown key"),
+    ({"tiers__edge__threads": "two"}, "tiers.edge.threads: expected int"),
+    ({"tiers__edge__batching__max_queue": 0}, "tiers.edge.batching.max_queue: 0 out of range"),
+    ({"tiers__edge__sha256": "0" * 64}, "tiers.edge.sha256"),
+    ({"tiers__cloud__artifact": "cloud/nope.safetensors"}, "tiers.cloud.artifact: file not found"),
+    ({"tiers__fog": {"artifact": "x", "sha256": "y"}}, "tiers.fog: unknown tier"),
+    ({"model_name": None}, "model_name: required field missing"),
+    ({"nats__url": 4222}, "nats.url: expected str"),
+    ({"router": {"cloud_complexity": 2}}, "router.cloud_complexity: 2 out of range"),
+])
+def test_bad_manifest_names_the_field(manifest, change, message):
+    path = manifest(**change)
+    with pytest.raises(ManifestError) as err:
+        load_manifest(path)
+    assert str(err.value).startswith(str(path))
+    assert message in str(err.value)
+
+
+def test_a_tier_process_exits_2_on_a_bad_manifest(manifest):
+    path = manifest(tiers__edge__batching__max_batch_size=-1)
+    proc = subprocess.run([sys.executable, "-m", "edge_node", "--manifest", str(path)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "tiers.edge.batching.max_batch_size" in proc.stderr and "Traceback" not in proc.stderr

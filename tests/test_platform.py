@@ -1,0 +1,182 @@
+"""The running platform: real nats-server, real tier and router processes, tiny models."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from shared.problems import generate
+from tierline.stack import Stack, write_manifest
+from tierline.v1 import inference_pb2 as pb
+from tierline.v1 import inference_pb2_grpc as pb_grpc
+
+TIMEOUT = 30  # seconds, every RPC here
+
+
+def stub(port: int):
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    grpc.channel_ready_future(channel).result(timeout=TIMEOUT)
+    return pb_grpc.InferenceServiceStub(channel)
+
+
+def req(prompt: str = "Q:2+3=?\nA:", **params) -> pb.InferRequest:
+    return pb.InferRequest(prompt=prompt, parameters=pb.Parameters(max_tokens=params.pop("max_tokens", 16),
+                                                                   **params))
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_family):
+    # every request starts at the device; no tier is ever confident enough: the full cascade
+    with Stack(tiny_family, overrides={"router.device_complexity": 1.0,
+                                       "router.confidence_threshold": {"device": 1.0, "edge": 1.0},
+                                       "nats.request_timeout_ms": 5000}) as s:
+        yield s
+
+
+def test_each_tier_answers_directly(stack):
+    for name, tier in (("device-0", "device"), ("edge-0", "edge"), ("cloud-0", "cloud")):
+        resp = stub(stack.port(name)).Infer(req(), timeout=TIMEOUT)
+        assert resp.tier == tier
+        assert resp.usage.prompt_tokens > 0 and resp.usage.completion_tokens > 0
+        assert resp.choices[0].finish_reason in ("stop", "length")
+        info = stub(stack.port(name)).GetServerInfo(pb.ServerInfoRequest(), timeout=TIMEOUT)
+        assert info.tier == tier and info.max_tokens_limit > 0
+
+
+def test_low_confidence_escalates_to_the_cloud(stack):
+    resp = stub(stack.port("router")).Infer(req(), timeout=TIMEOUT)
+    assert resp.tier == "cloud"
+    outcomes = [(a.tier, a.outcome) for a in resp.escalation_path]
+    assert outcomes == [("device", "low_confidence"), ("edge", "low_confidence"), ("cloud", "answered")]
+    assert not resp.degraded
+
+
+def test_stream_reaches_the_client(stack):
+    chunks = list(stub(stack.port("edge-0")).InferStream(req(max_tokens=12), timeout=TIMEOUT))
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    text = "".join(c.choices[0].text for c in chunks)
+    direct = stub(stack.port("edge-0")).Infer(req(max_tokens=12), timeout=TIMEOUT)
+    assert text == direct.choices[0].text
+
+
+def test_identical_greedy_request_is_cached_at_the_edge(stack):
+    edge = stub(stack.port("edge-0"))
+    first = edge.Infer(req("Q:max(4,7)=?\nA:"), timeout=TIMEOUT)
+    again = edge.Infer(req("Q:max(4,7)=?\nA:"), timeout=TIMEOUT)
+    assert not first.cached and again.cached
+    assert again.choices[0].text == first.choices[0].text
+
+
+@pytest.mark.parametrize("request_, field", [
+    (pb.InferRequest(prompt=""), "prompt"),
+    (pb.InferRequest(prompt="x" * 5000), "prompt"),
+    (req(max_tokens=0), "parameters.max_tokens"),
+    (req(max_tokens=100000), "parameters.max_tokens"),
+    (req(temperature=-0.5), "parameters.temperature"),
+    (pb.InferRequest(prompt="Q:1+1=?\nA:", model="gpt-9"), "model"),
+    (req(attention_window=100000), "parameters.attention_window"),
+])
+def test_bad_fields_are_invalid_argument(stack, request_, field):
+    for name in ("router", "edge-0"):
+        with pytest.raises(grpc.RpcError) as err:
+            stub(stack.port(name)).Infer(request_, timeout=TIMEOUT)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, err.value.details())
+        assert field in err.value.details()
+
+
+def test_reflection_lists_the_services(stack):
+    channel = grpc.insecure_channel(f"127.0.0.1:{stack.port('edge-0')}")
+    refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+    replies = refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                        timeout=TIMEOUT)
+    names = {s.name for r in replies for s in r.list_services_response.service}
+    assert {"tierline.v1.InferenceService", "grpc.health.v1.Health"} <= names
+
+
+def test_killing_an_edge_replica_loses_no_request(tiny_family):
+    prompts = [p.prompt for p in generate("test", 40, seed=5)]
+    with Stack(tiny_family, tiers=("edge", "cloud"), replicas={"edge": 2},
+               overrides={"router.device_complexity": 0.0, "router.cloud_complexity": 1.0,
+                          "router.confidence_threshold": {"edge": 0.0}, "nats.request_timeout_ms": 3000,
+                          "router.retries_per_tier": 2}) as s:
+        router = stub(s.port("router"))
+        killed = threading.Event()
+
+        def one(i: int):
+            if i == 10:
+                s.kill("edge-1")
+                killed.set()
+            return router.Infer(req(prompts[i]), timeout=TIMEOUT)
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(one, range(len(prompts))))
+        assert killed.is_set()
+        assert len(answers) == len(prompts)
+        assert all(a.choices[0].finish_reason for a in answers)
+        assert {a.tier for a in answers} <= {"edge", "cloud"}
+
+
+def test_cloud_down_gives_degraded_answers_not_errors(tiny_family):
+    with Stack(tiny_family, tiers=("edge", "cloud"),
+               overrides={"router.confidence_threshold": {"edge": 1.0}, "router.device_complexity": 0.0,
+                          "router.cloud_complexity": 1.0, "nats.request_timeout_ms": 3000}) as s:
+        s.kill("cloud-0")
+        resp = stub(s.port("router")).Infer(req(), timeout=TIMEOUT)
+        assert resp.tier == "edge" and resp.degraded
+        assert [a.outcome for a in resp.escalation_path] == ["low_confidence", "no_responders"]
+
+
+def test_full_queue_is_resource_exhausted(tiny_family):
+    with Stack(tiny_family, tiers=("edge",), router=False,
+               overrides={"tiers.edge.batching": {"max_batch_size": 1, "max_queue": 1,
+                                                  "max_queue_delay_ms": 0}}) as s:
+        edge = stub(s.port("edge-0"))
+        long = req("Q:max(1,2,3,4,5,6)=?\nA:", max_tokens=120)
+
+        def one(_):
+            try:
+                edge.Infer(long, timeout=TIMEOUT)
+                return "ok"
+            except grpc.RpcError as exc:
+                return exc.code()
+
+        with ThreadPoolExecutor(16) as pool:
+            codes = list(pool.map(one, range(16)))
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+        assert "ok" in codes
+
+
+def test_wrong_nats_password_is_refused_clearly(tiny_family, tmp_path):
+    from tierline.stack import NatsServer
+
+    nats = NatsServer(tmp_path).start()
+    try:
+        nats.password = "wrong-" + nats.password
+        manifest = write_manifest(tmp_path / "m.yaml", tiny_family, nats, tiers=("edge",))
+        proc = subprocess.run([sys.executable, "-m", "edge_node", "--manifest", str(manifest)],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2
+        assert "refused the credentials" in proc.stderr
+    finally:
+        nats.stop()
+
+
+def test_metrics_are_served(stack):
+    import urllib.request
+
+    stub(stack.port("edge-0")).Infer(req("Q:min(3,8)=?\nA:"), timeout=TIMEOUT)
+    stub(stack.port("router")).Infer(req("Q:min(5,8)=?\nA:"), timeout=TIMEOUT)
+    for name, wanted in (("edge-0", ["tierline_time_to_first_token_seconds_bucket", "tierline_batch_size_bucket",
+                                     "tierline_result_cache_queries_total", "tierline_num_requests_waiting",
+                                     'tierline_requests_total{outcome="answered",tier="edge"}']),
+                         ("router", ["tierline_escalations_total", "tierline_e2e_request_latency_seconds_bucket"])):
+        port = next(p.ready["metrics_port"] for p in stack.procs if p.name == name)
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=TIMEOUT).read().decode()
+        for metric in wanted:
+            assert metric in body, (name, metric)

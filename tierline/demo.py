@@ -1,0 +1,129 @@
+"""`make demo` and `make up`: the whole platform on this machine.
+
+The demo starts nats-server (auth on loopback), the three tiers and the router,
+sends a concurrent mixed workload drawn from the benchmark through the router,
+prints what happened per tier, and stops everything.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import threading
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+from rich.console import Console
+from rich.table import Table
+
+from shared.problems import generate, is_correct
+from tierline.stack import Stack
+from tierline.v1 import inference_pb2 as pb
+from tierline.v1 import inference_pb2_grpc as pb_grpc
+
+DEMO_TIMEOUT_S = 60  # per request
+# relative price of 1k tokens per tier; the manifest's cost_per_1k_tokens
+DEFAULT_COSTS = {"device": 0.01, "edge": 0.1, "cloud": 1.0}
+
+
+def stack_overrides() -> dict:
+    return {f"tiers.{t}.cost_per_1k_tokens": c for t, c in DEFAULT_COSTS.items()}
+
+
+def run_workload(address: str, n: int, concurrency: int, seed: int = 7) -> list[tuple]:
+    """(problem, response or None, error or None, seconds) for n benchmark problems."""
+    problems = generate("test", n, seed=seed)
+    channel = grpc.insecure_channel(address)
+    grpc.channel_ready_future(channel).result(timeout=DEMO_TIMEOUT_S)
+    stub = pb_grpc.InferenceServiceStub(channel)
+
+    def one(p):
+        t0 = time.perf_counter()
+        try:
+            r = stub.Infer(pb.InferRequest(prompt=p.prompt, parameters=pb.Parameters(max_tokens=96)),
+                           timeout=DEMO_TIMEOUT_S)
+            return p, r, None, time.perf_counter() - t0
+        except grpc.RpcError as exc:
+            return p, None, f"{exc.code().name}: {exc.details()}", time.perf_counter() - t0
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(one, problems))
+
+
+def report(results: list[tuple], costs: dict[str, float], wall_s: float, console: Console) -> dict:
+    by_tier: dict[str, list] = defaultdict(list)
+    errors = Counter()
+    for p, r, err, secs in results:
+        if r is None:
+            errors[err.split(":")[0]] += 1
+            continue
+        by_tier[r.tier].append((p, r, secs))
+    table = Table(title=f"Tierline demo: {len(results)} requests through the router in {wall_s:.1f} s "
+                        f"({len(results) / wall_s:.1f} req/s)")
+    for col in ("tier", "requests", "share", "accuracy", "p50 ms", "p95 ms", "escalated", "degraded"):
+        table.add_column(col, justify="right")
+    cost = cloud_cost = 0.0
+    answered = sum(len(v) for v in by_tier.values())
+    for tier in ("device", "edge", "cloud"):
+        rows = by_tier.get(tier, [])
+        for _, r, _ in rows:
+            tokens = r.usage.prompt_tokens + r.usage.completion_tokens
+            # every tier tried is paid for, not only the one that answered
+            cost += sum(costs.get(a.tier, 0) for a in r.escalation_path if a.outcome in
+                        ("answered", "low_confidence")) * tokens / 1000
+            cloud_cost += costs["cloud"] * tokens / 1000
+        if not rows:
+            table.add_row(tier, "0", "0%", "-", "-", "-", "-", "-")
+            continue
+        lat = sorted(s * 1000 for _, _, s in rows)
+        acc = sum(is_correct(p, r.choices[0].text) for p, r, _ in rows) / len(rows)
+        table.add_row(tier, str(len(rows)), f"{len(rows) / max(answered, 1):.0%}", f"{acc:.1%}",
+                      f"{statistics.median(lat):.0f}", f"{lat[int(0.95 * (len(lat) - 1))]:.0f}",
+                      str(sum(len(r.escalation_path) > 1 for _, r, _ in rows)),
+                      str(sum(r.degraded for _, r, _ in rows)))
+    console.print(table)
+    total_acc = sum(is_correct(p, r.choices[0].text) for rows in by_tier.values() for p, r, _ in rows)
+    summary = {"requests": len(results), "answered": answered, "errors": dict(errors),
+               "accuracy": total_acc / max(answered, 1), "cost_vs_cloud": cost / cloud_cost if cloud_cost else 0.0}
+    console.print(f"overall accuracy {summary['accuracy']:.1%}; cost {summary['cost_vs_cloud']:.1%} of sending "
+                  f"everything to the cloud; errors: {dict(errors) or 'none'}")
+    return summary
+
+
+def demo(models_dir: Path, n: int = 300, concurrency: int = 16) -> int:
+    console = Console()
+    with console.status("starting nats-server, device, edge, cloud and router..."):
+        stack = Stack(models_dir, overrides=stack_overrides()).start()
+    try:
+        console.print(f"platform up: router at {stack.router_address}, NATS at {stack.nats.url} (auth on)")
+        t0 = time.perf_counter()
+        with console.status(f"sending {n} benchmark requests, {concurrency} at a time..."):
+            results = run_workload(stack.router_address, n, concurrency)
+        summary = report(results, DEFAULT_COSTS, time.perf_counter() - t0, console)
+    finally:
+        stack.stop()
+        console.print("stopped every process")
+    return 0 if not summary["errors"] else 1
+
+
+def up(models_dir: Path, pidfile: Path) -> int:
+    """Start the platform and keep it running until Ctrl-C or `make down` (SIGTERM)."""
+    console = Console()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stack = Stack(models_dir, overrides=stack_overrides()).start()
+    pidfile.parent.mkdir(parents=True, exist_ok=True)
+    pidfile.write_text(str(os.getpid()))
+    try:
+        console.print(f"Tierline is up. Router (gRPC): {stack.router_address}  NATS: {stack.nats.url}\n"
+                      f"Manifest: {stack.manifest}\nStop with Ctrl-C or `make down`.")
+        stop.wait()
+    finally:
+        stack.stop()
+        pidfile.unlink(missing_ok=True)
+    return 0

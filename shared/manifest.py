@@ -48,7 +48,7 @@ class TierConfig:
     threads: int = 2  # runtime threads
     timeout_ms: int = 10000  # a request's deadline inside the tier when the caller sets none
     cost_per_1k_tokens: float = 1.0  # relative cost, for cost reports
-    cache_size: int = 0  # LRU result cache for greedy requests (0 = off)
+    cache_size: int = 1024  # LRU result cache for identical greedy requests (0 = off)
     batching: BatchConfig = field(default_factory=BatchConfig)
 
 

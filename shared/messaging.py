@@ -54,20 +54,29 @@ class NatsOptions:
         return kw
 
 
-async def connect(opts: NatsOptions, name: str):
+async def connect(opts: NatsOptions, name: str, timeout_s: float = START_TIMEOUT_S):
     """A connection that reconnects forever; a refused login raises NatsAuthError at once."""
-    errors: list[Exception] = []
+    refused = asyncio.Event()
+    errors: list[str] = []
 
     async def on_error(exc: Exception) -> None:
-        errors.append(exc)
+        text = f"{type(exc).__name__}: {exc}"
+        errors.append(text)
+        if "authorization" in text.lower() or "authentication" in text.lower():
+            refused.set()
 
-    try:
-        return await nats.connect(name=name, error_cb=on_error, **opts.connect_kwargs())
-    except Exception as exc:  # nats raises several types; authorization is the one users must fix
-        text = " ".join(str(e) for e in [exc, *errors]).lower()
-        if "authorization" in text or "authentication" in text:
-            raise NatsAuthError(f"NATS at {opts.url} refused the credentials for user {opts.user!r}") from None
-        raise ConnectionError(f"cannot connect to NATS at {opts.url}: {exc or type(exc).__name__}") from None
+    connecting = asyncio.ensure_future(nats.connect(name=name, error_cb=on_error, **opts.connect_kwargs()))
+    waiting = asyncio.ensure_future(refused.wait())
+    done, _ = await asyncio.wait({connecting, waiting}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()
+    if connecting in done and connecting.exception() is None:
+        return connecting.result()
+    if connecting not in done:
+        connecting.cancel()
+    if refused.is_set() or any("authorization" in e.lower() for e in errors):
+        raise NatsAuthError(f"NATS at {opts.url} refused the credentials for user {opts.user!r}")
+    why = connecting.exception() if connecting in done else f"no connection in {timeout_s:.0f} s"
+    raise ConnectionError(f"cannot connect to NATS at {opts.url}: {why or errors[-1:]}")
 
 
 class TierService:

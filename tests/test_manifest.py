@@ -72,3 +72,10 @@ def test_a_tier_process_exits_2_on_a_bad_manifest(manifest):
                           text=True, timeout=60)
     assert proc.returncode == 2
     assert "tiers.edge.batching.max_batch_size" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_example_manifest_matches_the_committed_models():
+    from pathlib import Path
+
+    m = load_manifest(Path(__file__).resolve().parents[1] / "infra" / "manifests" / "local.yaml")
+    assert set(m.tiers) == {"device", "edge", "cloud"}

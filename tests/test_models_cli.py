@@ -104,3 +104,14 @@ def test_tokenizer_that_does_not_match_the_model(tiny_family, tmp_path):
     with pytest.raises(ArtifactError, match="vocabulary"):
         load_engine(m, "cloud")
     _one_line_error(run_cli("models", "eval", "--tier", "edge", "--models", str(m)), "vocabulary")
+
+
+def test_bench_json_is_complete(tiny_family):
+    proc = run_cli("models", "bench", "--models", str(tiny_family), "--rounds", "1", "--prompts", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(out["tiers"]) == {"cloud", "edge", "device"}
+    for tier in out["tiers"].values():
+        for batch in ("batch1", "batch8"):
+            assert tier[batch]["tokens_per_s"] > 0 and tier[batch]["first_token_ms"] > 0
+    assert out["edge_over_cloud_batch1"] > 0

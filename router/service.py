@@ -19,21 +19,13 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from router.policy import TIER_ORDER, Policy, complexity
-from shared.messaging import STATUS_HEADER, subject
+from shared.messaging import TierError, ask_tier
 from shared.metrics import Metrics
 from tierline.v1 import inference_pb2 as pb
 from tierline.v1 import inference_pb2_grpc as pb_grpc
 
-ERROR_CODE_HEADER = "Nats-Service-Error-Code"
-ERROR_HEADER = "Nats-Service-Error"
 # tier errors that are the request's fault: returned to the client, never escalated
-_CLIENT_ERRORS = {"INVALID_ARGUMENT"}
-
-
-class TierError(Exception):
-    def __init__(self, tier: str, status: str, message: str):
-        super().__init__(f"{tier}: {status}: {message}")
-        self.tier, self.status, self.message = tier, status, message
+CLIENT_ERRORS = {"INVALID_ARGUMENT"}
 
 
 class RouterServicer(pb_grpc.InferenceServiceServicer):
@@ -50,13 +42,7 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
         self.max_prompt_chars = max_prompt_chars
 
     async def _ask(self, tier: str, req: pb.InferRequest, timeout_s: float) -> pb.InferResponse:
-        """One NATS request to a tier; raises TierError, NoRespondersError or NatsTimeout."""
-        msg = await self.nc.request(subject(tier), req.SerializeToString(), timeout=timeout_s,
-                                    headers={"Tierline-Timeout": f"{timeout_s:.3f}"})
-        headers = msg.headers or {}
-        if ERROR_CODE_HEADER in headers:
-            raise TierError(tier, headers.get(STATUS_HEADER, "UNKNOWN"), headers.get(ERROR_HEADER, ""))
-        return pb.InferResponse.FromString(msg.data)
+        return await ask_tier(self.nc, tier, req, timeout_s)
 
     async def route(self, req: pb.InferRequest, deadline: float | None) -> pb.InferResponse:
         t0 = time.perf_counter()
@@ -83,7 +69,7 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
                 except (NatsTimeout, asyncio.TimeoutError):
                     path.append(pb.Attempt(tier=tier, outcome="timeout", detail=f"no answer in {left:.2f}s"))
                 except TierError as exc:
-                    if exc.status in _CLIENT_ERRORS:
+                    if exc.status in CLIENT_ERRORS:
                         raise
                     failure = exc
                     path.append(pb.Attempt(tier=tier, outcome="error", detail=f"{exc.status}: {exc.message}"))

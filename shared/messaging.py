@@ -31,6 +31,33 @@ def subject(tier: str, verb: str = "infer") -> str:
     return f"{SUBJECT_PREFIX}.{tier}.{verb}"
 
 
+ERROR_CODE_HEADER = "Nats-Service-Error-Code"  # set by nats.micro on error replies
+ERROR_HEADER = "Nats-Service-Error"
+
+
+class TierError(Exception):
+    """A tier answered with an error; `status` is the gRPC status name."""
+
+    def __init__(self, tier: str, status: str, message: str):
+        super().__init__(f"{tier}: {status}: {message}")
+        self.tier, self.status, self.message = tier, status, message
+
+
+async def ask_tier(nc, tier: str, request, timeout_s: float):
+    """One InferRequest to a tier over NATS, with an explicit timeout.
+
+    Raises nats' NoRespondersError (no replica: at once), TimeoutError, or TierError.
+    """
+    from tierline.v1 import inference_pb2 as pb
+
+    msg = await nc.request(subject(tier), request.SerializeToString(), timeout=timeout_s,
+                           headers={"Tierline-Timeout": f"{timeout_s:.3f}"})
+    headers = msg.headers or {}
+    if ERROR_CODE_HEADER in headers:
+        raise TierError(tier, headers.get(STATUS_HEADER, "UNKNOWN"), headers.get(ERROR_HEADER, ""))
+    return pb.InferResponse.FromString(msg.data)
+
+
 class NatsAuthError(ConnectionError):
     """The NATS server refused the credentials."""
 
@@ -125,6 +152,11 @@ class TierService:
         code, message = self._status_of(exc)
         await req.respond_error(code=str(code.value[0]), description=message,
                                 headers={STATUS_HEADER: code.name})
+
+    def request(self, tier: str, request, timeout_s: float):
+        """`ask_tier` from a worker thread, on this service's connection."""
+        fut = asyncio.run_coroutine_threadsafe(ask_tier(self._nc, tier, request, timeout_s), self._loop)
+        return fut.result(timeout=timeout_s + 1)
 
     def stop(self) -> None:
         async def _stop():

@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from shared.batching import BatchConfig, BatchedResult, Batcher, DeadlineExceeded, QueueFull
 from shared.engine import Engine, EngineError, GenerationParams
+from shared.messaging import TierError
 from tierline.v1 import inference_pb2 as pb
 from tierline.v1 import inference_pb2_grpc as pb_grpc
 
@@ -124,6 +125,8 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
     def _status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
         if isinstance(exc, RequestError):
             return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        if isinstance(exc, TierError):  # a tier above answered with an error: pass its status on
+            return getattr(grpc.StatusCode, exc.status, grpc.StatusCode.UNKNOWN), exc.message
         if isinstance(exc, QueueFull):
             return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
         if isinstance(exc, (DeadlineExceeded, futures.TimeoutError)):

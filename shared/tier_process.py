@@ -44,8 +44,18 @@ def main(tier: str, argv: list[str] | None = None) -> int:
         print(f"{tier}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_MANIFEST
     metrics = Metrics(tier_name)
-    servicer = TierServicer(engine, tc.batching, Limits(**asdict(manifest.limits)), tc.cache_size,
-                            tc.timeout_ms / 1000, metrics)
+    servicer_args = (engine, tc.batching, Limits(**asdict(manifest.limits)), tc.cache_size, tc.timeout_ms / 1000,
+                     metrics)
+    if tier_name == "device":  # the board's front door: local first, the edge over NATS when needed
+        from device_agent.agent import DeviceAgentServicer
+        from router.policy import Policy
+
+        rc = manifest.router
+        servicer = DeviceAgentServicer(*servicer_args, policy=Policy(rc.device_complexity, rc.cloud_complexity,
+                                                                     dict(rc.confidence_threshold)),
+                                       upstream_timeout_s=manifest.nats.request_timeout_ms / 1000)
+    else:
+        servicer = TierServicer(*servicer_args)
     server, port = create_server(servicer, tc.grpc_host, tc.grpc_port)
     server.start()
     metrics_port = metrics.serve(tc.grpc_host, tc.metrics_port) if tc.metrics_port >= 0 else None
@@ -61,6 +71,8 @@ def main(tier: str, argv: list[str] | None = None) -> int:
             print(f"{tier}: error: {exc}", file=sys.stderr)
             server.stop(0)
             return EXIT_BAD_MANIFEST
+        if hasattr(servicer, "link"):
+            servicer.link = nats_service
     print(json.dumps({"event": "ready", "tier": tier_name, "grpc_port": port, "metrics_port": metrics_port,
                       "nats_subject": None if args.no_nats else subject(tier_name)}), flush=True)
     stop = threading.Event()

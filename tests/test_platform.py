@@ -40,13 +40,35 @@ def stack(tiny_family):
 
 
 def test_each_tier_answers_directly(stack):
-    for name, tier in (("device-0", "device"), ("edge-0", "edge"), ("cloud-0", "cloud")):
+    for name, tier in (("edge-0", "edge"), ("cloud-0", "cloud")):
         resp = stub(stack.port(name)).Infer(req(), timeout=TIMEOUT)
         assert resp.tier == tier
         assert resp.usage.prompt_tokens > 0 and resp.usage.completion_tokens > 0
         assert resp.choices[0].finish_reason in ("stop", "length")
         info = stub(stack.port(name)).GetServerInfo(pb.ServerInfoRequest(), timeout=TIMEOUT)
         assert info.tier == tier and info.max_tokens_limit > 0
+
+
+def test_device_agent_answers_locally_then_escalates_over_nats(stack):
+    resp = stub(stack.port("device-0")).Infer(req(), timeout=TIMEOUT)
+    # the board tried first, was not confident enough (threshold 1.0), the edge neither, the cloud answered
+    assert [(a.tier, a.outcome) for a in resp.escalation_path] == [
+        ("device", "low_confidence"), ("edge", "low_confidence"), ("cloud", "answered")]
+    assert resp.tier == "cloud" and not resp.degraded
+
+
+def test_device_agent_alone_answers_locally_and_fast(tiny_family):
+    """No edge, no cloud: the agent fails the escalation at once and answers on the board, degraded."""
+    import time
+
+    with Stack(tiny_family, tiers=("device",), router=False,
+               overrides={"router.device_complexity": 1.0, "router.confidence_threshold": {"device": 1.0},
+                          "nats.request_timeout_ms": 20000}) as s:
+        t0 = time.perf_counter()
+        resp = stub(s.port("device-0")).Infer(req(), timeout=TIMEOUT)
+        assert time.perf_counter() - t0 < 5  # no responders is immediate, not the 20 s timeout
+        assert resp.tier == "device" and resp.degraded
+        assert [a.outcome for a in resp.escalation_path] == ["low_confidence", "no_responders", "no_responders"]
 
 
 def test_low_confidence_escalates_to_the_cloud(stack):
@@ -83,7 +105,7 @@ def test_identical_greedy_request_is_cached_at_the_edge(stack):
     (req(attention_window=100000), "parameters.attention_window"),
 ])
 def test_bad_fields_are_invalid_argument(stack, request_, field):
-    for name in ("router", "edge-0"):
+    for name in ("router", "edge-0", "device-0"):
         with pytest.raises(grpc.RpcError) as err:
             stub(stack.port(name)).Infer(request_, timeout=TIMEOUT)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, err.value.details())

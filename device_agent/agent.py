@@ -1,0 +1,88 @@
+"""The device agent's own front door: answer on the board when the policy allows, else go up.
+
+Apps on the board call the agent's gRPC (loopback). Easy prompts are answered by
+the local LiteRT model; when the policy wants a bigger tier, or the local answer's
+confidence is below the device threshold, the agent asks the edge (then the cloud)
+over its NATS connection. When nothing above answers (no responders: at once; a
+timeout: bounded by the manifest), the agent answers locally and marks the answer
+`degraded`, rather than hanging or failing (the edge-fallback users of KubeEdge
+Sedna ask for).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+
+from router.policy import Policy, complexity
+from shared.messaging import TierError, TierService
+from shared.serving import TierServicer, validate
+from tierline.v1 import inference_pb2 as pb
+
+UPSTREAM = ("edge", "cloud")  # asked in this order
+CLIENT_ERRORS = {"INVALID_ARGUMENT"}
+
+
+class DeviceAgentServicer(TierServicer):
+    def __init__(self, *args, policy: Policy, upstream_timeout_s: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.policy = policy
+        self.upstream_timeout_s = upstream_timeout_s
+        self.link: TierService | None = None  # set once NATS is connected
+
+    def answer(self, req: pb.InferRequest, timeout_s: float | None) -> pb.InferResponse:
+        validate(req, self.engine, self.limits, self.engine.info.model)  # bad input fails here, on the board
+        score = complexity(req.prompt)
+        path: list[pb.Attempt] = []
+        local = None
+        if self.policy.first_tier(score) == "device" or self.link is None:
+            local = self.handle(req, timeout_s)
+            if self.policy.accept("device", local.confidence) or self.link is None:
+                return self._finish(local, score, [*path, _attempt(local, "answered")], degraded=self.link is None
+                                    and not self.policy.accept("device", local.confidence))
+            path.append(_attempt(local, "low_confidence"))
+        for tier in UPSTREAM:
+            try:
+                resp = self.link.request(tier, req, min(self.upstream_timeout_s, timeout_s or self.upstream_timeout_s))
+            except NoRespondersError:
+                path.append(pb.Attempt(tier=tier, outcome="no_responders", detail="no replica is up"))
+                continue
+            except (NatsTimeout, concurrent.futures.TimeoutError, TimeoutError):
+                path.append(pb.Attempt(tier=tier, outcome="timeout", detail="no answer in time"))
+                continue
+            except TierError as exc:
+                if exc.status in CLIENT_ERRORS:
+                    raise
+                path.append(pb.Attempt(tier=tier, outcome="error", detail=f"{exc.status}: {exc.message}"))
+                continue
+            accepted = self.policy.accept(tier, resp.confidence) or tier == UPSTREAM[-1]
+            path.append(_attempt(resp, "answered" if accepted else "low_confidence"))
+            if accepted:
+                return self._finish(resp, score, path, degraded=False)
+            local = local if local is not None and local.confidence > resp.confidence else resp
+        # nothing above could answer: the board's own answer, marked degraded
+        if local is None:
+            local = self.handle(req, timeout_s)
+            path.append(_attempt(local, "answered"))
+        return self._finish(local, score, path, degraded=True)
+
+    @staticmethod
+    def _finish(resp: pb.InferResponse, score: float, path, degraded: bool) -> pb.InferResponse:
+        resp.complexity = score
+        del resp.escalation_path[:]
+        resp.escalation_path.extend(path)
+        resp.degraded = degraded
+        return resp
+
+    def Infer(self, request, context):
+        try:
+            return self.answer(request, context.time_remaining())
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status here
+            code, msg = self._status_of(exc)
+            context.abort(code, msg)
+
+
+def _attempt(resp: pb.InferResponse, outcome: str) -> pb.Attempt:
+    return pb.Attempt(tier=resp.tier, outcome=outcome, confidence=resp.confidence)

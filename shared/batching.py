@@ -54,6 +54,23 @@ class _Item:
     deadline: float | None = field(compare=False)  # time.monotonic() value, None = no deadline
     enqueued: float = field(compare=False)
     future: Future = field(compare=False)
+    abandoned: threading.Event = field(compare=False, default_factory=threading.Event)
+
+    def should_stop(self) -> bool:
+        """The caller gave up, or the deadline passed: stop spending compute on it."""
+        return self.abandoned.is_set() or (self.deadline is not None and time.monotonic() >= self.deadline)
+
+
+@dataclass
+class Ticket:
+    """A queued request: its future, and a way to abandon it (even mid-generation)."""
+
+    future: Future
+    _item: _Item
+
+    def cancel(self) -> None:
+        self._item.abandoned.set()
+        self.future.cancel()
 
 
 @dataclass
@@ -83,8 +100,8 @@ class Batcher:
             return len(self._heap)
 
     def submit(self, prompt: str, params: GenerationParams, priority: int = 0,
-               timeout_s: float | None = None) -> Future:
-        """Queue one request; the future resolves to a `BatchedResult` or raises."""
+               timeout_s: float | None = None) -> Ticket:
+        """Queue one request; the ticket's future resolves to a `BatchedResult` or raises."""
         fut: Future = Future()
         now = time.monotonic()
         item = _Item((-priority, next(self._seq)), prompt, params,
@@ -96,7 +113,7 @@ class Batcher:
                 raise QueueFull(f"queue full ({self.config.max_queue} requests waiting)")
             heapq.heappush(self._heap, item)
             self._cv.notify()
-        return fut
+        return Ticket(fut, item)
 
     def close(self) -> None:
         with self._cv:
@@ -134,7 +151,7 @@ class Batcher:
             now = time.monotonic()
             live = []
             for item in batch:
-                if item.future.cancelled() or not item.future.set_running_or_notify_cancel():
+                if item.abandoned.is_set() or not item.future.set_running_or_notify_cancel():
                     continue  # the caller gave up while it waited
                 if item.deadline is not None and now >= item.deadline:
                     item.future.set_exception(DeadlineExceeded("deadline passed while queued"))
@@ -145,10 +162,14 @@ class Batcher:
             if self._on_batch:
                 self._on_batch(len(live), self.depth)
             try:
-                results = self.engine.generate_batch([i.prompt for i in live], [i.params for i in live])
+                results = self.engine.generate_batch([i.prompt for i in live], [i.params for i in live],
+                                                     cancelled=[i.should_stop for i in live])
             except Exception as exc:  # one bad batch must not kill the worker
                 for item in live:
                     item.future.set_exception(exc)
                 continue
             for item, r in zip(live, results):
-                item.future.set_result(BatchedResult(r, now - item.enqueued, len(live)))
+                if r.finish_reason == "cancelled" and not item.abandoned.is_set():
+                    item.future.set_exception(DeadlineExceeded("deadline passed during generation"))
+                elif not item.future.done():
+                    item.future.set_result(BatchedResult(r, now - item.enqueued, len(live)))

@@ -13,7 +13,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -50,7 +50,7 @@ class GenerationParams:
 @dataclass
 class GenerationResult:
     text: str
-    finish_reason: str  # "stop" (eos or a stop string) or "length"
+    finish_reason: str  # "stop" (eos or a stop string), "length", or "cancelled"
     prompt_tokens: int
     completion_tokens: int
     confidence: float  # lowest probability among the chosen tokens (1.0 = sure)
@@ -128,9 +128,14 @@ class Engine(abc.ABC):
         return self.generate_batch([prompt], [params or GenerationParams()])[0]
 
     def generate_batch(
-        self, prompts: Sequence[str], params: Sequence[GenerationParams]
+        self, prompts: Sequence[str], params: Sequence[GenerationParams],
+        cancelled: Sequence[Callable[[], bool]] | None = None,
     ) -> list[GenerationResult]:
-        """Decode a batch together; rows may differ in every parameter but the window."""
+        """Decode a batch together; rows may differ in every parameter but the window.
+
+        `cancelled[i]()` is asked before every decode step: once it says True, row i
+        stops (finish_reason "cancelled") and costs nothing more.
+        """
         if len(prompts) != len(params):
             raise ValueError("one GenerationParams per prompt")
         if not prompts:
@@ -146,10 +151,12 @@ class Engine(abc.ABC):
                 key = (g.attention_window or self.info.window_limit) if self.supports_batch_prefill else i
                 groups.setdefault(key, []).append(i)
             for idx in groups.values():
-                for i, r in zip(idx, self._decode([prompts[i] for i in idx], [params[i] for i in idx])):
+                sub_cancel = [cancelled[i] for i in idx] if cancelled else None
+                for i, r in zip(idx, self._decode([prompts[i] for i in idx], [params[i] for i in idx],
+                                                  cancelled=sub_cancel)):
                     out[i] = r
             return out  # type: ignore[return-value]
-        return list(self._decode(prompts, params))
+        return list(self._decode(prompts, params, cancelled=cancelled))
 
     def generate_uncached(self, prompt: str, max_tokens: int = 64) -> str:
         """Greedy decoding that recomputes the whole sequence each step (no KV cache).
@@ -179,11 +186,11 @@ class Engine(abc.ABC):
         """Text chunks (str) as they are generated, then the GenerationResult."""
         yield from self._decode([prompt], [params or GenerationParams()], stream=True)
 
-    def _decode(self, prompts, params, stream: bool = False):
+    def _decode(self, prompts, params, stream: bool = False, cancelled=None):
         with self._lock:
-            yield from self._decode_locked(prompts, params, stream)
+            yield from self._decode_locked(prompts, params, stream, cancelled)
 
-    def _decode_locked(self, prompts, params, stream: bool):
+    def _decode_locked(self, prompts, params, stream: bool, cancelled):
         t0 = time.perf_counter()
         tok = self.tokenizer
         B = len(prompts)
@@ -224,6 +231,8 @@ class Engine(abc.ABC):
         for step in range(max_steps):
             chosen = np.zeros(B, dtype=np.int64)
             for b in range(B):
+                if not done[b] and cancelled and cancelled[b]():
+                    done[b], reason[b] = True, "cancelled"
                 if done[b]:
                     chosen[b] = tok.pad_id
                     continue

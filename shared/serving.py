@@ -133,8 +133,11 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
             return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the answer was ready"
         return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
 
-    def handle(self, req: pb.InferRequest, timeout_s: float | None) -> pb.InferResponse:
-        """Serve one request (also used by the NATS endpoint); raises on failure."""
+    def handle(self, req: pb.InferRequest, timeout_s: float | None, on_abandon=None) -> pb.InferResponse:
+        """Serve one request (also used by the NATS endpoint); raises on failure.
+
+        `on_abandon(callback)` lets the transport register what to call when the client goes away.
+        """
         t0 = time.perf_counter()
         params = validate(req, self.engine, self.limits, self.engine.info.model)
         request_id = req.request_id or uuid.uuid4().hex
@@ -149,12 +152,14 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
             resp.timings.CopyFrom(pb.Timings(total_ms=(time.perf_counter() - t0) * 1000))
             return resp
         timeout = timeout_s if timeout_s is not None else self.default_timeout_s
-        fut = self.batcher.submit(req.prompt, params, priority=int(req.priority), timeout_s=timeout)
+        ticket = self.batcher.submit(req.prompt, params, priority=int(req.priority), timeout_s=timeout)
+        if on_abandon is not None:
+            on_abandon(ticket.cancel)
         try:
-            out: BatchedResult = fut.result(timeout=timeout)
-        except futures.TimeoutError:
-            fut.cancel()
-            raise
+            out: BatchedResult = ticket.future.result(timeout=timeout)
+        except (futures.TimeoutError, futures.CancelledError):
+            ticket.cancel()  # stops the row at its next decode step
+            raise DeadlineExceeded("deadline exceeded before the answer was ready") from None
         resp = self._response(request_id, out, t0)
         if self.metrics:
             r = out.result
@@ -181,7 +186,8 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
     # -- gRPC methods -------------------------------------------------------------------------------
     def Infer(self, request, context):
         try:
-            return self.handle(request, context.time_remaining())
+            return self.handle(request, context.time_remaining(),
+                               on_abandon=lambda cancel: context.add_callback(cancel))
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status here
             code, msg = self._status_of(exc)
             context.abort(code, msg)

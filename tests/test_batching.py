@@ -19,16 +19,17 @@ class RecordingEngine:
         self.gate = threading.Event()
         self.gate.set()
 
-    def generate_batch(self, prompts, params):
+    def generate_batch(self, prompts, params, cancelled=None):
         self.gate.wait(10)
         self.batches.append(list(prompts))
+        self.cancelled = cancelled
         return [GenerationResult(p.upper(), "stop", 1, 1, 1.0, 0.0, 0.0, 0.0) for p in prompts]
 
 
 def test_concurrent_requests_share_a_batch():
     eng = RecordingEngine()
     b = Batcher(eng, BatchConfig(max_batch_size=8, max_queue_delay_ms=200))
-    futs = [b.submit(f"p{i}", GenerationParams()) for i in range(5)]
+    futs = [b.submit(f"p{i}", GenerationParams()).future for i in range(5)]
     outs = [f.result(timeout=5) for f in futs]
     assert [o.result.text for o in outs] == [f"P{i}" for i in range(5)]
     assert eng.batches == [[f"p{i}" for i in range(5)]]
@@ -40,11 +41,11 @@ def test_high_priority_goes_first_and_the_queue_is_bounded():
     eng = RecordingEngine()
     eng.gate.clear()
     b = Batcher(eng, BatchConfig(max_batch_size=1, max_queue_delay_ms=0, max_queue=3))
-    first = b.submit("busy", GenerationParams())
+    first = b.submit("busy", GenerationParams()).future
     time.sleep(0.2)  # the worker holds "busy"; the next ones queue
-    low = b.submit("low", GenerationParams(), priority=1)
-    high = b.submit("high", GenerationParams(), priority=3)
-    normal = b.submit("normal", GenerationParams(), priority=2)
+    low = b.submit("low", GenerationParams(), priority=1).future
+    high = b.submit("high", GenerationParams(), priority=3).future
+    normal = b.submit("normal", GenerationParams(), priority=2).future
     with pytest.raises(QueueFull):
         b.submit("one too many", GenerationParams())
     eng.gate.set()
@@ -60,7 +61,7 @@ def test_expired_request_is_not_run():
     b = Batcher(eng, BatchConfig(max_batch_size=1, max_queue_delay_ms=0))
     b.submit("busy", GenerationParams())
     time.sleep(0.1)
-    late = b.submit("late", GenerationParams(), timeout_s=0.05)
+    late = b.submit("late", GenerationParams(), timeout_s=0.05).future
     time.sleep(0.2)
     eng.gate.set()
     with pytest.raises(DeadlineExceeded):
@@ -72,3 +73,17 @@ def test_expired_request_is_not_run():
 def test_config_validates():
     with pytest.raises(ValueError, match="max_batch_size"):
         BatchConfig(max_batch_size=0)
+
+
+def test_abandoned_request_is_stopped_mid_batch():
+    eng = RecordingEngine()
+    eng.gate.clear()
+    b = Batcher(eng, BatchConfig(max_batch_size=2, max_queue_delay_ms=100))
+    keep, drop = b.submit("keep", GenerationParams()), b.submit("drop", GenerationParams())
+    time.sleep(0.3)  # both are in the running batch now
+    drop.cancel()
+    eng.gate.set()
+    keep.future.result(timeout=5)
+    # the engine is told, row by row, which requests to stop decoding
+    assert [c() for c in eng.cancelled] == [False, True]
+    b.close()

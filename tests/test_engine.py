@@ -90,3 +90,16 @@ def test_mixed_windows_in_one_batch(engine):
     batch = engine.generate_batch(PROMPTS[:2], gs)
     assert [r.text for r in batch] == [engine.generate(p, g).text for p, g in zip(PROMPTS[:2], gs)]
     assert np.isfinite(batch[1].mean_logprob)
+
+
+def test_cancelled_row_stops_and_the_others_go_on(engine):
+    calls = {"n": 0}
+
+    def stop_after_three():
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    g = GenerationParams(max_tokens=20)
+    out = engine.generate_batch(PROMPTS[:2], [g, g], cancelled=[stop_after_three, lambda: False])
+    assert out[0].finish_reason == "cancelled" and out[0].completion_tokens <= 3
+    assert out[1].text == engine.generate(PROMPTS[1], g).text

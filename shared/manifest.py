@@ -31,9 +31,8 @@ class ManifestError(ValueError):
 @dataclass
 class NatsConfig:
     url: str = "nats://127.0.0.1:4222"  # the NATS server (or a leaf node near the tier)
-    user: str = ""  # user/password authentication, or
+    user: str = ""  # user/password authentication
     password: str = ""
-    nkey_seed_file: str = ""  # an nkey seed file (relative to the manifest)
     connect_timeout_ms: int = 2000  # per connection attempt
     request_timeout_ms: int = 10000  # one request to a tier over NATS
 

@@ -14,7 +14,6 @@ import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import nats
 from nats.micro import add_service
@@ -67,7 +66,6 @@ class NatsOptions:
     url: str
     user: str = ""
     password: str = ""
-    nkey_seed_file: str = ""
     connect_timeout_s: float = 2.0
 
     def connect_kwargs(self) -> dict:
@@ -76,8 +74,6 @@ class NatsOptions:
               "allow_reconnect": True}
         if self.user:
             kw.update(user=self.user, password=self.password)
-        if self.nkey_seed_file:
-            kw["nkeys_seed"] = str(Path(self.nkey_seed_file))
         return kw
 
 

@@ -25,9 +25,7 @@ from tierline.v1 import inference_pb2 as pb
 
 def nats_options(manifest) -> NatsOptions:
     n = manifest.nats
-    seed = str((manifest.path.parent / n.nkey_seed_file).resolve()) if n.nkey_seed_file else ""
-    return NatsOptions(url=n.url, user=n.user, password=n.password, nkey_seed_file=seed,
-                       connect_timeout_s=n.connect_timeout_ms / 1000)
+    return NatsOptions(url=n.url, user=n.user, password=n.password, connect_timeout_s=n.connect_timeout_ms / 1000)
 
 
 def main(tier: str, argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from router.policy import TIER_ORDER, Policy, complexity
-from shared.messaging import TierError, ask_tier
+from shared.messaging import TierError, ask_tier, stream_tier
 from shared.metrics import Metrics
 from tierline.v1 import inference_pb2 as pb
 from tierline.v1 import inference_pb2_grpc as pb_grpc
@@ -134,14 +134,42 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
             await context.abort(code, exc.message)
 
     async def InferStream(self, request, context):
-        # first version: the routed answer as one chunk, then the final message
-        resp = await self.Infer(request, context)
-        chunk = pb.InferResponse()
-        chunk.CopyFrom(resp)
-        chunk.choices[0].finish_reason = ""
-        yield chunk
-        resp.choices[0].text = ""
-        yield resp
+        """Tokens as the tier generates them, relayed from NATS.
+
+        A stream goes to the policy's first tier and cannot be taken back once text
+        has been sent, so there is no confidence cascade here; a tier that has no
+        responders or times out before its first chunk is skipped for the next one up.
+        """
+        try:
+            self._validate(request)
+        except TierError as exc:
+            await context.abort(getattr(grpc.StatusCode, exc.status), exc.message)
+        score = complexity(request.prompt)
+        tier: str | None = self.policy.first_tier(score, self.tiers)
+        path: list[pb.Attempt] = []
+        while tier is not None:
+            started = False
+            try:
+                async for chunk in stream_tier(self.nc, tier, request, self.request_timeout_s):
+                    started = True
+                    chunk.complexity = score
+                    if chunk.choices and chunk.choices[0].finish_reason:
+                        path.append(pb.Attempt(tier=tier, outcome="answered", confidence=chunk.confidence))
+                        chunk.escalation_path.extend(path)
+                    yield chunk
+                return
+            except TierError as exc:
+                if exc.status in CLIENT_ERRORS or started:
+                    await context.abort(getattr(grpc.StatusCode, exc.status, grpc.StatusCode.UNKNOWN), exc.message)
+                path.append(pb.Attempt(tier=tier, outcome="error", detail=f"{exc.status}: {exc.message}"))
+            except (NoRespondersError, NatsTimeout, asyncio.TimeoutError) as exc:
+                if started:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"{tier} stopped mid-stream")
+                outcome = "no_responders" if isinstance(exc, NoRespondersError) else "timeout"
+                path.append(pb.Attempt(tier=tier, outcome=outcome))
+            tier = self.policy.next_tier(tier, self.tiers)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "no tier could stream an answer: " +
+                            "; ".join(f"{a.tier} {a.outcome}" for a in path))
 
     async def GetServerInfo(self, request, context):
         return pb.ServerInfo(tier="router", model=self.model_name, max_prompt_chars=self.max_prompt_chars)

@@ -57,6 +57,36 @@ async def ask_tier(nc, tier: str, request, timeout_s: float):
     return pb.InferResponse.FromString(msg.data)
 
 
+async def stream_tier(nc, tier: str, request, timeout_s: float):
+    """The chunks of one streamed answer from a tier over NATS, ending with finish_reason set.
+
+    `timeout_s` bounds the wait for each chunk. Raises NoRespondersError before the
+    first chunk when no replica is up, TimeoutError, or TierError.
+    """
+    from nats.errors import NoRespondersError
+
+    from tierline.v1 import inference_pb2 as pb
+
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    try:
+        await nc.publish(subject(tier, "stream"), request.SerializeToString(), reply=inbox,
+                         headers={"Tierline-Timeout": f"{timeout_s:.3f}"})
+        while True:
+            msg = await sub.next_msg(timeout=timeout_s)
+            headers = msg.headers or {}
+            if headers.get("Status") == "503":
+                raise NoRespondersError
+            if ERROR_CODE_HEADER in headers:
+                raise TierError(tier, headers.get(STATUS_HEADER, "UNKNOWN"), headers.get(ERROR_HEADER, ""))
+            chunk = pb.InferResponse.FromString(msg.data)
+            yield chunk
+            if chunk.choices and chunk.choices[0].finish_reason:
+                return
+    finally:
+        await sub.unsubscribe()
+
+
 class NatsAuthError(ConnectionError):
     """The NATS server refused the credentials."""
 
@@ -110,8 +140,9 @@ class TierService:
     in flight at once and the batcher can group them.
     """
 
-    def __init__(self, tier: str, opts: NatsOptions, handle, status_of, version: str = "1.0.0"):
+    def __init__(self, tier: str, opts: NatsOptions, handle, status_of, version: str = "1.0.0", stream=None):
         self.tier, self.opts, self._handle, self._status_of, self.version = tier, opts, handle, status_of, version
+        self._stream = stream  # stream(request_bytes) -> iterator of response bytes
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"nats-{tier}", daemon=True)
         self._nc = None
@@ -128,6 +159,35 @@ class TierService:
         self._service = await add_service(self._nc, name=f"tierline-{self.tier}", version=self.version,
                                           description=f"Tierline {self.tier} tier")
         await self._service.add_endpoint(name="infer", subject=subject(self.tier), handler=self._on_request)
+        if self._stream:
+            await self._service.add_endpoint(name="stream", subject=subject(self.tier, "stream"),
+                                             handler=self._on_stream)
+
+    async def _on_stream(self, req) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve_stream(req))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve_stream(self, req) -> None:
+        """Each chunk is published to the request's reply inbox as it is generated."""
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        def produce() -> None:
+            try:
+                for data in self._stream(req.data):
+                    loop.call_soon_threadsafe(chunks.put_nowait, data)
+            except Exception as exc:  # noqa: BLE001 - reported to the requester below
+                loop.call_soon_threadsafe(chunks.put_nowait, exc)
+            loop.call_soon_threadsafe(chunks.put_nowait, done)
+
+        loop.run_in_executor(self._pool, produce)
+        while (item := await chunks.get()) is not done:
+            if isinstance(item, Exception):
+                await self._respond_error(req, item)
+                return
+            await req.respond(item)
 
     async def _on_request(self, req) -> None:
         # callbacks run one at a time: hand each request to its own task

@@ -16,6 +16,7 @@ import uuid
 from collections import OrderedDict
 from concurrent import futures
 from dataclasses import dataclass
+from typing import Iterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -192,19 +193,19 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
             code, msg = self._status_of(exc)
             context.abort(code, msg)
 
-    def InferStream(self, request, context):
+    def stream(self, request: pb.InferRequest, is_active=lambda: True) -> Iterator[pb.InferResponse]:
+        """Chunks as tokens are generated, then a final message with finish_reason and usage.
+
+        Validation errors raise before the first chunk; `is_active()` False stops generating.
+        """
         t0 = time.perf_counter()
-        try:
-            params = validate(request, self.engine, self.limits, self.engine.info.model)
-        except Exception as exc:  # noqa: BLE001
-            code, msg = self._status_of(exc)
-            context.abort(code, msg)
+        params = validate(request, self.engine, self.limits, self.engine.info.model)
         request_id = request.request_id or uuid.uuid4().hex
         info = self.engine.info
         result = None
         with self._stream_lock:
             for item in self.engine.stream_with_result(request.prompt, params):
-                if not context.is_active():
+                if not is_active():
                     return  # the client went away: stop generating
                 if not isinstance(item, str):
                     result = item
@@ -218,6 +219,13 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
             tier=info.tier, model=info.model, model_version=info.version, confidence=result.confidence,
             timings=pb.Timings(first_token_ms=result.first_token_s * 1000, total_ms=(time.perf_counter() - t0) * 1000),
         )
+
+    def InferStream(self, request, context):
+        try:
+            yield from self.stream(request, context.is_active)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status here
+            code, msg = self._status_of(exc)
+            context.abort(code, msg)
 
     def GetServerInfo(self, request, context):
         info, b = self.engine.info, self.batch_config

@@ -62,7 +62,11 @@ def main(tier: str, argv: list[str] | None = None) -> int:
         def handle(data: bytes, timeout_s: float | None) -> bytes:
             return servicer.handle(pb.InferRequest.FromString(data), timeout_s).SerializeToString()
 
-        nats_service = TierService(tier_name, nats_options(manifest), handle, servicer._status_of)
+        def stream(data: bytes):
+            for chunk in servicer.stream(pb.InferRequest.FromString(data)):
+                yield chunk.SerializeToString()
+
+        nats_service = TierService(tier_name, nats_options(manifest), handle, servicer._status_of, stream=stream)
         try:
             nats_service.start()
         except (NatsAuthError, ConnectionError, TimeoutError) as exc:

@@ -87,6 +87,24 @@ def test_stream_reaches_the_client(stack):
     assert text == direct.choices[0].text
 
 
+def test_router_streams_tokens_as_they_come(stack):
+    chunks = list(stub(stack.port("router")).InferStream(req(max_tokens=12), timeout=TIMEOUT))
+    final = chunks[-1]
+    assert final.choices[0].finish_reason in ("stop", "length")
+    assert final.tier == "device"  # the policy's first tier here; streams do not cascade on confidence
+    assert final.usage.completion_tokens == len(chunks) - 1  # one chunk per generated token
+    assert [a.outcome for a in final.escalation_path] == ["answered"]
+
+
+def test_router_stream_skips_a_tier_with_no_responders(tiny_family):
+    with Stack(tiny_family, tiers=("edge", "cloud"),
+               overrides={"router.device_complexity": 0.0, "router.cloud_complexity": 1.0}) as s:
+        s.kill("edge-0")
+        chunks = list(stub(s.port("router")).InferStream(req(max_tokens=8), timeout=TIMEOUT))
+        assert chunks[-1].tier == "cloud"
+        assert [a.outcome for a in chunks[-1].escalation_path] == ["no_responders", "answered"]
+
+
 def test_identical_greedy_request_is_cached_at_the_edge(stack):
     edge = stub(stack.port("edge-0"))
     first = edge.Infer(req("Q:max(4,7)=?\nA:"), timeout=TIMEOUT)
@@ -202,3 +220,14 @@ def test_metrics_are_served(stack):
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=TIMEOUT).read().decode()
         for metric in wanted:
             assert metric in body, (name, metric)
+
+
+def test_demo_runs_the_whole_platform_and_leaves_nothing_behind(tiny_family):
+    from tests.conftest import run_cli
+
+    proc = run_cli("demo", "--models", str(tiny_family), "--n", "24", "--concurrency", "4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Tierline demo: 24 requests" in proc.stdout and "of sending everything to the cloud" in proc.stdout
+    leftover = subprocess.run(["pgrep", "-f", "--manifest .*tierline-.*manifest.yaml"], capture_output=True,
+                              text=True).stdout.split()
+    assert not leftover

@@ -20,13 +20,14 @@ import grpc
 from rich.console import Console
 from rich.table import Table
 
+from shared.manifest import load_manifest
 from shared.problems import generate, is_correct
 from tierline.stack import Stack
 from tierline.v1 import inference_pb2 as pb
 from tierline.v1 import inference_pb2_grpc as pb_grpc
 
 DEMO_TIMEOUT_S = 60  # per request
-# relative price of 1k tokens per tier; the manifest's cost_per_1k_tokens
+# relative price of 1k tokens per tier, written into the demo's manifest (cost_per_1k_tokens)
 DEFAULT_COSTS = {"device": 0.01, "edge": 0.1, "cloud": 1.0}
 
 
@@ -103,7 +104,9 @@ def demo(models_dir: Path, n: int = 300, concurrency: int = 16) -> int:
         t0 = time.perf_counter()
         with console.status(f"sending {n} benchmark requests, {concurrency} at a time..."):
             results = run_workload(stack.router_address, n, concurrency)
-        summary = report(results, DEFAULT_COSTS, time.perf_counter() - t0, console)
+        manifest = load_manifest(stack.manifest, check_artifacts=False)
+        costs = {name: tier.cost_per_1k_tokens for name, tier in manifest.tiers.items()}
+        summary = report(results, costs, time.perf_counter() - t0, console)
     finally:
         stack.stop()
         console.print("stopped every process")

@@ -7,6 +7,7 @@ import asyncio
 import json
 import signal
 import sys
+from dataclasses import asdict
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,7 +18,7 @@ from router.service import RouterServicer
 from shared.manifest import EXIT_BAD_MANIFEST, ManifestError, load_manifest
 from shared.messaging import NatsAuthError, connect
 from shared.metrics import Metrics
-from shared.serving import SERVICE_NAME
+from shared.serving import SERVICE_NAME, Limits
 from shared.tier_process import nats_options
 from tierline.v1 import inference_pb2_grpc as pb_grpc
 
@@ -38,7 +39,7 @@ async def serve(manifest_path: str) -> int:
     policy = Policy(rc.device_complexity, rc.cloud_complexity, dict(rc.confidence_threshold))
     servicer = RouterServicer(nc, policy, manifest.model_name, tuple(manifest.tiers),
                               manifest.nats.request_timeout_ms / 1000, rc.retries_per_tier, metrics,
-                              manifest.limits.max_prompt_chars)
+                              Limits(**asdict(manifest.limits)))
     server = grpc.aio.server()
     pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()

@@ -21,6 +21,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from router.policy import TIER_ORDER, Policy, complexity
 from shared.messaging import TierError, ask_tier, stream_tier
 from shared.metrics import Metrics
+from shared.serving import Limits, RequestError, validate_request
 from tierline.v1 import inference_pb2 as pb
 from tierline.v1 import inference_pb2_grpc as pb_grpc
 
@@ -31,7 +32,7 @@ CLIENT_ERRORS = {"INVALID_ARGUMENT"}
 class RouterServicer(pb_grpc.InferenceServiceServicer):
     def __init__(self, nc, policy: Policy, model_name: str, tiers: tuple[str, ...] = TIER_ORDER,
                  request_timeout_s: float = 10.0, retries_per_tier: int = 1, metrics: Metrics | None = None,
-                 max_prompt_chars: int = 2000):
+                 limits: Limits | None = None):
         self.nc = nc
         self.policy = policy
         self.model_name = model_name
@@ -39,7 +40,7 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
         self.request_timeout_s = request_timeout_s
         self.retries_per_tier = retries_per_tier
         self.metrics = metrics or Metrics("router")
-        self.max_prompt_chars = max_prompt_chars
+        self.limits = limits or Limits()
 
     async def _ask(self, tier: str, req: pb.InferRequest, timeout_s: float) -> pb.InferResponse:
         return await ask_tier(self.nc, tier, req, timeout_s)
@@ -108,20 +109,11 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
         return resp
 
     def _validate(self, req: pb.InferRequest) -> None:
-        """The checks that need no model; the tiers check the rest (window, context)."""
-        p = req.parameters
-        if not req.prompt:
-            raise TierError("router", "INVALID_ARGUMENT", "prompt: must not be empty")
-        if len(req.prompt) > self.max_prompt_chars:
-            raise TierError("router", "INVALID_ARGUMENT",
-                            f"prompt: {len(req.prompt)} characters exceeds the limit of {self.max_prompt_chars}")
-        if req.model and req.model != self.model_name:
-            raise TierError("router", "INVALID_ARGUMENT",
-                            f"model: unknown model {req.model!r}; this platform serves {self.model_name!r}")
-        if p.temperature < 0 or p.temperature != p.temperature:
-            raise TierError("router", "INVALID_ARGUMENT", f"parameters.temperature: must be >= 0, got {p.temperature}")
-        if p.HasField("max_tokens") and p.max_tokens <= 0:
-            raise TierError("router", "INVALID_ARGUMENT", f"parameters.max_tokens: must be > 0, got {p.max_tokens}")
+        """The checks that need no model; the tiers check the rest (window, context, vocabulary)."""
+        try:
+            validate_request(req, self.limits, self.model_name)
+        except RequestError as exc:
+            raise TierError("router", "INVALID_ARGUMENT", str(exc)) from None
 
     async def Infer(self, request, context):
         remaining = context.time_remaining()
@@ -172,4 +164,5 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
                             "; ".join(f"{a.tier} {a.outcome}" for a in path))
 
     async def GetServerInfo(self, request, context):
-        return pb.ServerInfo(tier="router", model=self.model_name, max_prompt_chars=self.max_prompt_chars)
+        return pb.ServerInfo(tier="router", model=self.model_name, max_prompt_chars=self.limits.max_prompt_chars,
+                             max_tokens_limit=self.limits.max_tokens)

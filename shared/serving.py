@@ -47,8 +47,8 @@ class Limits:
     default_max_tokens: int = 96
 
 
-def validate(req: pb.InferRequest, engine: Engine, limits: Limits, model_name: str) -> GenerationParams:
-    """GenerationParams for a request, or RequestError naming the first bad field."""
+def validate_request(req: pb.InferRequest, limits: Limits, model_name: str) -> None:
+    """The checks that need no model (the router runs these); RequestError names the field."""
     if not req.prompt:
         raise RequestError("prompt", "must not be empty")
     if len(req.prompt) > limits.max_prompt_chars:
@@ -61,24 +61,37 @@ def validate(req: pb.InferRequest, engine: Engine, limits: Limits, model_name: s
     top_p = p.top_p if p.HasField("top_p") else 1.0
     if not (0 < top_p <= 1):
         raise RequestError("parameters.top_p", f"must be in (0, 1], got {top_p}")
-    max_tokens = p.max_tokens if p.HasField("max_tokens") else limits.default_max_tokens
+    max_tokens = _max_tokens(req, limits)
     if max_tokens <= 0:
         raise RequestError("parameters.max_tokens", f"must be > 0, got {max_tokens}")
     if max_tokens > limits.max_tokens:
         raise RequestError("parameters.max_tokens", f"{max_tokens} exceeds the limit of {limits.max_tokens}")
     if p.attention_window < 0:
         raise RequestError("parameters.attention_window", f"must be >= 0, got {p.attention_window}")
-    if p.attention_window > engine.info.window_limit:
-        raise RequestError("parameters.attention_window",
-                           f"{p.attention_window} exceeds the model's limit of {engine.info.window_limit}")
     if any(not s for s in p.stop):
         raise RequestError("parameters.stop", "stop strings must not be empty")
     if req.priority not in pb.Priority.values():
         raise RequestError("priority", f"unknown priority {req.priority}")
+
+
+def _max_tokens(req: pb.InferRequest, limits: Limits) -> int:
+    p = req.parameters
+    return p.max_tokens if p.HasField("max_tokens") else limits.default_max_tokens
+
+
+def validate(req: pb.InferRequest, engine: Engine, limits: Limits, model_name: str) -> GenerationParams:
+    """GenerationParams for a request, or RequestError naming the first bad field."""
+    validate_request(req, limits, model_name)
+    p = req.parameters
+    if p.attention_window > engine.info.window_limit:
+        raise RequestError("parameters.attention_window",
+                           f"{p.attention_window} exceeds the model's limit of {engine.info.window_limit}")
     if engine.tokenizer.unknown_count(req.prompt):
         raise RequestError("prompt", "contains characters outside the model's vocabulary")
-    params = GenerationParams(max_tokens=max_tokens, temperature=p.temperature, top_p=top_p, stop=tuple(p.stop),
-                              seed=p.seed if p.HasField("seed") else None, attention_window=p.attention_window)
+    top_p = p.top_p if p.HasField("top_p") else 1.0
+    params = GenerationParams(max_tokens=_max_tokens(req, limits), temperature=p.temperature, top_p=top_p,
+                              stop=tuple(p.stop), seed=p.seed if p.HasField("seed") else None,
+                              attention_window=p.attention_window)
     try:
         engine.check(req.prompt, params)
     except EngineError as exc:
@@ -119,7 +132,6 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
                                on_batch=metrics.observe_batch if metrics else None)
         self.cache = _LRU(cache_size)
         self.default_timeout_s = default_timeout_s
-        self._stream_lock = threading.Lock()  # streams use the engine directly, one at a time
 
     # -- the one place exceptions become statuses ---------------------------------------------
     @staticmethod
@@ -203,15 +215,14 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
         request_id = request.request_id or uuid.uuid4().hex
         info = self.engine.info
         result = None
-        with self._stream_lock:
-            for item in self.engine.stream_with_result(request.prompt, params):
-                if not is_active():
-                    return  # the client went away: stop generating
-                if not isinstance(item, str):
-                    result = item
-                    continue
-                yield pb.InferResponse(request_id=request_id, choices=[pb.Choice(text=item)], tier=info.tier,
-                                       model=info.model, model_version=info.version)
+        for item in self.engine.stream_with_result(request.prompt, params):  # holds the engine's lock
+            if not is_active():
+                return  # the client went away: stop generating
+            if not isinstance(item, str):
+                result = item
+                continue
+            yield pb.InferResponse(request_id=request_id, choices=[pb.Choice(text=item)], tier=info.tier,
+                                   model=info.model, model_version=info.version)
         yield pb.InferResponse(
             request_id=request_id,
             choices=[pb.Choice(text="", finish_reason=result.finish_reason)],

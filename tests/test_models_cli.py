@@ -12,7 +12,7 @@ from tests.conftest import run_cli
 def test_build_writes_every_artifact_with_cards(tiny_family):
     manifest = load_manifest(tiny_family)
     arts = manifest["artifacts"]
-    assert set(arts) == {"tokenizer", "cloud", "edge", "device"}
+    assert set(arts) == {"tokenizer", "cloud", "edge", "device", "router_scorer"}
     for tier in ("cloud", "edge", "device"):
         entry = arts[tier]
         assert sha256_of(tiny_family / entry["weights"]["path"]) == entry["weights"]["sha256"]
@@ -115,3 +115,13 @@ def test_bench_json_is_complete(tiny_family):
         for batch in ("batch1", "batch8"):
             assert tier[batch]["tokens_per_s"] > 0 and tier[batch]["first_token_ms"] > 0
     assert out["edge_over_cloud_batch1"] > 0
+
+
+def test_router_scorer_is_built_for_these_models(tiny_family):
+    from router.scorer import Scorer, artifact_digests
+
+    scorer_path = tiny_family / load_manifest(tiny_family)["artifacts"]["router_scorer"]["path"]
+    scorer = Scorer.load(scorer_path, expected_artifacts=artifact_digests(tiny_family))
+    assert 0.0 <= scorer.complexity("Q:1+2=?\nA:") <= 1.0
+    with pytest.raises(ValueError, match="edge"):
+        Scorer.load(scorer_path, expected_artifacts={**artifact_digests(tiny_family), "edge": "0" * 64})

@@ -79,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--json", action="store_true", help="one JSON object on stdout")
     be.add_argument("--write", type=Path, default=None, help="also write the table into this Markdown file")
 
+    route = sub.add_parser("route", help="the router's learned scorer")
+    rsub = route.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    ts = rsub.add_parser("train-scorer", help="label the calib split with the lower tiers and fit the scorer")
+    ts.add_argument("--models", type=Path, default=DEFAULT_MODELS)
+    ts.add_argument("--n", type=_positive("--n"), default=1000)
+    ts.add_argument("--seed", type=_non_negative("--seed"), default=0)
+
     d = sub.add_parser("demo", help="start the platform, send a mixed workload through the router, stop")
     d.add_argument("--models", type=Path, default=DEFAULT_MODELS)
     d.add_argument("--n", type=_positive("--n"), default=300, help="requests to send")
@@ -128,6 +135,13 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_train_scorer(args) -> int:
+    from router.build import train_scorer
+
+    print(json.dumps(train_scorer(args.models, n=args.n, seed=args.seed)))
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from tierline.demo import demo
 
@@ -144,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        handler = {"build": _cmd_build, "eval": _cmd_eval, "bench": _cmd_bench}.get(
+        handler = {"build": _cmd_build, "eval": _cmd_eval, "bench": _cmd_bench,
+                   "train-scorer": _cmd_train_scorer}.get(
             getattr(args, "action", None)) or {"demo": _cmd_demo, "up": _cmd_up}[args.command]
         return handler(args)
     except UsageError as exc:

@@ -48,6 +48,7 @@ class FamilyConfig:
     kv_check_n: int = 200  # problems for the cached-vs-uncached check of the int8 model
     calib_n: int = 256  # calibration problems for pruning importance and int8 activation scales
     device_levels: tuple[int, ...] = (1, 2, 3)  # the device answers easy requests: fine-tune on these
+    scorer_n: int = 1000  # calibration problems labelled for the router's scorer
     threads: int = 2  # torch / onnxruntime threads (the reference machine has 2 cores)
 
     def __post_init__(self):
@@ -75,7 +76,7 @@ def family(name: str, seed: int = 0) -> FamilyConfig:
             teacher_train=TrainConfig(steps=40, batch_size=16, lr=3e-3, warmup=5, seed=seed),
             student_train=TrainConfig(steps=30, batch_size=16, lr=3e-3, warmup=5, distill_alpha=0.5, seed=seed),
             finetune=TrainConfig(steps=10, batch_size=16, lr=2e-3, warmup=2, distill_alpha=0.5, seed=seed + 1),
-            eval_n=40, kv_check_n=10, calib_n=32,
+            eval_n=40, kv_check_n=10, calib_n=32, scorer_n=60,
         )
     if name == "default":  # about 40 minutes on 2 CPU cores
         return FamilyConfig(
@@ -243,8 +244,12 @@ def build(cfg: FamilyConfig, out: Path, console: Console | None = None) -> dict:
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "REPORT.md").write_text(render_report(report))
-    # the manifest is rewritten last so it also lists the cards
+    # the manifest is rewritten last so it also lists the cards, then the router's scorer joins it
     _write_manifest(out, cfg)
+    from router.build import train_scorer
+
+    report["router_scorer"] = train_scorer(out, n=cfg.scorer_n, seed=cfg.teacher_train.seed, threads=cfg.threads)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -16,7 +16,7 @@ import concurrent.futures
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
-from router.policy import Policy, complexity
+from router.policy import Policy
 from shared.messaging import TierError, TierService
 from shared.serving import TierServicer, validate
 from tierline.v1 import inference_pb2 as pb
@@ -34,10 +34,10 @@ class DeviceAgentServicer(TierServicer):
 
     def answer(self, req: pb.InferRequest, timeout_s: float | None) -> pb.InferResponse:
         validate(req, self.engine, self.limits, self.engine.info.model)  # bad input fails here, on the board
-        score = complexity(req.prompt)
+        first, score = self.policy.decide(req.prompt)
         path: list[pb.Attempt] = []
         local = None
-        if self.policy.first_tier(score) == "device" or self.link is None:
+        if first == "device" or self.link is None:
             local = self.handle(req, timeout_s)
             if self.policy.accept("device", local.confidence) or self.link is None:
                 return self._finish(local, score, [*path, _attempt(local, "answered")], degraded=self.link is None

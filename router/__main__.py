@@ -23,6 +23,23 @@ from shared.tier_process import nats_options
 from tierline.v1 import inference_pb2_grpc as pb_grpc
 
 
+def load_scorer(manifest):
+    """The manifest's learned scorer, refused unless it was trained for these tiers' artifacts."""
+    if not manifest.router.scorer:
+        return None
+    from router.scorer import Scorer
+
+    path = manifest.models_path / manifest.router.scorer
+    if not path.is_file():
+        raise ValueError(f"{manifest.path}: router.scorer: file not found: {path}")
+    scorer = Scorer.load(path)
+    for tier in ("device", "edge"):  # only the tiers this platform serves matter
+        if tier in manifest.tiers and scorer.artifacts.get(tier) != manifest.tiers[tier].sha256:
+            raise ValueError(f"{path}: trained for the {tier} artifact with sha256 {scorer.artifacts.get(tier)}, "
+                             f"but the manifest's {tier} is {manifest.tiers[tier].sha256}")
+    return scorer
+
+
 async def serve(manifest_path: str) -> int:
     try:
         manifest = load_manifest(manifest_path, check_artifacts=False)
@@ -36,7 +53,13 @@ async def serve(manifest_path: str) -> int:
         print(f"router: error: {exc}", file=sys.stderr)
         return EXIT_BAD_MANIFEST
     metrics = Metrics("router")
-    policy = Policy(rc.device_complexity, rc.cloud_complexity, dict(rc.confidence_threshold))
+    try:
+        scorer = load_scorer(manifest)
+    except ValueError as exc:
+        print(f"router: error: {exc}", file=sys.stderr)
+        await nc.close()
+        return EXIT_BAD_MANIFEST
+    policy = Policy(rc.device_complexity, rc.cloud_complexity, dict(rc.confidence_threshold), scorer)
     servicer = RouterServicer(nc, policy, manifest.model_name, tuple(manifest.tiers),
                               manifest.nats.request_timeout_ms / 1000, rc.retries_per_tier, metrics,
                               Limits(**asdict(manifest.limits)))

@@ -28,6 +28,20 @@ class Policy:
     device_complexity: float = 0.2  # below: the device may answer
     cloud_complexity: float = 0.8  # at or above: straight to the cloud
     thresholds: dict[str, float] | None = None  # tier -> minimum confidence to keep its answer
+    scorer: object | None = None  # a learned router.scorer.Scorer; None = the step-counting heuristic
+
+    def decide(self, prompt: str, available: tuple[str, ...] = TIER_ORDER) -> tuple[str, float]:
+        """(first tier, complexity) for a prompt, from the prompt alone."""
+        if self.scorer is None:
+            score = complexity(prompt)
+            return self.first_tier(score, available), score
+        p = self.scorer.p_correct(prompt)
+        score = 1.0 - p["edge"]  # how likely the edge gets it wrong
+        if score >= self.cloud_complexity and "cloud" in available:
+            return "cloud", score
+        if 1.0 - p["device"] < self.device_complexity and "device" in available:
+            return "device", score
+        return ("edge" if "edge" in available else available[-1]), score
 
     def first_tier(self, score: float, available: tuple[str, ...] = TIER_ORDER) -> str:
         if score >= self.cloud_complexity and "cloud" in available:

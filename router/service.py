@@ -18,7 +18,7 @@ import grpc
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
-from router.policy import TIER_ORDER, Policy, complexity
+from router.policy import TIER_ORDER, Policy
 from shared.messaging import TierError, ask_tier, stream_tier
 from shared.metrics import Metrics
 from shared.serving import Limits, RequestError, validate_request
@@ -49,8 +49,7 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
         t0 = time.perf_counter()
         if not req.request_id:
             req.request_id = uuid.uuid4().hex
-        score = complexity(req.prompt)
-        tier: str | None = self.policy.first_tier(score, self.tiers)
+        tier, score = self.policy.decide(req.prompt, self.tiers)
         path: list[pb.Attempt] = []
         best: pb.InferResponse | None = None
         failure: TierError | None = None
@@ -136,8 +135,7 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
             self._validate(request)
         except TierError as exc:
             await context.abort(getattr(grpc.StatusCode, exc.status), exc.message)
-        score = complexity(request.prompt)
-        tier: str | None = self.policy.first_tier(score, self.tiers)
+        tier, score = self.policy.decide(request.prompt, self.tiers)
         path: list[pb.Attempt] = []
         while tier is not None:
             started = False

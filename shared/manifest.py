@@ -70,6 +70,8 @@ class RouterConfig:
     # prompts scored below this may be answered by the device
     device_complexity: float = 0.2
     retries_per_tier: int = 1  # another replica before escalating
+    # the learned scorer (relative to models_dir); "" = the step-counting heuristic
+    scorer: str = ""
 
 
 @dataclass

@@ -33,7 +33,7 @@ def req(prompt: str = "Q:2+3=?\nA:", **params) -> pb.InferRequest:
 @pytest.fixture(scope="module")
 def stack(tiny_family):
     # every request starts at the device; no tier is ever confident enough: the full cascade
-    with Stack(tiny_family, overrides={"router.device_complexity": 1.0,
+    with Stack(tiny_family, overrides={"router.device_complexity": 1.0, "router.cloud_complexity": 1.0,
                                        "router.confidence_threshold": {"device": 1.0, "edge": 1.0},
                                        "nats.request_timeout_ms": 5000}) as s:
         yield s
@@ -221,3 +221,19 @@ def test_metrics_are_served(stack):
         for metric in wanted:
             assert metric in body, (name, metric)
 
+
+
+def test_router_refuses_a_scorer_trained_for_other_models(tiny_family, tmp_path):
+    from tests.conftest import ROOT
+    from tierline.stack import NatsServer
+
+    nats = NatsServer(tmp_path).start()
+    try:
+        other = ROOT / "models" / "router" / "scorer.json"  # the default family's scorer, not the tiny one's
+        manifest = write_manifest(tmp_path / "m.yaml", tiny_family, nats, overrides={"router.scorer": str(other)})
+        proc = subprocess.run([sys.executable, "-m", "router", "--manifest", str(manifest)],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2
+        assert "scorer.json" in proc.stderr and "Traceback" not in proc.stderr
+    finally:
+        nats.stop()

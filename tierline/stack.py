@@ -112,6 +112,8 @@ def write_manifest(path: Path, models_dir: Path, nats: NatsServer, tiers=("devic
         "tiers": {t: {"artifact": models["artifacts"][t]["weights"]["path"],
                       "sha256": models["artifacts"][t]["weights"]["sha256"], "threads": 1} for t in tiers},
     }
+    if "router_scorer" in models["artifacts"]:  # the learned scorer built with these models
+        data["router"] = {"scorer": models["artifacts"]["router_scorer"]["path"]}
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")

@@ -1,0 +1,404 @@
+"""Offline evaluation of routers: run every tier once, then simulate routing policies over the outcomes.
+
+`run_tiers` is the only step that calls models: it answers every problem on every tier and keeps, per
+(problem, tier), whether the answer was correct, the engine's confidence and the tokens it cost
+(prompt + completion). Everything else replays those outcomes without a model call:
+
+* a router maps each problem to a tier path (the tiers it tried, cheapest first); the last tier answers;
+* a cascade pays for every tier it tried: cost = sum over attempted tiers of cost[tier] * tokens / 1000;
+* score-based routers (random, length, tierline) are swept over their threshold, giving a curve of
+  accuracy against the share of requests the cloud answers, summarised as RouteLLM does (APGR, CPT(50%),
+  CPT(80%)) with weak = edge_only and strong = cloud_only.
+
+Curve conventions (see `curve_metrics`): points are sorted by cloud share, the anchors (0, weak accuracy)
+and (1, strong accuracy) are added where the sweep does not reach those shares, the accuracy is made
+monotone by a running maximum (with a budget of at most c cloud calls one may run any operating point that
+uses fewer) and linearly interpolated between points (mixing two operating points at random does exactly
+that). APGR is the trapezoid integral of PGR = (acc - weak) / (strong - weak) over cloud share in [0, 1].
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+TIERS = ("device", "edge", "cloud")  # cheapest first; the column order of every Outcomes array
+DEVICE, EDGE, CLOUD = 0, 1, 2
+ROUTERS = ("tierline", "device_only", "edge_only", "cloud_only", "random", "length", "oracle")
+SCORE_ROUTERS = ("random", "length", "tierline")
+DEFAULT_CONFIDENCE = {"device": 0.5, "edge": 0.5}  # below: escalate to the next tier
+DEFAULT_T_DEVICE = 0.2  # 1 - p_correct['device'] below this: start on the device
+EVAL_MAX_TOKENS = 96
+
+
+# ------------------------------------------------------------------ outcomes
+@dataclass(frozen=True)
+class Outcomes:
+    """Per problem (rows) and tier (columns, in TIERS order): correct, confidence, tokens."""
+
+    correct: np.ndarray  # (n, 3) bool
+    confidence: np.ndarray  # (n, 3) float64 in [0, 1]
+    tokens: np.ndarray  # (n, 3) int64, prompt + completion tokens
+
+    def __post_init__(self) -> None:
+        shapes = {self.correct.shape, self.confidence.shape, self.tokens.shape}
+        if len(shapes) != 1 or self.correct.ndim != 2 or self.correct.shape[1] != len(TIERS):
+            raise ValueError(f"Outcomes arrays must share the shape (n, {len(TIERS)}), got {sorted(shapes)}")
+
+    @property
+    def n(self) -> int:
+        return int(self.correct.shape[0])
+
+    def accuracy(self, tier: str) -> float:
+        return float(self.correct[:, TIERS.index(tier)].mean())
+
+    def subset(self, idx: Sequence[int] | np.ndarray) -> Outcomes:
+        idx = np.asarray(idx)
+        return Outcomes(self.correct[idx], self.confidence[idx], self.tokens[idx])
+
+    def save(self, path: str | Path) -> None:
+        """An .npz file (numpy adds the suffix if it is missing)."""
+        np.savez(Path(path), correct=self.correct, confidence=self.confidence, tokens=self.tokens,
+                 tiers=np.asarray(TIERS))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Outcomes:
+        with np.load(Path(path)) as data:
+            if tuple(str(t) for t in data["tiers"]) != TIERS:
+                raise ValueError(f"{path}: tiers {list(data['tiers'])} differ from {list(TIERS)}")
+            return cls(data["correct"].astype(bool), data["confidence"].astype(np.float64),
+                       data["tokens"].astype(np.int64))
+
+
+def run_tiers(models_dir: str | Path, problems: list, threads: int = 1) -> Outcomes:
+    """Answer every problem once on every tier (greedy, up to 96 completion tokens, as evaluate does)."""
+    from shared.artifacts import load_engine
+    from shared.engine import GenerationParams
+    from shared.problems import is_correct
+
+    n = len(problems)
+    correct = np.zeros((n, len(TIERS)), dtype=bool)
+    confidence = np.zeros((n, len(TIERS)), dtype=np.float64)
+    tokens = np.zeros((n, len(TIERS)), dtype=np.int64)
+    # one level at a time, similar lengths together: little padding (as tierline.modelling.evaluate does)
+    order = sorted(range(n), key=lambda i: (problems[i].level, len(problems[i].prompt)))
+    for col, tier in enumerate(TIERS):
+        engine = load_engine(Path(models_dir), tier, threads=threads)
+        step = 32 if engine.supports_batch_prefill else 1
+        for start in range(0, n, step):
+            idx = order[start:start + step]
+            prompts = [problems[i].prompt for i in idx]
+            params = [GenerationParams(max_tokens=_budget(engine, p)) for p in prompts]
+            for i, r in zip(idx, engine.generate_batch(prompts, params)):
+                correct[i, col] = is_correct(problems[i], r.text)
+                confidence[i, col] = float(r.confidence)
+                tokens[i, col] = int(r.prompt_tokens) + int(r.completion_tokens)
+        del engine
+    return Outcomes(correct, confidence, tokens)
+
+
+def _budget(engine: Any, prompt: str) -> int:
+    n = len(engine.tokenizer.encode(prompt))
+    return max(1, min(EVAL_MAX_TOKENS, engine.info.max_context - n))
+
+
+# ------------------------------------------------------------------ simulation
+@dataclass(frozen=True)
+class Routing:
+    """Which tiers each problem tried (bool (n, 3)) and which one answered (int (n,))."""
+
+    attempted: np.ndarray
+    final: np.ndarray
+
+
+def _cost_vector(costs: Mapping[str, float]) -> np.ndarray:
+    missing = [t for t in TIERS if t not in costs]
+    if missing:
+        raise ValueError(f"costs missing for tier(s) {', '.join(missing)}")
+    return np.asarray([float(costs[t]) for t in TIERS], dtype=np.float64)
+
+
+def fixed_routing(n: int, tier: str | int) -> Routing:
+    col = TIERS.index(tier) if isinstance(tier, str) else int(tier)
+    attempted = np.zeros((n, len(TIERS)), dtype=bool)
+    attempted[:, col] = True
+    return Routing(attempted, np.full(n, col, dtype=np.int64))
+
+
+def two_way_routing(scores: np.ndarray, threshold: float) -> Routing:
+    """Cloud when score >= threshold, else edge (RouteLLM's strong/weak rule)."""
+    to_cloud = np.asarray(scores, dtype=np.float64) >= threshold
+    final = np.where(to_cloud, CLOUD, EDGE).astype(np.int64)
+    attempted = np.zeros((len(final), len(TIERS)), dtype=bool)
+    attempted[np.arange(len(final)), final] = True
+    return Routing(attempted, final)
+
+
+def cascade_routing(outcomes: Outcomes, start: np.ndarray, thresholds: Mapping[str, float]) -> Routing:
+    """Start at `start` (tier index per problem); escalate while the answer's confidence is below its tier's
+    threshold. The cloud's answer is always kept."""
+    n = outcomes.n
+    thr = np.asarray([float(thresholds.get(t, 0.0)) for t in TIERS[:-1]] + [-math.inf])
+    cur = np.asarray(start, dtype=np.int64).copy()
+    attempted = np.zeros((n, len(TIERS)), dtype=bool)
+    rows = np.arange(n)
+    active = np.ones(n, dtype=bool)
+    while active.any():
+        attempted[rows[active], cur[active]] = True
+        escalate = active & (outcomes.confidence[rows, cur] < thr[cur]) & (cur < CLOUD)
+        cur = np.where(escalate, cur + 1, cur)
+        active = escalate
+    return Routing(attempted, cur)
+
+
+def oracle_routing(outcomes: Outcomes) -> Routing:
+    """The cheapest tier that answers correctly, else the cloud; pays only for that tier."""
+    any_right = outcomes.correct.any(axis=1)
+    final = np.where(any_right, np.argmax(outcomes.correct, axis=1), CLOUD).astype(np.int64)
+    attempted = np.zeros((outcomes.n, len(TIERS)), dtype=bool)
+    attempted[np.arange(outcomes.n), final] = True
+    return Routing(attempted, final)
+
+
+def tierline_routing(
+    outcomes: Outcomes,
+    cloud_scores: np.ndarray,
+    device_scores: np.ndarray,
+    t_cloud: float,
+    t_device: float = DEFAULT_T_DEVICE,
+    thresholds: Mapping[str, float] | None = None,
+) -> Routing:
+    """cloud_score (1 - p_edge) >= t_cloud: the cloud directly; else the device when device_score
+    (1 - p_device) < t_device, otherwise the edge; then escalate on low confidence."""
+    cloud_scores, device_scores = np.asarray(cloud_scores), np.asarray(device_scores)
+    start = np.where(cloud_scores >= t_cloud, CLOUD, np.where(device_scores < t_device, DEVICE, EDGE))
+    return cascade_routing(outcomes, start, DEFAULT_CONFIDENCE if thresholds is None else thresholds)
+
+
+def summarize(outcomes: Outcomes, routing: Routing, costs: Mapping[str, float]) -> dict[str, Any]:
+    """accuracy, share of answers per tier, cost relative to sending everything to the cloud."""
+    cost = _cost_vector(costs)
+    n = outcomes.n
+    acc = float(outcomes.correct[np.arange(n), routing.final].mean())
+    counts = np.bincount(routing.final, minlength=len(TIERS))
+    spent = float((routing.attempted * outcomes.tokens * cost).sum()) / 1000.0
+    cloud = float(outcomes.tokens[:, CLOUD].sum()) * cost[CLOUD] / 1000.0
+    return {
+        "accuracy": acc,
+        "share": {t: float(c) / n for t, c in zip(TIERS, counts)},
+        "cost_vs_cloud": float(spent / cloud) if cloud > 0 else float("nan"),
+    }
+
+
+# ------------------------------------------------------------------ curves and metrics
+@dataclass(frozen=True)
+class Curve:
+    """Sweep points of one router, sorted by cloud share."""
+
+    cloud_share: np.ndarray
+    accuracy: np.ndarray
+    cost_vs_cloud: np.ndarray
+
+
+def sweep(outcomes: Outcomes, scores: np.ndarray, route, costs: Mapping[str, float]) -> Curve:
+    """One point per distinct threshold (every distinct score, and +inf: nothing sent by score)."""
+    thresholds = np.concatenate([np.unique(np.asarray(scores, dtype=np.float64)), [math.inf]])
+    pts = []
+    for t in thresholds:
+        s = summarize(outcomes, route(t), costs)
+        pts.append((s["share"]["cloud"], s["accuracy"], s["cost_vs_cloud"]))
+    pts.sort()
+    arr = np.asarray(pts, dtype=np.float64)
+    return Curve(arr[:, 0], arr[:, 1], arr[:, 2])
+
+
+def _monotone_curve(share: np.ndarray, acc: np.ndarray, weak: float, strong: float) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique shares in [0, 1] with anchors and the running-maximum accuracy."""
+    share = np.clip(np.asarray(share, dtype=np.float64), 0.0, 1.0)
+    acc = np.asarray(acc, dtype=np.float64)
+    if not np.any(share <= 0.0):
+        share, acc = np.append(share, 0.0), np.append(acc, weak)
+    if not np.any(share >= 1.0):
+        share, acc = np.append(share, 1.0), np.append(acc, strong)
+    xs = np.unique(share)
+    ys = np.asarray([acc[share == x].max() for x in xs])
+    return xs, np.maximum.accumulate(ys)
+
+
+def curve_metrics(share: np.ndarray, accuracy: np.ndarray, weak: float, strong: float) -> dict[str, float | None]:
+    """RouteLLM's APGR, CPT(50%), CPT(80%), plus the accuracy at 10% cloud share (90% answered below it).
+
+    APGR/CPT are None when strong == weak (the performance gap is zero)."""
+    xs, ys = _monotone_curve(share, accuracy, weak, strong)
+    out: dict[str, float | None] = {"accuracy_at_90": float(np.interp(0.1, xs, ys))}
+    gap = strong - weak
+    if abs(gap) < 1e-12:
+        return {"apgr": None, "cpt50": None, "cpt80": None, **out}
+    pgr = (ys - weak) / gap
+    apgr = float(np.sum((xs[1:] - xs[:-1]) * (pgr[1:] + pgr[:-1]) / 2.0))
+    return {"apgr": apgr, "cpt50": _cpt(xs, pgr, 0.5), "cpt80": _cpt(xs, pgr, 0.8), **out}
+
+
+def _cpt(xs: np.ndarray, pgr: np.ndarray, target: float) -> float | None:
+    """Smallest cloud share at which the (interpolated) PGR reaches target; None if it never does."""
+    if pgr[0] >= target:
+        return float(xs[0])
+    for i in range(1, len(xs)):
+        if pgr[i] >= target:
+            x0, x1, y0, y1 = xs[i - 1], xs[i], pgr[i - 1], pgr[i]
+            return float(x0 + (target - y0) * (x1 - x0) / (y1 - y0))
+    return None
+
+
+def calibrate(scores_calib: Sequence[float] | np.ndarray, target_edge_share: float) -> float:
+    """Threshold such that `target_edge_share` of the calibration scores fall below it (RouteLLM: the
+    (1 - strong share) quantile of the calibration scores); requests scoring >= it go to the cloud."""
+    try:
+        share = float(target_edge_share)
+    except (TypeError, ValueError):
+        raise ValueError(f"--target-edge-share must be a number in (0, 1), got {target_edge_share!r}") from None
+    if not (0.0 < share < 1.0):
+        raise ValueError(f"--target-edge-share must be in (0, 1) (exclusive), got {target_edge_share!r}")
+    scores = np.asarray(scores_calib, dtype=np.float64)
+    if scores.size == 0:
+        raise ValueError("no calibration scores")
+    return float(np.quantile(scores, share))
+
+
+# ------------------------------------------------------------------ the routers over one outcome set
+def router_scores(problems: list, scorer: Any, seed: int = 0) -> dict[str, np.ndarray]:
+    """Per problem: random (uniform), length (prompt characters), tierline (1 - p_edge) and
+    tierline_device (1 - p_device)."""
+    p = [scorer.p_correct(pr.prompt) for pr in problems]
+    return {
+        "random": np.random.default_rng(seed).random(len(problems)),
+        "length": np.asarray([len(pr.prompt) for pr in problems], dtype=np.float64),
+        "tierline": np.asarray([1.0 - d["edge"] for d in p], dtype=np.float64),
+        "tierline_device": np.asarray([1.0 - d["device"] for d in p], dtype=np.float64),
+    }
+
+
+def router_curves(
+    outcomes: Outcomes,
+    scores: Mapping[str, np.ndarray],
+    costs: Mapping[str, float],
+    t_device: float = DEFAULT_T_DEVICE,
+    thresholds: Mapping[str, float] | None = None,
+) -> dict[str, Curve]:
+    """Threshold sweeps of random, length (cloud when score >= t, else edge) and tierline (t = t_cloud)."""
+    curves = {
+        name: sweep(outcomes, scores[name], lambda t, s=scores[name]: two_way_routing(s, t), costs)
+        for name in ("random", "length")
+    }
+    curves["tierline"] = sweep(
+        outcomes, scores["tierline"],
+        lambda t: tierline_routing(outcomes, scores["tierline"], scores["tierline_device"], t, t_device, thresholds),
+        costs,
+    )
+    return curves
+
+
+def evaluate_routers(
+    outcomes: Outcomes,
+    problems: list,
+    scorer: Any,
+    costs: Mapping[str, float],
+    *,
+    calib_prompts: list[str] | None = None,
+    target_edge_share: float = 0.8,
+    t_device: float = DEFAULT_T_DEVICE,
+    thresholds: Mapping[str, float] | None = None,
+    seed: int = 0,
+    curves_out: dict[str, Curve] | None = None,
+) -> dict[str, Any]:
+    """{"n", "routers": {name: {accuracy, share, cost_vs_cloud[, apgr, cpt50, cpt80, accuracy_at_90]}}}.
+
+    The reported operating point of random/length/tierline sends `1 - target_edge_share` of traffic to the
+    cloud by score, with thresholds calibrated on `calib_prompts` (the evaluated prompts themselves when
+    None); tierline's confidence escalations come on top. `curves_out`, if given, receives the sweeps."""
+    if len(problems) != outcomes.n:
+        raise ValueError(f"{len(problems)} problems but outcomes for {outcomes.n}")
+    n = outcomes.n
+    scores = router_scores(problems, scorer, seed=seed)
+    curves = router_curves(outcomes, scores, costs, t_device=t_device, thresholds=thresholds)
+    if curves_out is not None:
+        curves_out.update(curves)
+
+    if calib_prompts:
+        calib_length = np.asarray([len(p) for p in calib_prompts], dtype=np.float64)
+        calib_tier = np.asarray([scorer.complexity(p) for p in calib_prompts], dtype=np.float64)
+    else:
+        calib_length, calib_tier = scores["length"], scores["tierline"]
+    t_length = calibrate(calib_length, target_edge_share)
+    t_tier = calibrate(calib_tier, target_edge_share)
+    t_random = calibrate(np.linspace(0.0, 1.0, 10001), target_edge_share)  # uniform scores: t = edge share
+
+    routings = {
+        "tierline": tierline_routing(outcomes, scores["tierline"], scores["tierline_device"], t_tier, t_device,
+                                     thresholds),
+        "device_only": fixed_routing(n, "device"),
+        "edge_only": fixed_routing(n, "edge"),
+        "cloud_only": fixed_routing(n, "cloud"),
+        "random": two_way_routing(scores["random"], t_random),
+        "length": two_way_routing(scores["length"], t_length),
+        "oracle": oracle_routing(outcomes),
+    }
+    weak, strong = outcomes.accuracy("edge"), outcomes.accuracy("cloud")
+    routers: dict[str, dict[str, Any]] = {}
+    for name in ROUTERS:
+        r = summarize(outcomes, routings[name], costs)
+        if name in SCORE_ROUTERS:
+            r.update(curve_metrics(curves[name].cloud_share, curves[name].accuracy, weak, strong))
+        routers[name] = r
+    return {"n": n, "routers": routers}
+
+
+# ------------------------------------------------------------------ output
+def write_curve(result_curves: Mapping[str, Any], png_path: str | Path | None, csv_path: str | Path) -> bool:
+    """CSV rows (router, cloud_share, accuracy, cost_vs_cloud) and, when matplotlib is importable, a PNG of
+    accuracy against cloud share. Returns whether the PNG was written (matplotlib==3.11.2 is not a
+    dependency of this project)."""
+    rows = []
+    for name, c in result_curves.items():
+        share, acc, cost = (_field(c, k) for k in ("cloud_share", "accuracy", "cost_vs_cloud"))
+        rows.extend((name, float(s), float(a), float(k)) for s, a, k in zip(share, acc, cost))
+    csv_path = Path(csv_path)
+    with csv_path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["router", "cloud_share", "accuracy", "cost_vs_cloud"])
+        for name, s, a, k in rows:
+            w.writerow([name, f"{s:.6f}", f"{a:.6f}", f"{k:.6f}"])
+    if png_path is None:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, c in result_curves.items():
+        share, acc = np.asarray(_field(c, "cloud_share")), np.asarray(_field(c, "accuracy"))
+        if len(share) > 1:
+            ax.plot(share, acc, label=name)
+        else:
+            ax.scatter(share, acc, label=name, marker="x")
+    ax.set_xlabel("share of requests answered by the cloud")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(Path(png_path), dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _field(c: Any, key: str) -> Any:
+    return c[key] if isinstance(c, Mapping) else getattr(c, key)

@@ -1,0 +1,155 @@
+"""Offline router evaluation: tier outcomes on the committed models, simulated routers, RouteLLM metrics."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from router.evaluation import (
+    ROUTERS,
+    Outcomes,
+    calibrate,
+    curve_metrics,
+    evaluate_routers,
+    run_tiers,
+    sweep,
+    two_way_routing,
+    write_curve,
+)
+from router.scorer import Scorer, collect_labels
+from shared.problems import generate
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+COSTS = {"device": 0.01, "edge": 0.1, "cloud": 1.0}
+N = 200
+
+needs_models = pytest.mark.skipif(not (MODELS / "manifest.json").is_file(), reason="committed models not present")
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return collect_labels(MODELS, 300, seed=0)
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return generate("test", N, seed=0)
+
+
+@pytest.fixture(scope="module")
+def outcomes(problems):
+    return run_tiers(MODELS, problems)
+
+
+@pytest.fixture(scope="module")
+def result(outcomes, problems, calib):
+    prompts, labels = calib
+    scorer = Scorer().fit(prompts, labels)
+    curves: dict = {}
+    res = evaluate_routers(outcomes, problems, scorer, COSTS, calib_prompts=prompts, curves_out=curves)
+    return res, curves
+
+
+@needs_models
+def test_result_shape_and_shares_sum_to_one(result):
+    res, _ = result
+    json.dumps(res)  # plain JSON types only
+    assert res["n"] == N and set(res) == {"n", "routers"} and set(res["routers"]) == set(ROUTERS)
+    for name, r in res["routers"].items():
+        assert set(r["share"]) == {"device", "edge", "cloud"}
+        assert sum(r["share"].values()) == pytest.approx(1.0, abs=1e-9), name
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["cost_vs_cloud"] >= 0.0
+        has_curve = {"apgr", "cpt50", "cpt80", "accuracy_at_90"} <= set(r)
+        assert has_curve == (name in ("random", "length", "tierline")), name
+
+
+@needs_models
+def test_cloud_only_costs_one_and_matches_the_measured_cloud_accuracy(result, outcomes, problems):
+    from shared.artifacts import load_engine
+    from tierline.modelling.evaluate import evaluate
+
+    cloud = result[0]["routers"]["cloud_only"]
+    assert cloud["cost_vs_cloud"] == pytest.approx(1.0)
+    assert cloud["share"]["cloud"] == 1.0
+    assert cloud["accuracy"] == pytest.approx(outcomes.accuracy("cloud"))
+    measured = evaluate(load_engine(MODELS, "cloud", threads=1), problems)["accuracy"]
+    assert cloud["accuracy"] == pytest.approx(measured, abs=1e-4)
+
+
+@needs_models
+def test_oracle_is_at_least_as_accurate_as_every_router(result):
+    routers = result[0]["routers"]
+    for name, r in routers.items():
+        assert routers["oracle"]["accuracy"] >= r["accuracy"] - 1e-12, name
+
+
+@needs_models
+def test_curves_are_written_as_csv(result, tmp_path):
+    _, curves = result
+    png = write_curve(curves, tmp_path / "curve.png", tmp_path / "curve.csv")
+    with (tmp_path / "curve.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {r["router"] for r in rows} == {"random", "length", "tierline"}
+    assert all(0.0 <= float(r["cloud_share"]) <= 1.0 for r in rows)
+    assert png == (tmp_path / "curve.png").is_file()
+
+
+def _synthetic(n: int, p_edge: float, p_cloud: float, seed: int) -> Outcomes:
+    rng = np.random.default_rng(seed)
+    correct = np.stack([rng.random(n) < p_edge, rng.random(n) < p_edge, rng.random(n) < p_cloud], axis=1)
+    return Outcomes(correct, rng.random((n, 3)), np.full((n, 3), 50, dtype=np.int64))
+
+
+def test_random_router_recovers_about_half_the_gap():
+    out = _synthetic(2000, 0.4, 0.7, seed=1)
+    scores = np.random.default_rng(2).random(out.n)
+    c = sweep(out, scores, lambda t: two_way_routing(scores, t), COSTS)
+    m = curve_metrics(c.cloud_share, c.accuracy, out.accuracy("edge"), out.accuracy("cloud"))
+    assert 0.3 < m["apgr"] < 0.7
+    assert c.cost_vs_cloud[-1] == pytest.approx(1.0) and c.cloud_share[0] == 0.0
+
+
+def test_perfect_router_on_hand_made_outcomes():
+    # the edge is wrong on 2% of problems, the cloud always right; the score is 1 exactly on those
+    n = 100
+    correct = np.ones((n, 3), dtype=bool)
+    correct[:2, :2] = False
+    out = Outcomes(correct, np.ones((n, 3)), np.full((n, 3), 10, dtype=np.int64))
+    scores = (~correct[:, 1]).astype(float)
+    c = sweep(out, scores, lambda t: two_way_routing(scores, t), COSTS)
+    m = curve_metrics(c.cloud_share, c.accuracy, out.accuracy("edge"), out.accuracy("cloud"))
+    assert m["apgr"] == pytest.approx(0.99)  # PGR rises 0 -> 1 over the first 2% of cloud share
+    assert m["cpt50"] == pytest.approx(0.01) and m["cpt80"] == pytest.approx(0.016)
+
+
+def test_curve_metrics_known_answer_and_monotone_envelope():
+    # weak 0.5, strong 1.0; the router reaches 1.0 at half the traffic; a dip at 0.75 is ignored (running max)
+    m = curve_metrics(np.array([0.5, 0.75]), np.array([1.0, 0.8]), weak=0.5, strong=1.0)
+    assert m["apgr"] == pytest.approx(0.75)
+    assert m["cpt50"] == pytest.approx(0.25) and m["cpt80"] == pytest.approx(0.4)
+    assert m["accuracy_at_90"] == pytest.approx(0.6)
+    assert curve_metrics(np.array([0.3]), np.array([0.5]), 0.5, 0.5)["apgr"] is None
+
+
+def test_calibrate_gives_the_asked_edge_share_and_rejects_the_ends():
+    scores = np.random.default_rng(3).random(500)
+    for share in (0.05, 0.25, 0.5, 0.8, 0.95):
+        t = calibrate(scores, share)
+        assert abs(float(np.mean(scores < t)) - share) <= 1.0 / len(scores)
+    for bad in (0, 1, 0.0, 1.0, -0.2, 1.5, math.nan):
+        with pytest.raises(ValueError, match="--target-edge-share"):
+            calibrate(scores, bad)
+
+
+def test_outcomes_round_trip(tmp_path):
+    out = _synthetic(20, 0.5, 0.8, seed=4)
+    out.save(tmp_path / "o.npz")
+    back = Outcomes.load(tmp_path / "o.npz")
+    for name in ("correct", "confidence", "tokens"):
+        assert np.array_equal(getattr(out, name), getattr(back, name))

@@ -125,3 +125,20 @@ def test_router_scorer_is_built_for_these_models(tiny_family):
     assert 0.0 <= scorer.complexity("Q:1+2=?\nA:") <= 1.0
     with pytest.raises(ValueError, match="edge"):
         Scorer.load(scorer_path, expected_artifacts={**artifact_digests(tiny_family), "edge": "0" * 64})
+
+
+def test_route_eval_json_and_curve(tiny_family, tmp_path):
+    proc = run_cli("route", "eval", "--models", str(tiny_family), "--n", "20", "--out", str(tmp_path), "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["n"] == 20
+    assert set(out["routers"]) == {"tierline", "device_only", "edge_only", "cloud_only", "random", "length", "oracle"}
+    for r in out["routers"].values():
+        assert abs(sum(r["share"].values()) - 1.0) < 1e-9
+    assert (tmp_path / "cost_quality.csv").read_text().startswith("router")
+    assert (tmp_path / "cost_quality.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("share", ["0", "1", "1.5", "x"])
+def test_route_eval_rejects_a_share_outside_0_1(share):
+    _one_line_error(run_cli("route", "eval", "--target-edge-share", share), "--target-edge-share")

@@ -24,6 +24,16 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def _share(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--target-edge-share must be a number, got {text!r}") from None
+    if not 0.0 < v < 1.0:
+        raise argparse.ArgumentTypeError(f"--target-edge-share must be in (0, 1), got {v}")
+    return v
+
+
 def _positive(flag: str):
     def parse(text: str) -> int:
         try:
@@ -86,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--n", type=_positive("--n"), default=1000)
     ts.add_argument("--seed", type=_non_negative("--seed"), default=0)
 
+    re_ = rsub.add_parser("eval", help="every router (tierline and the baselines) on the test split")
+    re_.add_argument("--models", type=Path, default=DEFAULT_MODELS)
+    re_.add_argument("--n", type=_positive("--n"), default=1000)
+    re_.add_argument("--seed", type=_non_negative("--seed"), default=0)
+    re_.add_argument("--target-edge-share", type=_share, default=0.9)
+    re_.add_argument("--out", type=Path, default=Path("docs/routing"), help="where the curve PNG and CSV go")
+    re_.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
     d = sub.add_parser("demo", help="start the platform, send a mixed workload through the router, stop")
     d.add_argument("--models", type=Path, default=DEFAULT_MODELS)
     d.add_argument("--n", type=_positive("--n"), default=300, help="requests to send")
@@ -142,6 +160,32 @@ def _cmd_train_scorer(args) -> int:
     return 0
 
 
+def _cmd_route_eval(args) -> int:
+    from router.build import SCORER_PATH
+    from router.evaluation import evaluate_routers, run_tiers, write_curve
+    from router.scorer import Scorer, artifact_digests
+    from shared.problems import generate
+    from tierline.demo import DEFAULT_COSTS
+
+    scorer = Scorer.load(args.models / SCORER_PATH, expected_artifacts=artifact_digests(args.models))
+    problems = generate("test", args.n, seed=args.seed)
+    outcomes = run_tiers(args.models, problems, threads=2)
+    curves: dict = {}
+    calib = [p.prompt for p in generate("calib", 1000, seed=args.seed)]
+    result = evaluate_routers(outcomes, problems, scorer, DEFAULT_COSTS, calib_prompts=calib,
+                              target_edge_share=args.target_edge_share, curves_out=curves)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_curve(curves, args.out / "cost_quality.png", args.out / "cost_quality.csv")
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for name, r in result["routers"].items():
+            extra = f", APGR {r['apgr']:.3f}" if r.get("apgr") is not None else ""
+            print(f"{name:12s} accuracy {r['accuracy']:.3f}  cloud share {r['share']['cloud']:.2f}  "
+                  f"cost {r['cost_vs_cloud']:.2f} of all-cloud{extra}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from tierline.demo import demo
 
@@ -158,9 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        handler = {"build": _cmd_build, "eval": _cmd_eval, "bench": _cmd_bench,
-                   "train-scorer": _cmd_train_scorer}.get(
-            getattr(args, "action", None)) or {"demo": _cmd_demo, "up": _cmd_up}[args.command]
+        handlers = {("models", "build"): _cmd_build, ("models", "eval"): _cmd_eval, ("models", "bench"): _cmd_bench,
+                    ("route", "train-scorer"): _cmd_train_scorer, ("route", "eval"): _cmd_route_eval,
+                    ("demo", None): _cmd_demo, ("up", None): _cmd_up}
+        handler = handlers[(args.command, getattr(args, "action", None))]
         return handler(args)
     except UsageError as exc:
         print(f"tierline: error: {exc}", file=sys.stderr)

@@ -142,3 +142,22 @@ def test_route_eval_json_and_curve(tiny_family, tmp_path):
 @pytest.mark.parametrize("share", ["0", "1", "1.5", "x"])
 def test_route_eval_rejects_a_share_outside_0_1(share):
     _one_line_error(run_cli("route", "eval", "--target-edge-share", share), "--target-edge-share")
+
+
+def test_route_calibrate_writes_the_threshold(tiny_family, tmp_path):
+    import yaml
+
+    from shared.manifest import load_manifest as load_tier_manifest
+    from tierline.stack import write_manifest
+
+    class _Nats:  # only its address and credentials go into the manifest
+        url, user, password = "nats://127.0.0.1:4222", "u", "p"
+
+    path = write_manifest(tmp_path / "m.yaml", tiny_family, _Nats())
+    proc = run_cli("route", "calibrate", "--target-edge-share", "0.9", "--manifest", str(path), "--n", "50")
+    assert proc.returncode == 0, proc.stderr
+    threshold = json.loads(proc.stdout)["router.cloud_complexity"]
+    assert yaml.safe_load(path.read_text())["router"]["cloud_complexity"] == threshold
+    assert load_tier_manifest(path).router.cloud_complexity == threshold
+    _one_line_error(run_cli("route", "calibrate", "--target-edge-share", "1", "--manifest", str(path)),
+                    "--target-edge-share")

@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     re_.add_argument("--out", type=Path, default=Path("docs/routing"), help="where the curve PNG and CSV go")
     re_.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
+    rc = rsub.add_parser("calibrate", help="set router.cloud_complexity so a share of traffic stays below the cloud")
+    rc.add_argument("--target-edge-share", type=_share, required=True)
+    rc.add_argument("--manifest", type=Path, default=Path("infra/manifests/local.yaml"))
+    rc.add_argument("--n", type=_positive("--n"), default=1000, help="calibration prompts")
+
     d = sub.add_parser("demo", help="start the platform, send a mixed workload through the router, stop")
     d.add_argument("--models", type=Path, default=DEFAULT_MODELS)
     d.add_argument("--n", type=_positive("--n"), default=300, help="requests to send")
@@ -186,6 +191,29 @@ def _cmd_route_eval(args) -> int:
     return 0
 
 
+def _cmd_route_calibrate(args) -> int:
+    """RouteLLM-style: the threshold is the target-share quantile of the scores on the calib split."""
+    import yaml
+
+    from router.__main__ import load_scorer
+    from router.evaluation import calibrate
+    from shared.manifest import load_manifest
+    from shared.problems import generate
+
+    manifest = load_manifest(args.manifest)
+    scorer = load_scorer(manifest)
+    if scorer is None:
+        raise UsageError(f"{args.manifest}: router.scorer is not set; nothing to calibrate")
+    scores = [scorer.complexity(p.prompt) for p in generate("calib", args.n, seed=0)]
+    threshold = round(float(calibrate(scores, args.target_edge_share)), 6)
+    raw = yaml.safe_load(args.manifest.read_text())
+    raw.setdefault("router", {})["cloud_complexity"] = threshold
+    args.manifest.write_text(yaml.safe_dump(raw, sort_keys=False))
+    print(json.dumps({"manifest": str(args.manifest), "router.cloud_complexity": threshold,
+                      "target_edge_share": args.target_edge_share, "calib_prompts": args.n}))
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from tierline.demo import demo
 
@@ -204,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         handlers = {("models", "build"): _cmd_build, ("models", "eval"): _cmd_eval, ("models", "bench"): _cmd_bench,
                     ("route", "train-scorer"): _cmd_train_scorer, ("route", "eval"): _cmd_route_eval,
+                    ("route", "calibrate"): _cmd_route_calibrate,
                     ("demo", None): _cmd_demo, ("up", None): _cmd_up}
         handler = handlers[(args.command, getattr(args, "action", None))]
         return handler(args)

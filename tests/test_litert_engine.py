@@ -46,13 +46,7 @@ def exported(tmp_path_factory) -> tuple[GPT, Path, dict]:
     return model, path, report
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """torch's thread pool spins against other work on a small shared CPU (60x slower here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

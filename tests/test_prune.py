@@ -25,13 +25,7 @@ CFG = GPTConfig(vocab_size=TOK.vocab_size, block_size=128, n_layer=3, n_head=4, 
                 n_embd=64, ffn_hidden=256)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls: one thread is faster, and on a busy CPU several threads spin-wait (10-30x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -270,6 +270,88 @@ def calibrate(scores_calib: Sequence[float] | np.ndarray, target_edge_share: flo
     return float(np.quantile(scores, share))
 
 
+@dataclass(frozen=True)
+class PolicyPoint:
+    """One operating point of the tierline policy, in the manifest's terms (router.*)."""
+
+    cloud_complexity: float  # 1 - p_edge at or above: straight to the cloud
+    device_complexity: float  # 1 - p_device below: start on the device
+    confidence_threshold: dict  # tier -> minimum confidence to keep its answer
+    share_below_cloud: float  # on the calibration outcomes
+    accuracy: float
+    cost_vs_cloud: float
+
+    def routing(self, outcomes: Outcomes, cloud_scores: np.ndarray, device_scores: np.ndarray) -> Routing:
+        return tierline_routing(outcomes, cloud_scores, device_scores, self.cloud_complexity,
+                                self.device_complexity, self.confidence_threshold)
+
+    def manifest_fields(self) -> dict[str, Any]:
+        return {"cloud_complexity": self.cloud_complexity, "device_complexity": self.device_complexity,
+                "confidence_threshold": dict(self.confidence_threshold)}
+
+
+def _grid(values: np.ndarray, k: int, low: float | None = None) -> list[float]:
+    """`k` quantiles of `values` (distinct, rounded), plus `low` (a value that disables the rule)."""
+    qs = np.quantile(np.asarray(values, dtype=np.float64), np.linspace(0.0, 1.0, k))
+    out = sorted({round(float(q), 6) for q in qs} | ({low} if low is not None else set()))
+    return out
+
+
+def calibrate_policy(
+    outcomes: Outcomes,
+    cloud_scores: np.ndarray,
+    device_scores: np.ndarray,
+    target_edge_share: float,
+    costs: Mapping[str, float],
+    grid: int = 9,
+) -> PolicyPoint:
+    """All four thresholds of the tierline policy from calibration outcomes.
+
+    For every (device_complexity, device confidence, edge confidence) on a grid of quantiles of the
+    calibration values, the cloud threshold is the lowest score quantile that still answers at least
+    `target_edge_share` of the requests below the cloud, escalations included. Among those points the most
+    accurate wins (then the cheapest). This is RouteLLM's quantile calibration extended to the cascade:
+    the share is a constraint and accuracy the objective, both measured on the calibration split."""
+    calibrate([0.0], target_edge_share)  # the same range check and message as the quantile calibration
+    cloud_scores, device_scores = np.asarray(cloud_scores, float), np.asarray(device_scores, float)
+    if len(cloud_scores) != outcomes.n or len(device_scores) != outcomes.n:
+        raise ValueError(f"scores for {len(cloud_scores)}/{len(device_scores)} prompts, outcomes for {outcomes.n}")
+    t_devices = _grid(device_scores, grid, low=0.0)  # 0.0: nothing starts on the device
+    conf_device = _grid(outcomes.confidence[:, DEVICE], grid, low=0.0)  # 0.0: never escalate
+    conf_edge = _grid(outcomes.confidence[:, EDGE], grid, low=0.0)
+    t_clouds = sorted(set(np.unique(cloud_scores).tolist()) | {math.inf})
+    best: PolicyPoint | None = None
+    for t_dev in t_devices:
+        for c_dev in conf_device:
+            for c_edge in conf_edge:
+                thresholds = {"device": c_dev, "edge": c_edge}
+                # the share below the cloud grows with t_cloud: bisect for the lowest t_cloud that reaches it
+                lo, hi = 0, len(t_clouds) - 1
+                top = tierline_routing(outcomes, cloud_scores, device_scores, t_clouds[hi], t_dev, thresholds)
+                if float((top.final != CLOUD).mean()) < target_edge_share:
+                    continue  # escalations alone send too much to the cloud
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    r = tierline_routing(outcomes, cloud_scores, device_scores, t_clouds[mid], t_dev, thresholds)
+                    if float((r.final != CLOUD).mean()) >= target_edge_share:
+                        hi = mid
+                    else:
+                        lo = mid + 1
+                t_cloud = t_clouds[lo]
+                r = tierline_routing(outcomes, cloud_scores, device_scores, t_cloud, t_dev, thresholds)
+                s = summarize(outcomes, r, costs)
+                point = PolicyPoint(
+                    cloud_complexity=float(t_cloud) if math.isfinite(t_cloud) else 1.0,
+                    device_complexity=t_dev, confidence_threshold=thresholds,
+                    share_below_cloud=1.0 - s["share"]["cloud"], accuracy=s["accuracy"],
+                    cost_vs_cloud=s["cost_vs_cloud"])
+                if best is None or (point.accuracy, -point.cost_vs_cloud) > (best.accuracy, -best.cost_vs_cloud):
+                    best = point
+    if best is None:
+        raise ValueError(f"no thresholds keep {target_edge_share:.0%} of the calibration requests below the cloud")
+    return best
+
+
 # ------------------------------------------------------------------ the routers over one outcome set
 def router_scores(problems: list, scorer: Any, seed: int = 0) -> dict[str, np.ndarray]:
     """Per problem: random (uniform), length (prompt characters), tierline (1 - p_edge) and
@@ -313,17 +395,22 @@ def evaluate_routers(
     target_edge_share: float = 0.8,
     t_device: float = DEFAULT_T_DEVICE,
     thresholds: Mapping[str, float] | None = None,
+    policy: Mapping[str, Any] | None = None,
     seed: int = 0,
     curves_out: dict[str, Curve] | None = None,
 ) -> dict[str, Any]:
     """{"n", "routers": {name: {accuracy, share, cost_vs_cloud[, apgr, cpt50, cpt80, accuracy_at_90]}}}.
 
-    The reported operating point of random/length/tierline sends `1 - target_edge_share` of traffic to the
-    cloud by score, with thresholds calibrated on `calib_prompts` (the evaluated prompts themselves when
-    None); tierline's confidence escalations come on top. `curves_out`, if given, receives the sweeps."""
+    The reported operating point of random/length sends `1 - target_edge_share` of traffic to the cloud by
+    score, with thresholds calibrated on `calib_prompts` (the evaluated prompts themselves when None).
+    Tierline's operating point is `policy` (the manifest's router.cloud_complexity, device_complexity and
+    confidence_threshold, as the running router reads them) when given; else its cloud threshold is
+    calibrated like the others and the escalations come on top. `curves_out`, if given, receives the sweeps."""
     if len(problems) != outcomes.n:
         raise ValueError(f"{len(problems)} problems but outcomes for {outcomes.n}")
     n = outcomes.n
+    if policy is not None:
+        t_device, thresholds = float(policy["device_complexity"]), dict(policy["confidence_threshold"])
     scores = router_scores(problems, scorer, seed=seed)
     curves = router_curves(outcomes, scores, costs, t_device=t_device, thresholds=thresholds)
     if curves_out is not None:
@@ -338,6 +425,8 @@ def evaluate_routers(
     t_tier = calibrate(calib_tier, target_edge_share)
     t_random = calibrate(np.linspace(0.0, 1.0, 10001), target_edge_share)  # uniform scores: t = edge share
 
+    if policy is not None:
+        t_tier = float(policy["cloud_complexity"])
     routings = {
         "tierline": tierline_routing(outcomes, scores["tierline"], scores["tierline_device"], t_tier, t_device,
                                      thresholds),

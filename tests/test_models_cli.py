@@ -144,7 +144,7 @@ def test_route_eval_rejects_a_share_outside_0_1(share):
     _one_line_error(run_cli("route", "eval", "--target-edge-share", share), "--target-edge-share")
 
 
-def test_route_calibrate_writes_the_threshold(tiny_family, tmp_path):
+def test_route_calibrate_writes_the_thresholds(tiny_family, tmp_path):
     import yaml
 
     from shared.manifest import load_manifest as load_tier_manifest
@@ -156,8 +156,17 @@ def test_route_calibrate_writes_the_threshold(tiny_family, tmp_path):
     path = write_manifest(tmp_path / "m.yaml", tiny_family, _Nats())
     proc = run_cli("route", "calibrate", "--target-edge-share", "0.9", "--manifest", str(path), "--n", "50")
     assert proc.returncode == 0, proc.stderr
-    threshold = json.loads(proc.stdout)["router.cloud_complexity"]
-    assert yaml.safe_load(path.read_text())["router"]["cloud_complexity"] == threshold
-    assert load_tier_manifest(path).router.cloud_complexity == threshold
+    out = json.loads(proc.stdout)
+    assert out["calib"]["share_below_cloud"] >= 0.9
+    written = yaml.safe_load(path.read_text())["router"]
+    router = load_tier_manifest(path).router
+    for name, value in out["router"].items():
+        assert written[name] == value and getattr(router, name) == value, name
+    # route eval reads the same policy from the manifest and reports it
+    proc = run_cli("route", "eval", "--models", str(tiny_family), "--manifest", str(path), "--n", "20",
+                   "--out", str(tmp_path), "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {k: v for k, v in json.loads(proc.stdout.strip().splitlines()[-1])["policy"].items()
+            if k != "manifest"} == out["router"]
     _one_line_error(run_cli("route", "calibrate", "--target-edge-share", "1", "--manifest", str(path)),
                     "--target-edge-share")

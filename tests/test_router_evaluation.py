@@ -11,13 +11,17 @@ import numpy as np
 import pytest
 
 from router.evaluation import (
+    CLOUD,
     ROUTERS,
     Outcomes,
     calibrate,
+    calibrate_policy,
     curve_metrics,
     evaluate_routers,
     run_tiers,
+    summarize,
     sweep,
+    tierline_routing,
     two_way_routing,
     write_curve,
 )
@@ -153,3 +157,38 @@ def test_outcomes_round_trip(tmp_path):
     back = Outcomes.load(tmp_path / "o.npz")
     for name in ("correct", "confidence", "tokens"):
         assert np.array_equal(getattr(out, name), getattr(back, name))
+
+
+def _graded(n: int, seed: int) -> tuple[Outcomes, np.ndarray]:
+    """Problems of growing difficulty: the device solves the easiest 40%, the edge 70%, the cloud 95%; each
+    tier is confident when right and unsure when wrong; the prompt-only score is difficulty plus noise."""
+    rng = np.random.default_rng(seed)
+    difficulty = rng.random(n)
+    correct = np.stack([difficulty < 0.4, difficulty < 0.7, difficulty < 0.95], axis=1)
+    confidence = np.where(correct, 0.6 + 0.4 * rng.random((n, 3)), 0.5 * rng.random((n, 3)))
+    scores = np.clip(difficulty + 0.25 * rng.standard_normal(n), 0.0, 1.0)
+    return Outcomes(correct, confidence, np.full((n, 3), 40, dtype=np.int64)), scores
+
+
+def test_calibrate_policy_keeps_the_share_and_beats_the_score_quantile_alone():
+    out, scores = _graded(800, seed=5)
+    point = calibrate_policy(out, scores, scores, 0.9, COSTS)
+    routing = point.routing(out, scores, scores)
+    below = float((routing.final != CLOUD).mean())
+    assert below >= 0.9 and below == pytest.approx(point.share_below_cloud)
+    assert summarize(out, routing, COSTS)["accuracy"] == pytest.approx(point.accuracy)
+    # the same share by the cloud threshold alone (no device start, no escalation), as RouteLLM calibrates
+    alone = tierline_routing(out, scores, scores, calibrate(scores, 0.9), 0.0, {"device": 0.0, "edge": 0.0})
+    assert point.accuracy > summarize(out, alone, COSTS)["accuracy"]
+    # informative confidences are used: some answers are escalated on low confidence
+    assert max(point.confidence_threshold.values()) > 0.0
+    fields = point.manifest_fields()
+    assert set(fields) == {"cloud_complexity", "device_complexity", "confidence_threshold"}
+    assert 0.0 <= fields["cloud_complexity"] <= 1.0 and 0.0 <= fields["device_complexity"] <= 1.0
+
+
+@pytest.mark.parametrize("bad", [0, 1, -0.5, 2])
+def test_calibrate_policy_rejects_a_share_outside_0_1(bad):
+    out, scores = _graded(50, seed=1)
+    with pytest.raises(ValueError, match="--target-edge-share"):
+        calibrate_policy(out, scores, scores, bad, COSTS)

@@ -100,11 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     re_.add_argument("--models", type=Path, default=DEFAULT_MODELS)
     re_.add_argument("--n", type=_positive("--n"), default=1000)
     re_.add_argument("--seed", type=_non_negative("--seed"), default=0)
-    re_.add_argument("--target-edge-share", type=_share, default=0.9)
+    re_.add_argument("--target-edge-share", type=_share, default=0.9,
+                     help="operating point of the random and length baselines")
+    re_.add_argument("--manifest", type=Path, default=Path("infra/manifests/local.yaml"),
+                     help="the router policy (thresholds) and tier costs to evaluate")
     re_.add_argument("--out", type=Path, default=Path("docs/routing"), help="where the curve PNG and CSV go")
     re_.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
-    rc = rsub.add_parser("calibrate", help="set router.cloud_complexity so a share of traffic stays below the cloud")
+    rc = rsub.add_parser("calibrate", help="set the router's thresholds so a share of traffic stays below the cloud")
     rc.add_argument("--target-edge-share", type=_share, required=True)
     rc.add_argument("--manifest", type=Path, default=Path("infra/manifests/local.yaml"))
     rc.add_argument("--n", type=_positive("--n"), default=1000, help="calibration prompts")
@@ -117,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("up", help="start the platform and keep it running (Ctrl-C or `make down` stops it)")
     u.add_argument("--models", type=Path, default=DEFAULT_MODELS)
     u.add_argument("--pidfile", type=Path, default=Path("runs/up.pid"))
+
     return p
 
 
@@ -165,22 +169,43 @@ def _cmd_train_scorer(args) -> int:
     return 0
 
 
-def _cmd_route_eval(args) -> int:
+def _router_inputs(models: Path, split: str, n: int, seed: int):
+    """The scorer (checked against these models), `n` problems of a split, and every tier's outcomes on them."""
     from router.build import SCORER_PATH
-    from router.evaluation import evaluate_routers, run_tiers, write_curve
+    from router.evaluation import run_tiers
     from router.scorer import Scorer, artifact_digests
     from shared.problems import generate
+
+    scorer = Scorer.load(models / SCORER_PATH, expected_artifacts=artifact_digests(models))
+    problems = generate(split, n, seed=seed)
+    return scorer, problems, run_tiers(models, problems, threads=2)
+
+
+def _manifest_costs(manifest) -> dict[str, float]:
     from tierline.demo import DEFAULT_COSTS
 
-    scorer = Scorer.load(args.models / SCORER_PATH, expected_artifacts=artifact_digests(args.models))
-    problems = generate("test", args.n, seed=args.seed)
-    outcomes = run_tiers(args.models, problems, threads=2)
+    return {t: (manifest.tiers[t].cost_per_1k_tokens if t in manifest.tiers else c) for t, c in DEFAULT_COSTS.items()}
+
+
+def _cmd_route_eval(args) -> int:
+    from router.evaluation import evaluate_routers, write_curve
+    from shared.manifest import load_manifest
+    from shared.problems import generate
+
+    manifest = load_manifest(args.manifest, check_artifacts=False)
+    rc = manifest.router
+    policy = {"cloud_complexity": rc.cloud_complexity, "device_complexity": rc.device_complexity,
+              "confidence_threshold": dict(rc.confidence_threshold)}
+    scorer, problems, outcomes = _router_inputs(args.models, "test", args.n, args.seed)
     curves: dict = {}
     calib = [p.prompt for p in generate("calib", 1000, seed=args.seed)]
-    result = evaluate_routers(outcomes, problems, scorer, DEFAULT_COSTS, calib_prompts=calib,
-                              target_edge_share=args.target_edge_share, curves_out=curves)
+    result = evaluate_routers(outcomes, problems, scorer, _manifest_costs(manifest), calib_prompts=calib,
+                              target_edge_share=args.target_edge_share, policy=policy, curves_out=curves)
+    result["policy"] = {"manifest": str(args.manifest), **policy}
     args.out.mkdir(parents=True, exist_ok=True)
     write_curve(curves, args.out / "cost_quality.png", args.out / "cost_quality.csv")
+    (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "results.md").write_text(render_route_eval(result, args))
     if args.json:
         print(json.dumps(result))
     else:
@@ -191,26 +216,59 @@ def _cmd_route_eval(args) -> int:
     return 0
 
 
+def render_route_eval(result: dict, args) -> str:
+    """The results table of `tierline route eval` as Markdown (written beside the curve)."""
+    rows = ["| router | accuracy | vs cloud-only | device | edge | cloud | cost vs all-cloud | APGR | CPT(50%) "
+            "| CPT(80%) | accuracy at 90% below cloud |", "|---" * 11 + "|"]
+    cloud = result["routers"]["cloud_only"]["accuracy"]
+
+    def num(v, fmt="{:.3f}"):
+        return "-" if v is None else fmt.format(v)
+
+    for name, r in result["routers"].items():
+        sh = r["share"]
+        rows.append(f"| {name} | {r['accuracy']:.3f} | {num(r['accuracy'] / cloud if cloud else None, '{:.0%}')} "
+                    f"| {sh['device']:.1%} | {sh['edge']:.1%} | {sh['cloud']:.1%} | {r['cost_vs_cloud']:.3f} "
+                    f"| {num(r.get('apgr'))} | {num(r.get('cpt50'), '{:.1%}')} | {num(r.get('cpt80'), '{:.1%}')} "
+                    f"| {num(r.get('accuracy_at_90'))} |")
+    pol = result["policy"]
+    return "\n".join([
+        f"# Router evaluation: {result['n']} test problems (seed {args.seed})", "",
+        f"Regenerate: `tierline route eval --n {args.n} --seed {args.seed} --manifest {args.manifest} "
+        f"--out {args.out}` (plot: `cost_quality.png`, sweep points: `cost_quality.csv`, raw: `results.json`).", "",
+        f"tierline policy from `{pol['manifest']}`: cloud_complexity {pol['cloud_complexity']:.4f}, "
+        f"device_complexity {pol['device_complexity']:.4f}, confidence_threshold {pol['confidence_threshold']}. "
+        f"random and length send {1 - args.target_edge_share:.0%} to the cloud by score (calibrated on the calib "
+        "split); APGR/CPT sweep each router's cloud threshold (weak = edge_only, strong = cloud_only).", "",
+        *rows, "",
+    ])
+
+
 def _cmd_route_calibrate(args) -> int:
-    """RouteLLM-style: the threshold is the target-share quantile of the scores on the calib split."""
+    """Every threshold of the policy from the calib split's real outcomes (see router.evaluation.calibrate_policy)."""
+    import numpy as np
     import yaml
 
-    from router.__main__ import load_scorer
-    from router.evaluation import calibrate
+    from router.evaluation import calibrate_policy
     from shared.manifest import load_manifest
-    from shared.problems import generate
 
     manifest = load_manifest(args.manifest)
-    scorer = load_scorer(manifest)
-    if scorer is None:
+    if not manifest.router.scorer:
         raise UsageError(f"{args.manifest}: router.scorer is not set; nothing to calibrate")
-    scores = [scorer.complexity(p.prompt) for p in generate("calib", args.n, seed=0)]
-    threshold = round(float(calibrate(scores, args.target_edge_share)), 6)
-    raw = yaml.safe_load(args.manifest.read_text())
-    raw.setdefault("router", {})["cloud_complexity"] = threshold
-    args.manifest.write_text(yaml.safe_dump(raw, sort_keys=False))
-    print(json.dumps({"manifest": str(args.manifest), "router.cloud_complexity": threshold,
-                      "target_edge_share": args.target_edge_share, "calib_prompts": args.n}))
+    scorer, problems, outcomes = _router_inputs(manifest.models_path, "calib", args.n, 0)
+    p = [scorer.p_correct(pr.prompt) for pr in problems]
+    point = calibrate_policy(outcomes, np.asarray([1.0 - d["edge"] for d in p]),
+                             np.asarray([1.0 - d["device"] for d in p]), args.target_edge_share,
+                             _manifest_costs(manifest))
+    text = args.manifest.read_text()
+    raw = yaml.safe_load(text)
+    raw.setdefault("router", {}).update(point.manifest_fields())
+    header = "".join(line for line in text.splitlines(keepends=True)[:20] if line.startswith("#"))
+    args.manifest.write_text(header + yaml.safe_dump(raw, sort_keys=False))  # the header comment survives
+    print(json.dumps({"manifest": str(args.manifest), "target_edge_share": args.target_edge_share,
+                      "calib_prompts": args.n, "router": point.manifest_fields(),
+                      "calib": {"share_below_cloud": point.share_below_cloud, "accuracy": point.accuracy,
+                                "cost_vs_cloud": point.cost_vs_cloud}}))
     return 0
 
 

@@ -31,8 +31,19 @@ DEMO_TIMEOUT_S = 60  # per request
 DEFAULT_COSTS = {"device": 0.01, "edge": 0.1, "cloud": 1.0}
 
 
-def stack_overrides() -> dict:
-    return {f"tiers.{t}.cost_per_1k_tokens": c for t, c in DEFAULT_COSTS.items()}
+# the operators' manifest for this machine: `tierline route calibrate` writes the router's thresholds there
+REFERENCE_MANIFEST = Path(__file__).resolve().parents[1] / "infra" / "manifests" / "local.yaml"
+POLICY_FIELDS = ("cloud_complexity", "device_complexity", "confidence_threshold")
+
+
+def stack_overrides(models_dir: Path | None = None) -> dict:
+    """Costs per tier, and the calibrated router policy when the reference manifest serves these models."""
+    overrides = {f"tiers.{t}.cost_per_1k_tokens": c for t, c in DEFAULT_COSTS.items()}
+    if models_dir is not None and REFERENCE_MANIFEST.exists():
+        ref = load_manifest(REFERENCE_MANIFEST, check_artifacts=False)
+        if ref.models_path == Path(models_dir).resolve():
+            overrides.update({f"router.{f}": getattr(ref.router, f) for f in POLICY_FIELDS})
+    return overrides
 
 
 def run_workload(address: str, n: int, concurrency: int, seed: int = 7) -> list[tuple]:
@@ -98,7 +109,7 @@ def report(results: list[tuple], costs: dict[str, float], wall_s: float, console
 def demo(models_dir: Path, n: int = 300, concurrency: int = 16) -> int:
     console = Console()
     with console.status("starting nats-server, device, edge, cloud and router..."):
-        stack = Stack(models_dir, overrides=stack_overrides()).start()
+        stack = Stack(models_dir, overrides=stack_overrides(models_dir)).start()
     try:
         console.print(f"platform up: router at {stack.router_address}, NATS at {stack.nats.url} (auth on)")
         t0 = time.perf_counter()
@@ -119,7 +130,7 @@ def up(models_dir: Path, pidfile: Path) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    stack = Stack(models_dir, overrides=stack_overrides()).start()
+    stack = Stack(models_dir, overrides=stack_overrides(models_dir)).start()
     pidfile.parent.mkdir(parents=True, exist_ok=True)
     pidfile.write_text(str(os.getpid()))
     try:

@@ -48,8 +48,8 @@ up: setup ## start the platform and leave it running (stop: Ctrl-C or make down)
 down: ## stop what make up started
 	@if [ -f runs/up.pid ]; then kill -TERM $$(cat runs/up.pid) && echo stopped; else echo "nothing running"; fi
 
-bench: setup ## measure speed and size of every tier (writes BENCHMARKS.md)
-	$(PY) -m tierline models bench --models $(MODELS)
+bench: setup ## the platform measured side by side (<= 20 min): writes BENCHMARKS.md, bench/results.json
+	$(PY) -m tierline bench --models $(MODELS)
 
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache runs

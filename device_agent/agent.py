@@ -12,17 +12,22 @@ Sedna ask for).
 from __future__ import annotations
 
 import concurrent.futures
+import threading
+import time
 
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from router.policy import Policy
+from shared.batching import Batcher
+from shared.engine import Engine
 from shared.messaging import TierError, TierService
-from shared.serving import TierServicer, validate
+from shared.serving import _LRU, TierServicer, validate
 from tierline.v1 import inference_pb2 as pb
 
 UPSTREAM = ("edge", "cloud")  # asked in this order
 CLIENT_ERRORS = {"INVALID_ARGUMENT"}
+RETIRE_GRACE_S = 1.0  # an old engine's batcher lives this long after its queue empties (late submits)
 
 
 class DeviceAgentServicer(TierServicer):
@@ -30,22 +35,45 @@ class DeviceAgentServicer(TierServicer):
         super().__init__(*args, **kwargs)
         self.policy = policy
         self.upstream_timeout_s = upstream_timeout_s
-        self.link: TierService | None = None  # set once NATS is connected
+        self.link: TierService | None = None  # the NATS link to the tiers above (may be reconnecting)
+        self.on_answer = None  # called with each front-door answer (the fleet agent's telemetry)
+        self._swap_lock = threading.Lock()
+
+    def swap_engine(self, engine: Engine) -> None:
+        """Serve a new model from now on (an OTA update); requests already queued finish on the old one."""
+        batcher = Batcher(engine, self.batch_config, on_batch=self.metrics.observe_batch if self.metrics else None)
+        with self._swap_lock:
+            old = self.batcher
+            self.engine, self.batcher = engine, batcher
+            self.cache = _LRU(self.cache.size)  # the old model's answers are not the new one's
+
+        def retire() -> None:
+            while old.depth:
+                time.sleep(0.05)
+            time.sleep(RETIRE_GRACE_S)
+            old.close()  # finishes the batch it is decoding, then stops
+
+        threading.Thread(target=retire, name="retire-engine", daemon=True).start()
 
     def answer(self, req: pb.InferRequest, timeout_s: float | None) -> pb.InferResponse:
         validate(req, self.engine, self.limits, self.engine.info.model)  # bad input fails here, on the board
         first, score = self.policy.decide(req.prompt)
         path: list[pb.Attempt] = []
         local = None
-        if first == "device" or self.link is None:
+        link = self.link if self.link is not None and self.link.connected else None
+        if first == "device" or link is None:
             local = self.handle(req, timeout_s)
-            if self.policy.accept("device", local.confidence) or self.link is None:
-                return self._finish(local, score, [*path, _attempt(local, "answered")], degraded=self.link is None
-                                    and not self.policy.accept("device", local.confidence))
+            confident = self.policy.accept("device", local.confidence)
+            if confident and first == "device":
+                return self._finish(local, score, [_attempt(local, "answered")], degraded=False)
+            if link is None:  # offline: fail the escalation at once, the board's answer is the best there is
+                detail = "no NATS link: not asked" if self.link is None else "NATS link down: not asked"
+                return self._finish(local, score, [pb.Attempt(tier=UPSTREAM[0], outcome="offline", detail=detail),
+                                                   _attempt(local, "answered")], degraded=True)
             path.append(_attempt(local, "low_confidence"))
         for tier in UPSTREAM:
             try:
-                resp = self.link.request(tier, req, min(self.upstream_timeout_s, timeout_s or self.upstream_timeout_s))
+                resp = link.request(tier, req, min(self.upstream_timeout_s, timeout_s or self.upstream_timeout_s))
             except NoRespondersError:
                 path.append(pb.Attempt(tier=tier, outcome="no_responders", detail="no replica is up"))
                 continue
@@ -78,7 +106,10 @@ class DeviceAgentServicer(TierServicer):
 
     def Infer(self, request, context):
         try:
-            return self.answer(request, context.time_remaining())
+            resp = self.answer(request, context.time_remaining())
+            if self.on_answer is not None:
+                self.on_answer(resp)
+            return resp
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status here
             code, msg = self._status_of(exc)
             context.abort(code, msg)

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import signal
+import sqlite3
 import sys
 from dataclasses import asdict
 
@@ -13,6 +14,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from router.auth import Gate, KeyStore
+from router.openai_http import OpenAIServer
 from router.policy import Policy
 from router.service import RouterServicer
 from shared.manifest import EXIT_BAD_MANIFEST, ManifestError, load_manifest
@@ -60,9 +63,15 @@ async def serve(manifest_path: str) -> int:
         await nc.close()
         return EXIT_BAD_MANIFEST
     policy = Policy(rc.device_complexity, rc.cloud_complexity, dict(rc.confidence_threshold), scorer)
+    try:  # API keys: the SQLite store named by the manifest (created on first use)
+        gate = Gate(KeyStore(manifest.key_store_path) if manifest.auth.enabled else None, manifest.auth.plans)
+    except (OSError, sqlite3.Error) as exc:
+        print(f"router: error: {manifest.path}: auth.key_store: {manifest.key_store_path}: {exc}", file=sys.stderr)
+        await nc.close()
+        return EXIT_BAD_MANIFEST
     servicer = RouterServicer(nc, policy, manifest.model_name, tuple(manifest.tiers),
                               manifest.nats.request_timeout_ms / 1000, rc.retries_per_tier, metrics,
-                              Limits(**asdict(manifest.limits)))
+                              Limits(**asdict(manifest.limits)), gate)
     server = grpc.aio.server()
     pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
@@ -72,15 +81,20 @@ async def serve(manifest_path: str) -> int:
     port = server.add_insecure_port(f"{rc.grpc_host}:{rc.grpc_port}")
     await server.start()
     metrics_port = metrics.serve(rc.grpc_host, rc.metrics_port) if rc.metrics_port >= 0 else None
-    print(json.dumps({"event": "ready", "tier": "router", "grpc_port": port, "metrics_port": metrics_port}),
-          flush=True)
+    http = OpenAIServer(servicer) if rc.http_port >= 0 else None
+    http_port = await http.start(rc.grpc_host, rc.http_port) if http else None
+    print(json.dumps({"event": "ready", "tier": "router", "grpc_port": port, "metrics_port": metrics_port,
+                      "http_port": http_port, "auth": gate.enabled}), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    if http:
+        await http.stop()
     await server.stop(grace=2)
     await nc.drain()
+    gate.close()
     metrics.stop()
     return 0
 

@@ -6,6 +6,10 @@ A tier with no responders is skipped at once; a timeout is retried on another
 replica (`retries_per_tier`), then the next tier is tried. When the cloud cannot be
 reached, the best lower answer is returned with `degraded=true`. Nothing is dropped:
 a request either gets an answer or a status saying why not.
+
+Before any of that, `_admit` checks the caller's API key and daily quota
+(router/auth.py) and caps the request's batch priority at its plan's. The same
+`infer` / `stream` / `status` serve gRPC here and HTTP in router/openai_http.py.
 """
 
 from __future__ import annotations
@@ -18,21 +22,23 @@ import grpc
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
+from router.auth import Admission, Gate, bearer_token
 from router.policy import TIER_ORDER, Policy
-from shared.messaging import TierError, ask_tier, stream_tier
+from shared.messaging import TierError, ask_tier, discover, stream_tier
 from shared.metrics import Metrics
-from shared.serving import Limits, RequestError, validate_request
+from shared.serving import Limits, RequestError, _max_tokens, validate_request
 from tierline.v1 import inference_pb2 as pb
 from tierline.v1 import inference_pb2_grpc as pb_grpc
 
 # tier errors that are the request's fault: returned to the client, never escalated
 CLIENT_ERRORS = {"INVALID_ARGUMENT"}
+DISCOVERY_WAIT_S = 0.25  # how long GetStatus gathers the replicas' $SRV.STATS replies
 
 
 class RouterServicer(pb_grpc.InferenceServiceServicer):
     def __init__(self, nc, policy: Policy, model_name: str, tiers: tuple[str, ...] = TIER_ORDER,
                  request_timeout_s: float = 10.0, retries_per_tier: int = 1, metrics: Metrics | None = None,
-                 limits: Limits | None = None):
+                 limits: Limits | None = None, gate: Gate | None = None):
         self.nc = nc
         self.policy = policy
         self.model_name = model_name
@@ -41,6 +47,7 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
         self.retries_per_tier = retries_per_tier
         self.metrics = metrics or Metrics("router")
         self.limits = limits or Limits()
+        self.gate = gate or Gate(None, {})  # API keys and quotas; a gate without a store admits everyone
 
     async def _ask(self, tier: str, req: pb.InferRequest, timeout_s: float) -> pb.InferResponse:
         return await ask_tier(self.nc, tier, req, timeout_s)
@@ -114,27 +121,50 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
         except RequestError as exc:
             raise TierError("router", "INVALID_ARGUMENT", str(exc)) from None
 
-    async def Infer(self, request, context):
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else time.monotonic() + remaining
-        try:
-            self._validate(request)
-            return await self.route(request, deadline)
-        except TierError as exc:
-            code = getattr(grpc.StatusCode, exc.status, grpc.StatusCode.UNKNOWN)
-            await context.abort(code, exc.message)
+    # -- the platform's operations, the same for every transport (gRPC here, HTTP in openai_http.py) ----------
+    async def _admit(self, request: pb.InferRequest, key: str | None) -> Admission | None:
+        """The key first (401/403 before anything else), then the fields, then the quota."""
+        await self.gate.check(key)
+        self._validate(request)
+        admission = await self.gate.admit(key, request.prompt, _max_tokens(request, self.limits))
+        if admission is not None:  # the plan's priority is the most a request may ask for
+            request.priority = min(request.priority or admission.priority, admission.priority)
+        return admission
 
-    async def InferStream(self, request, context):
+    async def infer(self, request: pb.InferRequest, key: str | None, deadline: float | None = None
+                    ) -> pb.InferResponse:
+        """One routed answer; raises TierError (AccessDenied included) carrying the status to answer."""
+        admission = await self._admit(request, key)
+        used = None
+        try:
+            resp = await self.route(request, deadline)
+            used = resp.usage.prompt_tokens + resp.usage.completion_tokens
+            return resp
+        finally:
+            await self.gate.settle(admission, used)
+
+    async def stream(self, request: pb.InferRequest, key: str | None):
         """Tokens as the tier generates them, relayed from NATS.
 
         A stream goes to the policy's first tier and cannot be taken back once text
         has been sent, so there is no confidence cascade here; a tier that has no
         responders or times out before its first chunk is skipped for the next one up.
         """
+        admission = await self._admit(request, key)
+        used, sent = None, False
         try:
-            self._validate(request)
-        except TierError as exc:
-            await context.abort(getattr(grpc.StatusCode, exc.status), exc.message)
+            async for chunk in self._stream(request):
+                if chunk.choices and chunk.choices[0].finish_reason:
+                    used = chunk.usage.prompt_tokens + chunk.usage.completion_tokens
+                sent = True
+                yield chunk
+        finally:
+            # no final chunk: nothing sent costs nothing; a stream cut short keeps its (worst-case) reservation
+            if used is None and sent and admission is not None:
+                used = admission.reserved_tokens
+            await self.gate.settle(admission, used)
+
+    async def _stream(self, request: pb.InferRequest):
         tier, score = self.policy.decide(request.prompt, self.tiers)
         path: list[pb.Attempt] = []
         while tier is not None:
@@ -146,21 +176,76 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
                     if chunk.choices and chunk.choices[0].finish_reason:
                         path.append(pb.Attempt(tier=tier, outcome="answered", confidence=chunk.confidence))
                         chunk.escalation_path.extend(path)
+                        self.metrics.requests.labels(tier, "answered").inc()
                     yield chunk
                 return
             except TierError as exc:
                 if exc.status in CLIENT_ERRORS or started:
-                    await context.abort(getattr(grpc.StatusCode, exc.status, grpc.StatusCode.UNKNOWN), exc.message)
+                    raise
                 path.append(pb.Attempt(tier=tier, outcome="error", detail=f"{exc.status}: {exc.message}"))
             except (NoRespondersError, NatsTimeout, asyncio.TimeoutError) as exc:
                 if started:
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"{tier} stopped mid-stream")
+                    raise TierError("router", "UNAVAILABLE", f"{tier} stopped mid-stream") from None
                 outcome = "no_responders" if isinstance(exc, NoRespondersError) else "timeout"
                 path.append(pb.Attempt(tier=tier, outcome=outcome))
             tier = self.policy.next_tier(tier, self.tiers)
-        await context.abort(grpc.StatusCode.UNAVAILABLE, "no tier could stream an answer: " +
-                            "; ".join(f"{a.tier} {a.outcome}" for a in path))
+        raise TierError("router", "UNAVAILABLE", "no tier could stream an answer: " +
+                        "; ".join(f"{a.tier} {a.outcome}" for a in path))
 
-    async def GetServerInfo(self, request, context):
+    async def status(self, key: str | None) -> pb.PlatformStatus:
+        """Replicas and queues from nats.micro discovery, the traffic split from this router's counters."""
+        await self.gate.check(key)
+        replies = await asyncio.gather(*(discover(self.nc, t, "STATS", DISCOVERY_WAIT_S) for t in self.tiers))
+        answered = {t: sum(self.metrics.registry.get_sample_value("tierline_requests_total",
+                                                                  {"tier": t, "outcome": o}) or 0
+                           for o in ("answered", "degraded")) for t in self.tiers}
+        total = sum(answered.values())
+        out = pb.PlatformStatus(model=self.model_name, answered=int(total), auth_enabled=self.gate.enabled)
+        for tier, stats in zip(self.tiers, replies):
+            ts = out.tiers.add(tier=tier, answered=int(answered[tier]),
+                               traffic_share=answered[tier] / total if total else 0.0)
+            for s in sorted(stats, key=lambda s: s.get("id", "")):
+                infer = next((e for e in s.get("endpoints") or [] if e.get("name") == "infer"), {})
+                depth = int((infer.get("data") or {}).get("queue_depth", 0))
+                ts.replicas.add(id=s.get("id", ""), version=s.get("version", ""),
+                                requests=int(infer.get("num_requests", 0)), errors=int(infer.get("num_errors", 0)),
+                                average_ms=infer.get("average_processing_time", 0) / 1e6, queue_depth=depth)
+                ts.queue_depth += depth
+        return out
+
+    def server_info(self) -> pb.ServerInfo:
         return pb.ServerInfo(tier="router", model=self.model_name, max_prompt_chars=self.limits.max_prompt_chars,
                              max_tokens_limit=self.limits.max_tokens)
+
+    # -- gRPC: the key from the metadata, and the one place errors become statuses -------------------------
+    @staticmethod
+    async def _abort(context, exc: TierError) -> None:
+        await context.abort(getattr(grpc.StatusCode, exc.status, grpc.StatusCode.UNKNOWN), exc.message)
+
+    async def Infer(self, request, context):
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        try:
+            return await self.infer(request, bearer_token(context.invocation_metadata()), deadline)
+        except TierError as exc:
+            await self._abort(context, exc)
+
+    async def InferStream(self, request, context):
+        try:
+            async for chunk in self.stream(request, bearer_token(context.invocation_metadata())):
+                yield chunk
+        except TierError as exc:
+            await self._abort(context, exc)
+
+    async def GetServerInfo(self, request, context):
+        try:
+            await self.gate.check(bearer_token(context.invocation_metadata()))
+        except TierError as exc:
+            await self._abort(context, exc)
+        return self.server_info()
+
+    async def GetStatus(self, request, context):
+        try:
+            return await self.status(bearer_token(context.invocation_metadata()))
+        except TierError as exc:
+            await self._abort(context, exc)

@@ -72,6 +72,62 @@ class RouterConfig:
     retries_per_tier: int = 1  # another replica before escalating
     # the learned scorer (relative to models_dir); "" = the step-counting heuristic
     scorer: str = ""
+    # the OpenAI-compatible HTTP endpoint (/v1/completions ...); 0 = any free port, -1 = off
+    http_port: int = 0
+
+
+PRIORITIES = ("low", "normal", "high")  # a plan's place in the tiers' batch queues
+
+
+@dataclass
+class PlanConfig:
+    calls_per_day: int  # requests admitted per key and UTC day
+    tokens_per_day: int  # prompt + completion tokens per key and UTC day
+    priority: str = "normal"  # in the tiers' batch queues: low, normal or high
+
+    def __post_init__(self):
+        if self.priority not in PRIORITIES:
+            raise ValueError(f"priority: must be one of {', '.join(PRIORITIES)}, got {self.priority!r}")
+
+
+def _default_plans() -> dict[str, PlanConfig]:
+    return {"free": PlanConfig(calls_per_day=100, tokens_per_day=20_000, priority="normal"),
+            "pro": PlanConfig(calls_per_day=100_000, tokens_per_day=20_000_000, priority="high")}
+
+
+@dataclass
+class AuthConfig:
+    # every router request needs `authorization: Bearer <key>`; false only for local development
+    enabled: bool = True
+    key_store: str = "keys.sqlite"  # SQLite file of hashed keys and daily usage, relative to this file
+    plans: dict[str, PlanConfig] = field(default_factory=_default_plans)  # plan name -> quotas
+
+
+DEVICE_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")  # valid in a KV key
+
+
+@dataclass
+class DeviceAgentConfig:
+    """The device agent as a fleet member (device_agent/fleet.py); threads come from tiers.device.threads."""
+
+    device_id: str = ""  # this board's id in the fleet ("" = no fleet: serve only); letters, digits, _ and -
+    credential: str = ""  # bootstrap credential; the first registration binds the id to its sha256
+    heartbeat_s: float = 30.0  # seconds between heartbeats (backing off up to 8x while NATS is away)
+    stale_after_beats: int = 3  # the fleet view marks a device stale after this many missed beats
+    state_dir: str = "device-state"  # relative to the manifest: installed model versions and the outbox
+    outbox_max_events: int = 10000  # telemetry kept while offline; beyond, the oldest are dropped (counted)
+    memory_max_mb: int = 0  # the agent's memory cap (private writable memory, RLIMIT_DATA, MiB); 0 = none
+    health_problems: int = 16  # benchmark problems a new model is checked on before it takes traffic
+    # share of their reference answers' tokens it must predict (teacher-forced), else the update is rolled back
+    health_min_token_accuracy: float = 0.25
+
+    def __post_init__(self):
+        if self.device_id and not set(self.device_id) <= DEVICE_ID_CHARS:
+            raise ValueError(f"device_id: {self.device_id!r} may hold only letters, digits, '_' and '-'")
+        if len(self.device_id) > 64:
+            raise ValueError(f"device_id: {len(self.device_id)} characters, at most 64")
+        if self.device_id and len(self.credential) < 8:
+            raise ValueError("credential: required (at least 8 characters) when device_id is set")
 
 
 @dataclass
@@ -83,11 +139,17 @@ class Manifest:
     nats: NatsConfig = field(default_factory=NatsConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    device_agent: DeviceAgentConfig = field(default_factory=DeviceAgentConfig)
     version: int = 1
 
     @property
     def models_path(self) -> Path:
         return (self.path.parent / self.models_dir).resolve()
+
+    @property
+    def key_store_path(self) -> Path:
+        return (self.path.parent / self.auth.key_store).resolve()
 
     def tier(self, name: str) -> TierConfig:
         if name not in self.tiers:
@@ -102,6 +164,9 @@ _RANGES = {  # field -> (min, max) inclusive, None = unbounded
     "request_timeout_ms": (1, None), "cloud_complexity": (0, 1), "device_complexity": (0, 1),
     "retries_per_tier": (0, 10), "max_batch_size": (1, 1024), "max_queue_delay_ms": (0, 10000),
     "max_queue": (1, 100000), "version": (1, 1),
+    "http_port": (-1, 65535), "calls_per_day": (1, None), "tokens_per_day": (1, None),
+    "heartbeat_s": (0.05, 86400), "stale_after_beats": (1, 1000), "outbox_max_events": (1, 10_000_000),
+    "memory_max_mb": (0, None), "health_problems": (1, 1000), "health_min_token_accuracy": (0, 1),
 }
 
 
@@ -122,6 +187,10 @@ def load_manifest(path: str | Path, check_artifacts: bool = True) -> Manifest:
     for name, t in manifest.router.confidence_threshold.items():
         if name not in TIERS or not 0 <= t <= 1:
             raise ManifestError(f"{path}: router.confidence_threshold.{name}: must be a tier name -> value in [0, 1]")
+    if manifest.auth.enabled and not manifest.auth.plans:
+        raise ManifestError(f"{path}: auth.plans: at least one plan is needed when auth.enabled is true")
+    if manifest.auth.enabled and not manifest.auth.key_store:
+        raise ManifestError(f"{path}: auth.key_store: must name a file when auth.enabled is true")
     if manifest.limits.default_max_tokens > manifest.limits.max_tokens:
         raise ManifestError(f"{path}: limits.default_max_tokens: must be <= limits.max_tokens "
                             f"({manifest.limits.max_tokens})")

@@ -11,6 +11,7 @@ status name, converted in one place (`_respond_error`).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from nats.micro import add_service
 SUBJECT_PREFIX = "tierline"
 STATUS_HEADER = "Tierline-Status"  # the gRPC status name of an error reply
 DEFAULT_RECONNECT_WAIT_S = 1.0  # seconds between reconnect attempts (forever)
+MAX_RECONNECT_BACKOFF_S = 30.0  # seconds, the longest wait between first-connection attempts
 START_TIMEOUT_S = 10.0  # connecting and registering, at most
 HANDLER_THREADS = 64  # requests in flight per tier process (they wait on the batcher)
 
@@ -28,6 +30,42 @@ HANDLER_THREADS = 64  # requests in flight per tier process (they wait on the ba
 def subject(tier: str, verb: str = "infer") -> str:
     """The one place subject names are made: tierline.<tier>.<verb>."""
     return f"{SUBJECT_PREFIX}.{tier}.{verb}"
+
+
+def service_name(tier: str) -> str:
+    """A tier's nats.micro service name (discovery: $SRV.PING|INFO|STATS.<name>)."""
+    return f"{SUBJECT_PREFIX}-{tier}"
+
+
+async def discover(nc, tier: str, verb: str = "STATS", wait_s: float = 0.25) -> list[dict]:
+    """Every replica's reply to `$SRV.<verb>.tierline-<tier>`, gathered for `wait_s` seconds.
+
+    nats.micro replicas all answer a discovery request, so this is a scatter-gather on a
+    reply inbox rather than `nc.request` (which keeps only the first reply).
+    """
+    import json
+
+    from nats.errors import TimeoutError as NatsTimeout
+
+    loop = asyncio.get_running_loop()
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    replies: list[dict] = []
+    try:
+        await nc.publish(f"$SRV.{verb}.{service_name(tier)}", b"", reply=inbox)
+        deadline = loop.time() + wait_s
+        while (left := deadline - loop.time()) > 0:
+            try:
+                msg = await sub.next_msg(timeout=left)
+            except NatsTimeout:
+                break
+            try:
+                replies.append(json.loads(msg.data))
+            except ValueError:
+                continue  # not a nats.micro reply
+    finally:
+        await sub.unsubscribe()
+    return replies
 
 
 ERROR_CODE_HEADER = "Nats-Service-Error-Code"  # set by nats.micro on error replies
@@ -132,6 +170,20 @@ async def connect(opts: NatsOptions, name: str, timeout_s: float = START_TIMEOUT
     raise ConnectionError(f"cannot connect to NATS at {opts.url}: {why or errors[-1:]}")
 
 
+def stop_loop_thread(loop: asyncio.AbstractEventLoop, thread, cleanup, timeout_s: float = 5.0) -> None:
+    """Run `cleanup()` (a coroutine function) on a background event loop, then stop the loop and its thread.
+
+    Bounded: a cleanup that hangs or fails does not keep the caller from stopping."""
+    if not thread.is_alive():
+        return
+    try:
+        asyncio.run_coroutine_threadsafe(cleanup(), loop).result(timeout=timeout_s)
+    except Exception:  # noqa: BLE001 - stopping anyway
+        pass
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=timeout_s)
+
+
 class TierService:
     """Runs a tier's nats.micro service on its own event loop thread.
 
@@ -140,9 +192,11 @@ class TierService:
     in flight at once and the batcher can group them.
     """
 
-    def __init__(self, tier: str, opts: NatsOptions, handle, status_of, version: str = "1.0.0", stream=None):
+    def __init__(self, tier: str, opts: NatsOptions, handle, status_of, version: str = "1.0.0", stream=None,
+                 stats=None):
         self.tier, self.opts, self._handle, self._status_of, self.version = tier, opts, handle, status_of, version
         self._stream = stream  # stream(request_bytes) -> iterator of response bytes
+        self._stats = stats  # stats() -> dict added to each endpoint's $SRV.STATS data (e.g. queue_depth)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"nats-{tier}", daemon=True)
         self._nc = None
@@ -150,14 +204,44 @@ class TierService:
         self._tasks: set[asyncio.Task] = set()
         self._pool = ThreadPoolExecutor(HANDLER_THREADS, thread_name_prefix=f"nats-{tier}")
 
-    def start(self) -> None:
+    def start(self, retry_forever: bool = False) -> None:
+        """Connect and register; `retry_forever`: when NATS is unreachable, keep trying in the background.
+
+        A board that boots offline must still serve its apps (the device agent); a refused
+        login is never retried.
+        """
         self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=START_TIMEOUT_S + 1)
+        if not retry_forever:
+            asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=START_TIMEOUT_S + 1)
+            return
+        starting = asyncio.run_coroutine_threadsafe(self._start_forever(), self._loop)
+        try:  # a refused login within the first attempt is raised; otherwise it connects in the background
+            starting.result(timeout=self.opts.connect_timeout_s + 1)
+        except concurrent.futures.TimeoutError:
+            pass
+
+    async def _start_forever(self) -> None:
+        delay = DEFAULT_RECONNECT_WAIT_S
+        while True:
+            try:
+                await self._start()
+                return
+            except NatsAuthError:
+                raise  # nothing to retry: the credentials are wrong
+            except (ConnectionError, TimeoutError, OSError):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_RECONNECT_BACKOFF_S)
+
+    @property
+    def connected(self) -> bool:
+        """Whether requests to other tiers can go out now (False while NATS is away)."""
+        return self._nc is not None and self._nc.is_connected and self._service is not None
 
     async def _start(self) -> None:
         self._nc = await connect(self.opts, name=f"tierline-{self.tier}")
-        self._service = await add_service(self._nc, name=f"tierline-{self.tier}", version=self.version,
-                                          description=f"Tierline {self.tier} tier")
+        self._service = await add_service(self._nc, name=service_name(self.tier), version=self.version,
+                                          description=f"Tierline {self.tier} tier",
+                                          stats_handler=(lambda _: self._stats()) if self._stats else None)
         await self._service.add_endpoint(name="infer", subject=subject(self.tier), handler=self._on_request)
         if self._stream:
             await self._service.add_endpoint(name="stream", subject=subject(self.tier, "stream"),
@@ -221,10 +305,4 @@ class TierService:
             if self._nc:
                 await self._nc.drain()
 
-        if self._thread.is_alive():
-            try:
-                asyncio.run_coroutine_threadsafe(_stop(), self._loop).result(timeout=5)
-            except Exception:  # noqa: BLE001 - stopping anyway
-                pass
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=5)
+        stop_loop_thread(self._loop, self._thread, _stop)

@@ -165,7 +165,9 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
             resp.timings.CopyFrom(pb.Timings(total_ms=(time.perf_counter() - t0) * 1000))
             return resp
         timeout = timeout_s if timeout_s is not None else self.default_timeout_s
-        ticket = self.batcher.submit(req.prompt, params, priority=int(req.priority), timeout_s=timeout)
+        # PRIORITY_UNSPECIFIED is served as NORMAL (the proto's promise), not below LOW
+        priority = int(req.priority) or pb.PRIORITY_NORMAL
+        ticket = self.batcher.submit(req.prompt, params, priority=priority, timeout_s=timeout)
         if on_abandon is not None:
             on_abandon(ticket.cancel)
         try:

@@ -37,7 +37,12 @@ def main(tier: str, argv: list[str] | None = None) -> int:
     try:
         manifest = load_manifest(args.manifest)
         tc = manifest.tier(tier_name)
-        engine = load_engine(manifest.models_path, tier_name, threads=tc.threads)
+        models_dir = manifest.models_path
+        if tier_name == "device":  # the memory cap; the model an OTA update installed last, if any
+            from device_agent.fleet import prepare_device
+
+            models_dir = prepare_device(manifest)
+        engine = load_engine(models_dir, tier_name, threads=tc.threads)
     except (ManifestError, ArtifactError) as exc:
         print(f"{tier}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_MANIFEST
@@ -66,21 +71,31 @@ def main(tier: str, argv: list[str] | None = None) -> int:
             for chunk in servicer.stream(pb.InferRequest.FromString(data)):
                 yield chunk.SerializeToString()
 
-        nats_service = TierService(tier_name, nats_options(manifest), handle, servicer._status_of, stream=stream)
+        nats_service = TierService(tier_name, nats_options(manifest), handle, servicer._status_of, stream=stream,
+                                   stats=lambda: {"queue_depth": servicer.batcher.depth})
+        fleet_member = tier_name == "device" and bool(manifest.device_agent.device_id)
         try:
-            nats_service.start()
+            nats_service.start(retry_forever=fleet_member)  # a board that boots offline still serves
         except (NatsAuthError, ConnectionError, TimeoutError) as exc:
             print(f"{tier}: error: {exc}", file=sys.stderr)
             server.stop(0)
             return EXIT_BAD_MANIFEST
         if hasattr(servicer, "link"):
             servicer.link = nats_service
+    fleet = None
+    if tier_name == "device" and manifest.device_agent.device_id and not args.no_nats:
+        from device_agent.fleet import FleetAgent
+
+        fleet = FleetAgent(manifest, servicer, threads=tc.threads).start()
     print(json.dumps({"event": "ready", "tier": tier_name, "grpc_port": port, "metrics_port": metrics_port,
-                      "nats_subject": None if args.no_nats else subject(tier_name)}), flush=True)
+                      "nats_subject": None if args.no_nats else subject(tier_name),
+                      "device_id": fleet.device_id if fleet else None}), flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
+    if fleet:
+        fleet.stop()
     if nats_service:
         nats_service.stop()
     server.stop(grace=2).wait()

@@ -37,3 +37,24 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def new_key(stack, plan: str) -> tuple[str, str]:
+    """(key id, raw key) of a fresh API key on a running stack's store, made through the CLI."""
+    proc = run_cli("keys", "create", "--plan", plan, "--manifest", str(stack.manifest), "--json", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    return out["id"], out["key"]
+
+
+def processes_with(match) -> list[str]:
+    """Pids of the running processes whose argv (a list of bytes) satisfies `match`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if match(args):
+            found.append(cmdline.parent.name)
+    return found

@@ -3,21 +3,13 @@
 Its own module, so that no other test's platform is running while it looks for leftovers.
 """
 
-from pathlib import Path
 
-from tests.conftest import run_cli
+from tests.conftest import processes_with, run_cli
 
 
 def test_demo_runs_the_whole_platform_and_leaves_nothing_behind(tiny_family):
     proc = run_cli("demo", "--models", str(tiny_family), "--n", "24", "--concurrency", "4")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Tierline demo: 24 requests" in proc.stdout and "of sending everything to the cloud" in proc.stdout
-    leftover = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            args = cmdline.read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"--manifest" in args and any(b"/tierline-" in a for a in args):
-            leftover.append(cmdline.parent.name)
+    leftover = processes_with(lambda args: b"--manifest" in args and any(b"/tierline-" in a for a in args))
     assert not leftover

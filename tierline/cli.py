@@ -121,6 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--models", type=Path, default=DEFAULT_MODELS)
     u.add_argument("--pidfile", type=Path, default=Path("runs/up.pid"))
 
+    from tierline.devices import add_parser as add_devices  # the fleet commands live in their own module
+
+    p.handlers = add_devices(sub, _Parser)
+
+    from bench.cli import add_parser as add_bench  # `tierline bench` (make bench) lives in bench/
+
+    p.handlers.update(add_bench(sub, _Parser))
+
+    from tierline.client_cli import add_parsers as add_client  # infer, stream, status: through the SDK
+    from tierline.keys import add_parser as add_keys  # API keys
+
+    p.handlers.update(add_client(sub, _Parser))
+    p.handlers.update(add_keys(sub, _Parser))
     return p
 
 
@@ -291,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         handlers = {("models", "build"): _cmd_build, ("models", "eval"): _cmd_eval, ("models", "bench"): _cmd_bench,
                     ("route", "train-scorer"): _cmd_train_scorer, ("route", "eval"): _cmd_route_eval,
                     ("route", "calibrate"): _cmd_route_calibrate,
-                    ("demo", None): _cmd_demo, ("up", None): _cmd_up}
+                    ("demo", None): _cmd_demo, ("up", None): _cmd_up, **parser.handlers}
         handler = handlers[(args.command, getattr(args, "action", None))]
         return handler(args)
     except UsageError as exc:

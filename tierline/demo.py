@@ -46,18 +46,19 @@ def stack_overrides(models_dir: Path | None = None) -> dict:
     return overrides
 
 
-def run_workload(address: str, n: int, concurrency: int, seed: int = 7) -> list[tuple]:
+def run_workload(address: str, n: int, concurrency: int, seed: int = 7, api_key: str | None = None) -> list[tuple]:
     """(problem, response or None, error or None, seconds) for n benchmark problems."""
     problems = generate("test", n, seed=seed)
     channel = grpc.insecure_channel(address)
     grpc.channel_ready_future(channel).result(timeout=DEMO_TIMEOUT_S)
     stub = pb_grpc.InferenceServiceStub(channel)
+    auth = (("authorization", f"Bearer {api_key}"),) if api_key else None
 
     def one(p):
         t0 = time.perf_counter()
         try:
             r = stub.Infer(pb.InferRequest(prompt=p.prompt, parameters=pb.Parameters(max_tokens=96)),
-                           timeout=DEMO_TIMEOUT_S)
+                           timeout=DEMO_TIMEOUT_S, metadata=auth)
             return p, r, None, time.perf_counter() - t0
         except grpc.RpcError as exc:
             return p, None, f"{exc.code().name}: {exc.details()}", time.perf_counter() - t0
@@ -109,12 +110,13 @@ def report(results: list[tuple], costs: dict[str, float], wall_s: float, console
 def demo(models_dir: Path, n: int = 300, concurrency: int = 16) -> int:
     console = Console()
     with console.status("starting nats-server, device, edge, cloud and router..."):
-        stack = Stack(models_dir, overrides=stack_overrides(models_dir)).start()
+        stack = Stack(models_dir, overrides=stack_overrides(models_dir), auth=True).start()
     try:
-        console.print(f"platform up: router at {stack.router_address}, NATS at {stack.nats.url} (auth on)")
+        console.print(f"platform up: router at {stack.router_address}, NATS at {stack.nats.url} (auth on), "
+                      f"API keys on (a pro key was made for the demo)")
         t0 = time.perf_counter()
         with console.status(f"sending {n} benchmark requests, {concurrency} at a time..."):
-            results = run_workload(stack.router_address, n, concurrency)
+            results = run_workload(stack.router_address, n, concurrency, api_key=stack.api_key)
         manifest = load_manifest(stack.manifest, check_artifacts=False)
         costs = {name: tier.cost_per_1k_tokens for name, tier in manifest.tiers.items()}
         summary = report(results, costs, time.perf_counter() - t0, console)
@@ -130,12 +132,15 @@ def up(models_dir: Path, pidfile: Path) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    stack = Stack(models_dir, overrides=stack_overrides(models_dir)).start()
+    stack = Stack(models_dir, overrides=stack_overrides(models_dir), auth=True).start()
     pidfile.parent.mkdir(parents=True, exist_ok=True)
     pidfile.write_text(str(os.getpid()))
     try:
         console.print(f"Tierline is up. Router (gRPC): {stack.router_address}  NATS: {stack.nats.url}\n"
-                      f"Manifest: {stack.manifest}\nStop with Ctrl-C or `make down`.")
+                      f"OpenAI-compatible API: {stack.http_base_url}\n"
+                      f"API key (pro plan, shown once): {stack.api_key}\n"
+                      f"Manifest: {stack.manifest} (more keys: tierline keys create --plan free --manifest ...)\n"
+                      f"Stop with Ctrl-C or `make down`.")
         stop.wait()
     finally:
         stack.stop()

@@ -4,6 +4,10 @@ Used by `make demo` / `make up` and by the end-to-end tests, so both run the sam
 processes the same way. Every process listens on loopback on a free port; the
 nats-server runs with user/password auth; `stop()` ends every process it started
 (process groups, SIGTERM then SIGKILL), so nothing is left behind.
+
+API keys are off in the manifests it writes (`auth.enabled: false`, explicit) unless
+`Stack(auth=True)`: then the router checks keys and the stack makes one
+(`stack.api_key`), as `make demo` and `make up` do.
 """
 
 from __future__ import annotations
@@ -44,11 +48,18 @@ class Proc:
 
 
 class NatsServer:
-    """A real nats-server on a free loopback port, with user/password auth."""
+    """A real nats-server on a free loopback port, with user/password auth.
 
-    def __init__(self, workdir: Path, user: str = "tierline", password: str | None = None):
+    `jetstream=True` turns on JetStream (KV, Object Store, streams) with its store under
+    `workdir`; after `stop()`, `start()` again comes back on the same port with the same
+    store (a restart, as the device fleet tests need).
+    """
+
+    def __init__(self, workdir: Path, user: str = "tierline", password: str | None = None,
+                 jetstream: bool = False):
         self.workdir, self.user = workdir, user
         self.password = password or secrets.token_hex(12)
+        self.jetstream = jetstream
         self.port = 0
         self.proc: subprocess.Popen | None = None
 
@@ -59,8 +70,9 @@ class NatsServer:
     def start(self) -> "NatsServer":
         conf = self.workdir / "nats.conf"
         conf.write_text(
-            "listen: 127.0.0.1:-1\n"
+            f"listen: 127.0.0.1:{self.port or -1}\n"
             f'authorization {{ users = [ {{ user: "{self.user}", password: "{self.password}" }} ] }}\n'
+            + (f'jetstream {{ store_dir: "{self.workdir / "jetstream"}" }}\n' if self.jetstream else "")
         )
         ports = self.workdir / "ports"
         ports.mkdir(exist_ok=True)
@@ -114,6 +126,8 @@ def write_manifest(path: Path, models_dir: Path, nats: NatsServer, tiers=("devic
     }
     if "router_scorer" in models["artifacts"]:  # the learned scorer built with these models
         data["router"] = {"scorer": models["artifacts"]["router_scorer"]["path"]}
+    # API keys off unless asked for (Stack(auth=True) turns them on and makes a key)
+    data["auth"] = {"enabled": False, "key_store": "keys.sqlite"}
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
@@ -128,21 +142,28 @@ class Stack:
     """nats-server + tier processes + router, started from one manifest."""
 
     def __init__(self, models_dir: Path, workdir: Path | None = None, tiers=("device", "edge", "cloud"),
-                 replicas: dict[str, int] | None = None, overrides: dict | None = None, router: bool = True):
+                 replicas: dict[str, int] | None = None, overrides: dict | None = None, router: bool = True,
+                 jetstream: bool = False, auth: bool = False, key_plan: str = "pro"):
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="tierline-")
         self.workdir = Path(workdir or self._tmp.name)
         self.models_dir = Path(models_dir)
         self.tiers, self.replicas = tiers, replicas or {}
         self.overrides, self.with_router = overrides, router
-        self.nats = NatsServer(self.workdir)
+        self.nats = NatsServer(self.workdir, jetstream=jetstream)
         self.procs: list[Proc] = []
         self.manifest: Path | None = None
+        # auth=True: the router checks API keys, and one key of `key_plan` is made for the caller
+        self.auth, self.key_plan = auth, key_plan
+        self.api_key: str | None = None
 
     def start(self) -> "Stack":
         try:
             self.nats.start()
+            overrides = {"auth.enabled": True, **(self.overrides or {})} if self.auth else self.overrides
             self.manifest = write_manifest(self.workdir / "manifest.yaml", self.models_dir, self.nats, self.tiers,
-                                           self.overrides)
+                                           overrides)
+            if self.auth:
+                self.api_key = self.create_key(self.key_plan)
             for tier in self.tiers:
                 for i in range(self.replicas.get(tier, 1)):
                     self.start_process(f"{tier}-{i}", TIER_MODULES[tier])
@@ -183,6 +204,30 @@ class Stack:
     @property
     def router_address(self) -> str:
         return f"127.0.0.1:{self.port('router')}"
+
+    @property
+    def http_base_url(self) -> str:
+        """The router's OpenAI-compatible API, e.g. for `openai.OpenAI(base_url=...)`."""
+        port = next(p.ready["http_port"] for p in self.procs if p.name == "router")
+        return f"http://127.0.0.1:{port}/v1"
+
+    def create_key(self, plan: str, name: str = "") -> str:
+        """A new API key in this platform's key store (what `tierline keys create` does)."""
+        from router.auth import KeyStore
+        from shared.manifest import load_manifest
+
+        store = KeyStore(load_manifest(self.manifest, check_artifacts=False).key_store_path)
+        try:
+            return store.create(plan, name or f"stack {plan}")[1]
+        finally:
+            store.close()
+
+    def restart(self, name: str, module: str = "router") -> Proc:
+        """Stop one process gracefully (SIGTERM) and start it again from the same manifest."""
+        proc = next(p for p in self.procs if p.name == name)
+        _terminate(proc.popen)
+        self.procs.remove(proc)
+        return self.start_process(name, module)
 
     def kill(self, name: str) -> None:
         """Hard-kill one process (a failure test)."""

@@ -1,0 +1,135 @@
+"""`tierline bench [--quick]`: start what each scenario needs, measure, write the report.
+
+Three phases, one after the other so that only the processes being measured are
+up: (A) the whole platform (device, edge, cloud, router) for edge vs cloud, tiered
+vs cloud only, and the router/NATS timings; (B) the edge behind a router, an edge
+with batching off, the bare engine and the LitServe peer; (C) an edge with its
+result cache on. The throughput stacks run with the result cache off, so the same
+workload can be replayed to every target. `--quick` (tiny models, a handful of
+requests, one repeat) only proves that every section is produced.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+from bench import scenarios
+from bench.load import HttpClient
+from bench.peer import PeerServer, available
+from bench.report import write_report
+from shared.artifacts import load_engine
+from shared.artifacts import load_manifest as load_models
+from shared.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_DELAY_MS
+from shared.manifest import load_manifest
+from shared.problems import generate
+from tierline.demo import stack_overrides
+from tierline.stack import Stack
+
+SECTION_ORDER = ("edge_vs_cloud", "tiered_vs_cloud", "batching", "cache", "platform_overhead", "peer_litserve",
+                 "router_and_nats")
+
+
+def _tiers(tiers, threads: int, cache: bool = False) -> dict:
+    """Manifest overrides: every tier with the bench's thread count, its result cache off unless asked."""
+    out = {f"tiers.{t}.threads": threads for t in tiers}
+    if not cache:
+        out.update({f"tiers.{t}.cache_size": 0 for t in tiers})
+    return out
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def run_bench(models_dir: Path, out_dir: Path, quick: bool = False, log=print) -> dict:
+    """Measure every scenario and write BENCHMARKS.md, bench/results.json and bench/plots/ under out_dir."""
+    cfg = scenarios.QUICK if quick else scenarios.FULL
+    models_dir = Path(models_dir)
+    t_start = time.perf_counter()
+    problems = generate("test", cfg.requests, seed=cfg.seed)
+    prompts = [p.prompt for p in problems]
+    warm = [p.prompt for p in generate("test", cfg.warmup, seed=cfg.seed + 1000)]
+    sections: dict[str, dict] = {}
+    phases: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    log("phase A: nats-server, device, edge, cloud, router (result caches off)")
+    # the demo's costs and router policy (the calibrated one when infra/manifests/local.yaml serves these models)
+    with Stack(models_dir, overrides={**stack_overrides(models_dir), **_tiers(scenarios.TIERS, cfg.threads)}) as full:
+        manifest = load_manifest(full.manifest, check_artifacts=False)
+        costs = {name: tier.cost_per_1k_tokens for name, tier in manifest.tiers.items()}
+        log("  1. edge vs cloud")
+        sections["edge_vs_cloud"] = scenarios.edge_vs_cloud(full, cfg, prompts, warm)
+        log("  2. tiered vs cloud only")
+        sections["tiered_vs_cloud"] = scenarios.tiered_vs_cloud(full, cfg, problems, warm, costs)
+        log("  7. router decision time, NATS hop")
+        decisions = [p.prompt for p in generate("test", cfg.decisions, seed=cfg.seed + 3000)]
+        sections["router_and_nats"] = scenarios.router_and_nats(full, cfg, decisions)
+    phases["A"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    log("phase B: edge + router, edge with batching off, bare engine, LitServe")
+    edge_only = {**_tiers(["edge"], cfg.threads), "router.confidence_threshold": {"edge": 0.0}}
+    batching_off = {**_tiers(["edge"], cfg.threads),
+                    "tiers.edge.batching": {"max_batch_size": 1, "max_queue_delay_ms": 0}}
+    with Stack(models_dir, tiers=("edge",), overrides=edge_only) as on, \
+            Stack(models_dir, tiers=("edge",), router=False, overrides=batching_off) as off:
+        log("  3. batching on vs off")
+        sections["batching"] = scenarios.batching(on, off, cfg, prompts, warm)
+        engine = load_engine(models_dir, "edge", threads=cfg.threads)
+        reason = available()
+        peer = None
+        if reason is None:
+            try:
+                peer = PeerServer(models_dir, on.workdir, cfg.threads, DEFAULT_MAX_BATCH_SIZE,
+                                  DEFAULT_MAX_QUEUE_DELAY_MS / 1000).start()
+            except (RuntimeError, TimeoutError) as exc:
+                reason = f"LitServe did not start: {exc}"
+        try:
+            log("  5. platform overhead, 6. LitServe peer")
+            client = HttpClient("127.0.0.1", peer.port, cfg.max_tokens) if peer else None
+            sections["platform_overhead"], sections["peer_litserve"] = scenarios.overhead_and_peer(
+                on, engine, client, reason, cfg, prompts, warm, DEFAULT_MAX_BATCH_SIZE)
+        finally:
+            if peer:
+                peer.stop()
+        del engine
+    phases["B"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    log("phase C: edge with its result cache on")
+    with Stack(models_dir, tiers=("edge",), router=False, overrides=_tiers(["edge"], cfg.threads, cache=True)) \
+            as cached:
+        log("  4. cache")
+        pool = generate("test", cfg.cache_prompts * (cfg.repeats + 1), seed=cfg.seed + 2000)
+        dialogue = generate("test", 3 * cfg.dialogues, seed=cfg.seed + 4000, levels=(1, 2))
+        sections["cache"] = scenarios.cache(cached, cfg, pool, dialogue)
+    phases["C"] = time.perf_counter() - t0
+
+    models = load_models(models_dir)
+    results = {
+        "meta": {
+            "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": "tierline bench" + (" --quick" if quick else ""),
+            "quick": quick, "models_dir": str(models_dir), "family": models.get("family", "unknown"),
+            "model_name": models.get("model_name", "unknown"),
+            "machine": {"cpus": os.cpu_count() or 0, "cpu": _cpu_name(), "python": platform.python_version()},
+            "config": asdict(cfg),
+            "phase_seconds": {k: round(v, 1) for k, v in phases.items()},
+            "total_seconds": round(time.perf_counter() - t_start, 1),
+        },
+        "sections": {k: sections[k] for k in SECTION_ORDER},
+    }
+    write_report(results, out_dir)
+    return results

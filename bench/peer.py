@@ -1,0 +1,117 @@
+"""The peer: the same int8 ONNX edge model served by LitServe with its own dynamic batching.
+
+`python -m bench.peer --models DIR --port P` runs it (one inference worker, the
+same engine, thread count and batch settings as the edge tier); `PeerServer`
+starts that process, waits for LitServe's /health and stops its whole process
+group. `available()` says why it cannot run when litserve is not installed, so the
+report can say so instead of inventing a number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+READY_TIMEOUT_S = 90.0  # LitServe spawning its workers and loading the model, at most
+HEALTH_TIMEOUT_S = 2.0  # one /health probe
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def available() -> str | None:
+    """None when litserve can be imported, else the reason it cannot."""
+    try:
+        import litserve  # noqa: F401
+    except ImportError as exc:
+        return f"litserve is not installed ({exc}); install the dev extra (make setup)"
+    return None
+
+
+def serve(models_dir: str, port: int, threads: int, max_batch_size: int, batch_timeout_s: float) -> None:
+    import litserve as ls
+
+    from bench.litserve_api import EdgeLitAPI
+
+    api = EdgeLitAPI(models_dir, threads, max_batch_size=max_batch_size, batch_timeout=batch_timeout_s)
+    server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1, timeout=60)
+    server.run(host="127.0.0.1", port=port, num_api_servers=1, log_level="warning", generate_client_file=False)
+
+
+def free_port() -> int:
+    """A free loopback port (LitServe refuses port 0, so one is picked here)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PeerServer:
+    """A LitServe process serving the edge model, stopped with its whole process group."""
+
+    def __init__(self, models_dir: Path, workdir: Path, threads: int, max_batch_size: int, batch_timeout_s: float):
+        self.models_dir, self.workdir = Path(models_dir), Path(workdir)
+        self.threads, self.max_batch_size, self.batch_timeout_s = threads, max_batch_size, batch_timeout_s
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "PeerServer":
+        self.port = free_port()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        log = open(self.workdir / "litserve.log", "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.peer", "--models", str(self.models_dir.resolve()), "--port", str(self.port),
+             "--threads", str(self.threads), "--max-batch-size", str(self.max_batch_size),
+             "--batch-timeout", str(self.batch_timeout_s)],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir, start_new_session=True)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"LitServe exited with {self.proc.returncode}: "
+                                   f"{(self.workdir / 'litserve.log').read_text()[-2000:]}")
+            if self._healthy():
+                return self
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"LitServe not ready in {READY_TIMEOUT_S} s")
+
+    def _healthy(self) -> bool:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=HEALTH_TIMEOUT_S)
+            conn.request("GET", "/health")
+            ok = conn.getresponse().status == 200
+            conn.close()
+            return ok
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        from tierline.stack import _terminate  # SIGTERM to the process group, then SIGKILL
+
+        _terminate(self.proc)
+
+    def __enter__(self) -> "PeerServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.peer", description="the edge model behind LitServe")
+    parser.add_argument("--models", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--batch-timeout", type=float, default=0.005, help="seconds")
+    args = parser.parse_args(argv)
+    serve(args.models, args.port, args.threads, args.max_batch_size, args.batch_timeout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

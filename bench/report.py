@@ -1,0 +1,297 @@
+"""BENCHMARKS.md, bench/results.json and the PNG plots, from the results of one run.
+
+Every number in the Markdown comes from results.json; a value that was not
+measured is printed with its reason, never as a number.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path("bench/results.json")  # relative to the output directory
+PLOTS = Path("bench/plots")
+MARKDOWN = Path("BENCHMARKS.md")
+
+
+def is_not_measured(v) -> bool:
+    return isinstance(v, dict) and set(v) == {"not_measured"}
+
+
+def fmt(v, unit: str = "", pct: bool = False) -> str:
+    if is_not_measured(v):
+        return f"*not measured: {v['not_measured']}*"
+    if isinstance(v, (int, float)):
+        if pct:
+            return f"{100 * v:.1f}%"
+        text = f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}" if abs(v) < 1 else f"{v:.1f}"
+        return text + unit
+    return str(v)
+
+
+def _x(v) -> str:
+    return fmt(v) if is_not_measured(v) else f"{v:.2f}x"
+
+
+def _points(v) -> str:
+    return fmt(v) if is_not_measured(v) else f"{100 * v:+.1f} points"
+
+
+def _val(v):
+    """A plottable number (0 where not measured)."""
+    return 0.0 if is_not_measured(v) or not isinstance(v, (int, float)) else float(v)
+
+
+def _plain(v) -> str:
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} {_plain(x)}" for k, x in v.items()) + "}"
+    return str(v)
+
+
+def _how(method: dict) -> str:
+    parts = [f"{k.replace('_', ' ')}: {_plain(v)}" for k, v in method.items()]
+    return "*How measured:* " + "; ".join(parts) + "."
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out + [""]
+
+
+# -- plots ---------------------------------------------------------------------------------------------------
+def _plots(sections: dict, plot_dir: Path) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+
+    def bars(ax, labels, values, title, ylabel, log=False):
+        if log:
+            ax.set_yscale("log")
+        ax.bar(labels, [_val(v) for v in values], color=["#4c72b0", "#dd8452", "#55a868", "#c44e52"][:len(labels)])
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(ylabel)
+        for i, v in enumerate(values):
+            ax.annotate("n/m" if is_not_measured(v) else f"{_val(v):.3g}", (i, _val(v)), ha="center",
+                        va="bottom", fontsize=8)
+
+    m = sections["edge_vs_cloud"]["metrics"]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    bars(axes[0], ["edge p50", "cloud p50", "edge p95", "cloud p95"],
+         [m["edge"]["first_token_ms_p50"], m["cloud"]["first_token_ms_p50"], m["edge"]["first_token_ms_p95"],
+          m["cloud"]["first_token_ms_p95"]], "first token (stream, concurrency 1)", "ms")
+    bars(axes[1], ["edge", "cloud"], [m["edge"]["qps"], m["cloud"]["qps"]],
+         f"throughput at concurrency {sections['edge_vs_cloud']['method']['concurrency']}", "requests/s")
+    bars(axes[2], ["edge", "cloud"], [m["edge"]["peak_rss_mib"], m["cloud"]["peak_rss_mib"]],
+         "peak RSS of the tier process", "MiB")
+    files["edge_vs_cloud"] = _save(fig, plot_dir / "edge_vs_cloud.png")
+
+    m = sections["tiered_vs_cloud"]["metrics"]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    bars(axes[0], ["tiered", "cloud only"], [m["tiered"]["qps"], m["cloud_only"]["qps"]], "throughput", "requests/s")
+    bars(axes[1], ["tiered", "cloud only"], [m["tiered"]["cost_per_request"], m["cloud_only"]["cost_per_request"]],
+         "cost per request", "relative units")
+    bottom = [0.0, 0.0]
+    for tier, color in (("device", "#55a868"), ("edge", "#4c72b0"), ("cloud", "#dd8452")):
+        vals = [_val(m["tiered"]["share"][tier]), _val(m["cloud_only"]["share"][tier])]
+        axes[2].bar(["tiered", "cloud only"], vals, bottom=bottom, label=tier, color=color)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    axes[2].set_title("share of requests answered per tier", fontsize=10)
+    axes[2].legend(fontsize=8)
+    files["tiered_vs_cloud"] = _save(fig, plot_dir / "tiered_vs_cloud.png")
+
+    b, o, p = (sections[k]["metrics"] for k in ("batching", "platform_overhead", "peer_litserve"))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    bars(axes[0], ["batching on", "batching off"], [b["on"]["qps"], b["off"]["qps"]],
+         f"edge throughput at concurrency {sections['batching']['method']['concurrency']}", "requests/s")
+    bars(axes[1], ["bare engine", "edge node", "router+NATS", "LitServe"],
+         [o["bare"]["qps"], o["edge_node"]["qps"], o["platform"]["qps"], p["litserve"]["qps"]],
+         f"edge model throughput, concurrency {sections['platform_overhead']['method']['concurrency']}", "requests/s")
+    files["serving"] = _save(fig, plot_dir / "serving.png")
+
+    c = sections["cache"]["metrics"]
+    r = sections["router_and_nats"]["metrics"]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    bars(axes[0], ["miss", "hit"], [c["repeat"]["miss_latency_ms_p50"], c["repeat"]["hit_latency_ms_p50"]],
+         "repeated prompt, latency p50", "ms")
+    turns = [k for k in c["multi_turn"] if k.endswith("_prefill_first_token_ms_p50")]
+    bars(axes[1], [k.split("_")[0] for k in turns], [c["multi_turn"][k] for k in turns],
+         "multi-turn: prefill + first token per turn", "ms")
+    bars(axes[2], ["decide\np50", "decide\np99", "NATS\np50", "NATS\np99"],
+         [r["decision_us"]["p50"], r["decision_us"]["p99"], _ms_to_us(r["nats_round_trip_ms"]["p50"]),
+          _ms_to_us(r["nats_round_trip_ms"]["p99"])], "router decision vs one NATS round trip", "µs (log)",
+         log=True)
+    files["cache_and_routing"] = _save(fig, plot_dir / "cache_and_routing.png")
+    return files
+
+
+def _ms_to_us(v):
+    return v if is_not_measured(v) else v * 1000
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+# -- markdown ----------------------------------------------------------------------------------------------------
+def render(results: dict, plots: dict[str, str]) -> str:
+    meta, s = results["meta"], results["sections"]
+    ev, tv, ba, ca, po, pe, rn = (s[k] for k in ("edge_vs_cloud", "tiered_vs_cloud", "batching", "cache",
+                                                 "platform_overhead", "peer_litserve", "router_and_nats"))
+    m1, m2, m3, m4, m5, m6, m7 = (x["metrics"] for x in (ev, tv, ba, ca, po, pe, rn))
+    L = [f"# Benchmarks (`{meta['command']}`)", "",
+         f"Measured in one run of `{meta['command']}` on {meta['generated']}: {meta['machine']['cpus']} CPU cores "
+         f"({meta['machine']['cpu']}), Python {meta['machine']['python']}, the `{meta['family']}` model family "
+         f"from `{meta['models_dir']}`; {meta['total_seconds']:.0f} s in all. Every tier, the router, nats-server "
+         "and the LitServe peer are real processes on this machine; compared targets run interleaved, repeat by "
+         "repeat (ABBA order), and ratios are taken within a repeat before the median, so machine drift "
+         "cancels. The raw data is `bench/results.json`.", ""]
+    if meta["quick"]:
+        L += ["> **Quick run** (`--quick`): a handful of requests and one repeat, to check that the report is "
+              "complete. The numbers below mean nothing.", ""]
+    L += ["## Headline", ""]
+    L += _table(["what", "measured here", "the article"], [
+        ["first token, edge vs cloud (p50)", f"{fmt(m1['edge']['first_token_ms_p50'], ' ms')} vs "
+         f"{fmt(m1['cloud']['first_token_ms_p50'], ' ms')}", "230 vs 850 ms"],
+        [f"throughput at concurrency {ev['method']['concurrency']}, edge vs cloud",
+         f"{fmt(m1['edge']['qps'], ' req/s')} vs {fmt(m1['cloud']['qps'], ' req/s')}", "120 vs 45 QPS"],
+        ["peak RSS, edge vs cloud process", f"{fmt(m1['edge']['peak_rss_mib'], ' MiB')} vs "
+         f"{fmt(m1['cloud']['peak_rss_mib'], ' MiB')}", "1.2 vs 4.8 GB"],
+        ["tiered vs cloud only: throughput", _x(m2["ratio"]["throughput_tiered_over_cloud"]), "2.8x"],
+        ["tiered vs cloud only: cost per request, reduction", fmt(m2["ratio"]["cost_reduction"], pct=True), "80%"],
+        ["traffic kept below the cloud", fmt(m2["ratio"]["share_below_cloud"], pct=True), "90% at the edge"],
+        ["tiered vs cloud only: accuracy (exact answer)", f"{fmt(m2['tiered']['accuracy'], pct=True)} vs "
+         f"{fmt(m2['cloud_only']['accuracy'], pct=True)}", "-"],
+        [f"dynamic batching on vs off (concurrency {ba['method']['concurrency']})", _x(m3["ratio"]["qps_on_over_off"]),
+         "about 3x (Triton)"],
+        ["repeated prompt: cache hit vs miss latency", _x(m4["repeat"]["hit_speedup"]), "-"],
+        ["multi-turn prefix KV reuse", fmt(m4["multi_turn"]["prefix_kv_reuse_compute_saving"]), "40% less compute"],
+        ["platform (router + NATS + gRPC) vs bare onnxruntime", fmt(m5["ratio"]["platform_over_bare"], pct=True)
+         if not is_not_measured(m5["ratio"]["platform_over_bare"]) else fmt(m5["ratio"]["platform_over_bare"]),
+         ">= 70% (target)"],
+        ["edge node vs LitServe (same model)", _x(m6["ratio"]["edge_node_over_litserve"]), "-"],
+        ["router decision p50 / p99",
+         f"{fmt(m7['decision_us']['p50'], ' µs')} / {fmt(m7['decision_us']['p99'], ' µs')}", "-"],
+        ["one NATS round trip p50 / p99", f"{fmt(m7['nats_round_trip_ms']['p50'], ' ms')} / "
+         f"{fmt(m7['nats_round_trip_ms']['p99'], ' ms')}", "-"],
+    ])
+
+    L += [f"## 1. {ev['title']}", "", _how(ev["method"]), ""]
+    rows = [["first token p50 (stream, concurrency 1)", "first_token_ms_p50", " ms", "first_token_p50_cloud_over_edge",
+             "230 vs 850 ms"],
+            ["first token p95 (stream, concurrency 1)", "first_token_ms_p95", " ms", None, ""],
+            [f"throughput at concurrency {ev['method']['concurrency']}", "qps", " req/s", "qps_edge_over_cloud",
+             "120 vs 45 QPS"],
+            ["first token under load p50 (tier timing)", "loaded_first_token_ms_p50", " ms", None, ""],
+            ["first token under load p95 (tier timing)", "loaded_first_token_ms_p95", " ms", None, ""],
+            ["latency under load p50", "latency_ms_p50", " ms", None, ""],
+            ["peak RSS of the process", "peak_rss_mib", " MiB", "peak_rss_cloud_over_edge", "1.2 vs 4.8 GB"],
+            ["errors", "errors", "", None, ""]]
+    L += _table(["", "edge (onnxruntime int8)", "cloud (torch fp32)", "ratio", "the article (edge vs cloud)"],
+                [[label, fmt(m1["edge"][k], u), fmt(m1["cloud"][k], u), _x(m1["ratio"][r]) if r else "", a]
+                 for label, k, u, r, a in rows])
+    other = ", ".join(f"{k} {fmt(v, ' MiB')}" for k, v in m1["peak_rss_mib_other"].items())
+    L += [f"Peak RSS of the other processes: {other}.", ""] if other else []
+    L += _notes(ev) + [f"![edge vs cloud]({plots['edge_vs_cloud']})", ""]
+
+    L += [f"## 2. {tv['title']}", "", _how(tv["method"]), ""]
+    t, c = m2["tiered"], m2["cloud_only"]
+    L += _table(["", "tiered (router)", "cloud only"], [
+        ["throughput", fmt(t["qps"], " req/s"), fmt(c["qps"], " req/s")],
+        ["accuracy (exact answer)", fmt(t["accuracy"], pct=True), fmt(c["accuracy"], pct=True)],
+        ["cost per request (relative units)", fmt(t["cost_per_request"]), fmt(c["cost_per_request"])],
+        *[[f"share answered by the {tier}", fmt(t["share"][tier], pct=True), fmt(c["share"][tier], pct=True)]
+          for tier in ("device", "edge", "cloud")],
+        ["escalated (more than one tier ran)", fmt(t["escalated_share"], pct=True),
+         fmt(c["escalated_share"], pct=True)],
+        ["latency p50 / p95", f"{fmt(t['latency_ms_p50'], ' ms')} / {fmt(t['latency_ms_p95'], ' ms')}",
+         f"{fmt(c['latency_ms_p50'], ' ms')} / {fmt(c['latency_ms_p95'], ' ms')}"],
+        ["errors", fmt(t["errors"]), fmt(c["errors"])]])
+    r2 = m2["ratio"]
+    L += [f"Tiered over cloud only: throughput {_x(r2['throughput_tiered_over_cloud'])} (article 2.8x), cost "
+          f"{fmt(r2['cost_reduction'], pct=True)} lower (article 80%), {fmt(r2['share_below_cloud'], pct=True)} "
+          f"of the traffic answered below the cloud (article: 90% at the edge), accuracy "
+          f"{_points(r2['accuracy_delta'])} against the cloud only.", ""]
+    L += _notes(tv) + [f"![tiered vs cloud only]({plots['tiered_vs_cloud']})", ""]
+
+    L += [f"## 3. {ba['title']}", "", _how(ba["method"]), ""]
+    L += _table(["", "throughput", "latency p50", "latency p95", "errors"],
+                [[k, fmt(m3[k]["qps"], " req/s"), fmt(m3[k]["latency_ms_p50"], " ms"),
+                  fmt(m3[k]["latency_ms_p95"], " ms"), fmt(m3[k]["errors"])] for k in ("on", "off")])
+    L += [f"Batching on over off: {_x(m3['ratio']['qps_on_over_off'])} (Triton's tutorial: about 3x).", ""]
+    L += _notes(ba)
+
+    L += [f"## 4. {ca['title']}", "", _how(ca["method"]), ""]
+    rp = m4["repeat"]
+    L += _table(["repeated prompts", "value"], [
+        ["latency p50, miss (first time)", fmt(rp["miss_latency_ms_p50"], " ms")],
+        ["latency p50, hit (same request again)", fmt(rp["hit_latency_ms_p50"], " ms")],
+        ["hit over miss speed-up", _x(rp["hit_speedup"])],
+        ["Zipf traffic: share of requests that repeat an earlier one", fmt(rp["zipf_repeat_share"], pct=True)],
+        ["Zipf traffic: measured hit rate", fmt(rp["zipf_hit_rate"], pct=True)],
+        ["Zipf traffic: throughput", fmt(rp["zipf_qps"], " req/s")]])
+    L += _table(["multi-turn dialogue (3 turns)", "value"],
+                [[k.replace("_", " "), fmt(v)] for k, v in m4["multi_turn"].items()])
+    L += _notes(ca) + [f"![cache and routing]({plots['cache_and_routing']})", ""]
+
+    L += [f"## 5. {po['title']}", "", _how(po["method"]), ""]
+    L += _serving_table(m5, ("bare", "edge_node", "platform"))
+    ratio = m5["ratio"]["platform_over_bare"]
+    verdict = ("not measured" if is_not_measured(ratio) else "target met" if ratio >= po["article"]["target_ratio"]
+               else "target **not** met")
+    L += [f"Router + NATS + gRPC + edge reach {fmt(ratio, pct=True)} of the bare engine's throughput (target >= 70%: "
+          f"{verdict}); the edge node alone over gRPC reaches {fmt(m5['ratio']['edge_node_over_bare'], pct=True)}.", ""]
+    L += _notes(po)
+
+    L += [f"## 6. {pe['title']}", "", _how(pe["method"]), ""]
+    L += _serving_table(m6, ("litserve", "edge_node"))
+    L += [f"Edge node over LitServe: {_x(m6['ratio']['edge_node_over_litserve'])}.", ""]
+    L += _notes(pe) + [f"![serving]({plots['serving']})", ""]
+
+    L += [f"## 7. {rn['title']}", "", _how(rn["method"]), ""]
+    L += _table(["", "p50", "p99"], [
+        ["router decision (Policy.decide)", fmt(m7["decision_us"]["p50"], " µs"), fmt(m7["decision_us"]["p99"], " µs")],
+        ["one NATS request/reply round trip", fmt(m7["nats_round_trip_ms"]["p50"], " ms"),
+         fmt(m7["nats_round_trip_ms"]["p99"], " ms")]])
+    L += _notes(rn)
+    L += ["## Reproduce", "", "`make bench` (this report, "
+          f"{meta['total_seconds']:.0f} s here) or `tierline bench --quick --models DIR --out DIR` (the "
+          "tiny family, a completeness check run by `make test`). Raw engine speed without serving is "
+          "`tierline models bench` (docs/MODEL_SPEED.md).", ""]
+    return "\n".join(L)
+
+
+def _serving_table(m: dict, keys) -> list[str]:
+    names = {"bare": "bare onnxruntime (the limit)", "edge_node": "edge node (gRPC)",
+             "platform": "router + NATS + edge", "litserve": "LitServe (HTTP)"}
+    rows = []
+    for k in keys:
+        r = m[k]
+        share = "100%" if k == "bare" else fmt(m["ratio"][f"{k}_over_bare"], pct=True)
+        rows.append([names[k], fmt(r["qps"], " req/s"), fmt(r["tokens_per_s"], " tok/s"),
+                     fmt(r["latency_ms_p50"], " ms"), fmt(r["latency_ms_p95"], " ms"), share])
+    return _table(["", "throughput", "tokens/s", "latency p50", "latency p95", "of bare (per-repeat ratio)"], rows)
+
+
+def _notes(section: dict) -> list[str]:
+    return [f"- {n}" for n in section.get("notes", [])] + [""]
+
+
+def write_report(results: dict, out_dir: Path) -> dict[str, Path]:
+    """Write results.json, the plots and BENCHMARKS.md under out_dir; returns their paths."""
+    out_dir = Path(out_dir)
+    (out_dir / RESULTS).parent.mkdir(parents=True, exist_ok=True)
+    (out_dir / RESULTS).write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
+    plots = _plots(results["sections"], out_dir / PLOTS)
+    rel = {k: str(p.relative_to(out_dir)) for k, p in plots.items()}
+    (out_dir / MARKDOWN).write_text(render(results, rel))
+    return {"results": out_dir / RESULTS, "markdown": out_dir / MARKDOWN, **plots}

@@ -1,0 +1,488 @@
+"""The seven measurements of `make bench`, each returning one section of bench/results.json.
+
+Every section has the same shape: `title`, `method` (load generator, concurrency,
+requests, warm-up, repeats), `metrics` (numbers, or `{"not_measured": reason}`),
+`article` (the figures the issue quotes, for comparison) and `notes`. Targets that
+are compared are run interleaved, repeat by repeat (in ABBA order), and ratios are
+taken within a repeat before the median, so machine drift cancels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
+
+from bench.load import GrpcClient, HttpClient, LoadRun, Outcome, median, peak_rss_mib, percentile, run_load
+from shared.manifest import load_manifest
+from shared.problems import Problem, is_correct
+from tierline.stack import Stack
+
+TIERS = ("device", "edge", "cloud")
+NATS_TIMEOUT_S = 5.0  # one echo request over NATS
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """How much of everything one run measures (full `make bench` vs `--quick`)."""
+
+    quick: bool
+    repeats: int  # runs per target, interleaved between compared targets; medians are reported
+    requests: int  # requests per measured run (the same workload for every target)
+    warmup: int  # requests sent to each target before its first measured run, not counted
+    ttft_requests: int  # first-token probes per run (concurrency 1)
+    decisions: int  # router decisions timed
+    nats_hops: int  # NATS request/reply round trips timed
+    cache_prompts: int  # distinct prompts per cache run
+    dialogues: int  # multi-turn dialogues
+    concurrency: int = 16  # clients for every throughput row but batching
+    batching_concurrency: int = 32  # clients for batching on vs off
+    max_tokens: int = 96  # completion tokens at most per request (as `make demo`)
+    threads: int = 1  # runtime threads of every engine: each tier, the bare engine, the peer
+    seed: int = 7  # the workload's seed (test split)
+
+
+FULL = BenchConfig(quick=False, repeats=5, requests=384, warmup=32, ttft_requests=48, decisions=2000,
+                   nats_hops=2000, cache_prompts=64, dialogues=24)
+QUICK = BenchConfig(quick=True, repeats=1, requests=16, warmup=4, ttft_requests=4, decisions=50, nats_hops=50,
+                    cache_prompts=6, dialogues=2)
+
+
+def not_measured(reason: str) -> dict:
+    return {"not_measured": reason}
+
+
+def num(value: float | None, digits: int = 2):
+    """A finite number rounded for the report, or an explicit not-measured entry."""
+    if value is None or not math.isfinite(value):
+        return not_measured("no successful sample")
+    return round(float(value), digits)
+
+
+def _method(cfg: BenchConfig, generator: str, concurrency, requests: int, warmup: int | None = None, **extra) -> dict:
+    return {"load_generator": generator, "concurrency": concurrency, "requests": requests,
+            "warmup": cfg.warmup if warmup is None else warmup, "repeats": cfg.repeats, **extra}
+
+
+GRPC_GEN = "closed loop (bench/load.py): N client threads on one gRPC channel, next request when the last returns"
+
+
+def _grpc(stack: Stack, name: str, cfg: BenchConfig) -> GrpcClient:
+    return GrpcClient(f"127.0.0.1:{stack.port(name)}", cfg.max_tokens)
+
+
+def _interleaved(targets: dict, repeat: int) -> list:
+    """The targets in order on even repeats, reversed on odd ones (ABBA), so a steady drift hits all alike."""
+    items = list(targets.items())
+    return items if repeat % 2 == 0 else items[::-1]
+
+
+def _errors(runs: list[LoadRun]) -> int:
+    return sum(r.errors for r in runs)
+
+
+# -- 1. edge vs cloud ---------------------------------------------------------------------------------------------
+def edge_vs_cloud(stack: Stack, cfg: BenchConfig, prompts: list[str], warm: list[str]) -> dict:
+    """The same requests to the edge and the cloud tier directly (gRPC), interleaved repeat by repeat."""
+    clients = {t: _grpc(stack, f"{t}-0", cfg) for t in ("edge", "cloud")}
+    ttft: dict[str, list[tuple[float, float]]] = {t: [] for t in clients}
+    loads: dict[str, list[LoadRun]] = {t: [] for t in clients}
+    probes = prompts[:cfg.ttft_requests]
+    for r in range(cfg.repeats):
+        for t, c in _interleaved(clients, r):
+            run = run_load(c.first_token, probes, 1, warm[:cfg.ttft_requests] if r == 0 else ())
+            ttft[t].append((run.latency_ms(50), run.latency_ms(95)))
+            loads[t].append(run_load(c.infer, prompts, cfg.concurrency, warm if r == 0 else ()))
+    for c in clients.values():
+        c.close()
+    rss = {p.name.split("-")[0]: peak_rss_mib(p.popen.pid) for p in stack.procs}
+    metrics: dict = {}
+    for t in clients:
+        metrics[t] = {
+            "first_token_ms_p50": num(median([a for a, _ in ttft[t]])),
+            "first_token_ms_p95": num(median([b for _, b in ttft[t]])),
+            "qps": num(median([run.qps for run in loads[t]])),
+            "loaded_first_token_ms_p50": num(median([run.server_first_token_ms(50) for run in loads[t]])),
+            "loaded_first_token_ms_p95": num(median([run.server_first_token_ms(95) for run in loads[t]])),
+            "latency_ms_p50": num(median([run.latency_ms(50) for run in loads[t]])),
+            "peak_rss_mib": (num(rss[t], 1) if rss.get(t) is not None
+                             else not_measured("/proc/<pid>/status unreadable")),
+            "errors": _errors(loads[t]),
+            "qps_runs": [round(run.qps, 2) for run in loads[t]],
+        }
+    e, c = metrics["edge"], metrics["cloud"]
+    metrics["ratio"] = {
+        "first_token_p50_cloud_over_edge": num(median([tc[0] / te[0] for te, tc in zip(ttft["edge"], ttft["cloud"])])),
+        "qps_edge_over_cloud": num(median([le.qps / lc.qps for le, lc in zip(loads["edge"], loads["cloud"])
+                                           if lc.qps > 0])),
+        "peak_rss_cloud_over_edge": (num(c["peak_rss_mib"] / e["peak_rss_mib"]) if isinstance(e["peak_rss_mib"], float)
+                                     and isinstance(c["peak_rss_mib"], float) else not_measured("no RSS reading")),
+    }
+    metrics["peak_rss_mib_other"] = {name: (num(v, 1) if v is not None else not_measured("unreadable"))
+                                     for name, v in rss.items() if name not in clients}
+    return {
+        "title": "Edge vs cloud on the same requests",
+        "method": _method(cfg, GRPC_GEN + "; first token: a gRPC stream at concurrency 1, cancelled after the first "
+                          "chunk; throughput: unary Infer", cfg.concurrency, len(prompts),
+                          first_token_requests=len(probes), max_tokens=cfg.max_tokens, threads=cfg.threads,
+                          target="each tier's own gRPC port (no router)"),
+        "metrics": metrics,
+        "article": {"first_token_ms": "230 (edge) vs 850 (cloud)", "qps": "120 (edge) vs 45 (cloud)",
+                    "memory": "1.2 GB (edge) vs 4.8 GB (cloud)"},
+        "notes": ["Both tiers run on this machine's CPU with one runtime thread each, and the models are small "
+                  "(see models/REPORT.md); the article compares an edge box with a cloud GPU server and far larger "
+                  "models, so compare the ratios, not the absolute figures.",
+                  "Peak RSS is VmHWM of each tier's own process (the whole Python process: runtime, gRPC, NATS, "
+                  "model), read after the runs.",
+                  "Loaded first token is the tier's own timing (queue + prefill + first token) at the throughput "
+                  "row's concurrency."],
+    }
+
+
+# -- 2. tiered vs cloud only ------------------------------------------------------------------------------------------
+def request_cost(o: Outcome, costs: dict[str, float]) -> float:
+    """Cost units of one answer: every tier that ran a model is paid for its tokens (the rule of tierline.demo)."""
+    return sum(costs.get(t, 0.0) for t in o.paid) * (o.prompt_tokens + o.completion_tokens) / 1000
+
+
+def tiered_vs_cloud(stack: Stack, cfg: BenchConfig, problems: list[Problem], warm: list[str],
+                    costs: dict[str, float]) -> dict:
+    """The same workload through the router (device + edge + cloud) and straight to the cloud, interleaved."""
+    prompts = [p.prompt for p in problems]
+    clients = {"tiered": GrpcClient(stack.router_address, cfg.max_tokens), "cloud_only": _grpc(stack, "cloud-0", cfg)}
+    runs: dict[str, list[LoadRun]] = {k: [] for k in clients}
+    for r in range(cfg.repeats):
+        for k, c in _interleaved(clients, r):
+            runs[k].append(run_load(c.infer, prompts, cfg.concurrency, warm if r == 0 else ()))
+    for c in clients.values():
+        c.close()
+
+    def summary(run: LoadRun) -> dict:
+        answered = [(p, o) for p, o in zip(problems, run.outcomes) if o.ok]
+        share = Counter(o.tier for _, o in answered)
+        n = max(len(answered), 1)
+        return {"qps": run.qps, "accuracy": sum(is_correct(p, o.text) for p, o in answered) / n,
+                "cost_per_request": sum(request_cost(o, costs) for _, o in answered) / n,
+                "share": {t: share.get(t, 0) / n for t in TIERS},
+                "escalated": sum(len(o.paid) > 1 for _, o in answered) / n}
+
+    s = {k: [summary(run) for run in v] for k, v in runs.items()}
+    rc = load_manifest(stack.manifest, check_artifacts=False).router
+    policy = {"scorer": rc.scorer or "heuristic", "device_complexity": rc.device_complexity,
+              "cloud_complexity": rc.cloud_complexity, "confidence_threshold": dict(rc.confidence_threshold)}
+    metrics: dict = {}
+    for k in clients:
+        metrics[k] = {"qps": num(median([x["qps"] for x in s[k]])),
+                      "accuracy": num(median([x["accuracy"] for x in s[k]]), 4),
+                      "cost_per_request": num(median([x["cost_per_request"] for x in s[k]]), 5),
+                      "share": {t: num(median([x["share"][t] for x in s[k]]), 4) for t in TIERS},
+                      "escalated_share": num(median([x["escalated"] for x in s[k]]), 4),
+                      "latency_ms_p50": num(median([run.latency_ms(50) for run in runs[k]])),
+                      "latency_ms_p95": num(median([run.latency_ms(95) for run in runs[k]])),
+                      "errors": _errors(runs[k])}
+    pairs = list(zip(s["tiered"], s["cloud_only"]))
+    metrics["ratio"] = {
+        "throughput_tiered_over_cloud": num(median([a["qps"] / b["qps"] for a, b in pairs if b["qps"] > 0])),
+        "cost_reduction": num(median([1 - a["cost_per_request"] / b["cost_per_request"] for a, b in pairs
+                                      if b["cost_per_request"] > 0]), 4),
+        "share_below_cloud": num(median([1 - a["share"]["cloud"] for a, _ in pairs]), 4),
+        "accuracy_delta": num(median([a["accuracy"] - b["accuracy"] for a, b in pairs]), 4),
+    }
+    return {
+        "title": "Tiered system vs cloud only",
+        "method": _method(cfg, GRPC_GEN, cfg.concurrency, len(prompts), max_tokens=cfg.max_tokens,
+                          workload=f"{len(prompts)} benchmark problems (test split, all five levels, seed {cfg.seed})",
+                          costs_per_1k_tokens=costs, router_policy=policy,
+                          target="tiered: the router (scorer + confidence cascade) over device, edge and cloud; "
+                                 "cloud only: the cloud tier's gRPC port"),
+        "metrics": metrics,
+        "article": {"throughput": "2.8x", "cost": "-80%", "share_at_edge": "90%"},
+        "notes": ["Every tier shares this machine's two cores, so requests the router keeps at the device or edge "
+                  "still take CPU from the cloud; on separate machines the tiers would not compete.",
+                  "Cost per request is in the manifest's relative units (cost_per_1k_tokens, above); an escalated "
+                  "request pays every tier that ran a model for it.",
+                  "Accuracy is exact match of the final answer (shared/problems.is_correct)."],
+    }
+
+
+# -- 3. dynamic batching on vs off ----------------------------------------------------------------------------------
+def batching(on: Stack, off: Stack, cfg: BenchConfig, prompts: list[str], warm: list[str]) -> dict:
+    clients = {"on": _grpc(on, "edge-0", cfg), "off": _grpc(off, "edge-0", cfg)}
+    runs: dict[str, list[LoadRun]] = {k: [] for k in clients}
+    for r in range(cfg.repeats):
+        for k, c in _interleaved(clients, r):
+            runs[k].append(run_load(c.infer, prompts, cfg.batching_concurrency, warm if r == 0 else ()))
+    for c in clients.values():
+        c.close()
+    metrics: dict = {k: {"qps": num(median([x.qps for x in v])),
+                         "latency_ms_p50": num(median([x.latency_ms(50) for x in v])),
+                         "latency_ms_p95": num(median([x.latency_ms(95) for x in v])),
+                         "errors": _errors(v), "qps_runs": [round(x.qps, 2) for x in v]} for k, v in runs.items()}
+    metrics["ratio"] = {"qps_on_over_off": num(median([a.qps / b.qps for a, b in zip(runs["on"], runs["off"])
+                                                       if b.qps > 0]))}
+    return {
+        "title": "Dynamic batching on vs off",
+        "method": _method(cfg, GRPC_GEN, cfg.batching_concurrency, len(prompts), max_tokens=cfg.max_tokens,
+                          target="the edge tier's gRPC port; on: max_batch_size 8, max_queue_delay_ms 5 (defaults); "
+                                 "off: max_batch_size 1, max_queue_delay_ms 0; result cache off in both"),
+        "metrics": metrics,
+        "article": {"throughput": "about 3x (Triton's tutorial; 3.3x at concurrency 16)"},
+        "notes": ["Off is the same batcher with batches of one (manifest tiers.edge.batching.max_batch_size: 1)."],
+    }
+
+
+# -- 4. the layered cache ----------------------------------------------------------------------------------------------
+def cache(stack: Stack, cfg: BenchConfig, pool: list[Problem], dialogue_problems: list[Problem]) -> dict:
+    """Exact-repeat hits vs misses, the hit rate on traffic with repeats, and what multi-turn costs today."""
+    client = _grpc(stack, "edge-0", cfg)
+    distinct = list(dict.fromkeys(p.prompt for p in pool))
+    per = max(1, len(distinct) // (cfg.repeats + 1))
+    miss_ms, hit_ms, speedups = [], [], []
+    for r in range(cfg.repeats):  # fresh prompts every repeat: the first pass misses, the second hits
+        batch = distinct[r * per:(r + 1) * per]
+        first = run_load(client.infer, batch, 1)
+        again = run_load(client.infer, batch, 1)
+        m = [o.latency_s * 1000 for o in first.ok if not o.cached]
+        h = [o.latency_s * 1000 for o in again.ok if o.cached]
+        miss_ms.append(median(m))
+        hit_ms.append(median(h))
+        speedups.append(median(m) / median(h) if h and m else math.nan)
+    # traffic with repeats: a Zipf draw over a pool of prompts the cache has not seen yet
+    rest = distinct[cfg.repeats * per:] or distinct
+    rng = random.Random(cfg.seed)
+    weights = [1 / (i + 1) for i in range(len(rest))]
+    traffic = rng.choices(rest, weights=weights, k=cfg.requests)
+    repeat_share = 1 - len(set(traffic)) / len(traffic)
+    zipf = run_load(client.infer, traffic, cfg.concurrency)
+    hit_rate = sum(o.cached for o in zipf.ok) / max(len(zipf.ok), 1)
+
+    turns = _dialogues(client, dialogue_problems, cfg)
+    client.close()
+    metrics = {
+        "repeat": {"miss_latency_ms_p50": num(median(miss_ms)), "hit_latency_ms_p50": num(median(hit_ms)),
+                   "hit_speedup": num(median(speedups)),
+                   "zipf_repeat_share": num(repeat_share, 4), "zipf_hit_rate": num(hit_rate, 4),
+                   "zipf_qps": num(zipf.qps), "errors": zipf.errors},
+        "multi_turn": {
+            **{f"turn{i + 1}_prefill_first_token_ms_p50": num(median(v))
+               for i, v in enumerate(turns["first_token_ms"])},
+            **{f"turn{i + 1}_prompt_tokens_mean": num(sum(v) / len(v) if v else math.nan, 1)
+               for i, v in enumerate(turns["prompt_tokens"])},
+            "shared_prefix_token_share": num(turns["shared_share"], 4),
+            "prefix_kv_reuse_compute_saving": not_measured(
+                "not implemented: shared/engine.py keeps no KV cache across requests; every turn prefills its "
+                "whole prompt, so there is no reuse to measure against recomputing"),
+        },
+    }
+    return {
+        "title": "The layered cache",
+        "method": _method(cfg, "closed loop (bench/load.py), gRPC to the edge tier", "1 (hit/miss), "
+                          f"{cfg.concurrency} (Zipf traffic), 1 (dialogues)", cfg.requests, warmup=0,
+                          hit_miss_prompts_per_repeat=per, dialogues=len(dialogue_problems) // 3,
+                          target="the edge tier with its LRU result cache on (cache_size 1024)"),
+        "metrics": metrics,
+        "article": {"multi_turn": "reusing the shared prefix's KV cache: 40% less compute"},
+        "notes": ["Hits are exact repeats of a greedy request (same prompt, max_tokens, stop, window), answered by "
+                  "the tier's LRU before the batcher; identical requests in flight at the same time both miss "
+                  "(no request coalescing), so the hit rate is below the traffic's repeat share.",
+                  "Multi-turn: each turn's prompt is the whole dialogue so far plus the next question. Prefix KV "
+                  "reuse is not implemented, so only the cost of recomputing is measured; shared_prefix_token_share "
+                  "is the share of later turns' prompt tokens that a prefix cache could skip (a count, not a "
+                  "speed)."],
+    }
+
+
+def _dialogues(client: GrpcClient, problems: list[Problem], cfg: BenchConfig) -> dict:
+    """Three-turn dialogues at concurrency 1: turn k's prompt repeats turns 1..k-1 with their answers."""
+    info = client.server_info()
+    max_tokens = 32
+    first_ms: list[list[float]] = [[], [], []]
+    prompt_tokens: list[list[int]] = [[], [], []]
+    shared = total = 0
+    for d in range(0, len(problems) - 2, 3):
+        history = ""
+        prev_tokens = 0
+        for k, p in enumerate(problems[d:d + 3]):
+            prompt = (history + "\n" if history else "") + p.prompt
+            if len(prompt) + max_tokens + 2 > info.max_context:  # char-level tokenizer: one token per character
+                break
+            o = client.infer(prompt, max_tokens=max_tokens)
+            if not o.ok:
+                break
+            first_ms[k].append(o.server_first_token_ms - o.server_queue_ms)  # prefill + first token
+            prompt_tokens[k].append(o.prompt_tokens)
+            if k:
+                shared += prev_tokens
+                total += o.prompt_tokens
+            prev_tokens = o.prompt_tokens + o.completion_tokens
+            history = prompt + o.text
+    return {"first_token_ms": first_ms, "prompt_tokens": prompt_tokens,
+            "shared_share": shared / total if total else math.nan}
+
+
+# -- 5. platform overhead and 6. the LitServe peer ---------------------------------------------------------------
+def run_bare(engine, prompts: list[str], batch: int, max_tokens: int) -> LoadRun:
+    """The limit: the same engine in this process, fed ready-made batches, no queue, no network."""
+    from shared.engine import GenerationParams
+
+    params = GenerationParams(max_tokens=max_tokens)
+    outcomes = []
+    t0 = time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        b0 = time.perf_counter()
+        results = engine.generate_batch(chunk, [params] * len(chunk))
+        took = time.perf_counter() - b0
+        outcomes += [Outcome(took, tier="bare", prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
+                             text=r.text) for r in results]
+    return LoadRun(outcomes, time.perf_counter() - t0, batch)
+
+
+def overhead_and_peer(platform: Stack, engine, peer_client: HttpClient | None, peer_reason: str | None,
+                      cfg: BenchConfig, prompts: list[str], warm: list[str], batch: int) -> tuple[dict, dict]:
+    """Bare engine, edge tier alone (gRPC), edge behind router + NATS + gRPC, and LitServe; interleaved."""
+    edge = _grpc(platform, "edge-0", cfg)
+    router = GrpcClient(platform.router_address, cfg.max_tokens)
+    targets: dict[str, Callable[[int], LoadRun]] = {
+        "bare": lambda r: run_bare(engine, prompts, batch, cfg.max_tokens),
+        "edge_node": lambda r: run_load(edge.infer, prompts, cfg.concurrency, warm if r == 0 else ()),
+        "platform": lambda r: run_load(router.infer, prompts, cfg.concurrency, warm if r == 0 else ()),
+    }
+    if peer_client is not None:
+        targets["litserve"] = lambda r: run_load(peer_client.infer, prompts, cfg.concurrency, warm if r == 0 else ())
+    runs: dict[str, list[LoadRun]] = {k: [] for k in targets}
+    run_bare(engine, warm, batch, cfg.max_tokens)  # the bare engine's warm-up
+    for r in range(cfg.repeats):
+        for k, fn in _interleaved(targets, r):
+            runs[k].append(fn(r))
+    edge.close()
+    router.close()
+
+    def row(v: list[LoadRun]) -> dict:
+        return {"qps": num(median([x.qps for x in v])), "latency_ms_p50": num(median([x.latency_ms(50) for x in v])),
+                "latency_ms_p95": num(median([x.latency_ms(95) for x in v])), "errors": _errors(v),
+                "tokens_per_s": num(median([sum(o.completion_tokens for o in x.ok) / x.wall_s for x in v]), 1),
+                "qps_runs": [round(x.qps, 2) for x in v]}
+
+    def ratio(a: str, b: str):
+        return num(median([x.qps / y.qps for x, y in zip(runs[a], runs[b]) if y.qps > 0]), 3)
+
+    overhead = {
+        "title": "Platform overhead: the edge behind router + NATS + gRPC vs bare onnxruntime",
+        "method": _method(cfg, GRPC_GEN + "; bare: the same OnnxEngine in the harness process, batches of "
+                          f"{batch} in sequence", cfg.concurrency, len(prompts), max_tokens=cfg.max_tokens,
+                          threads=cfg.threads, target="bare engine (the limit); the edge tier's gRPC port; the "
+                          "router (NATS request to tierline.edge.infer, edge only, no escalation)"),
+        "metrics": {"bare": row(runs["bare"]), "edge_node": row(runs["edge_node"]), "platform": row(runs["platform"]),
+                    "ratio": {"platform_over_bare": ratio("platform", "bare"),
+                              "edge_node_over_bare": ratio("edge_node", "bare")}},
+        "article": {"target": ">= 70% of the bare throughput", "target_ratio": 0.7},
+        "notes": ["The bare engine gets perfectly formed batches of the edge tier's max_batch_size and pays no "
+                  "serialization, queueing or network; on this 2-core machine the load generator, router, "
+                  "nats-server and edge process share the same two cores."],
+    }
+    if peer_client is None:
+        peer_metrics = {"litserve": {k: not_measured(peer_reason or "not run") for k in
+                                     ("qps", "latency_ms_p50", "latency_ms_p95", "tokens_per_s")},
+                        "edge_node": row(runs["edge_node"]),
+                        "ratio": {"edge_node_over_litserve": not_measured(peer_reason or "not run"),
+                                  "litserve_over_bare": not_measured(peer_reason or "not run"),
+                                  "edge_node_over_bare": ratio("edge_node", "bare")}}
+    else:
+        peer_metrics = {"litserve": row(runs["litserve"]), "edge_node": row(runs["edge_node"]),
+                        "ratio": {"edge_node_over_litserve": ratio("edge_node", "litserve"),
+                                  "litserve_over_bare": ratio("litserve", "bare"),
+                                  "edge_node_over_bare": ratio("edge_node", "bare")}}
+    peer = {
+        "title": "A peer: the same int8 ONNX model served by LitServe",
+        "method": _method(cfg, "closed loop (bench/load.py); LitServe: N client threads, one keep-alive HTTP "
+                          "connection each, JSON POST /predict; edge node: gRPC", cfg.concurrency, len(prompts),
+                          max_tokens=cfg.max_tokens, threads=cfg.threads,
+                          target=f"LitServe 1 worker, max_batch_size {batch}, batch_timeout 5 ms, the same OnnxEngine "
+                                 "(bench/litserve_api.py) vs the edge tier's gRPC port"),
+        "metrics": peer_metrics,
+        "article": {},
+        "notes": ["Both serve the same engine and decoding loop, so the difference is the serving layer: LitServe's "
+                  "HTTP front end and worker queue vs Tierline's gRPC servicer and batcher."],
+    }
+    return overhead, peer
+
+
+# -- 7. router decision time and one NATS hop ------------------------------------------------------------------------
+def router_and_nats(stack: Stack, cfg: BenchConfig, prompts: list[str]) -> dict:
+    from router.__main__ import load_scorer
+    from router.policy import Policy
+
+    manifest = load_manifest(stack.manifest, check_artifacts=False)
+    rc = manifest.router
+    scorer = load_scorer(manifest)
+    policy = Policy(rc.device_complexity, rc.cloud_complexity, dict(rc.confidence_threshold), scorer)
+    tiers = tuple(manifest.tiers)
+    for p in prompts[:50]:
+        policy.decide(p, tiers)
+    decide_us = []
+    for p in prompts:
+        t0 = time.perf_counter_ns()
+        policy.decide(p, tiers)
+        decide_us.append((time.perf_counter_ns() - t0) / 1000)
+    from tierline.v1 import inference_pb2 as pb
+
+    request = pb.InferRequest(prompt=prompts[0], parameters=pb.Parameters(max_tokens=cfg.max_tokens))
+    payload = request.SerializeToString()
+    hops = asyncio.run(_nats_round_trips(stack, payload, cfg.nats_hops))
+    return {
+        "title": "Router decision time and one NATS hop",
+        "method": {"load_generator": "sequential calls in the harness process", "concurrency": 1,
+                   "requests": len(prompts), "warmup": 50, "repeats": 1, "nats_round_trips": len(hops),
+                   "scorer": "learned (router.scorer)" if scorer is not None else "step-counting heuristic",
+                   "target": "Policy.decide as the router calls it; NATS: request/reply through the stack's "
+                             "nats-server (auth on) to an echo responder on its own connection"},
+        "metrics": {"decision_us": {"p50": num(percentile(decide_us, 50)), "p99": num(percentile(decide_us, 99))},
+                    "nats_round_trip_ms": {"p50": num(percentile(hops, 50), 3), "p99": num(percentile(hops, 99), 3)}},
+        "article": {},
+        "notes": ["A NATS round trip is two messages through nats-server (request and reply) with an InferRequest "
+                  f"payload of {len(payload)} bytes; the router pays one per tier it asks."],
+    }
+
+
+async def _nats_round_trips(stack: Stack, payload: bytes, n: int) -> list[float]:
+    from shared.messaging import NatsOptions, connect, subject
+
+    opts = NatsOptions(stack.nats.url, stack.nats.user, stack.nats.password)
+    echo, client = await connect(opts, "bench-echo"), await connect(opts, "bench-client")
+    try:
+        async def reply(msg):
+            await msg.respond(msg.data)
+
+        subj = subject("bench", "echo")
+        await echo.subscribe(subj, cb=reply)
+        await echo.flush(timeout=NATS_TIMEOUT_S)
+        await _until_answered(client, subj, payload)
+        for _ in range(min(50, n)):
+            await client.request(subj, payload, timeout=NATS_TIMEOUT_S)
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await client.request(subj, payload, timeout=NATS_TIMEOUT_S)
+            out.append((time.perf_counter() - t0) * 1000)
+        return out
+    finally:
+        await client.drain()
+        await echo.drain()
+
+
+async def _until_answered(client, subj: str, payload: bytes, attempts: int = 50) -> None:
+    """Wait until the echo's subscription is visible to the requester (seen to lag once on a loaded machine)."""
+    from nats.errors import NoRespondersError
+
+    for _ in range(attempts - 1):
+        try:
+            await client.request(subj, payload, timeout=NATS_TIMEOUT_S)
+            return
+        except NoRespondersError:
+            await asyncio.sleep(0.1)
+    await client.request(subj, payload, timeout=NATS_TIMEOUT_S)

@@ -1,0 +1,381 @@
+"""The device agent as a fleet member: registration, heartbeats, OTA, the telemetry outbox.
+
+Everything goes through JetStream on the agent's own NATS connection:
+
+| what | where | key / subject |
+|---|---|---|
+| reported state (model, status, load, heartbeat, platform) | KV `tierline_devices` | device id |
+| desired model (name, version, objects, sha256) | KV `tierline_desired` | device id |
+| model artifacts | Object Store `tierline_models` | `<version>/model.tflite`, `<version>/config.json` |
+| telemetry (one event per answer, per update) | stream `TIERLINE_TELEMETRY` | `tierline.telemetry.<device id>` |
+
+Registration binds the device id to the sha256 of its bootstrap credential (the
+first agent to register an id owns it; later ones with another credential are
+refused), and every heartbeat is a compare-and-set on the device's entry. The
+loop beats every `heartbeat_s`, doubling the wait (up to 8x) while NATS is
+away; nats-py reconnects forever. The desired key is read on every beat (a
+plain read survives server restarts, where a watch's consumer would not) and a
+new revision starts an update (device_agent/ota.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import platform
+import resource
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from nats.js import api
+from nats.js.errors import (
+    BucketNotFoundError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NotFoundError,
+    ObjectNotFoundError,
+)
+
+from device_agent.ota import DesiredModel, ModelStore, OtaCode, OtaError, health_check, load_candidate, outcome
+from device_agent.ota import verify as verify_digest
+from device_agent.outbox import Outbox
+from shared.artifacts import load_manifest
+from shared.messaging import NatsOptions, connect, stop_loop_thread, subject
+
+log = logging.getLogger("tierline.device")
+
+DEVICES_BUCKET = "tierline_devices"  # reported state per device
+DESIRED_BUCKET = "tierline_desired"  # desired model per device
+MODELS_BUCKET = "tierline_models"  # the artifacts
+TELEMETRY_STREAM = "TIERLINE_TELEMETRY"
+TELEMETRY_MAX_MSGS = 1_000_000  # the stream keeps this many events at most (oldest go)
+JS_TIMEOUT_S = 5.0  # one JetStream call (KV, publish ack), at most
+DOWNLOAD_TIMEOUT_S = 120.0  # one artifact from the object store, at most
+MAX_BACKOFF_FACTOR = 8  # heartbeats wait up to 8x their interval while NATS is away
+FLUSH_BATCH = 500  # telemetry events sent per beat at most, so beats stay on time
+
+
+class RegistrationRefused(RuntimeError):
+    """Another device already registered this id with another credential."""
+
+
+class LinkDown(ConnectionError):
+    """NATS is not connected right now (nats-py is reconnecting)."""
+
+
+@dataclass
+class Fleet:
+    """The JetStream buckets of the fleet, opened (created when missing) in one place."""
+
+    js: object
+    devices: object  # KeyValue
+    desired: object  # KeyValue
+    models: object  # ObjectStore
+
+
+async def open_fleet(nc) -> Fleet:
+    """The fleet's buckets and telemetry stream; created with the same settings by agents and the CLI."""
+    js = nc.jetstream(timeout=JS_TIMEOUT_S)
+
+    async def kv(bucket: str):
+        try:
+            return await js.key_value(bucket)
+        except BucketNotFoundError:
+            return await js.create_key_value(bucket=bucket, history=1)
+
+    try:
+        models = await js.object_store(MODELS_BUCKET)
+    except BucketNotFoundError:
+        models = await js.create_object_store(MODELS_BUCKET)
+    try:
+        await js.stream_info(TELEMETRY_STREAM)
+    except NotFoundError:
+        await js.add_stream(name=TELEMETRY_STREAM, subjects=[subject("telemetry", ">")],
+                            storage=api.StorageType.FILE, max_msgs=TELEMETRY_MAX_MSGS, duplicate_window=120)
+    return Fleet(js, await kv(DEVICES_BUCKET), await kv(DESIRED_BUCKET), models)
+
+
+def credential_digest(credential: str) -> str:
+    return hashlib.sha256(credential.encode()).hexdigest()
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now (Linux /proc; the peak elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+def apply_memory_cap(memory_max_mb: int) -> None:
+    """Cap this process's private writable memory, so a runaway model fails here, not the board (0 = none).
+
+    RLIMIT_DATA (heap, anonymous mappings, thread stacks; Linux >= 4.7), not RLIMIT_AS:
+    the address space of a Python process with a few runtimes is about 1 GB of mostly
+    untouched reservations. The unit file's MemoryMax= caps real memory (cgroup).
+    """
+    if memory_max_mb > 0:
+        limit = memory_max_mb * 1024 * 1024
+        _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+
+
+def state_dir(manifest) -> Path:
+    return (manifest.path.parent / manifest.device_agent.state_dir).resolve()
+
+
+def prepare_device(manifest) -> Path:
+    """Before the engine loads: the memory cap, and the model an update installed last (if any)."""
+    apply_memory_cap(manifest.device_agent.memory_max_mb)
+    if not manifest.device_agent.device_id:
+        return manifest.models_path
+    return ModelStore(state_dir(manifest)).current() or manifest.models_path
+
+
+class FleetAgent:
+    """Runs the fleet loop on its own event loop thread beside the servicer."""
+
+    def __init__(self, manifest, servicer, threads: int):
+        self.cfg = manifest.device_agent
+        self.device_id = self.cfg.device_id
+        n = manifest.nats
+        self.opts = NatsOptions(url=n.url, user=n.user, password=n.password,
+                                connect_timeout_s=n.connect_timeout_ms / 1000)
+        self.servicer, self.threads = servicer, threads
+        self.base_models = manifest.models_path
+        self.store = ModelStore(state_dir(manifest))
+        self.outbox = Outbox(state_dir(manifest) / "outbox.sqlite", self.cfg.outbox_max_events)
+        self.serving_sha256 = load_manifest(self._models_dir())["artifacts"]["device"]["weights"]["sha256"]
+        self.started_at = time.time()
+        self.requests = 0
+        self.status = "serving"
+        self.ota: dict | None = None
+        self._nc = None
+        self._fleet: Fleet | None = None
+        self._revision = 0  # of our entry in the devices bucket (compare-and-set)
+        self._handled_desired = 0  # revision of the desired entry already acted on
+        self._update: asyncio.Task | None = None
+        self._beat_lock: asyncio.Lock | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="fleet", daemon=True)
+        self._main: asyncio.Future | None = None
+
+    # -- called from the servicer's threads ------------------------------------------------------
+    def record(self, kind: str, **fields) -> int:
+        """One telemetry event into the outbox (sent when the link allows); returns its sequence number."""
+        if kind == "request":
+            self.requests += 1
+        return self.outbox.append({"device_id": self.device_id, "kind": kind, "at": round(time.time(), 3),
+                                   **fields})
+
+    def on_answer(self, resp) -> None:
+        try:
+            self.record("request", tier=resp.tier, degraded=resp.degraded, model_version=resp.model_version,
+                        latency_ms=round(resp.timings.total_ms, 2), completion_tokens=resp.usage.completion_tokens)
+        except Exception:  # noqa: BLE001 - a full disk must not fail the answer itself
+            log.exception("telemetry event not stored")
+
+    # -- life cycle --------------------------------------------------------------------------------
+    def start(self) -> "FleetAgent":
+        self.servicer.on_answer = self.on_answer
+        self._thread.start()
+        self._main = asyncio.run_coroutine_threadsafe(self._run(), self._loop)
+        return self
+
+    def stop(self) -> None:
+        async def _stop():
+            if self._main:
+                self._main.cancel()
+            if self._nc is not None and not self._nc.is_closed:
+                await self._nc.close()
+
+        stop_loop_thread(self._loop, self._thread, _stop)
+        self.outbox.close()
+
+    # -- the loop ----------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        self._beat_lock = asyncio.Lock()
+        failures = 0
+        while True:
+            try:
+                await self._ensure_registered()
+                await self.beat()
+                await self._flush()
+                await self._reconcile()
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except RegistrationRefused as exc:
+                log.error("%s", exc)
+                failures += 1
+            except Exception as exc:  # noqa: BLE001 - the link comes and goes: back off and retry
+                if not isinstance(exc, LinkDown):
+                    self._fleet = None  # buckets may be gone (a fresh server): open and register again
+                log.warning("fleet: %s: %s", type(exc).__name__, exc)
+                failures += 1
+            await asyncio.sleep(self.cfg.heartbeat_s * min(2 ** failures, MAX_BACKOFF_FACTOR))
+
+    async def _ensure_registered(self) -> None:
+        if self._nc is None or self._nc.is_closed:
+            self._nc = await connect(self.opts, name=f"tierline-device-{self.device_id}", timeout_s=JS_TIMEOUT_S)
+        if not self._nc.is_connected:
+            raise LinkDown("NATS is away; reconnecting")
+        if self._fleet is None:
+            fleet = await open_fleet(self._nc)
+            self._revision = await register(fleet.devices, self.device_id, self.cfg.credential, self.state())
+            self._fleet = fleet
+            log.info("registered %s", self.device_id)
+
+    def state(self) -> dict:
+        """The reported state: what the fleet view shows for this device."""
+        info = self.servicer.engine.info
+        link = self.servicer.link
+        return {
+            "device_id": self.device_id,
+            "credential_sha256": credential_digest(self.cfg.credential),
+            "model": {"name": info.model, "version": info.version, "sha256": self.serving_sha256,
+                      "bytes": info.bytes},
+            "status": self.status,
+            "ota": self.ota,
+            "load": {"queue": self.servicer.batcher.depth, "requests": self.requests, "rss_mb": rss_mb(),
+                     "loadavg_1m": round(os.getloadavg()[0], 2)},
+            "outbox": {"pending": self.outbox.pending, "dropped": self.outbox.dropped},
+            "tier_link": "up" if link is not None and link.connected else "down",
+            "memory_max_mb": self.cfg.memory_max_mb,
+            "heartbeat_s": self.cfg.heartbeat_s,
+            "stale_after_beats": self.cfg.stale_after_beats,
+            "last_heartbeat": round(time.time(), 3),
+            "started_at": round(self.started_at, 3),
+            "platform": platform.system().lower(),
+            "arch": platform.machine(),
+            "python": platform.python_version(),
+        }
+
+    async def beat(self) -> None:
+        """Write the reported state (compare-and-set: another writer means re-register)."""
+        async with self._beat_lock:
+            if self._fleet is None or not self._nc.is_connected:
+                raise LinkDown("NATS is away; reconnecting")
+            try:
+                self._revision = await self._fleet.devices.update(self.device_id, json.dumps(self.state()).encode(),
+                                                                  last=self._revision)
+            except KeyWrongLastSequenceError:
+                self._revision = await register(self._fleet.devices, self.device_id, self.cfg.credential,
+                                                self.state())
+
+    async def _flush(self) -> None:
+        """Send the outbox, oldest first; an event leaves it only once JetStream has stored it."""
+        js, subj = self._fleet.js, subject("telemetry", self.device_id)
+        for seq, event in self.outbox.peek(FLUSH_BATCH):
+            await js.publish(subj, json.dumps({**event, "seq": seq}).encode(), timeout=JS_TIMEOUT_S,
+                             headers={"Nats-Msg-Id": f"{self.device_id}-{seq}"})  # a resend is deduplicated
+            self.outbox.ack(seq)
+
+    async def _reconcile(self) -> None:
+        """Desired vs reported: a new desired revision starts an update (one at a time)."""
+        if self._update is not None and not self._update.done():
+            return
+        try:
+            entry = await self._fleet.desired.get(self.device_id)
+        except KeyNotFoundError:
+            return
+        if entry.revision == self._handled_desired:
+            return
+        self._handled_desired = entry.revision
+        self._update = asyncio.get_running_loop().create_task(self._apply(entry.value))
+
+    async def _apply(self, raw: bytes) -> None:
+        version = "?"
+        try:
+            desired = DesiredModel.from_json(raw)
+            version = desired.version
+            if (self.servicer.engine.info.version, self.serving_sha256) == (version, desired.tflite.sha256):
+                code, detail = OtaCode.APPLIED, "already serving this version"
+            else:
+                code, detail = OtaCode.APPLIED, await self._install(desired)
+        except OtaError as exc:
+            code, detail = exc.code, str(exc)
+        except Exception as exc:  # noqa: BLE001 - an update never takes the agent down (the link, most likely)
+            code, detail = OtaCode.DOWNLOAD_FAILED, f"{type(exc).__name__}: {exc}"
+        if code == OtaCode.DOWNLOAD_FAILED:
+            self._handled_desired = 0  # a transient failure: the next beat tries the same revision again
+        self.status = "serving"
+        self.ota = outcome(code, version, detail)
+        self.record("ota", **self.ota)
+        log.info("update to %s: %s (%s)", version, code.name, detail)
+        try:
+            await self.beat()
+        except Exception:  # noqa: BLE001 - the next beat reports it
+            pass
+
+    async def _install(self, desired: DesiredModel) -> str:
+        self.status = "updating"
+        self.ota = outcome(OtaCode.IN_PROGRESS, desired.version, "downloading")
+        await self.beat()
+        loop = asyncio.get_running_loop()
+        staged = self.store.staging()
+        try:
+            for art, dest in ((desired.tflite, staged / "device" / "model.tflite"),
+                              (desired.config, staged / "device" / "config.json")):
+                await self._download(art.object, dest)
+                verify_digest(dest, art.sha256, art.object)
+            installed = await loop.run_in_executor(None, self.store.install, staged, desired, self._models_dir())
+        except BaseException:
+            self.store.discard(staged)
+            raise
+        try:
+            engine = await loop.run_in_executor(None, load_candidate, installed, self.threads)
+            accuracy = await loop.run_in_executor(None, health_check, engine, self.cfg.health_problems,
+                                                  self.cfg.health_min_token_accuracy)
+        except BaseException:
+            self.store.discard(installed)  # rolled back: the previous model never stopped serving
+            raise
+        self.store.activate(desired.version)
+        self.servicer.swap_engine(engine)
+        self.serving_sha256 = desired.tflite.sha256
+        return f"serving {desired.version} (health check {accuracy:.2f})"
+
+    def _models_dir(self) -> Path:
+        return self.store.current() or self.base_models
+
+    async def _download(self, name: str, dest: Path) -> None:
+        from nats.js.errors import DigestMismatchError
+
+        if not self._nc.is_connected:
+            raise OtaError(OtaCode.DOWNLOAD_FAILED, "NATS is away; retried on a later heartbeat")
+        try:
+            with open(dest, "wb") as f:
+                await asyncio.wait_for(self._fleet.models.get(name, writeinto=f), DOWNLOAD_TIMEOUT_S)
+        except ObjectNotFoundError:
+            raise OtaError(OtaCode.NOT_FOUND, f"{name}: not in the object store {MODELS_BUCKET}") from None
+        except DigestMismatchError:
+            raise OtaError(OtaCode.DIGEST_MISMATCH, f"{name}: the object store's chunks do not match its digest; "
+                                                    "refused") from None
+        except (asyncio.TimeoutError, TimeoutError, ConnectionError) as exc:
+            why = f"{name}: not downloaded ({type(exc).__name__}, limit {DOWNLOAD_TIMEOUT_S:.0f} s)"
+            raise OtaError(OtaCode.DOWNLOAD_FAILED, f"{why}; retried on a later heartbeat") from None
+
+
+async def register(devices, device_id: str, credential: str, state: dict) -> int:
+    """Create or take back this device's entry; refused when the id belongs to another credential."""
+    body = json.dumps(state).encode()
+    try:
+        entry = await devices.get(device_id)
+    except KeyNotFoundError:
+        return await devices.create(device_id, body)
+    owner = json.loads(entry.value or b"{}").get("credential_sha256")
+    if owner != credential_digest(credential):
+        raise RegistrationRefused(f"device id {device_id!r} is registered with another credential; refused")
+    return await devices.update(device_id, body, last=entry.revision)

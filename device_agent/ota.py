@@ -1,0 +1,205 @@
+"""Over-the-air model updates: verify, install beside the old one, health-check, swap or roll back.
+
+The desired model (set by `tierline devices set-model`) names two objects in the
+JetStream Object Store and their SHA-256. The agent downloads them to a staging
+folder, refuses them unless both digests match (the Object Store checks its own
+digest of the chunks; this checks the operator's), installs them as
+`state_dir/models/<version>/` - a models directory that `shared.artifacts.load_engine`
+reads, sha256 checks included - loads the engine and runs a few benchmark
+problems through it. Only a model that passes takes traffic: the `current` link
+is switched atomically (rename) and the servicer swaps engines under its lock.
+A model that fails is removed and the previous one, which never stopped serving,
+stays current (rolled back). Every outcome is reported with an `OtaCode`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+
+import numpy as np
+
+from shared.artifacts import MANIFEST, ArtifactError, file_entry, load_engine, load_manifest, sha256_of
+from shared.engine import Engine
+
+CURRENT = "current"  # state_dir/current -> models/<version>, the model that serves
+HEALTH_SEED = 0  # the health check's problems are fixed, so a version passes or fails reproducibly
+HEALTH_LEVELS = (1, 2)  # short problems: the check takes a fraction of a second on a board
+KEEP_VERSIONS = 2  # installed versions kept on disk (the current one and the one before, for rollback)
+_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class OtaCode(IntEnum):
+    """The status code an update reports (0 = the desired model serves)."""
+
+    APPLIED = 0
+    IN_PROGRESS = 1
+    BAD_REQUEST = 20  # the desired record is malformed
+    NOT_FOUND = 21  # an artifact is not in the object store
+    DOWNLOAD_FAILED = 22  # the link failed mid-download
+    DIGEST_MISMATCH = 23  # the bytes do not have the desired SHA-256: refused, nothing installed
+    LOAD_FAILED = 24  # the runtime cannot open the model: rolled back
+    HEALTH_CHECK_FAILED = 25  # the model answered too few benchmark problems: rolled back
+
+
+class OtaError(Exception):
+    def __init__(self, code: OtaCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Artifact:
+    object: str  # name in the object store
+    sha256: str
+
+
+@dataclass(frozen=True)
+class DesiredModel:
+    """What the operator wants this device to serve (one KV entry, JSON)."""
+
+    name: str
+    version: str
+    tflite: Artifact
+    config: Artifact
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "DesiredModel":
+        try:
+            raw = json.loads(data)
+            desired = cls(raw["name"], raw["version"], Artifact(**raw["tflite"]), Artifact(**raw["config"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise OtaError(OtaCode.BAD_REQUEST, f"desired model record is malformed ({exc})") from None
+        if not _VERSION.match(str(desired.version)):
+            raise OtaError(OtaCode.BAD_REQUEST, f"version {desired.version!r}: letters, digits, '.', '_', '-'")
+        for what in (desired.tflite, desired.config):
+            if not _SHA256.match(str(what.sha256)):
+                raise OtaError(OtaCode.BAD_REQUEST, f"{what.object}: sha256 must be 64 lowercase hex digits")
+        return desired
+
+    def to_json(self) -> bytes:
+        return json.dumps({"name": self.name, "version": self.version, "tflite": vars(self.tflite),
+                           "config": vars(self.config)}).encode()
+
+
+class ModelStore:
+    """Installed model versions on the board: state_dir/models/<version>/ and the `current` link."""
+
+    def __init__(self, state_dir: str | Path):
+        self.root = Path(state_dir)
+        self.models = self.root / "models"
+        self.models.mkdir(parents=True, exist_ok=True)
+
+    def current(self) -> Path | None:
+        """The models directory of the installed model that serves, or None (the manifest's then)."""
+        link = self.root / CURRENT
+        return link.resolve() if link.is_symlink() and (link.resolve() / MANIFEST).is_file() else None
+
+    def staging(self) -> Path:
+        path = self.models / f".incoming-{uuid.uuid4().hex[:8]}"
+        (path / "device").mkdir(parents=True)
+        return path
+
+    def install(self, staged: Path, desired: DesiredModel, base_models: Path) -> Path:
+        """Make the staged files a models directory (manifest, tokenizer) and move it into place."""
+        base = load_manifest(base_models)
+        tok = base["artifacts"]["tokenizer"]
+        shutil.copyfile(base_models / tok["path"], staged / tok["path"])
+        weights, config = staged / "device" / "model.tflite", staged / "device" / "config.json"
+        manifest = {"model_name": desired.name, "version": desired.version, "family": base.get("family", ""),
+                    "answer_marker": base.get("answer_marker"),
+                    "artifacts": {"tokenizer": tok, "device": {"format": "tflite",
+                                                              "weights": file_entry(staged, weights),
+                                                              "config": file_entry(staged, config)}}}
+        (staged / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        target = self.models / desired.version
+        if target.exists():  # a retry of a version that failed before, or a re-install
+            shutil.rmtree(target)
+        os.rename(staged, target)  # atomic on one filesystem
+        return target
+
+    def activate(self, version: str) -> None:
+        """Point `current` at a version: a new link renamed over the old one, never a moment without."""
+        tmp = self.root / f".{CURRENT}-{uuid.uuid4().hex[:8]}"
+        os.symlink(Path("models") / version, tmp)
+        os.replace(tmp, self.root / CURRENT)
+        self._prune(keep_newest=KEEP_VERSIONS)
+
+    def discard(self, path: Path) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+
+    def _prune(self, keep_newest: int) -> None:
+        current = self.current()
+        versions = sorted((p for p in self.models.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                          key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in versions[keep_newest:]:
+            if old != current:
+                self.discard(old)
+
+
+def verify(path: Path, expected_sha256: str, what: str) -> None:
+    """Refuse bytes that are not the ones the operator named (tampered, truncated, swapped)."""
+    actual = sha256_of(path)
+    if actual != expected_sha256:
+        raise OtaError(OtaCode.DIGEST_MISMATCH, f"{what}: sha256 {actual[:12]}... is not the desired "
+                                                f"{expected_sha256[:12]}...; refused ({path.stat().st_size} bytes)")
+
+
+def health_check(engine: Engine, n_problems: int, min_token_accuracy: float) -> float:
+    """Share of the reference answers' tokens the model predicts, on a few fixed benchmark problems.
+
+    Teacher-forced next-token accuracy rather than exact match: it separates a sound
+    model from a broken one of the same shape even when the model is too small to
+    get whole answers right (a corrupted model scores near 1/vocabulary). Below
+    `min_token_accuracy` raises HEALTH_CHECK_FAILED.
+    """
+    from shared.problems import generate
+
+    hits = total = 0
+    for problem in generate("calib", n_problems, seed=HEALTH_SEED, levels=HEALTH_LEVELS):
+        h, n = _predicted_tokens(engine, problem.prompt, problem.target)
+        hits, total = hits + h, total + n
+    score = hits / max(total, 1)
+    if not score >= min_token_accuracy:  # NaN-proof
+        raise OtaError(OtaCode.HEALTH_CHECK_FAILED,
+                       f"health check: {score:.3f} of the reference tokens predicted on {n_problems} problems, "
+                       f"below {min_token_accuracy:.3f}; rolled back")
+    return score
+
+
+def _predicted_tokens(engine: Engine, prompt: str, target: str) -> tuple[int, int]:
+    """(tokens of `target` the model's greedy choice gets right given the true prefix, tokens)."""
+    tok = engine.tokenizer
+    ids, want = tok.encode(prompt), tok.encode(target)
+    with engine._lock:  # one decode at a time per engine (LiteRT's interpreter is not thread-safe)
+        logits, past = engine._forward(np.array([ids], np.int64), np.ones((1, len(ids)), np.int64),
+                                       np.arange(len(ids), dtype=np.int64)[None], None)
+        hits = 0
+        for k, t in enumerate(want):
+            hits += int(np.argmax(logits[0, -1]) == t)
+            if k + 1 < len(want):
+                pos = len(ids) + k
+                logits, past = engine._forward(np.array([[t]], np.int64), np.ones((1, pos + 1), np.int64),
+                                               np.array([[pos]], np.int64), past)
+    return hits, len(want)
+
+
+def load_candidate(models_dir: Path, threads: int) -> Engine:
+    try:
+        return load_engine(models_dir, "device", threads=threads)
+    except ArtifactError as exc:
+        raise OtaError(OtaCode.LOAD_FAILED, f"cannot load the new model ({exc}); rolled back") from None
+
+
+def outcome(code: OtaCode, version: str, detail: str) -> dict:
+    """The `ota` part of the reported state."""
+    return {"code": int(code), "status": code.name.lower(), "version": version, "detail": detail,
+            "at": round(time.time(), 3)}

@@ -1,0 +1,277 @@
+"""The OpenAI-compatible HTTP API of the router: /v1/models, /v1/completions, /v1/chat/completions.
+
+Runs on the router's own event loop (aiohttp next to grpc.aio) and calls the same
+`RouterServicer.infer|stream|server_info` as gRPC, so keys, quotas, validation and
+routing are the same whichever door a request comes through. `stream: true`
+answers with Server-Sent Events (`data: {chunk}` ... `data: [DONE]`), one chunk
+per token. Every answer names the tier that produced it (`tier`, and the
+`x-tierline-tier` header); `tierline` adds confidence, escalation path and
+whether the answer is degraded.
+
+Differences from OpenAI, on purpose: `temperature` defaults to 0 (greedy, the
+platform's default); `attention_window` is accepted as an extension; `n` must
+be 1; chat `system` messages are ignored (the model has no system prompt) and
+the turns become the model's `Q:...\\nA:` format. Errors use OpenAI's body
+(`{"error": {"message", "type", "param", "code"}}`) and map the gRPC status in
+one place (`_error_response`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from aiohttp import web
+
+from router.auth import AccessDenied, bearer_token
+from shared.messaging import TierError
+from tierline.v1 import inference_pb2 as pb
+
+# gRPC status name -> (HTTP status, OpenAI error type)
+HTTP_STATUS = {
+    "INVALID_ARGUMENT": (400, "invalid_request_error"),
+    "UNAUTHENTICATED": (401, "authentication_error"),
+    "PERMISSION_DENIED": (403, "permission_error"),
+    "NOT_FOUND": (404, "not_found_error"),
+    "RESOURCE_EXHAUSTED": (429, "rate_limit_error"),
+    "UNAVAILABLE": (503, "service_unavailable"),
+    "DEADLINE_EXCEEDED": (504, "timeout_error"),
+}
+COMMON_PARAMS = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options", "n",
+                 "user", "attention_window"}
+COMPLETION_PARAMS = COMMON_PARAMS | {"prompt"}
+CHAT_PARAMS = COMMON_PARAMS | {"messages", "max_completion_tokens"}
+
+
+class BadRequest(TierError):
+    """A body the API cannot read; `param` names the offending parameter."""
+
+    def __init__(self, param: str | None, message: str):
+        super().__init__("router", "INVALID_ARGUMENT", message)
+        self.param = param
+
+
+def _error_response(exc: TierError) -> web.Response:
+    """The one place a failure becomes an HTTP answer."""
+    status, kind = HTTP_STATUS.get(exc.status, (500, "api_error"))
+    headers = {}
+    if isinstance(exc, AccessDenied) and exc.retry_after_s:
+        headers["retry-after"] = str(exc.retry_after_s)
+    body = {"error": {"message": exc.message, "type": kind, "param": getattr(exc, "param", None),
+                      "code": exc.status.lower()}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _typed(body: dict, name: str, kinds: tuple, what: str):
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        raise BadRequest(name, f"{name}: must be {what}, got {json.dumps(value)[:40]}")
+    return value
+
+
+def _request(body: dict, prompt: str, allowed: set[str], max_tokens_names=("max_tokens",)) -> pb.InferRequest:
+    """An InferRequest from an OpenAI body; the platform's validation checks ranges afterwards."""
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise BadRequest(unknown[0], f"{unknown[0]}: unsupported parameter")
+    model = _typed(body, "model", (str,), "a string")
+    if model is None:
+        raise BadRequest("model", "model: required")
+    params = pb.Parameters()
+    for name in max_tokens_names:
+        value = _typed(body, name, (int,), "an integer")
+        if value is not None:
+            params.max_tokens = value
+    if (t := _typed(body, "temperature", (int, float), "a number")) is not None:
+        params.temperature = t
+    if (p := _typed(body, "top_p", (int, float), "a number")) is not None:
+        params.top_p = p
+    if (w := _typed(body, "attention_window", (int,), "an integer")) is not None:
+        params.attention_window = w
+    if (seed := _typed(body, "seed", (int,), "an integer")) is not None:
+        params.seed = seed
+    stop = body.get("stop")
+    if stop is not None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise BadRequest("stop", "stop: must be a string or a list of strings")
+        params.stop.extend(stops)
+    n = _typed(body, "n", (int,), "an integer")
+    if n not in (None, 1):
+        raise BadRequest("n", f"n: only 1 choice per request is served, got {n}")
+    _typed(body, "stream", (bool,), "a boolean")
+    _typed(body, "stream_options", (dict,), "an object")
+    _typed(body, "user", (str,), "a string")
+    return pb.InferRequest(prompt=prompt, model=model, parameters=params, request_id=uuid.uuid4().hex)
+
+
+def chat_prompt(messages) -> str:
+    """The model's prompt for a conversation: each user turn `Q:<text>\\nA:`, each answer after it."""
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages", "messages: must be a non-empty list")
+    parts, last_role = [], None
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise BadRequest(f"messages.{i}.role", f"messages.{i}.role: must be system, user or assistant")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: only text is served
+            if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
+                       for c in content):
+                raise BadRequest(f"messages.{i}.content", f"messages.{i}.content: only text parts are served")
+            content = "".join(c["text"] for c in content)
+        if not isinstance(content, str):
+            raise BadRequest(f"messages.{i}.content", f"messages.{i}.content: must be a string")
+        if m["role"] == "system":
+            continue
+        last_role = m["role"]
+        if m["role"] == "user":
+            text = content.strip()
+            parts.append(text if text.startswith("Q:") and text.endswith("\nA:") else f"Q:{text}\nA:")
+        else:
+            parts.append(content + "\n")
+    if last_role != "user":
+        raise BadRequest("messages", "messages: the last non-system message must be from the user")
+    return "".join(parts)
+
+
+def _tierline(resp: pb.InferResponse) -> dict:
+    return {"confidence": round(resp.confidence, 6), "complexity": round(resp.complexity, 6),
+            "degraded": resp.degraded, "cached": resp.cached, "model_version": resp.model_version,
+            "escalation_path": [{"tier": a.tier, "outcome": a.outcome, "detail": a.detail} for a in
+                                resp.escalation_path]}
+
+
+def _usage(resp: pb.InferResponse) -> dict:
+    u = resp.usage
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens}
+
+
+class OpenAIServer:
+    """The aiohttp application around a RouterServicer."""
+
+    def __init__(self, router):
+        self.router = router
+        self.app = web.Application(client_max_size=1024 * 1024)
+        self.app.add_routes([web.get("/v1/models", self.models), web.post("/v1/completions", self.completions),
+                             web.post("/v1/chat/completions", self.chat)])
+        self._runner: web.AppRunner | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen; returns the bound port (port 0 = any free one)."""
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        return self._runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        if self._runner:
+            await self._runner.cleanup()
+
+    async def models(self, request: web.Request) -> web.Response:
+        try:
+            await self.router.gate.check(bearer_token(request.headers))
+        except TierError as exc:
+            return _error_response(exc)
+        return web.json_response({"object": "list", "data": [
+            {"id": self.router.model_name, "object": "model", "created": 0, "owned_by": "tierline"}]})
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, chat=False)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, chat=True)
+
+    async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        key = bearer_token(request.headers)
+        try:
+            await self.router.gate.check(key)  # 401/403 before the body is even read
+            try:
+                body = await request.json()
+            except ValueError:
+                raise BadRequest(None, "the body is not valid JSON") from None
+            if not isinstance(body, dict):
+                raise BadRequest(None, "the body must be a JSON object")
+            if chat:
+                req = _request(body, chat_prompt(body.get("messages")), CHAT_PARAMS,
+                               ("max_tokens", "max_completion_tokens"))
+            else:
+                prompt = body.get("prompt")
+                if isinstance(prompt, list) and len(prompt) == 1:
+                    prompt = prompt[0]
+                if not isinstance(prompt, str):
+                    raise BadRequest("prompt", "prompt: must be a string (or a list of one string)")
+                req = _request(body, prompt, COMPLETION_PARAMS)
+            if body.get("stream"):
+                include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+                return await self._stream(request, req, key, chat, include_usage)
+            resp = await self.router.infer(req, key)
+        except TierError as exc:
+            return _error_response(exc)
+        choice = resp.choices[0] if resp.choices else pb.Choice()
+        out = {"id": ("chatcmpl-" if chat else "cmpl-") + resp.request_id,
+               "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+               "model": resp.model or self.router.model_name,
+               "choices": [{"index": 0, "finish_reason": choice.finish_reason or None,
+                            **({"message": {"role": "assistant", "content": choice.text}} if chat else
+                               {"text": choice.text, "logprobs": None})}],
+               "usage": _usage(resp), "tier": resp.tier, "tierline": _tierline(resp)}
+        return web.json_response(out, headers={"x-tierline-tier": resp.tier})
+
+    async def _stream(self, request: web.Request, req: pb.InferRequest, key: str | None, chat: bool,
+                      include_usage: bool) -> web.StreamResponse:
+        """SSE; errors before the first chunk are ordinary error answers, later ones an `error` event."""
+        chunks = self.router.stream(req, key)
+        first = await chunks.__anext__()  # admission, validation and the first tier happen here
+        ident = ("chatcmpl-" if chat else "cmpl-") + req.request_id
+        created, model = int(time.time()), first.model or self.router.model_name
+        response = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache",
+                                               "x-tierline-tier": first.tier})
+        await response.prepare(request)
+
+        async def send(data) -> None:
+            await response.write(f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode())
+
+        def event(chunk: pb.InferResponse, index: int) -> dict:
+            choice = chunk.choices[0] if chunk.choices else pb.Choice()
+            if chat:
+                delta = {"content": choice.text} if choice.text else {}
+                if index == 0:
+                    delta["role"] = "assistant"
+                body = {"index": 0, "delta": delta, "finish_reason": choice.finish_reason or None}
+            else:
+                body = {"index": 0, "text": choice.text, "finish_reason": choice.finish_reason or None,
+                        "logprobs": None}
+            out = {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion",
+                   "created": created, "model": model, "choices": [body], "tier": chunk.tier}
+            if choice.finish_reason:
+                out["tierline"] = _tierline(chunk)
+            return out
+
+        try:
+            chunk, index = first, 0
+            while True:
+                await send(event(chunk, index))
+                if chunk.choices and chunk.choices[0].finish_reason:
+                    if include_usage:
+                        await send({"id": ident, "object": "chat.completion.chunk" if chat else "text_completion",
+                                    "created": created, "model": model, "choices": [], "usage": _usage(chunk),
+                                    "tier": chunk.tier})
+                    break
+                chunk, index = await chunks.__anext__(), index + 1
+        except TierError as exc:  # the answer started: the status can only travel as an event
+            status, kind = HTTP_STATUS.get(exc.status, (500, "api_error"))
+            await send({"error": {"message": exc.message, "type": kind, "code": exc.status.lower()}})
+        except StopAsyncIteration:
+            pass
+        except ConnectionResetError:  # the client went away: stop generating (aclose), answer nobody
+            return response
+        finally:
+            await chunks.aclose()
+        await send("[DONE]")
+        await response.write_eof()
+        return response

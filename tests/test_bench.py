@@ -1,0 +1,105 @@
+"""`tierline bench --quick`: the report is complete and well-formed. Never a speed: only its shape."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from bench.peer import available
+from tests.conftest import processes_with, run_cli
+
+SECTIONS = ("edge_vs_cloud", "tiered_vs_cloud", "batching", "cache", "platform_overhead", "peer_litserve",
+            "router_and_nats")
+METHOD_KEYS = ("load_generator", "concurrency", "requests", "warmup", "repeats")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _leaves(node, path: str = ""):
+    """(dotted path, value) of every metric: a number, or a {"not_measured": reason} entry."""
+    if isinstance(node, dict) and "not_measured" in node:
+        yield path, node
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaves(v, f"{path}.{k}" if path else k)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _leaves(v, f"{path}[{i}]")
+    else:
+        yield path, node
+
+
+def _refuse_nan(name: str):
+    raise ValueError(f"results.json contains {name}")
+
+
+@pytest.fixture(scope="module")
+def report(tiny_family, tmp_path_factory) -> tuple[Path, dict, dict]:
+    out = tmp_path_factory.mktemp("bench")
+    proc = run_cli("bench", "--quick", "--models", str(tiny_family), "--out", str(out), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = json.loads((out / "bench" / "results.json").read_text(), parse_constant=_refuse_nan)
+    return out, summary, results
+
+
+def test_every_section_is_there_and_says_how_it_was_measured(report):
+    out, summary, results = report
+    assert summary["quick"] is True and Path(summary["results"]) == out / "bench" / "results.json"
+    assert tuple(results["sections"]) == SECTIONS
+    for name, section in results["sections"].items():
+        assert section["title"], name
+        missing = [k for k in METHOD_KEYS if k not in section["method"]]
+        assert not missing, (name, missing)
+        assert isinstance(section["method"]["repeats"], int) and section["method"]["repeats"] >= 1
+    meta = results["meta"]
+    assert meta["quick"] is True and meta["family"] == "tiny" and meta["machine"]["cpus"] >= 1
+    assert set(meta["phase_seconds"]) == {"A", "B", "C"}
+
+
+def test_every_metric_is_a_number_or_an_explicit_reason(report):
+    _, _, results = report
+    not_measured = []
+    for name, section in results["sections"].items():
+        leaves = list(_leaves(section["metrics"]))
+        assert leaves, name
+        for path, value in leaves:
+            if isinstance(value, dict):
+                assert set(value) == {"not_measured"} and value["not_measured"].strip(), (name, path, value)
+                not_measured.append(f"{name}.{path}")
+            else:
+                assert isinstance(value, (int, float)) and not isinstance(value, bool), (name, path, value)
+                assert math.isfinite(value), (name, path, value)
+    # only what does not exist is left unmeasured: prefix KV reuse, and the peer when litserve is missing
+    allowed = {"cache.multi_turn.prefix_kv_reuse_compute_saving"}
+    if available() is not None:
+        allowed |= {p for p in not_measured if p.startswith("peer_litserve.")}
+    assert set(not_measured) == allowed
+
+
+def test_the_markdown_has_every_section_and_its_plots(report):
+    out, _, results = report
+    text = (out / "BENCHMARKS.md").read_text()
+    for i, section in enumerate(results["sections"].values(), start=1):
+        assert f"## {i}. {section['title']}" in text
+    assert text.count("*How measured:*") == len(SECTIONS)
+    assert "not measured: not implemented" in text  # prefix KV reuse says why instead of a number
+    assert not re.search(r"\bnan\b", text, re.IGNORECASE)
+    images = [line.split("](", 1)[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]
+    assert len(images) >= 4
+    for rel in images:
+        assert (out / rel).read_bytes()[:8] == PNG_MAGIC, rel
+
+
+def test_no_peer_process_is_left_behind(report):
+    leftover = processes_with(lambda args: b"bench.peer" in args)
+    assert not leftover
+
+
+def test_a_missing_model_family_is_one_line_and_exit_2(tmp_path):
+    proc = run_cli("bench", "--quick", "--models", str(tmp_path / "nowhere"), "--out", str(tmp_path))
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "manifest.json" in proc.stderr

@@ -1,0 +1,384 @@
+"""The device agent as a fleet daemon: a real nats-server with JetStream, a real agent process, tiny models.
+
+One agent runs for the whole module (heartbeat 0.2 s); the tests register it, update
+its model over the Object Store (good, tampered, truncated, failing the health check),
+restart nats-server under it and read back every telemetry event it sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import platform
+import shutil
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from device_agent.fleet import TELEMETRY_STREAM, RegistrationRefused, open_fleet, register
+from device_agent.ota import OtaCode, health_check
+from device_agent.outbox import Outbox
+from shared.artifacts import load_engine, load_tokenizer, sha256_of
+from shared.engines.litert_engine import LiteRTEngine
+from shared.manifest import ManifestError, load_manifest
+from shared.messaging import NatsOptions, connect
+from tests.conftest import run_cli
+from tierline.devices import fleet_rows, publish_model
+from tierline.stack import Stack
+from tierline.v1 import inference_pb2 as pb
+from tierline.v1 import inference_pb2_grpc as pb_grpc
+
+DEVICE, CREDENTIAL = "pi-test-1", "bootstrap-secret-1"
+HEARTBEAT_S = 0.2
+MEMORY_MAX_MB = 2048
+TIMEOUT = 30  # seconds, every RPC and every wait here
+EASY = "Q:2+3=?\nA:"  # answered on the board (policy below)
+HARD = "Q:" + "+".join("1" * 14) + "=?\nA:"  # complexity 1.0: the policy wants a tier above
+
+
+def scramble_weights(src: Path, dst: Path, seed: int = 0) -> None:
+    """A .tflite of the same shape whose weight buffers are noise: it loads, and answers nonsense."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    data = bytearray(src.read_bytes())
+    model = schema.Model.GetRootAs(data, 0)
+    rng = np.random.default_rng(seed)
+    for i in range(model.BuffersLength()):
+        buf = model.Buffers(i)
+        if buf.DataLength() >= 256:
+            start = buf._tab.Vector(buf._tab.Offset(4))  # where the buffer's bytes begin in the file
+            noise = rng.normal(0, 1, buf.DataLength() // 4).astype(np.float32).tobytes()
+            data[start:start + len(noise)] = noise
+    dst.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def broken_model(tiny_family, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("broken")
+    scramble_weights(tiny_family / "device" / "model.tflite", out / "model.tflite")
+    shutil.copyfile(tiny_family / "device" / "config.json", out / "config.json")
+    return out / "model.tflite"
+
+
+@pytest.fixture(scope="module")
+def health_bar(tiny_family, broken_model) -> float:
+    """Halfway between the tiny device model's health score and the broken one's (no hard-coded figure)."""
+    good = health_check(load_engine(tiny_family, "device", threads=1), 16, 0.0)
+    bad = health_check(LiteRTEngine.load(broken_model, load_tokenizer(tiny_family), threads=1), 16, 0.0)
+    assert good > bad, (good, bad)
+    return round((good + bad) / 2, 4)
+
+
+@pytest.fixture(scope="module")
+def agent(tiny_family, health_bar):
+    overrides = {
+        # easy prompts are answered on the board with any confidence; HARD wants the cloud
+        "router.device_complexity": 1.0, "router.confidence_threshold": {"device": 0.0},
+        "nats.request_timeout_ms": 20000,
+        "device_agent": {"device_id": DEVICE, "credential": CREDENTIAL, "heartbeat_s": HEARTBEAT_S,
+                         "stale_after_beats": 3, "outbox_max_events": 1000, "memory_max_mb": MEMORY_MAX_MB,
+                         "health_problems": 16, "health_min_token_accuracy": health_bar},
+    }
+    with Stack(tiny_family, tiers=("device",), router=False, jetstream=True, overrides=overrides) as s:
+        yield s
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+def fleet_call(stack: Stack, work):
+    async def run():
+        nc = await connect(NatsOptions(stack.nats.url, stack.nats.user, stack.nats.password), name="test")
+        try:
+            return await work(await open_fleet(nc))
+        finally:
+            await nc.close()
+
+    return asyncio.run(run())
+
+
+def reported(stack: Stack) -> dict:
+    async def get(fleet):
+        return json.loads((await fleet.devices.get(DEVICE)).value)
+
+    return fleet_call(stack, get)
+
+
+def wait_for(check, what: str, timeout: float = TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+        except Exception:  # noqa: BLE001 - not there yet (the bucket, the key, the server)
+            value = None
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def stub(stack: Stack):
+    channel = grpc.insecure_channel(f"127.0.0.1:{stack.port('device-0')}")
+    grpc.channel_ready_future(channel).result(timeout=TIMEOUT)
+    return pb_grpc.InferenceServiceStub(channel)
+
+
+def ask(stack: Stack, prompt: str = EASY) -> pb.InferResponse:
+    return stub(stack).Infer(pb.InferRequest(prompt=prompt, parameters=pb.Parameters(max_tokens=8)), timeout=TIMEOUT)
+
+
+@contextmanager
+def serving_meanwhile(stack: Stack):
+    """Requests sent back to back while the block runs; yields the list of outcomes."""
+    outcomes: list = []
+    stop = threading.Event()
+
+    def loop():
+        s = stub(stack)
+        while not stop.is_set():
+            try:
+                r = s.Infer(pb.InferRequest(prompt=EASY, parameters=pb.Parameters(max_tokens=8)), timeout=TIMEOUT)
+                outcomes.append(r.model_version)
+            except grpc.RpcError as exc:
+                outcomes.append(exc)
+
+    worker = threading.Thread(target=loop)
+    worker.start()
+    try:
+        yield outcomes
+    finally:
+        stop.set()
+        worker.join(timeout=TIMEOUT)
+
+
+def update_outcome(stack: Stack, version: str) -> dict:
+    """The reported state once the update to `version` has finished (any outcome)."""
+    def done():
+        r = reported(stack)
+        return r if r["ota"] and r["ota"]["version"] == version and r["ota"]["code"] != OtaCode.IN_PROGRESS else None
+
+    return wait_for(done, f"the outcome of the update to {version}")
+
+
+def tiny_bytes(tiny_family: Path) -> tuple[bytes, bytes]:
+    return (tiny_family / "device" / "model.tflite").read_bytes(), (tiny_family / "device" / "config.json").read_bytes()
+
+
+# -- registration and heartbeats --------------------------------------------------------------------
+def test_registers_and_heartbeats(agent, tiny_family):
+    first = wait_for(lambda: reported(agent), "the device in the KV bucket")
+    models = json.loads((tiny_family / "manifest.json").read_text())
+    assert first["model"]["version"] == models["version"]
+    assert first["model"]["sha256"] == models["artifacts"]["device"]["weights"]["sha256"]
+    assert first["status"] == "serving" and first["tier_link"] == "up"
+    assert first["arch"] == platform.machine() and first["platform"] == platform.system().lower()
+    assert set(first["load"]) == {"queue", "requests", "rss_mb", "loadavg_1m"} and first["load"]["rss_mb"] > 0
+    later = wait_for(lambda: (r := reported(agent))["last_heartbeat"] > first["last_heartbeat"] and r,
+                     "a later heartbeat")
+    assert later["started_at"] == first["started_at"]
+
+    listed = run_cli("devices", "list", "--manifest", str(agent.manifest), timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    row = next(line for line in listed.stdout.splitlines() if line.startswith(DEVICE))
+    assert "serving" in row and first["model"]["version"] in row
+    as_json = json.loads(run_cli("devices", "list", "--manifest", str(agent.manifest), "--json").stdout)
+    assert [d["device"] for d in as_json["devices"]] == [DEVICE]
+
+    # the fleet view's stale rule, on the real record: N missed beats and it is stale
+    beat, n = later["heartbeat_s"], later["stale_after_beats"]
+    assert fleet_rows([later], now=later["last_heartbeat"] + (n - 1) * beat)[0]["state"] == "serving"
+    assert fleet_rows([later], now=later["last_heartbeat"] + (n + 1) * beat)[0]["state"] == "stale"
+
+
+def test_the_id_cannot_be_taken_with_another_credential(agent):
+    wait_for(lambda: reported(agent), "the device in the KV bucket")
+    with pytest.raises(RegistrationRefused):
+        fleet_call(agent, lambda fleet: register(fleet.devices, DEVICE, "not-the-credential", {}))
+
+
+def test_memory_cap_and_threads_come_from_the_manifest(agent):
+    pid = agent.procs[0].popen.pid
+    limits = Path(f"/proc/{pid}/limits").read_text()
+    data = next(line for line in limits.splitlines() if line.startswith("Max data size"))
+    assert str(MEMORY_MAX_MB * 1024 * 1024) in data.split()
+    assert reported(agent)["memory_max_mb"] == MEMORY_MAX_MB
+
+
+# -- OTA -------------------------------------------------------------------------------------------------
+def test_ota_update_succeeds_while_serving(agent, tiny_family):
+    tflite, config = tiny_bytes(tiny_family)
+    with serving_meanwhile(agent) as outcomes:
+        fleet_call(agent, lambda f: publish_model(f, DEVICE, "tierline-reasoner", "v2", tflite, config))
+        state = update_outcome(agent, "v2")
+        wait_for(lambda: "v2" in outcomes, "an answer from the new model")
+    assert state["ota"]["code"] == OtaCode.APPLIED, state["ota"]
+    assert state["model"]["version"] == "v2" and state["status"] == "serving"
+    assert outcomes and not [o for o in outcomes if isinstance(o, Exception)]
+    assert ask(agent).model_version == "v2"
+    current = agent.workdir / "device-state" / "current"
+    assert current.is_symlink() and current.resolve().name == "v2"
+
+
+@pytest.mark.parametrize("damage", ["tampered", "truncated"])
+def test_a_bad_digest_is_refused_and_the_model_keeps_serving(agent, tiny_family, tmp_path, damage):
+    tflite, config = tiny_bytes(tiny_family)
+    bad = bytearray(tflite)
+    if damage == "tampered":
+        bad[len(bad) // 2] ^= 0xFF
+    else:
+        bad = bad[: len(bad) // 2]
+    (tmp_path / "model.tflite").write_bytes(bytes(bad))
+    (tmp_path / "config.json").write_bytes(config)
+    before = reported(agent)["model"]["version"]
+    version = f"bad-{damage}"
+    with serving_meanwhile(agent) as outcomes:
+        # the operator names the digest of the real model; the file on the way is not it
+        proc = run_cli("devices", "set-model", "--manifest", str(agent.manifest), "--device", DEVICE,
+                       "--tflite", str(tmp_path / "model.tflite"), "--version", version,
+                       "--sha256", sha256_of(tiny_family / "device" / "model.tflite"), timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert "will refuse it" in proc.stderr
+        state = update_outcome(agent, version)
+    assert state["ota"]["code"] == OtaCode.DIGEST_MISMATCH, state["ota"]
+    assert "refused" in state["ota"]["detail"]
+    assert state["model"]["version"] == before
+    assert outcomes and all(o == before for o in outcomes), outcomes[:5]
+    assert not (agent.workdir / "device-state" / "models" / version).exists()
+
+
+def test_a_failing_health_check_rolls_back(agent, broken_model):
+    before = reported(agent)["model"]["version"]
+    with serving_meanwhile(agent) as outcomes:
+        fleet_call(agent, lambda f: publish_model(f, DEVICE, "tierline-reasoner", "v-broken",
+                                                  broken_model.read_bytes(),
+                                                  (broken_model.parent / "config.json").read_bytes()))
+        state = update_outcome(agent, "v-broken")
+    assert state["ota"]["code"] == OtaCode.HEALTH_CHECK_FAILED, state["ota"]
+    assert "rolled back" in state["ota"]["detail"]
+    assert state["model"]["version"] == before
+    assert outcomes and all(o == before for o in outcomes)
+    assert ask(agent).model_version == before
+    assert not (agent.workdir / "device-state" / "models" / "v-broken").exists()
+
+
+# -- offline ------------------------------------------------------------------------------------------
+def test_an_unreachable_edge_is_answered_locally_and_fast(agent):
+    t0 = time.perf_counter()
+    resp = ask(agent, HARD)
+    assert time.perf_counter() - t0 < 10  # no responders fails at once, not after the 20 s request timeout
+    assert resp.tier == "device" and resp.degraded
+    assert [a.outcome for a in resp.escalation_path] == ["no_responders", "no_responders", "answered"]
+
+
+def test_nats_restart_loses_no_telemetry(agent):
+    wait_for(lambda: reported(agent)["outbox"]["pending"] == 0, "an empty outbox")
+    stopped = time.time()
+    agent.nats.stop()
+    offline = [ask(agent) for _ in range(20)]
+    t0 = time.perf_counter()
+    escalated = ask(agent, HARD)
+    assert time.perf_counter() - t0 < 10  # no link: the escalation fails at once
+    assert escalated.degraded and [a.outcome for a in escalated.escalation_path] == ["offline", "answered"]
+    assert all(r.choices[0].finish_reason for r in offline)
+    outbox = Outbox(agent.workdir / "device-state" / "outbox.sqlite", max_events=1000)  # the agent's own file
+    assert outbox.pending >= len(offline) + 1  # kept on disk while the link is down
+    outbox.close()
+    restarted = time.time()
+    agent.nats.start()  # same port, same JetStream store
+
+    state = wait_for(lambda: (r := reported(agent))["last_heartbeat"] > restarted and r["outbox"]["pending"] == 0
+                     and r, "heartbeats and an empty outbox after the restart")
+    assert state["outbox"]["dropped"] == 0
+
+    async def events(fleet):
+        info = await fleet.js.stream_info(TELEMETRY_STREAM)
+        return [json.loads((await fleet.js.get_msg(TELEMETRY_STREAM, seq)).data)
+                for seq in range(info.state.first_seq, info.state.last_seq + 1)]
+
+    sent = fleet_call(agent, events)
+    seqs = [e["seq"] for e in sent]
+    assert seqs == list(range(1, len(seqs) + 1))  # every event, in order, none twice
+    while_down = [e for e in sent if e["kind"] == "request" and stopped <= e["at"] < restarted]
+    assert len(while_down) == len(offline) + 1
+    assert [e["degraded"] for e in while_down] == [False] * len(offline) + [True]
+
+
+def test_an_agent_that_boots_offline_serves_then_registers(tiny_family, tmp_path):
+    from tierline.stack import write_manifest
+
+    s = Stack(tiny_family, workdir=tmp_path, tiers=("device",), router=False, jetstream=True)
+    try:
+        s.nats.start()
+        s.manifest = write_manifest(tmp_path / "manifest.yaml", tiny_family, s.nats, tiers=("device",), overrides={
+            "device_agent": {"device_id": "pi-offline", "credential": CREDENTIAL, "heartbeat_s": HEARTBEAT_S}})
+        s.nats.stop()
+        s.start_process("device-0", "device_agent")  # no NATS: it must still come up
+        assert ask(s).choices[0].finish_reason
+        s.nats.start()
+
+        async def entry(fleet):
+            return json.loads((await fleet.devices.get("pi-offline")).value)
+
+        state = wait_for(lambda: fleet_call(s, entry), "the late registration")
+        assert state["device_id"] == "pi-offline"
+        wait_for(lambda: fleet_call(s, entry)["tier_link"] == "up", "the tier link after NATS came up")
+    finally:
+        s.stop()
+
+
+def test_the_outbox_is_bounded_drops_oldest_first_and_persists(tmp_path):
+    box = Outbox(tmp_path / "outbox.sqlite", max_events=5)
+    seqs = [box.append({"n": i}) for i in range(8)]
+    assert box.pending == 5 and box.dropped == 3
+    assert [s for s, _ in box.peek()] == seqs[3:]
+    assert [e["n"] for _, e in box.peek()] == [3, 4, 5, 6, 7]
+    box.ack(seqs[3])
+    box.close()
+    again = Outbox(tmp_path / "outbox.sqlite", max_events=5)
+    assert again.pending == 4 and again.dropped == 3
+    assert again.append({"n": 8}) > seqs[-1]  # a sequence number is never reused
+    again.close()
+
+
+# -- configuration and CLI -----------------------------------------------------------------------------
+@pytest.mark.parametrize("fleet, field", [
+    ({"device_id": "pi-1", "credential": "long-enough", "heartbeat_s": 0}, "device_agent.heartbeat_s"),
+    ({"device_id": "pi-1"}, "credential"),
+    ({"device_id": "pi 1", "credential": "long-enough"}, "device_id"),
+    ({"device_id": "pi-1", "credential": "long-enough", "outbox_max_events": 0}, "device_agent.outbox_max_events"),
+    ({"device_id": "pi-1", "credential": "long-enough", "colour": "red"}, "device_agent.colour"),
+    ({"device_id": "pi-1", "credential": "long-enough", "health_min_token_accuracy": 2},
+     "device_agent.health_min_token_accuracy"),
+])
+def test_bad_device_agent_config_names_the_field(tmp_path, fleet, field):
+    import yaml
+
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump({"model_name": "m", "models_dir": ".", "tiers": {}, "device_agent": fleet}))
+    with pytest.raises(ManifestError) as err:
+        load_manifest(path, check_artifacts=False)
+    assert field in str(err.value) and str(path) in str(err.value)
+
+
+def test_set_model_refuses_bad_input_in_one_line(agent, tiny_family, tmp_path):
+    missing = run_cli("devices", "set-model", "--manifest", str(agent.manifest), "--device", DEVICE,
+                      "--tflite", str(tmp_path / "none.tflite"), "--version", "v9", timeout=60)
+    assert missing.returncode == 2 and "none.tflite" in missing.stderr and "Traceback" not in missing.stderr
+    bad_version = run_cli("devices", "set-model", "--manifest", str(agent.manifest), "--device", DEVICE,
+                          "--tflite", str(tiny_family / "device" / "model.tflite"), "--version", "../up", timeout=60)
+    assert bad_version.returncode == 2 and "--version" in bad_version.stderr
+    assert len(bad_version.stderr.strip().splitlines()) == 1
+
+
+def test_pi_profile_bench_reports_speed_latency_and_rss(tiny_family):
+    proc = run_cli("devices", "bench", "--profile", "pi", "--models", str(tiny_family), "--prompts", "4", "--json",
+                   timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert r["profile"] == "pi" and r["threads"] == 1 and r["cores"] == 1
+    for key in ("tokens_per_s", "first_token_ms", "rss_mb", "peak_rss_mb"):
+        assert isinstance(r[key], float) and r[key] > 0, key
+    assert r["params"] > 0 and r["bytes"] == (tiny_family / "device" / "model.tflite").stat().st_size

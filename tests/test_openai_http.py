@@ -1,0 +1,120 @@
+"""The router's OpenAI-compatible HTTP API, driven by the official `openai` client against a real platform."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+from tests.conftest import new_key, run_cli
+from tierline import InferenceClient
+from tierline.stack import Stack
+
+MODEL = "tierline-reasoner"
+PROMPT = "Q:2+3=?\nA:"
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_family):
+    with Stack(tiny_family, tiers=("edge",), auth=True,
+               overrides={"router.device_complexity": 0.0, "router.cloud_complexity": 1.0,
+                          "router.confidence_threshold": {"edge": 0.0},
+                          "auth.plans": {"pro": {"calls_per_day": 1000, "tokens_per_day": 1000000},
+                                         "two": {"calls_per_day": 2, "tokens_per_day": 100000}}}) as s:
+        yield s
+
+
+def api(stack, key: str | None = None) -> openai.OpenAI:
+    # max_retries=0: the client would otherwise retry 429s and 5xx by itself
+    return openai.OpenAI(api_key=key or stack.api_key, base_url=stack.http_base_url, max_retries=0, timeout=60)
+
+
+def grpc_answer(stack, max_tokens: int) -> str:
+    with InferenceClient(api_key=stack.api_key, endpoint=stack.router_address) as c:
+        return c.infer(PROMPT, {"max_tokens": max_tokens}).text
+
+
+def test_models_lists_the_served_family(stack):
+    assert [m.id for m in api(stack).models.list().data] == [MODEL]
+
+
+def test_completion_round_trip_names_the_tier(stack):
+    resp = api(stack).completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0)
+    assert resp.choices[0].text == grpc_answer(stack, 8)
+    assert resp.choices[0].finish_reason in ("stop", "length")
+    assert resp.tier == "edge" and resp.tierline["escalation_path"][-1]["tier"] == "edge"
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens > 0
+
+
+def test_chat_round_trip(stack):
+    resp = api(stack).chat.completions.create(
+        model=MODEL, max_tokens=8,
+        messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+3=?"}])
+    assert resp.choices[0].message.role == "assistant"
+    assert resp.choices[0].message.content == grpc_answer(stack, 8)  # the same Q:..\nA: prompt
+    assert resp.tier == "edge"
+
+
+def test_completion_streams_as_sse(stack):
+    chunks = list(api(stack).completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, stream=True,
+                                                stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == grpc_answer(stack, 8)
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].tier == "edge"
+    assert chunks[-1].usage.completion_tokens == len([c for c in chunks if c.choices]) - 1  # one chunk per token
+
+
+def test_chat_streams_as_sse(stack):
+    stream = api(stack).chat.completions.create(model=MODEL, max_tokens=8, stream=True,
+                                                messages=[{"role": "user", "content": "2+3=?"}])
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == grpc_answer(stack, 8)
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_errors_map_to_openai_exceptions(stack):
+    with pytest.raises(openai.AuthenticationError):
+        api(stack, "tl_00000000_unknown").completions.create(model=MODEL, prompt=PROMPT, max_tokens=4)
+    key_id, key = new_key(stack, "pro")
+    assert run_cli("keys", "revoke", key_id, "--manifest", str(stack.manifest), timeout=60).returncode == 0
+    with pytest.raises(openai.PermissionDeniedError):
+        api(stack, key).completions.create(model=MODEL, prompt=PROMPT, max_tokens=4)
+    with pytest.raises(openai.BadRequestError) as err:
+        api(stack).completions.create(model=MODEL, prompt=PROMPT, max_tokens=100000)
+    assert "parameters.max_tokens" in str(err.value)
+    with pytest.raises(openai.BadRequestError) as err:
+        api(stack).completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, n=2)
+    assert err.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError, match="model"):
+        api(stack).completions.create(model="gpt-9", prompt=PROMPT, max_tokens=4)
+
+
+def test_http_and_grpc_share_one_quota(stack):
+    _, key = new_key(stack, "two")
+    with InferenceClient(api_key=key, endpoint=stack.router_address, retries=0) as c:
+        c.infer(PROMPT, {"max_tokens": 4})
+    api(stack, key).completions.create(model=MODEL, prompt=PROMPT, max_tokens=4)
+    with pytest.raises(openai.RateLimitError) as err:
+        api(stack, key).chat.completions.create(model=MODEL, max_tokens=4,
+                                                messages=[{"role": "user", "content": "1+1=?"}])
+    assert "resets at" in str(err.value) and int(err.value.response.headers["retry-after"]) > 0
+    with pytest.raises(openai.RateLimitError):  # a stream is refused before it starts
+        list(api(stack, key).completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, stream=True))
+
+
+def test_missing_or_malformed_key_is_401_with_an_openai_error_body(stack):
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": 4}).encode()
+    for headers in ({}, {"authorization": "Basic abc"}):
+        req = urllib.request.Request(f"{stack.http_base_url}/completions", data=body, method="POST",
+                                     headers={"content-type": "application/json", **headers})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=60)
+        assert err.value.code == 401
+        error = json.loads(err.value.read())["error"]
+        assert error["type"] == "authentication_error" and error["code"] == "unauthenticated"

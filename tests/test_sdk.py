@@ -1,0 +1,146 @@
+"""The Python SDK and `tierline infer|stream|status` against a real platform (nats-server, edge x2, router)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+
+import grpc
+import pytest
+
+from tests.conftest import run_cli
+from tierline import AsyncInferenceClient, InferenceClient, InvalidArgument, TierlineError, Unavailable
+from tierline.stack import Stack
+
+PROMPT = "Q:2+3=?\nA:"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_family):
+    # a fixed router port, so a restarted router is found at the same address
+    with Stack(tiny_family, tiers=("edge",), replicas={"edge": 2}, auth=True,
+               overrides={"router.device_complexity": 0.0, "router.cloud_complexity": 1.0,
+                          "router.confidence_threshold": {"edge": 0.0}, "router.grpc_port": free_port()}) as s:
+        yield s
+
+
+@pytest.fixture
+def client(stack):
+    with InferenceClient(api_key=stack.api_key, model_name="tierline-reasoner",
+                         endpoint=f"{stack.router_address}/v1") as c:
+        yield c
+
+
+def test_infer_reads_like_the_article(stack, client):
+    response = client.infer(prompt=PROMPT, parameters={"temperature": 0.3, "max_tokens": 16,
+                                                       "attention_window": 8, "seed": 1})
+    assert isinstance(response.choices[0].text, str)
+    assert response.tier == "edge"
+    assert response.usage.prompt_tokens > 0
+    assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
+    assert response.choices[0].finish_reason in ("stop", "length")
+
+
+def test_stream_yields_the_same_text_as_infer(client):
+    whole = client.infer(PROMPT, {"max_tokens": 12})
+    stream = client.stream(PROMPT, {"max_tokens": 12})
+    chunks = list(stream)
+    assert "".join(chunks) == whole.text
+    assert len(chunks) == stream.response.usage.completion_tokens == whole.usage.completion_tokens
+    assert stream.response.tier == "edge" and stream.response.choices[0].finish_reason in ("stop", "length")
+
+
+def test_async_client_gives_the_same_answers(stack, client):
+    whole = client.infer(PROMPT, {"max_tokens": 10})
+
+    async def run():
+        async with AsyncInferenceClient(api_key=stack.api_key, endpoint=stack.router_address) as ac:
+            answers = await asyncio.gather(*(ac.infer(PROMPT, {"max_tokens": 10}) for _ in range(4)))
+            chunks = [c async for c in ac.stream(PROMPT, {"max_tokens": 10})]
+            with pytest.raises(InvalidArgument) as err:
+                await ac.infer(PROMPT, {"max_tokens": 0})
+            return answers, chunks, err.value
+
+    answers, chunks, err = asyncio.run(run())
+    assert {a.text for a in answers} == {whole.text}
+    assert "".join(chunks) == whole.text
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT and "parameters.max_tokens" in err.message
+
+
+def test_errors_are_typed_and_carry_the_status(stack, client):
+    with pytest.raises(InvalidArgument) as err:
+        client.infer(PROMPT, {"temperature": -1})
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "parameters.temperature" in err.value.message
+    with pytest.raises(InvalidArgument):
+        list(client.stream("", {"max_tokens": 4}))
+    with pytest.raises(ValueError, match="temp"):
+        client.infer(PROMPT, {"temp": 0.5})  # caught before any network call
+    with pytest.raises(ValueError, match="endpoint"):
+        InferenceClient(api_key="k", endpoint="http://example.com/v1")
+    with pytest.raises(ValueError, match="/v2"):
+        InferenceClient(api_key="k", endpoint="127.0.0.1:1/v2")
+
+
+def test_unavailable_is_retried_until_the_router_is_back(stack):
+    stack.kill("router")
+    with InferenceClient(api_key=stack.api_key, endpoint=stack.router_address, retries=0) as impatient:
+        with pytest.raises(Unavailable) as err:
+            impatient.infer(PROMPT, {"max_tokens": 4})
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE
+    result: dict = {}
+
+    def call():
+        with InferenceClient(api_key=stack.api_key, endpoint=stack.router_address, retries=12,
+                             backoff=0.2) as patient:
+            try:
+                result["answer"] = patient.infer(PROMPT, {"max_tokens": 4})
+            except TierlineError as exc:
+                result["error"] = exc
+
+    worker = threading.Thread(target=call)
+    worker.start()  # its first attempts fail: nothing listens on the router's port
+    stack.restart("router")
+    worker.join(timeout=60)
+    assert "error" not in result, result.get("error")
+    assert result["answer"].tier == "edge"
+
+
+def test_status_shows_tiers_replicas_queues_and_split(stack, client):
+    for _ in range(3):
+        client.infer(PROMPT, {"max_tokens": 4})
+    status = client.status()
+    assert status.auth_enabled and status.model == "tierline-reasoner"
+    [edge] = status.tiers
+    assert edge.tier == "edge" and len(edge.replicas) == 2
+    assert len({r.id for r in edge.replicas}) == 2
+    assert edge.answered >= 3 and edge.traffic_share == pytest.approx(1.0)
+    assert sum(r.requests for r in edge.replicas) >= 3  # every request reaches a replica (cached or not)
+    assert edge.queue_depth == sum(r.queue_depth for r in edge.replicas) == 0
+
+    proc = run_cli("status", "--endpoint", stack.router_address, "--api-key", stack.api_key, "--json", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert [len(t["replicas"]) for t in json.loads(proc.stdout)["tiers"]] == [2]
+    table = run_cli("status", "--endpoint", stack.router_address, "--api-key", stack.api_key, timeout=60)
+    assert table.returncode == 0 and "traffic share" in table.stdout and "edge" in table.stdout
+
+
+def test_cli_infer_and_stream(stack, client):
+    expected = client.infer(PROMPT, {"max_tokens": 8}).text
+    common = ("--endpoint", stack.router_address, "--api-key", stack.api_key, "--max-tokens", "8")
+    proc = run_cli("infer", "2+3=?", *common, "--json", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["tier"] == "edge" and out["choices"][0]["text"] == expected
+    proc = run_cli("stream", "Q:2+3=?\\nA:", "--raw", *common, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.rstrip("\n") == expected and "tier edge" in proc.stderr
+    bad = run_cli("infer", "2+3=?", "--endpoint", stack.router_address, "--api-key", "nope", timeout=60)
+    assert bad.returncode == 1 and bad.stderr.strip() == "tierline: error: UNAUTHENTICATED: unknown API key"

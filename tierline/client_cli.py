@@ -1,0 +1,150 @@
+"""`tierline infer|stream|status`: the platform from the command line, through the SDK.
+
+The endpoint and key come from flags or from TIERLINE_ENDPOINT / TIERLINE_API_KEY.
+A failed call prints one line with its gRPC status and message and exits 1; a
+bad flag exits 2 like every other `tierline` command.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+
+
+def add_parsers(sub, parser_class) -> dict:
+    """Register `infer`, `stream` and `status` on the `tierline` subparsers; returns their handlers."""
+    from tierline.cli import _non_negative, _positive
+
+    def connection(p) -> None:
+        p.add_argument("--endpoint", default=None, help="router, host:port[/v1] (default: $TIERLINE_ENDPOINT "
+                                                        "or 127.0.0.1:50050)")
+        p.add_argument("--api-key", default=None, help="API key (default: $TIERLINE_API_KEY)")
+        p.add_argument("--timeout", type=float, default=30.0, help="seconds for the call")
+        p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+    for name, what in (("infer", "one answer through the router"), ("stream", "the answer as it is generated")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("prompt", help="the question (sent as Q:<question>\\nA:), or the whole prompt with --raw")
+        p.add_argument("--raw", action="store_true", help="send the prompt as given (\\n means a newline)")
+        p.add_argument("--model", default="", help="model family (default: whatever the router serves)")
+        p.add_argument("--temperature", type=float, default=None)
+        p.add_argument("--top-p", type=float, default=None)
+        p.add_argument("--max-tokens", type=_positive("--max-tokens"), default=None)
+        p.add_argument("--attention-window", type=_non_negative("--attention-window"), default=None)
+        p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--priority", choices=("low", "normal", "high"), default=None,
+                       help="at most your plan's priority")
+        connection(p)
+    s = sub.add_parser("status", help="tiers, replicas, queue depth and traffic split, as the router sees them")
+    connection(s)
+    return {("infer", None): _infer, ("stream", None): _stream, ("status", None): _status}
+
+
+def _prompt(args) -> str:
+    if args.raw:
+        return args.prompt.replace("\\n", "\n")
+    return f"Q:{args.prompt}\nA:"
+
+
+def _client(args):
+    from tierline.cli import UsageError
+    from tierline.client import InferenceClient
+
+    try:
+        return InferenceClient(api_key=args.api_key, model_name=getattr(args, "model", ""), endpoint=args.endpoint,
+                               timeout=args.timeout)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _parameters(args) -> dict:
+    return {k: v for k, v in {"temperature": args.temperature, "top_p": args.top_p, "max_tokens": args.max_tokens,
+                              "attention_window": args.attention_window, "seed": args.seed}.items() if v is not None}
+
+
+def _failed(exc) -> int:
+    print(f"tierline: error: {exc.status}: {exc.message}", file=sys.stderr)
+    return 1
+
+
+def _summary(c) -> str:
+    path = " -> ".join(f"{a.tier} {a.outcome}" for a in c.escalation_path)
+    return (f"[tier {c.tier}, {c.usage.prompt_tokens}+{c.usage.completion_tokens} tokens, confidence "
+            f"{c.confidence:.2f}{', degraded' if c.degraded else ''}{', cached' if c.cached else ''}"
+            f"{f'; {path}' if path else ''}]")
+
+
+def _infer(args) -> int:
+    from tierline.client import TierlineError
+
+    with _client(args) as client:
+        try:
+            c = client.infer(_prompt(args), _parameters(args), priority=args.priority)
+        except TierlineError as exc:
+            return _failed(exc)
+    if args.json:
+        print(json.dumps(asdict(c)))
+    else:
+        print(c.text)
+        print(_summary(c), file=sys.stderr)
+    return 0
+
+
+def _stream(args) -> int:
+    from tierline.client import TierlineError
+
+    with _client(args) as client:
+        stream = client.stream(_prompt(args), _parameters(args), priority=args.priority)
+        try:
+            for piece in stream:
+                if args.json:
+                    print(json.dumps({"text": piece}), flush=True)
+                else:
+                    print(piece, end="", flush=True)
+        except TierlineError as exc:
+            print(file=sys.stderr)
+            return _failed(exc)
+    if args.json:
+        print(json.dumps({"final": asdict(stream.response) if stream.response else None}))
+    else:
+        print()
+        if stream.response:
+            print(_summary(stream.response), file=sys.stderr)
+    return 0
+
+
+def _status(args) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    from tierline.client import TierlineError
+
+    with _client(args) as client:
+        try:
+            st = client.status()
+        except TierlineError as exc:
+            return _failed(exc)
+    if args.json:
+        print(json.dumps(MessageToDict(st, always_print_fields_with_no_presence=True)))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    tiers = Table(title=f"Tierline: {st.model} - {st.answered:,} requests answered by the router; "
+                        f"API keys {'required' if st.auth_enabled else 'OFF'}")
+    for col in ("tier", "replicas", "queue depth", "answered", "traffic share"):
+        tiers.add_column(col, justify="left" if col == "tier" else "right")
+    for t in st.tiers:
+        tiers.add_row(t.tier, str(len(t.replicas)) if t.replicas else "[red]0 (down)[/red]", str(t.queue_depth),
+                      f"{t.answered:,}", f"{t.traffic_share:.1%}")
+    console.print(tiers)
+    replicas = Table(title="Replicas (nats.micro $SRV.STATS)")
+    for col in ("tier", "id", "version", "requests", "errors", "avg ms", "queue"):
+        replicas.add_column(col, justify="left" if col in ("tier", "id", "version") else "right")
+    for t in st.tiers:
+        for r in t.replicas:
+            replicas.add_row(t.tier, r.id, r.version, f"{r.requests:,}", f"{r.errors:,}", f"{r.average_ms:.1f}",
+                             str(r.queue_depth))
+    console.print(replicas)
+    return 0

@@ -1,0 +1,186 @@
+"""`tierline devices list | set-model | bench`: the device fleet from an operator's seat.
+
+`list` reads every device's reported state from the JetStream KV bucket and
+marks the ones whose last heartbeat is older than their own `stale_after_beats`
+beats; `set-model` uploads a .tflite and its config.json to the Object Store and
+sets the device's desired model (the agent verifies, installs, health-checks and
+reports); `bench --profile pi` measures the device model as a Pi-class board
+would run it (one core, one thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+from device_agent.fleet import JS_TIMEOUT_S, open_fleet, rss_mb
+from device_agent.ota import Artifact, DesiredModel, OtaError
+
+UPLOAD_TIMEOUT_S = 120.0  # one artifact into the object store, at most
+PROFILES = {"pi": {"threads": 1, "cores": 1}}  # a Raspberry Pi-class board: what one core does
+COLUMNS = ("device", "state", "model", "ota", "code", "queue", "requests", "rss_mb", "arch", "beat_age_s",
+           "outbox")
+
+
+def add_parser(sub, parser_class) -> dict:
+    """Register `tierline devices ...` on the CLI's subparsers; returns {(command, action): handler}."""
+    from tierline.cli import _positive
+
+    d = sub.add_parser("devices", help="the device fleet: list, set the desired model, Pi-class bench")
+    dsub = d.add_subparsers(dest="action", required=True, parser_class=parser_class)
+    ls = dsub.add_parser("list", help="every registered device, its model, load and heartbeat")
+    ls.add_argument("--manifest", type=Path, default=Path("infra/manifests/local.yaml"))
+    ls.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    sm = dsub.add_parser("set-model", help="upload a device model and make it a device's desired model")
+    sm.add_argument("--manifest", type=Path, default=Path("infra/manifests/local.yaml"))
+    sm.add_argument("--device", required=True, help="device id")
+    sm.add_argument("--tflite", type=Path, required=True, help="the .tflite (its config.json beside it)")
+    sm.add_argument("--version", required=True, help="version name, e.g. 2025-06-01")
+    sm.add_argument("--sha256", default=None, help="the digest the device must see (default: the file's)")
+    be = dsub.add_parser("bench", help="tokens/s, first-token latency and RSS of the device model")
+    be.add_argument("--profile", choices=sorted(PROFILES), default="pi")
+    be.add_argument("--models", type=Path, default=Path("models"))
+    be.add_argument("--prompts", type=_positive("--prompts"), default=16)
+    be.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    return {("devices", "list"): cmd_list, ("devices", "set-model"): cmd_set_model, ("devices", "bench"): cmd_bench}
+
+
+def _nats_options(manifest_path: Path):
+    from shared.manifest import load_manifest
+    from shared.tier_process import nats_options
+
+    manifest = load_manifest(manifest_path, check_artifacts=False)
+    return manifest, nats_options(manifest)
+
+
+async def _with_fleet(opts, work):
+    from shared.messaging import connect
+
+    nc = await connect(opts, name="tierline-cli")
+    try:
+        return await work(await open_fleet(nc))
+    finally:
+        await nc.close()
+
+
+# -- list ---------------------------------------------------------------------------------------------
+def fleet_rows(records: list[dict], now: float | None = None) -> list[dict]:
+    """One row per device; `state` is "stale" after the device's own number of missed beats."""
+    now = time.time() if now is None else now
+    rows = []
+    for r in sorted(records, key=lambda r: r["device_id"]):
+        age = now - r["last_heartbeat"]
+        ota = r.get("ota") or {}
+        rows.append({"device": r["device_id"],
+                     "state": "stale" if age > r["stale_after_beats"] * r["heartbeat_s"] else r["status"],
+                     "model": r["model"]["version"], "ota": ota.get("status", "-"), "code": ota.get("code", "-"),
+                     "queue": r["load"]["queue"], "requests": r["load"]["requests"], "rss_mb": r["load"]["rss_mb"],
+                     "arch": r["arch"], "beat_age_s": round(age, 1),
+                     "outbox": f"{r['outbox']['pending']}/{r['outbox']['dropped']} dropped"})
+    return rows
+
+
+def render(rows: list[dict]) -> str:
+    table = [COLUMNS] + [tuple(str(row[c]) for c in COLUMNS) for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table)
+
+
+async def read_devices(fleet) -> list[dict]:
+    from nats.js.errors import KeyNotFoundError, NoKeysError
+
+    try:
+        keys = await fleet.devices.keys()
+    except NoKeysError:
+        return []
+    records = []
+    for key in keys:
+        try:
+            records.append(json.loads((await fleet.devices.get(key)).value))
+        except KeyNotFoundError:
+            continue  # removed meanwhile
+    return records
+
+
+def cmd_list(args) -> int:
+    _, opts = _nats_options(args.manifest)
+    rows = fleet_rows(asyncio.run(_with_fleet(opts, read_devices)))
+    print(json.dumps({"devices": rows}) if args.json else render(rows) if rows else "no devices registered")
+    return 0
+
+
+# -- set-model ------------------------------------------------------------------------------------------
+async def publish_model(fleet, device_id: str, name: str, version: str, tflite: bytes, config: bytes,
+                        sha256: str | None = None) -> DesiredModel:
+    """Upload the artifacts and set the desired model; `sha256` is what the device will demand."""
+    desired = desired_model(name, version, tflite, config, sha256)
+    for art, data in ((desired.tflite, tflite), (desired.config, config)):
+        await asyncio.wait_for(fleet.models.put(art.object, data), UPLOAD_TIMEOUT_S)
+    await asyncio.wait_for(fleet.desired.put(device_id, desired.to_json()), JS_TIMEOUT_S)
+    return desired
+
+
+def desired_model(name: str, version: str, tflite: bytes, config: bytes, sha256: str | None = None) -> DesiredModel:
+    """The desired record, checked as the device will check it (OtaError: a bad version or digest)."""
+    desired = DesiredModel(name, version,
+                           Artifact(f"{version}/model.tflite", sha256 or hashlib.sha256(tflite).hexdigest()),
+                           Artifact(f"{version}/config.json", hashlib.sha256(config).hexdigest()))
+    return DesiredModel.from_json(desired.to_json())
+
+
+def cmd_set_model(args) -> int:
+    from tierline.cli import UsageError
+
+    manifest, opts = _nats_options(args.manifest)
+    config = args.tflite.parent / "config.json"
+    for path in (args.tflite, config):
+        if not path.is_file():
+            raise UsageError(f"{path}: no such file")
+    tflite, config_bytes = args.tflite.read_bytes(), config.read_bytes()
+    try:
+        desired = desired_model(manifest.model_name, args.version, tflite, config_bytes, args.sha256)
+    except OtaError as exc:
+        raise UsageError(f"--version/--sha256: {exc}") from None
+    if args.sha256 and args.sha256 != hashlib.sha256(tflite).hexdigest():
+        print(f"tierline: warning: {args.tflite} does not have sha256 {args.sha256}; the device will refuse it",
+              file=sys.stderr)
+    asyncio.run(_with_fleet(opts, lambda fleet: publish_model(
+        fleet, args.device, manifest.model_name, args.version, tflite, config_bytes, args.sha256)))
+    print(json.dumps({"device": args.device, "version": desired.version, "tflite": vars(desired.tflite),
+                      "config": vars(desired.config)}))
+    return 0
+
+
+# -- bench --------------------------------------------------------------------------------------------
+def bench_device(models_dir: Path, profile: str = "pi", n_prompts: int = 16) -> dict:
+    """The device model on one core, one thread: tokens/s, first-token latency, RSS."""
+    from shared.artifacts import load_engine
+    from shared.problems import generate
+    from tierline.modelling.bench import BENCH_MAX_TOKENS, _run
+
+    p = PROFILES[profile]
+    if hasattr(os, "sched_setaffinity"):  # one core, as on the board
+        os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:p["cores"]]))
+    engine = load_engine(models_dir, "device", threads=p["threads"])
+    prompts = [q.prompt for q in generate("test", n_prompts, seed=12345)]
+    _run(engine, prompts[:2], batch=1)  # warm-up
+    tps, first = _run(engine, prompts, batch=1)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
+    return {"profile": profile, **p, "prompts": n_prompts, "max_tokens": BENCH_MAX_TOKENS,
+            "params": engine.info.params, "bytes": engine.info.bytes, "tokens_per_s": round(tps, 1),
+            "first_token_ms": round(first * 1000, 3), "rss_mb": rss_mb(), "peak_rss_mb": round(peak, 1)}
+
+
+def cmd_bench(args) -> int:
+    r = bench_device(args.models, args.profile, args.prompts)
+    print(json.dumps(r) if args.json else
+          f"device model, profile {r['profile']} ({r['cores']} core, {r['threads']} thread): "
+          f"{r['tokens_per_s']} tokens/s, first token {r['first_token_ms']} ms, RSS {r['rss_mb']} MiB "
+          f"(peak {r['peak_rss_mb']}), {r['params']:,} params, {r['bytes']:,} bytes")
+    return 0

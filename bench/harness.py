@@ -1,11 +1,13 @@
 """`tierline bench [--quick]`: start what each scenario needs, measure, write the report.
 
-Three phases, one after the other so that only the processes being measured are
+Four phases, one after the other so that only the processes being measured are
 up: (A) the whole platform (device, edge, cloud, router) for edge vs cloud, tiered
 vs cloud only, and the router/NATS timings; (B) the edge behind a router, an edge
 with batching off, the bare engine and the LitServe peer; (C) an edge with its
-result cache on. The throughput stacks run with the result cache off, so the same
-workload can be replayed to every target. `--quick` (tiny models, a handful of
+result cache on, and two edges with prefix KV reuse on and off; (D) the device
+model alone in a process pinned to one core (the Pi-class profile). The
+throughput stacks run with the result cache off, so the same workload can be
+replayed to every target. `--quick` (tiny models, a handful of
 requests, one repeat) only proves that every section is produced.
 """
 
@@ -19,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bench import scenarios
+from bench.device_profile import pi_profile
 from bench.load import HttpClient
 from bench.peer import PeerServer, available
 from bench.report import write_report
@@ -31,7 +34,7 @@ from tierline.demo import stack_overrides
 from tierline.stack import Stack
 
 SECTION_ORDER = ("edge_vs_cloud", "tiered_vs_cloud", "batching", "cache", "platform_overhead", "peer_litserve",
-                 "router_and_nats")
+                 "router_and_nats", "device_profile")
 
 
 def _tiers(tiers, threads: int, cache: bool = False) -> dict:
@@ -108,14 +111,22 @@ def run_bench(models_dir: Path, out_dir: Path, quick: bool = False, log=print) -
     phases["B"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    log("phase C: edge with its result cache on")
+    log("phase C: edge with its result cache on; edges with prefix KV reuse on and off")
+    reuse_off = {**_tiers(["edge"], cfg.threads), "tiers.edge.prefix_cache_tokens": 0}
     with Stack(models_dir, tiers=("edge",), router=False, overrides=_tiers(["edge"], cfg.threads, cache=True)) \
-            as cached:
+            as cached, Stack(models_dir, tiers=("edge",), router=False, overrides=_tiers(["edge"], cfg.threads)) \
+            as reuse_on, Stack(models_dir, tiers=("edge",), router=False, overrides=reuse_off) as no_reuse:
         log("  4. cache")
         pool = generate("test", cfg.cache_prompts * (cfg.repeats + 1), seed=cfg.seed + 2000)
         dialogue = generate("test", 3 * cfg.dialogues, seed=cfg.seed + 4000, levels=(1, 2))
-        sections["cache"] = scenarios.cache(cached, cfg, pool, dialogue)
+        sections["cache"] = scenarios.cache(cached, reuse_on, no_reuse, cfg, pool, dialogue)
     phases["C"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    log("phase D: the device model alone, one pinned process (1 core, 1 thread)")
+    log("  8. Pi-class device profile")
+    sections["device_profile"] = pi_profile(models_dir, cfg)
+    phases["D"] = time.perf_counter() - t0
 
     models = load_models(models_dir)
     results = {

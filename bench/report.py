@@ -118,9 +118,15 @@ def _plots(sections: dict, plot_dir: Path) -> dict[str, Path]:
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     bars(axes[0], ["miss", "hit"], [c["repeat"]["miss_latency_ms_p50"], c["repeat"]["hit_latency_ms_p50"]],
          "repeated prompt, latency p50", "ms")
-    turns = [k for k in c["multi_turn"] if k.endswith("_prefill_first_token_ms_p50")]
-    bars(axes[1], [k.split("_")[0] for k in turns], [c["multi_turn"][k] for k in turns],
-         "multi-turn: prefill + first token per turn", "ms")
+    turns = c["multi_turn"]["per_turn"]
+    for j, (target, color) in enumerate((("on", "#55a868"), ("off", "#c44e52"))):
+        values = [row[f"prefill_first_token_ms_p50_{target}"] for row in turns.values()]
+        xs = [i + (j - 0.5) * 0.4 for i in range(len(values))]
+        axes[1].bar(xs, [_val(v) for v in values], width=0.4, color=color, label=f"prefix reuse {target}")
+    axes[1].set_xticks(range(len(turns)), list(turns))
+    axes[1].set_title("multi-turn: prefill + first token per turn, p50", fontsize=10)
+    axes[1].set_ylabel("ms")
+    axes[1].legend(fontsize=8)
     bars(axes[2], ["decide\np50", "decide\np99", "NATS\np50", "NATS\np99"],
          [r["decision_us"]["p50"], r["decision_us"]["p99"], _ms_to_us(r["nats_round_trip_ms"]["p50"]),
           _ms_to_us(r["nats_round_trip_ms"]["p99"])], "router decision vs one NATS round trip", "µs (log)",
@@ -174,7 +180,9 @@ def render(results: dict, plots: dict[str, str]) -> str:
         [f"dynamic batching on vs off (concurrency {ba['method']['concurrency']})", _x(m3["ratio"]["qps_on_over_off"]),
          "about 3x (Triton)"],
         ["repeated prompt: cache hit vs miss latency", _x(m4["repeat"]["hit_speedup"]), "-"],
-        ["multi-turn prefix KV reuse", fmt(m4["multi_turn"]["prefix_kv_reuse_compute_saving"]), "40% less compute"],
+        ["multi-turn prefix KV reuse: prefill tokens computed, saving (prefill time saving)",
+         f"{fmt(m4['multi_turn']['prefix_kv_reuse_compute_saving'], pct=True)} "
+         f"({fmt(m4['multi_turn']['prefill_time_saving'], pct=True)})", "40% less compute"],
         ["platform (router + NATS + gRPC) vs bare onnxruntime", fmt(m5["ratio"]["platform_over_bare"], pct=True)
          if not is_not_measured(m5["ratio"]["platform_over_bare"]) else fmt(m5["ratio"]["platform_over_bare"]),
          ">= 70% (target)"],
@@ -183,6 +191,7 @@ def render(results: dict, plots: dict[str, str]) -> str:
          f"{fmt(m7['decision_us']['p50'], ' µs')} / {fmt(m7['decision_us']['p99'], ' µs')}", "-"],
         ["one NATS round trip p50 / p99", f"{fmt(m7['nats_round_trip_ms']['p50'], ' ms')} / "
          f"{fmt(m7['nats_round_trip_ms']['p99'], ' ms')}", "-"],
+        *_device_headline(s["device_profile"]),
     ])
 
     L += [f"## 1. {ev['title']}", "", _how(ev["method"]), ""]
@@ -239,8 +248,7 @@ def render(results: dict, plots: dict[str, str]) -> str:
         ["Zipf traffic: share of requests that repeat an earlier one", fmt(rp["zipf_repeat_share"], pct=True)],
         ["Zipf traffic: measured hit rate", fmt(rp["zipf_hit_rate"], pct=True)],
         ["Zipf traffic: throughput", fmt(rp["zipf_qps"], " req/s")]])
-    L += _table(["multi-turn dialogue (3 turns)", "value"],
-                [[k.replace("_", " "), fmt(v)] for k, v in m4["multi_turn"].items()])
+    L += _multi_turn(m4["multi_turn"])
     L += _notes(ca) + [f"![cache and routing]({plots['cache_and_routing']})", ""]
 
     L += [f"## 5. {po['title']}", "", _how(po["method"]), ""]
@@ -263,6 +271,7 @@ def render(results: dict, plots: dict[str, str]) -> str:
         ["one NATS request/reply round trip", fmt(m7["nats_round_trip_ms"]["p50"], " ms"),
          fmt(m7["nats_round_trip_ms"]["p99"], " ms")]])
     L += _notes(rn)
+    L += _device_profile(s["device_profile"], 8)
     L += ["## Reproduce", "", "`make bench` (this report, "
           f"{meta['total_seconds']:.0f} s here) or `tierline bench --quick --models DIR --out DIR` (the "
           "tiny family, a completeness check run by `make test`). Raw engine speed without serving is "
@@ -282,8 +291,55 @@ def _serving_table(m: dict, keys) -> list[str]:
     return _table(["", "throughput", "tokens/s", "latency p50", "latency p95", "of bare (per-repeat ratio)"], rows)
 
 
+def _multi_turn(m: dict) -> list[str]:
+    """The dialogues with prefix KV reuse on vs off: a row per turn, then the savings."""
+    def pair(row: dict, key: str, unit: str = "") -> str:
+        return f"{fmt(row[key + '_on'], unit)} / {fmt(row[key + '_off'], unit)}"
+
+    L = _table(["multi-turn dialogue", "prompt tokens (mean)", "prefill tokens computed, on / off",
+                "prefill + first token p50, on / off", "e2e latency p50, on / off", "prompt tokens/s, on / off"],
+               [[turn, fmt(r["prompt_tokens_mean"]), pair(r, "prefill_tokens_computed_mean"),
+                 pair(r, "prefill_first_token_ms_p50", " ms"), pair(r, "e2e_latency_ms_p50", " ms"),
+                 pair(r, "prompt_tokens_per_s")] for turn, r in m["per_turn"].items()])
+    L += _table(["prefix KV reuse, all turns", "value"], [
+        ["prefill tokens computed, on / off", f"{fmt(m['prefill_tokens_computed_on'])} / "
+         f"{fmt(m['prefill_tokens_computed_off'])}"],
+        ["compute saving: prefill tokens (the article: 40%)", fmt(m["prefix_kv_reuse_compute_saving"], pct=True)],
+        ["compute saving: prefill tokens, turns 2 and 3", fmt(m["later_turns_compute_saving"], pct=True)],
+        ["compute saving: all tokens processed (decode included)", fmt(m["all_tokens_compute_saving"], pct=True)],
+        ["prefill + first token time saving (median of repeats)", fmt(m["prefill_time_saving"], pct=True)],
+        ["share of later turns' prompt a cache of whole turns could skip", fmt(m["shared_prefix_token_share"],
+                                                                                 pct=True)],
+        ["identical answers with and without reuse", fmt(m["identical_answer_share"], pct=True)],
+        ["turns answered on / off, errors", f"{m['turns_answered_on']} / {m['turns_answered_off']}, {m['errors']}"]])
+    return L
+
+
 def _notes(section: dict) -> list[str]:
     return [f"- {n}" for n in section.get("notes", [])] + [""]
+
+
+def _device_headline(section: dict) -> list[list[str]]:
+    m, how = section["metrics"], section["method"]
+    return [[f"device model, Pi-class profile ({how['cores']} core, {how['threads']} thread): decode / first "
+             "token p50 / peak RSS", f"{fmt(m['decode_tokens_per_s'], ' tok/s')} / "
+             f"{fmt(m['first_token_ms_p50'], ' ms')} / {fmt(m['peak_rss_mib'], ' MiB')}", "-"]]
+
+
+def _device_profile(section: dict, number: int) -> list[str]:
+    """The Pi-class device profile section (bench/device_profile.py)."""
+    m = section["metrics"]
+    L = [f"## {number}. {section['title']}", "", _how(section["method"]), ""]
+    L += _table(["device model (LiteRT), one request at a time", "value"], [
+        ["decode tokens/s (after the first token)", fmt(m["decode_tokens_per_s"], " tok/s")],
+        ["tokens/s (prefill included)", fmt(m["tokens_per_s"], " tok/s")],
+        ["first token p50", fmt(m["first_token_ms_p50"], " ms")],
+        ["first token p95", fmt(m["first_token_ms_p95"], " ms")],
+        ["peak RSS of the process (VmHWM)", fmt(m["peak_rss_mib"], " MiB")],
+        ["model load (sha256 check included)", fmt(m["load_s"], " s")],
+        *([["model", f"{m['model']['params']:,} params, {m['model']['bytes']:,} bytes"]] if "model" in m else []),
+    ])
+    return L + _notes(section)
 
 
 def write_report(results: dict, out_dir: Path) -> dict[str, Path]:

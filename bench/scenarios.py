@@ -13,6 +13,7 @@ import asyncio
 import math
 import random
 import time
+import urllib.request
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
@@ -24,6 +25,7 @@ from tierline.stack import Stack
 
 TIERS = ("device", "edge", "cloud")
 NATS_TIMEOUT_S = 5.0  # one echo request over NATS
+METRICS_TIMEOUT_S = 5.0  # one scrape of a tier's /metrics
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class BenchConfig:
 
 
 FULL = BenchConfig(quick=False, repeats=5, requests=384, warmup=32, ttft_requests=48, decisions=2000,
-                   nats_hops=2000, cache_prompts=64, dialogues=24)
+                   nats_hops=2000, cache_prompts=64, dialogues=30)
 QUICK = BenchConfig(quick=True, repeats=1, requests=16, warmup=4, ttft_requests=4, decisions=50, nats_hops=50,
                     cache_prompts=6, dialogues=2)
 
@@ -236,8 +238,10 @@ def batching(on: Stack, off: Stack, cfg: BenchConfig, prompts: list[str], warm: 
 
 
 # -- 4. the layered cache ----------------------------------------------------------------------------------------------
-def cache(stack: Stack, cfg: BenchConfig, pool: list[Problem], dialogue_problems: list[Problem]) -> dict:
-    """Exact-repeat hits vs misses, the hit rate on traffic with repeats, and what multi-turn costs today."""
+def cache(stack: Stack, reuse_on: Stack, reuse_off: Stack, cfg: BenchConfig, pool: list[Problem],
+          dialogue_problems: list[Problem]) -> dict:
+    """Exact-repeat hits vs misses and the hit rate on traffic with repeats (result cache, `stack`); the same
+    multi-turn dialogues with prefix KV reuse on and off (`reuse_on` / `reuse_off`, result caches off)."""
     client = _grpc(stack, "edge-0", cfg)
     distinct = list(dict.fromkeys(p.prompt for p in pool))
     per = max(1, len(distinct) // (cfg.repeats + 1))
@@ -260,68 +264,155 @@ def cache(stack: Stack, cfg: BenchConfig, pool: list[Problem], dialogue_problems
     zipf = run_load(client.infer, traffic, cfg.concurrency)
     hit_rate = sum(o.cached for o in zipf.ok) / max(len(zipf.ok), 1)
 
-    turns = _dialogues(client, dialogue_problems, cfg)
     client.close()
+    turns = _dialogues({"on": reuse_on, "off": reuse_off}, dialogue_problems, cfg)
     metrics = {
         "repeat": {"miss_latency_ms_p50": num(median(miss_ms)), "hit_latency_ms_p50": num(median(hit_ms)),
                    "hit_speedup": num(median(speedups)),
                    "zipf_repeat_share": num(repeat_share, 4), "zipf_hit_rate": num(hit_rate, 4),
                    "zipf_qps": num(zipf.qps), "errors": zipf.errors},
-        "multi_turn": {
-            **{f"turn{i + 1}_prefill_first_token_ms_p50": num(median(v))
-               for i, v in enumerate(turns["first_token_ms"])},
-            **{f"turn{i + 1}_prompt_tokens_mean": num(sum(v) / len(v) if v else math.nan, 1)
-               for i, v in enumerate(turns["prompt_tokens"])},
-            "shared_prefix_token_share": num(turns["shared_share"], 4),
-            "prefix_kv_reuse_compute_saving": not_measured(
-                "not implemented: shared/engine.py keeps no KV cache across requests; every turn prefills its "
-                "whole prompt, so there is no reuse to measure against recomputing"),
-        },
+        "multi_turn": turns["metrics"],
     }
     return {
         "title": "The layered cache",
         "method": _method(cfg, "closed loop (bench/load.py), gRPC to the edge tier", "1 (hit/miss), "
                           f"{cfg.concurrency} (Zipf traffic), 1 (dialogues)", cfg.requests, warmup=0,
-                          hit_miss_prompts_per_repeat=per, dialogues=len(dialogue_problems) // 3,
-                          target="the edge tier with its LRU result cache on (cache_size 1024)"),
+                          hit_miss_prompts_per_repeat=per, dialogues=turns["dialogues"],
+                          dialogue_max_tokens=DIALOGUE_MAX_TOKENS,
+                          target="repeats: the edge tier with its LRU result cache on (cache_size 1024); "
+                                 "dialogues: two edge tiers with result caches off, prefix KV reuse on "
+                                 "(prefix_cache_tokens 4096, the default) and off (prefix_cache_tokens 0), "
+                                 "interleaved repeat by repeat, each repeat with its own dialogues"),
         "metrics": metrics,
         "article": {"multi_turn": "reusing the shared prefix's KV cache: 40% less compute"},
         "notes": ["Hits are exact repeats of a greedy request (same prompt, max_tokens, stop, window), answered by "
                   "the tier's LRU before the batcher; identical requests in flight at the same time both miss "
                   "(no request coalescing), so the hit rate is below the traffic's repeat share.",
-                  "Multi-turn: each turn's prompt is the whole dialogue so far plus the next question. Prefix KV "
-                  "reuse is not implemented, so only the cost of recomputing is measured; shared_prefix_token_share "
-                  "is the share of later turns' prompt tokens that a prefix cache could skip (a count, not a "
-                  "speed)."],
+                  "Multi-turn: each turn's prompt is the whole dialogue so far plus the next question. With reuse "
+                  "on, the tier keeps each prompt's KV (shared/engine.py PrefixCache) and a later prompt prefills "
+                  "only what follows the longest cached prefix; the previous answer is not cached (only prompts "
+                  "are), so turn k reuses turn k-1's prompt. Prefill tokens computed come from the tier's own "
+                  "tierline_prefix_cache_hits_total counter, read before and after each request (concurrency 1).",
+                  "Compute saving = 1 - prefill tokens computed with reuse / without (all turns; later turns "
+                  "alone); the decode steps are the same either way, so all_tokens_compute_saving counts them "
+                  "too. prefill_time_saving is the same ratio on the tiers' prefill + first-token times, per "
+                  "repeat, median. shared_prefix_token_share is what a cache that also kept answers could skip.",
+                  "identical_answer_share: greedy answers must be the same with and without reuse (the "
+                  "contract, tested in tests/test_prefix_cache.py); anything below 1 is a bug."],
     }
 
 
-def _dialogues(client: GrpcClient, problems: list[Problem], cfg: BenchConfig) -> dict:
-    """Three-turn dialogues at concurrency 1: turn k's prompt repeats turns 1..k-1 with their answers."""
-    info = client.server_info()
-    max_tokens = 32
-    first_ms: list[list[float]] = [[], [], []]
-    prompt_tokens: list[list[int]] = [[], [], []]
-    shared = total = 0
-    for d in range(0, len(problems) - 2, 3):
-        history = ""
-        prev_tokens = 0
-        for k, p in enumerate(problems[d:d + 3]):
-            prompt = (history + "\n" if history else "") + p.prompt
-            if len(prompt) + max_tokens + 2 > info.max_context:  # char-level tokenizer: one token per character
-                break
-            o = client.infer(prompt, max_tokens=max_tokens)
-            if not o.ok:
-                break
-            first_ms[k].append(o.server_first_token_ms - o.server_queue_ms)  # prefill + first token
-            prompt_tokens[k].append(o.prompt_tokens)
-            if k:
-                shared += prev_tokens
-                total += o.prompt_tokens
-            prev_tokens = o.prompt_tokens + o.completion_tokens
-            history = prompt + o.text
-    return {"first_token_ms": first_ms, "prompt_tokens": prompt_tokens,
-            "shared_share": shared / total if total else math.nan}
+DIALOGUE_TURNS = 3
+DIALOGUE_MAX_TOKENS = 32  # completion tokens per turn
+
+
+def _dialogues(targets: dict[str, Stack], problems: list[Problem], cfg: BenchConfig) -> dict:
+    """The same three-turn dialogues on each target (prefix reuse on / off), at concurrency 1, ABBA by repeat.
+
+    Turn k's prompt repeats turns 1..k-1 with their answers. Answers are greedy, so both targets see the
+    same prompts (checked: identical_answer_share).
+    """
+    clients = {name: _grpc(s, "edge-0", cfg) for name, s in targets.items()}
+    ports = {name: _metrics_port(s, "edge-0") for name, s in targets.items()}
+    max_context = clients["on"].server_info().max_context
+    dialogues = [problems[d:d + DIALOGUE_TURNS] for d in range(0, len(problems) - DIALOGUE_TURNS + 1, DIALOGUE_TURNS)]
+    per = max(1, len(dialogues) // cfg.repeats)
+    rows: list[dict] = []  # one per answered turn: repeat, target, dialogue, turn, token counts, times, text
+    for r in range(cfg.repeats):
+        chunk = dialogues[r * per:(r + 1) * per] or dialogues[:per]
+        for name, client in _interleaved(clients, r):
+            for d, dialogue in enumerate(chunk):
+                history = ""
+                for k, p in enumerate(dialogue):
+                    prompt = (history + "\n" if history else "") + p.prompt
+                    if len(prompt) + DIALOGUE_MAX_TOKENS + 2 > max_context:  # one token per character, plus BOS
+                        break
+                    before = _prefix_hits(ports[name])
+                    o = client.infer(prompt, max_tokens=DIALOGUE_MAX_TOKENS)
+                    if not o.ok:
+                        rows.append({"repeat": r, "target": name, "turn": k, "ok": False})
+                        break
+                    reused = _prefix_hits(ports[name]) - before
+                    rows.append({"repeat": r, "target": name, "dialogue": r * per + d, "turn": k, "ok": True,
+                                 "prompt": o.prompt_tokens, "computed": o.prompt_tokens - reused,
+                                 "completion": o.completion_tokens, "text": o.text, "e2e_ms": o.latency_s * 1000,
+                                 "prefill_ms": o.server_first_token_ms - o.server_queue_ms})
+                    history = prompt + o.text
+    for c in clients.values():
+        c.close()
+    return {"metrics": _multi_turn_metrics(rows), "dialogues": len({(x["repeat"], x.get("dialogue")) for x in rows})}
+
+
+def _multi_turn_metrics(rows: list[dict]) -> dict:
+    """Per turn and overall: prefill tokens computed and times with reuse on vs off, and the savings."""
+    ok = [x for x in rows if x["ok"]]
+
+    def pick(target: str, turn: int | None = None, repeat: int | None = None) -> list[dict]:
+        return [x for x in ok if x["target"] == target and turn in (None, x["turn"]) and repeat in (None, x["repeat"])]
+
+    def saving(on: float, off: float):
+        return num(1 - on / off, 4) if off else not_measured("no prefill tokens without reuse")
+
+    def mean(v: list[float]) -> float:
+        return sum(v) / len(v) if v else math.nan
+
+    per_turn = {}
+    for k in range(DIALOGUE_TURNS):
+        row = {"prompt_tokens_mean": num(mean([x["prompt"] for x in pick("off", k)]), 1)}
+        for t in ("on", "off"):
+            xs = pick(t, k)
+            row[f"prefill_tokens_computed_mean_{t}"] = num(mean([x["computed"] for x in xs]), 1)
+            row[f"prefill_first_token_ms_p50_{t}"] = num(median([x["prefill_ms"] for x in xs]))
+            row[f"e2e_latency_ms_p50_{t}"] = num(median([x["e2e_ms"] for x in xs]))
+            # prompt tokens served per second of prefill + first token (the turn's prompt throughput)
+            row[f"prompt_tokens_per_s_{t}"] = num(median([x["prompt"] / x["prefill_ms"] * 1000 for x in xs
+                                                          if x["prefill_ms"] > 0]), 1)
+        per_turn[f"turn{k + 1}"] = row
+    on, off = pick("on"), pick("off")
+    later_on, later_off = [x for x in on if x["turn"]], [x for x in off if x["turn"]]
+    time_savings = []
+    for r in sorted({x["repeat"] for x in ok}):
+        t_on = sum(x["prefill_ms"] for x in pick("on", repeat=r))
+        t_off = sum(x["prefill_ms"] for x in pick("off", repeat=r))
+        if t_on and t_off:
+            time_savings.append(1 - t_on / t_off)
+    answers = {(x["repeat"], x["dialogue"], x["turn"]): x["text"] for x in off}
+    same = [answers.get((x["repeat"], x["dialogue"], x["turn"])) == x["text"] for x in on]
+    # what a cache of whole turns (prompt + answer) could skip: the previous turn's prompt and completion
+    prev = {(x["repeat"], x["dialogue"], x["turn"]): x["prompt"] + x["completion"] for x in off}
+    shareable = sum(prev.get((x["repeat"], x["dialogue"], x["turn"] - 1), 0) for x in later_off)
+    later_tokens = sum(x["prompt"] for x in later_off)
+    return {
+        "per_turn": per_turn,
+        "prefill_tokens_computed_on": sum(x["computed"] for x in on),
+        "prefill_tokens_computed_off": sum(x["computed"] for x in off),
+        "prefix_kv_reuse_compute_saving": saving(sum(x["computed"] for x in on), sum(x["computed"] for x in off)),
+        "later_turns_compute_saving": saving(sum(x["computed"] for x in later_on),
+                                             sum(x["computed"] for x in later_off)),
+        "all_tokens_compute_saving": saving(sum(x["computed"] + x["completion"] for x in on),
+                                            sum(x["computed"] + x["completion"] for x in off)),
+        "prefill_time_saving": num(median(time_savings), 4),
+        "shared_prefix_token_share": num(shareable / later_tokens, 4) if later_tokens else not_measured(
+            "no later turn fitted the context"),
+        "identical_answer_share": num(mean(same), 4),
+        "turns_answered_on": len(on), "turns_answered_off": len(off),
+        "errors": len(rows) - len(ok),
+    }
+
+
+def _metrics_port(stack: Stack, name: str) -> int:
+    return next(p.ready["metrics_port"] for p in stack.procs if p.name == name)
+
+
+def _prefix_hits(port: int) -> float:
+    """The tier's tierline_prefix_cache_hits_total (prompt tokens whose KV was reused), from its /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=METRICS_TIMEOUT_S) as resp:
+        text = resp.read().decode()
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               if family.name == "tierline_prefix_cache_hits" for sample in family.samples
+               if sample.name == "tierline_prefix_cache_hits_total")
 
 
 # -- 5. platform overhead and 6. the LitServe peer ---------------------------------------------------------------

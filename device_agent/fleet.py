@@ -13,7 +13,10 @@ Registration binds the device id to the sha256 of its bootstrap credential (the
 first agent to register an id owns it; later ones with another credential are
 refused), and every heartbeat is a compare-and-set on the device's entry. The
 loop beats every `heartbeat_s`, doubling the wait (up to 8x) while NATS is
-away; nats-py reconnects forever. The desired key is read on every beat (a
+away; the connection itself reconnects forever, nats-py replaying its
+subscriptions, with exponential backoff and jitter between attempts
+(`shared.messaging.reconnect_delay`: 1 s doubling to 30 s, back to 1 s once
+connected). The desired key is read on every beat (a
 plain read survives server restarts, where a watch's consumer would not) and a
 new revision starts an update (device_agent/ota.py).
 """
@@ -45,6 +48,7 @@ from nats.js.errors import (
 from device_agent.ota import DesiredModel, ModelStore, OtaCode, OtaError, health_check, load_candidate, outcome
 from device_agent.ota import verify as verify_digest
 from device_agent.outbox import Outbox
+from device_agent.profile import proc_status_mib
 from shared.artifacts import load_manifest
 from shared.messaging import NatsOptions, connect, stop_loop_thread, subject
 
@@ -107,12 +111,9 @@ def credential_digest(credential: str) -> str:
 
 def rss_mb() -> float:
     """Resident memory of this process now (Linux /proc; the peak elsewhere)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
+    now = proc_status_mib("VmRSS")
+    if now is not None:
+        return now
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 

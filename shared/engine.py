@@ -4,6 +4,10 @@ A backend (torch, onnxruntime, LiteRT) only implements `_forward`, one step of t
 decoder in the optimum convention on numpy arrays. Everything else (left padding,
 sampling, stop strings, the KV cache's sliding window, confidence, timings) lives
 here once, so the three tiers generate exactly the same way.
+
+The prefix cache (`PrefixCache`, vLLM's automatic prefix caching scaled down) lives
+here too: a backend that can slice and join its KV arrays (`supports_prefix_cache`)
+gets prompt KV reuse across requests for free.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import abc
 import math
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -83,16 +88,99 @@ def check_vocab(model_vocab: int, tokenizer: CharTokenizer, where) -> None:
         )
 
 
+class PrefixCache:
+    """A bounded LRU of prompts' KV caches keyed by their token ids, for reuse by later prompts.
+
+    After a prefill the engine stores each prompt's keys/values (real tokens only, no
+    padding); a later prompt that shares a prefix of at least `min_match` tokens with a
+    stored one (the longest such prefix over all entries, capped one short of the whole
+    prompt so that its last token is always computed) starts from that KV and prefills
+    only the rest. Causal attention makes a position's KV depend on the tokens up to it
+    alone, so any prefix of a stored prompt is reusable, including a prompt shorter than
+    it. `max_tokens` bounds the positions held (least recently used entries go first).
+    Counters follow vLLM (`prefix_cache_queries` / `prefix_cache_hits`, in tokens).
+    Not thread-safe on its own: the engine uses it under its decode lock.
+    """
+
+    def __init__(self, max_tokens: int, min_match: int = 16,
+                 on_lookup: Callable[[int, int], None] | None = None):
+        if max_tokens < 1 or min_match < 1:
+            raise ValueError(f"max_tokens and min_match must be >= 1, got {max_tokens}, {min_match}")
+        self.max_tokens, self.min_match, self.on_lookup = max_tokens, min_match, on_lookup
+        self._entries: OrderedDict[tuple[int, ...], tuple[np.ndarray, Past]] = OrderedDict()
+        self.tokens = 0  # positions held
+        self.queries = 0  # prompt tokens looked up
+        self.hits = 0  # of those, tokens whose KV was reused
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, ids: Sequence[int]) -> tuple[int, Past | None]:
+        """(h, KV of a stored prompt whose first h positions are ids[:h]); (0, None) for a miss."""
+        a = np.asarray(ids, dtype=np.int64)
+        best, best_key = 0, None
+        for key, (arr, _) in self._entries.items():
+            m = min(len(arr), len(a))
+            same = arr[:m] == a[:m]
+            n = m if same.all() else int(np.argmin(same))
+            if n > best:
+                best, best_key = n, key
+        best = min(best, len(a) - 1)  # the last prompt token is always computed: its logits pick the first token
+        if best < self.min_match:
+            best, best_key = 0, None
+        self.queries += len(a)
+        self.hits += best
+        if self.on_lookup:
+            self.on_lookup(len(a), best)
+        if best_key is None:
+            return 0, None
+        self._entries.move_to_end(best_key)
+        return best, self._entries[best_key][1]
+
+    def store(self, ids: Sequence[int], past: Past) -> None:
+        """Keep `past` (one row, exactly len(ids) positions) unless a stored prompt already covers ids."""
+        key = tuple(ids)
+        if len(key) < self.min_match or len(key) > self.max_tokens:
+            return
+        for other in self._entries:
+            if len(other) >= len(key) and other[:len(key)] == key:  # already reusable as it is
+                self._entries.move_to_end(other)
+                return
+        for other in [o for o in self._entries if o == key[:len(o)]]:  # prefixes of the new one: redundant
+            self.tokens -= len(other)
+            del self._entries[other]
+        self._entries[key] = (np.asarray(key, dtype=np.int64), past)
+        self.tokens += len(key)
+        while self.tokens > self.max_tokens:
+            old, _ = self._entries.popitem(last=False)
+            self.tokens -= len(old)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.tokens = 0
+
+
 class Engine(abc.ABC):
     """Load once, then generate for batches of prompts with a KV cache."""
 
     supports_batch_prefill = True  # False: the backend takes one row at a time
+    supports_prefix_cache = False  # True: the backend implements _past_take and _past_join
 
     def __init__(self, tokenizer: CharTokenizer, info: EngineInfo):
         self.tokenizer = tokenizer
         self.info = info
         # one decode at a time per engine: runtimes such as LiteRT's interpreter are not thread-safe
         self._lock = threading.RLock()
+        self.prefix_cache: PrefixCache | None = None  # off until enable_prefix_cache
+
+    def enable_prefix_cache(self, max_tokens: int, min_match: int = 16,
+                            on_lookup: Callable[[int, int], None] | None = None) -> bool:
+        """Reuse prompts' KV across requests (max_tokens 0 = off); False where the backend cannot."""
+        with self._lock:
+            self.prefix_cache = None
+            if max_tokens > 0 and self.supports_prefix_cache:
+                self.prefix_cache = PrefixCache(max_tokens, min_match, on_lookup)
+            return self.prefix_cache is not None
 
     # -- the one thing a backend implements --------------------------------------------
     @abc.abstractmethod
@@ -108,6 +196,14 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def _trim_past(self, past: Past, keep: int) -> Past:
         """Keep the last `keep` positions of every cache entry (sliding window)."""
+
+    def _past_take(self, past: Past, row: int, start: int, stop: int) -> Past:
+        """A copy of one row's positions [start, stop) as a batch of one (prefix cache only)."""
+        raise NotImplementedError
+
+    def _past_join(self, rows: Sequence[Past], width: int) -> Past:
+        """Batch-of-one caches left-padded (zeros) to `width` positions and stacked (prefix cache only)."""
+        raise NotImplementedError
 
     # -- shared decoding ---------------------------------------------------------------------
     def check(self, prompt: str, params: GenerationParams) -> int:
@@ -205,10 +301,15 @@ class Engine(abc.ABC):
         positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
         rngs = [np.random.default_rng(g.seed) for g in params]
 
-        if L <= window:
-            logits, past = self._forward(input_ids, mask, positions, None)
+        cache = self.prefix_cache if self.supports_prefix_cache else None
+        if L <= window and cache is not None:
+            # every prompt fits the window, so its KV is plain causal attention: reusable, exactly
+            last, past = self._prefill_with_prefix_cache(cache, ids, input_ids, mask, positions)
             cur_mask = mask
-        else:  # prompt longer than the window: feed it one token at a time, evicting
+        elif L <= window:
+            logits, past = self._forward(input_ids, mask, positions, None)
+            last, cur_mask = logits[:, -1, :], mask
+        else:  # prompt longer than the window: feed it one token at a time, evicting (no prefix reuse)
             past, past_len = None, 0
             for t in range(L):
                 if past_len > window - 1:
@@ -216,8 +317,7 @@ class Engine(abc.ABC):
                 m = mask[:, t - past_len: t + 1]
                 logits, past = self._forward(input_ids[:, t:t + 1], m, positions[:, t:t + 1], past)
                 past_len += 1
-            cur_mask = mask[:, -past_len:]
-        last = logits[:, -1, :]
+            last, cur_mask = logits[:, -1, :], mask[:, -past_len:]
         next_pos = positions[:, -1] + 1
 
         gen: list[list[int]] = [[] for _ in range(B)]
@@ -281,6 +381,45 @@ class Engine(abc.ABC):
                 total_s=total,
                 token_ids=gen[b],
             )
+
+
+    def _prefill_with_prefix_cache(self, cache: PrefixCache, ids: list[list[int]], input_ids: np.ndarray,
+                                   mask: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, Past]:
+        """The batch's prefill, reusing stored prompt KV: (last-token logits (B, V), left-padded past).
+
+        Rows without a hit are prefilled together as usual; each row with a hit prefills
+        only its suffix, alone, on the stored KV. The rows' caches (real positions only)
+        are stored, then left-padded to the batch width, so the decode loop (and its
+        sliding window, which trims whole columns) sees exactly what a plain prefill gives.
+        """
+        B, L = input_ids.shape
+        found = [cache.lookup(x) for x in ids]
+        rows: list[Past | None] = [None] * B
+        last: list[np.ndarray | None] = [None] * B
+        miss = [b for b in range(B) if found[b][1] is None]
+        if len(miss) == B:
+            logits, past = self._forward(input_ids, mask, positions, None)
+            for b, x in enumerate(ids):
+                cache.store(x, self._past_take(past, b, L - len(x), L))
+            return logits[:, -1, :], past
+        if miss:  # the misses together, left-padded to their own longest prompt
+            m = max(len(ids[b]) for b in miss)
+            sub = np.array(miss)
+            logits, past = self._forward(input_ids[sub, L - m:], mask[sub, L - m:], positions[sub, L - m:], None)
+            for j, b in enumerate(miss):
+                rows[b] = self._past_take(past, j, m - len(ids[b]), m)
+                last[b] = logits[j, -1]
+        for b, (h, stored) in enumerate(found):
+            if stored is None:
+                continue
+            n = len(ids[b])
+            prefix = self._past_take(stored, 0, 0, h)
+            logits, rows[b] = self._forward(np.array([ids[b][h:]], dtype=np.int64), np.ones((1, n), dtype=np.int64),
+                                            np.arange(h, n, dtype=np.int64)[None], prefix)
+            last[b] = logits[0, -1]
+        for b in range(B):
+            cache.store(ids[b], rows[b])
+        return np.stack(last), self._past_join(rows, L)
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

@@ -48,6 +48,9 @@ class TierConfig:
     timeout_ms: int = 10000  # a request's deadline inside the tier when the caller sets none
     cost_per_1k_tokens: float = 1.0  # relative cost, for cost reports
     cache_size: int = 1024  # LRU result cache for identical greedy requests (0 = off)
+    # prompt tokens whose KV the engine keeps for prefix reuse (0 = off; the device's LiteRT engine has none)
+    prefix_cache_tokens: int = 4096
+    prefix_cache_min_match: int = 16  # shortest shared prefix (tokens) worth reusing
     batching: BatchConfig = field(default_factory=BatchConfig)
 
 
@@ -160,6 +163,7 @@ class Manifest:
 _RANGES = {  # field -> (min, max) inclusive, None = unbounded
     "grpc_port": (0, 65535), "metrics_port": (-1, 65535), "threads": (1, 256), "timeout_ms": (1, None),
     "cost_per_1k_tokens": (0, None), "cache_size": (0, None), "max_prompt_chars": (1, None),
+    "prefix_cache_tokens": (0, 10_000_000), "prefix_cache_min_match": (1, 100_000),
     "max_tokens": (1, None), "default_max_tokens": (1, None), "connect_timeout_ms": (1, None),
     "request_timeout_ms": (1, None), "cloud_complexity": (0, 1), "device_complexity": (0, 1),
     "retries_per_tier": (0, 10), "max_batch_size": (1, 1024), "max_queue_delay_ms": (0, 10000),

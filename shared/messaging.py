@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,8 +22,9 @@ from nats.micro import add_service
 
 SUBJECT_PREFIX = "tierline"
 STATUS_HEADER = "Tierline-Status"  # the gRPC status name of an error reply
-DEFAULT_RECONNECT_WAIT_S = 1.0  # seconds between reconnect attempts (forever)
-MAX_RECONNECT_BACKOFF_S = 30.0  # seconds, the longest wait between first-connection attempts
+RECONNECT_BASE_S = 1.0  # seconds, the first wait after the link drops (doubles after each failed attempt)
+RECONNECT_MAX_S = 30.0  # seconds, the longest wait between two attempts (forever)
+RECONNECT_JITTER = 0.2  # each wait is drawn from [1 - 0.2, 1] x its step, so a fleet does not reconnect in step
 START_TIMEOUT_S = 10.0  # connecting and registering, at most
 HANDLER_THREADS = 64  # requests in flight per tier process (they wait on the batcher)
 
@@ -125,6 +127,29 @@ async def stream_tier(nc, tier: str, request, timeout_s: float):
         await sub.unsubscribe()
 
 
+def reconnect_delay(attempt: int, rand: float | None = None) -> float:
+    """Seconds to wait before reconnect attempt `attempt` (0: the first since the link dropped or last worked).
+
+    RECONNECT_BASE_S doubling per failed attempt up to RECONNECT_MAX_S, less a random
+    share of up to RECONNECT_JITTER; `rand` in [0, 1) fixes the draw. A board that lost
+    its uplink for hours then tries twice a minute, not every second.
+    """
+    if attempt < 0:
+        raise ValueError(f"attempt must be >= 0, got {attempt}")
+    step = RECONNECT_MAX_S if attempt > 30 else min(RECONNECT_MAX_S, RECONNECT_BASE_S * 2 ** attempt)
+    return step * (1 - RECONNECT_JITTER * (random.random() if rand is None else rand))
+
+
+def _next_server(servers: list, _server_info: dict) -> tuple:
+    """nats-py's reconnect hook (`reconnect_to_server_handler`): the least-failed server, after our backoff.
+
+    nats-py counts failed attempts per server (`reconnects`, back to 0 once connected),
+    sleeps the returned delay, then tries; its own `reconnect_time_wait` is fixed.
+    """
+    best = min(servers, key=lambda s: s.reconnects)
+    return best, reconnect_delay(best.reconnects)
+
+
 class NatsAuthError(ConnectionError):
     """The NATS server refused the credentials."""
 
@@ -138,15 +163,16 @@ class NatsOptions:
 
     def connect_kwargs(self) -> dict:
         kw = {"servers": [self.url], "connect_timeout": self.connect_timeout_s,
-              "max_reconnect_attempts": -1, "reconnect_time_wait": DEFAULT_RECONNECT_WAIT_S,
-              "allow_reconnect": True}
+              "max_reconnect_attempts": -1, "allow_reconnect": True,
+              "reconnect_time_wait": RECONNECT_BASE_S,  # nats-py's wait within the first connect() only
+              "reconnect_to_server_handler": _next_server}  # after a drop: exponential backoff with jitter
         if self.user:
             kw.update(user=self.user, password=self.password)
         return kw
 
 
 async def connect(opts: NatsOptions, name: str, timeout_s: float = START_TIMEOUT_S):
-    """A connection that reconnects forever; a refused login raises NatsAuthError at once."""
+    """Connect; it reconnects forever (waits: `reconnect_delay`); a refused login raises NatsAuthError at once."""
     refused = asyncio.Event()
     errors: list[str] = []
 
@@ -221,7 +247,7 @@ class TierService:
             pass
 
     async def _start_forever(self) -> None:
-        delay = DEFAULT_RECONNECT_WAIT_S
+        attempt = 0
         while True:
             try:
                 await self._start()
@@ -229,8 +255,8 @@ class TierService:
             except NatsAuthError:
                 raise  # nothing to retry: the credentials are wrong
             except (ConnectionError, TimeoutError, OSError):
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, MAX_RECONNECT_BACKOFF_S)
+                await asyncio.sleep(reconnect_delay(attempt))
+                attempt += 1
 
     @property
     def connected(self) -> bool:

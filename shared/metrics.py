@@ -33,6 +33,13 @@ class Metrics:
                                     buckets=BATCH_BUCKETS, registry=r)
         self.cache_queries = Counter(f"{PREFIX}_result_cache_queries", "Result-cache lookups", t, registry=r)
         self.cache_hits = Counter(f"{PREFIX}_result_cache_hits", "Result-cache hits", t, registry=r)
+        # vLLM's prefix-cache counters, in tokens; created at 0 so every tier exports them (the device's stay 0)
+        self.prefix_queries = Counter(f"{PREFIX}_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      t, registry=r)
+        self.prefix_hits = Counter(f"{PREFIX}_prefix_cache_hits", "Prompt tokens whose KV came from the prefix cache",
+                                   t, registry=r)
+        self.prefix_queries.labels(tier)
+        self.prefix_hits.labels(tier)
         self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens processed", t, registry=r)
         self.generation_tokens = Counter(f"{PREFIX}_generation_tokens", "Tokens generated", t, registry=r)
         self._http = None
@@ -45,6 +52,11 @@ class Metrics:
         self.cache_queries.labels(self.tier).inc()
         if hit:
             self.cache_hits.labels(self.tier).inc()
+
+    def prefix_cache_lookup(self, queries: int, hits: int) -> None:
+        """One prompt looked up in the engine's prefix cache (see shared.engine.PrefixCache)."""
+        self.prefix_queries.labels(self.tier).inc(queries)
+        self.prefix_hits.labels(self.tier).inc(hits)
 
     def observe_response(self, tier: str, outcome: str, ttft_s: float, total_s: float, queue_s: float,
                          prompt_tokens: int, completion_tokens: int) -> None:

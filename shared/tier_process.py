@@ -47,6 +47,7 @@ def main(tier: str, argv: list[str] | None = None) -> int:
         print(f"{tier}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_MANIFEST
     metrics = Metrics(tier_name)
+    engine.enable_prefix_cache(tc.prefix_cache_tokens, tc.prefix_cache_min_match, metrics.prefix_cache_lookup)
     servicer_args = (engine, tc.batching, Limits(**asdict(manifest.limits)), tc.cache_size, tc.timeout_ms / 1000,
                      metrics)
     if tier_name == "device":  # the board's front door: local first, the edge over NATS when needed

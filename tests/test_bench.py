@@ -13,7 +13,7 @@ from bench.peer import available
 from tests.conftest import processes_with, run_cli
 
 SECTIONS = ("edge_vs_cloud", "tiered_vs_cloud", "batching", "cache", "platform_overhead", "peer_litserve",
-            "router_and_nats")
+            "router_and_nats", "device_profile")
 METHOD_KEYS = ("load_generator", "concurrency", "requests", "warmup", "repeats")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -57,7 +57,7 @@ def test_every_section_is_there_and_says_how_it_was_measured(report):
         assert isinstance(section["method"]["repeats"], int) and section["method"]["repeats"] >= 1
     meta = results["meta"]
     assert meta["quick"] is True and meta["family"] == "tiny" and meta["machine"]["cpus"] >= 1
-    assert set(meta["phase_seconds"]) == {"A", "B", "C"}
+    assert set(meta["phase_seconds"]) == {"A", "B", "C", "D"}
 
 
 def test_every_metric_is_a_number_or_an_explicit_reason(report):
@@ -73,11 +73,15 @@ def test_every_metric_is_a_number_or_an_explicit_reason(report):
             else:
                 assert isinstance(value, (int, float)) and not isinstance(value, bool), (name, path, value)
                 assert math.isfinite(value), (name, path, value)
-    # only what does not exist is left unmeasured: prefix KV reuse, and the peer when litserve is missing
-    allowed = {"cache.multi_turn.prefix_kv_reuse_compute_saving"}
+    # only what does not exist is left unmeasured: the peer when litserve is missing
+    allowed = set()
     if available() is not None:
         allowed |= {p for p in not_measured if p.startswith("peer_litserve.")}
     assert set(not_measured) == allowed
+    # multi-turn prefix KV reuse, in counts (not speeds): fewer prefill tokens computed, the same answers
+    turns = results["sections"]["cache"]["metrics"]["multi_turn"]
+    assert turns["identical_answer_share"] == 1.0 and turns["errors"] == 0
+    assert turns["prefill_tokens_computed_on"] < turns["prefill_tokens_computed_off"]
 
 
 def test_the_markdown_has_every_section_and_its_plots(report):
@@ -86,12 +90,30 @@ def test_the_markdown_has_every_section_and_its_plots(report):
     for i, section in enumerate(results["sections"].values(), start=1):
         assert f"## {i}. {section['title']}" in text
     assert text.count("*How measured:*") == len(SECTIONS)
-    assert "not measured: not implemented" in text  # prefix KV reuse says why instead of a number
+    assert "prefill tokens computed, on / off" in text  # the multi-turn rows: prefix KV reuse on vs off
     assert not re.search(r"\bnan\b", text, re.IGNORECASE)
     images = [line.split("](", 1)[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]
     assert len(images) >= 4
     for rel in images:
         assert (out / rel).read_bytes()[:8] == PNG_MAGIC, rel
+
+
+def test_the_pi_class_device_profile_is_measured_on_one_core(report, tiny_family):
+    out, _, results = report
+    section = results["sections"]["device_profile"]
+    how, m = section["method"], section["metrics"]
+    assert how["cores"] == 1 and how["threads"] == 1 and how["concurrency"] == 1
+    assert len(how["cpus_pinned"]) == 1  # the measuring process really was pinned to one core
+    assert how["requests"] == results["meta"]["config"]["requests"]
+    for key in ("decode_tokens_per_s", "tokens_per_s", "first_token_ms_p50", "first_token_ms_p95", "peak_rss_mib"):
+        assert isinstance(m[key], float) and m[key] > 0, key
+    assert m["first_token_ms_p95"] >= m["first_token_ms_p50"]
+    assert len(m["decode_tokens_per_s_runs"]) == how["repeats"]
+    assert m["model"]["bytes"] == (tiny_family / "device" / "model.tflite").stat().st_size
+    text = (out / "BENCHMARKS.md").read_text()
+    body = text.split(f"## {len(SECTIONS)}. Pi-class device profile", 1)[1].split("\n## ", 1)[0]
+    for row in ("decode tokens/s", "first token p50", "first token p95", "peak RSS"):
+        assert row in body, row
 
 
 def test_no_peer_process_is_left_behind(report):

@@ -11,6 +11,7 @@ import asyncio
 import json
 import platform
 import shutil
+import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -26,7 +27,14 @@ from device_agent.outbox import Outbox
 from shared.artifacts import load_engine, load_tokenizer, sha256_of
 from shared.engines.litert_engine import LiteRTEngine
 from shared.manifest import ManifestError, load_manifest
-from shared.messaging import NatsOptions, connect
+from shared.messaging import (
+    RECONNECT_BASE_S,
+    RECONNECT_JITTER,
+    RECONNECT_MAX_S,
+    NatsOptions,
+    connect,
+    reconnect_delay,
+)
 from tests.conftest import run_cli
 from tierline.devices import fleet_rows, publish_model
 from tierline.stack import Stack
@@ -37,6 +45,8 @@ DEVICE, CREDENTIAL = "pi-test-1", "bootstrap-secret-1"
 HEARTBEAT_S = 0.2
 MEMORY_MAX_MB = 2048
 TIMEOUT = 30  # seconds, every RPC and every wait here
+CONNECTIONS = 2  # NATS connections of one agent: its tier link (TierService) and its fleet loop
+OUTAGE_STEPS = 3  # the long outage outlasts this many reconnect waits of the schedule, at their longest
 EASY = "Q:2+3=?\nA:"  # answered on the board (policy below)
 HARD = "Q:" + "+".join("1" * 14) + "=?\nA:"  # complexity 1.0: the policy wants a tier above
 
@@ -306,6 +316,67 @@ def test_nats_restart_loses_no_telemetry(agent):
     assert [e["degraded"] for e in while_down] == [False] * len(offline) + [True]
 
 
+def test_a_long_outage_backs_off_then_reconnects_and_sends_everything(agent):
+    wait_for(lambda: (r := reported(agent))["outbox"]["pending"] == 0 and r["tier_link"] == "up", "a quiet agent")
+    outage_s = sum(reconnect_delay(n, rand=0.0) for n in range(OUTAGE_STEPS)) + 0.5
+    agent.nats.stop()
+    dropped = time.monotonic()
+    attempts: list[float] = []
+    # a bare listener on the server's port stands in for it: it counts the agent's attempts and refuses them
+    with socket.create_server(("127.0.0.1", agent.nats.port)) as listener:
+        listener.settimeout(0.1)
+        offline = [ask(agent) for _ in range(5)]
+        deadline = time.monotonic() + outage_s
+        while time.monotonic() < deadline:
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            attempts.append(time.monotonic())
+            conn.close()
+    away_s = time.monotonic() - dropped
+    restarted = time.time()
+    agent.nats.start()  # same port, same JetStream store
+
+    # each connection tries no more often than the schedule's shortest waits allow (a fixed 1 s wait: ~7 each)
+    shortest, per_connection = 0.0, 0
+    while (shortest := shortest + reconnect_delay(per_connection, rand=1.0)) <= away_s:
+        per_connection += 1
+    assert CONNECTIONS <= len(attempts) <= CONNECTIONS * per_connection, attempts
+    state = wait_for(lambda: (r := reported(agent))["last_heartbeat"] > restarted and r["tier_link"] == "up"
+                     and r["outbox"]["pending"] == 0 and r, "heartbeats, the tier link and an empty outbox",
+                     timeout=2 * RECONNECT_MAX_S)
+    assert state["outbox"]["dropped"] == 0 and all(r.choices[0].finish_reason for r in offline)
+    assert ask(agent, HARD).escalation_path[0].outcome == "no_responders"  # the link is back (no edge here)
+
+
+def test_the_reconnect_schedule_doubles_from_the_base_up_to_the_cap():
+    steps = [reconnect_delay(n, rand=0.0) for n in range(12)]
+    assert steps[0] == RECONNECT_BASE_S
+    for before, after in zip(steps, steps[1:]):
+        assert after == min(2 * before, RECONNECT_MAX_S)
+    assert steps[-1] == RECONNECT_MAX_S and reconnect_delay(10**6, rand=0.0) == RECONNECT_MAX_S
+    for n in (0, 3, 40):  # jitter: only ever shortens a step, by at most RECONNECT_JITTER of it
+        step = reconnect_delay(n, rand=0.0)
+        draws = {reconnect_delay(n) for _ in range(50)}
+        assert len(draws) > 1 and all((1 - RECONNECT_JITTER) * step <= d <= step for d in draws), (n, draws)
+    with pytest.raises(ValueError, match="attempt"):
+        reconnect_delay(-1)
+
+
+def test_nats_py_waits_by_the_schedule_after_a_drop():
+    from urllib.parse import urlparse
+
+    from nats.aio.client import Server
+
+    hook = NatsOptions("nats://127.0.0.1:4222").connect_kwargs()["reconnect_to_server_handler"]
+    servers = [Server(uri=urlparse("nats://a:4222"), reconnects=4), Server(uri=urlparse("nats://b:4222"),
+                                                                         reconnects=1)]
+    chosen, delay = hook(servers, {})
+    assert chosen is servers[1]  # the least-failed server
+    assert reconnect_delay(1, rand=1.0) <= delay <= reconnect_delay(1, rand=0.0)
+
+
 def test_an_agent_that_boots_offline_serves_then_registers(tiny_family, tmp_path):
     from tierline.stack import write_manifest
 
@@ -374,11 +445,20 @@ def test_set_model_refuses_bad_input_in_one_line(agent, tiny_family, tmp_path):
 
 
 def test_pi_profile_bench_reports_speed_latency_and_rss(tiny_family):
-    proc = run_cli("devices", "bench", "--profile", "pi", "--models", str(tiny_family), "--prompts", "4", "--json",
-                   timeout=120)
+    proc = run_cli("devices", "bench", "--profile", "pi", "--models", str(tiny_family), "--prompts", "4",
+                   "--repeats", "2", "--json", timeout=120)
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout)
-    assert r["profile"] == "pi" and r["threads"] == 1 and r["cores"] == 1
-    for key in ("tokens_per_s", "first_token_ms", "rss_mb", "peak_rss_mb"):
+    assert r["profile"] == "pi" and r["threads"] == 1 and r["cores"] == 1 and len(r["cpus"]) == 1
+    for key in ("decode_tokens_per_s", "tokens_per_s", "first_token_ms_p50", "first_token_ms_p95", "rss_mib",
+                "peak_rss_mib"):
         assert isinstance(r[key], float) and r[key] > 0, key
+    assert r["peak_rss_mib"] >= r["rss_mib"] and len(r["decode_tokens_per_s_runs"]) == 2
     assert r["params"] > 0 and r["bytes"] == (tiny_family / "device" / "model.tflite").stat().st_size
+    text = run_cli("devices", "bench", "--models", str(tiny_family), "--prompts", "2", timeout=120)
+    assert text.returncode == 0 and "decode" in text.stdout and "median of 1" in text.stdout, text.stderr
+
+
+def test_pi_profile_bench_on_a_missing_family_is_one_line(tmp_path):
+    proc = run_cli("devices", "bench", "--models", str(tmp_path / "nowhere"), timeout=60)
+    assert proc.returncode == 2 and "manifest.json" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

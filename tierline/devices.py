@@ -5,7 +5,7 @@ marks the ones whose last heartbeat is older than their own `stale_after_beats`
 beats; `set-model` uploads a .tflite and its config.json to the Object Store and
 sets the device's desired model (the agent verifies, installs, health-checks and
 reports); `bench --profile pi` measures the device model as a Pi-class board
-would run it (one core, one thread).
+would run it (one core, one thread), through device_agent/profile.py as `make bench` does.
 """
 
 from __future__ import annotations
@@ -13,24 +13,22 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
-import resource
 import sys
 import time
 from pathlib import Path
 
-from device_agent.fleet import JS_TIMEOUT_S, open_fleet, rss_mb
+from device_agent.fleet import JS_TIMEOUT_S, open_fleet
 from device_agent.ota import Artifact, DesiredModel, OtaError
+from device_agent.profile import PROFILES, measure_pinned
 
 UPLOAD_TIMEOUT_S = 120.0  # one artifact into the object store, at most
-PROFILES = {"pi": {"threads": 1, "cores": 1}}  # a Raspberry Pi-class board: what one core does
 COLUMNS = ("device", "state", "model", "ota", "code", "queue", "requests", "rss_mb", "arch", "beat_age_s",
            "outbox")
 
 
 def add_parser(sub, parser_class) -> dict:
     """Register `tierline devices ...` on the CLI's subparsers; returns {(command, action): handler}."""
-    from tierline.cli import _positive
+    from tierline.cli import _non_negative, _positive
 
     d = sub.add_parser("devices", help="the device fleet: list, set the desired model, Pi-class bench")
     dsub = d.add_subparsers(dest="action", required=True, parser_class=parser_class)
@@ -46,7 +44,9 @@ def add_parser(sub, parser_class) -> dict:
     be = dsub.add_parser("bench", help="tokens/s, first-token latency and RSS of the device model")
     be.add_argument("--profile", choices=sorted(PROFILES), default="pi")
     be.add_argument("--models", type=Path, default=Path("models"))
-    be.add_argument("--prompts", type=_positive("--prompts"), default=16)
+    be.add_argument("--prompts", type=_positive("--prompts"), default=16, help="requests per repeat")
+    be.add_argument("--warmup", type=_non_negative("--warmup"), default=2, help="requests first, not counted")
+    be.add_argument("--repeats", type=_positive("--repeats"), default=1, help="runs; medians are reported")
     be.add_argument("--json", action="store_true", help="one JSON object on stdout")
     return {("devices", "list"): cmd_list, ("devices", "set-model"): cmd_set_model, ("devices", "bench"): cmd_bench}
 
@@ -158,29 +158,20 @@ def cmd_set_model(args) -> int:
 
 
 # -- bench --------------------------------------------------------------------------------------------
-def bench_device(models_dir: Path, profile: str = "pi", n_prompts: int = 16) -> dict:
-    """The device model on one core, one thread: tokens/s, first-token latency, RSS."""
-    from shared.artifacts import load_engine
-    from shared.problems import generate
-    from tierline.modelling.bench import BENCH_MAX_TOKENS, _run
-
-    p = PROFILES[profile]
-    if hasattr(os, "sched_setaffinity"):  # one core, as on the board
-        os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:p["cores"]]))
-    engine = load_engine(models_dir, "device", threads=p["threads"])
-    prompts = [q.prompt for q in generate("test", n_prompts, seed=12345)]
-    _run(engine, prompts[:2], batch=1)  # warm-up
-    tps, first = _run(engine, prompts, batch=1)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
-    return {"profile": profile, **p, "prompts": n_prompts, "max_tokens": BENCH_MAX_TOKENS,
-            "params": engine.info.params, "bytes": engine.info.bytes, "tokens_per_s": round(tps, 1),
-            "first_token_ms": round(first * 1000, 3), "rss_mb": rss_mb(), "peak_rss_mb": round(peak, 1)}
-
-
 def cmd_bench(args) -> int:
-    r = bench_device(args.models, args.profile, args.prompts)
+    """The device model on the profile's cores and threads, in a pinned process of its own (device_agent/profile.py)."""
+    from shared.artifacts import load_manifest
+    from tierline.cli import UsageError
+
+    load_manifest(args.models)  # a missing family: one line, exit 2, before a process starts
+    try:
+        r = measure_pinned(args.models, args.profile, prompts=args.prompts, warmup=args.warmup, repeats=args.repeats)
+    except RuntimeError as exc:
+        raise UsageError(str(exc)) from None
     print(json.dumps(r) if args.json else
           f"device model, profile {r['profile']} ({r['cores']} core, {r['threads']} thread): "
-          f"{r['tokens_per_s']} tokens/s, first token {r['first_token_ms']} ms, RSS {r['rss_mb']} MiB "
-          f"(peak {r['peak_rss_mb']}), {r['params']:,} params, {r['bytes']:,} bytes")
+          f"decode {r['decode_tokens_per_s']} tokens/s, first token p50 {r['first_token_ms_p50']} ms "
+          f"(p95 {r['first_token_ms_p95']}), RSS {r['rss_mib']} MiB (peak {r['peak_rss_mib']}), "
+          f"{r['params']:,} params, {r['bytes']:,} bytes; {r['prompts']} requests one at a time, "
+          f"{r['warmup']} warm-up, median of {r['repeats']}")
     return 0

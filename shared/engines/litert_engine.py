@@ -7,6 +7,10 @@ maps the base engine's optimum-style calls onto them: `past=None` starts a fresh
 cache and prefills, anything else decodes at `position_ids`. The sliding window is
 exact: `_trim_past` raises the `kv_start` input, which masks the evicted positions,
 since a fixed-size cache cannot drop rows.
+
+No prefix cache here (`supports_prefix_cache` stays False; `tiers.device.prefix_cache_tokens`
+is ignored): the signatures prefill whole prompts of fixed lengths into a fresh cache, so
+there is no entry point that starts from a stored prompt's KV.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 The graph has the optimum decoder names (see tierline/modelling/export_onnx.py), so
 `_forward` is a single session.run; prefill passes empty (B, nh, 0, hd) past arrays.
-The cache is plain numpy, and the sliding window is applied here, by trimming it.
+The cache is plain numpy, and the sliding window is applied here, by trimming it;
+`_past_take` / `_past_join` slice and left-pad it for the base engine's prefix cache.
 No torch here: the edge node needs only onnxruntime and numpy.
 """
 
@@ -26,6 +27,8 @@ _QUANT_PARAM_SUFFIXES = ("_scale", "_zero_point")  # quantization bookkeeping, n
 
 class OnnxEngine(Engine):
     """One InferenceSession for prefill and decode; the KV cache lives in numpy between steps."""
+
+    supports_prefix_cache = True
 
     def __init__(self, session: ort.InferenceSession, tokenizer: CharTokenizer, info: EngineInfo, cfg: GPTConfig):
         super().__init__(tokenizer, info)
@@ -72,6 +75,20 @@ class OnnxEngine(Engine):
     def _trim_past(self, past: Past, keep: int) -> Past:
         # contiguous copies: onnxruntime would copy a strided view on every step anyway
         return [(np.ascontiguousarray(k[:, :, -keep:]), np.ascontiguousarray(v[:, :, -keep:])) for k, v in past]
+
+    def _past_take(self, past: Past, row: int, start: int, stop: int) -> Past:
+        # copies: a view would keep the whole batch's cache alive in the prefix cache
+        return [(k[row:row + 1, :, start:stop].copy(), v[row:row + 1, :, start:stop].copy()) for k, v in past]
+
+    def _past_join(self, rows, width: int) -> Past:
+        def stack(arrays: list[np.ndarray]) -> np.ndarray:
+            a0 = arrays[0]
+            out = np.zeros((len(arrays), a0.shape[1], width, a0.shape[3]), dtype=a0.dtype)
+            for b, a in enumerate(arrays):  # right-aligned: the left is padding, masked out
+                out[b, :, width - a.shape[2]:] = a[0]
+            return out
+
+        return [(stack([r[i][0] for r in rows]), stack([r[i][1] for r in rows])) for i in range(len(rows[0]))]
 
 
 def _load_config(path: Path, meta: dict[str, str]) -> GPTConfig:

@@ -1,4 +1,8 @@
-"""The cloud backend: the full-precision PyTorch model."""
+"""The cloud backend: the full-precision PyTorch model.
+
+The KV cache is the model's own list of (key, value) tensors of shape (B, nh, P, hd);
+`_past_take` / `_past_join` slice and left-pad it for the base engine's prefix cache.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ from shared.tokenizer import CharTokenizer
 
 
 class TorchEngine(Engine):
+    supports_prefix_cache = True
+
     def __init__(self, model: GPT, tokenizer: CharTokenizer, info: EngineInfo, device: str = "cpu",
                  threads: int | None = None):
         super().__init__(tokenizer, info)
@@ -46,3 +52,15 @@ class TorchEngine(Engine):
     def _trim_past(self, past: Past, keep: int) -> Past:
         return [(k[:, :, -keep:], v[:, :, -keep:]) for k, v in past]
 
+    @torch.inference_mode()
+    def _past_take(self, past: Past, row: int, start: int, stop: int) -> Past:
+        # clones: a view would keep the whole batch's cache alive in the prefix cache
+        return [(k[row:row + 1, :, start:stop].clone(), v[row:row + 1, :, start:stop].clone()) for k, v in past]
+
+    @torch.inference_mode()
+    def _past_join(self, rows, width: int) -> Past:
+        def pad(t: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (0, 0, width - t.shape[2], 0))  # zeros on the left of positions
+
+        return [(torch.cat([pad(r[i][0]) for r in rows]), torch.cat([pad(r[i][1]) for r in rows]))
+                for i in range(len(rows[0]))]

@@ -1,0 +1,158 @@
+"""Prefix KV-cache reuse: greedy outputs identical with and without it, bounded, counted, exported."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import numpy as np
+import pytest
+
+from shared.artifacts import load_engine
+from shared.engine import GenerationParams, PrefixCache
+from shared.problems import generate
+from shared.tokenizer import CharTokenizer
+from tests.test_platform import TIMEOUT, req, stub
+from tierline.stack import Stack
+
+MAX_TOKENS = 24  # completion tokens per request
+MIN_MATCH = 4  # shortest reused prefix in these tests (the manifest's default is 16)
+
+
+def dialogue_prompts(engine, n_dialogues: int = 6) -> list[str]:
+    """Three-turn dialogues on the test problems, as `make bench` builds them: turn k repeats turns 1..k-1."""
+    problems = generate("test", 3 * n_dialogues, seed=11)
+    g = GenerationParams(max_tokens=MAX_TOKENS)
+    prompts = []
+    for d in range(0, len(problems), 3):
+        history = ""
+        for p in problems[d:d + 3]:
+            prompt = (history + "\n" if history else "") + p.prompt
+            if len(engine.tokenizer.encode(prompt)) + MAX_TOKENS > engine.info.max_context:
+                break
+            prompts.append(prompt)
+            history = prompt + engine.generate(prompt, g).text
+    return prompts
+
+
+@pytest.fixture(scope="module", params=["cloud", "edge"])
+def engines(request, tiny_family, one_torch_thread):
+    """(plain engine, the same model with a prefix cache) for the torch and the int8 ONNX tier."""
+    plain = load_engine(tiny_family, request.param, threads=1)
+    reuse = load_engine(tiny_family, request.param, threads=1)
+    assert reuse.enable_prefix_cache(100_000, MIN_MATCH)
+    return plain, reuse
+
+
+def ids(engine, prompts, params=None):
+    params = params or [GenerationParams(max_tokens=MAX_TOKENS)] * len(prompts)
+    return [r.token_ids for r in engine.generate_batch(prompts, params)]
+
+
+def test_dialogues_reuse_the_prefix_and_decode_identically(engines):
+    plain, reuse = engines
+    reuse.prefix_cache.clear()
+    prompts = dialogue_prompts(plain)
+    assert len(prompts) >= 12
+    before = reuse.prefix_cache.hits
+    for p in prompts:
+        assert reuse.generate(p, GenerationParams(max_tokens=MAX_TOKENS)).token_ids == ids(plain, [p])[0], p
+    # every later turn starts with the turn before it: at least that turn's prompt was reused
+    assert reuse.prefix_cache.hits - before >= sum(len(a) for a, b in zip(prompts, prompts[1:]) if b.startswith(a))
+
+
+def test_exact_repeat_and_shorter_prompt_hit_all_but_the_last_token(engines):
+    plain, reuse = engines
+    reuse.prefix_cache.clear()
+    long = dialogue_prompts(plain, 1)[-1]
+    g = GenerationParams(max_tokens=MAX_TOKENS)
+    # a miss, an exact repeat, a prompt shorter than the cached one (a prefix of it)
+    for i, prompt in enumerate((long, long, long[: len(long) // 2])):
+        q, h = reuse.prefix_cache.queries, reuse.prefix_cache.hits
+        assert reuse.generate(prompt, g).token_ids == ids(plain, [prompt])[0]
+        n = len(reuse.tokenizer.encode(prompt))
+        assert reuse.prefix_cache.queries - q == n
+        assert reuse.prefix_cache.hits - h == (0 if i == 0 else n - 1)
+
+
+def test_batch_with_different_hit_lengths_decodes_identically(engines):
+    plain, reuse = engines
+    reuse.prefix_cache.clear()
+    turns = dialogue_prompts(plain, 2)
+    reuse.generate(turns[0], GenerationParams(max_tokens=MAX_TOKENS))  # cache one first turn
+    fresh = generate("test", 1, seed=99)[0].prompt
+    batch = [turns[1], turns[0], turns[0][:MIN_MATCH + 3], fresh, turns[1] + " again", turns[-1]]
+    params = [GenerationParams(max_tokens=MAX_TOKENS - 8 * (i % 2)) for i in range(len(batch))]
+    h = reuse.prefix_cache.hits
+    assert ids(reuse, batch, params) == ids(plain, batch, params)
+    assert reuse.prefix_cache.hits - h > len(turns[0])  # several rows hit, with different lengths
+    # the batch's own prompts are now cached: the same batch again hits nearly everything
+    h, q = reuse.prefix_cache.hits, reuse.prefix_cache.queries
+    assert ids(reuse, batch, params) == ids(plain, batch, params)
+    assert reuse.prefix_cache.hits - h == reuse.prefix_cache.queries - q - len(batch)
+
+
+def test_sliding_window_stays_exact(engines):
+    plain, reuse = engines
+    reuse.prefix_cache.clear()
+    prompt = dialogue_prompts(plain, 1)[-1]
+    n = len(reuse.tokenizer.encode(prompt))
+    reuse.generate(prompt, GenerationParams(max_tokens=4))
+    # a window narrower than the prompt: no reuse at all (its KV differs from a full-attention prefill)
+    narrow = GenerationParams(max_tokens=MAX_TOKENS, attention_window=n // 2)
+    q = reuse.prefix_cache.queries
+    assert ids(reuse, [prompt], [narrow]) == ids(plain, [prompt], [narrow])
+    assert reuse.prefix_cache.queries == q
+    # a window the prompt fits in: reused, and the decode steps past the window trim exactly as without it
+    fits = GenerationParams(max_tokens=MAX_TOKENS, attention_window=n + 2)
+    h = reuse.prefix_cache.hits
+    assert ids(reuse, [prompt], [fits]) == ids(plain, [prompt], [fits])
+    assert reuse.prefix_cache.hits - h == n - 1
+
+
+def test_cache_is_bounded_in_tokens_lru_first():
+    cache = PrefixCache(max_tokens=20, min_match=3)
+    kv = lambda n: [(np.zeros((1, 1, n, 2)), np.zeros((1, 1, n, 2)))]  # noqa: E731
+    a, b, c = [1, 2, 3, 4, 5, 6, 7, 8], [9, 9, 9, 9, 9, 9, 9, 9], [5, 5, 5, 5, 5, 5, 5, 5]
+    cache.store(a, kv(8))
+    cache.store(b, kv(8))
+    assert cache.lookup(a + [0])[0] == 8  # touches a: b is now the least recently used
+    cache.store(c, kv(8))  # 24 tokens > 20: b goes
+    assert (len(cache), cache.tokens) == (2, 16)
+    assert cache.lookup(b + [0]) == (0, None)
+    assert cache.lookup([1, 2, 3, 0])[0] == 3  # a shared prefix of a stored prompt
+    assert cache.lookup([1, 2, 0])[0] == 0  # shorter than min_match
+    cache.store(a + [6, 6], kv(10))  # replaces a, which it covers
+    cache.store(a[:5], kv(5))  # covered by a stored prompt: not stored again
+    assert (len(cache), cache.tokens) == (2, 18)
+    cache.store(list(range(30)), kv(30))  # larger than the whole cache: never stored
+    assert cache.tokens == 18
+    assert (cache.queries, cache.hits) == (9 + 9 + 4 + 3, 8 + 3)
+
+
+def test_litert_engine_opts_out(tiny_family):
+    device = load_engine(tiny_family, "device", threads=1)
+    assert not device.enable_prefix_cache(4096)
+    assert device.prefix_cache is None
+
+
+def test_tiers_export_the_prefix_cache_counters(tiny_family):
+    """vLLM's names, in tokens; the device (LiteRT) exports them at 0; size 0 in the manifest turns it off."""
+    with Stack(tiny_family, tiers=("device", "edge", "cloud"), router=False,
+               overrides={"tiers.cloud.prefix_cache_tokens": 0, "tiers.edge.cache_size": 0}) as stack:
+        turn1 = "Q:What is 12+30 and then 4*5?\nA:"
+        for name in ("edge-0", "cloud-0"):
+            for prompt in (turn1, turn1 + "42\nQ:and 3+4?\nA:"):
+                stub(stack.port(name)).Infer(req(prompt), timeout=TIMEOUT)
+        counters = {}
+        for name in ("device-0", "edge-0", "cloud-0"):
+            port = next(p.ready["metrics_port"] for p in stack.procs if p.name == name)
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=TIMEOUT).read().decode()
+            tier = name.split("-")[0]
+            counters[tier] = [float(line.split()[-1]) for line in body.splitlines()
+                              if line.startswith((f'tierline_prefix_cache_queries_total{{tier="{tier}"}}',
+                                                  f'tierline_prefix_cache_hits_total{{tier="{tier}"}}'))]
+    tok = CharTokenizer.load(tiny_family / "tokenizer.json")
+    n1, n2 = len(tok.encode(turn1)), len(tok.encode(turn1 + "42\nQ:and 3+4?\nA:"))
+    assert counters["edge"] == [n1 + n2, n1]  # turn 2 reused all of turn 1
+    assert counters["cloud"] == [0.0, 0.0]  # prefix_cache_tokens: 0
+    assert counters["device"] == [0.0, 0.0]

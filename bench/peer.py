@@ -90,9 +90,9 @@ class PeerServer:
             return False
 
     def stop(self) -> None:
-        from tierline.stack import _terminate  # SIGTERM to the process group, then SIGKILL
+        from tierline.stack import terminate  # SIGTERM to the process group, then SIGKILL
 
-        _terminate(self.proc)
+        terminate(self.proc)
 
     def __enter__(self) -> "PeerServer":
         return self.start()

@@ -22,7 +22,7 @@ from router.policy import Policy
 from shared.batching import Batcher
 from shared.engine import Engine
 from shared.messaging import TierError, TierService
-from shared.serving import _LRU, TierServicer, validate
+from shared.serving import LRUCache, TierServicer, validate
 from tierline.v1 import inference_pb2 as pb
 
 UPSTREAM = ("edge", "cloud")  # asked in this order
@@ -45,7 +45,7 @@ class DeviceAgentServicer(TierServicer):
         with self._swap_lock:
             old = self.batcher
             self.engine, self.batcher = engine, batcher
-            self.cache = _LRU(self.cache.size)  # the old model's answers are not the new one's
+            self.cache = LRUCache(self.cache.size)  # the old model's answers are not the new one's
 
         def retire() -> None:
             while old.depth:

@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 
-import numpy as np
-
 from shared.artifacts import MANIFEST, ArtifactError, file_entry, load_engine, load_manifest, sha256_of
 from shared.engine import Engine
 
@@ -165,7 +163,7 @@ def health_check(engine: Engine, n_problems: int, min_token_accuracy: float) -> 
 
     hits = total = 0
     for problem in generate("calib", n_problems, seed=HEALTH_SEED, levels=HEALTH_LEVELS):
-        h, n = _predicted_tokens(engine, problem.prompt, problem.target)
+        h, n = engine.teacher_forced_hits(problem.prompt, problem.target)
         hits, total = hits + h, total + n
     score = hits / max(total, 1)
     if not score >= min_token_accuracy:  # NaN-proof
@@ -173,23 +171,6 @@ def health_check(engine: Engine, n_problems: int, min_token_accuracy: float) -> 
                        f"health check: {score:.3f} of the reference tokens predicted on {n_problems} problems, "
                        f"below {min_token_accuracy:.3f}; rolled back")
     return score
-
-
-def _predicted_tokens(engine: Engine, prompt: str, target: str) -> tuple[int, int]:
-    """(tokens of `target` the model's greedy choice gets right given the true prefix, tokens)."""
-    tok = engine.tokenizer
-    ids, want = tok.encode(prompt), tok.encode(target)
-    with engine._lock:  # one decode at a time per engine (LiteRT's interpreter is not thread-safe)
-        logits, past = engine._forward(np.array([ids], np.int64), np.ones((1, len(ids)), np.int64),
-                                       np.arange(len(ids), dtype=np.int64)[None], None)
-        hits = 0
-        for k, t in enumerate(want):
-            hits += int(np.argmax(logits[0, -1]) == t)
-            if k + 1 < len(want):
-                pos = len(ids) + k
-                logits, past = engine._forward(np.array([[t]], np.int64), np.ones((1, pos + 1), np.int64),
-                                               np.array([[pos]], np.int64), past)
-    return hits, len(want)
 
 
 def load_candidate(models_dir: Path, threads: int) -> Engine:

@@ -26,7 +26,7 @@ from router.auth import Admission, Gate, bearer_token
 from router.policy import TIER_ORDER, Policy
 from shared.messaging import TierError, ask_tier, discover, stream_tier
 from shared.metrics import Metrics
-from shared.serving import Limits, RequestError, _max_tokens, validate_request
+from shared.serving import Limits, RequestError, resolved_max_tokens, validate_request
 from tierline.v1 import inference_pb2 as pb
 from tierline.v1 import inference_pb2_grpc as pb_grpc
 
@@ -126,7 +126,7 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
         """The key first (401/403 before anything else), then the fields, then the quota."""
         await self.gate.check(key)
         self._validate(request)
-        admission = await self.gate.admit(key, request.prompt, _max_tokens(request, self.limits))
+        admission = await self.gate.admit(key, request.prompt, resolved_max_tokens(request, self.limits))
         if admission is not None:  # the plan's priority is the most a request may ask for
             request.priority = min(request.priority or admission.priority, admission.priority)
         return admission

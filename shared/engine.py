@@ -206,6 +206,23 @@ class Engine(abc.ABC):
         raise NotImplementedError
 
     # -- shared decoding ---------------------------------------------------------------------
+    def teacher_forced_hits(self, prompt: str, target: str) -> tuple[int, int]:
+        """(tokens of `target` the greedy choice gets right given the true text before each, tokens).
+
+        A health check that needs no whole right answer: a corrupted model scores near 1/vocabulary."""
+        ids, want = self.tokenizer.encode(prompt), self.tokenizer.encode(target, bos=False)
+        with self._lock:
+            logits, past = self._forward(np.array([ids], np.int64), np.ones((1, len(ids)), np.int64),
+                                         np.arange(len(ids), dtype=np.int64)[None], None)
+            hits = 0
+            for k, t in enumerate(want):
+                hits += int(np.argmax(logits[0, -1]) == t)
+                if k + 1 < len(want):
+                    pos = len(ids) + k
+                    logits, past = self._forward(np.array([[t]], np.int64), np.ones((1, pos + 1), np.int64),
+                                                 np.array([[pos]], np.int64), past)
+        return hits, len(want)
+
     def check(self, prompt: str, params: GenerationParams) -> int:
         """Validate one request against the model's limits; returns its prompt length."""
         if params.attention_window > self.info.window_limit:

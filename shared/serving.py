@@ -61,7 +61,7 @@ def validate_request(req: pb.InferRequest, limits: Limits, model_name: str) -> N
     top_p = p.top_p if p.HasField("top_p") else 1.0
     if not (0 < top_p <= 1):
         raise RequestError("parameters.top_p", f"must be in (0, 1], got {top_p}")
-    max_tokens = _max_tokens(req, limits)
+    max_tokens = resolved_max_tokens(req, limits)
     if max_tokens <= 0:
         raise RequestError("parameters.max_tokens", f"must be > 0, got {max_tokens}")
     if max_tokens > limits.max_tokens:
@@ -74,7 +74,8 @@ def validate_request(req: pb.InferRequest, limits: Limits, model_name: str) -> N
         raise RequestError("priority", f"unknown priority {req.priority}")
 
 
-def _max_tokens(req: pb.InferRequest, limits: Limits) -> int:
+def resolved_max_tokens(req: pb.InferRequest, limits: Limits) -> int:
+    """The request's max_tokens, or the manifest's default when it sets none (also what quotas reserve)."""
     p = req.parameters
     return p.max_tokens if p.HasField("max_tokens") else limits.default_max_tokens
 
@@ -89,7 +90,7 @@ def validate(req: pb.InferRequest, engine: Engine, limits: Limits, model_name: s
     if engine.tokenizer.unknown_count(req.prompt):
         raise RequestError("prompt", "contains characters outside the model's vocabulary")
     top_p = p.top_p if p.HasField("top_p") else 1.0
-    params = GenerationParams(max_tokens=_max_tokens(req, limits), temperature=p.temperature, top_p=top_p,
+    params = GenerationParams(max_tokens=resolved_max_tokens(req, limits), temperature=p.temperature, top_p=top_p,
                               stop=tuple(p.stop), seed=p.seed if p.HasField("seed") else None,
                               attention_window=p.attention_window)
     try:
@@ -100,7 +101,9 @@ def validate(req: pb.InferRequest, engine: Engine, limits: Limits, model_name: s
     return params
 
 
-class _LRU:
+class LRUCache:
+    """The exact-repeat result cache: a thread-safe LRU of answers (size 0 = off)."""
+
     def __init__(self, size: int):
         self.size, self._d, self._lock = size, OrderedDict(), threading.Lock()
 
@@ -130,7 +133,7 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
         self.metrics = metrics
         self.batcher = Batcher(engine, self.batch_config,
                                on_batch=metrics.observe_batch if metrics else None)
-        self.cache = _LRU(cache_size)
+        self.cache = LRUCache(cache_size)
         self.default_timeout_s = default_timeout_s
 
     # -- the one place exceptions become statuses ---------------------------------------------

@@ -34,7 +34,7 @@ def _share(text: str) -> float:
     return v
 
 
-def _positive(flag: str):
+def positive_int(flag: str):
     def parse(text: str) -> int:
         try:
             v = int(text)
@@ -46,7 +46,7 @@ def _positive(flag: str):
     return parse
 
 
-def _non_negative(flag: str):
+def non_negative_int(flag: str):
     def parse(text: str) -> int:
         try:
             v = int(text)
@@ -70,22 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
     b = msub.add_parser("build", help="build a model family from scratch")
     b.add_argument("--config", default="default", choices=("tiny", "default"))
     b.add_argument("--out", type=Path, default=None, help="output directory (default: models/ or runs/tiny)")
-    b.add_argument("--seed", type=_non_negative("--seed"), default=0)
+    b.add_argument("--seed", type=non_negative_int("--seed"), default=0)
 
     e = msub.add_parser("eval", help="exact-match accuracy of one tier")
     e.add_argument("--tier", required=True, choices=TIERS)
-    e.add_argument("--n", type=_positive("--n"), default=500)
-    e.add_argument("--seed", type=_non_negative("--seed"), default=0)
+    e.add_argument("--n", type=positive_int("--n"), default=500)
+    e.add_argument("--seed", type=non_negative_int("--seed"), default=0)
     e.add_argument("--split", default="test", choices=SPLITS)
     e.add_argument("--models", type=Path, default=DEFAULT_MODELS)
-    e.add_argument("--threads", type=_positive("--threads"), default=2)
+    e.add_argument("--threads", type=positive_int("--threads"), default=2)
     e.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
     be = msub.add_parser("bench", help="decode speed and first-token latency of every tier")
     be.add_argument("--models", type=Path, default=DEFAULT_MODELS)
-    be.add_argument("--rounds", type=_positive("--rounds"), default=3)
-    be.add_argument("--prompts", type=_positive("--prompts"), default=16)
-    be.add_argument("--threads", type=_positive("--threads"), default=2)
+    be.add_argument("--rounds", type=positive_int("--rounds"), default=3)
+    be.add_argument("--prompts", type=positive_int("--prompts"), default=16)
+    be.add_argument("--threads", type=positive_int("--threads"), default=2)
     be.add_argument("--json", action="store_true", help="one JSON object on stdout")
     be.add_argument("--write", type=Path, default=None, help="also write the table into this Markdown file")
 
@@ -93,13 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     rsub = route.add_subparsers(dest="action", required=True, parser_class=_Parser)
     ts = rsub.add_parser("train-scorer", help="label the calib split with the lower tiers and fit the scorer")
     ts.add_argument("--models", type=Path, default=DEFAULT_MODELS)
-    ts.add_argument("--n", type=_positive("--n"), default=1000)
-    ts.add_argument("--seed", type=_non_negative("--seed"), default=0)
+    ts.add_argument("--n", type=positive_int("--n"), default=1000)
+    ts.add_argument("--seed", type=non_negative_int("--seed"), default=0)
 
     re_ = rsub.add_parser("eval", help="every router (tierline and the baselines) on the test split")
     re_.add_argument("--models", type=Path, default=DEFAULT_MODELS)
-    re_.add_argument("--n", type=_positive("--n"), default=1000)
-    re_.add_argument("--seed", type=_non_negative("--seed"), default=0)
+    re_.add_argument("--n", type=positive_int("--n"), default=1000)
+    re_.add_argument("--seed", type=non_negative_int("--seed"), default=0)
     re_.add_argument("--target-edge-share", type=_share, default=0.9,
                      help="operating point of the random and length baselines")
     re_.add_argument("--manifest", type=Path, default=Path("infra/manifests/local.yaml"),
@@ -110,12 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     rc = rsub.add_parser("calibrate", help="set the router's thresholds so a share of traffic stays below the cloud")
     rc.add_argument("--target-edge-share", type=_share, required=True)
     rc.add_argument("--manifest", type=Path, default=Path("infra/manifests/local.yaml"))
-    rc.add_argument("--n", type=_positive("--n"), default=1000, help="calibration prompts")
+    rc.add_argument("--n", type=positive_int("--n"), default=1000, help="calibration prompts")
 
     d = sub.add_parser("demo", help="start the platform, send a mixed workload through the router, stop")
     d.add_argument("--models", type=Path, default=DEFAULT_MODELS)
-    d.add_argument("--n", type=_positive("--n"), default=300, help="requests to send")
-    d.add_argument("--concurrency", type=_positive("--concurrency"), default=16)
+    d.add_argument("--n", type=positive_int("--n"), default=300, help="requests to send")
+    d.add_argument("--concurrency", type=positive_int("--concurrency"), default=16)
 
     u = sub.add_parser("up", help="start the platform and keep it running (Ctrl-C or `make down` stops it)")
     u.add_argument("--models", type=Path, default=DEFAULT_MODELS)

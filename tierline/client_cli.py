@@ -14,7 +14,7 @@ from dataclasses import asdict
 
 def add_parsers(sub, parser_class) -> dict:
     """Register `infer`, `stream` and `status` on the `tierline` subparsers; returns their handlers."""
-    from tierline.cli import _non_negative, _positive
+    from tierline.cli import non_negative_int, positive_int
 
     def connection(p) -> None:
         p.add_argument("--endpoint", default=None, help="router, host:port[/v1] (default: $TIERLINE_ENDPOINT "
@@ -30,8 +30,8 @@ def add_parsers(sub, parser_class) -> dict:
         p.add_argument("--model", default="", help="model family (default: whatever the router serves)")
         p.add_argument("--temperature", type=float, default=None)
         p.add_argument("--top-p", type=float, default=None)
-        p.add_argument("--max-tokens", type=_positive("--max-tokens"), default=None)
-        p.add_argument("--attention-window", type=_non_negative("--attention-window"), default=None)
+        p.add_argument("--max-tokens", type=positive_int("--max-tokens"), default=None)
+        p.add_argument("--attention-window", type=non_negative_int("--attention-window"), default=None)
         p.add_argument("--seed", type=int, default=None)
         p.add_argument("--priority", choices=("low", "normal", "high"), default=None,
                        help="at most your plan's priority")

@@ -28,7 +28,7 @@ COLUMNS = ("device", "state", "model", "ota", "code", "queue", "requests", "rss_
 
 def add_parser(sub, parser_class) -> dict:
     """Register `tierline devices ...` on the CLI's subparsers; returns {(command, action): handler}."""
-    from tierline.cli import _non_negative, _positive
+    from tierline.cli import non_negative_int, positive_int
 
     d = sub.add_parser("devices", help="the device fleet: list, set the desired model, Pi-class bench")
     dsub = d.add_subparsers(dest="action", required=True, parser_class=parser_class)
@@ -44,9 +44,9 @@ def add_parser(sub, parser_class) -> dict:
     be = dsub.add_parser("bench", help="tokens/s, first-token latency and RSS of the device model")
     be.add_argument("--profile", choices=sorted(PROFILES), default="pi")
     be.add_argument("--models", type=Path, default=Path("models"))
-    be.add_argument("--prompts", type=_positive("--prompts"), default=16, help="requests per repeat")
-    be.add_argument("--warmup", type=_non_negative("--warmup"), default=2, help="requests first, not counted")
-    be.add_argument("--repeats", type=_positive("--repeats"), default=1, help="runs; medians are reported")
+    be.add_argument("--prompts", type=positive_int("--prompts"), default=16, help="requests per repeat")
+    be.add_argument("--warmup", type=non_negative_int("--warmup"), default=2, help="requests first, not counted")
+    be.add_argument("--repeats", type=positive_int("--repeats"), default=1, help="runs; medians are reported")
     be.add_argument("--json", action="store_true", help="one JSON object on stdout")
     return {("devices", "list"): cmd_list, ("devices", "set-model"): cmd_set_model, ("devices", "bench"): cmd_bench}
 

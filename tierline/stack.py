@@ -94,10 +94,11 @@ class NatsServer:
         raise TimeoutError("nats-server did not report its port in 10 s")
 
     def stop(self) -> None:
-        _terminate(self.proc)
+        terminate(self.proc)
 
 
-def _terminate(proc: subprocess.Popen | None) -> None:
+def terminate(proc: subprocess.Popen | None) -> None:
+    """SIGTERM to the process group, SIGKILL if it has not gone in time."""
     if proc is None or proc.poll() is not None:
         return
     try:
@@ -225,7 +226,7 @@ class Stack:
     def restart(self, name: str, module: str = "router") -> Proc:
         """Stop one process gracefully (SIGTERM) and start it again from the same manifest."""
         proc = next(p for p in self.procs if p.name == name)
-        _terminate(proc.popen)
+        terminate(proc.popen)
         self.procs.remove(proc)
         return self.start_process(name, module)
 
@@ -237,7 +238,7 @@ class Stack:
 
     def stop(self) -> None:
         for p in reversed(self.procs):
-            _terminate(p.popen)
+            terminate(p.popen)
         self.procs.clear()
         self.nats.stop()
         if self._tmp:

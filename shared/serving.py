@@ -10,6 +10,7 @@ apart from starting, so tests run real servers on free ports.
 from __future__ import annotations
 
 import math
+import queue
 import threading
 import time
 import uuid
@@ -30,6 +31,8 @@ from tierline.v1 import inference_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 DEFAULT_WORKERS = 32  # gRPC handler threads (they mostly wait on the batcher)
+STREAM_POLL_S = 0.5  # how often a stream waiting for its next chunk checks that the client is still there
+_END = object()  # the decoding thread of a stream has finished
 
 
 class RequestError(ValueError):
@@ -214,20 +217,53 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
         """Chunks as tokens are generated, then a final message with finish_reason and usage.
 
         Validation errors raise before the first chunk; `is_active()` False stops generating.
+        The decoding runs in its own thread and hands chunks over through a queue, so the
+        engine (shared with every other request of this tier) is never held while a slow
+        client reads: the queue holds at most max_tokens chunks, the decoder never waits.
         """
         t0 = time.perf_counter()
         params = validate(request, self.engine, self.limits, self.engine.info.model)
         request_id = request.request_id or uuid.uuid4().hex
         info = self.engine.info
+        items: queue.Queue = queue.Queue()
+        stop = threading.Event()
+
+        def decode() -> None:
+            gen = self.engine.stream_with_result(request.prompt, params)
+            try:
+                for item in gen:
+                    items.put(item)
+                    if stop.is_set():
+                        break  # the client went away: stop generating
+            except Exception as exc:  # noqa: BLE001 - raised again on the client's side of the queue
+                items.put(exc)
+            finally:
+                gen.close()  # releases the engine at once
+                items.put(_END)
+
+        threading.Thread(target=decode, name=f"stream-{request_id[:8]}", daemon=True).start()
         result = None
-        for item in self.engine.stream_with_result(request.prompt, params):  # holds the engine's lock
-            if not is_active():
-                return  # the client went away: stop generating
-            if not isinstance(item, str):
-                result = item
-                continue
-            yield pb.InferResponse(request_id=request_id, choices=[pb.Choice(text=item)], tier=info.tier,
-                                   model=info.model, model_version=info.version)
+        try:
+            while True:
+                try:
+                    item = items.get(timeout=STREAM_POLL_S)
+                except queue.Empty:
+                    if not is_active():
+                        return
+                    continue
+                if item is _END:
+                    break
+                if isinstance(item, Exception):
+                    raise item
+                if not is_active():
+                    return  # the client went away: stop generating
+                if not isinstance(item, str):
+                    result = item
+                    continue
+                yield pb.InferResponse(request_id=request_id, choices=[pb.Choice(text=item)], tier=info.tier,
+                                       model=info.model, model_version=info.version)
+        finally:
+            stop.set()
         yield pb.InferResponse(
             request_id=request_id,
             choices=[pb.Choice(text="", finish_reason=result.finish_reason)],

@@ -58,3 +58,19 @@ def processes_with(match) -> list[str]:
         if match(args):
             found.append(cmdline.parent.name)
     return found
+
+
+def random_torch_engine(seed: int, tier: str = "cloud"):
+    """A tiny randomly initialised model behind the torch engine: the decoding loop without training."""
+    import torch
+
+    from shared.engine import EngineInfo
+    from shared.engines.torch_engine import TorchEngine
+    from shared.model import GPT, GPTConfig
+    from shared.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.default()
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, head_dim=8,
+                          n_embd=16, ffn_hidden=32))
+    return TorchEngine(model, tok, EngineInfo(tier, "t", "0", model.num_params(), 0, 64, 64))

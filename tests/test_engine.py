@@ -4,21 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from shared.engine import EngineError, EngineInfo, GenerationParams
-from shared.engines.torch_engine import TorchEngine
-from shared.model import GPT, GPTConfig
-from shared.tokenizer import CharTokenizer
+from shared.engine import EngineError, GenerationParams
+from tests.conftest import random_torch_engine
 
 PROMPTS = ["Q:1+2=?\nA:", "Q:max(3,9,4)=?\nA:", "Q:a=3;b=a+4;b=?\nA:"]
 
 
 @pytest.fixture(scope="module")
 def engine():
-    tok = CharTokenizer.default()
-    torch.manual_seed(1)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, head_dim=8,
-                          n_embd=16, ffn_hidden=32))
-    return TorchEngine(model, tok, EngineInfo("cloud", "t", "0", model.num_params(), 0, 64, 64))
+    return random_torch_engine(seed=1)
 
 
 def test_batch_equals_one_by_one(engine):

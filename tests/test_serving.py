@@ -3,13 +3,10 @@
 import threading
 
 import pytest
-import torch
 
-from shared.engine import EngineInfo, GenerationParams
-from shared.engines.torch_engine import TorchEngine
-from shared.model import GPT, GPTConfig
+from shared.engine import GenerationParams
 from shared.serving import TierServicer
-from shared.tokenizer import CharTokenizer
+from tests.conftest import random_torch_engine
 from tierline.v1 import inference_pb2 as pb
 
 PROMPT = "Q:a=3;b=a+4;b=?\nA:"
@@ -17,12 +14,7 @@ PROMPT = "Q:a=3;b=a+4;b=?\nA:"
 
 @pytest.fixture(scope="module")
 def servicer():
-    tok = CharTokenizer.default()
-    torch.manual_seed(3)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, head_dim=8,
-                          n_embd=16, ffn_hidden=32))
-    engine = TorchEngine(model, tok, EngineInfo("edge", "t", "0", model.num_params(), 0, 64, 64))
-    s = TierServicer(engine)
+    s = TierServicer(random_torch_engine(seed=3, tier="edge"))
     yield s
     s.batcher.close()
 

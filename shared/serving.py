@@ -233,6 +233,7 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
             try:
                 for item in gen:
                     items.put(item)
+                    time.sleep(0)  # hand the GIL to the sender now rather than after the next decode step
                     if stop.is_set():
                         break  # the client went away: stop generating
             except Exception as exc:  # noqa: BLE001 - raised again on the client's side of the queue
@@ -241,7 +242,7 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
                 gen.close()  # releases the engine at once
                 items.put(_END)
 
-        threading.Thread(target=decode, name=f"stream-{request_id[:8]}", daemon=True).start()
+        threading.Thread(target=decode, name=f"stream-{request_id[:8]}").start()  # not daemon: exit waits for a step
         result = None
         try:
             while True:

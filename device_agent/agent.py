@@ -36,7 +36,7 @@ class DeviceAgentServicer(TierServicer):
         self.policy = policy
         self.upstream_timeout_s = upstream_timeout_s
         self.link: TierService | None = None  # the NATS link to the tiers above (may be reconnecting)
-        self.on_answer = None  # called with each front-door answer (the fleet agent's telemetry)
+        self.on_answer = None  # called with each answer, front door or NATS (the fleet agent's telemetry)
         self._swap_lock = threading.Lock()
 
     def swap_engine(self, engine: Engine) -> None:

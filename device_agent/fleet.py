@@ -181,9 +181,10 @@ class FleetAgent:
         return self.outbox.append({"device_id": self.device_id, "kind": kind, "at": round(time.time(), 3),
                                    **fields})
 
-    def on_answer(self, resp) -> None:
+    def on_answer(self, resp, via: str = "grpc") -> None:
+        """One telemetry event per answer: `via` is "grpc" (the board's front door) or "nats" (the router)."""
         try:
-            self.record("request", tier=resp.tier, degraded=resp.degraded, model_version=resp.model_version,
+            self.record("request", via=via, tier=resp.tier, degraded=resp.degraded, model_version=resp.model_version,
                         latency_ms=round(resp.timings.total_ms, 2), completion_tokens=resp.usage.completion_tokens)
         except Exception:  # noqa: BLE001 - a full disk must not fail the answer itself
             log.exception("telemetry event not stored")

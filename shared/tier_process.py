@@ -66,7 +66,11 @@ def main(tier: str, argv: list[str] | None = None) -> int:
     nats_service = None
     if not args.no_nats:
         def handle(data: bytes, timeout_s: float | None) -> bytes:
-            return servicer.handle(pb.InferRequest.FromString(data), timeout_s).SerializeToString()
+            resp = servicer.handle(pb.InferRequest.FromString(data), timeout_s)
+            on_answer = getattr(servicer, "on_answer", None)  # a device agent's telemetry, if it has a fleet
+            if on_answer is not None:
+                on_answer(resp, via="nats")
+            return resp.SerializeToString()
 
         def stream(data: bytes):
             for chunk in servicer.stream(pb.InferRequest.FromString(data)):

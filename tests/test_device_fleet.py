@@ -32,6 +32,7 @@ from shared.messaging import (
     RECONNECT_JITTER,
     RECONNECT_MAX_S,
     NatsOptions,
+    ask_tier,
     connect,
     reconnect_delay,
 )
@@ -283,6 +284,33 @@ def test_an_unreachable_edge_is_answered_locally_and_fast(agent):
     assert [a.outcome for a in resp.escalation_path] == ["no_responders", "no_responders", "answered"]
 
 
+def telemetry(stack: Stack) -> list[dict]:
+    """Every telemetry event the agent has sent so far, in order."""
+    async def events(fleet):
+        info = await fleet.js.stream_info(TELEMETRY_STREAM)
+        return [json.loads((await fleet.js.get_msg(TELEMETRY_STREAM, seq)).data)
+                for seq in range(info.state.first_seq, info.state.last_seq + 1)]
+
+    return fleet_call(stack, events)
+
+
+def test_answers_asked_over_nats_are_in_the_telemetry_too(agent):
+    async def ask_over_nats():  # as the router does
+        nc = await connect(NatsOptions(agent.nats.url, agent.nats.user, agent.nats.password), name="test")
+        try:
+            req = pb.InferRequest(prompt=EASY, parameters=pb.Parameters(max_tokens=4))
+            return await ask_tier(nc, "device", req, timeout_s=TIMEOUT)
+        finally:
+            await nc.close()
+
+    before = time.time()
+    answer = asyncio.run(ask_over_nats())
+    assert answer.tier == "device"
+    event = wait_for(lambda: next((e for e in telemetry(agent) if e["kind"] == "request" and e["at"] >= before
+                                   and e.get("via") == "nats"), None), "a telemetry event for the NATS request")
+    assert event["completion_tokens"] == answer.usage.completion_tokens
+
+
 def test_nats_restart_loses_no_telemetry(agent):
     wait_for(lambda: reported(agent)["outbox"]["pending"] == 0, "an empty outbox")
     stopped = time.time()
@@ -303,12 +331,7 @@ def test_nats_restart_loses_no_telemetry(agent):
                      and r, "heartbeats and an empty outbox after the restart")
     assert state["outbox"]["dropped"] == 0
 
-    async def events(fleet):
-        info = await fleet.js.stream_info(TELEMETRY_STREAM)
-        return [json.loads((await fleet.js.get_msg(TELEMETRY_STREAM, seq)).data)
-                for seq in range(info.state.first_seq, info.state.last_seq + 1)]
-
-    sent = fleet_call(agent, events)
+    sent = telemetry(agent)
     seqs = [e["seq"] for e in sent]
     assert seqs == list(range(1, len(seqs) + 1))  # every event, in order, none twice
     while_down = [e for e in sent if e["kind"] == "request" and stopped <= e["at"] < restarted]

@@ -28,6 +28,17 @@ def tiny_family(tmp_path_factory) -> Path:
     return out
 
 
+COMMITTED_MODELS = ROOT / "models"
+
+
+@pytest.fixture(scope="session")
+def committed_calib_labels() -> tuple[list[str], dict[str, list[bool]]]:
+    """300 calib prompts and whether the committed device and edge models answer them (labelled once)."""
+    from router.scorer import collect_labels
+
+    return collect_labels(COMMITTED_MODELS, 300, seed=0)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models: one torch thread is faster, and on a busy 2-core CPU several threads spin-wait."""

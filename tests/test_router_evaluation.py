@@ -25,7 +25,7 @@ from router.evaluation import (
     two_way_routing,
     write_curve,
 )
-from router.scorer import Scorer, collect_labels
+from router.scorer import Scorer
 from shared.problems import generate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,11 +34,6 @@ COSTS = {"device": 0.01, "edge": 0.1, "cloud": 1.0}
 N = 200
 
 needs_models = pytest.mark.skipif(not (MODELS / "manifest.json").is_file(), reason="committed models not present")
-
-
-@pytest.fixture(scope="module")
-def calib():
-    return collect_labels(MODELS, 300, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +47,8 @@ def outcomes(problems):
 
 
 @pytest.fixture(scope="module")
-def result(outcomes, problems, calib):
-    prompts, labels = calib
+def result(outcomes, problems, committed_calib_labels):
+    prompts, labels = committed_calib_labels
     scorer = Scorer().fit(prompts, labels)
     curves: dict = {}
     res = evaluate_routers(outcomes, problems, scorer, COSTS, calib_prompts=prompts, curves_out=curves)

@@ -14,7 +14,6 @@ from router.scorer import (
     LOWER_TIERS,
     Scorer,
     artifact_digests,
-    collect_labels,
     decision_latency,
     detect_family,
     prompt_features,
@@ -29,8 +28,8 @@ pytestmark = pytest.mark.skipif(not (MODELS / "manifest.json").is_file(), reason
 
 
 @pytest.fixture(scope="module")
-def labelled() -> tuple[list[str], dict[str, list[bool]]]:
-    return collect_labels(MODELS, N, seed=0)
+def labelled(committed_calib_labels) -> tuple[list[str], dict[str, list[bool]]]:
+    return committed_calib_labels  # N calib problems, labelled once per session
 
 
 @pytest.fixture(scope="module")

@@ -151,9 +151,7 @@ class FleetAgent:
     def __init__(self, manifest, servicer, threads: int):
         self.cfg = manifest.device_agent
         self.device_id = self.cfg.device_id
-        n = manifest.nats
-        self.opts = NatsOptions(url=n.url, user=n.user, password=n.password,
-                                connect_timeout_s=n.connect_timeout_ms / 1000)
+        self.opts = NatsOptions.from_manifest(manifest)
         self.servicer, self.threads = servicer, threads
         self.base_models = manifest.models_path
         self.store = ModelStore(state_dir(manifest))

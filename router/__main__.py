@@ -19,10 +19,9 @@ from router.openai_http import OpenAIServer
 from router.policy import Policy
 from router.service import RouterServicer
 from shared.manifest import EXIT_BAD_MANIFEST, ManifestError, load_manifest
-from shared.messaging import NatsAuthError, connect
+from shared.messaging import NatsAuthError, NatsOptions, connect
 from shared.metrics import Metrics
 from shared.serving import SERVICE_NAME, Limits
-from shared.tier_process import nats_options
 from tierline.v1 import inference_pb2_grpc as pb_grpc
 
 
@@ -51,7 +50,7 @@ async def serve(manifest_path: str) -> int:
         return EXIT_BAD_MANIFEST
     rc = manifest.router
     try:
-        nc = await connect(nats_options(manifest), name="tierline-router")
+        nc = await connect(NatsOptions.from_manifest(manifest), name="tierline-router")
     except (NatsAuthError, ConnectionError) as exc:
         print(f"router: error: {exc}", file=sys.stderr)
         return EXIT_BAD_MANIFEST

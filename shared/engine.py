@@ -77,7 +77,11 @@ class EngineInfo:
 
 
 class EngineError(ValueError):
-    """A request the engine cannot serve (too long, window too wide...)."""
+    """A request the engine cannot serve (too long, window too wide...); `field` names the request field."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
 
 
 def check_vocab(model_vocab: int, tokenizer: CharTokenizer, where) -> None:
@@ -227,13 +231,15 @@ class Engine(abc.ABC):
         """Validate one request against the model's limits; returns its prompt length."""
         if params.attention_window > self.info.window_limit:
             raise EngineError(
-                f"attention_window {params.attention_window} exceeds the model's limit {self.info.window_limit}"
+                f"attention_window {params.attention_window} exceeds the model's limit {self.info.window_limit}",
+                "parameters.attention_window",
             )
         n = len(self.tokenizer.encode(prompt))
         if n + params.max_tokens > self.info.max_context:
             raise EngineError(
                 f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
-                f"context of {self.info.max_context} tokens"
+                f"context of {self.info.max_context} tokens",
+                "parameters.max_tokens",
             )
         return n
 

@@ -170,6 +170,12 @@ class NatsOptions:
             kw.update(user=self.user, password=self.password)
         return kw
 
+    @classmethod
+    def from_manifest(cls, manifest) -> "NatsOptions":
+        """The manifest's `nats:` section (every process connects with these)."""
+        n = manifest.nats
+        return cls(url=n.url, user=n.user, password=n.password, connect_timeout_s=n.connect_timeout_ms / 1000)
+
 
 async def connect(opts: NatsOptions, name: str, timeout_s: float = START_TIMEOUT_S):
     """Connect; it reconnects forever (waits: `reconnect_delay`); a refused login raises NatsAuthError at once."""

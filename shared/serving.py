@@ -99,8 +99,7 @@ def validate(req: pb.InferRequest, engine: Engine, limits: Limits, model_name: s
     try:
         engine.check(req.prompt, params)
     except EngineError as exc:
-        raise RequestError("parameters.max_tokens" if "context" in str(exc) else "parameters.attention_window",
-                           str(exc)) from None
+        raise RequestError(exc.field, str(exc)) from None
     return params
 
 

@@ -23,11 +23,6 @@ from shared.serving import Limits, TierServicer, create_server
 from tierline.v1 import inference_pb2 as pb
 
 
-def nats_options(manifest) -> NatsOptions:
-    n = manifest.nats
-    return NatsOptions(url=n.url, user=n.user, password=n.password, connect_timeout_s=n.connect_timeout_ms / 1000)
-
-
 def main(tier: str, argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m {tier}", description=f"Tierline {tier} tier")
     parser.add_argument("--manifest", required=True, help="YAML tier manifest")
@@ -76,8 +71,8 @@ def main(tier: str, argv: list[str] | None = None) -> int:
             for chunk in servicer.stream(pb.InferRequest.FromString(data)):
                 yield chunk.SerializeToString()
 
-        nats_service = TierService(tier_name, nats_options(manifest), handle, servicer._status_of, stream=stream,
-                                   stats=lambda: {"queue_depth": servicer.batcher.depth})
+        nats_service = TierService(tier_name, NatsOptions.from_manifest(manifest), handle, servicer._status_of,
+                                   stream=stream, stats=lambda: {"queue_depth": servicer.batcher.depth})
         fleet_member = tier_name == "device" and bool(manifest.device_agent.device_id)
         try:
             nats_service.start(retry_forever=fleet_member)  # a board that boots offline still serves

@@ -53,10 +53,10 @@ def add_parser(sub, parser_class) -> dict:
 
 def _nats_options(manifest_path: Path):
     from shared.manifest import load_manifest
-    from shared.tier_process import nats_options
+    from shared.messaging import NatsOptions
 
     manifest = load_manifest(manifest_path, check_artifacts=False)
-    return manifest, nats_options(manifest)
+    return manifest, NatsOptions.from_manifest(manifest)
 
 
 async def _with_fleet(opts, work):

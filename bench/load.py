@@ -15,7 +15,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Sequence
 
 import grpc
@@ -182,10 +181,6 @@ class HttpClient:
 
 def peak_rss_mib(pid: int) -> float | None:
     """A process's peak resident set (VmHWM) in MiB, from /proc; None where it cannot be read."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+    from device_agent.profile import proc_status_mib
+
+    return proc_status_mib("VmHWM", pid)

@@ -57,6 +57,11 @@ class DeviceAgentServicer(TierServicer):
 
     def answer(self, req: pb.InferRequest, timeout_s: float | None) -> pb.InferResponse:
         validate(req, self.engine, self.limits, self.engine.info.model)  # bad input fails here, on the board
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s  # one budget for every try
+
+        def left() -> float | None:
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
+
         first, score = self.policy.decide(req.prompt)
         path: list[pb.Attempt] = []
         local = None
@@ -72,8 +77,12 @@ class DeviceAgentServicer(TierServicer):
                                                    _attempt(local, "answered")], degraded=True)
             path.append(_attempt(local, "low_confidence"))
         for tier in UPSTREAM:
+            budget = self.upstream_timeout_s if deadline is None else min(self.upstream_timeout_s, left())
+            if budget <= 0:
+                path.append(pb.Attempt(tier=tier, outcome="timeout", detail="the request's deadline has passed"))
+                break
             try:
-                resp = link.request(tier, req, min(self.upstream_timeout_s, timeout_s or self.upstream_timeout_s))
+                resp = link.request(tier, req, budget)
             except NoRespondersError:
                 path.append(pb.Attempt(tier=tier, outcome="no_responders", detail="no replica is up"))
                 continue
@@ -92,7 +101,7 @@ class DeviceAgentServicer(TierServicer):
             local = local if local is not None and local.confidence > resp.confidence else resp
         # nothing above could answer: the board's own answer, marked degraded
         if local is None:
-            local = self.handle(req, timeout_s)
+            local = self.handle(req, left())
             path.append(_attempt(local, "answered"))
         return self._finish(local, score, path, degraded=True)
 

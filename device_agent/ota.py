@@ -119,6 +119,8 @@ class ModelStore:
                                                               "config": file_entry(staged, config)}}}
         (staged / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         target = self.models / desired.version
+        if self.current() == target.resolve():  # replacing it would leave nothing to roll back to
+            raise OtaError(OtaCode.BAD_REQUEST, f"version {desired.version!r} is serving; publish under a new name")
         if target.exists():  # a retry of a version that failed before, or a re-install
             shutil.rmtree(target)
         os.rename(staged, target)  # atomic on one filesystem

@@ -319,7 +319,7 @@ def calibrate_policy(
     t_devices = _grid(device_scores, grid, low=0.0)  # 0.0: nothing starts on the device
     conf_device = _grid(outcomes.confidence[:, DEVICE], grid, low=0.0)  # 0.0: never escalate
     conf_edge = _grid(outcomes.confidence[:, EDGE], grid, low=0.0)
-    t_clouds = sorted(set(np.unique(cloud_scores).tolist()) | {math.inf})
+    t_clouds = sorted(set(np.unique(cloud_scores).tolist()) | {1.0})  # 1.0: the highest the manifest allows
     best: PolicyPoint | None = None
     for t_dev in t_devices:
         for c_dev in conf_device:
@@ -341,7 +341,7 @@ def calibrate_policy(
                 r = tierline_routing(outcomes, cloud_scores, device_scores, t_cloud, t_dev, thresholds)
                 s = summarize(outcomes, r, costs)
                 point = PolicyPoint(
-                    cloud_complexity=float(t_cloud) if math.isfinite(t_cloud) else 1.0,
+                    cloud_complexity=float(t_cloud),
                     device_complexity=t_dev, confidence_threshold=thresholds,
                     share_below_cloud=1.0 - s["share"]["cloud"], accuracy=s["accuracy"],
                     cost_vs_cloud=s["cost_vs_cloud"])

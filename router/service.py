@@ -59,13 +59,13 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
         tier, score = self.policy.decide(req.prompt, self.tiers)
         path: list[pb.Attempt] = []
         best: pb.InferResponse | None = None
-        failure: TierError | None = None
         while tier is not None:
             answer = None
             for attempt in range(1 + self.retries_per_tier):
                 left = self.request_timeout_s if deadline is None else min(self.request_timeout_s,
                                                                            deadline - time.monotonic())
                 if left <= 0:
+                    path.append(pb.Attempt(tier=tier, outcome="timeout", detail="the request's deadline had passed"))
                     break
                 try:
                     answer = await self._ask(tier, req, left)
@@ -78,7 +78,6 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
                 except TierError as exc:
                     if exc.status in CLIENT_ERRORS:
                         raise
-                    failure = exc
                     path.append(pb.Attempt(tier=tier, outcome="error", detail=f"{exc.status}: {exc.message}"))
                     if exc.status != "RESOURCE_EXHAUSTED":
                         break
@@ -98,9 +97,11 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
             tier = nxt
         if best is not None:  # a better tier was wanted but could not answer
             return self._finish(best, score, path, degraded=True, t0=t0)
-        raise TierError("router", "UNAVAILABLE", "no tier could answer: " +
-                        "; ".join(f"{a.tier} {a.outcome} {a.detail}".strip() for a in path)
-                        if path else str(failure))
+        if deadline is not None and deadline <= time.monotonic():
+            raise TierError("router", "DEADLINE_EXCEEDED", "the deadline passed before a tier answered: "
+                            + "; ".join(f"{a.tier} {a.outcome} {a.detail}".strip() for a in path))
+        raise TierError("router", "UNAVAILABLE", "no tier could answer: "
+                        + "; ".join(f"{a.tier} {a.outcome} {a.detail}".strip() for a in path))
 
     def _finish(self, resp: pb.InferResponse, score: float, path, degraded: bool, t0: float) -> pb.InferResponse:
         resp.complexity = score

@@ -11,8 +11,6 @@ import sys
 from dataclasses import asdict
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from router.auth import Gate, KeyStore
 from router.openai_http import OpenAIServer
@@ -21,7 +19,7 @@ from router.service import RouterServicer
 from shared.manifest import EXIT_BAD_MANIFEST, ManifestError, load_manifest
 from shared.messaging import NatsAuthError, NatsOptions, connect
 from shared.metrics import Metrics
-from shared.serving import SERVICE_NAME, Limits
+from shared.serving import Limits, add_health_and_reflection, set_serving_async
 from tierline.v1 import inference_pb2_grpc as pb_grpc
 
 
@@ -73,15 +71,13 @@ async def serve(manifest_path: str) -> int:
                               Limits(**asdict(manifest.limits)), gate)
     server = grpc.aio.server()
     pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME), server)
+    health_servicer = add_health_and_reflection(server, aio=True)
     port = server.add_insecure_port(f"{rc.grpc_host}:{rc.grpc_port}")
     await server.start()
     metrics_port = metrics.serve(rc.grpc_host, rc.metrics_port) if rc.metrics_port >= 0 else None
     http = OpenAIServer(servicer) if rc.http_port >= 0 else None
     http_port = await http.start(rc.grpc_host, rc.http_port) if http else None
+    await set_serving_async(health_servicer)  # ready: every door is open
     print(json.dumps({"event": "ready", "tier": "router", "grpc_port": port, "metrics_port": metrics_port,
                       "http_port": http_port, "auth": gate.enabled}), flush=True)
     stop = asyncio.Event()

@@ -189,23 +189,12 @@ class OpenAIServer:
     async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
         key = bearer_token(request.headers)
         try:
-            await self.router.gate.check(key)  # 401/403 before the body is even read
             try:
-                body = await request.json()
-            except ValueError:
-                raise BadRequest(None, "the body is not valid JSON") from None
-            if not isinstance(body, dict):
-                raise BadRequest(None, "the body must be a JSON object")
-            if chat:
-                req = _request(body, chat_prompt(body.get("messages")), CHAT_PARAMS,
-                               ("max_tokens", "max_completion_tokens"))
-            else:
-                prompt = body.get("prompt")
-                if isinstance(prompt, list) and len(prompt) == 1:
-                    prompt = prompt[0]
-                if not isinstance(prompt, str):
-                    raise BadRequest("prompt", "prompt: must be a string (or a list of one string)")
-                req = _request(body, prompt, COMPLETION_PARAMS)
+                body, req = await self._read(request, chat)
+            except BadRequest:
+                await self.router.gate.check(key)  # 401/403 before a bad body
+                raise
+            # the key is checked once, with the quota, when the router admits the request
             if body.get("stream"):
                 include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
                 return await self._stream(request, req, key, chat, include_usage)
@@ -221,6 +210,25 @@ class OpenAIServer:
                                {"text": choice.text, "logprobs": None})}],
                "usage": _usage(resp), "tier": resp.tier, "tierline": _tierline(resp)}
         return web.json_response(out, headers={"x-tierline-tier": resp.tier})
+
+    @staticmethod
+    async def _read(request: web.Request, chat: bool) -> tuple[dict, pb.InferRequest]:
+        """The JSON body and the InferRequest it asks for; BadRequest names what cannot be read."""
+        try:
+            body = await request.json()
+        except ValueError:
+            raise BadRequest(None, "the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise BadRequest(None, "the body must be a JSON object")
+        if chat:
+            return body, _request(body, chat_prompt(body.get("messages")), CHAT_PARAMS,
+                                  ("max_tokens", "max_completion_tokens"))
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise BadRequest("prompt", "prompt: must be a string (or a list of one string)")
+        return body, _request(body, prompt, COMPLETION_PARAMS)
 
     async def _stream(self, request: web.Request, req: pb.InferRequest, key: str | None, chat: bool,
                       include_usage: bool) -> web.StreamResponse:

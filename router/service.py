@@ -124,9 +124,16 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
 
     # -- the platform's operations, the same for every transport (gRPC here, HTTP in openai_http.py) ----------
     async def _admit(self, request: pb.InferRequest, key: str | None) -> Admission | None:
-        """The key first (401/403 before anything else), then the fields, then the quota."""
-        await self.gate.check(key)
-        self._validate(request)
+        """The key first (401/403 before anything else), then the fields, then the quota.
+
+        One trip to the key store: a valid request's key is checked inside its admission
+        (one transaction); an invalid one's key alone, so a bad key still answers first.
+        """
+        try:
+            self._validate(request)
+        except TierError:
+            await self.gate.check(key)
+            raise
         admission = await self.gate.admit(key, request.prompt, resolved_max_tokens(request, self.limits))
         if admission is not None:  # the plan's priority is the most a request may ask for
             request.priority = min(request.priority or admission.priority, admission.priority)

@@ -287,17 +287,39 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
                              max_batch_size=b.max_batch_size, max_queue=b.max_queue)
 
 
+def add_health_and_reflection(server, aio: bool = False):
+    """gRPC health and reflection beside the InferenceService, the same on every tier and the router.
+
+    Returns the health servicer (`grpc.aio`'s for an aio server); `set_serving` marks
+    every name a health check may ask about (the server, "", and the InferenceService).
+    """
+    health_servicer = health.aio.HealthServicer() if aio else health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    return health_servicer
+
+
+HEALTH_NAMES = ("", SERVICE_NAME)  # what a health check may name: the whole server, the InferenceService
+
+
+def set_serving(health_servicer) -> None:
+    for name in HEALTH_NAMES:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+async def set_serving_async(health_servicer) -> None:
+    """`set_serving` for grpc.aio's health servicer, whose `set` is a coroutine."""
+    for name in HEALTH_NAMES:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
 def create_server(servicer: pb_grpc.InferenceServiceServicer, host: str = "127.0.0.1", port: int = 0,
                   workers: int = DEFAULT_WORKERS) -> tuple[grpc.Server, int]:
     """A gRPC server with the InferenceService, health and reflection; not started yet."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
     pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    set_serving(add_health_and_reflection(server))
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"could not bind {host}:{port}")

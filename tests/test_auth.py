@@ -183,6 +183,75 @@ def test_the_plan_priority_reaches_the_tiers_queues(stack):
                    "Q:4+4=?\nA:": pb.PRIORITY_LOW}
 
 
+def test_each_request_looks_its_key_up_once(stack):
+    """The router's own servicer and HTTP API in this process, on the stack's NATS and key store,
+    so the store's lookups can be counted per request (gRPC and HTTP, answered or refused)."""
+    import aiohttp
+
+    from router.auth import Gate
+    from router.openai_http import OpenAIServer
+    from router.policy import Policy
+    from router.service import RouterServicer
+    from shared.messaging import NatsOptions, connect
+
+    manifest = load_manifest(stack.manifest, check_artifacts=False)
+    _, key = new_key(stack, "pro")
+    body = {"model": manifest.model_name, "prompt": PROMPT, "max_tokens": 4}
+
+    async def run() -> dict[str, int]:
+        nc = await connect(NatsOptions.from_manifest(manifest), name="test-router")
+        gate = Gate(KeyStore(manifest.key_store_path), manifest.auth.plans)
+        router = RouterServicer(nc, Policy(0.0, 1.0, {"edge": 0.0}), manifest.model_name, ("edge",),
+                                request_timeout_s=30.0, gate=gate)
+        server = grpc.aio.server()
+        pb_grpc.add_InferenceServiceServicer_to_server(router, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        http = OpenAIServer(router)
+        http_port = await http.start("127.0.0.1", 0)
+        lookups: dict[str, int] = {}
+
+        async def count(name: str, call) -> None:
+            before = gate.store.lookups
+            if name == "grpc invalid":
+                with pytest.raises(TierlineError) as err:
+                    await call
+                assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            else:
+                await call
+            lookups[name] = gate.store.lookups - before
+
+        async def chunks(stream) -> None:
+            async for _ in stream:
+                pass
+
+        async def post(session, data, expected: int) -> None:
+            async with session.post(f"http://127.0.0.1:{http_port}/v1/completions", data=data,
+                                    headers={"authorization": f"Bearer {key}"}) as resp:
+                await resp.read()
+                assert resp.status == expected
+
+        try:
+            async with AsyncInferenceClient(api_key=key, endpoint=f"127.0.0.1:{port}", retries=0) as c:
+                await count("grpc infer", c.infer(PROMPT, {"max_tokens": 4}))
+                await count("grpc stream", chunks(c.stream(PROMPT, {"max_tokens": 4})))
+                await count("grpc invalid", c.infer(PROMPT, {"max_tokens": 0}))
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+                await count("http infer", post(session, json.dumps(body), 200))
+                await count("http stream", post(session, json.dumps({**body, "stream": True}), 200))
+                await count("http invalid", post(session, "{not json", 400))
+        finally:
+            await http.stop()
+            await server.stop(0)
+            await nc.close()
+            gate.close()
+        return lookups
+
+    lookups = asyncio.run(run())
+    assert lookups == {name: 1 for name in ("grpc infer", "grpc stream", "grpc invalid", "http infer",
+                                            "http stream", "http invalid")}
+
+
 def test_keys_cli_refuses_mistakes_in_one_line(stack):
     bad_plan = run_cli("keys", "create", "--plan", "gold", "--manifest", str(stack.manifest), timeout=60)
     assert bad_plan.returncode == 2 and "--plan" in bad_plan.stderr and "free" in bad_plan.stderr

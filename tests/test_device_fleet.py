@@ -434,7 +434,26 @@ def test_the_outbox_is_bounded_drops_oldest_first_and_persists(tmp_path):
     again = Outbox(tmp_path / "outbox.sqlite", max_events=5)
     assert again.pending == 4 and again.dropped == 3
     assert again.append({"n": 8}) > seqs[-1]  # a sequence number is never reused
+    again.append({"n": 9})  # full again after the reopen: the oldest left (4) goes
+    assert again.pending == 5 and again.dropped == 4
+    assert [e["n"] for _, e in again.peek()] == [5, 6, 7, 8, 9]
+    again.ack(seqs[5])
+    again.ack(seqs[5])  # acknowledged twice (a resend): counted once
+    assert again.pending == 4
     again.close()
+
+
+def test_an_outbox_append_is_one_insert_without_fsync_per_commit(tmp_path):
+    """The bound is kept without counting the table on every append; commits do not fsync (WAL, NORMAL)."""
+    box = Outbox(tmp_path / "outbox.sqlite", max_events=3)
+    statements: list[str] = []
+    box._db.set_trace_callback(statements.append)  # the SQL this outbox runs, as SQLite sees it
+    for i in range(5):
+        box.append({"n": i})
+    assert box.pending == 3 and box.dropped == 2
+    assert not [s for s in statements if "COUNT(" in s.upper()], statements
+    assert box._db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    box.close()
 
 
 # -- configuration and CLI -----------------------------------------------------------------------------

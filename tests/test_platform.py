@@ -139,6 +139,16 @@ def test_reflection_lists_the_services(stack):
     assert {"tierline.v1.InferenceService", "grpc.health.v1.Health"} <= names
 
 
+def test_health_is_serving_for_the_server_and_the_service(stack):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    for name in ("router", "edge-0", "device-0"):
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{stack.port(name)}"))
+        for service in ("", "tierline.v1.InferenceService"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, (name, service)
+
+
 def test_killing_an_edge_replica_loses_no_request(tiny_family):
     prompts = [p.prompt for p in generate("test", 40, seed=5)]
     with Stack(tiny_family, tiers=("edge", "cloud"), replicas={"edge": 2},

@@ -144,3 +144,88 @@ def test_cli_infer_and_stream(stack, client):
     assert proc.stdout.rstrip("\n") == expected and "tier edge" in proc.stderr
     bad = run_cli("infer", "2+3=?", "--endpoint", stack.router_address, "--api-key", "nope", timeout=60)
     assert bad.returncode == 1 and bad.stderr.strip() == "tierline: error: UNAUTHENTICATED: unknown API key"
+
+
+class SlowlyUnavailable:
+    """A real gRPC server whose every call waits `delay_s`, then answers UNAVAILABLE (a tier-less router)."""
+
+    def __init__(self, delay_s: float):
+        from concurrent import futures
+
+        from tierline.v1 import inference_pb2_grpc as pb_grpc
+
+        outer = self
+
+        class Servicer(pb_grpc.InferenceServiceServicer):
+            def Infer(self, request, context):
+                outer.calls += 1
+                threading.Event().wait(delay_s)
+                context.abort(grpc.StatusCode.UNAVAILABLE, "no tier could answer")
+
+            def InferStream(self, request, context):
+                self.Infer(request, context)
+                yield from ()
+
+        self.calls = 0
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        pb_grpc.add_InferenceServiceServicer_to_server(Servicer(), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop(0)
+
+
+def call_once(kind: str, method: str, endpoint: str, **config) -> TierlineError:
+    """One call that must fail: the SDK error it raised."""
+    if kind == "sync":
+        with InferenceClient(api_key="k", endpoint=endpoint, **config) as c, pytest.raises(TierlineError) as err:
+            if method == "infer":
+                c.infer(PROMPT)
+            else:
+                list(c.stream(PROMPT))
+        return err.value
+
+    async def run():
+        async with AsyncInferenceClient(api_key="k", endpoint=endpoint, **config) as c:
+            with pytest.raises(TierlineError) as err:
+                if method == "infer":
+                    await c.infer(PROMPT)
+                else:
+                    [x async for x in c.stream(PROMPT)]
+        return err.value
+
+    return asyncio.run(run())
+
+
+TIMEOUT_S = 1.0
+BOUND_S = 3 * TIMEOUT_S  # a correctness bound (the whole call keeps its deadline), not a speed target
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("method", ["infer", "stream"])
+def test_timeout_bounds_the_whole_call_when_nothing_listens(kind, method):
+    """Refused at once, every time: the backoff alone (at least 0.5 x (1+2+4+4+4) s) would pass the deadline."""
+    import time
+
+    t0 = time.monotonic()
+    err = call_once(kind, method, f"127.0.0.1:{free_port()}", timeout=TIMEOUT_S, retries=5, backoff=1.0)
+    assert time.monotonic() - t0 < BOUND_S
+    assert err.code == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("method", ["infer", "stream"])
+def test_timeout_bounds_the_whole_call_when_each_attempt_is_slow(kind, method):
+    """Each attempt takes most of the timeout before UNAVAILABLE: 5 attempts x 0.9 s would pass the deadline."""
+    import time
+
+    server = SlowlyUnavailable(0.9 * TIMEOUT_S)
+    try:
+        t0 = time.monotonic()
+        err = call_once(kind, method, f"127.0.0.1:{server.port}", timeout=TIMEOUT_S, retries=4, backoff=0.01)
+        assert time.monotonic() - t0 < BOUND_S
+    finally:
+        server.stop()
+    assert err.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    assert server.calls >= 1

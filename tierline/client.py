@@ -9,9 +9,11 @@
     print(response.choices[0].text, response.tier, response.usage.total_tokens)
 
 `stream()` yields the text as it is generated; `AsyncInferenceClient` is the same
-for asyncio. Every call has a deadline (`timeout`, seconds); `UNAVAILABLE` (router
-restarting, no tier up) is retried with exponential backoff and jitter, a stream
-only before its first chunk. Failures raise a `TierlineError` subclass carrying
+for asyncio. Every call has a deadline (`timeout`, seconds) for the whole call,
+retries included; `UNAVAILABLE` (router restarting, no tier up) is retried with
+exponential backoff and jitter while the deadline leaves time for another attempt
+(each attempt gets the time that is left; a backoff never sleeps past the
+deadline), a stream only before its first chunk. Failures raise a `TierlineError` subclass carrying
 the gRPC status (`.code`) and the server's message (`.message`), so a caller can
 tell a bad key (`Unauthenticated`) from a used-up quota (`QuotaExceeded`).
 
@@ -23,6 +25,7 @@ the default port is 50050 for plaintext, 443 for TLS.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import random
 import time
@@ -35,10 +38,11 @@ API_VERSION = "v1"
 DEFAULT_ENDPOINT = "127.0.0.1:50050"  # the router of infra/manifests/local.yaml
 DEFAULT_PLAINTEXT_PORT = 50050
 DEFAULT_TLS_PORT = 443
-DEFAULT_TIMEOUT_S = 30.0  # each call's deadline, seconds
+DEFAULT_TIMEOUT_S = 30.0  # each call's deadline, seconds, retries and backoff included
 DEFAULT_RETRIES = 3  # extra attempts after UNAVAILABLE
 DEFAULT_BACKOFF_S = 0.25  # first wait before a retry, seconds; doubles each time
 MAX_BACKOFF_S = 4.0
+MIN_ATTEMPT_S = 0.05  # no retry is started with less time than this left before the deadline
 API_KEY_ENV = "TIERLINE_API_KEY"
 ENDPOINT_ENV = "TIERLINE_ENDPOINT"
 PARAMETERS = ("temperature", "top_p", "max_tokens", "attention_window", "stop", "seed")
@@ -233,6 +237,32 @@ class _Config:
     def channel_credentials(self):
         return grpc.ssl_channel_credentials() if self.secure else None
 
+    def deadline(self, timeout: float | None) -> "_Deadline":
+        """The deadline of one call (its own `timeout`, else the client's), retries included."""
+        return _Deadline(self, timeout or self.timeout)
+
+
+class _Deadline:
+    """One call's deadline, shared by its attempts: the arithmetic both clients' retry loops use."""
+
+    def __init__(self, config: _Config, timeout: float):
+        self.config, self.end = config, time.monotonic() + timeout
+
+    def left(self) -> float:
+        """The time the next attempt may take (the gRPC timeout to pass), never negative."""
+        return max(0.0, self.end - time.monotonic())
+
+    def retry_wait(self, exc: grpc.RpcError, attempt: int, started: bool = False) -> float | None:
+        """The backoff before retrying after `exc`, or None: not retryable, retries used, or no time left.
+
+        Only UNAVAILABLE before any answer was received is retried, and only when the
+        backoff still leaves MIN_ATTEMPT_S before the deadline.
+        """
+        if exc.code() != grpc.StatusCode.UNAVAILABLE or started or attempt >= self.config.retries:
+            return None
+        wait = self.config.delay(attempt)
+        return wait if self.left() - wait >= MIN_ATTEMPT_S else None
+
 
 # -- the synchronous client ---------------------------------------------------------------------------------------
 class TextStream:
@@ -247,7 +277,11 @@ class TextStream:
 
 
 class InferenceClient:
-    """Blocking client of a Tierline router (thread-safe: one channel, many calls)."""
+    """Blocking client of a Tierline router (thread-safe: one channel, many calls).
+
+    `timeout` (seconds; a call's own `timeout=` overrides it) bounds the whole call:
+    every retry after UNAVAILABLE and every backoff fit inside it.
+    """
 
     def __init__(self, api_key: str | None = None, model_name: str = "", endpoint: str | None = None, *,
                  timeout: float = DEFAULT_TIMEOUT_S, retries: int = DEFAULT_RETRIES,
@@ -261,13 +295,15 @@ class InferenceClient:
         self._stub = pb_grpc.InferenceServiceStub(self._channel)
 
     def _call(self, method, request, timeout: float | None):
-        for attempt in range(self.config.retries + 1):
+        deadline = self.config.deadline(timeout)
+        for attempt in itertools.count():
             try:
-                return method(request, timeout=timeout or self.config.timeout, metadata=self.config.metadata)
+                return method(request, timeout=deadline.left(), metadata=self.config.metadata)
             except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.config.retries:
+                wait = deadline.retry_wait(exc, attempt)
+                if wait is None:
                     raise _error(exc) from None
-                time.sleep(self.config.delay(attempt))
+            time.sleep(wait)
 
     def infer(self, prompt: str, parameters: dict | None = None, *, timeout: float | None = None,
               priority: str | None = None) -> Completion:
@@ -283,9 +319,9 @@ class InferenceClient:
 
         def chunks() -> Iterator[str]:
             text: list[str] = []
-            for attempt in range(self.config.retries + 1):
-                call = self._stub.InferStream(req, timeout=timeout or self.config.timeout,
-                                              metadata=self.config.metadata)
+            deadline = self.config.deadline(timeout)
+            for attempt in itertools.count():
+                call = self._stub.InferStream(req, timeout=deadline.left(), metadata=self.config.metadata)
                 try:
                     for chunk in call:
                         piece = chunk.choices[0].text if chunk.choices else ""
@@ -299,12 +335,12 @@ class InferenceClient:
                         yield piece
                     return
                 except grpc.RpcError as exc:
-                    retry = exc.code() == grpc.StatusCode.UNAVAILABLE and not text
-                    if not retry or attempt == self.config.retries:
+                    wait = deadline.retry_wait(exc, attempt, started=bool(text))
+                    if wait is None:
                         raise _error(exc) from None
                 finally:
                     call.cancel()  # a caller that stops iterating stops the generation too
-                time.sleep(self.config.delay(attempt))
+                time.sleep(wait)
 
         out._chunks = chunks()
         return out
@@ -332,7 +368,10 @@ class InferenceClient:
 
 # -- the asyncio client -------------------------------------------------------------------------------------
 class AsyncInferenceClient:
-    """The same calls for asyncio (grpc.aio); create it inside the event loop that uses it."""
+    """The same calls for asyncio (grpc.aio); create it inside the event loop that uses it.
+
+    `timeout` bounds the whole call, retries and backoff included, as in `InferenceClient`.
+    """
 
     def __init__(self, api_key: str | None = None, model_name: str = "", endpoint: str | None = None, *,
                  timeout: float = DEFAULT_TIMEOUT_S, retries: int = DEFAULT_RETRIES,
@@ -346,13 +385,15 @@ class AsyncInferenceClient:
         self._stub = pb_grpc.InferenceServiceStub(self._channel)
 
     async def _call(self, method, request, timeout: float | None):
-        for attempt in range(self.config.retries + 1):
+        deadline = self.config.deadline(timeout)
+        for attempt in itertools.count():
             try:
-                return await method(request, timeout=timeout or self.config.timeout, metadata=self.config.metadata)
+                return await method(request, timeout=deadline.left(), metadata=self.config.metadata)
             except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.config.retries:
+                wait = deadline.retry_wait(exc, attempt)
+                if wait is None:
                     raise _error(exc) from None
-            await asyncio.sleep(self.config.delay(attempt))
+            await asyncio.sleep(wait)
 
     async def infer(self, prompt: str, parameters: dict | None = None, *, timeout: float | None = None,
                     priority: str | None = None) -> Completion:
@@ -364,8 +405,9 @@ class AsyncInferenceClient:
         """The answer's text chunk by chunk (an async generator)."""
         req = build_request(prompt, parameters, self.config.model_name, priority)
         started = False
-        for attempt in range(self.config.retries + 1):
-            call = self._stub.InferStream(req, timeout=timeout or self.config.timeout, metadata=self.config.metadata)
+        deadline = self.config.deadline(timeout)
+        for attempt in itertools.count():
+            call = self._stub.InferStream(req, timeout=deadline.left(), metadata=self.config.metadata)
             try:
                 async for chunk in call:
                     piece = chunk.choices[0].text if chunk.choices else ""
@@ -374,11 +416,12 @@ class AsyncInferenceClient:
                         yield piece
                 return
             except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or started or attempt == self.config.retries:
+                wait = deadline.retry_wait(exc, attempt, started)
+                if wait is None:
                     raise _error(exc) from None
             finally:
                 call.cancel()
-            await asyncio.sleep(self.config.delay(attempt))
+            await asyncio.sleep(wait)
 
     async def status(self, *, timeout: float | None = None):
         from tierline.v1 import inference_pb2 as pb

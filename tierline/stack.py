@@ -14,20 +14,24 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import yaml
 
 READY_TIMEOUT_S = 60.0  # a tier loading its model, at most
 STOP_TIMEOUT_S = 5.0
+LOG_TAIL_CHARS = 2000  # of a child's log, in the error when it exits before it is ready
 TIER_MODULES = {"cloud": "cloud_node", "edge": "edge_node", "device": "device_agent"}
 
 
@@ -45,6 +49,71 @@ class Proc:
     name: str
     popen: subprocess.Popen
     ready: dict = field(default_factory=dict)
+    log: IO | None = None  # the child's stderr file, open in this process until `close()`
+
+    def close(self) -> None:
+        """Stop the child (process group) and close its log file."""
+        terminate(self.popen)
+        if self.log is not None:
+            self.log.close()
+
+
+def launch(name: str, argv: list[str], log_path: Path, timeout_s: float = READY_TIMEOUT_S,
+           env: dict | None = None) -> Proc:
+    """Start one child and wait, at most `timeout_s`, for its `{"event": "ready"}` line on stdout.
+
+    The stdout pipe is read by a thread (and drained to the end, so a chatty child never
+    blocks on a full pipe), so the deadline holds even when the child prints nothing: a
+    child that hangs is killed and `TimeoutError` names it and its log; one that exits
+    first raises `RuntimeError` with its exit code and the tail of its log (its stderr).
+    """
+    log = open(log_path, "w")
+    try:
+        popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True,
+                                 env={**(env or os.environ), "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    except BaseException:
+        log.close()
+        raise
+    proc = Proc(name, popen, log=log)
+    lines: queue.Queue = queue.Queue()
+    waiting = threading.Event()
+    waiting.set()
+
+    def read() -> None:
+        with popen.stdout:
+            for line in popen.stdout:
+                if waiting.is_set():
+                    lines.put(line)
+        lines.put(None)  # end of stdout
+
+    threading.Thread(target=read, name=f"stdout-{name}", daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError(f"{name} not ready in {timeout_s} s (killed; its log: {log_path})") from None
+            if line is None:
+                try:
+                    code = popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    raise TimeoutError(f"{name} closed its stdout without a ready line (killed; its log: "
+                                       f"{log_path})") from None
+                log.flush()
+                raise RuntimeError(f"{name} exited with {code} before it was ready; the end of {log_path}:\n"
+                                   f"{Path(log_path).read_text(errors='replace')[-LOG_TAIL_CHARS:]}")
+            try:
+                msg = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(msg, dict) and msg.get("event") == "ready":
+                proc.ready = msg
+                waiting.clear()  # the reader goes on draining stdout, keeping nothing
+                return proc
+    except BaseException:
+        proc.close()
+        raise
 
 
 class NatsServer:
@@ -156,6 +225,7 @@ class Stack:
         # auth=True: the router checks API keys, and one key of `key_plan` is made for the caller
         self.auth, self.key_plan = auth, key_plan
         self.api_key: str | None = None
+        self.ready_timeout_s = READY_TIMEOUT_S  # per process: its ready line, or it is killed and start() fails
 
     def start(self) -> "Stack":
         try:
@@ -176,28 +246,10 @@ class Stack:
         return self
 
     def start_process(self, name: str, module: str) -> Proc:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        log = open(self.workdir / f"{name}.log", "w")
-        popen = subprocess.Popen([sys.executable, "-m", module, "--manifest", str(self.manifest)],
-                                 stdout=subprocess.PIPE, stderr=log, text=True, env=env, start_new_session=True)
-        proc = Proc(name, popen)
+        proc = launch(name, [sys.executable, "-m", module, "--manifest", str(self.manifest)],
+                      self.workdir / f"{name}.log", self.ready_timeout_s)
         self.procs.append(proc)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            line = popen.stdout.readline()
-            if not line:
-                if popen.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {popen.returncode}: "
-                                       f"{(self.workdir / f'{name}.log').read_text()[-2000:]}")
-                continue
-            try:
-                msg = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if msg.get("event") == "ready":
-                proc.ready = msg
-                return proc
-        raise TimeoutError(f"{name} not ready in {READY_TIMEOUT_S} s")
+        return proc
 
     def port(self, name: str) -> int:
         return next(p.ready["grpc_port"] for p in self.procs if p.name == name)
@@ -226,7 +278,7 @@ class Stack:
     def restart(self, name: str, module: str = "router") -> Proc:
         """Stop one process gracefully (SIGTERM) and start it again from the same manifest."""
         proc = next(p for p in self.procs if p.name == name)
-        terminate(proc.popen)
+        proc.close()
         self.procs.remove(proc)
         return self.start_process(name, module)
 
@@ -238,7 +290,7 @@ class Stack:
 
     def stop(self) -> None:
         for p in reversed(self.procs):
-            terminate(p.popen)
+            p.close()
         self.procs.clear()
         self.nats.stop()
         if self._tmp:

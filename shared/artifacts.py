@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.engine import Engine
-from shared.tokenizer import CharTokenizer
+from shared.tokenizer import TextTokenizer
 
 MANIFEST = "manifest.json"
 TIERS = ("cloud", "edge", "device")
@@ -75,12 +75,12 @@ def tier_entry(manifest: dict[str, Any], tier: str, models_dir: Path) -> dict[st
     return entry
 
 
-def load_tokenizer(models_dir: str | Path, manifest: dict[str, Any] | None = None) -> CharTokenizer:
+def load_tokenizer(models_dir: str | Path, manifest: dict[str, Any] | None = None) -> TextTokenizer:
     models_dir = Path(models_dir)
     manifest = manifest or load_manifest(models_dir)
     path = verify_file(models_dir, manifest["artifacts"]["tokenizer"])
     try:
-        return CharTokenizer.load(path)
+        return TextTokenizer.load(path)
     except ValueError as exc:
         raise ArtifactError(str(exc)) from None
 

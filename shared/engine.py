@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from shared.tokenizer import CharTokenizer
+from shared.tokenizer import TextTokenizer
 
 Past = list  # backend-specific KV cache (list of per-layer arrays)
 
@@ -84,7 +84,7 @@ class EngineError(ValueError):
         self.field = field
 
 
-def check_vocab(model_vocab: int, tokenizer: CharTokenizer, where) -> None:
+def check_vocab(model_vocab: int, tokenizer: TextTokenizer, where) -> None:
     """A tokenizer that does not fit the model would decode nonsense: refuse it."""
     if model_vocab != tokenizer.vocab_size:
         raise ValueError(
@@ -170,7 +170,7 @@ class Engine(abc.ABC):
     supports_batch_prefill = True  # False: the backend takes one row at a time
     supports_prefix_cache = False  # True: the backend implements _past_take and _past_join
 
-    def __init__(self, tokenizer: CharTokenizer, info: EngineInfo):
+    def __init__(self, tokenizer: TextTokenizer, info: EngineInfo):
         self.tokenizer = tokenizer
         self.info = info
         # one decode at a time per engine: runtimes such as LiteRT's interpreter are not thread-safe

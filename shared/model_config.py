@@ -9,7 +9,7 @@ from pathlib import Path
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 91  # size of the shared character tokenizer
+    vocab_size: int = 249  # size of the shared tokenizer (shared/tokenizer.py)
     block_size: int = 256  # longest sequence (prompt + completion), learned positions
     n_layer: int = 4  # transformer blocks
     n_head: int = 4  # attention heads per block
@@ -33,6 +33,12 @@ class GPTConfig:
     def window_limit(self) -> int:
         """The widest attention window the model supports (its context length)."""
         return self.attention_window or self.block_size
+
+    def num_params(self) -> int:
+        """GPT(cfg).num_params() without building the model (pruning searches; the device has no torch)."""
+        c, inner, f = self.n_embd, self.n_head * self.head_dim, self.ffn_hidden
+        block = 2 * c + 3 * (c * inner + inner) + inner * c + c + 2 * c + c * f + f + f * c + c
+        return self.vocab_size * c + self.block_size * c + self.n_layer * block + 2 * c + c * self.vocab_size
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")

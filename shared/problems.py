@@ -69,33 +69,39 @@ def is_correct(problem: Problem, completion: str) -> bool:
 
 
 def _arith(rng: random.Random, level: int):
-    """Multi-step arithmetic on one-digit numbers; products first, then left to right.
+    """Multi-step arithmetic on one-digit numbers, worked left to right.
 
-    Each worked step is one fact (a two-digit running value plus or minus a digit,
-    or a product of two digits), so the difficulty is the number of steps.
+    Each step takes the running value and the next term; a product term is
+    worked inside its step (`7+4*5=7+20=27`), so products still come before
+    sums and every step reads only the previous result and the next term.
     """
     n_ops = level
     nums = [rng.randint(0, 9) for _ in range(n_ops + 1)]
     ops = [rng.choice("+-*") if level > 1 else rng.choice("+-") for _ in range(n_ops)]
     if any(a == b == "*" for a, b in zip(ops, ops[1:])):
         return None  # no chained products: keep each step one table look-up
-    steps = []
-    vals, rest_ops = [nums[0]], []
-    for op, n in zip(ops, nums[1:]):
-        if op == "*":
-            prod = vals[-1] * n
-            steps.append(f"{vals[-1]}*{n}={prod}")
-            vals[-1] = prod
+    # terms: (sign, a, b) with b None for a plain number
+    terms, i = [], 0
+    signs = ["+", *[op for op in ops if op != "*"]]
+    while i < len(nums):
+        if i < len(ops) and ops[i] == "*":
+            terms.append((nums[i], nums[i + 1]))
+            i += 2
         else:
-            vals.append(n)
-            rest_ops.append(op)
-    acc = vals[0]
-    for op, n in zip(rest_ops, vals[1:]):
-        new = acc + n if op == "+" else acc - n
-        steps.append(f"{acc}{op}{n}={new}")
-        acc = new
-        if not 0 <= acc <= MAX_VALUE:
+            terms.append((nums[i], None))
+            i += 1
+    steps = []
+    a, b = terms[0]
+    acc = a if b is None else a * b
+    if b is not None:
+        steps.append(f"{a}*{b}={acc}")
+    for sign, (a, b) in zip(signs[1:], terms[1:]):
+        term = a if b is None else a * b
+        new = acc + term if sign == "+" else acc - term
+        if not 0 <= new <= MAX_VALUE:
             return None
+        steps.append(f"{acc}{sign}{a}={new}" if b is None else f"{acc}{sign}{a}*{b}={acc}{sign}{term}={new}")
+        acc = new
     expr = str(nums[0]) + "".join(f"{op}{n}" for op, n in zip(ops, nums[1:]))
     return f"{expr}=?", ";".join(steps), str(acc)
 
@@ -104,7 +110,20 @@ _VAR_NAMES = "abcdefghjkmnpqrstuvwxyz"
 
 
 def _vars(rng: random.Random, level: int):
-    """Variable tracking: a chain of assignments, one asked for."""
+    """Variable tracking: a chain of assignments (`a=3;b=a+4;c=b*2;c=?`), the last one asked.
+
+    Each assignment reads the one before it; from level 3 on, a literal may restart
+    the chain (`f=12`), and levels add steps and larger values. The worked chain walks
+    the assignments in order: it restates each one (`e=p+9`), so the next one is found
+    by matching the last restated one in the question; a value is stored as a fact
+    `e:26` (right after the number it copies) and read back as `p?17`, so storing is a
+    local copy and reading a look-up by key, never confused: `e=p+9;p?17+9=26;e:26`.
+
+    Reading a variable assigned arbitrarily far back (any earlier source, any asked
+    variable) was tried and dropped: no model this project can train in its CPU budget
+    learnt it (about 55% on levels 3-5 vars for the teacher, whatever the chain format,
+    positions, training mix or attention supervision; see docs/ARCHITECTURE.md).
+    """
     n_assign = level + 1
     names = rng.sample(_VAR_NAMES, n_assign)
     values: dict[str, int] = {}
@@ -113,20 +132,20 @@ def _vars(rng: random.Random, level: int):
         if i == 0 or (level >= 3 and rng.random() < 0.25):
             v = rng.randint(0, 9 if level < 3 else 20)
             decls.append(f"{name}={v}")
+            steps.append(f"{name}={v};{name}:{v}")
             values[name] = v
             continue
-        src = rng.choice(names[:i]) if level >= 3 else names[i - 1]
+        src = names[i - 1]  # the chain runs through every assignment; a literal restarts it
         op = rng.choice("+-*" if values[src] <= 9 else "+-")  # products stay one table look-up
         k = rng.randint(1, 9)
         v = {"+": values[src] + k, "-": values[src] - k, "*": values[src] * k}[op]
         if not 0 <= v <= MAX_VALUE:
             return None
         decls.append(f"{name}={src}{op}{k}")
-        steps.append(f"{name}={values[src]}{op}{k}={v}")
+        steps.append(f"{name}={src}{op}{k};{src}?{values[src]}{op}{k}={v};{name}:{v}")
         values[name] = v
-    asked = names[-1] if level < 4 else rng.choice(names[1:])
-    if not steps:
-        return None
+    asked = names[-1]
+    steps.append(f"{asked}?{values[asked]}")
     return ";".join(decls) + f";{asked}=?", ";".join(steps), str(values[asked])
 
 
@@ -152,45 +171,49 @@ _ITEMS = ("apples", "pens", "cards", "coins", "books", "eggs")
 
 
 def _word(rng: random.Random, level: int):
-    """A short story of gains and losses with distractor sentences."""
+    """A short story of gains and losses with distractor sentences.
+
+    The worked chain restates every sentence in order (so the next one is found by
+    matching the last restated one in the story), then works it if it concerns the
+    question (`Ann gets 7 apples:12+7=19`) or marks it `-` if not
+    (`Mia gets 3 apples:-`). The first sentence gives the start value
+    (`Ann has 12 apples:12`).
+    """
     n_events = (1, 1, 2, 2, 3)[level - 1]
     n_distract = (0, 1, 1, 2, 2)[level - 1]
     hi = (9, 9, 20, 20, 20)[level - 1]
     who, other = rng.sample(_NAMES, 2)
     item, other_item = rng.sample(_ITEMS, 2)
     have = rng.randint(0, hi)
-    story = [f"{who} has {have} {item}."]
-    steps = []
+    # sentences as (text, work); the story's first sentence gives the start value
+    first = (f"{who} has {have} {item}", str(have))
     events = []
     for _ in range(n_events):
         k = rng.randint(1, 9)
-        if rng.random() < 0.5:
-            events.append(f"{who} gets {k} {item}.")
-            new = have + k
-            steps.append(f"{have}+{k}={new}")
-        else:
-            events.append(f"{who} gives {k} {item}.")
-            new = have - k
-            steps.append(f"{have}-{k}={new}")
+        gets = rng.random() < 0.5
+        new = have + k if gets else have - k
         if not 0 <= new <= MAX_VALUE:
             return None
+        verb, op = ("gets", "+") if gets else ("gives", "-")
+        events.append((f"{who} {verb} {k} {item}", f"{have}{op}{k}={new}"))
         have = new
     distract = []
     for _ in range(n_distract):
         d = rng.choice(
             (
-                f"{other} has {rng.randint(0, hi)} {item}.",
-                f"{who} has {rng.randint(0, hi)} {other_item}.",
-                f"{other} gets {rng.randint(1, 9)} {item}.",
+                f"{other} has {rng.randint(0, hi)} {item}",
+                f"{who} has {rng.randint(0, hi)} {other_item}",
+                f"{other} gets {rng.randint(1, 9)} {item}",
             )
         )
-        distract.append(d)
+        distract.append((d, "-"))
     # distractors go anywhere after the first sentence; events keep their order
     body = events[:]
     for d in distract:
         body.insert(rng.randint(0, len(body)), d)
-    story += body
-    return " ".join(story) + f" How many {item} has {who}?", ";".join(steps), str(have)
+    story = [first, *body]
+    question = " ".join(f"{text}." for text, _ in story) + f" How many {item} has {who}?"
+    return question, ";".join(f"{text}:{work}" for text, work in story), str(have)
 
 
 _MAKERS: dict[str, Callable] = {"arith": _arith, "vars": _vars, "compare": _compare, "word": _word}

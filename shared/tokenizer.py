@@ -1,6 +1,11 @@
-"""The character-level tokenizer all tiers share, in Hugging Face `tokenizers` JSON.
+"""The tokenizer all tiers share, in Hugging Face `tokenizers` JSON.
 
-Characters keep arithmetic learnable for small models: every digit is a token.
+Numbers from 0 to 99 are one token each, so every worked step of the benchmark
+(`12+7=19`, `max(28,20)=28`) is a fact about whole tokens and copying a number
+is copying one token. The benchmark's words are one token each, with and without
+their leading space, and so are a variable's fact key and read (`p:`, `p?`).
+Everything else falls back to single characters, so any text is encoded without
+loss (characters outside the alphabet become `<unk>`).
 """
 
 from __future__ import annotations
@@ -21,18 +26,51 @@ ALPHABET = (
 )
 
 
-def build_tokenizer(alphabet: str = ALPHABET) -> Tokenizer:
+# Whole-word tokens: the words the benchmark's prompts are made of (see shared/problems.py).
+WORDS = (
+    "Tom", "Ann", "Bob", "Eva", "Max", "Sue", "Leo", "Mia",
+    "apples", "pens", "cards", "coins", "books", "eggs",
+    "has", "gets", "gives", "How", "many", "max", "min",
+)
+# A variable's value is stored as a fact `r:16` and read back as `r?16`, each key one token:
+# writing `r:` always copies the number just written, reading `r?` always looks up the
+# earlier `r:` (or `r?`) and copies what follows it, so the two never look alike.
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+FACT_KEYS = tuple(f"{c}:" for c in LETTERS)
+FACT_QUERIES = tuple(f"{c}?" for c in LETTERS)
+NUMBERS = tuple(str(n) for n in range(100))  # what `[1-9]\d|\d` can match
+
+
+def build_tokenizer(alphabet: str = ALPHABET, words: tuple[str, ...] = WORDS, numbers: bool = True,
+                    fact_keys: bool = True) -> Tokenizer:
     vocab = {tok: i for i, tok in enumerate(SPECIALS)}
-    for ch in alphabet:
-        vocab.setdefault(ch, len(vocab))
+    pieces = list(alphabet)
+    if numbers:
+        pieces += NUMBERS
+    if fact_keys:
+        pieces += FACT_KEYS + FACT_QUERIES
+    for w in words:
+        pieces += [w, " " + w]
+    for piece in pieces:
+        vocab.setdefault(piece, len(vocab))
+    # a word only when no letter follows (`Tomato` stays characters), numbers of up to two digits
+    # (`123` is `12`, `3`; `05` is `0`, `5`), every other character on its own
+    alternatives = []
+    if words:
+        alternatives.append(r" ?(?:" + "|".join(sorted(words, key=len, reverse=True)) + r")(?![A-Za-z])")
+    if numbers:
+        alternatives.append(r"[1-9]\d|\d")
+    if fact_keys:
+        alternatives.append(r"[a-z][:?]")
+    alternatives.append(r"[\s\S]")
     tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("|".join(alternatives)), behavior="isolated")
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens(list(SPECIALS))
     return tok
 
 
-class CharTokenizer:
+class TextTokenizer:
     """Thin wrapper with the ids the engines need."""
 
     def __init__(self, tok: Tokenizer):
@@ -46,7 +84,7 @@ class CharTokenizer:
         self.vocab_size = tok.get_vocab_size()
 
     @classmethod
-    def load(cls, path: str | Path) -> "CharTokenizer":
+    def load(cls, path: str | Path) -> "TextTokenizer":
         path = Path(path)
         try:
             return cls(Tokenizer.from_file(str(path)))
@@ -56,7 +94,7 @@ class CharTokenizer:
             raise ValueError(f"{path}: not a valid tokenizer file ({exc})") from exc
 
     @classmethod
-    def default(cls) -> "CharTokenizer":
+    def default(cls) -> "TextTokenizer":
         return cls(build_tokenizer())
 
     def save(self, path: str | Path) -> None:
@@ -68,6 +106,33 @@ class CharTokenizer:
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def number_ids(self) -> dict[int, int]:
+        """Token id -> the number it spells, for every number token (`"7"`, `"07"`, `"42"`)."""
+        out = {}
+        for piece, i in self._tok.get_vocab().items():
+            if piece.isascii() and piece.isdigit() and len(piece) <= 2:
+                out[i] = int(piece)
+        return out
+
+    def shared_parts(self) -> dict[int, tuple[str, ...]]:
+        """Token id -> the parts it shares with other tokens, for tokens that share any.
+
+        A number shares its tens and its units digit (`tens:4`, `units:2` for `42`); a
+        variable letter, its fact key and its read share the letter (`letter:p` for `p`,
+        `p:` and `p?`); a word shares itself with its spaced form (`word:Tom` for `Tom`
+        and ` Tom`). Training ties these parts (`TokenFactors`), so what is learnt
+        about one form is learnt about the others.
+        """
+        out: dict[int, tuple[str, ...]] = {}
+        for i, n in self.number_ids().items():
+            out[i] = (f"tens:{n // 10}", f"units:{n % 10}")
+        for piece, i in self._tok.get_vocab().items():
+            if len(piece) in (1, 2) and piece[0] in LETTERS and piece[1:] in ("", ":", "?"):
+                out[i] = (f"letter:{piece[0]}",)
+            elif piece.strip() in WORDS:
+                out[i] = (f"word:{piece.strip()}",)
+        return out
 
     def unknown_count(self, text: str) -> int:
         return sum(1 for i in self.encode(text, bos=False) if i == self.unk_id)

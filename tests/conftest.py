@@ -78,9 +78,9 @@ def random_torch_engine(seed: int, tier: str = "cloud"):
     from shared.engine import EngineInfo
     from shared.engines.torch_engine import TorchEngine
     from shared.model import GPT, GPTConfig
-    from shared.tokenizer import CharTokenizer
+    from shared.tokenizer import TextTokenizer
 
-    tok = CharTokenizer.default()
+    tok = TextTokenizer.default()
     torch.manual_seed(seed)
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, head_dim=8,
                           n_embd=16, ffn_hidden=32))

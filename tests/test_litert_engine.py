@@ -19,10 +19,10 @@ from shared.engine import EngineError, EngineInfo, GenerationParams  # noqa: E40
 from shared.engines.litert_engine import Interpreter, LiteRTEngine, num_params  # noqa: E402
 from shared.engines.torch_engine import TorchEngine  # noqa: E402
 from shared.model import GPT, GPTConfig  # noqa: E402
-from shared.tokenizer import CharTokenizer  # noqa: E402
+from shared.tokenizer import TextTokenizer  # noqa: E402
 from tierline.modelling.export_tflite import export_tflite  # noqa: E402
 
-TOK = CharTokenizer.default()
+TOK = TextTokenizer.default()
 PROMPTS = ["7", "12+34=", "what is 5*6? answer:", "a longer prompt of thirty-five chars", "x" * 45]
 
 

@@ -94,10 +94,10 @@ def test_corrupt_artifact_with_matching_manifest(tiny_family, tmp_path):
 
 
 def test_tokenizer_that_does_not_match_the_model(tiny_family, tmp_path):
-    from shared.tokenizer import CharTokenizer, build_tokenizer
+    from shared.tokenizer import TextTokenizer, build_tokenizer
 
     m = _copy(tiny_family, tmp_path)
-    CharTokenizer(build_tokenizer("0123456789+-=")).save(m / "tokenizer.json")
+    TextTokenizer(build_tokenizer("0123456789+-=")).save(m / "tokenizer.json")
     manifest = json.loads((m / "manifest.json").read_text())
     manifest["artifacts"]["tokenizer"]["sha256"] = sha256_of(m / "tokenizer.json")
     (m / "manifest.json").write_text(json.dumps(manifest))

@@ -14,7 +14,7 @@ from shared.engines.onnx_engine import OnnxEngine
 from shared.engines.torch_engine import TorchEngine
 from shared.model import GPT
 from shared.model_config import GPTConfig
-from shared.tokenizer import CharTokenizer
+from shared.tokenizer import TextTokenizer
 from tierline.modelling.export_onnx import export_onnx, input_names, output_names, quantize_int8
 
 WEIGHT_STD = 0.3  # random weights well away from init scale: peaked, varied logits, few near-ties
@@ -24,12 +24,12 @@ MAX_TOKENS = 12  # completion tokens per prompt in the generation tests
 
 
 @pytest.fixture(scope="module")
-def tok() -> CharTokenizer:
-    return CharTokenizer.default()
+def tok() -> TextTokenizer:
+    return TextTokenizer.default()
 
 
 @pytest.fixture(scope="module")
-def model(tok: CharTokenizer) -> GPT:
+def model(tok: TextTokenizer) -> GPT:
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, head_dim=16, n_embd=32,
                     ffn_hidden=64)
@@ -50,22 +50,22 @@ def onnx_dir(model: GPT, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def torch_engine(model: GPT, tok: CharTokenizer) -> TorchEngine:
+def torch_engine(model: GPT, tok: TextTokenizer) -> TorchEngine:
     info = EngineInfo("cloud", "t", "0", model.num_params(), 0, model.cfg.block_size, model.cfg.window_limit)
     return TorchEngine(model, tok, info)
 
 
 @pytest.fixture(scope="module")
-def fp32(onnx_dir: Path, tok: CharTokenizer) -> OnnxEngine:
+def fp32(onnx_dir: Path, tok: TextTokenizer) -> OnnxEngine:
     return OnnxEngine.load(onnx_dir / "model.fp32.onnx", tok, threads=1)
 
 
 @pytest.fixture(scope="module")
-def int8(onnx_dir: Path, tok: CharTokenizer) -> OnnxEngine:
+def int8(onnx_dir: Path, tok: TextTokenizer) -> OnnxEngine:
     return OnnxEngine.load(onnx_dir / "model.int8.onnx", tok, threads=1)
 
 
-def _left_padded(tok: CharTokenizer, prompts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _left_padded(tok: TextTokenizer, prompts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     ids = [tok.encode(p) for p in prompts]
     L = max(len(x) for x in ids)
     input_ids = np.full((len(ids), L), tok.pad_id, dtype=np.int64)
@@ -83,7 +83,7 @@ def test_graph_has_the_optimum_decoder_names(fp32: OnnxEngine, model: GPT) -> No
     assert fp32.info.max_context == model.cfg.block_size
 
 
-def test_fp32_logits_match_torch_prefill_and_decode(fp32: OnnxEngine, model: GPT, tok: CharTokenizer) -> None:
+def test_fp32_logits_match_torch_prefill_and_decode(fp32: OnnxEngine, model: GPT, tok: TextTokenizer) -> None:
     ids, mask, pos = _left_padded(tok, PROMPTS[:3])
     B, T = ids.shape
     nh, hd = model.cfg.n_head, model.cfg.head_dim
@@ -144,7 +144,7 @@ def test_int8_quantized_the_weight_matmuls(onnx_dir: Path) -> None:
     assert "MatMulInteger" in ops and "Gather" in ops  # weights int8, embeddings fp32
 
 
-def test_corrupt_file_raises_value_error_naming_it(onnx_dir: Path, tmp_path: Path, tok: CharTokenizer) -> None:
+def test_corrupt_file_raises_value_error_naming_it(onnx_dir: Path, tmp_path: Path, tok: TextTokenizer) -> None:
     bad = tmp_path / "model.int8.onnx"
     bad.write_bytes((onnx_dir / "model.int8.onnx").read_bytes()[:2000])
     with pytest.raises(ValueError, match=re.escape(str(bad))):
@@ -156,7 +156,7 @@ def test_corrupt_file_raises_value_error_naming_it(onnx_dir: Path, tmp_path: Pat
         OnnxEngine.load(tmp_path / "missing.onnx", tok)
 
 
-def test_config_mismatch_and_vocab_mismatch(onnx_dir: Path, tmp_path: Path, model: GPT, tok: CharTokenizer) -> None:
+def test_config_mismatch_and_vocab_mismatch(onnx_dir: Path, tmp_path: Path, model: GPT, tok: TextTokenizer) -> None:
     path = tmp_path / "model.onnx"
     path.write_bytes((onnx_dir / "model.fp32.onnx").read_bytes())
     assert OnnxEngine.load(path, tok).info.params == model.num_params()  # no config.json: the embedded one
@@ -164,7 +164,7 @@ def test_config_mismatch_and_vocab_mismatch(onnx_dir: Path, tmp_path: Path, mode
     with pytest.raises(ValueError, match="3 layers"):
         OnnxEngine.load(path, tok)
     model.cfg.to_json(tmp_path / "config.json")
-    other = CharTokenizer.default()
+    other = TextTokenizer.default()
     other.vocab_size += 1
     with pytest.raises(ValueError, match="vocabulary"):
         OnnxEngine.load(path, other)

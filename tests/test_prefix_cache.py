@@ -10,7 +10,7 @@ import pytest
 from shared.artifacts import load_engine
 from shared.engine import GenerationParams, PrefixCache
 from shared.problems import generate
-from shared.tokenizer import CharTokenizer
+from shared.tokenizer import TextTokenizer
 from tests.test_platform import TIMEOUT, req, stub
 from tierline.stack import Stack
 
@@ -56,8 +56,10 @@ def test_dialogues_reuse_the_prefix_and_decode_identically(engines):
     before = reuse.prefix_cache.hits
     for p in prompts:
         assert reuse.generate(p, GenerationParams(max_tokens=MAX_TOKENS)).token_ids == ids(plain, [p])[0], p
-    # every later turn starts with the turn before it: at least that turn's prompt was reused
-    assert reuse.prefix_cache.hits - before >= sum(len(a) for a, b in zip(prompts, prompts[1:]) if b.startswith(a))
+    # every later turn starts with the turn before it: at least that turn's prompt tokens were reused
+    tokens = reuse.tokenizer.encode
+    assert reuse.prefix_cache.hits - before >= sum(
+        len(tokens(a)) for a, b in zip(prompts, prompts[1:]) if b.startswith(a))
 
 
 def test_exact_repeat_and_shorter_prompt_hit_all_but_the_last_token(engines):
@@ -151,7 +153,7 @@ def test_tiers_export_the_prefix_cache_counters(tiny_family):
             counters[tier] = [float(line.split()[-1]) for line in body.splitlines()
                               if line.startswith((f'tierline_prefix_cache_queries_total{{tier="{tier}"}}',
                                                   f'tierline_prefix_cache_hits_total{{tier="{tier}"}}'))]
-    tok = CharTokenizer.load(tiny_family / "tokenizer.json")
+    tok = TextTokenizer.load(tiny_family / "tokenizer.json")
     n1, n2 = len(tok.encode(turn1)), len(tok.encode(turn1 + "42\nQ:and 3+4?\nA:"))
     assert counters["edge"] == [n1 + n2, n1]  # turn 2 reused all of turn 1
     assert counters["cloud"] == [0.0, 0.0]  # prefix_cache_tokens: 0

@@ -7,7 +7,7 @@ import torch
 
 from shared.model import GPT, GPTConfig
 from shared.problems import generate
-from shared.tokenizer import CharTokenizer
+from shared.tokenizer import TextTokenizer
 from tierline.modelling.prune import (
     build_pruned,
     param_count,
@@ -17,7 +17,7 @@ from tierline.modelling.prune import (
 )
 from tierline.modelling.train import TrainConfig, train
 
-TOK = CharTokenizer.default()
+TOK = TextTokenizer.default()
 # block 128, levels 1-2 (<= 99 tokens): even level-1 problems exceed 64 tokens, and short
 # rows keep the test fast
 LEVELS = (1, 2)

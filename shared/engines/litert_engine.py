@@ -28,7 +28,7 @@ except ImportError:  # the slim runtime some devices ship instead
 
 from shared.engine import Engine, EngineInfo, check_vocab
 from shared.model_config import GPTConfig
-from shared.tokenizer import CharTokenizer
+from shared.tokenizer import TextTokenizer
 
 _PREFILL = re.compile(r"^prefill_(\d+)$")
 
@@ -45,7 +45,7 @@ class LiteRTPast:
 class LiteRTEngine(Engine):
     supports_batch_prefill = False  # the signatures are batch 1
 
-    def __init__(self, interpreter: Interpreter, cfg: GPTConfig, tokenizer: CharTokenizer, info: EngineInfo,
+    def __init__(self, interpreter: Interpreter, cfg: GPTConfig, tokenizer: TextTokenizer, info: EngineInfo,
                  path: Path):
         super().__init__(tokenizer, info)
         self.cfg = cfg
@@ -59,7 +59,7 @@ class LiteRTEngine(Engine):
         self.cache_shape = (1, cfg.block_size, cfg.n_head, cfg.head_dim)
 
     @classmethod
-    def load(cls, path: str | Path, tokenizer: CharTokenizer, tier: str = "device", model_name: str = "tierline",
+    def load(cls, path: str | Path, tokenizer: TextTokenizer, tier: str = "device", model_name: str = "tierline",
              version: str = "0", threads: int | None = None) -> "LiteRTEngine":
         """Open `path` and the config.json beside it; every mismatch names the file."""
         path = Path(path)
@@ -123,9 +123,7 @@ class LiteRTEngine(Engine):
 
 def num_params(cfg: GPTConfig) -> int:
     """GPT(cfg).num_params() without building the model (the device needs no torch weights)."""
-    c, inner, f = cfg.n_embd, cfg.n_head * cfg.head_dim, cfg.ffn_hidden
-    block = 2 * c + 3 * (c * inner + inner) + inner * c + c + 2 * c + c * f + f + f * c + c
-    return cfg.vocab_size * c + cfg.block_size * c + cfg.n_layer * block + 2 * c + c * cfg.vocab_size
+    return cfg.num_params()
 
 
 def _load_config(path: Path) -> GPTConfig:

@@ -17,7 +17,7 @@ import onnxruntime as ort
 
 from shared.engine import Engine, EngineInfo, Past, check_vocab
 from shared.model_config import GPTConfig
-from shared.tokenizer import CharTokenizer
+from shared.tokenizer import TextTokenizer
 
 CONFIG_FILE = "config.json"  # written beside the .onnx file by the pipeline
 META_CONFIG = "tierline.config"  # the config embedded by export_onnx (fallback)
@@ -30,7 +30,7 @@ class OnnxEngine(Engine):
 
     supports_prefix_cache = True
 
-    def __init__(self, session: ort.InferenceSession, tokenizer: CharTokenizer, info: EngineInfo, cfg: GPTConfig):
+    def __init__(self, session: ort.InferenceSession, tokenizer: TextTokenizer, info: EngineInfo, cfg: GPTConfig):
         super().__init__(tokenizer, info)
         self.session = session
         self.cfg = cfg
@@ -39,7 +39,7 @@ class OnnxEngine(Engine):
         self._out_names = ["logits"] + [f"present.{i}.{kind}" for i in range(n) for kind in ("key", "value")]
 
     @classmethod
-    def load(cls, path: str | Path, tokenizer: CharTokenizer, tier: str = "edge", model_name: str = "tierline",
+    def load(cls, path: str | Path, tokenizer: TextTokenizer, tier: str = "edge", model_name: str = "tierline",
              version: str = "0", threads: int | None = None) -> "OnnxEngine":
         path = Path(path)
         if not path.is_file():

@@ -12,13 +12,13 @@ import torch
 
 from shared.engine import Engine, EngineInfo, Past, check_vocab
 from shared.model import GPT, load_model
-from shared.tokenizer import CharTokenizer
+from shared.tokenizer import TextTokenizer
 
 
 class TorchEngine(Engine):
     supports_prefix_cache = True
 
-    def __init__(self, model: GPT, tokenizer: CharTokenizer, info: EngineInfo, device: str = "cpu",
+    def __init__(self, model: GPT, tokenizer: TextTokenizer, info: EngineInfo, device: str = "cpu",
                  threads: int | None = None):
         super().__init__(tokenizer, info)
         if threads:
@@ -27,7 +27,7 @@ class TorchEngine(Engine):
         self.model = model.to(self.device).eval()
 
     @classmethod
-    def load(cls, directory: str | Path, tokenizer: CharTokenizer, tier: str = "cloud",
+    def load(cls, directory: str | Path, tokenizer: TextTokenizer, tier: str = "cloud",
              model_name: str = "tierline", version: str = "0", device: str = "cpu",
              threads: int | None = None) -> "TorchEngine":
         directory = Path(directory)

@@ -27,7 +27,7 @@ from shared.engine import EngineInfo
 from shared.engines.torch_engine import TorchEngine
 from shared.model import GPT, GPTConfig, save_model
 from shared.problems import ANSWER_MARKER, generate
-from shared.tokenizer import CharTokenizer
+from shared.tokenizer import TextTokenizer
 from tierline.modelling.evaluate import evaluate, kv_agreement
 from tierline.modelling.train import TrainConfig, train
 
@@ -67,12 +67,12 @@ def _gpt(vocab: int, layers: int, heads: int, width: int, block: int = 256) -> G
 
 
 def family(name: str, seed: int = 0) -> FamilyConfig:
-    vocab = CharTokenizer.default().vocab_size
+    vocab = TextTokenizer.default().vocab_size
     if name == "tiny":  # the whole pipeline in well under 2 minutes, accuracy irrelevant
         return FamilyConfig(
             name="tiny",
             teacher=_gpt(vocab, 4, 2, 96),
-            student=_gpt(vocab, 3, 2, 48),
+            student=_gpt(vocab, 4, 2, 48),
             teacher_train=TrainConfig(steps=40, batch_size=16, lr=3e-3, warmup=5, seed=seed),
             student_train=TrainConfig(steps=30, batch_size=16, lr=3e-3, warmup=5, distill_alpha=0.5, seed=seed),
             finetune=TrainConfig(steps=10, batch_size=16, lr=2e-3, warmup=2, distill_alpha=0.5, seed=seed + 1),
@@ -83,9 +83,11 @@ def family(name: str, seed: int = 0) -> FamilyConfig:
             name="default",
             teacher=_gpt(vocab, 4, 4, 128),
             student=_gpt(vocab, 3, 2, 80),
-            teacher_train=TrainConfig(steps=5500, batch_size=32, lr=3e-3, warmup=100, seed=seed),
-            student_train=TrainConfig(steps=3500, batch_size=32, lr=3e-3, warmup=100, distill_alpha=0.5, seed=seed),
-            finetune=TrainConfig(steps=1200, batch_size=32, lr=2e-3, warmup=50, distill_alpha=0.5, seed=seed + 1),
+            teacher_train=TrainConfig(steps=10000, batch_size=32, lr=3e-3, warmup=100, hard_share=2, seed=seed),
+            student_train=TrainConfig(steps=6000, batch_size=32, lr=3e-3, warmup=100, hard_share=2,
+                                      distill_alpha=0.5, seed=seed),
+            finetune=TrainConfig(steps=1500, batch_size=32, lr=2e-3, warmup=50, hard_share=2, distill_alpha=0.5,
+                                 seed=seed + 1),
         )
     raise ValueError(f"unknown family config {name!r}; expected 'tiny' or 'default'")
 
@@ -119,7 +121,7 @@ def build(cfg: FamilyConfig, out: Path, console: Console | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     work = out / "_work"
     work.mkdir(exist_ok=True)
-    tok = CharTokenizer.default()
+    tok = TextTokenizer.default()
     tok.save(out / "tokenizer.json")
     test = generate("test", cfg.eval_n, seed=cfg.teacher_train.seed)
     calib = generate("calib", cfg.calib_n, seed=cfg.teacher_train.seed)

@@ -32,7 +32,7 @@ from torch.nn import functional as F
 
 from shared.model import GPT, GPTConfig
 from shared.problems import Problem
-from shared.tokenizer import CharTokenizer
+from shared.tokenizer import TextTokenizer
 from tierline.modelling.train import encode_batch
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (input_ids, targets, loss_mask)
@@ -45,8 +45,7 @@ _CHUNK = 64  # calibration problems per forward pass: bounds activation memory
 
 def fixed_params(cfg: GPTConfig) -> int:
     """Parameters pruning never removes: wte, wpe, ln_f, lm_head (no bias, untied)."""
-    E = cfg.n_embd
-    return cfg.vocab_size * E + cfg.block_size * E + 2 * E + E * cfg.vocab_size
+    return cfg.num_params() - cfg.n_layer * block_params(cfg)
 
 
 def block_params(cfg: GPTConfig, n_head: int | None = None, ffn_hidden: int | None = None) -> int:
@@ -63,7 +62,7 @@ def block_params(cfg: GPTConfig, n_head: int | None = None, ffn_hidden: int | No
 
 def param_count(cfg: GPTConfig) -> int:
     """`GPT(cfg).num_params()` without building the model, to search configs cheaply."""
-    return fixed_params(cfg) + cfg.n_layer * block_params(cfg)
+    return cfg.num_params()
 
 
 # ---------------------------------------------------------------- surgery
@@ -172,7 +171,7 @@ def drop_layers(model: GPT, drop: Iterable[int]) -> GPT:
 # ---------------------------------------------------------------- importance
 
 
-def calib_batches(problems: Sequence[Problem], tok: CharTokenizer, block_size: int) -> list[Batch]:
+def calib_batches(problems: Sequence[Problem], tok: TextTokenizer, block_size: int) -> list[Batch]:
     """Calibration problems encoded like training batches, in chunks to bound memory."""
     if not problems:
         raise ValueError("calib_problems is empty: importance needs a calibration batch")
@@ -282,7 +281,7 @@ def _top(scores: torch.Tensor, k: int) -> list[int]:
 
 def prune(
     model: GPT,
-    tok: CharTokenizer,
+    tok: TextTokenizer,
     target_ratio: float,
     calib_problems: list[Problem],
     keep_layers: int | None = None,

@@ -1,0 +1,97 @@
+"""The shared tokenizer: numbers and the benchmark's words are whole tokens, any text round-trips."""
+
+import pytest
+import torch
+
+from shared.model import GPT
+from shared.problems import generate
+from shared.tokenizer import TextTokenizer, build_tokenizer
+from tierline.modelling.pipeline import family
+from tierline.modelling.train import add_token_factors, bake_token_factors
+
+TOK = TextTokenizer.default()
+
+
+def pieces(text: str) -> list[str]:
+    return [TOK.decode([i]) for i in TOK.encode(text, bos=False)]
+
+
+def test_numbers_up_to_99_are_one_token_longer_ones_split():
+    assert pieces("12+7=19") == ["12", "+", "7", "=", "19"]
+    assert pieces("max(28,5)") == ["max", "(", "28", ",", "5", ")"]
+    assert pieces("123") == ["12", "3"]
+    assert pieces("05") == ["0", "5"]  # a leading zero is not how numbers are written
+
+
+def test_words_keep_their_leading_space_and_only_whole_words_match():
+    assert pieces("Ann has 12 apples.") == ["Ann", " has", " ", "12", " apples", "."]
+    assert pieces("Tomato") == list("Tomato")  # `Tom` followed by a letter is not the name
+
+
+@pytest.mark.parametrize("text", ["Q:Ann has 12 apples. How many apples has Ann?\nA:", "x" * 40 + " 999 (a,b)!",
+                                  "min(3,99)=?", "  two  spaces\n"])
+def test_every_text_in_the_alphabet_round_trips(text):
+    ids = TOK.encode(text)
+    assert TOK.unknown_count(text) == 0
+    assert TOK.decode(ids) == text
+
+
+def test_benchmark_problems_round_trip_in_fewer_tokens_than_characters():
+    tokens = chars = 0
+    for p in generate("test", 200, seed=0):
+        ids = TOK.encode(p.text, bos=False)
+        assert TOK.decode(ids) == p.text
+        assert len(ids) <= len(p.text)
+        tokens, chars = tokens + len(ids), chars + len(p.text)
+    assert tokens < 0.75 * chars
+
+
+def test_variable_facts_start_with_one_token():
+    assert pieces("r:16;e:3+4") == ["r:", "16", ";", "e:", "3", "+", "4"]
+    assert pieces("r?16+4=20") == ["r?", "16", "+", "4", "=", "20"]  # reading a fact is another token
+    assert pieces("Q:r=?") == ["Q", ":", "r", "=", "?"]
+    assert pieces("Q:x=?\nA:") == ["Q", ":", "x", "=", "?", "\n", "A", ":"]  # capitals stay characters
+
+
+def test_characters_outside_the_alphabet_are_unknown():
+    assert TOK.unknown_count("héllo") == 1
+
+
+def test_number_ids_cover_every_number_token():
+    ids = TOK.number_ids()
+    assert sorted(set(ids.values())) == list(range(100))
+    assert all(TOK.decode([i]) == str(n) for i, n in ids.items())
+    assert TextTokenizer(build_tokenizer("0123456789", words=(), numbers=False)).number_ids() == {
+        i + 4: i for i in range(10)}  # the four special tokens come first
+
+
+def test_shared_parts_tie_digits_letters_and_words():
+    parts = TOK.shared_parts()
+    ids = {TOK.decode([i]): i for i in parts}
+    assert parts[ids["47"]] == ("tens:4", "units:7") and parts[ids["7"]] == ("tens:0", "units:7")
+    assert parts[ids["p"]] == parts[ids["p:"]] == parts[ids["p?"]] == ("letter:p",)
+    assert parts[ids["Tom"]] == parts[ids[" Tom"]] == ("word:Tom",)
+    assert not {"+", "=", ";", "#"} & set(ids)  # operators share nothing
+
+
+def test_token_factors_are_baked_into_a_plain_model():
+    tok = TOK
+    model = GPT(family("tiny").teacher)
+    add_token_factors(model, tok)
+    factors = model.wte.parametrizations.weight[0]
+    with torch.no_grad():  # as if trained: tied tokens share part of their rows
+        factors.F.normal_()
+        model.lm_head.parametrizations.weight[0].F.normal_()
+    plain = model.wte.parametrizations.weight.original.detach().clone()
+    F, P = factors.F.detach().clone(), factors.P
+    x = torch.tensor([tok.encode("Q:p=12;q=p+7;q=?\nA:p=12;p:12;q=p+7;p?12+7=19")])
+    before = model(x)[0]
+    bake_token_factors(model)
+    assert set(model.state_dict()) == set(GPT(family("tiny").teacher).state_dict())  # plain weights again
+    assert torch.allclose(model(x)[0], before, atol=1e-6)
+    moved = model.wte.weight.detach() - plain
+    ids = {tok.decode([i]): i for i in tok.shared_parts()}
+    assert torch.allclose(moved[ids["47"]] - moved[ids["7"]], moved[ids["42"]] - moved[ids["2"]])  # the tens part
+    assert torch.allclose(moved[ids["p:"]], moved[ids["p?"]]) and torch.allclose(moved[ids["p"]], moved[ids["p:"]])
+    assert torch.allclose(moved[tok.encode("+", bos=False)[0]], torch.zeros(F.shape[1]))
+    assert P.sum(0).min() >= 2  # every part is shared by at least two tokens

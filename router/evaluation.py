@@ -290,11 +290,18 @@ class PolicyPoint:
                 "confidence_threshold": dict(self.confidence_threshold)}
 
 
-def _grid(values: np.ndarray, k: int, low: float | None = None) -> list[float]:
-    """`k` quantiles of `values` (distinct, rounded), plus `low` (a value that disables the rule)."""
-    qs = np.quantile(np.asarray(values, dtype=np.float64), np.linspace(0.0, 1.0, k))
-    out = sorted({round(float(q), 6) for q in qs} | ({low} if low is not None else set()))
-    return out
+# Quantile levels searched by `calibrate_policy`. Confidence thresholds are dense at the low end: with a
+# cloud budget of about 10%, the useful escalation thresholds sit among the lowest few percent of
+# confidences, which an evenly spaced grid (0, 12.5%, ...) steps over.
+CONFIDENCE_LEVELS = (0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.10, 0.12, 0.14, 0.16, 0.18,
+                     0.20, 0.25, 0.30, 0.40, 0.50, 0.60, 0.70, 0.80, 0.90)
+DEVICE_SCORE_LEVELS = tuple(round(float(q), 4) for q in np.linspace(0.05, 0.95, 13))
+
+
+def _grid(values: np.ndarray, levels: Sequence[float], low: float | None = None) -> list[float]:
+    """The quantiles of `values` at `levels` (distinct, rounded), plus `low` (a value that disables the rule)."""
+    qs = np.quantile(np.asarray(values, dtype=np.float64), np.asarray(levels, dtype=np.float64))
+    return sorted({round(float(q), 6) for q in qs} | ({low} if low is not None else set()))
 
 
 def calibrate_policy(
@@ -303,12 +310,11 @@ def calibrate_policy(
     device_scores: np.ndarray,
     target_edge_share: float,
     costs: Mapping[str, float],
-    grid: int = 9,
 ) -> PolicyPoint:
     """All four thresholds of the tierline policy from calibration outcomes.
 
     For every (device_complexity, device confidence, edge confidence) on a grid of quantiles of the
-    calibration values, the cloud threshold is the lowest score quantile that still answers at least
+    calibration values (DEVICE_SCORE_LEVELS, CONFIDENCE_LEVELS), the cloud threshold is the lowest score quantile that still answers at least
     `target_edge_share` of the requests below the cloud, escalations included. Among those points the most
     accurate wins (then the cheapest). This is RouteLLM's quantile calibration extended to the cascade:
     the share is a constraint and accuracy the objective, both measured on the calibration split."""
@@ -316,9 +322,9 @@ def calibrate_policy(
     cloud_scores, device_scores = np.asarray(cloud_scores, float), np.asarray(device_scores, float)
     if len(cloud_scores) != outcomes.n or len(device_scores) != outcomes.n:
         raise ValueError(f"scores for {len(cloud_scores)}/{len(device_scores)} prompts, outcomes for {outcomes.n}")
-    t_devices = _grid(device_scores, grid, low=0.0)  # 0.0: nothing starts on the device
-    conf_device = _grid(outcomes.confidence[:, DEVICE], grid, low=0.0)  # 0.0: never escalate
-    conf_edge = _grid(outcomes.confidence[:, EDGE], grid, low=0.0)
+    t_devices = _grid(device_scores, DEVICE_SCORE_LEVELS, low=0.0)  # 0.0: nothing starts on the device
+    conf_device = _grid(outcomes.confidence[:, DEVICE], CONFIDENCE_LEVELS, low=0.0)  # 0.0: never escalate
+    conf_edge = _grid(outcomes.confidence[:, EDGE], CONFIDENCE_LEVELS, low=0.0)
     t_clouds = sorted(set(np.unique(cloud_scores).tolist()) | {1.0})  # 1.0: the highest the manifest allows
     best: PolicyPoint | None = None
     for t_dev in t_devices:

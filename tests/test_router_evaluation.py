@@ -182,6 +182,24 @@ def test_calibrate_policy_keeps_the_share_and_beats_the_score_quantile_alone():
     assert 0.0 <= fields["cloud_complexity"] <= 1.0 and 0.0 <= fields["device_complexity"] <= 1.0
 
 
+def test_calibrate_policy_finds_an_escalation_threshold_in_the_lowest_confidences():
+    # The edge is wrong on 8% of requests, always with a confidence below any right answer's; the prompt
+    # score knows nothing. With 10% allowed at the cloud, the only good policy escalates exactly that tail,
+    # a threshold near the 8% quantile of the edge's confidences (an even grid steps from 0% to 12.5%).
+    rng = np.random.default_rng(11)
+    n = 1000
+    edge_right = rng.random(n) >= 0.08
+    correct = np.stack([np.zeros(n, bool), edge_right, np.ones(n, bool)], axis=1)
+    confidence = np.stack([rng.random(n), np.where(edge_right, 0.5 + 0.5 * rng.random(n), 0.3 * rng.random(n)),
+                           np.ones(n)], axis=1)
+    out = Outcomes(correct, confidence, np.full((n, 3), 40, dtype=np.int64))
+    scores = rng.random(n)
+    point = calibrate_policy(out, scores, np.ones(n), 0.9, COSTS)
+    assert point.share_below_cloud >= 0.9
+    assert point.confidence_threshold["edge"] > 0.0
+    assert point.accuracy >= 0.97 > float(edge_right.mean())
+
+
 @pytest.mark.parametrize("bad", [0, 1, -0.5, 2])
 def test_calibrate_policy_rejects_a_share_outside_0_1(bad):
     out, scores = _graded(50, seed=1)

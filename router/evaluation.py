@@ -296,6 +296,7 @@ class PolicyPoint:
 CONFIDENCE_LEVELS = (0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.10, 0.12, 0.14, 0.16, 0.18,
                      0.20, 0.25, 0.30, 0.40, 0.50, 0.60, 0.70, 0.80, 0.90)
 DEVICE_SCORE_LEVELS = tuple(round(float(q), 4) for q in np.linspace(0.05, 0.95, 13))
+CLOUD_SCORE_LEVELS = tuple(round(float(q), 4) for q in np.linspace(0.80, 0.99, 20))  # with a quality floor
 
 
 def _grid(values: np.ndarray, levels: Sequence[float], low: float | None = None) -> list[float]:
@@ -310,15 +311,24 @@ def calibrate_policy(
     device_scores: np.ndarray,
     target_edge_share: float,
     costs: Mapping[str, float],
+    min_quality: float | None = None,
 ) -> PolicyPoint:
     """All four thresholds of the tierline policy from calibration outcomes.
 
     For every (device_complexity, device confidence, edge confidence) on a grid of quantiles of the
-    calibration values (DEVICE_SCORE_LEVELS, CONFIDENCE_LEVELS), the cloud threshold is the lowest score quantile that still answers at least
-    `target_edge_share` of the requests below the cloud, escalations included. Among those points the most
-    accurate wins (then the cheapest). This is RouteLLM's quantile calibration extended to the cascade:
-    the share is a constraint and accuracy the objective, both measured on the calibration split."""
+    calibration values (DEVICE_SCORE_LEVELS, CONFIDENCE_LEVELS), the cloud threshold is the lowest score
+    that still answers at least `target_edge_share` of the requests below the cloud, escalations included.
+    Among those points the most accurate wins (then the cheapest). This is RouteLLM's quantile calibration
+    extended to the cascade: the share is a constraint and accuracy the objective, both measured on the
+    calibration split.
+
+    With `min_quality` (a fraction of the cloud-only accuracy on the same outcomes), quality becomes a
+    constraint too and cost the objective: higher cloud thresholds (CLOUD_SCORE_LEVELS, fewer requests
+    straight to the cloud) are tried as well, and the cheapest point whose accuracy reaches
+    `min_quality * cloud-only accuracy` wins; when none does, the most accurate point is returned."""
     calibrate([0.0], target_edge_share)  # the same range check and message as the quantile calibration
+    if min_quality is not None and not 0.0 < float(min_quality) <= 1.0:
+        raise ValueError(f"--min-quality must be in (0, 1], got {min_quality!r}")
     cloud_scores, device_scores = np.asarray(cloud_scores, float), np.asarray(device_scores, float)
     if len(cloud_scores) != outcomes.n or len(device_scores) != outcomes.n:
         raise ValueError(f"scores for {len(cloud_scores)}/{len(device_scores)} prompts, outcomes for {outcomes.n}")
@@ -326,7 +336,8 @@ def calibrate_policy(
     conf_device = _grid(outcomes.confidence[:, DEVICE], CONFIDENCE_LEVELS, low=0.0)  # 0.0: never escalate
     conf_edge = _grid(outcomes.confidence[:, EDGE], CONFIDENCE_LEVELS, low=0.0)
     t_clouds = sorted(set(np.unique(cloud_scores).tolist()) | {1.0})  # 1.0: the highest the manifest allows
-    best: PolicyPoint | None = None
+    higher = _grid(cloud_scores, CLOUD_SCORE_LEVELS, low=1.0) if min_quality is not None else []
+    points: list[PolicyPoint] = []
     for t_dev in t_devices:
         for c_dev in conf_device:
             for c_edge in conf_edge:
@@ -343,19 +354,21 @@ def calibrate_policy(
                         hi = mid
                     else:
                         lo = mid + 1
-                t_cloud = t_clouds[lo]
-                r = tierline_routing(outcomes, cloud_scores, device_scores, t_cloud, t_dev, thresholds)
-                s = summarize(outcomes, r, costs)
-                point = PolicyPoint(
-                    cloud_complexity=float(t_cloud),
-                    device_complexity=t_dev, confidence_threshold=thresholds,
-                    share_below_cloud=1.0 - s["share"]["cloud"], accuracy=s["accuracy"],
-                    cost_vs_cloud=s["cost_vs_cloud"])
-                if best is None or (point.accuracy, -point.cost_vs_cloud) > (best.accuracy, -best.cost_vs_cloud):
-                    best = point
-    if best is None:
+                for t_cloud in [t_clouds[lo]] + [t for t in higher if t > t_clouds[lo]]:
+                    r = tierline_routing(outcomes, cloud_scores, device_scores, t_cloud, t_dev, thresholds)
+                    s = summarize(outcomes, r, costs)
+                    points.append(PolicyPoint(
+                        cloud_complexity=float(t_cloud), device_complexity=t_dev, confidence_threshold=thresholds,
+                        share_below_cloud=1.0 - s["share"]["cloud"], accuracy=s["accuracy"],
+                        cost_vs_cloud=s["cost_vs_cloud"]))
+    if not points:
         raise ValueError(f"no thresholds keep {target_edge_share:.0%} of the calibration requests below the cloud")
-    return best
+    if min_quality is not None:
+        floor = float(min_quality) * outcomes.accuracy("cloud")
+        good = [p for p in points if p.accuracy >= floor - 1e-12]
+        if good:
+            return min(good, key=lambda p: (p.cost_vs_cloud, -p.accuracy))
+    return max(points, key=lambda p: (p.accuracy, -p.cost_vs_cloud))
 
 
 # ------------------------------------------------------------------ the routers over one outcome set

@@ -170,3 +170,6 @@ def test_route_calibrate_writes_the_thresholds(tiny_family, tmp_path):
             if k != "manifest"} == out["router"]
     _one_line_error(run_cli("route", "calibrate", "--target-edge-share", "1", "--manifest", str(path)),
                     "--target-edge-share")
+    for bad in ("0", "1.2", "x"):
+        _one_line_error(run_cli("route", "calibrate", "--target-edge-share", "0.9", "--min-quality", bad,
+                                "--manifest", str(path)), "--min-quality")

@@ -200,6 +200,22 @@ def test_calibrate_policy_finds_an_escalation_threshold_in_the_lowest_confidence
     assert point.accuracy >= 0.97 > float(edge_right.mean())
 
 
+def test_calibrate_policy_with_a_quality_floor_is_the_cheapest_point_above_it():
+    out, scores = _graded(800, seed=5)
+    best = calibrate_policy(out, scores, scores, 0.9, COSTS)
+    floor = 0.75 * out.accuracy("cloud")
+    assert best.accuracy > floor  # room to trade accuracy for cost
+    cheap = calibrate_policy(out, scores, scores, 0.9, COSTS, min_quality=0.75)
+    assert cheap.accuracy >= floor and cheap.share_below_cloud >= 0.9
+    assert cheap.cost_vs_cloud < best.cost_vs_cloud
+    routing = cheap.routing(out, scores, scores)
+    assert summarize(out, routing, COSTS)["cost_vs_cloud"] == pytest.approx(cheap.cost_vs_cloud)
+    # a floor no point reaches: the most accurate point, as without one
+    assert calibrate_policy(out, scores, scores, 0.9, COSTS, min_quality=1.0) == best
+    with pytest.raises(ValueError, match="--min-quality"):
+        calibrate_policy(out, scores, scores, 0.9, COSTS, min_quality=1.5)
+
+
 @pytest.mark.parametrize("bad", [0, 1, -0.5, 2])
 def test_calibrate_policy_rejects_a_share_outside_0_1(bad):
     out, scores = _graded(50, seed=1)

@@ -34,6 +34,16 @@ def _share(text: str) -> float:
     return v
 
 
+def _quality(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--min-quality must be a number, got {text!r}") from None
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"--min-quality must be in (0, 1], got {v}")
+    return v
+
+
 def positive_int(flag: str):
     def parse(text: str) -> int:
         try:
@@ -111,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--target-edge-share", type=_share, required=True)
     rc.add_argument("--manifest", type=Path, default=Path("infra/manifests/local.yaml"))
     rc.add_argument("--n", type=positive_int("--n"), default=1000, help="calibration prompts")
+    rc.add_argument("--min-quality", type=_quality, default=None,
+                    help="also keep at least this fraction of the cloud-only accuracy, then minimise cost "
+                         "(default: the most accurate thresholds that keep the share)")
 
     d = sub.add_parser("demo", help="start the platform, send a mixed workload through the router, stop")
     d.add_argument("--models", type=Path, default=DEFAULT_MODELS)
@@ -272,15 +285,16 @@ def _cmd_route_calibrate(args) -> int:
     p = [scorer.p_correct(pr.prompt) for pr in problems]
     point = calibrate_policy(outcomes, np.asarray([1.0 - d["edge"] for d in p]),
                              np.asarray([1.0 - d["device"] for d in p]), args.target_edge_share,
-                             _manifest_costs(manifest))
+                             _manifest_costs(manifest), min_quality=args.min_quality)
     text = args.manifest.read_text()
     raw = yaml.safe_load(text)
     raw.setdefault("router", {}).update(point.manifest_fields())
     header = "".join(line for line in text.splitlines(keepends=True)[:20] if line.startswith("#"))
     args.manifest.write_text(header + yaml.safe_dump(raw, sort_keys=False))  # the header comment survives
     print(json.dumps({"manifest": str(args.manifest), "target_edge_share": args.target_edge_share,
-                      "calib_prompts": args.n, "router": point.manifest_fields(),
+                      "min_quality": args.min_quality, "calib_prompts": args.n, "router": point.manifest_fields(),
                       "calib": {"share_below_cloud": point.share_below_cloud, "accuracy": point.accuracy,
+                                "cloud_only_accuracy": outcomes.accuracy("cloud"),
                                 "cost_vs_cloud": point.cost_vs_cloud}}))
     return 0
 

@@ -24,24 +24,20 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _share(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--target-edge-share must be a number, got {text!r}") from None
-    if not 0.0 < v < 1.0:
-        raise argparse.ArgumentTypeError(f"--target-edge-share must be in (0, 1), got {v}")
-    return v
+def fraction(flag: str, include_one: bool = False):
+    """An argparse type: a number in (0, 1), or (0, 1] with include_one; the message names the flag."""
+    interval = "(0, 1]" if include_one else "(0, 1)"
 
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {text!r}") from None
+        if not (0.0 < v < 1.0 or (include_one and v == 1.0)):
+            raise argparse.ArgumentTypeError(f"{flag} must be in {interval}, got {v}")
+        return v
 
-def _quality(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--min-quality must be a number, got {text!r}") from None
-    if not 0.0 < v <= 1.0:
-        raise argparse.ArgumentTypeError(f"--min-quality must be in (0, 1], got {v}")
-    return v
+    return parse
 
 
 def positive_int(flag: str):
@@ -110,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     re_.add_argument("--models", type=Path, default=DEFAULT_MODELS)
     re_.add_argument("--n", type=positive_int("--n"), default=1000)
     re_.add_argument("--seed", type=non_negative_int("--seed"), default=0)
-    re_.add_argument("--target-edge-share", type=_share, default=0.9,
+    re_.add_argument("--target-edge-share", type=fraction("--target-edge-share"), default=0.9,
                      help="operating point of the random and length baselines")
     re_.add_argument("--manifest", type=Path, default=Path("infra/manifests/local.yaml"),
                      help="the router policy (thresholds) and tier costs to evaluate")
@@ -118,10 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     re_.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
     rc = rsub.add_parser("calibrate", help="set the router's thresholds so a share of traffic stays below the cloud")
-    rc.add_argument("--target-edge-share", type=_share, required=True)
+    rc.add_argument("--target-edge-share", type=fraction("--target-edge-share"), required=True)
     rc.add_argument("--manifest", type=Path, default=Path("infra/manifests/local.yaml"))
     rc.add_argument("--n", type=positive_int("--n"), default=1000, help="calibration prompts")
-    rc.add_argument("--min-quality", type=_quality, default=None,
+    rc.add_argument("--min-quality", type=fraction("--min-quality", include_one=True), default=None,
                     help="also keep at least this fraction of the cloud-only accuracy, then minimise cost "
                          "(default: the most accurate thresholds that keep the share)")
 

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
-from shared.model import GPT
+from shared.model import GPT, Packing
 from shared.problems import Problem, iter_problems
 from shared.tokenizer import TextTokenizer
 
@@ -43,8 +43,8 @@ class TrainConfig:
             raise ValueError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
 
 
-def encode_batch(problems: list[Problem], tok: TextTokenizer, block_size: int):
-    """(input_ids, targets, loss_mask), right-padded; targets are inputs shifted by one."""
+def _encode_rows(problems: list[Problem], tok: TextTokenizer, block_size: int) -> list[tuple[list[int], int]]:
+    """Each problem as (prompt + completion + <eos> token ids, prompt length)."""
     rows = []
     for p in problems:
         prompt = tok.encode(p.prompt)
@@ -52,6 +52,12 @@ def encode_batch(problems: list[Problem], tok: TextTokenizer, block_size: int):
         if len(full) > block_size + 1:
             raise ValueError(f"problem of {len(full)} tokens exceeds block_size {block_size}: {p.prompt!r}")
         rows.append((full, len(prompt)))
+    return rows
+
+
+def encode_batch(problems: list[Problem], tok: TextTokenizer, block_size: int):
+    """(input_ids, targets, loss_mask), right-padded; targets are inputs shifted by one."""
+    rows = _encode_rows(problems, tok, block_size)
     T = max(len(r) for r, _ in rows) - 1
     x = torch.full((len(rows), T), tok.pad_id, dtype=torch.long)
     y = torch.full((len(rows), T), tok.pad_id, dtype=torch.long)
@@ -62,6 +68,28 @@ def encode_batch(problems: list[Problem], tok: TextTokenizer, block_size: int):
         y[i, :n] = torch.tensor(full[1:])
         m[i, n_prompt - 1: n] = True  # predict every completion token
     return x, y, m
+
+
+GROUP_ROWS = 8  # rows per attention group of a packed batch (Packing): 4 groups of a 32-problem batch
+
+
+def pack_batch(problems: list[Problem], tok: TextTokenizer, block_size: int, group_rows: int = GROUP_ROWS):
+    """The batch without padding, for GPT.forward_packed: (input_ids (N,), targets (M,), select (N,), Packing).
+
+    Rows are sorted longest first, so each attention group pads little; `select`
+    marks the M positions that predict a completion token, `targets` are those tokens.
+    Same loss as encode_batch's padded rows, a third less work.
+    """
+    rows = sorted(_encode_rows(problems, tok, block_size), key=lambda r: len(r[0]), reverse=True)
+    ids: list[int] = []
+    targets: list[int] = []
+    select: list[bool] = []
+    for full, n_prompt in rows:
+        ids += full[:-1]
+        targets += full[n_prompt:]  # predicted from positions n_prompt - 1 .. len(full) - 2
+        select += [i >= n_prompt - 1 for i in range(len(full) - 1)]
+    packing = Packing.from_lengths([len(full) - 1 for full, _ in rows], group_rows)
+    return torch.tensor(ids), torch.tensor(targets), torch.tensor(select), packing
 
 
 INIT_STD = 0.02  # as GPT._init: the tied letter and word parts start as large as a token's own row
@@ -153,18 +181,18 @@ def train(
     for step in range(cfg.steps):
         stream = streams[schedule[step % len(schedule)]]
         batch = [next(stream) for _ in range(cfg.batch_size)]
-        x, y, m = encode_batch(batch, tok, model.cfg.block_size)
+        ids, targets, select, packing = pack_batch(batch, tok, model.cfg.block_size)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
-        logits, _ = model(x)
-        hard = F.cross_entropy(logits[m], y[m])
+        logits = model.forward_packed(ids, packing, select)
+        hard = F.cross_entropy(logits, targets)
         loss = hard
         if cfg.distill_alpha > 0:
             with torch.no_grad():
-                t_logits, _ = teacher(x)
+                t_logits = teacher.forward_packed(ids, packing, select)
             T = cfg.distill_temperature
             kl = F.kl_div(
-                F.log_softmax(logits[m] / T, -1), F.log_softmax(t_logits[m] / T, -1),
+                F.log_softmax(logits / T, -1), F.log_softmax(t_logits / T, -1),
                 log_target=True, reduction="batchmean",
             ) * (T * T)
             loss = cfg.distill_alpha * kl + (1 - cfg.distill_alpha) * hard
@@ -172,7 +200,7 @@ def train(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        tokens += int(m.sum())
+        tokens += len(targets)
         lv = float(loss.detach())
         loss_ema = lv if loss_ema is None else 0.95 * loss_ema + 0.05 * lv
         if progress:

@@ -25,6 +25,7 @@ def tiny_family(tmp_path_factory) -> Path:
     proc = run_cli("models", "build", "--config", "tiny", "--out", str(out), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["family"] == "tiny"
+    (out.parent / "build.log").write_text(proc.stderr)
     return out
 
 

@@ -30,6 +30,13 @@ def test_build_writes_every_artifact_with_cards(tiny_family):
     assert 0.0 <= report["int8_kv_cache_agreement"] <= 1.0
 
 
+def test_build_log_shows_progress_within_a_stage(tiny_family):
+    """Without a terminal (a CI log) each training stage still reports every tenth of its steps."""
+    log = (tiny_family.parent / "build.log").read_text()
+    assert "teacher (cloud): 4/40 loss" in log and "teacher (cloud): 36/40 loss" in log
+    assert "teacher (cloud): done in" in log
+
+
 @pytest.mark.parametrize("tier", ["cloud", "edge", "device"])
 def test_eval_json_contract(tiny_family, tier):
     proc = run_cli("models", "eval", "--tier", tier, "--n", "10", "--seed", "3", "--models", str(tiny_family),

@@ -93,7 +93,13 @@ def family(name: str, seed: int = 0) -> FamilyConfig:
 
 
 class _Steps:
-    """A rich progress display with one bar per pipeline stage."""
+    """A rich progress display with one bar per pipeline stage.
+
+    A log file (no terminal) gets plain lines instead of bars: one at every tenth
+    of a stage, with the elapsed time, and one when it ends.
+    """
+
+    LOG_EVERY = 10  # lines per stage in a log
 
     def __init__(self, console: Console):
         self.progress = Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
@@ -102,15 +108,22 @@ class _Steps:
     @contextmanager
     def stage(self, title: str, total: int):
         task = self.progress.add_task(title, total=total, note="")
+        console = self.progress.console
+        t0 = time.perf_counter()
+        done, logged = 0, 0
 
         def advance(n: int = 1, note: str = "") -> None:
+            nonlocal done, logged
             self.progress.update(task, advance=n, note=note)
+            done += n
+            if not console.is_terminal and done * self.LOG_EVERY >= (logged + 1) * total and done < total:
+                logged = done * self.LOG_EVERY // total
+                console.print(f"{title}: {done}/{total} {note} ({time.perf_counter() - t0:.0f} s)".replace("  ", " "))
 
-        t0 = time.perf_counter()
         yield advance
         self.progress.update(task, completed=total)
-        if not self.progress.console.is_terminal:  # a log file gets one line per stage instead of bars
-            self.progress.console.print(f"{title}: done in {time.perf_counter() - t0:.1f} s")
+        if not console.is_terminal:
+            console.print(f"{title}: done in {time.perf_counter() - t0:.1f} s")
 
 
 def build(cfg: FamilyConfig, out: Path, console: Console | None = None) -> dict:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from shared.model import GPT, Packing
 from shared.problems import Problem, iter_problems
@@ -33,6 +34,7 @@ class TrainConfig:
     seed: int = 0  # data order and initialisation
     hard_share: int = 1  # each level >= 3 gets this many batches for every batch of levels 1-2
     token_factors: bool = True  # tokens share digit, letter and word parts while training (TokenFactors)
+    ema_decay: float = 0.0  # > 0: the saved weights are this exponential moving average of the steps' weights
 
     def __post_init__(self):
         if self.steps <= 0 or self.batch_size <= 0:
@@ -41,6 +43,8 @@ class TrainConfig:
             raise ValueError(f"hard_share must be at least 1, got {self.hard_share}")
         if not 0.0 <= self.distill_alpha <= 1.0:
             raise ValueError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
 def _encode_rows(problems: list[Problem], tok: TextTokenizer, block_size: int) -> list[tuple[list[int], int]]:
@@ -172,6 +176,8 @@ def train(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(0.9, 0.98),
     )
+    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay)) if cfg.ema_decay > 0
+           else None)
     if teacher is not None:
         teacher.eval()
     model.train()
@@ -200,11 +206,17 @@ def train(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if ema is not None:
+            ema.update_parameters(model)
         tokens += len(targets)
         lv = float(loss.detach())
         loss_ema = lv if loss_ema is None else 0.95 * loss_ema + 0.05 * lv
         if progress:
             progress(step + 1, loss_ema)
+    if ema is not None:
+        with torch.no_grad():
+            for mine, averaged in zip(model.parameters(), ema.module.parameters()):
+                mine.copy_(averaged)
     bake_token_factors(model)
     model.eval()
     return {"steps": cfg.steps, "final_loss": round(loss_ema, 4), "seconds": round(time.perf_counter() - t0, 1),

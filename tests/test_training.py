@@ -1,0 +1,44 @@
+"""Training details: the packed batch is the padded batch without padding; weight averaging."""
+
+import pytest
+import torch
+
+from shared.model import GPT, GPTConfig
+from shared.problems import generate
+from shared.tokenizer import TextTokenizer
+from tierline.modelling.train import TrainConfig, encode_batch, pack_batch, train
+
+TOK = TextTokenizer.default()
+
+
+def test_pack_batch_is_the_padded_batch_without_padding():
+    problems = generate("train", 12, seed=4)
+    ids, targets, select, packing = pack_batch(problems, TOK, 256, group_rows=4)
+    x, y, m = encode_batch(problems, TOK, 256)
+    real = x != TOK.pad_id
+    lengths = real.sum(1)
+    order = sorted(range(len(problems)), key=lambda i: -int(lengths[i]))  # longest first, stable
+    assert torch.equal(ids, torch.cat([x[i][real[i]] for i in order]))
+    assert torch.equal(targets, torch.cat([y[i][m[i]] for i in order]))
+    assert torch.equal(select, torch.cat([m[i][real[i]] for i in order]))
+    assert [g.rows for g in packing.groups] == [4, 4, 4]
+    assert [g.width for g in packing.groups] == [int(lengths[order[k]]) for k in (0, 4, 8)]
+
+
+def test_ema_weights_are_the_average_of_the_steps():
+    cfg = GPTConfig(vocab_size=TOK.vocab_size, n_layer=1, n_head=2, head_dim=8, n_embd=16, ffn_hidden=32)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    seen = []
+    tc = TrainConfig(steps=6, batch_size=4, warmup=1, ema_decay=0.5, token_factors=False)
+    train(model, TOK, tc, progress=lambda step, loss: seen.append(model.blocks[0].mlp.fc.weight.detach().clone()))
+    expected = seen[0]
+    for w in seen[1:]:
+        expected = 0.5 * expected + 0.5 * w
+    torch.testing.assert_close(model.blocks[0].mlp.fc.weight, expected)
+    assert not torch.allclose(model.blocks[0].mlp.fc.weight, seen[-1])
+
+
+def test_ema_decay_is_validated():
+    with pytest.raises(ValueError, match="ema_decay"):
+        TrainConfig(ema_decay=1.0)

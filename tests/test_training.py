@@ -42,3 +42,18 @@ def test_ema_weights_are_the_average_of_the_steps():
 def test_ema_decay_is_validated():
     with pytest.raises(ValueError, match="ema_decay"):
         TrainConfig(ema_decay=1.0)
+
+
+def test_packed_and_padded_training_take_the_same_steps():
+    """Packing changes the work, not the training: same losses step by step (up to float rounding)."""
+    cfg = GPTConfig(vocab_size=TOK.vocab_size, n_layer=2, n_head=2, head_dim=8, n_embd=16, ffn_hidden=32)
+    losses = {}
+    for packed in (True, False):
+        torch.manual_seed(0)
+        teacher = GPT(cfg)
+        model = GPT(cfg)
+        seen = []
+        tc = TrainConfig(steps=8, batch_size=8, warmup=2, distill_alpha=0.5, packed=packed)
+        train(model, TOK, tc, teacher=teacher, progress=lambda step, loss: seen.append(loss))
+        losses[packed] = seen
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), atol=1e-4, rtol=1e-4)

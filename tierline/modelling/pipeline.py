@@ -78,16 +78,21 @@ def family(name: str, seed: int = 0) -> FamilyConfig:
             finetune=TrainConfig(steps=10, batch_size=16, lr=2e-3, warmup=2, distill_alpha=0.5, seed=seed + 1),
             eval_n=40, kv_check_n=10, calib_n=32, scorer_n=60,
         )
-    if name == "default":  # about 37 minutes on the 2-core machine that built the committed family
+    if name == "default":  # 54 minutes on the 2-core machine that built the committed family
+        # Trained with the padded forward (packed=False), which the committed family was built with, so
+        # `make models` reproduces it. Packed training (the default for other configs) makes the build
+        # 37 minutes on the same machine but follows another float path: two packed builds gave a student
+        # that missed the edge target on level 3 (docs/ARCHITECTURE.md, "Packed training").
         return FamilyConfig(
             name="default",
             teacher=_gpt(vocab, 4, 4, 128),
             student=_gpt(vocab, 3, 2, 80),
-            teacher_train=TrainConfig(steps=7000, batch_size=32, lr=3e-3, warmup=100, hard_share=2, seed=seed),
+            teacher_train=TrainConfig(steps=7000, batch_size=32, lr=3e-3, warmup=100, hard_share=2, packed=False,
+                                      seed=seed),
             student_train=TrainConfig(steps=9000, batch_size=32, lr=3e-3, warmup=100, hard_share=2,
-                                      distill_alpha=0.5, ema_decay=0.999, seed=seed),
-            finetune=TrainConfig(steps=2500, batch_size=32, lr=2e-3, warmup=50, hard_share=2, distill_alpha=0.5,
-                                 ema_decay=0.995, seed=seed + 1),
+                                      distill_alpha=0.5, packed=False, seed=seed),
+            finetune=TrainConfig(steps=1500, batch_size=32, lr=2e-3, warmup=50, hard_share=2, distill_alpha=0.5,
+                                 packed=False, seed=seed + 1),
         )
     raise ValueError(f"unknown family config {name!r}; expected 'tiny' or 'default'")
 

@@ -6,7 +6,7 @@ import torch
 from shared.model import GPT, GPTConfig
 from shared.problems import generate
 from shared.tokenizer import TextTokenizer
-from tierline.modelling.train import TrainConfig, encode_batch, pack_batch, train
+from tierline.modelling.train import TrainConfig, distill_alpha_at, encode_batch, pack_batch, train
 
 TOK = TextTokenizer.default()
 
@@ -57,3 +57,22 @@ def test_packed_and_padded_training_take_the_same_steps():
         train(model, TOK, tc, teacher=teacher, progress=lambda step, loss: seen.append(loss))
         losses[packed] = seen
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), atol=1e-4, rtol=1e-4)
+
+
+def test_distill_weight_moves_to_its_end_value():
+    tc = TrainConfig(steps=5, distill_alpha=0.5, distill_alpha_end=0.0)
+    assert [distill_alpha_at(s, tc) for s in range(5)] == [0.5, 0.375, 0.25, 0.125, 0.0]
+    assert distill_alpha_at(3, TrainConfig(steps=5, distill_alpha=0.5)) == 0.5
+    with pytest.raises(ValueError, match="distill_alpha_end"):
+        TrainConfig(distill_alpha=0.3, distill_alpha_end=0.5)
+    # in training: the first step is the constant weight's, the last one is the hard labels' only
+    cfg = GPTConfig(vocab_size=TOK.vocab_size, n_layer=1, n_head=2, head_dim=8, n_embd=16, ffn_hidden=32)
+    runs = {}
+    for end in (None, 0.0):
+        torch.manual_seed(0)
+        teacher, model, seen = GPT(cfg), GPT(cfg), []
+        tc = TrainConfig(steps=3, batch_size=4, warmup=1, distill_alpha=0.5, distill_alpha_end=end)
+        train(model, TOK, tc, teacher=teacher, progress=lambda step, loss: seen.append(loss))
+        runs[end] = seen
+    assert runs[None][0] == pytest.approx(runs[0.0][0])
+    assert runs[None][2] != pytest.approx(runs[0.0][2])

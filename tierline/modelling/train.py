@@ -31,6 +31,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     distill_alpha: float = 0.0  # weight of the KL term; 0 = hard labels only
     distill_temperature: float = 2.0  # softening of teacher and student logits
+    distill_alpha_end: float | None = None  # set: the KL weight goes linearly from distill_alpha to this
     seed: int = 0  # data order and initialisation
     hard_share: int = 1  # each level >= 3 gets this many batches for every batch of levels 1-2
     token_factors: bool = True  # tokens share digit, letter and word parts while training (TokenFactors)
@@ -44,6 +45,8 @@ class TrainConfig:
             raise ValueError(f"hard_share must be at least 1, got {self.hard_share}")
         if not 0.0 <= self.distill_alpha <= 1.0:
             raise ValueError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
+        if self.distill_alpha_end is not None and not 0.0 <= self.distill_alpha_end <= self.distill_alpha:
+            raise ValueError(f"distill_alpha_end must be in [0, distill_alpha], got {self.distill_alpha_end}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
@@ -155,6 +158,14 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def distill_alpha_at(step: int, cfg: TrainConfig) -> float:
+    """The KL weight at `step`: constant, or linear from distill_alpha to distill_alpha_end (hard labels last)."""
+    if cfg.distill_alpha_end is None:
+        return cfg.distill_alpha
+    progress = step / max(1, cfg.steps - 1)
+    return cfg.distill_alpha + (cfg.distill_alpha_end - cfg.distill_alpha) * progress
+
+
 def _batch(problems: list[Problem], tok: TextTokenizer, block_size: int, packed: bool):
     """(targets, forward): forward(model) gives the logits that predict the targets."""
     if packed:
@@ -217,7 +228,8 @@ def train(
                 F.log_softmax(logits / T, -1), F.log_softmax(t_logits / T, -1),
                 log_target=True, reduction="batchmean",
             ) * (T * T)
-            loss = cfg.distill_alpha * kl + (1 - cfg.distill_alpha) * hard
+            alpha = distill_alpha_at(step, cfg)
+            loss = alpha * kl + (1 - alpha) * hard
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

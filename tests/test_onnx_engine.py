@@ -41,10 +41,12 @@ def model(tok: TextTokenizer) -> GPT:
 
 
 @pytest.fixture(scope="module")
-def onnx_dir(model: GPT, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def onnx_dir(model: GPT, tok: TextTokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("edge")
     export_onnx(model, d / "model.fp32.onnx")
-    quantize_int8(d / "model.fp32.onnx", d / "model.int8.onnx")
+    # static activation scales, as the pipeline ships: dynamic ones differ between a cached step and a recompute
+    calib_ids = [tok.encode(p) for p in PROMPTS]
+    quantize_int8(d / "model.fp32.onnx", d / "model.int8.onnx", calib_ids=calib_ids)
     model.cfg.to_json(d / "config.json")
     return d
 
@@ -135,13 +137,16 @@ def test_int8_cached_matches_uncached(int8: OnnxEngine) -> None:
         assert cached == int8.generate_uncached(prompt, max_tokens=MAX_TOKENS), prompt
 
 
-def test_int8_quantized_the_weight_matmuls(onnx_dir: Path) -> None:
-    fp32_size = (onnx_dir / "model.fp32.onnx").stat().st_size
-    assert (onnx_dir / "model.int8.onnx").stat().st_size < fp32_size
+def test_int8_quantized_the_weight_matmuls(onnx_dir: Path, tmp_path: Path) -> None:
     import onnx
 
+    fp32_size = (onnx_dir / "model.fp32.onnx").stat().st_size
+    assert (onnx_dir / "model.int8.onnx").stat().st_size < fp32_size
     ops = [n.op_type for n in onnx.load(str(onnx_dir / "model.int8.onnx")).graph.node]
-    assert "MatMulInteger" in ops and "Gather" in ops  # weights int8, embeddings fp32
+    assert "QLinearMatMul" in ops and "Gather" in ops  # static: weights and activations int8, embeddings fp32
+    quantize_int8(onnx_dir / "model.fp32.onnx", tmp_path / "dynamic.onnx")  # no calibration: dynamic scales
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "dynamic.onnx")).graph.node]
+    assert "MatMulInteger" in ops and "Gather" in ops
 
 
 def test_corrupt_file_raises_value_error_naming_it(onnx_dir: Path, tmp_path: Path, tok: TextTokenizer) -> None:

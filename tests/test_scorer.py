@@ -22,7 +22,7 @@ from shared.problems import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
-N = 300  # calib problems labelled per tier (a few seconds for both lower tiers)
+N = 600  # calib problems labelled per tier (about 10 s for both lower tiers; conftest)
 
 pytestmark = pytest.mark.skipif(not (MODELS / "manifest.json").is_file(), reason="committed models not present")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from contextlib import aclosing
 
 import grpc
 from nats.errors import NoRespondersError
@@ -178,14 +179,16 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
         while tier is not None:
             started = False
             try:
-                async for chunk in stream_tier(self.nc, tier, request, self.request_timeout_s):
-                    started = True
-                    chunk.complexity = score
-                    if chunk.choices and chunk.choices[0].finish_reason:
-                        path.append(pb.Attempt(tier=tier, outcome="answered", confidence=chunk.confidence))
-                        chunk.escalation_path.extend(path)
-                        self.metrics.requests.labels(tier, "answered").inc()
-                    yield chunk
+                # closed at once when our client goes away, so the tier hears the cancel now, not at GC
+                async with aclosing(stream_tier(self.nc, tier, request, self.request_timeout_s)) as chunks:
+                    async for chunk in chunks:
+                        started = True
+                        chunk.complexity = score
+                        if chunk.choices and chunk.choices[0].finish_reason:
+                            path.append(pb.Attempt(tier=tier, outcome="answered", confidence=chunk.confidence))
+                            chunk.escalation_path.extend(path)
+                            self.metrics.requests.labels(tier, "answered").inc()
+                        yield chunk
                 return
             except TierError as exc:
                 if exc.status in CLIENT_ERRORS or started:

@@ -22,6 +22,7 @@ from nats.micro import add_service
 
 SUBJECT_PREFIX = "tierline"
 STATUS_HEADER = "Tierline-Status"  # the gRPC status name of an error reply
+STREAM_ID_HEADER = "Tierline-Stream"  # names a stream (its reply inbox) so the requester can cancel it
 RECONNECT_BASE_S = 1.0  # seconds, the first wait after the link drops (doubles after each failed attempt)
 RECONNECT_MAX_S = 30.0  # seconds, the longest wait between two attempts (forever)
 RECONNECT_JITTER = 0.2  # each wait is drawn from [1 - 0.2, 1] x its step, so a fleet does not reconnect in step
@@ -109,22 +110,35 @@ async def stream_tier(nc, tier: str, request, timeout_s: float):
 
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
+    ended = False  # the tier said its last word (the final chunk, an error, or no responders)
     try:
         await nc.publish(subject(tier, "stream"), request.SerializeToString(), reply=inbox,
-                         headers={"Tierline-Timeout": f"{timeout_s:.3f}"})
+                         headers={"Tierline-Timeout": f"{timeout_s:.3f}", STREAM_ID_HEADER: inbox})
         while True:
             msg = await sub.next_msg(timeout=timeout_s)
             headers = msg.headers or {}
             if headers.get("Status") == "503":
+                ended = True
                 raise NoRespondersError
             if ERROR_CODE_HEADER in headers:
+                ended = True
                 raise TierError(tier, headers.get(STATUS_HEADER, "UNKNOWN"), headers.get(ERROR_HEADER, ""))
             chunk = pb.InferResponse.FromString(msg.data)
+            ended = bool(chunk.choices and chunk.choices[0].finish_reason)
             yield chunk
-            if chunk.choices and chunk.choices[0].finish_reason:
+            if ended:
                 return
     finally:
         await sub.unsubscribe()
+        if not ended:  # closed early (client gone, timeout): the replica decoding it stops at its next token
+            await _publish_cancel(nc, tier, inbox)
+
+
+async def _publish_cancel(nc, tier: str, inbox: str) -> None:
+    try:
+        await nc.publish(subject(tier, "cancel"), inbox.encode())
+    except Exception:  # noqa: BLE001 - the link is gone: the tier's own deadline ends the stream instead
+        pass
 
 
 def reconnect_delay(attempt: int, rand: float | None = None) -> float:
@@ -227,13 +241,14 @@ class TierService:
     def __init__(self, tier: str, opts: NatsOptions, handle, status_of, version: str = "1.0.0", stream=None,
                  stats=None):
         self.tier, self.opts, self._handle, self._status_of, self.version = tier, opts, handle, status_of, version
-        self._stream = stream  # stream(request_bytes) -> iterator of response bytes
+        self._stream = stream  # stream(request_bytes, is_active) -> iterator of response bytes
         self._stats = stats  # stats() -> dict added to each endpoint's $SRV.STATS data (e.g. queue_depth)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"nats-{tier}", daemon=True)
         self._nc = None
         self._service = None
         self._tasks: set[asyncio.Task] = set()
+        self._live_streams: dict = {}  # stream id -> Event, set once the requester cancels
         self._pool = ThreadPoolExecutor(HANDLER_THREADS, thread_name_prefix=f"nats-{tier}")
 
     def start(self, retry_forever: bool = False) -> None:
@@ -278,6 +293,13 @@ class TierService:
         if self._stream:
             await self._service.add_endpoint(name="stream", subject=subject(self.tier, "stream"),
                                              handler=self._on_stream)
+            # no queue group: every replica hears a cancel, the one serving that inbox acts on it
+            await self._nc.subscribe(subject(self.tier, "cancel"), cb=self._on_cancel)
+
+    async def _on_cancel(self, msg) -> None:
+        stopped = self._live_streams.get(msg.data.decode(errors="replace"))
+        if stopped is not None:
+            stopped.set()
 
     async def _on_stream(self, req) -> None:
         task = asyncio.get_running_loop().create_task(self._serve_stream(req))
@@ -285,25 +307,35 @@ class TierService:
         task.add_done_callback(self._tasks.discard)
 
     async def _serve_stream(self, req) -> None:
-        """Each chunk is published to the request's reply inbox as it is generated."""
+        """Each chunk is published to the request's reply inbox as it is generated.
+
+        A cancel naming that inbox (`stream_tier` closed early) stops the decoding at its next token.
+        """
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue = asyncio.Queue()
         done = object()
+        stream_id = (req.headers or {}).get(STREAM_ID_HEADER) or object()  # none given: nobody can cancel it
+        cancelled = self._live_streams[stream_id] = threading.Event()
 
         def produce() -> None:
             try:
-                for data in self._stream(req.data):
+                for data in self._stream(req.data, lambda: not cancelled.is_set()):
                     loop.call_soon_threadsafe(chunks.put_nowait, data)
             except Exception as exc:  # noqa: BLE001 - reported to the requester below
                 loop.call_soon_threadsafe(chunks.put_nowait, exc)
             loop.call_soon_threadsafe(chunks.put_nowait, done)
 
         loop.run_in_executor(self._pool, produce)
-        while (item := await chunks.get()) is not done:
-            if isinstance(item, Exception):
-                await self._respond_error(req, item)
-                return
-            await req.respond(item)
+        try:
+            while (item := await chunks.get()) is not done:
+                if cancelled.is_set():
+                    continue  # nobody reads the inbox any more; wait for the decoder to stop
+                if isinstance(item, Exception):
+                    await self._respond_error(req, item)
+                    return
+                await req.respond(item)
+        finally:
+            self._live_streams.pop(stream_id, None)
 
     async def _on_request(self, req) -> None:
         # callbacks run one at a time: hand each request to its own task

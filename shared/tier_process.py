@@ -67,8 +67,8 @@ def main(tier: str, argv: list[str] | None = None) -> int:
                 on_answer(resp, via="nats")
             return resp.SerializeToString()
 
-        def stream(data: bytes):
-            for chunk in servicer.stream(pb.InferRequest.FromString(data)):
+        def stream(data: bytes, is_active):
+            for chunk in servicer.stream(pb.InferRequest.FromString(data), is_active):
                 yield chunk.SerializeToString()
 
         nats_service = TierService(tier_name, NatsOptions.from_manifest(manifest), handle, servicer._status_of,

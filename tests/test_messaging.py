@@ -1,0 +1,89 @@
+"""A tier's NATS link (shared/messaging.py) against a real nats-server: streams and their cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import grpc
+import pytest
+
+from shared.messaging import NatsOptions, TierService, connect, stream_tier
+from tierline.stack import NatsServer
+from tierline.v1 import inference_pb2 as pb
+
+TIMEOUT = 30  # seconds, every wait here
+CHUNKS = 400  # a stream read to the end has this many chunks
+CHUNK_S = 0.01  # seconds between two chunks: a whole stream takes 4 s
+
+
+class SlowStream:
+    """A tier's stream callable: one chunk every CHUNK_S until the end or until is_active() says no."""
+
+    def __init__(self):
+        self.sent = 0
+        self.stopped_early = threading.Event()
+        self.finished = threading.Event()
+
+    def __call__(self, data: bytes, is_active):
+        for i in range(CHUNKS):
+            if not is_active():
+                self.stopped_early.set()
+                return
+            last = i == CHUNKS - 1
+            self.sent += 1
+            yield pb.InferResponse(choices=[pb.Choice(text="x", finish_reason="length" if last else "")],
+                                   tier="edge").SerializeToString()
+            time.sleep(CHUNK_S)
+        self.finished.set()
+
+
+@pytest.fixture
+def link(tmp_path):
+    server = NatsServer(tmp_path).start()
+    opts = NatsOptions(server.url, server.user, server.password)
+    producer = SlowStream()
+    service = TierService("edge", opts, handle=None, status_of=lambda exc: (grpc.StatusCode.INTERNAL, str(exc)),
+                          stream=producer)
+    service.start()
+    yield opts, producer, service
+    service.stop()
+    server.stop()
+
+
+def _read(opts: NatsOptions, chunks: int | None) -> int:
+    """Read `chunks` chunks of one stream (None: all of them), then close it; returns how many came."""
+    async def main() -> int:
+        nc = await connect(opts, name="test")
+        try:
+            got = 0
+            stream = stream_tier(nc, "edge", pb.InferRequest(prompt="Q:2+3=?\nA:"), timeout_s=TIMEOUT)
+            async for _ in stream:
+                got += 1
+                if chunks is not None and got == chunks:
+                    break
+            await stream.aclose()
+            await nc.flush(timeout=TIMEOUT)
+            return got
+        finally:
+            await nc.close()
+
+    return asyncio.run(main())
+
+
+def test_a_stream_closed_early_stops_the_tier_at_its_next_chunk(link):
+    opts, producer, service = link
+    assert _read(opts, chunks=3) == 3
+    assert producer.stopped_early.wait(TIMEOUT), "the tier kept decoding a stream nobody reads"
+    assert producer.sent < CHUNKS // 2  # stopped within a fraction of the stream, not at its end
+    deadline = time.monotonic() + TIMEOUT
+    while service._live_streams and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not service._live_streams  # nothing is kept for a stream that ended
+
+
+def test_a_stream_read_to_the_end_is_not_cancelled(link):
+    opts, producer, _ = link
+    assert _read(opts, chunks=None) == CHUNKS
+    assert producer.finished.wait(TIMEOUT) and not producer.stopped_early.is_set()

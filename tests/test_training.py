@@ -6,7 +6,8 @@ import torch
 from shared.model import GPT, GPTConfig
 from shared.problems import generate
 from shared.tokenizer import TextTokenizer
-from tierline.modelling.train import TrainConfig, distill_alpha_at, encode_batch, pack_batch, train
+from tierline.modelling.train import (TrainConfig, distill_alpha_at, encode_batch, level_schedule, pack_batch,
+                                      train)
 
 TOK = TextTokenizer.default()
 
@@ -63,8 +64,12 @@ def test_distill_weight_moves_to_its_end_value():
     tc = TrainConfig(steps=5, distill_alpha=0.5, distill_alpha_end=0.0)
     assert [distill_alpha_at(s, tc) for s in range(5)] == [0.5, 0.375, 0.25, 0.125, 0.0]
     assert distill_alpha_at(3, TrainConfig(steps=5, distill_alpha=0.5)) == 0.5
+    half = TrainConfig(steps=9, distill_alpha=0.5, distill_alpha_end=0.0, distill_until=0.5)
+    assert [distill_alpha_at(s, half) for s in range(9)] == [0.5, 0.375, 0.25, 0.125, 0.0, 0.0, 0.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="distill_alpha_end"):
         TrainConfig(distill_alpha=0.3, distill_alpha_end=0.5)
+    with pytest.raises(ValueError, match="distill_until"):
+        TrainConfig(distill_alpha=0.5, distill_alpha_end=0.0, distill_until=0.0)
     # in training: the first step is the constant weight's, the last one is the hard labels' only
     cfg = GPTConfig(vocab_size=TOK.vocab_size, n_layer=1, n_head=2, head_dim=8, n_embd=16, ffn_hidden=32)
     runs = {}
@@ -76,3 +81,38 @@ def test_distill_weight_moves_to_its_end_value():
         runs[end] = seen
     assert runs[None][0] == pytest.approx(runs[0.0][0])
     assert runs[None][2] != pytest.approx(runs[0.0][2])
+
+
+def test_a_zero_distill_weight_skips_the_teacher():
+    """Once the KL weight reaches 0 the teacher is not run, and the steps are the hard labels' alone."""
+    cfg = GPTConfig(vocab_size=TOK.vocab_size, n_layer=1, n_head=2, head_dim=8, n_embd=16, ffn_hidden=32)
+    torch.manual_seed(0)
+    teacher = GPT(cfg)
+    calls, packed_forward = [], teacher.forward_packed
+
+    def counted(*args):
+        calls.append(1)
+        return packed_forward(*args)
+    teacher.forward_packed = counted
+    runs = {}
+    for name, alpha in (("distilled", 0.5), ("hard", 0.0)):
+        torch.manual_seed(1)
+        model, seen = GPT(cfg), []
+        tc = TrainConfig(steps=6, batch_size=4, warmup=1, distill_alpha=alpha,
+                         distill_alpha_end=0.0 if alpha else None, distill_until=0.4)
+        calls.clear()
+        train(model, TOK, tc, teacher=teacher if alpha else None, progress=lambda step, loss: seen.append(loss))
+        runs[name] = (seen, len(calls))
+    # steps 0 and 1 have a weight above 0 (0.5, 0.25); from step 2 (weight 0) the teacher is skipped
+    assert runs["distilled"][1] == 2
+    assert runs["distilled"][0][0] != pytest.approx(runs["hard"][0][0])
+
+
+def test_hard_levels_get_their_share_of_the_batches():
+    levels = (1, 2, 3, 4, 5)
+    assert level_schedule(TrainConfig(), levels) == [1, 2, 3, 4, 5]
+    assert level_schedule(TrainConfig(hard_share=2), levels) == [1, 2, 3, 3, 4, 4, 5, 5]
+    assert level_schedule(TrainConfig(hard_share=2, hard_from=2), levels) == [1, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert level_schedule(TrainConfig(hard_share=2, hard_from=2), (1, 2)) == [1, 2, 2]
+    with pytest.raises(ValueError, match="hard_from"):
+        TrainConfig(hard_from=0)

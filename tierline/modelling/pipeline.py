@@ -179,7 +179,7 @@ def build(cfg: FamilyConfig, out: Path, console: Console | None = None) -> dict:
         student_summary = fit("student, distilled", student, cfg.student_train, teacher=teacher)
         torch.manual_seed(cfg.student_train.seed + 1)
         baseline = GPT(cfg.student)
-        baseline_cfg = replace(cfg.student_train, distill_alpha=0.0, distill_alpha_end=None)
+        baseline_cfg = replace(cfg.student_train, distill_alpha=0.0, distill_alpha_end=None, distill_until=1.0)
         baseline_summary = fit("student, no distillation", baseline, baseline_cfg)
         score("student_fp32_torch", torch_engine(student, "edge"))
         score("student_no_distill", torch_engine(baseline, "edge"))

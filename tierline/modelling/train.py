@@ -32,8 +32,10 @@ class TrainConfig:
     distill_alpha: float = 0.0  # weight of the KL term; 0 = hard labels only
     distill_temperature: float = 2.0  # softening of teacher and student logits
     distill_alpha_end: float | None = None  # set: the KL weight goes linearly from distill_alpha to this
+    distill_until: float = 1.0  # share of the steps the move takes; then the weight stays at distill_alpha_end
     seed: int = 0  # data order and initialisation
-    hard_share: int = 1  # each level >= 3 gets this many batches for every batch of levels 1-2
+    hard_share: int = 1  # each level >= hard_from gets this many batches for every batch of an easier one
+    hard_from: int = 3  # the first level counted as hard
     token_factors: bool = True  # tokens share digit, letter and word parts while training (TokenFactors)
     ema_decay: float = 0.0  # > 0: the saved weights are this exponential moving average of the steps' weights
     packed: bool = True  # train without padding (GPT.forward_packed); False: the padded forward
@@ -43,10 +45,14 @@ class TrainConfig:
             raise ValueError(f"steps and batch_size must be positive, got {self.steps}, {self.batch_size}")
         if self.hard_share < 1:
             raise ValueError(f"hard_share must be at least 1, got {self.hard_share}")
+        if not 1 <= self.hard_from <= 5:
+            raise ValueError(f"hard_from must be a level from 1 to 5, got {self.hard_from}")
         if not 0.0 <= self.distill_alpha <= 1.0:
             raise ValueError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
         if self.distill_alpha_end is not None and not 0.0 <= self.distill_alpha_end <= self.distill_alpha:
             raise ValueError(f"distill_alpha_end must be in [0, distill_alpha], got {self.distill_alpha_end}")
+        if not 0.0 < self.distill_until <= 1.0:
+            raise ValueError(f"distill_until must be in (0, 1], got {self.distill_until}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
@@ -158,11 +164,18 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def level_schedule(cfg: TrainConfig, levels: tuple[int, ...]) -> list[int]:
+    """The levels of consecutive batches, repeated over the run: hard levels get `hard_share` slots each."""
+    return [lv for lv in levels for _ in range(cfg.hard_share if lv >= cfg.hard_from else 1)]
+
+
 def distill_alpha_at(step: int, cfg: TrainConfig) -> float:
-    """The KL weight at `step`: constant, or linear from distill_alpha to distill_alpha_end (hard labels last)."""
+    """The KL weight at `step`: constant, or linear from distill_alpha to distill_alpha_end, reached at the
+    step `distill_until` of the way through the run and kept after it (hard labels last)."""
     if cfg.distill_alpha_end is None:
         return cfg.distill_alpha
-    progress = step / max(1, cfg.steps - 1)
+    last = max(1, round(cfg.distill_until * (cfg.steps - 1)))
+    progress = min(1.0, step / last)
     return cfg.distill_alpha + (cfg.distill_alpha_end - cfg.distill_alpha) * progress
 
 
@@ -210,7 +223,7 @@ def train(
     model.train()
     t0, tokens, loss_ema = time.perf_counter(), 0, None
     # the easy levels are learnt first and fast: the hard ones get more of the steps
-    schedule = [lv for lv in levels for _ in range(cfg.hard_share if lv >= 3 else 1)]
+    schedule = level_schedule(cfg, levels)
     for step in range(cfg.steps):
         stream = streams[schedule[step % len(schedule)]]
         batch = [next(stream) for _ in range(cfg.batch_size)]
@@ -220,7 +233,8 @@ def train(
         logits = forward(model)
         hard = F.cross_entropy(logits, targets)
         loss = hard
-        if cfg.distill_alpha > 0:
+        alpha = distill_alpha_at(step, cfg)
+        if alpha > 0:  # a weight of 0 needs no teacher: its forward is skipped
             with torch.no_grad():
                 t_logits = forward(teacher)
             T = cfg.distill_temperature
@@ -228,7 +242,6 @@ def train(
                 F.log_softmax(logits / T, -1), F.log_softmax(t_logits / T, -1),
                 log_target=True, reduction="batchmean",
             ) * (T * T)
-            alpha = distill_alpha_at(step, cfg)
             loss = alpha * kl + (1 - alpha) * hard
         opt.zero_grad(set_to_none=True)
         loss.backward()

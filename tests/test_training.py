@@ -6,8 +6,7 @@ import torch
 from shared.model import GPT, GPTConfig
 from shared.problems import generate
 from shared.tokenizer import TextTokenizer
-from tierline.modelling.train import (TrainConfig, distill_alpha_at, encode_batch, level_schedule, pack_batch,
-                                      train)
+from tierline.modelling.train import TrainConfig, distill_alpha_at, encode_batch, level_schedule, pack_batch, train
 
 TOK = TextTokenizer.default()
 

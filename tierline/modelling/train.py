@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from shared.model import GPT, Packing
-from shared.problems import Problem, iter_problems
+from shared.problems import LEVELS, Problem, iter_problems
 from shared.tokenizer import TextTokenizer
 
 
@@ -45,8 +45,8 @@ class TrainConfig:
             raise ValueError(f"steps and batch_size must be positive, got {self.steps}, {self.batch_size}")
         if self.hard_share < 1:
             raise ValueError(f"hard_share must be at least 1, got {self.hard_share}")
-        if not 1 <= self.hard_from <= 5:
-            raise ValueError(f"hard_from must be a level from 1 to 5, got {self.hard_from}")
+        if self.hard_from not in LEVELS:
+            raise ValueError(f"hard_from must be one of the levels {LEVELS}, got {self.hard_from}")
         if not 0.0 <= self.distill_alpha <= 1.0:
             raise ValueError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
         if self.distill_alpha_end is not None and not 0.0 <= self.distill_alpha_end <= self.distill_alpha:

@@ -115,3 +115,52 @@ def test_hard_levels_get_their_share_of_the_batches():
     assert level_schedule(TrainConfig(hard_share=2, hard_from=2), (1, 2)) == [1, 2, 2]
     with pytest.raises(ValueError, match="hard_from"):
         TrainConfig(hard_from=0)
+
+
+def _small(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=TOK.vocab_size, n_layer=1, n_head=2, head_dim=8, n_embd=16, ffn_hidden=32))
+
+
+def test_a_background_training_gives_the_weights_of_one_here(tmp_path):
+    from tierline.modelling.background import BackgroundTrain
+
+    tc = TrainConfig(steps=5, batch_size=4, warmup=1)
+    here, there = _small(), _small()
+    torch.set_num_threads(1)  # the background process trains with one thread too
+    try:
+        expected_summary = train(here, TOK, tc)
+    finally:
+        torch.set_num_threads(2)
+    steps = []
+    job = BackgroundTrain(there, tc, (1, 2, 3, 4, 5), threads=1, work=tmp_path,
+                          on_step=lambda step, loss: steps.append(step))
+    try:
+        summary = job.wait()
+    finally:
+        job.close()
+    assert steps == [1, 2, 3, 4, 5]
+    assert summary["final_loss"] == expected_summary["final_loss"]
+    for (name, a), (_, b) in zip(here.state_dict().items(), there.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert not list(tmp_path.iterdir())  # its weights file is consumed
+
+
+def test_a_failing_background_training_raises_its_error(tmp_path):
+    from tierline.modelling.background import BackgroundTrain
+
+    job = BackgroundTrain(_small(), TrainConfig(steps=2, batch_size=4, warmup=1), (7,), threads=1, work=tmp_path,
+                          on_step=lambda step, loss: None)
+    try:
+        with pytest.raises(RuntimeError, match="background training failed: .*7"):
+            job.wait()
+    finally:
+        job.close()
+
+
+def test_a_background_training_needs_no_teacher(tmp_path):
+    from tierline.modelling.background import BackgroundTrain
+
+    with pytest.raises(ValueError, match="distill_alpha"):
+        BackgroundTrain(_small(), TrainConfig(steps=2, distill_alpha=0.5), (1,), threads=1, work=tmp_path,
+                        on_step=lambda step, loss: None)

@@ -50,6 +50,9 @@ class FamilyConfig:
     device_levels: tuple[int, ...] = (1, 2, 3)  # the device answers easy requests: fine-tune on these
     scorer_n: int = 1000  # calibration problems labelled for the router's scorer
     threads: int = 2  # torch / onnxruntime threads (the reference machine has 2 cores)
+    # the distilled and the no-distillation student trained at once, each with half the threads (in a
+    # second process); False: one after the other with all of them (other floats: not the same models)
+    students_side_by_side: bool = True
 
     def __post_init__(self):
         ratio = _params(self.student) / _params(self.teacher)
@@ -93,6 +96,7 @@ def family(name: str, seed: int = 0) -> FamilyConfig:
                                       distill_alpha=0.5, packed=False, seed=seed),
             finetune=TrainConfig(steps=1500, batch_size=32, lr=2e-3, warmup=50, hard_share=2, distill_alpha=0.5,
                                  packed=False, seed=seed + 1),
+            students_side_by_side=False,
         )
     raise ValueError(f"unknown family config {name!r}; expected 'tiny' or 'default'")
 
@@ -160,6 +164,32 @@ def build(cfg: FamilyConfig, out: Path, console: Console | None = None) -> dict:
         timings[title] = round(time.perf_counter() - t0, 1)
         return summary
 
+    def fit_side_by_side(here: tuple, beside: tuple) -> tuple[dict, dict]:
+        """Two trainings at once: `here` in this process, `beside` (no teacher) in a second one,
+        each with half the threads. (title, model, TrainConfig[, teacher]) each."""
+        from tierline.modelling.background import BackgroundTrain
+
+        (title, model, tc, teacher), (b_title, b_model, b_tc) = here, beside
+        t0 = time.perf_counter()
+        with steps.stage(b_title, b_tc.steps) as b_adv:
+            other = BackgroundTrain(b_model, b_tc, (1, 2, 3, 4, 5), threads=max(1, cfg.threads // 2), work=work,
+                                    on_step=lambda s, loss: b_adv(1, f"loss {loss:.3f}"))
+            torch.set_num_threads(max(1, cfg.threads - cfg.threads // 2))
+            try:
+                with steps.stage(title, tc.steps) as adv:
+                    def progress(s: int, loss: float) -> None:
+                        adv(1, f"loss {loss:.3f}")
+                        other.poll()
+
+                    summary = train(model, tok, tc, teacher=teacher, progress=progress)
+                timings[title] = round(time.perf_counter() - t0, 1)
+                b_summary = other.wait()
+                timings[b_title] = round(time.perf_counter() - t0, 1)
+            finally:
+                other.close()
+                torch.set_num_threads(cfg.threads)
+        return summary, b_summary
+
     def score(title: str, engine) -> dict:
         with steps.stage(f"eval {title}", len(test)) as adv:
             r = evaluate(engine, test, progress=adv)
@@ -176,11 +206,16 @@ def build(cfg: FamilyConfig, out: Path, console: Console | None = None) -> dict:
 
         torch.manual_seed(cfg.student_train.seed + 1)
         student = GPT(cfg.student)
-        student_summary = fit("student, distilled", student, cfg.student_train, teacher=teacher)
         torch.manual_seed(cfg.student_train.seed + 1)
         baseline = GPT(cfg.student)
         baseline_cfg = replace(cfg.student_train, distill_alpha=0.0, distill_alpha_end=None, distill_until=1.0)
-        baseline_summary = fit("student, no distillation", baseline, baseline_cfg)
+        if cfg.students_side_by_side and cfg.threads >= 2:  # one core each
+            student_summary, baseline_summary = fit_side_by_side(
+                ("student, distilled", student, cfg.student_train, teacher),
+                ("student, no distillation", baseline, baseline_cfg))
+        else:
+            student_summary = fit("student, distilled", student, cfg.student_train, teacher=teacher)
+            baseline_summary = fit("student, no distillation", baseline, baseline_cfg)
         score("student_fp32_torch", torch_engine(student, "edge"))
         score("student_no_distill", torch_engine(baseline, "edge"))
 

@@ -140,6 +140,7 @@ def test_a_background_training_gives_the_weights_of_one_here(tmp_path):
     finally:
         job.close()
     assert steps == [1, 2, 3, 4, 5]
+    assert job.seconds > 0 and job.seconds + 0.1 >= summary["seconds"]  # spawn and import included
     assert summary["final_loss"] == expected_summary["final_loss"]
     for (name, a), (_, b) in zip(here.state_dict().items(), there.state_dict().items()):
         assert torch.equal(a, b), name

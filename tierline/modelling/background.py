@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -60,14 +61,17 @@ class BackgroundTrain:
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self._proc = ctx.Process(target=_run, args=(model.cfg, state, cfg, levels, threads, str(self._file),
                                                     self._messages), daemon=True)
+        self._started = time.perf_counter()
         self._proc.start()
         self.summary: dict | None = None
+        self.seconds: float | None = None  # wall time from the start to the child's result
 
     def _handle(self, msg: tuple) -> None:
         if msg[0] == "step":
             self._on_step(msg[1], msg[2])
         elif msg[0] == "done":
             self.summary = msg[1]
+            self.seconds = time.perf_counter() - self._started
         else:
             raise RuntimeError(f"background training failed: {msg[1]}")
 

@@ -11,23 +11,23 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from shared.model import GPT, GPTConfig
+from shared.model import GPT, GPTConfig, load_model
 from tierline.modelling.train import TrainConfig
 
 POLL_S = 1.0  # how often wait() checks that the process is still alive
 
 
 def _run(model_cfg: GPTConfig, state: dict, cfg: TrainConfig, levels: tuple[int, ...], threads: int,
-         out_file: str, messages) -> None:
+         out_dir: str, messages) -> None:
     """The child process: train a copy of the model, write its weights, report the summary."""
-    from safetensors.torch import save_file
-
+    from shared.model import save_model
     from shared.tokenizer import TextTokenizer
     from tierline.modelling.train import train
 
@@ -37,7 +37,7 @@ def _run(model_cfg: GPTConfig, state: dict, cfg: TrainConfig, levels: tuple[int,
         model.load_state_dict(state)
         summary = train(model, TextTokenizer.default(), cfg, levels=levels,
                         progress=lambda step, loss: messages.put(("step", step, loss)))
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out_file)
+        save_model(model, out_dir)
         messages.put(("done", summary))
     except Exception as exc:  # the parent raises it with this text
         messages.put(("error", f"{type(exc).__name__}: {exc}"))
@@ -57,9 +57,9 @@ class BackgroundTrain:
         ctx = mp.get_context("spawn")  # no fork of a process that holds torch's thread pools
         self._messages = ctx.Queue()
         self._model, self._on_step = model, on_step
-        self._file = Path(work) / "background-train.safetensors"
+        self._dir = Path(work) / "background-train"
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        self._proc = ctx.Process(target=_run, args=(model.cfg, state, cfg, levels, threads, str(self._file),
+        self._proc = ctx.Process(target=_run, args=(model.cfg, state, cfg, levels, threads, str(self._dir),
                                                     self._messages), daemon=True)
         self._started = time.perf_counter()
         self._proc.start()
@@ -86,8 +86,6 @@ class BackgroundTrain:
 
     def wait(self) -> dict:
         """Block until the child is done; load its weights into the model; return train()'s summary."""
-        from safetensors.torch import load_file
-
         while self.summary is None:
             try:
                 msg = self._messages.get(timeout=POLL_S)
@@ -98,9 +96,9 @@ class BackgroundTrain:
                 continue
             self._handle(msg)
         self._proc.join()
-        self._model.load_state_dict(load_file(str(self._file)))
+        self._model.load_state_dict(load_model(self._dir).state_dict())
         self._model.eval()
-        self._file.unlink()
+        shutil.rmtree(self._dir)
         return self.summary
 
     def close(self) -> None:

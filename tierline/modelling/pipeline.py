@@ -17,6 +17,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 from rich.console import Console
@@ -154,33 +155,30 @@ def build(cfg: FamilyConfig, out: Path, console: Console | None = None) -> dict:
                           model.cfg.window_limit)
         return TorchEngine(model, tok, info)
 
-    def fit(title: str, model: GPT, tc: TrainConfig, teacher: GPT | None = None, levels=(1, 2, 3, 4, 5)) -> dict:
+    def fit(title: str, model: GPT, tc: TrainConfig, teacher: GPT | None = None, levels=(1, 2, 3, 4, 5),
+            each_step: Callable[[], None] = lambda: None) -> dict:
         t0 = time.perf_counter()
         with steps.stage(title, tc.steps) as adv:
-            summary = train(model, tok, tc, teacher=teacher, levels=levels,
-                            progress=lambda s, loss: adv(1, f"loss {loss:.3f}"))
+            def progress(s: int, loss: float) -> None:
+                adv(1, f"loss {loss:.3f}")
+                each_step()
+
+            summary = train(model, tok, tc, teacher=teacher, levels=levels, progress=progress)
         timings[title] = round(time.perf_counter() - t0, 1)
         return summary
 
-    def fit_side_by_side(here: tuple, beside: tuple) -> tuple[dict, dict]:
-        """Two trainings at once: `here` in this process, `beside` (no teacher) in a second one,
-        each with half the threads. (title, model, TrainConfig[, teacher]) each."""
+    def fit_beside(title: str, model: GPT, tc: TrainConfig, teacher: GPT,
+                   b_title: str, b_model: GPT, b_tc: TrainConfig) -> tuple[dict, dict]:
+        """fit() here with half the threads while `b_model` (no teacher) trains in a second process
+        with the other half."""
         from tierline.modelling.background import BackgroundTrain
 
-        (title, model, tc, teacher), (b_title, b_model, b_tc) = here, beside
-        t0 = time.perf_counter()
         with steps.stage(b_title, b_tc.steps) as b_adv:
-            other = BackgroundTrain(b_model, b_tc, (1, 2, 3, 4, 5), threads=max(1, cfg.threads // 2), work=work,
+            other = BackgroundTrain(b_model, b_tc, (1, 2, 3, 4, 5), threads=cfg.threads // 2, work=work,
                                     on_step=lambda s, loss: b_adv(1, f"loss {loss:.3f}"))
-            torch.set_num_threads(max(1, cfg.threads - cfg.threads // 2))
+            torch.set_num_threads(cfg.threads - cfg.threads // 2)
             try:
-                with steps.stage(title, tc.steps) as adv:
-                    def progress(s: int, loss: float) -> None:
-                        adv(1, f"loss {loss:.3f}")
-                        other.poll()
-
-                    summary = train(model, tok, tc, teacher=teacher, progress=progress)
-                timings[title] = round(time.perf_counter() - t0, 1)
+                summary = fit(title, model, tc, teacher=teacher, each_step=other.poll)
                 b_summary = other.wait()
                 timings[b_title] = round(other.seconds, 1)  # its own end, seen when the child reported it
             finally:
@@ -208,9 +206,9 @@ def build(cfg: FamilyConfig, out: Path, console: Console | None = None) -> dict:
         baseline = GPT(cfg.student)
         baseline_cfg = replace(cfg.student_train, distill_alpha=0.0, distill_alpha_end=None, distill_until=1.0)
         if cfg.students_side_by_side and cfg.threads >= 2:  # one core each
-            student_summary, baseline_summary = fit_side_by_side(
-                ("student, distilled", student, cfg.student_train, teacher),
-                ("student, no distillation", baseline, baseline_cfg))
+            student_summary, baseline_summary = fit_beside(
+                "student, distilled", student, cfg.student_train, teacher,
+                "student, no distillation", baseline, baseline_cfg)
         else:
             student_summary = fit("student, distilled", student, cfg.student_train, teacher=teacher)
             baseline_summary = fit("student, no distillation", baseline, baseline_cfg)

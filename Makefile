@@ -7,25 +7,22 @@ MODELS ?= models
 
 .DEFAULT_GOAL := help
 .PHONY: help setup proto models models-tiny test lint demo up down bench clean
-PROTO_OUT := tierline/v1/inference_pb2.py
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	# the local CPU wheel first: any other torch spec would pull GBs of CUDA packages
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[build,dev]'
+	$(PY) -m pip install -q -e '.[dev]'  # generates tierline/v1 from proto/ (setup.py)
 	touch $(STAMP)
 
-$(PROTO_OUT): proto/tierline/v1/inference.proto $(STAMP)
-	$(PY) -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_python_out=. $<
+setup: $(STAMP) proto ## create .venv, install pinned dependencies, generate the gRPC code
 
-setup: $(STAMP) $(PROTO_OUT) ## create .venv, install pinned dependencies, generate the gRPC code
-
-proto: $(PROTO_OUT) ## regenerate the gRPC/protobuf code (into the ignored tierline/v1/)
+proto: $(STAMP) ## regenerate the gRPC/protobuf code when proto/ changed (into the ignored tierline/v1/)
+	$(PY) proto/generate.py
 
 models: setup ## build the default model family from scratch into models/ (CPU, <= 45 min)
 	$(PY) -m tierline models build --config default --out $(MODELS)

@@ -18,8 +18,8 @@ def add_parser(sub, parser_class) -> dict:
 
 
 def cmd_bench(args) -> int:
-    from bench.harness import run_bench
-    from shared.artifacts import load_manifest
+    from tierline_bench.harness import run_bench
+    from tierline_shared.models.artifacts import load_manifest
 
     load_manifest(args.models)  # a missing or unreadable family: one line, exit 2, before anything starts
     if args.out.exists() and not args.out.is_dir():

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.scenarios import BenchConfig, not_measured, num
-from device_agent.profile import PROFILES, measure_pinned
+from tierline_bench.scenarios import BenchConfig, not_measured, num
+from tierline_device_agent.profile import PROFILES, measure_pinned
 
 PROFILE = "pi"
 METRICS = ("decode_tokens_per_s", "tokens_per_s", "first_token_ms_p50", "first_token_ms_p95", "peak_rss_mib",

@@ -20,18 +20,18 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench import scenarios
-from bench.device_profile import pi_profile
-from bench.load import HttpClient
-from bench.peer import PeerServer, available
-from bench.report import write_report
-from shared.artifacts import load_engine
-from shared.artifacts import load_manifest as load_models
-from shared.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_DELAY_MS
-from shared.manifest import load_manifest
-from shared.problems import generate
 from tierline.demo import stack_overrides
-from tierline.stack import Stack
+from tierline_bench import scenarios
+from tierline_bench.device_profile import pi_profile
+from tierline_bench.load import HttpClient
+from tierline_bench.peer import PeerServer, available
+from tierline_bench.report import write_report
+from tierline_infra.supervisor import Stack
+from tierline_shared.config.manifest import load_manifest
+from tierline_shared.models.artifacts import load_engine
+from tierline_shared.models.artifacts import load_manifest as load_models
+from tierline_shared.runtime.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_DELAY_MS
+from tierline_shared.tasks.problems import generate
 
 SECTION_ORDER = ("edge_vs_cloud", "tiered_vs_cloud", "batching", "cache", "platform_overhead", "peer_litserve",
                  "router_and_nats", "device_profile")

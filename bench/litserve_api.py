@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import litserve as ls
 
-from shared.artifacts import load_engine
-from shared.engine import GenerationParams
+from tierline_shared.models.artifacts import load_engine
+from tierline_shared.runtime.engine import GenerationParams
 
 
 class EdgeLitAPI(ls.LitAPI):

@@ -181,6 +181,6 @@ class HttpClient:
 
 def peak_rss_mib(pid: int) -> float | None:
     """A process's peak resident set (VmHWM) in MiB, from /proc; None where it cannot be read."""
-    from device_agent.profile import proc_status_mib
+    from tierline_device_agent.profile import proc_status_mib
 
     return proc_status_mib("VmHWM", pid)

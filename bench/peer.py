@@ -35,7 +35,7 @@ def available() -> str | None:
 def serve(models_dir: str, port: int, threads: int, max_batch_size: int, batch_timeout_s: float) -> None:
     import litserve as ls
 
-    from bench.litserve_api import EdgeLitAPI
+    from tierline_bench.litserve_api import EdgeLitAPI
 
     api = EdgeLitAPI(models_dir, threads, max_batch_size=max_batch_size, batch_timeout=batch_timeout_s)
     server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1, timeout=60)
@@ -90,7 +90,7 @@ class PeerServer:
             return False
 
     def stop(self) -> None:
-        from tierline.stack import terminate  # SIGTERM to the process group, then SIGKILL
+        from tierline_infra.supervisor import terminate  # SIGTERM to the process group, then SIGKILL
 
         terminate(self.proc)
 

@@ -18,10 +18,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
-from bench.load import GrpcClient, HttpClient, LoadRun, Outcome, median, peak_rss_mib, percentile, run_load
-from shared.manifest import load_manifest
-from shared.problems import Problem, is_correct
-from tierline.stack import Stack
+from tierline_bench.load import GrpcClient, HttpClient, LoadRun, Outcome, median, peak_rss_mib, percentile, run_load
+from tierline_infra.supervisor import Stack
+from tierline_shared.config.manifest import load_manifest
+from tierline_shared.tasks.problems import Problem, is_correct
 
 TIERS = ("device", "edge", "cloud")
 NATS_TIMEOUT_S = 5.0  # one echo request over NATS
@@ -418,7 +418,7 @@ def _prefix_hits(port: int) -> float:
 # -- 5. platform overhead and 6. the LitServe peer ---------------------------------------------------------------
 def run_bare(engine, prompts: list[str], batch: int, max_tokens: int) -> LoadRun:
     """The limit: the same engine in this process, fed ready-made batches, no queue, no network."""
-    from shared.engine import GenerationParams
+    from tierline_shared.runtime.engine import GenerationParams
 
     params = GenerationParams(max_tokens=max_tokens)
     outcomes = []
@@ -505,8 +505,8 @@ def overhead_and_peer(platform: Stack, engine, peer_client: HttpClient | None, p
 
 # -- 7. router decision time and one NATS hop ------------------------------------------------------------------------
 def router_and_nats(stack: Stack, cfg: BenchConfig, prompts: list[str]) -> dict:
-    from router.__main__ import load_scorer
-    from router.policy import Policy
+    from tierline_router.__main__ import load_scorer
+    from tierline_router.policy import Policy
 
     manifest = load_manifest(stack.manifest, check_artifacts=False)
     rc = manifest.router
@@ -541,7 +541,7 @@ def router_and_nats(stack: Stack, cfg: BenchConfig, prompts: list[str]) -> dict:
 
 
 async def _nats_round_trips(stack: Stack, payload: bytes, n: int) -> list[float]:
-    from shared.messaging import NatsOptions, connect, subject
+    from tierline_shared.transport.messaging import NatsOptions, connect, subject
 
     opts = NatsOptions(stack.nats.url, stack.nats.user, stack.nats.password)
     echo, client = await connect(opts, "bench-echo"), await connect(opts, "bench-client")

@@ -1,5 +1,5 @@
 import sys
 
-from shared.tier_process import main
+from tierline_shared.serving.process import main
 
-sys.exit(main("cloud_node"))
+sys.exit(main("tierline_cloud_node"))

@@ -1,5 +1,5 @@
 import sys
 
-from shared.tier_process import main
+from tierline_shared.serving.process import main
 
-sys.exit(main("device_agent"))
+sys.exit(main("tierline_device_agent"))

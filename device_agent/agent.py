@@ -18,12 +18,12 @@ import time
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
-from router.policy import Policy
-from shared.batching import Batcher
-from shared.engine import Engine
-from shared.messaging import TierError, TierService
-from shared.serving import LRUCache, TierServicer, validate
 from tierline.v1 import inference_pb2 as pb
+from tierline_router.policy import Policy
+from tierline_shared.runtime.batching import Batcher
+from tierline_shared.runtime.engine import Engine
+from tierline_shared.serving.servicer import LRUCache, TierServicer, validate
+from tierline_shared.transport.messaging import TierError, TierService
 
 UPSTREAM = ("edge", "cloud")  # asked in this order
 CLIENT_ERRORS = {"INVALID_ARGUMENT"}

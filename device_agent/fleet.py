@@ -45,12 +45,12 @@ from nats.js.errors import (
     ObjectNotFoundError,
 )
 
-from device_agent.ota import DesiredModel, ModelStore, OtaCode, OtaError, health_check, load_candidate, outcome
-from device_agent.ota import verify as verify_digest
-from device_agent.outbox import Outbox
-from device_agent.profile import proc_status_mib
-from shared.artifacts import load_manifest
-from shared.messaging import NatsOptions, connect, stop_loop_thread, subject
+from tierline_device_agent.ota import DesiredModel, ModelStore, OtaCode, OtaError, health_check, load_candidate, outcome
+from tierline_device_agent.ota import verify as verify_digest
+from tierline_device_agent.outbox import Outbox
+from tierline_device_agent.profile import proc_status_mib
+from tierline_shared.models.artifacts import load_manifest
+from tierline_shared.transport.messaging import NatsOptions, connect, stop_loop_thread, subject
 
 log = logging.getLogger("tierline.device")
 

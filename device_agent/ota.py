@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 
-from shared.artifacts import MANIFEST, ArtifactError, file_entry, load_engine, load_manifest, sha256_of
-from shared.engine import Engine
+from tierline_shared.models.artifacts import MANIFEST, ArtifactError, file_entry, load_engine, load_manifest, sha256_of
+from tierline_shared.runtime.engine import Engine
 
 CURRENT = "current"  # state_dir/current -> models/<version>, the model that serves
 HEALTH_SEED = 0  # the health check's problems are fixed, so a version passes or fails reproducibly
@@ -161,7 +161,7 @@ def health_check(engine: Engine, n_problems: int, min_token_accuracy: float) -> 
     get whole answers right (a corrupted model scores near 1/vocabulary). Below
     `min_token_accuracy` raises HEALTH_CHECK_FAILED.
     """
-    from shared.problems import generate
+    from tierline_shared.tasks.problems import generate
 
     hits = total = 0
     for problem in generate("calib", n_problems, seed=HEALTH_SEED, levels=HEALTH_LEVELS):

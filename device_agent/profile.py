@@ -1,7 +1,7 @@
 """Device profiles: the device model measured as a small board would run it, in a process of its own.
 
 `tierline devices bench --profile pi` and `make bench`'s "Pi-class device profile"
-section both call `measure_pinned`, which starts `python -m device_agent.profile`
+section both call `measure_pinned`, which starts `python -m tierline_device_agent.profile`
 pinned to the profile's cores (`os.sched_setaffinity`, before anything is loaded).
 That process loads the device model as the agent does (`load_engine(models_dir,
 "device", threads=...)`, sha256-checked), sends `warmup` requests that are not
@@ -67,9 +67,9 @@ def pin(cores: int) -> list[int]:
 def measure(models_dir: Path, profile: str = "pi", prompts: int = 16, warmup: int = 2, repeats: int = 1,
             max_tokens: int = MAX_TOKENS) -> dict:
     """Pin this process, load the device model, decode; medians over repeats. Run it in a process of its own."""
-    from shared.artifacts import load_engine
-    from shared.engine import GenerationParams
-    from shared.problems import generate
+    from tierline_shared.models.artifacts import load_engine
+    from tierline_shared.runtime.engine import GenerationParams
+    from tierline_shared.tasks.problems import generate
 
     p = PROFILES[profile]
     cpus = pin(p.cores)
@@ -111,13 +111,13 @@ def measure(models_dir: Path, profile: str = "pi", prompts: int = 16, warmup: in
 
 def measure_pinned(models_dir: Path, profile: str = "pi", prompts: int = 16, warmup: int = 2, repeats: int = 1,
                    max_tokens: int = MAX_TOKENS, timeout_s: float = MEASURE_TIMEOUT_S) -> dict:
-    """`measure` in a fresh `python -m device_agent.profile` process, so pinning and RSS are its own.
+    """`measure` in a fresh `python -m tierline_device_agent.profile` process, so pinning and RSS are its own.
 
     Raises RuntimeError with the child's last error line when it fails (a missing or corrupt model).
     """
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; one of {sorted(PROFILES)}")
-    cmd = [sys.executable, "-m", "device_agent.profile", "--models", str(models_dir), "--profile", profile,
+    cmd = [sys.executable, "-m", "tierline_device_agent.profile", "--models", str(models_dir), "--profile", profile,
            "--prompts", str(prompts), "--warmup", str(warmup), "--repeats", str(repeats),
            "--max-tokens", str(max_tokens)]
     root = Path(__file__).resolve().parent.parent
@@ -130,7 +130,7 @@ def measure_pinned(models_dir: Path, profile: str = "pi", prompts: int = 16, war
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m device_agent.profile",
+    ap = argparse.ArgumentParser(prog="python -m tierline_device_agent.profile",
                                  description="the device model on a device profile's cores and threads (one JSON line)")
     ap.add_argument("--models", type=Path, required=True)
     ap.add_argument("--profile", choices=sorted(PROFILES), default="pi")
@@ -143,12 +143,12 @@ def main(argv: list[str] | None = None) -> int:
                                ("--max-tokens", a.max_tokens, 1)):
         if value < least:
             ap.error(f"{flag} must be >= {least}, got {value}")
-    from shared.artifacts import ArtifactError
+    from tierline_shared.models.artifacts import ArtifactError
 
     try:
         result = measure(a.models, a.profile, a.prompts, a.warmup, a.repeats, a.max_tokens)
     except ArtifactError as exc:
-        print(f"device_agent.profile: error: {exc}", file=sys.stderr)
+        print(f"tierline_device_agent.profile: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result))
     return 0

@@ -1,5 +1,5 @@
 import sys
 
-from shared.tier_process import main
+from tierline_shared.serving.process import main
 
-sys.exit(main("edge_node"))
+sys.exit(main("tierline_edge_node"))

@@ -12,22 +12,22 @@ from dataclasses import asdict
 
 import grpc
 
-from router.auth import Gate, KeyStore
-from router.openai_http import OpenAIServer
-from router.policy import Policy
-from router.service import RouterServicer
-from shared.manifest import EXIT_BAD_MANIFEST, ManifestError, load_manifest
-from shared.messaging import NatsAuthError, NatsOptions, connect
-from shared.metrics import Metrics
-from shared.serving import Limits, add_health_and_reflection, set_serving_async
 from tierline.v1 import inference_pb2_grpc as pb_grpc
+from tierline_router.auth import Gate, KeyStore
+from tierline_router.openai_http import OpenAIServer
+from tierline_router.policy import Policy
+from tierline_router.service import RouterServicer
+from tierline_shared.config.manifest import EXIT_BAD_MANIFEST, ManifestError, load_manifest
+from tierline_shared.serving.metrics import Metrics
+from tierline_shared.serving.servicer import Limits, add_health_and_reflection, set_serving_async
+from tierline_shared.transport.messaging import NatsAuthError, NatsOptions, connect
 
 
 def load_scorer(manifest):
     """The manifest's learned scorer, refused unless it was trained for these tiers' artifacts."""
     if not manifest.router.scorer:
         return None
-    from router.scorer import Scorer
+    from tierline_router.scorer import Scorer
 
     path = manifest.models_path / manifest.router.scorer
     if not path.is_file():

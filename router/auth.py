@@ -30,8 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.manifest import PlanConfig
-from shared.messaging import TierError
+from tierline_shared.config.manifest import PlanConfig
+from tierline_shared.transport.messaging import TierError
 
 KEY_PREFIX = "tl"
 BUSY_TIMEOUT_S = 5.0  # waiting for another process's write transaction, at most

@@ -24,9 +24,9 @@ import uuid
 
 from aiohttp import web
 
-from router.auth import AccessDenied, bearer_token
-from shared.messaging import TierError
 from tierline.v1 import inference_pb2 as pb
+from tierline_router.auth import AccessDenied, bearer_token
+from tierline_shared.transport.messaging import TierError
 
 # gRPC status name -> (HTTP status, OpenAI error type)
 HTTP_STATUS = {

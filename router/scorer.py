@@ -346,7 +346,7 @@ def decision_latency(scorer: Scorer, prompts: list[str], warmup: int = 10) -> di
 
 def artifact_digests(models_dir: str | Path, tiers: tuple[str, ...] = LOWER_TIERS) -> dict[str, str]:
     """Tier -> sha256 of its weights file, as the models directory's manifest records it."""
-    from shared.artifacts import load_manifest, tier_entry
+    from tierline_shared.models.artifacts import load_manifest, tier_entry
 
     models_dir = Path(models_dir)
     manifest = load_manifest(models_dir)
@@ -357,9 +357,9 @@ def collect_labels(
     models_dir: Path, n: int, seed: int, threads: int = 1
 ) -> tuple[list[str], dict[str, list[bool]]]:
     """Prompts of `generate("calib", n, seed)` and, per lower tier, whether it answered each correctly."""
-    from shared.artifacts import load_engine
-    from shared.problems import generate
-    from tierline.modelling.evaluate import evaluate
+    from tierline.build.evaluate import evaluate
+    from tierline_shared.models.artifacts import load_engine
+    from tierline_shared.tasks.problems import generate
 
     problems = generate("calib", n, seed)
     labels: dict[str, list[bool]] = {}

@@ -23,13 +23,13 @@ import grpc
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
-from router.auth import Admission, Gate, bearer_token
-from router.policy import TIER_ORDER, Policy
-from shared.messaging import TierError, ask_tier, discover, stream_tier
-from shared.metrics import Metrics
-from shared.serving import Limits, RequestError, resolved_max_tokens, validate_request
 from tierline.v1 import inference_pb2 as pb
 from tierline.v1 import inference_pb2_grpc as pb_grpc
+from tierline_router.auth import Admission, Gate, bearer_token
+from tierline_router.policy import TIER_ORDER, Policy
+from tierline_shared.serving.metrics import Metrics
+from tierline_shared.serving.servicer import Limits, RequestError, resolved_max_tokens, validate_request
+from tierline_shared.transport.messaging import TierError, ask_tier, discover, stream_tier
 
 # tier errors that are the request's fault: returned to the client, never escalated
 CLIENT_ERRORS = {"INVALID_ARGUMENT"}

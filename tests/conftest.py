@@ -39,7 +39,7 @@ def committed_calib_labels() -> tuple[list[str], dict[str, list[bool]]]:
     The edge is right on about 94% of them: 600 leave some 9 wrong answers in the scorer's held-out quarter
     (300 left about 5, too few for a stable AUC).
     """
-    from router.scorer import collect_labels
+    from tierline_router.scorer import collect_labels
 
     return collect_labels(COMMITTED_MODELS, 600, seed=0)
 
@@ -80,10 +80,10 @@ def random_torch_engine(seed: int, tier: str = "cloud"):
     """A tiny randomly initialised model behind the torch engine: the decoding loop without training."""
     import torch
 
-    from shared.engine import EngineInfo
-    from shared.engines.torch_engine import TorchEngine
-    from shared.model import GPT, GPTConfig
-    from shared.tokenizer import TextTokenizer
+    from tierline_cloud_node.engine import TorchEngine
+    from tierline_shared.models.gpt import GPT, GPTConfig
+    from tierline_shared.models.tokenizer import TextTokenizer
+    from tierline_shared.runtime.engine import EngineInfo
 
     tok = TextTokenizer.default()
     torch.manual_seed(seed)

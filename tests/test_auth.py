@@ -11,8 +11,6 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
-from router.auth import KeyStore
-from shared.manifest import ManifestError, load_manifest
 from tests.conftest import new_key, run_cli
 from tierline import (
     AsyncInferenceClient,
@@ -22,9 +20,11 @@ from tierline import (
     TierlineError,
     Unauthenticated,
 )
-from tierline.stack import Stack, write_manifest
 from tierline.v1 import inference_pb2 as pb
 from tierline.v1 import inference_pb2_grpc as pb_grpc
+from tierline_infra.supervisor import Stack, write_manifest
+from tierline_router.auth import KeyStore
+from tierline_shared.config.manifest import ManifestError, load_manifest
 
 PROMPT = "Q:2+3=?\nA:"
 PLANS = {"free": {"calls_per_day": 20, "tokens_per_day": 100000, "priority": "normal"},
@@ -188,11 +188,11 @@ def test_each_request_looks_its_key_up_once(stack):
     so the store's lookups can be counted per request (gRPC and HTTP, answered or refused)."""
     import aiohttp
 
-    from router.auth import Gate
-    from router.openai_http import OpenAIServer
-    from router.policy import Policy
-    from router.service import RouterServicer
-    from shared.messaging import NatsOptions, connect
+    from tierline_router.auth import Gate
+    from tierline_router.openai_http import OpenAIServer
+    from tierline_router.policy import Policy
+    from tierline_router.service import RouterServicer
+    from tierline_shared.transport.messaging import NatsOptions, connect
 
     manifest = load_manifest(stack.manifest, check_artifacts=False)
     _, key = new_key(stack, "pro")

@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from shared.batching import BatchConfig, Batcher, DeadlineExceeded, QueueFull
-from shared.engine import GenerationParams, GenerationResult
+from tierline_shared.runtime.batching import BatchConfig, Batcher, DeadlineExceeded, QueueFull
+from tierline_shared.runtime.engine import GenerationParams, GenerationResult
 
 
 class RecordingEngine:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.peer import available
 from tests.conftest import processes_with, run_cli
+from tierline_bench.peer import available
 
 SECTIONS = ("edge_vs_cloud", "tiered_vs_cloud", "batching", "cache", "platform_overhead", "peer_litserve",
             "router_and_nats", "device_profile")

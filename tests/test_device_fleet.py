@@ -21,13 +21,18 @@ import grpc
 import numpy as np
 import pytest
 
-from device_agent.fleet import TELEMETRY_STREAM, RegistrationRefused, open_fleet, register
-from device_agent.ota import OtaCode, health_check
-from device_agent.outbox import Outbox
-from shared.artifacts import load_engine, load_tokenizer, sha256_of
-from shared.engines.litert_engine import LiteRTEngine
-from shared.manifest import ManifestError, load_manifest
-from shared.messaging import (
+from tests.conftest import run_cli
+from tierline.devices import fleet_rows, publish_model
+from tierline.v1 import inference_pb2 as pb
+from tierline.v1 import inference_pb2_grpc as pb_grpc
+from tierline_device_agent.engine import LiteRTEngine
+from tierline_device_agent.fleet import TELEMETRY_STREAM, RegistrationRefused, open_fleet, register
+from tierline_device_agent.ota import OtaCode, health_check
+from tierline_device_agent.outbox import Outbox
+from tierline_infra.supervisor import Stack
+from tierline_shared.config.manifest import ManifestError, load_manifest
+from tierline_shared.models.artifacts import load_engine, load_tokenizer, sha256_of
+from tierline_shared.transport.messaging import (
     RECONNECT_BASE_S,
     RECONNECT_JITTER,
     RECONNECT_MAX_S,
@@ -36,11 +41,6 @@ from shared.messaging import (
     connect,
     reconnect_delay,
 )
-from tests.conftest import run_cli
-from tierline.devices import fleet_rows, publish_model
-from tierline.stack import Stack
-from tierline.v1 import inference_pb2 as pb
-from tierline.v1 import inference_pb2_grpc as pb_grpc
 
 DEVICE, CREDENTIAL = "pi-test-1", "bootstrap-secret-1"
 HEARTBEAT_S = 0.2
@@ -401,7 +401,7 @@ def test_nats_py_waits_by_the_schedule_after_a_drop():
 
 
 def test_an_agent_that_boots_offline_serves_then_registers(tiny_family, tmp_path):
-    from tierline.stack import write_manifest
+    from tierline_infra.supervisor import write_manifest
 
     s = Stack(tiny_family, workdir=tmp_path, tiers=("device",), router=False, jetstream=True)
     try:
@@ -409,7 +409,7 @@ def test_an_agent_that_boots_offline_serves_then_registers(tiny_family, tmp_path
         s.manifest = write_manifest(tmp_path / "manifest.yaml", tiny_family, s.nats, tiers=("device",), overrides={
             "device_agent": {"device_id": "pi-offline", "credential": CREDENTIAL, "heartbeat_s": HEARTBEAT_S}})
         s.nats.stop()
-        s.start_process("device-0", "device_agent")  # no NATS: it must still come up
+        s.start_process("device-0", "tierline_device_agent")  # no NATS: it must still come up
         assert ask(s).choices[0].finish_reason
         s.nats.start()
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from shared.engine import EngineError, GenerationParams
 from tests.conftest import random_torch_engine
+from tierline_shared.runtime.engine import EngineError, GenerationParams
 
 PROMPTS = ["Q:1+2=?\nA:", "Q:max(3,9,4)=?\nA:", "Q:a=3;b=a+4;b=?\nA:"]
 

@@ -15,12 +15,12 @@ import torch
 pytest.importorskip("litert_torch")
 pytest.importorskip("ai_edge_litert")
 
-from shared.engine import EngineError, EngineInfo, GenerationParams  # noqa: E402
-from shared.engines.litert_engine import Interpreter, LiteRTEngine, num_params  # noqa: E402
-from shared.engines.torch_engine import TorchEngine  # noqa: E402
-from shared.model import GPT, GPTConfig  # noqa: E402
-from shared.tokenizer import TextTokenizer  # noqa: E402
-from tierline.modelling.export_tflite import export_tflite  # noqa: E402
+from tierline.build.export_tflite import export_tflite  # noqa: E402
+from tierline_cloud_node.engine import TorchEngine  # noqa: E402
+from tierline_device_agent.engine import Interpreter, LiteRTEngine, num_params  # noqa: E402
+from tierline_shared.models.gpt import GPT, GPTConfig  # noqa: E402
+from tierline_shared.models.tokenizer import TextTokenizer  # noqa: E402
+from tierline_shared.runtime.engine import EngineError, EngineInfo, GenerationParams  # noqa: E402
 
 TOK = TextTokenizer.default()
 PROMPTS = ["7", "12+34=", "what is 5*6? answer:", "a longer prompt of thirty-five chars", "x" * 45]

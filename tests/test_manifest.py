@@ -6,12 +6,12 @@ import sys
 import pytest
 import yaml
 
-from shared.manifest import ManifestError, load_manifest
+from tierline_shared.config.manifest import ManifestError, load_manifest
 
 
 @pytest.fixture
 def manifest(tiny_family, tmp_path):
-    from shared.artifacts import load_manifest as load_models
+    from tierline_shared.models.artifacts import load_manifest as load_models
 
     models = load_models(tiny_family)["artifacts"]
     data = {

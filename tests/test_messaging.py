@@ -9,9 +9,9 @@ import time
 import grpc
 import pytest
 
-from shared.messaging import NatsOptions, TierService, connect, stream_tier
-from tierline.stack import NatsServer
 from tierline.v1 import inference_pb2 as pb
+from tierline_infra.supervisor import NatsServer
+from tierline_shared.transport.messaging import NatsOptions, TierService, connect, stream_tier
 
 TIMEOUT = 30  # seconds, every wait here
 CHUNKS = 400  # a stream read to the end has this many chunks

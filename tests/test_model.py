@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from shared.model import GPT, GPTConfig, Packing, build_mask, load_model, save_model
+from tierline_shared.models.gpt import GPT, GPTConfig, Packing, build_mask, load_model, save_model
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from shared.artifacts import ArtifactError, load_engine, load_manifest, sha256_of
 from tests.conftest import run_cli
+from tierline_shared.models.artifacts import ArtifactError, load_engine, load_manifest, sha256_of
 
 
 def test_build_writes_every_artifact_with_cards(tiny_family):
@@ -101,7 +101,7 @@ def test_corrupt_artifact_with_matching_manifest(tiny_family, tmp_path):
 
 
 def test_tokenizer_that_does_not_match_the_model(tiny_family, tmp_path):
-    from shared.tokenizer import TextTokenizer, build_tokenizer
+    from tierline_shared.models.tokenizer import TextTokenizer, build_tokenizer
 
     m = _copy(tiny_family, tmp_path)
     TextTokenizer(build_tokenizer("0123456789+-=")).save(m / "tokenizer.json")
@@ -125,7 +125,7 @@ def test_bench_json_is_complete(tiny_family):
 
 
 def test_router_scorer_is_built_for_these_models(tiny_family):
-    from router.scorer import Scorer, artifact_digests
+    from tierline_router.scorer import Scorer, artifact_digests
 
     scorer_path = tiny_family / load_manifest(tiny_family)["artifacts"]["router_scorer"]["path"]
     scorer = Scorer.load(scorer_path, expected_artifacts=artifact_digests(tiny_family))
@@ -154,8 +154,8 @@ def test_route_eval_rejects_a_share_outside_0_1(share):
 def test_route_calibrate_writes_the_thresholds(tiny_family, tmp_path):
     import yaml
 
-    from shared.manifest import load_manifest as load_tier_manifest
-    from tierline.stack import write_manifest
+    from tierline_infra.supervisor import write_manifest
+    from tierline_shared.config.manifest import load_manifest as load_tier_manifest
 
     class _Nats:  # only its address and credentials go into the manifest
         url, user, password = "nats://127.0.0.1:4222", "u", "p"

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from shared.engine import EngineInfo, GenerationParams
-from shared.engines.onnx_engine import OnnxEngine
-from shared.engines.torch_engine import TorchEngine
-from shared.model import GPT
-from shared.model_config import GPTConfig
-from shared.tokenizer import TextTokenizer
-from tierline.modelling.export_onnx import export_onnx, input_names, output_names, quantize_int8
+from tierline.build.export_onnx import export_onnx, input_names, output_names, quantize_int8
+from tierline_cloud_node.engine import TorchEngine
+from tierline_edge_node.engine import OnnxEngine
+from tierline_shared.models.gpt import GPT
+from tierline_shared.models.gpt_config import GPTConfig
+from tierline_shared.models.tokenizer import TextTokenizer
+from tierline_shared.runtime.engine import EngineInfo, GenerationParams
 
 WEIGHT_STD = 0.3  # random weights well away from init scale: peaked, varied logits, few near-ties
 ATOL = 1e-4  # fp32 ONNX vs torch logits

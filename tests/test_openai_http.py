@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import new_key, run_cli
 from tierline import InferenceClient
-from tierline.stack import Stack
+from tierline_infra.supervisor import Stack
 
 MODEL = "tierline-reasoner"
 PROMPT = "Q:2+3=?\nA:"

@@ -11,10 +11,10 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from shared.problems import generate
-from tierline.stack import Stack, write_manifest
 from tierline.v1 import inference_pb2 as pb
 from tierline.v1 import inference_pb2_grpc as pb_grpc
+from tierline_infra.supervisor import Stack, write_manifest
+from tierline_shared.tasks.problems import generate
 
 TIMEOUT = 30  # seconds, every RPC here
 
@@ -203,7 +203,7 @@ def test_full_queue_is_resource_exhausted(tiny_family):
 
 
 def test_wrong_nats_password_is_refused_clearly(tiny_family, tmp_path):
-    from tierline.stack import NatsServer
+    from tierline_infra.supervisor import NatsServer
 
     nats = NatsServer(tmp_path).start()
     try:
@@ -235,7 +235,7 @@ def test_metrics_are_served(stack):
 
 def test_router_refuses_a_scorer_trained_for_other_models(tiny_family, tmp_path):
     from tests.conftest import ROOT
-    from tierline.stack import NatsServer
+    from tierline_infra.supervisor import NatsServer
 
     nats = NatsServer(tmp_path).start()
     try:

@@ -7,12 +7,12 @@ import urllib.request
 import numpy as np
 import pytest
 
-from shared.artifacts import load_engine
-from shared.engine import GenerationParams, PrefixCache
-from shared.problems import generate
-from shared.tokenizer import TextTokenizer
 from tests.test_platform import TIMEOUT, req, stub
-from tierline.stack import Stack
+from tierline_infra.supervisor import Stack
+from tierline_shared.models.artifacts import load_engine
+from tierline_shared.models.tokenizer import TextTokenizer
+from tierline_shared.runtime.engine import GenerationParams, PrefixCache
+from tierline_shared.tasks.problems import generate
 
 MAX_TOKENS = 24  # completion tokens per request
 MIN_MATCH = 4  # shortest reused prefix in these tests (the manifest's default is 16)

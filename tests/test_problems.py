@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from shared.problems import (
+from tierline_shared.tasks.problems import (
     ANSWER_MARKER,
     FAMILIES,
     LEVELS,

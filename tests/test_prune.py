@@ -5,17 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.model import GPT, GPTConfig
-from shared.problems import generate
-from shared.tokenizer import TextTokenizer
-from tierline.modelling.prune import (
+from tierline.build.prune import (
     build_pruned,
     param_count,
     prune,
     prune_ffn,
     prune_heads,
 )
-from tierline.modelling.train import TrainConfig, train
+from tierline.build.train import TrainConfig, train
+from tierline_shared.models.gpt import GPT, GPTConfig
+from tierline_shared.models.tokenizer import TextTokenizer
+from tierline_shared.tasks.problems import generate
 
 TOK = TextTokenizer.default()
 # block 128, levels 1-2 (<= 99 tokens): even level-1 problems exceed 64 tokens, and short

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from router.evaluation import (
+from tierline.build.routing import (
     CLOUD,
     ROUTERS,
     Outcomes,
@@ -25,8 +25,8 @@ from router.evaluation import (
     two_way_routing,
     write_curve,
 )
-from router.scorer import Scorer
-from shared.problems import generate
+from tierline_router.scorer import Scorer
+from tierline_shared.tasks.problems import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -70,8 +70,8 @@ def test_result_shape_and_shares_sum_to_one(result):
 
 @needs_models
 def test_cloud_only_costs_one_and_matches_the_measured_cloud_accuracy(result, outcomes, problems):
-    from shared.artifacts import load_engine
-    from tierline.modelling.evaluate import evaluate
+    from tierline.build.evaluate import evaluate
+    from tierline_shared.models.artifacts import load_engine
 
     cloud = result[0]["routers"]["cloud_only"]
     assert cloud["cost_vs_cloud"] == pytest.approx(1.0)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from router.scorer import (
+from tierline_router.scorer import (
     FEATURE_NAMES,
     LOWER_TIERS,
     Scorer,
@@ -18,7 +18,7 @@ from router.scorer import (
     detect_family,
     prompt_features,
 )
-from shared.problems import generate
+from tierline_shared.tasks.problems import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"

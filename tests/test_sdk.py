@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import run_cli
 from tierline import AsyncInferenceClient, InferenceClient, InvalidArgument, TierlineError, Unavailable
-from tierline.stack import Stack
+from tierline_infra.supervisor import Stack
 
 PROMPT = "Q:2+3=?\nA:"
 

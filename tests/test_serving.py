@@ -4,10 +4,10 @@ import threading
 
 import pytest
 
-from shared.engine import GenerationParams
-from shared.serving import TierServicer
 from tests.conftest import random_torch_engine
 from tierline.v1 import inference_pb2 as pb
+from tierline_shared.runtime.engine import GenerationParams
+from tierline_shared.serving.servicer import TierServicer
 
 PROMPT = "Q:a=3;b=a+4;b=?\nA:"
 

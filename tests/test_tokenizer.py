@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from shared.model import GPT
-from shared.problems import generate
-from shared.tokenizer import TextTokenizer, build_tokenizer
-from tierline.modelling.pipeline import family
-from tierline.modelling.train import add_token_factors, bake_token_factors
+from tierline.build.pipeline import family
+from tierline.build.train import add_token_factors, bake_token_factors
+from tierline_shared.models.gpt import GPT
+from tierline_shared.models.tokenizer import TextTokenizer, build_tokenizer
+from tierline_shared.tasks.problems import generate
 
 TOK = TextTokenizer.default()
 

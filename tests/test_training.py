@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from shared.model import GPT, GPTConfig
-from shared.problems import generate
-from shared.tokenizer import TextTokenizer
-from tierline.modelling.train import TrainConfig, distill_alpha_at, encode_batch, level_schedule, pack_batch, train
+from tierline.build.train import TrainConfig, distill_alpha_at, encode_batch, level_schedule, pack_batch, train
+from tierline_shared.models.gpt import GPT, GPTConfig
+from tierline_shared.models.tokenizer import TextTokenizer
+from tierline_shared.tasks.problems import generate
 
 TOK = TextTokenizer.default()
 
@@ -123,7 +123,7 @@ def _small(seed: int = 0) -> GPT:
 
 
 def test_a_background_training_gives_the_weights_of_one_here(tmp_path):
-    from tierline.modelling.background import BackgroundTrain
+    from tierline.build.background import BackgroundTrain
 
     tc = TrainConfig(steps=5, batch_size=4, warmup=1)
     here, there = _small(), _small()
@@ -148,7 +148,7 @@ def test_a_background_training_gives_the_weights_of_one_here(tmp_path):
 
 
 def test_a_failing_background_training_raises_its_error(tmp_path):
-    from tierline.modelling.background import BackgroundTrain
+    from tierline.build.background import BackgroundTrain
 
     job = BackgroundTrain(_small(), TrainConfig(steps=2, batch_size=4, warmup=1), (7,), threads=1, work=tmp_path,
                           on_step=lambda step, loss: None)
@@ -160,7 +160,7 @@ def test_a_failing_background_training_raises_its_error(tmp_path):
 
 
 def test_a_background_training_needs_no_teacher(tmp_path):
-    from tierline.modelling.background import BackgroundTrain
+    from tierline.build.background import BackgroundTrain
 
     with pytest.raises(ValueError, match="distill_alpha"):
         BackgroundTrain(_small(), TrainConfig(steps=2, distill_alpha=0.5), (1,), threads=1, work=tmp_path,

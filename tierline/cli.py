@@ -65,8 +65,8 @@ def non_negative_int(flag: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from shared.artifacts import TIERS
-    from shared.problems import SPLITS
+    from tierline_shared.models.artifacts import TIERS
+    from tierline_shared.tasks.problems import SPLITS
 
     p = _Parser(prog="tierline", description="Serve one model family across cloud, edge and device tiers.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p.handlers = add_devices(sub, _Parser)
 
-    from bench.cli import add_parser as add_bench  # `tierline bench` (make bench) lives in bench/
+    from tierline_bench.cli import add_parser as add_bench  # `tierline bench` (make bench) lives in bench/
 
     p.handlers.update(add_bench(sub, _Parser))
 
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_build(args) -> int:
-    from tierline.modelling.pipeline import build, family
+    from tierline.build.pipeline import build, family
 
     out = args.out or (DEFAULT_MODELS if args.config == "default" else Path("runs/tiny"))
     report = build(family(args.config, seed=args.seed), out)
@@ -156,9 +156,9 @@ def _cmd_build(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from shared.artifacts import load_engine
-    from shared.problems import generate
-    from tierline.modelling.evaluate import evaluate
+    from tierline.build.evaluate import evaluate
+    from tierline_shared.models.artifacts import load_engine
+    from tierline_shared.tasks.problems import generate
 
     engine = load_engine(args.models, args.tier, threads=args.threads)
     r = evaluate(engine, generate(args.split, args.n, seed=args.seed))
@@ -175,7 +175,7 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from tierline.modelling.bench import bench, render
+    from tierline.build.speed import bench, render
 
     result = bench(args.models, rounds=args.rounds, n_prompts=args.prompts, threads=args.threads)
     if args.write:
@@ -185,7 +185,7 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_train_scorer(args) -> int:
-    from router.build import train_scorer
+    from tierline.build.scorer import train_scorer
 
     print(json.dumps(train_scorer(args.models, n=args.n, seed=args.seed)))
     return 0
@@ -193,10 +193,10 @@ def _cmd_train_scorer(args) -> int:
 
 def _router_inputs(models: Path, split: str, n: int, seed: int):
     """The scorer (checked against these models), `n` problems of a split, and every tier's outcomes on them."""
-    from router.build import SCORER_PATH
-    from router.evaluation import run_tiers
-    from router.scorer import Scorer, artifact_digests
-    from shared.problems import generate
+    from tierline.build.routing import run_tiers
+    from tierline.build.scorer import SCORER_PATH
+    from tierline_router.scorer import Scorer, artifact_digests
+    from tierline_shared.tasks.problems import generate
 
     scorer = Scorer.load(models / SCORER_PATH, expected_artifacts=artifact_digests(models))
     problems = generate(split, n, seed=seed)
@@ -210,9 +210,9 @@ def _manifest_costs(manifest) -> dict[str, float]:
 
 
 def _cmd_route_eval(args) -> int:
-    from router.evaluation import evaluate_routers, write_curve
-    from shared.manifest import load_manifest
-    from shared.problems import generate
+    from tierline.build.routing import evaluate_routers, write_curve
+    from tierline_shared.config.manifest import load_manifest
+    from tierline_shared.tasks.problems import generate
 
     manifest = load_manifest(args.manifest, check_artifacts=False)
     rc = manifest.router
@@ -271,8 +271,8 @@ def _cmd_route_calibrate(args) -> int:
     import numpy as np
     import yaml
 
-    from router.evaluation import calibrate_policy
-    from shared.manifest import load_manifest
+    from tierline.build.routing import calibrate_policy
+    from tierline_shared.config.manifest import load_manifest
 
     manifest = load_manifest(args.manifest)
     if not manifest.router.scorer:

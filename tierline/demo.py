@@ -20,11 +20,11 @@ import grpc
 from rich.console import Console
 from rich.table import Table
 
-from shared.manifest import load_manifest
-from shared.problems import generate, is_correct
-from tierline.stack import Stack
 from tierline.v1 import inference_pb2 as pb
 from tierline.v1 import inference_pb2_grpc as pb_grpc
+from tierline_infra.supervisor import Stack
+from tierline_shared.config.manifest import load_manifest
+from tierline_shared.tasks.problems import generate, is_correct
 
 DEMO_TIMEOUT_S = 60  # per request
 # relative price of 1k tokens per tier, written into the demo's manifest (cost_per_1k_tokens)

@@ -17,9 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from device_agent.fleet import JS_TIMEOUT_S, open_fleet
-from device_agent.ota import Artifact, DesiredModel, OtaError
-from device_agent.profile import PROFILES, measure_pinned
+from tierline_device_agent.fleet import JS_TIMEOUT_S, open_fleet
+from tierline_device_agent.ota import Artifact, DesiredModel, OtaError
+from tierline_device_agent.profile import PROFILES, measure_pinned
 
 UPLOAD_TIMEOUT_S = 120.0  # one artifact into the object store, at most
 COLUMNS = ("device", "state", "model", "ota", "code", "queue", "requests", "rss_mb", "arch", "beat_age_s",
@@ -52,15 +52,15 @@ def add_parser(sub, parser_class) -> dict:
 
 
 def _nats_options(manifest_path: Path):
-    from shared.manifest import load_manifest
-    from shared.messaging import NatsOptions
+    from tierline_shared.config.manifest import load_manifest
+    from tierline_shared.transport.messaging import NatsOptions
 
     manifest = load_manifest(manifest_path, check_artifacts=False)
     return manifest, NatsOptions.from_manifest(manifest)
 
 
 async def _with_fleet(opts, work):
-    from shared.messaging import connect
+    from tierline_shared.transport.messaging import connect
 
     nc = await connect(opts, name="tierline-cli")
     try:
@@ -160,8 +160,8 @@ def cmd_set_model(args) -> int:
 # -- bench --------------------------------------------------------------------------------------------
 def cmd_bench(args) -> int:
     """The device model on the profile's cores and threads, in a pinned process of its own (device_agent/profile.py)."""
-    from shared.artifacts import load_manifest
     from tierline.cli import UsageError
+    from tierline_shared.models.artifacts import load_manifest
 
     load_manifest(args.models)  # a missing family: one line, exit 2, before a process starts
     try:

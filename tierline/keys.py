@@ -31,8 +31,8 @@ def add_parser(sub, parser_class) -> dict:
 
 
 def _store(manifest_path: Path):
-    from router.auth import KeyStore
-    from shared.manifest import load_manifest
+    from tierline_router.auth import KeyStore
+    from tierline_shared.config.manifest import load_manifest
 
     manifest = load_manifest(manifest_path, check_artifacts=False)
     if not manifest.auth.enabled:
@@ -72,7 +72,7 @@ def _run(args) -> int:
 
 
 def _list(records, plans, as_json: bool) -> None:
-    from router.auth import next_reset, utc_day
+    from tierline_router.auth import next_reset, utc_day
 
     if as_json:
         print(json.dumps({"day": utc_day(), "keys": [

@@ -16,7 +16,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from shared.engine import Engine, GenerationParams, GenerationResult
+from tierline_shared.runtime.engine import Engine, GenerationParams, GenerationResult
 
 DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_MAX_QUEUE_DELAY_MS = 5.0  # milliseconds the first request waits for company

@@ -32,7 +32,8 @@ import yaml
 READY_TIMEOUT_S = 60.0  # a tier loading its model, at most
 STOP_TIMEOUT_S = 5.0
 LOG_TAIL_CHARS = 2000  # of a child's log, in the error when it exits before it is ready
-TIER_MODULES = {"cloud": "cloud_node", "edge": "edge_node", "device": "device_agent"}
+TIER_MODULES = {"cloud": "tierline_cloud_node", "edge": "tierline_edge_node", "device": "tierline_device_agent"}
+ROUTER_MODULE = "tierline_router"
 
 
 def nats_server_binary() -> str:
@@ -183,7 +184,7 @@ def terminate(proc: subprocess.Popen | None) -> None:
 def write_manifest(path: Path, models_dir: Path, nats: NatsServer, tiers=("device", "edge", "cloud"),
                    overrides: dict | None = None) -> Path:
     """A manifest for these models and this nats-server (artifacts and sha256 from the models' manifest)."""
-    from shared.artifacts import load_manifest as load_models
+    from tierline_shared.models.artifacts import load_manifest as load_models
 
     models = load_models(models_dir)
     data: dict = {
@@ -239,7 +240,7 @@ class Stack:
                 for i in range(self.replicas.get(tier, 1)):
                     self.start_process(f"{tier}-{i}", TIER_MODULES[tier])
             if self.with_router:
-                self.start_process("router", "router")
+                self.start_process("router", ROUTER_MODULE)
         except BaseException:
             self.stop()
             raise
@@ -266,8 +267,8 @@ class Stack:
 
     def create_key(self, plan: str, name: str = "") -> str:
         """A new API key in this platform's key store (what `tierline keys create` does)."""
-        from router.auth import KeyStore
-        from shared.manifest import load_manifest
+        from tierline_router.auth import KeyStore
+        from tierline_shared.config.manifest import load_manifest
 
         store = KeyStore(load_manifest(self.manifest, check_artifacts=False).key_store_path)
         try:
@@ -275,7 +276,7 @@ class Stack:
         finally:
             store.close()
 
-    def restart(self, name: str, module: str = "router") -> Proc:
+    def restart(self, name: str, module: str = ROUTER_MODULE) -> Proc:
         """Stop one process gracefully (SIGTERM) and start it again from the same manifest."""
         proc = next(p for p in self.procs if p.name == name)
         proc.close()

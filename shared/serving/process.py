@@ -15,12 +15,12 @@ import sys
 import threading
 from dataclasses import asdict
 
-from shared.artifacts import ArtifactError, load_engine
-from shared.manifest import EXIT_BAD_MANIFEST, ManifestError, load_manifest
-from shared.messaging import NatsAuthError, NatsOptions, TierService, subject
-from shared.metrics import Metrics
-from shared.serving import Limits, TierServicer, create_server
 from tierline.v1 import inference_pb2 as pb
+from tierline_shared.config.manifest import EXIT_BAD_MANIFEST, ManifestError, load_manifest
+from tierline_shared.models.artifacts import ArtifactError, load_engine
+from tierline_shared.serving.metrics import Metrics
+from tierline_shared.serving.servicer import Limits, TierServicer, create_server
+from tierline_shared.transport.messaging import NatsAuthError, NatsOptions, TierService, subject
 
 
 def main(tier: str, argv: list[str] | None = None) -> int:
@@ -28,13 +28,14 @@ def main(tier: str, argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest", required=True, help="YAML tier manifest")
     parser.add_argument("--no-nats", action="store_true", help="serve gRPC only (no NATS registration)")
     args = parser.parse_args(argv)
-    tier_name = {"cloud_node": "cloud", "edge_node": "edge", "device_agent": "device"}.get(tier, tier)
+    tier_name = {"tierline_cloud_node": "cloud", "tierline_edge_node": "edge",
+                 "tierline_device_agent": "device"}.get(tier, tier)
     try:
         manifest = load_manifest(args.manifest)
         tc = manifest.tier(tier_name)
         models_dir = manifest.models_path
         if tier_name == "device":  # the memory cap; the model an OTA update installed last, if any
-            from device_agent.fleet import prepare_device
+            from tierline_device_agent.fleet import prepare_device
 
             models_dir = prepare_device(manifest)
         engine = load_engine(models_dir, tier_name, threads=tc.threads)
@@ -46,8 +47,8 @@ def main(tier: str, argv: list[str] | None = None) -> int:
     servicer_args = (engine, tc.batching, Limits(**asdict(manifest.limits)), tc.cache_size, tc.timeout_ms / 1000,
                      metrics)
     if tier_name == "device":  # the board's front door: local first, the edge over NATS when needed
-        from device_agent.agent import DeviceAgentServicer
-        from router.policy import Policy
+        from tierline_device_agent.agent import DeviceAgentServicer
+        from tierline_router.policy import Policy
 
         rc = manifest.router
         servicer = DeviceAgentServicer(*servicer_args, policy=Policy(rc.device_complexity, rc.cloud_complexity,
@@ -84,7 +85,7 @@ def main(tier: str, argv: list[str] | None = None) -> int:
             servicer.link = nats_service
     fleet = None
     if tier_name == "device" and manifest.device_agent.device_id and not args.no_nats:
-        from device_agent.fleet import FleetAgent
+        from tierline_device_agent.fleet import FleetAgent
 
         fleet = FleetAgent(manifest, servicer, threads=tc.threads).start()
     print(json.dumps({"event": "ready", "tier": tier_name, "grpc_port": port, "metrics_port": metrics_port,

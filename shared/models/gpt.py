@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from shared.model_config import GPTConfig
+from tierline_shared.models.gpt_config import GPTConfig
 
 __all__ = ["GPT", "GPTConfig", "Packing", "build_mask", "load_model", "save_model"]
 

@@ -10,9 +10,9 @@ import statistics
 import time
 from pathlib import Path
 
-from shared.artifacts import TIERS, load_engine
-from shared.engine import Engine, GenerationParams
-from shared.problems import generate
+from tierline_shared.models.artifacts import TIERS, load_engine
+from tierline_shared.runtime.engine import Engine, GenerationParams
+from tierline_shared.tasks.problems import generate
 
 BENCH_MAX_TOKENS = 48  # completion tokens per request
 WARMUP_ROUNDS = 1

@@ -23,11 +23,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shared.batching import BatchConfig, BatchedResult, Batcher, DeadlineExceeded, QueueFull
-from shared.engine import Engine, EngineError, GenerationParams
-from shared.messaging import TierError
 from tierline.v1 import inference_pb2 as pb
 from tierline.v1 import inference_pb2_grpc as pb_grpc
+from tierline_shared.runtime.batching import BatchConfig, BatchedResult, Batcher, DeadlineExceeded, QueueFull
+from tierline_shared.runtime.engine import Engine, EngineError, GenerationParams
+from tierline_shared.transport.messaging import TierError
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 DEFAULT_WORKERS = 32  # gRPC handler threads (they mostly wait on the batcher)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from shared.engine import Engine, EngineInfo, Past, check_vocab
-from shared.model import GPT, load_model
-from shared.tokenizer import TextTokenizer
+from tierline_shared.models.gpt import GPT, load_model
+from tierline_shared.models.tokenizer import TextTokenizer
+from tierline_shared.runtime.engine import Engine, EngineInfo, Past, check_vocab
 
 
 class TorchEngine(Engine):

@@ -26,9 +26,9 @@ try:
 except ImportError:  # the slim runtime some devices ship instead
     from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
 
-from shared.engine import Engine, EngineInfo, check_vocab
-from shared.model_config import GPTConfig
-from shared.tokenizer import TextTokenizer
+from tierline_shared.models.gpt_config import GPTConfig
+from tierline_shared.models.tokenizer import TextTokenizer
+from tierline_shared.runtime.engine import Engine, EngineInfo, check_vocab
 
 _PREFILL = re.compile(r"^prefill_(\d+)$")
 

@@ -18,8 +18,8 @@ from typing import Callable
 
 import torch
 
-from shared.model import GPT, GPTConfig, load_model
-from tierline.modelling.train import TrainConfig
+from tierline.build.train import TrainConfig
+from tierline_shared.models.gpt import GPT, GPTConfig, load_model
 
 POLL_S = 1.0  # how often wait() checks that the process is still alive
 
@@ -27,9 +27,9 @@ POLL_S = 1.0  # how often wait() checks that the process is still alive
 def _run(model_cfg: GPTConfig, state: dict, cfg: TrainConfig, levels: tuple[int, ...], threads: int,
          out_dir: str, messages) -> None:
     """The child process: train a copy of the model, write its weights, report the summary."""
-    from shared.model import save_model
-    from shared.tokenizer import TextTokenizer
-    from tierline.modelling.train import train
+    from tierline.build.train import train
+    from tierline_shared.models.gpt import save_model
+    from tierline_shared.models.tokenizer import TextTokenizer
 
     try:
         torch.set_num_threads(threads)

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from shared.model import GPT, GPTConfig
+from tierline_shared.models.gpt import GPT, GPTConfig
 
 CACHE_LAYOUT = "BTNH"  # (batch=1, position, head, head_dim), litert-torch's default layout
 DEFAULT_PREFILL_LENS = (32, 64, 128, 256)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from shared.engine import Engine, GenerationParams
-from shared.problems import LEVELS, Problem, is_correct
+from tierline_shared.runtime.engine import Engine, GenerationParams
+from tierline_shared.tasks.problems import LEVELS, Problem, is_correct
 
 EVAL_MAX_TOKENS = 96  # the longest worked answer (level 5 variables) is 94 tokens
 

@@ -23,14 +23,14 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from shared.artifacts import MANIFEST, TIER_FORMATS, file_entry, load_engine, write_card
-from shared.engine import EngineInfo
-from shared.engines.torch_engine import TorchEngine
-from shared.model import GPT, GPTConfig, save_model
-from shared.problems import ANSWER_MARKER, generate
-from shared.tokenizer import TextTokenizer
-from tierline.modelling.evaluate import evaluate, kv_agreement
-from tierline.modelling.train import TrainConfig, train
+from tierline.build.evaluate import evaluate, kv_agreement
+from tierline.build.train import TrainConfig, train
+from tierline_cloud_node.engine import TorchEngine
+from tierline_shared.models.artifacts import MANIFEST, TIER_FORMATS, file_entry, load_engine, write_card
+from tierline_shared.models.gpt import GPT, GPTConfig, save_model
+from tierline_shared.models.tokenizer import TextTokenizer
+from tierline_shared.runtime.engine import EngineInfo
+from tierline_shared.tasks.problems import ANSWER_MARKER, generate
 
 MODEL_NAME = "tierline-reasoner"
 os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "0")  # our own progress bars instead
@@ -171,7 +171,7 @@ def build(cfg: FamilyConfig, out: Path, console: Console | None = None) -> dict:
                    b_title: str, b_model: GPT, b_tc: TrainConfig) -> tuple[dict, dict]:
         """fit() here with half the threads while `b_model` (no teacher) trains in a second process
         with the other half."""
-        from tierline.modelling.background import BackgroundTrain
+        from tierline.build.background import BackgroundTrain
 
         with steps.stage(b_title, b_tc.steps) as b_adv:
             other = BackgroundTrain(b_model, b_tc, (1, 2, 3, 4, 5), threads=cfg.threads // 2, work=work,
@@ -215,7 +215,7 @@ def build(cfg: FamilyConfig, out: Path, console: Console | None = None) -> dict:
         score("student_fp32_torch", torch_engine(student, "edge"))
         score("student_no_distill", torch_engine(baseline, "edge"))
 
-        from tierline.modelling.export_onnx import export_onnx, quantize_int8
+        from tierline.build.export_onnx import export_onnx, quantize_int8
 
         edge_dir = out / "edge"
         edge_dir.mkdir(exist_ok=True)
@@ -228,7 +228,7 @@ def build(cfg: FamilyConfig, out: Path, console: Console | None = None) -> dict:
         student.cfg.to_json(work / "config.json")
         timings["export + quantize (edge)"] = round(time.perf_counter() - t0, 1)
 
-        from tierline.modelling.prune import prune
+        from tierline.build.prune import prune
 
         t0 = time.perf_counter()
         device_model, prune_report = prune(student, tok, cfg.prune_ratio, calib)
@@ -236,7 +236,7 @@ def build(cfg: FamilyConfig, out: Path, console: Console | None = None) -> dict:
         finetune_summary = fit("device fine-tune", device_model, cfg.finetune, teacher=teacher,
                                levels=cfg.device_levels)
 
-        from tierline.modelling.export_tflite import export_tflite
+        from tierline.build.export_tflite import export_tflite
 
         device_dir = out / "device"
         device_dir.mkdir(exist_ok=True)
@@ -246,7 +246,7 @@ def build(cfg: FamilyConfig, out: Path, console: Console | None = None) -> dict:
         timings["export (device)"] = round(time.perf_counter() - t0, 1)
 
         manifest = _write_manifest(out, cfg)
-        from shared.engines.onnx_engine import OnnxEngine
+        from tierline_edge_node.engine import OnnxEngine
 
         score("edge_fp32_onnx", OnnxEngine.load(work / "model.fp32.onnx", tok, "edge", threads=cfg.threads))
         edge = load_engine(out, "edge", threads=cfg.threads)
@@ -295,7 +295,7 @@ def build(cfg: FamilyConfig, out: Path, console: Console | None = None) -> dict:
     }
     # the manifest is rewritten last so it also lists the cards, then the router's scorer joins it
     _write_manifest(out, cfg)
-    from router.build import train_scorer
+    from tierline.build.scorer import train_scorer
 
     report["router_scorer"] = train_scorer(out, n=cfg.scorer_n, seed=cfg.teacher_train.seed, threads=cfg.threads)
     report["build_seconds"] = round(time.perf_counter() - t_start, 1)  # everything, the scorer included

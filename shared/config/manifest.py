@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
-from shared.artifacts import TIERS, sha256_of
-from shared.batching import BatchConfig
+from tierline_shared.models.artifacts import TIERS, sha256_of
+from tierline_shared.runtime.batching import BatchConfig
 
 EXIT_BAD_MANIFEST = 2
 

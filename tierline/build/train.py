@@ -17,9 +17,9 @@ from torch.nn import functional as F
 from torch.nn.utils import parametrize
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from shared.model import GPT, Packing
-from shared.problems import LEVELS, Problem, iter_problems
-from shared.tokenizer import TextTokenizer
+from tierline_shared.models.gpt import GPT, Packing
+from tierline_shared.models.tokenizer import TextTokenizer
+from tierline_shared.tasks.problems import LEVELS, Problem, iter_problems
 
 
 @dataclass

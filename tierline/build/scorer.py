@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from router.scorer import Scorer, artifact_digests, collect_labels, decision_latency
-from shared.artifacts import MANIFEST, file_entry
+from tierline_router.scorer import Scorer, artifact_digests, collect_labels, decision_latency
+from tierline_shared.models.artifacts import MANIFEST, file_entry
 
 SCORER_PATH = Path("router") / "scorer.json"
 DEFAULT_SCORER_N = 1000  # calibration problems labelled (both lower tiers answer each once)

@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from shared.tokenizer import TextTokenizer
+from tierline_shared.models.tokenizer import TextTokenizer
 
 Past = list  # backend-specific KV cache (list of per-layer arrays)
 

@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from shared.engine import Engine
-from shared.tokenizer import TextTokenizer
+from tierline_shared.models.tokenizer import TextTokenizer
+from tierline_shared.runtime.engine import Engine
 
 MANIFEST = "manifest.json"
 TIERS = ("cloud", "edge", "device")
@@ -96,15 +96,15 @@ def load_engine(models_dir: str | Path, tier: str, threads: int | None = None, d
     name, version = manifest.get("model_name", "tierline"), manifest.get("version", "0")
     try:
         if entry["format"] == "safetensors":
-            from shared.engines.torch_engine import TorchEngine
+            from tierline_cloud_node.engine import TorchEngine
 
             return TorchEngine.load(weights.parent, tok, tier, name, version, device=device, threads=threads)
         if entry["format"].startswith("onnx"):
-            from shared.engines.onnx_engine import OnnxEngine
+            from tierline_edge_node.engine import OnnxEngine
 
             return OnnxEngine.load(weights, tok, tier, name, version, threads=threads)
         if entry["format"] == "tflite":
-            from shared.engines.litert_engine import LiteRTEngine
+            from tierline_device_agent.engine import LiteRTEngine
 
             return LiteRTEngine.load(weights, tok, tier, name, version, threads=threads)
     except ArtifactError:

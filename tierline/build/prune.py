@@ -30,10 +30,10 @@ from typing import Iterable, Sequence
 import torch
 from torch.nn import functional as F
 
-from shared.model import GPT, GPTConfig
-from shared.problems import Problem
-from shared.tokenizer import TextTokenizer
-from tierline.modelling.train import encode_batch
+from tierline.build.train import encode_batch
+from tierline_shared.models.gpt import GPT, GPTConfig
+from tierline_shared.models.tokenizer import TextTokenizer
+from tierline_shared.tasks.problems import Problem
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (input_ids, targets, loss_mask)
 

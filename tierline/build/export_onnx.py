@@ -25,8 +25,8 @@ import onnx
 import torch
 import torch.nn as nn
 
-from shared.engines.onnx_engine import META_CONFIG, META_PARAMS
-from shared.model import GPT
+from tierline_edge_node.engine import META_CONFIG, META_PARAMS
+from tierline_shared.models.gpt import GPT
 
 DEFAULT_OPSET = 17  # LayerNormalization is a native op from opset 17
 # Trace shapes: different from each other and not 0 or 1 (which the tracer could treat as

@@ -77,9 +77,9 @@ class Outcomes:
 
 def run_tiers(models_dir: str | Path, problems: list, threads: int = 1) -> Outcomes:
     """Answer every problem once on every tier (greedy, up to 96 completion tokens, as evaluate does)."""
-    from shared.artifacts import load_engine
-    from shared.engine import GenerationParams
-    from shared.problems import is_correct
+    from tierline_shared.models.artifacts import load_engine
+    from tierline_shared.runtime.engine import GenerationParams
+    from tierline_shared.tasks.problems import is_correct
 
     n = len(problems)
     correct = np.zeros((n, len(TIERS)), dtype=bool)

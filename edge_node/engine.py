@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from shared.engine import Engine, EngineInfo, Past, check_vocab
-from shared.model_config import GPTConfig
-from shared.tokenizer import TextTokenizer
+from tierline_shared.models.gpt_config import GPTConfig
+from tierline_shared.models.tokenizer import TextTokenizer
+from tierline_shared.runtime.engine import Engine, EngineInfo, Past, check_vocab
 
 CONFIG_FILE = "config.json"  # written beside the .onnx file by the pipeline
 META_CONFIG = "tierline.config"  # the config embedded by export_onnx (fallback)

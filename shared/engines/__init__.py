@@ -1,1 +1,0 @@
-"""Backends of the shared engine interface: torch (cloud), onnxruntime (edge), LiteRT (device)."""

@@ -19,9 +19,9 @@ def add_parser(sub, parser_class) -> dict:
 
 def cmd_bench(args) -> int:
     from tierline_bench.harness import run_bench
-    from tierline_shared.models.artifacts import load_manifest
+    from tierline_shared.models.artifacts import load_index
 
-    load_manifest(args.models)  # a missing or unreadable family: one line, exit 2, before anything starts
+    load_index(args.models)  # a missing or unreadable family: one line, exit 2, before anything starts
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out}: not a directory")
     results = run_bench(args.models, args.out, quick=args.quick, log=lambda m: print(m, file=sys.stderr, flush=True))

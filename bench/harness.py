@@ -20,16 +20,15 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tierline.demo import stack_overrides
 from tierline_bench import scenarios
 from tierline_bench.device_profile import pi_profile
 from tierline_bench.load import HttpClient
 from tierline_bench.peer import PeerServer, available
 from tierline_bench.report import write_report
-from tierline_infra.supervisor import Stack
+from tierline_edge_node.engine import load_engine
+from tierline_infra.supervisor import Stack, demo_overrides
 from tierline_shared.config.manifest import load_manifest
-from tierline_shared.models.artifacts import load_engine
-from tierline_shared.models.artifacts import load_manifest as load_models
+from tierline_shared.models.artifacts import load_index
 from tierline_shared.runtime.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_DELAY_MS
 from tierline_shared.tasks.problems import generate
 
@@ -69,9 +68,8 @@ def run_bench(models_dir: Path, out_dir: Path, quick: bool = False, log=print) -
     t0 = time.perf_counter()
     log("phase A: nats-server, device, edge, cloud, router (result caches off)")
     # the demo's costs and router policy (the calibrated one when infra/manifests/local.yaml serves these models)
-    with Stack(models_dir, overrides={**stack_overrides(models_dir), **_tiers(scenarios.TIERS, cfg.threads)}) as full:
-        manifest = load_manifest(full.manifest, check_artifacts=False)
-        costs = {name: tier.cost_per_1k_tokens for name, tier in manifest.tiers.items()}
+    with Stack(models_dir, overrides={**demo_overrides(models_dir), **_tiers(scenarios.TIERS, cfg.threads)}) as full:
+        costs = load_manifest(full.manifest, check_artifacts=False).costs()
         log("  1. edge vs cloud")
         sections["edge_vs_cloud"] = scenarios.edge_vs_cloud(full, cfg, prompts, warm)
         log("  2. tiered vs cloud only")
@@ -90,7 +88,7 @@ def run_bench(models_dir: Path, out_dir: Path, quick: bool = False, log=print) -
             Stack(models_dir, tiers=("edge",), router=False, overrides=batching_off) as off:
         log("  3. batching on vs off")
         sections["batching"] = scenarios.batching(on, off, cfg, prompts, warm)
-        engine = load_engine(models_dir, "edge", threads=cfg.threads)
+        engine = load_engine(models_dir, threads=cfg.threads)
         reason = available()
         peer = None
         if reason is None:
@@ -128,7 +126,7 @@ def run_bench(models_dir: Path, out_dir: Path, quick: bool = False, log=print) -
     sections["device_profile"] = pi_profile(models_dir, cfg)
     phases["D"] = time.perf_counter() - t0
 
-    models = load_models(models_dir)
+    models = load_index(models_dir)
     results = {
         "meta": {
             "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import litserve as ls
 
-from tierline_shared.models.artifacts import load_engine
+from tierline_edge_node.engine import load_engine
 from tierline_shared.runtime.engine import GenerationParams
 
 
@@ -20,7 +20,7 @@ class EdgeLitAPI(ls.LitAPI):
         self.models_dir, self.threads = models_dir, threads
 
     def setup(self, device):
-        self.engine = load_engine(self.models_dir, "edge", threads=self.threads)
+        self.engine = load_engine(self.models_dir, threads=self.threads)
 
     def decode_request(self, request):
         return str(request["prompt"]), int(request["max_tokens"])

@@ -505,13 +505,13 @@ def overhead_and_peer(platform: Stack, engine, peer_client: HttpClient | None, p
 
 # -- 7. router decision time and one NATS hop ------------------------------------------------------------------------
 def router_and_nats(stack: Stack, cfg: BenchConfig, prompts: list[str]) -> dict:
-    from tierline_router.__main__ import load_scorer
     from tierline_router.policy import Policy
+    from tierline_router.scorer import load_scorer
 
     manifest = load_manifest(stack.manifest, check_artifacts=False)
     rc = manifest.router
     scorer = load_scorer(manifest)
-    policy = Policy(rc.device_complexity, rc.cloud_complexity, dict(rc.confidence_threshold), scorer)
+    policy = Policy.from_config(rc, scorer)
     tiers = tuple(manifest.tiers)
     for p in prompts[:50]:
         policy.decide(p, tiers)

@@ -1,1 +1,1 @@
-"""The cloud tier: a thin process around the shared engine and servicer (shared/tier_process.py)."""
+"""The cloud tier: the full-precision teacher, run by PyTorch (engine.py), as a process (process.py)."""

@@ -1,5 +1,6 @@
+"""`python -m tierline_cloud_node --manifest FILE`: the cloud tier."""
 import sys
 
-from tierline_shared.serving.process import main
+from tierline_cloud_node.process import main
 
-sys.exit(main("tierline_cloud_node"))
+sys.exit(main())

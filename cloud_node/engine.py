@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from tierline_shared.models.artifacts import TierFiles, load_with
 from tierline_shared.models.gpt import GPT, load_model
 from tierline_shared.models.tokenizer import TextTokenizer
 from tierline_shared.runtime.engine import Engine, EngineInfo, Past, check_vocab
@@ -64,3 +65,16 @@ class TorchEngine(Engine):
 
         return [(torch.cat([pad(r[i][0]) for r in rows]), torch.cat([pad(r[i][1]) for r in rows]))
                 for i in range(len(rows[0]))]
+
+
+FORMATS = ("safetensors",)
+
+
+def load_engine(models_dir: str | Path, tier: str = "cloud", threads: int | None = None,
+                device: str = "cpu") -> TorchEngine:
+    """The cloud model of a models directory, every file sha256-checked first (ArtifactError otherwise)."""
+    def backend(f: TierFiles) -> TorchEngine:
+        return TorchEngine.load(f.weights.parent, f.tokenizer, f.tier, f.model_name, f.version, device=device,
+                                threads=threads)
+
+    return load_with(models_dir, tier, FORMATS, backend)

@@ -1,40 +1,36 @@
 """The device agent's own front door: answer on the board when the policy allows, else go up.
 
-Apps on the board call the agent's gRPC (loopback). Easy prompts are answered by
-the local LiteRT model; when the policy wants a bigger tier, or the local answer's
-confidence is below the device threshold, the agent asks the edge (then the cloud)
-over its NATS connection. When nothing above answers (no responders: at once; a
-timeout: bounded by the manifest), the agent answers locally and marks the answer
-`degraded`, rather than hanging or failing (the edge-fallback users of KubeEdge
-Sedna ask for).
+Apps on the board call the agent's gRPC (loopback). The request runs through the router's
+cascade (tierline_router.cascade), the same rule the router applies: the device tier is the
+board's own LiteRT model, the edge and the cloud are asked over the agent's NATS
+connection. When nothing above answers (no responders: at once; a timeout: bounded by the
+manifest; no link: at once, `offline`), the board's own answer is given, marked `degraded`,
+rather than hanging or failing (the edge fallback users of KubeEdge Sedna ask for).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import threading
 import time
 
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeout
-
 from tierline.v1 import inference_pb2 as pb
+from tierline_router.cascade import Cascade, Decision, Offline
 from tierline_router.policy import Policy
 from tierline_shared.runtime.batching import Batcher
 from tierline_shared.runtime.engine import Engine
-from tierline_shared.serving.servicer import LRUCache, TierServicer, validate
-from tierline_shared.transport.messaging import TierError, TierService
+from tierline_shared.serving.servicer import LRUCache, TierServicer, as_tier_error, status_of, validate
+from tierline_shared.transport.tier_service import TierService
+from tierline_shared.wire import TIERS
 
-UPSTREAM = ("edge", "cloud")  # asked in this order
-CLIENT_ERRORS = {"INVALID_ARGUMENT"}
 RETIRE_GRACE_S = 1.0  # an old engine's batcher lives this long after its queue empties (late submits)
 
 
 class DeviceAgentServicer(TierServicer):
-    def __init__(self, *args, policy: Policy, upstream_timeout_s: float, **kwargs):
+    def __init__(self, *args, policy: Policy, upstream_timeout_s: float, retries_per_tier: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.policy = policy
-        self.upstream_timeout_s = upstream_timeout_s
+        self.upstream_timeout_s = upstream_timeout_s  # one request to a tier above, at most
+        self.retries_per_tier = retries_per_tier
         self.link: TierService | None = None  # the NATS link to the tiers above (may be reconnecting)
         self.on_answer = None  # called with each answer, front door or NATS (the fleet agent's telemetry)
         self._swap_lock = threading.Lock()
@@ -56,61 +52,45 @@ class DeviceAgentServicer(TierServicer):
         threading.Thread(target=retire, name="retire-engine", daemon=True).start()
 
     def answer(self, req: pb.InferRequest, timeout_s: float | None) -> pb.InferResponse:
+        """One request from the board's apps, through the cascade: this board's model or the tiers above."""
         validate(req, self.engine, self.limits, self.engine.info.model)  # bad input fails here, on the board
         deadline = None if timeout_s is None else time.monotonic() + timeout_s  # one budget for every try
-
-        def left() -> float | None:
-            return None if deadline is None else max(0.0, deadline - time.monotonic())
-
+        local = self.engine.info.tier
         first, score = self.policy.decide(req.prompt)
-        path: list[pb.Attempt] = []
-        local = None
+        cascade = Cascade(self.policy, first, TIERS, self.retries_per_tier, origin=local)
         link = self.link if self.link is not None and self.link.connected else None
-        if first == "device" or link is None:
-            local = self.handle(req, timeout_s)
-            confident = self.policy.accept("device", local.confidence)
-            if confident and first == "device":
-                return self._finish(local, score, [_attempt(local, "answered")], degraded=False)
-            if link is None:  # offline: fail the escalation at once, the board's answer is the best there is
-                detail = "no NATS link: not asked" if self.link is None else "NATS link down: not asked"
-                return self._finish(local, score, [pb.Attempt(tier=UPSTREAM[0], outcome="offline", detail=detail),
-                                                   _attempt(local, "answered")], degraded=True)
-            path.append(_attempt(local, "low_confidence"))
-        for tier in UPSTREAM:
-            budget = self.upstream_timeout_s if deadline is None else min(self.upstream_timeout_s, left())
-            if budget <= 0:
-                path.append(pb.Attempt(tier=tier, outcome="timeout", detail="the request's deadline has passed"))
+        while (tier := cascade.next_tier()) is not None:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                cascade.expired(tier)
                 break
+            budget = self.upstream_timeout_s if left is None else min(self.upstream_timeout_s, left)
             try:
-                resp = link.request(tier, req, budget)
-            except NoRespondersError:
-                path.append(pb.Attempt(tier=tier, outcome="no_responders", detail="no replica is up"))
-                continue
-            except (NatsTimeout, concurrent.futures.TimeoutError, TimeoutError):
-                path.append(pb.Attempt(tier=tier, outcome="timeout", detail="no answer in time"))
-                continue
-            except TierError as exc:
-                if exc.status in CLIENT_ERRORS:
-                    raise
-                path.append(pb.Attempt(tier=tier, outcome="error", detail=f"{exc.status}: {exc.message}"))
-                continue
-            accepted = self.policy.accept(tier, resp.confidence) or tier == UPSTREAM[-1]
-            path.append(_attempt(resp, "answered" if accepted else "low_confidence"))
-            if accepted:
-                return self._finish(resp, score, path, degraded=False)
-            local = local if local is not None and local.confidence > resp.confidence else resp
-        # nothing above could answer: the board's own answer, marked degraded
-        if local is None:
-            local = self.handle(req, left())
-            path.append(_attempt(local, "answered"))
-        return self._finish(local, score, path, degraded=True)
+                if tier == local:
+                    cascade.answered(tier, self.handle(req, left))
+                elif link is None:
+                    raise Offline("no NATS link: not asked" if self.link is None else "NATS link down: not asked")
+                else:
+                    cascade.answered(tier, link.request(tier, req, budget))
+            except Exception as exc:  # noqa: BLE001 - the cascade sorts failures (and raises what is not one)
+                cascade.failed(tier, as_tier_error(local, exc) if tier == local else exc,
+                               detail=f"no answer in {budget:.2f}s")
+        return self._finish(cascade.decision(), score)
 
     @staticmethod
-    def _finish(resp: pb.InferResponse, score: float, path, degraded: bool) -> pb.InferResponse:
+    def _finish(decision: Decision, score: float) -> pb.InferResponse:
+        resp = decision.answer
         resp.complexity = score
         del resp.escalation_path[:]
-        resp.escalation_path.extend(path)
-        resp.degraded = degraded
+        resp.escalation_path.extend(decision.path)
+        resp.degraded = decision.degraded
+        return resp
+
+    def serve_nats(self, req: pb.InferRequest, timeout_s: float | None) -> pb.InferResponse:
+        """The router asks this board's model directly (no cascade here: the router runs it)."""
+        resp = self.handle(req, timeout_s)
+        if self.on_answer is not None:
+            self.on_answer(resp, via="nats")
         return resp
 
     def Infer(self, request, context):
@@ -120,9 +100,6 @@ class DeviceAgentServicer(TierServicer):
                 self.on_answer(resp)
             return resp
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status here
-            code, msg = self._status_of(exc)
+            code, msg = status_of(exc)
             context.abort(code, msg)
 
-
-def _attempt(resp: pb.InferResponse, outcome: str) -> pb.Attempt:
-    return pb.Attempt(tier=resp.tier, outcome=outcome, confidence=resp.confidence)

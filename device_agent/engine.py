@@ -1,6 +1,6 @@
 """The device backend: the pruned model as .tflite, run by LiteRT with a KV cache.
 
-The file (see tierline/modelling/export_tflite.py) has `prefill_{len}` signatures for
+The file (see tierline/build/export_tflite.py) has `prefill_{len}` signatures for
 a few fixed prompt lengths and a `decode` signature, all over fixed-size caches of
 shape (1, block_size, n_head, head_dim) where slot == absolute position. This module
 maps the base engine's optimum-style calls onto them: `past=None` starts a fresh
@@ -26,6 +26,7 @@ try:
 except ImportError:  # the slim runtime some devices ship instead
     from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
 
+from tierline_shared.models.artifacts import TierFiles, load_with
 from tierline_shared.models.gpt_config import GPTConfig
 from tierline_shared.models.tokenizer import TextTokenizer
 from tierline_shared.runtime.engine import Engine, EngineInfo, check_vocab
@@ -73,7 +74,7 @@ class LiteRTEngine(Engine):
         except Exception as exc:  # the runtime raises ValueError/RuntimeError with no file name
             raise ValueError(f"{path}: not a readable .tflite model ({exc})") from exc
         _check_signatures(interpreter, sigs, cfg, path)
-        info = EngineInfo(tier, model_name, version, num_params(cfg), path.stat().st_size,
+        info = EngineInfo(tier, model_name, version, cfg.num_params(), path.stat().st_size,
                           cfg.block_size, cfg.window_limit)
         return cls(interpreter, cfg, tokenizer, info, path)
 
@@ -121,11 +122,6 @@ class LiteRTEngine(Engine):
         return replace(past, start=max(past.start, past.length - keep))
 
 
-def num_params(cfg: GPTConfig) -> int:
-    """GPT(cfg).num_params() without building the model (the device needs no torch weights)."""
-    return cfg.num_params()
-
-
 def _load_config(path: Path) -> GPTConfig:
     try:
         return GPTConfig.from_json(path)
@@ -153,3 +149,14 @@ def _check_signatures(interpreter: Interpreter, sigs: dict, cfg: GPTConfig, path
             if list(details[c]["shape"]) != shape:
                 raise ValueError(f"{path}: {name}/{c} has shape {list(details[c]['shape'])}, "
                                  f"config.json implies {shape}")
+
+
+FORMATS = ("tflite",)  # what this backend reads (the models index's format of the tier)
+
+
+def load_engine(models_dir: str | Path, tier: str = "device", threads: int | None = None) -> LiteRTEngine:
+    """The device model of a models directory, every file sha256-checked first (ArtifactError otherwise)."""
+    def backend(f: TierFiles) -> LiteRTEngine:
+        return LiteRTEngine.load(f.weights, f.tokenizer, f.tier, f.model_name, f.version, threads=threads)
+
+    return load_with(models_dir, tier, FORMATS, backend)

@@ -49,7 +49,7 @@ from tierline_device_agent.ota import DesiredModel, ModelStore, OtaCode, OtaErro
 from tierline_device_agent.ota import verify as verify_digest
 from tierline_device_agent.outbox import Outbox
 from tierline_device_agent.profile import proc_status_mib
-from tierline_shared.models.artifacts import load_manifest
+from tierline_shared.models.artifacts import load_index
 from tierline_shared.transport.messaging import NatsOptions, connect, stop_loop_thread, subject
 
 log = logging.getLogger("tierline.device")
@@ -156,7 +156,7 @@ class FleetAgent:
         self.base_models = manifest.models_path
         self.store = ModelStore(state_dir(manifest))
         self.outbox = Outbox(state_dir(manifest) / "outbox.sqlite", self.cfg.outbox_max_events)
-        self.serving_sha256 = load_manifest(self._models_dir())["artifacts"]["device"]["weights"]["sha256"]
+        self.serving_sha256 = load_index(self._models_dir())["artifacts"]["device"]["weights"]["sha256"]
         self.started_at = time.time()
         self.requests = 0
         self.status = "serving"

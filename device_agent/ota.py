@@ -4,7 +4,7 @@ The desired model (set by `tierline devices set-model`) names two objects in the
 JetStream Object Store and their SHA-256. The agent downloads them to a staging
 folder, refuses them unless both digests match (the Object Store checks its own
 digest of the chunks; this checks the operator's), installs them as
-`state_dir/models/<version>/` - a models directory that `shared.artifacts.load_engine`
+`state_dir/models/<version>/` - a models directory that `load_engine`
 reads, sha256 checks included - loads the engine and runs a few benchmark
 problems through it. Only a model that passes takes traffic: the `current` link
 is switched atomically (rename) and the servicer swaps engines under its lock.
@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 
-from tierline_shared.models.artifacts import MANIFEST, ArtifactError, file_entry, load_engine, load_manifest, sha256_of
+from tierline_device_agent.engine import load_engine
+from tierline_shared.models.artifacts import INDEX, ArtifactError, file_entry, load_index, sha256_of
 from tierline_shared.runtime.engine import Engine
 
 CURRENT = "current"  # state_dir/current -> models/<version>, the model that serves
@@ -99,7 +100,7 @@ class ModelStore:
     def current(self) -> Path | None:
         """The models directory of the installed model that serves, or None (the manifest's then)."""
         link = self.root / CURRENT
-        return link.resolve() if link.is_symlink() and (link.resolve() / MANIFEST).is_file() else None
+        return link.resolve() if link.is_symlink() and (link.resolve() / INDEX).is_file() else None
 
     def staging(self) -> Path:
         path = self.models / f".incoming-{uuid.uuid4().hex[:8]}"
@@ -108,7 +109,7 @@ class ModelStore:
 
     def install(self, staged: Path, desired: DesiredModel, base_models: Path) -> Path:
         """Make the staged files a models directory (manifest, tokenizer) and move it into place."""
-        base = load_manifest(base_models)
+        base = load_index(base_models)
         tok = base["artifacts"]["tokenizer"]
         shutil.copyfile(base_models / tok["path"], staged / tok["path"])
         weights, config = staged / "device" / "model.tflite", staged / "device" / "config.json"
@@ -117,7 +118,7 @@ class ModelStore:
                     "artifacts": {"tokenizer": tok, "device": {"format": "tflite",
                                                               "weights": file_entry(staged, weights),
                                                               "config": file_entry(staged, config)}}}
-        (staged / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (staged / INDEX).write_text(json.dumps(manifest, indent=2) + "\n")
         target = self.models / desired.version
         if self.current() == target.resolve():  # replacing it would leave nothing to roll back to
             raise OtaError(OtaCode.BAD_REQUEST, f"version {desired.version!r} is serving; publish under a new name")
@@ -177,7 +178,7 @@ def health_check(engine: Engine, n_problems: int, min_token_accuracy: float) -> 
 
 def load_candidate(models_dir: Path, threads: int) -> Engine:
     try:
-        return load_engine(models_dir, "device", threads=threads)
+        return load_engine(models_dir, threads=threads)
     except ArtifactError as exc:
         raise OtaError(OtaCode.LOAD_FAILED, f"cannot load the new model ({exc}); rolled back") from None
 

@@ -67,14 +67,14 @@ def pin(cores: int) -> list[int]:
 def measure(models_dir: Path, profile: str = "pi", prompts: int = 16, warmup: int = 2, repeats: int = 1,
             max_tokens: int = MAX_TOKENS) -> dict:
     """Pin this process, load the device model, decode; medians over repeats. Run it in a process of its own."""
-    from tierline_shared.models.artifacts import load_engine
+    from tierline_device_agent.engine import load_engine
     from tierline_shared.runtime.engine import GenerationParams
     from tierline_shared.tasks.problems import generate
 
     p = PROFILES[profile]
     cpus = pin(p.cores)
     t0 = time.perf_counter()
-    engine = load_engine(models_dir, "device", threads=p.threads)
+    engine = load_engine(models_dir, threads=p.threads)
     load_s = time.perf_counter() - t0
     params = GenerationParams(max_tokens=max_tokens)
     for q in generate("test", warmup, seed=WARMUP_SEED):

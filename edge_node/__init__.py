@@ -1,1 +1,1 @@
-"""The edge tier: a thin process around the shared engine and servicer (shared/tier_process.py)."""
+"""The edge tier: the distilled student, int8-quantized, run by ONNX Runtime (engine.py), as a process (process.py)."""

@@ -1,5 +1,6 @@
+"""`python -m tierline_edge_node --manifest FILE`: the edge tier."""
 import sys
 
-from tierline_shared.serving.process import main
+from tierline_edge_node.process import main
 
-sys.exit(main("tierline_edge_node"))
+sys.exit(main())

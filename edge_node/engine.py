@@ -1,6 +1,6 @@
 """The edge backend: onnxruntime on CPU, running the one-graph decoder with a KV cache.
 
-The graph has the optimum decoder names (see tierline/modelling/export_onnx.py), so
+The graph has the optimum decoder names (see tierline/build/export_onnx.py), so
 `_forward` is a single session.run; prefill passes empty (B, nh, 0, hd) past arrays.
 The cache is plain numpy, and the sliding window is applied here, by trimming it;
 `_past_take` / `_past_join` slice and left-pad it for the base engine's prefix cache.
@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from tierline_shared.models.artifacts import TierFiles, load_with
 from tierline_shared.models.gpt_config import GPTConfig
 from tierline_shared.models.tokenizer import TextTokenizer
 from tierline_shared.runtime.engine import Engine, EngineInfo, Past, check_vocab
@@ -141,3 +142,14 @@ def _initializer_params(path: Path) -> int:
         int(np.prod(t.dims)) for t in graph.initializer
         if len(t.dims) >= 1 and not t.name.endswith(_QUANT_PARAM_SUFFIXES)
     )
+
+
+FORMATS = ("onnx",)  # fp32 or int8 (the models index says "onnx-int8")
+
+
+def load_engine(models_dir: str | Path, tier: str = "edge", threads: int | None = None) -> OnnxEngine:
+    """The edge model of a models directory, every file sha256-checked first (ArtifactError otherwise)."""
+    def backend(f: TierFiles) -> OnnxEngine:
+        return OnnxEngine.load(f.weights, f.tokenizer, f.tier, f.model_name, f.version, threads=threads)
+
+    return load_with(models_dir, tier, FORMATS, backend)

@@ -29,6 +29,11 @@ from typing import IO
 
 import yaml
 
+# relative price of 1k tokens per tier, written into the demo's manifest (cost_per_1k_tokens)
+DEMO_COSTS = {"device": 0.01, "edge": 0.1, "cloud": 1.0}
+# the operators' manifest for this machine: `tierline route calibrate` writes the router's thresholds there
+REFERENCE_MANIFEST = Path(__file__).resolve().parent / "manifests" / "local.yaml"
+POLICY_FIELDS = ("cloud_complexity", "device_complexity", "confidence_threshold")
 READY_TIMEOUT_S = 60.0  # a tier loading its model, at most
 STOP_TIMEOUT_S = 5.0
 LOG_TAIL_CHARS = 2000  # of a child's log, in the error when it exits before it is ready
@@ -184,9 +189,9 @@ def terminate(proc: subprocess.Popen | None) -> None:
 def write_manifest(path: Path, models_dir: Path, nats: NatsServer, tiers=("device", "edge", "cloud"),
                    overrides: dict | None = None) -> Path:
     """A manifest for these models and this nats-server (artifacts and sha256 from the models' manifest)."""
-    from tierline_shared.models.artifacts import load_manifest as load_models
+    from tierline_shared.models.artifacts import load_index
 
-    models = load_models(models_dir)
+    models = load_index(models_dir)
     data: dict = {
         "version": 1,
         "model_name": models["model_name"],
@@ -207,6 +212,19 @@ def write_manifest(path: Path, models_dir: Path, nats: NatsServer, tiers=("devic
         node[leaf] = value
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def demo_overrides(models_dir: Path | None = None) -> dict:
+    """The demo's manifest settings: costs per tier, and the calibrated router policy when the reference
+    manifest (infra/manifests/local.yaml) serves these models (`make demo`, `make up` and `make bench`)."""
+    from tierline_shared.config.manifest import load_manifest
+
+    overrides = {f"tiers.{t}.cost_per_1k_tokens": c for t, c in DEMO_COSTS.items()}
+    if models_dir is not None and REFERENCE_MANIFEST.exists():
+        ref = load_manifest(REFERENCE_MANIFEST, check_artifacts=False)
+        if ref.models_path == Path(models_dir).resolve():
+            overrides.update({f"router.{f}": getattr(ref.router, f) for f in POLICY_FIELDS})
+    return overrides
 
 
 class Stack:

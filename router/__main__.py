@@ -8,7 +8,6 @@ import json
 import signal
 import sqlite3
 import sys
-from dataclasses import asdict
 
 import grpc
 
@@ -16,28 +15,12 @@ from tierline.v1 import inference_pb2_grpc as pb_grpc
 from tierline_router.auth import Gate, KeyStore
 from tierline_router.openai_http import OpenAIServer
 from tierline_router.policy import Policy
+from tierline_router.scorer import load_scorer
 from tierline_router.service import RouterServicer
 from tierline_shared.config.manifest import EXIT_BAD_MANIFEST, ManifestError, load_manifest
 from tierline_shared.serving.metrics import Metrics
-from tierline_shared.serving.servicer import Limits, add_health_and_reflection, set_serving_async
+from tierline_shared.transport.grpc_server import add_health_and_reflection, set_serving_async
 from tierline_shared.transport.messaging import NatsAuthError, NatsOptions, connect
-
-
-def load_scorer(manifest):
-    """The manifest's learned scorer, refused unless it was trained for these tiers' artifacts."""
-    if not manifest.router.scorer:
-        return None
-    from tierline_router.scorer import Scorer
-
-    path = manifest.models_path / manifest.router.scorer
-    if not path.is_file():
-        raise ValueError(f"{manifest.path}: router.scorer: file not found: {path}")
-    scorer = Scorer.load(path)
-    for tier in ("device", "edge"):  # only the tiers this platform serves matter
-        if tier in manifest.tiers and scorer.artifacts.get(tier) != manifest.tiers[tier].sha256:
-            raise ValueError(f"{path}: trained for the {tier} artifact with sha256 {scorer.artifacts.get(tier)}, "
-                             f"but the manifest's {tier} is {manifest.tiers[tier].sha256}")
-    return scorer
 
 
 async def serve(manifest_path: str) -> int:
@@ -59,7 +42,7 @@ async def serve(manifest_path: str) -> int:
         print(f"router: error: {exc}", file=sys.stderr)
         await nc.close()
         return EXIT_BAD_MANIFEST
-    policy = Policy(rc.device_complexity, rc.cloud_complexity, dict(rc.confidence_threshold), scorer)
+    policy = Policy.from_config(rc, scorer)
     try:  # API keys: the SQLite store named by the manifest (created on first use)
         gate = Gate(KeyStore(manifest.key_store_path) if manifest.auth.enabled else None, manifest.auth.plans)
     except (OSError, sqlite3.Error) as exc:
@@ -68,7 +51,7 @@ async def serve(manifest_path: str) -> int:
         return EXIT_BAD_MANIFEST
     servicer = RouterServicer(nc, policy, manifest.model_name, tuple(manifest.tiers),
                               manifest.nats.request_timeout_ms / 1000, rc.retries_per_tier, metrics,
-                              Limits(**asdict(manifest.limits)), gate)
+                              manifest.limits, gate)
     server = grpc.aio.server()
     pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
     health_servicer = add_health_and_reflection(server, aio=True)

@@ -1,65 +1,73 @@
-"""Where a request goes first, and when an answer is good enough.
+"""Where a request starts, and when an answer is good enough: the manifest's `router:` section as rules.
 
-The first policy is a transparent heuristic on the prompt alone (so deciding costs
-no model call): it counts the reasoning steps a prompt asks for (operators,
-assignments, list items, story sentences) and maps them to a complexity in
-[0, 1]. Issue 5 replaces the scorer with a learned one; the cascade rule (escalate
-while the answering tier's confidence is below its threshold) stays.
+A prompt gets two scores from the prompt alone (deciding costs no model call): how likely the
+edge gets it wrong (the cloud score) and how likely the device does (the device score). With a
+learned scorer (router/scorer.py) they are 1 - its predicted probabilities; without one, both are
+the step-counting heuristic `complexity`. A prompt whose cloud score reaches `cloud_complexity`
+starts on the cloud, one whose device score is below `device_complexity` on the device, any
+other on the edge. An answer is kept when its confidence reaches its tier's threshold; the top
+tier's always is (nothing is above it). What happens between tiers is router/cascade.py.
+
+The rules take numbers or numpy arrays alike, so the offline evaluation replays them over
+thousands of problems at once (tierline/build/routing.py) with the very code the router runs.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-TIER_ORDER = ("device", "edge", "cloud")  # cheapest first
+import numpy as np
+
+from tierline_shared.config.manifest import RouterConfig
+from tierline_shared.wire import TIERS, TOP_TIER
+
 _STEP = re.compile(r"[-+*]|;|,|\. ")  # one reasoning step each, roughly
 MAX_STEPS = 12  # prompts with this many steps or more score 1.0
 
 
 def complexity(prompt: str) -> float:
-    """0 (trivial) .. 1 (as hard as the benchmark gets), from the prompt alone."""
+    """0 (trivial) .. 1 (as hard as the benchmark gets), from the prompt alone: the heuristic score."""
     question = prompt.split("\nA:", 1)[0]
     return min(1.0, len(_STEP.findall(question)) / MAX_STEPS)
 
 
 @dataclass
 class Policy:
-    device_complexity: float = 0.2  # below: the device may answer
-    cloud_complexity: float = 0.8  # at or above: straight to the cloud
-    thresholds: dict[str, float] | None = None  # tier -> minimum confidence to keep its answer
-    scorer: object | None = None  # a learned router.scorer.Scorer; None = the step-counting heuristic
+    device_complexity: float  # device score below this: start on the device
+    cloud_complexity: float  # cloud score at or above this: start on the cloud
+    thresholds: dict[str, float] = field(default_factory=dict)  # tier -> minimum confidence to keep its answer
+    scorer: object | None = None  # a learned tierline_router.scorer.Scorer; None = the step-counting heuristic
 
-    def decide(self, prompt: str, available: tuple[str, ...] = TIER_ORDER) -> tuple[str, float]:
-        """(first tier, complexity) for a prompt, from the prompt alone."""
+    @classmethod
+    def from_config(cls, rc: RouterConfig, scorer: object | None = None) -> "Policy":
+        return cls(rc.device_complexity, rc.cloud_complexity, dict(rc.confidence_threshold), scorer)
+
+    def scores(self, prompt: str) -> tuple[float, float]:
+        """(cloud score, device score): how likely the edge, and the device, answer this prompt wrongly."""
         if self.scorer is None:
-            score = complexity(prompt)
-            return self.first_tier(score, available), score
+            c = complexity(prompt)
+            return c, c
         p = self.scorer.p_correct(prompt)
-        score = 1.0 - p["edge"]  # how likely the edge gets it wrong
-        if score >= self.cloud_complexity and "cloud" in available:
-            return "cloud", score
-        if 1.0 - p["device"] < self.device_complexity and "device" in available:
-            return "device", score
-        return ("edge" if "edge" in available else available[-1]), score
+        return 1.0 - p["edge"], 1.0 - p["device"]
 
-    def first_tier(self, score: float, available: tuple[str, ...] = TIER_ORDER) -> str:
-        if score >= self.cloud_complexity and "cloud" in available:
-            return "cloud"
-        if score < self.device_complexity and "device" in available:
-            return "device"
-        return "edge" if "edge" in available else available[-1]
+    def start(self, cloud_score, device_score, available: tuple[str, ...] = TIERS):
+        """The first tier's index in TIERS for these scores (an array of them for arrays of scores)."""
+        middle = TIERS.index("edge") if "edge" in available else TIERS.index(available[-1])
+        to_cloud = (np.asarray(cloud_score) >= self.cloud_complexity) & ("cloud" in available)
+        to_device = (np.asarray(device_score) < self.device_complexity) & ("device" in available)
+        return np.where(to_cloud, TIERS.index("cloud"), np.where(to_device, TIERS.index("device"), middle))
 
-    def accept(self, tier: str, confidence: float) -> bool:
-        """Keep this tier's answer? The cloud's is always kept (nothing above it)."""
-        if tier == "cloud":
-            return True
-        return confidence >= (self.thresholds or {}).get(tier, 0.0)
+    def decide(self, prompt: str, available: tuple[str, ...] = TIERS) -> tuple[str, float]:
+        """(first tier, the prompt's cloud score), from the prompt alone."""
+        cloud, device = self.scores(prompt)
+        return TIERS[int(self.start(cloud, device, available))], cloud
 
-    @staticmethod
-    def next_tier(tier: str, available: tuple[str, ...] = TIER_ORDER) -> str | None:
-        i = TIER_ORDER.index(tier)
-        for t in TIER_ORDER[i + 1:]:
-            if t in available:
-                return t
-        return None
+    def threshold(self, tier: str) -> float:
+        return self.thresholds.get(tier, 0.0)
+
+    def accept(self, tier: str, confidence):
+        """Keep this tier's answer (a bool, or a bool array for an array of confidences)?"""
+        if tier == TOP_TIER:
+            return np.ones_like(confidence, dtype=bool) if isinstance(confidence, np.ndarray) else True
+        return confidence >= self.threshold(tier)

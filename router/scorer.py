@@ -7,10 +7,11 @@ the question needs, distractors, number sizes, the family read off the prompt's
 shape) feeds one logistic regression per lower tier ("device", "edge"), each
 fitted in numpy by Newton's method on standardized features with an L2 penalty.
 
-Labels come from running the tiers on the benchmark's calib split
-(`collect_labels`); a share of them is held out and the saved scorer records its
-accuracy and AUC there. The scorer is only valid for the model artifacts it was
-trained against, so it records their sha256 digests and `Scorer.load` refuses a
+This module is what the router runs: the features, the fitted weights, loading.
+Fitting them is offline work (tierline/build/scorer.py: labels from running the
+tiers on the benchmark's calib split, a held-out share for accuracy and AUC). The
+scorer is only valid for the model artifacts it was trained against, so it records
+their sha256 digests and `Scorer.load` (and `load_scorer`, for a manifest) refuses a
 file whose digests differ from the ones the caller expects.
 """
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ FEATURE_NAMES = (
     "fam_arith", "fam_vars", "fam_compare", "fam_word", "bias",
 )
 N_FEATURES = len(FEATURE_NAMES)
-_BIAS = N_FEATURES - 1  # the last feature is the constant 1 (never standardized)
+BIAS = N_FEATURES - 1  # the last feature is the constant 1 (never standardized)
 
 _NUMBER = re.compile(r"\d+")
 _ASSIGN = re.compile(r"([a-z])=([a-z])?")
@@ -115,51 +115,12 @@ def prompt_features(prompt: str) -> np.ndarray:
         steps, distractors, steps * steps,
     )
     x[14 + FAMILIES.index(family)] = 1.0
-    x[_BIAS] = 1.0
+    x[BIAS] = 1.0
     return x
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
+def sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(z, -40.0, 40.0)))
-
-
-def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, iters: int = 50) -> np.ndarray:
-    """Weights of an L2-penalized logistic regression by Newton's method (the last column is the bias).
-
-    The bias carries only a tiny penalty, so a label set of one class still gives finite weights.
-    """
-    n, d = x.shape
-    penalty = np.full(d, l2, dtype=np.float64)
-    penalty[-1] = 1e-6
-    w = np.zeros(d, dtype=np.float64)
-    for _ in range(iters):
-        p = _sigmoid(x @ w)
-        grad = x.T @ (p - y) + penalty * w
-        hess = (x * (p * (1.0 - p))[:, None]).T @ x + np.diag(penalty)
-        step = np.linalg.solve(hess, grad)
-        w -= step
-        if float(np.max(np.abs(step))) < 1e-9:
-            break
-    return w
-
-
-def auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
-    """Area under the ROC curve (Mann-Whitney, ties count half); None when one class is missing."""
-    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
-    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    if n_pos == 0 or n_neg == 0:
-        return None
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), dtype=np.float64)
-    sorted_scores = scores[order]
-    i = 0
-    while i < len(scores):  # average ranks over ties
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 class Scorer:
@@ -175,58 +136,6 @@ class Scorer:
         self.heldout: dict[str, dict[str, Any]] = {}
         self.l2 = 1.0
 
-    # ------------------------------------------------------------ training
-    def fit(
-        self,
-        prompts: list[str],
-        labels_by_tier: dict[str, list[bool]],
-        artifacts: dict[str, str] | None = None,
-        heldout_fraction: float = 0.25,
-        seed: int = 0,
-        l2: float = 1.0,
-    ) -> Scorer:
-        """Fit one logistic regression per lower tier; a random `heldout_fraction` is kept for metrics.
-
-        `artifacts` maps a tier to the sha256 of the model artifact the labels came from.
-        """
-        missing = [t for t in LOWER_TIERS if t not in labels_by_tier]
-        if missing:
-            raise ValueError(f"labels missing for tier(s) {', '.join(missing)}")
-        for tier in LOWER_TIERS:
-            if len(labels_by_tier[tier]) != len(prompts):
-                raise ValueError(f"{len(labels_by_tier[tier])} labels for tier {tier!r} but {len(prompts)} prompts")
-        if not 0.0 <= heldout_fraction < 1.0:
-            raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
-        n = len(prompts)
-        n_held = int(round(n * heldout_fraction))
-        if n - n_held < 2:
-            raise ValueError(f"too few prompts to fit: {n}")
-        perm = np.random.default_rng(seed).permutation(n)
-        held, train = perm[:n_held], perm[n_held:]
-        feats = np.stack([prompt_features(p) for p in prompts]).astype(np.float64)
-        self.mean = feats[train].mean(axis=0)
-        self.std = feats[train].std(axis=0)
-        self.std[self.std < 1e-8] = 1.0  # constant features (and the bias) are left as they are
-        self.mean[_BIAS], self.std[_BIAS] = 0.0, 1.0
-        z = (feats - self.mean) / self.std
-        self.l2 = float(l2)
-        self.weights, self.heldout = {}, {}
-        for tier in LOWER_TIERS:
-            y = np.asarray(labels_by_tier[tier], dtype=np.float64)
-            self.weights[tier] = fit_logistic(z[train], y[train], l2=self.l2)
-            if n_held:
-                p = _sigmoid(z[held] @ self.weights[tier])
-                truth = y[held] > 0.5
-                area = auc(p, truth)
-                self.heldout[tier] = {
-                    "accuracy": round(float(np.mean((p >= 0.5) == truth)), 4),
-                    "auc": None if area is None else round(area, 4),
-                    "base_rate": round(float(truth.mean()), 4),
-                }
-        self.artifacts = dict(artifacts or {})
-        self.n_train, self.n_heldout = int(len(train)), int(n_held)
-        return self
-
     # ------------------------------------------------------------ scoring
     def _z(self, prompt: str) -> np.ndarray:
         if not self.weights:
@@ -236,11 +145,11 @@ class Scorer:
     def p_correct(self, prompt: str) -> dict[str, float]:
         """Tier -> probability that the tier answers this prompt correctly."""
         z = self._z(prompt)
-        return {tier: float(_sigmoid(z @ w)) for tier, w in self.weights.items()}
+        return {tier: float(sigmoid(z @ w)) for tier, w in self.weights.items()}
 
     def complexity(self, prompt: str) -> float:
         """0 (edge surely right) .. 1 (edge surely wrong): 1 - p_correct['edge']."""
-        return 1.0 - float(_sigmoid(self._z(prompt) @ self.weights["edge"]))
+        return 1.0 - float(sigmoid(self._z(prompt) @ self.weights["edge"]))
 
     # ------------------------------------------------------------ persistence
     def to_dict(self) -> dict[str, Any]:
@@ -322,49 +231,17 @@ class Scorer:
         self.l2 = float(data.get("l2", 1.0))
 
 
-# ------------------------------------------------------------------ helpers
-def decision_latency(scorer: Scorer, prompts: list[str], warmup: int = 10) -> dict[str, float]:
-    """Per-decision time (one `scorer.complexity` call: features + model) in milliseconds."""
-    if not prompts:
-        raise ValueError("no prompts to time")
-    for p in prompts[:warmup]:
-        scorer.complexity(p)
-    ns = np.empty(len(prompts), dtype=np.int64)
-    for i, p in enumerate(prompts):
-        t0 = time.perf_counter_ns()
-        scorer.complexity(p)
-        ns[i] = time.perf_counter_ns() - t0
-    ms = ns / 1e6
-    return {
-        "n": len(prompts),
-        "p50_ms": float(np.percentile(ms, 50)),
-        "p99_ms": float(np.percentile(ms, 99)),
-        "mean_ms": float(ms.mean()),
-        "max_ms": float(ms.max()),
-    }
-
-
-def artifact_digests(models_dir: str | Path, tiers: tuple[str, ...] = LOWER_TIERS) -> dict[str, str]:
-    """Tier -> sha256 of its weights file, as the models directory's manifest records it."""
-    from tierline_shared.models.artifacts import load_manifest, tier_entry
-
-    models_dir = Path(models_dir)
-    manifest = load_manifest(models_dir)
-    return {t: tier_entry(manifest, t, models_dir)["weights"]["sha256"] for t in tiers}
-
-
-def collect_labels(
-    models_dir: Path, n: int, seed: int, threads: int = 1
-) -> tuple[list[str], dict[str, list[bool]]]:
-    """Prompts of `generate("calib", n, seed)` and, per lower tier, whether it answered each correctly."""
-    from tierline.build.evaluate import evaluate
-    from tierline_shared.models.artifacts import load_engine
-    from tierline_shared.tasks.problems import generate
-
-    problems = generate("calib", n, seed)
-    labels: dict[str, list[bool]] = {}
-    for tier in LOWER_TIERS:
-        engine = load_engine(Path(models_dir), tier, threads=threads)
-        labels[tier] = [bool(c) for c in evaluate(engine, problems)["correct"]]
-        del engine
-    return [p.prompt for p in problems], labels
+def load_scorer(manifest) -> Scorer | None:
+    """The manifest's learned scorer (router.scorer), refused unless it was trained for these tiers' artifacts;
+    None when the manifest names none (the step-counting heuristic decides)."""
+    if not manifest.router.scorer:
+        return None
+    path = manifest.models_path / manifest.router.scorer
+    if not path.is_file():
+        raise ValueError(f"{manifest.path}: router.scorer: file not found: {path}")
+    scorer = Scorer.load(path)
+    for tier in LOWER_TIERS:  # only the tiers this platform serves matter
+        if tier in manifest.tiers and scorer.artifacts.get(tier) != manifest.tiers[tier].sha256:
+            raise ValueError(f"{path}: trained for the {tier} artifact with sha256 {scorer.artifacts.get(tier)}, "
+                             f"but the manifest's {tier} is {manifest.tiers[tier].sha256}")
+    return scorer

@@ -26,88 +26,59 @@ from nats.errors import TimeoutError as NatsTimeout
 from tierline.v1 import inference_pb2 as pb
 from tierline.v1 import inference_pb2_grpc as pb_grpc
 from tierline_router.auth import Admission, Gate, bearer_token
-from tierline_router.policy import TIER_ORDER, Policy
+from tierline_router.cascade import CLIENT_ERRORS, Cascade, Decision
+from tierline_router.policy import Policy
+from tierline_shared.config.manifest import LimitsConfig
 from tierline_shared.serving.metrics import Metrics
-from tierline_shared.serving.servicer import Limits, RequestError, resolved_max_tokens, validate_request
+from tierline_shared.serving.servicer import RequestError, resolved_max_tokens, validate_request
 from tierline_shared.transport.messaging import TierError, ask_tier, discover, stream_tier
+from tierline_shared.wire import TIERS, tiers_above
 
-# tier errors that are the request's fault: returned to the client, never escalated
-CLIENT_ERRORS = {"INVALID_ARGUMENT"}
 DISCOVERY_WAIT_S = 0.25  # how long GetStatus gathers the replicas' $SRV.STATS replies
 
 
 class RouterServicer(pb_grpc.InferenceServiceServicer):
-    def __init__(self, nc, policy: Policy, model_name: str, tiers: tuple[str, ...] = TIER_ORDER,
+    def __init__(self, nc, policy: Policy, model_name: str, tiers: tuple[str, ...] = TIERS,
                  request_timeout_s: float = 10.0, retries_per_tier: int = 1, metrics: Metrics | None = None,
-                 limits: Limits | None = None, gate: Gate | None = None):
+                 limits: LimitsConfig | None = None, gate: Gate | None = None):
         self.nc = nc
         self.policy = policy
         self.model_name = model_name
-        self.tiers = tuple(t for t in TIER_ORDER if t in tiers)
+        self.tiers = tuple(t for t in TIERS if t in tiers)
         self.request_timeout_s = request_timeout_s
         self.retries_per_tier = retries_per_tier
         self.metrics = metrics or Metrics("router")
-        self.limits = limits or Limits()
+        self.limits = limits or LimitsConfig()
         self.gate = gate or Gate(None, {})  # API keys and quotas; a gate without a store admits everyone
 
     async def _ask(self, tier: str, req: pb.InferRequest, timeout_s: float) -> pb.InferResponse:
         return await ask_tier(self.nc, tier, req, timeout_s)
 
     async def route(self, req: pb.InferRequest, deadline: float | None) -> pb.InferResponse:
+        """The request through the cascade (router/cascade.py), each tier asked over NATS."""
         t0 = time.perf_counter()
         if not req.request_id:
             req.request_id = uuid.uuid4().hex
         tier, score = self.policy.decide(req.prompt, self.tiers)
-        path: list[pb.Attempt] = []
-        best: pb.InferResponse | None = None
-        while tier is not None:
-            answer = None
-            for attempt in range(1 + self.retries_per_tier):
-                left = self.request_timeout_s if deadline is None else min(self.request_timeout_s,
-                                                                           deadline - time.monotonic())
-                if left <= 0:
-                    path.append(pb.Attempt(tier=tier, outcome="timeout", detail="the request's deadline had passed"))
-                    break
-                try:
-                    answer = await self._ask(tier, req, left)
-                    break
-                except NoRespondersError:
-                    path.append(pb.Attempt(tier=tier, outcome="no_responders", detail="no replica is up"))
-                    break  # no replica at all: retrying cannot help
-                except (NatsTimeout, asyncio.TimeoutError):
-                    path.append(pb.Attempt(tier=tier, outcome="timeout", detail=f"no answer in {left:.2f}s"))
-                except TierError as exc:
-                    if exc.status in CLIENT_ERRORS:
-                        raise
-                    path.append(pb.Attempt(tier=tier, outcome="error", detail=f"{exc.status}: {exc.message}"))
-                    if exc.status != "RESOURCE_EXHAUSTED":
-                        break
-            nxt = self.policy.next_tier(tier, self.tiers)
-            if answer is not None:
-                accepted = self.policy.accept(tier, answer.confidence)
-                path.append(pb.Attempt(tier=tier, outcome="answered" if accepted else "low_confidence",
-                                       confidence=answer.confidence,
-                                       detail="" if accepted else
-                                       f"confidence {answer.confidence:.3f} < {self.policy.thresholds[tier]}"))
-                if best is None or answer.confidence >= best.confidence or tier == "cloud":
-                    best = answer
-                if accepted or nxt is None:
-                    return self._finish(best, score, path, degraded=not accepted and tier != "cloud", t0=t0)
-            if nxt is not None:
-                self.metrics.escalations.labels(tier, nxt, path[-1].outcome if path else "none").inc()
-            tier = nxt
-        if best is not None:  # a better tier was wanted but could not answer
-            return self._finish(best, score, path, degraded=True, t0=t0)
-        if deadline is not None and deadline <= time.monotonic():
-            raise TierError("router", "DEADLINE_EXCEEDED", "the deadline passed before a tier answered: "
-                            + "; ".join(f"{a.tier} {a.outcome} {a.detail}".strip() for a in path))
-        raise TierError("router", "UNAVAILABLE", "no tier could answer: "
-                        + "; ".join(f"{a.tier} {a.outcome} {a.detail}".strip() for a in path))
+        cascade = Cascade(self.policy, tier, self.tiers, self.retries_per_tier,
+                          on_escalate=lambda a, b, why: self.metrics.escalations.labels(a, b, why).inc())
+        while (tier := cascade.next_tier()) is not None:
+            left = self.request_timeout_s if deadline is None else min(self.request_timeout_s,
+                                                                       deadline - time.monotonic())
+            if left <= 0:
+                cascade.expired(tier)
+                break
+            try:
+                cascade.answered(tier, await self._ask(tier, req, left))
+            except Exception as exc:  # noqa: BLE001 - the cascade sorts failures (and raises what is not one)
+                cascade.failed(tier, exc, detail=f"no answer in {left:.2f}s")
+        return self._finish(cascade.decision(), score, t0)
 
-    def _finish(self, resp: pb.InferResponse, score: float, path, degraded: bool, t0: float) -> pb.InferResponse:
+    def _finish(self, decision: Decision, score: float, t0: float) -> pb.InferResponse:
+        resp, degraded = decision.answer, decision.degraded
         resp.complexity = score
         del resp.escalation_path[:]
-        resp.escalation_path.extend(path)
+        resp.escalation_path.extend(decision.path)
         resp.degraded = degraded
         total = time.perf_counter() - t0
         resp.timings.total_ms = total * 1000
@@ -199,7 +170,7 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
                     raise TierError("router", "UNAVAILABLE", f"{tier} stopped mid-stream") from None
                 outcome = "no_responders" if isinstance(exc, NoRespondersError) else "timeout"
                 path.append(pb.Attempt(tier=tier, outcome=outcome))
-            tier = self.policy.next_tier(tier, self.tiers)
+            tier = next(iter(tiers_above(tier, self.tiers)), None)
         raise TierError("router", "UNAVAILABLE", "no tier could stream an answer: " +
                         "; ".join(f"{a.tier} {a.outcome}" for a in path))
 

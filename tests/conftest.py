@@ -39,7 +39,7 @@ def committed_calib_labels() -> tuple[list[str], dict[str, list[bool]]]:
     The edge is right on about 94% of them: 600 leave some 9 wrong answers in the scorer's held-out quarter
     (300 left about 5, too few for a stable AUC).
     """
-    from tierline_router.scorer import collect_labels
+    from tierline.build.scorer import collect_labels
 
     return collect_labels(COMMITTED_MODELS, 600, seed=0)
 

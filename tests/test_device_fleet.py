@@ -25,13 +25,13 @@ from tests.conftest import run_cli
 from tierline.devices import fleet_rows, publish_model
 from tierline.v1 import inference_pb2 as pb
 from tierline.v1 import inference_pb2_grpc as pb_grpc
-from tierline_device_agent.engine import LiteRTEngine
+from tierline_device_agent.engine import LiteRTEngine, load_engine
 from tierline_device_agent.fleet import TELEMETRY_STREAM, RegistrationRefused, open_fleet, register
 from tierline_device_agent.ota import OtaCode, health_check
 from tierline_device_agent.outbox import Outbox
 from tierline_infra.supervisor import Stack
 from tierline_shared.config.manifest import ManifestError, load_manifest
-from tierline_shared.models.artifacts import load_engine, load_tokenizer, sha256_of
+from tierline_shared.models.artifacts import load_tokenizer, sha256_of
 from tierline_shared.transport.messaging import (
     RECONNECT_BASE_S,
     RECONNECT_JITTER,
@@ -79,7 +79,7 @@ def broken_model(tiny_family, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def health_bar(tiny_family, broken_model) -> float:
     """Halfway between the tiny device model's health score and the broken one's (no hard-coded figure)."""
-    good = health_check(load_engine(tiny_family, "device", threads=1), 16, 0.0)
+    good = health_check(load_engine(tiny_family, threads=1), 16, 0.0)
     bad = health_check(LiteRTEngine.load(broken_model, load_tokenizer(tiny_family), threads=1), 16, 0.0)
     assert good > bad, (good, bad)
     return round((good + bad) / 2, 4)
@@ -319,7 +319,7 @@ def test_nats_restart_loses_no_telemetry(agent):
     t0 = time.perf_counter()
     escalated = ask(agent, HARD)
     assert time.perf_counter() - t0 < 10  # no link: the escalation fails at once
-    assert escalated.degraded and [a.outcome for a in escalated.escalation_path] == ["offline", "answered"]
+    assert escalated.degraded and [a.outcome for a in escalated.escalation_path] == ["offline", "offline", "answered"]
     assert all(r.choices[0].finish_reason for r in offline)
     outbox = Outbox(agent.workdir / "device-state" / "outbox.sqlite", max_events=1000)  # the agent's own file
     assert outbox.pending >= len(offline) + 1  # kept on disk while the link is down

@@ -17,7 +17,7 @@ pytest.importorskip("ai_edge_litert")
 
 from tierline.build.export_tflite import export_tflite  # noqa: E402
 from tierline_cloud_node.engine import TorchEngine  # noqa: E402
-from tierline_device_agent.engine import Interpreter, LiteRTEngine, num_params  # noqa: E402
+from tierline_device_agent.engine import Interpreter, LiteRTEngine  # noqa: E402
 from tierline_shared.models.gpt import GPT, GPTConfig  # noqa: E402
 from tierline_shared.models.tokenizer import TextTokenizer  # noqa: E402
 from tierline_shared.runtime.engine import EngineError, EngineInfo, GenerationParams  # noqa: E402
@@ -130,7 +130,7 @@ def test_signatures_follow_litert_convention(exported):
 def test_engine_info(engines, exported):
     lite, _ = engines
     model, path, _ = exported
-    assert lite.info.params == model.num_params() == num_params(model.cfg)
+    assert lite.info.params == model.num_params() == model.cfg.num_params()
     assert lite.info.bytes == path.stat().st_size
     assert lite.info.max_context == 64 and lite.info.window_limit == 64
     with pytest.raises(EngineError, match="context"):

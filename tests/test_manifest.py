@@ -11,7 +11,7 @@ from tierline_shared.config.manifest import ManifestError, load_manifest
 
 @pytest.fixture
 def manifest(tiny_family, tmp_path):
-    from tierline_shared.models.artifacts import load_manifest as load_models
+    from tierline_shared.models.artifacts import load_index as load_models
 
     models = load_models(tiny_family)["artifacts"]
     data = {

@@ -11,7 +11,8 @@ import pytest
 
 from tierline.v1 import inference_pb2 as pb
 from tierline_infra.supervisor import NatsServer
-from tierline_shared.transport.messaging import NatsOptions, TierService, connect, stream_tier
+from tierline_shared.transport.messaging import NatsOptions, connect, stream_tier
+from tierline_shared.transport.tier_service import TierService
 
 TIMEOUT = 30  # seconds, every wait here
 CHUNKS = 400  # a stream read to the end has this many chunks

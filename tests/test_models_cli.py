@@ -6,11 +6,12 @@ import shutil
 import pytest
 
 from tests.conftest import run_cli
-from tierline_shared.models.artifacts import ArtifactError, load_engine, load_manifest, sha256_of
+from tierline.build.engines import load_engine
+from tierline_shared.models.artifacts import ArtifactError, load_index, sha256_of
 
 
 def test_build_writes_every_artifact_with_cards(tiny_family):
-    manifest = load_manifest(tiny_family)
+    manifest = load_index(tiny_family)
     arts = manifest["artifacts"]
     assert set(arts) == {"tokenizer", "cloud", "edge", "device", "router_scorer"}
     for tier in ("cloud", "edge", "device"):
@@ -125,9 +126,10 @@ def test_bench_json_is_complete(tiny_family):
 
 
 def test_router_scorer_is_built_for_these_models(tiny_family):
-    from tierline_router.scorer import Scorer, artifact_digests
+    from tierline.build.scorer import artifact_digests
+    from tierline_router.scorer import Scorer
 
-    scorer_path = tiny_family / load_manifest(tiny_family)["artifacts"]["router_scorer"]["path"]
+    scorer_path = tiny_family / load_index(tiny_family)["artifacts"]["router_scorer"]["path"]
     scorer = Scorer.load(scorer_path, expected_artifacts=artifact_digests(tiny_family))
     assert 0.0 <= scorer.complexity("Q:1+2=?\nA:") <= 1.0
     with pytest.raises(ValueError, match="edge"):

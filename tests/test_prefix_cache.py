@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from tests.test_platform import TIMEOUT, req, stub
+from tierline.build.engines import load_engine
 from tierline_infra.supervisor import Stack
-from tierline_shared.models.artifacts import load_engine
 from tierline_shared.models.tokenizer import TextTokenizer
 from tierline_shared.runtime.engine import GenerationParams, PrefixCache
 from tierline_shared.tasks.problems import generate

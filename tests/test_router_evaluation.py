@@ -25,7 +25,7 @@ from tierline.build.routing import (
     two_way_routing,
     write_curve,
 )
-from tierline_router.scorer import Scorer
+from tierline.build.scorer import fit_scorer
 from tierline_shared.tasks.problems import generate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def outcomes(problems):
 @pytest.fixture(scope="module")
 def result(outcomes, problems, committed_calib_labels):
     prompts, labels = committed_calib_labels
-    scorer = Scorer().fit(prompts, labels)
+    scorer = fit_scorer(prompts, labels)
     curves: dict = {}
     res = evaluate_routers(outcomes, problems, scorer, COSTS, calib_prompts=prompts, curves_out=curves)
     return res, curves
@@ -71,7 +71,7 @@ def test_result_shape_and_shares_sum_to_one(result):
 @needs_models
 def test_cloud_only_costs_one_and_matches_the_measured_cloud_accuracy(result, outcomes, problems):
     from tierline.build.evaluate import evaluate
-    from tierline_shared.models.artifacts import load_engine
+    from tierline.build.engines import load_engine
 
     cloud = result[0]["routers"]["cloud_only"]
     assert cloud["cost_vs_cloud"] == pytest.approx(1.0)

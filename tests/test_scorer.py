@@ -9,15 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tierline_router.scorer import (
-    FEATURE_NAMES,
-    LOWER_TIERS,
-    Scorer,
-    artifact_digests,
-    decision_latency,
-    detect_family,
-    prompt_features,
-)
+from tierline.build.scorer import artifact_digests, decision_latency, fit_scorer
+from tierline_router.scorer import FEATURE_NAMES, LOWER_TIERS, Scorer, detect_family, prompt_features
 from tierline_shared.tasks.problems import generate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +33,7 @@ def digests() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def scorer(labelled, digests) -> Scorer:
     prompts, labels = labelled
-    return Scorer().fit(prompts, labels, artifacts=digests)
+    return fit_scorer(prompts, labels, artifacts=digests)
 
 
 def test_features_are_a_fixed_float32_vector_and_family_is_read_off_the_prompt():

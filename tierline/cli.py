@@ -156,13 +156,12 @@ def _cmd_build(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from tierline.build.evaluate import evaluate
-    from tierline_shared.models.artifacts import load_engine
+    from tierline.build.engines import load_engine
+    from tierline.build.evaluate import evaluate, summary
     from tierline_shared.tasks.problems import generate
 
     engine = load_engine(args.models, args.tier, threads=args.threads)
-    r = evaluate(engine, generate(args.split, args.n, seed=args.seed))
-    r.pop("correct")
+    r = summary(evaluate(engine, generate(args.split, args.n, seed=args.seed)))
     out = {"tier": args.tier, "split": args.split, "seed": args.seed, **r,
            "params": engine.info.params, "bytes": engine.info.bytes}
     if args.json:
@@ -194,19 +193,13 @@ def _cmd_train_scorer(args) -> int:
 def _router_inputs(models: Path, split: str, n: int, seed: int):
     """The scorer (checked against these models), `n` problems of a split, and every tier's outcomes on them."""
     from tierline.build.routing import run_tiers
-    from tierline.build.scorer import SCORER_PATH
-    from tierline_router.scorer import Scorer, artifact_digests
+    from tierline.build.scorer import SCORER_PATH, artifact_digests
+    from tierline_router.scorer import Scorer
     from tierline_shared.tasks.problems import generate
 
     scorer = Scorer.load(models / SCORER_PATH, expected_artifacts=artifact_digests(models))
     problems = generate(split, n, seed=seed)
     return scorer, problems, run_tiers(models, problems, threads=2)
-
-
-def _manifest_costs(manifest) -> dict[str, float]:
-    from tierline.demo import DEFAULT_COSTS
-
-    return {t: (manifest.tiers[t].cost_per_1k_tokens if t in manifest.tiers else c) for t, c in DEFAULT_COSTS.items()}
 
 
 def _cmd_route_eval(args) -> int:
@@ -221,7 +214,7 @@ def _cmd_route_eval(args) -> int:
     scorer, problems, outcomes = _router_inputs(args.models, "test", args.n, args.seed)
     curves: dict = {}
     calib = [p.prompt for p in generate("calib", 1000, seed=args.seed)]
-    result = evaluate_routers(outcomes, problems, scorer, _manifest_costs(manifest), calib_prompts=calib,
+    result = evaluate_routers(outcomes, problems, scorer, _all_costs(manifest), calib_prompts=calib,
                               target_edge_share=args.target_edge_share, policy=policy, curves_out=curves)
     result["policy"] = {"manifest": str(args.manifest), **policy}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -236,6 +229,18 @@ def _cmd_route_eval(args) -> int:
             print(f"{name:12s} accuracy {r['accuracy']:.3f}  cloud share {r['share']['cloud']:.2f}  "
                   f"cost {r['cost_vs_cloud']:.2f} of all-cloud{extra}")
     return 0
+
+
+def _all_costs(manifest) -> dict[str, float]:
+    """Every tier's cost from the manifest: the offline evaluation replays all of them."""
+    from tierline_shared.wire import TIERS
+
+    costs = manifest.costs()
+    missing = [t for t in TIERS if t not in costs]
+    if missing:
+        raise UsageError(f"{manifest.path}: tiers.{missing[0]}: not configured; routers are compared on every "
+                         f"tier, so the manifest needs each one's cost_per_1k_tokens")
+    return costs
 
 
 def render_route_eval(result: dict, args) -> str:
@@ -281,7 +286,7 @@ def _cmd_route_calibrate(args) -> int:
     p = [scorer.p_correct(pr.prompt) for pr in problems]
     point = calibrate_policy(outcomes, np.asarray([1.0 - d["edge"] for d in p]),
                              np.asarray([1.0 - d["device"] for d in p]), args.target_edge_share,
-                             _manifest_costs(manifest), min_quality=args.min_quality)
+                             _all_costs(manifest), min_quality=args.min_quality)
     text = args.manifest.read_text()
     raw = yaml.safe_load(text)
     raw.setdefault("router", {}).update(point.manifest_fields())

@@ -22,28 +22,11 @@ from rich.table import Table
 
 from tierline.v1 import inference_pb2 as pb
 from tierline.v1 import inference_pb2_grpc as pb_grpc
-from tierline_infra.supervisor import Stack
+from tierline_infra.supervisor import Stack, demo_overrides
 from tierline_shared.config.manifest import load_manifest
 from tierline_shared.tasks.problems import generate, is_correct
 
 DEMO_TIMEOUT_S = 60  # per request
-# relative price of 1k tokens per tier, written into the demo's manifest (cost_per_1k_tokens)
-DEFAULT_COSTS = {"device": 0.01, "edge": 0.1, "cloud": 1.0}
-
-
-# the operators' manifest for this machine: `tierline route calibrate` writes the router's thresholds there
-REFERENCE_MANIFEST = Path(__file__).resolve().parents[1] / "infra" / "manifests" / "local.yaml"
-POLICY_FIELDS = ("cloud_complexity", "device_complexity", "confidence_threshold")
-
-
-def stack_overrides(models_dir: Path | None = None) -> dict:
-    """Costs per tier, and the calibrated router policy when the reference manifest serves these models."""
-    overrides = {f"tiers.{t}.cost_per_1k_tokens": c for t, c in DEFAULT_COSTS.items()}
-    if models_dir is not None and REFERENCE_MANIFEST.exists():
-        ref = load_manifest(REFERENCE_MANIFEST, check_artifacts=False)
-        if ref.models_path == Path(models_dir).resolve():
-            overrides.update({f"router.{f}": getattr(ref.router, f) for f in POLICY_FIELDS})
-    return overrides
 
 
 def run_workload(address: str, n: int, concurrency: int, seed: int = 7, api_key: str | None = None) -> list[tuple]:
@@ -110,15 +93,14 @@ def report(results: list[tuple], costs: dict[str, float], wall_s: float, console
 def demo(models_dir: Path, n: int = 300, concurrency: int = 16) -> int:
     console = Console()
     with console.status("starting nats-server, device, edge, cloud and router..."):
-        stack = Stack(models_dir, overrides=stack_overrides(models_dir), auth=True).start()
+        stack = Stack(models_dir, overrides=demo_overrides(models_dir), auth=True).start()
     try:
         console.print(f"platform up: router at {stack.router_address}, NATS at {stack.nats.url} (auth on), "
                       f"API keys on (a pro key was made for the demo)")
         t0 = time.perf_counter()
         with console.status(f"sending {n} benchmark requests, {concurrency} at a time..."):
             results = run_workload(stack.router_address, n, concurrency, api_key=stack.api_key)
-        manifest = load_manifest(stack.manifest, check_artifacts=False)
-        costs = {name: tier.cost_per_1k_tokens for name, tier in manifest.tiers.items()}
+        costs = load_manifest(stack.manifest, check_artifacts=False).costs()
         summary = report(results, costs, time.perf_counter() - t0, console)
     finally:
         stack.stop()
@@ -132,7 +114,7 @@ def up(models_dir: Path, pidfile: Path) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    stack = Stack(models_dir, overrides=stack_overrides(models_dir), auth=True).start()
+    stack = Stack(models_dir, overrides=demo_overrides(models_dir), auth=True).start()
     pidfile.parent.mkdir(parents=True, exist_ok=True)
     pidfile.write_text(str(os.getpid()))
     try:

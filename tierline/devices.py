@@ -161,9 +161,9 @@ def cmd_set_model(args) -> int:
 def cmd_bench(args) -> int:
     """The device model on the profile's cores and threads, in a pinned process of its own (device_agent/profile.py)."""
     from tierline.cli import UsageError
-    from tierline_shared.models.artifacts import load_manifest
+    from tierline_shared.models.artifacts import load_index
 
-    load_manifest(args.models)  # a missing family: one line, exit 2, before a process starts
+    load_index(args.models)  # a missing family: one line, exit 2, before a process starts
     try:
         r = measure_pinned(args.models, args.profile, prompts=args.prompts, warmup=args.warmup, repeats=args.repeats)
     except RuntimeError as exc:

@@ -154,6 +154,10 @@ class Manifest:
     def key_store_path(self) -> Path:
         return (self.path.parent / self.auth.key_store).resolve()
 
+    def costs(self) -> dict[str, float]:
+        """Tier -> cost_per_1k_tokens, for the tiers this manifest configures (what cost reports charge)."""
+        return {name: tier.cost_per_1k_tokens for name, tier in self.tiers.items()}
+
     def tier(self, name: str) -> TierConfig:
         if name not in self.tiers:
             raise ManifestError(f"{self.path}: tiers.{name}: not configured (have {', '.join(self.tiers)})")

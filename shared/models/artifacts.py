@@ -1,27 +1,30 @@
-"""Model artifacts on disk: the manifest, sha256 checks, model cards, loading an engine.
+"""Model artifacts on disk: the models index, sha256 checks, model cards, opening a tier's files.
 
-A models directory holds `manifest.json`, the shared `tokenizer.json` and one folder
-per tier (`cloud/`, `edge/`, `device/`), each with its `config.json`, the weights
-in the tier's runtime format and a model card. Every file an engine reads is
-listed in the manifest with its sha256; loading checks them first, so a swapped
-or corrupt file is refused before any runtime touches it.
+A models directory holds its index `manifest.json`, the shared `tokenizer.json` and one
+folder per tier (`cloud/`, `edge/`, `device/`), each with its `config.json`, the weights
+in the tier's runtime format and a model card. Every file an engine reads is listed in
+the index with its sha256; `open_tier` checks them first, so a swapped or corrupt file is
+refused before any runtime touches it. The runtimes themselves live in the tier packages
+(each has a `load_engine(models_dir)`); this module knows none of them. The YAML file that
+configures a deployment is another thing: the manifest (tierline_shared.config.manifest).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from tierline_shared.models.tokenizer import TextTokenizer
-from tierline_shared.runtime.engine import Engine
+from tierline_shared.wire import TIERS
 
-MANIFEST = "manifest.json"
-TIERS = ("cloud", "edge", "device")
+INDEX = "manifest.json"  # the models index, in every models directory
 # The runtime format each tier serves.
 TIER_FORMATS = {"cloud": "safetensors", "edge": "onnx-int8", "device": "tflite"}
 _CHUNK = 1 << 20  # bytes read at a time when hashing
+E = TypeVar("E")
 
 
 class ArtifactError(ValueError):
@@ -40,8 +43,9 @@ def file_entry(root: Path, path: Path) -> dict[str, Any]:
     return {"path": str(path.relative_to(root)), "sha256": sha256_of(path), "bytes": path.stat().st_size}
 
 
-def load_manifest(models_dir: str | Path) -> dict[str, Any]:
-    path = Path(models_dir) / MANIFEST
+def load_index(models_dir: str | Path) -> dict[str, Any]:
+    """The models directory's index (manifest.json): every artifact with its sha256 and size."""
+    path = Path(models_dir) / INDEX
     if not path.is_file():
         raise ArtifactError(f"{path}: manifest not found (build models with `make models`)")
     try:
@@ -57,7 +61,7 @@ def verify_file(models_dir: Path, entry: dict[str, Any]) -> Path:
     """The file's path once its sha256 matches the manifest entry."""
     path = models_dir / entry["path"]
     if not path.is_file():
-        raise ArtifactError(f"{path}: missing (listed in {models_dir / MANIFEST})")
+        raise ArtifactError(f"{path}: missing (listed in {models_dir / INDEX})")
     actual = sha256_of(path)
     if actual != entry["sha256"]:
         raise ArtifactError(
@@ -71,47 +75,58 @@ def tier_entry(manifest: dict[str, Any], tier: str, models_dir: Path) -> dict[st
         raise ArtifactError(f"unknown tier {tier!r}; expected one of {', '.join(TIERS)}")
     entry = manifest["artifacts"].get(tier)
     if not entry:
-        raise ArtifactError(f"{models_dir / MANIFEST}: no artifact for tier {tier!r}")
+        raise ArtifactError(f"{models_dir / INDEX}: no artifact for tier {tier!r}")
     return entry
 
 
-def load_tokenizer(models_dir: str | Path, manifest: dict[str, Any] | None = None) -> TextTokenizer:
+def load_tokenizer(models_dir: str | Path, index: dict[str, Any] | None = None) -> TextTokenizer:
     models_dir = Path(models_dir)
-    manifest = manifest or load_manifest(models_dir)
-    path = verify_file(models_dir, manifest["artifacts"]["tokenizer"])
+    index = index or load_index(models_dir)
+    path = verify_file(models_dir, index["artifacts"]["tokenizer"])
     try:
         return TextTokenizer.load(path)
     except ValueError as exc:
         raise ArtifactError(str(exc)) from None
 
 
-def load_engine(models_dir: str | Path, tier: str, threads: int | None = None, device: str = "cpu") -> Engine:
-    """The tier's engine, after every file it reads has passed its sha256 check."""
+@dataclass(frozen=True)
+class TierFiles:
+    """One tier's artifact, every file checked against the index: what a backend loads."""
+
+    tier: str
+    format: str  # TIER_FORMATS' value for the family that built it (e.g. "onnx-int8")
+    weights: Path
+    config: Path
+    tokenizer: TextTokenizer
+    model_name: str
+    version: str
+
+
+def open_tier(models_dir: str | Path, tier: str) -> TierFiles:
+    """The tier's files once each has passed its sha256 check."""
     models_dir = Path(models_dir)
-    manifest = load_manifest(models_dir)
-    entry = tier_entry(manifest, tier, models_dir)
-    tok = load_tokenizer(models_dir, manifest)
+    index = load_index(models_dir)
+    entry = tier_entry(index, tier, models_dir)
+    tok = load_tokenizer(models_dir, index)
     weights = verify_file(models_dir, entry["weights"])
-    verify_file(models_dir, entry["config"])
-    name, version = manifest.get("model_name", "tierline"), manifest.get("version", "0")
+    config = verify_file(models_dir, entry["config"])
+    return TierFiles(tier, entry["format"], weights, config, tok, index.get("model_name", "tierline"),
+                     index.get("version", "0"))
+
+
+def load_with(models_dir: str | Path, tier: str, formats: tuple[str, ...], backend: Callable[[TierFiles], E]) -> E:
+    """`backend(files)` for the tier's checked files; a format the backend cannot read or a file it
+    refuses becomes ArtifactError naming the file (the CLI and the processes print it as one line)."""
+    files = open_tier(models_dir, tier)
+    if not files.format.startswith(formats):
+        raise ArtifactError(f"{Path(models_dir) / INDEX}: tier {tier!r} is {files.format!r}; "
+                            f"this backend reads {', '.join(formats)}")
     try:
-        if entry["format"] == "safetensors":
-            from tierline_cloud_node.engine import TorchEngine
-
-            return TorchEngine.load(weights.parent, tok, tier, name, version, device=device, threads=threads)
-        if entry["format"].startswith("onnx"):
-            from tierline_edge_node.engine import OnnxEngine
-
-            return OnnxEngine.load(weights, tok, tier, name, version, threads=threads)
-        if entry["format"] == "tflite":
-            from tierline_device_agent.engine import LiteRTEngine
-
-            return LiteRTEngine.load(weights, tok, tier, name, version, threads=threads)
+        return backend(files)
     except ArtifactError:
         raise
     except (ValueError, OSError) as exc:
         raise ArtifactError(str(exc)) from None
-    raise ArtifactError(f"{models_dir / MANIFEST}: unknown format {entry['format']!r} for tier {tier!r}")
 
 
 def write_card(directory: Path, card: dict[str, Any]) -> None:

@@ -1,9 +1,10 @@
-"""`python -m cloud_node|edge_node|device_agent --manifest FILE`: one tier as a process.
+"""One tier as a process: what every tier's `python -m tierline_<tier> --manifest FILE` shares.
 
-Loads the manifest and the tier's engine (sha256-checked), serves gRPC, /metrics
-and the NATS micro service, prints one JSON line `{"event": "ready", ...}` with the
-bound ports on stdout, and runs until SIGINT/SIGTERM. A bad manifest, artifact or
-NATS login prints one line and exits 2.
+A tier package subclasses `TierProcess` (its engine, its servicer, what it runs beside them)
+and hands it to `run`, which loads the manifest, loads the engine (sha256-checked), serves
+gRPC, /metrics and the tier's NATS service, prints one JSON line `{"event": "ready", ...}`
+with the bound ports on stdout, and runs until SIGINT/SIGTERM. A bad manifest, artifact or
+NATS login prints one line and exits 2. Nothing here knows which tier it runs.
 """
 
 from __future__ import annotations
@@ -13,93 +14,105 @@ import json
 import signal
 import sys
 import threading
-from dataclasses import asdict
+from typing import Iterator
 
 from tierline.v1 import inference_pb2 as pb
-from tierline_shared.config.manifest import EXIT_BAD_MANIFEST, ManifestError, load_manifest
-from tierline_shared.models.artifacts import ArtifactError, load_engine
+from tierline_shared.config.manifest import EXIT_BAD_MANIFEST, Manifest, ManifestError, load_manifest
+from tierline_shared.models.artifacts import ArtifactError
+from tierline_shared.runtime.engine import Engine
 from tierline_shared.serving.metrics import Metrics
-from tierline_shared.serving.servicer import Limits, TierServicer, create_server
-from tierline_shared.transport.messaging import NatsAuthError, NatsOptions, TierService, subject
+from tierline_shared.serving.servicer import TierServicer, status_of
+from tierline_shared.transport.grpc_server import create_server
+from tierline_shared.transport.messaging import NatsAuthError, NatsOptions, subject
+from tierline_shared.transport.tier_service import TierService
 
 
-def main(tier: str, argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m {tier}", description=f"Tierline {tier} tier")
+class TierProcess:
+    """What a tier package says about its process; the defaults fit a tier that only serves its model."""
+
+    tier = ""  # "cloud", "edge" or "device": the manifest's tiers.<tier> section, the NATS subjects
+
+    def __init__(self, manifest: Manifest, use_nats: bool):
+        self.manifest, self.use_nats = manifest, use_nats
+        self.config = manifest.tier(self.tier)
+
+    def load_engine(self) -> Engine:
+        """The tier's model; ArtifactError (or ManifestError) when it cannot be served."""
+        raise NotImplementedError
+
+    def make_servicer(self, engine: Engine, metrics: Metrics) -> TierServicer:
+        return TierServicer(*self.servicer_args(engine, metrics))
+
+    def servicer_args(self, engine: Engine, metrics: Metrics) -> tuple:
+        tc = self.config
+        return engine, tc.batching, self.manifest.limits, tc.cache_size, tc.timeout_ms / 1000, metrics
+
+    def nats_retry_forever(self) -> bool:
+        """Keep connecting in the background when NATS is unreachable at start (else: exit 2)."""
+        return False
+
+    def started(self, servicer: TierServicer, nats_service: TierService | None) -> dict:
+        """Everything is serving: start what runs beside it; returns extra fields for the ready line."""
+        return {}
+
+    def stopping(self) -> None:
+        """Stop what `started` started (before the servers stop)."""
+
+
+def run(process_cls: type[TierProcess], argv: list[str] | None = None) -> int:
+    tier = process_cls.tier
+    prog = f"python -m {process_cls.__module__.rsplit('.', 1)[0]}"
+    parser = argparse.ArgumentParser(prog=prog, description=f"Tierline {tier} tier")
     parser.add_argument("--manifest", required=True, help="YAML tier manifest")
     parser.add_argument("--no-nats", action="store_true", help="serve gRPC only (no NATS registration)")
     args = parser.parse_args(argv)
-    tier_name = {"tierline_cloud_node": "cloud", "tierline_edge_node": "edge",
-                 "tierline_device_agent": "device"}.get(tier, tier)
     try:
-        manifest = load_manifest(args.manifest)
-        tc = manifest.tier(tier_name)
-        models_dir = manifest.models_path
-        if tier_name == "device":  # the memory cap; the model an OTA update installed last, if any
-            from tierline_device_agent.fleet import prepare_device
-
-            models_dir = prepare_device(manifest)
-        engine = load_engine(models_dir, tier_name, threads=tc.threads)
+        process = process_cls(load_manifest(args.manifest), use_nats=not args.no_nats)
+        engine = process.load_engine()
     except (ManifestError, ArtifactError) as exc:
         print(f"{tier}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_MANIFEST
-    metrics = Metrics(tier_name)
+    tc, manifest = process.config, process.manifest
+    metrics = Metrics(tier)
     engine.enable_prefix_cache(tc.prefix_cache_tokens, tc.prefix_cache_min_match, metrics.prefix_cache_lookup)
-    servicer_args = (engine, tc.batching, Limits(**asdict(manifest.limits)), tc.cache_size, tc.timeout_ms / 1000,
-                     metrics)
-    if tier_name == "device":  # the board's front door: local first, the edge over NATS when needed
-        from tierline_device_agent.agent import DeviceAgentServicer
-        from tierline_router.policy import Policy
-
-        rc = manifest.router
-        servicer = DeviceAgentServicer(*servicer_args, policy=Policy(rc.device_complexity, rc.cloud_complexity,
-                                                                     dict(rc.confidence_threshold)),
-                                       upstream_timeout_s=manifest.nats.request_timeout_ms / 1000)
-    else:
-        servicer = TierServicer(*servicer_args)
+    servicer = process.make_servicer(engine, metrics)
     server, port = create_server(servicer, tc.grpc_host, tc.grpc_port)
     server.start()
     metrics_port = metrics.serve(tc.grpc_host, tc.metrics_port) if tc.metrics_port >= 0 else None
     nats_service = None
-    if not args.no_nats:
-        def handle(data: bytes, timeout_s: float | None) -> bytes:
-            resp = servicer.handle(pb.InferRequest.FromString(data), timeout_s)
-            on_answer = getattr(servicer, "on_answer", None)  # a device agent's telemetry, if it has a fleet
-            if on_answer is not None:
-                on_answer(resp, via="nats")
-            return resp.SerializeToString()
-
-        def stream(data: bytes, is_active):
-            for chunk in servicer.stream(pb.InferRequest.FromString(data), is_active):
-                yield chunk.SerializeToString()
-
-        nats_service = TierService(tier_name, NatsOptions.from_manifest(manifest), handle, servicer._status_of,
-                                   stream=stream, stats=lambda: {"queue_depth": servicer.batcher.depth})
-        fleet_member = tier_name == "device" and bool(manifest.device_agent.device_id)
+    if process.use_nats:
+        nats_service = _nats_service(tier, manifest, servicer)
         try:
-            nats_service.start(retry_forever=fleet_member)  # a board that boots offline still serves
+            nats_service.start(retry_forever=process.nats_retry_forever())
         except (NatsAuthError, ConnectionError, TimeoutError) as exc:
             print(f"{tier}: error: {exc}", file=sys.stderr)
             server.stop(0)
             return EXIT_BAD_MANIFEST
-        if hasattr(servicer, "link"):
-            servicer.link = nats_service
-    fleet = None
-    if tier_name == "device" and manifest.device_agent.device_id and not args.no_nats:
-        from tierline_device_agent.fleet import FleetAgent
-
-        fleet = FleetAgent(manifest, servicer, threads=tc.threads).start()
-    print(json.dumps({"event": "ready", "tier": tier_name, "grpc_port": port, "metrics_port": metrics_port,
-                      "nats_subject": None if args.no_nats else subject(tier_name),
-                      "device_id": fleet.device_id if fleet else None}), flush=True)
+    extra = process.started(servicer, nats_service)
+    print(json.dumps({"event": "ready", "tier": tier, "grpc_port": port, "metrics_port": metrics_port,
+                      "nats_subject": subject(tier) if nats_service else None, **extra}), flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    if fleet:
-        fleet.stop()
+    process.stopping()
     if nats_service:
         nats_service.stop()
     server.stop(grace=2).wait()
     servicer.batcher.close()
     metrics.stop()
     return 0
+
+
+def _nats_service(tier: str, manifest: Manifest, servicer: TierServicer) -> TierService:
+    """The servicer on `tierline.<tier>.infer` and `.stream`, protobuf bytes in and out."""
+    def handle(data: bytes, timeout_s: float | None) -> bytes:
+        return servicer.serve_nats(pb.InferRequest.FromString(data), timeout_s).SerializeToString()
+
+    def stream(data: bytes, is_active) -> Iterator[bytes]:
+        for chunk in servicer.stream(pb.InferRequest.FromString(data), is_active):
+            yield chunk.SerializeToString()
+
+    # the live queue depth: read through the servicer, whose batcher a device's model update replaces
+    return TierService(tier, NatsOptions.from_manifest(manifest), handle, status_of, stream=stream,
+                       stats=lambda: {"queue_depth": servicer.batcher.depth})

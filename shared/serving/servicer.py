@@ -1,10 +1,9 @@
-"""The gRPC InferenceService of one tier: validation, batching, streaming, statuses.
+"""The InferenceService of one tier: validation, the result cache, batching, streaming, statuses.
 
-Every tier (cloud, edge, device) serves this same servicer around its engine.
-Requests are validated field by field (INVALID_ARGUMENT naming the field), queued
-in the dynamic batcher, and errors become gRPC statuses in exactly one place
-(`_status_of`). `create_server` binds a port (0 = any free one) and returns it,
-apart from starting, so tests run real servers on free ports.
+Every tier (cloud, edge, device) serves this servicer around its engine, over gRPC and over
+NATS alike (shared/serving/process.py). Requests are validated field by field
+(INVALID_ARGUMENT naming the field), queued in the dynamic batcher, and exceptions become
+statuses in exactly one place (`status_of`), for both transports.
 """
 
 from __future__ import annotations
@@ -16,21 +15,17 @@ import time
 import uuid
 from collections import OrderedDict
 from concurrent import futures
-from dataclasses import dataclass
 from typing import Iterator
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from tierline.v1 import inference_pb2 as pb
 from tierline.v1 import inference_pb2_grpc as pb_grpc
+from tierline_shared.config.manifest import LimitsConfig
 from tierline_shared.runtime.batching import BatchConfig, BatchedResult, Batcher, DeadlineExceeded, QueueFull
 from tierline_shared.runtime.engine import Engine, EngineError, GenerationParams
 from tierline_shared.transport.messaging import TierError
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
-DEFAULT_WORKERS = 32  # gRPC handler threads (they mostly wait on the batcher)
 STREAM_POLL_S = 0.5  # how often a stream waiting for its next chunk checks that the client is still there
 _END = object()  # the decoding thread of a stream has finished
 
@@ -43,14 +38,7 @@ class RequestError(ValueError):
         self.field = field
 
 
-@dataclass
-class Limits:
-    max_prompt_chars: int = 2000
-    max_tokens: int = 128
-    default_max_tokens: int = 96
-
-
-def validate_request(req: pb.InferRequest, limits: Limits, model_name: str) -> None:
+def validate_request(req: pb.InferRequest, limits: LimitsConfig, model_name: str) -> None:
     """The checks that need no model (the router runs these); RequestError names the field."""
     if not req.prompt:
         raise RequestError("prompt", "must not be empty")
@@ -77,13 +65,13 @@ def validate_request(req: pb.InferRequest, limits: Limits, model_name: str) -> N
         raise RequestError("priority", f"unknown priority {req.priority}")
 
 
-def resolved_max_tokens(req: pb.InferRequest, limits: Limits) -> int:
+def resolved_max_tokens(req: pb.InferRequest, limits: LimitsConfig) -> int:
     """The request's max_tokens, or the manifest's default when it sets none (also what quotas reserve)."""
     p = req.parameters
     return p.max_tokens if p.HasField("max_tokens") else limits.default_max_tokens
 
 
-def validate(req: pb.InferRequest, engine: Engine, limits: Limits, model_name: str) -> GenerationParams:
+def validate(req: pb.InferRequest, engine: Engine, limits: LimitsConfig, model_name: str) -> GenerationParams:
     """GenerationParams for a request, or RequestError naming the first bad field."""
     validate_request(req, limits, model_name)
     p = req.parameters
@@ -101,6 +89,28 @@ def validate(req: pb.InferRequest, engine: Engine, limits: Limits, model_name: s
     except EngineError as exc:
         raise RequestError(exc.field, str(exc)) from None
     return params
+
+
+def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """The one place a tier's exceptions become statuses: the gRPC code and the message to send
+    (the gRPC methods abort with it; the NATS service puts it in its error headers)."""
+    if isinstance(exc, RequestError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, TierError):  # a tier above answered with an error: pass its status on
+        return getattr(grpc.StatusCode, exc.status, grpc.StatusCode.UNKNOWN), exc.message
+    if isinstance(exc, QueueFull):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, (DeadlineExceeded, futures.TimeoutError)):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the answer was ready"
+    return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+
+
+def as_tier_error(tier: str, exc: Exception) -> TierError:
+    """A tier's own exception as the TierError a remote tier would have answered (the device's local model)."""
+    if isinstance(exc, TierError):
+        return exc
+    code, message = status_of(exc)
+    return TierError(tier, code.name, message)
 
 
 class LRUCache:
@@ -127,10 +137,10 @@ class LRUCache:
 
 
 class TierServicer(pb_grpc.InferenceServiceServicer):
-    def __init__(self, engine: Engine, batch: BatchConfig | None = None, limits: Limits | None = None,
+    def __init__(self, engine: Engine, batch: BatchConfig | None = None, limits: LimitsConfig | None = None,
                  cache_size: int = 0, default_timeout_s: float = 30.0, metrics=None):
         self.engine = engine
-        self.limits = limits or Limits()
+        self.limits = limits or LimitsConfig()
         self.batch_config = batch or BatchConfig()
         self.metrics = metrics
         self.batcher = Batcher(engine, self.batch_config,
@@ -138,18 +148,9 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
         self.cache = LRUCache(cache_size)
         self.default_timeout_s = default_timeout_s
 
-    # -- the one place exceptions become statuses ---------------------------------------------
-    @staticmethod
-    def _status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
-        if isinstance(exc, RequestError):
-            return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-        if isinstance(exc, TierError):  # a tier above answered with an error: pass its status on
-            return getattr(grpc.StatusCode, exc.status, grpc.StatusCode.UNKNOWN), exc.message
-        if isinstance(exc, QueueFull):
-            return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-        if isinstance(exc, (DeadlineExceeded, futures.TimeoutError)):
-            return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the answer was ready"
-        return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+    def serve_nats(self, req: pb.InferRequest, timeout_s: float | None) -> pb.InferResponse:
+        """One request that came over NATS (from the router or a device's front door)."""
+        return self.handle(req, timeout_s)
 
     def handle(self, req: pb.InferRequest, timeout_s: float | None, on_abandon=None) -> pb.InferResponse:
         """Serve one request (also used by the NATS endpoint); raises on failure.
@@ -186,8 +187,10 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
             self.metrics.observe_response(self.engine.info.tier, "answered", resp.timings.first_token_ms / 1000,
                                           resp.timings.total_ms / 1000, out.queue_s, r.prompt_tokens,
                                           r.completion_tokens)
-        if key:
-            self.cache.put(key, resp)
+        if key:  # a copy: callers annotate the answer they get (the device's front door does)
+            stored = pb.InferResponse()
+            stored.CopyFrom(resp)
+            self.cache.put(key, stored)
         return resp
 
     def _response(self, request_id: str, out: BatchedResult, t0: float) -> pb.InferResponse:
@@ -209,7 +212,7 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
             return self.handle(request, context.time_remaining(),
                                on_abandon=lambda cancel: context.add_callback(cancel))
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status here
-            code, msg = self._status_of(exc)
+            code, msg = status_of(exc)
             context.abort(code, msg)
 
     def stream(self, request: pb.InferRequest, is_active=lambda: True) -> Iterator[pb.InferResponse]:
@@ -276,7 +279,7 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
         try:
             yield from self.stream(request, context.is_active)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status here
-            code, msg = self._status_of(exc)
+            code, msg = status_of(exc)
             context.abort(code, msg)
 
     def GetServerInfo(self, request, context):
@@ -285,42 +288,3 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
                              max_context=info.max_context, max_prompt_chars=self.limits.max_prompt_chars,
                              max_tokens_limit=self.limits.max_tokens, attention_window_limit=info.window_limit,
                              max_batch_size=b.max_batch_size, max_queue=b.max_queue)
-
-
-def add_health_and_reflection(server, aio: bool = False):
-    """gRPC health and reflection beside the InferenceService, the same on every tier and the router.
-
-    Returns the health servicer (`grpc.aio`'s for an aio server); `set_serving` marks
-    every name a health check may ask about (the server, "", and the InferenceService).
-    """
-    health_servicer = health.aio.HealthServicer() if aio else health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    return health_servicer
-
-
-HEALTH_NAMES = ("", SERVICE_NAME)  # what a health check may name: the whole server, the InferenceService
-
-
-def set_serving(health_servicer) -> None:
-    for name in HEALTH_NAMES:
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-
-
-async def set_serving_async(health_servicer) -> None:
-    """`set_serving` for grpc.aio's health servicer, whose `set` is a coroutine."""
-    for name in HEALTH_NAMES:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-
-
-def create_server(servicer: pb_grpc.InferenceServiceServicer, host: str = "127.0.0.1", port: int = 0,
-                  workers: int = DEFAULT_WORKERS) -> tuple[grpc.Server, int]:
-    """A gRPC server with the InferenceService, health and reflection; not started yet."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
-    pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
-    set_serving(add_health_and_reflection(server))
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"could not bind {host}:{port}")
-    return server, bound

@@ -1,33 +1,31 @@
-"""NATS for Tierline: subject names, connecting with credentials, a tier's micro service.
+"""NATS for Tierline, the client side: subject names, connecting with credentials, asking a tier.
 
-Every subject is built by `subject()`. A tier registers a `nats.micro` service
-named `tierline-<tier>` with the endpoint `tierline.<tier>.infer` in the default
-queue group, so replicas of a tier share the load and `$SRV.PING|INFO|STATS`
-discover them. Payloads are the protobuf `InferRequest` / `InferResponse` of
-proto/tierline/v1; errors travel as nats.micro error headers carrying the gRPC
-status name, converted in one place (`_respond_error`).
+Every subject is built by `subject()`. A tier answers on `tierline.<tier>.infer` (and
+`.stream`) through its nats.micro service (transport/tier_service.py); payloads are the
+protobuf `InferRequest` / `InferResponse` of proto/tierline/v1, and errors travel as
+nats.micro's error headers plus `Tierline-Status` with the gRPC status name, which
+`ask_tier` / `stream_tier` turn back into `TierError`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import random
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import nats
-from nats.micro import add_service
+from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
+
+from tierline.v1 import inference_pb2 as pb
 
 SUBJECT_PREFIX = "tierline"
 STATUS_HEADER = "Tierline-Status"  # the gRPC status name of an error reply
 STREAM_ID_HEADER = "Tierline-Stream"  # names a stream (its reply inbox) so the requester can cancel it
+TIMEOUT_HEADER = "Tierline-Timeout"  # seconds the requester waits: the tier stops waiting when it does
 RECONNECT_BASE_S = 1.0  # seconds, the first wait after the link drops (doubles after each failed attempt)
 RECONNECT_MAX_S = 30.0  # seconds, the longest wait between two attempts (forever)
 RECONNECT_JITTER = 0.2  # each wait is drawn from [1 - 0.2, 1] x its step, so a fleet does not reconnect in step
 START_TIMEOUT_S = 10.0  # connecting and registering, at most
-HANDLER_THREADS = 64  # requests in flight per tier process (they wait on the batcher)
 
 
 def subject(tier: str, verb: str = "infer") -> str:
@@ -71,10 +69,6 @@ async def discover(nc, tier: str, verb: str = "STATS", wait_s: float = 0.25) -> 
     return replies
 
 
-ERROR_CODE_HEADER = "Nats-Service-Error-Code"  # set by nats.micro on error replies
-ERROR_HEADER = "Nats-Service-Error"
-
-
 class TierError(Exception):
     """A tier answered with an error; `status` is the gRPC status name."""
 
@@ -88,10 +82,8 @@ async def ask_tier(nc, tier: str, request, timeout_s: float):
 
     Raises nats' NoRespondersError (no replica: at once), TimeoutError, or TierError.
     """
-    from tierline.v1 import inference_pb2 as pb
-
     msg = await nc.request(subject(tier), request.SerializeToString(), timeout=timeout_s,
-                           headers={"Tierline-Timeout": f"{timeout_s:.3f}"})
+                           headers={TIMEOUT_HEADER: f"{timeout_s:.3f}"})
     headers = msg.headers or {}
     if ERROR_CODE_HEADER in headers:
         raise TierError(tier, headers.get(STATUS_HEADER, "UNKNOWN"), headers.get(ERROR_HEADER, ""))
@@ -106,14 +98,12 @@ async def stream_tier(nc, tier: str, request, timeout_s: float):
     """
     from nats.errors import NoRespondersError
 
-    from tierline.v1 import inference_pb2 as pb
-
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
     ended = False  # the tier said its last word (the final chunk, an error, or no responders)
     try:
         await nc.publish(subject(tier, "stream"), request.SerializeToString(), reply=inbox,
-                         headers={"Tierline-Timeout": f"{timeout_s:.3f}", STREAM_ID_HEADER: inbox})
+                         headers={TIMEOUT_HEADER: f"{timeout_s:.3f}", STREAM_ID_HEADER: inbox})
         while True:
             msg = await sub.next_msg(timeout=timeout_s)
             headers = msg.headers or {}
@@ -228,145 +218,3 @@ def stop_loop_thread(loop: asyncio.AbstractEventLoop, thread, cleanup, timeout_s
         pass
     loop.call_soon_threadsafe(loop.stop)
     thread.join(timeout=timeout_s)
-
-
-class TierService:
-    """Runs a tier's nats.micro service on its own event loop thread.
-
-    `handle(request_bytes, timeout_s) -> response_bytes` is called in a worker
-    thread for each message (the servicer's blocking path), so many requests are
-    in flight at once and the batcher can group them.
-    """
-
-    def __init__(self, tier: str, opts: NatsOptions, handle, status_of, version: str = "1.0.0", stream=None,
-                 stats=None):
-        self.tier, self.opts, self._handle, self._status_of, self.version = tier, opts, handle, status_of, version
-        self._stream = stream  # stream(request_bytes, is_active) -> iterator of response bytes
-        self._stats = stats  # stats() -> dict added to each endpoint's $SRV.STATS data (e.g. queue_depth)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name=f"nats-{tier}", daemon=True)
-        self._nc = None
-        self._service = None
-        self._tasks: set[asyncio.Task] = set()
-        self._live_streams: dict = {}  # stream id -> Event, set once the requester cancels
-        self._pool = ThreadPoolExecutor(HANDLER_THREADS, thread_name_prefix=f"nats-{tier}")
-
-    def start(self, retry_forever: bool = False) -> None:
-        """Connect and register; `retry_forever`: when NATS is unreachable, keep trying in the background.
-
-        A board that boots offline must still serve its apps (the device agent); a refused
-        login is never retried.
-        """
-        self._thread.start()
-        if not retry_forever:
-            asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=START_TIMEOUT_S + 1)
-            return
-        starting = asyncio.run_coroutine_threadsafe(self._start_forever(), self._loop)
-        try:  # a refused login within the first attempt is raised; otherwise it connects in the background
-            starting.result(timeout=self.opts.connect_timeout_s + 1)
-        except concurrent.futures.TimeoutError:
-            pass
-
-    async def _start_forever(self) -> None:
-        attempt = 0
-        while True:
-            try:
-                await self._start()
-                return
-            except NatsAuthError:
-                raise  # nothing to retry: the credentials are wrong
-            except (ConnectionError, TimeoutError, OSError):
-                await asyncio.sleep(reconnect_delay(attempt))
-                attempt += 1
-
-    @property
-    def connected(self) -> bool:
-        """Whether requests to other tiers can go out now (False while NATS is away)."""
-        return self._nc is not None and self._nc.is_connected and self._service is not None
-
-    async def _start(self) -> None:
-        self._nc = await connect(self.opts, name=f"tierline-{self.tier}")
-        self._service = await add_service(self._nc, name=service_name(self.tier), version=self.version,
-                                          description=f"Tierline {self.tier} tier",
-                                          stats_handler=(lambda _: self._stats()) if self._stats else None)
-        await self._service.add_endpoint(name="infer", subject=subject(self.tier), handler=self._on_request)
-        if self._stream:
-            await self._service.add_endpoint(name="stream", subject=subject(self.tier, "stream"),
-                                             handler=self._on_stream)
-            # no queue group: every replica hears a cancel, the one serving that inbox acts on it
-            await self._nc.subscribe(subject(self.tier, "cancel"), cb=self._on_cancel)
-
-    async def _on_cancel(self, msg) -> None:
-        stopped = self._live_streams.get(msg.data.decode(errors="replace"))
-        if stopped is not None:
-            stopped.set()
-
-    async def _on_stream(self, req) -> None:
-        task = asyncio.get_running_loop().create_task(self._serve_stream(req))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _serve_stream(self, req) -> None:
-        """Each chunk is published to the request's reply inbox as it is generated.
-
-        A cancel naming that inbox (`stream_tier` closed early) stops the decoding at its next token.
-        """
-        loop = asyncio.get_running_loop()
-        chunks: asyncio.Queue = asyncio.Queue()
-        done = object()
-        stream_id = (req.headers or {}).get(STREAM_ID_HEADER) or object()  # none given: nobody can cancel it
-        cancelled = self._live_streams[stream_id] = threading.Event()
-
-        def produce() -> None:
-            try:
-                for data in self._stream(req.data, lambda: not cancelled.is_set()):
-                    loop.call_soon_threadsafe(chunks.put_nowait, data)
-            except Exception as exc:  # noqa: BLE001 - reported to the requester below
-                loop.call_soon_threadsafe(chunks.put_nowait, exc)
-            loop.call_soon_threadsafe(chunks.put_nowait, done)
-
-        loop.run_in_executor(self._pool, produce)
-        try:
-            while (item := await chunks.get()) is not done:
-                if cancelled.is_set():
-                    continue  # nobody reads the inbox any more; wait for the decoder to stop
-                if isinstance(item, Exception):
-                    await self._respond_error(req, item)
-                    return
-                await req.respond(item)
-        finally:
-            self._live_streams.pop(stream_id, None)
-
-    async def _on_request(self, req) -> None:
-        # callbacks run one at a time: hand each request to its own task
-        task = asyncio.get_running_loop().create_task(self._serve(req))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _serve(self, req) -> None:
-        timeout = float((req.headers or {}).get("Tierline-Timeout", 0)) or None
-        try:
-            data = await asyncio.get_running_loop().run_in_executor(self._pool, self._handle, req.data, timeout)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
-            await self._respond_error(req, exc)
-            return
-        await req.respond(data)
-
-    async def _respond_error(self, req, exc: Exception) -> None:
-        code, message = self._status_of(exc)
-        await req.respond_error(code=str(code.value[0]), description=message,
-                                headers={STATUS_HEADER: code.name})
-
-    def request(self, tier: str, request, timeout_s: float):
-        """`ask_tier` from a worker thread, on this service's connection."""
-        fut = asyncio.run_coroutine_threadsafe(ask_tier(self._nc, tier, request, timeout_s), self._loop)
-        return fut.result(timeout=timeout_s + 1)
-
-    def stop(self) -> None:
-        async def _stop():
-            if self._service:
-                await self._service.stop()
-            if self._nc:
-                await self._nc.drain()
-
-        stop_loop_thread(self._loop, self._thread, _stop)

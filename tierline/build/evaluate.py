@@ -1,4 +1,5 @@
-"""Exact-match evaluation of any engine on the reasoning benchmark."""
+"""Exact-match evaluation of any engine on the reasoning benchmark: the one loop every offline tool runs
+(`tierline models eval`, the build's report, the router scorer's labels, the offline router evaluation)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,13 @@ def evaluate(
     batch_size: int = 32,
     progress: Callable[[int], None] | None = None,
 ) -> dict:
-    """accuracy, by_level, n, tokens_per_s (completion tokens over wall time)."""
+    """accuracy, by_level, n, tokens_per_s (completion tokens over wall time), and per problem (in the given
+    order): correct, confidence (the answer's lowest chosen-token probability), tokens (prompt + completion)."""
     # batch problems of one level together: similar lengths, little padding
     order = sorted(range(len(problems)), key=lambda i: (problems[i].level, len(problems[i].prompt)))
     correct = [False] * len(problems)
+    confidence = [0.0] * len(problems)
+    spent = [0] * len(problems)
     tokens, t0 = 0, time.perf_counter()
     step = batch_size if engine.supports_batch_prefill else 1
     for start in range(0, len(order), step):
@@ -29,6 +33,7 @@ def evaluate(
         params = [GenerationParams(max_tokens=_budget(engine, p)) for p in prompts]
         for i, r in zip(idx, engine.generate_batch(prompts, params)):
             correct[i] = is_correct(problems[i], r.text)
+            confidence[i], spent[i] = float(r.confidence), r.prompt_tokens + r.completion_tokens
             tokens += r.completion_tokens
         if progress:
             progress(len(idx))
@@ -45,7 +50,17 @@ def evaluate(
         "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else 0.0,
         "seconds": round(seconds, 2),
         "correct": correct,
+        "confidence": confidence,
+        "tokens": spent,
     }
+
+
+PER_PROBLEM = ("correct", "confidence", "tokens")  # the lists in evaluate's result, one entry per problem
+
+
+def summary(result: dict) -> dict:
+    """evaluate's result without its per-problem lists: what reports and the CLI print."""
+    return {k: v for k, v in result.items() if k not in PER_PROBLEM}
 
 
 def _budget(engine: Engine, prompt: str) -> int:

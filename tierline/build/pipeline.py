@@ -23,10 +23,11 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tierline.build.evaluate import evaluate, kv_agreement
+from tierline.build.engines import load_engine
+from tierline.build.evaluate import evaluate, kv_agreement, summary
 from tierline.build.train import TrainConfig, train
 from tierline_cloud_node.engine import TorchEngine
-from tierline_shared.models.artifacts import MANIFEST, TIER_FORMATS, file_entry, load_engine, write_card
+from tierline_shared.models.artifacts import INDEX, TIER_FORMATS, file_entry, write_card
 from tierline_shared.models.gpt import GPT, GPTConfig, save_model
 from tierline_shared.models.tokenizer import TextTokenizer
 from tierline_shared.runtime.engine import EngineInfo
@@ -188,8 +189,7 @@ def build(cfg: FamilyConfig, out: Path, console: Console | None = None) -> dict:
 
     def score(title: str, engine) -> dict:
         with steps.stage(f"eval {title}", len(test)) as adv:
-            r = evaluate(engine, test, progress=adv)
-        r.pop("correct")
+            r = summary(evaluate(engine, test, progress=adv))
         results[title] = r
         return r
 
@@ -316,7 +316,7 @@ def _write_manifest(out: Path, cfg: FamilyConfig) -> dict:
         artifacts[tier] = entry
     manifest = {"model_name": MODEL_NAME, "version": f"{cfg.name}-seed{cfg.teacher_train.seed}",
                 "family": cfg.name, "answer_marker": ANSWER_MARKER, "artifacts": artifacts}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    (out / INDEX).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 

@@ -1,11 +1,16 @@
-"""Offline evaluation of routers: run every tier once, then simulate routing policies over the outcomes.
+"""Offline evaluation of routers: run every tier once, then replay routing policies over the outcomes.
 
-`run_tiers` is the only step that calls models: it answers every problem on every tier and keeps, per
-(problem, tier), whether the answer was correct, the engine's confidence and the tokens it cost
-(prompt + completion). Everything else replays those outcomes without a model call:
+`run_tiers` is the only step that calls models: it answers every problem on every tier (with the one
+evaluation loop, tierline/build/evaluate.py) and keeps, per (problem, tier), whether the answer was
+correct, the engine's confidence and the tokens it cost (prompt + completion). Everything else replays
+those outcomes without a model call:
 
 * a router maps each problem to a tier path (the tiers it tried, cheapest first); the last tier answers;
-* a cascade pays for every tier it tried: cost = sum over attempted tiers of cost[tier] * tokens / 1000;
+* tierline's router is the live one: its first tier is `Policy.start` and its escalations are the
+  router's own `Cascade` (tierline_router.cascade), replayed with each tier's recorded confidence,
+  so the evaluation cannot drift from what runs (`cascade_routing`);
+* every tier tried is paid for its own tokens (tierline_router.cascade.cost, the rule the demo and
+  the bench charge with);
 * score-based routers (random, length, tierline) are swept over their threshold, giving a curve of
   accuracy against the share of requests the cloud answers, summarised as RouteLLM does (APGR, CPT(50%),
   CPT(80%)) with weak = edge_only and strong = cloud_only.
@@ -20,6 +25,7 @@ that). APGR is the trapezoid integral of PGR = (acc - weak) / (strong - weak) ov
 from __future__ import annotations
 
 import csv
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +33,17 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-TIERS = ("device", "edge", "cloud")  # cheapest first; the column order of every Outcomes array
-DEVICE, EDGE, CLOUD = 0, 1, 2
+from tierline.build.evaluate import evaluate
+from tierline.v1 import inference_pb2 as pb
+from tierline_router.cascade import RAN_A_MODEL, Cascade, cost
+from tierline_router.policy import Policy
+from tierline_shared.config.manifest import RouterConfig
+from tierline_shared.wire import TIERS
+
+DEVICE, EDGE, CLOUD = (TIERS.index(t) for t in ("device", "edge", "cloud"))  # the columns of every Outcomes array
 ROUTERS = ("tierline", "device_only", "edge_only", "cloud_only", "random", "length", "oracle")
 SCORE_ROUTERS = ("random", "length", "tierline")
-DEFAULT_CONFIDENCE = {"device": 0.5, "edge": 0.5}  # below: escalate to the next tier
-DEFAULT_T_DEVICE = 0.2  # 1 - p_correct['device'] below this: start on the device
-EVAL_MAX_TOKENS = 96
+DEFAULTS = RouterConfig()  # the manifest schema's defaults, for a policy given in part
 
 
 # ------------------------------------------------------------------ outcomes
@@ -76,35 +86,17 @@ class Outcomes:
 
 
 def run_tiers(models_dir: str | Path, problems: list, threads: int = 1) -> Outcomes:
-    """Answer every problem once on every tier (greedy, up to 96 completion tokens, as evaluate does)."""
-    from tierline_shared.models.artifacts import load_engine
-    from tierline_shared.runtime.engine import GenerationParams
-    from tierline_shared.tasks.problems import is_correct
+    """Answer every problem once on every tier (`evaluate`: greedy, the evaluation's token budget)."""
+    from tierline.build.engines import load_engine
 
     n = len(problems)
     correct = np.zeros((n, len(TIERS)), dtype=bool)
     confidence = np.zeros((n, len(TIERS)), dtype=np.float64)
     tokens = np.zeros((n, len(TIERS)), dtype=np.int64)
-    # one level at a time, similar lengths together: little padding (as tierline.modelling.evaluate does)
-    order = sorted(range(n), key=lambda i: (problems[i].level, len(problems[i].prompt)))
     for col, tier in enumerate(TIERS):
-        engine = load_engine(Path(models_dir), tier, threads=threads)
-        step = 32 if engine.supports_batch_prefill else 1
-        for start in range(0, n, step):
-            idx = order[start:start + step]
-            prompts = [problems[i].prompt for i in idx]
-            params = [GenerationParams(max_tokens=_budget(engine, p)) for p in prompts]
-            for i, r in zip(idx, engine.generate_batch(prompts, params)):
-                correct[i, col] = is_correct(problems[i], r.text)
-                confidence[i, col] = float(r.confidence)
-                tokens[i, col] = int(r.prompt_tokens) + int(r.completion_tokens)
-        del engine
+        r = evaluate(load_engine(Path(models_dir), tier, threads=threads), problems)
+        correct[:, col], confidence[:, col], tokens[:, col] = r["correct"], r["confidence"], r["tokens"]
     return Outcomes(correct, confidence, tokens)
-
-
-def _budget(engine: Any, prompt: str) -> int:
-    n = len(engine.tokenizer.encode(prompt))
-    return max(1, min(EVAL_MAX_TOKENS, engine.info.max_context - n))
 
 
 # ------------------------------------------------------------------ simulation
@@ -114,13 +106,6 @@ class Routing:
 
     attempted: np.ndarray
     final: np.ndarray
-
-
-def _cost_vector(costs: Mapping[str, float]) -> np.ndarray:
-    missing = [t for t in TIERS if t not in costs]
-    if missing:
-        raise ValueError(f"costs missing for tier(s) {', '.join(missing)}")
-    return np.asarray([float(costs[t]) for t in TIERS], dtype=np.float64)
 
 
 def fixed_routing(n: int, tier: str | int) -> Routing:
@@ -139,21 +124,42 @@ def two_way_routing(scores: np.ndarray, threshold: float) -> Routing:
     return Routing(attempted, final)
 
 
-def cascade_routing(outcomes: Outcomes, start: np.ndarray, thresholds: Mapping[str, float]) -> Routing:
-    """Start at `start` (tier index per problem); escalate while the answer's confidence is below its tier's
-    threshold. The cloud's answer is always kept."""
-    n = outcomes.n
-    thr = np.asarray([float(thresholds.get(t, 0.0)) for t in TIERS[:-1]] + [-math.inf])
-    cur = np.asarray(start, dtype=np.int64).copy()
-    attempted = np.zeros((n, len(TIERS)), dtype=bool)
-    rows = np.arange(n)
-    active = np.ones(n, dtype=bool)
-    while active.any():
-        attempted[rows[active], cur[active]] = True
-        escalate = active & (outcomes.confidence[rows, cur] < thr[cur]) & (cur < CLOUD)
-        cur = np.where(escalate, cur + 1, cur)
-        active = escalate
-    return Routing(attempted, cur)
+def _replayed(start: int, kept: tuple[bool, ...]) -> tuple[tuple[bool, ...], int]:
+    """(tiers that ran a model, final tier) of the live Cascade starting at TIERS[start] when tier i's answer is
+    kept exactly when kept[i]: confidence 1.0 is kept by every tier, -1.0 by none but the top one."""
+    cascade = Cascade(Policy(0.0, 1.0, {t: 0.5 for t in TIERS}), TIERS[start])
+    while (tier := cascade.next_tier()) is not None:
+        ok = kept[TIERS.index(tier)]
+        cascade.answered(tier, pb.InferResponse(tier=tier, confidence=1.0 if ok else -1.0))
+    decision = cascade.decision()
+    ran = {a.tier for a in decision.path if a.outcome in RAN_A_MODEL}
+    return tuple(t in ran for t in TIERS), TIERS.index(decision.answer.tier)
+
+
+@functools.cache
+def _cascade_table() -> tuple[np.ndarray, np.ndarray]:
+    """The live Cascade's path for every (start, kept answers), indexed by `_key`: (attempted (K, 3), final (K,)).
+    The path depends on the policy only through which answers it keeps, so one table serves every threshold."""
+    k = len(TIERS)
+    attempted = np.zeros((k << k, k), dtype=bool)
+    final = np.zeros(k << k, dtype=np.int64)
+    for start in range(k):
+        for bits in range(1 << k):
+            kept = tuple(bool(bits >> i & 1) for i in range(k))
+            attempted[start << k | bits], final[start << k | bits] = _replayed(start, kept)
+    return attempted, final
+
+
+def cascade_routing(outcomes: Outcomes, start: np.ndarray, policy: Policy) -> Routing:
+    """Start at `start` (tier index per problem) and escalate as the router does: whether each tier's answer is
+    kept is `policy.accept` of its recorded confidence, and the path that follows is the live Cascade's
+    (`_cascade_table`, the Cascade replayed once for every start and set of kept answers)."""
+    n, k = outcomes.n, len(TIERS)
+    key = np.broadcast_to(np.asarray(start, dtype=np.int64), (n,)) << k
+    for i, t in enumerate(TIERS):
+        key = key | (np.asarray(policy.accept(t, outcomes.confidence[:, i]), dtype=np.int64) << i)
+    attempted, final = _cascade_table()
+    return Routing(attempted[key], final[key])
 
 
 def oracle_routing(outcomes: Outcomes) -> Routing:
@@ -170,24 +176,25 @@ def tierline_routing(
     cloud_scores: np.ndarray,
     device_scores: np.ndarray,
     t_cloud: float,
-    t_device: float = DEFAULT_T_DEVICE,
+    t_device: float = DEFAULTS.device_complexity,
     thresholds: Mapping[str, float] | None = None,
 ) -> Routing:
-    """cloud_score (1 - p_edge) >= t_cloud: the cloud directly; else the device when device_score
-    (1 - p_device) < t_device, otherwise the edge; then escalate on low confidence."""
-    cloud_scores, device_scores = np.asarray(cloud_scores), np.asarray(device_scores)
-    start = np.where(cloud_scores >= t_cloud, CLOUD, np.where(device_scores < t_device, DEVICE, EDGE))
-    return cascade_routing(outcomes, start, DEFAULT_CONFIDENCE if thresholds is None else thresholds)
+    """The router's policy with these thresholds over precomputed scores: its first tier (`Policy.start`:
+    cloud_score = 1 - p_edge, device_score = 1 - p_device), then its cascade."""
+    policy = Policy(t_device, t_cloud, dict(DEFAULTS.confidence_threshold if thresholds is None else thresholds))
+    return cascade_routing(outcomes, policy.start(cloud_scores, device_scores), policy)
 
 
 def summarize(outcomes: Outcomes, routing: Routing, costs: Mapping[str, float]) -> dict[str, Any]:
     """accuracy, share of answers per tier, cost relative to sending everything to the cloud."""
-    cost = _cost_vector(costs)
+    missing = [t for t in TIERS if t not in costs]
+    if missing:
+        raise ValueError(f"costs missing for tier(s) {', '.join(missing)}")
     n = outcomes.n
     acc = float(outcomes.correct[np.arange(n), routing.final].mean())
     counts = np.bincount(routing.final, minlength=len(TIERS))
-    spent = float((routing.attempted * outcomes.tokens * cost).sum()) / 1000.0
-    cloud = float(outcomes.tokens[:, CLOUD].sum()) * cost[CLOUD] / 1000.0
+    spent = float(cost({t: routing.attempted[:, i] * outcomes.tokens[:, i] for i, t in enumerate(TIERS)}, costs).sum())
+    cloud = float(cost({"cloud": outcomes.tokens[:, CLOUD]}, costs).sum())
     return {
         "accuracy": acc,
         "share": {t: float(c) / n for t, c in zip(TIERS, counts)},
@@ -388,7 +395,7 @@ def router_curves(
     outcomes: Outcomes,
     scores: Mapping[str, np.ndarray],
     costs: Mapping[str, float],
-    t_device: float = DEFAULT_T_DEVICE,
+    t_device: float = DEFAULTS.device_complexity,
     thresholds: Mapping[str, float] | None = None,
 ) -> dict[str, Curve]:
     """Threshold sweeps of random, length (cloud when score >= t, else edge) and tierline (t = t_cloud)."""
@@ -412,7 +419,7 @@ def evaluate_routers(
     *,
     calib_prompts: list[str] | None = None,
     target_edge_share: float = 0.8,
-    t_device: float = DEFAULT_T_DEVICE,
+    t_device: float = DEFAULTS.device_complexity,
     thresholds: Mapping[str, float] | None = None,
     policy: Mapping[str, Any] | None = None,
     seed: int = 0,

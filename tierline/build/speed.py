@@ -10,9 +10,10 @@ import statistics
 import time
 from pathlib import Path
 
-from tierline_shared.models.artifacts import TIERS, load_engine
+from tierline.build.engines import load_engine
 from tierline_shared.runtime.engine import Engine, GenerationParams
 from tierline_shared.tasks.problems import generate
+from tierline_shared.wire import TIERS
 
 BENCH_MAX_TOKENS = 48  # completion tokens per request
 WARMUP_ROUNDS = 1

@@ -1,0 +1,48 @@
+"""The device tier as a process: the board's model, its front door, and its fleet agent when it has an id.
+
+A board that boots without NATS still serves its apps (the NATS service keeps connecting in
+the background); with `device_agent.device_id` set the agent is also a fleet member
+(fleet.py): registration, heartbeats, model updates, telemetry.
+"""
+
+from __future__ import annotations
+
+from tierline_device_agent.agent import DeviceAgentServicer
+from tierline_device_agent.engine import LiteRTEngine, load_engine
+from tierline_device_agent.fleet import FleetAgent, prepare_device
+from tierline_router.policy import Policy
+from tierline_shared.serving.metrics import Metrics
+from tierline_shared.serving.process import TierProcess, run
+from tierline_shared.transport.tier_service import TierService
+
+
+class DeviceProcess(TierProcess):
+    tier = "device"
+    fleet: FleetAgent | None = None
+
+    def load_engine(self) -> LiteRTEngine:
+        models_dir = prepare_device(self.manifest)  # the memory cap; the model an update installed last, if any
+        return load_engine(models_dir, threads=self.config.threads)
+
+    def make_servicer(self, engine: LiteRTEngine, metrics: Metrics) -> DeviceAgentServicer:
+        m = self.manifest
+        return DeviceAgentServicer(*self.servicer_args(engine, metrics), policy=Policy.from_config(m.router),
+                                   upstream_timeout_s=m.nats.request_timeout_ms / 1000,
+                                   retries_per_tier=m.router.retries_per_tier)
+
+    def nats_retry_forever(self) -> bool:
+        return bool(self.manifest.device_agent.device_id)  # a fleet member that boots offline still serves
+
+    def started(self, servicer: DeviceAgentServicer, nats_service: TierService | None) -> dict:
+        servicer.link = nats_service
+        if self.manifest.device_agent.device_id and nats_service is not None:
+            self.fleet = FleetAgent(self.manifest, servicer, threads=self.config.threads).start()
+        return {"device_id": self.fleet.device_id if self.fleet else None}
+
+    def stopping(self) -> None:
+        if self.fleet:
+            self.fleet.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(DeviceProcess, argv)

@@ -1,0 +1,153 @@
+"""The one escalation rule: which tier to ask next, given what the tiers have said so far.
+
+The live router (router/service.py), the device's front door (device_agent/agent.py) and the
+offline evaluation (tierline/build/routing.py) all run a request through `Cascade`, so the
+evaluation replays exactly what runs. It does no I/O: its driver asks the tier it names
+(`next_tier`), reports what happened (`answered`, `failed`, `expired`) and finally takes the
+`decision`.
+
+- A request starts on the policy's first tier.
+- An answer whose confidence reaches its tier's threshold is kept (the top tier's always is);
+  below it, the next tier up is asked.
+- A tier that fails is asked again (another replica answers) when that can help, `retries`
+  times at most: a timeout or a full queue. No responders, an error or no link (`Offline`)
+  move on to the next tier up at once.
+- With no tier above left, the best answer so far is given (the highest confidence; the top
+  tier's over any other), marked degraded. With no answer at all, the tiers below the first
+  one are asked, nearest first, and the first answer is given, degraded: a lower tier's
+  answer is better than none.
+- Nothing answered: UNAVAILABLE naming what each tier did, or DEADLINE_EXCEEDED when the
+  request's time ran out. A client error (INVALID_ARGUMENT) is raised as it is: asking
+  another tier cannot fix the request.
+
+`cost` is the one rule for what an answer cost: every tier that ran a model for it is paid for
+its own tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+
+from tierline.v1 import inference_pb2 as pb
+from tierline_router.policy import Policy
+from tierline_shared.transport.messaging import TierError
+from tierline_shared.wire import TIERS, TOP_TIER, tiers_above, tiers_below
+
+CLIENT_ERRORS = {"INVALID_ARGUMENT"}  # the request's own fault: returned to the client, never escalated
+RETRY_STATUSES = {"RESOURCE_EXHAUSTED"}  # a tier error worth another replica (its queue was full)
+RAN_A_MODEL = ("answered", "low_confidence")  # the attempts that are paid for
+_TIMEOUTS = (NatsTimeout, asyncio.TimeoutError, concurrent.futures.TimeoutError, TimeoutError)
+
+
+class Offline(ConnectionError):
+    """No link to the tiers above (a board whose NATS connection is down): the tier is not asked."""
+
+
+@dataclass
+class Decision:
+    answer: pb.InferResponse
+    path: list[pb.Attempt]  # every tier tried, in order, and what it did
+    degraded: bool  # a better tier was wanted but could not answer
+
+
+class Cascade:
+    def __init__(self, policy: Policy, first: str, available: tuple[str, ...] = TIERS, retries: int = 0,
+                 origin: str = "router", on_escalate: Callable[[str, str, str], None] | None = None):
+        self.policy, self.retries, self.origin = policy, retries, origin
+        self._on_escalate = on_escalate  # (from tier, to tier, why): for metrics
+        self._ahead = [first, *tiers_above(first, available)]  # tiers still to ask, the current one first
+        self._below = list(tiers_below(first, available))  # asked only when nothing answers
+        self.path: list[pb.Attempt] = []
+        self._best: pb.InferResponse | None = None
+        self._kept: pb.InferResponse | None = None
+        self._tries = 0  # of the current tier so far, beyond the first
+        self._falling_back = False
+        self._expired = False
+
+    def next_tier(self) -> str | None:
+        """The tier to ask now; None when the decision is made."""
+        if self._kept is not None or self._expired:
+            return None
+        if not self._ahead and self._best is None and self._below:
+            self._falling_back = True
+            self._ahead.append(self._below.pop(0))
+        return self._ahead[0] if self._ahead else None
+
+    def answered(self, tier: str, resp: pb.InferResponse) -> None:
+        """`tier` answered `resp`: keep it, or go on up."""
+        accepted = self._falling_back or bool(self.policy.accept(tier, resp.confidence))
+        self.path.append(pb.Attempt(
+            tier=tier, outcome="answered" if accepted else "low_confidence", confidence=resp.confidence,
+            detail="" if accepted else f"confidence {resp.confidence:.3f} < {self.policy.threshold(tier)}",
+            usage=pb.Usage(prompt_tokens=resp.usage.prompt_tokens, completion_tokens=resp.usage.completion_tokens)))
+        if self._best is None or resp.confidence >= self._best.confidence or tier == TOP_TIER:
+            self._best = resp
+        if accepted:
+            self._kept = resp
+            return
+        self._move_on(tier, "low_confidence")
+
+    def failed(self, tier: str, exc: BaseException, detail: str = "") -> None:
+        """Asking `tier` raised `exc`: ask it again, or the next tier. Raises a client error as it is,
+        and anything it does not know as a failure of a tier (a bug is not a reason to escalate)."""
+        if isinstance(exc, TierError):
+            if exc.status in CLIENT_ERRORS:
+                raise exc
+            outcome, detail, retry = "error", f"{exc.status}: {exc.message}", exc.status in RETRY_STATUSES
+        elif isinstance(exc, NoRespondersError):
+            outcome, detail, retry = "no_responders", "no replica is up", False
+        elif isinstance(exc, Offline):
+            outcome, detail, retry = "offline", str(exc), False
+        elif isinstance(exc, _TIMEOUTS):
+            outcome, detail, retry = "timeout", detail or "no answer in time", True
+        else:
+            raise exc
+        self.path.append(pb.Attempt(tier=tier, outcome=outcome, detail=detail))
+        if retry and self._tries < self.retries:
+            self._tries += 1
+            return
+        self._move_on(tier, outcome)
+
+    def expired(self, tier: str) -> None:
+        """The request's deadline passed before `tier` could be asked: decide with what there is."""
+        self.path.append(pb.Attempt(tier=tier, outcome="timeout", detail="the request's deadline had passed"))
+        self._expired = True
+
+    def _move_on(self, tier: str, why: str) -> None:
+        self._ahead.pop(0)
+        self._tries = 0
+        nxt = self.next_tier()
+        if nxt is not None and self._on_escalate is not None:
+            self._on_escalate(tier, nxt, why)
+
+    def decision(self) -> Decision:
+        """The answer to give, or TierError (UNAVAILABLE, or DEADLINE_EXCEEDED when time ran out)."""
+        if self._kept is not None:
+            return Decision(self._kept, self.path, degraded=self._falling_back)
+        if self._best is not None:  # a better tier was wanted but could not answer
+            return Decision(self._best, self.path, degraded=True)
+        what = "; ".join(f"{a.tier} {a.outcome} {a.detail}".strip() for a in self.path)
+        if self._expired:
+            raise TierError(self.origin, "DEADLINE_EXCEEDED", f"the deadline passed before a tier answered: {what}")
+        raise TierError(self.origin, "UNAVAILABLE", f"no tier could answer: {what}")
+
+
+def paid_tokens(path: Iterable[pb.Attempt]) -> dict[str, int]:
+    """Tier -> the tokens its model spent on a request, from the request's escalation path."""
+    out: dict[str, int] = {}
+    for a in path:
+        if a.outcome in RAN_A_MODEL:
+            out[a.tier] = out.get(a.tier, 0) + a.usage.prompt_tokens + a.usage.completion_tokens
+    return out
+
+
+def cost(tokens_by_tier: Mapping[str, Any], costs: Mapping[str, float]):
+    """What an answer cost, in the manifest's units (cost_per_1k_tokens): every tier that ran a model for it
+    is paid for its own tokens. The values may be numbers or numpy arrays (one answer each)."""
+    return sum(costs[t] * n for t, n in tokens_by_tier.items()) / 1000

@@ -1,0 +1,58 @@
+"""A gRPC server as every Tierline process runs it: the InferenceService, health and reflection, any port.
+
+`create_server` binds a port (0 = any free one) and returns it apart from starting, so tests run
+real servers on free ports; the router (grpc.aio) adds the same health and reflection services.
+"""
+
+from __future__ import annotations
+
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tierline.v1 import inference_pb2 as pb
+from tierline.v1 import inference_pb2_grpc as pb_grpc
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+DEFAULT_WORKERS = 32  # gRPC handler threads (they mostly wait on the batcher)
+
+
+def add_health_and_reflection(server, aio: bool = False):
+    """gRPC health and reflection beside the InferenceService, the same on every tier and the router.
+
+    Returns the health servicer (`grpc.aio`'s for an aio server); `set_serving` marks
+    every name a health check may ask about (the server, "", and the InferenceService).
+    """
+    health_servicer = health.aio.HealthServicer() if aio else health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    return health_servicer
+
+
+HEALTH_NAMES = ("", SERVICE_NAME)  # what a health check may name: the whole server, the InferenceService
+
+
+def set_serving(health_servicer) -> None:
+    for name in HEALTH_NAMES:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+async def set_serving_async(health_servicer) -> None:
+    """`set_serving` for grpc.aio's health servicer, whose `set` is a coroutine."""
+    for name in HEALTH_NAMES:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+def create_server(servicer: pb_grpc.InferenceServiceServicer, host: str = "127.0.0.1", port: int = 0,
+                  workers: int = DEFAULT_WORKERS) -> tuple[grpc.Server, int]:
+    """A gRPC server with the InferenceService, health and reflection; not started yet."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+    pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
+    set_serving(add_health_and_reflection(server))
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not bind {host}:{port}")
+    return server, bound

@@ -1,0 +1,228 @@
+"""A tier's NATS face: its nats.micro service, on an event loop thread of its own.
+
+The service `tierline-<tier>` has the endpoints `tierline.<tier>.infer` and `.stream` in
+nats.micro's default queue group, so replicas of a tier share the load and
+`$SRV.PING|INFO|STATS` discover them, and a plain subscription to `.cancel` (every replica
+hears it). Each request is served in its own task, its blocking work in a worker thread,
+so many are in flight at once and the batcher can group them. nats.micro runs an
+endpoint's handler one message at a time and would time only the hand-off to that task,
+so the request statistics it reports on `$SRV.STATS` (requests, errors, processing time)
+are counted here, around each whole request (`_Counts`, `_Service.stats`). Errors become
+nats.micro error headers in one place (`_respond_error`), with the status from the
+servicer's `status_of`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from nats.micro.service import Service, ServiceConfig, ServiceStats
+
+from tierline_shared.transport.messaging import (
+    START_TIMEOUT_S,
+    STATUS_HEADER,
+    STREAM_ID_HEADER,
+    TIMEOUT_HEADER,
+    NatsAuthError,
+    NatsOptions,
+    ask_tier,
+    connect,
+    reconnect_delay,
+    service_name,
+    stop_loop_thread,
+    subject,
+)
+
+HANDLER_THREADS = 64  # requests in flight per tier process (they wait on the batcher)
+
+
+@dataclass
+class _Counts:
+    """One endpoint's request statistics, as nats.micro reports them (times in nanoseconds)."""
+
+    requests: int = 0
+    errors: int = 0
+    processing_ns: int = 0
+    last_error: str | None = None
+
+    def record(self, started_ns: int, error: Exception | None) -> None:
+        self.requests += 1
+        self.processing_ns += time.perf_counter_ns() - started_ns
+        if error is not None:
+            self.errors += 1
+            self.last_error = f"{type(error).__name__}: {error}"
+
+
+class _Service(Service):
+    """nats.micro's service, reporting the statistics counted around each whole request (`_Counts`)."""
+
+    def __init__(self, client, config: ServiceConfig, counts: dict[str, _Counts]):
+        super().__init__(client, config)
+        self._counts = counts
+
+    def stats(self) -> ServiceStats:
+        stats = super().stats()
+        for e in stats.endpoints:
+            c = self._counts.get(e.name)
+            if c is not None:
+                e.num_requests, e.num_errors, e.last_error = c.requests, c.errors, c.last_error
+                e.processing_time = c.processing_ns
+                e.average_processing_time = c.processing_ns // c.requests if c.requests else 0
+        return stats
+
+
+class TierService:
+    """Runs a tier's nats.micro service on its own event loop thread.
+
+    `handle(request_bytes, timeout_s) -> response_bytes` is called in a worker
+    thread for each message (the servicer's blocking path), so many requests are
+    in flight at once and the batcher can group them.
+    """
+
+    def __init__(self, tier: str, opts: NatsOptions, handle, status_of, version: str = "1.0.0", stream=None,
+                 stats=None):
+        self.tier, self.opts, self._handle, self._status_of, self.version = tier, opts, handle, status_of, version
+        self._counts = {"infer": _Counts(), "stream": _Counts()}
+        self._stream = stream  # stream(request_bytes, is_active) -> iterator of response bytes
+        self._stats = stats  # stats() -> dict added to each endpoint's $SRV.STATS data (e.g. queue_depth)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"nats-{tier}", daemon=True)
+        self._nc = None
+        self._service = None
+        self._tasks: set[asyncio.Task] = set()
+        self._live_streams: dict = {}  # stream id -> Event, set once the requester cancels
+        self._pool = ThreadPoolExecutor(HANDLER_THREADS, thread_name_prefix=f"nats-{tier}")
+
+    def start(self, retry_forever: bool = False) -> None:
+        """Connect and register; `retry_forever`: when NATS is unreachable, keep trying in the background.
+
+        A board that boots offline must still serve its apps (the device agent); a refused
+        login is never retried.
+        """
+        self._thread.start()
+        if not retry_forever:
+            asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=START_TIMEOUT_S + 1)
+            return
+        starting = asyncio.run_coroutine_threadsafe(self._start_forever(), self._loop)
+        try:  # a refused login within the first attempt is raised; otherwise it connects in the background
+            starting.result(timeout=self.opts.connect_timeout_s + 1)
+        except concurrent.futures.TimeoutError:
+            pass
+
+    async def _start_forever(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self._start()
+                return
+            except NatsAuthError:
+                raise  # nothing to retry: the credentials are wrong
+            except (ConnectionError, TimeoutError, OSError):
+                await asyncio.sleep(reconnect_delay(attempt))
+                attempt += 1
+
+    @property
+    def connected(self) -> bool:
+        """Whether requests to other tiers can go out now (False while NATS is away)."""
+        return self._nc is not None and self._nc.is_connected and self._service is not None
+
+    async def _start(self) -> None:
+        self._nc = await connect(self.opts, name=f"tierline-{self.tier}")
+        config = ServiceConfig(name=service_name(self.tier), version=self.version,
+                               description=f"Tierline {self.tier} tier",
+                               stats_handler=(lambda _: self._stats()) if self._stats else None)
+        self._service = _Service(self._nc, config, self._counts)
+        await self._service.start()
+        await self._service.add_endpoint(name="infer", subject=subject(self.tier), handler=self._on_request)
+        if self._stream:
+            await self._service.add_endpoint(name="stream", subject=subject(self.tier, "stream"),
+                                             handler=self._on_stream)
+            # no queue group: every replica hears a cancel, the one serving that inbox acts on it
+            await self._nc.subscribe(subject(self.tier, "cancel"), cb=self._on_cancel)
+
+    async def _on_cancel(self, msg) -> None:
+        stopped = self._live_streams.get(msg.data.decode(errors="replace"))
+        if stopped is not None:
+            stopped.set()
+
+    async def _on_stream(self, req) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve_stream(req))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve_stream(self, req) -> None:
+        """Each chunk is published to the request's reply inbox as it is generated.
+
+        A cancel naming that inbox (`stream_tier` closed early) stops the decoding at its next token.
+        """
+        started, error = time.perf_counter_ns(), None
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue = asyncio.Queue()
+        done = object()
+        stream_id = (req.headers or {}).get(STREAM_ID_HEADER) or object()  # none given: nobody can cancel it
+        cancelled = self._live_streams[stream_id] = threading.Event()
+
+        def produce() -> None:
+            try:
+                for data in self._stream(req.data, lambda: not cancelled.is_set()):
+                    loop.call_soon_threadsafe(chunks.put_nowait, data)
+            except Exception as exc:  # noqa: BLE001 - reported to the requester below
+                loop.call_soon_threadsafe(chunks.put_nowait, exc)
+            loop.call_soon_threadsafe(chunks.put_nowait, done)
+
+        loop.run_in_executor(self._pool, produce)
+        try:
+            while (item := await chunks.get()) is not done:
+                if cancelled.is_set():
+                    continue  # nobody reads the inbox any more; wait for the decoder to stop
+                if isinstance(item, Exception):
+                    error = item
+                    await self._respond_error(req, item)
+                    return
+                await req.respond(item)
+        finally:
+            self._live_streams.pop(stream_id, None)
+            self._counts["stream"].record(started, error)
+
+    async def _on_request(self, req) -> None:
+        # callbacks run one at a time: hand each request to its own task
+        task = asyncio.get_running_loop().create_task(self._serve(req))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, req) -> None:
+        started, error = time.perf_counter_ns(), None
+        timeout = float((req.headers or {}).get(TIMEOUT_HEADER, 0)) or None
+        try:
+            data = await asyncio.get_running_loop().run_in_executor(self._pool, self._handle, req.data, timeout)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
+            error = exc
+            await self._respond_error(req, exc)
+            return
+        finally:
+            self._counts["infer"].record(started, error)
+        await req.respond(data)
+
+    async def _respond_error(self, req, exc: Exception) -> None:
+        code, message = self._status_of(exc)
+        await req.respond_error(code=str(code.value[0]), description=message,
+                                headers={STATUS_HEADER: code.name})
+
+    def request(self, tier: str, request, timeout_s: float):
+        """`ask_tier` from a worker thread, on this service's connection."""
+        fut = asyncio.run_coroutine_threadsafe(ask_tier(self._nc, tier, request, timeout_s), self._loop)
+        return fut.result(timeout=timeout_s + 1)
+
+    def stop(self) -> None:
+        async def _stop():
+            if self._service:
+                await self._service.stop()
+            if self._nc:
+                await self._nc.drain()
+
+        stop_loop_thread(self._loop, self._thread, _stop)

@@ -30,8 +30,9 @@ models: setup ## build the default model family from scratch into models/ (CPU, 
 models-tiny: setup ## build the tiny family (tests use it) into runs/tiny
 	$(PY) -m tierline models build --config tiny --out runs/tiny
 
-lint: setup ## ruff over the code
+lint: setup ## ruff over the code, and the import layers (import-linter contracts in pyproject.toml)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 
 test: setup lint ## lint + the whole test suite
 	$(PY) -m pytest -q

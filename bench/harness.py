@@ -27,11 +27,12 @@ from tierline_bench.peer import PeerServer, available
 from tierline_bench.report import write_report
 from tierline_edge_node.engine import load_engine
 from tierline_infra.supervisor import Stack, demo_overrides
-from tierline_shared.config.manifest import load_manifest
+from tierline_shared.config.manifest import BatchConfig, load_manifest
 from tierline_shared.models.artifacts import load_index
-from tierline_shared.runtime.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_DELAY_MS
 from tierline_shared.tasks.problems import generate
+from tierline_shared.wire import TIERS
 
+BATCHING = BatchConfig()  # the tiers' default batching, which the peer is given too
 SECTION_ORDER = ("edge_vs_cloud", "tiered_vs_cloud", "batching", "cache", "platform_overhead", "peer_litserve",
                  "router_and_nats", "device_profile")
 
@@ -68,7 +69,7 @@ def run_bench(models_dir: Path, out_dir: Path, quick: bool = False, log=print) -
     t0 = time.perf_counter()
     log("phase A: nats-server, device, edge, cloud, router (result caches off)")
     # the demo's costs and router policy (the calibrated one when infra/manifests/local.yaml serves these models)
-    with Stack(models_dir, overrides={**demo_overrides(models_dir), **_tiers(scenarios.TIERS, cfg.threads)}) as full:
+    with Stack(models_dir, overrides={**demo_overrides(models_dir), **_tiers(TIERS, cfg.threads)}) as full:
         costs = load_manifest(full.manifest, check_artifacts=False).costs()
         log("  1. edge vs cloud")
         sections["edge_vs_cloud"] = scenarios.edge_vs_cloud(full, cfg, prompts, warm)
@@ -93,15 +94,15 @@ def run_bench(models_dir: Path, out_dir: Path, quick: bool = False, log=print) -
         peer = None
         if reason is None:
             try:
-                peer = PeerServer(models_dir, on.workdir, cfg.threads, DEFAULT_MAX_BATCH_SIZE,
-                                  DEFAULT_MAX_QUEUE_DELAY_MS / 1000).start()
+                peer = PeerServer(models_dir, on.workdir, cfg.threads, BATCHING.max_batch_size,
+                                  BATCHING.max_queue_delay_ms / 1000).start()
             except (RuntimeError, TimeoutError) as exc:
                 reason = f"LitServe did not start: {exc}"
         try:
             log("  5. platform overhead, 6. LitServe peer")
             client = HttpClient("127.0.0.1", peer.port, cfg.max_tokens) if peer else None
             sections["platform_overhead"], sections["peer_litserve"] = scenarios.overhead_and_peer(
-                on, engine, client, reason, cfg, prompts, warm, DEFAULT_MAX_BATCH_SIZE)
+                on, engine, client, reason, cfg, prompts, warm, BATCHING.max_batch_size)
         finally:
             if peer:
                 peer.stop()

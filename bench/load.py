@@ -22,10 +22,10 @@ import numpy as np
 
 from tierline.v1 import inference_pb2 as pb
 from tierline.v1 import inference_pb2_grpc as pb_grpc
+from tierline_router.cascade import paid_tokens
 
 REQUEST_TIMEOUT_S = 60.0  # one request, any client
 CONNECT_TIMEOUT_S = 30.0  # a channel becoming ready
-PAID_OUTCOMES = ("answered", "low_confidence")  # a tier that ran for a request is paid for (as in tierline.demo)
 
 
 @dataclass
@@ -42,7 +42,7 @@ class Outcome:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     text: str = ""
-    paid: tuple[str, ...] = ()  # every tier that ran a model for this answer
+    paid: dict[str, int] = field(default_factory=dict)  # tier -> tokens its model spent on this answer
 
 
 @dataclass
@@ -99,7 +99,7 @@ def outcome_of(resp: pb.InferResponse, latency_s: float) -> Outcome:
                    prompt_tokens=resp.usage.prompt_tokens,
                    completion_tokens=resp.usage.completion_tokens,
                    text=resp.choices[0].text if resp.choices else "",
-                   paid=tuple(a.tier for a in resp.escalation_path if a.outcome in PAID_OUTCOMES))
+                   paid=paid_tokens(resp.escalation_path))
 
 
 @dataclass

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tierline_shared.wire import TIERS
+
 RESULTS = Path("bench/results.json")  # relative to the output directory
 PLOTS = Path("bench/plots")
 MARKDOWN = Path("BENCHMARKS.md")
@@ -219,7 +221,7 @@ def render(results: dict, plots: dict[str, str]) -> str:
         ["accuracy (exact answer)", fmt(t["accuracy"], pct=True), fmt(c["accuracy"], pct=True)],
         ["cost per request (relative units)", fmt(t["cost_per_request"]), fmt(c["cost_per_request"])],
         *[[f"share answered by the {tier}", fmt(t["share"][tier], pct=True), fmt(c["share"][tier], pct=True)]
-          for tier in ("device", "edge", "cloud")],
+          for tier in TIERS],
         ["escalated (more than one tier ran)", fmt(t["escalated_share"], pct=True),
          fmt(c["escalated_share"], pct=True)],
         ["latency p50 / p95", f"{fmt(t['latency_ms_p50'], ' ms')} / {fmt(t['latency_ms_p95'], ' ms')}",

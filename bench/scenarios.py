@@ -20,10 +20,11 @@ from typing import Callable
 
 from tierline_bench.load import GrpcClient, HttpClient, LoadRun, Outcome, median, peak_rss_mib, percentile, run_load
 from tierline_infra.supervisor import Stack
+from tierline_router.cascade import cost
 from tierline_shared.config.manifest import load_manifest
 from tierline_shared.tasks.problems import Problem, is_correct
+from tierline_shared.wire import TIERS
 
-TIERS = ("device", "edge", "cloud")
 NATS_TIMEOUT_S = 5.0  # one echo request over NATS
 METRICS_TIMEOUT_S = 5.0  # one scrape of a tier's /metrics
 
@@ -146,11 +147,6 @@ def edge_vs_cloud(stack: Stack, cfg: BenchConfig, prompts: list[str], warm: list
 
 
 # -- 2. tiered vs cloud only ------------------------------------------------------------------------------------------
-def request_cost(o: Outcome, costs: dict[str, float]) -> float:
-    """Cost units of one answer: every tier that ran a model is paid for its tokens (the rule of tierline.demo)."""
-    return sum(costs.get(t, 0.0) for t in o.paid) * (o.prompt_tokens + o.completion_tokens) / 1000
-
-
 def tiered_vs_cloud(stack: Stack, cfg: BenchConfig, problems: list[Problem], warm: list[str],
                     costs: dict[str, float]) -> dict:
     """The same workload through the router (device + edge + cloud) and straight to the cloud, interleaved."""
@@ -168,7 +164,7 @@ def tiered_vs_cloud(stack: Stack, cfg: BenchConfig, problems: list[Problem], war
         share = Counter(o.tier for _, o in answered)
         n = max(len(answered), 1)
         return {"qps": run.qps, "accuracy": sum(is_correct(p, o.text) for p, o in answered) / n,
-                "cost_per_request": sum(request_cost(o, costs) for _, o in answered) / n,
+                "cost_per_request": sum(cost(o.paid, costs) for _, o in answered) / n,
                 "share": {t: share.get(t, 0) / n for t in TIERS},
                 "escalated": sum(len(o.paid) > 1 for _, o in answered) / n}
 
@@ -206,7 +202,8 @@ def tiered_vs_cloud(stack: Stack, cfg: BenchConfig, problems: list[Problem], war
         "notes": ["Every tier shares this machine's two cores, so requests the router keeps at the device or edge "
                   "still take CPU from the cloud; on separate machines the tiers would not compete.",
                   "Cost per request is in the manifest's relative units (cost_per_1k_tokens, above); an escalated "
-                  "request pays every tier that ran a model for it.",
+                  "request pays every tier that ran a model for it, each for its own tokens "
+                  "(tierline_router.cascade.cost).",
                   "Accuracy is exact match of the final answer (shared/problems.is_correct)."],
     }
 

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 
-from tierline_device_agent.engine import load_engine
 from tierline_shared.models.artifacts import INDEX, ArtifactError, file_entry, load_index, sha256_of
 from tierline_shared.runtime.engine import Engine
 
@@ -178,6 +177,8 @@ def health_check(engine: Engine, n_problems: int, min_token_accuracy: float) -> 
 
 def load_candidate(models_dir: Path, threads: int) -> Engine:
     try:
+        from tierline_device_agent.engine import load_engine  # the runtime: not needed to publish an update
+
         return load_engine(models_dir, threads=threads)
     except ArtifactError as exc:
         raise OtaError(OtaCode.LOAD_FAILED, f"cannot load the new model ({exc}); rolled back") from None

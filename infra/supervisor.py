@@ -29,6 +29,8 @@ from typing import IO
 
 import yaml
 
+from tierline_shared.wire import TIERS
+
 # relative price of 1k tokens per tier, written into the demo's manifest (cost_per_1k_tokens)
 DEMO_COSTS = {"device": 0.01, "edge": 0.1, "cloud": 1.0}
 # the operators' manifest for this machine: `tierline route calibrate` writes the router's thresholds there
@@ -186,7 +188,7 @@ def terminate(proc: subprocess.Popen | None) -> None:
         proc.wait(timeout=STOP_TIMEOUT_S)
 
 
-def write_manifest(path: Path, models_dir: Path, nats: NatsServer, tiers=("device", "edge", "cloud"),
+def write_manifest(path: Path, models_dir: Path, nats: NatsServer, tiers=TIERS,
                    overrides: dict | None = None) -> Path:
     """A manifest for these models and this nats-server (artifacts and sha256 from the models' manifest)."""
     from tierline_shared.models.artifacts import load_index
@@ -230,7 +232,7 @@ def demo_overrides(models_dir: Path | None = None) -> dict:
 class Stack:
     """nats-server + tier processes + router, started from one manifest."""
 
-    def __init__(self, models_dir: Path, workdir: Path | None = None, tiers=("device", "edge", "cloud"),
+    def __init__(self, models_dir: Path, workdir: Path | None = None, tiers=TIERS,
                  replicas: dict[str, int] | None = None, overrides: dict | None = None, router: bool = True,
                  jetstream: bool = False, auth: bool = False, key_plan: str = "pro"):
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="tierline-")

@@ -32,10 +32,10 @@ from pathlib import Path
 
 from tierline_shared.config.manifest import PlanConfig
 from tierline_shared.transport.messaging import TierError
+from tierline_shared.wire import PRIORITY_VALUES
 
 KEY_PREFIX = "tl"
 BUSY_TIMEOUT_S = 5.0  # waiting for another process's write transaction, at most
-PRIORITY_VALUES = {"low": 1, "normal": 2, "high": 3}  # proto Priority values (PRIORITY_LOW .. PRIORITY_HIGH)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (

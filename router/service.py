@@ -28,7 +28,7 @@ from tierline.v1 import inference_pb2_grpc as pb_grpc
 from tierline_router.auth import Admission, Gate, bearer_token
 from tierline_router.cascade import CLIENT_ERRORS, Cascade, Decision
 from tierline_router.policy import Policy
-from tierline_shared.config.manifest import LimitsConfig
+from tierline_shared.config.manifest import LimitsConfig, NatsConfig, RouterConfig
 from tierline_shared.serving.metrics import Metrics
 from tierline_shared.serving.servicer import RequestError, resolved_max_tokens, validate_request
 from tierline_shared.transport.messaging import TierError, ask_tier, discover, stream_tier
@@ -39,7 +39,8 @@ DISCOVERY_WAIT_S = 0.25  # how long GetStatus gathers the replicas' $SRV.STATS r
 
 class RouterServicer(pb_grpc.InferenceServiceServicer):
     def __init__(self, nc, policy: Policy, model_name: str, tiers: tuple[str, ...] = TIERS,
-                 request_timeout_s: float = 10.0, retries_per_tier: int = 1, metrics: Metrics | None = None,
+                 request_timeout_s: float = NatsConfig.request_timeout_ms / 1000,
+                 retries_per_tier: int = RouterConfig.retries_per_tier, metrics: Metrics | None = None,
                  limits: LimitsConfig | None = None, gate: Gate | None = None):
         self.nc = nc
         self.policy = policy
@@ -156,7 +157,8 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
                         started = True
                         chunk.complexity = score
                         if chunk.choices and chunk.choices[0].finish_reason:
-                            path.append(pb.Attempt(tier=tier, outcome="answered", confidence=chunk.confidence))
+                            path.append(pb.Attempt(tier=tier, outcome="answered", confidence=chunk.confidence,
+                                                   usage=chunk.usage))
                             chunk.escalation_path.extend(path)
                             self.metrics.requests.labels(tier, "answered").inc()
                         yield chunk

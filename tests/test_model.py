@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from tierline_shared.models.gpt import GPT, GPTConfig, Packing, build_mask, load_model, save_model
+from tierline.build.packing import Packing, forward_packed
+from tierline_shared.models.gpt import GPT, GPTConfig, build_mask, load_model, save_model
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +89,7 @@ def test_packed_forward_equals_padded_forward(window):
     select = real & (torch.rand(real.shape) < 0.6)
     padded, _ = model(ids, real.long())  # the masked path: padding keys masked out
     packing = Packing.from_lengths(lengths, group_rows=2)
-    packed = model.forward_packed(ids[real], packing, select[real])
+    packed = forward_packed(model, ids[real], packing, select[real])
     torch.testing.assert_close(packed, padded[select], atol=1e-5, rtol=1e-4)
     grads = []
     for logits in (padded[select], packed):

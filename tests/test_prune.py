@@ -7,7 +7,6 @@ import torch
 
 from tierline.build.prune import (
     build_pruned,
-    param_count,
     prune,
     prune_ffn,
     prune_heads,
@@ -54,7 +53,7 @@ def _ids() -> torch.Tensor:
 
 
 def test_param_count_matches_model():
-    assert param_count(CFG) == GPT(CFG).num_params()
+    assert CFG.num_params() == GPT(CFG).num_params()
 
 
 def test_prune_meets_ratio_and_shrinks(trained, pruned):

@@ -70,8 +70,8 @@ def test_result_shape_and_shares_sum_to_one(result):
 
 @needs_models
 def test_cloud_only_costs_one_and_matches_the_measured_cloud_accuracy(result, outcomes, problems):
-    from tierline.build.evaluate import evaluate
     from tierline.build.engines import load_engine
+    from tierline.build.evaluate import evaluate
 
     cloud = result[0]["routers"]["cloud_only"]
     assert cloud["cost_vs_cloud"] == pytest.approx(1.0)
@@ -221,3 +221,66 @@ def test_calibrate_policy_rejects_a_share_outside_0_1(bad):
     out, scores = _graded(50, seed=1)
     with pytest.raises(ValueError, match="--target-edge-share"):
         calibrate_policy(out, scores, scores, bad, COSTS)
+
+
+def test_route_eval_replays_the_live_router_exactly(tmp_path):
+    """The same prompts and per-tier confidences through the running router (real nats-server, a responder per
+    tier answering with the recorded confidence) and through the offline evaluation: the same first tier, the
+    same escalations, the same answering tier and the same cost, problem by problem."""
+    import asyncio
+    import itertools
+
+    from tierline.v1 import inference_pb2 as pb
+    from tierline_infra.supervisor import NatsServer
+    from tierline_router.cascade import cost, paid_tokens
+    from tierline_router.policy import Policy, complexity
+    from tierline_router.service import RouterServicer
+    from tierline_shared.transport.messaging import NatsOptions, connect, subject
+    from tierline_shared.wire import TIERS
+
+    # prompts of 1..12 steps: heuristic scores from 1/12 to 1 cross both complexity thresholds
+    prompts = ["Q:" + "+".join(["1"] * (k + 1)) + "=?\nA:" for k in range(1, 13)]
+    # every kept / not kept pattern, and an edge answer kept with less confidence than the device's it replaces
+    grid = list(itertools.product((0.05, 0.15, 0.3, 0.9), repeat=len(TIERS)))
+    cases = [(p, c) for p in prompts for c in grid[::4]] + [(prompts[i % 12], c) for i, c in enumerate(grid)]
+    thresholds = {"device": 0.5, "edge": 0.1}
+    policy = Policy(device_complexity=0.3, cloud_complexity=0.7, thresholds=thresholds)
+    tokens = {"device": 11, "edge": 23, "cloud": 37}
+
+    async def live() -> list[pb.InferResponse]:
+        server = NatsServer(tmp_path).start()
+        opts = NatsOptions(server.url, server.user, server.password)
+        tiers_nc, router_nc = await connect(opts, "tiers"), await connect(opts, "router")
+        try:
+            for col, tier in enumerate(TIERS):
+                async def answer(msg, tier=tier, col=col):
+                    request = pb.InferRequest.FromString(msg.data)
+                    conf = cases[int(request.request_id)][1][col]
+                    await msg.respond(pb.InferResponse(
+                        tier=tier, confidence=conf, choices=[pb.Choice(text="7", finish_reason="stop")],
+                        usage=pb.Usage(prompt_tokens=tokens[tier] - 1, completion_tokens=1)).SerializeToString())
+                await tiers_nc.subscribe(subject(tier), queue="q", cb=answer)
+            await tiers_nc.flush()
+            router = RouterServicer(router_nc, policy, "tierline-reasoner", TIERS, request_timeout_s=10.0)
+            return [await router.route(pb.InferRequest(prompt=p, request_id=str(i)), deadline=None)
+                    for i, (p, _) in enumerate(cases)]
+        finally:
+            await router_nc.close()
+            await tiers_nc.close()
+            server.stop()
+
+    answers = asyncio.run(live())
+    n = len(cases)
+    outcomes = Outcomes(np.ones((n, 3), dtype=bool), np.array([c for _, c in cases], dtype=np.float64),
+                        np.tile([tokens[t] for t in TIERS], (n, 1)))
+    scores = np.array([complexity(p) for p, _ in cases])
+    offline = tierline_routing(outcomes, scores, scores, 0.7, 0.3, thresholds)
+    costs = {"device": 0.01, "edge": 0.1, "cloud": 1.0}
+    assert {a.escalation_path[0].tier for a in answers} == set(TIERS)  # every first tier is exercised
+    assert len({tuple(x.tier for x in a.escalation_path) for a in answers}) >= 5  # and many paths
+    for i, resp in enumerate(answers):
+        ran = {a.tier for a in resp.escalation_path}
+        assert ran == {t for t, hit in zip(TIERS, offline.attempted[i]) if hit}, (cases[i], resp.escalation_path)
+        assert resp.tier == TIERS[offline.final[i]] and not resp.degraded
+        assert cost(paid_tokens(resp.escalation_path), costs) == pytest.approx(
+            cost({t: offline.attempted[i, k] * outcomes.tokens[i, k] for k, t in enumerate(TIERS)}, costs))

@@ -132,6 +132,21 @@ def test_status_shows_tiers_replicas_queues_and_split(stack, client):
     assert table.returncode == 0 and "traffic share" in table.stdout and "edge" in table.stdout
 
 
+def test_status_counts_each_replicas_requests_errors_and_time(stack, client):
+    """$SRV.STATS is counted around each whole request: a tier's failure is an error, and the mean is real."""
+    before = {r.id: r for r in client.status().tiers[0].replicas}
+    for i in range(4):
+        client.infer(f"Q:{i}+{i}=?\nA:", {"max_tokens": 4})
+    with pytest.raises(InvalidArgument, match="attention_window"):  # passes the router, fails on the tier
+        client.infer(PROMPT, {"max_tokens": 4, "attention_window": 100_000})
+    after = client.status().tiers[0].replicas
+    requests = sum(r.requests - before[r.id].requests for r in after)
+    errors = sum(r.errors - before[r.id].errors for r in after)
+    assert (requests, errors) == (5, 1)
+    # each request waits for the batch window (5 ms) and decodes: a mean of about zero times only the hand-off
+    assert all(r.average_ms > 1.0 for r in after if r.requests), [r.average_ms for r in after]
+
+
 def test_cli_infer_and_stream(stack, client):
     expected = client.infer(PROMPT, {"max_tokens": 8}).text
     common = ("--endpoint", stack.router_address, "--api-key", stack.api_key, "--max-tokens", "8")

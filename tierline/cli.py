@@ -13,6 +13,9 @@ from pathlib import Path
 
 EXIT_USAGE = 2
 DEFAULT_MODELS = Path("models")
+# what each command needs beyond the client (pip install tierline gives infer, stream and status)
+EXTRAS = {"models": "build", "route": "build", "bench": "dev", "demo": "platform", "up": "platform",
+          "devices": "platform", "keys": "router"}
 
 
 class UsageError(Exception):
@@ -65,8 +68,8 @@ def non_negative_int(flag: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tierline_shared.models.artifacts import TIERS
     from tierline_shared.tasks.problems import SPLITS
+    from tierline_shared.wire import TIERS
 
     p = _Parser(prog="tierline", description="Serve one model family across cloud, edge and device tiers.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -314,6 +317,7 @@ def _cmd_up(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    args = None
     try:
         args = parser.parse_args(argv)
         handlers = {("models", "build"): _cmd_build, ("models", "eval"): _cmd_eval, ("models", "bench"): _cmd_bench,
@@ -324,6 +328,13 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args)
     except UsageError as exc:
         print(f"tierline: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ModuleNotFoundError as exc:  # a server command on a client-only install
+        if args is None or (exc.name or "tierline").startswith("tierline"):
+            raise  # our own code: a bug, not a missing extra
+        extra = EXTRAS.get(args.command, "platform")
+        print(f"tierline: error: `tierline {args.command}` needs the {extra} extra (missing module {exc.name!r}): "
+              f"pip install 'tierline[{extra}]'", file=sys.stderr)
         return EXIT_USAGE
     except (ValueError, FileNotFoundError) as exc:
         # ArtifactError is a ValueError; messages name the file or the flag

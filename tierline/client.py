@@ -34,6 +34,8 @@ from typing import AsyncIterator, Iterator
 
 import grpc
 
+from tierline_shared.wire import PRIORITY_VALUES
+
 API_VERSION = "v1"
 DEFAULT_ENDPOINT = "127.0.0.1:50050"  # the router of infra/manifests/local.yaml
 DEFAULT_PLAINTEXT_PORT = 50050
@@ -46,7 +48,6 @@ MIN_ATTEMPT_S = 0.05  # no retry is started with less time than this left before
 API_KEY_ENV = "TIERLINE_API_KEY"
 ENDPOINT_ENV = "TIERLINE_ENDPOINT"
 PARAMETERS = ("temperature", "top_p", "max_tokens", "attention_window", "stop", "seed")
-PRIORITIES = {"low": 1, "normal": 2, "high": 3}  # proto Priority values
 _LOOPBACK = ("localhost", "127.", "::1", "[::1]")
 # reconnect quickly after the router comes back, so retries are not spent on the channel's own backoff
 _CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
@@ -207,9 +208,9 @@ def build_request(prompt: str, parameters: dict | None, model: str, priority: st
         p = pb.Parameters(**params)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"parameters: {exc}") from None
-    if priority is not None and priority not in PRIORITIES:
-        raise ValueError(f"priority: must be one of {', '.join(PRIORITIES)}, got {priority!r}")
-    return pb.InferRequest(prompt=prompt, model=model, parameters=p, priority=PRIORITIES.get(priority, 0))
+    if priority is not None and priority not in PRIORITY_VALUES:
+        raise ValueError(f"priority: must be one of {', '.join(PRIORITY_VALUES)}, got {priority!r}")
+    return pb.InferRequest(prompt=prompt, model=model, parameters=p, priority=PRIORITY_VALUES.get(priority, 0))
 
 
 class _Config:

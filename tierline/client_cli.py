@@ -15,6 +15,7 @@ from dataclasses import asdict
 def add_parsers(sub, parser_class) -> dict:
     """Register `infer`, `stream` and `status` on the `tierline` subparsers; returns their handlers."""
     from tierline.cli import non_negative_int, positive_int
+    from tierline_shared.wire import PRIORITIES
 
     def connection(p) -> None:
         p.add_argument("--endpoint", default=None, help="router, host:port[/v1] (default: $TIERLINE_ENDPOINT "
@@ -33,7 +34,7 @@ def add_parsers(sub, parser_class) -> dict:
         p.add_argument("--max-tokens", type=positive_int("--max-tokens"), default=None)
         p.add_argument("--attention-window", type=non_negative_int("--attention-window"), default=None)
         p.add_argument("--seed", type=int, default=None)
-        p.add_argument("--priority", choices=("low", "normal", "high"), default=None,
+        p.add_argument("--priority", choices=PRIORITIES, default=None,
                        help="at most your plan's priority")
         connection(p)
     s = sub.add_parser("status", help="tiers, replicas, queue depth and traffic split, as the router sees them")
@@ -127,24 +128,24 @@ def _status(args) -> int:
     if args.json:
         print(json.dumps(MessageToDict(st, always_print_fields_with_no_presence=True)))
         return 0
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    tiers = Table(title=f"Tierline: {st.model} - {st.answered:,} requests answered by the router; "
-                        f"API keys {'required' if st.auth_enabled else 'OFF'}")
-    for col in ("tier", "replicas", "queue depth", "answered", "traffic share"):
-        tiers.add_column(col, justify="left" if col == "tier" else "right")
-    for t in st.tiers:
-        tiers.add_row(t.tier, str(len(t.replicas)) if t.replicas else "[red]0 (down)[/red]", str(t.queue_depth),
-                      f"{t.answered:,}", f"{t.traffic_share:.1%}")
-    console.print(tiers)
-    replicas = Table(title="Replicas (nats.micro $SRV.STATS)")
-    for col in ("tier", "id", "version", "requests", "errors", "avg ms", "queue"):
-        replicas.add_column(col, justify="left" if col in ("tier", "id", "version") else "right")
-    for t in st.tiers:
-        for r in t.replicas:
-            replicas.add_row(t.tier, r.id, r.version, f"{r.requests:,}", f"{r.errors:,}", f"{r.average_ms:.1f}",
-                             str(r.queue_depth))
-    console.print(replicas)
+    print(_table(f"Tierline: {st.model} - {st.answered:,} requests answered by the router; "
+                 f"API keys {'required' if st.auth_enabled else 'OFF'}",
+                 ("tier", "replicas", "queue depth", "answered", "traffic share"),
+                 [(t.tier, str(len(t.replicas)) if t.replicas else "0 (down)", str(t.queue_depth), f"{t.answered:,}",
+                   f"{t.traffic_share:.1%}") for t in st.tiers]))
+    print()
+    print(_table("Replicas (nats.micro $SRV.STATS)", ("tier", "id", "version", "requests", "errors", "avg ms", "queue"),
+                 [(t.tier, r.id, r.version, f"{r.requests:,}", f"{r.errors:,}", f"{r.average_ms:.1f}",
+                   str(r.queue_depth)) for t in st.tiers for r in t.replicas], left=3))
     return 0
+
+
+def _table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]], left: int = 1) -> str:
+    """Plain text, the first `left` columns left-aligned and the numbers after them right-aligned: the client
+    needs no rendering library."""
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
+
+    def line(cells) -> str:
+        return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([title, line(columns), line("-" * w for w in widths), *(line(r) for r in rows)])

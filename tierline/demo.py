@@ -23,8 +23,10 @@ from rich.table import Table
 from tierline.v1 import inference_pb2 as pb
 from tierline.v1 import inference_pb2_grpc as pb_grpc
 from tierline_infra.supervisor import Stack, demo_overrides
+from tierline_router.cascade import cost, paid_tokens
 from tierline_shared.config.manifest import load_manifest
 from tierline_shared.tasks.problems import generate, is_correct
+from tierline_shared.wire import TIERS
 
 DEMO_TIMEOUT_S = 60  # per request
 
@@ -62,16 +64,13 @@ def report(results: list[tuple], costs: dict[str, float], wall_s: float, console
                         f"({len(results) / wall_s:.1f} req/s)")
     for col in ("tier", "requests", "share", "accuracy", "p50 ms", "p95 ms", "escalated", "degraded"):
         table.add_column(col, justify="right")
-    cost = cloud_cost = 0.0
+    spent = cloud_cost = 0.0
     answered = sum(len(v) for v in by_tier.values())
-    for tier in ("device", "edge", "cloud"):
+    for tier in TIERS:
         rows = by_tier.get(tier, [])
         for _, r, _ in rows:
-            tokens = r.usage.prompt_tokens + r.usage.completion_tokens
-            # every tier tried is paid for, not only the one that answered
-            cost += sum(costs.get(a.tier, 0) for a in r.escalation_path if a.outcome in
-                        ("answered", "low_confidence")) * tokens / 1000
-            cloud_cost += costs["cloud"] * tokens / 1000
+            spent += cost(paid_tokens(r.escalation_path), costs)  # every tier tried, each for its own tokens
+            cloud_cost += cost({"cloud": r.usage.prompt_tokens + r.usage.completion_tokens}, costs)
         if not rows:
             table.add_row(tier, "0", "0%", "-", "-", "-", "-", "-")
             continue
@@ -84,7 +83,7 @@ def report(results: list[tuple], costs: dict[str, float], wall_s: float, console
     console.print(table)
     total_acc = sum(is_correct(p, r.choices[0].text) for rows in by_tier.values() for p, r, _ in rows)
     summary = {"requests": len(results), "answered": answered, "errors": dict(errors),
-               "accuracy": total_acc / max(answered, 1), "cost_vs_cloud": cost / cloud_cost if cloud_cost else 0.0}
+               "accuracy": total_acc / max(answered, 1), "cost_vs_cloud": spent / cloud_cost if cloud_cost else 0.0}
     console.print(f"overall accuracy {summary['accuracy']:.1%}; cost {summary['cost_vs_cloud']:.1%} of sending "
                   f"everything to the cloud; errors: {dict(errors) or 'none'}")
     return summary

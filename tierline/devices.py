@@ -17,9 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from tierline_device_agent.fleet import JS_TIMEOUT_S, open_fleet
-from tierline_device_agent.ota import Artifact, DesiredModel, OtaError
-from tierline_device_agent.profile import PROFILES, measure_pinned
+from tierline_device_agent.profile import PROFILES, measure_pinned  # no runtime: the parser stays light
 
 UPLOAD_TIMEOUT_S = 120.0  # one artifact into the object store, at most
 COLUMNS = ("device", "state", "model", "ota", "code", "queue", "requests", "rss_mb", "arch", "beat_age_s",
@@ -60,6 +58,7 @@ def _nats_options(manifest_path: Path):
 
 
 async def _with_fleet(opts, work):
+    from tierline_device_agent.fleet import open_fleet  # NATS and JetStream: only when a command runs
     from tierline_shared.transport.messaging import connect
 
     nc = await connect(opts, name="tierline-cli")
@@ -117,8 +116,10 @@ def cmd_list(args) -> int:
 
 # -- set-model ------------------------------------------------------------------------------------------
 async def publish_model(fleet, device_id: str, name: str, version: str, tflite: bytes, config: bytes,
-                        sha256: str | None = None) -> DesiredModel:
-    """Upload the artifacts and set the desired model; `sha256` is what the device will demand."""
+                        sha256: str | None = None):
+    """Upload the artifacts and set the desired model (a DesiredModel); `sha256` is what the device will demand."""
+    from tierline_device_agent.fleet import JS_TIMEOUT_S
+
     desired = desired_model(name, version, tflite, config, sha256)
     for art, data in ((desired.tflite, tflite), (desired.config, config)):
         await asyncio.wait_for(fleet.models.put(art.object, data), UPLOAD_TIMEOUT_S)
@@ -126,8 +127,10 @@ async def publish_model(fleet, device_id: str, name: str, version: str, tflite: 
     return desired
 
 
-def desired_model(name: str, version: str, tflite: bytes, config: bytes, sha256: str | None = None) -> DesiredModel:
-    """The desired record, checked as the device will check it (OtaError: a bad version or digest)."""
+def desired_model(name: str, version: str, tflite: bytes, config: bytes, sha256: str | None = None):
+    """The desired record (a DesiredModel), checked as the device will check it (OtaError: a bad version or digest)."""
+    from tierline_device_agent.ota import Artifact, DesiredModel
+
     desired = DesiredModel(name, version,
                            Artifact(f"{version}/model.tflite", sha256 or hashlib.sha256(tflite).hexdigest()),
                            Artifact(f"{version}/config.json", hashlib.sha256(config).hexdigest()))
@@ -136,6 +139,7 @@ def desired_model(name: str, version: str, tflite: bytes, config: bytes, sha256:
 
 def cmd_set_model(args) -> int:
     from tierline.cli import UsageError
+    from tierline_device_agent.ota import OtaError
 
     manifest, opts = _nats_options(args.manifest)
     config = args.tflite.parent / "config.json"

@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
-from tierline_shared.models.artifacts import TIERS, sha256_of
-from tierline_shared.runtime.batching import BatchConfig
+from tierline_shared.models.artifacts import sha256_of
+from tierline_shared.wire import PRIORITIES, TIERS
 
 EXIT_BAD_MANIFEST = 2
 
@@ -35,6 +35,21 @@ class NatsConfig:
     password: str = ""
     connect_timeout_ms: int = 2000  # per connection attempt
     request_timeout_ms: int = 10000  # one request to a tier over NATS
+
+
+@dataclass
+class BatchConfig:
+    max_batch_size: int = 8  # requests decoded together at most
+    max_queue_delay_ms: float = 5.0  # milliseconds the first request waits for company, at most
+    max_queue: int = 64  # requests waiting, beyond which new ones are refused (RESOURCE_EXHAUSTED)
+
+    def __post_init__(self):
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_queue_delay_ms < 0:
+            raise ValueError(f"max_queue_delay_ms must be >= 0, got {self.max_queue_delay_ms}")
+        if self.max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
 
 
 @dataclass
@@ -79,7 +94,6 @@ class RouterConfig:
     http_port: int = 0
 
 
-PRIORITIES = ("low", "normal", "high")  # a plan's place in the tiers' batch queues
 
 
 @dataclass

@@ -13,7 +13,6 @@ and the `present` key/values.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,50 +21,9 @@ from torch.nn import functional as F
 
 from tierline_shared.models.gpt_config import GPTConfig
 
-__all__ = ["GPT", "GPTConfig", "Packing", "build_mask", "load_model", "save_model"]
+__all__ = ["GPT", "GPTConfig", "build_mask", "load_model", "save_model"]
 
 KV = tuple[torch.Tensor, torch.Tensor]  # (B, nh, S, hd) each
-
-
-@dataclass(frozen=True)
-class RowGroup:
-    """Consecutive rows of a packed batch, laid out again as (rows, width) for attention."""
-
-    start: int  # first of the group's tokens in the packed order
-    end: int
-    rows: int
-    width: int  # the group's longest row
-    index: torch.Tensor  # (end - start,) each token's place in the group's rows * width layout
-
-
-@dataclass(frozen=True)
-class Packing:
-    """A right-padded training batch without its padding.
-
-    About a third of a training batch's positions are padding. `GPT.forward_packed`
-    runs the embeddings, norms, projections and the MLP on the real tokens only,
-    as one (N, d) matrix, row after row; attention alone needs rows, so each group
-    of `group_rows` consecutive rows is laid out again, padded to its own longest
-    row (sort the rows by length and the groups waste little). The result is the
-    padded forward's, token for token.
-    """
-
-    positions: torch.Tensor  # (N,) each token's position in its row
-    groups: tuple[RowGroup, ...]
-
-    @classmethod
-    def from_lengths(cls, lengths: list[int], group_rows: int = 8) -> "Packing":
-        if not lengths or min(lengths) <= 0:
-            raise ValueError(f"every row needs at least one token, got lengths {lengths}")
-        positions = torch.cat([torch.arange(n) for n in lengths])
-        groups, start = [], 0
-        for first in range(0, len(lengths), group_rows):
-            chunk = lengths[first: first + group_rows]
-            width = max(chunk)
-            index = torch.cat([torch.arange(n) + r * width for r, n in enumerate(chunk)])
-            groups.append(RowGroup(start, start + sum(chunk), len(chunk), width, index))
-            start += sum(chunk)
-        return cls(positions, tuple(groups))
 
 
 class Attention(nn.Module):
@@ -98,28 +56,6 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.proj(y), (k, v)
 
-    def forward_packed(self, x: torch.Tensor, packing: Packing, window: int) -> torch.Tensor:
-        """x: (N, n_embd), the real tokens of right-padded rows; causal attention within each row."""
-        inner = self.n_head * self.head_dim
-        q, k, v = self.q(x), self.k(x), self.v(x)
-        dropout = self.dropout if self.training else 0.0
-        out = []
-        for g in packing.groups:
-            qg, kg, vg = (self._rows(t, g) for t in (q, k, v))
-            if 0 < window < g.width:  # a sliding window: an explicit band mask (the fused kernel is causal only)
-                band = build_mask(torch.ones(1, g.width, dtype=torch.long, device=x.device), g.width, window)[0]
-                y = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=band, dropout_p=dropout)
-            else:  # padding comes after a row's tokens: causal attention never sees it
-                y = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, dropout_p=dropout)
-            out.append(y.transpose(1, 2).reshape(g.rows * g.width, inner).index_select(0, g.index))
-        return self.proj(torch.cat(out))
-
-    def _rows(self, t: torch.Tensor, g: RowGroup) -> torch.Tensor:
-        """A group's tokens of t (N, inner) as (rows, nh, width, hd), zeros after each row."""
-        laid = t.new_zeros(g.rows * g.width, t.shape[1]).index_copy(0, g.index, t[g.start: g.end])
-        return laid.view(g.rows, g.width, self.n_head, self.head_dim).transpose(1, 2)
-
-
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -142,11 +78,6 @@ class Block(nn.Module):
         a, present = self.attn(self.ln1(x), mask, past)
         x = x + a
         return x + self.mlp(self.ln2(x)), present
-
-    def forward_packed(self, x: torch.Tensor, packing: Packing, window: int) -> torch.Tensor:
-        x = x + self.attn.forward_packed(self.ln1(x), packing, window)
-        return x + self.mlp(self.ln2(x))
-
 
 def build_mask(
     attention_mask: torch.Tensor, q_len: int, window: int
@@ -219,15 +150,6 @@ class GPT(nn.Module):
             x, present = block(x, mask, past_key_values[i] if past_key_values else None)
             presents.append(present)
         return self.lm_head(self.ln_f(x)), presents  # logits (B, T, vocab)
-
-    def forward_packed(self, input_ids: torch.Tensor, packing: Packing, select: torch.Tensor) -> torch.Tensor:
-        """Training forward without padding: input_ids (N,) are the real tokens of right-padded rows,
-        row after row (see Packing); returns the logits (select.sum(), vocab) at the selected tokens only."""
-        x = self.wte(input_ids) + self.wpe(packing.positions.to(input_ids.device))
-        for block in self.blocks:
-            x = block.forward_packed(x, packing, self.cfg.attention_window)
-        return self.lm_head(self.ln_f(x[select]))
-
 
 def save_model(model: GPT, directory: str | Path) -> None:
     """config.json + model.safetensors, the cloud artifact format."""

@@ -36,9 +36,18 @@ class GPTConfig:
 
     def num_params(self) -> int:
         """GPT(cfg).num_params() without building the model (pruning searches; the device has no torch)."""
-        c, inner, f = self.n_embd, self.n_head * self.head_dim, self.ffn_hidden
-        block = 2 * c + 3 * (c * inner + inner) + inner * c + c + 2 * c + c * f + f + f * c + c
-        return self.vocab_size * c + self.block_size * c + self.n_layer * block + 2 * c + c * self.vocab_size
+        c = self.n_embd
+        embeddings = self.vocab_size * c + self.block_size * c  # wte, wpe
+        return embeddings + self.n_layer * self.block_params() + 2 * c + c * self.vocab_size  # ln_f, lm_head (untied)
+
+    def block_params(self, n_head: int | None = None, ffn_hidden: int | None = None) -> int:
+        """Parameters of one block with the given head count / MLP width (default: this config's)."""
+        c, f = self.n_embd, self.ffn_hidden if ffn_hidden is None else ffn_hidden
+        inner = (self.n_head if n_head is None else n_head) * self.head_dim
+        norms = 2 * (2 * c)  # ln1, ln2
+        attn = 3 * (c * inner + inner) + (inner * c + c)  # q, k, v, proj
+        mlp = (c * f + f) + (f * c + c)  # fc, out
+        return norms + attn + mlp
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")

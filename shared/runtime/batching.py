@@ -16,11 +16,8 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from tierline_shared.config.manifest import BatchConfig
 from tierline_shared.runtime.engine import Engine, GenerationParams, GenerationResult
-
-DEFAULT_MAX_BATCH_SIZE = 8
-DEFAULT_MAX_QUEUE_DELAY_MS = 5.0  # milliseconds the first request waits for company
-DEFAULT_MAX_QUEUE = 64  # requests waiting, beyond which new ones are refused
 
 
 class QueueFull(RuntimeError):
@@ -29,21 +26,6 @@ class QueueFull(RuntimeError):
 
 class DeadlineExceeded(RuntimeError):
     """The request's deadline passed before it could run."""
-
-
-@dataclass
-class BatchConfig:
-    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE  # requests decoded together at most
-    max_queue_delay_ms: float = DEFAULT_MAX_QUEUE_DELAY_MS  # wait for a fuller batch, at most
-    max_queue: int = DEFAULT_MAX_QUEUE  # waiting requests at most
-
-    def __post_init__(self):
-        if self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
-        if self.max_queue_delay_ms < 0:
-            raise ValueError(f"max_queue_delay_ms must be >= 0, got {self.max_queue_delay_ms}")
-        if self.max_queue < 1:
-            raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
 
 
 @dataclass(order=True)

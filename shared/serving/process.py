@@ -14,7 +14,7 @@ import json
 import signal
 import sys
 import threading
-from typing import Iterator
+from typing import Callable, Iterator
 
 from tierline.v1 import inference_pb2 as pb
 from tierline_shared.config.manifest import EXIT_BAD_MANIFEST, Manifest, ManifestError, load_manifest
@@ -31,6 +31,7 @@ class TierProcess:
     """What a tier package says about its process; the defaults fit a tier that only serves its model."""
 
     tier = ""  # "cloud", "edge" or "device": the manifest's tiers.<tier> section, the NATS subjects
+    loader: Callable[..., Engine] | None = None  # the tier's load_engine(models_dir, threads=...)
 
     def __init__(self, manifest: Manifest, use_nats: bool):
         self.manifest, self.use_nats = manifest, use_nats
@@ -38,7 +39,7 @@ class TierProcess:
 
     def load_engine(self) -> Engine:
         """The tier's model; ArtifactError (or ManifestError) when it cannot be served."""
-        raise NotImplementedError
+        return type(self).loader(self.manifest.models_path, threads=self.config.threads)
 
     def make_servicer(self, engine: Engine, metrics: Metrics) -> TierServicer:
         return TierServicer(*self.servicer_args(engine, metrics))

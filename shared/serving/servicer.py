@@ -21,7 +21,7 @@ import grpc
 
 from tierline.v1 import inference_pb2 as pb
 from tierline.v1 import inference_pb2_grpc as pb_grpc
-from tierline_shared.config.manifest import LimitsConfig
+from tierline_shared.config.manifest import LimitsConfig, TierConfig
 from tierline_shared.runtime.batching import BatchConfig, BatchedResult, Batcher, DeadlineExceeded, QueueFull
 from tierline_shared.runtime.engine import Engine, EngineError, GenerationParams
 from tierline_shared.transport.messaging import TierError
@@ -138,7 +138,8 @@ class LRUCache:
 
 class TierServicer(pb_grpc.InferenceServiceServicer):
     def __init__(self, engine: Engine, batch: BatchConfig | None = None, limits: LimitsConfig | None = None,
-                 cache_size: int = 0, default_timeout_s: float = 30.0, metrics=None):
+                 cache_size: int = TierConfig.cache_size, default_timeout_s: float = TierConfig.timeout_ms / 1000,
+                 metrics=None):
         self.engine = engine
         self.limits = limits or LimitsConfig()
         self.batch_config = batch or BatchConfig()
@@ -196,12 +197,12 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
     def _response(self, request_id: str, out: BatchedResult, t0: float) -> pb.InferResponse:
         r, info = out.result, self.engine.info
         total_ms = (time.perf_counter() - t0) * 1000
+        usage = pb.Usage(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens)
         return pb.InferResponse(
             request_id=request_id,
             choices=[pb.Choice(text=r.text, finish_reason=r.finish_reason)],
-            usage=pb.Usage(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens),
-            tier=info.tier, model=info.model, model_version=info.version, confidence=r.confidence,
-            escalation_path=[pb.Attempt(tier=info.tier, outcome="answered", confidence=r.confidence)],
+            usage=usage, tier=info.tier, model=info.model, model_version=info.version, confidence=r.confidence,
+            escalation_path=[pb.Attempt(tier=info.tier, outcome="answered", confidence=r.confidence, usage=usage)],
             timings=pb.Timings(queue_ms=out.queue_s * 1000, first_token_ms=out.queue_s * 1000 + r.first_token_s * 1000,
                                total_ms=total_ms),
         )

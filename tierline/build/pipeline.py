@@ -57,13 +57,9 @@ class FamilyConfig:
     students_side_by_side: bool = True
 
     def __post_init__(self):
-        ratio = _params(self.student) / _params(self.teacher)
+        ratio = self.student.num_params() / self.teacher.num_params()
         if ratio > 1 / 3:
             raise ValueError(f"family {self.name!r}: student has {ratio:.2f} of the teacher's parameters (max 1/3)")
-
-
-def _params(cfg: GPTConfig) -> int:
-    return GPT(cfg).num_params()
 
 
 def _gpt(vocab: int, layers: int, heads: int, width: int, block: int = 256) -> GPTConfig:

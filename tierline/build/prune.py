@@ -45,24 +45,7 @@ _CHUNK = 64  # calibration problems per forward pass: bounds activation memory
 
 def fixed_params(cfg: GPTConfig) -> int:
     """Parameters pruning never removes: wte, wpe, ln_f, lm_head (no bias, untied)."""
-    return cfg.num_params() - cfg.n_layer * block_params(cfg)
-
-
-def block_params(cfg: GPTConfig, n_head: int | None = None, ffn_hidden: int | None = None) -> int:
-    """Parameters of one block with the given head count / ffn width (default: the config's)."""
-    E, d = cfg.n_embd, cfg.head_dim
-    H = cfg.n_head if n_head is None else n_head
-    Fh = cfg.ffn_hidden if ffn_hidden is None else ffn_hidden
-    inner = H * d
-    norms = 2 * (2 * E)  # ln1, ln2
-    attn = 3 * (E * inner + inner) + (inner * E + E)  # q, k, v, proj
-    mlp = (E * Fh + Fh) + (Fh * E + E)  # fc, out
-    return norms + attn + mlp
-
-
-def param_count(cfg: GPTConfig) -> int:
-    """`GPT(cfg).num_params()` without building the model, to search configs cheaply."""
-    return cfg.num_params()
+    return cfg.num_params() - cfg.n_layer * cfg.block_params()
 
 
 # ---------------------------------------------------------------- surgery
@@ -298,13 +281,13 @@ def prune(
     if keep_layers is not None and not (isinstance(keep_layers, int) and 1 <= keep_layers <= cfg.n_layer):
         raise ValueError(f"keep_layers must be an int in [1, {cfg.n_layer}], got {keep_layers!r}")
     before = model.num_params()
-    if param_count(cfg) != before:
-        raise ValueError(f"model has {before} parameters but its config implies {param_count(cfg)}: "
+    if cfg.num_params() != before:
+        raise ValueError(f"model has {before} parameters but its config implies {cfg.num_params()}: "
                          "pruning only knows the standard GPT layout")
     budget = math.floor(target_ratio * before)
     fixed = fixed_params(cfg)
     min_layers = keep_layers or 1
-    smallest = fixed + min_layers * block_params(cfg, 1, 1)
+    smallest = fixed + min_layers * cfg.block_params(1, 1)
     if smallest > budget:
         raise ValueError(
             f"target_ratio {target_ratio} is unreachable: embeddings, ln_f and lm_head alone are "
@@ -318,15 +301,15 @@ def prune(
     try:
         batches = calib_batches(calib_problems, tok, cfg.block_size)
         order, alone, base_loss = layer_drop_order(model, batches)
-        per_head = block_params(cfg, 1, 0) - block_params(cfg, 0, 0)
-        per_ch = block_params(cfg, 0, 1) - block_params(cfg, 0, 0)
+        per_head = cfg.block_params(1, 0) - cfg.block_params(0, 0)
+        per_ch = cfg.block_params(0, 1) - cfg.block_params(0, 0)
         layer_counts = [keep_layers] if keep_layers else range(cfg.n_layer, 0, -1)
         candidates: list[dict] = []
         best: tuple | None = None
         for L in layer_counts:
             dropped = [o["layer"] for o in order[: cfg.n_layer - L]]
             kept = [j for j in range(cfg.n_layer) if j not in dropped]
-            per_layer = (budget - fixed) // L - block_params(cfg, 0, 0)
+            per_layer = (budget - fixed) // L - cfg.block_params(0, 0)
             if per_layer < per_head + per_ch:
                 continue
             head_s, ch_s = unit_importance(model, batches, skip=dropped)

@@ -17,7 +17,8 @@ from torch.nn import functional as F
 from torch.nn.utils import parametrize
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from tierline_shared.models.gpt import GPT, Packing
+from tierline.build.packing import Packing, forward_packed
+from tierline_shared.models.gpt import GPT
 from tierline_shared.models.tokenizer import TextTokenizer
 from tierline_shared.tasks.problems import LEVELS, Problem, iter_problems
 
@@ -38,7 +39,7 @@ class TrainConfig:
     hard_from: int = 3  # the first level counted as hard
     token_factors: bool = True  # tokens share digit, letter and word parts while training (TokenFactors)
     ema_decay: float = 0.0  # > 0: the saved weights are this exponential moving average of the steps' weights
-    packed: bool = True  # train without padding (GPT.forward_packed); False: the padded forward
+    packed: bool = True  # train without padding (build/packing.py); False: the padded forward
 
     def __post_init__(self):
         if self.steps <= 0 or self.batch_size <= 0:
@@ -88,7 +89,7 @@ GROUP_ROWS = 8  # rows per attention group of a packed batch (Packing): 4 groups
 
 
 def pack_batch(problems: list[Problem], tok: TextTokenizer, block_size: int, group_rows: int = GROUP_ROWS):
-    """The batch without padding, for GPT.forward_packed: (input_ids (N,), targets (M,), select (N,), Packing).
+    """The batch without padding, for forward_packed: (input_ids (N,), targets (M,), select (N,), Packing).
 
     Rows are sorted longest first, so each attention group pads little; `select`
     marks the M positions that predict a completion token, `targets` are those tokens.
@@ -185,7 +186,7 @@ def _batch(problems: list[Problem], tok: TextTokenizer, block_size: int, packed:
         ids, targets, select, packing = pack_batch(problems, tok, block_size)
 
         def forward(net: GPT) -> torch.Tensor:
-            return net.forward_packed(ids, packing, select)
+            return forward_packed(net, ids, packing, select)
         return targets, forward
     x, y, m = encode_batch(problems, tok, block_size)
 

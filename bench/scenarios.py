@@ -204,7 +204,7 @@ def tiered_vs_cloud(stack: Stack, cfg: BenchConfig, problems: list[Problem], war
                   "Cost per request is in the manifest's relative units (cost_per_1k_tokens, above); an escalated "
                   "request pays every tier that ran a model for it, each for its own tokens "
                   "(tierline_router.cascade.cost).",
-                  "Accuracy is exact match of the final answer (shared/problems.is_correct)."],
+                  "Accuracy is exact match of the final answer (tierline_shared.tasks.problems.is_correct)."],
     }
 
 
@@ -286,7 +286,7 @@ def cache(stack: Stack, reuse_on: Stack, reuse_off: Stack, cfg: BenchConfig, poo
                   "the tier's LRU before the batcher; identical requests in flight at the same time both miss "
                   "(no request coalescing), so the hit rate is below the traffic's repeat share.",
                   "Multi-turn: each turn's prompt is the whole dialogue so far plus the next question. With reuse "
-                  "on, the tier keeps each prompt's KV (shared/engine.py PrefixCache) and a later prompt prefills "
+                  "on, the tier keeps each prompt's KV (shared/runtime/engine.py PrefixCache) and a later prompt prefills "
                   "only what follows the longest cached prefix; the previous answer is not cached (only prompts "
                   "are), so turn k reuses turn k-1's prompt. Prefill tokens computed come from the tier's own "
                   "tierline_prefix_cache_hits_total counter, read before and after each request (concurrency 1).",

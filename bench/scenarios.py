@@ -286,9 +286,9 @@ def cache(stack: Stack, reuse_on: Stack, reuse_off: Stack, cfg: BenchConfig, poo
                   "the tier's LRU before the batcher; identical requests in flight at the same time both miss "
                   "(no request coalescing), so the hit rate is below the traffic's repeat share.",
                   "Multi-turn: each turn's prompt is the whole dialogue so far plus the next question. With reuse "
-                  "on, the tier keeps each prompt's KV (shared/runtime/engine.py PrefixCache) and a later prompt prefills "
-                  "only what follows the longest cached prefix; the previous answer is not cached (only prompts "
-                  "are), so turn k reuses turn k-1's prompt. Prefill tokens computed come from the tier's own "
+                  "on, the tier keeps each prompt's KV (shared/runtime/engine.py PrefixCache) and a later prompt "
+                  "prefills only what follows the longest cached prefix; the previous answer is not cached (only "
+                  "prompts are), so turn k reuses turn k-1's prompt. Prefill tokens computed come from the tier's own "
                   "tierline_prefix_cache_hits_total counter, read before and after each request (concurrency 1).",
                   "Compute saving = 1 - prefill tokens computed with reuse / without (all turns; later turns "
                   "alone); the decode steps are the same either way, so all_tokens_compute_saving counts them "

@@ -25,7 +25,9 @@ from typing import Any
 
 import numpy as np
 
-LOWER_TIERS = ("device", "edge")  # the tiers whose success is predicted; the cloud is the fallback
+from tierline_shared.wire import TIERS
+
+LOWER_TIERS = TIERS[:-1]  # the tiers whose success is predicted (device, edge); the top one is the fallback
 FORMAT = "tierline-scorer"
 VERSION = 1
 FAMILIES = ("arith", "vars", "compare", "word")

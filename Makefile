@@ -16,12 +16,12 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	# the local CPU wheel first: any other torch spec would pull GBs of CUDA packages
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'  # generates tierline/v1 from proto/ (setup.py)
+	$(PY) -m pip install -q -e '.[dev]'  # generates the gRPC code from proto/ (setup.py)
 	touch $(STAMP)
 
 setup: $(STAMP) proto ## create .venv, install pinned dependencies, generate the gRPC code
 
-proto: $(STAMP) ## regenerate the gRPC/protobuf code when proto/ changed (into the ignored tierline/v1/)
+proto: $(STAMP) ## regenerate the gRPC/protobuf code when proto/ changed (beside the .proto files, ignored)
 	$(PY) proto/generate.py
 
 models: setup ## build the default model family from scratch into models/ (CPU, <= 45 min)

@@ -1,28 +1,22 @@
-"""Packaging beyond what pyproject.toml can say: the folder -> package mapping and the generated gRPC code.
+"""Packaging beyond what pyproject.toml can say: every subpackage of the mapped folders, the generated code.
 
 Each top-level folder of the repository is one package, installed under a name that says whose it
-is (folder shared/ -> import tierline_shared), so no generic top-level name lands in site-packages.
-Building the package also generates tierline/v1/ from proto/ (proto/generate.py), so a wheel or a
-`pip install .` of a clean clone carries the code the SDK imports.
+is (folder shared/ -> import tierline_shared; the mapping is [tool.setuptools.package-dir] in
+pyproject.toml), so no generic top-level name lands in site-packages.
+Building the package also generates the wire contract's code beside proto/tierline_api/v1/*.proto
+(proto/generate.py; the package tierline_api), so a wheel or a `pip install .` of a clean clone
+carries the code the SDK imports.
 """
 
 import importlib.util
+import tomllib
 from pathlib import Path
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-FOLDERS = {  # import name -> folder
-    "tierline": "tierline",
-    "tierline_shared": "shared",
-    "tierline_router": "router",
-    "tierline_cloud_node": "cloud_node",
-    "tierline_edge_node": "edge_node",
-    "tierline_device_agent": "device_agent",
-    "tierline_infra": "infra",
-    "tierline_bench": "bench",
-}
+FOLDERS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
 
 
 def _generate_proto() -> None:
@@ -48,10 +42,9 @@ class BuildPy(build_py):
         super().run()
 
 
-_generate_proto()  # before the package list is read: tierline/v1 must exist to be found
+_generate_proto()  # before the package list is read: its __init__.py files must exist to be found
 setup(
-    package_dir=FOLDERS,
     packages=_packages(),
-    package_data={"tierline_infra": ["manifests/*.yaml", "systemd/*", "*.md"], "tierline.v1": ["*.pyi"]},
+    package_data={"tierline_infra": ["manifests/*.yaml", "systemd/*", "*.md"], "tierline_api.v1": ["*.pyi", "*.proto"]},
     cmdclass={"build_py": BuildPy},
 )

@@ -20,8 +20,8 @@ from typing import Callable, Sequence
 import grpc
 import numpy as np
 
-from tierline.v1 import inference_pb2 as pb
-from tierline.v1 import inference_pb2_grpc as pb_grpc
+from tierline_api.v1 import inference_pb2 as pb
+from tierline_api.v1 import inference_pb2_grpc as pb_grpc
 from tierline_router.cascade import paid_tokens
 
 REQUEST_TIMEOUT_S = 60.0  # one request, any client

@@ -1,6 +1,6 @@
 """The peer: the same int8 ONNX edge model served by LitServe with its own dynamic batching.
 
-`python -m bench.peer --models DIR --port P` runs it (one inference worker, the
+`python -m tierline_bench.peer --models DIR --port P` runs it (one inference worker, the
 same engine, thread count and batch settings as the edge tier); `PeerServer`
 starts that process, waits for LitServe's /health and stops its whole process
 group. `available()` says why it cannot run when litserve is not installed, so the
@@ -20,7 +20,6 @@ from pathlib import Path
 
 READY_TIMEOUT_S = 90.0  # LitServe spawning its workers and loading the model, at most
 HEALTH_TIMEOUT_S = 2.0  # one /health probe
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def available() -> str | None:
@@ -60,12 +59,11 @@ class PeerServer:
 
     def start(self) -> "PeerServer":
         self.port = free_port()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1",
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         log = open(self.workdir / "litserve.log", "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.peer", "--models", str(self.models_dir.resolve()), "--port", str(self.port),
-             "--threads", str(self.threads), "--max-batch-size", str(self.max_batch_size),
+            [sys.executable, "-m", "tierline_bench.peer", "--models", str(self.models_dir.resolve()),
+             "--port", str(self.port), "--threads", str(self.threads), "--max-batch-size", str(self.max_batch_size),
              "--batch-timeout", str(self.batch_timeout_s)],
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir, start_new_session=True)
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -102,12 +100,12 @@ class PeerServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.peer", description="the edge model behind LitServe")
+    parser = argparse.ArgumentParser(prog="python -m tierline_bench.peer", description="the edge model behind LitServe")
     parser.add_argument("--models", required=True)
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--max-batch-size", type=int, default=8)
-    parser.add_argument("--batch-timeout", type=float, default=0.005, help="seconds")
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--max-batch-size", type=int, required=True)
+    parser.add_argument("--batch-timeout", type=float, required=True, help="seconds")
     args = parser.parse_args(argv)
     serve(args.models, args.port, args.threads, args.max_batch_size, args.batch_timeout)
     return 0

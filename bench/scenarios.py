@@ -517,7 +517,7 @@ def router_and_nats(stack: Stack, cfg: BenchConfig, prompts: list[str]) -> dict:
         t0 = time.perf_counter_ns()
         policy.decide(p, tiers)
         decide_us.append((time.perf_counter_ns() - t0) / 1000)
-    from tierline.v1 import inference_pb2 as pb
+    from tierline_api.v1 import inference_pb2 as pb
 
     request = pb.InferRequest(prompt=prompts[0], parameters=pb.Parameters(max_tokens=cfg.max_tokens))
     payload = request.SerializeToString()

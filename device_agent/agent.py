@@ -13,9 +13,10 @@ from __future__ import annotations
 import threading
 import time
 
-from tierline.v1 import inference_pb2 as pb
+from tierline_api.v1 import inference_pb2 as pb
 from tierline_router.cascade import Cascade, Decision, Offline
 from tierline_router.policy import Policy
+from tierline_shared.config.manifest import RouterConfig
 from tierline_shared.runtime.batching import Batcher
 from tierline_shared.runtime.engine import Engine
 from tierline_shared.serving.servicer import LRUCache, TierServicer, as_tier_error, status_of, validate
@@ -26,7 +27,8 @@ RETIRE_GRACE_S = 1.0  # an old engine's batcher lives this long after its queue 
 
 
 class DeviceAgentServicer(TierServicer):
-    def __init__(self, *args, policy: Policy, upstream_timeout_s: float, retries_per_tier: int = 0, **kwargs):
+    def __init__(self, *args, policy: Policy, upstream_timeout_s: float,
+                 retries_per_tier: int = RouterConfig.retries_per_tier, **kwargs):
         super().__init__(*args, **kwargs)
         self.policy = policy
         self.upstream_timeout_s = upstream_timeout_s  # one request to a tier above, at most
@@ -75,7 +77,7 @@ class DeviceAgentServicer(TierServicer):
             except Exception as exc:  # noqa: BLE001 - the cascade sorts failures (and raises what is not one)
                 cascade.failed(tier, as_tier_error(local, exc) if tier == local else exc,
                                detail=f"no answer in {budget:.2f}s")
-        return self._finish(cascade.decision(), score)
+        return self._finish(cascade.decision(deadline is not None and deadline <= time.monotonic()), score)
 
     @staticmethod
     def _finish(decision: Decision, score: float) -> pb.InferResponse:

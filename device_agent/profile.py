@@ -3,8 +3,8 @@
 `tierline devices bench --profile pi` and `make bench`'s "Pi-class device profile"
 section both call `measure_pinned`, which starts `python -m tierline_device_agent.profile`
 pinned to the profile's cores (`os.sched_setaffinity`, before anything is loaded).
-That process loads the device model as the agent does (`load_engine(models_dir,
-"device", threads=...)`, sha256-checked), sends `warmup` requests that are not
+That process loads the device model as the agent does (`tierline_device_agent.engine.load_engine(models_dir,
+threads=...)`, sha256-checked), sends `warmup` requests that are not
 counted, then the same `prompts` one request at a time, `repeats` times, and
 prints one JSON line. Its peak RSS (VmHWM) is the device model's own process:
 runtime, tokenizer and model, not the caller's (nor gRPC or NATS).

@@ -1,4 +1,4 @@
-"""`python -m router --manifest FILE`: the front door, on gRPC, routing over NATS."""
+"""`python -m tierline_router --manifest FILE`: the front door, on gRPC, routing over NATS."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 
 import grpc
 
-from tierline.v1 import inference_pb2_grpc as pb_grpc
+from tierline_api.v1 import inference_pb2_grpc as pb_grpc
 from tierline_router.auth import Gate, KeyStore
 from tierline_router.openai_http import OpenAIServer
 from tierline_router.policy import Policy
@@ -78,7 +78,7 @@ async def serve(manifest_path: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m router", description="Tierline router")
+    parser = argparse.ArgumentParser(prog="python -m tierline_router", description="Tierline router")
     parser.add_argument("--manifest", required=True, help="YAML tier manifest")
     args = parser.parse_args(argv)
     return asyncio.run(serve(args.manifest))

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Mapping
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
-from tierline.v1 import inference_pb2 as pb
+from tierline_api.v1 import inference_pb2 as pb
 from tierline_router.policy import Policy
 from tierline_shared.transport.messaging import TierError
 from tierline_shared.wire import TIERS, TOP_TIER, tiers_above, tiers_below
@@ -60,7 +60,7 @@ class Cascade:
     def __init__(self, policy: Policy, first: str, available: tuple[str, ...] = TIERS, retries: int = 0,
                  origin: str = "router", on_escalate: Callable[[str, str, str], None] | None = None):
         self.policy, self.retries, self.origin = policy, retries, origin
-        self._on_escalate = on_escalate  # (from tier, to tier, why): for metrics
+        self._on_escalate = on_escalate  # (from tier, to tier, why; "fallback" going down): for metrics
         self._ahead = [first, *tiers_above(first, available)]  # tiers still to ask, the current one first
         self._below = list(tiers_below(first, available))  # asked only when nothing answers
         self.path: list[pb.Attempt] = []
@@ -82,10 +82,11 @@ class Cascade:
     def answered(self, tier: str, resp: pb.InferResponse) -> None:
         """`tier` answered `resp`: keep it, or go on up."""
         accepted = self._falling_back or bool(self.policy.accept(tier, resp.confidence))
+        spent = pb.Usage() if resp.cached else resp.usage  # a result-cache hit ran no model
         self.path.append(pb.Attempt(
             tier=tier, outcome="answered" if accepted else "low_confidence", confidence=resp.confidence,
             detail="" if accepted else f"confidence {resp.confidence:.3f} < {self.policy.threshold(tier)}",
-            usage=pb.Usage(prompt_tokens=resp.usage.prompt_tokens, completion_tokens=resp.usage.completion_tokens)))
+            usage=pb.Usage(prompt_tokens=spent.prompt_tokens, completion_tokens=spent.completion_tokens)))
         if self._best is None or resp.confidence >= self._best.confidence or tier == TOP_TIER:
             self._best = resp
         if accepted:
@@ -124,16 +125,17 @@ class Cascade:
         self._tries = 0
         nxt = self.next_tier()
         if nxt is not None and self._on_escalate is not None:
-            self._on_escalate(tier, nxt, why)
+            self._on_escalate(tier, nxt, "fallback" if TIERS.index(nxt) < TIERS.index(tier) else why)
 
-    def decision(self) -> Decision:
-        """The answer to give, or TierError (UNAVAILABLE, or DEADLINE_EXCEEDED when time ran out)."""
+    def decision(self, out_of_time: bool = False) -> Decision:
+        """The answer to give, or TierError: DEADLINE_EXCEEDED when the request's time ran out (`expired`, or
+        `out_of_time`: its deadline has passed by now), else UNAVAILABLE."""
         if self._kept is not None:
             return Decision(self._kept, self.path, degraded=self._falling_back)
         if self._best is not None:  # a better tier was wanted but could not answer
             return Decision(self._best, self.path, degraded=True)
         what = "; ".join(f"{a.tier} {a.outcome} {a.detail}".strip() for a in self.path)
-        if self._expired:
+        if self._expired or out_of_time:
             raise TierError(self.origin, "DEADLINE_EXCEEDED", f"the deadline passed before a tier answered: {what}")
         raise TierError(self.origin, "UNAVAILABLE", f"no tier could answer: {what}")
 

@@ -24,7 +24,7 @@ import uuid
 
 from aiohttp import web
 
-from tierline.v1 import inference_pb2 as pb
+from tierline_api.v1 import inference_pb2 as pb
 from tierline_router.auth import AccessDenied, bearer_token
 from tierline_shared.transport.messaging import TierError
 

@@ -1,11 +1,10 @@
 """The router: the platform's front door, the same InferenceService as every tier.
 
-For each request it scores the prompt, asks the first tier over NATS, and climbs
-device -> edge -> cloud while the answer's confidence is below the tier's threshold.
-A tier with no responders is skipped at once; a timeout is retried on another
-replica (`retries_per_tier`), then the next tier is tried. When the cloud cannot be
-reached, the best lower answer is returned with `degraded=true`. Nothing is dropped:
-a request either gets an answer or a status saying why not.
+For each request it scores the prompt (router/policy.py) and runs the cascade
+(router/cascade.py: the rules for climbing device -> edge -> cloud on low confidence,
+retrying, skipping and falling back), asking each tier it names over NATS. Nothing
+is dropped: a request either gets an answer, possibly `degraded`, or a status saying
+why not.
 
 Before any of that, `_admit` checks the caller's API key and daily quota
 (router/auth.py) and caps the request's batch priority at its plan's. The same
@@ -23,8 +22,8 @@ import grpc
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
-from tierline.v1 import inference_pb2 as pb
-from tierline.v1 import inference_pb2_grpc as pb_grpc
+from tierline_api.v1 import inference_pb2 as pb
+from tierline_api.v1 import inference_pb2_grpc as pb_grpc
 from tierline_router.auth import Admission, Gate, bearer_token
 from tierline_router.cascade import CLIENT_ERRORS, Cascade, Decision
 from tierline_router.policy import Policy
@@ -73,7 +72,8 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
                 cascade.answered(tier, await self._ask(tier, req, left))
             except Exception as exc:  # noqa: BLE001 - the cascade sorts failures (and raises what is not one)
                 cascade.failed(tier, exc, detail=f"no answer in {left:.2f}s")
-        return self._finish(cascade.decision(), score, t0)
+        out_of_time = deadline is not None and deadline <= time.monotonic()
+        return self._finish(cascade.decision(out_of_time), score, t0)
 
     def _finish(self, decision: Decision, score: float, t0: float) -> pb.InferResponse:
         resp, degraded = decision.answer, decision.degraded

@@ -1,4 +1,4 @@
-"""Names taken from the wire contract's enums (proto/tierline/v1): the tiers in order, the priorities.
+"""Names taken from the wire contract's enums (proto/tierline_api/v1): the tiers in order, the priorities.
 
 Every table of tier or priority names in Tierline is this one, so a tier added to the proto's
 `Tier` enum appears everywhere at once. Imports nothing but the generated code: the SDK uses it too.
@@ -6,7 +6,7 @@ Every table of tier or priority names in Tierline is this one, so a tier added t
 
 from __future__ import annotations
 
-from tierline.v1 import inference_pb2 as pb
+from tierline_api.v1 import inference_pb2 as pb
 
 
 def _names(enum, prefix: str) -> dict[str, int]:

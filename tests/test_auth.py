@@ -20,8 +20,8 @@ from tierline import (
     TierlineError,
     Unauthenticated,
 )
-from tierline.v1 import inference_pb2 as pb
-from tierline.v1 import inference_pb2_grpc as pb_grpc
+from tierline_api.v1 import inference_pb2 as pb
+from tierline_api.v1 import inference_pb2_grpc as pb_grpc
 from tierline_infra.supervisor import Stack, write_manifest
 from tierline_router.auth import KeyStore
 from tierline_shared.config.manifest import ManifestError, load_manifest

@@ -23,8 +23,8 @@ import pytest
 
 from tests.conftest import run_cli
 from tierline.devices import fleet_rows, publish_model
-from tierline.v1 import inference_pb2 as pb
-from tierline.v1 import inference_pb2_grpc as pb_grpc
+from tierline_api.v1 import inference_pb2 as pb
+from tierline_api.v1 import inference_pb2_grpc as pb_grpc
 from tierline_device_agent.engine import LiteRTEngine, load_engine
 from tierline_device_agent.fleet import TELEMETRY_STREAM, RegistrationRefused, open_fleet, register
 from tierline_device_agent.ota import OtaCode, health_check

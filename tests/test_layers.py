@@ -14,7 +14,9 @@ import pytest
 from tests.conftest import ROOT
 
 LINT = Path(sys.executable).parent / "lint-imports"
-PACKAGES = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["root_packages"]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+PACKAGES = PYPROJECT["tool"]["importlinter"]["root_packages"]
+FOLDERS = PYPROJECT["tool"]["setuptools"]["package-dir"]  # import name -> folder
 
 
 def lint(cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -32,8 +34,7 @@ def test_the_contracts_are_kept():
 def tree(tmp_path) -> Path:
     """Every package copied under its import name (shared/ -> tierline_shared/), found first on PYTHONPATH."""
     for name in PACKAGES:
-        folder = ROOT / (name.removeprefix("tierline_") if name != "tierline" else name)
-        shutil.copytree(folder, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "*.png"))
+        shutil.copytree(ROOT / FOLDERS[name], tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "*.png"))
     return tmp_path
 
 

@@ -9,7 +9,7 @@ import time
 import grpc
 import pytest
 
-from tierline.v1 import inference_pb2 as pb
+from tierline_api.v1 import inference_pb2 as pb
 from tierline_infra.supervisor import NatsServer
 from tierline_shared.transport.messaging import NatsOptions, connect, stream_tier
 from tierline_shared.transport.tier_service import TierService

@@ -27,7 +27,7 @@ def _run(*argv, timeout: float = PIP_TIMEOUT_S, **kw) -> subprocess.CompletedPro
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    """`pip wheel .` of the files git would give a clean clone (no generated tierline/v1, no models)."""
+    """`pip wheel .` of the files git would give a clean clone (no generated code, no models)."""
     base = tmp_path_factory.mktemp("package")
     files = _run("git", "ls-files", "--cached", "--others", "--exclude-standard", cwd=ROOT).stdout.split()
     src = base / "src"
@@ -37,7 +37,7 @@ def wheel(tmp_path_factory) -> Path:
                 tar.add(ROOT / f, arcname=f)
     with tarfile.open(base / "src.tar") as tar:
         tar.extractall(src, filter="data")
-    assert not (src / "tierline" / "v1").exists()
+    assert not list(src.glob("proto/**/*_pb2.py"))
     # with build isolation, as a user's `pip install .` builds it
     _run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", base / "dist", src)
     [whl] = (base / "dist").glob("tierline-*.whl")
@@ -46,10 +46,10 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_the_wheel_has_the_generated_code_and_no_generic_top_level_names(wheel):
     names = zipfile.ZipFile(wheel).namelist()
-    assert {"tierline/v1/inference_pb2.py", "tierline/v1/inference_pb2_grpc.py"} <= set(names)
+    assert {"tierline_api/v1/inference_pb2.py", "tierline_api/v1/inference_pb2_grpc.py"} <= set(names)
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
-    assert tops == {"tierline", "tierline_shared", "tierline_router", "tierline_cloud_node", "tierline_edge_node",
-                    "tierline_device_agent", "tierline_infra", "tierline_bench"}
+    assert tops == {"tierline_api", "tierline", "tierline_shared", "tierline_router", "tierline_cloud_node",
+                    "tierline_edge_node", "tierline_device_agent", "tierline_infra", "tierline_bench"}
     assert "tierline_infra/systemd/tierline-device.service" in names  # what a board's install points at
 
 

@@ -11,8 +11,8 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tierline.v1 import inference_pb2 as pb
-from tierline.v1 import inference_pb2_grpc as pb_grpc
+from tierline_api.v1 import inference_pb2 as pb
+from tierline_api.v1 import inference_pb2_grpc as pb_grpc
 from tierline_infra.supervisor import Stack, write_manifest
 from tierline_shared.tasks.problems import generate
 
@@ -180,6 +180,17 @@ def test_cloud_down_gives_degraded_answers_not_errors(tiny_family):
         resp = stub(s.port("router")).Infer(req(), timeout=TIMEOUT)
         assert resp.tier == "edge" and resp.degraded
         assert [a.outcome for a in resp.escalation_path] == ["low_confidence", "no_responders"]
+
+
+def test_a_prompt_sent_straight_to_a_dead_cloud_falls_back_to_a_lower_tier(tiny_family):
+    """Issue 21: the scorer sends a prompt to the cloud and the cloud has no responders: the edge answers, degraded."""
+    with Stack(tiny_family, tiers=("edge", "cloud"),
+               overrides={"router.cloud_complexity": 0.0, "router.device_complexity": 0.0,
+                          "nats.request_timeout_ms": 3000}) as s:
+        s.kill("cloud-0")
+        resp = stub(s.port("router")).Infer(req("Q:2*9-1*5-7*1=?\nA:"), timeout=TIMEOUT)
+        assert resp.tier == "edge" and resp.degraded
+        assert [(a.tier, a.outcome) for a in resp.escalation_path] == [("cloud", "no_responders"), ("edge", "answered")]
 
 
 def test_full_queue_is_resource_exhausted(tiny_family):

@@ -230,7 +230,7 @@ def test_route_eval_replays_the_live_router_exactly(tmp_path):
     import asyncio
     import itertools
 
-    from tierline.v1 import inference_pb2 as pb
+    from tierline_api.v1 import inference_pb2 as pb
     from tierline_infra.supervisor import NatsServer
     from tierline_router.cascade import cost, paid_tokens
     from tierline_router.policy import Policy, complexity

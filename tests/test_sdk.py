@@ -167,7 +167,7 @@ class SlowlyUnavailable:
     def __init__(self, delay_s: float):
         from concurrent import futures
 
-        from tierline.v1 import inference_pb2_grpc as pb_grpc
+        from tierline_api.v1 import inference_pb2_grpc as pb_grpc
 
         outer = self
 

@@ -5,7 +5,7 @@ import threading
 import pytest
 
 from tests.conftest import random_torch_engine
-from tierline.v1 import inference_pb2 as pb
+from tierline_api.v1 import inference_pb2 as pb
 from tierline_shared.runtime.engine import GenerationParams
 from tierline_shared.serving.servicer import TierServicer
 

@@ -193,7 +193,7 @@ def parse_endpoint(endpoint: str) -> tuple[str, bool]:
 
 def build_request(prompt: str, parameters: dict | None, model: str, priority: str | None = None):
     """An InferRequest; unknown parameters and wrong types fail here, ranges on the server."""
-    from tierline.v1 import inference_pb2 as pb
+    from tierline_api.v1 import inference_pb2 as pb
 
     if not isinstance(prompt, str):
         raise TypeError(f"prompt: expected str, got {type(prompt).__name__}")
@@ -287,7 +287,7 @@ class InferenceClient:
     def __init__(self, api_key: str | None = None, model_name: str = "", endpoint: str | None = None, *,
                  timeout: float = DEFAULT_TIMEOUT_S, retries: int = DEFAULT_RETRIES,
                  backoff: float = DEFAULT_BACKOFF_S):
-        from tierline.v1 import inference_pb2_grpc as pb_grpc
+        from tierline_api.v1 import inference_pb2_grpc as pb_grpc
 
         self.config = _Config(api_key, model_name, endpoint, timeout, retries, backoff)
         creds = self.config.channel_credentials()
@@ -348,12 +348,12 @@ class InferenceClient:
 
     def status(self, *, timeout: float | None = None):
         """The platform's tiers, replicas, queues and traffic split (a `PlatformStatus` message)."""
-        from tierline.v1 import inference_pb2 as pb
+        from tierline_api.v1 import inference_pb2 as pb
 
         return self._call(self._stub.GetStatus, pb.StatusRequest(), timeout)
 
     def server_info(self, *, timeout: float | None = None):
-        from tierline.v1 import inference_pb2 as pb
+        from tierline_api.v1 import inference_pb2 as pb
 
         return self._call(self._stub.GetServerInfo, pb.ServerInfoRequest(), timeout)
 
@@ -377,7 +377,7 @@ class AsyncInferenceClient:
     def __init__(self, api_key: str | None = None, model_name: str = "", endpoint: str | None = None, *,
                  timeout: float = DEFAULT_TIMEOUT_S, retries: int = DEFAULT_RETRIES,
                  backoff: float = DEFAULT_BACKOFF_S):
-        from tierline.v1 import inference_pb2_grpc as pb_grpc
+        from tierline_api.v1 import inference_pb2_grpc as pb_grpc
 
         self.config = _Config(api_key, model_name, endpoint, timeout, retries, backoff)
         creds = self.config.channel_credentials()
@@ -425,7 +425,7 @@ class AsyncInferenceClient:
             await asyncio.sleep(wait)
 
     async def status(self, *, timeout: float | None = None):
-        from tierline.v1 import inference_pb2 as pb
+        from tierline_api.v1 import inference_pb2 as pb
 
         return await self._call(self._stub.GetStatus, pb.StatusRequest(), timeout)
 

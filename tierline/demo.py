@@ -20,8 +20,8 @@ import grpc
 from rich.console import Console
 from rich.table import Table
 
-from tierline.v1 import inference_pb2 as pb
-from tierline.v1 import inference_pb2_grpc as pb_grpc
+from tierline_api.v1 import inference_pb2 as pb
+from tierline_api.v1 import inference_pb2_grpc as pb_grpc
 from tierline_infra.supervisor import Stack, demo_overrides
 from tierline_router.cascade import cost, paid_tokens
 from tierline_shared.config.manifest import load_manifest
@@ -78,7 +78,7 @@ def report(results: list[tuple], costs: dict[str, float], wall_s: float, console
         acc = sum(is_correct(p, r.choices[0].text) for p, r, _ in rows) / len(rows)
         table.add_row(tier, str(len(rows)), f"{len(rows) / max(answered, 1):.0%}", f"{acc:.1%}",
                       f"{statistics.median(lat):.0f}", f"{lat[int(0.95 * (len(lat) - 1))]:.0f}",
-                      str(sum(len(r.escalation_path) > 1 for _, r, _ in rows)),
+                      str(sum(len(paid_tokens(r.escalation_path)) > 1 for _, r, _ in rows)),
                       str(sum(r.degraded for _, r, _ in rows)))
     console.print(table)
     total_acc = sum(is_correct(p, r.choices[0].text) for rows in by_tier.values() for p, r, _ in rows)

@@ -16,7 +16,7 @@ import sys
 import threading
 from typing import Callable, Iterator
 
-from tierline.v1 import inference_pb2 as pb
+from tierline_api.v1 import inference_pb2 as pb
 from tierline_shared.config.manifest import EXIT_BAD_MANIFEST, Manifest, ManifestError, load_manifest
 from tierline_shared.models.artifacts import ArtifactError
 from tierline_shared.runtime.engine import Engine

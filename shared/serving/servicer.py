@@ -19,8 +19,8 @@ from typing import Iterator
 
 import grpc
 
-from tierline.v1 import inference_pb2 as pb
-from tierline.v1 import inference_pb2_grpc as pb_grpc
+from tierline_api.v1 import inference_pb2 as pb
+from tierline_api.v1 import inference_pb2_grpc as pb_grpc
 from tierline_shared.config.manifest import LimitsConfig, TierConfig
 from tierline_shared.runtime.batching import BatchConfig, BatchedResult, Batcher, DeadlineExceeded, QueueFull
 from tierline_shared.runtime.engine import Engine, EngineError, GenerationParams

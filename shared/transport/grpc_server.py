@@ -12,8 +12,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tierline.v1 import inference_pb2 as pb
-from tierline.v1 import inference_pb2_grpc as pb_grpc
+from tierline_api.v1 import inference_pb2 as pb
+from tierline_api.v1 import inference_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 DEFAULT_WORKERS = 32  # gRPC handler threads (they mostly wait on the batcher)

@@ -2,7 +2,7 @@
 
 Every subject is built by `subject()`. A tier answers on `tierline.<tier>.infer` (and
 `.stream`) through its nats.micro service (transport/tier_service.py); payloads are the
-protobuf `InferRequest` / `InferResponse` of proto/tierline/v1, and errors travel as
+protobuf `InferRequest` / `InferResponse` of proto/tierline_api/v1, and errors travel as
 nats.micro's error headers plus `Tierline-Status` with the gRPC status name, which
 `ask_tier` / `stream_tier` turn back into `TierError`.
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import nats
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 
-from tierline.v1 import inference_pb2 as pb
+from tierline_api.v1 import inference_pb2 as pb
 
 SUBJECT_PREFIX = "tierline"
 STATUS_HEADER = "Tierline-Status"  # the gRPC status name of an error reply

@@ -34,7 +34,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from tierline.build.evaluate import evaluate
-from tierline.v1 import inference_pb2 as pb
+from tierline_api.v1 import inference_pb2 as pb
 from tierline_router.cascade import RAN_A_MODEL, Cascade, cost
 from tierline_router.policy import Policy
 from tierline_shared.config.manifest import RouterConfig

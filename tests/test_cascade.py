@@ -1,0 +1,119 @@
+"""The one escalation rule (router/cascade.py), from protobuf fixtures: no network, no model."""
+
+from __future__ import annotations
+
+import pytest
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+
+from tierline_api.v1 import inference_pb2 as pb
+from tierline_router.cascade import Cascade, Offline, cost, paid_tokens
+from tierline_router.policy import Policy
+from tierline_shared.transport.messaging import TierError
+
+POLICY = Policy(device_complexity=0.3, cloud_complexity=0.7, thresholds={"device": 0.5, "edge": 0.6})
+
+
+def answer(tier: str, confidence: float, tokens: int = 10, cached: bool = False) -> pb.InferResponse:
+    return pb.InferResponse(tier=tier, confidence=confidence, cached=cached,
+                            usage=pb.Usage(prompt_tokens=tokens - 1, completion_tokens=1))
+
+
+def run(first: str, replies: dict, retries: int = 0, out_of_time: bool = False, moves: list | None = None):
+    """Drive a cascade: `replies[tier]` is a list of answers or exceptions, taken in order."""
+    c = Cascade(POLICY, first, retries=retries, on_escalate=lambda *m: moves.append(m) if moves is not None else None)
+    while (tier := c.next_tier()) is not None:
+        reply = replies[tier].pop(0)
+        if isinstance(reply, BaseException):
+            c.failed(tier, reply)
+        else:
+            c.answered(tier, reply)
+    return c.decision(out_of_time)
+
+
+def outcomes(decision) -> list[tuple[str, str]]:
+    return [(a.tier, a.outcome) for a in decision.path]
+
+
+def test_a_confident_first_answer_is_kept():
+    d = run("device", {"device": [answer("device", 0.9)]})
+    assert d.answer.tier == "device" and not d.degraded and outcomes(d) == [("device", "answered")]
+
+
+def test_low_confidence_climbs_and_the_top_tier_is_always_kept():
+    d = run("device", {"device": [answer("device", 0.1)], "edge": [answer("edge", 0.2)],
+                       "cloud": [answer("cloud", 0.01)]})
+    assert d.answer.tier == "cloud" and not d.degraded
+    assert outcomes(d) == [("device", "low_confidence"), ("edge", "low_confidence"), ("cloud", "answered")]
+
+
+def test_a_kept_answer_is_given_even_when_a_lower_tier_was_surer():
+    policy = Policy(0.3, 0.7, {"device": 0.5, "edge": 0.1})
+    c = Cascade(policy, "device")
+    c.answered("device", answer("device", 0.3))
+    c.answered("edge", answer("edge", 0.15))
+    assert c.next_tier() is None and c.decision().answer.tier == "edge"
+
+
+def test_a_timeout_is_retried_then_the_next_tier_is_asked():
+    moves: list = []
+    d = run("edge", {"edge": [NatsTimeout(), NatsTimeout()], "cloud": [answer("cloud", 0.4)]}, retries=1, moves=moves)
+    assert outcomes(d) == [("edge", "timeout"), ("edge", "timeout"), ("cloud", "answered")]
+    assert moves == [("edge", "cloud", "timeout")]
+
+
+def test_no_responders_and_errors_are_not_retried():
+    d = run("device", {"device": [NoRespondersError()], "edge": [TierError("edge", "INTERNAL", "boom")],
+                       "cloud": [answer("cloud", 0.4)]}, retries=3)
+    assert outcomes(d) == [("device", "no_responders"), ("edge", "error"), ("cloud", "answered")]
+
+
+def test_a_full_queue_is_retried_on_another_replica():
+    d = run("edge", {"edge": [TierError("edge", "RESOURCE_EXHAUSTED", "queue full"), answer("edge", 0.9)]}, retries=1)
+    assert outcomes(d) == [("edge", "error"), ("edge", "answered")] and not d.degraded
+
+
+def test_the_cloud_unreachable_gives_the_best_lower_answer_degraded():
+    d = run("device", {"device": [answer("device", 0.3)], "edge": [answer("edge", 0.2)],
+                       "cloud": [NoRespondersError()]})
+    assert d.degraded and d.answer.tier == "device"  # the surer of the two low-confidence answers
+
+
+def test_nothing_at_or_above_the_first_tier_falls_back_down():
+    moves: list = []
+    d = run("cloud", {"cloud": [NoRespondersError()], "edge": [Offline("link down")],
+                      "device": [answer("device", 0.01)]}, moves=moves)
+    assert d.degraded and d.answer.tier == "device"  # a low confidence is kept: better than no answer
+    assert outcomes(d) == [("cloud", "no_responders"), ("edge", "offline"), ("device", "answered")]
+    assert moves == [("cloud", "edge", "fallback"), ("edge", "device", "fallback")]
+
+
+def test_nothing_answered_is_unavailable_or_deadline_exceeded():
+    replies = {"edge": [NoRespondersError()], "cloud": [NoRespondersError()], "device": [NoRespondersError()]}
+    with pytest.raises(TierError) as err:
+        run("edge", {k: list(v) for k, v in replies.items()})
+    assert err.value.status == "UNAVAILABLE" and "edge no_responders" in err.value.message
+    with pytest.raises(TierError) as err:
+        run("edge", {k: list(v) for k, v in replies.items()}, out_of_time=True)
+    assert err.value.status == "DEADLINE_EXCEEDED"
+    c = Cascade(POLICY, "edge")
+    c.expired("edge")
+    with pytest.raises(TierError, match="deadline passed") as err:
+        c.decision()
+    assert err.value.status == "DEADLINE_EXCEEDED"
+
+
+def test_a_client_error_is_raised_as_it_is_and_a_bug_is_not_a_tier_failure():
+    c = Cascade(POLICY, "edge")
+    with pytest.raises(TierError, match="bad field"):
+        c.failed("edge", TierError("edge", "INVALID_ARGUMENT", "bad field"))
+    with pytest.raises(KeyError):
+        Cascade(POLICY, "edge").failed("edge", KeyError("a bug"))
+
+
+def test_every_tier_that_ran_a_model_pays_for_its_own_tokens_and_a_cache_hit_for_none():
+    d = run("device", {"device": [answer("device", 0.1, tokens=20)], "edge": [answer("edge", 0.9, tokens=30)]})
+    assert paid_tokens(d.path) == {"device": 20, "edge": 30}
+    assert cost(paid_tokens(d.path), {"device": 0.01, "edge": 0.1, "cloud": 1.0}) == pytest.approx(0.0032)
+    hit = run("edge", {"edge": [answer("edge", 0.9, tokens=30, cached=True)]})
+    assert paid_tokens(hit.path) == {"edge": 0}

@@ -51,7 +51,7 @@ class TorchEngine(Engine):
         return logits[:, -1:, :].float().cpu().numpy(), present
 
     def _trim_past(self, past: Past, keep: int) -> Past:
-        return [(k[:, :, -keep:], v[:, :, -keep:]) for k, v in past]
+        return [(k[:, :, k.shape[2] - keep:], v[:, :, v.shape[2] - keep:]) for k, v in past]  # keep 0: none
 
     @torch.inference_mode()
     def _past_take(self, past: Past, row: int, start: int, stop: int) -> Past:

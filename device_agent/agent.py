@@ -19,7 +19,14 @@ from tierline_router.policy import Policy
 from tierline_shared.config.manifest import RouterConfig
 from tierline_shared.runtime.batching import Batcher
 from tierline_shared.runtime.engine import Engine
-from tierline_shared.serving.servicer import LRUCache, TierServicer, as_tier_error, status_of, validate
+from tierline_shared.serving.servicer import (
+    LRUCache,
+    TierServicer,
+    as_tier_error,
+    caller_deadline,
+    status_of,
+    validate,
+)
 from tierline_shared.transport.tier_service import TierService
 from tierline_shared.wire import TIERS
 
@@ -56,6 +63,7 @@ class DeviceAgentServicer(TierServicer):
     def answer(self, req: pb.InferRequest, timeout_s: float | None) -> pb.InferResponse:
         """One request from the board's apps, through the cascade: this board's model or the tiers above."""
         validate(req, self.engine, self.limits, self.engine.info.model)  # bad input fails here, on the board
+        timeout_s = caller_deadline(timeout_s)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s  # one budget for every try
         local = self.engine.info.tier
         first, score = self.policy.decide(req.prompt)

@@ -75,7 +75,8 @@ class OnnxEngine(Engine):
 
     def _trim_past(self, past: Past, keep: int) -> Past:
         # contiguous copies: onnxruntime would copy a strided view on every step anyway
-        return [(np.ascontiguousarray(k[:, :, -keep:]), np.ascontiguousarray(v[:, :, -keep:])) for k, v in past]
+        n = past[0][0].shape[2] - keep  # keep 0: none (a [-0:] slice would keep them all)
+        return [(np.ascontiguousarray(k[:, :, n:]), np.ascontiguousarray(v[:, :, n:])) for k, v in past]
 
     def _past_take(self, past: Past, row: int, start: int, stop: int) -> Past:
         # copies: a view would keep the whole batch's cache alive in the prefix cache

@@ -87,3 +87,18 @@ def test_abandoned_request_is_stopped_mid_batch():
     # the engine is told, row by row, which requests to stop decoding
     assert [c() for c in eng.cancelled] == [False, True]
     b.close()
+
+
+def test_a_row_that_breaks_the_engine_fails_alone():
+    """Issue 21: one request that raises inside the engine must not fail the batch it shares (a real engine)."""
+    from tests.conftest import random_torch_engine
+
+    engine = random_torch_engine(seed=5)  # context 64 tokens
+    b = Batcher(engine, BatchConfig(max_batch_size=8, max_queue_delay_ms=200))
+    good = [b.submit(f"Q:{i}+1=?\nA:", GenerationParams(max_tokens=4)) for i in range(6)]
+    bad = b.submit("Q:1+1=?\nA:", GenerationParams(max_tokens=200))  # past the model's context: the engine refuses
+    outs = [t.future.result(timeout=30) for t in good]
+    assert all(o.result.completion_tokens > 0 for o in outs)
+    with pytest.raises(Exception, match="exceeds the model's context"):
+        bad.future.result(timeout=30)
+    b.close()

@@ -122,9 +122,10 @@ def test_fp32_greedy_batch_matches_torch(fp32: OnnxEngine, torch_engine: TorchEn
     assert any(len(set(r.token_ids)) > 1 for r in want)  # not a degenerate one-token model
 
 
-def test_fp32_sliding_window_matches_torch(fp32: OnnxEngine, torch_engine: TorchEngine) -> None:
-    """A prompt longer than the window is fed token by token with the cache trimmed."""
-    params = [GenerationParams(max_tokens=MAX_TOKENS, attention_window=6)] * 2
+@pytest.mark.parametrize("window", [6, 1])
+def test_fp32_sliding_window_matches_torch(fp32: OnnxEngine, torch_engine: TorchEngine, window: int) -> None:
+    """A prompt longer than the window is fed token by token with the cache trimmed (to nothing, for a window of 1)."""
+    params = [GenerationParams(max_tokens=MAX_TOKENS, attention_window=window)] * 2
     prompts = ["x=5; y=x+2; y?", "12+7="]
     got = fp32.generate_batch(prompts, params)
     want = torch_engine.generate_batch(prompts, params)

@@ -71,6 +71,15 @@ def test_device_agent_alone_answers_locally_and_fast(tiny_family):
         assert [a.outcome for a in resp.escalation_path] == ["low_confidence", "no_responders", "no_responders"]
 
 
+def test_a_call_without_a_deadline_is_answered_by_every_tier(stack):
+    """Issue 21: gRPC reports 'no deadline' as ~9.2e18 s left; a tier must not overflow its clocks on it."""
+    for i, name in enumerate(("edge-0", "cloud-0", "device-0", "router")):
+        # a prompt of its own each (a result-cache hit would not wait), no timeout: no deadline on the call
+        call = stub(stack.port(name)).Infer.future(req(f"Q:{i + 2}+{i}=?\nA:"))
+        resp = call.result(timeout=TIMEOUT)
+        assert resp.choices[0].finish_reason in ("stop", "length"), name
+
+
 def test_low_confidence_escalates_to_the_cloud(stack):
     resp = stub(stack.port("router")).Infer(req(), timeout=TIMEOUT)
     assert resp.tier == "cloud"

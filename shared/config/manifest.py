@@ -71,9 +71,14 @@ class TierConfig:
 
 @dataclass
 class LimitsConfig:
+    """What one request may ask for; with these bounds no request can exceed a NATS message (1 MiB)."""
+
     max_prompt_chars: int = 2000  # longer prompts get INVALID_ARGUMENT
     max_tokens: int = 128  # largest max_tokens accepted
     default_max_tokens: int = 96  # when a request sets none
+    max_stop: int = 4  # stop strings per request (as OpenAI's API)
+    max_stop_chars: int = 64  # characters per stop string
+    max_id_chars: int = 128  # request_id and model name
 
 
 @dataclass
@@ -180,13 +185,14 @@ class Manifest:
 
 _RANGES = {  # field -> (min, max) inclusive, None = unbounded
     "grpc_port": (0, 65535), "metrics_port": (-1, 65535), "threads": (1, 256), "timeout_ms": (1, None),
-    "cost_per_1k_tokens": (0, None), "cache_size": (0, None), "max_prompt_chars": (1, None),
+    "cost_per_1k_tokens": (0, None), "cache_size": (0, None), "max_prompt_chars": (1, 100_000),
     "prefix_cache_tokens": (0, 10_000_000), "prefix_cache_min_match": (1, 100_000),
     "max_tokens": (1, None), "default_max_tokens": (1, None), "connect_timeout_ms": (1, None),
     "request_timeout_ms": (1, None), "cloud_complexity": (0, 1), "device_complexity": (0, 1),
     "retries_per_tier": (0, 10), "max_batch_size": (1, 1024), "max_queue_delay_ms": (0, 10000),
     "max_queue": (1, 100000), "version": (1, 1),
     "http_port": (-1, 65535), "calls_per_day": (1, None), "tokens_per_day": (1, None),
+    "max_stop": (0, 16), "max_stop_chars": (1, 1024), "max_id_chars": (1, 1024),
     "heartbeat_s": (0.05, 86400), "stale_after_beats": (1, 1000), "outbox_max_events": (1, 10_000_000),
     "memory_max_mb": (0, None), "health_problems": (1, 1000), "health_min_token_accuracy": (0, 1),
 }

@@ -5,6 +5,8 @@ the worker takes the highest-priority ones (oldest first within a priority), up 
 `max_batch_size`, waiting at most `max_queue_delay_ms` after the first for others
 to join. A full queue is refused at once (`QueueFull`), a request whose deadline
 has passed before its batch starts is failed (`DeadlineExceeded`) without running.
+A batch that raises is decoded again row by row, so one request that breaks the
+engine fails alone and the others are answered.
 """
 
 from __future__ import annotations
@@ -143,15 +145,23 @@ class Batcher:
                 continue
             if self._on_batch:
                 self._on_batch(len(live), self.depth)
-            try:
-                results = self.engine.generate_batch([i.prompt for i in live], [i.params for i in live],
-                                                     cancelled=[i.should_stop for i in live])
-            except Exception as exc:  # one bad batch must not kill the worker
-                for item in live:
-                    item.future.set_exception(exc)
-                continue
-            for item, r in zip(live, results):
-                if r.finish_reason == "cancelled" and not item.abandoned.is_set():
-                    item.future.set_exception(DeadlineExceeded("deadline passed during generation"))
-                elif not item.future.done():
-                    item.future.set_result(BatchedResult(r, now - item.enqueued, len(live)))
+            self._decode(live, now)
+
+    def _decode(self, live: list[_Item], now: float) -> None:
+        """One batch through the engine; if it raises, each row again alone, so only the row at fault fails."""
+        try:
+            results = self.engine.generate_batch([i.prompt for i in live], [i.params for i in live],
+                                                 cancelled=[i.should_stop for i in live])
+        except Exception as exc:  # noqa: BLE001 - one bad row must not fail its batch, nor kill the worker
+            if len(live) == 1:
+                if not live[0].future.done():
+                    live[0].future.set_exception(exc)
+                return
+            for item in live:
+                self._decode([item], now)
+            return
+        for item, r in zip(live, results):
+            if r.finish_reason == "cancelled" and not item.abandoned.is_set():
+                item.future.set_exception(DeadlineExceeded("deadline passed during generation"))
+            elif not item.future.done():
+                item.future.set_result(BatchedResult(r, now - item.enqueued, len(live)))

@@ -25,6 +25,10 @@ import numpy as np
 from tierline_shared.models.tokenizer import TextTokenizer
 
 Past = list  # backend-specific KV cache (list of per-layer arrays)
+# The sampler's range. Below MIN_TEMPERATURE (but 0, greedy) a distribution is an argmax in all but name,
+# and logits / temperature overflow to NaN; the seed is numpy's, which takes no negative numbers.
+MIN_TEMPERATURE = 0.01
+MAX_SEED = 2**63 - 1  # the wire's int64
 
 
 @dataclass
@@ -39,8 +43,10 @@ class GenerationParams:
     def __post_init__(self):
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
             raise ValueError(f"max_tokens must be a positive int, got {self.max_tokens!r}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature < math.inf):
+            raise ValueError(f"temperature must be 0 or at least {MIN_TEMPERATURE}, got {self.temperature!r}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be in [0, {MAX_SEED}], got {self.seed!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.attention_window < 0:
@@ -199,7 +205,7 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def _trim_past(self, past: Past, keep: int) -> Past:
-        """Keep the last `keep` positions of every cache entry (sliding window)."""
+        """Keep the last `keep` positions of every cache entry (sliding window); `keep` may be 0."""
 
     def _past_take(self, past: Past, row: int, start: int, stop: int) -> Past:
         """A copy of one row's positions [start, stop) as a batch of one (prefix cache only)."""
@@ -385,7 +391,7 @@ class Engine(abc.ABC):
             # one decode step for the whole batch
             if cur_mask.shape[1] >= window:
                 past = self._trim_past(past, window - 1)
-                cur_mask = cur_mask[:, -(window - 1):]
+                cur_mask = cur_mask[:, cur_mask.shape[1] - (window - 1):]  # (keeps none for a window of 1)
             cur_mask = np.concatenate([cur_mask, np.ones((B, 1), dtype=np.int64)], axis=1)
             logits, past = self._forward(chosen[:, None], cur_mask, next_pos[:, None], past)
             last = logits[:, -1, :]

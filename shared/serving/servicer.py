@@ -23,9 +23,11 @@ from tierline_api.v1 import inference_pb2 as pb
 from tierline_api.v1 import inference_pb2_grpc as pb_grpc
 from tierline_shared.config.manifest import LimitsConfig, TierConfig
 from tierline_shared.runtime.batching import BatchConfig, BatchedResult, Batcher, DeadlineExceeded, QueueFull
-from tierline_shared.runtime.engine import Engine, EngineError, GenerationParams
+from tierline_shared.runtime.engine import MAX_SEED, MIN_TEMPERATURE, Engine, EngineError, GenerationParams
 from tierline_shared.transport.messaging import TierError
 
+MAX_WAIT_S = 3600.0  # seconds, the longest a tier keeps one request, whatever deadline its caller set
+NO_DEADLINE_S = 1e12  # gRPC reports a call without a deadline as about 9.2e18 seconds left
 STREAM_POLL_S = 0.5  # how often a stream waiting for its next chunk checks that the client is still there
 _END = object()  # the decoding thread of a stream has finished
 
@@ -44,11 +46,17 @@ def validate_request(req: pb.InferRequest, limits: LimitsConfig, model_name: str
         raise RequestError("prompt", "must not be empty")
     if len(req.prompt) > limits.max_prompt_chars:
         raise RequestError("prompt", f"{len(req.prompt)} characters exceeds the limit of {limits.max_prompt_chars}")
+    for name in ("request_id", "model"):
+        if len(getattr(req, name)) > limits.max_id_chars:
+            raise RequestError(name, f"{len(getattr(req, name))} characters exceeds the limit of {limits.max_id_chars}")
     if req.model and req.model != model_name:
         raise RequestError("model", f"unknown model {req.model!r}; this server serves {model_name!r}")
     p = req.parameters
-    if not math.isfinite(p.temperature) or p.temperature < 0:
-        raise RequestError("parameters.temperature", f"must be >= 0, got {p.temperature}")
+    if not (p.temperature == 0 or MIN_TEMPERATURE <= p.temperature < math.inf):
+        raise RequestError("parameters.temperature", f"must be 0 (greedy) or at least {MIN_TEMPERATURE}, "
+                                                     f"got {p.temperature}")
+    if p.HasField("seed") and not 0 <= p.seed <= MAX_SEED:
+        raise RequestError("parameters.seed", f"must be in [0, {MAX_SEED}], got {p.seed}")
     top_p = p.top_p if p.HasField("top_p") else 1.0
     if not (0 < top_p <= 1):
         raise RequestError("parameters.top_p", f"must be in (0, 1], got {top_p}")
@@ -59,8 +67,12 @@ def validate_request(req: pb.InferRequest, limits: LimitsConfig, model_name: str
         raise RequestError("parameters.max_tokens", f"{max_tokens} exceeds the limit of {limits.max_tokens}")
     if p.attention_window < 0:
         raise RequestError("parameters.attention_window", f"must be >= 0, got {p.attention_window}")
+    if len(p.stop) > limits.max_stop:
+        raise RequestError("parameters.stop", f"{len(p.stop)} stop strings exceeds the limit of {limits.max_stop}")
     if any(not s for s in p.stop):
         raise RequestError("parameters.stop", "stop strings must not be empty")
+    if any(len(s) > limits.max_stop_chars for s in p.stop):
+        raise RequestError("parameters.stop", f"a stop string exceeds the limit of {limits.max_stop_chars} characters")
     if req.priority not in pb.Priority.values():
         raise RequestError("priority", f"unknown priority {req.priority}")
 
@@ -89,6 +101,14 @@ def validate(req: pb.InferRequest, engine: Engine, limits: LimitsConfig, model_n
     except EngineError as exc:
         raise RequestError(exc.field, str(exc)) from None
     return params
+
+
+def caller_deadline(remaining: float | None) -> float | None:
+    """A caller's time left, as the tier keeps to it: None when it set no deadline (the tier's own default
+    applies), else at most MAX_WAIT_S (a deadline far away must not overflow the clocks it is added to)."""
+    if remaining is None or not math.isfinite(remaining) or remaining >= NO_DEADLINE_S:
+        return None
+    return max(0.0, min(remaining, MAX_WAIT_S))
 
 
 def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
@@ -171,7 +191,9 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
             resp.request_id, resp.cached = request_id, True
             resp.timings.CopyFrom(pb.Timings(total_ms=(time.perf_counter() - t0) * 1000))
             return resp
-        timeout = timeout_s if timeout_s is not None else self.default_timeout_s
+        timeout = caller_deadline(timeout_s)
+        if timeout is None:
+            timeout = self.default_timeout_s
         # PRIORITY_UNSPECIFIED is served as NORMAL (the proto's promise), not below LOW
         priority = int(req.priority) or pb.PRIORITY_NORMAL
         ticket = self.batcher.submit(req.prompt, params, priority=priority, timeout_s=timeout)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -74,6 +75,15 @@ class _Service(Service):
                 e.processing_time = c.processing_ns
                 e.average_processing_time = c.processing_ns // c.requests if c.requests else 0
         return stats
+
+
+def _seconds(header: str | None) -> float | None:
+    """The requester's `Tierline-Timeout` (seconds), or None when it sent none or nothing readable."""
+    try:
+        value = float(header) if header else None
+    except ValueError:
+        return None
+    return value if value is not None and math.isfinite(value) else None
 
 
 class TierService:
@@ -197,7 +207,7 @@ class TierService:
 
     async def _serve(self, req) -> None:
         started, error = time.perf_counter_ns(), None
-        timeout = float((req.headers or {}).get(TIMEOUT_HEADER, 0)) or None
+        timeout = _seconds((req.headers or {}).get(TIMEOUT_HEADER))
         try:
             data = await asyncio.get_running_loop().run_in_executor(self._pool, self._handle, req.data, timeout)
         except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply

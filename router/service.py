@@ -121,6 +121,10 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
             resp = await self.route(request, deadline)
             used = resp.usage.prompt_tokens + resp.usage.completion_tokens
             return resp
+        except TierError as exc:
+            if exc.status in CLIENT_ERRORS:
+                used = 0  # refused by a tier for its own fields (say, too many tokens): the call counts, no tokens
+            raise
         finally:
             await self.gate.settle(admission, used)
 

@@ -100,6 +100,16 @@ def test_invalid_requests_cost_no_quota(stack):
     assert usage(stack, key_id)["calls_today"] == 0
 
 
+def test_a_request_a_tier_refuses_for_its_fields_costs_its_call(stack):
+    """Refused at the router: free. Refused by a tier after admission (a field only the model can check): the call
+    counts, no tokens, so a sender cannot make tiers work for nothing."""
+    key_id, key = new_key(stack, "two")
+    with pytest.raises(TierlineError, match="attention_window") as err:
+        client(stack, key).infer(PROMPT, {"max_tokens": 4, "attention_window": 100_000})
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert (usage(stack, key_id)["calls_today"], usage(stack, key_id)["tokens_today"]) == (1, 0)
+
+
 def test_token_quota_is_never_exceeded(stack):
     key_id, key = new_key(stack, "few_tokens")
     answered = 0

@@ -24,11 +24,14 @@ from tierline_api.v1 import inference_pb2_grpc as pb_grpc
 from tierline_shared.config.manifest import LimitsConfig, TierConfig
 from tierline_shared.runtime.batching import BatchConfig, BatchedResult, Batcher, DeadlineExceeded, QueueFull
 from tierline_shared.runtime.engine import MAX_SEED, MIN_TEMPERATURE, Engine, EngineError, GenerationParams
+from tierline_shared.transport.grpc_server import DEFAULT_WORKERS
 from tierline_shared.transport.messaging import TierError
 
 MAX_WAIT_S = 3600.0  # seconds, the longest a tier keeps one request, whatever deadline its caller set
 NO_DEADLINE_S = 1e12  # gRPC reports a call without a deadline as about 9.2e18 seconds left
 STREAM_POLL_S = 0.5  # how often a stream waiting for its next chunk checks that the client is still there
+MAX_OPEN_STREAMS = DEFAULT_WORKERS // 2  # gRPC handler threads streams may hold; the rest stay for unary calls
+STALLED_STREAM_S = 10.0  # seconds: a stream whose client has not taken its last chunk for this long is cancelled
 _END = object()  # the decoding thread of a stream has finished
 
 
@@ -156,6 +159,56 @@ class LRUCache:
                 self._d.popitem(last=False)
 
 
+class StreamGuard:
+    """Bounds what gRPC streams can take from a tier's threads.
+
+    A stream's handler thread blocks while it hands a chunk to a client that does not read
+    (HTTP/2 flow control), so clients that open streams and never read could hold every thread
+    and starve the unary calls. At most `limit` streams are open at once (beyond: RESOURCE_EXHAUSTED
+    at once), and a stream whose client has not taken a chunk for `stall_s` seconds is cancelled,
+    which frees its thread.
+    """
+
+    def __init__(self, limit: int = MAX_OPEN_STREAMS, stall_s: float = STALLED_STREAM_S):
+        self.limit, self.stall_s = limit, stall_s
+        self._slots = threading.BoundedSemaphore(limit)
+        self._handing: dict = {}  # gRPC context -> when its current chunk was handed over (monotonic)
+        self._lock = threading.Lock()
+        self._watcher: threading.Thread | None = None
+
+    def open(self) -> bool:
+        if not self._slots.acquire(blocking=False):
+            return False
+        with self._lock:
+            if self._watcher is None:
+                self._watcher = threading.Thread(target=self._watch, name="stream-guard", daemon=True)
+                self._watcher.start()
+        return True
+
+    def handing(self, context) -> None:
+        with self._lock:
+            self._handing[context] = time.monotonic()
+
+    def taken(self, context) -> None:
+        with self._lock:
+            self._handing.pop(context, None)
+
+    def close(self, context) -> None:
+        self.taken(context)
+        self._slots.release()
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self.stall_s / 4)
+            now = time.monotonic()
+            with self._lock:
+                stalled = [c for c, since in self._handing.items() if now - since > self.stall_s]
+                for c in stalled:
+                    del self._handing[c]
+            for c in stalled:
+                c.cancel()  # the blocked send returns; the stream's generator closes and frees its slot
+
+
 class TierServicer(pb_grpc.InferenceServiceServicer):
     def __init__(self, engine: Engine, batch: BatchConfig | None = None, limits: LimitsConfig | None = None,
                  cache_size: int = TierConfig.cache_size, default_timeout_s: float = TierConfig.timeout_ms / 1000,
@@ -168,6 +221,7 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
                                on_batch=metrics.observe_batch if metrics else None)
         self.cache = LRUCache(cache_size)
         self.default_timeout_s = default_timeout_s
+        self.streams = StreamGuard()
 
     def serve_nats(self, req: pb.InferRequest, timeout_s: float | None) -> pb.InferResponse:
         """One request that came over NATS (from the router or a device's front door)."""
@@ -299,11 +353,19 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
         )
 
     def InferStream(self, request, context):
+        if not self.streams.open():
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"too many open streams ({self.streams.limit}) on this server; retry later")
         try:
-            yield from self.stream(request, context.is_active)
+            for chunk in self.stream(request, context.is_active):
+                self.streams.handing(context)
+                yield chunk
+                self.streams.taken(context)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status here
             code, msg = status_of(exc)
             context.abort(code, msg)
+        finally:
+            self.streams.close(context)
 
     def GetServerInfo(self, request, context):
         info, b = self.engine.info, self.batch_config

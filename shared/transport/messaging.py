@@ -22,6 +22,10 @@ SUBJECT_PREFIX = "tierline"
 STATUS_HEADER = "Tierline-Status"  # the gRPC status name of an error reply
 STREAM_ID_HEADER = "Tierline-Stream"  # names a stream (its reply inbox) so the requester can cancel it
 TIMEOUT_HEADER = "Tierline-Timeout"  # seconds the requester waits: the tier stops waiting when it does
+HEARTBEAT_HEADER = "Tierline-Heartbeat"  # seconds: the requester asks the tier to say it is alive this often
+PROGRESS_HEADER = "Tierline-Progress"  # marks a tier's "still working on it" message (no body)
+HEARTBEAT_S = 0.2  # how often a tier working on a request says so
+SILENCE_S = 1.0  # a replica silent this long (while the link is up) is taken for dead: ask another
 RECONNECT_BASE_S = 1.0  # seconds, the first wait after the link drops (doubles after each failed attempt)
 RECONNECT_MAX_S = 30.0  # seconds, the longest wait between two attempts (forever)
 RECONNECT_JITTER = 0.2  # each wait is drawn from [1 - 0.2, 1] x its step, so a fleet does not reconnect in step
@@ -77,17 +81,53 @@ class TierError(Exception):
         self.tier, self.status, self.message = tier, status, message
 
 
+class ReplicaSilent(TimeoutError):
+    """The replica working on a request stopped saying so (it died, or its link did): ask another."""
+
+
 async def ask_tier(nc, tier: str, request, timeout_s: float):
     """One InferRequest to a tier over NATS, with an explicit timeout.
 
+    The replica that takes the request says every HEARTBEAT_S that it is still working on it,
+    so a replica that dies mid-request is noticed after SILENCE_S (ReplicaSilent, a timeout the
+    cascade retries on another replica), not after the whole `timeout_s`. Silence while this
+    side's link is down does not count: the answer may come after the reconnect.
     Raises nats' NoRespondersError (no replica: at once), TimeoutError, or TierError.
     """
-    msg = await nc.request(subject(tier), request.SerializeToString(), timeout=timeout_s,
-                           headers={TIMEOUT_HEADER: f"{timeout_s:.3f}"})
-    headers = msg.headers or {}
-    if ERROR_CODE_HEADER in headers:
-        raise TierError(tier, headers.get(STATUS_HEADER, "UNKNOWN"), headers.get(ERROR_HEADER, ""))
-    return pb.InferResponse.FromString(msg.data)
+    from nats.errors import NoRespondersError
+    from nats.errors import TimeoutError as NatsTimeout
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    try:
+        await nc.publish(subject(tier), request.SerializeToString(), reply=inbox,
+                         headers={TIMEOUT_HEADER: f"{timeout_s:.3f}", HEARTBEAT_HEADER: f"{HEARTBEAT_S}"})
+        heard = loop.time()
+        while True:
+            now = loop.time()
+            if now >= deadline:
+                raise NatsTimeout
+            if not nc.is_connected:
+                heard = now  # our own link is down: the replica may be fine; wait for the reconnect
+            elif now - heard >= SILENCE_S:
+                raise ReplicaSilent(f"{tier}: the replica went silent for {SILENCE_S} s")
+            try:
+                msg = await sub.next_msg(timeout=min(HEARTBEAT_S, deadline - now))
+            except NatsTimeout:
+                continue
+            heard = loop.time()
+            headers = msg.headers or {}
+            if headers.get("Status") == "503":
+                raise NoRespondersError
+            if PROGRESS_HEADER in headers:
+                continue
+            if ERROR_CODE_HEADER in headers:
+                raise TierError(tier, headers.get(STATUS_HEADER, "UNKNOWN"), headers.get(ERROR_HEADER, ""))
+            return pb.InferResponse.FromString(msg.data)
+    finally:
+        await sub.unsubscribe()
 
 
 async def stream_tier(nc, tier: str, request, timeout_s: float):

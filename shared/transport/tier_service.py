@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from nats.micro.service import Service, ServiceConfig, ServiceStats
 
 from tierline_shared.transport.messaging import (
+    HEARTBEAT_HEADER,
+    PROGRESS_HEADER,
     START_TIMEOUT_S,
     STATUS_HEADER,
     STREAM_ID_HEADER,
@@ -40,6 +42,7 @@ from tierline_shared.transport.messaging import (
 )
 
 HANDLER_THREADS = 64  # requests in flight per tier process (they wait on the batcher)
+MIN_HEARTBEAT_S = 0.05  # seconds: the most often a tier says it is alive, whatever a requester asks
 
 
 @dataclass
@@ -207,9 +210,17 @@ class TierService:
 
     async def _serve(self, req) -> None:
         started, error = time.perf_counter_ns(), None
-        timeout = _seconds((req.headers or {}).get(TIMEOUT_HEADER))
+        headers = req.headers or {}
+        timeout = _seconds(headers.get(TIMEOUT_HEADER))
+        beat = _seconds(headers.get(HEARTBEAT_HEADER))
         try:
-            data = await asyncio.get_running_loop().run_in_executor(self._pool, self._handle, req.data, timeout)
+            work = asyncio.get_running_loop().run_in_executor(self._pool, self._handle, req.data, timeout)
+            while beat and beat > 0:  # the requester asked to hear that we are alive while we work
+                done, _ = await asyncio.wait({work}, timeout=max(beat, MIN_HEARTBEAT_S))
+                if done:
+                    break
+                await req.respond(b"", headers={PROGRESS_HEADER: "1"})
+            data = await work
         except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
             error = exc
             await self._respond_error(req, exc)

@@ -11,7 +11,6 @@ import sys
 
 import grpc
 
-from tierline_api.v1 import inference_pb2_grpc as pb_grpc
 from tierline_router.auth import Gate, KeyStore
 from tierline_router.openai_http import OpenAIServer
 from tierline_router.policy import Policy
@@ -19,7 +18,7 @@ from tierline_router.scorer import load_scorer
 from tierline_router.service import RouterServicer
 from tierline_shared.config.manifest import EXIT_BAD_MANIFEST, ManifestError, load_manifest
 from tierline_shared.serving.metrics import Metrics
-from tierline_shared.transport.grpc_server import add_health_and_reflection, set_serving_async
+from tierline_shared.transport.grpc_server import add_health_and_reflection, add_inference_service, set_serving_async
 from tierline_shared.transport.messaging import NatsAuthError, NatsOptions, connect
 
 
@@ -53,7 +52,7 @@ async def serve(manifest_path: str) -> int:
                               manifest.nats.request_timeout_ms / 1000, rc.retries_per_tier, metrics,
                               manifest.limits, gate)
     server = grpc.aio.server()
-    pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
+    add_inference_service(servicer, server, aio=True)
     health_servicer = add_health_and_reflection(server, aio=True)
     port = server.add_insecure_port(f"{rc.grpc_host}:{rc.grpc_port}")
     await server.start()

@@ -87,7 +87,8 @@ class Admission:
 
 
 def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
+    # a key is ASCII; a header that is not (an HTTP header decoded with surrogates) simply hashes to no key
+    return hashlib.sha256(key.encode("utf-8", "replace")).hexdigest()
 
 
 def utc_day(now: float | None = None) -> str:

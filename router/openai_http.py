@@ -19,6 +19,7 @@ one place (`_error_response`).
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 
@@ -27,6 +28,8 @@ from aiohttp import web
 from tierline_api.v1 import inference_pb2 as pb
 from tierline_router.auth import AccessDenied, bearer_token
 from tierline_shared.transport.messaging import TierError
+
+log = logging.getLogger("tierline.router.http")
 
 # gRPC status name -> (HTTP status, OpenAI error type)
 HTTP_STATUS = {
@@ -63,13 +66,35 @@ def _error_response(exc: TierError) -> web.Response:
     return web.json_response(body, status=status, headers=headers)
 
 
-def _typed(body: dict, name: str, kinds: tuple, what: str):
+INT32 = (-2**31, 2**31 - 1)  # what the wire's int32 fields hold (max_tokens, attention_window)
+INT64 = (-2**63, 2**63 - 1)  # seed
+
+
+def _typed(body: dict, name: str, kinds: tuple, what: str, bounds: tuple[int, int] | None = None):
+    """body[name] if it is of `kinds` (None when absent); integers within `bounds`, numbers as finite-or-not floats
+    (the platform's validation judges the value; this only makes sure the wire can carry it)."""
     value = body.get(name)
     if value is None:
         return None
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-        raise BadRequest(name, f"{name}: must be {what}, got {json.dumps(value)[:40]}")
+        raise BadRequest(name, f"{name}: must be {what}, got {_shown(value)}")
+    if bounds is not None and isinstance(value, int) and not bounds[0] <= value <= bounds[1]:
+        raise BadRequest(name, f"{name}: {_shown(value)} is out of range [{bounds[0]}, {bounds[1]}]")
+    if float in kinds and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:
+            raise BadRequest(name, f"{name}: {_shown(value)} is out of range") from None
     return value
+
+
+def _shown(value) -> str:
+    """A value as a message may quote it: short, whatever it is."""
+    try:
+        text = json.dumps(value)
+    except (ValueError, RecursionError):
+        text = type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _request(body: dict, prompt: str, allowed: set[str], max_tokens_names=("max_tokens",)) -> pb.InferRequest:
@@ -82,16 +107,16 @@ def _request(body: dict, prompt: str, allowed: set[str], max_tokens_names=("max_
         raise BadRequest("model", "model: required")
     params = pb.Parameters()
     for name in max_tokens_names:
-        value = _typed(body, name, (int,), "an integer")
+        value = _typed(body, name, (int,), "an integer", INT32)
         if value is not None:
             params.max_tokens = value
     if (t := _typed(body, "temperature", (int, float), "a number")) is not None:
         params.temperature = t
     if (p := _typed(body, "top_p", (int, float), "a number")) is not None:
         params.top_p = p
-    if (w := _typed(body, "attention_window", (int,), "an integer")) is not None:
+    if (w := _typed(body, "attention_window", (int,), "an integer", INT32)) is not None:
         params.attention_window = w
-    if (seed := _typed(body, "seed", (int,), "an integer")) is not None:
+    if (seed := _typed(body, "seed", (int,), "an integer", INT64)) is not None:
         params.seed = seed
     stop = body.get("stop")
     if stop is not None:
@@ -150,12 +175,28 @@ def _usage(resp: pb.InferResponse) -> dict:
             "total_tokens": u.prompt_tokens + u.completion_tokens}
 
 
+@web.middleware
+async def _json_errors(request: web.Request, handler):
+    """Every answer is JSON in OpenAI's error shape, an unknown path or a bug included (never aiohttp's text)."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return web.json_response({"error": {"message": exc.reason, "type": "invalid_request_error", "param": None,
+                                            "code": exc.reason.lower().replace(" ", "_")}}, status=exc.status)
+    except Exception:  # noqa: BLE001 - a bug: logged, answered as one
+        log.exception("unexpected error answering %s %s", request.method, request.path)
+        return web.json_response({"error": {"message": "internal error", "type": "api_error", "param": None,
+                                            "code": "internal"}}, status=500)
+
+
 class OpenAIServer:
     """The aiohttp application around a RouterServicer."""
 
     def __init__(self, router):
         self.router = router
-        self.app = web.Application(client_max_size=1024 * 1024)
+        self.app = web.Application(client_max_size=1024 * 1024, middlewares=[_json_errors])
         self.app.add_routes([web.get("/v1/models", self.models), web.post("/v1/completions", self.completions),
                              web.post("/v1/chat/completions", self.chat)])
         self._runner: web.AppRunner | None = None
@@ -216,8 +257,10 @@ class OpenAIServer:
         """The JSON body and the InferRequest it asks for; BadRequest names what cannot be read."""
         try:
             body = await request.json()
-        except ValueError:
-            raise BadRequest(None, "the body is not valid JSON") from None
+        except (ValueError, RecursionError):  # not JSON, not in its charset, or nested too deep to read
+            raise BadRequest(None, "the body is not valid JSON (in UTF-8 or its declared charset)") from None
+        except LookupError:  # content-type: ...; charset=<no such codec>
+            raise BadRequest(None, f"unknown charset {request.charset!r} in content-type") from None
         if not isinstance(body, dict):
             raise BadRequest(None, "the body must be a JSON object")
         if chat:

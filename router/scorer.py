@@ -40,6 +40,7 @@ N_FEATURES = len(FEATURE_NAMES)
 BIAS = N_FEATURES - 1  # the last feature is the constant 1 (never standardized)
 
 _NUMBER = re.compile(r"\d+")
+NUMBER_DIGITS = 9  # longer numbers count as 10**9
 _ASSIGN = re.compile(r"([a-z])=([a-z])?")
 _COMPARE = re.compile(r"(max|min)\(")
 _SENTENCE = re.compile(r"[^.?]+[.?]")
@@ -99,7 +100,8 @@ def prompt_features(prompt: str) -> np.ndarray:
     """A fixed float32 vector (see FEATURE_NAMES) computed from the prompt text only."""
     q = _question(prompt)
     family = detect_family(prompt)
-    numbers = [int(x) for x in _NUMBER.findall(q)]
+    # a number's size matters up to the benchmark's (two digits): a hostile 400-digit one must not overflow a float
+    numbers = [int(x) if len(x) <= NUMBER_DIGITS else 10 ** NUMBER_DIGITS for x in _NUMBER.findall(q)]
     n_plus, n_minus, n_star = q.count("+"), q.count("-"), q.count("*")
     n_vars, distractors = 0, 0
     if family == "arith":

@@ -30,11 +30,15 @@ def req(prompt: str = "Q:2+3=?\nA:", **params) -> pb.InferRequest:
 @pytest.fixture(scope="module")
 def stack(tiny_family):
     # every prompt starts on the edge and stays there; the result caches are off so that every request decodes
-    with Stack(tiny_family, tiers=("edge", "cloud"),
+    with Stack(tiny_family, tiers=("edge", "cloud"), auth=True,
                overrides={"router.device_complexity": 0.0, "router.cloud_complexity": 1.0,
                           "router.confidence_threshold": {"edge": 0.0}, "tiers.edge.cache_size": 0,
                           "tiers.cloud.cache_size": 0}) as s:
         yield s
+
+
+def keyed(stack) -> tuple:
+    return (("authorization", f"Bearer {stack.api_key}"),)
 
 
 def test_hostile_parameters_are_refused_and_harm_no_other_request(stack):
@@ -48,7 +52,7 @@ def test_hostile_parameters_are_refused_and_harm_no_other_request(stack):
 
     def call(r):
         try:
-            return router.Infer(r, timeout=TIMEOUT)
+            return router.Infer(r, timeout=TIMEOUT, metadata=keyed(stack))
         except grpc.RpcError as exc:
             return exc
 
@@ -164,3 +168,77 @@ def test_a_restarted_nats_server_loses_no_request(tiny_family):
             s.nats.start()
             results = [r for f in running for r in f.result()]
     assert results and set(results) == {"OK"}, [r for r in results if r != "OK"][:5]
+
+
+def test_bytes_that_are_not_a_request_are_invalid_argument(stack):
+    """Malformed protobuf: INVALID_ARGUMENT naming the message, from the router (gRPC) and a tier (gRPC, NATS)."""
+    import asyncio
+
+    from tierline_shared.transport.messaging import ERROR_CODE_HEADER, STATUS_HEADER, NatsOptions, connect, subject
+
+    garbage = b"\xff\xff\xff\x7f\x0a\x05"
+    for address in (stack.router_address, f"127.0.0.1:{stack.port('edge-0')}"):
+        raw = grpc.insecure_channel(address).unary_unary("/tierline.v1.InferenceService/Infer")
+        with pytest.raises(grpc.RpcError) as err:
+            raw(garbage, timeout=TIMEOUT, metadata=keyed(stack))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, address
+        assert err.value.details() == "request: not a valid tierline.v1.InferRequest (protobuf)"
+
+    async def over_nats():
+        nc = await connect(NatsOptions(stack.nats.url, stack.nats.user, stack.nats.password), "test")
+        try:
+            return await nc.request(subject("edge"), garbage, timeout=TIMEOUT)
+        finally:
+            await nc.close()
+
+    reply = asyncio.run(over_nats())
+    assert ERROR_CODE_HEADER in reply.headers and reply.headers[STATUS_HEADER] == "INVALID_ARGUMENT"
+
+
+def test_a_prompt_with_a_huge_number_is_scored_and_answered(stack):
+    """A number of 400 digits used to overflow the learned scorer's features (UNKNOWN)."""
+    router = stub(stack.router_address)
+    resp = router.Infer(req("Q:" + "9" * 400 + "+1=?\nA:"), timeout=TIMEOUT, metadata=keyed(stack))
+    assert resp.choices[0].finish_reason
+
+
+@pytest.mark.parametrize("body, content_type, param", [
+    ({"max_tokens": 2**31}, None, "max_tokens"),
+    ({"seed": 2**64}, None, "seed"),
+    ({"attention_window": 2**40}, None, "attention_window"),
+    ({"temperature": 10**400}, None, "temperature"),
+    ({"stop": ["a"] * 5}, None, "parameters.stop"),
+    ("[" * 100_000 + "]" * 100_000, None, None),
+    ({}, "application/json; charset=nope-42", None),
+])
+def test_malformed_http_requests_are_4xx_json(stack, body, content_type, param):
+    import json
+    import urllib.error
+    import urllib.request
+
+    if isinstance(body, dict):
+        body = json.dumps({"model": "tierline-reasoner", "prompt": "Q:1+1=?\nA:", **body})
+    request = urllib.request.Request(f"{stack.http_base_url}/completions", data=body.encode(), headers={
+        "content-type": content_type or "application/json", "authorization": f"Bearer {stack.api_key}"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=TIMEOUT)
+    error = json.loads(err.value.read())["error"]
+    assert err.value.code == 400 and set(error) == {"message", "type", "param", "code"}, error
+    assert param is None or param in (error["param"] or error["message"]), error
+
+
+def test_a_non_utf8_authorization_header_is_401_and_an_unknown_path_a_json_404(stack):
+    import http.client
+    import json
+    from urllib.parse import urlsplit
+
+    url = urlsplit(stack.http_base_url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=TIMEOUT)
+    conn.putrequest("GET", "/v1/models")
+    conn.putheader("Authorization", b"Bearer \xff\xfe\x80")
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert resp.status == 401 and json.loads(resp.read())["error"]["type"] == "authentication_error"
+    conn.request("GET", "/health")
+    resp = conn.getresponse()
+    assert resp.status == 404 and "error" in json.loads(resp.read())

@@ -18,6 +18,7 @@ from concurrent import futures
 from typing import Iterator
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from tierline_api.v1 import inference_pb2 as pb
 from tierline_api.v1 import inference_pb2_grpc as pb_grpc
@@ -119,6 +120,8 @@ def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
     (the gRPC methods abort with it; the NATS service puts it in its error headers)."""
     if isinstance(exc, RequestError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, DecodeError):  # bytes over NATS that are not an InferRequest
+        return grpc.StatusCode.INVALID_ARGUMENT, "request: not a valid tierline.v1.InferRequest (protobuf)"
     if isinstance(exc, TierError):  # a tier above answered with an error: pass its status on
         return getattr(grpc.StatusCode, exc.status, grpc.StatusCode.UNKNOWN), exc.message
     if isinstance(exc, QueueFull):

@@ -1,7 +1,10 @@
 """A gRPC server as every Tierline process runs it: the InferenceService, health and reflection, any port.
 
 `create_server` binds a port (0 = any free one) and returns it apart from starting, so tests run
-real servers on free ports; the router (grpc.aio) adds the same health and reflection services.
+real servers on free ports; the router (grpc.aio) adds the same services with `add_inference_service`
+and `add_health_and_reflection`. A request that is not the protobuf message a method takes is
+answered INVALID_ARGUMENT naming the message (the generated code would answer UNKNOWN or INTERNAL
+with a Python exception's name).
 """
 
 from __future__ import annotations
@@ -9,13 +12,15 @@ from __future__ import annotations
 from concurrent import futures
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tierline_api.v1 import inference_pb2 as pb
 from tierline_api.v1 import inference_pb2_grpc as pb_grpc
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"]
+SERVICE_NAME = SERVICE.full_name
 DEFAULT_WORKERS = 32  # gRPC handler threads (they mostly wait on the batcher)
 
 
@@ -50,9 +55,63 @@ def create_server(servicer: pb_grpc.InferenceServiceServicer, host: str = "127.0
                   workers: int = DEFAULT_WORKERS) -> tuple[grpc.Server, int]:
     """A gRPC server with the InferenceService, health and reflection; not started yet."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
-    pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
+    add_inference_service(servicer, server)
     set_serving(add_health_and_reflection(server))
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"could not bind {host}:{port}")
     return server, bound
+
+
+class _Malformed:
+    """What a request's bytes were when they were not its protobuf message."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def _lenient(message_cls):
+    def parse(data: bytes):
+        try:
+            return message_cls.FromString(data)
+        except DecodeError:
+            return _Malformed(f"request: not a valid {message_cls.DESCRIPTOR.full_name} (protobuf)")
+    return parse
+
+
+def _guarded(behavior, streaming: bool, aio: bool):
+    """The servicer's method, answering INVALID_ARGUMENT for a request that could not be parsed."""
+    bad = grpc.StatusCode.INVALID_ARGUMENT
+    if aio and streaming:
+        async def method(request, context):
+            if isinstance(request, _Malformed):
+                await context.abort(bad, request.message)
+            async for item in behavior(request, context):
+                yield item
+    elif aio:
+        async def method(request, context):
+            if isinstance(request, _Malformed):
+                await context.abort(bad, request.message)
+            return await behavior(request, context)
+    elif streaming:
+        def method(request, context):
+            if isinstance(request, _Malformed):
+                context.abort(bad, request.message)
+            yield from behavior(request, context)
+    else:
+        def method(request, context):
+            if isinstance(request, _Malformed):
+                context.abort(bad, request.message)
+            return behavior(request, context)
+    return method
+
+
+def add_inference_service(servicer: pb_grpc.InferenceServiceServicer, server, aio: bool = False) -> None:
+    """The InferenceService of `servicer` on `server` (grpc or grpc.aio), every request parsed leniently."""
+    handlers = {}
+    for m in SERVICE.methods:
+        make = grpc.unary_stream_rpc_method_handler if m.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[m.name] = make(_guarded(getattr(servicer, m.name), m.server_streaming, aio),
+                                request_deserializer=_lenient(getattr(pb, m.input_type.name)),
+                                response_serializer=getattr(pb, m.output_type.name).SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

@@ -113,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="operating point of the random and length baselines")
     re_.add_argument("--manifest", type=Path, default=Path("infra/manifests/local.yaml"),
                      help="the router policy (thresholds) and tier costs to evaluate")
-    re_.add_argument("--out", type=Path, default=Path("docs/routing"), help="where the curve PNG and CSV go")
+    re_.add_argument("--out", type=Path, default=None,
+                     help="write the curve (PNG, CSV) and the results (JSON, Markdown) into this directory, e.g. "
+                          "docs/routing (default: print only, write nothing)")
     re_.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
     rc = rsub.add_parser("calibrate", help="set the router's thresholds so a share of traffic stays below the cloud")
@@ -220,10 +222,11 @@ def _cmd_route_eval(args) -> int:
     result = evaluate_routers(outcomes, problems, scorer, _all_costs(manifest), calib_prompts=calib,
                               target_edge_share=args.target_edge_share, policy=policy, curves_out=curves)
     result["policy"] = {"manifest": str(args.manifest), **policy}
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_curve(curves, args.out / "cost_quality.png", args.out / "cost_quality.csv")
-    (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "results.md").write_text(render_route_eval(result, args))
+    if args.out is not None:  # the committed docs/routing/ is rewritten only when asked for
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_curve(curves, args.out / "cost_quality.png", args.out / "cost_quality.csv")
+        (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / "results.md").write_text(render_route_eval(result, args))
     if args.json:
         print(json.dumps(result))
     else:

@@ -107,8 +107,22 @@ def demo(models_dir: Path, n: int = 300, concurrency: int = 16) -> int:
     return 0 if not summary["errors"] else 1
 
 
+def _running(pidfile: Path) -> int | None:
+    """The pid in `pidfile` if that process is alive (a stale file, from a process that died, says nothing)."""
+    try:
+        pid = int(pidfile.read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
 def up(models_dir: Path, pidfile: Path) -> int:
-    """Start the platform and keep it running until Ctrl-C or `make down` (SIGTERM)."""
+    """Start the platform and keep it running until Ctrl-C or `make down` (SIGTERM); one at a time."""
+    from tierline.cli import UsageError
+
+    if (pid := _running(pidfile)) is not None:
+        raise UsageError(f"a platform is already up (pid {pid}, {pidfile}): stop it first with `make down`")
     console = Console()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -58,12 +58,22 @@ def _nats_options(manifest_path: Path):
 
 
 async def _with_fleet(opts, work):
+    """`work(fleet)` on a connection of its own; no NATS, a refused login or no JetStream is one line (exit 2)."""
+    from nats.js.errors import ServiceUnavailableError
+
+    from tierline.cli import UsageError
     from tierline_device_agent.fleet import open_fleet  # NATS and JetStream: only when a command runs
     from tierline_shared.transport.messaging import connect
 
-    nc = await connect(opts, name="tierline-cli")
+    try:
+        nc = await connect(opts, name="tierline-cli", timeout_s=opts.connect_timeout_s + 1)
+    except ConnectionError as exc:  # NatsAuthError included
+        raise UsageError(str(exc)) from None
     try:
         return await work(await open_fleet(nc))
+    except ServiceUnavailableError:
+        raise UsageError(f"NATS at {opts.url} has no JetStream: the fleet's state lives there "
+                         f"(run nats-server with JetStream)") from None
     finally:
         await nc.close()
 

@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 MODELS ?= models
 
 .DEFAULT_GOAL := help
-.PHONY: help setup proto models models-tiny test lint demo up down bench clean
+.PHONY: help setup proto models models-tiny test lint fuzz soak demo up down bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -36,6 +36,10 @@ lint: setup ## ruff over the code, and the import layers (import-linter contract
 
 test: setup lint ## lint + the whole test suite
 	$(PY) -m pytest -q
+
+fuzz: setup ## the fuzz suite's long run (>= 10,000 cases against a running platform): counts in runs/fuzz.json
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_fuzz.py
+	@cat runs/fuzz.json
 
 demo: setup ## start nats-server, the tiers and the router, send a mixed workload, stop
 	$(PY) -m tierline demo --models $(MODELS)

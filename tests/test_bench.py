@@ -125,3 +125,16 @@ def test_a_missing_model_family_is_one_line_and_exit_2(tmp_path):
     proc = run_cli("bench", "--quick", "--models", str(tmp_path / "nowhere"), "--out", str(tmp_path))
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "manifest.json" in proc.stderr
+
+
+def test_a_short_soak_reports_every_processs_memory(tiny_family):
+    """`tierline bench --soak`: the platform under load, each process's RSS after the warm-up and at the end."""
+    from tierline_bench.reliability import soak
+
+    result = soak(tiny_family, minutes=0.25, warmup_minutes=0.1, concurrency=2, log=lambda _: None)
+    assert result["requests"] > 0 and result["errors"] == 0
+    assert set(result["processes"]) == {"device-0", "edge-0", "cloud-0", "router"}
+    for name, p in result["processes"].items():
+        assert 10 < p["rss_after_warmup_mib"] < 4096 and 10 < p["rss_end_mib"] < 4096, (name, p)
+        assert p["growth_mib"] == pytest.approx(p["rss_end_mib"] - p["rss_after_warmup_mib"], abs=0.11)
+    assert len(result["samples"]) >= 2

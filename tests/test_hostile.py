@@ -100,39 +100,13 @@ def test_streams_that_are_never_read_cannot_starve_a_tier(stack):
 
 
 def test_a_replica_killed_mid_request_costs_about_a_second_not_the_timeout(tiny_family):
-    """SIGKILL one of two edge replicas under load: the requests it held are answered by the other one after it
-    falls silent (SILENCE_S), far inside the 20 s request timeout, and none fails."""
-    from tierline_shared.transport.messaging import SILENCE_S
+    """SIGKILL one of two edge replicas under load (`tierline bench --failover`): the requests it held are answered
+    by the other one after it falls silent (SILENCE_S), far inside the 20 s request timeout, and none fails."""
+    from tierline_bench.reliability import failover
 
-    with Stack(tiny_family, tiers=("edge",), replicas={"edge": 2},
-               overrides={"router.device_complexity": 0.0, "router.cloud_complexity": 1.0,
-                          "router.confidence_threshold": {"edge": 0.0}, "tiers.edge.cache_size": 0,
-                          "nats.request_timeout_ms": 20000}) as s:
-        router = stub(s.router_address)
-        stop_at = time.monotonic() + 6.0
-        killed_at: list[float] = []
-
-        def client(c: int) -> list[tuple[float, float, str]]:
-            out, i = [], 0
-            while time.monotonic() < stop_at:
-                t0 = time.monotonic()
-                try:
-                    router.Infer(req(f"Q:{c}+{i % 50}*2-1=?\nA:", max_tokens=96), timeout=TIMEOUT)
-                    out.append((t0, time.monotonic() - t0, "OK"))
-                except grpc.RpcError as exc:
-                    out.append((t0, time.monotonic() - t0, exc.code().name))
-                i += 1
-            return out
-
-        with ThreadPoolExecutor(8) as pool:
-            running = [pool.submit(client, c) for c in range(8)]
-            time.sleep(2.0)
-            killed_at.append(time.monotonic())
-            s.kill("edge-0")
-            results = [r for f in running for r in f.result()]
-    assert {code for _, _, code in results} == {"OK"}, [r for r in results if r[2] != "OK"][:5]
-    in_flight = [secs for t0, secs, _ in results if t0 < killed_at[0] < t0 + secs]
-    assert in_flight and max(in_flight) < SILENCE_S + 3.0, sorted(in_flight)[-5:]
+    result = failover(tiny_family, clients=8, before_s=2.0, after_s=3.0)
+    assert result["failed"] == 0 and result["in_flight_at_kill"] > 0, result
+    assert result["in_flight_latency_s"]["max"] < result["silence_s"] + 3.0 < result["request_timeout_s"], result
 
 
 def test_a_restarted_nats_server_loses_no_request(tiny_family):

@@ -1,0 +1,130 @@
+"""The Llama-family decoder against a reference nobody here wrote: transformers' own Llama, Qwen2 and Mistral.
+
+Tiny random models built by transformers itself (no hub), saved with `save_pretrained`, loaded by
+Tierline's loader: the same logits (fp32, 1e-4) with padding and a KV cache, the same greedy tokens over
+64 steps through the torch engine, and files transformers loads back.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tierline_cloud_node.engine import TorchEngine
+from tierline_shared.models.llama import ConfigError, Decoder, DecoderConfig, load_decoder, save_decoder
+from tierline_shared.models.tokenizer import TextTokenizer
+from tierline_shared.runtime.engine import EngineInfo, GenerationParams
+
+transformers = pytest.importorskip("transformers")
+TOK = TextTokenizer.default()
+STEPS = 64
+
+
+def hf_model(kind: str):
+    """A tiny random model of the kind, as transformers' own tests build them (vocab = our tokenizer's)."""
+    common = dict(vocab_size=TOK.vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=12, max_position_embeddings=256,
+                  bos_token_id=TOK.bos_id, eos_token_id=TOK.eos_id, pad_token_id=TOK.pad_id, rope_theta=5000.0)
+    torch.manual_seed({"llama": 0, "qwen2": 1, "mistral": 2, "llama_tied": 3}[kind])
+    if kind == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, attention_bias=True))
+    elif kind == "llama_tied":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, tie_word_embeddings=True))
+    elif kind == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    else:
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=9))
+    with torch.no_grad():  # random biases and norms, so that a wrong name or a missing term shows
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.normal_(0.0 if name.endswith("bias") else 1.0, 0.1)
+    return model.eval()
+
+
+KINDS = ("llama", "llama_tied", "qwen2", "mistral")
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def pair(request, tmp_path_factory):
+    """(transformers' model, ours loaded from its save_pretrained files, the directory)."""
+    ref = hf_model(request.param)
+    directory = tmp_path_factory.mktemp(request.param)
+    ref.save_pretrained(directory, safe_serialization=True)
+    return ref, load_decoder(directory), directory
+
+
+def test_the_config_is_read_as_transformers_wrote_it(pair):
+    ref, ours, _ = pair
+    c = ours.cfg
+    assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (4, 2, 12)
+    assert c.architecture == ref.config.architectures[0]
+    assert ours.num_params() == sum(p.numel() for p in ref.parameters()) == c.num_params()
+
+
+def test_logits_with_padding_and_a_kv_cache_match_transformers(pair):
+    ref, ours, _ = pair
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(4, TOK.vocab_size, (2, 14), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding on the second row
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        got, _ = ours(ids, mask, positions)
+        real = mask.bool()  # a padding position's logits mean nothing (each library fills them its own way)
+        torch.testing.assert_close(got[real], want[real], atol=1e-4, rtol=1e-4)
+        # the same tokens in two steps, the second on the first one's cache
+        first, past = ours(ids[:, :10], mask[:, :10], positions[:, :10])
+        second, _ = ours(ids[:, 10:], mask, positions[:, 10:], past)
+    torch.testing.assert_close(torch.cat([first, second], dim=1)[real], want[real], atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_tokens_through_the_torch_engine_match_transformers_generate(pair):
+    ref, ours, _ = pair
+    c = ours.cfg
+    engine = TorchEngine(ours, TOK, EngineInfo("cloud", "t", "0", c.num_params(), 0, c.max_position_embeddings,
+                                               c.window_limit))
+    prompts = ["Q:2+3=?\nA:", "Q:a=3;b=a+4;c=b*2;d=c-1;e=d+5;e=?\nA:"]  # the second is longer than Mistral's window
+    for prompt in prompts:
+        ids = torch.tensor([TOK.encode(prompt)])
+        with torch.no_grad():
+            out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=STEPS, min_new_tokens=STEPS,
+                               do_sample=False, pad_token_id=TOK.pad_id, eos_token_id=None)
+        want = out[0, ids.shape[1]:].tolist()
+        got = engine.generate_batch([prompt], [GenerationParams(max_tokens=STEPS)])[0].token_ids
+        stop = want.index(TOK.eos_id) if TOK.eos_id in want else len(want)  # the engine stops at the end token
+        assert got == want[:stop] and len(got) >= min(stop, STEPS), (prompt, got[:10], want[:10])
+
+
+def test_our_files_load_in_transformers(pair, tmp_path):
+    _, ours, _ = pair
+    save_decoder(ours, tmp_path)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()
+    ids = torch.randint(4, TOK.vocab_size, (1, 9), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids)[0], back(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [ours.cfg.architecture]
+
+
+def test_what_is_not_served_is_refused_naming_the_field(tmp_path):
+    base = {**hf_model("llama").config.to_dict(), "architectures": ["LlamaForCausalLM"]}
+    cases = {
+        "architectures": {**base, "architectures": ["GPT2LMHeadModel"]},
+        "rope_scaling": {**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+        "hidden_act": {**base, "hidden_act": "gelu"},
+        "num_key_value_heads": {**base, "num_key_value_heads": 3},
+    }
+    for field, data in cases.items():
+        with pytest.raises(ConfigError, match=field):
+            DecoderConfig.from_hf(data, "config.json")
+
+
+def test_weights_that_do_not_fit_the_config_name_the_file(pair, tmp_path):
+    ref, ours, _ = pair
+    smaller = Decoder(ours.cfg.replace(intermediate_size=30))
+    save_decoder(smaller, tmp_path)
+    ours.cfg.write(tmp_path)  # the original config beside the smaller weights
+    with pytest.raises(ValueError, match="model.safetensors: the weights do not fit"):
+        load_decoder(tmp_path)

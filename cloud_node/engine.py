@@ -1,6 +1,7 @@
 """The cloud backend: the full-precision PyTorch model.
 
-The KV cache is the model's own list of (key, value) tensors of shape (B, nh, P, hd);
+The KV cache is the model's own list of (key, value) tensors of shape (B, kv_heads, P, hd); the model is a
+Llama-family decoder in Hugging Face's format (or the project's older GPT, until its family is rebuilt).
 `_past_take` / `_past_join` slice and left-pad it for the base engine's prefix cache.
 """
 
@@ -11,7 +12,9 @@ from pathlib import Path
 import torch
 
 from tierline_shared.models.artifacts import TierFiles, load_with
+from tierline_shared.models.configs import read_config
 from tierline_shared.models.gpt import GPT, load_model
+from tierline_shared.models.llama import Decoder, DecoderConfig, load_decoder
 from tierline_shared.models.tokenizer import TextTokenizer
 from tierline_shared.runtime.engine import Engine, EngineInfo, Past, check_vocab
 
@@ -19,7 +22,7 @@ from tierline_shared.runtime.engine import Engine, EngineInfo, Past, check_vocab
 class TorchEngine(Engine):
     supports_prefix_cache = True
 
-    def __init__(self, model: GPT, tokenizer: TextTokenizer, info: EngineInfo, device: str = "cpu",
+    def __init__(self, model: GPT | Decoder, tokenizer: TextTokenizer, info: EngineInfo, device: str = "cpu",
                  threads: int | None = None):
         super().__init__(tokenizer, info)
         if threads:
@@ -32,11 +35,12 @@ class TorchEngine(Engine):
              model_name: str = "tierline", version: str = "0", device: str = "cpu",
              threads: int | None = None) -> "TorchEngine":
         directory = Path(directory)
-        model = load_model(directory)
+        cfg = read_config(directory / "config.json")
+        model = load_decoder(directory) if isinstance(cfg, DecoderConfig) else load_model(directory)
         check_vocab(model.cfg.vocab_size, tokenizer, directory)
         size = (directory / "model.safetensors").stat().st_size
         info = EngineInfo(tier, model_name, version, model.num_params(), size,
-                          model.cfg.block_size, model.cfg.window_limit)
+                          model.cfg.context, model.cfg.window_limit)
         return cls(model, tokenizer, info, device, threads)
 
     @torch.inference_mode()

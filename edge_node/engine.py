@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from tierline_shared.models.artifacts import TierFiles, load_with
-from tierline_shared.models.gpt_config import GPTConfig
+from tierline_shared.models.configs import ModelConfig, config_from_dict, read_config
 from tierline_shared.models.tokenizer import TextTokenizer
 from tierline_shared.runtime.engine import Engine, EngineInfo, Past, check_vocab
 
@@ -31,11 +31,11 @@ class OnnxEngine(Engine):
 
     supports_prefix_cache = True
 
-    def __init__(self, session: ort.InferenceSession, tokenizer: TextTokenizer, info: EngineInfo, cfg: GPTConfig):
+    def __init__(self, session: ort.InferenceSession, tokenizer: TextTokenizer, info: EngineInfo, cfg: ModelConfig):
         super().__init__(tokenizer, info)
         self.session = session
         self.cfg = cfg
-        n = cfg.n_layer
+        n = cfg.layers
         self._past_names = [(f"past_key_values.{i}.key", f"past_key_values.{i}.value") for i in range(n)]
         self._out_names = ["logits"] + [f"present.{i}.{kind}" for i in range(n) for kind in ("key", "value")]
 
@@ -58,19 +58,19 @@ class OnnxEngine(Engine):
         _check_graph(session, cfg, path)
         check_vocab(cfg.vocab_size, tokenizer, path)
         params = int(meta[META_PARAMS]) if meta.get(META_PARAMS, "").isdigit() else _initializer_params(path)
-        info = EngineInfo(tier, model_name, version, params, path.stat().st_size, cfg.block_size, cfg.window_limit)
+        info = EngineInfo(tier, model_name, version, params, path.stat().st_size, cfg.context, cfg.window_limit)
         return cls(session, tokenizer, info, cfg)
 
     def _forward(self, input_ids, attention_mask, position_ids, past):
         feed = {"input_ids": np.asarray(input_ids, np.int64), "attention_mask": np.asarray(attention_mask, np.int64),
                 "position_ids": np.asarray(position_ids, np.int64)}  # the graph takes int64 only
         if past is None:
-            empty = np.zeros((input_ids.shape[0], self.cfg.n_head, 0, self.cfg.head_dim), dtype=np.float32)
-            past = [(empty, empty)] * self.cfg.n_layer
+            empty = np.zeros((input_ids.shape[0], self.cfg.kv_heads, 0, self.cfg.head_dim), dtype=np.float32)
+            past = [(empty, empty)] * self.cfg.layers
         for (kn, vn), (k, v) in zip(self._past_names, past):
             feed[kn], feed[vn] = k, v
         out = self.session.run(self._out_names, feed)
-        present = [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(self.cfg.n_layer)]
+        present = [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(self.cfg.layers)]
         return out[0][:, -1:, :], present
 
     def _trim_past(self, past: Past, keep: int) -> Past:
@@ -93,23 +93,25 @@ class OnnxEngine(Engine):
         return [(stack([r[i][0] for r in rows]), stack([r[i][1] for r in rows])) for i in range(len(rows[0]))]
 
 
-def _load_config(path: Path, meta: dict[str, str]) -> GPTConfig:
+def _load_config(path: Path, meta: dict[str, str]) -> ModelConfig:
     """config.json beside the model (the pipeline's contract), else the config embedded at export."""
     cfg_path = path.parent / CONFIG_FILE
     if cfg_path.is_file():
         try:
-            return GPTConfig.from_json(cfg_path)
+            return read_config(cfg_path)
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"{cfg_path}: not a valid model config ({exc})") from exc
+            msg = str(exc)
+            raise ValueError(msg if msg.startswith(str(cfg_path)) else f"{cfg_path}: not a valid model config "
+                                                                       f"({exc})") from exc
     if META_CONFIG in meta:
         try:
-            return GPTConfig(**json.loads(meta[META_CONFIG]))
+            return config_from_dict(json.loads(meta[META_CONFIG]), f"{path} (embedded config)")
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{path}: embedded config is invalid ({exc})") from exc
     raise ValueError(f"{path}: no {CONFIG_FILE} beside it and no embedded config")
 
 
-def _check_graph(session: ort.InferenceSession, cfg: GPTConfig, path: Path) -> None:
+def _check_graph(session: ort.InferenceSession, cfg: ModelConfig, path: Path) -> None:
     """The graph's inputs must be the decoder the config describes (a stale config.json shows here)."""
     inputs = {i.name: i.shape for i in session.get_inputs()}
     outputs = {o.name: o.shape for o in session.get_outputs()}
@@ -120,12 +122,12 @@ def _check_graph(session: ort.InferenceSession, cfg: GPTConfig, path: Path) -> N
             problems.append(f"no input {name!r}")
     if "logits" not in outputs:
         problems.append("no output 'logits'")
-    if n_past != 2 * cfg.n_layer:
-        problems.append(f"{n_past} past inputs, config says {cfg.n_layer} layers")
+    if n_past != 2 * cfg.layers:
+        problems.append(f"{n_past} past inputs, config says {cfg.layers} layers")
     for name, shape in inputs.items():
         if name.startswith("past_key_values.") and len(shape) == 4:
-            if shape[1] != cfg.n_head or shape[3] != cfg.head_dim:
-                problems.append(f"{name} has shape {shape}, config says (B, {cfg.n_head}, P, {cfg.head_dim})")
+            if shape[1] != cfg.kv_heads or shape[3] != cfg.head_dim:
+                problems.append(f"{name} has shape {shape}, config says (B, {cfg.kv_heads}, P, {cfg.head_dim})")
                 break
     vocab = outputs.get("logits", [None, None, None])[-1]
     if isinstance(vocab, int) and vocab != cfg.vocab_size:

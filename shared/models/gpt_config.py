@@ -29,6 +29,23 @@ class GPTConfig:
                 f"GPTConfig.attention_window must be in [0, block_size={self.block_size}], got {self.attention_window}"
             )
 
+    # the names the engines and exports read, shared with the Llama-family DecoderConfig
+    @property
+    def layers(self) -> int:
+        return self.n_layer
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: every head has its own here."""
+        return self.n_head
+
+    @property
+    def context(self) -> int:
+        return self.block_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
     @property
     def window_limit(self) -> int:
         """The widest attention window the model supports (its context length)."""

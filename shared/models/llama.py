@@ -80,6 +80,22 @@ class DecoderConfig:
         """The widest attention window the model supports."""
         return self.sliding_window or self.max_position_embeddings
 
+    # the names the engines and exports read (shared with the project's older GPTConfig)
+    @property
+    def layers(self) -> int:
+        return self.num_hidden_layers
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads
+
+    @property
+    def context(self) -> int:
+        return self.max_position_embeddings
+
+    def to_dict(self) -> dict:
+        return self.to_hf()
+
     @property
     def model_type(self) -> str:
         return ARCHITECTURES[self.architecture]

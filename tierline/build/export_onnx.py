@@ -1,11 +1,15 @@
-"""The edge artifact: the student as ONE ONNX decoder graph with a KV cache, then int8.
+"""The edge artifact: a decoder (the project's GPT, or a Llama-family model) as ONE ONNX graph with a KV cache,
+then int8.
 
 One graph serves both prefill (past length 0) and decode, with the Hugging Face /
 optimum decoder names, so any optimum-style runtime can drive it:
 
     inputs   input_ids (B, T) int64, attention_mask (B, P+T) int64, position_ids (B, T) int64,
-             past_key_values.{i}.key / .value (B, n_head, P, head_dim) float32
-    outputs  logits (B, T, vocab) float32 (every position), present.{i}.key / .value (B, n_head, P+T, head_dim)
+             past_key_values.{i}.key / .value (B, kv_heads, P, head_dim) float32
+    outputs  logits (B, T, vocab) float32 (every position), present.{i}.key / .value (B, kv_heads, P+T, head_dim)
+
+kv_heads is the number of key/value heads (grouped-query attention stores fewer than the query heads);
+rotary positions are computed in the graph from position_ids.
 
 The graph is exported with attention_window=0 (plain causal attention over whatever
 cache it is given): the engines trim the cache themselves for sliding windows.
@@ -17,7 +21,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +29,6 @@ import torch
 import torch.nn as nn
 
 from tierline_edge_node.engine import META_CONFIG, META_PARAMS
-from tierline_shared.models.gpt import GPT
 
 DEFAULT_OPSET = 17  # LayerNormalization is a native op from opset 17
 # Trace shapes: different from each other and not 0 or 1 (which the tracer could treat as
@@ -59,9 +61,9 @@ def output_names(n_layer: int) -> list[str]:
 
 
 class _FlatDecoder(nn.Module):
-    """GPT with the past as flat positional tensors, since ONNX export needs flat inputs."""
+    """The decoder with the past as flat positional tensors, since ONNX export needs flat inputs."""
 
-    def __init__(self, model: GPT):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
@@ -85,7 +87,7 @@ def _dynamic_axes(n_layer: int) -> dict[str, dict[int, str]]:
     return axes
 
 
-def _dummy_inputs(model: GPT, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+def _dummy_inputs(model: nn.Module, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
     """A left-padded batch with a non-empty past, so that no path is traced away."""
     cfg = model.cfg
     B, T, P = TRACE_BATCH, TRACE_SEQ, TRACE_PAST
@@ -93,15 +95,15 @@ def _dummy_inputs(model: GPT, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
     attention_mask = torch.ones(B, P + T, dtype=torch.long)
     attention_mask[0, :2] = 0
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -T:]
-    past = [torch.randn(B, cfg.n_head, P, cfg.head_dim, generator=gen) for _ in range(2 * cfg.n_layer)]
+    past = [torch.randn(B, cfg.kv_heads, P, cfg.head_dim, generator=gen) for _ in range(2 * cfg.layers)]
     return (input_ids, attention_mask, position_ids, *past)
 
 
-def export_onnx(model: GPT, path: Path, opset: int = DEFAULT_OPSET) -> None:
+def export_onnx(model: nn.Module, path: Path, opset: int = DEFAULT_OPSET) -> None:
     """Write `model` as one decoder graph (prefill and decode) to `path`, fp32, and check it against torch."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    n_layer = model.cfg.n_layer
+    n_layer = model.cfg.layers
     device = next(model.parameters()).device
     was_training = model.training
     gen = torch.Generator().manual_seed(0)  # a local generator: the caller's RNG stream is left alone
@@ -121,7 +123,7 @@ def export_onnx(model: GPT, path: Path, opset: int = DEFAULT_OPSET) -> None:
                 dynamo=False,  # the TorchScript exporter: no onnxscript needed, dynamic_axes honoured
             )
         proto = onnx.load(str(path))
-        _set_metadata(proto, {META_CONFIG: json.dumps(asdict(model.cfg)), META_PARAMS: str(model.num_params())})
+        _set_metadata(proto, {META_CONFIG: json.dumps(model.cfg.to_dict()), META_PARAMS: str(model.num_params())})
         onnx.save(proto, str(path))
         onnx.checker.check_model(str(path))
         _verify(model, path, gen)
@@ -130,7 +132,7 @@ def export_onnx(model: GPT, path: Path, opset: int = DEFAULT_OPSET) -> None:
 
 
 @torch.no_grad()
-def _verify(model: GPT, path: Path, gen: torch.Generator) -> None:
+def _verify(model: nn.Module, path: Path, gen: torch.Generator) -> None:
     """Run the graph on shapes other than the traced ones: prefill from an empty past, then decode.
 
     A size the tracer baked in as a constant shows up here rather than in production.
@@ -145,10 +147,10 @@ def _verify(model: GPT, path: Path, gen: torch.Generator) -> None:
     mask = torch.ones(B, T, dtype=torch.long)
     mask[1, :3] = 0  # left padding
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    past_np = [np.zeros((B, cfg.n_head, 0, cfg.head_dim), np.float32)] * (2 * cfg.n_layer)
+    past_np = [np.zeros((B, cfg.kv_heads, 0, cfg.head_dim), np.float32)] * (2 * cfg.layers)
     past_t = None
     for kind in ("prefill", "decode"):
-        out = sess.run(None, dict(zip(input_names(cfg.n_layer), [ids.numpy(), mask.numpy(), pos.numpy(), *past_np])))
+        out = sess.run(None, dict(zip(input_names(cfg.layers), [ids.numpy(), mask.numpy(), pos.numpy(), *past_np])))
         ref, past_t = model(ids, mask, pos, past_t, attention_window=0)
         ref = ref.numpy()
         err = float(np.max(np.abs(out[0] - ref)))

@@ -2,7 +2,7 @@
 
 The file (see tierline/build/export_tflite.py) has `prefill_{len}` signatures for
 a few fixed prompt lengths and a `decode` signature, all over fixed-size caches of
-shape (1, block_size, n_head, head_dim) where slot == absolute position. This module
+shape (1, context, kv_heads, head_dim) where slot == absolute position. This module
 maps the base engine's optimum-style calls onto them: `past=None` starts a fresh
 cache and prefills, anything else decodes at `position_ids`. The sliding window is
 exact: `_trim_past` raises the `kv_start` input, which masks the evicted positions,
@@ -27,7 +27,7 @@ except ImportError:  # the slim runtime some devices ship instead
     from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
 
 from tierline_shared.models.artifacts import TierFiles, load_with
-from tierline_shared.models.gpt_config import GPTConfig
+from tierline_shared.models.configs import ModelConfig, read_config
 from tierline_shared.models.tokenizer import TextTokenizer
 from tierline_shared.runtime.engine import Engine, EngineInfo, check_vocab
 
@@ -38,7 +38,7 @@ _PREFILL = re.compile(r"^prefill_(\d+)$")
 class LiteRTPast:
     """The cache arrays of one sequence and which of their positions are live."""
 
-    caches: dict[str, np.ndarray]  # kv_cache_{k,v}_{i} -> (1, block_size, n_head, head_dim)
+    caches: dict[str, np.ndarray]  # kv_cache_{k,v}_{i} -> (1, context, kv_heads, head_dim)
     length: int  # positions 0..length-1 have been written
     start: int  # positions < start were evicted by the sliding window (masked, not erased)
 
@@ -46,7 +46,7 @@ class LiteRTPast:
 class LiteRTEngine(Engine):
     supports_batch_prefill = False  # the signatures are batch 1
 
-    def __init__(self, interpreter: Interpreter, cfg: GPTConfig, tokenizer: TextTokenizer, info: EngineInfo,
+    def __init__(self, interpreter: Interpreter, cfg: ModelConfig, tokenizer: TextTokenizer, info: EngineInfo,
                  path: Path):
         super().__init__(tokenizer, info)
         self.cfg = cfg
@@ -56,8 +56,8 @@ class LiteRTEngine(Engine):
         self.prefill_lens = sorted(int(m.group(1)) for s in sigs if (m := _PREFILL.match(s)))
         self._prefill = {n: interpreter.get_signature_runner(f"prefill_{n}") for n in self.prefill_lens}
         self._decode_runner = interpreter.get_signature_runner("decode")
-        self.cache_names = [f"kv_cache_{kv}_{i}" for i in range(cfg.n_layer) for kv in ("k", "v")]
-        self.cache_shape = (1, cfg.block_size, cfg.n_head, cfg.head_dim)
+        self.cache_names = [f"kv_cache_{kv}_{i}" for i in range(cfg.layers) for kv in ("k", "v")]
+        self.cache_shape = (1, cfg.context, cfg.kv_heads, cfg.head_dim)
 
     @classmethod
     def load(cls, path: str | Path, tokenizer: TextTokenizer, tier: str = "device", model_name: str = "tierline",
@@ -75,7 +75,7 @@ class LiteRTEngine(Engine):
             raise ValueError(f"{path}: not a readable .tflite model ({exc})") from exc
         _check_signatures(interpreter, sigs, cfg, path)
         info = EngineInfo(tier, model_name, version, cfg.num_params(), path.stat().st_size,
-                          cfg.block_size, cfg.window_limit)
+                          cfg.context, cfg.window_limit)
         return cls(interpreter, cfg, tokenizer, info, path)
 
     # -- the backend --------------------------------------------------------------------------
@@ -84,9 +84,9 @@ class LiteRTEngine(Engine):
             raise ValueError(f"{self.path}: LiteRT signatures take one sequence, got a batch of {input_ids.shape[0]}")
         tokens = input_ids[0].astype(np.int32)
         pos0 = int(position_ids[0, 0])
-        if pos0 + len(tokens) > self.cfg.block_size:
+        if pos0 + len(tokens) > self.cfg.context:
             raise ValueError(f"{self.path}: positions up to {pos0 + len(tokens) - 1} exceed the cache "
-                             f"({self.cfg.block_size} positions)")
+                             f"({self.cfg.context} positions)")
         if past is None:
             past = LiteRTPast({n: np.zeros(self.cache_shape, np.float32) for n in self.cache_names}, 0, 0)
         caches, last = past.caches, None
@@ -110,7 +110,7 @@ class LiteRTEngine(Engine):
         """The signature length for the next `rest` tokens at `pos`: padding must stay inside the cache."""
         if rest == 1:
             return 1
-        room = self.cfg.block_size - pos
+        room = self.cfg.context - pos
         fits = [n for n in self.prefill_lens if n <= room]
         covering = [n for n in fits if n >= rest]
         if covering:
@@ -122,28 +122,28 @@ class LiteRTEngine(Engine):
         return replace(past, start=max(past.start, past.length - keep))
 
 
-def _load_config(path: Path) -> GPTConfig:
+def _load_config(path: Path) -> ModelConfig:
     try:
-        return GPTConfig.from_json(path)
+        return read_config(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: config.json missing beside the .tflite") from None
     except (ValueError, TypeError) as exc:
         msg = str(exc)
-        raise ValueError(msg if msg.startswith(str(path)) else f"{path}: not a valid GPT config ({msg})") from exc
+        raise ValueError(msg if msg.startswith(str(path)) else f"{path}: not a valid model config ({msg})") from exc
 
 
-def _check_signatures(interpreter: Interpreter, sigs: dict, cfg: GPTConfig, path: Path) -> None:
+def _check_signatures(interpreter: Interpreter, sigs: dict, cfg: ModelConfig, path: Path) -> None:
     """The file must have decode + prefill_* over caches shaped like config.json says."""
     prefills = [s for s in sigs if _PREFILL.match(s)]
     if "decode" not in sigs or not prefills:
         raise ValueError(f"{path}: expected signatures decode and prefill_*, found {sorted(sigs)}")
-    caches = {f"kv_cache_{kv}_{i}" for i in range(cfg.n_layer) for kv in ("k", "v")}
+    caches = {f"kv_cache_{kv}_{i}" for i in range(cfg.layers) for kv in ("k", "v")}
     want_in = {"tokens", "input_pos", "kv_start"} | caches
-    shape = [1, cfg.block_size, cfg.n_head, cfg.head_dim]
+    shape = [1, cfg.context, cfg.kv_heads, cfg.head_dim]
     for name in ("decode", *prefills):
         if set(sigs[name]["inputs"]) != want_in or set(sigs[name]["outputs"]) != caches | {"logits"}:
             raise ValueError(f"{path}: signature {name} has inputs {sorted(sigs[name]['inputs'])}, "
-                             f"expected {sorted(want_in)} (config.json: {cfg.n_layer} layers)")
+                             f"expected {sorted(want_in)} (config.json: {cfg.layers} layers)")
         details = interpreter.get_signature_runner(name).get_input_details()
         for c in caches:
             if list(details[c]["shape"]) != shape:

@@ -180,3 +180,23 @@ def test_the_int8_graph_agreement_is_measured(pair, exported):
             assert got.text == int8.generate_uncached(prompt, max_tokens=STEPS)  # cached == recomputed, exactly
     print(f"int8: greedy tokens equal to transformers' before the first difference: {shared} of {STEPS}")
     assert max(shared) >= 1
+
+
+@pytest.fixture(scope="module")
+def lite(pair, tmp_path_factory):
+    """Ours exported to .tflite (prefill_* + decode signatures, external KV cache) behind the device engine."""
+    pytest.importorskip("litert_torch")
+    from tierline.build.export_tflite import export_tflite
+    from tierline_device_agent.engine import LiteRTEngine
+
+    _, ours, _ = pair
+    out = tmp_path_factory.mktemp("tflite")
+    export_tflite(ours, out / "model.tflite", prefill_lens=(32, 64))
+    return LiteRTEngine.load(out / "model.tflite", TOK, threads=1)
+
+
+def test_the_litert_export_generates_what_transformers_does(pair, lite):
+    ref, _, _ = pair
+    for prompt in PROMPTS:
+        got = lite.generate_batch([prompt], [GenerationParams(max_tokens=STEPS)])[0].token_ids
+        assert got == _reference_tokens(ref, prompt), prompt

@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 
+from tierline.build.packing import Packing, forward_packed
 from tierline_cloud_node.engine import TorchEngine
 from tierline_shared.models.llama import ConfigError, Decoder, DecoderConfig, load_decoder, save_decoder
 from tierline_shared.models.tokenizer import TextTokenizer
@@ -200,3 +201,55 @@ def test_the_litert_export_generates_what_transformers_does(pair, lite):
     for prompt in PROMPTS:
         got = lite.generate_batch([prompt], [GenerationParams(max_tokens=STEPS)])[0].token_ids
         assert got == _reference_tokens(ref, prompt), prompt
+
+
+@pytest.mark.parametrize("window", [0, 3])
+def test_packed_forward_equals_padded_forward(window):
+    """The training forward without padding gives the padded forward's logits and gradients."""
+    torch.manual_seed(1)
+    cfg = DecoderConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                        sliding_window=window, architecture="MistralForCausalLM" if window else "LlamaForCausalLM")
+    model = Decoder(cfg)
+    lengths = [9, 7, 7, 4, 2]  # three groups of two rows, the last one short
+    ids = torch.randint(4, 50, (len(lengths), max(lengths)))
+    real = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
+    select = real & (torch.rand(real.shape) < 0.6)
+    padded, _ = model(ids, real.long())  # the masked path: padding keys masked out
+    packing = Packing.from_lengths(lengths, group_rows=2)
+    packed = forward_packed(model, ids[real], packing, select[real])
+    torch.testing.assert_close(packed, padded[select], atol=1e-5, rtol=1e-4)
+    grads = []
+    for logits in (padded[select], packed):
+        model.zero_grad()
+        logits.square().sum().backward(retain_graph=True)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_packing_rejects_empty_rows():
+    with pytest.raises(ValueError, match="at least one token"):
+        Packing.from_lengths([3, 0])
+
+
+def test_the_built_cloud_checkpoint_is_served_by_transformers_with_the_same_text(tiny_family):
+    """The family's cloud tier is a Hugging Face checkpoint: AutoModelForCausalLM and AutoTokenizer load it offline,
+    and transformers' greedy text equals the cloud tier's on benchmark problems."""
+    from tierline.build.engines import load_engine
+    from tierline_shared.tasks.problems import generate
+
+    cloud = tiny_family / "cloud"
+    model = transformers.AutoModelForCausalLM.from_pretrained(cloud, local_files_only=True).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(cloud, local_files_only=True)
+    engine = load_engine(tiny_family, "cloud", threads=1)
+    for p in generate("test", 20, seed=3):
+        ids = torch.tensor([[hf_tok.bos_token_id, *hf_tok(p.prompt, add_special_tokens=False)["input_ids"]]])
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, do_sample=False,
+                                 eos_token_id=hf_tok.eos_token_id, pad_token_id=hf_tok.pad_token_id)
+        theirs = hf_tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        ours = engine.generate(p.prompt, GenerationParams(max_tokens=48)).text
+        assert theirs == ours, p.prompt
+    chat = hf_tok.apply_chat_template([{"role": "user", "content": "2+3=?"}], tokenize=False)
+    assert chat == "Q:2+3=?\nA:"  # the template gives the family's prompt format

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from tierline.build.packing import Packing, forward_packed
 from tierline_shared.models.gpt import GPT, GPTConfig, build_mask, load_model, save_model
 
 
@@ -74,32 +73,3 @@ def test_save_and_load_round_trip(model, tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="model.safetensors"):
         load_model(tmp_path)
-
-
-@pytest.mark.parametrize("window", [0, 3])
-def test_packed_forward_equals_padded_forward(window):
-    """The training forward without padding gives the padded forward's logits and gradients."""
-    torch.manual_seed(1)
-    cfg = GPTConfig(vocab_size=50, block_size=64, n_layer=2, n_head=2, head_dim=8, n_embd=16, ffn_hidden=32,
-                    attention_window=window)
-    model = GPT(cfg)
-    lengths = [9, 7, 7, 4, 2]  # three groups of two rows, the last one short
-    ids = torch.randint(4, 50, (len(lengths), max(lengths)))
-    real = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
-    select = real & (torch.rand(real.shape) < 0.6)
-    padded, _ = model(ids, real.long())  # the masked path: padding keys masked out
-    packing = Packing.from_lengths(lengths, group_rows=2)
-    packed = forward_packed(model, ids[real], packing, select[real])
-    torch.testing.assert_close(packed, padded[select], atol=1e-5, rtol=1e-4)
-    grads = []
-    for logits in (padded[select], packed):
-        model.zero_grad()
-        logits.square().sum().backward(retain_graph=True)
-        grads.append([p.grad.clone() for p in model.parameters()])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-
-
-def test_packing_rejects_empty_rows():
-    with pytest.raises(ValueError, match="at least one token"):
-        Packing.from_lengths([3, 0])

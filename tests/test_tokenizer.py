@@ -5,7 +5,7 @@ import torch
 
 from tierline.build.pipeline import family
 from tierline.build.train import add_token_factors, bake_token_factors
-from tierline_shared.models.gpt import GPT
+from tierline_shared.models.llama import Decoder
 from tierline_shared.models.tokenizer import TextTokenizer, build_tokenizer
 from tierline_shared.tasks.problems import generate
 
@@ -76,20 +76,20 @@ def test_shared_parts_tie_digits_letters_and_words():
 
 def test_token_factors_are_baked_into_a_plain_model():
     tok = TOK
-    model = GPT(family("tiny").teacher)
+    model = Decoder(family("tiny").teacher)
     add_token_factors(model, tok)
-    factors = model.wte.parametrizations.weight[0]
+    factors = model.model.embed_tokens.parametrizations.weight[0]
     with torch.no_grad():  # as if trained: tied tokens share part of their rows
         factors.F.normal_()
         model.lm_head.parametrizations.weight[0].F.normal_()
-    plain = model.wte.parametrizations.weight.original.detach().clone()
+    plain = model.model.embed_tokens.parametrizations.weight.original.detach().clone()
     F, P = factors.F.detach().clone(), factors.P
     x = torch.tensor([tok.encode("Q:p=12;q=p+7;q=?\nA:p=12;p:12;q=p+7;p?12+7=19")])
     before = model(x)[0]
     bake_token_factors(model)
-    assert set(model.state_dict()) == set(GPT(family("tiny").teacher).state_dict())  # plain weights again
+    assert set(model.state_dict()) == set(Decoder(family("tiny").teacher).state_dict())  # plain weights again
     assert torch.allclose(model(x)[0], before, atol=1e-6)
-    moved = model.wte.weight.detach() - plain
+    moved = model.model.embed_tokens.weight.detach() - plain
     ids = {tok.decode([i]): i for i in tok.shared_parts()}
     assert torch.allclose(moved[ids["47"]] - moved[ids["7"]], moved[ids["42"]] - moved[ids["2"]])  # the tens part
     assert torch.allclose(moved[ids["p:"]], moved[ids["p?"]]) and torch.allclose(moved[ids["p"]], moved[ids["p:"]])

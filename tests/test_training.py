@@ -5,11 +5,16 @@ import torch
 
 from tierline.build import train as train_module
 from tierline.build.train import TrainConfig, distill_alpha_at, encode_batch, level_schedule, pack_batch, train
-from tierline_shared.models.gpt import GPT, GPTConfig
+from tierline_shared.models.llama import Decoder, DecoderConfig
 from tierline_shared.models.tokenizer import TextTokenizer
 from tierline_shared.tasks.problems import generate
 
 TOK = TextTokenizer.default()
+
+
+def small_config(layers: int) -> DecoderConfig:
+    return DecoderConfig(vocab_size=TOK.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=256)
 
 
 def test_pack_batch_is_the_padded_batch_without_padding():
@@ -27,17 +32,18 @@ def test_pack_batch_is_the_padded_batch_without_padding():
 
 
 def test_ema_weights_are_the_average_of_the_steps():
-    cfg = GPTConfig(vocab_size=TOK.vocab_size, n_layer=1, n_head=2, head_dim=8, n_embd=16, ffn_hidden=32)
+    cfg = small_config(1)
     torch.manual_seed(0)
-    model = GPT(cfg)
+    model = Decoder(cfg)
     seen = []
     tc = TrainConfig(steps=6, batch_size=4, warmup=1, ema_decay=0.5, token_factors=False)
-    train(model, TOK, tc, progress=lambda step, loss: seen.append(model.blocks[0].mlp.fc.weight.detach().clone()))
+    up = model.model.layers[0].mlp.up_proj
+    train(model, TOK, tc, progress=lambda step, loss: seen.append(up.weight.detach().clone()))
     expected = seen[0]
     for w in seen[1:]:
         expected = 0.5 * expected + 0.5 * w
-    torch.testing.assert_close(model.blocks[0].mlp.fc.weight, expected)
-    assert not torch.allclose(model.blocks[0].mlp.fc.weight, seen[-1])
+    torch.testing.assert_close(up.weight, expected)
+    assert not torch.allclose(up.weight, seen[-1])
 
 
 def test_ema_decay_is_validated():
@@ -47,12 +53,12 @@ def test_ema_decay_is_validated():
 
 def test_packed_and_padded_training_take_the_same_steps():
     """Packing changes the work, not the training: same losses step by step (up to float rounding)."""
-    cfg = GPTConfig(vocab_size=TOK.vocab_size, n_layer=2, n_head=2, head_dim=8, n_embd=16, ffn_hidden=32)
+    cfg = small_config(2)
     losses = {}
     for packed in (True, False):
         torch.manual_seed(0)
-        teacher = GPT(cfg)
-        model = GPT(cfg)
+        teacher = Decoder(cfg)
+        model = Decoder(cfg)
         seen = []
         tc = TrainConfig(steps=8, batch_size=8, warmup=2, distill_alpha=0.5, packed=packed)
         train(model, TOK, tc, teacher=teacher, progress=lambda step, loss: seen.append(loss))
@@ -71,11 +77,11 @@ def test_distill_weight_moves_to_its_end_value():
     with pytest.raises(ValueError, match="distill_until"):
         TrainConfig(distill_alpha=0.5, distill_alpha_end=0.0, distill_until=0.0)
     # in training: the first step is the constant weight's, the last one is the hard labels' only
-    cfg = GPTConfig(vocab_size=TOK.vocab_size, n_layer=1, n_head=2, head_dim=8, n_embd=16, ffn_hidden=32)
+    cfg = small_config(1)
     runs = {}
     for end in (None, 0.0):
         torch.manual_seed(0)
-        teacher, model, seen = GPT(cfg), GPT(cfg), []
+        teacher, model, seen = Decoder(cfg), Decoder(cfg), []
         tc = TrainConfig(steps=3, batch_size=4, warmup=1, distill_alpha=0.5, distill_alpha_end=end)
         train(model, TOK, tc, teacher=teacher, progress=lambda step, loss: seen.append(loss))
         runs[end] = seen
@@ -85,9 +91,9 @@ def test_distill_weight_moves_to_its_end_value():
 
 def test_a_zero_distill_weight_skips_the_teacher(monkeypatch):
     """Once the KL weight reaches 0 the teacher is not run, and the steps are the hard labels' alone."""
-    cfg = GPTConfig(vocab_size=TOK.vocab_size, n_layer=1, n_head=2, head_dim=8, n_embd=16, ffn_hidden=32)
+    cfg = small_config(1)
     torch.manual_seed(0)
-    teacher = GPT(cfg)
+    teacher = Decoder(cfg)
     calls, packed_forward = [], train_module.forward_packed
 
     def counted(net, *args):
@@ -98,7 +104,7 @@ def test_a_zero_distill_weight_skips_the_teacher(monkeypatch):
     runs = {}
     for name, alpha in (("distilled", 0.5), ("hard", 0.0)):
         torch.manual_seed(1)
-        model, seen = GPT(cfg), []
+        model, seen = Decoder(cfg), []
         tc = TrainConfig(steps=6, batch_size=4, warmup=1, distill_alpha=alpha,
                          distill_alpha_end=0.0 if alpha else None, distill_until=0.4)
         calls.clear()
@@ -119,9 +125,9 @@ def test_hard_levels_get_their_share_of_the_batches():
         TrainConfig(hard_from=0)
 
 
-def _small(seed: int = 0) -> GPT:
+def _small(seed: int = 0) -> Decoder:
     torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=TOK.vocab_size, n_layer=1, n_head=2, head_dim=8, n_embd=16, ffn_hidden=32))
+    return Decoder(small_config(1))
 
 
 def test_a_background_training_gives_the_weights_of_one_here(tmp_path):

@@ -39,6 +39,14 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 FACT_KEYS = tuple(f"{c}:" for c in LETTERS)
 FACT_QUERIES = tuple(f"{c}?" for c in LETTERS)
 NUMBERS = tuple(str(n) for n in range(100))  # what `[1-9]\d|\d` can match
+# The family's conversation format, as a Hugging Face chat template: each user turn `Q:<text>\nA:` (as the
+# benchmark's prompts), each answer after it on its own line; system turns are dropped (no system prompt).
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}Q:{{ m['content'] | trim }}\nA:"
+    "{% elif m['role'] == 'assistant' %}{{ m['content'] }}\n{% endif %}"
+    "{% endfor %}"
+)
 
 
 def build_tokenizer(alphabet: str = ALPHABET, words: tuple[str, ...] = WORDS, numbers: bool = True,
@@ -99,6 +107,17 @@ class TextTokenizer:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(json.loads(self._tok.to_str()), indent=1))
+
+    def save_pretrained(self, directory: str | Path, model_max_length: int = 256) -> None:
+        """tokenizer.json and tokenizer_config.json as Hugging Face writes them, so `AutoTokenizer.from_pretrained`
+        loads this tokenizer (a PreTrainedTokenizerFast) with its special tokens and the chat template."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.save(directory / "tokenizer.json")
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
+                  "pad_token": PAD, "unk_token": UNK, "add_bos_token": True, "model_max_length": model_max_length,
+                  "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE}
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=False).ids

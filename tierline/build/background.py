@@ -19,25 +19,25 @@ from typing import Callable
 import torch
 
 from tierline.build.train import TrainConfig
-from tierline_shared.models.gpt import GPT, GPTConfig, load_model
+from tierline_shared.models.llama import Decoder, DecoderConfig, load_decoder
 
 POLL_S = 1.0  # how often wait() checks that the process is still alive
 
 
-def _run(model_cfg: GPTConfig, state: dict, cfg: TrainConfig, levels: tuple[int, ...], threads: int,
+def _run(model_cfg: DecoderConfig, state: dict, cfg: TrainConfig, levels: tuple[int, ...], threads: int,
          out_dir: str, messages) -> None:
     """The child process: train a copy of the model, write its weights, report the summary."""
     from tierline.build.train import train
-    from tierline_shared.models.gpt import save_model
+    from tierline_shared.models.llama import save_decoder
     from tierline_shared.models.tokenizer import TextTokenizer
 
     try:
         torch.set_num_threads(threads)
-        model = GPT(model_cfg)
+        model = Decoder(model_cfg)
         model.load_state_dict(state)
         summary = train(model, TextTokenizer.default(), cfg, levels=levels,
                         progress=lambda step, loss: messages.put(("step", step, loss)))
-        save_model(model, out_dir)
+        save_decoder(model, out_dir)
         messages.put(("done", summary))
     except Exception as exc:  # the parent raises it with this text
         messages.put(("error", f"{type(exc).__name__}: {exc}"))
@@ -50,7 +50,7 @@ class BackgroundTrain:
     `on_step(step, loss)` is called from poll() and wait() for each step the child reports.
     """
 
-    def __init__(self, model: GPT, cfg: TrainConfig, levels: tuple[int, ...], threads: int, work: Path,
+    def __init__(self, model: Decoder, cfg: TrainConfig, levels: tuple[int, ...], threads: int, work: Path,
                  on_step: Callable[[int, float], None]):
         if cfg.distill_alpha > 0:
             raise ValueError("a background training has no teacher: distill_alpha must be 0")
@@ -96,7 +96,7 @@ class BackgroundTrain:
                 continue
             self._handle(msg)
         self._proc.join()
-        self._model.load_state_dict(load_model(self._dir).state_dict())
+        self._model.load_state_dict(load_decoder(self._dir).state_dict())
         self._model.eval()
         shutil.rmtree(self._dir)
         return self.summary

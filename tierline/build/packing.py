@@ -5,8 +5,8 @@ embeddings, norms, projections and the MLP on the real tokens only, as one (N, d
 row after row; attention alone needs rows, so each group of `group_rows` consecutive rows
 is laid out again, padded to its own longest row (sort the rows by length and the groups
 waste little). The result is the padded forward's, token for token (tests/test_model.py).
-It reads the layers of tierline_shared.models.gpt.GPT; inference and the exports use the
-model's own `forward`.
+It reads the layers of tierline_shared.models.llama.Decoder (rotary positions from each token's
+position in its row); inference and the exports use the model's own `forward`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from tierline_shared.models.gpt import GPT, Attention, build_mask
+from tierline_shared.models.llama import Attention, Decoder, apply_rotary, build_mask, rotary
 
 
 @dataclass(frozen=True)
@@ -52,34 +52,43 @@ class Packing:
         return cls(positions, tuple(groups))
 
 
-def forward_packed(model: GPT, input_ids: torch.Tensor, packing: Packing, select: torch.Tensor) -> torch.Tensor:
+def forward_packed(model: Decoder, input_ids: torch.Tensor, packing: Packing, select: torch.Tensor) -> torch.Tensor:
     """input_ids (N,) are the real tokens of right-padded rows, row after row (see Packing); returns the
     logits (select.sum(), vocab) at the selected tokens only."""
-    x = model.wte(input_ids) + model.wpe(packing.positions.to(input_ids.device))
-    for block in model.blocks:
-        x = x + _attention(block.attn, block.ln1(x), packing, model.cfg.attention_window)
-        x = x + block.mlp(block.ln2(x))
-    return model.lm_head(model.ln_f(x[select]))
+    cfg = model.cfg
+    cos, sin = rotary(packing.positions.to(input_ids.device)[None], cfg.head_dim, cfg.rope_theta)
+    cos, sin = cos[0, 0][:, None], sin[0, 0][:, None]  # (N, 1, hd): per token, broadcast over heads
+    x = model.model.embed_tokens(input_ids)
+    for layer in model.model.layers:
+        x = x + _attention(layer.self_attn, layer.input_layernorm(x), cos, sin, packing, cfg.sliding_window)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return model.lm_head(model.model.norm(x[select]))
 
 
-def _attention(attn: Attention, x: torch.Tensor, packing: Packing, window: int) -> torch.Tensor:
-    """x: (N, n_embd), the real tokens of right-padded rows; causal attention within each row."""
-    inner = attn.n_head * attn.head_dim
-    q, k, v = attn.q(x), attn.k(x), attn.v(x)
-    dropout = attn.dropout if attn.training else 0.0
+def _attention(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, packing: Packing,
+               window: int) -> torch.Tensor:
+    """x: (N, hidden), the real tokens of right-padded rows; causal attention within each row."""
+    N = x.shape[0]
+    q = apply_rotary(attn.q_proj(x).view(N, attn.n_head, attn.head_dim), cos, sin)
+    k = apply_rotary(attn.k_proj(x).view(N, attn.n_kv, attn.head_dim), cos, sin)
+    v = attn.v_proj(x).view(N, attn.n_kv, attn.head_dim)
+    group = attn.n_head // attn.n_kv
     out = []
     for g in packing.groups:
-        qg, kg, vg = (_rows(attn, t, g) for t in (q, k, v))
+        qg, kg, vg = (_rows(t, g) for t in (q, k, v))
+        if group > 1:
+            kg, vg = kg.repeat_interleave(group, dim=1), vg.repeat_interleave(group, dim=1)
         if 0 < window < g.width:  # a sliding window: an explicit band mask (the fused kernel is causal only)
             band = build_mask(torch.ones(1, g.width, dtype=torch.long, device=x.device), g.width, window)[0]
-            y = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=band, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=band)
         else:  # padding comes after a row's tokens: causal attention never sees it
-            y = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, dropout_p=dropout)
-        out.append(y.transpose(1, 2).reshape(g.rows * g.width, inner).index_select(0, g.index))
-    return attn.proj(torch.cat(out))
+            y = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True)
+        out.append(y.transpose(1, 2).reshape(g.rows * g.width, -1).index_select(0, g.index))
+    return attn.o_proj(torch.cat(out))
 
 
-def _rows(attn: Attention, t: torch.Tensor, g: RowGroup) -> torch.Tensor:
-    """A group's tokens of t (N, inner) as (rows, nh, width, hd), zeros after each row."""
-    laid = t.new_zeros(g.rows * g.width, t.shape[1]).index_copy(0, g.index, t[g.start: g.end])
-    return laid.view(g.rows, g.width, attn.n_head, attn.head_dim).transpose(1, 2)
+def _rows(t: torch.Tensor, g: RowGroup) -> torch.Tensor:
+    """A group's tokens of t (N, heads, hd) as (rows, heads, width, hd), zeros after each row."""
+    _, heads, hd = t.shape
+    laid = t.new_zeros(g.rows * g.width, heads, hd).index_copy(0, g.index, t[g.start: g.end])
+    return laid.view(g.rows, g.width, heads, hd).transpose(1, 2)

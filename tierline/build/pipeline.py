@@ -28,7 +28,7 @@ from tierline.build.evaluate import evaluate, kv_agreement, summary
 from tierline.build.train import TrainConfig, train
 from tierline_cloud_node.engine import TorchEngine
 from tierline_shared.models.artifacts import INDEX, TIER_FORMATS, file_entry, write_card
-from tierline_shared.models.gpt import GPT, GPTConfig, save_model
+from tierline_shared.models.llama import Decoder, DecoderConfig, save_decoder
 from tierline_shared.models.tokenizer import TextTokenizer
 from tierline_shared.runtime.engine import EngineInfo
 from tierline_shared.tasks.problems import ANSWER_MARKER, generate
@@ -40,8 +40,8 @@ os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "0")  # our own progress bar
 @dataclass
 class FamilyConfig:
     name: str
-    teacher: GPTConfig  # cloud model
-    student: GPTConfig  # edge model, <= 1/3 of the teacher's parameters
+    teacher: DecoderConfig  # cloud model
+    student: DecoderConfig  # edge model, <= 1/3 of the teacher's parameters
     teacher_train: TrainConfig
     student_train: TrainConfig  # distill_alpha > 0; the baseline reuses it with alpha 0
     finetune: TrainConfig  # after pruning (distilled from the teacher)
@@ -62,18 +62,22 @@ class FamilyConfig:
             raise ValueError(f"family {self.name!r}: student has {ratio:.2f} of the teacher's parameters (max 1/3)")
 
 
-def _gpt(vocab: int, layers: int, heads: int, width: int, block: int = 256) -> GPTConfig:
-    return GPTConfig(vocab_size=vocab, block_size=block, n_layer=layers, n_head=heads, head_dim=width // heads,
-                     n_embd=width, ffn_hidden=4 * width)
+def _decoder(tok: TextTokenizer, layers: int, heads: int, kv_heads: int, width: int, mlp: int,
+             context: int = 256) -> DecoderConfig:
+    """A Llama-architecture config for the family (untied embeddings, no biases, full attention)."""
+    return DecoderConfig(vocab_size=tok.vocab_size, hidden_size=width, intermediate_size=mlp,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         head_dim=width // heads, max_position_embeddings=context, rope_theta=10000.0,
+                         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
 
 
 def family(name: str, seed: int = 0) -> FamilyConfig:
-    vocab = TextTokenizer.default().vocab_size
+    tok = TextTokenizer.default()
     if name == "tiny":  # the whole pipeline in well under 2 minutes, accuracy irrelevant
         return FamilyConfig(
             name="tiny",
-            teacher=_gpt(vocab, 4, 2, 96),
-            student=_gpt(vocab, 4, 2, 48),
+            teacher=_decoder(tok, 4, 4, 2, 96, 256),
+            student=_decoder(tok, 4, 2, 2, 48, 128),
             teacher_train=TrainConfig(steps=40, batch_size=16, lr=3e-3, warmup=5, seed=seed),
             student_train=TrainConfig(steps=30, batch_size=16, lr=3e-3, warmup=5, distill_alpha=0.5, seed=seed),
             finetune=TrainConfig(steps=10, batch_size=16, lr=2e-3, warmup=2, distill_alpha=0.5, seed=seed + 1),
@@ -84,8 +88,8 @@ def family(name: str, seed: int = 0) -> FamilyConfig:
         # light, early KL term: docs/ARCHITECTURE.md, "The default recipe".
         return FamilyConfig(
             name="default",
-            teacher=_gpt(vocab, 4, 4, 128),
-            student=_gpt(vocab, 3, 2, 80),
+            teacher=_decoder(tok, 4, 4, 2, 128, 384),
+            student=_decoder(tok, 3, 2, 2, 80, 216),
             teacher_train=TrainConfig(steps=3000, batch_size=32, lr=3e-3, warmup=100, hard_share=2, seed=seed),
             student_train=TrainConfig(steps=6000, batch_size=32, lr=3e-3, warmup=100, hard_share=2, hard_from=2,
                                       distill_alpha=0.15, distill_alpha_end=0.0, distill_until=0.25,
@@ -147,12 +151,12 @@ def build(cfg: FamilyConfig, out: Path, console: Console | None = None) -> dict:
     results: dict[str, dict] = {}
     steps = _Steps(console)
 
-    def torch_engine(model: GPT, tier: str) -> TorchEngine:
-        info = EngineInfo(tier, MODEL_NAME, cfg.name, model.num_params(), 0, model.cfg.block_size,
+    def torch_engine(model: Decoder, tier: str) -> TorchEngine:
+        info = EngineInfo(tier, MODEL_NAME, cfg.name, model.num_params(), 0, model.cfg.context,
                           model.cfg.window_limit)
         return TorchEngine(model, tok, info)
 
-    def fit(title: str, model: GPT, tc: TrainConfig, teacher: GPT | None = None, levels=(1, 2, 3, 4, 5),
+    def fit(title: str, model: Decoder, tc: TrainConfig, teacher: Decoder | None = None, levels=(1, 2, 3, 4, 5),
             each_step: Callable[[], None] = lambda: None) -> dict:
         t0 = time.perf_counter()
         with steps.stage(title, tc.steps) as adv:
@@ -164,8 +168,8 @@ def build(cfg: FamilyConfig, out: Path, console: Console | None = None) -> dict:
         timings[title] = round(time.perf_counter() - t0, 1)
         return summary
 
-    def fit_beside(title: str, model: GPT, tc: TrainConfig, teacher: GPT,
-                   b_title: str, b_model: GPT, b_tc: TrainConfig) -> tuple[dict, dict]:
+    def fit_beside(title: str, model: Decoder, tc: TrainConfig, teacher: Decoder,
+                   b_title: str, b_model: Decoder, b_tc: TrainConfig) -> tuple[dict, dict]:
         """fit() here with half the threads while `b_model` (no teacher) trains in a second process
         with the other half."""
         from tierline.build.background import BackgroundTrain
@@ -191,15 +195,16 @@ def build(cfg: FamilyConfig, out: Path, console: Console | None = None) -> dict:
 
     with steps.progress:
         torch.manual_seed(cfg.teacher_train.seed)
-        teacher = GPT(cfg.teacher)
+        teacher = Decoder(cfg.teacher)
         teacher_summary = fit("teacher (cloud)", teacher, cfg.teacher_train)
-        save_model(teacher, out / "cloud")
+        save_decoder(teacher, out / "cloud")
+        tok.save_pretrained(out / "cloud")  # the cloud tier is a checkpoint transformers loads as it is
         score("cloud", torch_engine(teacher, "cloud"))
 
         torch.manual_seed(cfg.student_train.seed + 1)
-        student = GPT(cfg.student)
+        student = Decoder(cfg.student)
         torch.manual_seed(cfg.student_train.seed + 1)
-        baseline = GPT(cfg.student)
+        baseline = Decoder(cfg.student)
         baseline_cfg = replace(cfg.student_train, distill_alpha=0.0, distill_alpha_end=None, distill_until=1.0)
         if cfg.students_side_by_side and cfg.threads >= 2:  # one core each
             student_summary, baseline_summary = fit_beside(
@@ -220,8 +225,8 @@ def build(cfg: FamilyConfig, out: Path, console: Console | None = None) -> dict:
         # static activation scales from the calibration split: cached == uncached, row by row
         calib_ids = [tok.encode(p.text) for p in calib]
         quantize_int8(work / "model.fp32.onnx", edge_dir / "model.int8.onnx", calib_ids=calib_ids)
-        student.cfg.to_json(edge_dir / "config.json")
-        student.cfg.to_json(work / "config.json")
+        student.cfg.write(edge_dir)
+        student.cfg.write(work)
         timings["export + quantize (edge)"] = round(time.perf_counter() - t0, 1)
 
         from tierline.build.prune import prune
@@ -237,8 +242,7 @@ def build(cfg: FamilyConfig, out: Path, console: Console | None = None) -> dict:
         device_dir = out / "device"
         device_dir.mkdir(exist_ok=True)
         t0 = time.perf_counter()
-        tflite_report = export_tflite(device_model, device_dir / "model.tflite")
-        device_model.cfg.to_json(device_dir / "config.json")
+        tflite_report = export_tflite(device_model, device_dir / "model.tflite")  # config.json beside it
         timings["export (device)"] = round(time.perf_counter() - t0, 1)
 
         manifest = _write_manifest(out, cfg)
@@ -270,7 +274,7 @@ def build(cfg: FamilyConfig, out: Path, console: Console | None = None) -> dict:
             "quantization": "int8 static, per-channel weights (onnxruntime)" if tier == "edge" else "none (fp32)",
             "pruning": (f"structural, {params['device'] / params['edge']:.1%} of the student" if tier == "device"
                         else "none"),
-            "config": asdict(configs[tier]),
+            "config": configs[tier].to_hf(),
             "answer_marker": ANSWER_MARKER,
             "accuracy": results[tier],
             "training": trainings[tier],

@@ -12,6 +12,7 @@ import sys
 import grpc
 
 from tierline_router.auth import Gate, KeyStore
+from tierline_router.chat import ChatTemplate
 from tierline_router.openai_http import OpenAIServer
 from tierline_router.policy import Policy
 from tierline_router.scorer import load_scorer
@@ -57,7 +58,7 @@ async def serve(manifest_path: str) -> int:
     port = server.add_insecure_port(f"{rc.grpc_host}:{rc.grpc_port}")
     await server.start()
     metrics_port = metrics.serve(rc.grpc_host, rc.metrics_port) if rc.metrics_port >= 0 else None
-    http = OpenAIServer(servicer) if rc.http_port >= 0 else None
+    http = OpenAIServer(servicer, ChatTemplate.of_models(manifest.models_path)) if rc.http_port >= 0 else None
     http_port = await http.start(rc.grpc_host, rc.http_port) if http else None
     await set_serving_async(health_servicer)  # ready: every door is open
     print(json.dumps({"event": "ready", "tier": "router", "grpc_port": port, "metrics_port": metrics_port,

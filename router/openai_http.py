@@ -10,8 +10,8 @@ whether the answer is degraded.
 
 Differences from OpenAI, on purpose: `temperature` defaults to 0 (greedy, the
 platform's default); `attention_window` is accepted as an extension; `n` must
-be 1; chat `system` messages are ignored (the model has no system prompt) and
-the turns become the model's `Q:...\\nA:` format. Errors use OpenAI's body
+be 1; chat turns become the prompt through the model's chat template (router/chat.py; the
+family's own puts them in its `Q:...\\nA:` format and ignores `system` messages). Errors use OpenAI's body
 (`{"error": {"message", "type", "param", "code"}}`) and map the gRPC status in
 one place (`_error_response`).
 """
@@ -27,6 +27,8 @@ from aiohttp import web
 
 from tierline_api.v1 import inference_pb2 as pb
 from tierline_router.auth import AccessDenied, bearer_token
+from tierline_router.chat import ChatTemplate, ChatTemplateError
+from tierline_shared.models.tokenizer import CHAT_TEMPLATE
 from tierline_shared.transport.messaging import TierError
 
 log = logging.getLogger("tierline.router.http")
@@ -133,11 +135,11 @@ def _request(body: dict, prompt: str, allowed: set[str], max_tokens_names=("max_
     return pb.InferRequest(prompt=prompt, model=model, parameters=params, request_id=uuid.uuid4().hex)
 
 
-def chat_prompt(messages) -> str:
-    """The model's prompt for a conversation: each user turn `Q:<text>\\nA:`, each answer after it."""
+def chat_messages(messages) -> list[dict]:
+    """The conversation checked and reduced to text turns: {"role", "content"}, the last one the user's."""
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages", "messages: must be a non-empty list")
-    parts, last_role = [], None
+    turns, last_role = [], None
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
             raise BadRequest(f"messages.{i}.role", f"messages.{i}.role: must be system, user or assistant")
@@ -149,17 +151,12 @@ def chat_prompt(messages) -> str:
             content = "".join(c["text"] for c in content)
         if not isinstance(content, str):
             raise BadRequest(f"messages.{i}.content", f"messages.{i}.content: must be a string")
-        if m["role"] == "system":
-            continue
-        last_role = m["role"]
-        if m["role"] == "user":
-            text = content.strip()
-            parts.append(text if text.startswith("Q:") and text.endswith("\nA:") else f"Q:{text}\nA:")
-        else:
-            parts.append(content + "\n")
+        turns.append({"role": m["role"], "content": content})
+        if m["role"] != "system":
+            last_role = m["role"]
     if last_role != "user":
         raise BadRequest("messages", "messages: the last non-system message must be from the user")
-    return "".join(parts)
+    return turns
 
 
 def _tierline(resp: pb.InferResponse) -> dict:
@@ -194,8 +191,9 @@ async def _json_errors(request: web.Request, handler):
 class OpenAIServer:
     """The aiohttp application around a RouterServicer."""
 
-    def __init__(self, router):
+    def __init__(self, router, chat: ChatTemplate | None = None):
         self.router = router
+        self.chat_template = chat or ChatTemplate(CHAT_TEMPLATE)  # turns a conversation into the model's prompt
         self.app = web.Application(client_max_size=1024 * 1024, middlewares=[_json_errors])
         self.app.add_routes([web.get("/v1/models", self.models), web.post("/v1/completions", self.completions),
                              web.post("/v1/chat/completions", self.chat)])
@@ -252,8 +250,7 @@ class OpenAIServer:
                "usage": _usage(resp), "tier": resp.tier, "tierline": _tierline(resp)}
         return web.json_response(out, headers={"x-tierline-tier": resp.tier})
 
-    @staticmethod
-    async def _read(request: web.Request, chat: bool) -> tuple[dict, pb.InferRequest]:
+    async def _read(self, request: web.Request, chat: bool) -> tuple[dict, pb.InferRequest]:
         """The JSON body and the InferRequest it asks for; BadRequest names what cannot be read."""
         try:
             body = await request.json()
@@ -264,8 +261,11 @@ class OpenAIServer:
         if not isinstance(body, dict):
             raise BadRequest(None, "the body must be a JSON object")
         if chat:
-            return body, _request(body, chat_prompt(body.get("messages")), CHAT_PARAMS,
-                                  ("max_tokens", "max_completion_tokens"))
+            try:
+                prompt = self.chat_template.render(chat_messages(body.get("messages")))
+            except ChatTemplateError as exc:
+                raise BadRequest("messages", f"messages: {exc}") from None
+            return body, _request(body, prompt, CHAT_PARAMS, ("max_tokens", "max_completion_tokens"))
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
             prompt = prompt[0]

@@ -118,3 +118,26 @@ def test_missing_or_malformed_key_is_401_with_an_openai_error_body(stack):
         assert err.value.code == 401
         error = json.loads(err.value.read())["error"]
         assert error["type"] == "authentication_error" and error["code"] == "unauthenticated"
+
+
+def test_chat_turns_follow_the_models_own_chat_template(tiny_family, tmp_path):
+    """The router formats a conversation with the chat_template of the cloud checkpoint (tokenizer_config.json):
+    the family's gives its Q:/A: prompt; another template changes the prompt accordingly."""
+    import shutil
+
+    from tierline_router.chat import ChatTemplate
+    from tierline_router.openai_http import chat_messages
+
+    turns = chat_messages([{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+3=?"},
+                           {"role": "assistant", "content": "5"}, {"role": "user", "content": " Q:1+1=?\nA:"}])
+    assert ChatTemplate.of_models(tiny_family).render(turns) == "Q:2+3=?\nA:5\nQ:1+1=?\nA:"
+    models = tmp_path / "models"
+    shutil.copytree(tiny_family, models)
+    config = json.loads((models / "cloud" / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    (models / "cloud" / "tokenizer_config.json").write_text(json.dumps(config))
+    assert ChatTemplate.of_models(models).render(turns[:2]) == "<system>be brief<user>2+3=?<assistant>"
+    config["chat_template"] = "{{ raise_exception('System role not supported') }}"
+    (models / "cloud" / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="System role not supported"):
+        ChatTemplate.of_models(models).render(turns[:2])

@@ -76,6 +76,7 @@ def test_shared_parts_tie_digits_letters_and_words():
 
 def test_token_factors_are_baked_into_a_plain_model():
     tok = TOK
+    torch.manual_seed(0)
     model = Decoder(family("tiny").teacher)
     add_token_factors(model, tok)
     factors = model.model.embed_tokens.parametrizations.weight[0]
@@ -91,7 +92,8 @@ def test_token_factors_are_baked_into_a_plain_model():
     assert torch.allclose(model(x)[0], before, atol=1e-6)
     moved = model.model.embed_tokens.weight.detach() - plain
     ids = {tok.decode([i]): i for i in tok.shared_parts()}
-    assert torch.allclose(moved[ids["47"]] - moved[ids["7"]], moved[ids["42"]] - moved[ids["2"]])  # the tens part
+    assert torch.allclose(moved[ids["47"]] - moved[ids["7"]], moved[ids["42"]] - moved[ids["2"]],
+                          atol=1e-5)  # the tens part (float32 sums: not bit-equal)
     assert torch.allclose(moved[ids["p:"]], moved[ids["p?"]]) and torch.allclose(moved[ids["p"]], moved[ids["p:"]])
     assert torch.allclose(moved[tok.encode("+", bos=False)[0]], torch.zeros(F.shape[1]))
     assert P.sum(0).min() >= 2  # every part is shared by at least two tokens

@@ -41,9 +41,11 @@ FACT_QUERIES = tuple(f"{c}?" for c in LETTERS)
 NUMBERS = tuple(str(n) for n in range(100))  # what `[1-9]\d|\d` can match
 # The family's conversation format, as a Hugging Face chat template: each user turn `Q:<text>\nA:` (as the
 # benchmark's prompts), each answer after it on its own line; system turns are dropped (no system prompt).
+# A user turn already in that format is kept as it is.
 CHAT_TEMPLATE = (
     "{% for m in messages %}"
-    "{% if m['role'] == 'user' %}Q:{{ m['content'] | trim }}\nA:"
+    "{% if m['role'] == 'user' %}{% set q = m['content'] | trim %}"
+    "{% if q.startswith('Q:') and q.endswith('\nA:') %}{{ q }}{% else %}Q:{{ q }}\nA:{% endif %}"
     "{% elif m['role'] == 'assistant' %}{{ m['content'] }}\n{% endif %}"
     "{% endfor %}"
 )

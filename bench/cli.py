@@ -21,6 +21,9 @@ def add_parser(sub, parser_class) -> dict:
     b.add_argument("--failover", action="store_true",
                    help="instead: kill one of two edge replicas under load; prints how long the requests in flight "
                         "took (JSON)")
+    b.add_argument("--import-scaling", action="store_true",
+                   help="instead: import random 10M- and 50M-parameter Llama checkpoints; prints each import's time "
+                        "and peak memory (JSON, docs/IMPORT.md)")
     return {("bench", None): cmd_bench}
 
 
@@ -28,6 +31,11 @@ def cmd_bench(args) -> int:
     from tierline_bench.harness import run_bench
     from tierline_shared.models.artifacts import load_index
 
+    if args.import_scaling:
+        from tierline_bench.import_scaling import import_scaling
+
+        print(json.dumps(import_scaling(log=lambda m: print(m, file=sys.stderr, flush=True)), indent=2))
+        return 0
     load_index(args.models)  # a missing or unreadable family: one line, exit 2, before anything starts
     if args.failover:
         from tierline_bench.reliability import failover

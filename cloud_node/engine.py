@@ -14,7 +14,7 @@ import torch
 from tierline_shared.models.artifacts import TierFiles, load_with
 from tierline_shared.models.configs import read_config
 from tierline_shared.models.gpt import GPT, load_model
-from tierline_shared.models.llama import Decoder, DecoderConfig, load_decoder
+from tierline_shared.models.llama import Decoder, DecoderConfig, load_decoder, weight_files
 from tierline_shared.models.tokenizer import TextTokenizer
 from tierline_shared.runtime.engine import Engine, EngineInfo, Past, check_vocab
 
@@ -38,7 +38,8 @@ class TorchEngine(Engine):
         cfg = read_config(directory / "config.json")
         model = load_decoder(directory) if isinstance(cfg, DecoderConfig) else load_model(directory)
         check_vocab(model.cfg.vocab_size, tokenizer, directory)
-        size = (directory / "model.safetensors").stat().st_size
+        size = (sum(f.stat().st_size for f in weight_files(directory)) if isinstance(cfg, DecoderConfig)
+                else (directory / "model.safetensors").stat().st_size)
         info = EngineInfo(tier, model_name, version, model.num_params(), size,
                           model.cfg.context, model.cfg.window_limit)
         return cls(model, tokenizer, info, device, threads)

@@ -81,6 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", type=Path, default=None, help="output directory (default: models/ or runs/tiny)")
     b.add_argument("--seed", type=non_negative_int("--seed"), default=0)
 
+    im = msub.add_parser("import", help="a local Llama-family checkpoint (Hugging Face format) as all three tiers")
+    im.add_argument("src", type=Path, help="the checkpoint directory (config.json, *.safetensors, tokenizer.json)")
+    im.add_argument("--out", type=Path, required=True, help="the models directory to write (new or empty)")
+    im.add_argument("--device-ratio", type=fraction("--device-ratio"), default=0.35,
+                    help="the device model's share of the parameters (structural pruning)")
+    im.add_argument("--corpus", type=Path, default=None,
+                    help="text (.txt, paragraphs) or .jsonl ('text' or 'prompt'): calibration, and the device "
+                         "model's recovery by distillation")
+    im.add_argument("--recover-steps", type=non_negative_int("--recover-steps"), default=200,
+                    help="distillation steps for the pruned model (with --corpus; 0: none)")
+    im.add_argument("--device-context", type=positive_int("--device-context"), default=512,
+                    help="positions in the device's fixed KV cache")
+    im.add_argument("--name", default=None, help="the model name clients ask for (default: SRC's folder name)")
+    im.add_argument("--threads", type=positive_int("--threads"), default=2)
+
     e = msub.add_parser("eval", help="exact-match accuracy of one tier")
     e.add_argument("--tier", required=True, choices=TIERS)
     e.add_argument("--n", type=positive_int("--n"), default=500)
@@ -157,6 +172,20 @@ def _cmd_build(args) -> int:
     out = args.out or (DEFAULT_MODELS if args.config == "default" else Path("runs/tiny"))
     report = build(family(args.config, seed=args.seed), out)
     print(json.dumps({k: report[k] for k in ("family", "build_seconds", "params", "int8_kv_cache_agreement")}))
+    return 0
+
+
+def _cmd_import(args) -> int:
+    from tierline.build.importer import import_checkpoint
+
+    report = import_checkpoint(args.src, args.out, device_ratio=args.device_ratio, corpus=args.corpus,
+                               recover_steps=args.recover_steps, device_context=args.device_context,
+                               threads=args.threads, name=args.name)
+    print(json.dumps({k: report[k] for k in ("params", "device_ratio", "quality_vs_cloud", "import_seconds")}))
+    if not report["recovery"]:
+        print(f"tierline: note: the device model was pruned without recovery; it agrees with the full model on "
+              f"{report['quality_vs_cloud']['device']['identical']:.0%} of held-out continuations "
+              f"(--corpus FILE fine-tunes it)", file=sys.stderr)
     return 0
 
 
@@ -323,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     args = None
     try:
         args = parser.parse_args(argv)
-        handlers = {("models", "build"): _cmd_build, ("models", "eval"): _cmd_eval, ("models", "bench"): _cmd_bench,
+        handlers = {("models", "build"): _cmd_build, ("models", "import"): _cmd_import,
+                    ("models", "eval"): _cmd_eval, ("models", "bench"): _cmd_bench,
                     ("route", "train-scorer"): _cmd_train_scorer, ("route", "eval"): _cmd_route_eval,
                     ("route", "calibrate"): _cmd_route_calibrate,
                     ("demo", None): _cmd_demo, ("up", None): _cmd_up, **parser.handlers}

@@ -1,6 +1,7 @@
 """Model artifacts on disk: the models index, sha256 checks, model cards, opening a tier's files.
 
-A models directory holds its index `manifest.json`, the shared `tokenizer.json` and one
+A models directory holds its index `manifest.json`, the shared `tokenizer.json` (with the
+`tokenizer_config.json` naming its special tokens, for an imported model) and one
 folder per tier (`cloud/`, `edge/`, `device/`), each with its `config.json`, the weights
 in the tier's runtime format and a model card. Every file an engine reads is listed in
 the index with its sha256; `open_tier` checks them first, so a swapped or corrupt file is
@@ -83,8 +84,11 @@ def load_tokenizer(models_dir: str | Path, index: dict[str, Any] | None = None) 
     models_dir = Path(models_dir)
     index = index or load_index(models_dir)
     path = verify_file(models_dir, index["artifacts"]["tokenizer"])
+    # an imported model's special tokens (the family's tokenizer has the defaults and lists none)
+    config = index["artifacts"].get("tokenizer_config")
+    config_path = verify_file(models_dir, config) if config else None
     try:
-        return TextTokenizer.load(path)
+        return TextTokenizer.load(path, config_path, beside=False)  # only what the index lists and checks
     except ValueError as exc:
         raise ArtifactError(str(exc)) from None
 
@@ -109,6 +113,8 @@ def open_tier(models_dir: str | Path, tier: str) -> TierFiles:
     entry = tier_entry(index, tier, models_dir)
     tok = load_tokenizer(models_dir, index)
     weights = verify_file(models_dir, entry["weights"])
+    for shard in entry.get("shards", ()):  # a sharded checkpoint: weights is its index, each shard listed
+        verify_file(models_dir, shard)
     config = verify_file(models_dir, entry["config"])
     return TierFiles(tier, entry["format"], weights, config, tok, index.get("model_name", "tierline"),
                      index.get("version", "0"))
@@ -127,6 +133,36 @@ def load_with(models_dir: str | Path, tier: str, formats: tuple[str, ...], backe
         raise
     except (ValueError, OSError) as exc:
         raise ArtifactError(str(exc)) from None
+
+
+TIER_WEIGHTS = {"cloud": "cloud/model.safetensors", "edge": "edge/model.int8.onnx", "device": "device/model.tflite"}
+
+
+def write_index(out: Path, model_name: str, version: str, family: str, **extra: Any) -> dict[str, Any]:
+    """Write `out`'s index (manifest.json) over the files there: the tokenizer (and its config, if there is
+    one at the top), each tier's weights (a sharded cloud checkpoint: its index and every shard), config and
+    cards, each with sha256 and size. `extra` goes into the index as it is (e.g. answer_marker)."""
+    artifacts: dict[str, Any] = {"tokenizer": file_entry(out, out / "tokenizer.json")}
+    if (out / "tokenizer_config.json").is_file():
+        artifacts["tokenizer_config"] = file_entry(out, out / "tokenizer_config.json")
+    for tier, rel in TIER_WEIGHTS.items():
+        weights = out / rel
+        entry: dict[str, Any] = {"format": TIER_FORMATS[tier]}
+        sharded = weights.with_name(weights.name + ".index.json")
+        if tier == "cloud" and not weights.is_file() and sharded.is_file():
+            shards = sorted(set(json.loads(sharded.read_text())["weight_map"].values()))
+            entry["weights"] = file_entry(out, sharded)
+            entry["shards"] = [file_entry(out, weights.parent / name) for name in shards]
+        else:
+            entry["weights"] = file_entry(out, weights)
+        entry["config"] = file_entry(out, out / tier / "config.json")
+        for card in ("card.json", "card.md"):
+            if (out / tier / card).exists():
+                entry[card.replace(".", "_")] = file_entry(out, out / tier / card)
+        artifacts[tier] = entry
+    index = {"model_name": model_name, "version": version, "family": family, **extra, "artifacts": artifacts}
+    (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return index
 
 
 def write_card(directory: Path, card: dict[str, Any]) -> None:

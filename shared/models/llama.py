@@ -30,6 +30,7 @@ KV = tuple[torch.Tensor, torch.Tensor]  # (B, n_kv, S, hd) each
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"  # a sharded checkpoint
 GENERATION_CONFIG_FILE = "generation_config.json"
 
 
@@ -402,36 +403,84 @@ def save_decoder(model: Decoder, directory: str | Path) -> None:
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
 
 
-def load_decoder(directory: str | Path) -> Decoder:
-    """A checkpoint directory (config.json + model.safetensors, Hugging Face names); ConfigError/ValueError
-    naming the file when the config is not served or the weights do not fit it."""
-    from safetensors.torch import load_file
+def weight_files(directory: str | Path) -> list[Path]:
+    """The checkpoint's safetensors files: model.safetensors, or the shards its index (model.safetensors.index.json)
+    lists, as `save_pretrained` writes a large model."""
+    directory = Path(directory)
+    single, index = directory / WEIGHTS_FILE, directory / WEIGHTS_INDEX
+    if single.is_file():
+        return [single]
+    if not index.is_file():
+        raise FileNotFoundError(f"{single}: missing (nor is there a {WEIGHTS_INDEX})")
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise ValueError(f"{index}: not a safetensors index (no weight_map)") from None
+    missing = [name for name in shards if not (directory / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{directory / missing[0]}: missing (listed in {index})")
+    return [directory / name for name in shards]
+
+
+def check_weights(directory: str | Path) -> tuple[DecoderConfig, list[Path]]:
+    """The checkpoint's config and weight files once every tensor's name and shape fit the config, read from
+    the safetensors headers alone (nothing is loaded); ValueError naming the file otherwise."""
+    from safetensors import safe_open
 
     directory = Path(directory)
     cfg = DecoderConfig.read(directory)
-    path = directory / WEIGHTS_FILE
-    try:
-        state = load_file(str(path))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing") from None
-    except Exception as exc:  # safetensors raises its own types for a damaged file
-        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
-    model = Decoder(cfg)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    files = weight_files(directory)
+    with torch.device("meta"):  # shapes without memory
+        expected = {k: tuple(v.shape) for k, v in Decoder(cfg).state_dict().items()}
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight")
-        state.pop("lm_head.weight", None)
-    got = {k: tuple(v.shape) for k, v in state.items()}
-    missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+    got, wrong, unexpected = set(), [], []
+    for path in files:
+        try:
+            f = safe_open(str(path), framework="pt")
+        except Exception as exc:  # safetensors raises its own types for a damaged file
+            raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
+        with f:
+            for name in f.keys():
+                if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                    continue
+                if name not in expected:
+                    unexpected.append(name)
+                    continue
+                got.add(name)
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != expected[name]:
+                    wrong.append((name, shape, path))
+    missing = sorted(set(expected) - got)
     if missing or unexpected or wrong:
         detail = "; ".join(part for part in (
-            f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
-            f"{wrong[0]} is {list(got[wrong[0]])}, the config implies {list(expected[wrong[0]])}" if wrong else "")
+            f"missing {missing[:3]}" if missing else "", f"unexpected {sorted(unexpected)[:3]}" if unexpected else "",
+            f"{wrong[0][0]} is {list(wrong[0][1])}, the config implies {list(expected[wrong[0][0]])}" if wrong else "")
             if part)
-        raise ValueError(f"{path}: the weights do not fit {directory / CONFIG_FILE}: {detail}")
-    model.load_state_dict(state, strict=False)
+        where = wrong[0][2] if wrong else files[0] if len(files) == 1 else directory / WEIGHTS_INDEX
+        raise ValueError(f"{where}: the weights do not fit {directory / CONFIG_FILE}: {detail}")
+    return cfg, files
+
+
+def load_decoder(directory: str | Path, progress=None) -> Decoder:
+    """A checkpoint directory (config.json + model.safetensors or its shards, Hugging Face names), in fp32;
+    ConfigError/ValueError naming the file when the config is not served or the weights do not fit it.
+
+    Tensors are read one at a time into the model (a checkpoint is never held twice in memory);
+    `progress(n)` is called after each."""
+    from safetensors import safe_open
+
+    cfg, files = check_weights(directory)
+    model = Decoder(cfg)
+    params = model.state_dict()
+    with torch.no_grad():
+        for path in files:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    if name in params and not (name == "lm_head.weight" and cfg.tie_word_embeddings):
+                        params[name].copy_(f.get_tensor(name).to(torch.float32))
+                        if progress:
+                            progress(1)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
-

@@ -80,28 +80,73 @@ def build_tokenizer(alphabet: str = ALPHABET, words: tuple[str, ...] = WORDS, nu
     return tok
 
 
-class TextTokenizer:
-    """Thin wrapper with the ids the engines need."""
+def _token_text(value) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, {"content": ...} (AddedToken) or null."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
 
-    def __init__(self, tok: Tokenizer):
+
+class TextTokenizer:
+    """Thin wrapper with the ids the engines need.
+
+    Any Hugging Face `tokenizer.json` works: the special tokens are the family's (`<pad>`, `<bos>`, `<eos>`,
+    `<unk>`) unless a tokenizer_config.json names others (`Tokenizer.load` reads the one beside the file).
+    A tokenizer without a BOS token (Qwen2) or with `add_bos_token: false` starts prompts with none; one
+    without a pad token pads with EOS (padding is always masked); one without `<unk>` encodes everything.
+    """
+
+    def __init__(self, tok: Tokenizer, specials: dict | None = None, where: str = "tokenizer"):
         self._tok = tok
-        self.pad_id = tok.token_to_id(PAD)
-        self.bos_id = tok.token_to_id(BOS)
-        self.eos_id = tok.token_to_id(EOS)
-        self.unk_id = tok.token_to_id(UNK)
-        if None in (self.pad_id, self.bos_id, self.eos_id, self.unk_id):
-            raise ValueError(f"tokenizer lacks one of the special tokens {SPECIALS}")
+        names = {"pad_token": PAD, "bos_token": BOS, "eos_token": EOS, "unk_token": UNK}
+        if specials is not None:
+            names = {k: _token_text(specials.get(k)) for k in names}
+
+        def token_id(field: str) -> int | None:
+            if names[field] is None:
+                return None
+            i = tok.token_to_id(names[field])
+            if i is None:
+                raise ValueError(f"{where}: {field} {names[field]!r} is not in the vocabulary")
+            return i
+
+        self.eos_id = token_id("eos_token")
+        if self.eos_id is None:
+            raise ValueError(f"{where}: eos_token: missing (generation stops at it)")
+        self.bos_id, self.unk_id = token_id("bos_token"), token_id("unk_token")
+        self.pad_id = token_id("pad_token")
+        self.pad_id = self.eos_id if self.pad_id is None else self.pad_id
+        if specials is None:  # the family's own: prompts start with <bos>
+            add_bos = True
+        elif "add_bos_token" in specials:  # the config says
+            add_bos = bool(specials["add_bos_token"])
+        else:  # as transformers encodes: whatever the tokenizer's post-processor puts first
+            add_bos = tok.encode("a", add_special_tokens=True).ids[:1] == [self.bos_id]
+        self.add_bos = add_bos and self.bos_id is not None
+        self.specials = {k: v for k, v in names.items() if v is not None}
         self.vocab_size = tok.get_vocab_size()
 
     @classmethod
-    def load(cls, path: str | Path) -> "TextTokenizer":
+    def load(cls, path: str | Path, config: str | Path | None = None, beside: bool = True) -> "TextTokenizer":
+        """A tokenizer.json; its special tokens from `config` (a tokenizer_config.json), else (`beside`) from
+        the tokenizer_config.json beside it if there is one, else the family's."""
         path = Path(path)
         try:
-            return cls(Tokenizer.from_file(str(path)))
+            tok = Tokenizer.from_file(str(path))
         except FileNotFoundError:
             raise
         except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
             raise ValueError(f"{path}: not a valid tokenizer file ({exc})") from exc
+        config = Path(config) if config else (path.parent / "tokenizer_config.json" if beside else None)
+        specials = None
+        if config is not None and config.is_file():
+            try:
+                specials = json.loads(config.read_text())
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{config}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+            if not isinstance(specials, dict):
+                raise ValueError(f"{config}: not a JSON object")
+        return cls(tok, specials, str(config if specials is not None else path))
 
     @classmethod
     def default(cls) -> "TextTokenizer":
@@ -123,7 +168,7 @@ class TextTokenizer:
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=False).ids
-        return [self.bos_id, *ids] if bos else ids
+        return [self.bos_id, *ids] if bos and self.add_bos else ids
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
@@ -156,4 +201,6 @@ class TextTokenizer:
         return out
 
     def unknown_count(self, text: str) -> int:
+        if self.unk_id is None:  # a byte-level tokenizer encodes everything
+            return 0
         return sum(1 for i in self.encode(text, bos=False) if i == self.unk_id)

@@ -78,3 +78,30 @@ def kv_agreement(engine: Engine, problems: list[Problem], progress: Callable[[in
         if progress:
             progress(1)
     return same / len(problems)
+
+
+def continuations(engine: Engine, prompts: list[str], max_tokens: int = 16, batch_size: int = 16,
+                  progress: Callable[[int], None] | None = None) -> list[str]:
+    """Each prompt's greedy continuation (at most max_tokens tokens), in order."""
+    out: list[str] = []
+    step = batch_size if engine.supports_batch_prefill else 1
+    for start in range(0, len(prompts), step):
+        chunk = prompts[start:start + step]
+        params = [GenerationParams(max_tokens=max(1, min(max_tokens, _budget(engine, p)))) for p in chunk]
+        out += [r.text for r in engine.generate_batch(chunk, params)]
+        if progress:
+            progress(len(chunk))
+    return out
+
+
+def agreement(texts: list[str], reference: list[str]) -> dict:
+    """How often `texts` say what `reference` says (greedy continuations of the same prompts): the share
+    identical, and the mean share of each reference's characters matched before the first difference."""
+    if len(texts) != len(reference) or not texts:
+        raise ValueError(f"agreement needs as many texts as references (and some): {len(texts)}, {len(reference)}")
+    prefix = []
+    for a, b in zip(texts, reference):
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        prefix.append(n / len(b) if b else float(a == b))
+    return {"identical": round(sum(a == b for a, b in zip(texts, reference)) / len(texts), 4),
+            "prefix_share": round(sum(prefix) / len(prefix), 4), "n": len(texts)}

@@ -14,20 +14,19 @@ import os
 import platform
 import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tierline.build.engines import load_engine
 from tierline.build.evaluate import evaluate, kv_agreement, summary
+from tierline.build.progress import Steps
 from tierline.build.train import TrainConfig, train
 from tierline_cloud_node.engine import TorchEngine
-from tierline_shared.models.artifacts import INDEX, TIER_FORMATS, file_entry, write_card
+from tierline_shared.models.artifacts import TIER_FORMATS, write_card, write_index
 from tierline_shared.models.llama import Decoder, DecoderConfig, save_decoder
 from tierline_shared.models.tokenizer import TextTokenizer
 from tierline_shared.runtime.engine import EngineInfo
@@ -101,40 +100,6 @@ def family(name: str, seed: int = 0) -> FamilyConfig:
     raise ValueError(f"unknown family config {name!r}; expected 'tiny' or 'default'")
 
 
-class _Steps:
-    """A rich progress display with one bar per pipeline stage.
-
-    A log file (no terminal) gets plain lines instead of bars: one at every tenth
-    of a stage, with the elapsed time, and one when it ends.
-    """
-
-    LOG_EVERY = 10  # lines per stage in a log
-
-    def __init__(self, console: Console):
-        self.progress = Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=console)
-
-    @contextmanager
-    def stage(self, title: str, total: int):
-        task = self.progress.add_task(title, total=total, note="")
-        console = self.progress.console
-        t0 = time.perf_counter()
-        done, logged = 0, 0
-
-        def advance(n: int = 1, note: str = "") -> None:
-            nonlocal done, logged
-            self.progress.update(task, advance=n, note=note)
-            done += n
-            if not console.is_terminal and done * self.LOG_EVERY >= (logged + 1) * total and done < total:
-                logged = done * self.LOG_EVERY // total
-                console.print(f"{title}: {done}/{total} {note} ({time.perf_counter() - t0:.0f} s)".replace("  ", " "))
-
-        yield advance
-        self.progress.update(task, completed=total)
-        if not console.is_terminal:
-            console.print(f"{title}: done in {time.perf_counter() - t0:.1f} s")
-
-
 def build(cfg: FamilyConfig, out: Path, console: Console | None = None) -> dict:
     """Build every artifact into `out`; returns the report (also written as report.json)."""
     console = console or Console(stderr=True)
@@ -149,7 +114,7 @@ def build(cfg: FamilyConfig, out: Path, console: Console | None = None) -> dict:
     calib = generate("calib", cfg.calib_n, seed=cfg.teacher_train.seed)
     timings: dict[str, float] = {}
     results: dict[str, dict] = {}
-    steps = _Steps(console)
+    steps = Steps(console)
 
     def torch_engine(model: Decoder, tier: str) -> TorchEngine:
         info = EngineInfo(tier, MODEL_NAME, cfg.name, model.num_params(), 0, model.cfg.context,
@@ -305,19 +270,8 @@ def build(cfg: FamilyConfig, out: Path, console: Console | None = None) -> dict:
 
 
 def _write_manifest(out: Path, cfg: FamilyConfig) -> dict:
-    weights = {"cloud": "cloud/model.safetensors", "edge": "edge/model.int8.onnx", "device": "device/model.tflite"}
-    artifacts: dict = {"tokenizer": file_entry(out, out / "tokenizer.json")}
-    for tier, rel in weights.items():
-        entry = {"format": TIER_FORMATS[tier], "weights": file_entry(out, out / rel),
-                 "config": file_entry(out, out / tier / "config.json")}
-        for card in ("card.json", "card.md"):
-            if (out / tier / card).exists():
-                entry[card.replace(".", "_")] = file_entry(out, out / tier / card)
-        artifacts[tier] = entry
-    manifest = {"model_name": MODEL_NAME, "version": f"{cfg.name}-seed{cfg.teacher_train.seed}",
-                "family": cfg.name, "answer_marker": ANSWER_MARKER, "artifacts": artifacts}
-    (out / INDEX).write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
+    return write_index(out, MODEL_NAME, f"{cfg.name}-seed{cfg.teacher_train.seed}", cfg.name,
+                       answer_marker=ANSWER_MARKER)
 
 
 def render_report(report: dict) -> str:

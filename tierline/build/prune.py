@@ -49,6 +49,18 @@ def fixed_params(cfg: DecoderConfig) -> int:
     return cfg.num_params() - cfg.num_hidden_layers * cfg.layer_params()
 
 
+def check_reachable(cfg: DecoderConfig, target_ratio: float, min_layers: int = 1) -> None:
+    """ValueError unless some pruned model of `cfg` fits target_ratio of its parameters."""
+    before, fixed = cfg.num_params(), fixed_params(cfg)
+    smallest = fixed + min_layers * cfg.layer_params(1, 1)
+    if smallest > math.floor(target_ratio * before):
+        raise ValueError(
+            f"target_ratio {target_ratio} is unreachable: the embeddings, the final norm and lm_head alone are "
+            f"{fixed} of {before} parameters ({fixed / before:.3f}) and the smallest model with {min_layers} "
+            f"layer(s) of 1 key/value group and 1 MLP channel has {smallest} ({smallest / before:.3f}); "
+            f"pruning never removes embeddings")
+
+
 # ---------------------------------------------------------------- surgery
 
 
@@ -280,14 +292,16 @@ def prune(
     model: Decoder,
     tok: TextTokenizer,
     target_ratio: float,
-    calib_problems: list[Problem],
+    calib_problems: list[Problem] | None,
     keep_layers: int | None = None,
+    batches: Sequence[Batch] | None = None,
 ) -> tuple[Decoder, dict]:
     """A new Decoder with at most `target_ratio` of `model`'s parameters, and a report.
 
     Every (kept layers, groups per layer) combination is tried with the widest MLP that
     still fits; the one with the lowest calibration loss wins (ties: more parameters).
-    `keep_layers` fixes the number of layers kept. `model` is not modified.
+    `keep_layers` fixes the number of layers kept. `model` is not modified. Calibration is on the
+    problems, or on ready `batches` (an imported model's text: tierline.build.corpus).
     """
     cfg = model.cfg
     n_layer, G = cfg.num_hidden_layers, cfg.num_key_value_heads
@@ -301,18 +315,12 @@ def prune(
     budget = math.floor(target_ratio * before)
     fixed = fixed_params(cfg)
     min_layers = keep_layers or 1
-    smallest = fixed + min_layers * cfg.layer_params(1, 1)
-    if smallest > budget:
-        raise ValueError(
-            f"target_ratio {target_ratio} is unreachable: the embeddings, the final norm and lm_head alone are "
-            f"{fixed} of {before} parameters ({fixed / before:.3f}) and the smallest model with {min_layers} "
-            f"layer(s) of 1 key/value group and 1 MLP channel has {smallest} ({smallest / before:.3f}); "
-            f"pruning never removes embeddings")
+    check_reachable(cfg, target_ratio, min_layers)
 
     was_training = model.training
     model.eval()
     try:
-        batches = calib_batches(calib_problems, tok, cfg.context)
+        batches = batches or calib_batches(calib_problems or [], tok, cfg.context)
         order, alone, base_loss = layer_drop_order(model, batches)
         per_group = cfg.layer_params(1, 0) - cfg.layer_params(0, 0)
         per_ch = cfg.layer_params(0, 1) - cfg.layer_params(0, 0)

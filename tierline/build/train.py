@@ -269,3 +269,37 @@ def train(
     model.eval()
     return {"steps": cfg.steps, "final_loss": round(loss_ema, 4), "seconds": round(time.perf_counter() - t0, 1),
             "completion_tokens": tokens}
+
+
+def recover(model: Decoder, teacher: Decoder, batches: list, steps: int, lr: float = 1e-3, alpha: float = 0.5,
+            progress: Callable[[int, float], None] | None = None, seed: int = 0) -> dict:
+    """A pruned model's short recovery on text: distillation from the full model (KL on every token, weight
+    `alpha`) plus the text's own next tokens, cycling over `batches` (tierline.build.corpus.batches)."""
+    if steps < 1 or not batches:
+        raise ValueError(f"recovery needs steps >= 1 and a batch, got {steps} steps, {len(batches)} batches")
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    teacher.eval()
+    model.train()
+    t0, loss_ema = time.perf_counter(), None
+    for step in range(steps):
+        x, y, m = batches[step % len(batches)]
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / max(1, steps // 10))
+        logits = model(x)[0][m]  # right-padded rows: causal attention, the padding masked out of the loss
+        with torch.no_grad():
+            t_logits = teacher(x)[0][m]
+        kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(t_logits, -1), log_target=True,
+                      reduction="batchmean")
+        loss = alpha * kl + (1 - alpha) * F.cross_entropy(logits, y[m])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        lv = float(loss.detach())
+        loss_ema = lv if loss_ema is None else 0.9 * loss_ema + 0.1 * lv
+        if progress:
+            progress(step + 1, loss_ema)
+    model.eval()
+    return {"steps": steps, "lr": lr, "alpha": alpha, "final_loss": round(loss_ema, 4),
+            "seconds": round(time.perf_counter() - t0, 1)}

@@ -1,0 +1,164 @@
+"""`tierline models import`: a checkpoint nobody here built (transformers' own tiny random Llama, saved in shards,
+with a byte-level BPE tokenizer that has Llama's special tokens) becomes all three tiers, served by the real stack.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import run_cli
+from tierline.build.corpus import BUILTIN_TEXTS
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+CORPUS = [f"{t} Note {i}: {t[::-1][:40]}" for i, t in enumerate(BUILTIN_TEXTS * 2)]
+
+
+def bpe_tokenizer(specials: dict, vocab: int = 320):
+    """A byte-level BPE trained here on a little text, in transformers' fast-tokenizer wrapper."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=[v for v in specials.values() if v],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    if specials.get("bos_token"):  # as Llama's tokenizer.json does: the post-processor starts with BOS
+        bos = specials["bos_token"]
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[
+            (bos, tok.token_to_id(bos))])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **specials)
+
+
+def llama_checkpoint(directory: Path, shard: bool = True) -> Path:
+    """transformers' LlamaForCausalLM with random weights and its tokenizer, saved as a user would have it."""
+    hf_tok = bpe_tokenizer({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(hf_tok), hidden_size=64, intermediate_size=160,
+                                   num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=256, bos_token_id=hf_tok.bos_token_id,
+                                   eos_token_id=hf_tok.eos_token_id, rope_theta=10000.0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(directory, safe_serialization=True, max_shard_size="100KB" if shard else "10GB")
+    hf_tok.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    src = llama_checkpoint(tmp_path_factory.mktemp("src") / "my-llama")
+    corpus = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in CORPUS))
+    out = tmp_path_factory.mktemp("imported") / "models"
+    proc = run_cli("models", "import", str(src), "--out", str(out), "--corpus", str(corpus), "--recover-steps", "20",
+                   "--device-context", "128", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return src, out, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_a_sharded_checkpoint_becomes_three_tiers_with_measured_quality(imported):
+    src, out, summary = imported
+    assert len(list(src.glob("model-*.safetensors"))) > 1  # the source really is sharded
+    index = json.loads((out / "manifest.json").read_text())
+    cloud = index["artifacts"]["cloud"]
+    assert cloud["weights"]["path"] == "cloud/model.safetensors.index.json" and len(cloud["shards"]) > 1
+    for shard in cloud["shards"]:  # the cloud artifact is the checkpoint as it is
+        assert (out / shard["path"]).read_bytes() == (src / Path(shard["path"]).name).read_bytes()
+    assert index["artifacts"]["tokenizer_config"]["path"] == "tokenizer_config.json"
+    assert {index["artifacts"][t]["format"] for t in ("edge", "device")} == {"onnx-int8", "tflite"}
+    assert summary["params"]["device"] <= 0.35 * summary["params"]["cloud"]
+    for tier in ("edge", "device"):  # measured, not assumed: shares in [0, 1] over the held-out prompts
+        q = summary["quality_vs_cloud"][tier]
+        assert q["n"] > 0 and 0.0 <= q["identical"] <= q["prefix_share"] <= 1.0
+    card = json.loads((out / "device" / "card.json").read_text())
+    assert "recovered by distillation" in card["notes"] and card["training"]["recovery"]["steps"] == 20
+
+
+def test_every_tier_speaks_the_checkpoints_own_tokens(imported):
+    """The cloud's greedy text equals transformers' generate() on the source; the edge and device load with
+    the checkpoint's special tokens (BOS <s>, stop at </s>)."""
+    from tierline.build.engines import load_engine
+    from tierline_shared.runtime.engine import GenerationParams
+
+    src, out, _ = imported
+    ref = transformers.AutoModelForCausalLM.from_pretrained(src, local_files_only=True).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(src, local_files_only=True)
+    cloud = load_engine(out, "cloud", threads=1)
+    assert cloud.tokenizer.bos_id == hf_tok.bos_token_id and cloud.tokenizer.eos_id == hf_tok.eos_token_id
+    for prompt in ("The quick brown fox", "Question: What is"):
+        ids = hf_tok(prompt, return_tensors="pt").input_ids
+        assert ids[0, 0] == hf_tok.bos_token_id
+        want = ref.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=hf_tok.eos_token_id,
+                            pad_token_id=hf_tok.eos_token_id)[0, ids.shape[1]:]
+        want_text = hf_tok.decode(want, skip_special_tokens=True)
+        assert cloud.generate(prompt, GenerationParams(max_tokens=24)).text == want_text
+    for tier in ("edge", "device"):
+        engine = load_engine(out, tier, threads=1)
+        assert engine.tokenizer.encode("Hi") == cloud.tokenizer.encode("Hi")
+        assert engine.generate("The quick", GenerationParams(max_tokens=8)).completion_tokens >= 1
+
+
+def test_the_imported_directory_runs_the_platform(imported):
+    """`tierline up --models DIR` as the supervisor starts it: nats-server, three tiers, the router."""
+    from tierline import InferenceClient
+    from tierline_infra.supervisor import Stack
+
+    _, out, _ = imported
+    name = json.loads((out / "manifest.json").read_text())["model_name"]
+    assert name == "my-llama"  # the source folder's name, unless --name says otherwise
+    with Stack(out) as stack, InferenceClient(None, name, stack.router_address) as client:
+        for prompt in ("Hello", "Question: What is the capital of France?\nAnswer:"):
+            resp = client.infer(prompt, {"max_tokens": 8})
+            assert resp.tier in ("device", "edge", "cloud") and resp.usage.completion_tokens >= 1
+
+
+@pytest.mark.parametrize("breakage, names", [
+    ("architecture", "architectures: ['GPT2LMHeadModel']"),
+    ("tokenizer", "tokenizer.json: missing"),
+    ("mismatch", "do not fit"),
+    ("ratio", "--device-ratio"),
+    ("out", "--out"),
+])
+def test_bad_input_is_one_line_naming_the_file_or_flag_exit_2(tmp_path, breakage, names):
+    src = llama_checkpoint(tmp_path / "src", shard=False)
+    out, extra = tmp_path / "out", []
+    if breakage == "architecture":
+        cfg = json.loads((src / "config.json").read_text())
+        (src / "config.json").write_text(json.dumps({**cfg, "architectures": ["GPT2LMHeadModel"]}))
+    elif breakage == "tokenizer":
+        (src / "tokenizer.json").unlink()
+    elif breakage == "mismatch":
+        cfg = json.loads((src / "config.json").read_text())
+        (src / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 96}))
+    elif breakage == "ratio":
+        extra = ["--device-ratio", "0.01"]
+    else:
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    proc = run_cli("models", "import", str(src), "--out", str(out), *extra, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and names in lines[0], proc.stderr
+    if breakage == "out":
+        assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_a_tokenizer_without_bos_or_unk_is_served_as_its_config_says(tmp_path):
+    """Qwen2's kind: no BOS token (prompts start with none), no <unk>, padding with EOS."""
+    from tierline_shared.models.tokenizer import TextTokenizer
+
+    bpe_tokenizer({"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}).save_pretrained(tmp_path)
+    tok = TextTokenizer.load(tmp_path / "tokenizer.json")
+    assert tok.bos_id is None and tok.unk_id is None and tok.pad_id == tok.eos_id
+    assert tok.encode("Hello")[0] != tok.eos_id and tok.unknown_count("日本") == 0
+    assert tok.decode(tok.encode("Hello there")) == "Hello there"
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|im_end|>"}))
+    with pytest.raises(ValueError, match="eos_token '<\\|im_end\\|>' is not in the vocabulary"):
+        TextTokenizer.load(tmp_path / "tokenizer.json")

@@ -42,6 +42,8 @@ def make_checkpoint(directory: Path, shape: dict, seed: int = 0) -> int:
         single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
     hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                                   unk_token="<unk>")
+    # as many tokens as the model has rows (a real tokenizer's size; the merges learnt here are few)
+    hf_tok.add_tokens([f"<extra_{i}>" for i in range(shape["vocab_size"] - len(hf_tok))])
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(**shape, max_position_embeddings=2048, tie_word_embeddings=True,
                                    bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id)

@@ -162,3 +162,54 @@ def test_a_tokenizer_without_bos_or_unk_is_served_as_its_config_says(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|im_end|>"}))
     with pytest.raises(ValueError, match="eos_token '<\\|im_end\\|>' is not in the vocabulary"):
         TextTokenizer.load(tmp_path / "tokenizer.json")
+
+
+def test_routing_is_calibrated_from_prompts_alone(imported, tmp_path):
+    """No answers: each lower tier is labelled by agreement with the cloud, the scorer is trained on the labels
+    and listed in the models index, the thresholds land in the manifest, and the router loads the result."""
+    import shutil
+
+    import yaml
+
+    from tierline_infra.supervisor import write_manifest
+    from tierline_router.scorer import load_scorer
+    from tierline_shared.config.manifest import load_manifest
+
+    class _Nats:  # only its address and credentials go into the manifest
+        url, user, password = "nats://127.0.0.1:4222", "u", "p"
+
+    models = tmp_path / "models"
+    shutil.copytree(imported[1], models)
+    path = write_manifest(tmp_path / "m.yaml", models, _Nats())
+    assert "scorer" not in (yaml.safe_load(path.read_text()).get("router") or {})  # nothing to route with yet
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": t[: 20 + i]}) + "\n" for i, t in enumerate(CORPUS)))
+    proc = run_cli("route", "calibrate", "--prompts", str(prompts), "--max-tokens", "8", "--target-edge-share",
+                   "0.9", "--manifest", str(path), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["labels"] == "agreement with the cloud" and out["calib"]["share_below_cloud"] >= 0.9
+    assert out["calib"]["cloud_only_accuracy"] == 1.0  # the cloud agrees with itself
+    manifest = load_manifest(path)
+    assert manifest.router.scorer == "router/scorer.json"
+    assert load_scorer(manifest) is not None  # trained for exactly these artifacts (sha256 checked)
+    assert "labelled by agreement with the cloud" in (models / "router" / "card.md").read_text()
+    assert "router_scorer" in json.loads((models / "manifest.json").read_text())["artifacts"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    proc = run_cli("route", "calibrate", "--prompts", str(bad), "--target-edge-share", "0.9", "--manifest", str(path))
+    assert proc.returncode == 2 and f"{bad}:2" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_agreement_labels_follow_the_documented_normalisation():
+    from tierline.build.labels import ANSWER_REGEX, Agreement
+
+    plain = Agreement()
+    assert plain.same("  The answer\n is  42 ", "the ANSWER is 42")
+    assert not plain.same("The answer is 41", "The answer is 42")
+    marker = Agreement(ANSWER_REGEX)
+    assert marker.same("p=3;q=p+4;q?7####7", "q=7####7")  # only the final answers are compared
+    assert not marker.same("####8", "####7") and not marker.same("no marker", "####7")
+    assert marker.same("no marker", "No  marker")  # neither has the form: the whole texts
+    with pytest.raises(ValueError, match="--extract"):
+        Agreement("(unclosed")

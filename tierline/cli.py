@@ -140,6 +140,21 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--min-quality", type=fraction("--min-quality", include_one=True), default=None,
                     help="also keep at least this fraction of the cloud-only accuracy, then minimise cost "
                          "(default: the most accurate thresholds that keep the share)")
+    rc.add_argument("--prompts", type=Path, default=None,
+                    help="your own prompts (.jsonl, one {\"prompt\": ...} per line), no answers needed: each lower "
+                         "tier is labelled by agreement with the cloud, the scorer is trained on them, then the "
+                         "thresholds are set (tierline/build/labels.py)")
+    rc.add_argument("--extract", default=None, metavar="REGEX",
+                    help="with --prompts: compare only what this regex matches in each answer (its first group)")
+    rc.add_argument("--max-tokens", type=positive_int("--max-tokens"), default=96,
+                    help="with --prompts: tokens each tier generates per prompt")
+
+    cl = rsub.add_parser("compare-labels", help="calibration from agreement labels against calibration from true "
+                                                "answers, both measured on the test split (docs/ROUTING.md)")
+    cl.add_argument("--models", type=Path, default=DEFAULT_MODELS)
+    cl.add_argument("--manifest", type=Path, default=Path("infra/manifests/local.yaml"), help="for the costs")
+    cl.add_argument("--n", type=positive_int("--n"), default=1000, help="calib and test problems each")
+    cl.add_argument("--target-edge-share", type=fraction("--target-edge-share"), default=0.9)
 
     d = sub.add_parser("demo", help="start the platform, send a mixed workload through the router, stop")
     d.add_argument("--models", type=Path, default=DEFAULT_MODELS)
@@ -307,7 +322,8 @@ def render_route_eval(result: dict, args) -> str:
 
 
 def _cmd_route_calibrate(args) -> int:
-    """Every threshold of the policy from the calib split's real outcomes (see router.evaluation.calibrate_policy)."""
+    """Every threshold of the policy from real outcomes (see tierline.build.routing.calibrate_policy): the calib
+    split's true answers, or (--prompts) the user's prompts labelled by agreement with the cloud."""
     import numpy as np
     import yaml
 
@@ -315,23 +331,65 @@ def _cmd_route_calibrate(args) -> int:
     from tierline_shared.config.manifest import load_manifest
 
     manifest = load_manifest(args.manifest)
-    if not manifest.router.scorer:
-        raise UsageError(f"{args.manifest}: router.scorer is not set; nothing to calibrate")
-    scorer, problems, outcomes = _router_inputs(manifest.models_path, "calib", args.n, 0)
-    p = [scorer.p_correct(pr.prompt) for pr in problems]
+    raw_router: dict = {}
+    if args.prompts is not None:
+        from tierline.build.scorer import SCORER_PATH
+
+        scorer, prompts, outcomes, card = _agreement_scorer(manifest.models_path, args)
+        raw_router["scorer"] = str(SCORER_PATH)
+        source = {"prompts": str(args.prompts), "labels": "agreement with the cloud", "extract": args.extract,
+                  "scorer_heldout": card["heldout"]}
+    else:
+        if not manifest.router.scorer:
+            raise UsageError(f"{args.manifest}: router.scorer is not set; nothing to calibrate "
+                             f"(--prompts FILE trains one from your prompts)")
+        scorer, problems, outcomes = _router_inputs(manifest.models_path, "calib", args.n, 0)
+        prompts, source = [pr.prompt for pr in problems], {"calib_prompts": args.n, "labels": "true answers"}
+    p = [scorer.p_correct(prompt) for prompt in prompts]
     point = calibrate_policy(outcomes, np.asarray([1.0 - d["edge"] for d in p]),
                              np.asarray([1.0 - d["device"] for d in p]), args.target_edge_share,
                              _all_costs(manifest), min_quality=args.min_quality)
     text = args.manifest.read_text()
     raw = yaml.safe_load(text)
-    raw.setdefault("router", {}).update(point.manifest_fields())
+    raw.setdefault("router", {}).update({**raw_router, **point.manifest_fields()})
     header = "".join(line for line in text.splitlines(keepends=True)[:20] if line.startswith("#"))
     args.manifest.write_text(header + yaml.safe_dump(raw, sort_keys=False))  # the header comment survives
     print(json.dumps({"manifest": str(args.manifest), "target_edge_share": args.target_edge_share,
-                      "min_quality": args.min_quality, "calib_prompts": args.n, "router": point.manifest_fields(),
+                      "min_quality": args.min_quality, **source, "router": point.manifest_fields(),
                       "calib": {"share_below_cloud": point.share_below_cloud, "accuracy": point.accuracy,
                                 "cloud_only_accuracy": outcomes.accuracy("cloud"),
                                 "cost_vs_cloud": point.cost_vs_cloud}}))
+    return 0
+
+
+def _agreement_scorer(models: Path, args):
+    """The user's prompts answered on every tier, labelled by agreement with the cloud; the scorer trained on
+    them and saved beside the models."""
+    from tierline.build.labels import (
+        Agreement,
+        agreement_outcomes,
+        answer_on_every_tier,
+        lower_tier_labels,
+        read_prompts,
+    )
+    from tierline.build.scorer import artifact_digests, fit_scorer, save_scorer
+
+    agreement = Agreement(args.extract)
+    prompts = read_prompts(args.prompts)
+    outcomes = agreement_outcomes(answer_on_every_tier(models, prompts, args.max_tokens), agreement)
+    scorer = fit_scorer(prompts, lower_tier_labels(outcomes), artifacts=artifact_digests(models))
+    how = f"--extract {args.extract}" if args.extract else "normalised text"
+    card = save_scorer(models, scorer, prompts,
+                       f"{len(prompts)} prompts from {args.prompts}, labelled by agreement with the cloud ({how})")
+    return scorer, prompts, outcomes, card
+
+
+def _cmd_route_compare_labels(args) -> int:
+    from tierline.build.labels import compare_label_sources
+    from tierline_shared.config.manifest import load_manifest
+
+    costs = _all_costs(load_manifest(args.manifest, check_artifacts=False))
+    print(json.dumps(compare_label_sources(args.models, args.n, args.target_edge_share, costs), indent=2))
     return 0
 
 
@@ -356,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
                     ("models", "eval"): _cmd_eval, ("models", "bench"): _cmd_bench,
                     ("route", "train-scorer"): _cmd_train_scorer, ("route", "eval"): _cmd_route_eval,
                     ("route", "calibrate"): _cmd_route_calibrate,
+                    ("route", "compare-labels"): _cmd_route_compare_labels,
                     ("demo", None): _cmd_demo, ("up", None): _cmd_up, **parser.handlers}
         handler = handlers[(args.command, getattr(args, "action", None))]
         return handler(args)

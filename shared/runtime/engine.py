@@ -90,9 +90,14 @@ class EngineError(ValueError):
         self.field = field
 
 
+VOCAB_PADDING = 0.9  # a tokenizer covering less of the model's rows than this is not the model's
+
+
 def check_vocab(model_vocab: int, tokenizer: TextTokenizer, where) -> None:
-    """A tokenizer that does not fit the model would decode nonsense: refuse it."""
-    if model_vocab != tokenizer.vocab_size:
+    """A tokenizer that does not fit the model would decode nonsense: refuse it. A model vocabulary somewhat
+    larger than the tokenizer's is common (rows padded to a multiple of 64 or 128, as Qwen2's) and served
+    as transformers serves it (an id past the tokenizer decodes to nothing)."""
+    if not tokenizer.vocab_size <= model_vocab <= tokenizer.vocab_size / VOCAB_PADDING:
         raise ValueError(
             f"{where}: model vocabulary ({model_vocab}) does not match the tokenizer's ({tokenizer.vocab_size})"
         )

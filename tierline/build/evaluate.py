@@ -12,6 +12,35 @@ from tierline_shared.tasks.problems import LEVELS, Problem, is_correct
 EVAL_MAX_TOKENS = 96  # the longest worked answer (level 5 variables) is 94 tokens
 
 
+def answer(
+    engine: Engine,
+    prompts: list[str],
+    max_tokens: int = EVAL_MAX_TOKENS,
+    batch_size: int = 32,
+    progress: Callable[[int], None] | None = None,
+    order: list[int] | None = None,
+) -> dict:
+    """Each prompt's greedy answer (at most max_tokens tokens): per prompt, in the given order, text,
+    confidence (the answer's lowest chosen-token probability) and tokens (prompt + completion); plus
+    completion tokens/s over the wall time. `order` batches similar prompts together."""
+    order = order if order is not None else sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    texts, confidence, spent = [""] * len(prompts), [0.0] * len(prompts), [0] * len(prompts)
+    tokens, t0 = 0, time.perf_counter()
+    step = batch_size if engine.supports_batch_prefill else 1
+    for start in range(0, len(order), step):
+        idx = order[start:start + step]
+        params = [GenerationParams(max_tokens=_budget(engine, prompts[i], max_tokens)) for i in idx]
+        for i, r in zip(idx, engine.generate_batch([prompts[i] for i in idx], params)):
+            texts[i], confidence[i] = r.text, float(r.confidence)
+            spent[i] = r.prompt_tokens + r.completion_tokens
+            tokens += r.completion_tokens
+        if progress:
+            progress(len(idx))
+    seconds = time.perf_counter() - t0
+    return {"texts": texts, "confidence": confidence, "tokens": spent, "seconds": round(seconds, 2),
+            "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else 0.0}
+
+
 def evaluate(
     engine: Engine,
     problems: list[Problem],
@@ -22,22 +51,8 @@ def evaluate(
     order): correct, confidence (the answer's lowest chosen-token probability), tokens (prompt + completion)."""
     # batch problems of one level together: similar lengths, little padding
     order = sorted(range(len(problems)), key=lambda i: (problems[i].level, len(problems[i].prompt)))
-    correct = [False] * len(problems)
-    confidence = [0.0] * len(problems)
-    spent = [0] * len(problems)
-    tokens, t0 = 0, time.perf_counter()
-    step = batch_size if engine.supports_batch_prefill else 1
-    for start in range(0, len(order), step):
-        idx = order[start:start + step]
-        prompts = [problems[i].prompt for i in idx]
-        params = [GenerationParams(max_tokens=_budget(engine, p)) for p in prompts]
-        for i, r in zip(idx, engine.generate_batch(prompts, params)):
-            correct[i] = is_correct(problems[i], r.text)
-            confidence[i], spent[i] = float(r.confidence), r.prompt_tokens + r.completion_tokens
-            tokens += r.completion_tokens
-        if progress:
-            progress(len(idx))
-    seconds = time.perf_counter() - t0
+    r = answer(engine, [p.prompt for p in problems], EVAL_MAX_TOKENS, batch_size, progress, order)
+    correct = [is_correct(p, text) for p, text in zip(problems, r["texts"])]
     by_level = {}
     for level in LEVELS:
         hits = [c for p, c in zip(problems, correct) if p.level == level]
@@ -47,15 +62,16 @@ def evaluate(
         "accuracy": round(sum(correct) / len(problems), 4),
         "by_level": by_level,
         "n": len(problems),
-        "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else 0.0,
-        "seconds": round(seconds, 2),
+        "tokens_per_s": r["tokens_per_s"],
+        "seconds": r["seconds"],
         "correct": correct,
-        "confidence": confidence,
-        "tokens": spent,
+        "confidence": r["confidence"],
+        "tokens": r["tokens"],
+        "texts": r["texts"],
     }
 
 
-PER_PROBLEM = ("correct", "confidence", "tokens")  # the lists in evaluate's result, one entry per problem
+PER_PROBLEM = ("correct", "confidence", "tokens", "texts")  # the lists in evaluate's result, one entry per problem
 
 
 def summary(result: dict) -> dict:
@@ -63,9 +79,9 @@ def summary(result: dict) -> dict:
     return {k: v for k, v in result.items() if k not in PER_PROBLEM}
 
 
-def _budget(engine: Engine, prompt: str) -> int:
+def _budget(engine: Engine, prompt: str, max_tokens: int = EVAL_MAX_TOKENS) -> int:
     n = len(engine.tokenizer.encode(prompt))
-    return max(1, min(EVAL_MAX_TOKENS, engine.info.max_context - n))
+    return max(1, min(max_tokens, engine.info.max_context - n))
 
 
 def kv_agreement(engine: Engine, problems: list[Problem], progress: Callable[[int], None] | None = None) -> float:
@@ -80,18 +96,10 @@ def kv_agreement(engine: Engine, problems: list[Problem], progress: Callable[[in
     return same / len(problems)
 
 
-def continuations(engine: Engine, prompts: list[str], max_tokens: int = 16, batch_size: int = 16,
+def continuations(engine: Engine, prompts: list[str], max_tokens: int = 16,
                   progress: Callable[[int], None] | None = None) -> list[str]:
     """Each prompt's greedy continuation (at most max_tokens tokens), in order."""
-    out: list[str] = []
-    step = batch_size if engine.supports_batch_prefill else 1
-    for start in range(0, len(prompts), step):
-        chunk = prompts[start:start + step]
-        params = [GenerationParams(max_tokens=max(1, min(max_tokens, _budget(engine, p)))) for p in chunk]
-        out += [r.text for r in engine.generate_batch(chunk, params)]
-        if progress:
-            progress(len(chunk))
-    return out
+    return answer(engine, prompts, max_tokens, progress=progress)["texts"]
 
 
 def agreement(texts: list[str], reference: list[str]) -> dict:

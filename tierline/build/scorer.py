@@ -32,12 +32,17 @@ def train_scorer(models_dir: Path, n: int = DEFAULT_SCORER_N, seed: int = 0, thr
     models_dir = Path(models_dir)
     prompts, labels = collect_labels(models_dir, n, seed, threads=threads)
     scorer = fit_scorer(prompts, labels, artifacts=artifact_digests(models_dir), seed=seed)
+    return save_scorer(models_dir, scorer, prompts, f"{n} calib problems, seed {seed}")
+
+
+def save_scorer(models_dir: Path, scorer: Scorer, prompts: list[str], trained_on: str) -> dict:
+    """The scorer at <models>/router/scorer.json with its card, listed in the models index; returns the card."""
     path = models_dir / SCORER_PATH
     path.parent.mkdir(parents=True, exist_ok=True)
     scorer.save(path)
     latency = decision_latency(scorer, prompts[:500])
     card = {"kind": "router scorer (logistic regression per lower tier, prompt features only)",
-            "trained_on": f"{n} calib problems, seed {seed}", "heldout": scorer.heldout,
+            "trained_on": trained_on, "heldout": scorer.heldout,
             "artifacts": scorer.artifacts, "decision_latency_ms": latency}
     (path.parent / "card.md").write_text(
         "# Router scorer card\n\n```json\n" + json.dumps(card, indent=2) + "\n```\n")

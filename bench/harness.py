@@ -1,11 +1,12 @@
 """`tierline bench [--quick]`: start what each scenario needs, measure, write the report.
 
-Four phases, one after the other so that only the processes being measured are
+Five phases, one after the other so that only the processes being measured are
 up: (A) the whole platform (device, edge, cloud, router) for edge vs cloud, tiered
 vs cloud only, and the router/NATS timings; (B) the edge behind a router, an edge
 with batching off, the bare engine and the LitServe peer; (C) an edge with its
 result cache on, and two edges with prefix KV reuse on and off; (D) the device
-model alone in a process pinned to one core (the Pi-class profile). The
+model alone in a process pinned to one core (the Pi-class profile); (E) the cloud tier
+alone against `transformers serve` on its checkpoint, without and with continuous batching. The
 throughput stacks run with the result cache off, so the same workload can be
 replayed to every target. `--quick` (tiny models, a handful of
 requests, one repeat) only proves that every section is produced.
@@ -25,6 +26,8 @@ from tierline_bench.device_profile import pi_profile
 from tierline_bench.load import HttpClient
 from tierline_bench.peer import PeerServer, available
 from tierline_bench.report import write_report
+from tierline_bench.transformers_peer import OpenAIClient, TransformersServe
+from tierline_bench.transformers_peer import available as transformers_available
 from tierline_edge_node.engine import load_engine
 from tierline_infra.supervisor import Stack, demo_overrides
 from tierline_shared.config.manifest import BatchConfig, load_manifest
@@ -34,7 +37,7 @@ from tierline_shared.wire import TIERS
 
 BATCHING = BatchConfig()  # the tiers' default batching, which the peer is given too
 SECTION_ORDER = ("edge_vs_cloud", "tiered_vs_cloud", "batching", "cache", "platform_overhead", "peer_litserve",
-                 "router_and_nats", "device_profile")
+                 "router_and_nats", "device_profile", "peer_transformers")
 
 
 def _tiers(tiers, threads: int, cache: bool = False) -> dict:
@@ -126,6 +129,29 @@ def run_bench(models_dir: Path, out_dir: Path, quick: bool = False, log=print) -
     log("  8. Pi-class device profile")
     sections["device_profile"] = pi_profile(models_dir, cfg)
     phases["D"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    log("phase E: the cloud tier alone; transformers serve on its checkpoint, without and with continuous batching")
+    log("  9. cloud tier vs transformers serve")
+    with Stack(models_dir, tiers=("cloud",), router=False, overrides=_tiers(["cloud"], cfg.threads)) as cloud:
+        reason = transformers_available(models_dir)
+        peers: dict = {}
+        servers: list[TransformersServe] = []
+        try:
+            for cb in (False, True):
+                if reason is None:
+                    server = TransformersServe(models_dir, cloud.workdir, cfg.threads, continuous_batching=cb)
+                    try:
+                        servers.append(server.start())
+                    except (RuntimeError, TimeoutError) as exc:
+                        reason = f"transformers serve did not start: {exc}"
+                        break
+                    peers[server.name] = OpenAIClient(server.port, str(server.checkpoint), cfg.max_tokens, server.name)
+            sections["peer_transformers"] = scenarios.cloud_peer(cloud, peers, reason, cfg, prompts, warm)
+        finally:
+            for server in servers:
+                server.stop()
+    phases["E"] = time.perf_counter() - t0
 
     models = load_index(models_dir)
     results = {

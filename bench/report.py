@@ -194,6 +194,10 @@ def render(results: dict, plots: dict[str, str]) -> str:
         ["one NATS round trip p50 / p99", f"{fmt(m7['nats_round_trip_ms']['p50'], ' ms')} / "
          f"{fmt(m7['nats_round_trip_ms']['p99'], ' ms')}", "-"],
         *_device_headline(s["device_profile"]),
+        ["cloud tier vs transformers serve (same checkpoint), throughput",
+         f"{_x(s['peer_transformers']['metrics']['ratio']['cloud_over_transformers_serve'])} "
+         f"({_x(s['peer_transformers']['metrics']['ratio']['cloud_over_transformers_serve_cb'])} against its "
+         "continuous batching)", "-"],
     ])
 
     L += [f"## 1. {ev['title']}", "", _how(ev["method"]), ""]
@@ -274,11 +278,27 @@ def render(results: dict, plots: dict[str, str]) -> str:
          fmt(m7["nats_round_trip_ms"]["p99"], " ms")]])
     L += _notes(rn)
     L += _device_profile(s["device_profile"], 8)
+    L += _cloud_peer(s["peer_transformers"], 9)
     L += ["## Reproduce", "", "`make bench` (this report, "
           f"{meta['total_seconds']:.0f} s here) or `tierline bench --quick --models DIR --out DIR` (the "
           "tiny family, a completeness check run by `make test`). Raw engine speed without serving is "
           "`tierline models bench` (docs/MODEL_SPEED.md).", ""]
     return "\n".join(L)
+
+
+def _cloud_peer(section: dict, number: int) -> list[str]:
+    m = section["metrics"]
+    names = {"cloud": "cloud tier (gRPC)", "transformers_serve": "transformers serve",
+             "transformers_serve_cb": "transformers serve --continuous-batching"}
+    L = [f"## {number}. {section['title']}", "", _how(section["method"]), ""]
+    L += _table(["", "throughput", "tokens/s", "first token p50 (concurrency 1)", "latency p50",
+                 "greedy answers equal to the cloud tier's", "cloud tier over it (per-repeat ratio)"],
+                [[names[k], fmt(m[k]["qps"], " req/s"), fmt(m[k]["tokens_per_s"], " tok/s"),
+                  fmt(m[k]["first_token_ms_p50"], " ms"), fmt(m[k]["latency_ms_p50"], " ms"),
+                  "-" if k == "cloud" else f"{fmt(m[k]['same_greedy_text'], pct=True)}"
+                  + (f" of {m[k]['compared']}" if "compared" in m[k] else ""),
+                  "-" if k == "cloud" else _x(m["ratio"][f"cloud_over_{k}"])] for k in names])
+    return L + _notes(section)
 
 
 def _serving_table(m: dict, keys) -> list[str]:

@@ -574,3 +574,62 @@ async def _until_answered(client, subj: str, payload: bytes, attempts: int = 50)
         except NoRespondersError:
             await asyncio.sleep(0.1)
     await client.request(subj, payload, timeout=NATS_TIMEOUT_S)
+
+
+# -- 9. the cloud tier vs transformers serve ------------------------------------------------------------------------
+PEERS = ("transformers_serve", "transformers_serve_cb")
+
+
+def cloud_peer(stack: Stack, peers: dict, reason: str | None, cfg: BenchConfig, prompts: list[str],
+               warm: list[str]) -> dict:
+    """The cloud tier (gRPC) and `transformers serve` on the same checkpoint (OpenAI HTTP), without and with its
+    continuous batching: throughput at the bench's concurrency, first token at concurrency 1, interleaved; then
+    whether their greedy answers equal the cloud tier's on the same prompts."""
+    clients: dict = {"cloud": _grpc(stack, "cloud-0", cfg), **peers}
+    probes = prompts[:cfg.ttft_requests]
+    loads: dict[str, list[LoadRun]] = {k: [] for k in clients}
+    ttft: dict[str, list[float]] = {k: [] for k in clients}
+    for r in range(cfg.repeats):
+        for k, c in _interleaved(clients, r):
+            first = run_load(c.first_token, probes, 1, warm[:cfg.ttft_requests] if r == 0 else ())
+            ttft[k].append(first.latency_ms(50))
+            loads[k].append(run_load(c.infer, prompts, cfg.concurrency, warm if r == 0 else ()))
+    clients["cloud"].close()
+
+    def row(k: str) -> dict:
+        v = loads[k]
+        return {"qps": num(median([x.qps for x in v])), "first_token_ms_p50": num(median(ttft[k])),
+                "latency_ms_p50": num(median([x.latency_ms(50) for x in v])),
+                "tokens_per_s": num(median([sum(o.completion_tokens for o in x.ok) / x.wall_s for x in v]), 1),
+                "errors": _errors(v), "qps_runs": [round(x.qps, 2) for x in v]}
+
+    cloud_text = {p: o.text for p, o in zip(prompts, loads["cloud"][0].outcomes) if o.ok}
+    metrics: dict = {"cloud": row("cloud")}
+    ratio: dict = {}
+    for k in PEERS:
+        if k not in peers:
+            metrics[k] = {m: not_measured(reason or "not run") for m in ("qps", "first_token_ms_p50", "latency_ms_p50",
+                                                                         "tokens_per_s", "same_greedy_text")}
+            ratio[f"cloud_over_{k}"] = not_measured(reason or "not run")
+            continue
+        metrics[k] = row(k)
+        theirs = [(cloud_text[p], o.text) for p, o in zip(prompts, loads[k][0].outcomes) if o.ok and p in cloud_text]
+        metrics[k]["same_greedy_text"] = num(sum(a == b for a, b in theirs) / len(theirs), 4) if theirs else \
+            not_measured("no answers to compare")
+        metrics[k]["compared"] = len(theirs)
+        ratio[f"cloud_over_{k}"] = num(median([a.qps / b.qps for a, b in zip(loads["cloud"], loads[k]) if b.qps > 0]),
+                                       3)
+    metrics["ratio"] = ratio
+    return {
+        "title": "A peer for the cloud tier: transformers serve on the same checkpoint",
+        "method": _method(cfg, "closed loop (bench/load.py); cloud tier: gRPC; transformers serve: N client threads, "
+                          "one keep-alive HTTP connection each, POST /v1/completions, temperature 0",
+                          cfg.concurrency, len(prompts), max_tokens=cfg.max_tokens, threads=cfg.threads,
+                          target="the cloud tier's gRPC port (torch fp32, its batcher) vs `transformers serve "
+                                 "models/cloud --device cpu --dtype float32`, without and with "
+                                 "--continuous-batching (bench/transformers_peer.py)"),
+        "metrics": metrics,
+        "article": {},
+        "notes": ["Both run the same fp32 checkpoint with PyTorch on the same cores; the greedy answers are compared "
+                  "prompt by prompt from the first repeat (same_greedy_text: the share identical)."],
+    }

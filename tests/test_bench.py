@@ -11,9 +11,10 @@ import pytest
 
 from tests.conftest import processes_with, run_cli
 from tierline_bench.peer import available
+from tierline_bench.transformers_peer import available as transformers_available
 
 SECTIONS = ("edge_vs_cloud", "tiered_vs_cloud", "batching", "cache", "platform_overhead", "peer_litserve",
-            "router_and_nats", "device_profile")
+            "router_and_nats", "device_profile", "peer_transformers")
 METHOD_KEYS = ("load_generator", "concurrency", "requests", "warmup", "repeats")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -57,7 +58,7 @@ def test_every_section_is_there_and_says_how_it_was_measured(report):
         assert isinstance(section["method"]["repeats"], int) and section["method"]["repeats"] >= 1
     meta = results["meta"]
     assert meta["quick"] is True and meta["family"] == "tiny" and meta["machine"]["cpus"] >= 1
-    assert set(meta["phase_seconds"]) == {"A", "B", "C", "D"}
+    assert set(meta["phase_seconds"]) == {"A", "B", "C", "D", "E"}
 
 
 def test_every_metric_is_a_number_or_an_explicit_reason(report):
@@ -73,10 +74,12 @@ def test_every_metric_is_a_number_or_an_explicit_reason(report):
             else:
                 assert isinstance(value, (int, float)) and not isinstance(value, bool), (name, path, value)
                 assert math.isfinite(value), (name, path, value)
-    # only what does not exist is left unmeasured: the peer when litserve is missing
+    # only what does not exist is left unmeasured: a peer whose server is missing
     allowed = set()
     if available() is not None:
         allowed |= {p for p in not_measured if p.startswith("peer_litserve.")}
+    if transformers_available(results["meta"]["models_dir"]) is not None:
+        allowed |= {p for p in not_measured if p.startswith("peer_transformers.")}
     assert set(not_measured) == allowed
     # multi-turn prefix KV reuse, in counts (not speeds): fewer prefill tokens computed, the same answers
     turns = results["sections"]["cache"]["metrics"]["multi_turn"]
@@ -111,14 +114,26 @@ def test_the_pi_class_device_profile_is_measured_on_one_core(report, tiny_family
     assert len(m["decode_tokens_per_s_runs"]) == how["repeats"]
     assert m["model"]["bytes"] == (tiny_family / "device" / "model.tflite").stat().st_size
     text = (out / "BENCHMARKS.md").read_text()
-    body = text.split(f"## {len(SECTIONS)}. Pi-class device profile", 1)[1].split("\n## ", 1)[0]
+    number = SECTIONS.index("device_profile") + 1
+    body = text.split(f"## {number}. Pi-class device profile", 1)[1].split("\n## ", 1)[0]
     for row in ("decode tokens/s", "first token p50", "first token p95", "peak RSS"):
         assert row in body, row
 
 
 def test_no_peer_process_is_left_behind(report):
-    leftover = processes_with(lambda args: b"bench.peer" in args)
+    leftover = processes_with(lambda args: any(b"tierline_bench.peer" in a for a in args)
+                              or (any(a.endswith(b"/transformers") for a in args) and b"serve" in args))
     assert not leftover
+
+
+def test_transformers_serve_gives_the_cloud_tiers_greedy_answers(report):
+    """The cloud's peer serves the same checkpoint: its greedy answers equal the cloud tier's, prompt by prompt,
+    with and without its continuous batching."""
+    _, _, results = report
+    m = results["sections"]["peer_transformers"]["metrics"]
+    for peer in ("transformers_serve", "transformers_serve_cb"):
+        assert m[peer]["compared"] == results["meta"]["config"]["requests"] and m[peer]["errors"] == 0, peer
+        assert m[peer]["same_greedy_text"] == 1.0, peer
 
 
 def test_a_missing_model_family_is_one_line_and_exit_2(tmp_path):

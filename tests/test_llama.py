@@ -244,7 +244,8 @@ def test_the_built_cloud_checkpoint_is_served_by_transformers_with_the_same_text
     hf_tok = transformers.AutoTokenizer.from_pretrained(cloud, local_files_only=True)
     engine = load_engine(tiny_family, "cloud", threads=1)
     for p in generate("test", 20, seed=3):
-        ids = torch.tensor([[hf_tok.bos_token_id, *hf_tok(p.prompt, add_special_tokens=False)["input_ids"]]])
+        ids = hf_tok(p.prompt, return_tensors="pt").input_ids  # transformers' own encoding: <bos> first
+        assert ids[0, 0] == hf_tok.bos_token_id
         with torch.no_grad():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, do_sample=False,
                                  eos_token_id=hf_tok.eos_token_id, pad_token_id=hf_tok.pad_token_id)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
@@ -160,7 +160,11 @@ class TextTokenizer:
         loads this tokenizer (a PreTrainedTokenizerFast) with its special tokens and the chat template."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.save(directory / "tokenizer.json")
+        # as Llama's tokenizer.json: the post-processor starts every text with <bos>, so transformers (and
+        # servers built on it, `transformers serve`) encode a prompt exactly as the tiers do
+        tok = Tokenizer.from_str(self._tok.to_str())
+        tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, self.bos_id)])
+        (directory / "tokenizer.json").write_text(json.dumps(json.loads(tok.to_str()), indent=1))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
                   "pad_token": PAD, "unk_token": UNK, "add_bos_token": True, "model_max_length": model_max_length,
                   "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE}

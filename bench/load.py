@@ -160,12 +160,11 @@ class HttpClient:
             conn = self._local.conn = http.client.HTTPConnection(self.host, self.port, timeout=REQUEST_TIMEOUT_S)
         return conn
 
-    def infer(self, prompt: str) -> Outcome:
-        body = json.dumps({"prompt": prompt, "max_tokens": self.max_tokens})
-        t0 = time.perf_counter()
+    def post(self, body: dict, t0: float, path: str | None = None) -> tuple[float, dict] | Outcome:
+        """POST `body` as JSON: (latency since t0, the parsed reply), or a failed Outcome naming the error."""
         try:
             conn = self._conn()
-            conn.request("POST", self.path, body, {"Content-Type": "application/json"})
+            conn.request("POST", path or self.path, json.dumps(body), {"Content-Type": "application/json"})
             resp = conn.getresponse()
             data = resp.read()
         except (OSError, http.client.HTTPException) as exc:
@@ -174,7 +173,13 @@ class HttpClient:
         latency = time.perf_counter() - t0
         if resp.status != 200:
             return Outcome(latency, ok=False, error=f"HTTP {resp.status}: {data[:200]!r}")
-        out = json.loads(data)
+        return latency, json.loads(data)
+
+    def infer(self, prompt: str) -> Outcome:
+        reply = self.post({"prompt": prompt, "max_tokens": self.max_tokens}, time.perf_counter())
+        if isinstance(reply, Outcome):
+            return reply
+        latency, out = reply
         return Outcome(latency, tier="litserve", prompt_tokens=out["prompt_tokens"],
                        completion_tokens=out["completion_tokens"], text=out["text"])
 

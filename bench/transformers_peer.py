@@ -16,11 +16,10 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-from tierline_bench.load import REQUEST_TIMEOUT_S, Outcome
+from tierline_bench.load import HttpClient, Outcome
 from tierline_bench.peer import free_port
 
 READY_TIMEOUT_S = 120.0  # the server starting and loading the checkpoint, at most
@@ -102,38 +101,22 @@ class TransformersServe:
         self.stop()
 
 
-class OpenAIClient:
+class OpenAIClient(HttpClient):
     """An OpenAI-compatible /v1/completions endpoint, greedy; one keep-alive connection per client thread."""
 
     def __init__(self, port: int, model: str, max_tokens: int, label: str, host: str = "127.0.0.1"):
-        self.host, self.port, self.model, self.max_tokens, self.label = host, port, model, max_tokens, label
-        self._local = threading.local()
+        super().__init__(host, port, max_tokens, path="/v1/completions")
+        self.model, self.label = model, label
 
-    def _conn(self) -> http.client.HTTPConnection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = http.client.HTTPConnection(self.host, self.port, timeout=REQUEST_TIMEOUT_S)
-        return conn
-
-    def _post(self, prompt: str, stream: bool):
-        body = json.dumps({"model": self.model, "prompt": prompt, "max_tokens": self.max_tokens, "temperature": 0,
-                           "stream": stream})
-        conn = self._conn()
-        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
-        return conn.getresponse()
+    def _body(self, prompt: str, stream: bool) -> dict:
+        return {"model": self.model, "prompt": prompt, "max_tokens": self.max_tokens, "temperature": 0,
+                "stream": stream}
 
     def infer(self, prompt: str) -> Outcome:
-        t0 = time.perf_counter()
-        try:
-            resp = self._post(prompt, stream=False)
-            data = resp.read()
-        except (OSError, http.client.HTTPException) as exc:
-            self._local.conn = None  # a broken connection is not reused
-            return Outcome(time.perf_counter() - t0, ok=False, error=f"{type(exc).__name__}: {exc}")
-        latency = time.perf_counter() - t0
-        if resp.status != 200:
-            return Outcome(latency, ok=False, error=f"HTTP {resp.status}: {data[:200]!r}")
-        out = json.loads(data)
+        reply = self.post(self._body(prompt, stream=False), time.perf_counter())
+        if isinstance(reply, Outcome):
+            return reply
+        latency, out = reply
         usage = out.get("usage") or {}
         return Outcome(latency, tier=self.label, prompt_tokens=usage.get("prompt_tokens", 0),
                        completion_tokens=usage.get("completion_tokens", 0), text=out["choices"][0]["text"])
@@ -142,15 +125,14 @@ class OpenAIClient:
         """Time to the first streamed chunk with text; the rest is read and dropped (the connection is reused)."""
         t0 = time.perf_counter()
         try:
-            resp = self._post(prompt, stream=True)
+            conn = self._conn()
+            conn.request("POST", self.path, json.dumps(self._body(prompt, stream=True)),
+                         {"Content-Type": "application/json"})
+            resp = conn.getresponse()
             first = None
-            while True:
-                line = resp.readline()
-                if not line:
-                    break
+            while line := resp.readline():
                 if first is None and line.startswith(b"data: {") and b'"text"' in line:
                     first = time.perf_counter() - t0
-            resp.read()
         except (OSError, http.client.HTTPException) as exc:
             self._local.conn = None
             return Outcome(time.perf_counter() - t0, ok=False, error=f"{type(exc).__name__}: {exc}")

@@ -52,13 +52,7 @@ def read_corpus(path: str | Path) -> list[str]:
         raise CorpusError(f"--corpus: {path}: not found")
     texts: list[str] = []
     if path.suffix == ".jsonl":
-        for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CorpusError(f"--corpus: {path}:{n}: not valid JSON ({exc.msg})") from None
+        for n, row in jsonl_rows(path, "--corpus"):
             text = row.get("text") if isinstance(row, dict) else None
             if text is None and isinstance(row, dict) and isinstance(row.get("prompt"), str):
                 text = row["prompt"] + (row.get("completion") or "")
@@ -71,6 +65,17 @@ def read_corpus(path: str | Path) -> list[str]:
     if len(texts) < 2:
         raise CorpusError(f"--corpus: {path}: needs at least 2 texts (one is held out to measure quality)")
     return texts
+
+
+def jsonl_rows(path: Path, flag: str):
+    """(line number, parsed object) of each non-blank line; CorpusError naming the flag, file and line."""
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CorpusError(f"{flag}: {path}:{n}: not valid JSON ({exc.msg})") from None
 
 
 def split(texts: Sequence[str], held_out: int = 5) -> tuple[list[str], list[str]]:

@@ -15,7 +15,6 @@ own family; `compare_label_sources` measures what is lost (docs/ROUTING.md).
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from tierline.build.corpus import jsonl_rows
 from tierline.build.evaluate import EVAL_MAX_TOKENS, answer
 from tierline.build.routing import CLOUD, Outcomes
 from tierline_shared.wire import TIERS
@@ -68,13 +68,7 @@ def read_prompts(path: str | Path) -> list[str]:
     if not path.is_file():
         raise ValueError(f"--prompts: {path}: not found")
     prompts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"--prompts: {path}:{n}: not valid JSON ({exc.msg})") from None
+    for n, row in jsonl_rows(path, "--prompts"):
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
             raise ValueError(f"--prompts: {path}:{n}: needs a non-empty string 'prompt'")
         prompts.append(row["prompt"])

@@ -30,14 +30,14 @@ def make_checkpoint(directory: Path, shape: dict, seed: int = 0) -> int:
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    from tierline.build.corpus import BUILTIN_TEXTS
+    from tierline_shared.tasks.problems import generate
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<s>", "</s>", "<unk>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(BUILTIN_TEXTS, trainer)
+    tok.train_from_iterator([p.text for p in generate("train", 2000, seed)], trainer)
     tok.post_processor = processors.TemplateProcessing(  # Llama's: BOS first
         single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
     hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",

@@ -254,3 +254,25 @@ def test_the_built_cloud_checkpoint_is_served_by_transformers_with_the_same_text
         assert theirs == ours, p.prompt
     chat = hf_tok.apply_chat_template([{"role": "user", "content": "2+3=?"}], tokenize=False)
     assert chat == "Q:2+3=?\nA:"  # the template gives the family's prompt format
+
+
+def test_the_committed_cloud_model_generates_what_transformers_generates():
+    """The committed family's cloud tier, loaded by transformers (AutoModelForCausalLM, AutoTokenizer: its own
+    encoding, <bos> first), gives the cloud tier's greedy text on 200 benchmark problems."""
+    from tests.conftest import COMMITTED_MODELS
+    from tierline.build.engines import load_engine
+    from tierline.build.evaluate import EVAL_MAX_TOKENS
+    from tierline_shared.tasks.problems import generate
+
+    cloud = COMMITTED_MODELS / "cloud"
+    model = transformers.AutoModelForCausalLM.from_pretrained(cloud, local_files_only=True).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(cloud, local_files_only=True)
+    problems = generate("test", 200, seed=11)
+    ours = [r.text for r in load_engine(COMMITTED_MODELS, "cloud", threads=2).generate_batch(
+        [p.prompt for p in problems], [GenerationParams(max_tokens=EVAL_MAX_TOKENS) for _ in problems])]
+    for p, text in zip(problems, ours):
+        ids = hf_tok(p.prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=EVAL_MAX_TOKENS,
+                                 do_sample=False, eos_token_id=hf_tok.eos_token_id, pad_token_id=hf_tok.pad_token_id)
+        assert hf_tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == text, p.prompt

@@ -83,18 +83,17 @@ def family(name: str, seed: int = 0) -> FamilyConfig:
             eval_n=40, kv_check_n=10, calib_n=32, scorer_n=60,
         )
     if name == "default":  # built in about 40 minutes on 2 CPU cores (README, "The model family")
-        # Packed training, the two students side by side (one core each), a 3000-step teacher and a
+        # Packed training, the two students side by side (one core each), a 6000-step teacher and a
         # light, early KL term: docs/ARCHITECTURE.md, "The default recipe".
         return FamilyConfig(
             name="default",
             teacher=_decoder(tok, 4, 4, 2, 128, 384),
             student=_decoder(tok, 3, 2, 2, 80, 216),
-            teacher_train=TrainConfig(steps=3000, batch_size=32, lr=3e-3, warmup=100, hard_share=2, seed=seed),
+            teacher_train=TrainConfig(steps=6000, batch_size=32, lr=3e-3, warmup=100, hard_share=2, seed=seed),
             student_train=TrainConfig(steps=6000, batch_size=32, lr=3e-3, warmup=100, hard_share=2, hard_from=2,
                                       distill_alpha=0.15, distill_alpha_end=0.0, distill_until=0.25,
                                       distill_temperature=1.0, seed=seed),
-            finetune=TrainConfig(steps=5000, batch_size=32, lr=2e-3, warmup=50, hard_share=2, hard_from=2,
-                                 distill_alpha=0.5, seed=seed + 1),
+            finetune=TrainConfig(steps=5000, batch_size=32, lr=2e-3, warmup=50, distill_alpha=0.5, seed=seed + 1),
             device_levels=(1, 2),
         )
     raise ValueError(f"unknown family config {name!r}; expected 'tiny' or 'default'")

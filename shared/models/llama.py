@@ -32,6 +32,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"  # a sharded checkpoint
 GENERATION_CONFIG_FILE = "generation_config.json"
+# keys of the project's own config.json before its family moved to the Llama format (a GPT of its own, removed)
+PRE_LLAMA_KEYS = {"n_layer", "n_head", "n_embd", "block_size", "ffn_hidden"}
 
 
 class ConfigError(ValueError):
@@ -81,7 +83,7 @@ class DecoderConfig:
         """The widest attention window the model supports."""
         return self.sliding_window or self.max_position_embeddings
 
-    # the names the engines and exports read (shared with the project's older GPTConfig)
+    # the short names the engines and exports read
     @property
     def layers(self) -> int:
         return self.num_hidden_layers
@@ -93,9 +95,6 @@ class DecoderConfig:
     @property
     def context(self) -> int:
         return self.max_position_embeddings
-
-    def to_dict(self) -> dict:
-        return self.to_hf()
 
     @property
     def model_type(self) -> str:
@@ -129,6 +128,9 @@ class DecoderConfig:
                 raise ConfigError(f"{where}: {name}: required")
             return value
 
+        if "architectures" not in data and "model_type" not in data and PRE_LLAMA_KEYS & data.keys():
+            raise ConfigError(f"{where}: the old pre-Llama config format, no longer served; rebuild the family with "
+                              f"`tierline models build` or import a Hugging Face checkpoint (`tierline models import`)")
         archs = data.get("architectures") or []
         arch = next((a for a in archs if a in ARCHITECTURES), None)
         if arch is None:

@@ -16,11 +16,10 @@ import numpy as np
 import onnxruntime as ort
 
 from tierline_shared.models.artifacts import TierFiles, load_with
-from tierline_shared.models.configs import DecoderConfig, config_from_dict, read_config
+from tierline_shared.models.configs import CONFIG_FILE, DecoderConfig, config_from_dict, read_config
 from tierline_shared.models.tokenizer import TextTokenizer
 from tierline_shared.runtime.engine import Engine, EngineInfo, Past, check_vocab
 
-CONFIG_FILE = "config.json"  # written beside the .onnx file by the pipeline
 META_CONFIG = "tierline.config"  # the config embedded by export_onnx (fallback)
 META_PARAMS = "tierline.num_params"  # the torch model's parameter count, embedded by export_onnx
 _QUANT_PARAM_SUFFIXES = ("_scale", "_zero_point")  # quantization bookkeeping, not weights

@@ -81,7 +81,8 @@ def tiny_decoder(seed: int, **over):
     context 64); `over`: DecoderConfig fields to change."""
     import torch
 
-    from tierline_shared.models.llama import Decoder, DecoderConfig
+    from tierline_shared.models.configs import DecoderConfig
+    from tierline_shared.models.llama import Decoder
     from tierline_shared.models.tokenizer import TextTokenizer
 
     cfg = dict(vocab_size=TextTokenizer.default().vocab_size, hidden_size=32, intermediate_size=64,

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tests.conftest import tiny_decoder
-from tierline_shared.models.configs import read_config
-from tierline_shared.models.llama import DecoderConfig, build_mask, load_decoder, save_decoder
+from tierline_shared.models.configs import DecoderConfig, read_config
+from tierline_shared.models.llama import build_mask, load_decoder, save_decoder
 
 # config.json as the project wrote it before its family moved to the Llama format
 PRE_LLAMA_CONFIG = {"vocab_size": 249, "block_size": 256, "n_layer": 4, "n_head": 4, "head_dim": 32, "n_embd": 128,

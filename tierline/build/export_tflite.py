@@ -32,7 +32,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from tierline_shared.models.llama import Decoder, DecoderConfig, apply_rotary, rotary
+from tierline_shared.models.configs import DecoderConfig
+from tierline_shared.models.llama import Decoder, apply_rotary, rotary
 
 CACHE_LAYOUT = "BTNH"  # (batch=1, position, head, head_dim), litert-torch's default layout
 DEFAULT_PREFILL_LENS = (32, 64, 128, 256)

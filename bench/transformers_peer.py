@@ -4,8 +4,8 @@ It serves the cloud checkpoint directory as it is (the family's cloud tier is a 
 CPU, once as it comes and once with `--continuous-batching`. `TransformersServe` starts the process on a free
 port, waits for its /health and stops its whole process group; `OpenAIClient` sends the bench's load to its
 /v1/completions (greedy: temperature 0), whole answers and streamed first tokens. `available()` says why it
-cannot run (an older family not in the Hugging Face format, or the serving extra missing), so the report
-says so instead of inventing a number.
+cannot run (a cloud config.json Tierline does not serve, or the serving extra missing), so the report says so
+instead of inventing a number.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tierline_bench.load import HttpClient, Outcome
 from tierline_bench.peer import free_port
+from tierline_shared.models.configs import read_config
 
 READY_TIMEOUT_S = 120.0  # the server starting and loading the checkpoint, at most
 HEALTH_TIMEOUT_S = 2.0  # one /health probe
@@ -34,10 +35,11 @@ def available(models_dir: Path) -> str | None:
     """None when `transformers serve` can serve the family's cloud checkpoint, else the reason it cannot."""
     config = cloud_checkpoint(models_dir) / "config.json"
     try:
-        if "architectures" not in json.loads(config.read_text()):
-            return f"{config}: not a Hugging Face checkpoint (an older family); rebuild it with `make models`"
-    except (OSError, json.JSONDecodeError) as exc:
+        read_config(config)
+    except OSError as exc:
         return f"{config}: unreadable ({exc})"
+    except ValueError as exc:  # names the file and what is wrong (an old pre-Llama family: rebuild it)
+        return str(exc)
     for module in ("fastapi", "uvicorn", "accelerate"):
         try:
             __import__(module)

@@ -1,7 +1,7 @@
 """The cloud backend: the full-precision PyTorch model.
 
 The KV cache is the model's own list of (key, value) tensors of shape (B, kv_heads, P, hd); the model is a
-Llama-family decoder in Hugging Face's format (or the project's older GPT, until its family is rebuilt).
+Llama-family decoder in Hugging Face's format.
 `_past_take` / `_past_join` slice and left-pad it for the base engine's prefix cache.
 """
 
@@ -12,9 +12,7 @@ from pathlib import Path
 import torch
 
 from tierline_shared.models.artifacts import TierFiles, load_with
-from tierline_shared.models.configs import read_config
-from tierline_shared.models.gpt import GPT, load_model
-from tierline_shared.models.llama import Decoder, DecoderConfig, load_decoder, weight_files
+from tierline_shared.models.llama import Decoder, load_decoder, weight_files
 from tierline_shared.models.tokenizer import TextTokenizer
 from tierline_shared.runtime.engine import Engine, EngineInfo, Past, check_vocab
 
@@ -22,7 +20,7 @@ from tierline_shared.runtime.engine import Engine, EngineInfo, Past, check_vocab
 class TorchEngine(Engine):
     supports_prefix_cache = True
 
-    def __init__(self, model: GPT | Decoder, tokenizer: TextTokenizer, info: EngineInfo, device: str = "cpu",
+    def __init__(self, model: Decoder, tokenizer: TextTokenizer, info: EngineInfo, device: str = "cpu",
                  threads: int | None = None):
         super().__init__(tokenizer, info)
         if threads:
@@ -35,11 +33,9 @@ class TorchEngine(Engine):
              model_name: str = "tierline", version: str = "0", device: str = "cpu",
              threads: int | None = None) -> "TorchEngine":
         directory = Path(directory)
-        cfg = read_config(directory / "config.json")
-        model = load_decoder(directory) if isinstance(cfg, DecoderConfig) else load_model(directory)
+        model = load_decoder(directory)
         check_vocab(model.cfg.vocab_size, tokenizer, directory)
-        size = (sum(f.stat().st_size for f in weight_files(directory)) if isinstance(cfg, DecoderConfig)
-                else (directory / "model.safetensors").stat().st_size)
+        size = sum(f.stat().st_size for f in weight_files(directory))
         info = EngineInfo(tier, model_name, version, model.num_params(), size,
                           model.cfg.context, model.cfg.window_limit)
         return cls(model, tokenizer, info, device, threads)

@@ -27,7 +27,7 @@ except ImportError:  # the slim runtime some devices ship instead
     from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
 
 from tierline_shared.models.artifacts import TierFiles, load_with
-from tierline_shared.models.configs import ModelConfig, read_config
+from tierline_shared.models.configs import DecoderConfig, read_config
 from tierline_shared.models.tokenizer import TextTokenizer
 from tierline_shared.runtime.engine import Engine, EngineInfo, check_vocab
 
@@ -46,7 +46,7 @@ class LiteRTPast:
 class LiteRTEngine(Engine):
     supports_batch_prefill = False  # the signatures are batch 1
 
-    def __init__(self, interpreter: Interpreter, cfg: ModelConfig, tokenizer: TextTokenizer, info: EngineInfo,
+    def __init__(self, interpreter: Interpreter, cfg: DecoderConfig, tokenizer: TextTokenizer, info: EngineInfo,
                  path: Path):
         super().__init__(tokenizer, info)
         self.cfg = cfg
@@ -122,7 +122,7 @@ class LiteRTEngine(Engine):
         return replace(past, start=max(past.start, past.length - keep))
 
 
-def _load_config(path: Path) -> ModelConfig:
+def _load_config(path: Path) -> DecoderConfig:
     try:
         return read_config(path)
     except FileNotFoundError:
@@ -132,7 +132,7 @@ def _load_config(path: Path) -> ModelConfig:
         raise ValueError(msg if msg.startswith(str(path)) else f"{path}: not a valid model config ({msg})") from exc
 
 
-def _check_signatures(interpreter: Interpreter, sigs: dict, cfg: ModelConfig, path: Path) -> None:
+def _check_signatures(interpreter: Interpreter, sigs: dict, cfg: DecoderConfig, path: Path) -> None:
     """The file must have decode + prefill_* over caches shaped like config.json says."""
     prefills = [s for s in sigs if _PREFILL.match(s)]
     if "decode" not in sigs or not prefills:

@@ -16,11 +16,10 @@ import numpy as np
 import onnxruntime as ort
 
 from tierline_shared.models.artifacts import TierFiles, load_with
-from tierline_shared.models.configs import ModelConfig, config_from_dict, read_config
+from tierline_shared.models.configs import CONFIG_FILE, DecoderConfig, config_from_dict, read_config
 from tierline_shared.models.tokenizer import TextTokenizer
 from tierline_shared.runtime.engine import Engine, EngineInfo, Past, check_vocab
 
-CONFIG_FILE = "config.json"  # written beside the .onnx file by the pipeline
 META_CONFIG = "tierline.config"  # the config embedded by export_onnx (fallback)
 META_PARAMS = "tierline.num_params"  # the torch model's parameter count, embedded by export_onnx
 _QUANT_PARAM_SUFFIXES = ("_scale", "_zero_point")  # quantization bookkeeping, not weights
@@ -31,7 +30,7 @@ class OnnxEngine(Engine):
 
     supports_prefix_cache = True
 
-    def __init__(self, session: ort.InferenceSession, tokenizer: TextTokenizer, info: EngineInfo, cfg: ModelConfig):
+    def __init__(self, session: ort.InferenceSession, tokenizer: TextTokenizer, info: EngineInfo, cfg: DecoderConfig):
         super().__init__(tokenizer, info)
         self.session = session
         self.cfg = cfg
@@ -93,7 +92,7 @@ class OnnxEngine(Engine):
         return [(stack([r[i][0] for r in rows]), stack([r[i][1] for r in rows])) for i in range(len(rows[0]))]
 
 
-def _load_config(path: Path, meta: dict[str, str]) -> ModelConfig:
+def _load_config(path: Path, meta: dict[str, str]) -> DecoderConfig:
     """config.json beside the model (the pipeline's contract), else the config embedded at export."""
     cfg_path = path.parent / CONFIG_FILE
     if cfg_path.is_file():
@@ -111,7 +110,7 @@ def _load_config(path: Path, meta: dict[str, str]) -> ModelConfig:
     raise ValueError(f"{path}: no {CONFIG_FILE} beside it and no embedded config")
 
 
-def _check_graph(session: ort.InferenceSession, cfg: ModelConfig, path: Path) -> None:
+def _check_graph(session: ort.InferenceSession, cfg: DecoderConfig, path: Path) -> None:
     """The graph's inputs must be the decoder the config describes (a stale config.json shows here)."""
     inputs = {i.name: i.shape for i in session.get_inputs()}
     outputs = {o.name: o.shape for o in session.get_outputs()}

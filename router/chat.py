@@ -1,9 +1,9 @@
 """A conversation as the served model's prompt: the model's own chat template (Hugging Face's chat_template).
 
 The template comes from the cloud tier's tokenizer_config.json in the models directory (what transformers'
-`apply_chat_template` would use); a family without one (the project's older builds) uses the family's own
-format (tierline_shared.models.tokenizer.CHAT_TEMPLATE). Templates run in jinja2's sandbox, as transformers
-runs them.
+`apply_chat_template` would use); a family without one (no tokenizer_config.json, or no chat_template in it)
+uses the family's own format (tierline_shared.models.tokenizer.CHAT_TEMPLATE). Templates run in jinja2's sandbox,
+as transformers runs them.
 """
 
 from __future__ import annotations

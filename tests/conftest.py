@@ -76,17 +76,27 @@ def processes_with(match) -> list[str]:
     return found
 
 
-def random_torch_engine(seed: int, tier: str = "cloud"):
-    """A tiny randomly initialised model behind the torch engine: the decoding loop without training."""
+def tiny_decoder(seed: int, **over):
+    """A tiny randomly initialised Llama-family decoder over the shared tokenizer (4 query heads on 2 KV heads,
+    context 64); `over`: DecoderConfig fields to change."""
     import torch
 
+    from tierline_shared.models.configs import DecoderConfig
+    from tierline_shared.models.llama import Decoder
+    from tierline_shared.models.tokenizer import TextTokenizer
+
+    cfg = dict(vocab_size=TextTokenizer.default().vocab_size, hidden_size=32, intermediate_size=64,
+               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+               max_position_embeddings=64)
+    torch.manual_seed(seed)
+    return Decoder(DecoderConfig(**(cfg | over))).eval()
+
+
+def random_torch_engine(seed: int, tier: str = "cloud"):
+    """A tiny randomly initialised model behind the torch engine: the decoding loop without training."""
     from tierline_cloud_node.engine import TorchEngine
-    from tierline_shared.models.gpt import GPT, GPTConfig
     from tierline_shared.models.tokenizer import TextTokenizer
     from tierline_shared.runtime.engine import EngineInfo
 
-    tok = TextTokenizer.default()
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, head_dim=8,
-                          n_embd=16, ffn_hidden=32))
-    return TorchEngine(model, tok, EngineInfo(tier, "t", "0", model.num_params(), 0, 64, 64))
+    model = tiny_decoder(seed)
+    return TorchEngine(model, TextTokenizer.default(), EngineInfo(tier, "t", "0", model.num_params(), 0, 64, 64))

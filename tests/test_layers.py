@@ -44,6 +44,8 @@ def tree(tmp_path) -> Path:
     ("tierline_edge_node/probe.py", "import tierline_cloud_node.engine\n",
      "tierline_edge_node is not allowed to import tierline_cloud_node"),
     ("tierline/client_probe.py", "import numpy\n", None),  # not the SDK module: allowed
+    ("tierline_device_agent/probe.py", "from tierline_shared.models.llama import Decoder\n",
+     "tierline_device_agent is not allowed to import torch"),  # the model needs torch; its config does not
     ("tierline_router/probe.py", "from tierline_infra import supervisor\n",
      "tierline_router is not allowed to import tierline_infra"),
 ])

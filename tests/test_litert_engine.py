@@ -10,15 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("litert_torch")
 pytest.importorskip("ai_edge_litert")
 
+from tests.conftest import tiny_decoder  # noqa: E402
 from tierline.build.export_tflite import export_tflite  # noqa: E402
 from tierline_cloud_node.engine import TorchEngine  # noqa: E402
 from tierline_device_agent.engine import Interpreter, LiteRTEngine  # noqa: E402
-from tierline_shared.models.gpt import GPT, GPTConfig  # noqa: E402
+from tierline_shared.models.llama import Decoder  # noqa: E402
 from tierline_shared.models.tokenizer import TextTokenizer  # noqa: E402
 from tierline_shared.runtime.engine import EngineError, EngineInfo, GenerationParams  # noqa: E402
 
@@ -26,21 +26,15 @@ TOK = TextTokenizer.default()
 PROMPTS = ["7", "12+34=", "what is 5*6? answer:", "a longer prompt of thirty-five chars", "x" * 45]
 
 
-def _tiny(seed: int, **over) -> GPT:
-    torch.manual_seed(seed)
-    cfg = dict(vocab_size=TOK.vocab_size, block_size=64, n_layer=2, n_head=2, head_dim=16, n_embd=32, ffn_hidden=64)
-    return GPT(GPTConfig(**(cfg | over))).eval()
-
-
-def _torch_engine(model: GPT) -> TorchEngine:
+def _torch_engine(model: Decoder) -> TorchEngine:
     c = model.cfg
     return TorchEngine(model, TOK, EngineInfo("device", "tierline", "0", model.num_params(), 0,
-                                              c.block_size, c.window_limit))
+                                              c.context, c.window_limit))
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> tuple[GPT, Path, dict]:
-    model = _tiny(0)
+def exported(tmp_path_factory) -> tuple[Decoder, Path, dict]:
+    model = tiny_decoder(0)
     path = tmp_path_factory.mktemp("device") / "model.tflite"
     report = export_tflite(model, path, prefill_lens=(32, 64))
     return model, path, report
@@ -115,7 +109,7 @@ def test_signatures_follow_litert_convention(exported):
     sigs = Interpreter(model_path=str(path)).get_signature_list()
     assert set(sigs) == {"prefill_32", "prefill_64", "decode"}
     assert report["signatures"] == ["prefill_32", "prefill_64", "decode"]
-    caches = {f"kv_cache_{kv}_{i}" for i in range(cfg.n_layer) for kv in "kv"}
+    caches = {f"kv_cache_{kv}_{i}" for i in range(cfg.layers) for kv in "kv"}
     for name, sig in sigs.items():
         assert set(sig["inputs"]) == {"tokens", "input_pos", "kv_start"} | caches, name
         assert set(sig["outputs"]) == {"logits"} | caches, name
@@ -123,8 +117,9 @@ def test_signatures_follow_litert_convention(exported):
     details = runner.get_input_details()
     assert list(details["tokens"]["shape"]) == [1, 32] and details["tokens"]["dtype"] == np.int32
     assert list(details["input_pos"]["shape"]) == [32] and details["input_pos"]["dtype"] == np.int32
-    assert list(details["kv_cache_k_0"]["shape"]) == [1, cfg.block_size, cfg.n_head, cfg.head_dim]
-    assert report["kv_cache"]["shape"] == [1, cfg.block_size, cfg.n_head, cfg.head_dim]
+    shape = [1, cfg.context, cfg.kv_heads, cfg.head_dim]  # grouped-query attention: the KV heads only
+    assert cfg.kv_heads < cfg.num_attention_heads
+    assert list(details["kv_cache_k_0"]["shape"]) == shape and report["kv_cache"]["shape"] == shape
 
 
 def test_engine_info(engines, exported):
@@ -151,7 +146,7 @@ def test_corrupt_file_names_the_path(exported, tmp_path):
 def test_config_mismatch_names_the_file(exported, tmp_path):
     model, path, _ = exported
     shutil.copy(path, tmp_path / "model.tflite")
-    GPTConfig(**{**model.cfg.__dict__, "n_layer": 3}).to_json(tmp_path / "config.json")
+    model.cfg.replace(num_hidden_layers=3).write(tmp_path)
     with pytest.raises(ValueError, match=str(tmp_path / "model.tflite")):
         LiteRTEngine.load(tmp_path / "model.tflite", TOK)
     with pytest.raises(FileNotFoundError, match="config.json"):
@@ -160,8 +155,8 @@ def test_config_mismatch_names_the_file(exported, tmp_path):
 
 
 def test_model_attention_window_matches_torch(tmp_path):
-    """A config with its own attention_window: the window is baked into the graph's mask."""
-    model = _tiny(1, block_size=32, attention_window=8)
+    """A config with its own sliding window (Mistral's): the window is baked into the graph's mask."""
+    model = tiny_decoder(1, max_position_embeddings=32, sliding_window=8, architecture="MistralForCausalLM")
     export_tflite(model, tmp_path / "model.tflite", prefill_lens=(32,))
     lite, ref = LiteRTEngine.load(tmp_path / "model.tflite", TOK), _torch_engine(model)
     assert lite.info.window_limit == 8

@@ -14,7 +14,8 @@ import torch
 
 from tierline.build.packing import Packing, forward_packed
 from tierline_cloud_node.engine import TorchEngine
-from tierline_shared.models.llama import ConfigError, Decoder, DecoderConfig, load_decoder, save_decoder
+from tierline_shared.models.configs import ConfigError, DecoderConfig
+from tierline_shared.models.llama import Decoder, load_decoder, save_decoder
 from tierline_shared.models.tokenizer import TextTokenizer
 from tierline_shared.runtime.engine import EngineInfo, GenerationParams
 

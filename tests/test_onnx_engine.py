@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import tiny_decoder
 from tierline.build.export_onnx import export_onnx, input_names, output_names, quantize_int8
 from tierline_cloud_node.engine import TorchEngine
 from tierline_edge_node.engine import OnnxEngine
-from tierline_shared.models.gpt import GPT
-from tierline_shared.models.gpt_config import GPTConfig
+from tierline_shared.models.llama import Decoder
 from tierline_shared.models.tokenizer import TextTokenizer
 from tierline_shared.runtime.engine import EngineInfo, GenerationParams
 
@@ -29,11 +29,8 @@ def tok() -> TextTokenizer:
 
 
 @pytest.fixture(scope="module")
-def model(tok: TextTokenizer) -> GPT:
-    torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, head_dim=16, n_embd=32,
-                    ffn_hidden=64)
-    m = GPT(cfg)
+def model() -> Decoder:
+    m = tiny_decoder(0)
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0.0, WEIGHT_STD)
@@ -41,19 +38,19 @@ def model(tok: TextTokenizer) -> GPT:
 
 
 @pytest.fixture(scope="module")
-def onnx_dir(model: GPT, tok: TextTokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def onnx_dir(model: Decoder, tok: TextTokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("edge")
     export_onnx(model, d / "model.fp32.onnx")
     # static activation scales, as the pipeline ships: dynamic ones differ between a cached step and a recompute
     calib_ids = [tok.encode(p) for p in PROMPTS]
     quantize_int8(d / "model.fp32.onnx", d / "model.int8.onnx", calib_ids=calib_ids)
-    model.cfg.to_json(d / "config.json")
+    model.cfg.write(d)
     return d
 
 
 @pytest.fixture(scope="module")
-def torch_engine(model: GPT, tok: TextTokenizer) -> TorchEngine:
-    info = EngineInfo("cloud", "t", "0", model.num_params(), 0, model.cfg.block_size, model.cfg.window_limit)
+def torch_engine(model: Decoder, tok: TextTokenizer) -> TorchEngine:
+    info = EngineInfo("cloud", "t", "0", model.num_params(), 0, model.cfg.context, model.cfg.window_limit)
     return TorchEngine(model, tok, info)
 
 
@@ -77,21 +74,21 @@ def _left_padded(tok: TextTokenizer, prompts: list[str]) -> tuple[np.ndarray, np
     return input_ids, mask, np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
 
 
-def test_graph_has_the_optimum_decoder_names(fp32: OnnxEngine, model: GPT) -> None:
-    n = model.cfg.n_layer
+def test_graph_has_the_optimum_decoder_names(fp32: OnnxEngine, model: Decoder) -> None:
+    n = model.cfg.layers
     assert [i.name for i in fp32.session.get_inputs()] == input_names(n)
     assert [o.name for o in fp32.session.get_outputs()] == output_names(n)
     assert fp32.info.params == model.num_params()
-    assert fp32.info.max_context == model.cfg.block_size
+    assert fp32.info.max_context == model.cfg.context
 
 
-def test_fp32_logits_match_torch_prefill_and_decode(fp32: OnnxEngine, model: GPT, tok: TextTokenizer) -> None:
+def test_fp32_logits_match_torch_prefill_and_decode(fp32: OnnxEngine, model: Decoder, tok: TextTokenizer) -> None:
     ids, mask, pos = _left_padded(tok, PROMPTS[:3])
     B, T = ids.shape
-    nh, hd = model.cfg.n_head, model.cfg.head_dim
+    kv, hd = model.cfg.kv_heads, model.cfg.head_dim
     feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
-    for i in range(model.cfg.n_layer):  # prefill: past of length 0
-        feed[f"past_key_values.{i}.key"] = feed[f"past_key_values.{i}.value"] = np.zeros((B, nh, 0, hd), np.float32)
+    for i in range(model.cfg.layers):  # prefill: past of length 0
+        feed[f"past_key_values.{i}.key"] = feed[f"past_key_values.{i}.value"] = np.zeros((B, kv, 0, hd), np.float32)
     out = fp32.session.run(None, feed)
     with torch.no_grad():
         ref, past = model(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(pos), None,
@@ -104,14 +101,14 @@ def test_fp32_logits_match_torch_prefill_and_decode(fp32: OnnxEngine, model: GPT
     mask2 = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
     pos2 = pos[:, -1:] + 1
     feed = {"input_ids": nxt, "attention_mask": mask2, "position_ids": pos2}
-    for i in range(model.cfg.n_layer):
+    for i in range(model.cfg.layers):
         feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = out[1 + 2 * i], out[2 + 2 * i]
     out2 = fp32.session.run(None, feed)
     with torch.no_grad():
         ref2, _ = model(torch.from_numpy(nxt), torch.from_numpy(mask2), torch.from_numpy(pos2), past,
                         attention_window=0)
     np.testing.assert_allclose(out2[0], ref2.numpy(), atol=ATOL)
-    assert out2[1].shape == (B, nh, T + 1, hd)
+    assert out2[1].shape == (B, kv, T + 1, hd)
 
 
 def test_fp32_greedy_batch_matches_torch(fp32: OnnxEngine, torch_engine: TorchEngine) -> None:
@@ -162,14 +159,14 @@ def test_corrupt_file_raises_value_error_naming_it(onnx_dir: Path, tmp_path: Pat
         OnnxEngine.load(tmp_path / "missing.onnx", tok)
 
 
-def test_config_mismatch_and_vocab_mismatch(onnx_dir: Path, tmp_path: Path, model: GPT, tok: TextTokenizer) -> None:
+def test_config_mismatch_and_vocab_mismatch(onnx_dir: Path, tmp_path: Path, model: Decoder, tok: TextTokenizer) -> None:
     path = tmp_path / "model.onnx"
     path.write_bytes((onnx_dir / "model.fp32.onnx").read_bytes())
     assert OnnxEngine.load(path, tok).info.params == model.num_params()  # no config.json: the embedded one
-    GPTConfig(**{**model.cfg.__dict__, "n_layer": 3}).to_json(tmp_path / "config.json")
+    model.cfg.replace(num_hidden_layers=3).write(tmp_path)
     with pytest.raises(ValueError, match="3 layers"):
         OnnxEngine.load(path, tok)
-    model.cfg.to_json(tmp_path / "config.json")
+    model.cfg.write(tmp_path)
     other = TextTokenizer.default()
     other.vocab_size += 1
     with pytest.raises(ValueError, match="vocabulary"):

@@ -9,7 +9,8 @@ import torch
 
 from tierline.build.prune import build_pruned, prune, prune_groups, prune_mlp
 from tierline.build.train import TrainConfig, train
-from tierline_shared.models.llama import Decoder, DecoderConfig, save_decoder
+from tierline_shared.models.configs import DecoderConfig
+from tierline_shared.models.llama import Decoder, save_decoder
 from tierline_shared.models.tokenizer import TextTokenizer
 from tierline_shared.tasks.problems import generate
 

@@ -5,7 +5,8 @@ import torch
 
 from tierline.build import train as train_module
 from tierline.build.train import TrainConfig, distill_alpha_at, encode_batch, level_schedule, pack_batch, train
-from tierline_shared.models.llama import Decoder, DecoderConfig
+from tierline_shared.models.configs import DecoderConfig
+from tierline_shared.models.llama import Decoder
 from tierline_shared.models.tokenizer import TextTokenizer
 from tierline_shared.tasks.problems import generate
 

@@ -12,217 +12,24 @@ The forward follows the optimum decoder convention the engines drive: `input_ids
 `attention_mask` over past + new tokens, `position_ids`, and the past keys/values, one
 (key, value) pair of shape (B, num_key_value_heads, P, head_dim) per layer; it returns the
 logits and the presents. Tests check it against transformers' own classes (tests/test_llama.py).
+Its config.json is DecoderConfig (shared/models/configs.py, which the tiers without torch import).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from tierline_shared.models.configs import CONFIG_FILE, DecoderConfig
+
 KV = tuple[torch.Tensor, torch.Tensor]  # (B, n_kv, S, hd) each
-# config.json's architectures value -> its model_type
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
-CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"  # a sharded checkpoint
-GENERATION_CONFIG_FILE = "generation_config.json"
-
-
-class ConfigError(ValueError):
-    """A config.json Tierline cannot serve; the message names the file and the field."""
-
-
-@dataclass
-class DecoderConfig:
-    vocab_size: int
-    hidden_size: int  # the residual stream's width
-    intermediate_size: int  # the MLP's width
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int  # < num_attention_heads: grouped-query attention
-    head_dim: int  # need not be hidden_size / num_attention_heads
-    max_position_embeddings: int  # the context: prompt + completion tokens at most
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    tie_word_embeddings: bool = False
-    qkv_bias: bool = False  # biases on q, k, v (Llama's attention_bias, Qwen2 always)
-    o_bias: bool = False  # a bias on the output projection (Llama's attention_bias)
-    mlp_bias: bool = False
-    sliding_window: int = 0  # 0 = full causal attention; N = a query sees the last N positions (Mistral)
-    architecture: str = "LlamaForCausalLM"
-    bos_token_id: int | None = None
-    eos_token_id: int | None = None
-    pad_token_id: int | None = None
-
-    def __post_init__(self):
-        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "head_dim", "max_position_embeddings"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"{f}: must be a positive integer, got {v!r}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_key_value_heads: {self.num_key_value_heads} does not divide "
-                             f"num_attention_heads {self.num_attention_heads}")
-        if not 0 <= self.sliding_window <= self.max_position_embeddings:
-            raise ValueError(f"sliding_window: must be in [0, {self.max_position_embeddings}], "
-                             f"got {self.sliding_window}")
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"architectures: {self.architecture!r} is not served; Tierline serves "
-                             f"{', '.join(ARCHITECTURES)}")
-
-    @property
-    def window_limit(self) -> int:
-        """The widest attention window the model supports."""
-        return self.sliding_window or self.max_position_embeddings
-
-    # the names the engines and exports read (shared with the project's older GPTConfig)
-    @property
-    def layers(self) -> int:
-        return self.num_hidden_layers
-
-    @property
-    def kv_heads(self) -> int:
-        return self.num_key_value_heads
-
-    @property
-    def context(self) -> int:
-        return self.max_position_embeddings
-
-    def to_dict(self) -> dict:
-        return self.to_hf()
-
-    @property
-    def model_type(self) -> str:
-        return ARCHITECTURES[self.architecture]
-
-    def num_params(self) -> int:
-        """The model's parameter count without building it (pruning searches; tiers without torch)."""
-        h, v = self.hidden_size, self.vocab_size
-        embeddings = v * h * (1 if self.tie_word_embeddings else 2)
-        return embeddings + self.num_hidden_layers * self.layer_params() + h  # the final norm
-
-    def layer_params(self, num_key_value_heads: int | None = None, intermediate_size: int | None = None) -> int:
-        """One decoder layer's parameters with the given KV-head count and MLP width (default: this config's);
-        the query heads go with their KV heads (num_attention_heads / num_key_value_heads each)."""
-        kv = self.num_key_value_heads if num_key_value_heads is None else num_key_value_heads
-        heads = kv * (self.num_attention_heads // self.num_key_value_heads)
-        f = self.intermediate_size if intermediate_size is None else intermediate_size
-        h, d = self.hidden_size, self.head_dim
-        qkv = h * (heads + 2 * kv) * d + (heads + 2 * kv) * d * self.qkv_bias
-        o = heads * d * h + h * self.o_bias
-        mlp = 3 * h * f + (2 * f + h) * self.mlp_bias
-        return qkv + o + mlp + 2 * h  # + the two norms
-
-    # -- Hugging Face's config.json ---------------------------------------------------------------
-    @classmethod
-    def from_hf(cls, data: dict, where: str | Path = CONFIG_FILE) -> "DecoderConfig":
-        """From a config.json's contents; ConfigError naming `where` and the field for what is not served."""
-        def field(name: str, default=None):
-            value = data.get(name, default)
-            if value is None:
-                raise ConfigError(f"{where}: {name}: required")
-            return value
-
-        archs = data.get("architectures") or []
-        arch = next((a for a in archs if a in ARCHITECTURES), None)
-        if arch is None:
-            raise ConfigError(f"{where}: architectures: {archs!r} is not served; Tierline serves "
-                              f"{', '.join(ARCHITECTURES)} (the Llama family)")
-        if data.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"{where}: hidden_act: {data['hidden_act']!r}; only silu (SwiGLU) is implemented")
-        rope = data.get("rope_parameters") or {}  # transformers 5; older files say rope_theta and rope_scaling
-        scaling = data.get("rope_scaling") or {}
-        for name, kind in (("rope_parameters.rope_type", rope.get("rope_type")),
-                           ("rope_scaling", scaling.get("rope_type") or scaling.get("type"))):
-            if kind not in (None, "default"):
-                raise ConfigError(f"{where}: {name}: {kind!r} rope scaling is not implemented (only default rope)")
-        heads = field("num_attention_heads")
-        hidden = field("hidden_size")
-        window = 0
-        if arch == "MistralForCausalLM" or data.get("use_sliding_window"):
-            window = data.get("sliding_window") or 0
-        if arch == "Qwen2ForCausalLM" and data.get("use_sliding_window") and data.get("max_window_layers", 0) < \
-                field("num_hidden_layers"):
-            raise ConfigError(f"{where}: max_window_layers: sliding windows on some layers only are not implemented")
-        attention_bias = bool(data.get("attention_bias", False))
-        try:
-            return cls(
-                vocab_size=field("vocab_size"), hidden_size=hidden, intermediate_size=field("intermediate_size"),
-                num_hidden_layers=field("num_hidden_layers"), num_attention_heads=heads,
-                num_key_value_heads=data.get("num_key_value_heads") or heads,
-                head_dim=data.get("head_dim") or hidden // heads,
-                max_position_embeddings=field("max_position_embeddings"),
-                rms_norm_eps=float(data.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(rope.get("rope_theta", data.get("rope_theta", 10000.0))),
-                tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
-                qkv_bias=attention_bias or arch == "Qwen2ForCausalLM",
-                o_bias=attention_bias and arch != "Qwen2ForCausalLM",
-                mlp_bias=bool(data.get("mlp_bias", False)), sliding_window=int(window), architecture=arch,
-                bos_token_id=data.get("bos_token_id"), eos_token_id=_first(data.get("eos_token_id")),
-                pad_token_id=data.get("pad_token_id"))
-        except ValueError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
-
-    def to_hf(self) -> dict:
-        """config.json as Hugging Face writes it for this architecture (transformers' AutoConfig reads it)."""
-        out = {"architectures": [self.architecture], "model_type": self.model_type,
-               "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-               "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
-               "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
-               "head_dim": self.head_dim, "max_position_embeddings": self.max_position_embeddings,
-               "hidden_act": "silu", "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta,
-               "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
-               "tie_word_embeddings": self.tie_word_embeddings, "bos_token_id": self.bos_token_id,
-               "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id, "torch_dtype": "float32"}
-        if self.model_type == "llama":
-            if self.qkv_bias != self.o_bias:
-                raise ValueError("LlamaForCausalLM has one attention_bias for q, k, v and o")
-            out.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
-        elif self.model_type == "qwen2":
-            if not self.qkv_bias or self.o_bias or self.mlp_bias:
-                raise ValueError("Qwen2ForCausalLM has biases on q, k, v only")
-            out.update(use_sliding_window=bool(self.sliding_window), sliding_window=self.sliding_window or None,
-                       max_window_layers=self.num_hidden_layers)
-        else:
-            if self.qkv_bias or self.o_bias or self.mlp_bias:
-                raise ValueError("MistralForCausalLM has no biases")
-            out.update(sliding_window=self.sliding_window or None)
-        return out
-
-    @classmethod
-    def read(cls, directory: str | Path) -> "DecoderConfig":
-        path = Path(directory) / CONFIG_FILE
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: missing") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: not a JSON object")
-        return cls.from_hf(data, path)
-
-    def write(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_FILE).write_text(json.dumps(self.to_hf(), indent=2) + "\n")
-        generation = {"bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
-                      "pad_token_id": self.pad_token_id, "do_sample": False}
-        (directory / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2) + "\n")
-
-    def replace(self, **changes) -> "DecoderConfig":
-        return DecoderConfig(**{**asdict(self), **changes})
-
-
-def _first(value):
-    """eos_token_id may be a list (several end tokens): the first is the one Tierline stops on."""
-    return value[0] if isinstance(value, list) and value else value
 
 
 # -- the model ------------------------------------------------------------------------------------------

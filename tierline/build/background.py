@@ -19,7 +19,8 @@ from typing import Callable
 import torch
 
 from tierline.build.train import TrainConfig
-from tierline_shared.models.llama import Decoder, DecoderConfig, load_decoder
+from tierline_shared.models.configs import DecoderConfig
+from tierline_shared.models.llama import Decoder, load_decoder
 
 POLL_S = 1.0  # how often wait() checks that the process is still alive
 

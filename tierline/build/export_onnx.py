@@ -1,5 +1,4 @@
-"""The edge artifact: a decoder (the project's GPT, or a Llama-family model) as ONE ONNX graph with a KV cache,
-then int8.
+"""The edge artifact: a Llama-family decoder as ONE ONNX graph with a KV cache, then int8.
 
 One graph serves both prefill (past length 0) and decode, with the Hugging Face /
 optimum decoder names, so any optimum-style runtime can drive it:
@@ -30,7 +29,7 @@ import torch.nn as nn
 
 from tierline_edge_node.engine import META_CONFIG, META_PARAMS
 
-DEFAULT_OPSET = 17  # LayerNormalization is a native op from opset 17
+DEFAULT_OPSET = 17  # the ONNX opset of the exported graphs
 # Trace shapes: different from each other and not 0 or 1 (which the tracer could treat as
 # broadcasts); sizes are traced as graph ops, and export_onnx checks other shapes after export.
 TRACE_BATCH = 2
@@ -123,7 +122,7 @@ def export_onnx(model: nn.Module, path: Path, opset: int = DEFAULT_OPSET) -> Non
                 dynamo=False,  # the TorchScript exporter: no onnxscript needed, dynamic_axes honoured
             )
         proto = onnx.load(str(path))
-        _set_metadata(proto, {META_CONFIG: json.dumps(model.cfg.to_dict()), META_PARAMS: str(model.num_params())})
+        _set_metadata(proto, {META_CONFIG: json.dumps(model.cfg.to_hf()), META_PARAMS: str(model.num_params())})
         onnx.save(proto, str(path))
         onnx.checker.check_model(str(path))
         _verify(model, path, gen)

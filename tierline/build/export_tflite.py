@@ -1,5 +1,4 @@
-"""Export the (pruned) device model (the project's GPT or a Llama-family decoder) to .tflite with an external
-KV cache, for LiteRT.
+"""Export the (pruned) device model, a Llama-family decoder, to .tflite with an external KV cache, for LiteRT.
 
 The file follows the LiteRT generative convention (the layout litert-torch's own
 `generative.utilities.converter` produces): one `prefill_{len}` signature per fixed
@@ -33,28 +32,29 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from tierline_shared.models.configs import ModelConfig
-from tierline_shared.models.gpt import GPT
-from tierline_shared.models.llama import Decoder, DecoderConfig, apply_rotary, rotary
+from tierline_shared.models.configs import DecoderConfig
+from tierline_shared.models.llama import Decoder, apply_rotary, rotary
 
 CACHE_LAYOUT = "BTNH"  # (batch=1, position, head, head_dim), litert-torch's default layout
 DEFAULT_PREFILL_LENS = (32, 64, 128, 256)
 
 
 class KVCacheDecoder(nn.Module):
-    """GPT's own weights behind the LiteRT prefill/decode calling convention.
+    """The decoder's own weights behind the LiteRT prefill/decode calling convention: rotary positions from
+    `input_pos`, a cache of (1, context, kv_heads, head_dim) per layer (grouped-query attention stores the
+    key/value heads only).
 
     The mask comes from `input_pos`: a query at position p attends keys at positions
-    k with kv_start <= k <= p (and p - k < attention_window when the config sets one),
+    k with kv_start <= k <= p (and p - k < sliding_window when the config sets one),
     so the padding a fixed-length prefill writes past the prompt is never read, and
     is overwritten by later decode steps. Cache slot == absolute position.
     """
 
-    def __init__(self, model: GPT):
+    def __init__(self, model: Decoder):
         super().__init__()
         self.model = model  # shares the parameters; nothing is copied
         self.cfg = model.cfg
-        self.register_buffer("key_pos", torch.arange(model.cfg.block_size, dtype=torch.int32), persistent=False)
+        self.register_buffer("key_pos", torch.arange(model.cfg.context, dtype=torch.int32), persistent=False)
 
     def blocked(self, pos: torch.Tensor, kv_start: torch.Tensor) -> torch.Tensor:
         """(1, 1, T, S): the cache slots each query may not see (later positions, evicted ones, past the window)."""
@@ -64,46 +64,6 @@ class KVCacheDecoder(nn.Module):
         if self.cfg.window_limit < self.cfg.context:
             allowed = allowed & (q_pos - k_pos < self.cfg.window_limit)
         return ~allowed[None, None]
-
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_cache, kv_start: torch.Tensor) -> dict:
-        from litert_torch.generative.layers import kv_cache as kv_utils
-
-        m, cfg = self.model, self.cfg
-        T = tokens.shape[1]
-        pos = input_pos.to(torch.int32)
-        x = m.wte(tokens) + m.wpe(pos)[None]
-        blocked = self.blocked(pos, kv_start)
-        scale = 1.0 / math.sqrt(cfg.head_dim)
-        entries = []
-        for block, entry in zip(m.blocks, kv_cache.caches):
-            a = block.attn
-            h = block.ln1(x)
-            q = a.q(h).view(1, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (1, nh, T, hd)
-            k = a.k(h).view(1, T, cfg.n_head, cfg.head_dim)  # (1, T, nh, hd): the cache layout
-            v = a.v(h).view(1, T, cfg.n_head, cfg.head_dim)
-            entry = kv_utils.update(entry, pos, k, v)
-            keys = entry.k_cache.permute(0, 2, 3, 1)  # (1, nh, hd, S)
-            values = entry.v_cache.transpose(1, 2)  # (1, nh, S, hd)
-            att = (q @ keys) * scale  # (1, nh, T, S)
-            att = att.masked_fill(blocked, torch.finfo(att.dtype).min)
-            y = F.softmax(att, dim=-1) @ values  # (1, nh, T, hd)
-            y = y.transpose(1, 2).reshape(1, T, cfg.n_head * cfg.head_dim)
-            x = x + a.proj(y)
-            x = x + block.mlp(block.ln2(x))
-            entries.append(entry)
-        logits = m.lm_head(m.ln_f(x))
-        return {"logits": logits, "kv_cache": kv_utils.KVCache(tuple(entries))}
-
-
-class LlamaKVCacheDecoder(KVCacheDecoder):
-    """A Llama-family decoder's own weights behind the same LiteRT calling convention: rotary positions from
-    `input_pos`, a cache of (1, context, kv_heads, head_dim) per layer (grouped-query attention stores the
-    key/value heads only), RMSNorm and SwiGLU."""
-
-    def __init__(self, model: Decoder):
-        nn.Module.__init__(self)
-        self.model, self.cfg = model, model.cfg
-        self.register_buffer("key_pos", torch.arange(model.cfg.context, dtype=torch.int32), persistent=False)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_cache, kv_start: torch.Tensor) -> dict:
         from litert_torch.generative.layers import kv_cache as kv_utils
@@ -137,13 +97,13 @@ class LlamaKVCacheDecoder(KVCacheDecoder):
         return {"logits": logits, "kv_cache": kv_utils.KVCache(tuple(entries))}
 
 
-def default_prefill_lens(cfg: ModelConfig) -> tuple[int, ...]:
-    """32/64/128/256 up to block_size, plus block_size itself: any prompt fits one call."""
+def default_prefill_lens(cfg: DecoderConfig) -> tuple[int, ...]:
+    """32/64/128/256 below the context, plus the context itself: any prompt fits one call."""
     lens = [n for n in DEFAULT_PREFILL_LENS if n < cfg.context]
     return tuple(lens + [cfg.context])
 
 
-def empty_cache(cfg: ModelConfig):
+def empty_cache(cfg: DecoderConfig):
     """A zero KVCache of the exported layout (litert-torch's pytree, for the names)."""
     from litert_torch.generative.layers import kv_cache as kv_utils
 
@@ -153,7 +113,7 @@ def empty_cache(cfg: ModelConfig):
     ))
 
 
-def export_tflite(model: GPT | Decoder, path: Path, prefill_lens: tuple[int, ...] | None = None) -> dict:
+def export_tflite(model: Decoder, path: Path, prefill_lens: tuple[int, ...] | None = None) -> dict:
     """Write `path` (.tflite, fp32) with prefill_{len} + decode signatures, and config.json beside it.
 
     Returns a JSON-able description of what was exported (signatures, inputs, cache
@@ -172,7 +132,7 @@ def export_tflite(model: GPT | Decoder, path: Path, prefill_lens: tuple[int, ...
         model = copy.deepcopy(model).cpu()  # the converter traces on CPU; leave the caller's model where it is
     was_training = model.training
     model.eval()
-    wrapper = (LlamaKVCacheDecoder(model) if isinstance(model, Decoder) else KVCacheDecoder(model)).eval()
+    wrapper = KVCacheDecoder(model).eval()
     cache = empty_cache(cfg)
     start = torch.zeros(1, dtype=torch.int32)
     converter = None
@@ -192,10 +152,7 @@ def export_tflite(model: GPT | Decoder, path: Path, prefill_lens: tuple[int, ...
         model.train(was_training)
     path.parent.mkdir(parents=True, exist_ok=True)
     edge_model.export(str(path))
-    if isinstance(cfg, DecoderConfig):
-        cfg.write(path.parent)
-    else:
-        cfg.to_json(path.parent / "config.json")
+    cfg.write(path.parent)
     cache_names = [f"kv_cache_{kv}_{i}" for i in range(cfg.layers) for kv in ("k", "v")]
     return {
         "format": "tflite",

@@ -31,15 +31,8 @@ from tierline.build import corpus as corpora
 from tierline.build.evaluate import agreement, continuations
 from tierline.build.progress import Steps
 from tierline_shared.models.artifacts import TIER_FORMATS, write_card, write_index
-from tierline_shared.models.llama import (
-    CONFIG_FILE,
-    WEIGHTS_INDEX,
-    ConfigError,
-    DecoderConfig,
-    check_weights,
-    load_decoder,
-    weight_files,
-)
+from tierline_shared.models.configs import CONFIG_FILE, ConfigError, DecoderConfig
+from tierline_shared.models.llama import WEIGHTS_INDEX, check_weights, load_decoder, weight_files
 from tierline_shared.models.tokenizer import TextTokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

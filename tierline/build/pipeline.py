@@ -27,7 +27,8 @@ from tierline.build.progress import Steps
 from tierline.build.train import TrainConfig, train
 from tierline_cloud_node.engine import TorchEngine
 from tierline_shared.models.artifacts import TIER_FORMATS, write_card, write_index
-from tierline_shared.models.llama import Decoder, DecoderConfig, save_decoder
+from tierline_shared.models.configs import DecoderConfig
+from tierline_shared.models.llama import Decoder, save_decoder
 from tierline_shared.models.tokenizer import TextTokenizer
 from tierline_shared.runtime.engine import EngineInfo
 from tierline_shared.tasks.problems import ANSWER_MARKER, generate

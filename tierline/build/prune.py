@@ -35,7 +35,8 @@ import torch
 from torch.nn import functional as F
 
 from tierline.build.train import encode_batch
-from tierline_shared.models.llama import Decoder, DecoderConfig, rotary
+from tierline_shared.models.configs import DecoderConfig
+from tierline_shared.models.llama import Decoder, rotary
 from tierline_shared.models.tokenizer import TextTokenizer
 from tierline_shared.tasks.problems import Problem
 

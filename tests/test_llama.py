@@ -8,6 +8,7 @@ Tierline's loader: the same logits (fp32, 1e-4) with padding and a KV cache, the
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -234,6 +235,22 @@ def test_packing_rejects_empty_rows():
         Packing.from_lengths([3, 0])
 
 
+def transformers_greedy(checkpoint: Path, prompts: list[str], max_tokens: int) -> list[str]:
+    """Each prompt's greedy continuation as transformers gives it: AutoModelForCausalLM and AutoTokenizer
+    loaded offline from `checkpoint`, the tokenizer's own encoding (<bos> first)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, local_files_only=True).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
+    texts = []
+    for prompt in prompts:
+        ids = hf_tok(prompt, return_tensors="pt").input_ids
+        assert ids[0, 0] == hf_tok.bos_token_id
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                 do_sample=False, eos_token_id=hf_tok.eos_token_id, pad_token_id=hf_tok.pad_token_id)
+        texts.append(hf_tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return texts
+
+
 def test_the_built_cloud_checkpoint_is_served_by_transformers_with_the_same_text(tiny_family):
     """The family's cloud tier is a Hugging Face checkpoint: AutoModelForCausalLM and AutoTokenizer load it offline,
     and transformers' greedy text equals the cloud tier's on benchmark problems."""
@@ -241,18 +258,12 @@ def test_the_built_cloud_checkpoint_is_served_by_transformers_with_the_same_text
     from tierline_shared.tasks.problems import generate
 
     cloud = tiny_family / "cloud"
-    model = transformers.AutoModelForCausalLM.from_pretrained(cloud, local_files_only=True).eval()
-    hf_tok = transformers.AutoTokenizer.from_pretrained(cloud, local_files_only=True)
     engine = load_engine(tiny_family, "cloud", threads=1)
-    for p in generate("test", 20, seed=3):
-        ids = hf_tok(p.prompt, return_tensors="pt").input_ids  # transformers' own encoding: <bos> first
-        assert ids[0, 0] == hf_tok.bos_token_id
-        with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, do_sample=False,
-                                 eos_token_id=hf_tok.eos_token_id, pad_token_id=hf_tok.pad_token_id)
-        theirs = hf_tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        ours = engine.generate(p.prompt, GenerationParams(max_tokens=48)).text
-        assert theirs == ours, p.prompt
+    problems = generate("test", 20, seed=3)
+    theirs = transformers_greedy(cloud, [p.prompt for p in problems], 48)
+    for p, text in zip(problems, theirs):
+        assert text == engine.generate(p.prompt, GenerationParams(max_tokens=48)).text, p.prompt
+    hf_tok = transformers.AutoTokenizer.from_pretrained(cloud, local_files_only=True)
     chat = hf_tok.apply_chat_template([{"role": "user", "content": "2+3=?"}], tokenize=False)
     assert chat == "Q:2+3=?\nA:"  # the template gives the family's prompt format
 
@@ -265,15 +276,9 @@ def test_the_committed_cloud_model_generates_what_transformers_generates():
     from tierline.build.evaluate import EVAL_MAX_TOKENS
     from tierline_shared.tasks.problems import generate
 
-    cloud = COMMITTED_MODELS / "cloud"
-    model = transformers.AutoModelForCausalLM.from_pretrained(cloud, local_files_only=True).eval()
-    hf_tok = transformers.AutoTokenizer.from_pretrained(cloud, local_files_only=True)
     problems = generate("test", 200, seed=11)
     ours = [r.text for r in load_engine(COMMITTED_MODELS, "cloud", threads=2).generate_batch(
         [p.prompt for p in problems], [GenerationParams(max_tokens=EVAL_MAX_TOKENS) for _ in problems])]
-    for p, text in zip(problems, ours):
-        ids = hf_tok(p.prompt, return_tensors="pt").input_ids
-        with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=EVAL_MAX_TOKENS,
-                                 do_sample=False, eos_token_id=hf_tok.eos_token_id, pad_token_id=hf_tok.pad_token_id)
-        assert hf_tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == text, p.prompt
+    theirs = transformers_greedy(COMMITTED_MODELS / "cloud", [p.prompt for p in problems], EVAL_MAX_TOKENS)
+    for p, a, b in zip(problems, theirs, ours):
+        assert a == b, p.prompt

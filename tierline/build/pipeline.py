@@ -83,7 +83,7 @@ def family(name: str, seed: int = 0) -> FamilyConfig:
             finetune=TrainConfig(steps=10, batch_size=16, lr=2e-3, warmup=2, distill_alpha=0.5, seed=seed + 1),
             eval_n=40, kv_check_n=10, calib_n=32, scorer_n=60,
         )
-    if name == "default":  # built in about 40 minutes on 2 CPU cores (README, "The model family")
+    if name == "default":  # built in 21 minutes on 2 idle CPU cores (README, "The model family")
         # Packed training, the two students side by side (one core each), a 6000-step teacher and a
         # light, early KL term: docs/ARCHITECTURE.md, "The default recipe".
         return FamilyConfig(

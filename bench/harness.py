@@ -24,7 +24,7 @@ from pathlib import Path
 from tierline_bench import scenarios
 from tierline_bench.device_profile import pi_profile
 from tierline_bench.load import HttpClient
-from tierline_bench.peer import PeerServer, available
+from tierline_bench.peer import MODES, PeerServer, available
 from tierline_bench.report import write_report
 from tierline_bench.transformers_peer import OpenAIClient, TransformersServe
 from tierline_bench.transformers_peer import available as transformers_available
@@ -35,7 +35,8 @@ from tierline_shared.models.artifacts import load_index
 from tierline_shared.tasks.problems import generate
 from tierline_shared.wire import TIERS
 
-BATCHING = BatchConfig()  # the tiers' default batching, which the peer is given too
+PEER_BATCH_TIMEOUT_S = 0.005  # LitServe's batch_timeout: how long its first request waits for company
+BATCHING = BatchConfig()  # the tiers' default scheduler limits; the peer batches as many requests
 SECTION_ORDER = ("edge_vs_cloud", "tiered_vs_cloud", "batching", "cache", "platform_overhead", "peer_litserve",
                  "router_and_nats", "device_profile", "peer_transformers")
 
@@ -87,28 +88,30 @@ def run_bench(models_dir: Path, out_dir: Path, quick: bool = False, log=print) -
     log("phase B: edge + router, edge with batching off, bare engine, LitServe")
     edge_only = {**_tiers(["edge"], cfg.threads), "router.confidence_threshold": {"edge": 0.0}}
     batching_off = {**_tiers(["edge"], cfg.threads),
-                    "tiers.edge.batching": {"max_batch_size": 1, "max_queue_delay_ms": 0}}
+                    "tiers.edge.batching": {"max_num_seqs": 1}}
     with Stack(models_dir, tiers=("edge",), overrides=edge_only) as on, \
             Stack(models_dir, tiers=("edge",), router=False, overrides=batching_off) as off:
         log("  3. batching on vs off")
         sections["batching"] = scenarios.batching(on, off, cfg, prompts, warm)
         engine = load_engine(models_dir, threads=cfg.threads)
         reason = available()
-        peer = None
+        peers: dict[str, PeerServer] = {}
         if reason is None:
-            try:
-                peer = PeerServer(models_dir, on.workdir, cfg.threads, BATCHING.max_batch_size,
-                                  BATCHING.max_queue_delay_ms / 1000).start()
+            try:  # LitServe in both its modes: its batching loop and its continuous-batching loop
+                for mode in MODES:
+                    peers[mode] = PeerServer(models_dir, on.workdir, cfg.threads, BATCHING.max_num_seqs,
+                                             PEER_BATCH_TIMEOUT_S, mode=mode).start()
             except (RuntimeError, TimeoutError) as exc:
                 reason = f"LitServe did not start: {exc}"
         try:
             log("  5. platform overhead, 6. LitServe peer")
-            client = HttpClient("127.0.0.1", peer.port, cfg.max_tokens) if peer else None
+            clients = {m: HttpClient("127.0.0.1", p.port, cfg.max_tokens) for m, p in peers.items()} \
+                if reason is None else {}
             sections["platform_overhead"], sections["peer_litserve"] = scenarios.overhead_and_peer(
-                on, engine, client, reason, cfg, prompts, warm, BATCHING.max_batch_size)
+                on, engine, clients, reason, cfg, prompts, warm)
         finally:
-            if peer:
-                peer.stop()
+            for p in peers.values():
+                p.stop()
         del engine
     phases["B"] = time.perf_counter() - t0
 

@@ -1,7 +1,9 @@
-"""The peer: the same int8 ONNX edge model served by LitServe with its own dynamic batching.
+"""The peer: the same int8 ONNX edge model served by LitServe with its own batching.
 
 `python -m tierline_bench.peer --models DIR --port P` runs it (one inference worker, the
-same engine, thread count and batch settings as the edge tier); `PeerServer`
+same engine, thread count and batch settings as the edge tier); `--mode` picks LitServe's
+dynamic batching (`batch`) or its continuous batching loop (`continuous`, a streamed reply
+whose one line is the same JSON: bench/litserve_api.py). `PeerServer`
 starts that process, waits for LitServe's /health and stops its whole process
 group. `available()` says why it cannot run when litserve is not installed, so the
 report can say so instead of inventing a number.
@@ -20,6 +22,7 @@ from pathlib import Path
 
 READY_TIMEOUT_S = 90.0  # LitServe spawning its workers and loading the model, at most
 HEALTH_TIMEOUT_S = 2.0  # one /health probe
+MODES = ("batch", "continuous")
 
 
 def available() -> str | None:
@@ -31,12 +34,17 @@ def available() -> str | None:
     return None
 
 
-def serve(models_dir: str, port: int, threads: int, max_batch_size: int, batch_timeout_s: float) -> None:
+def serve(models_dir: str, port: int, threads: int, max_batch_size: int, batch_timeout_s: float,
+          mode: str = "batch") -> None:
+    """Run LitServe until killed; `batch_timeout_s` only applies to `batch` (continuous admits at every step)."""
     import litserve as ls
 
-    from tierline_bench.litserve_api import EdgeLitAPI
+    from tierline_bench.litserve_api import EdgeContinuousLitAPI, EdgeLitAPI
 
-    api = EdgeLitAPI(models_dir, threads, max_batch_size=max_batch_size, batch_timeout=batch_timeout_s)
+    if mode == "continuous":
+        api = EdgeContinuousLitAPI(models_dir, threads, max_batch_size=max_batch_size)
+    else:
+        api = EdgeLitAPI(models_dir, threads, max_batch_size=max_batch_size, batch_timeout=batch_timeout_s)
     server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1, timeout=60)
     server.run(host="127.0.0.1", port=port, num_api_servers=1, log_level="warning", generate_client_file=False)
 
@@ -51,9 +59,13 @@ def free_port() -> int:
 class PeerServer:
     """A LitServe process serving the edge model, stopped with its whole process group."""
 
-    def __init__(self, models_dir: Path, workdir: Path, threads: int, max_batch_size: int, batch_timeout_s: float):
+    def __init__(self, models_dir: Path, workdir: Path, threads: int, max_batch_size: int, batch_timeout_s: float,
+                 mode: str = "batch"):
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} is not one of {MODES}")
         self.models_dir, self.workdir = Path(models_dir), Path(workdir)
         self.threads, self.max_batch_size, self.batch_timeout_s = threads, max_batch_size, batch_timeout_s
+        self.mode = mode
         self.port = 0
         self.proc: subprocess.Popen | None = None
 
@@ -64,7 +76,7 @@ class PeerServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tierline_bench.peer", "--models", str(self.models_dir.resolve()),
              "--port", str(self.port), "--threads", str(self.threads), "--max-batch-size", str(self.max_batch_size),
-             "--batch-timeout", str(self.batch_timeout_s)],
+             "--batch-timeout", str(self.batch_timeout_s), "--mode", self.mode],
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir, start_new_session=True)
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -105,9 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--max-batch-size", type=int, required=True)
-    parser.add_argument("--batch-timeout", type=float, required=True, help="seconds")
+    parser.add_argument("--batch-timeout", type=float, required=True, help="seconds (batch mode)")
+    parser.add_argument("--mode", choices=MODES, default="batch",
+                        help="LitServe's dynamic batching or its continuous batching loop")
     args = parser.parse_args(argv)
-    serve(args.models, args.port, args.threads, args.max_batch_size, args.batch_timeout)
+    serve(args.models, args.port, args.threads, args.max_batch_size, args.batch_timeout, args.mode)
     return 0
 
 

@@ -55,17 +55,23 @@ class TorchEngine(Engine):
         return [(k[:, :, k.shape[2] - keep:], v[:, :, v.shape[2] - keep:]) for k, v in past]  # keep 0: none
 
     @torch.inference_mode()
-    def _past_take(self, past: Past, row: int, start: int, stop: int) -> Past:
+    def _past_take(self, past: Past, row: int, cols) -> Past:
         # clones: a view would keep the whole batch's cache alive in the prefix cache
-        return [(k[row:row + 1, :, start:stop].clone(), v[row:row + 1, :, start:stop].clone()) for k, v in past]
+        idx = cols if isinstance(cols, slice) else torch.as_tensor(cols, device=self.device)
+        return [(k[row:row + 1, :, idx].clone(), v[row:row + 1, :, idx].clone()) for k, v in past]
 
     @torch.inference_mode()
-    def _past_join(self, rows, width: int) -> Past:
+    def _past_join(self, parts, width: int) -> Past:
         def pad(t: torch.Tensor) -> torch.Tensor:
             return torch.nn.functional.pad(t, (0, 0, width - t.shape[2], 0))  # zeros on the left of positions
 
-        return [(torch.cat([pad(r[i][0]) for r in rows]), torch.cat([pad(r[i][1]) for r in rows]))
-                for i in range(len(rows[0]))]
+        return [(torch.cat([pad(p[i][0]) for p in parts]), torch.cat([pad(p[i][1]) for p in parts]))
+                for i in range(len(parts[0]))]
+
+    @torch.inference_mode()
+    def _past_rows(self, past: Past, rows, start: int) -> Past:
+        idx = torch.as_tensor(rows, device=self.device)
+        return [(k[idx, :, start:], v[idx, :, start:]) for k, v in past]
 
 
 FORMATS = ("safetensors",)

@@ -17,8 +17,8 @@ from tierline_api.v1 import inference_pb2 as pb
 from tierline_router.cascade import Cascade, Decision, Offline
 from tierline_router.policy import Policy
 from tierline_shared.config.manifest import RouterConfig
-from tierline_shared.runtime.batching import Batcher
 from tierline_shared.runtime.engine import Engine
+from tierline_shared.runtime.scheduler import Scheduler
 from tierline_shared.serving.servicer import (
     LRUCache,
     TierServicer,
@@ -30,7 +30,7 @@ from tierline_shared.serving.servicer import (
 from tierline_shared.transport.tier_service import TierService
 from tierline_shared.wire import TIERS
 
-RETIRE_GRACE_S = 1.0  # an old engine's batcher lives this long after its queue empties (late submits)
+RETIRE_GRACE_S = 1.0  # an old engine's scheduler lives this long after it has nothing left (late submits)
 
 
 class DeviceAgentServicer(TierServicer):
@@ -46,17 +46,17 @@ class DeviceAgentServicer(TierServicer):
 
     def swap_engine(self, engine: Engine) -> None:
         """Serve a new model from now on (an OTA update); requests already queued finish on the old one."""
-        batcher = Batcher(engine, self.batch_config, on_batch=self.metrics.observe_batch if self.metrics else None)
+        scheduler = Scheduler(engine, self.batch_config, on_step=self.metrics.observe_step if self.metrics else None)
         with self._swap_lock:
-            old = self.batcher
-            self.engine, self.batcher = engine, batcher
+            old = self.scheduler
+            self.engine, self.scheduler = engine, scheduler
             self.cache = LRUCache(self.cache.size)  # the old model's answers are not the new one's
 
         def retire() -> None:
-            while old.depth:
+            while old.busy:  # what it queued or runs finishes on the old model
                 time.sleep(0.05)
             time.sleep(RETIRE_GRACE_S)
-            old.close()  # finishes the batch it is decoding, then stops
+            old.close()
 
         threading.Thread(target=retire, name="retire-engine", daemon=True).start()
 

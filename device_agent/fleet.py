@@ -249,7 +249,7 @@ class FleetAgent:
                       "bytes": info.bytes},
             "status": self.status,
             "ota": self.ota,
-            "load": {"queue": self.servicer.batcher.depth, "requests": self.requests, "rss_mb": rss_mb(),
+            "load": {"queue": self.servicer.scheduler.depth, "requests": self.requests, "rss_mb": rss_mb(),
                      "loadavg_1m": round(os.getloadavg()[0], 2)},
             "outbox": {"pending": self.outbox.pending, "dropped": self.outbox.dropped},
             "tier_link": "up" if link is not None and link.connected else "down",

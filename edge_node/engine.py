@@ -77,19 +77,25 @@ class OnnxEngine(Engine):
         n = past[0][0].shape[2] - keep  # keep 0: none (a [-0:] slice would keep them all)
         return [(np.ascontiguousarray(k[:, :, n:]), np.ascontiguousarray(v[:, :, n:])) for k, v in past]
 
-    def _past_take(self, past: Past, row: int, start: int, stop: int) -> Past:
+    def _past_take(self, past: Past, row: int, cols) -> Past:
         # copies: a view would keep the whole batch's cache alive in the prefix cache
-        return [(k[row:row + 1, :, start:stop].copy(), v[row:row + 1, :, start:stop].copy()) for k, v in past]
+        return [(np.ascontiguousarray(k[row:row + 1, :, cols]), np.ascontiguousarray(v[row:row + 1, :, cols]))
+                for k, v in past]
 
-    def _past_join(self, rows, width: int) -> Past:
+    def _past_join(self, parts, width: int) -> Past:
         def stack(arrays: list[np.ndarray]) -> np.ndarray:
             a0 = arrays[0]
-            out = np.zeros((len(arrays), a0.shape[1], width, a0.shape[3]), dtype=a0.dtype)
-            for b, a in enumerate(arrays):  # right-aligned: the left is padding, masked out
-                out[b, :, width - a.shape[2]:] = a[0]
+            out = np.zeros((sum(a.shape[0] for a in arrays), a0.shape[1], width, a0.shape[3]), dtype=a0.dtype)
+            b = 0
+            for a in arrays:  # right-aligned: the left is padding, masked out
+                out[b:b + a.shape[0], :, width - a.shape[2]:] = a
+                b += a.shape[0]
             return out
 
-        return [(stack([r[i][0] for r in rows]), stack([r[i][1] for r in rows])) for i in range(len(rows[0]))]
+        return [(stack([p[i][0] for p in parts]), stack([p[i][1] for p in parts])) for i in range(len(parts[0]))]
+
+    def _past_rows(self, past: Past, rows: np.ndarray, start: int) -> Past:
+        return [(np.ascontiguousarray(k[rows, :, start:]), np.ascontiguousarray(v[rows, :, start:])) for k, v in past]
 
 
 def _load_config(path: Path, meta: dict[str, str]) -> DecoderConfig:

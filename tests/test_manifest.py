@@ -19,7 +19,7 @@ def manifest(tiny_family, tmp_path):
         "models_dir": str(tiny_family),
         "nats": {"url": "nats://127.0.0.1:4222", "user": "u", "password": "p"},
         "tiers": {t: {"artifact": models[t]["weights"]["path"], "sha256": models[t]["weights"]["sha256"],
-                      "batching": {"max_batch_size": 4}} for t in ("device", "edge", "cloud")},
+                      "batching": {"max_num_seqs": 4}} for t in ("device", "edge", "cloud")},
     }
     path = tmp_path / "m.yaml"
 
@@ -42,7 +42,7 @@ def manifest(tiny_family, tmp_path):
 
 def test_valid_manifest_loads(manifest):
     m = load_manifest(manifest())
-    assert m.tier("edge").batching.max_batch_size == 4
+    assert m.tier("edge").batching.max_num_seqs == 4
     assert m.tier("cloud").batching.max_queue == 64  # the default
     assert m.models_path.is_dir()
 
@@ -67,11 +67,11 @@ def test_bad_manifest_names_the_field(manifest, change, message):
 
 
 def test_a_tier_process_exits_2_on_a_bad_manifest(manifest):
-    path = manifest(tiers__edge__batching__max_batch_size=-1)
+    path = manifest(tiers__edge__batching__max_num_seqs=-1)
     proc = subprocess.run([sys.executable, "-m", "edge_node", "--manifest", str(path)], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2
-    assert "tiers.edge.batching.max_batch_size" in proc.stderr and "Traceback" not in proc.stderr
+    assert "tiers.edge.batching.max_num_seqs" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_the_example_manifest_matches_the_committed_models():

@@ -204,8 +204,7 @@ def test_a_prompt_sent_straight_to_a_dead_cloud_falls_back_to_a_lower_tier(tiny_
 
 def test_full_queue_is_resource_exhausted(tiny_family):
     with Stack(tiny_family, tiers=("edge",), router=False,
-               overrides={"tiers.edge.batching": {"max_batch_size": 1, "max_queue": 1,
-                                                  "max_queue_delay_ms": 0}}) as s:
+               overrides={"tiers.edge.batching": {"max_num_seqs": 1, "max_queue": 1}}) as s:
         edge = stub(s.port("edge-0"))
         long = req("Q:max(1,2,3,4,5,6)=?\nA:", max_tokens=120)
 

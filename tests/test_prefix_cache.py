@@ -145,11 +145,12 @@ def test_tiers_export_the_prefix_cache_counters(tiny_family):
         for name in ("edge-0", "cloud-0"):
             for prompt in (turn1, turn1 + "42\nQ:and 3+4?\nA:"):
                 stub(stack.port(name)).Infer(req(prompt), timeout=TIMEOUT)
-        counters = {}
+        counters, bodies = {}, {}
         for name in ("device-0", "edge-0", "cloud-0"):
             port = next(p.ready["metrics_port"] for p in stack.procs if p.name == name)
             body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=TIMEOUT).read().decode()
             tier = name.split("-")[0]
+            bodies[tier] = body
             counters[tier] = [float(line.split()[-1]) for line in body.splitlines()
                               if line.startswith((f'tierline_prefix_cache_queries_total{{tier="{tier}"}}',
                                                   f'tierline_prefix_cache_hits_total{{tier="{tier}"}}'))]
@@ -158,3 +159,11 @@ def test_tiers_export_the_prefix_cache_counters(tiny_family):
     assert counters["edge"] == [n1 + n2, n1]  # turn 2 reused all of turn 1
     assert counters["cloud"] == [0.0, 0.0]  # prefix_cache_tokens: 0
     assert counters["device"] == [0.0, 0.0]
+    # the scheduler's series, as vLLM names them: running and waiting gauges, inter-token latency, occupancy per step
+    edge = {line.split()[0]: float(line.split()[-1]) for line in bodies["edge"].splitlines()
+            if line and not line.startswith("#")}
+    assert edge['tierline_num_requests_running{tier="edge"}'] == 0
+    assert edge['tierline_num_requests_waiting{tier="edge"}'] == 0
+    assert edge['tierline_inter_token_latency_seconds_count{tier="edge"}'] > 0
+    assert edge['tierline_batch_size_count{tier="edge"}'] > 0  # one observation per step
+    assert edge['tierline_iteration_tokens_sum{tier="edge"}'] >= n2  # turn 1's prompt, turn 2's suffix, decodes

@@ -16,7 +16,7 @@ PROMPT = "Q:a=3;b=a+4;b=?\nA:"
 def servicer():
     s = TierServicer(random_torch_engine(seed=3, tier="edge"))
     yield s
-    s.batcher.close()
+    s.scheduler.close()
 
 
 def _request(max_tokens: int) -> pb.InferRequest:

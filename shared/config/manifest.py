@@ -39,15 +39,18 @@ class NatsConfig:
 
 @dataclass
 class BatchConfig:
-    max_batch_size: int = 8  # requests decoded together at most
-    max_queue_delay_ms: float = 5.0  # milliseconds the first request waits for company, at most
+    """The tier's iteration-level scheduler (shared/runtime/scheduler.py), with vLLM's names."""
+
+    max_num_seqs: int = 16  # sequences in the running batch at most (1 turns batching off)
+    max_num_batched_tokens: int = 2048  # tokens one step computes at most: one per running sequence + prompt chunks
     max_queue: int = 64  # requests waiting, beyond which new ones are refused (RESOURCE_EXHAUSTED)
 
     def __post_init__(self):
-        if self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
-        if self.max_queue_delay_ms < 0:
-            raise ValueError(f"max_queue_delay_ms must be >= 0, got {self.max_queue_delay_ms}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                             f"({self.max_num_seqs}): every running sequence decodes one token per step")
         if self.max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
 
@@ -189,7 +192,7 @@ _RANGES = {  # field -> (min, max) inclusive, None = unbounded
     "prefix_cache_tokens": (0, 10_000_000), "prefix_cache_min_match": (1, 100_000),
     "max_tokens": (1, None), "default_max_tokens": (1, None), "connect_timeout_ms": (1, None),
     "request_timeout_ms": (1, None), "cloud_complexity": (0, 1), "device_complexity": (0, 1),
-    "retries_per_tier": (0, 10), "max_batch_size": (1, 1024), "max_queue_delay_ms": (0, 10000),
+    "retries_per_tier": (0, 10), "max_num_seqs": (1, 1024), "max_num_batched_tokens": (1, 1_000_000),
     "max_queue": (1, 100000), "version": (1, 1),
     "http_port": (-1, 65535), "calls_per_day": (1, None), "tokens_per_day": (1, None),
     "max_stop": (0, 16), "max_stop_chars": (1, 1024), "max_id_chars": (1, 1024),

@@ -15,7 +15,6 @@ from __future__ import annotations
 import abc
 import math
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -212,12 +211,17 @@ class Engine(abc.ABC):
     def _trim_past(self, past: Past, keep: int) -> Past:
         """Keep the last `keep` positions of every cache entry (sliding window); `keep` may be 0."""
 
-    def _past_take(self, past: Past, row: int, start: int, stop: int) -> Past:
-        """A copy of one row's positions [start, stop) as a batch of one (prefix cache only)."""
+    def _past_take(self, past: Past, row: int, cols: slice | np.ndarray) -> Past:
+        """A copy of one row's positions `cols` (a slice or an index array) as a batch of one."""
         raise NotImplementedError
 
-    def _past_join(self, rows: Sequence[Past], width: int) -> Past:
-        """Batch-of-one caches left-padded (zeros) to `width` positions and stacked (prefix cache only)."""
+    def _past_join(self, parts: Sequence[Past], width: int) -> Past:
+        """Caches (each a batch of any size, at most `width` positions) left-padded with zeros to `width`
+        positions and stacked in order."""
+        raise NotImplementedError
+
+    def _past_rows(self, past: Past, rows: np.ndarray, start: int) -> Past:
+        """A copy of rows `rows`, positions from `start` on (a batch leaving rows and unused columns)."""
         raise NotImplementedError
 
     # -- shared decoding ---------------------------------------------------------------------
@@ -261,32 +265,33 @@ class Engine(abc.ABC):
         self, prompts: Sequence[str], params: Sequence[GenerationParams],
         cancelled: Sequence[Callable[[], bool]] | None = None,
     ) -> list[GenerationResult]:
-        """Decode a batch together; rows may differ in every parameter but the window.
+        """Decode a batch together (every row admitted at once, each leaving when it finishes); rows may
+        differ in every parameter. The first row the backend fails on raises, after the others finished.
 
         `cancelled[i]()` is asked before every decode step: once it says True, row i
         stops (finish_reason "cancelled") and costs nothing more.
         """
         if len(prompts) != len(params):
             raise ValueError("one GenerationParams per prompt")
-        if not prompts:
-            return []
         for p, g in zip(prompts, params):
             self.check(p, g)
-        # rows with different windows cannot share one cache: run them apart
-        windows = {g.attention_window or self.info.window_limit for g in params}
-        if len(windows) > 1 or not self.supports_batch_prefill and len(prompts) > 1:
-            out: list[GenerationResult | None] = [None] * len(prompts)
-            groups: dict[int, list[int]] = {}
-            for i, g in enumerate(params):
-                key = (g.attention_window or self.info.window_limit) if self.supports_batch_prefill else i
-                groups.setdefault(key, []).append(i)
-            for idx in groups.values():
-                sub_cancel = [cancelled[i] for i in idx] if cancelled else None
-                for i, r in zip(idx, self._decode([prompts[i] for i in idx], [params[i] for i in idx],
-                                                  cancelled=sub_cancel)):
-                    out[i] = r
-            return out  # type: ignore[return-value]
-        return list(self._decode(prompts, params, cancelled=cancelled))
+        with self._lock:
+            runner = self.runner()
+            seqs = [runner.sequence(p, g) for p, g in zip(prompts, params)]
+            for s in seqs:
+                runner.begin(s)
+            for _ in runner.run(seqs, cancelled):
+                pass
+        errors = [s.error for s in seqs if s.error is not None]
+        if errors:
+            raise errors[0]
+        return [s.result() for s in seqs]
+
+    def runner(self):
+        """A model runner (shared/runtime/runner.py) over this engine: the running batch and its step."""
+        from tierline_shared.runtime.runner import ModelRunner
+
+        return ModelRunner(self)
 
     def generate_uncached(self, prompt: str, max_tokens: int = 64) -> str:
         """Greedy decoding that recomputes the whole sequence each step (no KV cache).
@@ -313,147 +318,21 @@ class Engine(abc.ABC):
                 yield item
 
     def stream_with_result(self, prompt: str, params: GenerationParams | None = None) -> Iterator:
-        """Text chunks (str) as they are generated, then the GenerationResult."""
-        yield from self._decode([prompt], [params or GenerationParams()], stream=True)
-
-    def _decode(self, prompts, params, stream: bool = False, cancelled=None):
+        """Text chunks (str) as they are generated, then the GenerationResult (holds the engine throughout:
+        servers stream through their scheduler instead)."""
+        params = params or GenerationParams()
+        self.check(prompt, params)
         with self._lock:
-            yield from self._decode_locked(prompts, params, stream, cancelled)
-
-    def _decode_locked(self, prompts, params, stream: bool, cancelled):
-        t0 = time.perf_counter()
-        tok = self.tokenizer
-        B = len(prompts)
-        window = params[0].attention_window or self.info.window_limit
-        ids = [tok.encode(p) for p in prompts]
-        L = max(len(x) for x in ids)
-        input_ids = np.full((B, L), tok.pad_id, dtype=np.int64)
-        mask = np.zeros((B, L), dtype=np.int64)
-        for b, x in enumerate(ids):
-            input_ids[b, L - len(x):] = x
-            mask[b, L - len(x):] = 1
-        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-        rngs = [np.random.default_rng(g.seed) for g in params]
-
-        cache = self.prefix_cache if self.supports_prefix_cache else None
-        if L <= window and cache is not None:
-            # every prompt fits the window, so its KV is plain causal attention: reusable, exactly
-            last, past = self._prefill_with_prefix_cache(cache, ids, input_ids, mask, positions)
-            cur_mask = mask
-        elif L <= window:
-            logits, past = self._forward(input_ids, mask, positions, None)
-            last, cur_mask = logits[:, -1, :], mask
-        else:  # prompt longer than the window: feed it one token at a time, evicting (no prefix reuse)
-            past, past_len = None, 0
-            for t in range(L):
-                if past_len > window - 1:
-                    past, past_len = self._trim_past(past, window - 1), window - 1
-                m = mask[:, t - past_len: t + 1]
-                logits, past = self._forward(input_ids[:, t:t + 1], m, positions[:, t:t + 1], past)
-                past_len += 1
-            last, cur_mask = logits[:, -1, :], mask[:, -past_len:]
-        next_pos = positions[:, -1] + 1
-
-        gen: list[list[int]] = [[] for _ in range(B)]
-        probs: list[list[float]] = [[] for _ in range(B)]
-        done = [False] * B
-        reason = ["length"] * B
-        texts = [""] * B
-        emitted = 0
-        first_token_s = 0.0
-        max_steps = max(g.max_tokens for g in params)
-        for step in range(max_steps):
-            chosen = np.zeros(B, dtype=np.int64)
-            for b in range(B):
-                if not done[b] and cancelled and cancelled[b]():
-                    done[b], reason[b] = True, "cancelled"
-                if done[b]:
-                    chosen[b] = tok.pad_id
-                    continue
-                t, p = _pick(last[b], params[b], rngs[b])
-                chosen[b] = t
-                if t == tok.eos_id:
-                    done[b], reason[b] = True, "stop"
-                    continue
-                gen[b].append(t)
-                probs[b].append(p)
-                texts[b] = tok.decode(gen[b])
-                cut = _find_stop(texts[b], params[b].stop)
-                if cut is not None:
-                    texts[b] = texts[b][:cut]
-                    done[b], reason[b] = True, "stop"
-                elif len(gen[b]) >= params[b].max_tokens:
-                    done[b] = True
-            if step == 0:
-                first_token_s = time.perf_counter() - t0
-            if stream:
-                safe = _stream_safe_len(texts[0], params[0].stop, done[0])
-                if safe > emitted:
-                    yield texts[0][emitted:safe]
-                    emitted = safe
-            if all(done):
-                break
-            # one decode step for the whole batch
-            if cur_mask.shape[1] >= window:
-                past = self._trim_past(past, window - 1)
-                cur_mask = cur_mask[:, cur_mask.shape[1] - (window - 1):]  # (keeps none for a window of 1)
-            cur_mask = np.concatenate([cur_mask, np.ones((B, 1), dtype=np.int64)], axis=1)
-            logits, past = self._forward(chosen[:, None], cur_mask, next_pos[:, None], past)
-            last = logits[:, -1, :]
-            next_pos = next_pos + 1
-        total = time.perf_counter() - t0
-        for b in range(B):
-            lp = [math.log(max(p, 1e-12)) for p in probs[b]]
-            yield GenerationResult(
-                text=texts[b],
-                finish_reason=reason[b],
-                prompt_tokens=len(ids[b]),
-                completion_tokens=len(gen[b]),
-                confidence=min(probs[b]) if probs[b] else 0.0,
-                mean_logprob=sum(lp) / len(lp) if lp else 0.0,
-                first_token_s=first_token_s,
-                total_s=total,
-                token_ids=gen[b],
-            )
-
-
-    def _prefill_with_prefix_cache(self, cache: PrefixCache, ids: list[list[int]], input_ids: np.ndarray,
-                                   mask: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, Past]:
-        """The batch's prefill, reusing stored prompt KV: (last-token logits (B, V), left-padded past).
-
-        Rows without a hit are prefilled together as usual; each row with a hit prefills
-        only its suffix, alone, on the stored KV. The rows' caches (real positions only)
-        are stored, then left-padded to the batch width, so the decode loop (and its
-        sliding window, which trims whole columns) sees exactly what a plain prefill gives.
-        """
-        B, L = input_ids.shape
-        found = [cache.lookup(x) for x in ids]
-        rows: list[Past | None] = [None] * B
-        last: list[np.ndarray | None] = [None] * B
-        miss = [b for b in range(B) if found[b][1] is None]
-        if len(miss) == B:
-            logits, past = self._forward(input_ids, mask, positions, None)
-            for b, x in enumerate(ids):
-                cache.store(x, self._past_take(past, b, L - len(x), L))
-            return logits[:, -1, :], past
-        if miss:  # the misses together, left-padded to their own longest prompt
-            m = max(len(ids[b]) for b in miss)
-            sub = np.array(miss)
-            logits, past = self._forward(input_ids[sub, L - m:], mask[sub, L - m:], positions[sub, L - m:], None)
-            for j, b in enumerate(miss):
-                rows[b] = self._past_take(past, j, m - len(ids[b]), m)
-                last[b] = logits[j, -1]
-        for b, (h, stored) in enumerate(found):
-            if stored is None:
-                continue
-            n = len(ids[b])
-            prefix = self._past_take(stored, 0, 0, h)
-            logits, rows[b] = self._forward(np.array([ids[b][h:]], dtype=np.int64), np.ones((1, n), dtype=np.int64),
-                                            np.arange(h, n, dtype=np.int64)[None], prefix)
-            last[b] = logits[0, -1]
-        for b in range(B):
-            cache.store(ids[b], rows[b])
-        return np.stack(last), self._past_join(rows, L)
+            runner = self.runner()
+            seq = runner.sequence(prompt, params)
+            runner.begin(seq)
+            for _ in runner.run([seq]):
+                chunk = seq.take_text()
+                if chunk:
+                    yield chunk
+        if seq.error is not None:
+            raise seq.error
+        yield seq.result()
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

@@ -11,6 +11,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 PREFIX = "tierline"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)  # seconds
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)  # tokens one step computes
+ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)  # seconds
 
 
 class Metrics:
@@ -28,9 +30,15 @@ class Metrics:
                              t, buckets=LATENCY_BUCKETS, registry=r)
         self.queue_time = Histogram(f"{PREFIX}_request_queue_time_seconds", "Waiting for a batch",
                                     t, buckets=LATENCY_BUCKETS, registry=r)
-        self.waiting = Gauge(f"{PREFIX}_num_requests_waiting", "Requests queued for a batch", t, registry=r)
-        self.batch_size = Histogram(f"{PREFIX}_batch_size", "Requests decoded together", t,
-                                    buckets=BATCH_BUCKETS, registry=r)
+        self.waiting = Gauge(f"{PREFIX}_num_requests_waiting", "Requests queued, not yet admitted to the batch",
+                             t, registry=r)
+        self.running = Gauge(f"{PREFIX}_num_requests_running", "Requests in the running batch", t, registry=r)
+        self.batch_size = Histogram(f"{PREFIX}_batch_size", "Sequences one scheduler step computed (batch occupancy)",
+                                    t, buckets=BATCH_BUCKETS, registry=r)
+        self.iteration_tokens = Histogram(f"{PREFIX}_iteration_tokens", "Tokens one scheduler step computed "
+                                          "(decode tokens + prompt chunks)", t, buckets=TOKEN_BUCKETS, registry=r)
+        self.itl = Histogram(f"{PREFIX}_inter_token_latency_seconds", "Time between a sequence's consecutive tokens",
+                             t, buckets=ITL_BUCKETS, registry=r)
         self.cache_queries = Counter(f"{PREFIX}_result_cache_queries", "Result-cache lookups", t, registry=r)
         self.cache_hits = Counter(f"{PREFIX}_result_cache_hits", "Result-cache hits", t, registry=r)
         # vLLM's prefix-cache counters, in tokens; created at 0 so every tier exports them (the device's stay 0)
@@ -44,9 +52,16 @@ class Metrics:
         self.generation_tokens = Counter(f"{PREFIX}_generation_tokens", "Tokens generated", t, registry=r)
         self._http = None
 
-    def observe_batch(self, size: int, waiting: int) -> None:
-        self.batch_size.labels(self.tier).observe(size)
-        self.waiting.labels(self.tier).set(waiting)
+    def observe_step(self, stats) -> None:
+        """One scheduler step (shared.runtime.scheduler.StepStats)."""
+        t = self.tier
+        self.running.labels(t).set(stats.running)
+        self.waiting.labels(t).set(stats.waiting)
+        self.batch_size.labels(t).observe(stats.seqs)
+        self.iteration_tokens.labels(t).observe(stats.tokens)
+        itl = self.itl.labels(t)
+        for s in stats.inter_token_s:
+            itl.observe(s)
 
     def cache_lookup(self, hit: bool) -> None:
         self.cache_queries.labels(self.tier).inc()

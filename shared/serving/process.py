@@ -100,7 +100,7 @@ def run(process_cls: type[TierProcess], argv: list[str] | None = None) -> int:
     if nats_service:
         nats_service.stop()
     server.stop(grace=2).wait()
-    servicer.batcher.close()
+    servicer.scheduler.close()
     metrics.stop()
     return 0
 
@@ -114,6 +114,6 @@ def _nats_service(tier: str, manifest: Manifest, servicer: TierServicer) -> Tier
         for chunk in servicer.stream(pb.InferRequest.FromString(data), is_active):
             yield chunk.SerializeToString()
 
-    # the live queue depth: read through the servicer, whose batcher a device's model update replaces
+    # the live queue depth: read through the servicer, whose scheduler a device's model update replaces
     return TierService(tier, NatsOptions.from_manifest(manifest), handle, status_of, stream=stream,
-                       stats=lambda: {"queue_depth": servicer.batcher.depth})
+                       stats=lambda: {"queue_depth": servicer.scheduler.depth})

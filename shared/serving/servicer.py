@@ -2,7 +2,8 @@
 
 Every tier (cloud, edge, device) serves this servicer around its engine, over gRPC and over
 NATS alike (shared/serving/process.py). Requests are validated field by field
-(INVALID_ARGUMENT naming the field), queued in the dynamic batcher, and exceptions become
+(INVALID_ARGUMENT naming the field), unary calls and streams alike queued in the tier's
+iteration-level scheduler (shared/runtime/scheduler.py), and exceptions become
 statuses in exactly one place (`status_of`), for both transports.
 """
 
@@ -23,8 +24,8 @@ from google.protobuf.message import DecodeError
 from tierline_api.v1 import inference_pb2 as pb
 from tierline_api.v1 import inference_pb2_grpc as pb_grpc
 from tierline_shared.config.manifest import LimitsConfig, TierConfig
-from tierline_shared.runtime.batching import BatchConfig, BatchedResult, Batcher, DeadlineExceeded, QueueFull
 from tierline_shared.runtime.engine import MAX_SEED, MIN_TEMPERATURE, Engine, EngineError, GenerationParams
+from tierline_shared.runtime.scheduler import END, BatchConfig, BatchedResult, DeadlineExceeded, QueueFull, Scheduler
 from tierline_shared.transport.grpc_server import DEFAULT_WORKERS
 from tierline_shared.transport.messaging import TierError
 
@@ -33,7 +34,6 @@ NO_DEADLINE_S = 1e12  # gRPC reports a call without a deadline as about 9.2e18 s
 STREAM_POLL_S = 0.5  # how often a stream waiting for its next chunk checks that the client is still there
 MAX_OPEN_STREAMS = DEFAULT_WORKERS // 2  # gRPC handler threads streams may hold; the rest stay for unary calls
 STALLED_STREAM_S = 10.0  # seconds: a stream whose client has not taken its last chunk for this long is cancelled
-_END = object()  # the decoding thread of a stream has finished
 
 
 class RequestError(ValueError):
@@ -220,8 +220,7 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
         self.limits = limits or LimitsConfig()
         self.batch_config = batch or BatchConfig()
         self.metrics = metrics
-        self.batcher = Batcher(engine, self.batch_config,
-                               on_batch=metrics.observe_batch if metrics else None)
+        self.scheduler = Scheduler(engine, self.batch_config, on_step=metrics.observe_step if metrics else None)
         self.cache = LRUCache(cache_size)
         self.default_timeout_s = default_timeout_s
         self.streams = StreamGuard()
@@ -248,12 +247,8 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
             resp.request_id, resp.cached = request_id, True
             resp.timings.CopyFrom(pb.Timings(total_ms=(time.perf_counter() - t0) * 1000))
             return resp
-        timeout = caller_deadline(timeout_s)
-        if timeout is None:
-            timeout = self.default_timeout_s
-        # PRIORITY_UNSPECIFIED is served as NORMAL (the proto's promise), not below LOW
-        priority = int(req.priority) or pb.PRIORITY_NORMAL
-        ticket = self.batcher.submit(req.prompt, params, priority=priority, timeout_s=timeout)
+        timeout = self._timeout(timeout_s)
+        ticket = self.scheduler.submit(req.prompt, params, priority=_priority(req), timeout_s=timeout)
         if on_abandon is not None:
             on_abandon(ticket.cancel)
         try:
@@ -262,16 +257,22 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
             ticket.cancel()  # stops the row at its next decode step
             raise DeadlineExceeded("deadline exceeded before the answer was ready") from None
         resp = self._response(request_id, out, t0)
-        if self.metrics:
-            r = out.result
-            self.metrics.observe_response(self.engine.info.tier, "answered", resp.timings.first_token_ms / 1000,
-                                          resp.timings.total_ms / 1000, out.queue_s, r.prompt_tokens,
-                                          r.completion_tokens)
+        self._observe(out, resp.timings)
         if key:  # a copy: callers annotate the answer they get (the device's front door does)
             stored = pb.InferResponse()
             stored.CopyFrom(resp)
             self.cache.put(key, stored)
         return resp
+
+    def _timeout(self, timeout_s: float | None) -> float:
+        timeout = caller_deadline(timeout_s)
+        return self.default_timeout_s if timeout is None else timeout
+
+    def _observe(self, out: BatchedResult, timings: pb.Timings) -> None:
+        if self.metrics:
+            r = out.result
+            self.metrics.observe_response(self.engine.info.tier, "answered", timings.first_token_ms / 1000,
+                                          timings.total_ms / 1000, out.queue_s, r.prompt_tokens, r.completion_tokens)
 
     def _response(self, request_id: str, out: BatchedResult, t0: float) -> pb.InferResponse:
         r, info = out.result, self.engine.info
@@ -295,64 +296,48 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
             code, msg = status_of(exc)
             context.abort(code, msg)
 
-    def stream(self, request: pb.InferRequest, is_active=lambda: True) -> Iterator[pb.InferResponse]:
+    def stream(self, request: pb.InferRequest, is_active=lambda: True,
+               timeout_s: float | None = None) -> Iterator[pb.InferResponse]:
         """Chunks as tokens are generated, then a final message with finish_reason and usage.
 
         Validation errors raise before the first chunk; `is_active()` False stops generating.
-        The decoding runs in its own thread and hands chunks over through a queue, so the
-        engine (shared with every other request of this tier) is never held while a slow
-        client reads: the queue holds at most max_tokens chunks, the decoder never waits.
+        The stream is one more sequence in the scheduler's running batch: each step puts its
+        new text on the ticket's queue, so a slow reader never holds the engine (the queue
+        holds at most max_tokens chunks, the scheduler never waits for it).
         """
         t0 = time.perf_counter()
         params = validate(request, self.engine, self.limits, self.engine.info.model)
         request_id = request.request_id or uuid.uuid4().hex
         info = self.engine.info
-        items: queue.Queue = queue.Queue()
-        stop = threading.Event()
-
-        def decode() -> None:
-            gen = self.engine.stream_with_result(request.prompt, params)
-            try:
-                for item in gen:
-                    items.put(item)
-                    time.sleep(0)  # hand the GIL to the sender now rather than after the next decode step
-                    if stop.is_set():
-                        break  # the client went away: stop generating
-            except Exception as exc:  # noqa: BLE001 - raised again on the client's side of the queue
-                items.put(exc)
-            finally:
-                gen.close()  # releases the engine at once
-                items.put(_END)
-
-        threading.Thread(target=decode, name=f"stream-{request_id[:8]}").start()  # not daemon: exit waits for a step
-        result = None
+        ticket = self.scheduler.submit(request.prompt, params, priority=_priority(request),
+                                       timeout_s=self._timeout(timeout_s), stream=True)
         try:
             while True:
                 try:
-                    item = items.get(timeout=STREAM_POLL_S)
+                    item = ticket.chunks.get(timeout=STREAM_POLL_S)
                 except queue.Empty:
                     if not is_active():
                         return
                     continue
-                if item is _END:
+                if item is END:
                     break
-                if isinstance(item, Exception):
-                    raise item
                 if not is_active():
                     return  # the client went away: stop generating
-                if not isinstance(item, str):
-                    result = item
-                    continue
                 yield pb.InferResponse(request_id=request_id, choices=[pb.Choice(text=item)], tier=info.tier,
                                        model=info.model, model_version=info.version)
         finally:
-            stop.set()
+            if not ticket.future.done():
+                ticket.cancel()  # the sequence leaves the batch at the next step
+        out: BatchedResult = ticket.future.result()  # the request's own error, if it failed
+        r = out.result
+        timings = pb.Timings(queue_ms=out.queue_s * 1000, first_token_ms=(out.queue_s + r.first_token_s) * 1000,
+                             total_ms=(time.perf_counter() - t0) * 1000)
+        self._observe(out, timings)
         yield pb.InferResponse(
             request_id=request_id,
-            choices=[pb.Choice(text="", finish_reason=result.finish_reason)],
-            usage=pb.Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens),
-            tier=info.tier, model=info.model, model_version=info.version, confidence=result.confidence,
-            timings=pb.Timings(first_token_ms=result.first_token_s * 1000, total_ms=(time.perf_counter() - t0) * 1000),
+            choices=[pb.Choice(text="", finish_reason=r.finish_reason)],
+            usage=pb.Usage(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens),
+            tier=info.tier, model=info.model, model_version=info.version, confidence=r.confidence, timings=timings,
         )
 
     def InferStream(self, request, context):
@@ -360,7 +345,7 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"too many open streams ({self.streams.limit}) on this server; retry later")
         try:
-            for chunk in self.stream(request, context.is_active):
+            for chunk in self.stream(request, context.is_active, context.time_remaining()):
                 self.streams.handing(context)
                 yield chunk
                 self.streams.taken(context)
@@ -375,4 +360,9 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
         return pb.ServerInfo(tier=info.tier, model=info.model, model_version=info.version,
                              max_context=info.max_context, max_prompt_chars=self.limits.max_prompt_chars,
                              max_tokens_limit=self.limits.max_tokens, attention_window_limit=info.window_limit,
-                             max_batch_size=b.max_batch_size, max_queue=b.max_queue)
+                             max_batch_size=b.max_num_seqs, max_queue=b.max_queue)
+
+
+def _priority(req: pb.InferRequest) -> int:
+    """PRIORITY_UNSPECIFIED is served as NORMAL (the proto's promise), not below LOW."""
+    return int(req.priority) or pb.PRIORITY_NORMAL

@@ -1,0 +1,275 @@
+"""The iteration-level scheduler on real engines: joins and leaves at every step, priorities, bounded
+queue, deadlines, cancellation, rows that fail alone, and exactness against each request decoded alone."""
+
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import COMMITTED_MODELS, random_torch_engine
+from tierline_shared.config.manifest import BatchConfig
+from tierline_shared.runtime.engine import GenerationParams
+from tierline_shared.runtime.scheduler import END, DeadlineExceeded, QueueFull, Scheduler
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TIMEOUT = 60  # seconds, for any one future in these tests
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return random_torch_engine(seed=5)  # context 64 tokens
+
+
+class SlowEngine(type(random_torch_engine(seed=5))):
+    """The real torch engine, each forward held `delay` seconds longer: a long request that stays long on
+    any machine."""
+
+    delay = 0.01
+
+    def _forward(self, *args):
+        time.sleep(self.delay)
+        return super()._forward(*args)
+
+
+@pytest.fixture(scope="module")
+def slow():
+    base = random_torch_engine(seed=5)
+    return SlowEngine(base.model, base.tokenizer, base.info)
+
+
+LONG = GenerationParams(max_tokens=45, stop=("never",))  # with the prompt, within the context of 64
+
+
+class Steps:
+    """Records every step's statistics (the scheduler's metrics hook)."""
+
+    def __init__(self):
+        self.stats = []
+
+    def __call__(self, stats):
+        self.stats.append(stats)
+
+
+def test_requests_share_steps_and_answer_as_alone(engine):
+    steps = Steps()
+    s = Scheduler(engine, BatchConfig(max_num_seqs=8), on_step=steps)
+    prompts = [f"Q:{i}+{i}=?\nA:" for i in range(6)]
+    g = GenerationParams(max_tokens=10)
+    tickets = [s.submit(p, g) for p in prompts]
+    outs = [t.future.result(timeout=TIMEOUT) for t in tickets]
+    assert [o.result.token_ids for o in outs] == [engine.generate(p, g).token_ids for p in prompts]
+    assert max(st.seqs for st in steps.stats) >= 2  # steps computed several sequences together
+    s.close()
+
+
+def test_a_request_joins_the_running_batch_at_the_next_step(slow):
+    """The old batcher ran a batch to completion: a short request arriving during a long one waited for it."""
+    s = Scheduler(slow, BatchConfig(max_num_seqs=4))
+    long = s.submit("Q:1+1=?\nA:", LONG, stream=True)
+    assert isinstance(long.chunks.get(timeout=TIMEOUT), str)  # the long one is decoding
+    short = s.submit("Q:2+2=?\nA:", GenerationParams(max_tokens=2)).future
+    short.result(timeout=TIMEOUT)
+    assert not long.future.done(), "the short request waited for the long one to finish"
+    assert long.future.result(timeout=TIMEOUT).result.completion_tokens >= 1
+    s.close()
+
+
+def test_priorities_decide_admission_and_the_queue_is_bounded(slow):
+    s = Scheduler(slow, BatchConfig(max_num_seqs=1, max_queue=3))
+    busy = s.submit("Q:1+1=?\nA:", LONG, stream=True)
+    assert isinstance(busy.chunks.get(timeout=TIMEOUT), str)  # admitted: the next ones wait in the queue
+    order = []
+    tickets = {name: s.submit("Q:2+2=?\nA:", GenerationParams(max_tokens=2), priority=prio)
+               for name, prio in (("low", 1), ("high", 3), ("normal", 2))}
+    for name, t in tickets.items():
+        t.future.add_done_callback(lambda _, n=name: order.append(n))
+    with pytest.raises(QueueFull):
+        s.submit("one too many", GenerationParams())
+    for t in tickets.values():
+        t.future.result(timeout=TIMEOUT)
+    assert order == ["high", "normal", "low"]
+    s.close()
+
+
+def test_expired_request_is_not_run_and_a_deadline_stops_a_running_one(slow):
+    s = Scheduler(slow, BatchConfig(max_num_seqs=1))
+    busy = s.submit("Q:1+1=?\nA:", LONG, timeout_s=0.2, stream=True)
+    assert isinstance(busy.chunks.get(timeout=TIMEOUT), str)
+    late = s.submit("Q:3+3=?\nA:", GenerationParams(max_tokens=5), timeout_s=0.05)
+    with pytest.raises(DeadlineExceeded, match="while queued"):
+        late.future.result(timeout=TIMEOUT)
+    with pytest.raises(DeadlineExceeded, match="during generation"):
+        busy.future.result(timeout=TIMEOUT)
+    s.close()
+
+
+def test_a_cancelled_stream_leaves_the_batch_at_once(slow):
+    steps = Steps()
+    s = Scheduler(slow, BatchConfig(max_num_seqs=4), on_step=steps)
+    t = s.submit("Q:1+1=?\nA:", LONG, stream=True)
+    assert isinstance(t.chunks.get(timeout=TIMEOUT), str)
+    t.cancel()
+    deadline = time.monotonic() + TIMEOUT
+    while s.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert s.running == 0 and not s.busy
+    assert steps.stats[-1].running == 0
+    decoded = sum(len(st.inter_token_s) for st in steps.stats)
+    assert decoded < LONG.max_tokens // 2, "the cancelled sequence kept decoding"
+    s.close()
+
+
+class PoisonEngine(type(random_torch_engine(seed=5))):
+    """The real torch engine, except that its backend raises on one token: a row that breaks the model."""
+
+    poison = None
+
+    def _forward(self, input_ids, attention_mask, position_ids, past):
+        if self.poison is not None and (np.asarray(input_ids) == self.poison).any():
+            raise RuntimeError("the backend failed on this row")
+        return super()._forward(input_ids, attention_mask, position_ids, past)
+
+
+def test_a_row_that_breaks_the_engine_fails_alone():
+    base = random_torch_engine(seed=5)
+    eng = PoisonEngine(base.model, base.tokenizer, base.info)
+    eng.poison = eng.tokenizer.encode("%", bos=False)[0]
+    s = Scheduler(eng, BatchConfig(max_num_seqs=8))
+    g = GenerationParams(max_tokens=6)
+    good = [f"Q:{i}+1=?\nA:" for i in range(5)]
+    tickets = [s.submit(p, g) for p in good[:3]]
+    bad_prefill = s.submit("Q:5%2=?\nA:", g)  # fails in its prefill, among others' prefills
+    tickets += [s.submit(p, g) for p in good[3:]]
+    too_long = s.submit("Q:1+1=?\nA:", GenerationParams(max_tokens=200))  # past the context: refused alone
+    outs = [t.future.result(timeout=TIMEOUT).result.token_ids for t in tickets]
+    eng.poison = None
+    assert outs == [eng.generate(p, g).token_ids for p in good]
+    with pytest.raises(RuntimeError, match="failed on this row"):
+        bad_prefill.future.result(timeout=TIMEOUT)
+    with pytest.raises(Exception, match="exceeds the model's context"):
+        too_long.future.result(timeout=TIMEOUT)
+    # a failure in a decode step: the step is run again row by row, only the row at fault fails
+    eng.poison = eng.tokenizer.encode("7", bos=False)[0]
+    rows = [s.submit(f"Q:{i}*3=?\nA:", GenerationParams(max_tokens=4)) for i in range(4)]
+    results = []
+    for t in rows:
+        try:
+            results.append(t.future.result(timeout=TIMEOUT).result)
+        except RuntimeError as exc:
+            results.append(exc)
+    eng.poison = None
+    for i, r in enumerate(results):
+        alone = eng.generate(f"Q:{i}*3=?\nA:", GenerationParams(max_tokens=4))
+        if isinstance(r, Exception):  # a row fails only because a poisoned token went through it
+            assert "7" in f"Q:{i}*3=?\nA:" + alone.text
+        else:
+            assert r.token_ids == alone.token_ids
+    s.close()
+
+
+def _random_workload(rng: random.Random, n: int, context: int, window_limit: int) -> list[dict]:
+    """Requests with random prompts (many sharing prefixes of different lengths, for the prefix cache),
+    lengths, windows, priorities, arrival gaps (bursts and trickles) and cancellations."""
+    parts = ["Q:a=3;b=a+4;b=?", "\nA:", "Q:12+34=?", "Q:max(3,9,4)=?", "Q:7*8=?", " 5", "x"]
+    out = []
+    for i in range(n):
+        max_tokens = rng.randint(1, 16)
+        prompt = "".join(rng.choice(parts) for _ in range(rng.randint(1, 4)))[-(context - max_tokens - 4):]
+        window = min(rng.choice([0, 0, 0, 0, 0, 3, 8, 20]), window_limit)
+        out.append({"prompt": prompt, "params": GenerationParams(max_tokens=max_tokens, attention_window=window),
+                    "priority": rng.randint(1, 3), "gap": rng.choice([0, 0, 0, 0.001, 0.005]),
+                    "cancel": rng.random() < 0.15, "stream": rng.random() < 0.3})
+    return out
+
+
+def _exactness(engine, seed: int, n: int, config: BatchConfig) -> None:
+    rng = random.Random(seed)
+    work = _random_workload(rng, n, engine.info.max_context, engine.info.window_limit)
+    alone = [engine.generate(w["prompt"], w["params"]).token_ids for w in work]
+    steps = Steps()
+    s = Scheduler(engine, config, on_step=steps)
+    tickets = []
+    i = 0
+    while i < len(work):  # bursts (queued while a step runs, admitted together) and trickles
+        burst = work[i:i + rng.choice([1, 1, 2, 5])]
+        with engine._lock:  # the scheduler's next step waits: the burst is admitted in one step
+            for w in burst:
+                tickets.append(s.submit(w["prompt"], w["params"], priority=w["priority"], stream=w["stream"]))
+                if w["cancel"]:
+                    threading.Timer(rng.choice([0, 0.002, 0.01]), tickets[-1].cancel).start()
+        time.sleep(burst[-1]["gap"])
+        i += len(burst)
+    for w, t, want in zip(work, tickets, alone):
+        try:
+            got = t.future.result(timeout=TIMEOUT).result
+        except Exception:  # noqa: BLE001 - only a cancelled request may end without its answer
+            assert w["cancel"]
+            continue
+        assert got.token_ids == want, (w["prompt"], w["params"])
+        if w["stream"]:
+            chunks = []
+            while (c := t.chunks.get(timeout=TIMEOUT)) is not END:
+                chunks.append(c)
+            assert "".join(chunks) == got.text
+    assert max(st.seqs for st in steps.stats) >= 2
+    s.close()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_any_arrival_pattern_decodes_as_alone_torch(engine, seed):
+    engine.enable_prefix_cache(4096, min_match=4)  # prompts sharing prefixes: hits of different lengths
+    try:
+        config = BatchConfig(max_num_seqs=[3, 8, 16][seed], max_num_batched_tokens=[24, 64, 2048][seed])
+        _exactness(engine, seed, 40, config)
+    finally:
+        engine.enable_prefix_cache(0)
+
+
+@pytest.fixture(scope="module")
+def committed_engines():
+    from tierline_device_agent.engine import load_engine as load_device
+    from tierline_edge_node.engine import load_engine as load_edge
+
+    edge = load_edge(COMMITTED_MODELS, threads=1)
+    edge.enable_prefix_cache(4096, min_match=4)
+    return {"edge": edge, "device": load_device(COMMITTED_MODELS, threads=1)}
+
+
+@pytest.mark.parametrize("tier", ["edge", "device"])
+def test_any_arrival_pattern_decodes_as_alone_on_the_committed_onnx_and_litert_models(committed_engines, tier):
+    """onnxruntime (int8) and LiteRT run under the same scheduler, with the same guarantee."""
+    _exactness(committed_engines[tier], 7, 30, BatchConfig(max_num_seqs=8, max_num_batched_tokens=48))
+
+
+def test_config_validates():
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        BatchConfig(max_num_seqs=0)
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        BatchConfig(max_num_seqs=16, max_num_batched_tokens=8)
+
+
+def test_prefix_hits_of_different_lengths_prefill_together_and_decode_as_alone(engine):
+    """The prefix cache inside the step: hit rows prefill only their suffixes, in one forward with each other."""
+    steps = Steps()
+    engine.enable_prefix_cache(4096, min_match=4)
+    try:
+        s = Scheduler(engine, BatchConfig(max_num_seqs=8), on_step=steps)
+        stem = "Q:a=3;b=a+4;c=b*2;c=?\nA:"
+        s.submit(stem, GenerationParams(max_tokens=2)).future.result(timeout=TIMEOUT)  # stored
+        prompts = [stem[:10] + "9+9=?", stem[:16] + "1", stem + " 14\nQ:2*7=?\nA:", stem[:20] + "x=?\nA:"]
+        g = GenerationParams(max_tokens=8)
+        hits = engine.prefix_cache.hits
+        with engine._lock:  # queued together: admitted, and prefilled, in one step
+            tickets = [s.submit(p, g) for p in prompts]
+        outs = [t.future.result(timeout=TIMEOUT).result.token_ids for t in tickets]
+        assert engine.prefix_cache.hits - hits >= 4 * len(prompts)
+        prefill = [st for st in steps.stats if st.first_tokens == len(prompts)]
+        assert prefill and prefill[0].tokens < sum(len(engine.tokenizer.encode(p)) for p in prompts)
+        engine.enable_prefix_cache(0)
+        assert outs == [engine.generate(p, g).token_ids for p in prompts]
+        s.close()
+    finally:
+        engine.enable_prefix_cache(0)

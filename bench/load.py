@@ -41,6 +41,7 @@ class Outcome:
     server_queue_ms: float = 0.0  # of which waiting for a batch
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the tier's prefix cache
     text: str = ""
     paid: dict[str, int] = field(default_factory=dict)  # tier -> tokens its model spent on this answer
 
@@ -97,7 +98,7 @@ def outcome_of(resp: pb.InferResponse, latency_s: float) -> Outcome:
     return Outcome(latency_s=latency_s, tier=resp.tier, cached=resp.cached,
                    server_first_token_ms=resp.timings.first_token_ms, server_queue_ms=resp.timings.queue_ms,
                    prompt_tokens=resp.usage.prompt_tokens,
-                   completion_tokens=resp.usage.completion_tokens,
+                   completion_tokens=resp.usage.completion_tokens, cached_tokens=resp.usage.cached_tokens,
                    text=resp.choices[0].text if resp.choices else "",
                    paid=paid_tokens(resp.escalation_path))
 

@@ -294,8 +294,10 @@ def cache(stack: Stack, reuse_on: Stack, reuse_off: Stack, cfg: BenchConfig, poo
                   "Multi-turn: each turn's prompt is the whole dialogue so far plus the next question. With reuse "
                   "on, the tier keeps each prompt's KV (shared/runtime/engine.py PrefixCache) and a later prompt "
                   "prefills only what follows the longest cached prefix; the previous answer is not cached (only "
-                  "prompts are), so turn k reuses turn k-1's prompt. Prefill tokens computed come from the tier's own "
-                  "tierline_prefix_cache_hits_total counter, read before and after each request (concurrency 1).",
+                  "prompts are), so turn k reuses turn k-1's prompt. Prefill tokens computed are each answer's "
+                  "usage (prompt_tokens - cached_tokens), checked against the tier's tierline_prefix_cache_hits_total "
+                  "counter read before and after each run (cached_tokens_disagree_with_metrics: runs that differ); "
+                  "concurrency 1. later_turns_prefill_time_saving is prefill_time_saving on turns 2 and 3 alone.",
                   "Compute saving = 1 - prefill tokens computed with reuse / without (all turns; later turns "
                   "alone); the decode steps are the same either way, so all_tokens_compute_saving counts them "
                   "too. prefill_time_saving is the same ratio on the tiers' prefill + first-token times, per "
@@ -320,30 +322,36 @@ def _dialogues(targets: dict[str, Stack], problems: list[Problem], cfg: BenchCon
     max_context = clients["on"].server_info().max_context
     dialogues = [problems[d:d + DIALOGUE_TURNS] for d in range(0, len(problems) - DIALOGUE_TURNS + 1, DIALOGUE_TURNS)]
     per = max(1, len(dialogues) // cfg.repeats)
+    mismatches = 0
     rows: list[dict] = []  # one per answered turn: repeat, target, dialogue, turn, token counts, times, text
     for r in range(cfg.repeats):
         chunk = dialogues[r * per:(r + 1) * per] or dialogues[:per]
         for name, client in _interleaved(clients, r):
+            hits_before, answered = _prefix_hits(ports[name]), len(rows)
             for d, dialogue in enumerate(chunk):
                 history = ""
                 for k, p in enumerate(dialogue):
                     prompt = (history + "\n" if history else "") + p.prompt
                     if len(prompt) + DIALOGUE_MAX_TOKENS + 2 > max_context:  # one token per character, plus BOS
                         break
-                    before = _prefix_hits(ports[name])
                     o = client.infer(prompt, max_tokens=DIALOGUE_MAX_TOKENS)
                     if not o.ok:
                         rows.append({"repeat": r, "target": name, "turn": k, "ok": False})
                         break
-                    reused = _prefix_hits(ports[name]) - before
                     rows.append({"repeat": r, "target": name, "dialogue": r * per + d, "turn": k, "ok": True,
-                                 "prompt": o.prompt_tokens, "computed": o.prompt_tokens - reused,
+                                 "prompt": o.prompt_tokens, "computed": o.prompt_tokens - o.cached_tokens,
                                  "completion": o.completion_tokens, "text": o.text, "e2e_ms": o.latency_s * 1000,
                                  "prefill_ms": o.server_first_token_ms - o.server_queue_ms})
                     history = prompt + o.text
+            # each answer's usage.cached_tokens against the tier's own counter over the run (read outside the
+            # timed requests, so that a scrape never shares the tier's time with a request)
+            reused = sum(x["prompt"] - x["computed"] for x in rows[answered:] if x["ok"])
+            mismatches += reused != _prefix_hits(ports[name]) - hits_before
     for c in clients.values():
         c.close()
-    return {"metrics": _multi_turn_metrics(rows), "dialogues": len({(x["repeat"], x.get("dialogue")) for x in rows})}
+    metrics = _multi_turn_metrics(rows)
+    metrics["cached_tokens_disagree_with_metrics"] = mismatches  # runs whose answers' counts and the tier's differ
+    return {"metrics": metrics, "dialogues": len({(x["repeat"], x.get("dialogue")) for x in rows})}
 
 
 def _multi_turn_metrics(rows: list[dict]) -> dict:

@@ -62,11 +62,21 @@ class TorchEngine(Engine):
 
     @torch.inference_mode()
     def _past_join(self, parts, width: int) -> Past:
-        def pad(t: torch.Tensor) -> torch.Tensor:
+        def pad(t: torch.Tensor, rows, start: int) -> torch.Tensor:
+            t = t[:, :, start:] if rows is None else t[torch.as_tensor(rows, device=self.device), :, start:]
             return torch.nn.functional.pad(t, (0, 0, width - t.shape[2], 0))  # zeros on the left of positions
 
-        return [(torch.cat([pad(p[i][0]) for p in parts]), torch.cat([pad(p[i][1]) for p in parts]))
-                for i in range(len(parts[0]))]
+        return [(torch.cat([pad(p[i][0], rows, start) for p, rows, start in parts]),
+                 torch.cat([pad(p[i][1], rows, start) for p, rows, start in parts]))
+                for i in range(len(parts[0][0]))]
+
+    @torch.inference_mode()
+    def _past_put(self, past: Past, slot: int, src: Past, row: int, start: int, n: int) -> None:
+        for dst, new in zip(past, src):
+            for d, s in zip(dst, new):
+                w = d.shape[2]
+                d[slot, :, :w - n] = 0
+                d[slot, :, w - n:] = s[row, :, start:start + n]
 
     @torch.inference_mode()
     def _past_rows(self, past: Past, rows, start: int) -> Past:

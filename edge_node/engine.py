@@ -83,16 +83,32 @@ class OnnxEngine(Engine):
                 for k, v in past]
 
     def _past_join(self, parts, width: int) -> Past:
-        def stack(arrays: list[np.ndarray]) -> np.ndarray:
-            a0 = arrays[0]
-            out = np.zeros((sum(a.shape[0] for a in arrays), a0.shape[1], width, a0.shape[3]), dtype=a0.dtype)
+        def stack(arrays) -> np.ndarray:
+            a0 = arrays[0][0]
+            n = sum(a.shape[0] if rows is None else len(rows) for a, rows, _ in arrays)
+            out = np.empty((n, a0.shape[1], width, a0.shape[3]), dtype=a0.dtype)
             b = 0
-            for a in arrays:  # right-aligned: the left is padding, masked out
-                out[b:b + a.shape[0], :, width - a.shape[2]:] = a
-                b += a.shape[0]
+            for a, rows, start in arrays:  # right-aligned: the left is padding (zeros), masked out
+                w = a.shape[2] - start
+                k = a.shape[0] if rows is None else len(rows)
+                out[b:b + k, :, :width - w] = 0
+                if rows is None:
+                    out[b:b + k, :, width - w:] = a[:, :, start:]
+                else:  # row by row: no intermediate copy of the whole batch
+                    for j, r in enumerate(rows):
+                        out[b + j, :, width - w:] = a[r, :, start:]
+                b += k
             return out
 
-        return [(stack([p[i][0] for p in parts]), stack([p[i][1] for p in parts])) for i in range(len(parts[0]))]
+        return [(stack([(p[i][0], rows, start) for p, rows, start in parts]),
+                 stack([(p[i][1], rows, start) for p, rows, start in parts])) for i in range(len(parts[0][0]))]
+
+    def _past_put(self, past: Past, slot: int, src: Past, row: int, start: int, n: int) -> None:
+        for dst, new in zip(past, src):
+            for d, s in zip(dst, new):
+                w = d.shape[2]
+                d[slot, :, :w - n] = 0
+                d[slot, :, w - n:] = s[row, :, start:start + n]
 
     def _past_rows(self, past: Past, rows: np.ndarray, start: int) -> Past:
         return [(np.ascontiguousarray(k[rows, :, start:]), np.ascontiguousarray(v[rows, :, start:])) for k, v in past]

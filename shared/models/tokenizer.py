@@ -10,10 +10,13 @@ loss (characters outside the alphabet become `<unk>`).
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+ENCODE_CACHE = 256  # texts whose ids a tokenizer remembers
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
@@ -98,6 +101,8 @@ class TextTokenizer:
 
     def __init__(self, tok: Tokenizer, specials: dict | None = None, where: str = "tokenizer"):
         self._tok = tok
+        # a served prompt is encoded where it is validated and again where it is scheduled: remember the last few
+        self._encoded = functools.lru_cache(maxsize=ENCODE_CACHE)(self._encode)
         names = {"pad_token": PAD, "bos_token": BOS, "eos_token": EOS, "unk_token": UNK}
         if specials is not None:
             names = {k: _token_text(specials.get(k)) for k in names}
@@ -171,8 +176,11 @@ class TextTokenizer:
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
+        return list(self._encoded(text, bos))
+
+    def _encode(self, text: str, bos: bool) -> tuple[int, ...]:
         ids = self._tok.encode(text, add_special_tokens=False).ids
-        return [self.bos_id, *ids] if bos and self.add_bos else ids
+        return (self.bos_id, *ids) if bos and self.add_bos else tuple(ids)
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)

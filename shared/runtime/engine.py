@@ -68,6 +68,7 @@ class GenerationResult:
     first_token_s: float  # prefill + first token, seconds
     total_s: float
     token_ids: list[int] = field(default_factory=list)
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 @dataclass
@@ -122,6 +123,8 @@ class PrefixCache:
             raise ValueError(f"max_tokens and min_match must be >= 1, got {max_tokens}, {min_match}")
         self.max_tokens, self.min_match, self.on_lookup = max_tokens, min_match, on_lookup
         self._entries: OrderedDict[tuple[int, ...], tuple[np.ndarray, Past]] = OrderedDict()
+        # entries by their first min_match tokens: only those can share min_match tokens with a prompt
+        self._by_head: dict[tuple[int, ...], set[tuple[int, ...]]] = {}
         self.tokens = 0  # positions held
         self.queries = 0  # prompt tokens looked up
         self.hits = 0  # of those, tokens whose KV was reused
@@ -133,7 +136,8 @@ class PrefixCache:
         """(h, KV of a stored prompt whose first h positions are ids[:h]); (0, None) for a miss."""
         a = np.asarray(ids, dtype=np.int64)
         best, best_key = 0, None
-        for key, (arr, _) in self._entries.items():
+        for key in self._by_head.get(tuple(ids[:self.min_match]), ()):
+            arr = self._entries[key][0]
             m = min(len(arr), len(a))
             same = arr[:m] == a[:m]
             n = m if same.all() else int(np.argmin(same))
@@ -156,21 +160,30 @@ class PrefixCache:
         key = tuple(ids)
         if len(key) < self.min_match or len(key) > self.max_tokens:
             return
-        for other in self._entries:
+        head = self._by_head.setdefault(key[:self.min_match], set())
+        for other in head:
             if len(other) >= len(key) and other[:len(key)] == key:  # already reusable as it is
                 self._entries.move_to_end(other)
                 return
-        for other in [o for o in self._entries if o == key[:len(o)]]:  # prefixes of the new one: redundant
-            self.tokens -= len(other)
-            del self._entries[other]
+        for other in [o for o in head if o == key[:len(o)]]:  # prefixes of the new one: redundant
+            self._drop(other)
         self._entries[key] = (np.asarray(key, dtype=np.int64), past)
+        self._by_head.setdefault(key[:self.min_match], set()).add(key)
         self.tokens += len(key)
         while self.tokens > self.max_tokens:
-            old, _ = self._entries.popitem(last=False)
-            self.tokens -= len(old)
+            self._drop(next(iter(self._entries)))
+
+    def _drop(self, key: tuple[int, ...]) -> None:
+        del self._entries[key]
+        self.tokens -= len(key)
+        head = self._by_head[key[:self.min_match]]
+        head.discard(key)
+        if not head:
+            del self._by_head[key[:self.min_match]]
 
     def clear(self) -> None:
         self._entries.clear()
+        self._by_head.clear()
         self.tokens = 0
 
 
@@ -215,9 +228,14 @@ class Engine(abc.ABC):
         """A copy of one row's positions `cols` (a slice or an index array) as a batch of one."""
         raise NotImplementedError
 
-    def _past_join(self, parts: Sequence[Past], width: int) -> Past:
-        """Caches (each a batch of any size, at most `width` positions) left-padded with zeros to `width`
-        positions and stacked in order."""
+    def _past_join(self, parts: Sequence[tuple[Past, np.ndarray | None, int]], width: int) -> Past:
+        """Caches stacked in order, each left-padded with zeros to `width` positions; a part is (past, the rows
+        to take or None for all, its first position to take)."""
+        raise NotImplementedError
+
+    def _past_put(self, past: Past, slot: int, src: Past, row: int, start: int, n: int) -> None:
+        """Write src's row `row`, positions [start, start + n), into row `slot` of `past`, right-aligned, in
+        place (the rest of that row zeroed): a sequence taking a finished one's place in the batch."""
         raise NotImplementedError
 
     def _past_rows(self, past: Past, rows: np.ndarray, start: int) -> Past:

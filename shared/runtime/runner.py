@@ -3,15 +3,17 @@
 A `Sequence` is one request's decoding state: its prompt ids, how many of them have KV
 (`computed`, vLLM's `num_computed_tokens`), the tokens sampled so far, stop strings, the
 text a stream may already send. `ModelRunner.step(chunks)` runs one iteration: the given
-running sequence decodes one token, then the given prompt chunks are prefilled (new
-sequences batched together; one that hit the prefix cache prefills only its suffix, in the
-same forward as the others) and every sequence whose prompt is complete samples its first
-token and joins the running batch. Finished sequences leave the batch at once; the scheduler
+the given prompt chunks are prefilled (new sequences batched together; one that hit the
+prefix cache prefills only its suffix, in the same forward as the others), every sequence
+whose prompt is complete samples its first token and joins the running batch, and every
+running sequence decodes one token. Finished sequences leave the batch at once; the scheduler
 (shared/runtime/scheduler.py) decides between steps which chunks run.
 
 The running batch keeps one KV cache for all its rows, as TGI's Prefill/Decode/FilterBatch
 do: rows are right-aligned and left-padded (`mask` marks real positions), joining rows are
-concatenated on, leaving rows are filtered out, and a row's sliding window is applied by
+written into the slot of a finished row (only their own positions are copied) or, when none is
+free, concatenated on with the finished rows filtered out in the same copy (a finished row
+stays, masked, until then, or until half the batch has finished), and a row's sliding window is applied by
 masking its oldest positions, so rows with different windows share one batch. A backend
 that takes one row at a time (`supports_batch_prefill` False: LiteRT) keeps each sequence's
 KV apart and runs the same step row by row.
@@ -51,6 +53,7 @@ class Sequence:
         self._eos, self._decode = eos_id, decode
         self.rng = np.random.default_rng(params.seed)
         self.computed = 0  # prompt tokens whose KV exists: the position of the next prompt token
+        self.cached = 0  # of those, tokens whose KV came from the prefix cache
         self.kv: Past | None = None  # its own KV (a batch of one) while it prefills, or always (row-by-row backends)
         self.kv_len = 0  # positions held in its KV (fewer than it has seen once its window evicts)
         self.token: int | None = None  # the last sampled token, fed at the next decode step
@@ -76,7 +79,10 @@ class Sequence:
 
     def accept(self, logits: np.ndarray) -> None:
         """Sample the next token from its logits (V,) and apply eos, stop strings and max_tokens."""
-        t, p = _pick(logits, self.params, self.rng)
+        self.push(*_pick(logits, self.params, self.rng))
+
+    def push(self, t: int, p: float) -> None:
+        """Take token `t`, to which the model gave probability `p`."""
         now = time.perf_counter()
         if not self.last_token_at:
             self.first_token_s = now - self.t0
@@ -118,7 +124,7 @@ class Sequence:
             confidence=min(self.probs) if self.probs else 0.0, mean_logprob=sum(lp) / len(lp) if lp else 0.0,
             first_token_s=self.first_token_s,
             total_s=time.perf_counter() - self.t0 if total_s is None else total_s,
-            token_ids=list(self.gen),
+            token_ids=list(self.gen), cached_tokens=self.cached,
         )
 
 
@@ -132,9 +138,16 @@ class ModelRunner:
         # rows of different prefill lengths leave holes between past and new tokens; a model whose own
         # sliding window counts columns, not positions, must not see them: its warm rows prefill alone
         self._holes_ok = engine.info.window_limit >= engine.info.max_context
-        self.running: list[Sequence] = []  # decoding, in the order of the batch KV's rows
+        # the batch KV's rows, in order; a finished row stays (masked, fed padding) until the batch is next
+        # rebuilt, so that a row leaving costs no copy of the whole cache
+        self._rows: list[Sequence] = []
         self._past: Past | None = None  # (B, kv_heads, W, head_dim) per layer, rows right-aligned
         self._mask = np.zeros((0, 0), np.int64)  # (B, W): 1 where a row has a real position
+
+    @property
+    def running(self) -> list[Sequence]:
+        """Sequences decoding (prompt done, not finished)."""
+        return [s for s in self._rows if not s.done]
 
     def sequence(self, prompt: str, params: GenerationParams) -> Sequence:
         eng = self.engine
@@ -148,8 +161,8 @@ class ModelRunner:
         if cache is None or not self.batched or len(seq.ids) > seq.window:
             return  # a prompt wider than its window is not plain causal attention: its KV is not reusable
         h, stored = cache.lookup(seq.ids)
-        if stored is not None:
-            seq.kv, seq.kv_len, seq.computed = self.engine._past_take(stored, 0, slice(0, h)), h, h
+        if stored is not None:  # a view: the first copy is the one that feeds it to the model
+            seq.kv, seq.kv_len, seq.computed, seq.cached = [(k[:, :, :h], v[:, :, :h]) for k, v in stored], h, h, h
 
     @staticmethod
     def chunk_limit(seq: Sequence) -> int:
@@ -171,41 +184,38 @@ class ModelRunner:
             self.step([(s, self.chunk_limit(s)) for s in seqs if not s.done and not s.prefilled])
             yield
 
-    def step(self, chunks: Seq[tuple[Sequence, int]]) -> None:
-        """Decode one token for every running sequence, then prefill `chunks` ((sequence, tokens)): a
-        sequence whose prompt completes samples its first token and decodes from the next step on."""
-        self.release()
-        if self.running:
-            self._decode() if self.batched else self._decode_alone()
-            self.release()
-        if not chunks:
-            return
-        if not self.batched:
+    def step(self, chunks: Seq[tuple[Sequence, int]], keep_slots: bool = False) -> None:
+        """Prefill `chunks` ((sequence, tokens)): a sequence whose prompt completes samples its first token and
+        joins the running batch; then decode one token for every running sequence (the new ones included).
+
+        `keep_slots`: more sequences will come (a server's scheduler), so finished rows stay in the batch KV
+        for new ones to take their place (no copy of the batch) until half the batch has finished; without
+        it (a static batch) they leave at once."""
+        self._release(keep_slots)
+        if chunks and not self.batched:
             for c in chunks:
                 self._prefill_alone(*c)
-            return
-        warm = [c for c in chunks if c[0].kv is not None]  # sorted first: a fresh row's first chunk gives it a kv
-        self._prefill([c for c in chunks if c[0].kv is None], warm=False)
-        if self._holes_ok:
-            self._prefill(warm, warm=True)
-        else:
-            for c in warm:
-                self._prefill([c], warm=True)
+        elif chunks:
+            warm = [c for c in chunks if c[0].kv is not None]  # sorted first: a fresh row's first chunk gives it a kv
+            self._prefill([c for c in chunks if c[0].kv is None], warm=False)
+            if self._holes_ok:
+                self._prefill(warm, warm=True)
+            else:
+                for c in warm:
+                    self._prefill([c], warm=True)
+        if any(not s.done for s in self._rows):
+            self._decode() if self.batched else self._decode_alone()
 
-    def release(self) -> None:
-        """Finished or cancelled rows leave the batch; columns no row needs any more are dropped."""
-        if not any(s.done for s in self.running):
-            return
-        keep = [b for b, s in enumerate(self.running) if not s.done]
-        self.running = [self.running[b] for b in keep]
-        if not self.batched:
-            return
-        if not keep:
-            self._past, self._mask = None, np.zeros((0, 0), np.int64)
-            return
-        mask = self._mask[keep]
-        lead = _dead_columns(mask)
-        self._past, self._mask = self.engine._past_rows(self._past, np.array(keep), lead), mask[:, lead:]
+    def _release(self, keep_slots: bool) -> None:
+        """Finished rows leave: at once for row-by-row backends and static batches; with `keep_slots`, from
+        the batch KV when half of it has finished (or all), else when a new sequence takes the slot."""
+        live = sum(1 for s in self._rows if not s.done)
+        if not self.batched or not live:
+            self._rows = [s for s in self._rows if not s.done]
+            if not self._rows:
+                self._past, self._mask = None, np.zeros((0, 0), np.int64)
+        elif live < len(self._rows) and (not keep_slots or 2 * live <= len(self._rows)):
+            self._join([], [])  # stop computing finished rows
 
     # -- batched backends ----------------------------------------------------------------------------
     def _prefill(self, chunks: list[tuple[Sequence, int]], warm: bool) -> None:
@@ -214,9 +224,9 @@ class ModelRunner:
             return
         try:
             self._prefill_forward(chunks, warm)
-        except Exception as exc:  # noqa: BLE001 - one bad row must not fail the others
+        except _ForwardError as exc:  # one bad row must not fail the others: each again, alone
             if len(chunks) == 1:
-                chunks[0][0].fail(exc)
+                chunks[0][0].fail(exc.__cause__)
                 return
             for c in chunks:
                 self._prefill([c], warm)
@@ -236,58 +246,86 @@ class ModelRunner:
             mask[j, P - s.kv_len:P] = 1
             mask[j, P + T - n:] = 1
             positions[j, T - n:] = np.arange(s.computed, s.computed + n)
-        past = eng._past_join([s.kv for s, _ in chunks], P) if warm else None
-        logits, present = eng._forward(input_ids, mask, positions, past)
+        past = eng._past_join([(s.kv, None, 0) for s, _ in chunks], P) if warm else None
+        try:
+            logits, present = eng._forward(input_ids, mask, positions, past)
+        except Exception as exc:  # noqa: BLE001 - nothing has changed yet: the caller may run the rows again
+            raise _ForwardError() from exc
         cache = eng.prefix_cache if eng.supports_prefix_cache else None
-        joining, parts = [], []
+        joining, sources = [], []
         for j, (s, n) in enumerate(chunks):
-            cols = np.r_[P - s.kv_len:P, P + T - n:P + T] if warm else slice(T - n, T)
+            first = P - s.kv_len  # its first real column (a row of the longest chunk has no hole)
+            if n == T or not warm:
+                cols = slice(first if n == T else T - n, P + T)
+            else:
+                cols = np.r_[first:P, P + T - n:P + T]
             s.computed += n
             s.kv_len += n
             if not s.prefilled:
                 s.kv = eng._past_take(present, j, cols)
                 continue
             if cache is not None and s.kv_len == len(s.ids):  # never evicted: plain causal KV, reusable
-                kv = eng._past_take(present, j, cols)
-                cache.store(s.ids, kv)
-            else:
-                kv = None
+                cache.store(s.ids, eng._past_take(present, j, cols))
             s.kv = None
             s.accept(logits[j, -1])
             if s.done:
                 continue
-            if warm or kv is not None:  # warm rows hold holes: join their compacted KV
-                parts.append((kv if kv is not None else eng._past_take(present, j, cols), s.kv_len))
-            else:
-                parts.append((eng._past_rows(present, np.array([j]), T - n), n))
             joining.append(s)
+            # rows with holes between past and suffix join compacted; the others are right-aligned already
+            sources.append((present, j, cols.start) if isinstance(cols, slice)
+                           else (eng._past_take(present, j, cols), 0, 0))
         if joining:
-            self._join(joining, parts)
+            self._join(joining, sources)
 
-    def _join(self, seqs: list[Sequence], parts: list[tuple[Past, int]]) -> None:
-        """Concatenate rows (each a batch-of-one KV holding `length` real positions) onto the running batch."""
-        width = max([self._mask.shape[1]] + [n for _, n in parts])
-        pasts = ([self._past] if self.running else []) + [kv for kv, _ in parts]
-        mask = np.zeros((len(self.running) + len(parts), width), np.int64)
-        mask[:len(self.running), width - self._mask.shape[1]:] = self._mask
-        for i, (_, n) in enumerate(parts):
-            mask[len(self.running) + i, width - n:] = 1
-        self._past = self.engine._past_join(pasts, width)
+    def _join(self, seqs: list[Sequence], sources: list[tuple[Past, int, int]]) -> None:
+        """Add `seqs` to the batch; seq i's KV is sources[i] = (past, row, first column), kv_len positions.
+
+        Each goes into a finished row's slot when one is free and it fits the batch's width: only its own
+        positions are copied. Otherwise the batch is rebuilt in one copy (finished rows dropped, columns no row
+        uses any more cut)."""
+        free = [b for b, s in enumerate(self._rows) if s.done]
+        W = self._mask.shape[1]
+        if seqs and self._past is not None and len(free) >= len(seqs) and all(s.kv_len <= W for s in seqs):
+            for b, s, (src, row, start) in zip(free, seqs, sources):
+                self.engine._past_put(self._past, b, src, row, start, s.kv_len)
+                self._mask[b] = 0
+                self._mask[b, W - s.kv_len:] = 1
+                self._rows[b] = s
+            return
+        keep = [b for b, s in enumerate(self._rows) if not s.done]
+        parts = [(src, np.array([row]), start) for src, row, start in sources]
+        lead = _dead_columns(self._mask[keep]) if keep else 0
+        if keep:
+            parts = [(self._past, np.array(keep), lead)] + parts
+        if not parts:
+            self._rows, self._past, self._mask = [], None, np.zeros((0, 0), np.int64)
+            return
+        width = max([W - lead if keep else 0] + [s.kv_len for s in seqs])
+        mask = np.zeros((len(keep) + len(seqs), width), np.int64)
+        if keep:
+            mask[:len(keep), width - (W - lead):] = self._mask[keep, lead:]
+        for i, s in enumerate(seqs):
+            mask[len(keep) + i, width - s.kv_len:] = 1
+        self._past = self.engine._past_join(parts, width)
         self._mask = mask
-        self.running.extend(seqs)
+        self._rows = [self._rows[b] for b in keep] + list(seqs)
 
     def _decode(self) -> None:
-        rows = self.running
+        rows = self._rows
         B, W = self._mask.shape
-        for b, s in enumerate(rows):  # each row's own sliding window: mask its oldest positions
-            if s.kv_len >= s.window:
+        tokens = np.full((B, 1), self.engine.tokenizer.pad_id, np.int64)
+        positions = np.zeros((B, 1), np.int64)
+        for b, s in enumerate(rows):
+            if s.done:  # a finished row waiting to be dropped: it sees only its own padding
+                self._mask[b] = 0
+                continue
+            tokens[b, 0], positions[b, 0] = s.token, s.position
+            if s.kv_len >= s.window:  # its own sliding window: mask its oldest positions
                 self._mask[b, :W - (s.window - 1)] = 0
                 s.kv_len = s.window - 1
         lead = _dead_columns(self._mask)
         if lead >= TRIM_DEAD_COLUMNS:
             self._past, self._mask = self.engine._past_rows(self._past, np.arange(B), lead), self._mask[:, lead:]
-        tokens = np.array([[s.token] for s in rows], np.int64)
-        positions = np.array([[s.position] for s in rows], np.int64)
         mask = np.concatenate([self._mask, np.ones((B, 1), np.int64)], axis=1)
         try:
             logits, past = self.engine._forward(tokens, mask, positions, self._past)
@@ -297,22 +335,42 @@ class ModelRunner:
             self._rejoin()
             return
         self._past, self._mask = past, mask
-        for b, s in enumerate(rows):
-            s.kv_len += 1
-            s.accept(logits[b, -1])
+        live = [b for b, s in enumerate(rows) if not s.done]
+        greedy = [b for b in live if rows[b].params.greedy]
+        if greedy:  # argmax and the chosen token's probability for all greedy rows at once
+            x = logits[greedy, -1].astype(np.float64)
+            top = x.argmax(axis=1)
+            m = x.max(axis=1, keepdims=True)
+            p = 1.0 / np.exp(x - m).sum(axis=1)  # exp(x[top] - m) is 1
+            for b, t, pb in zip(greedy, top.tolist(), p.tolist()):
+                rows[b].kv_len += 1
+                rows[b].push(t, pb)
+        for b in live:
+            if not rows[b].params.greedy:
+                rows[b].kv_len += 1
+                rows[b].accept(logits[b, -1])
+        cache = self.engine.prefix_cache if self.engine.supports_prefix_cache else None
+        if cache is not None:  # as vLLM's prefix caching: a finished answer's KV serves the dialogue's next turn
+            W = mask.shape[1]
+            for b in live:
+                s = rows[b]
+                if s.done and s.error is None and len(s.ids) + len(s.gen) <= s.window:  # never evicted
+                    cache.store((s.ids + s.gen)[:s.kv_len], self.engine._past_take(past, b, slice(W - s.kv_len, W)))
 
     def _split(self) -> None:
         """Each running row's KV apart (for the row-by-row step)."""
         W = self._mask.shape[1]
-        for b, s in enumerate(self.running):
-            s.kv = self.engine._past_rows(self._past, np.array([b]), W - s.kv_len)
-        self._past, self._mask = None, np.zeros((0, 0), np.int64)
+        rows = [s for s in self._rows if not s.done]
+        for b, s in enumerate(self._rows):
+            if not s.done:
+                s.kv = self.engine._past_rows(self._past, np.array([b]), W - s.kv_len)
+        self._rows, self._past, self._mask = rows, None, np.zeros((0, 0), np.int64)
 
     def _rejoin(self) -> None:
-        rows = [s for s in self.running if not s.done]
-        self.running = []
+        rows = [s for s in self._rows if not s.done]
+        self._rows = []
         if rows:
-            self._join(rows, [(s.kv, s.kv_len) for s in rows])
+            self._join(rows, [(s.kv, 0, 0) for s in rows])
             for s in rows:
                 s.kv = None
 
@@ -333,11 +391,11 @@ class ModelRunner:
         if s.prefilled:
             s.accept(logits[0, -1])
             if not s.done:
-                self.running.append(s)
+                self._rows.append(s)
 
     def _decode_alone(self) -> None:
         eng = self.engine
-        for s in self.running:
+        for s in self._rows:
             if s.done:
                 continue
             try:
@@ -350,6 +408,10 @@ class ModelRunner:
                 continue
             s.kv_len += 1
             s.accept(logits[0, -1])
+
+
+class _ForwardError(Exception):
+    """The backend raised in a forward (its cause); no sequence's state has changed."""
 
 
 def _dead_columns(mask: np.ndarray) -> int:

@@ -194,7 +194,7 @@ class Scheduler:
                 chunks.append((req.seq, n))
                 budget -= n
             before = {id(r.seq): r.seq.last_token_at for r in self._active}
-            self._runner.step(chunks)
+            self._runner.step(chunks, keep_slots=True)
         self._update(before, chunks)
 
     def _admit(self, budget: int) -> list[_Request]:

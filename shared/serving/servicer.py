@@ -277,7 +277,8 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
     def _response(self, request_id: str, out: BatchedResult, t0: float) -> pb.InferResponse:
         r, info = out.result, self.engine.info
         total_ms = (time.perf_counter() - t0) * 1000
-        usage = pb.Usage(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens)
+        usage = pb.Usage(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
+                         cached_tokens=r.cached_tokens)
         return pb.InferResponse(
             request_id=request_id,
             choices=[pb.Choice(text=r.text, finish_reason=r.finish_reason)],
@@ -336,7 +337,8 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
         yield pb.InferResponse(
             request_id=request_id,
             choices=[pb.Choice(text="", finish_reason=r.finish_reason)],
-            usage=pb.Usage(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens),
+            usage=pb.Usage(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
+                           cached_tokens=r.cached_tokens),
             tier=info.tier, model=info.model, model_version=info.version, confidence=r.confidence, timings=timings,
         )
 

@@ -301,7 +301,7 @@ def render(results: dict, plots: dict[str, str]) -> str:
 
     L += [f"## 6. {pe['title']}", "", _how(pe["method"]), ""]
     L += _serving_table(m6, ("litserve_batch", "litserve_continuous", "edge_node"))
-    best = m6["litserve_best_mode"]
+    best = pe["litserve_best_mode"]
     L += [f"Edge node over LitServe in its best mode ({best if isinstance(best, str) else fmt(best)}): "
           f"{_x(m6['ratio']['edge_node_over_litserve'])} (over its batching loop "
           f"{_x(m6['ratio']['edge_node_over_litserve_batch'])}, over its continuous-batching loop "

@@ -84,6 +84,17 @@ class TorchEngine(Engine):
         return [(k[idx, :, start:], v[idx, :, start:]) for k, v in past]
 
 
+def torch_device(accelerator: str) -> str:
+    """The torch device for tiers.cloud.accelerator: "cpu", "cuda" (ValueError when torch sees none), or "auto"."""
+    if accelerator == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if accelerator == "auto":
+        return "cpu"
+    raise ValueError(f"{accelerator!r}, but torch sees no CUDA device here (use 'auto' to fall back to the CPU)")
+
+
 FORMATS = ("safetensors",)
 
 

@@ -79,3 +79,22 @@ def test_the_example_manifest_matches_the_committed_models():
 
     m = load_manifest(Path(__file__).resolve().parents[1] / "infra" / "manifests" / "local.yaml")
     assert set(m.tiers) == {"device", "edge", "cloud"}
+
+
+def test_accelerator_is_checked_where_the_tier_loads_its_model(manifest):
+    """tiers.<tier>.accelerator: the cloud's torch backend runs on CUDA when asked (and there is one); the
+    onnxruntime and LiteRT tiers say they cannot, naming the field."""
+    import torch
+
+    from tierline_cloud_node.process import CloudProcess
+    from tierline_edge_node.process import EdgeProcess
+
+    with pytest.raises(ManifestError, match="tiers.edge.accelerator: 'gpu'; allowed: cpu, cuda, auto"):
+        load_manifest(manifest(tiers__edge__accelerator="gpu"))
+    with pytest.raises(ManifestError, match="tiers.edge.accelerator: 'cuda' is not supported by the edge tier"):
+        EdgeProcess(load_manifest(manifest(tiers__edge__accelerator="cuda")), use_nats=False).load_engine()
+    engine = CloudProcess(load_manifest(manifest(tiers__cloud__accelerator="auto")), use_nats=False).load_engine()
+    assert engine.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ManifestError, match="tiers.cloud.accelerator: 'cuda', but torch sees no CUDA device"):
+            CloudProcess(load_manifest(manifest(tiers__cloud__accelerator="cuda")), use_nats=False).load_engine()

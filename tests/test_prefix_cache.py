@@ -142,9 +142,14 @@ def test_tiers_export_the_prefix_cache_counters(tiny_family):
     with Stack(tiny_family, tiers=("device", "edge", "cloud"), router=False,
                overrides={"tiers.cloud.prefix_cache_tokens": 0, "tiers.edge.cache_size": 0}) as stack:
         turn1 = "Q:What is 12+30 and then 4*5?\nA:"
+        cached = {}
         for name in ("edge-0", "cloud-0"):
             for prompt in (turn1, turn1 + "42\nQ:and 3+4?\nA:"):
-                stub(stack.port(name)).Infer(req(prompt), timeout=TIMEOUT)
+                cached[name] = stub(stack.port(name)).Infer(req(prompt), timeout=TIMEOUT).usage.cached_tokens
+        # the next turn of a dialogue reuses the prompt and the answer, as the answer's usage says
+        first = stub(stack.port("edge-0")).Infer(req("Q:7*8=?\nA:", max_tokens=6), timeout=TIMEOUT)
+        follow = "Q:7*8=?\nA:" + first.choices[0].text + "\nQ:and 1+1?\nA:"
+        second = stub(stack.port("edge-0")).Infer(req(follow), timeout=TIMEOUT)
         counters, bodies = {}, {}
         for name in ("device-0", "edge-0", "cloud-0"):
             port = next(p.ready["metrics_port"] for p in stack.procs if p.name == name)
@@ -156,7 +161,13 @@ def test_tiers_export_the_prefix_cache_counters(tiny_family):
                                                   f'tierline_prefix_cache_hits_total{{tier="{tier}"}}'))]
     tok = TextTokenizer.load(tiny_family / "tokenizer.json")
     n1, n2 = len(tok.encode(turn1)), len(tok.encode(turn1 + "42\nQ:and 3+4?\nA:"))
-    assert counters["edge"] == [n1 + n2, n1]  # turn 2 reused all of turn 1
+    assert cached["edge-0"] >= n1  # turn 2 reused all of turn 1 (and whatever of its answer the prompt repeats)
+    n3, n4 = len(tok.encode("Q:7*8=?\nA:")), len(tok.encode(follow))
+    # every answer's cached_tokens, and the tier's own counters, agree
+    assert counters["edge"] == [n1 + n2 + n3 + n4, cached["edge-0"] + second.usage.cached_tokens]
+    assert cached["cloud-0"] == 0
+    assert first.usage.cached_tokens == 0
+    assert second.usage.cached_tokens >= n3 + first.usage.completion_tokens - 1  # the prompt and the answer
     assert counters["cloud"] == [0.0, 0.0]  # prefix_cache_tokens: 0
     assert counters["device"] == [0.0, 0.0]
     # the scheduler's series, as vLLM names them: running and waiting gauges, inter-token latency, occupancy per step

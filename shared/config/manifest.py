@@ -37,6 +37,9 @@ class NatsConfig:
     request_timeout_ms: int = 10000  # one request to a tier over NATS
 
 
+ACCELERATORS = ("cpu", "cuda", "auto")  # tiers.<tier>.accelerator
+
+
 @dataclass
 class BatchConfig:
     """The tier's iteration-level scheduler (shared/runtime/scheduler.py), with vLLM's names."""
@@ -69,6 +72,8 @@ class TierConfig:
     # prompt tokens whose KV the engine keeps for prefix reuse (0 = off; the device's LiteRT engine has none)
     prefix_cache_tokens: int = 4096
     prefix_cache_min_match: int = 16  # shortest shared prefix (tokens) worth reusing
+    # where the model runs: "cpu"; "cuda" or "auto" (CUDA when there is one) where the tier's backend can
+    accelerator: str = "cpu"
     batching: BatchConfig = field(default_factory=BatchConfig)
 
 
@@ -186,6 +191,7 @@ class Manifest:
         return self.tiers[name]
 
 
+_CHOICES = {"accelerator": ACCELERATORS}  # field -> its allowed values
 _RANGES = {  # field -> (min, max) inclusive, None = unbounded
     "grpc_port": (0, 65535), "metrics_port": (-1, 65535), "threads": (1, 256), "timeout_ms": (1, None),
     "cost_per_1k_tokens": (0, None), "cache_size": (0, None), "max_prompt_chars": (1, 100_000),
@@ -280,6 +286,8 @@ def _convert(hint, value, path: Path, dotted: str):
     if not ok:
         raise ManifestError(f"{path}: {dotted}: expected {hint.__name__}, got {value!r}")
     leaf = dotted.rsplit(".", 1)[-1]
+    if leaf in _CHOICES and value not in _CHOICES[leaf]:
+        raise ManifestError(f"{path}: {dotted}: {value!r}; allowed: {', '.join(_CHOICES[leaf])}")
     if leaf in _RANGES:
         lo, hi = _RANGES[leaf]
         if (lo is not None and value < lo) or (hi is not None and value > hi):

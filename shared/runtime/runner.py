@@ -184,13 +184,15 @@ class ModelRunner:
             self.step([(s, self.chunk_limit(s)) for s in seqs if not s.done and not s.prefilled])
             yield
 
-    def step(self, chunks: Seq[tuple[Sequence, int]], keep_slots: bool = False) -> None:
+    def step(self, chunks: Seq[tuple[Sequence, int]], keep_slots: bool = False,
+             prefilled: Callable[[], None] | None = None) -> None:
         """Prefill `chunks` ((sequence, tokens)): a sequence whose prompt completes samples its first token and
         joins the running batch; then decode one token for every running sequence (the new ones included).
 
         `keep_slots`: more sequences will come (a server's scheduler), so finished rows stay in the batch KV
         for new ones to take their place (no copy of the batch) until half the batch has finished; without
-        it (a static batch) they leave at once."""
+        it (a static batch) they leave at once. `prefilled()` is called between the prefill and the decode:
+        first tokens go out before the batch decodes."""
         self._release(keep_slots)
         if chunks and not self.batched:
             for c in chunks:
@@ -203,6 +205,8 @@ class ModelRunner:
             else:
                 for c in warm:
                     self._prefill([c], warm=True)
+        if chunks and prefilled is not None:
+            prefilled()
         if any(not s.done for s in self._rows):
             self._decode() if self.batched else self._decode_alone()
 

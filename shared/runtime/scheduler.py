@@ -194,7 +194,7 @@ class Scheduler:
                 chunks.append((req.seq, n))
                 budget -= n
             before = {id(r.seq): r.seq.last_token_at for r in self._active}
-            self._runner.step(chunks, keep_slots=True)
+            self._runner.step(chunks, keep_slots=True, prefilled=self._emit)
         self._update(before, chunks)
 
     def _admit(self, budget: int) -> list[_Request]:
@@ -222,6 +222,14 @@ class Scheduler:
             admitted.append(req)
         return admitted
 
+    def _emit(self) -> None:
+        """Streams get the text their sequences have so far (first tokens, before the step's decode)."""
+        for req in self._active:
+            if req.chunks is not None:
+                text = req.seq.take_text()
+                if text:
+                    req.chunks.put(text)
+
     def _update(self, before: dict | None = None, chunks: list | None = None) -> None:
         """Hand out new text and finished results; record the step."""
         itl, first = [], 0
@@ -233,10 +241,7 @@ class Scheduler:
                     itl.append(s.last_token_at - prev)
                 else:
                     first += 1
-            if req.chunks is not None:
-                text = s.take_text()
-                if text:
-                    req.chunks.put(text)
+        self._emit()
         done = [r for r in self._active if r.seq.done]
         if done:
             self._active = [r for r in self._active if not r.seq.done]

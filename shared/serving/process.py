@@ -32,6 +32,7 @@ class TierProcess:
 
     tier = ""  # "cloud", "edge" or "device": the manifest's tiers.<tier> section, the NATS subjects
     loader: Callable[..., Engine] | None = None  # the tier's load_engine(models_dir, threads=...)
+    accelerators = ("cpu",)  # what tiers.<tier>.accelerator may say for this tier's backend
 
     def __init__(self, manifest: Manifest, use_nats: bool):
         self.manifest, self.use_nats = manifest, use_nats
@@ -39,6 +40,9 @@ class TierProcess:
 
     def load_engine(self) -> Engine:
         """The tier's model; ArtifactError (or ManifestError) when it cannot be served."""
+        if self.config.accelerator not in self.accelerators:
+            raise ManifestError(f"{self.manifest.path}: tiers.{self.tier}.accelerator: {self.config.accelerator!r} "
+                                f"is not supported by the {self.tier} tier; allowed: {', '.join(self.accelerators)}")
         return type(self).loader(self.manifest.models_path, threads=self.config.threads)
 
     def make_servicer(self, engine: Engine, metrics: Metrics) -> TierServicer:

@@ -230,13 +230,14 @@ def batching(on: Stack, off: Stack, cfg: BenchConfig, prompts: list[str], warm: 
     metrics["ratio"] = {"qps_on_over_off": num(median([a.qps / b.qps for a, b in zip(runs["on"], runs["off"])
                                                        if b.qps > 0]))}
     return {
-        "title": "Dynamic batching on vs off",
+        "title": "Continuous batching on vs off",
         "method": _method(cfg, GRPC_GEN, cfg.batching_concurrency, len(prompts), max_tokens=cfg.max_tokens,
-                          target="the edge tier's gRPC port; on: max_batch_size 8, max_queue_delay_ms 5 (defaults); "
-                                 "off: max_batch_size 1, max_queue_delay_ms 0; result cache off in both"),
+                          target=f"the edge tier's gRPC port; on: max_num_seqs {BatchConfig().max_num_seqs} (the "
+                                 "default); off: max_num_seqs 1; result cache off in both"),
         "metrics": metrics,
         "article": {"throughput": "about 3x (Triton's tutorial; 3.3x at concurrency 16)"},
-        "notes": ["Off is the same batcher with batches of one (manifest tiers.edge.batching.max_batch_size: 1)."],
+        "notes": ["Off is the same scheduler with a running batch of one sequence (manifest "
+                  "tiers.edge.batching.max_num_seqs: 1)."],
     }
 
 
@@ -289,7 +290,7 @@ def cache(stack: Stack, reuse_on: Stack, reuse_off: Stack, cfg: BenchConfig, poo
         "metrics": metrics,
         "article": {"multi_turn": "reusing the shared prefix's KV cache: 40% less compute"},
         "notes": ["Hits are exact repeats of a greedy request (same prompt, max_tokens, stop, window), answered by "
-                  "the tier's LRU before the batcher; identical requests in flight at the same time both miss "
+                  "the tier's LRU before the scheduler; identical requests in flight at the same time both miss "
                   "(no request coalescing), so the hit rate is below the traffic's repeat share.",
                   "Multi-turn: each turn's prompt is the whole dialogue so far plus the next question. With reuse "
                   "on, the tier keeps each prompt's KV (shared/runtime/engine.py PrefixCache) and a later prompt "

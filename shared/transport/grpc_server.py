@@ -21,7 +21,7 @@ from tierline_api.v1 import inference_pb2_grpc as pb_grpc
 
 SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"]
 SERVICE_NAME = SERVICE.full_name
-DEFAULT_WORKERS = 32  # gRPC handler threads (they mostly wait on the batcher)
+DEFAULT_WORKERS = 32  # gRPC handler threads (they mostly wait on the scheduler)
 
 
 def add_health_and_reflection(server, aio: bool = False):

@@ -4,7 +4,7 @@ The service `tierline-<tier>` has the endpoints `tierline.<tier>.infer` and `.st
 nats.micro's default queue group, so replicas of a tier share the load and
 `$SRV.PING|INFO|STATS` discover them, and a plain subscription to `.cancel` (every replica
 hears it). Each request is served in its own task, its blocking work in a worker thread,
-so many are in flight at once and the batcher can group them. nats.micro runs an
+so many are in flight at once and the scheduler can batch them. nats.micro runs an
 endpoint's handler one message at a time and would time only the hand-off to that task,
 so the request statistics it reports on `$SRV.STATS` (requests, errors, processing time)
 are counted here, around each whole request (`_Counts`, `_Service.stats`). Errors become
@@ -41,7 +41,7 @@ from tierline_shared.transport.messaging import (
     subject,
 )
 
-HANDLER_THREADS = 64  # requests in flight per tier process (they wait on the batcher)
+HANDLER_THREADS = 64  # requests in flight per tier process (they wait on the scheduler)
 MIN_HEARTBEAT_S = 0.05  # seconds: the most often a tier says it is alive, whatever a requester asks
 
 
@@ -94,7 +94,7 @@ class TierService:
 
     `handle(request_bytes, timeout_s) -> response_bytes` is called in a worker
     thread for each message (the servicer's blocking path), so many requests are
-    in flight at once and the batcher can group them.
+    in flight at once and the scheduler can batch them.
     """
 
     def __init__(self, tier: str, opts: NatsOptions, handle, status_of, version: str = "1.0.0", stream=None,

@@ -211,8 +211,8 @@ def render(results: dict, plots: dict[str, str]) -> str:
         ["traffic kept below the cloud", fmt(m2["ratio"]["share_below_cloud"], pct=True), "90% at the edge"],
         ["tiered vs cloud only: accuracy (exact answer)", f"{fmt(m2['tiered']['accuracy'], pct=True)} vs "
          f"{fmt(m2['cloud_only']['accuracy'], pct=True)}", "-"],
-        [f"continuous batching on vs off (concurrency {ba['method']['concurrency']})", _x(m3["ratio"]["qps_on_over_off"]),
-         "about 3x (Triton)"],
+        [f"continuous batching on vs off (concurrency {ba['method']['concurrency']})",
+         _x(m3["ratio"]["qps_on_over_off"]), "about 3x (Triton)"],
         ["repeated prompt: cache hit vs miss latency", _x(m4["repeat"]["hit_speedup"]), "-"],
         ["multi-turn prefix KV reuse: prefill tokens computed, saving (prefill time saving)",
          f"{fmt(m4['multi_turn']['prefix_kv_reuse_compute_saving'], pct=True)} "

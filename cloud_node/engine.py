@@ -72,11 +72,7 @@ class TorchEngine(Engine):
 
     @torch.inference_mode()
     def _past_put(self, past: Past, slot: int, src: Past, row: int, start: int, n: int) -> None:
-        for dst, new in zip(past, src):
-            for d, s in zip(dst, new):
-                w = d.shape[2]
-                d[slot, :, :w - n] = 0
-                d[slot, :, w - n:] = s[row, :, start:start + n]
+        super()._past_put(past, slot, src, row, start, n)  # the model's tensors change only in inference mode
 
     @torch.inference_mode()
     def _past_rows(self, past: Past, rows, start: int) -> Past:

@@ -103,13 +103,6 @@ class OnnxEngine(Engine):
         return [(stack([(p[i][0], rows, start) for p, rows, start in parts]),
                  stack([(p[i][1], rows, start) for p, rows, start in parts])) for i in range(len(parts[0][0]))]
 
-    def _past_put(self, past: Past, slot: int, src: Past, row: int, start: int, n: int) -> None:
-        for dst, new in zip(past, src):
-            for d, s in zip(dst, new):
-                w = d.shape[2]
-                d[slot, :, :w - n] = 0
-                d[slot, :, w - n:] = s[row, :, start:start + n]
-
     def _past_rows(self, past: Past, rows: np.ndarray, start: int) -> Past:
         return [(np.ascontiguousarray(k[rows, :, start:]), np.ascontiguousarray(v[rows, :, start:])) for k, v in past]
 

@@ -191,7 +191,7 @@ class Engine(abc.ABC):
     """Load once, then generate for batches of prompts with a KV cache."""
 
     supports_batch_prefill = True  # False: the backend takes one row at a time
-    supports_prefix_cache = False  # True: the backend implements _past_take and _past_join
+    supports_prefix_cache = False  # True: the backend implements _past_take, _past_join and _past_rows
 
     def __init__(self, tokenizer: TextTokenizer, info: EngineInfo):
         self.tokenizer = tokenizer
@@ -235,8 +235,13 @@ class Engine(abc.ABC):
 
     def _past_put(self, past: Past, slot: int, src: Past, row: int, start: int, n: int) -> None:
         """Write src's row `row`, positions [start, start + n), into row `slot` of `past`, right-aligned, in
-        place (the rest of that row zeroed): a sequence taking a finished one's place in the batch."""
-        raise NotImplementedError
+        place (the rest of that row zeroed): a sequence taking a finished one's place in the batch. Written
+        for arrays indexed as numpy's are (numpy, torch)."""
+        for dst, new in zip(past, src):
+            for d, s in zip(dst, new):
+                w = d.shape[2]
+                d[slot, :, :w - n] = 0
+                d[slot, :, w - n:] = s[row, :, start:start + n]
 
     def _past_rows(self, past: Past, rows: np.ndarray, start: int) -> Past:
         """A copy of rows `rows`, positions from `start` on (a batch leaving rows and unused columns)."""

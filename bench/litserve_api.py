@@ -125,8 +125,7 @@ class EdgeContinuousLitAPI(ls.LitAPI):
                     except (KeyError, TypeError, ValueError) as exc:  # EngineError is a ValueError
                         outputs.append(Output(uid, exc, LitAPIStatus.ERROR))
                         continue
-                    seq = self._running[uid] = self.runner.sequence(prompt, params)
-                    self.runner.begin(seq)
+                    self._running[uid] = self.runner.sequence(prompt, params)
                 self.runner.step([(s, self.runner.chunk_limit(s)) for s in self._running.values() if not s.prefilled])
             for uid in [u for u, s in self._running.items() if s.done]:
                 seq = self._running.pop(uid)

@@ -301,8 +301,6 @@ class Engine(abc.ABC):
         with self._lock:
             runner = self.runner()
             seqs = [runner.sequence(p, g) for p, g in zip(prompts, params)]
-            for s in seqs:
-                runner.begin(s)
             for _ in runner.run(seqs, cancelled):
                 pass
         errors = [s.error for s in seqs if s.error is not None]
@@ -348,7 +346,6 @@ class Engine(abc.ABC):
         with self._lock:
             runner = self.runner()
             seq = runner.sequence(prompt, params)
-            runner.begin(seq)
             for _ in runner.run([seq]):
                 chunk = seq.take_text()
                 if chunk:

@@ -3,11 +3,11 @@
 A `Sequence` is one request's decoding state: its prompt ids, how many of them have KV
 (`computed`, vLLM's `num_computed_tokens`), the tokens sampled so far, stop strings, the
 text a stream may already send. `ModelRunner.step(chunks)` runs one iteration: the given
-the given prompt chunks are prefilled (new sequences batched together; one that hit the
+prompt chunks are prefilled (new sequences batched together; one that hit the
 prefix cache prefills only its suffix, in the same forward as the others), every sequence
 whose prompt is complete samples its first token and joins the running batch, and every
-running sequence decodes one token. Finished sequences leave the batch at once; the scheduler
-(shared/runtime/scheduler.py) decides between steps which chunks run.
+running sequence decodes one token. The scheduler (shared/runtime/scheduler.py) decides
+between steps which chunks run.
 
 The running batch keeps one KV cache for all its rows, as TGI's Prefill/Decode/FilterBatch
 do: rows are right-aligned and left-padded (`mask` marks real positions), joining rows are
@@ -73,6 +73,11 @@ class Sequence:
         return self.computed >= len(self.ids)
 
     @property
+    def whole(self) -> bool:
+        """Its KV holds every position it has seen (no window evicted any): plain causal KV, reusable."""
+        return len(self.ids) + len(self.gen) <= self.window
+
+    @property
     def position(self) -> int:
         """The position of `token`, the next one fed."""
         return len(self.ids) + len(self.gen) - 1
@@ -117,13 +122,13 @@ class Sequence:
         chunk, self.emitted = self.text[self.emitted:safe], safe
         return chunk
 
-    def result(self, total_s: float | None = None) -> GenerationResult:
+    def result(self) -> GenerationResult:
         lp = [math.log(max(p, 1e-12)) for p in self.probs]
         return GenerationResult(
             text=self.text, finish_reason=self.reason, prompt_tokens=len(self.ids), completion_tokens=len(self.gen),
             confidence=min(self.probs) if self.probs else 0.0, mean_logprob=sum(lp) / len(lp) if lp else 0.0,
             first_token_s=self.first_token_s,
-            total_s=time.perf_counter() - self.t0 if total_s is None else total_s,
+            total_s=time.perf_counter() - self.t0,
             token_ids=list(self.gen), cached_tokens=self.cached,
         )
 
@@ -144,25 +149,23 @@ class ModelRunner:
         self._past: Past | None = None  # (B, kv_heads, W, head_dim) per layer, rows right-aligned
         self._mask = np.zeros((0, 0), np.int64)  # (B, W): 1 where a row has a real position
 
-    @property
-    def running(self) -> list[Sequence]:
-        """Sequences decoding (prompt done, not finished)."""
-        return [s for s in self._rows if not s.done]
-
-    def sequence(self, prompt: str, params: GenerationParams) -> Sequence:
-        eng = self.engine
-        return Sequence(eng.tokenizer.encode(prompt), params, params.attention_window or eng.info.window_limit,
-                        eng.tokenizer.eos_id, eng.tokenizer.decode)
-
     # -- what the scheduler asks -----------------------------------------------------------------------
-    def begin(self, seq: Sequence) -> None:
-        """Look a new sequence's prompt up in the prefix cache: a hit starts it from the stored KV."""
-        cache = self.engine.prefix_cache if self.engine.supports_prefix_cache else None
-        if cache is None or not self.batched or len(seq.ids) > seq.window:
-            return  # a prompt wider than its window is not plain causal attention: its KV is not reusable
+    def sequence(self, prompt: str, params: GenerationParams) -> Sequence:
+        """A new sequence, started from the prefix cache's KV when its prompt hits (the caller holds the
+        engine's lock: the cache is the engine's)."""
+        eng = self.engine
+        seq = Sequence(eng.tokenizer.encode(prompt), params, params.attention_window or eng.info.window_limit,
+                       eng.tokenizer.eos_id, eng.tokenizer.decode)
+        cache = self._prefix_cache()
+        if cache is None or not self.batched or not seq.whole:
+            return seq  # a prompt wider than its window is not plain causal attention: its KV is not reusable
         h, stored = cache.lookup(seq.ids)
         if stored is not None:  # a view: the first copy is the one that feeds it to the model
             seq.kv, seq.kv_len, seq.computed, seq.cached = [(k[:, :, :h], v[:, :, :h]) for k, v in stored], h, h, h
+        return seq
+
+    def _prefix_cache(self):
+        return self.engine.prefix_cache if self.engine.supports_prefix_cache else None
 
     @staticmethod
     def chunk_limit(seq: Sequence) -> int:
@@ -255,7 +258,7 @@ class ModelRunner:
             logits, present = eng._forward(input_ids, mask, positions, past)
         except Exception as exc:  # noqa: BLE001 - nothing has changed yet: the caller may run the rows again
             raise _ForwardError() from exc
-        cache = eng.prefix_cache if eng.supports_prefix_cache else None
+        cache = self._prefix_cache()
         joining, sources = [], []
         for j, (s, n) in enumerate(chunks):
             first = P - s.kv_len  # its first real column (a row of the longest chunk has no hole)
@@ -268,7 +271,7 @@ class ModelRunner:
             if not s.prefilled:
                 s.kv = eng._past_take(present, j, cols)
                 continue
-            if cache is not None and s.kv_len == len(s.ids):  # never evicted: plain causal KV, reusable
+            if cache is not None and s.whole:
                 cache.store(s.ids, eng._past_take(present, j, cols))
             s.kv = None
             s.accept(logits[j, -1])
@@ -353,12 +356,12 @@ class ModelRunner:
             if not rows[b].params.greedy:
                 rows[b].kv_len += 1
                 rows[b].accept(logits[b, -1])
-        cache = self.engine.prefix_cache if self.engine.supports_prefix_cache else None
+        cache = self._prefix_cache()
         if cache is not None:  # as vLLM's prefix caching: a finished answer's KV serves the dialogue's next turn
             W = mask.shape[1]
             for b in live:
                 s = rows[b]
-                if s.done and s.error is None and len(s.ids) + len(s.gen) <= s.window:  # never evicted
+                if s.done and s.error is None and s.whole:
                     cache.store((s.ids + s.gen)[:s.kv_len], self.engine._past_take(past, b, slice(W - s.kv_len, W)))
 
     def _split(self) -> None:

@@ -216,8 +216,7 @@ class Scheduler:
                 self._fail(req, exc)
                 continue
             req.admitted, req.batch_size = time.monotonic(), len(self._active) + 1
-            req.seq = self._runner.sequence(req.prompt, req.params)
-            self._runner.begin(req.seq)  # a prefix-cache hit leaves only the suffix to prefill
+            req.seq = self._runner.sequence(req.prompt, req.params)  # a prefix-cache hit: only the suffix to prefill
             self._active.append(req)
             admitted.append(req)
         return admitted

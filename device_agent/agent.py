@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
 
 from tierline_api.v1 import inference_pb2 as pb
 from tierline_router.cascade import Cascade, Decision, Offline
@@ -42,6 +44,8 @@ class DeviceAgentServicer(TierServicer):
         self.retries_per_tier = retries_per_tier
         self.link: TierService | None = None  # the NATS link to the tiers above (may be reconnecting)
         self.on_answer = None  # called with each answer, front door or NATS (the fleet agent's telemetry)
+        # NATS answers finish in the scheduler's thread: their telemetry (a disk write) is recorded here instead
+        self._telemetry = ThreadPoolExecutor(1, thread_name_prefix="telemetry")
         self._swap_lock = threading.Lock()
 
     def swap_engine(self, engine: Engine) -> None:
@@ -96,12 +100,16 @@ class DeviceAgentServicer(TierServicer):
         resp.degraded = decision.degraded
         return resp
 
-    def serve_nats(self, req: pb.InferRequest, timeout_s: float | None) -> pb.InferResponse:
+    def serve_nats(self, req: pb.InferRequest, timeout_s: float | None) -> futures.Future:
         """The router asks this board's model directly (no cascade here: the router runs it)."""
-        resp = self.handle(req, timeout_s)
+        answer = self.begin(req, timeout_s)
         if self.on_answer is not None:
-            self.on_answer(resp, via="nats")
-        return resp
+            answer.add_done_callback(self._answered_over_nats)
+        return answer
+
+    def _answered_over_nats(self, answer: futures.Future) -> None:
+        if not answer.cancelled() and answer.exception() is None:
+            self._telemetry.submit(self.on_answer, answer.result(), via="nats")
 
     def Infer(self, request, context):
         try:

@@ -1,4 +1,5 @@
-"""A tier's NATS link (shared/messaging.py) against a real nats-server: streams and their cancel."""
+"""A tier's NATS link (shared/transport) against a real nats-server: streams and their cancel, and where
+requests wait."""
 
 from __future__ import annotations
 
@@ -9,9 +10,14 @@ import time
 import grpc
 import pytest
 
+from tests.conftest import random_torch_engine
 from tierline_api.v1 import inference_pb2 as pb
 from tierline_infra.supervisor import NatsServer
-from tierline_shared.transport.messaging import NatsOptions, connect, stream_tier
+from tierline_shared.config.manifest import BatchConfig
+from tierline_shared.runtime.engine import GenerationParams
+from tierline_shared.serving.process import nats_service_for
+from tierline_shared.serving.servicer import TierServicer
+from tierline_shared.transport.messaging import NatsOptions, ask_tier, connect, stream_tier
 from tierline_shared.transport.tier_service import TierService
 
 TIMEOUT = 30  # seconds, every wait here
@@ -88,3 +94,56 @@ def test_a_stream_read_to_the_end_is_not_cancelled(link):
     opts, producer, _ = link
     assert _read(opts, chunks=None) == CHUNKS
     assert producer.finished.wait(TIMEOUT) and not producer.stopped_early.is_set()
+
+
+class GatedEngine(type(random_torch_engine(seed=5))):
+    """The real torch engine, whose forward passes wait until `gate` is open."""
+
+    gate = threading.Event()
+
+    def _forward(self, *args):
+        assert self.gate.wait(TIMEOUT), "the test never opened the gate"
+        return super()._forward(*args)
+
+
+IN_FLIGHT = 100  # requests sent at once: more than any thread pool a tier might have waited in
+
+
+def test_every_request_over_nats_waits_in_the_scheduler_not_in_a_thread(tmp_path):
+    """The tier's NATS front door queues each request with the scheduler at once: its bounded queue (and
+    the queue depth that $SRV.STATS reports) sees every request in flight, however many there are."""
+    base = random_torch_engine(seed=5, tier="edge")
+    engine = GatedEngine(base.model, base.tokenizer, base.info)
+    engine.gate.clear()
+    servicer = TierServicer(engine, BatchConfig(max_num_seqs=1, max_queue=2 * IN_FLIGHT))
+    server = NatsServer(tmp_path).start()
+    opts = NatsOptions(server.url, server.user, server.password)
+    service = nats_service_for("edge", opts, servicer)
+    service.start()
+    try:
+        prompts = [f"Q:{i}+1=?\nA:" for i in range(IN_FLIGHT)]
+
+        async def ask_all():
+            nc = await connect(opts, name="test")
+            try:
+                return await asyncio.gather(*(ask_tier(nc, "edge", pb.InferRequest(
+                    prompt=p, parameters=pb.Parameters(max_tokens=2)), TIMEOUT) for p in prompts))
+            finally:
+                await nc.close()
+
+        asking = threading.Thread(target=lambda: answers.extend(asyncio.run(ask_all())), daemon=True)
+        answers: list = []
+        asking.start()
+        deadline = time.monotonic() + TIMEOUT
+        while servicer.scheduler.depth < IN_FLIGHT - 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert servicer.scheduler.depth == IN_FLIGHT - 1  # one runs (held at the gate), all the others queue
+        engine.gate.set()
+        asking.join(TIMEOUT)
+        alone = [base.generate(p, GenerationParams(max_tokens=2)).text for p in prompts]
+        assert [a.choices[0].text for a in answers] == alone
+    finally:
+        engine.gate.set()
+        service.stop()
+        servicer.scheduler.close()
+        server.stop()

@@ -14,6 +14,7 @@ import json
 import signal
 import sys
 import threading
+from concurrent.futures import Future
 from typing import Callable, Iterator
 
 from tierline_api.v1 import inference_pb2 as pb
@@ -86,7 +87,7 @@ def run(process_cls: type[TierProcess], argv: list[str] | None = None) -> int:
     metrics_port = metrics.serve(tc.grpc_host, tc.metrics_port) if tc.metrics_port >= 0 else None
     nats_service = None
     if process.use_nats:
-        nats_service = _nats_service(tier, manifest, servicer)
+        nats_service = nats_service_for(tier, NatsOptions.from_manifest(manifest), servicer)
         try:
             nats_service.start(retry_forever=process.nats_retry_forever())
         except (NatsAuthError, ConnectionError, TimeoutError) as exc:
@@ -109,15 +110,15 @@ def run(process_cls: type[TierProcess], argv: list[str] | None = None) -> int:
     return 0
 
 
-def _nats_service(tier: str, manifest: Manifest, servicer: TierServicer) -> TierService:
-    """The servicer on `tierline.<tier>.infer` and `.stream`, protobuf bytes in and out."""
-    def handle(data: bytes, timeout_s: float | None) -> bytes:
-        return servicer.serve_nats(pb.InferRequest.FromString(data), timeout_s).SerializeToString()
+def nats_service_for(tier: str, opts: NatsOptions, servicer: TierServicer) -> TierService:
+    """The servicer on `tierline.<tier>.infer` and `.stream`, protobuf bytes in and out (not started)."""
+    def handle(data: bytes, timeout_s: float | None) -> Future:
+        return servicer.serve_nats(pb.InferRequest.FromString(data), timeout_s)
 
     def stream(data: bytes, is_active) -> Iterator[bytes]:
         for chunk in servicer.stream(pb.InferRequest.FromString(data), is_active):
             yield chunk.SerializeToString()
 
     # the live queue depth: read through the servicer, whose scheduler a device's model update replaces
-    return TierService(tier, NatsOptions.from_manifest(manifest), handle, status_of, stream=stream,
+    return TierService(tier, opts, handle, status_of, stream=stream,
                        stats=lambda: {"queue_depth": servicer.scheduler.depth})

@@ -225,14 +225,30 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
         self.default_timeout_s = default_timeout_s
         self.streams = StreamGuard()
 
-    def serve_nats(self, req: pb.InferRequest, timeout_s: float | None) -> pb.InferResponse:
-        """One request that came over NATS (from the router or a device's front door)."""
-        return self.handle(req, timeout_s)
+    def serve_nats(self, req: pb.InferRequest, timeout_s: float | None) -> futures.Future:
+        """One request that came over NATS (from the router or a device's front door), without a thread
+        waiting on it: a future of the response, resolved when the scheduler finishes the request."""
+        return self.begin(req, timeout_s)
 
     def handle(self, req: pb.InferRequest, timeout_s: float | None, on_abandon=None) -> pb.InferResponse:
-        """Serve one request (also used by the NATS endpoint); raises on failure.
+        """Serve one request and wait for it; raises on failure.
 
         `on_abandon(callback)` lets the transport register what to call when the client goes away.
+        """
+        answer = self.begin(req, timeout_s)
+        if on_abandon is not None:
+            on_abandon(answer.cancel)
+        try:
+            return answer.result(timeout=self._timeout(timeout_s))
+        except (futures.TimeoutError, futures.CancelledError):
+            answer.cancel()  # stops the row at its next decode step
+            raise DeadlineExceeded("deadline exceeded before the answer was ready") from None
+
+    def begin(self, req: pb.InferRequest, timeout_s: float | None) -> futures.Future:
+        """Validate, look the result cache up, and queue the request: a future of its response.
+
+        Bad input raises here. The response is built in the scheduler's thread when the request
+        finishes; cancelling the future takes the request out of the batch at the next step.
         """
         t0 = time.perf_counter()
         params = validate(req, self.engine, self.limits, self.engine.info.model)
@@ -241,28 +257,36 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
         hit = self.cache.get(key) if key else None
         if key and self.metrics:
             self.metrics.cache_lookup(hit is not None)
+        answer: futures.Future = futures.Future()
         if hit is not None:
             resp = pb.InferResponse()
             resp.CopyFrom(hit)
             resp.request_id, resp.cached = request_id, True
             resp.timings.CopyFrom(pb.Timings(total_ms=(time.perf_counter() - t0) * 1000))
-            return resp
-        timeout = self._timeout(timeout_s)
-        ticket = self.scheduler.submit(req.prompt, params, priority=_priority(req), timeout_s=timeout)
-        if on_abandon is not None:
-            on_abandon(ticket.cancel)
-        try:
-            out: BatchedResult = ticket.future.result(timeout=timeout)
-        except (futures.TimeoutError, futures.CancelledError):
-            ticket.cancel()  # stops the row at its next decode step
-            raise DeadlineExceeded("deadline exceeded before the answer was ready") from None
-        resp = self._response(request_id, out, t0)
-        self._observe(out, resp.timings)
-        if key:  # a copy: callers annotate the answer they get (the device's front door does)
-            stored = pb.InferResponse()
-            stored.CopyFrom(resp)
-            self.cache.put(key, stored)
-        return resp
+            answer.set_result(resp)
+            return answer
+        ticket = self.scheduler.submit(req.prompt, params, priority=_priority(req),
+                                       timeout_s=self._timeout(timeout_s))
+
+        def finished(done: futures.Future) -> None:
+            if not answer.set_running_or_notify_cancel():
+                return  # the caller cancelled it
+            try:
+                out: BatchedResult = done.result()
+                resp = self._response(request_id, out, t0)
+                self._observe(out, resp.timings)
+                if key:  # a copy: callers annotate the answer they get (the device's front door does)
+                    stored = pb.InferResponse()
+                    stored.CopyFrom(resp)
+                    self.cache.put(key, stored)
+            except Exception as exc:  # noqa: BLE001 - the request's own failure, for its caller
+                answer.set_exception(exc)
+            else:
+                answer.set_result(resp)
+
+        answer.add_done_callback(lambda f: f.cancelled() and ticket.cancel())
+        ticket.future.add_done_callback(finished)
+        return answer
 
     def _timeout(self, timeout_s: float | None) -> float:
         timeout = caller_deadline(timeout_s)

@@ -3,8 +3,10 @@
 The service `tierline-<tier>` has the endpoints `tierline.<tier>.infer` and `.stream` in
 nats.micro's default queue group, so replicas of a tier share the load and
 `$SRV.PING|INFO|STATS` discover them, and a plain subscription to `.cancel` (every replica
-hears it). Each request is served in its own task, its blocking work in a worker thread,
-so many are in flight at once and the scheduler can batch them. nats.micro runs an
+hears it). Each request is served in its own task, which queues it with the servicer and
+awaits its future: no thread waits on a request, so every request in flight is in the
+scheduler's bounded queue or its running batch (streams, whose chunks come from an iterator,
+are read in worker threads). nats.micro runs an
 endpoint's handler one message at a time and would time only the hand-off to that task,
 so the request statistics it reports on `$SRV.STATS` (requests, errors, processing time)
 are counted here, around each whole request (`_Counts`, `_Service.stats`). Errors become
@@ -41,7 +43,7 @@ from tierline_shared.transport.messaging import (
     subject,
 )
 
-HANDLER_THREADS = 64  # requests in flight per tier process (they wait on the scheduler)
+STREAM_THREADS = 64  # streams read at once per tier process (each waits on the scheduler for its chunks)
 MIN_HEARTBEAT_S = 0.05  # seconds: the most often a tier says it is alive, whatever a requester asks
 
 
@@ -92,9 +94,9 @@ def _seconds(header: str | None) -> float | None:
 class TierService:
     """Runs a tier's nats.micro service on its own event loop thread.
 
-    `handle(request_bytes, timeout_s) -> response_bytes` is called in a worker
-    thread for each message (the servicer's blocking path), so many requests are
-    in flight at once and the scheduler can batch them.
+    `handle(request_bytes, timeout_s)` is called on the event loop for each message and
+    returns at once with a `concurrent.futures.Future` of the response message (bad input
+    raises instead); many requests are in flight at once and the scheduler can batch them.
     """
 
     def __init__(self, tier: str, opts: NatsOptions, handle, status_of, version: str = "1.0.0", stream=None,
@@ -109,7 +111,7 @@ class TierService:
         self._service = None
         self._tasks: set[asyncio.Task] = set()
         self._live_streams: dict = {}  # stream id -> Event, set once the requester cancels
-        self._pool = ThreadPoolExecutor(HANDLER_THREADS, thread_name_prefix=f"nats-{tier}")
+        self._pool = ThreadPoolExecutor(STREAM_THREADS, thread_name_prefix=f"nats-{tier}")
 
     def start(self, retry_forever: bool = False) -> None:
         """Connect and register; `retry_forever`: when NATS is unreachable, keep trying in the background.
@@ -214,13 +216,13 @@ class TierService:
         timeout = _seconds(headers.get(TIMEOUT_HEADER))
         beat = _seconds(headers.get(HEARTBEAT_HEADER))
         try:
-            work = asyncio.get_running_loop().run_in_executor(self._pool, self._handle, req.data, timeout)
+            work = asyncio.wrap_future(self._handle(req.data, timeout))
             while beat and beat > 0:  # the requester asked to hear that we are alive while we work
                 done, _ = await asyncio.wait({work}, timeout=max(beat, MIN_HEARTBEAT_S))
                 if done:
                     break
                 await req.respond(b"", headers={PROGRESS_HEADER: "1"})
-            data = await work
+            data = (await work).SerializeToString()
         except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
             error = exc
             await self._respond_error(req, exc)

@@ -225,6 +225,9 @@ def render(results: dict, plots: dict[str, str]) -> str:
          f"{fmt(m7['decision_us']['p50'], ' µs')} / {fmt(m7['decision_us']['p99'], ' µs')}", "-"],
         ["one NATS round trip p50 / p99", f"{fmt(m7['nats_round_trip_ms']['p50'], ' ms')} / "
          f"{fmt(m7['nats_round_trip_ms']['p99'], ' ms')}", "-"],
+        ["NATS round trip with TLS + per-role permissions vs without (p50)",
+         f"{fmt(m7['nats_security']['secure_ms_p50'], ' ms')} vs {fmt(m7['nats_security']['plain_ms_p50'], ' ms')}"
+         f" ({_x(m7['nats_security']['secure_over_plain'])})", "-"],
         *_device_headline(s["device_profile"]),
         ["cloud tier vs transformers serve (same checkpoint), throughput",
          f"{_x(s['peer_transformers']['metrics']['ratio']['cloud_over_transformers_serve'])} "
@@ -312,7 +315,11 @@ def render(results: dict, plots: dict[str, str]) -> str:
     L += _table(["", "p50", "p99"], [
         ["router decision (Policy.decide)", fmt(m7["decision_us"]["p50"], " µs"), fmt(m7["decision_us"]["p99"], " µs")],
         ["one NATS request/reply round trip", fmt(m7["nats_round_trip_ms"]["p50"], " ms"),
-         fmt(m7["nats_round_trip_ms"]["p99"], " ms")]])
+         fmt(m7["nats_round_trip_ms"]["p99"], " ms")],
+        ["the same on a nats-server with a shared password, no TLS", fmt(m7["nats_security"]["plain_ms_p50"], " ms"),
+         fmt(m7["nats_security"]["plain_ms_p99"], " ms")],
+        ["the same on a nats-server with TLS and per-role identities and permissions",
+         fmt(m7["nats_security"]["secure_ms_p50"], " ms"), fmt(m7["nats_security"]["secure_ms_p99"], " ms")]])
     L += _notes(rn)
     L += _device_profile(s["device_profile"], 8)
     L += _cloud_peer(s["peer_transformers"], 9)

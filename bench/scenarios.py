@@ -16,6 +16,7 @@ import time
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from tierline_bench.load import GrpcClient, HttpClient, LoadRun, Outcome, median, peak_rss_mib, percentile, run_load
@@ -569,6 +570,7 @@ def router_and_nats(stack: Stack, cfg: BenchConfig, prompts: list[str]) -> dict:
     request = pb.InferRequest(prompt=prompts[0], parameters=pb.Parameters(max_tokens=cfg.max_tokens))
     payload = request.SerializeToString()
     hops = asyncio.run(_nats_round_trips(stack, payload, cfg.nats_hops))
+    security = nats_security_cost(payload, cfg.nats_hops, cfg.repeats)
     return {
         "title": "Router decision time and one NATS hop",
         "method": {"load_generator": "sequential calls in the harness process", "concurrency": 1,
@@ -577,24 +579,78 @@ def router_and_nats(stack: Stack, cfg: BenchConfig, prompts: list[str]) -> dict:
                    "target": "Policy.decide as the router calls it; NATS: request/reply through the stack's "
                              "nats-server (auth on) to an echo responder on its own connection"},
         "metrics": {"decision_us": {"p50": num(percentile(decide_us, 50)), "p99": num(percentile(decide_us, 99))},
-                    "nats_round_trip_ms": {"p50": num(percentile(hops, 50), 3), "p99": num(percentile(hops, 99), 3)}},
+                    "nats_round_trip_ms": {"p50": num(percentile(hops, 50), 3), "p99": num(percentile(hops, 99), 3)},
+                    "nats_security": security},
         "article": {},
         "notes": ["A NATS round trip is two messages through nats-server (request and reply) with an InferRequest "
-                  f"payload of {len(payload)} bytes; the router pays one per tier it asks."],
+                  f"payload of {len(payload)} bytes; the router pays one per tier it asks.",
+                  "nats_security: the same round trip through two fresh nats-servers, interleaved: one with a "
+                  "shared user and password and no TLS (before issue 24), one with TLS and per-role identities "
+                  "and permissions (the router asking `tierline.edge.infer`, an echo in the edge's queue group, "
+                  "as their own identities): what security costs per hop."],
     }
 
 
 async def _nats_round_trips(stack: Stack, payload: bytes, n: int) -> list[float]:
-    from tierline_shared.transport.messaging import NatsOptions, connect, subject
+    from tierline_shared.transport.messaging import subject
 
-    opts = NatsOptions(stack.nats.url, stack.nats.user, stack.nats.password)
-    echo, client = await connect(opts, "bench-echo"), await connect(opts, "bench-client")
+    opts = stack.nats_options()
+    return await _echo_round_trips(opts, opts, payload, n, subject("bench", "echo"))
+
+
+def nats_security_cost(payload: bytes, n: int, rounds: int) -> dict:
+    """One NATS round trip without and with TLS + identities + permissions, on two fresh servers, interleaved."""
+    import tempfile
+
+    from nats.micro.service import DEFAULT_QUEUE_GROUP
+
+    from tierline_infra.supervisor import NatsServer
+    from tierline_shared.security.credentials import init_credentials
+    from tierline_shared.security.identities import ROUTER, IdentityStore, inbox_prefix, read_seed, tier_identity
+    from tierline_shared.transport.messaging import NatsOptions, subject
+
+    with tempfile.TemporaryDirectory(prefix="tierline-natsbench-") as tmp:
+        plain_dir, secure_dir = Path(tmp) / "plain", Path(tmp) / "secure"
+        plain_dir.mkdir()
+        secure_dir.mkdir()
+        creds = init_credentials(secure_dir / "creds", tiers=("edge",))
+        plain = NatsServer(plain_dir).start()
+        secure = NatsServer(secure_dir, credentials=secure_dir / "creds").start()
+        try:
+            store = IdentityStore(creds["directory"])
+
+            def as_identity(identity: str) -> NatsOptions:
+                return NatsOptions(secure.url, seed=read_seed(store.seed_path(identity)), identity=identity,
+                                   inbox_prefix=inbox_prefix(identity), tls_ca=creds["tls_ca"])
+
+            pairs = {"plain": (NatsOptions(plain.url, plain.user, plain.password),) * 2,
+                     "secure": (as_identity(tier_identity("edge")), as_identity(ROUTER))}
+            trips: dict[str, list[float]] = {k: [] for k in pairs}
+            per_round = max(1, n // rounds)
+            for r in range(rounds):
+                for name in (("plain", "secure") if r % 2 == 0 else ("secure", "plain")):
+                    trips[name] += asyncio.run(_echo_round_trips(*pairs[name], payload, per_round, subject("edge"),
+                                                                 DEFAULT_QUEUE_GROUP))
+        finally:
+            plain.stop()
+            secure.stop()
+    p50 = {k: percentile(v, 50) for k, v in trips.items()}
+    return {"plain_ms_p50": num(p50["plain"], 3), "secure_ms_p50": num(p50["secure"], 3),
+            "plain_ms_p99": num(percentile(trips["plain"], 99), 3),
+            "secure_ms_p99": num(percentile(trips["secure"], 99), 3),
+            "secure_over_plain": num(p50["secure"] / p50["plain"], 3), "round_trips_each": len(trips["plain"])}
+
+
+async def _echo_round_trips(echo_opts, client_opts, payload: bytes, n: int, subj: str, queue: str = "") -> list[float]:
+    """Round trips (ms) from `client_opts`'s connection to an echo on `subj` (in `queue`, as a tier serves)."""
+    from tierline_shared.transport.messaging import connect
+
+    echo, client = await connect(echo_opts, "bench-echo"), await connect(client_opts, "bench-client")
     try:
         async def reply(msg):
             await msg.respond(msg.data)
 
-        subj = subject("bench", "echo")
-        await echo.subscribe(subj, cb=reply)
+        await echo.subscribe(subj, queue=queue, cb=reply)
         await echo.flush(timeout=NATS_TIMEOUT_S)
         await _until_answered(client, subj, payload)
         for _ in range(min(50, n)):

@@ -9,9 +9,10 @@ Everything goes through JetStream on the agent's own NATS connection:
 | model artifacts | Object Store `tierline_models` | `<version>/model.tflite`, `<version>/config.json` |
 | telemetry (one event per answer, per update) | stream `TIERLINE_TELEMETRY` | `tierline.telemetry.<device id>` |
 
-Registration binds the device id to the sha256 of its bootstrap credential (the
-first agent to register an id owns it; later ones with another credential are
-refused), and every heartbeat is a compare-and-set on the device's entry. The
+The agent connects as its own board (`device-<id>`, shared/security/identities.py): the
+server lets it write only its own registry key and telemetry subject and read only its
+own desired key and the model store, so no other board can take its entry over. Every
+heartbeat is a compare-and-set on the device's entry. The
 loop beats every `heartbeat_s`, doubling the wait (up to 8x) while NATS is
 away; the connection itself reconnects forever, nats-py replaying its
 subscriptions, with exponential backoff and jitter between attempts
@@ -24,7 +25,6 @@ new revision starts an update (device_agent/ota.py).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import os
@@ -45,28 +45,41 @@ from nats.js.errors import (
     ObjectNotFoundError,
 )
 
-from tierline_device_agent.ota import DesiredModel, ModelStore, OtaCode, OtaError, health_check, load_candidate, outcome
+from tierline_device_agent.ota import (
+    DesiredModel,
+    ModelStore,
+    OtaCode,
+    OtaError,
+    check_sequence,
+    claimed_version,
+    health_check,
+    load_candidate,
+    outcome,
+    verify_update,
+)
 from tierline_device_agent.ota import verify as verify_digest
 from tierline_device_agent.outbox import Outbox
 from tierline_device_agent.profile import proc_status_mib
 from tierline_shared.models.artifacts import load_index
-from tierline_shared.transport.messaging import NatsOptions, connect, stop_loop_thread, subject
+from tierline_shared.security.identities import device_identity
+from tierline_shared.transport.messaging import (
+    DESIRED_BUCKET,
+    DEVICES_BUCKET,
+    MODELS_BUCKET,
+    TELEMETRY_STREAM,
+    NatsOptions,
+    connect,
+    stop_loop_thread,
+    subject,
+)
 
 log = logging.getLogger("tierline.device")
 
-DEVICES_BUCKET = "tierline_devices"  # reported state per device
-DESIRED_BUCKET = "tierline_desired"  # desired model per device
-MODELS_BUCKET = "tierline_models"  # the artifacts
-TELEMETRY_STREAM = "TIERLINE_TELEMETRY"
 TELEMETRY_MAX_MSGS = 1_000_000  # the stream keeps this many events at most (oldest go)
 JS_TIMEOUT_S = 5.0  # one JetStream call (KV, publish ack), at most
 DOWNLOAD_TIMEOUT_S = 120.0  # one artifact from the object store, at most
 MAX_BACKOFF_FACTOR = 8  # heartbeats wait up to 8x their interval while NATS is away
 FLUSH_BATCH = 500  # telemetry events sent per beat at most, so beats stay on time
-
-
-class RegistrationRefused(RuntimeError):
-    """Another device already registered this id with another credential."""
 
 
 class LinkDown(ConnectionError):
@@ -91,7 +104,8 @@ async def open_fleet(nc) -> Fleet:
         try:
             return await js.key_value(bucket)
         except BucketNotFoundError:
-            return await js.create_key_value(bucket=bucket, history=1)
+            # direct gets: a read names its key in the subject, so permissions can allow one board its own key
+            return await js.create_key_value(bucket=bucket, history=1, direct=True)
 
     try:
         models = await js.object_store(MODELS_BUCKET)
@@ -105,8 +119,13 @@ async def open_fleet(nc) -> Fleet:
     return Fleet(js, await kv(DEVICES_BUCKET), await kv(DESIRED_BUCKET), models)
 
 
-def credential_digest(credential: str) -> str:
-    return hashlib.sha256(credential.encode()).hexdigest()
+async def provision_fleet(opts: NatsOptions) -> None:
+    """Create the fleet's buckets and stream (the operator's identity: boards may use them, not create them)."""
+    nc = await connect(opts, name="tierline-provision", timeout_s=JS_TIMEOUT_S)
+    try:
+        await open_fleet(nc)
+    finally:
+        await nc.close()
 
 
 def rss_mb() -> float:
@@ -151,7 +170,7 @@ class FleetAgent:
     def __init__(self, manifest, servicer, threads: int):
         self.cfg = manifest.device_agent
         self.device_id = self.cfg.device_id
-        self.opts = NatsOptions.from_manifest(manifest)
+        self.opts = NatsOptions.from_manifest(manifest, device_identity(self.device_id))
         self.servicer, self.threads = servicer, threads
         self.base_models = manifest.models_path
         self.store = ModelStore(state_dir(manifest))
@@ -217,9 +236,6 @@ class FleetAgent:
                 failures = 0
             except asyncio.CancelledError:
                 raise
-            except RegistrationRefused as exc:
-                log.error("%s", exc)
-                failures += 1
             except Exception as exc:  # noqa: BLE001 - the link comes and goes: back off and retry
                 if not isinstance(exc, LinkDown):
                     self._fleet = None  # buckets may be gone (a fresh server): open and register again
@@ -234,7 +250,7 @@ class FleetAgent:
             raise LinkDown("NATS is away; reconnecting")
         if self._fleet is None:
             fleet = await open_fleet(self._nc)
-            self._revision = await register(fleet.devices, self.device_id, self.cfg.credential, self.state())
+            self._revision = await register(fleet.devices, self.device_id, self.state())
             self._fleet = fleet
             log.info("registered %s", self.device_id)
 
@@ -244,7 +260,6 @@ class FleetAgent:
         link = self.servicer.link
         return {
             "device_id": self.device_id,
-            "credential_sha256": credential_digest(self.cfg.credential),
             "model": {"name": info.model, "version": info.version, "sha256": self.serving_sha256,
                       "bytes": info.bytes},
             "status": self.status,
@@ -272,8 +287,7 @@ class FleetAgent:
                 self._revision = await self._fleet.devices.update(self.device_id, json.dumps(self.state()).encode(),
                                                                   last=self._revision)
             except KeyWrongLastSequenceError:
-                self._revision = await register(self._fleet.devices, self.device_id, self.cfg.credential,
-                                                self.state())
+                self._revision = await register(self._fleet.devices, self.device_id, self.state())
 
     async def _flush(self) -> None:
         """Send the outbox, oldest first; an event leaves it only once JetStream has stored it."""
@@ -297,13 +311,14 @@ class FleetAgent:
         self._update = asyncio.get_running_loop().create_task(self._apply(entry.value))
 
     async def _apply(self, raw: bytes) -> None:
-        version = "?"
-        try:
-            desired = DesiredModel.from_json(raw)
+        version = claimed_version(raw)
+        try:  # signature, device, expiry and sequence first: nothing is downloaded for a refused update
+            desired = verify_update(raw, self.cfg.update_keys, self.device_id)
             version = desired.version
             if (self.servicer.engine.info.version, self.serving_sha256) == (version, desired.tflite.sha256):
                 code, detail = OtaCode.APPLIED, "already serving this version"
             else:
+                check_sequence(desired, self.store.sequence())
                 code, detail = OtaCode.APPLIED, await self._install(desired)
         except OtaError as exc:
             code, detail = exc.code, str(exc)
@@ -330,7 +345,7 @@ class FleetAgent:
             for art, dest in ((desired.tflite, staged / "device" / "model.tflite"),
                               (desired.config, staged / "device" / "config.json")):
                 await self._download(art.object, dest)
-                verify_digest(dest, art.sha256, art.object)
+                verify_digest(dest, art)
             installed = await loop.run_in_executor(None, self.store.install, staged, desired, self._models_dir())
         except BaseException:
             self.store.discard(staged)
@@ -368,14 +383,11 @@ class FleetAgent:
             raise OtaError(OtaCode.DOWNLOAD_FAILED, f"{why}; retried on a later heartbeat") from None
 
 
-async def register(devices, device_id: str, credential: str, state: dict) -> int:
-    """Create or take back this device's entry; refused when the id belongs to another credential."""
+async def register(devices, device_id: str, state: dict) -> int:
+    """Create or take back this device's entry (the server allows each board its own key only)."""
     body = json.dumps(state).encode()
     try:
         entry = await devices.get(device_id)
     except KeyNotFoundError:
         return await devices.create(device_id, body)
-    owner = json.loads(entry.value or b"{}").get("credential_sha256")
-    if owner != credential_digest(credential):
-        raise RegistrationRefused(f"device id {device_id!r} is registered with another credential; refused")
     return await devices.update(device_id, body, last=entry.revision)

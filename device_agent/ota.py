@@ -1,9 +1,15 @@
 """Over-the-air model updates: verify, install beside the old one, health-check, swap or roll back.
 
-The desired model (set by `tierline devices set-model`) names two objects in the
-JetStream Object Store and their SHA-256. The agent downloads them to a staging
-folder, refuses them unless both digests match (the Object Store checks its own
-digest of the chunks; this checks the operator's), installs them as
+The desired model (set by `tierline devices set-model`) is a signed update manifest, as
+Mender and TUF do it: the operator's Ed25519 key signs the model's name, a release
+`sequence` that only increases, an expiry, the device it is for, and two objects in the
+JetStream Object Store with their SHA-256 and size. Before anything is downloaded the
+agent checks the signature against the publisher keys pinned in its manifest
+(`device_agent.update_keys`), the device, the expiry and the sequence (`verify_update`):
+an unsigned, wrongly signed, expired or older update is refused with its own code and
+the running model keeps serving. Then it downloads the objects to a staging folder,
+refuses them unless sizes and digests match (the Object Store checks its own digest of
+the chunks; this checks the operator's), installs them as
 `state_dir/models/<version>/` - a models directory that `load_engine`
 reads, sha256 checks included - loads the engine and runs a few benchmark
 problems through it. Only a model that passes takes traffic: the `current` link
@@ -26,6 +32,7 @@ from pathlib import Path
 
 from tierline_shared.models.artifacts import INDEX, ArtifactError, file_entry, load_index, sha256_of
 from tierline_shared.runtime.engine import Engine
+from tierline_shared.security import signing
 
 CURRENT = "current"  # state_dir/current -> models/<version>, the model that serves
 HEALTH_SEED = 0  # the health check's problems are fixed, so a version passes or fails reproducibly
@@ -46,6 +53,10 @@ class OtaCode(IntEnum):
     DIGEST_MISMATCH = 23  # the bytes do not have the desired SHA-256: refused, nothing installed
     LOAD_FAILED = 24  # the runtime cannot open the model: rolled back
     HEALTH_CHECK_FAILED = 25  # the model answered too few benchmark problems: rolled back
+    UNSIGNED = 26  # the desired record carries no signature: refused before any download
+    BAD_SIGNATURE = 27  # no pinned publisher key signed it (or it was altered): refused before any download
+    EXPIRED = 28  # the signed manifest's expiry has passed (a replayed old update): refused
+    DOWNGRADE = 29  # its sequence is not above the installed one's (an older signed model): refused
 
 
 class OtaError(Exception):
@@ -58,34 +69,88 @@ class OtaError(Exception):
 class Artifact:
     object: str  # name in the object store
     sha256: str
+    size: int  # bytes
 
 
 @dataclass(frozen=True)
 class DesiredModel:
-    """What the operator wants this device to serve (one KV entry, JSON)."""
+    """What the operator wants one device to serve: the payload of the signed update manifest."""
 
     name: str
-    version: str
+    version: str  # its name on the board (state_dir/models/<version>)
+    sequence: int  # the release number: a board installs only a sequence above the one it has
+    expires: float  # unix time after which the manifest is refused (a replay of an old update)
+    device: str  # the one device it is for
     tflite: Artifact
     config: Artifact
 
     @classmethod
-    def from_json(cls, data: bytes) -> "DesiredModel":
+    def from_dict(cls, raw: dict) -> "DesiredModel":
         try:
-            raw = json.loads(data)
-            desired = cls(raw["name"], raw["version"], Artifact(**raw["tflite"]), Artifact(**raw["config"]))
-        except (ValueError, KeyError, TypeError) as exc:
+            desired = cls(raw["name"], raw["version"], raw["sequence"], raw["expires"], raw["device"],
+                          Artifact(**raw["tflite"]), Artifact(**raw["config"]))
+        except (KeyError, TypeError) as exc:
             raise OtaError(OtaCode.BAD_REQUEST, f"desired model record is malformed ({exc})") from None
         if not _VERSION.match(str(desired.version)):
             raise OtaError(OtaCode.BAD_REQUEST, f"version {desired.version!r}: letters, digits, '.', '_', '-'")
+        if not isinstance(desired.sequence, int) or isinstance(desired.sequence, bool) or desired.sequence < 1:
+            raise OtaError(OtaCode.BAD_REQUEST, f"sequence {desired.sequence!r}: an integer >= 1")
+        if not isinstance(desired.expires, (int, float)) or isinstance(desired.expires, bool):
+            raise OtaError(OtaCode.BAD_REQUEST, f"expires {desired.expires!r}: unix time in seconds")
         for what in (desired.tflite, desired.config):
             if not _SHA256.match(str(what.sha256)):
                 raise OtaError(OtaCode.BAD_REQUEST, f"{what.object}: sha256 must be 64 lowercase hex digits")
+            if not isinstance(what.size, int) or isinstance(what.size, bool) or what.size < 0:
+                raise OtaError(OtaCode.BAD_REQUEST, f"{what.object}: size {what.size!r}: bytes, an integer >= 0")
         return desired
 
-    def to_json(self) -> bytes:
-        return json.dumps({"name": self.name, "version": self.version, "tflite": vars(self.tflite),
-                           "config": vars(self.config)}).encode()
+    def to_dict(self) -> dict:
+        return {"name": self.name, "version": self.version, "sequence": self.sequence, "expires": self.expires,
+                "device": self.device, "tflite": vars(self.tflite), "config": vars(self.config)}
+
+
+_SIGNATURE_CODES = {signing.UNSIGNED: OtaCode.UNSIGNED, signing.BAD_SIGNATURE: OtaCode.BAD_SIGNATURE,
+                    signing.NO_TRUSTED_KEY: OtaCode.BAD_SIGNATURE}
+
+
+def verify_update(raw: bytes, update_keys: list[str], device_id: str, now: float | None = None) -> DesiredModel:
+    """The desired model in a signed update manifest, once signature, device and expiry check out.
+
+    The sequence is not checked here (`check_sequence`): re-announcing the model a board already
+    serves is not a downgrade.
+    """
+    try:
+        payload = signing.verify(raw, [signing.parse_public_key(k) for k in update_keys])
+    except signing.SignatureError as exc:
+        if exc.reason == signing.NO_TRUSTED_KEY:
+            raise OtaError(OtaCode.BAD_SIGNATURE, "no publisher key is pinned (device_agent.update_keys): "
+                                                  "every update is refused") from None
+        raise OtaError(_SIGNATURE_CODES[exc.reason], f"{exc}; refused, nothing downloaded") from None
+    desired = DesiredModel.from_dict(payload)
+    if desired.device != device_id:
+        raise OtaError(OtaCode.BAD_REQUEST, f"signed for device {desired.device!r}, not this one ({device_id!r}); "
+                                            "refused")
+    now = time.time() if now is None else now
+    if now > desired.expires:
+        raise OtaError(OtaCode.EXPIRED, f"the update manifest of {desired.version!r} expired "
+                                        f"{now - desired.expires:.0f} s ago; refused, nothing downloaded")
+    return desired
+
+
+def claimed_version(raw: bytes) -> str:
+    """The version a desired record names, for the report only: it may be unsigned or forged."""
+    try:
+        doc = json.loads(raw)
+        version = (doc.get("signed") or doc)["version"]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return "?"
+    return version if isinstance(version, str) and _VERSION.match(version) else "?"
+
+
+def check_sequence(desired: DesiredModel, installed_sequence: int) -> None:
+    if desired.sequence <= installed_sequence:
+        raise OtaError(OtaCode.DOWNGRADE, f"sequence {desired.sequence} of {desired.version!r} is not above the "
+                                          f"installed {installed_sequence}: a downgrade, refused")
 
 
 class ModelStore:
@@ -101,6 +166,11 @@ class ModelStore:
         link = self.root / CURRENT
         return link.resolve() if link.is_symlink() and (link.resolve() / INDEX).is_file() else None
 
+    def sequence(self) -> int:
+        """The release sequence of the model that serves (0: the one the board shipped with)."""
+        current = self.current()
+        return int(load_index(current).get("sequence", 0)) if current else 0
+
     def staging(self) -> Path:
         path = self.models / f".incoming-{uuid.uuid4().hex[:8]}"
         (path / "device").mkdir(parents=True)
@@ -112,7 +182,8 @@ class ModelStore:
         tok = base["artifacts"]["tokenizer"]
         shutil.copyfile(base_models / tok["path"], staged / tok["path"])
         weights, config = staged / "device" / "model.tflite", staged / "device" / "config.json"
-        manifest = {"model_name": desired.name, "version": desired.version, "family": base.get("family", ""),
+        manifest = {"model_name": desired.name, "version": desired.version, "sequence": desired.sequence,
+                    "family": base.get("family", ""),
                     "answer_marker": base.get("answer_marker"),
                     "artifacts": {"tokenizer": tok, "device": {"format": "tflite",
                                                               "weights": file_entry(staged, weights),
@@ -145,12 +216,15 @@ class ModelStore:
                 self.discard(old)
 
 
-def verify(path: Path, expected_sha256: str, what: str) -> None:
-    """Refuse bytes that are not the ones the operator named (tampered, truncated, swapped)."""
+def verify(path: Path, art: Artifact) -> None:
+    """Refuse bytes that are not the ones the operator signed (tampered, truncated, swapped)."""
+    size = path.stat().st_size
+    if size != art.size:
+        raise OtaError(OtaCode.DIGEST_MISMATCH, f"{art.object}: {size} bytes, not the signed {art.size}; refused")
     actual = sha256_of(path)
-    if actual != expected_sha256:
-        raise OtaError(OtaCode.DIGEST_MISMATCH, f"{what}: sha256 {actual[:12]}... is not the desired "
-                                                f"{expected_sha256[:12]}...; refused ({path.stat().st_size} bytes)")
+    if actual != art.sha256:
+        raise OtaError(OtaCode.DIGEST_MISMATCH, f"{art.object}: sha256 {actual[:12]}... is not the signed "
+                                                f"{art.sha256[:12]}...; refused ({size} bytes)")
 
 
 def health_check(engine: Engine, n_problems: int, min_token_accuracy: float) -> float:

@@ -11,6 +11,7 @@ from tierline_device_agent.agent import DeviceAgentServicer
 from tierline_device_agent.engine import LiteRTEngine, load_engine
 from tierline_device_agent.fleet import FleetAgent, prepare_device
 from tierline_router.policy import Policy
+from tierline_shared.security.identities import device_identity
 from tierline_shared.serving.metrics import Metrics
 from tierline_shared.serving.process import TierProcess, run
 from tierline_shared.transport.tier_service import TierService
@@ -29,6 +30,11 @@ class DeviceProcess(TierProcess):
         return DeviceAgentServicer(*self.servicer_args(engine, metrics), policy=Policy.from_config(m.router),
                                    upstream_timeout_s=m.nats.request_timeout_ms / 1000,
                                    retries_per_tier=m.router.retries_per_tier)
+
+    def nats_identity(self) -> str:
+        """A fleet member connects as its own board (`device-<id>`); a device tier without an id as the tier."""
+        board = self.manifest.device_agent.device_id
+        return device_identity(board) if board else super().nats_identity()
 
     def nats_retry_forever(self) -> bool:
         return bool(self.manifest.device_agent.device_id)  # a fleet member that boots offline still serves

@@ -2,7 +2,8 @@
 
 Used by `make demo` / `make up` and by the end-to-end tests, so both run the same
 processes the same way. Every process listens on loopback on a free port; the
-nats-server runs with user/password auth; `stop()` ends every process it started
+nats-server runs with TLS and one NATS identity per role (`Stack(secure=False)`: one
+user and password, no TLS, as before); `stop()` ends every process it started
 (process groups, SIGTERM then SIGKILL), so nothing is left behind.
 
 API keys are off in the manifests it writes (`auth.enabled: false`, explicit) unless
@@ -12,6 +13,7 @@ API keys are off in the manifests it writes (`auth.enabled: false`, explicit) un
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import queue
@@ -29,6 +31,8 @@ from typing import IO
 
 import yaml
 
+from tierline_shared.security.credentials import SIGNING_PUB, init_credentials
+from tierline_shared.security.identities import AUTH_CONF, OPERATOR, IdentityStore, device_identity
 from tierline_shared.wire import TIERS
 
 # relative price of 1k tokens per tier, written into the demo's manifest (cost_per_1k_tokens)
@@ -125,30 +129,41 @@ def launch(name: str, argv: list[str], log_path: Path, timeout_s: float = READY_
 
 
 class NatsServer:
-    """A real nats-server on a free loopback port, with user/password auth.
+    """A real nats-server on a free loopback port.
 
+    With `credentials` (a directory from `init_credentials`): one nkey identity per role with its
+    permissions (the generated `nats-auth.conf`, included; `reload()` after identities change) and
+    TLS with the directory's server certificate. Without: one user and password, no permissions.
     `jetstream=True` turns on JetStream (KV, Object Store, streams) with its store under
     `workdir`; after `stop()`, `start()` again comes back on the same port with the same
     store (a restart, as the device fleet tests need).
     """
 
     def __init__(self, workdir: Path, user: str = "tierline", password: str | None = None,
-                 jetstream: bool = False):
-        self.workdir, self.user = workdir, user
-        self.password = password or secrets.token_hex(12)
+                 jetstream: bool = False, credentials: Path | None = None):
+        self.workdir, self.credentials = workdir, credentials
+        self.user = "" if credentials else user
+        self.password = "" if credentials else password or secrets.token_hex(12)
         self.jetstream = jetstream
         self.port = 0
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        return f"{'tls' if self.credentials else 'nats'}://127.0.0.1:{self.port}"
+
+    def _auth(self) -> str:
+        if not self.credentials:
+            return f'authorization {{ users = [ {{ user: "{self.user}", password: "{self.password}" }} ] }}\n'
+        c = self.credentials.resolve()
+        # nats-server reads an include relative to the including file, even an absolute path
+        return (f'include "{os.path.relpath(c / AUTH_CONF, self.workdir.resolve())}"\n'
+                f'tls {{ cert_file: "{c / "server.pem"}", key_file: "{c / "server-key.pem"}", timeout: 5 }}\n')
 
     def start(self) -> "NatsServer":
         conf = self.workdir / "nats.conf"
         conf.write_text(
-            f"listen: 127.0.0.1:{self.port or -1}\n"
-            f'authorization {{ users = [ {{ user: "{self.user}", password: "{self.password}" }} ] }}\n'
+            f"listen: 127.0.0.1:{self.port or -1}\n" + self._auth()
             + (f'jetstream {{ store_dir: "{self.workdir / "jetstream"}" }}\n' if self.jetstream else "")
         )
         ports = self.workdir / "ports"
@@ -170,8 +185,31 @@ class NatsServer:
             time.sleep(0.05)
         raise TimeoutError("nats-server did not report its port in 10 s")
 
+    def reload(self) -> None:
+        """Re-read the configuration (identities added or revoked): nats-server reloads on SIGHUP."""
+        self.proc.send_signal(signal.SIGHUP)
+
     def stop(self) -> None:
         terminate(self.proc)
+
+
+def accepted(opts, timeout_s: float = 10.0) -> None:
+    """Wait until the server lets `opts`'s identity in (a reload takes a moment to apply)."""
+    from tierline_shared.transport.messaging import NatsAuthError, connect
+
+    async def attempt() -> bool:
+        try:
+            nc = await connect(opts, name="tierline-supervisor", timeout_s=2.0)
+        except (NatsAuthError, ConnectionError):
+            return False
+        await nc.close()
+        return True
+
+    deadline = time.monotonic() + timeout_s
+    while not asyncio.run(attempt()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"NATS at {opts.url} did not accept the new identity in {timeout_s:.0f} s")
+        time.sleep(0.1)
 
 
 def terminate(proc: subprocess.Popen | None) -> None:
@@ -194,11 +232,14 @@ def write_manifest(path: Path, models_dir: Path, nats: NatsServer, tiers=TIERS,
     from tierline_shared.models.artifacts import load_index
 
     models = load_index(models_dir)
+    creds = getattr(nats, "credentials", None)  # a directory of identities (secure), or user/password
     data: dict = {
         "version": 1,
         "model_name": models["model_name"],
         "models_dir": os.path.relpath(models_dir.resolve(), path.parent.resolve()),
-        "nats": {"url": nats.url, "user": nats.user, "password": nats.password},
+        "nats": ({"url": nats.url, "credentials": os.path.relpath(creds.resolve(), path.parent.resolve()),
+                  "tls_ca": os.path.relpath((creds / "ca.pem").resolve(), path.parent.resolve())}
+                 if creds else {"url": nats.url, "user": nats.user, "password": nats.password}),
         "tiers": {t: {"artifact": models["artifacts"][t]["weights"]["path"],
                       "sha256": models["artifacts"][t]["weights"]["sha256"], "threads": 1} for t in tiers},
     }
@@ -212,6 +253,8 @@ def write_manifest(path: Path, models_dir: Path, nats: NatsServer, tiers=TIERS,
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
+    if creds and isinstance(data.get("device_agent", {}), dict):  # boards trust the operator's update signing key
+        data.setdefault("device_agent", {}).setdefault("update_keys", [(creds / SIGNING_PUB).read_text().strip()])
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
@@ -234,13 +277,15 @@ class Stack:
 
     def __init__(self, models_dir: Path, workdir: Path | None = None, tiers=TIERS,
                  replicas: dict[str, int] | None = None, overrides: dict | None = None, router: bool = True,
-                 jetstream: bool = False, auth: bool = False, key_plan: str = "pro"):
+                 jetstream: bool = False, auth: bool = False, key_plan: str = "pro", secure: bool = True):
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="tierline-")
         self.workdir = Path(workdir or self._tmp.name)
         self.models_dir = Path(models_dir)
         self.tiers, self.replicas = tiers, replicas or {}
         self.overrides, self.with_router = overrides, router
-        self.nats = NatsServer(self.workdir, jetstream=jetstream)
+        # secure (the default): per-role NATS identities and TLS, from credentials made here (docs/SECURITY.md)
+        self.credentials = self.workdir / "creds" if secure else None
+        self.nats = NatsServer(self.workdir, jetstream=jetstream, credentials=self.credentials)
         self.procs: list[Proc] = []
         self.manifest: Path | None = None
         # auth=True: the router checks API keys, and one key of `key_plan` is made for the caller
@@ -250,12 +295,15 @@ class Stack:
 
     def start(self) -> "Stack":
         try:
+            if self.credentials:
+                init_credentials(self.credentials, self.tiers)
             self.nats.start()
             overrides = {"auth.enabled": True, **(self.overrides or {})} if self.auth else self.overrides
             self.manifest = write_manifest(self.workdir / "manifest.yaml", self.models_dir, self.nats, self.tiers,
                                            overrides)
             if self.auth:
                 self.api_key = self.create_key(self.key_plan)
+            self._provision_board()
             for tier in self.tiers:
                 for i in range(self.replicas.get(tier, 1)):
                     self.start_process(f"{tier}-{i}", TIER_MODULES[tier])
@@ -271,6 +319,29 @@ class Stack:
                       self.workdir / f"{name}.log", self.ready_timeout_s)
         self.procs.append(proc)
         return proc
+
+    def _provision_board(self) -> None:
+        """What `tierline devices provision` does for the manifest's board: its identity (the server
+        reloaded), and the fleet's buckets, which a board may use but not create."""
+        from tierline_shared.config.manifest import load_manifest
+
+        board = load_manifest(self.manifest, check_artifacts=False).device_agent.device_id
+        if not board or not self.credentials:
+            return
+        from tierline_device_agent.fleet import provision_fleet
+
+        IdentityStore(self.credentials).create(device_identity(board))
+        self.nats.reload()
+        accepted(self.nats_options(device_identity(board)))
+        if self.nats.jetstream:
+            asyncio.run(provision_fleet(self.nats_options()))
+
+    def nats_options(self, identity: str = OPERATOR):
+        """How `identity` (default: the operator, who may do anything) connects to this stack's NATS."""
+        from tierline_shared.config.manifest import load_manifest
+        from tierline_shared.transport.messaging import NatsOptions
+
+        return NatsOptions.from_manifest(load_manifest(self.manifest, check_artifacts=False), identity)
 
     def port(self, name: str) -> int:
         return next(p.ready["grpc_port"] for p in self.procs if p.name == name)

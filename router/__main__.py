@@ -18,6 +18,7 @@ from tierline_router.policy import Policy
 from tierline_router.scorer import load_scorer
 from tierline_router.service import RouterServicer
 from tierline_shared.config.manifest import EXIT_BAD_MANIFEST, ManifestError, load_manifest
+from tierline_shared.security.identities import ROUTER
 from tierline_shared.serving.metrics import Metrics
 from tierline_shared.transport.grpc_server import add_health_and_reflection, add_inference_service, set_serving_async
 from tierline_shared.transport.messaging import NatsAuthError, NatsOptions, connect
@@ -31,8 +32,8 @@ async def serve(manifest_path: str) -> int:
         return EXIT_BAD_MANIFEST
     rc = manifest.router
     try:
-        nc = await connect(NatsOptions.from_manifest(manifest), name="tierline-router")
-    except (NatsAuthError, ConnectionError) as exc:
+        nc = await connect(NatsOptions.from_manifest(manifest, ROUTER), name="tierline-router")
+    except (NatsAuthError, ConnectionError, ValueError) as exc:
         print(f"router: error: {exc}", file=sys.stderr)
         return EXIT_BAD_MANIFEST
     metrics = Metrics("router")

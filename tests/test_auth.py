@@ -170,8 +170,7 @@ def test_the_plan_priority_reaches_the_tiers_queues(stack):
     _, pro = new_key(stack, "pro")
 
     async def run():
-        nc = await nats.connect(stack.nats.url, user=stack.nats.user, password=stack.nats.password,
-                                connect_timeout=5)
+        nc = await nats.connect(**stack.nats_options().connect_kwargs())  # the operator may tap anything
         seen: list = []
 
         async def tap(msg) -> None:
@@ -203,6 +202,7 @@ def test_each_request_looks_its_key_up_once(stack):
     from tierline_router.openai_http import OpenAIServer
     from tierline_router.policy import Policy
     from tierline_router.service import RouterServicer
+    from tierline_shared.security.identities import ROUTER
     from tierline_shared.transport.messaging import NatsOptions, connect
 
     manifest = load_manifest(stack.manifest, check_artifacts=False)
@@ -210,7 +210,7 @@ def test_each_request_looks_its_key_up_once(stack):
     body = {"model": manifest.model_name, "prompt": PROMPT, "max_tokens": 4}
 
     async def run() -> dict[str, int]:
-        nc = await connect(NatsOptions.from_manifest(manifest), name="test-router")
+        nc = await connect(NatsOptions.from_manifest(manifest, ROUTER), name="test-router")
         gate = Gate(KeyStore(manifest.key_store_path), manifest.auth.plans)
         router = RouterServicer(nc, Policy(0.0, 1.0, {"edge": 0.0}), manifest.model_name, ("edge",),
                                 request_timeout_s=30.0, gate=gate)

@@ -22,16 +22,19 @@ import numpy as np
 import pytest
 
 from tests.conftest import run_cli
-from tierline.devices import fleet_rows, publish_model
+from tierline.devices import desired_model, fleet_rows, publish_model
 from tierline_api.v1 import inference_pb2 as pb
 from tierline_api.v1 import inference_pb2_grpc as pb_grpc
 from tierline_device_agent.engine import LiteRTEngine, load_engine
-from tierline_device_agent.fleet import TELEMETRY_STREAM, RegistrationRefused, open_fleet, register
+from tierline_device_agent.fleet import TELEMETRY_STREAM, open_fleet, provision_fleet
 from tierline_device_agent.ota import OtaCode, health_check
 from tierline_device_agent.outbox import Outbox
 from tierline_infra.supervisor import Stack
 from tierline_shared.config.manifest import ManifestError, load_manifest
 from tierline_shared.models.artifacts import load_tokenizer, sha256_of
+from tierline_shared.security.credentials import SIGNING_KEY, init_credentials
+from tierline_shared.security.identities import ROUTER, IdentityStore, device_identity
+from tierline_shared.security.signing import read_private_key
 from tierline_shared.transport.messaging import (
     RECONNECT_BASE_S,
     RECONNECT_JITTER,
@@ -42,7 +45,7 @@ from tierline_shared.transport.messaging import (
     reconnect_delay,
 )
 
-DEVICE, CREDENTIAL = "pi-test-1", "bootstrap-secret-1"
+DEVICE = "pi-test-1"
 HEARTBEAT_S = 0.2
 MEMORY_MAX_MB = 2048
 TIMEOUT = 30  # seconds, every RPC and every wait here
@@ -91,7 +94,7 @@ def agent(tiny_family, health_bar):
         # easy prompts are answered on the board with any confidence; HARD wants the cloud
         "router.device_complexity": 1.0, "router.confidence_threshold": {"device": 0.0},
         "nats.request_timeout_ms": 20000,
-        "device_agent": {"device_id": DEVICE, "credential": CREDENTIAL, "heartbeat_s": HEARTBEAT_S,
+        "device_agent": {"device_id": DEVICE, "heartbeat_s": HEARTBEAT_S,
                          "stale_after_beats": 3, "outbox_max_events": 1000, "memory_max_mb": MEMORY_MAX_MB,
                          "health_problems": 16, "health_min_token_accuracy": health_bar},
     }
@@ -102,13 +105,21 @@ def agent(tiny_family, health_bar):
 # -- helpers ----------------------------------------------------------------------------------------
 def fleet_call(stack: Stack, work):
     async def run():
-        nc = await connect(NatsOptions(stack.nats.url, stack.nats.user, stack.nats.password), name="test")
+        nc = await connect(stack.nats_options(), name="test")
         try:
             return await work(await open_fleet(nc))
         finally:
             await nc.close()
 
     return asyncio.run(run())
+
+
+def publish(stack: Stack, version: str, tflite: bytes, config: bytes, key=None, **desired):
+    """What `tierline devices set-model` does: the artifacts uploaded, the update manifest signed (by default
+    with the operator's key, which the board pins) and made the board's desired model."""
+    manifest = desired_model(DEVICE, "tierline-reasoner", version, tflite, config, **desired)
+    key = key or read_private_key(stack.credentials / SIGNING_KEY)
+    return fleet_call(stack, lambda f: publish_model(f, manifest, key, tflite, config))
 
 
 def reported(stack: Stack) -> dict:
@@ -204,12 +215,6 @@ def test_registers_and_heartbeats(agent, tiny_family):
     assert fleet_rows([later], now=later["last_heartbeat"] + (n + 1) * beat)[0]["state"] == "stale"
 
 
-def test_the_id_cannot_be_taken_with_another_credential(agent):
-    wait_for(lambda: reported(agent), "the device in the KV bucket")
-    with pytest.raises(RegistrationRefused):
-        fleet_call(agent, lambda fleet: register(fleet.devices, DEVICE, "not-the-credential", {}))
-
-
 def test_memory_cap_and_threads_come_from_the_manifest(agent):
     pid = agent.procs[0].popen.pid
     limits = Path(f"/proc/{pid}/limits").read_text()
@@ -222,7 +227,7 @@ def test_memory_cap_and_threads_come_from_the_manifest(agent):
 def test_ota_update_succeeds_while_serving(agent, tiny_family):
     tflite, config = tiny_bytes(tiny_family)
     with serving_meanwhile(agent) as outcomes:
-        fleet_call(agent, lambda f: publish_model(f, DEVICE, "tierline-reasoner", "v2", tflite, config))
+        publish(agent, "v2", tflite, config)
         state = update_outcome(agent, "v2")
         wait_for(lambda: "v2" in outcomes, "an answer from the new model")
     assert state["ota"]["code"] == OtaCode.APPLIED, state["ota"]
@@ -263,9 +268,7 @@ def test_a_bad_digest_is_refused_and_the_model_keeps_serving(agent, tiny_family,
 def test_a_failing_health_check_rolls_back(agent, broken_model):
     before = reported(agent)["model"]["version"]
     with serving_meanwhile(agent) as outcomes:
-        fleet_call(agent, lambda f: publish_model(f, DEVICE, "tierline-reasoner", "v-broken",
-                                                  broken_model.read_bytes(),
-                                                  (broken_model.parent / "config.json").read_bytes()))
+        publish(agent, "v-broken", broken_model.read_bytes(), (broken_model.parent / "config.json").read_bytes())
         state = update_outcome(agent, "v-broken")
     assert state["ota"]["code"] == OtaCode.HEALTH_CHECK_FAILED, state["ota"]
     assert "rolled back" in state["ota"]["detail"]
@@ -296,7 +299,7 @@ def telemetry(stack: Stack) -> list[dict]:
 
 def test_answers_asked_over_nats_are_in_the_telemetry_too(agent):
     async def ask_over_nats():  # as the router does
-        nc = await connect(NatsOptions(agent.nats.url, agent.nats.user, agent.nats.password), name="test")
+        nc = await connect(agent.nats_options(ROUTER), name="test")
         try:
             req = pb.InferRequest(prompt=EASY, parameters=pb.Parameters(max_tokens=4))
             return await ask_tier(nc, "device", req, timeout_s=TIMEOUT)
@@ -405,9 +408,12 @@ def test_an_agent_that_boots_offline_serves_then_registers(tiny_family, tmp_path
 
     s = Stack(tiny_family, workdir=tmp_path, tiers=("device",), router=False, jetstream=True)
     try:
+        init_credentials(s.credentials, ("device",))  # provisioned before it boots: its identity, the buckets
+        IdentityStore(s.credentials).create(device_identity("pi-offline"))
         s.nats.start()
         s.manifest = write_manifest(tmp_path / "manifest.yaml", tiny_family, s.nats, tiers=("device",), overrides={
-            "device_agent": {"device_id": "pi-offline", "credential": CREDENTIAL, "heartbeat_s": HEARTBEAT_S}})
+            "device_agent": {"device_id": "pi-offline", "heartbeat_s": HEARTBEAT_S}})
+        asyncio.run(provision_fleet(s.nats_options()))
         s.nats.stop()
         s.start_process("device-0", "tierline_device_agent")  # no NATS: it must still come up
         assert ask(s).choices[0].finish_reason
@@ -458,13 +464,13 @@ def test_an_outbox_append_is_one_insert_without_fsync_per_commit(tmp_path):
 
 # -- configuration and CLI -----------------------------------------------------------------------------
 @pytest.mark.parametrize("fleet, field", [
-    ({"device_id": "pi-1", "credential": "long-enough", "heartbeat_s": 0}, "device_agent.heartbeat_s"),
-    ({"device_id": "pi-1"}, "credential"),
-    ({"device_id": "pi 1", "credential": "long-enough"}, "device_id"),
-    ({"device_id": "pi-1", "credential": "long-enough", "outbox_max_events": 0}, "device_agent.outbox_max_events"),
-    ({"device_id": "pi-1", "credential": "long-enough", "colour": "red"}, "device_agent.colour"),
-    ({"device_id": "pi-1", "credential": "long-enough", "health_min_token_accuracy": 2},
-     "device_agent.health_min_token_accuracy"),
+    ({"device_id": "pi-1", "heartbeat_s": 0}, "device_agent.heartbeat_s"),
+    ({"device_id": "pi-1", "credential": "a shared secret"}, "device_agent.credential"),  # replaced by identities
+    ({"device_id": "pi 1"}, "device_id"),
+    ({"device_id": "pi-1", "outbox_max_events": 0}, "device_agent.outbox_max_events"),
+    ({"device_id": "pi-1", "colour": "red"}, "device_agent.colour"),
+    ({"device_id": "pi-1", "health_min_token_accuracy": 2}, "device_agent.health_min_token_accuracy"),
+    ({"device_id": "pi-1", "update_keys": ["ed25519:not-a-key"]}, "update_keys[0]"),
 ])
 def test_bad_device_agent_config_names_the_field(tmp_path, fleet, field):
     import yaml
@@ -504,3 +510,46 @@ def test_pi_profile_bench_reports_speed_latency_and_rss(tiny_family):
 def test_pi_profile_bench_on_a_missing_family_is_one_line(tmp_path):
     proc = run_cli("devices", "bench", "--models", str(tmp_path / "nowhere"), timeout=60)
     assert proc.returncode == 2 and "manifest.json" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+# -- signed updates ------------------------------------------------------------------------------------
+def _refused(agent, version: str, code: OtaCode) -> None:
+    """The update to `version` was refused with `code` before anything was downloaded; the model serves on."""
+    before = reported(agent)["model"]["version"]
+    state = update_outcome(agent, version)
+    assert state["ota"]["code"] == code, state["ota"]
+    assert "refused" in state["ota"]["detail"]
+    assert state["model"]["version"] == before and ask(agent).model_version == before
+    models = agent.workdir / "device-state" / "models"
+    assert not (models / version).exists() and not list(models.glob(".incoming-*"))
+
+
+def test_an_update_signed_by_another_key_is_refused_before_download(agent, broken_model):
+    """The attack of issue 24: a perturbed model with its own matching sha256, announced by someone who can
+    write the desired record (here with the operator's NATS identity) but does not hold the signing key."""
+    from tierline_shared.security.signing import generate_key
+
+    publish(agent, "v-attacker", broken_model.read_bytes(), (broken_model.parent / "config.json").read_bytes(),
+            key=generate_key())
+    _refused(agent, "v-attacker", OtaCode.BAD_SIGNATURE)
+
+
+def test_an_unsigned_update_is_refused(agent, tiny_family):
+    tflite, config = tiny_bytes(tiny_family)
+    unsigned = desired_model(DEVICE, "tierline-reasoner", "v-unsigned", tflite, config)
+    fleet_call(agent, lambda f: f.desired.put(DEVICE, json.dumps(unsigned.to_dict()).encode()))
+    _refused(agent, "v-unsigned", OtaCode.UNSIGNED)
+
+
+def test_an_expired_update_is_refused(agent, tiny_family):
+    tflite, config = tiny_bytes(tiny_family)
+    publish(agent, "v-expired", tflite, config, expires_in_s=-60)  # signed properly, a minute too late
+    _refused(agent, "v-expired", OtaCode.EXPIRED)
+
+
+def test_an_older_signed_update_is_refused_as_a_downgrade(agent, tiny_family):
+    tflite, config = tiny_bytes(tiny_family)
+    current = publish(agent, "v-current", tflite, config)
+    assert update_outcome(agent, "v-current")["ota"]["code"] == OtaCode.APPLIED
+    publish(agent, "v-older", tflite, config, sequence=current.sequence - 1)  # genuine, signed, but older
+    _refused(agent, "v-older", OtaCode.DOWNGRADE)

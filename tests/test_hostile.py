@@ -148,7 +148,7 @@ def test_bytes_that_are_not_a_request_are_invalid_argument(stack):
     """Malformed protobuf: INVALID_ARGUMENT naming the message, from the router (gRPC) and a tier (gRPC, NATS)."""
     import asyncio
 
-    from tierline_shared.transport.messaging import ERROR_CODE_HEADER, STATUS_HEADER, NatsOptions, connect, subject
+    from tierline_shared.transport.messaging import ERROR_CODE_HEADER, STATUS_HEADER, connect, subject
 
     garbage = b"\xff\xff\xff\x7f\x0a\x05"
     for address in (stack.router_address, f"127.0.0.1:{stack.port('edge-0')}"):
@@ -159,7 +159,7 @@ def test_bytes_that_are_not_a_request_are_invalid_argument(stack):
         assert err.value.details() == "request: not a valid tierline.v1.InferRequest (protobuf)"
 
     async def over_nats():
-        nc = await connect(NatsOptions(stack.nats.url, stack.nats.user, stack.nats.password), "test")
+        nc = await connect(stack.nats_options(), "test")
         try:
             return await nc.request(subject("edge"), garbage, timeout=TIMEOUT)
         finally:

@@ -176,7 +176,7 @@ def test_routing_is_calibrated_from_prompts_alone(imported, tmp_path):
     from tierline_shared.config.manifest import load_manifest
 
     class _Nats:  # only its address and credentials go into the manifest
-        url, user, password = "nats://127.0.0.1:4222", "u", "p"
+        url, user, password, credentials = "nats://127.0.0.1:4222", "u", "p", None
 
     models = tmp_path / "models"
     shutil.copytree(imported[1], models)

@@ -160,7 +160,7 @@ def test_route_calibrate_writes_the_thresholds(tiny_family, tmp_path):
     from tierline_shared.config.manifest import load_manifest as load_tier_manifest
 
     class _Nats:  # only its address and credentials go into the manifest
-        url, user, password = "nats://127.0.0.1:4222", "u", "p"
+        url, user, password, credentials = "nats://127.0.0.1:4222", "u", "p", None
 
     path = write_manifest(tmp_path / "m.yaml", tiny_family, _Nats())
     proc = run_cli("route", "calibrate", "--target-edge-share", "0.9", "--manifest", str(path), "--n", "50")

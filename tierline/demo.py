@@ -1,6 +1,6 @@
 """`make demo` and `make up`: the whole platform on this machine.
 
-The demo starts nats-server (auth on loopback), the three tiers and the router,
+The demo starts nats-server (loopback, TLS, one NATS identity per role), the three tiers and the router,
 sends a concurrent mixed workload drawn from the benchmark through the router,
 prints what happened per tier, and stops everything.
 """
@@ -94,8 +94,8 @@ def demo(models_dir: Path, n: int = 300, concurrency: int = 16) -> int:
     with console.status("starting nats-server, device, edge, cloud and router..."):
         stack = Stack(models_dir, overrides=demo_overrides(models_dir), auth=True).start()
     try:
-        console.print(f"platform up: router at {stack.router_address}, NATS at {stack.nats.url} (auth on), "
-                      f"API keys on (a pro key was made for the demo)")
+        console.print(f"platform up: router at {stack.router_address}, NATS at {stack.nats.url} "
+                      f"(TLS, one identity per role), API keys on (a pro key was made for the demo)")
         t0 = time.perf_counter()
         with console.status(f"sending {n} benchmark requests, {concurrency} at a time..."):
             results = run_workload(stack.router_address, n, concurrency, api_key=stack.api_key)
@@ -135,6 +135,7 @@ def up(models_dir: Path, pidfile: Path) -> int:
                       f"OpenAI-compatible API: {stack.http_base_url}\n"
                       f"API key (pro plan, shown once): {stack.api_key}\n"
                       f"Manifest: {stack.manifest} (more keys: tierline keys create --plan free --manifest ...)\n"
+                      f"NATS identities, update signing key, CA: {stack.credentials} (docs/SECURITY.md)\n"
                       f"Stop with Ctrl-C or `make down`.")
         stop.wait()
     finally:

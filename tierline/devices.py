@@ -1,11 +1,13 @@
-"""`tierline devices list | set-model | bench`: the device fleet from an operator's seat.
+"""`tierline devices list | set-model | provision | revoke | bench`: the device fleet from an operator's seat.
 
 `list` reads every device's reported state from the JetStream KV bucket and
 marks the ones whose last heartbeat is older than their own `stale_after_beats`
 beats; `set-model` uploads a .tflite and its config.json to the Object Store and
-sets the device's desired model (the agent verifies, installs, health-checks and
-reports); `bench --profile pi` measures the device model as a Pi-class board
-would run it (one core, one thread), through device_agent/profile.py as `make bench` does.
+sets the device's desired model, an update manifest signed with the operator's key
+(the agent verifies signature, expiry and sequence, then installs, health-checks and
+reports); `provision` gives a board its own NATS identity, `revoke` takes it away;
+`bench --profile pi` measures the device model as a Pi-class board would run it (one
+core, one thread), through device_agent/profile.py as `make bench` does.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from tierline_device_agent.profile import PROFILES, measure_pinned  # no runtime: the parser stays light
 
 UPLOAD_TIMEOUT_S = 120.0  # one artifact into the object store, at most
+UPDATE_TTL_S = 7 * 86400.0  # seconds a signed update manifest stays valid (`--expires-in`)
 COLUMNS = ("device", "state", "model", "ota", "code", "queue", "requests", "rss_mb", "arch", "beat_age_s",
            "outbox")
 
@@ -39,6 +42,19 @@ def add_parser(sub, parser_class) -> dict:
     sm.add_argument("--tflite", type=Path, required=True, help="the .tflite (its config.json beside it)")
     sm.add_argument("--version", required=True, help="version name, e.g. 2025-06-01")
     sm.add_argument("--sha256", default=None, help="the digest the device must see (default: the file's)")
+    sm.add_argument("--signing-key", type=Path, default=None,
+                    help="the operator's Ed25519 key (default: update-signing.key in the manifest's nats.credentials)")
+    sm.add_argument("--sequence", type=positive_int("--sequence"), default=None,
+                    help="release number, above every earlier one (default: the time in milliseconds)")
+    sm.add_argument("--expires-in", type=positive_int("--expires-in"), default=int(UPDATE_TTL_S),
+                    help=f"seconds the signed update stays valid (default {int(UPDATE_TTL_S)})")
+    pv = dsub.add_parser("provision", help="a board's own NATS identity, and the fleet's buckets")
+    pv.add_argument("--manifest", type=Path, default=Path("infra/manifests/local.yaml"))
+    pv.add_argument("--device", required=True, help="device id")
+    pv.add_argument("--no-buckets", action="store_true", help="only the identity (NATS need not be up)")
+    rv = dsub.add_parser("revoke", help="remove a board's NATS identity (a stolen board)")
+    rv.add_argument("--manifest", type=Path, default=Path("infra/manifests/local.yaml"))
+    rv.add_argument("--device", required=True, help="device id")
     be = dsub.add_parser("bench", help="tokens/s, first-token latency and RSS of the device model")
     be.add_argument("--profile", choices=sorted(PROFILES), default="pi")
     be.add_argument("--models", type=Path, default=Path("models"))
@@ -46,15 +62,21 @@ def add_parser(sub, parser_class) -> dict:
     be.add_argument("--warmup", type=non_negative_int("--warmup"), default=2, help="requests first, not counted")
     be.add_argument("--repeats", type=positive_int("--repeats"), default=1, help="runs; medians are reported")
     be.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    return {("devices", "list"): cmd_list, ("devices", "set-model"): cmd_set_model, ("devices", "bench"): cmd_bench}
+    return {("devices", "list"): cmd_list, ("devices", "set-model"): cmd_set_model, ("devices", "bench"): cmd_bench,
+            ("devices", "provision"): cmd_provision, ("devices", "revoke"): cmd_revoke}
 
 
 def _nats_options(manifest_path: Path):
+    from tierline.cli import UsageError
     from tierline_shared.config.manifest import load_manifest
+    from tierline_shared.security.identities import OPERATOR
     from tierline_shared.transport.messaging import NatsOptions
 
     manifest = load_manifest(manifest_path, check_artifacts=False)
-    return manifest, NatsOptions.from_manifest(manifest)
+    try:
+        return manifest, NatsOptions.from_manifest(manifest, OPERATOR)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 async def _with_fleet(opts, work):
@@ -125,31 +147,37 @@ def cmd_list(args) -> int:
 
 
 # -- set-model ------------------------------------------------------------------------------------------
-async def publish_model(fleet, device_id: str, name: str, version: str, tflite: bytes, config: bytes,
-                        sha256: str | None = None):
-    """Upload the artifacts and set the desired model (a DesiredModel); `sha256` is what the device will demand."""
+async def publish_model(fleet, desired, signing_key, tflite: bytes, config: bytes):
+    """Upload the artifacts and set the device's desired model: the DesiredModel signed with `signing_key`."""
     from tierline_device_agent.fleet import JS_TIMEOUT_S
+    from tierline_shared.security.signing import sign
 
-    desired = desired_model(name, version, tflite, config, sha256)
     for art, data in ((desired.tflite, tflite), (desired.config, config)):
         await asyncio.wait_for(fleet.models.put(art.object, data), UPLOAD_TIMEOUT_S)
-    await asyncio.wait_for(fleet.desired.put(device_id, desired.to_json()), JS_TIMEOUT_S)
+    await asyncio.wait_for(fleet.desired.put(desired.device, sign(desired.to_dict(), signing_key)), JS_TIMEOUT_S)
     return desired
 
 
-def desired_model(name: str, version: str, tflite: bytes, config: bytes, sha256: str | None = None):
-    """The desired record (a DesiredModel), checked as the device will check it (OtaError: a bad version or digest)."""
+def desired_model(device: str, name: str, version: str, tflite: bytes, config: bytes, sha256: str | None = None,
+                  sequence: int | None = None, expires_in_s: float = UPDATE_TTL_S):
+    """The update manifest (a DesiredModel), checked as the device will check it (OtaError: a bad field).
+
+    `sequence` defaults to the time in milliseconds, so each update outranks the ones before it."""
     from tierline_device_agent.ota import Artifact, DesiredModel
 
-    desired = DesiredModel(name, version,
-                           Artifact(f"{version}/model.tflite", sha256 or hashlib.sha256(tflite).hexdigest()),
-                           Artifact(f"{version}/config.json", hashlib.sha256(config).hexdigest()))
-    return DesiredModel.from_json(desired.to_json())
+    desired = DesiredModel(name, version, time.time_ns() // 1_000_000 if sequence is None else sequence,
+                           round(time.time() + expires_in_s, 3), device,
+                           Artifact(f"{version}/model.tflite", sha256 or hashlib.sha256(tflite).hexdigest(),
+                                    len(tflite)),
+                           Artifact(f"{version}/config.json", hashlib.sha256(config).hexdigest(), len(config)))
+    return DesiredModel.from_dict(json.loads(json.dumps(desired.to_dict())))
 
 
 def cmd_set_model(args) -> int:
     from tierline.cli import UsageError
     from tierline_device_agent.ota import OtaError
+    from tierline_shared.security.credentials import SIGNING_KEY
+    from tierline_shared.security.signing import key_id, read_private_key
 
     manifest, opts = _nats_options(args.manifest)
     config = args.tflite.parent / "config.json"
@@ -157,17 +185,73 @@ def cmd_set_model(args) -> int:
         if not path.is_file():
             raise UsageError(f"{path}: no such file")
     tflite, config_bytes = args.tflite.read_bytes(), config.read_bytes()
+    key_path = args.signing_key or (manifest.resolve(manifest.nats.credentials) / SIGNING_KEY
+                                    if manifest.nats.credentials else None)
+    if key_path is None:
+        raise UsageError("--signing-key: required (the operator's update signing key; `tierline creds init` "
+                         "writes one beside the NATS identities)")
     try:
-        desired = desired_model(manifest.model_name, args.version, tflite, config_bytes, args.sha256)
+        key = read_private_key(key_path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(f"--signing-key: {exc}") from None
+    try:
+        desired = desired_model(args.device, manifest.model_name, args.version, tflite, config_bytes, args.sha256,
+                                args.sequence, args.expires_in)
     except OtaError as exc:
-        raise UsageError(f"--version/--sha256: {exc}") from None
+        raise UsageError(f"--version/--sha256/--sequence/--expires-in: {exc}") from None
     if args.sha256 and args.sha256 != hashlib.sha256(tflite).hexdigest():
         print(f"tierline: warning: {args.tflite} does not have sha256 {args.sha256}; the device will refuse it",
               file=sys.stderr)
-    asyncio.run(_with_fleet(opts, lambda fleet: publish_model(
-        fleet, args.device, manifest.model_name, args.version, tflite, config_bytes, args.sha256)))
-    print(json.dumps({"device": args.device, "version": desired.version, "tflite": vars(desired.tflite),
+    asyncio.run(_with_fleet(opts, lambda fleet: publish_model(fleet, desired, key, tflite, config_bytes)))
+    print(json.dumps({"device": args.device, "version": desired.version, "sequence": desired.sequence,
+                      "expires": desired.expires, "signed_by": key_id(key), "tflite": vars(desired.tflite),
                       "config": vars(desired.config)}))
+    return 0
+
+
+# -- provision / revoke ---------------------------------------------------------------------------------
+def cmd_provision(args) -> int:
+    """A board's own NATS identity (its seed file, to copy onto the board), the server's config regenerated,
+    and the fleet's buckets created (a board may use them, not create them)."""
+    from tierline.cli import UsageError
+    from tierline_device_agent.fleet import provision_fleet
+    from tierline_shared.config.manifest import DEVICE_ID_CHARS
+    from tierline_shared.security.identities import IdentityStore, device_identity
+
+    if not args.device or not set(args.device) <= DEVICE_ID_CHARS or len(args.device) > 64:
+        raise UsageError(f"{args.device!r}: a device id is 1-64 letters, digits, '_' or '-'")
+    manifest, opts = _nats_options(args.manifest)
+    if not manifest.nats.credentials:
+        raise UsageError(f"{args.manifest}: nats.credentials: not set; boards get identities from the directory "
+                         "`tierline creds init` made")
+    store = IdentityStore(manifest.resolve(manifest.nats.credentials))
+    seed = store.create(device_identity(args.device))
+    print(json.dumps({"device": args.device, "identity": device_identity(args.device), "seed_file": str(seed),
+                      "nats_auth": str(store.auth_conf),
+                      "next": "reload nats-server (nats-server --signal reload), then copy the seed file and "
+                              "ca.pem to the board (nats.credentials, nats.tls_ca)"}))
+    if not args.no_buckets:
+        try:
+            asyncio.run(provision_fleet(opts))
+        except (ConnectionError, TimeoutError) as exc:
+            raise UsageError(f"the fleet's buckets were not created ({exc}); run again once NATS is up") from None
+    return 0
+
+
+def cmd_revoke(args) -> int:
+    """Remove a board's identity: after a reload of nats-server it cannot connect any more."""
+    from tierline.cli import UsageError
+    from tierline_shared.config.manifest import load_manifest
+    from tierline_shared.security.identities import IdentityStore, device_identity
+
+    manifest = load_manifest(args.manifest, check_artifacts=False)
+    if not manifest.nats.credentials:
+        raise UsageError(f"{args.manifest}: nats.credentials: not set")
+    store = IdentityStore(manifest.resolve(manifest.nats.credentials))
+    if not store.revoke(device_identity(args.device)):
+        raise UsageError(f"{args.device}: no such device identity in {store.dir}")
+    print(json.dumps({"device": args.device, "revoked": True, "nats_auth": str(store.auth_conf),
+                      "next": "reload nats-server (nats-server --signal reload)"}))
     return 0
 
 

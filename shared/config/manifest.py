@@ -10,6 +10,7 @@ processes print it and exit 2. The schema is documented in docs/MANIFEST.md.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,8 +32,12 @@ class ManifestError(ValueError):
 @dataclass
 class NatsConfig:
     url: str = "nats://127.0.0.1:4222"  # the NATS server (or a leaf node near the tier)
-    user: str = ""  # user/password authentication
+    user: str = ""  # user/password authentication: one login for every process, no permissions (docs/SECURITY.md)
     password: str = ""
+    # a directory of NATS identities (`tierline creds init`): each process connects as its own role with the
+    # seed `<identity>.nk` found there, and the server enforces that role's permissions; replaces user/password
+    credentials: str = ""
+    tls_ca: str = ""  # the CA certificate (PEM) that signed the server's: clients verify the server (tls:// url)
     connect_timeout_ms: int = 2000  # per connection attempt
     request_timeout_ms: int = 10000  # one request to a tier over NATS
 
@@ -62,8 +67,11 @@ class BatchConfig:
 class TierConfig:
     artifact: str  # weights, relative to models_dir (the manifest in models_dir lists the rest)
     sha256: str  # of the weights; checked at start
-    grpc_host: str = "127.0.0.1"
+    grpc_host: str = "127.0.0.1"  # loopback: only this machine; any other address needs grpc_token_file
     grpc_port: int = 0  # 0 = any free port (reported at start)
+    # a file holding the bearer token every InferenceService call must send (`authorization: Bearer <token>`);
+    # required when grpc_host is not a loopback address (the router, with its API keys, is the public door)
+    grpc_token_file: str = ""
     metrics_port: int = 0  # Prometheus /metrics; 0 = any free port, -1 = off
     threads: int = 2  # runtime threads
     timeout_ms: int = 10000  # a request's deadline inside the tier when the caller sets none
@@ -141,7 +149,6 @@ class DeviceAgentConfig:
     """The device agent as a fleet member (device_agent/fleet.py); threads come from tiers.device.threads."""
 
     device_id: str = ""  # this board's id in the fleet ("" = no fleet: serve only); letters, digits, _ and -
-    credential: str = ""  # bootstrap credential; the first registration binds the id to its sha256
     heartbeat_s: float = 30.0  # seconds between heartbeats (backing off up to 8x while NATS is away)
     stale_after_beats: int = 3  # the fleet view marks a device stale after this many missed beats
     state_dir: str = "device-state"  # relative to the manifest: installed model versions and the outbox
@@ -150,14 +157,22 @@ class DeviceAgentConfig:
     health_problems: int = 16  # benchmark problems a new model is checked on before it takes traffic
     # share of their reference answers' tokens it must predict (teacher-forced), else the update is rolled back
     health_min_token_accuracy: float = 0.25
+    # the publishers' Ed25519 public keys ("ed25519:<base64>", `tierline creds init` prints the operator's):
+    # an update is installed only when one of them signed it; a list, so keys can rotate
+    update_keys: list[str] = field(default_factory=list)
 
     def __post_init__(self):
+        from tierline_shared.security.signing import parse_public_key
+
+        for i, key in enumerate(self.update_keys):
+            try:
+                parse_public_key(key)
+            except ValueError as exc:
+                raise ValueError(f"update_keys[{i}]: {exc}") from None
         if self.device_id and not set(self.device_id) <= DEVICE_ID_CHARS:
             raise ValueError(f"device_id: {self.device_id!r} may hold only letters, digits, '_' and '-'")
         if len(self.device_id) > 64:
             raise ValueError(f"device_id: {len(self.device_id)} characters, at most 64")
-        if self.device_id and len(self.credential) < 8:
-            raise ValueError("credential: required (at least 8 characters) when device_id is set")
 
 
 @dataclass
@@ -176,6 +191,10 @@ class Manifest:
     @property
     def models_path(self) -> Path:
         return (self.path.parent / self.models_dir).resolve()
+
+    def resolve(self, relative: str) -> Path:
+        """A path the manifest names, relative to the manifest's own directory."""
+        return (self.path.parent / relative).resolve()
 
     @property
     def key_store_path(self) -> Path:
@@ -207,6 +226,15 @@ _RANGES = {  # field -> (min, max) inclusive, None = unbounded
 }
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve anywhere
+
+
 def load_manifest(path: str | Path, check_artifacts: bool = True) -> Manifest:
     path = Path(path)
     try:
@@ -228,6 +256,14 @@ def load_manifest(path: str | Path, check_artifacts: bool = True) -> Manifest:
         raise ManifestError(f"{path}: auth.plans: at least one plan is needed when auth.enabled is true")
     if manifest.auth.enabled and not manifest.auth.key_store:
         raise ManifestError(f"{path}: auth.key_store: must name a file when auth.enabled is true")
+    for name, tier in manifest.tiers.items():
+        if not is_loopback(tier.grpc_host) and not tier.grpc_token_file:
+            raise ManifestError(f"{path}: tiers.{name}.grpc_host: {tier.grpc_host} exposes the tier beyond this "
+                                f"machine; set tiers.{name}.grpc_token_file (every call then needs "
+                                "`authorization: Bearer <token>`), or bind 127.0.0.1")
+    if manifest.nats.credentials and manifest.nats.user:
+        raise ManifestError(f"{path}: nats.user: not with nats.credentials (each process connects as its own "
+                            "identity from that directory)")
     if manifest.limits.default_max_tokens > manifest.limits.max_tokens:
         raise ManifestError(f"{path}: limits.default_max_tokens: must be <= limits.max_tokens "
                             f"({manifest.limits.max_tokens})")
@@ -278,6 +314,11 @@ def _convert(hint, value, path: Path, dotted: str):
         if not isinstance(value, dict):
             raise ManifestError(f"{path}: {dotted}: expected a mapping, got {type(value).__name__}")
         return {str(k): _convert(val_t, v, path, f"{dotted}.{k}") for k, v in value.items()}
+    if origin is list:
+        (item_t,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ManifestError(f"{path}: {dotted}: expected a list, got {type(value).__name__}")
+        return [_convert(item_t, v, path, f"{dotted}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         return value
     ok = {int: isinstance(value, int) and not isinstance(value, bool),

@@ -21,6 +21,7 @@ from tierline_api.v1 import inference_pb2 as pb
 from tierline_shared.config.manifest import EXIT_BAD_MANIFEST, Manifest, ManifestError, load_manifest
 from tierline_shared.models.artifacts import ArtifactError
 from tierline_shared.runtime.engine import Engine
+from tierline_shared.security.identities import tier_identity
 from tierline_shared.serving.metrics import Metrics
 from tierline_shared.serving.servicer import TierServicer, status_of
 from tierline_shared.transport.grpc_server import create_server
@@ -53,6 +54,10 @@ class TierProcess:
         tc = self.config
         return engine, tc.batching, self.manifest.limits, tc.cache_size, tc.timeout_ms / 1000, metrics
 
+    def nats_identity(self) -> str:
+        """Who this process is on NATS (shared/security/identities.py): its permissions follow."""
+        return tier_identity(self.tier)
+
     def nats_retry_forever(self) -> bool:
         """Keep connecting in the background when NATS is unreachable at start (else: exit 2)."""
         return False
@@ -82,15 +87,21 @@ def run(process_cls: type[TierProcess], argv: list[str] | None = None) -> int:
     metrics = Metrics(tier)
     engine.enable_prefix_cache(tc.prefix_cache_tokens, tc.prefix_cache_min_match, metrics.prefix_cache_lookup)
     servicer = process.make_servicer(engine, metrics)
-    server, port = create_server(servicer, tc.grpc_host, tc.grpc_port)
+    try:
+        token = manifest.resolve(tc.grpc_token_file).read_text().strip() if tc.grpc_token_file else ""
+        server, port = create_server(servicer, tc.grpc_host, tc.grpc_port, token=token)
+    except (OSError, ValueError) as exc:
+        print(f"{tier}: error: tiers.{tier}.grpc_token_file / grpc_host: {exc}", file=sys.stderr)
+        return EXIT_BAD_MANIFEST
     server.start()
     metrics_port = metrics.serve(tc.grpc_host, tc.metrics_port) if tc.metrics_port >= 0 else None
     nats_service = None
     if process.use_nats:
-        nats_service = nats_service_for(tier, NatsOptions.from_manifest(manifest), servicer)
         try:
+            nats_service = nats_service_for(tier, NatsOptions.from_manifest(manifest, process.nats_identity()),
+                                            servicer)
             nats_service.start(retry_forever=process.nats_retry_forever())
-        except (NatsAuthError, ConnectionError, TimeoutError) as exc:
+        except (NatsAuthError, ConnectionError, TimeoutError, ValueError) as exc:
             print(f"{tier}: error: {exc}", file=sys.stderr)
             server.stop(0)
             return EXIT_BAD_MANIFEST

@@ -9,6 +9,7 @@ with a Python exception's name).
 
 from __future__ import annotations
 
+import hmac
 from concurrent import futures
 
 import grpc
@@ -51,10 +52,38 @@ async def set_serving_async(health_servicer) -> None:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
 
+class BearerToken(grpc.ServerInterceptor):
+    """Every InferenceService call must carry `authorization: Bearer <token>` (health and reflection stay
+    open, so orchestrators can probe); anything else is UNAUTHENTICATED."""
+
+    def __init__(self, token: str):
+        if len(token) < 16:
+            raise ValueError("the gRPC bearer token must have at least 16 characters")
+        self._expected = f"Bearer {token}".encode()
+        self._deny = {}
+        for m in SERVICE.methods:
+            make = grpc.unary_stream_rpc_method_handler if m.server_streaming else grpc.unary_unary_rpc_method_handler
+            self._deny[f"/{SERVICE_NAME}/{m.name}"] = make(self._refuse)
+
+    @staticmethod
+    def _refuse(request, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "authorization: a bearer token is required on this port")
+
+    def intercept_service(self, continuation, details):
+        deny = self._deny.get(details.method)
+        if deny is None:
+            return continuation(details)
+        sent = next((v for k, v in details.invocation_metadata or () if k == "authorization"), "")
+        sent = sent.encode() if isinstance(sent, str) else sent
+        return continuation(details) if hmac.compare_digest(sent, self._expected) else deny
+
+
 def create_server(servicer: pb_grpc.InferenceServiceServicer, host: str = "127.0.0.1", port: int = 0,
-                  workers: int = DEFAULT_WORKERS) -> tuple[grpc.Server, int]:
-    """A gRPC server with the InferenceService, health and reflection; not started yet."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+                  workers: int = DEFAULT_WORKERS, token: str = "") -> tuple[grpc.Server, int]:
+    """A gRPC server with the InferenceService, health and reflection; not started yet. With `token`,
+    InferenceService calls need it as a bearer token (`BearerToken`)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
+                         interceptors=[BearerToken(token)] if token else None)
     add_inference_service(servicer, server)
     set_serving(add_health_and_reflection(server))
     bound = server.add_insecure_port(f"{host}:{port}")

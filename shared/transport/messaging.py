@@ -10,6 +10,7 @@ nats.micro's error headers plus `Tierline-Status` with the gRPC status name, whi
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from dataclasses import dataclass
 
@@ -30,6 +31,22 @@ RECONNECT_BASE_S = 1.0  # seconds, the first wait after the link drops (doubles 
 RECONNECT_MAX_S = 30.0  # seconds, the longest wait between two attempts (forever)
 RECONNECT_JITTER = 0.2  # each wait is drawn from [1 - 0.2, 1] x its step, so a fleet does not reconnect in step
 START_TIMEOUT_S = 10.0  # connecting and registering, at most
+# the device fleet's JetStream names (device_agent/fleet.py uses them; the NATS permissions name them)
+DEVICES_BUCKET = "tierline_devices"  # KV: reported state per device
+DESIRED_BUCKET = "tierline_desired"  # KV: the signed desired model per device
+MODELS_BUCKET = "tierline_models"  # Object Store: the artifacts
+TELEMETRY_STREAM = "TIERLINE_TELEMETRY"  # stream of `tierline.telemetry.<device id>`
+
+
+class _QuietTlsClose(logging.Filter):
+    """asyncio warns on every TLS connection nats-py closes ("returning true from eof_received() has no effect
+    when using ssl": its protocol asks to keep a half-closed socket, which TLS cannot); nothing is wrong."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "eof_received() has no effect when using ssl" not in record.getMessage()
+
+
+logging.getLogger("asyncio").addFilter(_QuietTlsClose())
 
 
 def subject(tier: str, verb: str = "infer") -> str:
@@ -200,25 +217,47 @@ class NatsAuthError(ConnectionError):
 
 @dataclass
 class NatsOptions:
+    """How one process connects: the server, its identity (an nkey seed, or a user and password), TLS."""
+
     url: str
     user: str = ""
     password: str = ""
     connect_timeout_s: float = 2.0
+    identity: str = ""  # who connects (shared/security/identities.py), for messages
+    seed: str = ""  # this process's nkey seed (`SU...`): its identity, whose permissions the server enforces
+    inbox_prefix: str = ""  # its reply subjects (`_INBOX_<identity>`), the only inboxes it may read
+    tls_ca: str = ""  # PEM file of the CA that signed the server's certificate: the server is verified
 
     def connect_kwargs(self) -> dict:
         kw = {"servers": [self.url], "connect_timeout": self.connect_timeout_s,
               "max_reconnect_attempts": -1, "allow_reconnect": True,
               "reconnect_time_wait": RECONNECT_BASE_S,  # nats-py's wait within the first connect() only
               "reconnect_to_server_handler": _next_server}  # after a drop: exponential backoff with jitter
-        if self.user:
+        if self.seed:
+            kw["nkeys_seed_str"] = self.seed
+        elif self.user:
             kw.update(user=self.user, password=self.password)
+        if self.inbox_prefix:
+            kw["inbox_prefix"] = self.inbox_prefix
+        if self.tls_ca:
+            from tierline_shared.security.tls import client_context
+
+            kw["tls"] = client_context(self.tls_ca)
         return kw
 
     @classmethod
-    def from_manifest(cls, manifest) -> "NatsOptions":
-        """The manifest's `nats:` section (every process connects with these)."""
+    def from_manifest(cls, manifest, identity: str) -> "NatsOptions":
+        """The manifest's `nats:` section as `identity` connects with it (every process names its own:
+        shared/security/identities.py). With `nats.credentials`, the identity's seed file is read there."""
         n = manifest.nats
-        return cls(url=n.url, user=n.user, password=n.password, connect_timeout_s=n.connect_timeout_ms / 1000)
+        opts = cls(url=n.url, user=n.user, password=n.password, connect_timeout_s=n.connect_timeout_ms / 1000,
+                   tls_ca=str(manifest.resolve(n.tls_ca)) if n.tls_ca else "")
+        if n.credentials:
+            from tierline_shared.security.identities import IdentityStore, inbox_prefix, read_seed
+
+            opts.seed = read_seed(IdentityStore(manifest.resolve(n.credentials)).seed_path(identity))
+            opts.identity, opts.inbox_prefix = identity, inbox_prefix(identity)
+        return opts
 
 
 async def connect(opts: NatsOptions, name: str, timeout_s: float = START_TIMEOUT_S):
@@ -241,7 +280,8 @@ async def connect(opts: NatsOptions, name: str, timeout_s: float = START_TIMEOUT
     if connecting not in done:
         connecting.cancel()
     if refused.is_set() or any("authorization" in e.lower() for e in errors):
-        raise NatsAuthError(f"NATS at {opts.url} refused the credentials for user {opts.user!r}")
+        who = f"identity {opts.identity!r}" if opts.identity else f"user {opts.user!r}"
+        raise NatsAuthError(f"NATS at {opts.url} refused the credentials for {who}")
     why = connecting.exception() if connecting in done else f"no connection in {timeout_s:.0f} s"
     raise ConnectionError(f"cannot connect to NATS at {opts.url}: {why or errors[-1:]}")
 

@@ -183,7 +183,9 @@ class TextTokenizer:
         return (self.bos_id, *ids) if bos and self.add_bos else tuple(ids)
 
     def decode(self, ids) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+        """The text of `ids`: a list as it is (the runner's are ints, and `tokenizers` takes numpy's too), any
+        other iterable (an array, a tensor) as a list of ints."""
+        return self._tok.decode(ids if isinstance(ids, list) else [int(i) for i in ids], skip_special_tokens=True)
 
     def number_ids(self) -> dict[int, int]:
         """Token id -> the number it spells, for every number token (`"7"`, `"07"`, `"42"`)."""

@@ -361,8 +361,8 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-def _pick(logits: np.ndarray, g: GenerationParams, rng: np.random.Generator) -> tuple[int, float]:
-    """The next token and the probability the model gave it."""
+def _pick(logits: np.ndarray, g: GenerationParams, rng: np.random.Generator | None) -> tuple[int, float]:
+    """The next token and the probability the model gave it (`rng` is drawn from only when `g` samples)."""
     probs = _softmax(logits)
     if g.greedy:
         t = int(np.argmax(logits))

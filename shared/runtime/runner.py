@@ -51,7 +51,8 @@ class Sequence:
     def __init__(self, ids: list[int], params: GenerationParams, window: int, eos_id: int, decode):
         self.ids, self.params, self.window = ids, params, window
         self._eos, self._decode = eos_id, decode
-        self.rng = np.random.default_rng(params.seed)
+        # a greedy pick draws nothing: only a sampled request pays for a generator (and, unseeded, OS entropy)
+        self.rng = None if params.greedy else np.random.default_rng(params.seed)
         self.computed = 0  # prompt tokens whose KV exists: the position of the next prompt token
         self.cached = 0  # of those, tokens whose KV came from the prefix cache
         self.kv: Past | None = None  # its own KV (a batch of one) while it prefills, or always (row-by-row backends)
@@ -59,7 +60,8 @@ class Sequence:
         self.token: int | None = None  # the last sampled token, fed at the next decode step
         self.gen: list[int] = []
         self.probs: list[float] = []
-        self.text = ""
+        self._text = ""  # the decoding of gen[:_text_of] (cut at a stop string once one appeared)
+        self._text_of = 0
         self.emitted = 0  # characters of text already handed out by take_text
         self.done = False
         self.reason = "length"
@@ -82,6 +84,15 @@ class Sequence:
         """The position of `token`, the next one fed."""
         return len(self.ids) + len(self.gen) - 1
 
+    @property
+    def text(self) -> str:
+        """The generated text, decoded when asked for (a stream, a stop string, the result) rather than at every
+        token: a decode is of all the tokens (a tokenizer's text is not the sum of its tokens' texts), so a
+        request no one reads until it ends decodes once instead of once per token."""
+        if self._text_of != len(self.gen):
+            self._text, self._text_of = self._decode(self.gen), len(self.gen)
+        return self._text
+
     def accept(self, logits: np.ndarray) -> None:
         """Sample the next token from its logits (V,) and apply eos, stop strings and max_tokens."""
         self.push(*_pick(logits, self.params, self.rng))
@@ -98,10 +109,9 @@ class Sequence:
         self.gen.append(t)
         self.probs.append(p)
         self.token = t
-        self.text = self._decode(self.gen)
-        cut = _find_stop(self.text, self.params.stop)
+        cut = _find_stop(self.text, self.params.stop) if self.params.stop else None
         if cut is not None:
-            self.text = self.text[:cut]
+            self._text = self._text[:cut]
             self.finish("stop")
         elif len(self.gen) >= self.params.max_tokens:
             self.finish("length")
@@ -318,24 +328,29 @@ class ModelRunner:
         self._rows = [self._rows[b] for b in keep] + list(seqs)
 
     def _decode(self) -> None:
-        rows = self._rows
+        rows, pad = self._rows, self.engine.tokenizer.pad_id
         B, W = self._mask.shape
-        tokens = np.full((B, 1), self.engine.tokenizer.pad_id, np.int64)
-        positions = np.zeros((B, 1), np.int64)
+        tokens, positions, widest = [], [], 0
         for b, s in enumerate(rows):
             if s.done:  # a finished row waiting to be dropped: it sees only its own padding
                 self._mask[b] = 0
+                tokens.append(pad)
+                positions.append(0)
                 continue
-            tokens[b, 0], positions[b, 0] = s.token, s.position
             if s.kv_len >= s.window:  # its own sliding window: mask its oldest positions
                 self._mask[b, :W - (s.window - 1)] = 0
                 s.kv_len = s.window - 1
-        lead = _dead_columns(self._mask)
-        if lead >= TRIM_DEAD_COLUMNS:
-            self._past, self._mask = self.engine._past_rows(self._past, np.arange(B), lead), self._mask[:, lead:]
+            tokens.append(s.token)
+            positions.append(s.position)
+            widest = max(widest, s.kv_len)
+        # a running row's mask is ones on its last kv_len columns (joined right-aligned, one more each step,
+        # its window masking the oldest): the columns before the widest row's are dead, no scan of the mask needed
+        if W - widest >= TRIM_DEAD_COLUMNS:
+            self._past, self._mask = self.engine._trim_past(self._past, widest), self._mask[:, W - widest:]
         mask = np.concatenate([self._mask, np.ones((B, 1), np.int64)], axis=1)
         try:
-            logits, past = self.engine._forward(tokens, mask, positions, self._past)
+            logits, past = self.engine._forward(np.array(tokens, np.int64)[:, None], mask,
+                                                np.array(positions, np.int64)[:, None], self._past)
         except Exception:  # noqa: BLE001 - find the row at fault: every row again, alone
             self._split()
             self._decode_alone()
@@ -343,19 +358,18 @@ class ModelRunner:
             return
         self._past, self._mask = past, mask
         live = [b for b, s in enumerate(rows) if not s.done]
-        greedy = [b for b in live if rows[b].params.greedy]
-        if greedy:  # argmax and the chosen token's probability for all greedy rows at once
-            x = logits[greedy, -1].astype(np.float64)
-            top = x.argmax(axis=1)
-            m = x.max(axis=1, keepdims=True)
-            p = 1.0 / np.exp(x - m).sum(axis=1)  # exp(x[top] - m) is 1
-            for b, t, pb in zip(greedy, top.tolist(), p.tolist()):
-                rows[b].kv_len += 1
-                rows[b].push(t, pb)
+        # argmax and the chosen token's probability for every row at once (rows are independent: a sampled or
+        # finished row's are computed and unused, cheaper than picking the greedy rows out first)
+        x = logits[:, -1].astype(np.float64)
+        top = x.argmax(axis=1).tolist()
+        p = (1.0 / np.exp(x - x.max(axis=1, keepdims=True)).sum(axis=1)).tolist()  # exp(x[top] - max) is 1
         for b in live:
-            if not rows[b].params.greedy:
-                rows[b].kv_len += 1
-                rows[b].accept(logits[b, -1])
+            s = rows[b]
+            s.kv_len += 1
+            if s.params.greedy:
+                s.push(top[b], p[b])
+            else:
+                s.accept(logits[b, -1])
         cache = self._prefix_cache()
         if cache is not None:  # as vLLM's prefix caching: a finished answer's KV serves the dialogue's next turn
             W = mask.shape[1]

@@ -55,6 +55,7 @@ class _Request:
     seq: Sequence | None = field(compare=False, default=None)
     admitted: float = field(compare=False, default=0.0)
     batch_size: int = field(compare=False, default=0)  # running sequences when it joined
+    token_at: float = field(compare=False, default=0.0)  # its sequence's last_token_at after the previous step
 
     def should_stop(self) -> bool:
         """The caller gave up, or the deadline passed: stop spending compute on it."""
@@ -193,9 +194,8 @@ class Scheduler:
                 n = min(self._runner.chunk_limit(req.seq), budget)
                 chunks.append((req.seq, n))
                 budget -= n
-            before = {id(r.seq): r.seq.last_token_at for r in self._active}
             self._runner.step(chunks, keep_slots=True, prefilled=self._emit)
-        self._update(before, chunks)
+        self._update(chunks)
 
     def _admit(self, budget: int) -> list[_Request]:
         """Requests from the queue, best first, while the batch has room and the step has tokens left."""
@@ -229,24 +229,26 @@ class Scheduler:
                 if text:
                     req.chunks.put(text)
 
-    def _update(self, before: dict | None = None, chunks: list | None = None) -> None:
-        """Hand out new text and finished results; record the step."""
+    def _update(self, chunks: list | None = None) -> None:
+        """Hand out new text and finished results; record the step (`chunks`: the step's prompt chunks; None
+        before the step)."""
         itl, first = [], 0
-        for req in self._active:
-            s = req.seq
-            if before is not None and s.last_token_at != before.get(id(s), 0.0):
-                prev = before.get(id(s), 0.0)
-                if prev:
-                    itl.append(s.last_token_at - prev)
-                else:
-                    first += 1
+        if chunks is not None:
+            for req in self._active:
+                t = req.seq.last_token_at
+                if t != req.token_at:  # it got a token in this step
+                    if req.token_at:
+                        itl.append(t - req.token_at)
+                    else:
+                        first += 1
+                    req.token_at = t
         self._emit()
         done = [r for r in self._active if r.seq.done]
         if done:
             self._active = [r for r in self._active if not r.seq.done]
             for req in done:
                 self._finish(req)
-        if before is not None and self._on_step is not None:
+        if chunks is not None and self._on_step is not None:
             self._on_step(StepStats(running=len(self._active), waiting=self.depth,
                                     seqs=len(itl) + len({id(s) for s, _ in chunks}),
                                     tokens=len(itl) + sum(n for _, n in chunks), inter_token_s=itl,

@@ -51,15 +51,17 @@ class Metrics:
         self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens processed", t, registry=r)
         self.generation_tokens = Counter(f"{PREFIX}_generation_tokens", "Tokens generated", t, registry=r)
         self._http = None
+        # the scheduler thread observes a step at every token: its series looked up once, not at every step
+        self._step_series = (self.running.labels(tier), self.waiting.labels(tier), self.batch_size.labels(tier),
+                             self.iteration_tokens.labels(tier), self.itl.labels(tier))
 
     def observe_step(self, stats) -> None:
         """One scheduler step (shared.runtime.scheduler.StepStats)."""
-        t = self.tier
-        self.running.labels(t).set(stats.running)
-        self.waiting.labels(t).set(stats.waiting)
-        self.batch_size.labels(t).observe(stats.seqs)
-        self.iteration_tokens.labels(t).observe(stats.tokens)
-        itl = self.itl.labels(t)
+        running, waiting, batch_size, iteration_tokens, itl = self._step_series
+        running.set(stats.running)
+        waiting.set(stats.waiting)
+        batch_size.observe(stats.seqs)
+        iteration_tokens.observe(stats.tokens)
         for s in stats.inter_token_s:
             itl.observe(s)
 
@@ -91,3 +93,4 @@ class Metrics:
         if self._http:
             self._http.shutdown()
             self._http = None
+

@@ -358,10 +358,10 @@ class Stack:
 
     def create_key(self, plan: str, name: str = "") -> str:
         """A new API key in this platform's key store (what `tierline keys create` does)."""
-        from tierline_router.auth import KeyStore
+        from tierline_router.auth import open_key_store
         from tierline_shared.config.manifest import load_manifest
 
-        store = KeyStore(load_manifest(self.manifest, check_artifacts=False).key_store_path)
+        store = open_key_store(load_manifest(self.manifest, check_artifacts=False), OPERATOR)
         try:
             return store.create(plan, name or f"stack {plan}")[1]
         finally:

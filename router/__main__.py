@@ -11,7 +11,7 @@ import sys
 
 import grpc
 
-from tierline_router.auth import Gate, KeyStore
+from tierline_router.auth import Gate, open_key_store
 from tierline_router.chat import ChatTemplate
 from tierline_router.openai_http import OpenAIServer
 from tierline_router.policy import Policy
@@ -44,10 +44,11 @@ async def serve(manifest_path: str) -> int:
         await nc.close()
         return EXIT_BAD_MANIFEST
     policy = Policy.from_config(rc, scorer)
-    try:  # API keys: the SQLite store named by the manifest (created on first use)
-        gate = Gate(KeyStore(manifest.key_store_path) if manifest.auth.enabled else None, manifest.auth.plans)
-    except (OSError, sqlite3.Error) as exc:
-        print(f"router: error: {manifest.path}: auth.key_store: {manifest.key_store_path}: {exc}", file=sys.stderr)
+    try:  # API keys: the store the manifest names (SQLite, created on first use; or JetStream KV)
+        gate = Gate(open_key_store(manifest, ROUTER) if manifest.auth.enabled else None, manifest.auth.plans)
+    except (OSError, sqlite3.Error, ConnectionError, TimeoutError, ValueError) as exc:
+        where = manifest.key_store_path if manifest.auth.store == "sqlite" else manifest.nats.url
+        print(f"router: error: {manifest.path}: auth.store {manifest.auth.store}: {where}: {exc}", file=sys.stderr)
         await nc.close()
         return EXIT_BAD_MANIFEST
     servicer = RouterServicer(nc, policy, manifest.model_name, tuple(manifest.tiers),

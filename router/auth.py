@@ -22,20 +22,26 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
+import json
 import os
+import random
 import secrets
 import sqlite3
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from tierline_shared.config.manifest import PlanConfig
-from tierline_shared.transport.messaging import TierError
+from tierline_shared.transport.messaging import KEYS_BUCKET, USAGE_BUCKET, TierError
 from tierline_shared.wire import PRIORITY_VALUES
 
 KEY_PREFIX = "tl"
 BUSY_TIMEOUT_S = 5.0  # waiting for another process's write transaction, at most
+KV_TIMEOUT_S = 5.0  # one JetStream KV call of the shared store, at most
+CAS_ATTEMPTS = 100  # compare-and-set retries of one usage change before giving up (UNAVAILABLE)
+CAS_BACKOFF_S = 0.005  # seconds, the most a writer that lost a race waits before reading again
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -144,8 +150,7 @@ class KeyStore:
 
     def create(self, plan: str, name: str = "") -> tuple[str, str]:
         """A new key for a plan: (key id, the key). The key is shown once and never stored."""
-        key_id = secrets.token_hex(4)
-        key = f"{KEY_PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
+        key_id, key = new_key()
         with self._tx():
             self._db.execute("INSERT INTO keys (id, hash, plan, name, created_at) VALUES (?, ?, ?, ?, ?)",
                              (key_id, hash_key(key), plan, name, time.time()))
@@ -167,19 +172,12 @@ class KeyStore:
 
     def lookup(self, key: str | None) -> tuple[str, str]:
         """(key id, plan) of a valid key; AccessDenied for a missing, unknown or revoked one."""
-        if key is None:
-            raise AccessDenied("UNAUTHENTICATED", "missing API key: send the header 'authorization: Bearer <key>'")
-        if not key:
-            raise AccessDenied("UNAUTHENTICATED", "malformed authorization header: expected 'Bearer <key>'")
+        _presented(key)
         self.lookups += 1
         row = self._db.execute("SELECT id, plan, revoked_at FROM keys WHERE hash = ?", (hash_key(key),)).fetchone()
         if row is None:
             raise AccessDenied("UNAUTHENTICATED", "unknown API key")
-        key_id, plan_name, revoked_at = row
-        if revoked_at is not None:
-            when = dt.datetime.fromtimestamp(revoked_at, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-            raise AccessDenied("PERMISSION_DENIED", f"API key {key_id} was revoked at {when}")
-        return key_id, plan_name
+        return _valid(*row)
 
     def admit(self, key: str | None, plans: dict[str, PlanConfig], reserve_tokens: int,
               now: float | None = None) -> Admission:
@@ -187,21 +185,10 @@ class KeyStore:
         day = utc_day(now)
         with self._tx():
             key_id, plan_name = self.lookup(key)
-            plan = plans.get(plan_name)
-            if plan is None:
-                raise AccessDenied("PERMISSION_DENIED", f"API key {key_id} has plan {plan_name!r}, "
-                                                        f"which this platform does not offer")
+            plan = _plan(plans, key_id, plan_name)
             calls, tokens = self._db.execute("SELECT calls, tokens FROM usage WHERE key_id = ? AND day = ?",
                                              (key_id, day)).fetchone() or (0, 0)
-            if calls + 1 > plan.calls_per_day:
-                raise AccessDenied("RESOURCE_EXHAUSTED", f"daily quota of {plan.calls_per_day} calls used "
-                                                         f"(plan {plan_name}); it resets at {next_reset(day)}",
-                                   seconds_to_reset(day, now))
-            if tokens + reserve_tokens > plan.tokens_per_day:
-                raise AccessDenied("RESOURCE_EXHAUSTED",
-                                   f"daily quota of {plan.tokens_per_day} tokens reached ({tokens} used, this "
-                                   f"request may need {reserve_tokens}; plan {plan_name}); it resets at "
-                                   f"{next_reset(day)}", seconds_to_reset(day, now))
+            _within(plan, plan_name, calls, tokens, reserve_tokens, day, now)
             self._db.execute("INSERT INTO usage (key_id, day, calls, tokens) VALUES (?, ?, 1, ?) "
                              "ON CONFLICT (key_id, day) DO UPDATE SET calls = calls + 1, tokens = tokens + ?",
                              (key_id, day, reserve_tokens, reserve_tokens))
@@ -216,6 +203,235 @@ class KeyStore:
             else:
                 self._db.execute("UPDATE usage SET tokens = tokens - ? + ? WHERE key_id = ? AND day = ?",
                                  (admission.reserved_tokens, used_tokens, admission.key_id, admission.day))
+
+
+class KvKeyStore:
+    """The same keys and daily usage in JetStream KV, shared by every router of a deployment (`auth.store: nats`).
+
+    Bucket `tierline_keys`: `id.<key id>` -> the key's record (JSON), `hash.<sha256>` -> its id.
+    Bucket `tierline_usage`: `<key id>.<UTC day>` -> {"calls", "tokens"}. Every change of usage is a
+    compare-and-set on the entry's revision (create when it is new), retried on a conflict, so routers
+    on different hosts admit exactly the quota between them, and usage outlives every router. The store
+    runs its own NATS connection on an event loop thread, behind the same blocking methods as `KeyStore`.
+    Only the operator's identity creates buckets and keys; a router reads keys and updates usage.
+    """
+
+    def __init__(self, opts, create_buckets: bool = False):
+        from tierline_shared.transport.messaging import connect
+
+        self._create = create_buckets
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="kv-keystore", daemon=True)
+        self._thread.start()
+        self._keys = self._usage = None
+        self.lookups = 0
+        try:
+            self._nc = self._run(connect(opts, name="tierline-keys", timeout_s=KV_TIMEOUT_S))
+        except BaseException:
+            self.close()
+            raise
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=KV_TIMEOUT_S * CAS_ATTEMPTS)
+
+    def close(self) -> None:
+        from tierline_shared.transport.messaging import stop_loop_thread
+
+        async def _close():
+            nc = getattr(self, "_nc", None)
+            if nc is not None and not nc.is_closed:
+                await nc.close()
+
+        stop_loop_thread(self._loop, self._thread, _close)
+
+    async def _buckets(self) -> bool:
+        """Bind the buckets (the operator's store creates them); False when there are none yet (no keys)."""
+        from nats.js.errors import BucketNotFoundError
+
+        if self._keys is None:
+            js = self._nc.jetstream(timeout=KV_TIMEOUT_S)
+            try:
+                self._keys, self._usage = await js.key_value(KEYS_BUCKET), await js.key_value(USAGE_BUCKET)
+            except BucketNotFoundError:
+                if not self._create:
+                    return False
+                # direct gets: a read names its key in the subject (the NATS permissions allow reads by bucket)
+                self._keys = await js.create_key_value(bucket=KEYS_BUCKET, history=1, direct=True)
+                self._usage = await js.create_key_value(bucket=USAGE_BUCKET, history=1, direct=True)
+        return True
+
+    @staticmethod
+    async def _get(bucket, key: str):
+        from nats.js.errors import KeyNotFoundError
+
+        try:
+            entry = await bucket.get(key)
+        except KeyNotFoundError:
+            return None, 0
+        return json.loads(entry.value), entry.revision
+
+    async def _change(self, bucket, key: str, change) -> dict:
+        """`change(value or None) -> new value`, applied by compare-and-set until no other writer interferes."""
+        from nats.js.errors import KeyWrongLastSequenceError
+
+        for _ in range(CAS_ATTEMPTS):
+            value, revision = await self._get(bucket, key)
+            new = change(value)
+            body = json.dumps(new).encode()
+            try:
+                if revision:
+                    await bucket.update(key, body, last=revision)
+                else:
+                    await bucket.create(key, body)
+                return new
+            except KeyWrongLastSequenceError:  # another router counted first (create: KeyWrongLastSequence too)
+                await asyncio.sleep(random.uniform(0, CAS_BACKOFF_S))
+        raise AccessDenied("UNAVAILABLE", f"usage of {key} changed by others {CAS_ATTEMPTS} times in a row; retry")
+
+    def create(self, plan: str, name: str = "") -> tuple[str, str]:
+        key_id, key = new_key()
+
+        async def work():
+            await self._buckets()
+            await self._keys.create(f"hash.{hash_key(key)}", key_id.encode())
+            await self._keys.create(f"id.{key_id}", json.dumps(
+                {"id": key_id, "plan": plan, "name": name, "created_at": time.time(), "revoked_at": None}).encode())
+
+        self._run(work())
+        return key_id, key
+
+    def revoke(self, key_id: str) -> bool:
+        async def work() -> bool:
+            if not await self._buckets() or (await self._get(self._keys, f"id.{key_id}"))[0] is None:
+                return False
+            await self._change(self._keys, f"id.{key_id}",
+                               lambda r: {**r, "revoked_at": r["revoked_at"] or time.time()})
+            return True
+
+        return self._run(work())
+
+    def list(self, day: str | None = None) -> list[KeyRecord]:
+        from nats.js.errors import NoKeysError
+
+        day = day or utc_day()
+
+        async def work() -> list[KeyRecord]:
+            if not await self._buckets():
+                return []
+            try:
+                names = [k for k in await self._keys.keys() if k.startswith("id.")]
+            except NoKeysError:
+                return []
+            out = []
+            for name in names:
+                r, _ = await self._get(self._keys, name)
+                used, _ = await self._get(self._usage, f"{r['id']}.{day}")
+                used = used or {"calls": 0, "tokens": 0}
+                out.append(KeyRecord(r["id"], r["plan"], r["name"], r["created_at"], r["revoked_at"],
+                                     used["calls"], used["tokens"]))
+            return sorted(out, key=lambda k: k.created_at)
+
+        return self._run(work())
+
+    async def _lookup(self, key: str | None) -> tuple[str, str]:
+        _presented(key)
+        self.lookups += 1
+        key_id = None
+        if await self._buckets():
+            from nats.js.errors import KeyNotFoundError
+
+            try:
+                key_id = (await self._keys.get(f"hash.{hash_key(key)}")).value.decode()
+            except KeyNotFoundError:
+                pass
+        record = (await self._get(self._keys, f"id.{key_id}"))[0] if key_id else None
+        if record is None:
+            raise AccessDenied("UNAUTHENTICATED", "unknown API key")
+        return _valid(record["id"], record["plan"], record["revoked_at"])
+
+    def lookup(self, key: str | None) -> tuple[str, str]:
+        return self._run(self._lookup(key))
+
+    def admit(self, key: str | None, plans: dict[str, PlanConfig], reserve_tokens: int,
+              now: float | None = None) -> Admission:
+        day = utc_day(now)
+
+        async def work() -> Admission:
+            key_id, plan_name = await self._lookup(key)
+            plan = _plan(plans, key_id, plan_name)
+
+            def take(used):
+                used = used or {"calls": 0, "tokens": 0}
+                _within(plan, plan_name, used["calls"], used["tokens"], reserve_tokens, day, now)
+                return {"calls": used["calls"] + 1, "tokens": used["tokens"] + reserve_tokens}
+
+            await self._change(self._usage, f"{key_id}.{day}", take)
+            return Admission(key_id, plan_name, day, reserve_tokens, PRIORITY_VALUES[plan.priority])
+
+        return self._run(work())
+
+    def settle(self, admission: Admission, used_tokens: int | None) -> None:
+        def give_back(used):
+            used = used or {"calls": 0, "tokens": 0}
+            if used_tokens is None:
+                return {"calls": used["calls"] - 1, "tokens": used["tokens"] - admission.reserved_tokens}
+            return {"calls": used["calls"], "tokens": used["tokens"] - admission.reserved_tokens + used_tokens}
+
+        self._run(self._change(self._usage, f"{admission.key_id}.{admission.day}", give_back))
+
+
+def open_key_store(manifest, identity: str):
+    """The manifest's key store (`auth.store`): the SQLite file, or JetStream KV as `identity` (the router
+    reads keys and counts usage; the operator also creates buckets and keys)."""
+    if manifest.auth.store == "nats":
+        from tierline_shared.security.identities import OPERATOR
+        from tierline_shared.transport.messaging import NatsOptions
+
+        return KvKeyStore(NatsOptions.from_manifest(manifest, identity), create_buckets=identity == OPERATOR)
+    return KeyStore(manifest.key_store_path)
+
+
+def new_key() -> tuple[str, str]:
+    """(key id, key): `tl_<id>_<32 random bytes>`."""
+    key_id = secrets.token_hex(4)
+    return key_id, f"{KEY_PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
+
+
+def _presented(key: str | None) -> None:
+    """A request without a key, or with a malformed header, is refused before any lookup."""
+    if key is None:
+        raise AccessDenied("UNAUTHENTICATED", "missing API key: send the header 'authorization: Bearer <key>'")
+    if not key:
+        raise AccessDenied("UNAUTHENTICATED", "malformed authorization header: expected 'Bearer <key>'")
+
+
+def _valid(key_id: str, plan_name: str, revoked_at: float | None) -> tuple[str, str]:
+    if revoked_at is not None:
+        when = dt.datetime.fromtimestamp(revoked_at, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        raise AccessDenied("PERMISSION_DENIED", f"API key {key_id} was revoked at {when}")
+    return key_id, plan_name
+
+
+def _plan(plans: dict[str, PlanConfig], key_id: str, plan_name: str) -> PlanConfig:
+    plan = plans.get(plan_name)
+    if plan is None:
+        raise AccessDenied("PERMISSION_DENIED", f"API key {key_id} has plan {plan_name!r}, "
+                                                f"which this platform does not offer")
+    return plan
+
+
+def _within(plan: PlanConfig, plan_name: str, calls: int, tokens: int, reserve_tokens: int, day: str,
+            now: float | None) -> None:
+    """One more call and `reserve_tokens` more tokens fit today's quota, or RESOURCE_EXHAUSTED."""
+    if calls + 1 > plan.calls_per_day:
+        raise AccessDenied("RESOURCE_EXHAUSTED", f"daily quota of {plan.calls_per_day} calls used "
+                                                 f"(plan {plan_name}); it resets at {next_reset(day)}",
+                           seconds_to_reset(day, now))
+    if tokens + reserve_tokens > plan.tokens_per_day:
+        raise AccessDenied("RESOURCE_EXHAUSTED",
+                           f"daily quota of {plan.tokens_per_day} tokens reached ({tokens} used, this "
+                           f"request may need {reserve_tokens}; plan {plan_name}); it resets at "
+                           f"{next_reset(day)}", seconds_to_reset(day, now))
 
 
 class _Transaction:

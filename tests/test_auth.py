@@ -290,3 +290,44 @@ def test_manifest_auth_errors_name_the_field(tiny_family, tmp_path, auth, field)
     with pytest.raises(ManifestError) as err:
         load_manifest(path)
     assert field in str(err.value)
+
+
+QUOTA = 20  # calls per day of the shared-quota test's plan
+CONCURRENT = 50  # requests sent at once, split between two routers
+
+
+def test_two_routers_share_exact_quotas_in_jetstream(tiny_family):
+    """`auth.store: nats`: keys and usage in JetStream KV, changed by compare-and-set. Two routers, 50
+    concurrent requests split between them against a quota of 20: exactly 20 are answered; the usage
+    outlives a restart of both routers."""
+    from tierline_infra.supervisor import ROUTER_MODULE
+
+    plans = {"free": {"calls_per_day": QUOTA, "tokens_per_day": 10_000_000, "priority": "normal"}}
+    overrides = {"auth.store": "nats", "auth.plans": plans, "router.confidence_threshold": {"edge": 0.0}}
+    with Stack(tiny_family, tiers=("edge",), jetstream=True, auth=True, key_plan="free", overrides=overrides) as s:
+        s.start_process("router-1", ROUTER_MODULE)
+        key_id, key = new_key(s, "free")  # through the CLI, as the operator
+        routers = [pb_grpc.InferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{s.port(name)}"))
+                   for name in ("router", "router-1")]
+
+        def one(i: int):
+            try:
+                routers[i % 2].Infer(pb.InferRequest(prompt=f"Q:{i}+1=?\nA:", parameters=pb.Parameters(max_tokens=4)),
+                                     timeout=60, metadata=[("authorization", f"Bearer {key}")])
+                return "ok"
+            except grpc.RpcError as exc:
+                return exc.code()
+
+        with ThreadPoolExecutor(CONCURRENT) as pool:
+            codes = list(pool.map(one, range(CONCURRENT)))
+        assert codes.count("ok") == QUOTA, codes
+        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == CONCURRENT - QUOTA, codes
+        s.restart("router")
+        s.restart("router-1")
+        routers = [pb_grpc.InferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{s.port(name)}"))
+                   for name in ("router", "router-1")]
+        assert {one(0), one(1)} == {grpc.StatusCode.RESOURCE_EXHAUSTED}  # still used up, on both
+        listed = run_cli("keys", "list", "--manifest", str(s.manifest), "--json", timeout=60)
+        assert listed.returncode == 0, listed.stderr
+        mine = next(k for k in json.loads(listed.stdout)["keys"] if k["id"] == key_id)
+        assert mine["calls_today"] == QUOTA

@@ -1,7 +1,8 @@
 """`tierline keys create|list|revoke`: API keys in the key store the manifest names.
 
-The commands open the same SQLite file the router reads on every request, so a
-new key works at once and a revoked one is refused at once, with no restart.
+The commands open the same store the routers read on every request (the SQLite file, or
+JetStream KV with `auth.store: nats`, as the operator's identity), so a new key works at
+once and a revoked one is refused at once, with no restart.
 """
 
 from __future__ import annotations
@@ -31,14 +32,19 @@ def add_parser(sub, parser_class) -> dict:
 
 
 def _store(manifest_path: Path):
-    from tierline_router.auth import KeyStore
+    from tierline.cli import UsageError
+    from tierline_router.auth import open_key_store
     from tierline_shared.config.manifest import load_manifest
+    from tierline_shared.security.identities import OPERATOR
 
     manifest = load_manifest(manifest_path, check_artifacts=False)
     if not manifest.auth.enabled:
         print(f"tierline: note: auth.enabled is false in {manifest_path}: the router does not check keys",
               file=sys.stderr)
-    return manifest, KeyStore(manifest.key_store_path)
+    try:
+        return manifest, open_key_store(manifest, OPERATOR)
+    except (ConnectionError, TimeoutError, ValueError) as exc:  # auth.store: nats, and NATS refused or away
+        raise UsageError(f"auth.store {manifest.auth.store}: {exc}") from None
 
 
 def _when(ts: float | None) -> str:
@@ -62,7 +68,8 @@ def _run(args) -> int:
                 print(key)
         elif args.action == "revoke":
             if not store.revoke(args.key_id):
-                raise UsageError(f"key_id: no key {args.key_id!r} in {manifest.key_store_path}")
+                where = manifest.key_store_path if manifest.auth.store == "sqlite" else "the shared key store"
+                raise UsageError(f"key_id: no key {args.key_id!r} in {where}")
             print(json.dumps({"id": args.key_id, "revoked": True}) if args.json else f"revoked key {args.key_id}")
         else:
             _list(store.list(), manifest.auth.plans, args.json)

@@ -137,6 +137,9 @@ def _default_plans() -> dict[str, PlanConfig]:
 class AuthConfig:
     # every router request needs `authorization: Bearer <key>`; false only for local development
     enabled: bool = True
+    # where keys and daily usage live: "sqlite" (the file `key_store`: the routers of one host) or "nats"
+    # (JetStream KV on the manifest's NATS, compare-and-set: every router of a deployment counts exactly)
+    store: str = "sqlite"
     key_store: str = "keys.sqlite"  # SQLite file of hashed keys and daily usage, relative to this file
     plans: dict[str, PlanConfig] = field(default_factory=_default_plans)  # plan name -> quotas
 
@@ -210,7 +213,8 @@ class Manifest:
         return self.tiers[name]
 
 
-_CHOICES = {"accelerator": ACCELERATORS}  # field -> its allowed values
+KEY_STORES = ("sqlite", "nats")  # auth.store
+_CHOICES = {"accelerator": ACCELERATORS, "store": KEY_STORES}  # field -> its allowed values
 _RANGES = {  # field -> (min, max) inclusive, None = unbounded
     "grpc_port": (0, 65535), "metrics_port": (-1, 65535), "threads": (1, 256), "timeout_ms": (1, None),
     "cost_per_1k_tokens": (0, None), "cache_size": (0, None), "max_prompt_chars": (1, 100_000),
@@ -254,7 +258,7 @@ def load_manifest(path: str | Path, check_artifacts: bool = True) -> Manifest:
             raise ManifestError(f"{path}: router.confidence_threshold.{name}: must be a tier name -> value in [0, 1]")
     if manifest.auth.enabled and not manifest.auth.plans:
         raise ManifestError(f"{path}: auth.plans: at least one plan is needed when auth.enabled is true")
-    if manifest.auth.enabled and not manifest.auth.key_store:
+    if manifest.auth.enabled and manifest.auth.store == "sqlite" and not manifest.auth.key_store:
         raise ManifestError(f"{path}: auth.key_store: must name a file when auth.enabled is true")
     for name, tier in manifest.tiers.items():
         if not is_loopback(tier.grpc_host) and not tier.grpc_token_file:

@@ -34,8 +34,10 @@ from tierline_shared.security.signing import write_secret_file
 from tierline_shared.transport.messaging import (
     DESIRED_BUCKET,
     DEVICES_BUCKET,
+    KEYS_BUCKET,
     MODELS_BUCKET,
     TELEMETRY_STREAM,
+    USAGE_BUCKET,
     service_name,
     subject,
 )
@@ -101,6 +103,13 @@ def _board(device_id: str) -> list[str]:
     ]
 
 
+def _quotas() -> list[str]:
+    """The shared key store (`auth.store: nats`): read keys, count usage; keys are made by the operator."""
+    api, keys, usage = "$JS.API", f"KV_{KEYS_BUCKET}", f"KV_{USAGE_BUCKET}"
+    return [f"{api}.STREAM.INFO.{keys}", f"{api}.STREAM.INFO.{usage}", f"{api}.DIRECT.GET.{keys}.>",
+            f"{api}.DIRECT.GET.{usage}.>", f"$KV.{USAGE_BUCKET}.>"]
+
+
 def permissions(identity: str) -> dict:
     """The nats-server `permissions` of one identity (allow lists: anything else is refused)."""
     inbox = [f"{inbox_prefix(identity)}.>"]
@@ -109,7 +118,7 @@ def permissions(identity: str) -> dict:
         return {"publish": {"allow": [">"]}, "subscribe": {"allow": [">"]}}
     if identity == ROUTER:
         discover = [f"$SRV.*.{service_name(t)}" for t in TIERS]
-        return {"publish": {"allow": _ask(TIERS) + discover}, "subscribe": {"allow": inbox}}
+        return {"publish": {"allow": _ask(TIERS) + discover + _quotas()}, "subscribe": {"allow": inbox}}
     if identity.startswith(TIER_PREFIX) and identity.removeprefix(TIER_PREFIX) in TIERS:
         tier = identity.removeprefix(TIER_PREFIX)
         publish = _ask(tiers_above(tier))

@@ -36,6 +36,9 @@ DEVICES_BUCKET = "tierline_devices"  # KV: reported state per device
 DESIRED_BUCKET = "tierline_desired"  # KV: the signed desired model per device
 MODELS_BUCKET = "tierline_models"  # Object Store: the artifacts
 TELEMETRY_STREAM = "TIERLINE_TELEMETRY"  # stream of `tierline.telemetry.<device id>`
+# API keys and daily usage shared by the routers (router/auth.py:KvKeyStore, `auth.store: nats`)
+KEYS_BUCKET = "tierline_keys"  # KV: id.<key id> -> record, hash.<sha256> -> key id
+USAGE_BUCKET = "tierline_usage"  # KV: <key id>.<UTC day> -> calls and tokens
 
 
 class _QuietTlsClose(logging.Filter):

@@ -45,7 +45,7 @@ demo: setup ## start nats-server, the tiers and the router, send a mixed workloa
 	$(PY) -m tierline demo --models $(MODELS)
 
 up: setup ## start the platform and leave it running (stop: Ctrl-C or make down)
-	$(PY) -m tierline up --models $(MODELS)
+	$(PY) -m tierline up --models $(MODELS) $(if $(MANIFEST),--manifest $(MANIFEST)) $(if $(REPLICAS),--replicas $(REPLICAS))
 
 down: ## stop what make up started
 	@if [ -f runs/up.pid ]; then kill -TERM $$(cat runs/up.pid) && echo stopped; else echo "nothing running"; fi

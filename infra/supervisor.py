@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+from urllib.parse import urlparse
 
 import yaml
 
@@ -259,6 +260,18 @@ def write_manifest(path: Path, models_dir: Path, nats: NatsServer, tiers=TIERS,
     return path
 
 
+def manifest_ports(path: Path, tiers=TIERS) -> dict:
+    """Manifest overrides: the ports an operator's manifest gives the router and these tiers."""
+    from tierline_shared.config.manifest import load_manifest
+
+    m = load_manifest(path, check_artifacts=False)
+    out = {f"router.{k}": getattr(m.router, k) for k in ("grpc_port", "http_port", "metrics_port")}
+    for t in tiers:
+        if t in m.tiers:
+            out.update({f"tiers.{t}.{k}": getattr(m.tiers[t], k) for k in ("grpc_port", "metrics_port")})
+    return out
+
+
 def demo_overrides(models_dir: Path | None = None) -> dict:
     """The demo's manifest settings: costs per tier, and the calibrated router policy when the reference
     manifest (infra/manifests/local.yaml) serves these models (`make demo`, `make up` and `make bench`)."""
@@ -277,7 +290,8 @@ class Stack:
 
     def __init__(self, models_dir: Path, workdir: Path | None = None, tiers=TIERS,
                  replicas: dict[str, int] | None = None, overrides: dict | None = None, router: bool = True,
-                 jetstream: bool = False, auth: bool = False, key_plan: str = "pro", secure: bool = True):
+                 jetstream: bool = False, auth: bool = False, key_plan: str = "pro", secure: bool = True,
+                 ports_from: Path | None = None):
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="tierline-")
         self.workdir = Path(workdir or self._tmp.name)
         self.models_dir = Path(models_dir)
@@ -286,6 +300,12 @@ class Stack:
         # secure (the default): per-role NATS identities and TLS, from credentials made here (docs/SECURITY.md)
         self.credentials = self.workdir / "creds" if secure else None
         self.nats = NatsServer(self.workdir, jetstream=jetstream, credentials=self.credentials)
+        self._manifests: dict[str, Path] = {}  # process name -> the manifest it runs with
+        if ports_from is not None:  # an operator's manifest: its ports, as written (0 = a free one)
+            from tierline_shared.config.manifest import load_manifest
+
+            self.overrides = {**manifest_ports(ports_from, tiers), **(overrides or {})}
+            self.nats.port = urlparse(load_manifest(ports_from, check_artifacts=False).nats.url).port or 0
         self.procs: list[Proc] = []
         self.manifest: Path | None = None
         # auth=True: the router checks API keys, and one key of `key_plan` is made for the caller
@@ -306,7 +326,7 @@ class Stack:
             self._provision_board()
             for tier in self.tiers:
                 for i in range(self.replicas.get(tier, 1)):
-                    self.start_process(f"{tier}-{i}", TIER_MODULES[tier])
+                    self.start_process(f"{tier}-{i}", TIER_MODULES[tier], self._replica_manifest(tier, i))
             if self.with_router:
                 self.start_process("router", ROUTER_MODULE)
         except BaseException:
@@ -314,8 +334,21 @@ class Stack:
             raise
         return self
 
-    def start_process(self, name: str, module: str) -> Proc:
-        proc = launch(name, [sys.executable, "-m", module, "--manifest", str(self.manifest)],
+    def _replica_manifest(self, tier: str, i: int) -> Path:
+        """The first replica of a tier runs with the manifest's ports; each other one with free ports of its own."""
+        data = yaml.safe_load(self.manifest.read_text())
+        ports = data["tiers"][tier]
+        fixed = [k for k in ("grpc_port", "metrics_port") if ports.get(k, 0) > 0]
+        if i == 0 or not fixed:
+            return self.manifest
+        ports.update({k: 0 for k in fixed})
+        path = self.workdir / f"manifest.{tier}-{i}.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    def start_process(self, name: str, module: str, manifest: Path | None = None) -> Proc:
+        manifest = self._manifests.setdefault(name, manifest or self.manifest)
+        proc = launch(name, [sys.executable, "-m", module, "--manifest", str(manifest)],
                       self.workdir / f"{name}.log", self.ready_timeout_s)
         self.procs.append(proc)
         return proc

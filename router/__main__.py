@@ -20,7 +20,12 @@ from tierline_router.service import RouterServicer
 from tierline_shared.config.manifest import EXIT_BAD_MANIFEST, ManifestError, load_manifest
 from tierline_shared.security.identities import ROUTER
 from tierline_shared.serving.metrics import Metrics
-from tierline_shared.transport.grpc_server import add_health_and_reflection, add_inference_service, set_serving_async
+from tierline_shared.transport.grpc_server import (
+    SERVER_OPTIONS,
+    add_health_and_reflection,
+    add_inference_service,
+    set_serving_async,
+)
 from tierline_shared.transport.messaging import NatsAuthError, NatsOptions, connect
 
 
@@ -54,10 +59,16 @@ async def serve(manifest_path: str) -> int:
     servicer = RouterServicer(nc, policy, manifest.model_name, tuple(manifest.tiers),
                               manifest.nats.request_timeout_ms / 1000, rc.retries_per_tier, metrics,
                               manifest.limits, gate)
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     add_inference_service(servicer, server, aio=True)
     health_servicer = add_health_and_reflection(server, aio=True)
-    port = server.add_insecure_port(f"{rc.grpc_host}:{rc.grpc_port}")
+    try:
+        port = server.add_insecure_port(f"{rc.grpc_host}:{rc.grpc_port}")
+    except RuntimeError as exc:  # the port is taken (by another router, say)
+        print(f"router: error: router.grpc_host / grpc_port: {exc}", file=sys.stderr)
+        await nc.close()
+        gate.close()
+        return EXIT_BAD_MANIFEST
     await server.start()
     metrics_port = metrics.serve(rc.grpc_host, rc.metrics_port) if rc.metrics_port >= 0 else None
     http = OpenAIServer(servicer, ChatTemplate.of_models(manifest.models_path)) if rc.http_port >= 0 else None

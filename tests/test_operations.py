@@ -50,3 +50,56 @@ def test_route_eval_writes_the_docs_only_when_asked(tiny_family):
     proc = run_cli("route", "eval", "--models", str(tiny_family), "--n", "20", "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert {p.name: p.stat().st_mtime_ns for p in docs.iterdir()} == before
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_up_takes_the_manifests_ports_gives_each_replica_its_own_and_refuses_a_second_stack(tiny_family, tmp_path):
+    """Issue 25: a second edge on the same manifest used to share its gRPC port silently (SO_REUSEPORT) and
+    crash on its metrics port; now replicas beyond the first get free ports of their own, every endpoint is
+    listed, and a second stack on the same fixed ports stops at once with the port named."""
+    import yaml
+
+    from tierline.demo import endpoints
+    from tierline_infra.supervisor import Stack
+
+    edge_grpc, edge_metrics, router_grpc, router_http, nats_port = _free_ports(5)
+    manifest = tmp_path / "ops.yaml"
+    manifest.write_text(yaml.safe_dump({
+        "model_name": "m", "models_dir": ".", "nats": {"url": f"nats://127.0.0.1:{nats_port}"},
+        "tiers": {"edge": {"artifact": "x", "sha256": "0" * 64, "grpc_port": edge_grpc, "metrics_port": edge_metrics}},
+        "router": {"grpc_port": router_grpc, "http_port": router_http, "metrics_port": 0}}))
+    with Stack(tiny_family, tiers=("edge",), replicas={"edge": 2}, ports_from=manifest,
+               overrides={"router.confidence_threshold": {"edge": 0.0}}) as s:
+        rows = {r["process"]: r for r in endpoints(s)}
+        assert set(rows) == {"edge-0", "edge-1", "router"}
+        assert rows["edge-0"]["grpc"] == f"127.0.0.1:{edge_grpc}"
+        assert rows["edge-0"]["metrics"] == f"http://127.0.0.1:{edge_metrics}/metrics"
+        assert rows["edge-1"]["grpc"] != rows["edge-0"]["grpc"]
+        assert rows["edge-1"]["metrics"] not in ("-", rows["edge-0"]["metrics"])
+        assert rows["router"]["grpc"] == f"127.0.0.1:{router_grpc}"
+        assert rows["router"]["http"] == f"http://127.0.0.1:{router_http}/v1"
+        assert s.nats.port == nats_port
+        second = Stack(tiny_family, tiers=("edge",), router=False, secure=False,
+                       overrides={"tiers.edge.grpc_port": edge_grpc, "tiers.edge.metrics_port": 0})
+        try:
+            second.start()
+            raise AssertionError("a second edge started on a port in use")
+        except RuntimeError as exc:
+            assert "exited with 2" in str(exc) and "grpc_port" in str(exc), exc
+        finally:
+            second.stop()
+
+
+def test_up_replicas_must_name_tiers_and_counts(tmp_path):
+    one_line_error(run_cli("up", "--replicas", "gpu=2", "--pidfile", str(tmp_path / "p"), timeout=60),
+                   "--replicas", "gpu=2")

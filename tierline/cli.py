@@ -164,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("up", help="start the platform and keep it running (Ctrl-C or `make down` stops it)")
     u.add_argument("--models", type=Path, default=DEFAULT_MODELS)
     u.add_argument("--pidfile", type=Path, default=Path("runs/up.pid"))
+    u.add_argument("--manifest", type=Path, default=None,
+                   help="take the ports from this manifest (0 = a free port), e.g. infra/manifests/local.yaml")
+    u.add_argument("--replicas", type=replica_counts, default={}, metavar="TIER=N,...",
+                   help="replicas per tier, e.g. edge=2,cloud=2 (the first on the manifest's ports, the others "
+                        "on free ports of their own)")
 
     from tierline.devices import add_parser as add_devices  # the fleet commands live in their own module
 
@@ -404,7 +409,20 @@ def _cmd_demo(args) -> int:
 def _cmd_up(args) -> int:
     from tierline.demo import up
 
-    return up(args.models, args.pidfile)
+    return up(args.models, args.pidfile, args.manifest, args.replicas)
+
+
+def replica_counts(text: str) -> dict[str, int]:
+    """`edge=2,cloud=2` -> {"edge": 2, "cloud": 2} (argparse type: a bad value is one line)."""
+    from tierline_shared.wire import TIERS
+
+    out = {}
+    for part in filter(None, text.split(",")):
+        tier, _, n = part.partition("=")
+        if tier not in TIERS or not n.isdigit() or not 1 <= int(n) <= 16:
+            raise argparse.ArgumentTypeError(f"{part!r}: TIER=N with TIER one of {', '.join(TIERS)} and N in 1..16")
+        out[tier] = int(n)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -117,8 +117,21 @@ def _running(pidfile: Path) -> int | None:
     return pid
 
 
-def up(models_dir: Path, pidfile: Path) -> int:
-    """Start the platform and keep it running until Ctrl-C or `make down` (SIGTERM); one at a time."""
+def endpoints(stack: Stack) -> list[dict]:
+    """Every endpoint a stack started: per process its gRPC, metrics and (the router) HTTP addresses."""
+    rows = []
+    for p in stack.procs:
+        r = p.ready
+        rows.append({"process": p.name, "grpc": f"127.0.0.1:{r['grpc_port']}",
+                     "metrics": f"http://127.0.0.1:{r['metrics_port']}/metrics" if r.get("metrics_port") else "-",
+                     "http": f"http://127.0.0.1:{r['http_port']}/v1" if r.get("http_port") else "-"})
+    return rows
+
+
+def up(models_dir: Path, pidfile: Path, manifest: Path | None = None, replicas: dict | None = None) -> int:
+    """Start the platform and keep it running until Ctrl-C or `make down` (SIGTERM); one at a time.
+
+    `manifest`: its ports (0 = a free one); `replicas`: tier -> count, the extra ones on free ports."""
     from tierline.cli import UsageError
 
     if (pid := _running(pidfile)) is not None:
@@ -127,10 +140,17 @@ def up(models_dir: Path, pidfile: Path) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    stack = Stack(models_dir, overrides=demo_overrides(models_dir), auth=True).start()
+    stack = Stack(models_dir, overrides=demo_overrides(models_dir), auth=True, replicas=replicas,
+                  ports_from=manifest).start()
     pidfile.parent.mkdir(parents=True, exist_ok=True)
     pidfile.write_text(str(os.getpid()))
     try:
+        table = Table(title="endpoints")
+        for col in ("process", "grpc", "metrics", "http"):
+            table.add_column(col)
+        for row in endpoints(stack):
+            table.add_row(*row.values())
+        console.print(table)
         console.print(f"Tierline is up. Router (gRPC): {stack.router_address}  NATS: {stack.nats.url}\n"
                       f"OpenAI-compatible API: {stack.http_base_url}\n"
                       f"API key (pro plan, shown once): {stack.api_key}\n"

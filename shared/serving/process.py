@@ -90,8 +90,8 @@ def run(process_cls: type[TierProcess], argv: list[str] | None = None) -> int:
     try:
         token = manifest.resolve(tc.grpc_token_file).read_text().strip() if tc.grpc_token_file else ""
         server, port = create_server(servicer, tc.grpc_host, tc.grpc_port, token=token)
-    except (OSError, ValueError) as exc:
-        print(f"{tier}: error: tiers.{tier}.grpc_token_file / grpc_host: {exc}", file=sys.stderr)
+    except (OSError, ValueError, RuntimeError) as exc:  # gRPC: RuntimeError when the port is taken
+        print(f"{tier}: error: tiers.{tier}.grpc_host / grpc_port / grpc_token_file: {exc}", file=sys.stderr)
         return EXIT_BAD_MANIFEST
     server.start()
     metrics_port = metrics.serve(tc.grpc_host, tc.metrics_port) if tc.metrics_port >= 0 else None

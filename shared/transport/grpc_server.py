@@ -23,6 +23,9 @@ from tierline_api.v1 import inference_pb2_grpc as pb_grpc
 SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"]
 SERVICE_NAME = SERVICE.full_name
 DEFAULT_WORKERS = 32  # gRPC handler threads (they mostly wait on the scheduler)
+# gRPC sets SO_REUSEPORT by default: a second process would bind a port in use without an error and the two
+# would share its connections silently. Every Tierline server binds its port alone.
+SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
 
 
 def add_health_and_reflection(server, aio: bool = False):
@@ -83,7 +86,7 @@ def create_server(servicer: pb_grpc.InferenceServiceServicer, host: str = "127.0
     """A gRPC server with the InferenceService, health and reflection; not started yet. With `token`,
     InferenceService calls need it as a bearer token (`BearerToken`)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
-                         interceptors=[BearerToken(token)] if token else None)
+                         interceptors=[BearerToken(token)] if token else None, options=SERVER_OPTIONS)
     add_inference_service(servicer, server)
     set_serving(add_health_and_reflection(server))
     bound = server.add_insecure_port(f"{host}:{port}")

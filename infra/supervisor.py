@@ -167,6 +167,11 @@ class NatsServer:
             f"listen: 127.0.0.1:{self.port or -1}\n" + self._auth()
             + (f'jetstream {{ store_dir: "{self.workdir / "jetstream"}" }}\n' if self.jetstream else "")
         )
+        self._launch(conf)
+        return self
+
+    def _launch(self, conf: Path) -> None:
+        """Run nats-server on `conf` and learn its client port (from its ports file)."""
         ports = self.workdir / "ports"
         ports.mkdir(exist_ok=True)
         self.proc = subprocess.Popen([nats_server_binary(), "-c", str(conf), "--ports_file_dir", str(ports)],
@@ -178,7 +183,7 @@ class NatsServer:
                 try:
                     url = json.loads(files[0].read_text())["nats"][0]
                     self.port = int(url.rsplit(":", 1)[1])
-                    return self
+                    return
                 except (ValueError, KeyError, IndexError):
                     pass
             if self.proc.poll() is not None:
@@ -291,15 +296,19 @@ class Stack:
     def __init__(self, models_dir: Path, workdir: Path | None = None, tiers=TIERS,
                  replicas: dict[str, int] | None = None, overrides: dict | None = None, router: bool = True,
                  jetstream: bool = False, auth: bool = False, key_plan: str = "pro", secure: bool = True,
-                 ports_from: Path | None = None):
+                 ports_from: Path | None = None, nats=None, elsewhere=()):
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="tierline-")
         self.workdir = Path(workdir or self._tmp.name)
         self.models_dir = Path(models_dir)
         self.tiers, self.replicas = tiers, replicas or {}
+        self.elsewhere = tuple(elsewhere)  # tiers in the manifest (the router asks them) served by another host
         self.overrides, self.with_router = overrides, router
         # secure (the default): per-role NATS identities and TLS, from credentials made here (docs/SECURITY.md)
         self.credentials = self.workdir / "creds" if secure else None
-        self.nats = NatsServer(self.workdir, jetstream=jetstream, credentials=self.credentials)
+        # `nats`: servers run by the caller (a cluster: infra/nats_topology.py); else one of its own
+        self.nats = nats or NatsServer(self.workdir, jetstream=jetstream, credentials=self.credentials)
+        if nats is not None:
+            self.credentials = nats.credentials
         self._manifests: dict[str, Path] = {}  # process name -> the manifest it runs with
         if ports_from is not None:  # an operator's manifest: its ports, as written (0 = a free one)
             from tierline_shared.config.manifest import load_manifest
@@ -319,8 +328,8 @@ class Stack:
                 init_credentials(self.credentials, self.tiers)
             self.nats.start()
             overrides = {"auth.enabled": True, **(self.overrides or {})} if self.auth else self.overrides
-            self.manifest = write_manifest(self.workdir / "manifest.yaml", self.models_dir, self.nats, self.tiers,
-                                           overrides)
+            self.manifest = write_manifest(self.workdir / "manifest.yaml", self.models_dir, self.nats,
+                                           tuple(t for t in TIERS if t in self.tiers + self.elsewhere), overrides)
             if self.auth:
                 self.api_key = self.create_key(self.key_plan)
             self._provision_board()

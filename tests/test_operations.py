@@ -8,6 +8,7 @@ import socket
 import time
 
 from tests.conftest import ROOT, run_cli
+from tierline_infra.nats_topology import free_ports
 from tierline_infra.supervisor import NatsServer, write_manifest
 
 
@@ -52,17 +53,6 @@ def test_route_eval_writes_the_docs_only_when_asked(tiny_family):
     assert {p.name: p.stat().st_mtime_ns for p in docs.iterdir()} == before
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def test_up_takes_the_manifests_ports_gives_each_replica_its_own_and_refuses_a_second_stack(tiny_family, tmp_path):
     """Issue 25: a second edge on the same manifest used to share its gRPC port silently (SO_REUSEPORT) and
     crash on its metrics port; now replicas beyond the first get free ports of their own, every endpoint is
@@ -72,7 +62,7 @@ def test_up_takes_the_manifests_ports_gives_each_replica_its_own_and_refuses_a_s
     from tierline.demo import endpoints
     from tierline_infra.supervisor import Stack
 
-    edge_grpc, edge_metrics, router_grpc, router_http, nats_port = _free_ports(5)
+    edge_grpc, edge_metrics, router_grpc, router_http, nats_port = free_ports(5)
     manifest = tmp_path / "ops.yaml"
     manifest.write_text(yaml.safe_dump({
         "model_name": "m", "models_dir": ".", "nats": {"url": f"nats://127.0.0.1:{nats_port}"},

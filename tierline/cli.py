@@ -181,10 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     from tierline.client_cli import add_parsers as add_client  # infer, stream, status: through the SDK
     from tierline.creds import add_parser as add_creds  # NATS identities, signing key, TLS
     from tierline.keys import add_parser as add_keys  # API keys
+    from tierline.nats_cli import add_parser as add_nats  # nats-server configs: hub cluster, sites
 
     p.handlers.update(add_client(sub, _Parser))
     p.handlers.update(add_keys(sub, _Parser))
     p.handlers.update(add_creds(sub, _Parser))
+    p.handlers.update(add_nats(sub, _Parser))
     return p
 
 

@@ -31,7 +31,8 @@ class ManifestError(ValueError):
 
 @dataclass
 class NatsConfig:
-    url: str = "nats://127.0.0.1:4222"  # the NATS server (or a leaf node near the tier)
+    # the NATS server (or a leaf node near the tier); several of one cluster separated by commas
+    url: str = "nats://127.0.0.1:4222"
     user: str = ""  # user/password authentication: one login for every process, no permissions (docs/SECURITY.md)
     password: str = ""
     # a directory of NATS identities (`tierline creds init`): each process connects as its own role with the

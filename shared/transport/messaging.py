@@ -232,7 +232,7 @@ class NatsOptions:
     tls_ca: str = ""  # PEM file of the CA that signed the server's certificate: the server is verified
 
     def connect_kwargs(self) -> dict:
-        kw = {"servers": [self.url], "connect_timeout": self.connect_timeout_s,
+        kw = {"servers": [u.strip() for u in self.url.split(",")], "connect_timeout": self.connect_timeout_s,
               "max_reconnect_attempts": -1, "allow_reconnect": True,
               "reconnect_time_wait": RECONNECT_BASE_S,  # nats-py's wait within the first connect() only
               "reconnect_to_server_handler": _next_server}  # after a drop: exponential backoff with jitter

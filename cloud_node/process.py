@@ -1,11 +1,15 @@
-"""The cloud tier as a process: the shared tier process around the torch engine, on CPU or CUDA."""
+"""The cloud tier as a process: the shared tier process around the torch engine, on CPU or CUDA, or around
+an OpenAI-compatible serving engine the user already runs (`tiers.cloud.upstream`: cloud_node/upstream.py)."""
 
 from __future__ import annotations
 
 from tierline_cloud_node.engine import load_engine, torch_device
+from tierline_cloud_node.upstream import UpstreamEngine, UpstreamScheduler
 from tierline_shared.config.manifest import ACCELERATORS, ManifestError
-from tierline_shared.runtime.engine import Engine
+from tierline_shared.runtime.engine import Engine, EngineInfo
+from tierline_shared.serving.metrics import Metrics
 from tierline_shared.serving.process import TierProcess, run
+from tierline_shared.serving.servicer import TierServicer
 
 
 class CloudProcess(TierProcess):
@@ -14,11 +18,28 @@ class CloudProcess(TierProcess):
     accelerators = ACCELERATORS
 
     def load_engine(self) -> Engine:
+        if self.config.upstream.url:  # a serving engine the user runs answers: no model here
+            try:
+                self._forward = UpstreamScheduler(self.config.upstream, self._upstream_model, self.config.batching)
+            except ValueError as exc:
+                raise ManifestError(f"{self.manifest.path}: tiers.cloud.{exc}") from None
+            return UpstreamEngine(EngineInfo("cloud", self.manifest.model_name, f"upstream:{self._upstream_model}",
+                                             params=0, bytes=0, max_context=0, window_limit=0))
         try:
             device = torch_device(self.config.accelerator)
         except ValueError as exc:
             raise ManifestError(f"{self.manifest.path}: tiers.cloud.accelerator: {exc}") from None
         return load_engine(self.manifest.models_path, threads=self.config.threads, device=device)
+
+
+    @property
+    def _upstream_model(self) -> str:
+        return self.config.upstream.model or self.manifest.model_name
+
+    def make_servicer(self, engine, metrics: Metrics) -> TierServicer:
+        if not self.config.upstream.url:
+            return super().make_servicer(engine, metrics)
+        return TierServicer(*self.servicer_args(engine, metrics), scheduler=self._forward)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,9 +65,19 @@ class BatchConfig:
 
 
 @dataclass
+class UpstreamConfig:
+    """An OpenAI-compatible server the tier forwards to instead of running a model (cloud_node/upstream.py)."""
+
+    url: str = ""  # its base URL, e.g. http://vllm:8000/v1 ("" = the tier runs its own model)
+    model: str = ""  # the model name it serves (vLLM's --served-model-name); "" = the manifest's model_name
+    retries: int = 1  # more attempts after a connection error or a 5xx, within the request's deadline
+    api_key_env: str = ""  # an environment variable holding its bearer token ("" = none)
+
+
+@dataclass
 class TierConfig:
-    artifact: str  # weights, relative to models_dir (the manifest in models_dir lists the rest)
-    sha256: str  # of the weights; checked at start
+    artifact: str = ""  # weights, relative to models_dir (the manifest in models_dir lists the rest); required
+    sha256: str = ""  # of the weights; checked at start; required (both, unless the tier forwards: upstream)
     grpc_host: str = "127.0.0.1"  # loopback: only this machine; any other address needs grpc_token_file
     grpc_port: int = 0  # 0 = any free port (reported at start)
     # a file holding the bearer token every InferenceService call must send (`authorization: Bearer <token>`);
@@ -83,6 +93,7 @@ class TierConfig:
     prefix_cache_min_match: int = 16  # shortest shared prefix (tokens) worth reusing
     # where the model runs: "cpu"; "cuda" or "auto" (CUDA when there is one) where the tier's backend can
     accelerator: str = "cpu"
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)  # the cloud only: forward, run no model
     batching: BatchConfig = field(default_factory=BatchConfig)
 
 
@@ -222,7 +233,8 @@ _RANGES = {  # field -> (min, max) inclusive, None = unbounded
     "prefix_cache_tokens": (0, 10_000_000), "prefix_cache_min_match": (1, 100_000),
     "max_tokens": (1, None), "default_max_tokens": (1, None), "connect_timeout_ms": (1, None),
     "request_timeout_ms": (1, None), "cloud_complexity": (0, 1), "device_complexity": (0, 1),
-    "retries_per_tier": (0, 10), "max_num_seqs": (1, 1024), "max_num_batched_tokens": (1, 1_000_000),
+    "retries_per_tier": (0, 10), "retries": (0, 10), "max_num_seqs": (1, 1024),
+    "max_num_batched_tokens": (1, 1_000_000),
     "max_queue": (1, 100000), "version": (1, 1),
     "http_port": (-1, 65535), "calls_per_day": (1, None), "tokens_per_day": (1, None),
     "max_stop": (0, 16), "max_stop_chars": (1, 1024), "max_id_chars": (1, 1024),
@@ -272,8 +284,16 @@ def load_manifest(path: str | Path, check_artifacts: bool = True) -> Manifest:
     if manifest.limits.default_max_tokens > manifest.limits.max_tokens:
         raise ManifestError(f"{path}: limits.default_max_tokens: must be <= limits.max_tokens "
                             f"({manifest.limits.max_tokens})")
+    for name, tier in manifest.tiers.items():
+        if tier.upstream.url and name != "cloud":
+            raise ManifestError(f"{path}: tiers.{name}.upstream: only the cloud tier forwards to a serving engine")
+        for f in ("artifact", "sha256"):
+            if not tier.upstream.url and not getattr(tier, f):
+                raise ManifestError(f"{path}: tiers.{name}.{f}: required field missing (or tiers.{name}.upstream)")
     if check_artifacts:
         for name, tier in manifest.tiers.items():
+            if tier.upstream.url:
+                continue  # no local model
             artifact = manifest.models_path / tier.artifact
             if not artifact.is_file():
                 raise ManifestError(f"{path}: tiers.{name}.artifact: file not found: {artifact}")

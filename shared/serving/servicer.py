@@ -215,12 +215,14 @@ class StreamGuard:
 class TierServicer(pb_grpc.InferenceServiceServicer):
     def __init__(self, engine: Engine, batch: BatchConfig | None = None, limits: LimitsConfig | None = None,
                  cache_size: int = TierConfig.cache_size, default_timeout_s: float = TierConfig.timeout_ms / 1000,
-                 metrics=None):
+                 metrics=None, scheduler=None):
         self.engine = engine
         self.limits = limits or LimitsConfig()
         self.batch_config = batch or BatchConfig()
         self.metrics = metrics
-        self.scheduler = Scheduler(engine, self.batch_config, on_step=metrics.observe_step if metrics else None)
+        # `scheduler`: another with the same submit/ticket interface (the cloud's upstream forwarder)
+        self.scheduler = scheduler or Scheduler(engine, self.batch_config,
+                                                on_step=metrics.observe_step if metrics else None)
         self.cache = LRUCache(cache_size)
         self.default_timeout_s = default_timeout_s
         self.streams = StreamGuard()

@@ -1,0 +1,73 @@
+"""The cloud tier forwarding to a serving engine the user already runs (issue 25): a real `transformers serve`
+on the committed cloud checkpoint behind a real cloud tier process, asked over gRPC, streamed, and through
+the router; then the upstream goes away."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import grpc
+import pytest
+
+from tests.conftest import COMMITTED_MODELS
+from tierline_api.v1 import inference_pb2 as pb
+from tierline_api.v1 import inference_pb2_grpc as pb_grpc
+from tierline_bench.transformers_peer import TransformersServe, available
+from tierline_cloud_node.engine import load_engine
+from tierline_infra.supervisor import Stack
+from tierline_shared.runtime.engine import GenerationParams
+
+TIMEOUT = 60
+PROMPTS = ["Q:2+3=?\nA:", "Q:a=4;b=a*2;b=?\nA:", "Q:7-5=?\nA:"]
+HARD = "Q:" + "+".join("1" * 14) + "=?\nA:"  # complexity 1.0: the cloud's
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory):
+    reason = available(COMMITTED_MODELS)
+    if reason:
+        pytest.fail(f"transformers serve cannot serve the committed cloud checkpoint: {reason}")
+    with TransformersServe(COMMITTED_MODELS, tmp_path_factory.mktemp("ts"), threads=1) as ts:
+        yield ts
+
+
+def _req(prompt: str) -> pb.InferRequest:
+    return pb.InferRequest(prompt=prompt, parameters=pb.Parameters(max_tokens=MAX_TOKENS))
+
+
+def test_the_cloud_tier_forwards_to_transformers_serve(upstream):
+    overrides = {"tiers.cloud.upstream": {"url": f"http://127.0.0.1:{upstream.port}/v1",
+                                          "model": str(upstream.checkpoint), "retries": 1},
+                 "router.scorer": "", "router.cloud_complexity": 0.9, "router.device_complexity": 0.0,
+                 "router.confidence_threshold": {"edge": 0.0}}
+    local = load_engine(COMMITTED_MODELS, threads=1)  # the same checkpoint, decoded here: the reference
+    with Stack(COMMITTED_MODELS, tiers=("edge", "cloud"), overrides=overrides) as s:
+        cloud = pb_grpc.InferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{s.port('cloud-0')}"))
+        for prompt in PROMPTS:
+            want = local.generate(prompt, GenerationParams(max_tokens=MAX_TOKENS)).text
+            got = cloud.Infer(_req(prompt), timeout=TIMEOUT)
+            assert got.choices[0].text == want, (prompt, got.choices[0].text, want)
+            assert got.tier == "cloud" and got.model_version.startswith("upstream:")
+            assert got.usage.completion_tokens > 0 and got.usage.prompt_tokens > 0
+            streamed = list(cloud.InferStream(_req(prompt), timeout=TIMEOUT))
+            assert "".join(c.choices[0].text for c in streamed) == want and streamed[-1].choices[0].finish_reason
+        info = cloud.GetServerInfo(pb.ServerInfoRequest(), timeout=TIMEOUT)
+        assert info.model_version == f"upstream:{upstream.checkpoint}"
+        with pytest.raises(grpc.RpcError) as err:  # not something an OpenAI completions server does
+            cloud.Infer(pb.InferRequest(prompt=PROMPTS[0], parameters=pb.Parameters(attention_window=4)),
+                        timeout=TIMEOUT)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+        router = pb_grpc.InferenceServiceStub(grpc.insecure_channel(s.router_address))
+        assert router.Infer(_req(HARD), timeout=TIMEOUT).tier == "cloud"  # through NATS to the forwarder
+        metrics_port = next(p.ready["metrics_port"] for p in s.procs if p.name == "cloud-0")
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=TIMEOUT).read().decode()
+        assert 'tierline_requests_total{outcome="answered",tier="cloud"}' in text
+
+        upstream.stop()  # the serving engine goes away: the tier says so at once, the router falls back
+        with pytest.raises(grpc.RpcError) as err:  # (prompts not asked before: the tier's result cache has those)
+            cloud.Infer(_req("Q:9-4=?\nA:"), timeout=TIMEOUT)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "did not answer" in err.value.details()
+        fallback = router.Infer(_req(HARD.replace("1", "2")), timeout=TIMEOUT)
+        assert fallback.degraded and fallback.tier == "edge"

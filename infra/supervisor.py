@@ -265,6 +265,35 @@ def write_manifest(path: Path, models_dir: Path, nats: NatsServer, tiers=TIERS,
     return path
 
 
+class JoinedNats:
+    """The NATS a host's manifest names (`host_share`): joined, not run here."""
+
+    def __init__(self, manifest):
+        n = manifest.nats
+        self.url, self.user, self.password, self.jetstream = n.url, n.user, n.password, False
+        self.credentials = manifest.resolve(n.credentials) if n.credentials else None
+
+    def start(self) -> "JoinedNats":
+        return self
+
+    def stop(self) -> None:
+        pass
+
+    def reload(self) -> None:
+        pass
+
+
+def host_share(path: Path, replicas: dict[str, int] | None = None) -> Stack:
+    """One host's share of a deployment, as its manifest says: the tiers it lists that are not `elsewhere`,
+    the router unless `router.enabled` is false, on the NATS it names (docs/DEPLOY.md)."""
+    from tierline_shared.config.manifest import load_manifest
+
+    m = load_manifest(path)
+    tiers = tuple(t for t in TIERS if t in m.tiers and not m.tiers[t].elsewhere)
+    return Stack(m.models_path, tiers=tiers, replicas=replicas, router=m.router.enabled, nats=JoinedNats(m),
+                 manifest=Path(path).resolve())
+
+
 def manifest_ports(path: Path, tiers=TIERS) -> dict:
     """Manifest overrides: the ports an operator's manifest gives the router and these tiers."""
     from tierline_shared.config.manifest import load_manifest
@@ -296,12 +325,13 @@ class Stack:
     def __init__(self, models_dir: Path, workdir: Path | None = None, tiers=TIERS,
                  replicas: dict[str, int] | None = None, overrides: dict | None = None, router: bool = True,
                  jetstream: bool = False, auth: bool = False, key_plan: str = "pro", secure: bool = True,
-                 ports_from: Path | None = None, nats=None, elsewhere=()):
+                 ports_from: Path | None = None, nats=None, elsewhere=(), manifest: Path | None = None):
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="tierline-")
         self.workdir = Path(workdir or self._tmp.name)
         self.models_dir = Path(models_dir)
         self.tiers, self.replicas = tiers, replicas or {}
         self.elsewhere = tuple(elsewhere)  # tiers in the manifest (the router asks them) served by another host
+        self.given_manifest = manifest  # an operator's manifest run as written (`host_share`), not one written here
         self.overrides, self.with_router = overrides, router
         # secure (the default): per-role NATS identities and TLS, from credentials made here (docs/SECURITY.md)
         self.credentials = self.workdir / "creds" if secure else None
@@ -324,15 +354,19 @@ class Stack:
 
     def start(self) -> "Stack":
         try:
-            if self.credentials:
-                init_credentials(self.credentials, self.tiers)
-            self.nats.start()
-            overrides = {"auth.enabled": True, **(self.overrides or {})} if self.auth else self.overrides
-            self.manifest = write_manifest(self.workdir / "manifest.yaml", self.models_dir, self.nats,
-                                           tuple(t for t in TIERS if t in self.tiers + self.elsewhere), overrides)
-            if self.auth:
-                self.api_key = self.create_key(self.key_plan)
-            self._provision_board()
+            if self.given_manifest:
+                self.manifest = self.given_manifest
+            else:
+                if self.credentials:
+                    init_credentials(self.credentials, self.tiers)
+                self.nats.start()
+                overrides = {"auth.enabled": True, **(self.overrides or {})} if self.auth else self.overrides
+                overrides = {**(overrides or {}), **{f"tiers.{t}.elsewhere": True for t in self.elsewhere}}
+                self.manifest = write_manifest(self.workdir / "manifest.yaml", self.models_dir, self.nats,
+                                               tuple(t for t in TIERS if t in self.tiers + self.elsewhere), overrides)
+                if self.auth:
+                    self.api_key = self.create_key(self.key_plan)
+                self._provision_board()
             for tier in self.tiers:
                 for i in range(self.replicas.get(tier, 1)):
                     self.start_process(f"{tier}-{i}", TIER_MODULES[tier], self._replica_manifest(tier, i))
@@ -351,7 +385,8 @@ class Stack:
         if i == 0 or not fixed:
             return self.manifest
         ports.update({k: 0 for k in fixed})
-        path = self.workdir / f"manifest.{tier}-{i}.yaml"
+        # beside the manifest it copies: the paths in it are relative to its directory
+        path = self.manifest.with_name(f".{self.manifest.stem}.{tier}-{i}.yaml")
         path.write_text(yaml.safe_dump(data, sort_keys=False))
         return path
 
@@ -426,6 +461,8 @@ class Stack:
         for p in reversed(self.procs):
             p.close()
         self.procs.clear()
+        for path in set(self._manifests.values()) - {self.manifest, self.given_manifest}:
+            path.unlink(missing_ok=True)  # the replicas' copies
         self.nats.stop()
         if self._tmp:
             self._tmp.cleanup()

@@ -17,7 +17,7 @@ from tests.conftest import run_cli
 from tierline_api.v1 import inference_pb2 as pb
 from tierline_api.v1 import inference_pb2_grpc as pb_grpc
 from tierline_infra.nats_topology import Servers, loopback_topology, start_topology
-from tierline_infra.supervisor import Stack, nats_server_binary
+from tierline_infra.supervisor import Stack, host_share, nats_server_binary, write_manifest
 from tierline_shared.security.credentials import init_credentials
 
 TIMEOUT = 30  # seconds, each RPC
@@ -96,10 +96,14 @@ def test_a_site_keeps_answering_when_its_leaf_link_is_cut(tiny_family, topology,
     hub_nodes = [nodes[f"hub-{i}"] for i in range(3)]
     policy = {"router.scorer": "", "router.device_complexity": 0.3, "router.cloud_complexity": 0.9,  # heuristic
               "router.confidence_threshold": {"device": 0.0, "edge": 0.0}}
-    with Stack(tiny_family, workdir=_dir(tmp_path / "hub"), tiers=("cloud",), router=False,
-               nats=Servers(hub_nodes, creds, jetstream=False)), \
-            Stack(tiny_family, workdir=_dir(tmp_path / "site"), tiers=("device", "edge"), elsewhere=("cloud",),
-                  nats=Servers([nodes[f"site-{SITE}"]], creds, jetstream=False), overrides=policy) as site:
+    # each host's share, as its own manifest says (what `tierline up --host FILE` runs)
+    hub_m = write_manifest(tmp_path / "hub.yaml", tiny_family, Servers(hub_nodes, creds), ("cloud",),
+                           {"router.enabled": False})
+    site_m = write_manifest(tmp_path / "site.yaml", tiny_family, Servers([nodes[f"site-{SITE}"]], creds),
+                            ("device", "edge", "cloud"), {**policy, "tiers.cloud.elsewhere": True})
+    with host_share(hub_m) as hub, host_share(site_m) as site:
+        assert [p.name for p in hub.procs] == ["cloud-0"]
+        assert [p.name for p in site.procs] == ["device-0", "edge-0", "router"]
         router = _stub(site.router_address)
         assert _wait(lambda: _ask(router, HARD).tier == "cloud", 20), "the cloud never answered through the leaf"
         assert _ask(router, EASY).tier == "device"
@@ -120,11 +124,6 @@ def test_a_site_keeps_answering_when_its_leaf_link_is_cut(tiny_family, topology,
         back_s = time.perf_counter() - t0
     print(f"\nleaf link cut: a cloud request came back degraded in {cut_s:.2f} s; "
           f"restored: the cloud answered again after {back_s:.2f} s")
-
-
-def _dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _wait(check, timeout_s: float) -> bool:

@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--pidfile", type=Path, default=Path("runs/up.pid"))
     u.add_argument("--manifest", type=Path, default=None,
                    help="take the ports from this manifest (0 = a free port), e.g. infra/manifests/local.yaml")
+    u.add_argument("--host", type=Path, default=None, metavar="MANIFEST",
+                   help="run this host's share of a deployment as the manifest says: its tiers (not those marked "
+                        "elsewhere), its router unless router.enabled is false, on the NATS it names (docs/DEPLOY.md)")
     u.add_argument("--replicas", type=replica_counts, default={}, metavar="TIER=N,...",
                    help="replicas per tier, e.g. edge=2,cloud=2 (the first on the manifest's ports, the others "
                         "on free ports of their own)")
@@ -411,7 +414,7 @@ def _cmd_demo(args) -> int:
 def _cmd_up(args) -> int:
     from tierline.demo import up
 
-    return up(args.models, args.pidfile, args.manifest, args.replicas)
+    return up(args.models, args.pidfile, args.manifest, args.replicas, args.host)
 
 
 def replica_counts(text: str) -> dict[str, int]:

@@ -22,7 +22,7 @@ from rich.table import Table
 
 from tierline_api.v1 import inference_pb2 as pb
 from tierline_api.v1 import inference_pb2_grpc as pb_grpc
-from tierline_infra.supervisor import Stack, demo_overrides
+from tierline_infra.supervisor import Stack, demo_overrides, host_share
 from tierline_router.cascade import cost, paid_tokens
 from tierline_shared.config.manifest import load_manifest
 from tierline_shared.tasks.problems import generate, is_correct
@@ -128,10 +128,12 @@ def endpoints(stack: Stack) -> list[dict]:
     return rows
 
 
-def up(models_dir: Path, pidfile: Path, manifest: Path | None = None, replicas: dict | None = None) -> int:
+def up(models_dir: Path, pidfile: Path, manifest: Path | None = None, replicas: dict | None = None,
+       host: Path | None = None) -> int:
     """Start the platform and keep it running until Ctrl-C or `make down` (SIGTERM); one at a time.
 
-    `manifest`: its ports (0 = a free one); `replicas`: tier -> count, the extra ones on free ports."""
+    `manifest`: its ports (0 = a free one); `replicas`: tier -> count, the extra ones on free ports;
+    `host`: instead, this host's share of a deployment as that manifest says (`host_share`)."""
     from tierline.cli import UsageError
 
     if (pid := _running(pidfile)) is not None:
@@ -140,8 +142,17 @@ def up(models_dir: Path, pidfile: Path, manifest: Path | None = None, replicas: 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    stack = Stack(models_dir, overrides=demo_overrides(models_dir), auth=True, replicas=replicas,
-                  ports_from=manifest).start()
+    if host is not None:
+        from tierline.cli import UsageError
+        from tierline_shared.config.manifest import ManifestError
+
+        try:
+            stack = host_share(host, replicas).start()
+        except ManifestError as exc:
+            raise UsageError(str(exc)) from None
+    else:
+        stack = Stack(models_dir, overrides=demo_overrides(models_dir), auth=True, replicas=replicas,
+                      ports_from=manifest).start()
     pidfile.parent.mkdir(parents=True, exist_ok=True)
     pidfile.write_text(str(os.getpid()))
     try:
@@ -151,6 +162,12 @@ def up(models_dir: Path, pidfile: Path, manifest: Path | None = None, replicas: 
         for row in endpoints(stack):
             table.add_row(*row.values())
         console.print(table)
+        if host is not None:
+            keys = f" API keys: tierline keys create --plan pro --manifest {host}." if stack.with_router else ""
+            console.print(f"This host's share of {host} is up (NATS: {stack.nats.url}).{keys} "
+                          "Stop with Ctrl-C or `make down`.")
+            stop.wait()
+            return 0
         console.print(f"Tierline is up. Router (gRPC): {stack.router_address}  NATS: {stack.nats.url}\n"
                       f"OpenAI-compatible API: {stack.http_base_url}\n"
                       f"API key (pro plan, shown once): {stack.api_key}\n"

@@ -94,6 +94,8 @@ class TierConfig:
     # where the model runs: "cpu"; "cuda" or "auto" (CUDA when there is one) where the tier's backend can
     accelerator: str = "cpu"
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)  # the cloud only: forward, run no model
+    # listed so the router here can ask it, but served by another host (whose manifest runs it): no artifact needed
+    elsewhere: bool = False
     batching: BatchConfig = field(default_factory=BatchConfig)
 
 
@@ -111,6 +113,7 @@ class LimitsConfig:
 
 @dataclass
 class RouterConfig:
+    enabled: bool = True  # this host runs a router (`tierline up --host`: one host's share of a deployment)
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 0
     metrics_port: int = 0
@@ -288,11 +291,11 @@ def load_manifest(path: str | Path, check_artifacts: bool = True) -> Manifest:
         if tier.upstream.url and name != "cloud":
             raise ManifestError(f"{path}: tiers.{name}.upstream: only the cloud tier forwards to a serving engine")
         for f in ("artifact", "sha256"):
-            if not tier.upstream.url and not getattr(tier, f):
+            if not (tier.upstream.url or tier.elsewhere) and not getattr(tier, f):
                 raise ManifestError(f"{path}: tiers.{name}.{f}: required field missing (or tiers.{name}.upstream)")
     if check_artifacts:
         for name, tier in manifest.tiers.items():
-            if tier.upstream.url:
+            if tier.upstream.url or tier.elsewhere:
                 continue  # no local model
             artifact = manifest.models_path / tier.artifact
             if not artifact.is_file():

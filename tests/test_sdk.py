@@ -127,7 +127,10 @@ def test_status_shows_tiers_replicas_queues_and_split(stack, client):
 
     proc = run_cli("status", "--endpoint", stack.router_address, "--api-key", stack.api_key, "--json", timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert [len(t["replicas"]) for t in json.loads(proc.stdout)["tiers"]] == [2]
+    as_json = json.loads(proc.stdout)
+    assert [len(t["replicas"]) for t in as_json["tiers"]] == [2]
+    assert isinstance(as_json["answered"], int) and isinstance(as_json["tiers"][0]["answered"], int)  # not "12"
+    assert all(isinstance(r["requests"], int) for r in as_json["tiers"][0]["replicas"])
     table = run_cli("status", "--endpoint", stack.router_address, "--api-key", stack.api_key, timeout=60)
     assert table.returncode == 0 and "traffic share" in table.stdout and "edge" in table.stdout
 

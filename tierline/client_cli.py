@@ -115,9 +115,33 @@ def _stream(args) -> int:
     return 0
 
 
-def _status(args) -> int:
+def _as_dict(msg) -> dict:
+    """A message as JSON, with 64-bit integers as numbers: proto3's JSON mapping writes them as strings, which
+    jq and most scripts reading `--json` do not expect (`"answered": "12"`)."""
+    from google.protobuf.descriptor import FieldDescriptor as F
     from google.protobuf.json_format import MessageToDict
 
+    int64 = {F.TYPE_INT64, F.TYPE_UINT64, F.TYPE_FIXED64, F.TYPE_SFIXED64, F.TYPE_SINT64}
+
+    def fix(m, d: dict) -> dict:
+        for f in m.DESCRIPTOR.fields:
+            if f.json_name not in d:
+                continue
+            repeated = f.is_repeated
+            if f.type in int64:
+                d[f.json_name] = [int(v) for v in d[f.json_name]] if repeated else int(d[f.json_name])
+            elif f.message_type is not None and not f.message_type.GetOptions().map_entry:
+                values = getattr(m, f.name)
+                if repeated:
+                    d[f.json_name] = [fix(v, dv) for v, dv in zip(values, d[f.json_name])]
+                else:
+                    d[f.json_name] = fix(values, d[f.json_name])
+        return d
+
+    return fix(msg, MessageToDict(msg, always_print_fields_with_no_presence=True))
+
+
+def _status(args) -> int:
     from tierline.client import TierlineError
 
     with _client(args) as client:
@@ -126,7 +150,7 @@ def _status(args) -> int:
         except TierlineError as exc:
             return _failed(exc)
     if args.json:
-        print(json.dumps(MessageToDict(st, always_print_fields_with_no_presence=True)))
+        print(json.dumps(_as_dict(st)))
         return 0
     print(_table(f"Tierline: {st.model} - {st.answered:,} requests answered by the router; "
                  f"API keys {'required' if st.auth_enabled else 'OFF'}",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 
@@ -43,8 +44,12 @@ HTTP_STATUS = {
     "UNAVAILABLE": (503, "service_unavailable"),
     "DEADLINE_EXCEEDED": (504, "timeout_error"),
 }
+# parameters clients send at their neutral values even when they use none of them (LangChain always sends
+# penalties of 0): accepted at exactly these, refused (400 naming the parameter) at anything else
+NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "top_logprobs": 0, "logit_bias": {},
+           "response_format": {"type": "text"}}
 COMMON_PARAMS = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options", "n",
-                 "user", "attention_window"}
+                 "user", "attention_window", *NEUTRAL}
 COMPLETION_PARAMS = COMMON_PARAMS | {"prompt"}
 CHAT_PARAMS = COMMON_PARAMS | {"messages", "max_completion_tokens"}
 
@@ -57,14 +62,29 @@ class BadRequest(TierError):
         self.param = param
 
 
-def _error_response(exc: TierError) -> web.Response:
+_FIELD = re.compile(r"^(?:parameters\.)?([a-z_]+): ")  # "parameters.max_tokens: ..." from the platform's validation
+
+
+def _openai_error(exc: TierError, chat: bool = False) -> tuple[str, str | None]:
+    """The message and `param` in OpenAI's names: the platform's validation (router or tier) names its own fields
+    (`parameters.max_tokens`, `prompt`); a client knows `max_tokens`, and a chat client `messages`."""
+    param, message = getattr(exc, "param", None), exc.message
+    if exc.status == "INVALID_ARGUMENT" and param is None and (m := _FIELD.match(message)):
+        param = m.group(1)
+        message = message.replace("parameters.", "", 1)
+    if chat and param == "prompt":
+        param, message = "messages", "messages: " + message.removeprefix("prompt: ")
+    return message, param
+
+
+def _error_response(exc: TierError, chat: bool = False) -> web.Response:
     """The one place a failure becomes an HTTP answer."""
     status, kind = HTTP_STATUS.get(exc.status, (500, "api_error"))
     headers = {}
     if isinstance(exc, AccessDenied) and exc.retry_after_s:
         headers["retry-after"] = str(exc.retry_after_s)
-    body = {"error": {"message": exc.message, "type": kind, "param": getattr(exc, "param", None),
-                      "code": exc.status.lower()}}
+    message, param = _openai_error(exc, chat)
+    body = {"error": {"message": message, "type": kind, "param": param, "code": exc.status.lower()}}
     return web.json_response(body, status=status, headers=headers)
 
 
@@ -88,6 +108,15 @@ def _typed(body: dict, name: str, kinds: tuple, what: str, bounds: tuple[int, in
         except OverflowError:
             raise BadRequest(name, f"{name}: {_shown(value)} is out of range") from None
     return value
+
+
+def _is_neutral(value, neutral) -> bool:
+    """`value` is the neutral one: booleans as booleans, numbers as numbers (0 and 0.0), the rest by equality."""
+    if isinstance(value, bool) or isinstance(neutral, bool):
+        return value is neutral
+    if isinstance(neutral, (int, float)):
+        return isinstance(value, (int, float)) and value == neutral
+    return value == neutral
 
 
 def _shown(value) -> str:
@@ -129,6 +158,10 @@ def _request(body: dict, prompt: str, allowed: set[str], max_tokens_names=("max_
     n = _typed(body, "n", (int,), "an integer")
     if n not in (None, 1):
         raise BadRequest("n", f"n: only 1 choice per request is served, got {n}")
+    for name, neutral in NEUTRAL.items():
+        if body.get(name) is not None and not _is_neutral(body[name], neutral):
+            raise BadRequest(name, f"{name}: not supported here; only {json.dumps(neutral)} (the default) is "
+                                   f"accepted, got {_shown(body[name])}")
     _typed(body, "stream", (bool,), "a boolean")
     _typed(body, "stream_options", (dict,), "an object")
     _typed(body, "user", (str,), "a string")
@@ -195,8 +228,9 @@ class OpenAIServer:
         self.router = router
         self.chat_template = chat or ChatTemplate(CHAT_TEMPLATE)  # turns a conversation into the model's prompt
         self.app = web.Application(client_max_size=1024 * 1024, middlewares=[_json_errors])
-        self.app.add_routes([web.get("/v1/models", self.models), web.post("/v1/completions", self.completions),
-                             web.post("/v1/chat/completions", self.chat)])
+        self.app.add_routes([web.get("/v1/models", self.models), web.get("/v1/models/{model}", self.model),
+                             web.post("/v1/completions", self.completions), web.post("/v1/chat/completions", self.chat),
+                             web.get("/health", self.health)])
         self._runner: web.AppRunner | None = None
 
     async def start(self, host: str, port: int) -> int:
@@ -216,8 +250,27 @@ class OpenAIServer:
             await self.router.gate.check(bearer_token(request.headers))
         except TierError as exc:
             return _error_response(exc)
-        return web.json_response({"object": "list", "data": [
-            {"id": self.router.model_name, "object": "model", "created": 0, "owned_by": "tierline"}]})
+        return web.json_response({"object": "list", "data": [self._model()]})
+
+    def _model(self) -> dict:
+        return {"id": self.router.model_name, "object": "model", "created": 0, "owned_by": "tierline"}
+
+    async def model(self, request: web.Request) -> web.Response:
+        try:
+            await self.router.gate.check(bearer_token(request.headers))
+        except TierError as exc:
+            return _error_response(exc)
+        name = request.match_info["model"]
+        if name != self.router.model_name:
+            missing = TierError("router", "NOT_FOUND", f"model: {name!r} is not served here; this server serves "
+                                                       f"{self.router.model_name!r}")
+            missing.param = "model"
+            return _error_response(missing)
+        return web.json_response(self._model())
+
+    async def health(self, request: web.Request) -> web.Response:
+        """Liveness for load balancers: this process answers (no key needed; the tiers' own health is gRPC's)."""
+        return web.json_response({"status": "ok"})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, chat=False)
@@ -239,7 +292,7 @@ class OpenAIServer:
                 return await self._stream(request, req, key, chat, include_usage)
             resp = await self.router.infer(req, key)
         except TierError as exc:
-            return _error_response(exc)
+            return _error_response(exc, chat)
         choice = resp.choices[0] if resp.choices else pb.Choice()
         out = {"id": ("chatcmpl-" if chat else "cmpl-") + resp.request_id,
                "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),

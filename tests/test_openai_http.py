@@ -84,7 +84,7 @@ def test_errors_map_to_openai_exceptions(stack):
         api(stack, key).completions.create(model=MODEL, prompt=PROMPT, max_tokens=4)
     with pytest.raises(openai.BadRequestError) as err:
         api(stack).completions.create(model=MODEL, prompt=PROMPT, max_tokens=100000)
-    assert "parameters.max_tokens" in str(err.value)
+    assert err.value.body["param"] == "max_tokens" and "parameters." not in str(err.value)  # OpenAI's name
     with pytest.raises(openai.BadRequestError) as err:
         api(stack).completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, n=2)
     assert err.value.body["param"] == "n"
@@ -141,3 +141,40 @@ def test_chat_turns_follow_the_models_own_chat_template(tiny_family, tmp_path):
     (models / "cloud" / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="System role not supported"):
         ChatTemplate.of_models(models).render(turns[:2])
+
+
+def test_clients_neutral_parameters_are_accepted_and_others_refused_by_their_openai_name(stack):
+    """Issue 26: LangChain's completions class always sends penalties of 0 and used to get a 400 on every call;
+    errors named internal fields (`parameters.max_tokens`) with `param: null`."""
+    client = api(stack)
+    neutral = {"frequency_penalty": 0, "presence_penalty": 0.0, "n": 1, "logprobs": None}
+    resp = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, **neutral)
+    assert resp.choices[0].text == grpc_answer(stack, 8)
+    chat = client.chat.completions.create(model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "2+3=?"}],
+                                          frequency_penalty=0, presence_penalty=0, logprobs=False,
+                                          response_format={"type": "text"})
+    assert chat.choices[0].message.content == grpc_answer(stack, 8)
+    for params, param in [({"frequency_penalty": 0.5}, "frequency_penalty"), ({"logprobs": True}, "logprobs"),
+                          ({"response_format": {"type": "json_object"}}, "response_format"),
+                          ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+                          ({"max_tokens": 10**6}, "max_tokens"), ({"temperature": 0.001}, "temperature")]:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "2+3=?"}],
+                                           **{"max_tokens": 8, **params})
+        error = err.value.body
+        assert error["param"] == param and "parameters." not in error["message"], (params, error)
+    with pytest.raises(openai.BadRequestError) as err:  # the router's own validation of the rendered prompt
+        client.chat.completions.create(model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "x" * 5000}])
+    assert err.value.body["param"] == "messages"
+
+
+def test_a_model_can_be_retrieved_by_id_and_health_answers(stack):
+    import urllib.request
+
+    client = api(stack)
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("no-such-model")
+    assert err.value.body["param"] == "model"
+    with urllib.request.urlopen(stack.http_base_url.removesuffix("/v1") + "/health", timeout=30) as r:
+        assert r.status == 200 and json.loads(r.read()) == {"status": "ok"}

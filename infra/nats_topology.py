@@ -126,11 +126,7 @@ def write_topology(t: Topology, creds: Path, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, text in topology_confs(t, creds, out).items():
-        path = out / f"{name}.conf"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        paths.append(path)
+        paths.append(write_secret_file(out / f"{name}.conf", text.encode()))
     return paths
 
 

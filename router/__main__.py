@@ -12,6 +12,7 @@ import sys
 import grpc
 
 from tierline_router.auth import Gate, open_key_store
+from tierline_router.batch_http import BatchApi
 from tierline_router.chat import ChatTemplate
 from tierline_router.openai_http import OpenAIServer
 from tierline_router.policy import Policy
@@ -72,15 +73,21 @@ async def serve(manifest_path: str) -> int:
     await server.start()
     metrics_port = metrics.serve(rc.grpc_host, rc.metrics_port) if rc.metrics_port >= 0 else None
     http = OpenAIServer(servicer, ChatTemplate.of_models(manifest.models_path)) if rc.http_port >= 0 else None
+    batch = BatchApi(http, rc.batch) if http and rc.batch.enabled else None  # /v1/files, /v1/batches
+    if batch:
+        await batch.start(nc)
     http_port = await http.start(rc.grpc_host, rc.http_port) if http else None
     await set_serving_async(health_servicer)  # ready: every door is open
     print(json.dumps({"event": "ready", "tier": "router", "grpc_port": port, "metrics_port": metrics_port,
-                      "http_port": http_port, "auth": gate.enabled}), flush=True)
+                      "http_port": http_port, "auth": gate.enabled,
+                      "batch": bool(batch and batch.runner)}), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    if batch:
+        await batch.stop()
     if http:
         await http.stop()
     await server.stop(grace=2)

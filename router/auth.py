@@ -94,7 +94,15 @@ class Admission:
 
 def hash_key(key: str) -> str:
     # a key is ASCII; a header that is not (an HTTP header decoded with surrogates) simply hashes to no key
+    if isinstance(key, HashedKey):
+        return str(key)
     return hashlib.sha256(key.encode("utf-8", "replace")).hexdigest()
+
+
+class HashedKey(str):
+    """A key known only by its hash, which the store looks it up by: a batch's lines run with the key that
+    submitted it (its quota, its revocation) without the router keeping the key itself (router/batch.py).
+    Made only by the router from a key it has checked; never from what a client sends."""
 
 
 def utc_day(now: float | None = None) -> str:
@@ -481,6 +489,14 @@ class Gate:
         if self.store is None:
             return
         await asyncio.get_running_loop().run_in_executor(self._pool, self.store.lookup, key)
+
+    async def identify(self, key: str | None) -> tuple[str, HashedKey | None]:
+        """Whose valid key this is: its id ("" when auth is off) and the key as the store knows it (its hash),
+        for work done later on the key's account (a batch); AccessDenied as `check`."""
+        if self.store is None:
+            return "", None
+        key_id, _ = await asyncio.get_running_loop().run_in_executor(self._pool, self.store.lookup, key)
+        return key_id, HashedKey(hash_key(key))
 
     async def settle(self, admission: Admission | None, used_tokens: int | None) -> None:
         if admission is None or self.store is None:

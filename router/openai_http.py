@@ -40,6 +40,7 @@ HTTP_STATUS = {
     "UNAUTHENTICATED": (401, "authentication_error"),
     "PERMISSION_DENIED": (403, "permission_error"),
     "NOT_FOUND": (404, "not_found_error"),
+    "FAILED_PRECONDITION": (409, "invalid_request_error"),  # e.g. cancelling a batch that has completed
     "RESOURCE_EXHAUSTED": (429, "rate_limit_error"),
     "UNAVAILABLE": (503, "service_unavailable"),
     "DEADLINE_EXCEEDED": (504, "timeout_error"),
@@ -86,6 +87,13 @@ def _error_response(exc: TierError, chat: bool = False) -> web.Response:
     message, param = _openai_error(exc, chat)
     body = {"error": {"message": message, "type": kind, "param": param, "code": exc.status.lower()}}
     return web.json_response(body, status=status, headers=headers)
+
+
+def error_response(status: str, message: str, param: str | None = None) -> web.Response:
+    """An error answer made here (not from a tier): `status` a gRPC status name, `param` the field it names."""
+    exc = TierError("router", status, message)
+    exc.param = param
+    return _error_response(exc)
 
 
 INT32 = (-2**31, 2**31 - 1)  # what the wire's int32 fields hold (max_tokens, attention_window)
@@ -205,6 +213,16 @@ def _usage(resp: pb.InferResponse) -> dict:
             "total_tokens": u.prompt_tokens + u.completion_tokens}
 
 
+async def read_json(request: web.Request):
+    """The request's JSON body; BadRequest when it is not JSON."""
+    try:
+        return await request.json()
+    except (ValueError, RecursionError):  # not JSON, not in its charset, or nested too deep to read
+        raise BadRequest(None, "the body is not valid JSON (in UTF-8 or its declared charset)") from None
+    except LookupError:  # content-type: ...; charset=<no such codec>
+        raise BadRequest(None, f"unknown charset {request.charset!r} in content-type") from None
+
+
 @web.middleware
 async def _json_errors(request: web.Request, handler):
     """Every answer is JSON in OpenAI's error shape, an unknown path or a bug included (never aiohttp's text)."""
@@ -262,10 +280,8 @@ class OpenAIServer:
             return _error_response(exc)
         name = request.match_info["model"]
         if name != self.router.model_name:
-            missing = TierError("router", "NOT_FOUND", f"model: {name!r} is not served here; this server serves "
-                                                       f"{self.router.model_name!r}")
-            missing.param = "model"
-            return _error_response(missing)
+            return error_response("NOT_FOUND", f"model: {name!r} is not served here; this server serves "
+                                               f"{self.router.model_name!r}", "model")
         return web.json_response(self._model())
 
     async def health(self, request: web.Request) -> web.Response:
@@ -281,8 +297,28 @@ class OpenAIServer:
     async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
         key = bearer_token(request.headers)
         try:
+            body = await read_json(request)
+        except BadRequest as exc:
+            return await self._refused(exc, key, chat)
+        return await self.respond(body, key, chat, request)
+
+    async def _refused(self, exc: BadRequest, key: str | None, chat: bool = False) -> web.Response:
+        """A body the API cannot read: 401/403 first when the key is bad, else the 400."""
+        try:
+            await self.router.gate.check(key)
+        except TierError as denied:
+            return _error_response(denied, chat)
+        return _error_response(exc, chat)
+
+    async def respond(self, body: dict, key: str | None, chat: bool, request: web.Request | None = None,
+                      priority: int = 0) -> web.StreamResponse:
+        """The answer to one completion body: the HTTP door's, and a batch line's (router/batch.py), which has
+        no connection to stream to (`request` None) and runs at the `priority` it is given."""
+        try:
             try:
-                body, req = await self._read(request, chat)
+                req = self.parse(body, chat)
+                if body.get("stream") and request is None:
+                    raise BadRequest("stream", "stream: a batch line cannot stream; leave stream out")
             except BadRequest:
                 await self.router.gate.check(key)  # 401/403 before a bad body
                 raise
@@ -290,6 +326,8 @@ class OpenAIServer:
             if body.get("stream"):
                 include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
                 return await self._stream(request, req, key, chat, include_usage)
+            if priority:
+                req.priority = priority
             resp = await self.router.infer(req, key)
         except TierError as exc:
             return _error_response(exc, chat)
@@ -303,14 +341,8 @@ class OpenAIServer:
                "usage": _usage(resp), "tier": resp.tier, "tierline": _tierline(resp)}
         return web.json_response(out, headers={"x-tierline-tier": resp.tier})
 
-    async def _read(self, request: web.Request, chat: bool) -> tuple[dict, pb.InferRequest]:
-        """The JSON body and the InferRequest it asks for; BadRequest names what cannot be read."""
-        try:
-            body = await request.json()
-        except (ValueError, RecursionError):  # not JSON, not in its charset, or nested too deep to read
-            raise BadRequest(None, "the body is not valid JSON (in UTF-8 or its declared charset)") from None
-        except LookupError:  # content-type: ...; charset=<no such codec>
-            raise BadRequest(None, f"unknown charset {request.charset!r} in content-type") from None
+    def parse(self, body: dict, chat: bool) -> pb.InferRequest:
+        """The InferRequest a completion body asks for; BadRequest names what cannot be read."""
         if not isinstance(body, dict):
             raise BadRequest(None, "the body must be a JSON object")
         if chat:
@@ -318,13 +350,13 @@ class OpenAIServer:
                 prompt = self.chat_template.render(chat_messages(body.get("messages")))
             except ChatTemplateError as exc:
                 raise BadRequest("messages", f"messages: {exc}") from None
-            return body, _request(body, prompt, CHAT_PARAMS, ("max_tokens", "max_completion_tokens"))
+            return _request(body, prompt, CHAT_PARAMS, ("max_tokens", "max_completion_tokens"))
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
             prompt = prompt[0]
         if not isinstance(prompt, str):
             raise BadRequest("prompt", "prompt: must be a string (or a list of one string)")
-        return body, _request(body, prompt, COMPLETION_PARAMS)
+        return _request(body, prompt, COMPLETION_PARAMS)
 
     async def _stream(self, request: web.Request, req: pb.InferRequest, key: str | None, chat: bool,
                       include_usage: bool) -> web.StreamResponse:

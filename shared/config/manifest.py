@@ -112,6 +112,18 @@ class LimitsConfig:
 
 
 @dataclass
+class BatchApiConfig:
+    """The OpenAI Batch API (router/batch.py): files and batches kept in JetStream, run by every router's workers."""
+
+    enabled: bool = True  # needs JetStream on the NATS server; without it the batch endpoints answer 503
+    workers: int = 8  # lines one router runs at once, at the lowest priority (interactive requests go first)
+    max_attempts: int = 3  # runs of one line a tier failure (5xx) may take before its error goes to the error file
+    ack_wait_s: float = 30.0  # a worker silent this long on a line is taken for dead: another router runs it
+    max_file_mb: int = 100  # largest file upload
+    max_lines: int = 50_000  # lines per batch
+
+
+@dataclass
 class RouterConfig:
     enabled: bool = True  # this host runs a router (`tierline up --host`: one host's share of a deployment)
     grpc_host: str = "127.0.0.1"
@@ -128,6 +140,7 @@ class RouterConfig:
     scorer: str = ""
     # the OpenAI-compatible HTTP endpoint (/v1/completions ...); 0 = any free port, -1 = off
     http_port: int = 0
+    batch: BatchApiConfig = field(default_factory=BatchApiConfig)  # /v1/files and /v1/batches on that endpoint
 
 
 
@@ -242,7 +255,9 @@ _RANGES = {  # field -> (min, max) inclusive, None = unbounded
     "http_port": (-1, 65535), "calls_per_day": (1, None), "tokens_per_day": (1, None),
     "max_stop": (0, 16), "max_stop_chars": (1, 1024), "max_id_chars": (1, 1024),
     "heartbeat_s": (0.05, 86400), "stale_after_beats": (1, 1000), "outbox_max_events": (1, 10_000_000),
-    "memory_max_mb": (0, None), "health_problems": (1, 1000), "health_min_token_accuracy": (0, 1),
+    "memory_max_mb": (0, None), "workers": (1, 1024), "max_attempts": (1, 100), "ack_wait_s": (1, 3600),
+    "max_file_mb": (1, 4096), "max_lines": (1, 10_000_000),
+    "health_problems": (1, 1000), "health_min_token_accuracy": (0, 1),
 }
 
 

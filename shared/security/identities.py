@@ -3,7 +3,8 @@ authorization config generated from them (docs/SECURITY.md).
 
 Roles, each only what it needs:
 - `operator` (the CLI): everything: it creates the fleet's buckets, writes desired models, reads telemetry.
-- `router`: asks every tier (`infer`, `stream`, `cancel`) and discovers their replicas (`$SRV`).
+- `router`: asks every tier (`infer`, `stream`, `cancel`) and discovers their replicas (`$SRV`); runs the
+  Batch API's streams and buckets (its work queue, records, results and files) and only those.
 - `tier-<tier>`: serves its own subjects in the queue group, answers only the requests it received
   (`allow_responses`), and asks the tiers above it (a device tier escalates).
 - `device-<id>`: one board: what `tier-device` may do, plus its own registry key, its own telemetry
@@ -32,10 +33,15 @@ from nats.micro.service import DEFAULT_QUEUE_GROUP
 
 from tierline_shared.security.signing import write_secret_file
 from tierline_shared.transport.messaging import (
+    BATCH_BUCKET,
+    BATCH_STREAM,
     DESIRED_BUCKET,
     DEVICES_BUCKET,
+    FILES_BUCKET,
     KEYS_BUCKET,
     MODELS_BUCKET,
+    RESULTS_BUCKET,
+    SUBJECT_PREFIX,
     TELEMETRY_STREAM,
     USAGE_BUCKET,
     service_name,
@@ -110,6 +116,19 @@ def _quotas() -> list[str]:
             f"{api}.DIRECT.GET.{usage}.>", f"$KV.{USAGE_BUCKET}.>"]
 
 
+def _batch_api() -> list[str]:
+    """The Batch API's JetStream (router/batch.py): the router creates and runs its streams and buckets, and
+    nothing else's: the work queue, the records and results (KV), the files (Object Store)."""
+    api = "$JS.API"
+    streams = (BATCH_STREAM, f"KV_{BATCH_BUCKET}", f"KV_{RESULTS_BUCKET}", f"OBJ_{FILES_BUCKET}")
+    return [f"{api}.INFO", f"{api}.STREAM.NAMES", f"{SUBJECT_PREFIX}.batch.>",
+            f"$KV.{BATCH_BUCKET}.>", f"$KV.{RESULTS_BUCKET}.>", f"$O.{FILES_BUCKET}.>"] + [
+        p for s in streams for p in (
+            f"{api}.STREAM.*.{s}", f"{api}.STREAM.MSG.*.{s}", f"{api}.DIRECT.GET.{s}", f"{api}.DIRECT.GET.{s}.>",
+            f"{api}.CONSUMER.*.{s}", f"{api}.CONSUMER.*.{s}.>", f"{api}.CONSUMER.*.*.{s}.>",
+            f"$JS.ACK.{s}.>", f"$JS.FC.{s}.>")]
+
+
 def permissions(identity: str) -> dict:
     """The nats-server `permissions` of one identity (allow lists: anything else is refused)."""
     inbox = [f"{inbox_prefix(identity)}.>"]
@@ -118,7 +137,8 @@ def permissions(identity: str) -> dict:
         return {"publish": {"allow": [">"]}, "subscribe": {"allow": [">"]}}
     if identity == ROUTER:
         discover = [f"$SRV.*.{service_name(t)}" for t in TIERS]
-        return {"publish": {"allow": _ask(TIERS) + discover + _quotas()}, "subscribe": {"allow": inbox}}
+        return {"publish": {"allow": _ask(TIERS) + discover + _quotas() + _batch_api()},
+                "subscribe": {"allow": inbox}}
     if identity.startswith(TIER_PREFIX) and identity.removeprefix(TIER_PREFIX) in TIERS:
         tier = identity.removeprefix(TIER_PREFIX)
         publish = _ask(tiers_above(tier))

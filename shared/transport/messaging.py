@@ -39,6 +39,12 @@ TELEMETRY_STREAM = "TIERLINE_TELEMETRY"  # stream of `tierline.telemetry.<device
 # API keys and daily usage shared by the routers (router/auth.py:KvKeyStore, `auth.store: nats`)
 KEYS_BUCKET = "tierline_keys"  # KV: id.<key id> -> record, hash.<sha256> -> key id
 USAGE_BUCKET = "tierline_usage"  # KV: <key id>.<UTC day> -> calls and tokens
+# the Batch API (router/batch.py): files, batch records, the durable work queue of lines, their results
+FILES_BUCKET = "tierline_files"  # Object Store: uploaded input files and the output/error files
+BATCH_BUCKET = "tierline_batches"  # KV: file.<id> / batch.<id> -> record (JSON), active.<batch id> while it runs
+RESULTS_BUCKET = "tierline_batch_results"  # KV: <batch id>.<line> -> that line's output line, written once
+BATCH_STREAM = "TIERLINE_BATCH"  # work queue of `tierline.batch.work.<batch id>` (one message per line)
+BATCH_CONSUMER = "batch-workers"  # the durable pull consumer every router's workers share
 
 
 class _QuietTlsClose(logging.Filter):
@@ -55,6 +61,11 @@ logging.getLogger("asyncio").addFilter(_QuietTlsClose())
 def subject(tier: str, verb: str = "infer") -> str:
     """The one place subject names are made: tierline.<tier>.<verb>."""
     return f"{SUBJECT_PREFIX}.{tier}.{verb}"
+
+
+def batch_subject(batch_id: str = "*") -> str:
+    """Where a batch's lines wait for a worker: tierline.batch.work.<batch id>."""
+    return f"{SUBJECT_PREFIX}.batch.work.{batch_id}"
 
 
 def service_name(tier: str) -> str:

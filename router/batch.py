@@ -1,0 +1,579 @@
+"""The OpenAI Batch API's durable side: files and batches in JetStream, their lines run by every router's workers.
+
+Where things live (names in shared/transport/messaging.py):
+- `FILES_BUCKET` (Object Store): each file's bytes under its id: uploaded input, the output and error files.
+- `BATCH_BUCKET` (KV): `file.<id>` and `batch.<id>` records (JSON, OpenAI's fields plus `_`-prefixed internal
+  ones: owner, key hash, counts); `active.<batch id>` exists while a batch is not final.
+- `BATCH_STREAM`: the work queue. One message per valid line, on `tierline.batch.work.<batch id>`, with
+  `Nats-Msg-Id: <batch id>.<line>` (publishing again after a crash adds nothing); a message leaves the
+  stream when a worker acks it, after the line's result is written.
+- `RESULTS_BUCKET` (KV): `<batch id>.<line>` -> the line's output line, written with `create`: the first
+  write wins, so a line run twice (its worker died after answering, before acking) is answered once.
+
+A batch's life, with OpenAI's statuses: `POST /v1/batches` writes the record `validating` and marks it
+active. Each router runs a `BatchRunner`: its manager claims a validating batch (a lease in the record),
+checks every line (a bad line becomes an error line now, never a failed batch) and queues the rest, then
+marks it `in_progress`. Workers pull lines, run each through the router exactly as the HTTP API would
+(`OpenAIServer.respond`: the caller's key and quota, the routing policy, so easy lines stay on the device
+and edge tiers) at the lowest priority, write the result, ack. When the batch's subject is empty the
+manager finalizes: every line without a result gets one (cancelled, expired or dead-lettered, again by
+`create`), the output and error files are written in line order, the record becomes final. Every step
+is idempotent, so a router killed anywhere is replaced by any other (or itself restarted) and the batch
+completes with each line answered exactly once.
+
+Retries: a line a tier fails (5xx) is redelivered (`nak` with a delay) up to `max_attempts` runs; the
+consumer's `max_deliver` is one more, a delivery that only writes the line's dead letter (its worker died
+on every attempt). A worker on a long line tells JetStream it is alive (`in_progress`) every third of
+`ack_wait_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from tierline_api.v1 import inference_pb2 as pb
+from tierline_router.openai_http import BadRequest, _openai_error
+from tierline_shared.transport.messaging import (
+    BATCH_BUCKET,
+    BATCH_CONSUMER,
+    BATCH_STREAM,
+    FILES_BUCKET,
+    RESULTS_BUCKET,
+    batch_subject,
+)
+
+log = logging.getLogger("tierline.router.batch")
+
+ENDPOINTS = {"/v1/completions": False, "/v1/chat/completions": True}  # batch endpoint -> is chat
+COMPLETION_WINDOWS = {"24h": 24 * 3600}  # what OpenAI accepts, in seconds
+FINAL = ("completed", "failed", "expired", "cancelled")
+JS_TIMEOUT_S = 10.0  # one JetStream API call, at most
+TICK_S = 0.5  # how often the manager looks at the active batches
+LEASE_S = 30.0  # a manager validating a batch holds it this long; another takes over after
+RETRY_DELAY_S = 1.0  # a line a tier failed waits this long per attempt before it runs again
+DUPLICATE_WINDOW_S = 24 * 3600  # Nats-Msg-Id deduplication of queued lines
+PUBLISH_CONCURRENCY = 256  # lines queued at once
+CACHE_S = 1.0  # workers re-read a batch's record (cancelled?) at most this often
+MAX_METADATA = 16  # metadata pairs, as OpenAI
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{secrets.token_hex(12)}"
+
+
+def public(record: dict) -> dict:
+    """A record as the API shows it: the internal (`_`) fields left out."""
+    return {k: v for k, v in record.items() if not k.startswith("_")}
+
+
+class BatchUnavailable(Exception):
+    """JetStream is not there (the NATS server runs without it, or the router may not use it)."""
+
+
+@dataclass
+class Line:
+    """One input line, checked: `body` to run, or `error` (the reason it never reaches the endpoint)."""
+
+    n: int  # its place among the file's non-empty lines, from 0
+    custom_id: str | None
+    body: dict | None = None
+    error: dict | None = None  # {"code", "message"}, or an HTTP error answer: {"status_code", "body"}
+    request: dict = field(default_factory=dict)
+
+
+def parse_lines(data: bytes, endpoint: str, parse) -> list[Line]:
+    """The file's lines, each checked on its own: JSON, `custom_id` (unique), `method`, `url` (the batch's
+    endpoint), then its body as the endpoint reads it (`parse(body, chat)` raises BadRequest)."""
+    chat, seen, lines = ENDPOINTS[endpoint], set(), []
+    for raw in data.split(b"\n"):
+        if not raw.strip():
+            continue
+        n = len(lines)
+        line = Line(n, None)
+        lines.append(line)
+        try:
+            item = json.loads(raw)
+        except (ValueError, RecursionError):
+            line.error = {"code": "invalid_json", "message": f"line {n + 1}: not a JSON object (UTF-8)"}
+            continue
+        if not isinstance(item, dict):
+            line.error = {"code": "invalid_json", "message": f"line {n + 1}: not a JSON object"}
+            continue
+        cid = item.get("custom_id")
+        line.custom_id = cid if isinstance(cid, str) else None
+        problem = None
+        if not isinstance(cid, str) or not cid:
+            problem = ("missing_custom_id", "custom_id: required, a non-empty string")
+        elif cid in seen:
+            problem = ("duplicate_custom_id", f"custom_id: {cid!r} is used by an earlier line")
+        elif item.get("method") != "POST":
+            problem = ("invalid_method", f"method: must be POST, got {item.get('method')!r}")
+        elif item.get("url") != endpoint:
+            problem = ("invalid_url", f"url: must be the batch's endpoint {endpoint}, got {item.get('url')!r}")
+        elif not isinstance(item.get("body"), dict):
+            problem = ("invalid_body", "body: must be a JSON object")
+        if isinstance(cid, str):
+            seen.add(cid)
+        if problem:
+            line.error = {"code": problem[0], "message": f"line {n + 1}: {problem[1]}"}
+            continue
+        try:
+            parse(item["body"], chat)
+            if item["body"].get("stream"):
+                raise BadRequest("stream", "stream: a batch line cannot stream; leave stream out")
+        except BadRequest as exc:
+            message, param = _openai_error(exc, chat)
+            line.error = {"status_code": 400, "body": {"error": {
+                "message": message, "type": "invalid_request_error", "param": param, "code": "invalid_argument"}}}
+            continue
+        line.body = item["body"]
+    return lines
+
+
+def output_line(batch_id: str, line: Line | int, custom_id: str | None, status: int | None = None,
+                body: dict | None = None, error: dict | None = None) -> dict:
+    """One line of the output or error file, in OpenAI's shape."""
+    n = line.n if isinstance(line, Line) else line
+    response = None if status is None else {"status_code": status, "request_id": (body or {}).get("id", ""),
+                                            "body": body}
+    return {"id": f"batch_req_{batch_id.removeprefix('batch_')}_{n}", "custom_id": custom_id,
+            "response": response, "error": error, "_n": n}
+
+
+def is_success(result: dict) -> bool:
+    return result.get("response") is not None and result["response"]["status_code"] == 200
+
+
+class BatchStore:
+    """The JetStream side: buckets and the work queue, bound (or created) once."""
+
+    def __init__(self, nc, ack_wait_s: float, max_attempts: int):
+        self.nc = nc
+        self.js = nc.jetstream(timeout=JS_TIMEOUT_S)
+        self.ack_wait_s, self.max_attempts = ack_wait_s, max_attempts
+        self.files = self.records = self.results = None
+
+    async def open(self) -> "BatchStore":
+        from nats.js.api import ConsumerConfig, RetentionPolicy, StreamConfig
+        from nats.js.errors import BadRequestError, NoStreamResponseError, ServiceUnavailableError
+
+        try:
+            self.files = await self.js.create_object_store(FILES_BUCKET)
+            self.records = await self.js.create_key_value(bucket=BATCH_BUCKET, history=1)
+            self.results = await self.js.create_key_value(bucket=RESULTS_BUCKET, history=1)
+            await self.js.add_stream(StreamConfig(
+                name=BATCH_STREAM, subjects=[batch_subject("*")], retention=RetentionPolicy.WORK_QUEUE,
+                duplicate_window=DUPLICATE_WINDOW_S))
+            self.consumer_config = ConsumerConfig(
+                durable_name=BATCH_CONSUMER, ack_wait=self.ack_wait_s, max_deliver=self.max_attempts + 1,
+                max_ack_pending=10_000, filter_subject=batch_subject("*"))
+        except (NoStreamResponseError, ServiceUnavailableError, BadRequestError, asyncio.TimeoutError) as exc:
+            raise BatchUnavailable(f"JetStream is not available on the NATS server ({type(exc).__name__}: "
+                                   f"{exc}); the Batch API needs it (nats-server -js)") from None
+        return self
+
+    async def subscribe(self):
+        return await self.js.pull_subscribe(batch_subject("*"), durable=BATCH_CONSUMER, stream=BATCH_STREAM,
+                                            config=self.consumer_config)
+
+    # -- records (KV) ---------------------------------------------------------------------------------------
+    async def get(self, key: str) -> tuple[dict | None, int]:
+        from nats.js.errors import KeyDeletedError, KeyNotFoundError
+
+        try:
+            entry = await self.records.get(key)
+        except (KeyNotFoundError, KeyDeletedError):
+            return None, 0
+        return json.loads(entry.value), entry.revision
+
+    async def change(self, key: str, change) -> dict | None:
+        """`change(record) -> new record or None (leave it)`, by compare-and-set until no one else interferes."""
+        from nats.js.errors import KeyWrongLastSequenceError
+
+        while True:
+            record, revision = await self.get(key)
+            if record is None:
+                return None
+            new = change(record)
+            if new is None:
+                return record
+            try:
+                await self.records.update(key, json.dumps(new).encode(), last=revision)
+                return new
+            except KeyWrongLastSequenceError:
+                await asyncio.sleep(0)
+
+    async def put_record(self, key: str, record: dict) -> None:
+        await self.records.put(key, json.dumps(record).encode())
+
+    async def keys(self, bucket, pattern: str) -> list[str]:
+        """The keys matching `pattern` (a server-side filter, unlike nats-py's `keys()`)."""
+        watcher = await bucket.watch(pattern, ignore_deletes=True, meta_only=True)
+        keys = []
+        try:
+            while (entry := await watcher.updates(JS_TIMEOUT_S)) is not None:
+                keys.append(entry.key)
+        finally:
+            await watcher.stop()
+        return keys
+
+    async def values(self, bucket, pattern: str) -> list[dict]:
+        watcher = await bucket.watch(pattern, ignore_deletes=True)
+        values = []
+        try:
+            while (entry := await watcher.updates(JS_TIMEOUT_S)) is not None:
+                values.append(json.loads(entry.value))
+        finally:
+            await watcher.stop()
+        return values
+
+    # -- files (Object Store) ---------------------------------------------------------------------------------
+    async def put_file(self, owner: str, filename: str, purpose: str, data: bytes, file_id: str | None = None
+                       ) -> dict:
+        file_id = file_id or new_id("file-")
+        await self.files.put(file_id, data)
+        record = {"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
+                  "filename": filename, "purpose": purpose, "status": "processed", "_owner": owner}
+        await self.put_record(f"file.{file_id}", record)
+        return record
+
+    async def file_data(self, file_id: str) -> bytes:
+        return (await self.files.get(file_id)).data
+
+    async def delete_file(self, file_id: str) -> None:
+        from nats.js.errors import NotFoundError, ObjectNotFoundError
+
+        try:
+            await self.files.delete(file_id)
+        except (NotFoundError, ObjectNotFoundError):
+            pass
+        await self.records.purge(f"file.{file_id}")
+
+    # -- lines and results -------------------------------------------------------------------------------------
+    async def enqueue(self, batch_id: str, lines: list[Line]) -> None:
+        subject = batch_subject(batch_id)
+        limit = asyncio.Semaphore(PUBLISH_CONCURRENCY)
+
+        async def one(line: Line) -> None:
+            async with limit:
+                payload = json.dumps({"n": line.n, "custom_id": line.custom_id, "body": line.body}).encode()
+                await self.js.publish(subject, payload, headers={"Nats-Msg-Id": f"{batch_id}.{line.n}"})
+
+        await asyncio.gather(*(one(line) for line in lines))
+
+    async def remaining(self, batch_id: str) -> int:
+        """Lines of the batch still in the work queue (waiting, or run and not yet acked)."""
+        subject = batch_subject(batch_id)
+        info = await self.js.stream_info(BATCH_STREAM, subjects_filter=subject)
+        return (info.state.subjects or {}).get(subject, 0)
+
+    async def drop_queued(self, batch_id: str) -> None:
+        await self.js.purge_stream(BATCH_STREAM, subject=batch_subject(batch_id))
+
+    async def write_result(self, batch_id: str, result: dict) -> bool:
+        """The line's result, unless it has one already (False then)."""
+        from nats.js.errors import KeyWrongLastSequenceError
+
+        try:
+            await self.results.create(f"{batch_id}.{result['_n']}", json.dumps(result).encode())
+            return True
+        except KeyWrongLastSequenceError:
+            return False
+
+    async def has_result(self, batch_id: str, n: int) -> bool:
+        from nats.js.errors import KeyDeletedError, KeyNotFoundError
+
+        try:
+            await self.results.get(f"{batch_id}.{n}")
+            return True
+        except (KeyNotFoundError, KeyDeletedError):
+            return False
+
+    async def all_results(self, batch_id: str) -> dict[int, dict]:
+        return {r["_n"]: r for r in await self.values(self.results, f"{batch_id}.*")}
+
+    async def drop_results(self, batch_id: str) -> None:
+        await self.js.purge_stream(f"KV_{RESULTS_BUCKET}", subject=f"$KV.{RESULTS_BUCKET}.{batch_id}.*")
+
+    async def stuck(self, batch_id: str) -> list[tuple[int, dict]]:
+        """Queued lines no worker will get again (delivered `max_deliver` times, never acked): (seq, line)."""
+        from nats.js.errors import NotFoundError
+
+        info = await self.js.consumer_info(BATCH_STREAM, BATCH_CONSUMER)
+        if info.num_pending or info.num_ack_pending:
+            return []  # something is still on its way to a worker, or in one's hands
+        out, seq = [], 0
+        while True:
+            try:
+                msg = await self.js.get_msg(BATCH_STREAM, seq=seq + 1, subject=batch_subject(batch_id), next=True)
+            except NotFoundError:
+                return out
+            seq = msg.seq
+            out.append((seq, json.loads(msg.data)))
+
+    async def delete_queued(self, seq: int) -> None:
+        await self.js.delete_msg(BATCH_STREAM, seq)
+
+
+def batch_record(batch_id: str, owner: str, key_hash: str | None, input_file_id: str, endpoint: str,
+                 window: str, metadata: dict | None) -> dict:
+    now = int(time.time())
+    return {"id": batch_id, "object": "batch", "endpoint": endpoint, "errors": None, "input_file_id": input_file_id,
+            "completion_window": window, "status": "validating", "output_file_id": None, "error_file_id": None,
+            "created_at": now, "in_progress_at": None, "expires_at": now + COMPLETION_WINDOWS[window],
+            "finalizing_at": None, "completed_at": None, "failed_at": None, "expired_at": None,
+            "cancelling_at": None, "cancelled_at": None, "request_counts": {"total": 0, "completed": 0, "failed": 0},
+            "metadata": metadata, "_owner": owner, "_key": key_hash, "_queued": 0, "_invalid": 0, "_failed": 0,
+            "_ending": None, "_lease": 0}
+
+
+class BatchRunner:
+    """One router's share of the batch work: `workers` lines at a time, and the manager of active batches."""
+
+    def __init__(self, store: BatchStore, api, workers: int, max_attempts: int, ack_wait_s: float):
+        self.store, self.api = store, api  # api: the OpenAIServer whose `respond` answers a line
+        self.workers, self.max_attempts, self.ack_wait_s = workers, max_attempts, ack_wait_s
+        self._tasks: list[asyncio.Task] = []
+        self._busy: dict[str, asyncio.Task] = {}  # batch id -> the manager's task on it
+        self._records: dict[str, tuple[float, dict | None]] = {}  # batch id -> (read at, record), for workers
+        self._stop = asyncio.Event()
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._pull(), name="batch-workers"),
+                       asyncio.create_task(self._manage(), name="batch-manager")]
+
+    async def stop(self) -> None:
+        self._stop.set()
+        for t in self._tasks + list(self._busy.values()):
+            t.cancel()
+        await asyncio.gather(*self._tasks, *self._busy.values(), return_exceptions=True)
+
+    # -- workers ----------------------------------------------------------------------------------------------
+    async def _pull(self) -> None:
+        import nats.errors
+
+        sub = await self.store.subscribe()
+        idle, freed = self.workers, asyncio.Event()
+        running: set[asyncio.Task] = set()
+
+        def done(task: asyncio.Task) -> None:
+            nonlocal idle
+            running.discard(task)
+            idle += 1
+            freed.set()
+
+        while not self._stop.is_set():
+            while idle == 0:
+                freed.clear()
+                await freed.wait()
+            try:
+                msgs = await sub.fetch(idle, timeout=1.0)  # as many lines as there are idle workers
+            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                continue
+            except Exception as exc:  # noqa: BLE001 - the link is down, say: wait, then ask again
+                log.warning("batch: fetching lines failed: %s", exc)
+                await asyncio.sleep(1.0)
+                continue
+            for msg in msgs:
+                idle -= 1
+                task = asyncio.create_task(self._line(msg))
+                running.add(task)
+                task.add_done_callback(done)
+
+    async def _record(self, batch_id: str) -> dict | None:
+        read_at, record = self._records.get(batch_id, (0.0, None))
+        if time.monotonic() - read_at > CACHE_S:
+            record, _ = await self.store.get(f"batch.{batch_id}")
+            self._records[batch_id] = (time.monotonic(), record)
+        return record
+
+    async def _line(self, msg) -> None:
+        batch_id = msg.subject.rsplit(".", 1)[-1]
+        try:
+            item = json.loads(msg.data)
+            record = await self._record(batch_id)
+            if record is None or record["status"] in FINAL or record["_ending"] or \
+                    await self.store.has_result(batch_id, item["n"]):
+                await msg.ack()  # nothing left to do for it (the finalizer answers what is not run)
+                return
+            delivered = msg.metadata.num_delivered
+            if delivered > self.max_attempts:  # its workers died on every attempt: the dead letter
+                await self._settle(batch_id, output_line(batch_id, item["n"], item["custom_id"], error={
+                    "code": "max_deliveries_exceeded",
+                    "message": f"no answer after {delivered - 1} attempts (each worker stopped mid-line)"}))
+                await msg.ack()
+                return
+            status, body = await self._run(msg, record, item)
+            if status >= 500 and delivered < self.max_attempts:  # the tiers failed it: again, later
+                await msg.nak(delay=RETRY_DELAY_S * delivered)
+                return
+            await self._settle(batch_id, output_line(batch_id, item["n"], item["custom_id"], status, body))
+            await msg.ack_sync()
+        except Exception:  # noqa: BLE001 - this line's failure is this line's: redelivered after ack_wait
+            log.exception("batch %s: a line failed unexpectedly", batch_id)
+
+    async def _run(self, msg, record: dict, item: dict) -> tuple[int, dict]:
+        """The line answered as the HTTP API answers it, telling JetStream it is alive meanwhile."""
+        from tierline_router.auth import HashedKey
+
+        async def alive() -> None:
+            while True:
+                await asyncio.sleep(self.ack_wait_s / 3)
+                await msg.in_progress()
+
+        keepalive = asyncio.create_task(alive())
+        try:
+            key = HashedKey(record["_key"]) if record["_key"] else None
+            resp = await self.api.respond(item["body"], key, ENDPOINTS[record["endpoint"]],
+                                          priority=pb.PRIORITY_LOW)
+        finally:
+            keepalive.cancel()
+        return resp.status, json.loads(resp.body)
+
+    async def _settle(self, batch_id: str, result: dict) -> None:
+        """Write a line's result (once); a failure counts toward the batch's `failed` while it runs."""
+        if await self.store.write_result(batch_id, result) and not is_success(result):
+            await self.store.change(f"batch.{batch_id}", lambda r: {**r, "_failed": r["_failed"] + 1})
+
+    # -- the manager ------------------------------------------------------------------------------------------
+    async def _manage(self) -> None:
+        while not self._stop.is_set():
+            try:
+                for key in await self.store.keys(self.store.records, "active.*"):
+                    batch_id = key.removeprefix("active.")
+                    if batch_id not in self._busy:
+                        task = asyncio.create_task(self._advance(batch_id))
+                        self._busy[batch_id] = task
+                        task.add_done_callback(lambda t, b=batch_id: self._busy.pop(b, None))
+            except Exception as exc:  # noqa: BLE001 - the link is down, say: look again at the next tick
+                log.warning("batch: listing active batches failed: %s", exc)
+            try:
+                await asyncio.wait_for(self._stop.wait(), TICK_S)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _advance(self, batch_id: str) -> None:
+        """One look at an active batch: move it on if it can."""
+        try:
+            record, _ = await self.store.get(f"batch.{batch_id}")
+            if record is None or record["status"] in FINAL:  # finished by another router (or before a crash)
+                await self.store.records.purge(f"active.{batch_id}")
+                await self.store.drop_results(batch_id)
+                return
+            now = time.time()
+            if record["status"] == "validating":
+                if record["_lease"] < now:
+                    await self._validate(batch_id)
+                return
+            if record["_ending"] is None:
+                if record["status"] == "cancelling":
+                    ending = "cancelled"
+                elif now >= record["expires_at"]:
+                    ending = "expired"
+                elif await self.store.remaining(batch_id) == 0:
+                    ending = "completed"
+                else:
+                    for seq, item in await self.store.stuck(batch_id):
+                        await self._settle(batch_id, output_line(batch_id, item["n"], item["custom_id"], error={
+                            "code": "max_deliveries_exceeded",
+                            "message": f"no answer after {self.max_attempts + 1} deliveries"}))
+                        await self.store.delete_queued(seq)
+                    return
+                ending = record["_ending"] = ending
+
+                def decide(r):
+                    if r["_ending"] is not None:
+                        return None
+                    stamp = {"completed": "finalizing_at"}.get(ending)
+                    return {**r, "_ending": ending, **({"status": "finalizing", stamp: int(now)} if stamp else {})}
+
+                record = await self.store.change(f"batch.{batch_id}", decide)
+            await self._finalize(batch_id, record)
+        except Exception:  # noqa: BLE001 - tried again at the next tick (every step is idempotent)
+            log.exception("batch %s: could not advance it", batch_id)
+
+    async def _validate(self, batch_id: str) -> None:
+        """Claim the batch (a lease), check its lines, queue the valid ones, mark it in_progress."""
+        me = secrets.token_hex(4)
+
+        def claim(r):
+            if r["status"] != "validating" or r["_lease"] >= time.time():
+                return None
+            return {**r, "_lease": time.time() + LEASE_S, "_claimed_by": me}
+
+        record = await self.store.change(f"batch.{batch_id}", claim)
+        if record is None or record.get("_claimed_by") != me:
+            return
+        try:
+            data = await self.store.file_data(record["input_file_id"])
+        except Exception as exc:  # noqa: BLE001 - the file is gone: the batch cannot run
+            error = {"code": "invalid_file", "message": f"the input file could not be read: {exc}",
+                     "param": "input_file_id", "line": None}
+            await self.store.change(f"batch.{batch_id}", lambda r: {
+                **r, "status": "failed", "failed_at": int(time.time()), "errors": {"object": "list", "data": [error]}})
+            return
+        lines = parse_lines(data, record["endpoint"], self.api.parse)
+        invalid = [line for line in lines if line.error]
+        for line in invalid:
+            err = line.error
+            result = (output_line(batch_id, line, line.custom_id, err["status_code"], err["body"])
+                      if "status_code" in err else output_line(batch_id, line, line.custom_id, error={
+                          **err, "line": line.n + 1}))
+            await self.store.write_result(batch_id, result)
+        await self.store.enqueue(batch_id, [line for line in lines if line.body is not None])
+        counts = {"total": len(lines), "completed": 0, "failed": len(invalid)}
+        await self.store.change(f"batch.{batch_id}", lambda r: None if r["status"] != "validating" else {
+            **r, "status": "in_progress", "in_progress_at": int(time.time()), "request_counts": counts,
+            "_queued": len(lines) - len(invalid), "_invalid": len(invalid)})
+
+    async def _finalize(self, batch_id: str, record: dict) -> None:
+        """Every line answered once (what never ran gets its reason), the files written, the record final."""
+        ending = record["_ending"]
+        if ending != "completed":
+            await self.store.drop_queued(batch_id)
+        results = await self.store.all_results(batch_id)
+        total = record["request_counts"]["total"]
+        if ending != "completed" or len(results) < total:  # what never ran (or was never read: cancelled early)
+            data = await self.store.file_data(record["input_file_id"])
+            code = {"cancelled": "batch_cancelled", "expired": "batch_expired"}.get(ending, "not_run")
+            for line in parse_lines(data, record["endpoint"], self.api.parse):
+                if line.n not in results:
+                    await self.store.write_result(batch_id, output_line(batch_id, line, line.custom_id, error={
+                        "code": code, "message": f"the batch was {ending} before this line ran"}))
+            results = await self.store.all_results(batch_id)
+        ok = [results[n] for n in sorted(results) if is_success(results[n])]
+        bad = [results[n] for n in sorted(results) if not is_success(results[n])]
+        hex_id = batch_id.removeprefix("batch_")
+        out_id = err_id = None
+        if ok:
+            out_id = (await self.store.put_file(record["_owner"], f"{batch_id}_output.jsonl", "batch_output",
+                                                _jsonl(ok), f"file-{hex_id}-output"))["id"]
+        if bad:
+            err_id = (await self.store.put_file(record["_owner"], f"{batch_id}_errors.jsonl", "batch_output",
+                                                _jsonl(bad), f"file-{hex_id}-errors"))["id"]
+        tiers: dict[str, int] = {}
+        for r in ok:
+            tier = (r["response"]["body"] or {}).get("tier", "")
+            tiers[tier] = tiers.get(tier, 0) + 1
+        now = int(time.time())
+        stamp = {"completed": "completed_at", "cancelled": "cancelled_at", "expired": "expired_at"}[ending]
+
+        def final(r):
+            if r["status"] in FINAL:
+                return None
+            return {**r, "status": ending, stamp: now, "output_file_id": out_id, "error_file_id": err_id,
+                    "request_counts": {"total": len(results), "completed": len(ok), "failed": len(bad)},
+                    "tierline": {"answered_by_tier": tiers}}
+
+        await self.store.change(f"batch.{batch_id}", final)
+        await self.store.records.purge(f"active.{batch_id}")
+        await self.store.drop_results(batch_id)
+
+
+def _jsonl(results: list[dict]) -> bytes:
+    return b"".join(json.dumps({k: v for k, v in r.items() if k != "_n"}).encode() + b"\n" for r in results)

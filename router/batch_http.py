@@ -1,0 +1,273 @@
+"""The OpenAI Batch API's endpoints on the router's HTTP server: /v1/files and /v1/batches.
+
+`POST /v1/files` (multipart: `purpose=batch`, `file`), `GET /v1/files[/{id}[/content]]`, `DELETE
+/v1/files/{id}`; `POST /v1/batches` (`input_file_id`, `endpoint`, `completion_window`, `metadata`),
+`GET /v1/batches[/{id}]`, `POST /v1/batches/{id}/cancel`. Every call needs a valid API key; a key
+sees only its own files and batches (others' are 404), and a batch's lines run on its key's quota.
+The work itself is router/batch.py's; without JetStream the endpoints answer 503.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+
+from aiohttp import web
+
+from tierline_router.auth import bearer_token
+from tierline_router.batch import (
+    COMPLETION_WINDOWS,
+    ENDPOINTS,
+    FINAL,
+    MAX_METADATA,
+    BatchRunner,
+    BatchStore,
+    BatchUnavailable,
+    batch_record,
+    new_id,
+    public,
+)
+from tierline_router.openai_http import BadRequest, _error_response, error_response, read_json
+from tierline_shared.transport.messaging import TierError
+
+log = logging.getLogger("tierline.router.batch")
+
+PURPOSES = ("batch",)  # what files are for here (OpenAI's other purposes serve features this API lacks)
+METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 64, 512  # as OpenAI
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,80}$")  # file and batch ids (new_id), and nothing a KV key cannot be
+LIST_LIMIT = (1, 100)  # `limit` of a list call; 20 when not given
+
+
+class BatchApi:
+    """The endpoints, and this router's `BatchRunner`, once JetStream is bound (`start`)."""
+
+    def __init__(self, server, config):
+        self.server, self.config = server, config  # server: the OpenAIServer (keys, `respond`, `parse`)
+        self.store: BatchStore | None = None
+        self.runner: BatchRunner | None = None
+        self.unavailable = "the Batch API is starting"
+        server.app.add_routes([
+            web.post("/v1/files", self.upload), web.get("/v1/files", self.list_files),
+            web.get("/v1/files/{id}", self.get_file), web.get("/v1/files/{id}/content", self.file_content),
+            web.delete("/v1/files/{id}", self.delete_file),
+            web.post("/v1/batches", self.create), web.get("/v1/batches", self.list_batches),
+            web.get("/v1/batches/{id}", self.get_batch), web.post("/v1/batches/{id}/cancel", self.cancel)])
+
+    async def start(self, nc) -> None:
+        c = self.config
+        try:
+            self.store = await BatchStore(nc, c.ack_wait_s, c.max_attempts).open()
+        except BatchUnavailable as exc:
+            self.unavailable = str(exc)
+            log.warning("batch API off: %s", exc)
+            return
+        self.runner = BatchRunner(self.store, self.server, c.workers, c.max_attempts, c.ack_wait_s)
+        self.runner.start()
+
+    async def stop(self) -> None:
+        if self.runner:
+            await self.runner.stop()
+
+    async def _caller(self, request: web.Request) -> tuple[str, str | None]:
+        """(owner, key hash) of a valid key; TierError otherwise, or 503 without JetStream."""
+        owner, key_hash = await self.server.router.gate.identify(bearer_token(request.headers))
+        if self.store is None:
+            raise TierError("router", "UNAVAILABLE", self.unavailable)
+        return owner, key_hash
+
+    async def _owned(self, kind: str, ident: str, owner: str) -> dict:
+        record = (await self.store.get(f"{kind}.{ident}"))[0] if _ID.match(ident) else None
+        if record is None or record["_owner"] != owner:
+            raise _not_found(kind, ident)
+        return record
+
+    # -- files ------------------------------------------------------------------------------------------------
+    async def upload(self, request: web.Request) -> web.Response:
+        try:
+            owner, _ = await self._caller(request)
+            purpose, filename, data = await self._form(request)
+            record = await self.store.put_file(owner, filename, purpose, data)
+        except TierError as exc:
+            return _error_response(exc)
+        return web.json_response(public(record))
+
+    async def _form(self, request: web.Request) -> tuple[str, str, bytes]:
+        """`purpose` and `file` from a multipart body, the file read up to the size limit."""
+        if not request.content_type.startswith("multipart/"):
+            raise BadRequest("file", "the body must be multipart/form-data with fields purpose and file")
+        limit = self.config.max_file_mb * 1024 * 1024
+        purpose = filename = data = None
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if part.name == "purpose":
+                purpose = (await part.read(decode=True)).decode("utf-8", "replace")
+            elif part.name == "file":
+                filename, chunks, size = part.filename or "upload.jsonl", [], 0
+                while chunk := await part.read_chunk(1 << 16):
+                    size += len(chunk)
+                    if size > limit:
+                        raise BadRequest("file", f"file: larger than the {self.config.max_file_mb} MB this "
+                                                 f"server accepts (router.batch.max_file_mb)")
+                    chunks.append(chunk)
+                data = b"".join(chunks)
+        if purpose not in PURPOSES:
+            raise BadRequest("purpose", f"purpose: must be one of {', '.join(PURPOSES)}, got {purpose!r}")
+        if data is None:
+            raise BadRequest("file", "file: required")
+        if not data.strip():
+            raise BadRequest("file", "file: empty")
+        return purpose, filename, data
+
+    async def list_files(self, request: web.Request) -> web.Response:
+        try:
+            owner, _ = await self._caller(request)
+            files = [public(r) for r in await self.store.values(self.store.records, "file.*") if r["_owner"] == owner]
+        except TierError as exc:
+            return _error_response(exc)
+        files.sort(key=lambda r: r["created_at"], reverse=True)
+        return web.json_response({"object": "list", "data": files, "has_more": False})
+
+    async def get_file(self, request: web.Request) -> web.Response:
+        try:
+            owner, _ = await self._caller(request)
+            record = await self._owned("file", request.match_info["id"], owner)
+        except TierError as exc:
+            return _error_response(exc)
+        return web.json_response(public(record))
+
+    async def file_content(self, request: web.Request) -> web.Response:
+        try:
+            owner, _ = await self._caller(request)
+            await self._owned("file", request.match_info["id"], owner)
+            data = await self.store.file_data(request.match_info["id"])
+        except TierError as exc:
+            return _error_response(exc)
+        return web.Response(body=data, content_type="application/jsonl")
+
+    async def delete_file(self, request: web.Request) -> web.Response:
+        try:
+            owner, _ = await self._caller(request)
+            file_id = request.match_info["id"]
+            await self._owned("file", file_id, owner)
+            await self.store.delete_file(file_id)
+        except TierError as exc:
+            return _error_response(exc)
+        return web.json_response({"id": file_id, "object": "file", "deleted": True})
+
+    # -- batches ----------------------------------------------------------------------------------------------
+    async def create(self, request: web.Request) -> web.Response:
+        try:
+            owner, key_hash = await self._caller(request)
+            body = await read_json(request)
+            if not isinstance(body, dict):
+                raise BadRequest(None, "the body must be a JSON object")
+            unknown = sorted(set(body) - {"input_file_id", "endpoint", "completion_window", "metadata"})
+            if unknown:
+                raise BadRequest(unknown[0], f"{unknown[0]}: unsupported parameter")
+            endpoint, window = body.get("endpoint"), body.get("completion_window")
+            if endpoint not in ENDPOINTS:
+                raise BadRequest("endpoint", f"endpoint: one of {', '.join(ENDPOINTS)}, got {endpoint!r}")
+            if window not in COMPLETION_WINDOWS:
+                raise BadRequest("completion_window", f"completion_window: one of {', '.join(COMPLETION_WINDOWS)}, "
+                                                      f"got {window!r}")
+            metadata = _metadata(body.get("metadata"))
+            file_id = body.get("input_file_id")
+            if not isinstance(file_id, str) or not file_id:
+                raise BadRequest("input_file_id", "input_file_id: required, the id of an uploaded file")
+            try:
+                file = await self._owned("file", file_id, owner)
+            except TierError:
+                raise BadRequest("input_file_id", f"input_file_id: no file {file_id!r}") from None
+            if file["purpose"] != "batch":
+                raise BadRequest("input_file_id", f"input_file_id: {file_id} has purpose {file['purpose']!r}, "
+                                                  f"not 'batch'")
+            lines = sum(1 for raw in (await self.store.file_data(file_id)).split(b"\n") if raw.strip())
+            if lines > self.config.max_lines:
+                raise BadRequest("input_file_id", f"input_file_id: {lines} lines; a batch holds at most "
+                                                  f"{self.config.max_lines} (router.batch.max_lines)")
+            batch_id = new_id("batch_")
+            record = batch_record(batch_id, owner, key_hash, file_id, endpoint, window, metadata)
+            await self.store.put_record(f"batch.{batch_id}", record)
+            await self.store.records.put(f"active.{batch_id}", b"")  # the managers pick it up from here
+        except TierError as exc:
+            return _error_response(exc)
+        return web.json_response(public(record))
+
+    async def get_batch(self, request: web.Request) -> web.Response:
+        try:
+            owner, _ = await self._caller(request)
+            record = await self._owned("batch", request.match_info["id"], owner)
+            return web.json_response(await self._shown(record))
+        except TierError as exc:
+            return _error_response(exc)
+
+    async def _shown(self, record: dict) -> dict:
+        """The record as the API shows it, with the counts of a running batch read from the work queue."""
+        if record["status"] in ("in_progress", "finalizing", "cancelling") and record["_ending"] != "completed":
+            done = record["_queued"] - await self.store.remaining(record["id"])
+            failed = record["_invalid"] + record["_failed"]
+            record["request_counts"] = {"total": record["request_counts"]["total"],
+                                        "completed": max(0, done - record["_failed"]), "failed": failed}
+        return public(record)
+
+    async def list_batches(self, request: web.Request) -> web.Response:
+        try:
+            owner, _ = await self._caller(request)
+            limit = _int_query(request, "limit", 20, LIST_LIMIT)
+            after = request.query.get("after")
+            records = [r for r in await self.store.values(self.store.records, "batch.*") if r["_owner"] == owner]
+        except TierError as exc:
+            return _error_response(exc)
+        records.sort(key=lambda r: (r["created_at"], r["id"]), reverse=True)
+        if after:
+            ids = [r["id"] for r in records]
+            records = records[ids.index(after) + 1:] if after in ids else []
+        page = [public(r) for r in records[:limit]]
+        return web.json_response({"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                                  "last_id": page[-1]["id"] if page else None, "has_more": len(records) > limit})
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        try:
+            owner, _ = await self._caller(request)
+            batch_id = request.match_info["id"]
+            record = await self._owned("batch", batch_id, owner)
+            if record["status"] in FINAL and record["status"] != "cancelled":
+                return error_response("FAILED_PRECONDITION", f"batch {batch_id} is {record['status']}: there is "
+                                                             f"nothing left to cancel")
+            now = int(time.time())
+            record = await self.store.change(f"batch.{batch_id}", lambda r: None if r["status"] in FINAL or r[
+                "_ending"] or r["status"] == "cancelling" else {**r, "status": "cancelling", "cancelling_at": now})
+            return web.json_response(await self._shown(record))
+        except TierError as exc:
+            return _error_response(exc)
+
+
+def _not_found(kind: str, ident: str) -> TierError:
+    exc = TierError("router", "NOT_FOUND", f"no {kind} {ident!r}")
+    exc.param = None
+    return exc
+
+
+def _metadata(value) -> dict | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) > MAX_METADATA or not all(
+            isinstance(k, str) and isinstance(v, str) and len(k) <= METADATA_KEY_CHARS
+            and len(v) <= METADATA_VALUE_CHARS for k, v in value.items()):
+        raise BadRequest("metadata", f"metadata: at most {MAX_METADATA} string pairs (keys up to "
+                                     f"{METADATA_KEY_CHARS} characters, values up to {METADATA_VALUE_CHARS})")
+    return value
+
+
+def _int_query(request: web.Request, name: str, default: int, bounds: tuple[int, int]) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(name, f"{name}: must be an integer, got {raw!r}") from None
+    if not bounds[0] <= value <= bounds[1]:
+        raise BadRequest(name, f"{name}: {value} is out of range [{bounds[0]}, {bounds[1]}]")
+    return value

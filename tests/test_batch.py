@@ -1,0 +1,233 @@
+"""The OpenAI Batch API (router/batch.py, router/batch_http.py) on a real platform with JetStream, driven by the
+official `openai` client: files and batches, per-line errors, keys, cancellation, retries, and restarts."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import openai
+import pytest
+
+from tests.conftest import new_key
+from tierline_infra.supervisor import TIER_MODULES, Stack
+
+MODEL = "tierline-reasoner"
+PROMPTS = ["Q:2+3=?\nA:", "Q:7-4=?\nA:", "Q:1+1=?\nA:", "Q:9-2=?\nA:"]
+WAIT_S = 180  # a batch of this file's size finishes well within this on a 2-core machine
+
+
+def _overrides(**batch) -> dict:
+    return {"router.device_complexity": 0.0, "router.cloud_complexity": 1.0,
+            "router.confidence_threshold": {"edge": 0.0},
+            "router.batch": {"ack_wait_s": 5, "max_attempts": 5, **batch},
+            "auth.plans": {"pro": {"calls_per_day": 100000, "tokens_per_day": 10000000},
+                           "tiny": {"calls_per_day": 3, "tokens_per_day": 100000}}}
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_family):
+    with Stack(tiny_family, tiers=("edge",), jetstream=True, auth=True, overrides=_overrides()) as s:
+        yield s
+
+
+def api(stack, key: str | None = None) -> openai.OpenAI:
+    return openai.OpenAI(api_key=key or stack.api_key, base_url=stack.http_base_url, max_retries=0, timeout=60)
+
+
+def line(custom_id: str, prompt: str, max_tokens: int = 6, chat: bool = False, **body) -> dict:
+    if chat:
+        return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+                "body": {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                         **body}}
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/completions",
+            "body": {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, **body}}
+
+
+def jsonl(items) -> bytes:
+    return b"".join((json.dumps(i) if not isinstance(i, str) else i).encode() + b"\n" for i in items)
+
+
+def submit(client: openai.OpenAI, data: bytes, endpoint: str = "/v1/completions"):
+    f = client.files.create(file=("batch.jsonl", io.BytesIO(data)), purpose="batch")
+    return client.batches.create(input_file_id=f.id, endpoint=endpoint, completion_window="24h",
+                                 metadata={"job": "test"})
+
+
+def wait(client: openai.OpenAI, batch_id: str, until=("completed", "failed", "expired", "cancelled"),
+         timeout_s: float = WAIT_S):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        b = client.batches.retrieve(batch_id)
+        if b.status in until:
+            return b
+        time.sleep(0.25)
+    raise AssertionError(f"batch {batch_id} still {b.status} after {timeout_s} s: {b.request_counts}")
+
+
+def lines_of(client: openai.OpenAI, file_id: str | None) -> list[dict]:
+    if file_id is None:
+        return []
+    return [json.loads(x) for x in client.files.content(file_id).read().splitlines()]
+
+
+def test_files_and_batches_round_trip_with_the_openai_client(stack):
+    client = api(stack)
+    items = [line(f"req-{i}", p) for i, p in enumerate(PROMPTS)] + [line("chat-0", PROMPTS[0], chat=True)]
+    # one endpoint per batch (as OpenAI): the chat line goes in a batch of its own
+    batch = submit(client, jsonl(items[:4]))
+    assert batch.status == "validating" and batch.endpoint == "/v1/completions" and batch.metadata == {"job": "test"}
+    chat_batch = submit(client, jsonl(items[4:]), "/v1/chat/completions")
+    done = wait(client, batch.id)
+    assert done.status == "completed", done
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (4, 4, 0)
+    assert done.error_file_id is None and done.completed_at and done.in_progress_at
+    out = lines_of(client, done.output_file_id)
+    assert [o["custom_id"] for o in out] == [f"req-{i}" for i in range(4)]  # in the file's order
+    for o, prompt in zip(out, PROMPTS):
+        # the same answer the interactive API gives the same body (greedy)
+        direct = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6)
+        assert o["response"]["status_code"] == 200 and o["error"] is None
+        assert o["response"]["body"]["choices"][0]["text"] == direct.choices[0].text
+        assert o["response"]["body"]["tier"] == "edge"
+    chat_done = wait(client, chat_batch.id)
+    (chat_out,) = lines_of(client, chat_done.output_file_id)
+    assert chat_out["response"]["body"]["object"] == "chat.completion"
+    assert client.batches.retrieve(batch.id).output_file_id == done.output_file_id
+    assert batch.id in [b.id for b in client.batches.list(limit=10)]
+    assert client.files.retrieve(done.output_file_id).purpose == "batch_output"
+
+
+def test_bad_lines_are_answered_one_by_one_and_never_fail_the_batch(stack):
+    client = api(stack)
+    data = jsonl([line("ok-1", PROMPTS[0]),
+                  "{not json",
+                  {"method": "POST", "url": "/v1/completions", "body": {"model": MODEL, "prompt": "x"}},
+                  line("ok-1", PROMPTS[1]),  # a duplicate custom_id
+                  {**line("wrong-url", PROMPTS[1]), "url": "/v1/embeddings"},
+                  line("bad-max", PROMPTS[1], max_tokens=-1),
+                  line("streaming", PROMPTS[1], stream=True),
+                  line("wrong-model", PROMPTS[1], model="gpt-4"),
+                  line("ok-2", PROMPTS[2])])
+    done = wait(client, submit(client, data).id)
+    assert done.status == "completed"
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (9, 2, 7)
+    assert [o["custom_id"] for o in lines_of(client, done.output_file_id)] == ["ok-1", "ok-2"]
+    errors = {(e["custom_id"], (e["error"] or {}).get("code"), (e["response"] or {}).get("status_code")):
+              e for e in lines_of(client, done.error_file_id)}
+    assert set(errors) == {(None, "invalid_json", None), (None, "missing_custom_id", None),
+                           ("ok-1", "duplicate_custom_id", None), ("wrong-url", "invalid_url", None),
+                           ("bad-max", None, 400), ("streaming", None, 400), ("wrong-model", None, 400)}
+    assert errors[("bad-max", None, 400)]["response"]["body"]["error"]["param"] == "max_tokens"
+    assert errors[("streaming", None, 400)]["response"]["body"]["error"]["param"] == "stream"
+
+
+def test_requests_are_checked_and_named_by_their_openai_field(stack):
+    client = api(stack)
+    f = client.files.create(file=("b.jsonl", io.BytesIO(jsonl([line("a", PROMPTS[0])]))), purpose="batch")
+    with pytest.raises(openai.BadRequestError) as err:
+        client.batches.create(input_file_id=f.id, endpoint="/v1/embeddings", completion_window="24h")
+    assert err.value.body["param"] == "endpoint"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="1h")
+    assert err.value.body["param"] == "completion_window"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.batches.create(input_file_id="file-nope", endpoint="/v1/completions", completion_window="24h")
+    assert err.value.body["param"] == "input_file_id"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.files.create(file=("b.jsonl", io.BytesIO(b"{}\n")), purpose="fine-tune")
+    assert err.value.body["param"] == "purpose"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h",
+                              metadata={"k": "v" * 600})
+    assert err.value.body["param"] == "metadata"
+    with pytest.raises(openai.NotFoundError):
+        client.batches.retrieve("batch_nope")
+    with pytest.raises(openai.NotFoundError):
+        client.batches.retrieve("batch.*")  # not a KV key
+
+
+def test_a_key_sees_only_its_own_and_lines_count_against_its_quota(stack):
+    mine, other = api(stack), api(stack, new_key(stack, "pro")[1])
+    batch = submit(mine, jsonl([line("a", PROMPTS[0])]))
+    with pytest.raises(openai.NotFoundError):
+        other.batches.retrieve(batch.id)
+    with pytest.raises(openai.NotFoundError):
+        other.files.content(batch.input_file_id)
+    assert batch.id not in [b.id for b in other.batches.list()]
+    with pytest.raises(openai.AuthenticationError):
+        api(stack, "tl_nope_nope").batches.list()
+    # a plan of 3 calls a day: the batch's 5 lines run on it; 3 are admitted, 2 are refused (429) line by line
+    tiny = api(stack, new_key(stack, "tiny")[1])
+    done = wait(tiny, submit(tiny, jsonl([line(f"q{i}", PROMPTS[i % 4]) for i in range(5)])).id)
+    assert (done.request_counts.completed, done.request_counts.failed) == (3, 2)
+    codes = sorted(e["response"]["status_code"] for e in lines_of(tiny, done.error_file_id))
+    assert codes == [429, 429]
+    with pytest.raises(openai.RateLimitError):  # the quota is spent: interactive calls are refused too
+        tiny.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=2)
+
+
+def test_cancel_answers_every_line_once(stack):
+    client = api(stack)
+    n = 200
+    batch = submit(client, jsonl([line(f"c{i}", PROMPTS[i % 4], max_tokens=16) for i in range(n)]))
+    cancelling = client.batches.cancel(batch.id)  # at once: most lines have not run
+    assert cancelling.status == "cancelling" and cancelling.cancelling_at
+    done = wait(client, batch.id)
+    assert done.status == "cancelled" and done.cancelled_at
+    answered = lines_of(client, done.output_file_id) + lines_of(client, done.error_file_id)
+    assert sorted(o["custom_id"] for o in answered) == sorted(f"c{i}" for i in range(n))  # each once
+    assert (done.request_counts.total, done.request_counts.completed + done.request_counts.failed) == (n, n)
+    assert {e["error"]["code"] for e in lines_of(client, done.error_file_id)} == {"batch_cancelled"}
+    assert client.batches.cancel(batch.id).status == "cancelled"  # again: nothing changes
+    finished = wait(client, submit(client, jsonl([line("x", PROMPTS[0])])).id)
+    with pytest.raises(openai.ConflictError):  # nothing left to cancel
+        client.batches.cancel(finished.id)
+
+
+def test_without_jetstream_the_batch_endpoints_say_so(tiny_family):
+    with Stack(tiny_family, tiers=("edge",), auth=True, overrides=_overrides()) as s:
+        with pytest.raises(openai.InternalServerError) as err:
+            api(s).batches.list()
+        assert err.value.status_code == 503 and "JetStream" in err.value.body["message"]
+        # the interactive API is unaffected
+        assert api(s).completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=2).choices
+
+
+def test_a_failing_tier_is_retried_and_a_line_it_never_answers_reports_why(stack):
+    client = api(stack)
+    stack.kill("edge-0")
+    try:
+        # no tier answers: each run is a 503, retried (after 1, 2, 3, 4 s) until max_attempts, then reported
+        t0 = time.monotonic()
+        lost = wait(client, submit(client, jsonl([line("lost", PROMPTS[0])])).id)
+        assert time.monotonic() - t0 >= 1 + 2 + 3 + 4
+        (err,) = lines_of(client, lost.error_file_id)
+        assert err["custom_id"] == "lost" and err["response"]["status_code"] == 503
+        # the tier comes back while the lines wait for their next run: they are answered
+        batch = submit(client, jsonl([line(f"r{i}", PROMPTS[i]) for i in range(4)]))
+        time.sleep(2)  # the first runs fail meanwhile
+    finally:
+        stack.restart("edge-0", TIER_MODULES["edge"])
+    done = wait(client, batch.id)
+    assert (done.request_counts.completed, done.request_counts.failed) == (4, 0)
+
+
+def test_router_killed_mid_batch_answers_every_line_exactly_once_after_restart(stack):
+    client = api(stack)
+    n = 300
+    batch = submit(client, jsonl([line(f"k{i}", PROMPTS[i % 4], max_tokens=16) for i in range(n)]))
+    progress = wait(client, batch.id, until=("in_progress",))
+    while progress.request_counts.completed < 20:
+        progress = client.batches.retrieve(batch.id)
+    stack.kill("router")  # mid-batch: lines in the workers' hands, the manager's state, all gone at once
+    assert progress.status == "in_progress" and progress.request_counts.completed < n
+    stack.restart("router")
+    client = api(stack)  # the new router's port
+    done = wait(client, batch.id)
+    assert done.status == "completed"
+    out = lines_of(client, done.output_file_id)
+    assert [o["custom_id"] for o in out] == [f"k{i}" for i in range(n)]  # every line, once, in order
+    assert done.error_file_id is None and done.request_counts.completed == n
+    assert len({o["id"] for o in out}) == n

@@ -10,7 +10,7 @@ import time
 import openai
 import pytest
 
-from tests.conftest import new_key
+from tests.conftest import new_key, run_cli
 from tierline_infra.supervisor import TIER_MODULES, Stack
 
 MODEL = "tierline-reasoner"
@@ -193,6 +193,31 @@ def test_without_jetstream_the_batch_endpoints_say_so(tiny_family):
         assert err.value.status_code == 503 and "JetStream" in err.value.body["message"]
         # the interactive API is unaffected
         assert api(s).completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=2).choices
+
+
+def test_the_cli_submits_follows_and_fetches(stack, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(jsonl([line(f"cli-{i}", p) for i, p in enumerate(PROMPTS)]))
+    conn = ("--url", stack.http_base_url, "--api-key", stack.api_key)
+    out = tmp_path / "out.jsonl"
+    done = run_cli("batch", "submit", str(src), "--wait", "--output", str(out), "--metadata", "team=risk",
+                   "--json", *conn)
+    assert done.returncode == 0, done.stderr
+    batch = json.loads(done.stdout)
+    assert batch["status"] == "completed" and batch["metadata"] == {"team": "risk"}
+    assert batch["tierline"]["answered_by_tier"] == {"edge": 4}
+    assert [json.loads(x)["custom_id"] for x in out.read_text().splitlines()] == [f"cli-{i}" for i in range(4)]
+    status = run_cli("batch", "status", batch["id"], *conn)
+    assert status.returncode == 0 and "completed, 4 completed, 0 failed of 4" in status.stdout
+    assert batch["id"] in run_cli("batch", "list", *conn).stdout
+    results = run_cli("batch", "results", batch["id"], *conn)
+    assert results.stdout == out.read_text()
+    missing = run_cli("batch", "results", batch["id"], "--errors", *conn)
+    assert missing.returncode == 1 and "no error file" in missing.stderr
+    refused = run_cli("batch", "cancel", batch["id"], *conn)
+    assert refused.returncode == 1 and "HTTP 409" in refused.stderr
+    denied = run_cli("batch", "list", "--url", stack.http_base_url, "--api-key", "tl_no_key")
+    assert denied.returncode == 1 and "HTTP 401" in denied.stderr
 
 
 def test_a_failing_tier_is_retried_and_a_line_it_never_answers_reports_why(stack):

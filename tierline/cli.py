@@ -181,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p.handlers.update(add_bench(sub, _Parser))
 
+    from tierline.batch_cli import add_parser as add_batch  # the Batch API over HTTP
     from tierline.client_cli import add_parsers as add_client  # infer, stream, status: through the SDK
     from tierline.creds import add_parser as add_creds  # NATS identities, signing key, TLS
     from tierline.keys import add_parser as add_keys  # API keys
@@ -188,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p.handlers.update(add_client(sub, _Parser))
     p.handlers.update(add_keys(sub, _Parser))
+    p.handlers.update(add_batch(sub, _Parser))
     p.handlers.update(add_creds(sub, _Parser))
     p.handlers.update(add_nats(sub, _Parser))
     return p

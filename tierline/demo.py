@@ -92,7 +92,7 @@ def report(results: list[tuple], costs: dict[str, float], wall_s: float, console
 def demo(models_dir: Path, n: int = 300, concurrency: int = 16) -> int:
     console = Console()
     with console.status("starting nats-server, device, edge, cloud and router..."):
-        stack = Stack(models_dir, overrides=demo_overrides(models_dir), auth=True).start()
+        stack = Stack(models_dir, overrides=demo_overrides(models_dir), auth=True, jetstream=True).start()
     try:
         console.print(f"platform up: router at {stack.router_address}, NATS at {stack.nats.url} "
                       f"(TLS, one identity per role), API keys on (a pro key was made for the demo)")
@@ -151,7 +151,7 @@ def up(models_dir: Path, pidfile: Path, manifest: Path | None = None, replicas: 
         except ManifestError as exc:
             raise UsageError(str(exc)) from None
     else:
-        stack = Stack(models_dir, overrides=demo_overrides(models_dir), auth=True, replicas=replicas,
+        stack = Stack(models_dir, overrides=demo_overrides(models_dir), auth=True, jetstream=True, replicas=replicas,
                       ports_from=manifest).start()
     pidfile.parent.mkdir(parents=True, exist_ok=True)
     pidfile.write_text(str(os.getpid()))

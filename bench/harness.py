@@ -1,8 +1,8 @@
 """`tierline bench [--quick]`: start what each scenario needs, measure, write the report.
 
 Five phases, one after the other so that only the processes being measured are
-up: (A) the whole platform (device, edge, cloud, router) for edge vs cloud, tiered
-vs cloud only, and the router/NATS timings; (B) the edge behind a router, an edge
+up: (A) the whole platform (device, edge, cloud, router, NATS with JetStream) for edge vs
+cloud, tiered vs cloud only, the router/NATS timings and the Batch API; (B) the edge behind a router, an edge
 with batching off, the bare engine and the LitServe peer; (C) an edge with its
 result cache on, and two edges with prefix KV reuse on and off; (D) the device
 model alone in a process pinned to one core (the Pi-class profile); (E) the cloud tier
@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from tierline_bench import scenarios
+from tierline_bench.batch_jobs import batch_api
 from tierline_bench.device_profile import pi_profile
 from tierline_bench.load import HttpClient
 from tierline_bench.peer import MODES, PeerServer, available
@@ -38,7 +39,7 @@ from tierline_shared.wire import TIERS
 PEER_BATCH_TIMEOUT_S = 0.005  # LitServe's batch_timeout: how long its first request waits for company
 BATCHING = BatchConfig()  # the tiers' default scheduler limits; the peer batches as many requests
 SECTION_ORDER = ("edge_vs_cloud", "tiered_vs_cloud", "batching", "cache", "platform_overhead", "peer_litserve",
-                 "router_and_nats", "device_profile", "peer_transformers")
+                 "router_and_nats", "device_profile", "peer_transformers", "batch_api")
 
 
 def _tiers(tiers, threads: int, cache: bool = False) -> dict:
@@ -73,7 +74,10 @@ def run_bench(models_dir: Path, out_dir: Path, quick: bool = False, log=print) -
     t0 = time.perf_counter()
     log("phase A: nats-server, device, edge, cloud, router (result caches off)")
     # the demo's costs and router policy (the calibrated one when infra/manifests/local.yaml serves these models)
-    with Stack(models_dir, overrides={**demo_overrides(models_dir), **_tiers(TIERS, cfg.threads)}) as full:
+    # JetStream on for the Batch API (section 10), whose workers keep as many lines in flight as batching's clients
+    batch_workers = cfg.batching_concurrency
+    with Stack(models_dir, jetstream=True, overrides={**demo_overrides(models_dir), **_tiers(TIERS, cfg.threads),
+                                                      "router.batch.workers": batch_workers}) as full:
         costs = load_manifest(full.manifest, check_artifacts=False).costs()
         log("  1. edge vs cloud")
         sections["edge_vs_cloud"] = scenarios.edge_vs_cloud(full, cfg, prompts, warm)
@@ -82,6 +86,11 @@ def run_bench(models_dir: Path, out_dir: Path, quick: bool = False, log=print) -
         log("  7. router decision time, NATS hop")
         decisions = [p.prompt for p in generate("test", cfg.decisions, seed=cfg.seed + 3000)]
         sections["router_and_nats"] = scenarios.router_and_nats(full, cfg, decisions)
+        log(f"  10. Batch API: {cfg.batch_lines} lines")
+        checks = generate("test", cfg.batch_lines, seed=cfg.seed + 5000)
+        interactive = [p.prompt for p in generate("test", 2 * cfg.ttft_requests, seed=cfg.seed + 6000)]
+        cloud_cost = sections["tiered_vs_cloud"]["metrics"]["cloud_only"]["cost_per_request"]
+        sections["batch_api"] = batch_api(full, cfg, checks, interactive, costs, cloud_cost, batch_workers)
     phases["A"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -323,6 +323,7 @@ def render(results: dict, plots: dict[str, str]) -> str:
     L += _notes(rn)
     L += _device_profile(s["device_profile"], 8)
     L += _cloud_peer(s["peer_transformers"], 9)
+    L += _batch_api(s["batch_api"], 10)
     L += ["## Reproduce", "", "`make bench` (this report, "
           f"{meta['total_seconds']:.0f} s here) or `tierline bench --quick --models DIR --out DIR` (the "
           "tiny family, a completeness check run by `make test`). Raw engine speed without serving is "
@@ -342,6 +343,31 @@ def _cloud_peer(section: dict, number: int) -> list[str]:
                   "-" if k == "cloud" else f"{fmt(m[k]['same_greedy_text'], pct=True)}"
                   + (f" of {m[k]['compared']}" if "compared" in m[k] else ""),
                   "-" if k == "cloud" else _x(m["ratio"][f"cloud_over_{k}"])] for k in names])
+    return L + _notes(section)
+
+
+def _batch_api(section: dict, number: int) -> list[str]:
+    """The Batch API section (bench/batch_jobs.py)."""
+    m = section["metrics"]
+    L = [f"## {number}. {section['title']}", "", _how(section["method"]), ""]
+    if "lines" not in m:
+        return L + [f"Not measured: {m['lines_per_s']['not_measured']}", ""]
+    i = m["interactive"]
+    L += _table(["", "measured here", "the article"], [
+        ["lines, completed / failed", f"{m['lines']:,}: {m['completed']:,} / {m['failed']:,}", ""],
+        ["throughput (create to completed)", f"{fmt(m['lines_per_s'], ' lines/s')} in {fmt(m['wall_s'], ' s')}",
+         f"{m['article_lines_per_day'] / 86400:.0f} lines/s"],
+        ["lines a day at that rate", f"{m['lines_per_day']:,} ({_x(m['over_article'])} the article's)",
+         f"{m['article_lines_per_day']:,}"],
+        ["answered below the cloud", fmt(m["share_below_cloud"], pct=True)
+         + " (" + ", ".join(f"{t} {fmt(v, pct=True)}" for t, v in m["share"].items()) + ")", "90%"],
+        ["cost per line vs cloud only (section 2)", f"{fmt(m['cost_per_line'])} vs "
+         f"{fmt(m['cloud_only_cost_per_request'])}: {fmt(m['cost_reduction_vs_cloud_only'], pct=True)} less", "-80%"],
+        ["accuracy (exact answer)", fmt(m["accuracy"], pct=True), "-"],
+        ["interactive latency p50 / p95, alone", f"{fmt(i['alone']['p50_ms'], ' ms')} / "
+                                                 f"{fmt(i['alone']['p95_ms'], ' ms')}", "-"],
+        ["interactive latency p50 / p95, beside the batch", f"{fmt(i['beside_batch']['p50_ms'], ' ms')} / "
+         f"{fmt(i['beside_batch']['p95_ms'], ' ms')} ({_x(i['p50_beside_over_alone'])} p50)", "-"]])
     return L + _notes(section)
 
 

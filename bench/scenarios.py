@@ -48,12 +48,13 @@ class BenchConfig:
     max_tokens: int = 96  # completion tokens at most per request (as `make demo`)
     threads: int = 1  # runtime threads of every engine: each tier, the bare engine, the peer
     seed: int = 7  # the workload's seed (test split)
+    batch_lines: int = 10_000  # lines of the Batch API's file (section 10)
 
 
 FULL = BenchConfig(quick=False, repeats=5, requests=384, warmup=32, ttft_requests=48, decisions=2000,
                    nats_hops=2000, cache_prompts=64, dialogues=30)
 QUICK = BenchConfig(quick=True, repeats=1, requests=16, warmup=4, ttft_requests=4, decisions=50, nats_hops=50,
-                    cache_prompts=6, dialogues=2)
+                    cache_prompts=6, dialogues=2, batch_lines=40)
 
 
 def not_measured(reason: str) -> dict:

@@ -73,7 +73,7 @@ async def serve(manifest_path: str) -> int:
     await server.start()
     metrics_port = metrics.serve(rc.grpc_host, rc.metrics_port) if rc.metrics_port >= 0 else None
     http = OpenAIServer(servicer, ChatTemplate.of_models(manifest.models_path)) if rc.http_port >= 0 else None
-    batch = BatchApi(http, rc.batch) if http and rc.batch.enabled else None  # /v1/files, /v1/batches
+    batch = BatchApi(http, rc.batch, manifest.costs()) if http and rc.batch.enabled else None  # /v1/files, /v1/batches
     if batch:
         await batch.start(nc)
     http_port = await http.start(rc.grpc_host, rc.http_port) if http else None

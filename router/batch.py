@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass, field
 
 from tierline_api.v1 import inference_pb2 as pb
+from tierline_router.cascade import cost
 from tierline_router.openai_http import BadRequest, _openai_error
 from tierline_shared.transport.messaging import (
     BATCH_BUCKET,
@@ -335,8 +336,10 @@ def batch_record(batch_id: str, owner: str, key_hash: str | None, input_file_id:
 class BatchRunner:
     """One router's share of the batch work: `workers` lines at a time, and the manager of active batches."""
 
-    def __init__(self, store: BatchStore, api, workers: int, max_attempts: int, ack_wait_s: float):
+    def __init__(self, store: BatchStore, api, workers: int, max_attempts: int, ack_wait_s: float,
+                 costs: dict[str, float] | None = None):
         self.store, self.api = store, api  # api: the OpenAIServer whose `respond` answers a line
+        self.costs = costs  # the manifest's cost_per_1k_tokens by tier: a finished batch says what it cost
         self.workers, self.max_attempts, self.ack_wait_s = workers, max_attempts, ack_wait_s
         self._tasks: list[asyncio.Task] = []
         self._busy: dict[str, asyncio.Task] = {}  # batch id -> the manager's task on it
@@ -557,9 +560,12 @@ class BatchRunner:
             err_id = (await self.store.put_file(record["_owner"], f"{batch_id}_errors.jsonl", "batch_output",
                                                 _jsonl(bad), f"file-{hex_id}-errors"))["id"]
         tiers: dict[str, int] = {}
+        paid: dict[str, int] = {}
         for r in ok:
-            tier = (r["response"]["body"] or {}).get("tier", "")
-            tiers[tier] = tiers.get(tier, 0) + 1
+            body = r["response"]["body"] or {}
+            tiers[body.get("tier", "")] = tiers.get(body.get("tier", ""), 0) + 1
+            for tier, tokens in (body.get("tierline") or {}).get("paid_tokens", {}).items():
+                paid[tier] = paid.get(tier, 0) + tokens
         now = int(time.time())
         stamp = {"completed": "completed_at", "cancelled": "cancelled_at", "expired": "expired_at"}[ending]
 
@@ -568,7 +574,8 @@ class BatchRunner:
                 return None
             return {**r, "status": ending, stamp: now, "output_file_id": out_id, "error_file_id": err_id,
                     "request_counts": {"total": len(results), "completed": len(ok), "failed": len(bad)},
-                    "tierline": {"answered_by_tier": tiers}}
+                    "tierline": {"answered_by_tier": tiers, "paid_tokens": paid,
+                                 "cost": round(cost(paid, self.costs), 6) if self.costs else None}}
 
         await self.store.change(f"batch.{batch_id}", final)
         await self.store.records.purge(f"active.{batch_id}")

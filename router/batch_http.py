@@ -42,8 +42,9 @@ LIST_LIMIT = (1, 100)  # `limit` of a list call; 20 when not given
 class BatchApi:
     """The endpoints, and this router's `BatchRunner`, once JetStream is bound (`start`)."""
 
-    def __init__(self, server, config):
+    def __init__(self, server, config, costs: dict[str, float] | None = None):
         self.server, self.config = server, config  # server: the OpenAIServer (keys, `respond`, `parse`)
+        self.costs = costs  # the manifest's cost_per_1k_tokens by tier
         self.store: BatchStore | None = None
         self.runner: BatchRunner | None = None
         self.unavailable = "the Batch API is starting"
@@ -62,7 +63,7 @@ class BatchApi:
             self.unavailable = str(exc)
             log.warning("batch API off: %s", exc)
             return
-        self.runner = BatchRunner(self.store, self.server, c.workers, c.max_attempts, c.ack_wait_s)
+        self.runner = BatchRunner(self.store, self.server, c.workers, c.max_attempts, c.ack_wait_s, self.costs)
         self.runner.start()
 
     async def stop(self) -> None:

@@ -28,6 +28,7 @@ from aiohttp import web
 
 from tierline_api.v1 import inference_pb2 as pb
 from tierline_router.auth import AccessDenied, bearer_token
+from tierline_router.cascade import paid_tokens
 from tierline_router.chat import ChatTemplate, ChatTemplateError
 from tierline_shared.models.tokenizer import CHAT_TEMPLATE
 from tierline_shared.transport.messaging import TierError
@@ -204,7 +205,8 @@ def _tierline(resp: pb.InferResponse) -> dict:
     return {"confidence": round(resp.confidence, 6), "complexity": round(resp.complexity, 6),
             "degraded": resp.degraded, "cached": resp.cached, "model_version": resp.model_version,
             "escalation_path": [{"tier": a.tier, "outcome": a.outcome, "detail": a.detail} for a in
-                                resp.escalation_path]}
+                                resp.escalation_path],
+            "paid_tokens": paid_tokens(resp.escalation_path)}  # tier -> tokens its model spent (what it costs)
 
 
 def _usage(resp: pb.InferResponse) -> dict:

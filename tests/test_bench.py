@@ -14,7 +14,7 @@ from tierline_bench.peer import available
 from tierline_bench.transformers_peer import available as transformers_available
 
 SECTIONS = ("edge_vs_cloud", "tiered_vs_cloud", "batching", "cache", "platform_overhead", "peer_litserve",
-            "router_and_nats", "device_profile", "peer_transformers")
+            "router_and_nats", "device_profile", "peer_transformers", "batch_api")
 METHOD_KEYS = ("load_generator", "concurrency", "requests", "warmup", "repeats")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -118,6 +118,16 @@ def test_the_pi_class_device_profile_is_measured_on_one_core(report, tiny_family
     body = text.split(f"## {number}. Pi-class device profile", 1)[1].split("\n## ", 1)[0]
     for row in ("decode tokens/s", "first token p50", "first token p95", "peak RSS"):
         assert row in body, row
+
+
+def test_the_batch_api_section_runs_every_line(report):
+    """Counts, not speeds: every line of the batch was answered, and the section says how it compares."""
+    _, _, results = report
+    m = results["sections"]["batch_api"]["metrics"]
+    assert m["lines"] == results["meta"]["config"]["batch_lines"] == m["completed"] + m["failed"]
+    assert m["failed"] == 0 and m["lines_per_s"] > 0 and m["article_lines_per_day"] == 12_000_000
+    assert abs(sum(m["share"].values()) - 1) < 1e-3
+    assert m["interactive"]["alone"]["errors"] == m["interactive"]["beside_batch"]["errors"] == 0
 
 
 def test_no_peer_process_is_left_behind(report):

@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import new_key, run_cli
 from tierline_infra.supervisor import TIER_MODULES, Stack
+from tierline_shared.config.manifest import load_manifest
 
 MODEL = "tierline-reasoner"
 PROMPTS = ["Q:2+3=?\nA:", "Q:7-4=?\nA:", "Q:1+1=?\nA:", "Q:9-2=?\nA:"]
@@ -206,6 +207,12 @@ def test_the_cli_submits_follows_and_fetches(stack, tmp_path):
     batch = json.loads(done.stdout)
     assert batch["status"] == "completed" and batch["metadata"] == {"team": "risk"}
     assert batch["tierline"]["answered_by_tier"] == {"edge": 4}
+    # what it cost, by the manifest's cost rule, from the tokens each line's tiers spent
+    costs = load_manifest(stack.manifest, check_artifacts=False).costs()
+    answers = [json.loads(x)["response"]["body"] for x in out.read_text().splitlines()]
+    spent = sum(a["usage"]["total_tokens"] for a in answers)
+    assert batch["tierline"]["paid_tokens"] == {"edge": spent}
+    assert batch["tierline"]["cost"] == pytest.approx(costs["edge"] * spent / 1000)
     assert [json.loads(x)["custom_id"] for x in out.read_text().splitlines()] == [f"cli-{i}" for i in range(4)]
     status = run_cli("batch", "status", batch["id"], *conn)
     assert status.returncode == 0 and "completed, 4 completed, 0 failed of 4" in status.stdout

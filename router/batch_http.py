@@ -205,7 +205,8 @@ class BatchApi:
 
     async def _shown(self, record: dict) -> dict:
         """The record as the API shows it, with the counts of a running batch read from the work queue."""
-        if record["status"] in ("in_progress", "finalizing", "cancelling") and record["_ending"] != "completed":
+        # lines done = lines queued less those still in the queue; not once a cancel or expiry has emptied it
+        if record["status"] not in FINAL + ("validating",) and record["_ending"] in (None, "completed"):
             done = record["_queued"] - await self.store.remaining(record["id"])
             failed = record["_invalid"] + record["_failed"]
             record["request_counts"] = {"total": record["request_counts"]["total"],

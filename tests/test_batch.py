@@ -263,3 +263,97 @@ def test_router_killed_mid_batch_answers_every_line_exactly_once_after_restart(s
     assert [o["custom_id"] for o in out] == [f"k{i}" for i in range(n)]  # every line, once, in order
     assert done.error_file_id is None and done.request_counts.completed == n
     assert len({o["id"] for o in out}) == n
+
+
+# -- the durable side alone: a real nats-server with JetStream, this router's runner, lines whose runs fail -----
+
+class _CrashingLines:
+    """What answers lines, failing as a worker that dies mid-line does (no answer, no ack), or never finishing."""
+
+    def __init__(self, hang: bool = False):
+        self.hang, self.runs = hang, 0
+
+    def parse(self, body, chat):
+        return None
+
+    async def respond(self, body, key, chat, request=None, priority=0):
+        import asyncio
+
+        self.runs += 1
+        if self.hang:
+            await asyncio.sleep(3600)
+        raise RuntimeError("the worker died mid-line")
+
+
+def _runner_case(tmp_path, lines: _CrashingLines, work):
+    """Start a JetStream nats-server and one BatchRunner (ack_wait 1 s, 2 attempts) on `lines`; run `work`."""
+    import asyncio
+
+    import nats
+
+    from tierline_infra.supervisor import NatsServer
+    from tierline_router.batch import BatchRunner, BatchStore, batch_record
+
+    server = NatsServer(tmp_path, jetstream=True).start()
+
+    async def main():
+        nc = await nats.connect(server.url, user=server.user, password=server.password)
+        store = await BatchStore(nc, ack_wait_s=1, max_attempts=2).open()
+        runner = BatchRunner(store, lines, workers=4, max_attempts=2, ack_wait_s=1)
+        runner.start()
+        try:
+            f = await store.put_file("", "in.jsonl", "batch", jsonl([line(f"d{i}", PROMPTS[i]) for i in range(3)]))
+            record = batch_record("batch_dead", "", None, f["id"], "/v1/completions", "24h", None)
+            await store.put_record("batch.batch_dead", record)
+            await store.records.put("active.batch_dead", b"")
+            return await work(store)
+        finally:
+            await runner.stop()
+            await nc.close()
+
+    try:
+        return asyncio.run(main())
+    finally:
+        server.stop()
+
+
+async def _final(store, batch_id: str, timeout_s: float = 60):
+    import asyncio
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        record, _ = await store.get(f"batch.{batch_id}")
+        if record["status"] in ("completed", "cancelled", "expired", "failed"):
+            errors = [json.loads(x) for x in (await store.file_data(record["error_file_id"])).splitlines()]
+            return record, errors
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"{batch_id} not final: {record['status']}")
+
+
+def test_a_line_whose_workers_die_every_time_is_dead_lettered_into_the_error_file(tmp_path):
+    lines = _CrashingLines()
+
+    async def work(store):
+        return await _final(store, "batch_dead")
+
+    record, errors = _runner_case(tmp_path, lines, work)
+    assert record["status"] == "completed" and record["request_counts"] == {"total": 3, "completed": 0, "failed": 3}
+    assert [e["custom_id"] for e in errors] == ["d0", "d1", "d2"]
+    assert {e["error"]["code"] for e in errors} == {"max_deliveries_exceeded"}
+    assert lines.runs == 3 * 2  # two runs each (max_attempts), then the delivery that writes the dead letter
+
+
+def test_an_expired_batch_answers_what_never_ran(tmp_path):
+    lines = _CrashingLines(hang=True)
+
+    async def work(store):
+        import asyncio
+
+        while (await store.get("batch.batch_dead"))[0]["status"] != "in_progress":
+            await asyncio.sleep(0.1)
+        await store.change("batch.batch_dead", lambda r: {**r, "expires_at": int(time.time())})  # its 24 h are up
+        return await _final(store, "batch_dead")
+
+    record, errors = _runner_case(tmp_path, lines, work)
+    assert record["status"] == "expired" and record["expired_at"]
+    assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [(f"d{i}", "batch_expired") for i in range(3)]

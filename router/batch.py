@@ -60,6 +60,7 @@ RETRY_DELAY_S = 1.0  # a line a tier failed waits this long per attempt before i
 DUPLICATE_WINDOW_S = 24 * 3600  # Nats-Msg-Id deduplication of queued lines
 PUBLISH_CONCURRENCY = 256  # lines queued at once
 CACHE_S = 1.0  # workers re-read a batch's record (cancelled?) at most this often
+CACHE_MAX = 1000  # records kept for workers before the old ones are dropped
 MAX_METADATA = 16  # metadata pairs, as OpenAI
 
 
@@ -391,6 +392,8 @@ class BatchRunner:
     async def _record(self, batch_id: str) -> dict | None:
         read_at, record = self._records.get(batch_id, (0.0, None))
         if time.monotonic() - read_at > CACHE_S:
+            if len(self._records) > CACHE_MAX:  # batches long gone
+                self._records = {b: v for b, v in self._records.items() if time.monotonic() - v[0] < 60}
             record, _ = await self.store.get(f"batch.{batch_id}")
             self._records[batch_id] = (time.monotonic(), record)
         return record
@@ -411,8 +414,9 @@ class BatchRunner:
                     "message": f"no answer after {delivered - 1} attempts (each worker stopped mid-line)"}))
                 await msg.ack()
                 return
-            status, body = await self._run(msg, record, item)
-            if status >= 500 and delivered < self.max_attempts:  # the tiers failed it: again, later
+            status, body, quota = await self._run(msg, record, item)
+            # the tiers failed it, or every tier's queue was full (a 429 that is not the key's quota): again, later
+            if (status >= 500 or status == 429 and not quota) and delivered < self.max_attempts:
                 await msg.nak(delay=RETRY_DELAY_S * delivered)
                 return
             await self._settle(batch_id, output_line(batch_id, item["n"], item["custom_id"], status, body))
@@ -420,8 +424,9 @@ class BatchRunner:
         except Exception:  # noqa: BLE001 - this line's failure is this line's: redelivered after ack_wait
             log.exception("batch %s: a line failed unexpectedly", batch_id)
 
-    async def _run(self, msg, record: dict, item: dict) -> tuple[int, dict]:
-        """The line answered as the HTTP API answers it, telling JetStream it is alive meanwhile."""
+    async def _run(self, msg, record: dict, item: dict) -> tuple[int, dict, bool]:
+        """The line answered as the HTTP API answers it, telling JetStream it is alive meanwhile: (HTTP status,
+        body, whether a refusal is the key's quota, which only its reset ends: `retry-after`)."""
         from tierline_router.auth import HashedKey
 
         async def alive() -> None:
@@ -436,7 +441,7 @@ class BatchRunner:
                                           priority=pb.PRIORITY_LOW)
         finally:
             keepalive.cancel()
-        return resp.status, json.loads(resp.body)
+        return resp.status, json.loads(resp.body), "retry-after" in resp.headers
 
     async def _settle(self, batch_id: str, result: dict) -> None:
         """Write a line's result (once); a failure counts toward the batch's `failed` while it runs."""

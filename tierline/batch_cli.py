@@ -57,7 +57,7 @@ def add_parser(sub, parser_class) -> dict:
     return {("batch", a): _run for a in ("submit", "status", "list", "cancel", "results")}
 
 
-class _Api:
+class Api:
     def __init__(self, url: str | None, key: str | None, timeout_s: float = 60.0):
         self.url = (url or os.environ.get("TIERLINE_OPENAI_URL") or DEFAULT_URL).rstrip("/")
         self.key = key or os.environ.get("TIERLINE_API_KEY")
@@ -82,13 +82,21 @@ class _Api:
             raise BatchCallError(0, f"cannot reach {self.url}: {getattr(exc, 'reason', exc)}") from None
         return data if raw else json.loads(data)
 
-    def upload(self, path: Path) -> dict:
+    def upload(self, filename: str, data: bytes) -> dict:
         boundary = uuid.uuid4().hex
         head = (f"--{boundary}\r\ncontent-disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
-                f"--{boundary}\r\ncontent-disposition: form-data; name=\"file\"; filename=\"{path.name}\"\r\n"
+                f"--{boundary}\r\ncontent-disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n"
                 f"content-type: application/jsonl\r\n\r\n").encode()
-        body = head + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+        body = head + data + f"\r\n--{boundary}--\r\n".encode()
         return self.call("POST", "/files", body, f"multipart/form-data; boundary={boundary}")
+
+
+def submit(api: Api, filename: str, data: bytes, endpoint: str, metadata: dict | None = None) -> dict:
+    """Upload a batch input file and start a batch on it; returns the batch object."""
+    file = api.upload(filename, data)
+    body = {"input_file_id": file["id"], "endpoint": endpoint, "completion_window": "24h",
+            **({"metadata": metadata} if metadata else {})}
+    return api.call("POST", "/batches", json.dumps(body).encode())
 
 
 def _endpoint_of(path: Path) -> str:
@@ -104,7 +112,7 @@ def _endpoint_of(path: Path) -> str:
     raise UsageError(f"{path}: empty")
 
 
-def _summary(b: dict) -> str:
+def summary(b: dict) -> str:
     c = b["request_counts"]
     line = f"{b['id']}: {b['status']}, {c['completed']} completed, {c['failed']} failed of {c['total']}"
     tiers = (b.get("tierline") or {}).get("answered_by_tier")
@@ -115,7 +123,7 @@ def _summary(b: dict) -> str:
     return line + ("; " + ", ".join(f for f in files if f) if any(files) else "")
 
 
-def _follow(api: _Api, batch: dict) -> dict:
+def follow(api: Api, batch: dict) -> dict:
     """Poll until the batch ends, with a progress bar when rich is installed (the platform extra)."""
     try:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -141,7 +149,7 @@ def _follow(api: _Api, batch: dict) -> dict:
 def _run(args) -> int:
     from tierline.cli import UsageError
 
-    api = _Api(args.url, args.api_key)
+    api = Api(args.url, args.api_key)
     try:
         if args.action == "submit":
             if not args.file.is_file():
@@ -149,26 +157,24 @@ def _run(args) -> int:
             metadata = dict(m.split("=", 1) for m in args.metadata if "=" in m) or None
             if len(metadata or {}) != len(args.metadata):
                 raise UsageError("--metadata: KEY=VALUE")
-            file = api.upload(args.file)
-            body = {"input_file_id": file["id"], "endpoint": args.endpoint or _endpoint_of(args.file),
-                    "completion_window": "24h", **({"metadata": metadata} if metadata else {})}
-            batch = api.call("POST", "/batches", json.dumps(body).encode())
+            batch = submit(api, args.file.name, args.file.read_bytes(), args.endpoint or _endpoint_of(args.file),
+                           metadata)
             if not args.wait:
                 print(json.dumps(batch) if args.json else batch["id"])
                 return 0
-            batch = _follow(api, batch)
+            batch = follow(api, batch)
             if args.output and batch.get("output_file_id"):
                 args.output.write_bytes(api.call("GET", f"/files/{batch['output_file_id']}/content", raw=True))
-            print(json.dumps(batch) if args.json else _summary(batch))
+            print(json.dumps(batch) if args.json else summary(batch))
             return 0 if batch["status"] == "completed" else 1
         if args.action == "list":
             page = api.call("GET", f"/batches?limit={args.limit}")
-            print(json.dumps(page) if args.json else "\n".join(_summary(b) for b in page["data"]) or "no batches")
+            print(json.dumps(page) if args.json else "\n".join(summary(b) for b in page["data"]) or "no batches")
             return 0
         if args.action in ("status", "cancel"):
             batch = api.call(*(("GET", f"/batches/{args.batch_id}") if args.action == "status" else
                                ("POST", f"/batches/{args.batch_id}/cancel", b"{}")))
-            print(json.dumps(batch) if args.json else _summary(batch))
+            print(json.dumps(batch) if args.json else summary(batch))
             return 0
         batch = api.call("GET", f"/batches/{args.batch_id}")
         file_id = batch.get("error_file_id" if args.errors else "output_file_id")

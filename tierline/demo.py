@@ -7,6 +7,7 @@ prints what happened per tier, and stops everything.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import statistics
@@ -101,10 +102,30 @@ def demo(models_dir: Path, n: int = 300, concurrency: int = 16) -> int:
             results = run_workload(stack.router_address, n, concurrency, api_key=stack.api_key)
         costs = load_manifest(stack.manifest, check_artifacts=False).costs()
         summary = report(results, costs, time.perf_counter() - t0, console)
+        summary["batch"] = batch_demo(stack, console)
     finally:
         stack.stop()
         console.print("stopped every process")
-    return 0 if not summary["errors"] else 1
+    return 0 if not summary["errors"] and summary["batch"]["status"] == "completed" else 1
+
+
+DEMO_BATCH_LINES = 60  # the demo's batch: a file of benchmark problems through /v1/batches
+
+
+def batch_demo(stack: Stack, console) -> dict:
+    """A small batch through the OpenAI Batch API, as `tierline batch submit --wait` sends it."""
+    from tierline.batch_cli import Api, follow, submit, summary
+
+    model = load_manifest(stack.manifest, check_artifacts=False).model_name
+    data = b"".join(json.dumps({"custom_id": f"check-{i}", "method": "POST", "url": "/v1/completions",
+                                "body": {"model": model, "prompt": p.prompt, "max_tokens": 32}}).encode() + b"\n"
+                    for i, p in enumerate(generate("test", DEMO_BATCH_LINES, seed=99)))
+    api = Api(stack.http_base_url, stack.api_key)
+    t0 = time.perf_counter()
+    with console.status(f"a batch of {DEMO_BATCH_LINES} lines through /v1/files + /v1/batches..."):
+        batch = follow(api, submit(api, "demo.jsonl", data, "/v1/completions"))
+    console.print(f"batch {summary(batch)}; {DEMO_BATCH_LINES / (time.perf_counter() - t0):.0f} lines/s")
+    return batch
 
 
 def _running(pidfile: Path) -> int | None:

@@ -30,8 +30,7 @@ def fan_out(req: pb.InferRequest) -> list[pb.InferRequest]:
     for i in range(choices_of(req)):
         one = pb.InferRequest()
         one.CopyFrom(req)
-        one.parameters.n = 0
-        one.request_id = f"{req.request_id}-{i}"
+        one.parameters.n = 0  # the same request_id: one client request, traced as one
         if req.parameters.HasField("seed"):
             one.parameters.seed = (req.parameters.seed + i) % (MAX_SEED + 1)
         out.append(one)

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP API of the router: /v1/models, /v1/completions, /v1/chat/completions.
+"""The OpenAI-compatible HTTP API of the router: /v1/models, /v1/completions, /v1/chat/completions, /health.
 
 Runs on the router's own event loop (aiohttp next to grpc.aio) and calls the same
 `RouterServicer.infer|stream|server_info` as gRPC, so keys, quotas, validation and
@@ -18,8 +18,10 @@ the prompt (a request without it gets the manifest's default, less when the prom
 Differences from OpenAI, on purpose: `temperature` defaults to 0 (greedy, the
 platform's default); `attention_window` is accepted as an extension; in a stream the tokens'
 logprobs come with each choice's last chunk (the one with its finish_reason), not with the chunk of
-their text; penalties, `logit_bias`, `response_format` other than text, tools and functions are
-refused (400 naming the parameter); chat turns become the prompt through the model's chat template
+their text; the `n` choices are routed each on its own, so with sampling they may come from
+different tiers (the top-level `tier` is the first choice's); penalties, `logit_bias` and
+`response_format` are accepted at their neutral values only (0, {}, text), tools and functions not at
+all (400 naming the parameter); chat turns become the prompt through the model's chat template
 (router/chat.py; the family's own puts them in its `Q:...\\nA:` format and ignores `system` messages).
 Errors use OpenAI's body (`{"error": {"message", "type", "param", "code"}}`) and map the gRPC status
 in one place (`_error_response`).

@@ -3,10 +3,12 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# third-party clients whose pins cannot share .venv (litellm: huggingface-hub < 2)
+CLIENTS := .venv-clients
 MODELS ?= models
 
 .DEFAULT_GOAL := help
-.PHONY: help setup proto models models-tiny test lint fuzz soak demo up down bench clean
+.PHONY: help setup proto models models-tiny test lint fuzz soak demo up down bench clients clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -20,6 +22,13 @@ $(STAMP): pyproject.toml setup.py
 	touch $(STAMP)
 
 setup: $(STAMP) proto ## create .venv, install pinned dependencies, generate the gRPC code
+
+$(CLIENTS)/.installed:
+	$(PYTHON) -m venv $(CLIENTS)
+	$(CLIENTS)/bin/python -m pip install -q litellm==1.105.7
+	touch $@
+
+clients: $(CLIENTS)/.installed ## a venv with litellm, which tests/test_up_readme.py runs against the router
 
 proto: $(STAMP) ## regenerate the gRPC/protobuf code when proto/ changed (beside the .proto files, ignored)
 	$(PY) proto/generate.py
@@ -54,4 +63,4 @@ bench: setup ## the platform measured side by side (<= 20 min): writes BENCHMARK
 	$(PY) -m tierline bench --models $(MODELS)
 
 clean: ## remove the venv and caches
-	rm -rf $(VENV) .pytest_cache .ruff_cache runs
+	rm -rf $(VENV) $(CLIENTS) .pytest_cache .ruff_cache runs

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from tierline_shared.config.manifest import BatchConfig, UpstreamConfig
-from tierline_shared.runtime.engine import EngineInfo, GenerationParams, GenerationResult
+from tierline_shared.runtime.engine import EngineInfo, GenerationParams, GenerationResult, TokenLogprob
 from tierline_shared.runtime.scheduler import END, BatchedResult, DeadlineExceeded, QueueFull
 from tierline_shared.serving.servicer import RequestError
 from tierline_shared.transport.messaging import TierError
@@ -127,6 +127,8 @@ class UpstreamScheduler:
             except Exception as exc:  # noqa: BLE001 - the request's own failure, for its caller
                 ticket.future.set_exception(exc)
             else:
+                if not params.logprobs:
+                    result.logprobs = None
                 ticket.future.set_result(BatchedResult(result, started - enqueued, 1))
             finally:
                 if ticket.chunks is not None:
@@ -137,7 +139,8 @@ class UpstreamScheduler:
 
     def _body(self, prompt: str, params: GenerationParams, stream: bool) -> dict:
         body = {"model": self.model, "prompt": prompt, "max_tokens": params.max_tokens,
-                "temperature": params.temperature, "top_p": params.top_p, "logprobs": 1, "stream": stream}
+                "temperature": params.temperature, "top_p": params.top_p, "logprobs": max(1, params.top_logprobs),
+                "stream": stream}
         if params.stop:
             body["stop"] = list(params.stop)
         if params.seed is not None:
@@ -182,11 +185,11 @@ class UpstreamScheduler:
             conn.close()
 
     def _read_stream(self, resp, ticket: UpstreamTicket, started: float) -> GenerationResult:
-        text, probs, reason, first, usage = [], [], "length", 0.0, {}
+        text, probs, reason, first, usage, tokens = [], [], "length", 0.0, {}, []
         for raw in resp:
             line = raw.strip()
             if ticket.abandoned.is_set():
-                return _assemble(text, probs, "cancelled", usage, first, started)
+                return _assemble(text, probs, "cancelled", usage, first, started, tokens)
             if not line.startswith(b"data:"):
                 continue
             data = line[5:].strip()
@@ -200,8 +203,9 @@ class UpstreamScheduler:
                     text.append(choice["text"])
                     ticket.chunks.put(choice["text"])
                 probs += _probs(choice.get("logprobs"))
+                tokens += _token_logprobs(choice.get("logprobs"))
                 reason = choice.get("finish_reason") or reason
-        return _assemble(text, probs, reason, usage, first, started)
+        return _assemble(text, probs, reason, usage, first, started, tokens)
 
 
 def _probs(logprobs) -> list[float]:
@@ -210,21 +214,35 @@ def _probs(logprobs) -> list[float]:
     return [math.exp(v) for v in values if isinstance(v, (int, float))]
 
 
+def _token_logprobs(logprobs) -> list[TokenLogprob]:
+    """The tokens, their log-probabilities and alternatives from an OpenAI completions `logprobs` object."""
+    lp = logprobs or {}
+    tokens, values, tops = lp.get("tokens") or [], lp.get("token_logprobs") or [], lp.get("top_logprobs") or []
+    out = []
+    for i, (token, value) in enumerate(zip(tokens, values)):
+        if isinstance(token, str) and isinstance(value, (int, float)):
+            top = tops[i] if i < len(tops) and isinstance(tops[i], dict) else {}
+            out.append(TokenLogprob(token, float(value), sorted(((a, float(b)) for a, b in top.items()),
+                                                                key=lambda item: -item[1])))
+    return out
+
+
 def _result(out: dict, started: float) -> GenerationResult:
     choice = out["choices"][0]
     elapsed = time.perf_counter() - started
     return _assemble([choice.get("text") or ""], _probs(choice.get("logprobs")),
-                     choice.get("finish_reason") or "length", out.get("usage") or {}, elapsed, started)
+                     choice.get("finish_reason") or "length", out.get("usage") or {}, elapsed, started,
+                     _token_logprobs(choice.get("logprobs")))
 
 
 def _assemble(text: list[str], probs: list[float], reason: str, usage: dict, first_s: float,
-              started: float) -> GenerationResult:
+              started: float, tokens: list[TokenLogprob]) -> GenerationResult:
     lp = [math.log(max(p, 1e-12)) for p in probs]
     return GenerationResult(
         text="".join(text), finish_reason=reason, prompt_tokens=int(usage.get("prompt_tokens") or 0),
         completion_tokens=int(usage.get("completion_tokens") or len(probs)),
         confidence=min(probs) if probs else 0.0, mean_logprob=sum(lp) / len(lp) if lp else 0.0,
-        first_token_s=first_s, total_s=time.perf_counter() - started)
+        first_token_s=first_s, total_s=time.perf_counter() - started, logprobs=tokens)
 
 
 def _error_message(body: bytes) -> str:

@@ -19,6 +19,7 @@ from tierline_router.policy import Policy
 from tierline_router.scorer import load_scorer
 from tierline_router.service import RouterServicer
 from tierline_shared.config.manifest import EXIT_BAD_MANIFEST, ManifestError, load_manifest
+from tierline_shared.models.artifacts import served_context
 from tierline_shared.security.identities import ROUTER
 from tierline_shared.serving.metrics import Metrics
 from tierline_shared.transport.grpc_server import (
@@ -59,7 +60,7 @@ async def serve(manifest_path: str) -> int:
         return EXIT_BAD_MANIFEST
     servicer = RouterServicer(nc, policy, manifest.model_name, tuple(manifest.tiers),
                               manifest.nats.request_timeout_ms / 1000, rc.retries_per_tier, metrics,
-                              manifest.limits, gate)
+                              manifest.limits, gate, served_context(manifest.models_path, tuple(manifest.tiers)))
     server = grpc.aio.server(options=SERVER_OPTIONS)
     add_inference_service(servicer, server, aio=True)
     health_servicer = add_health_and_reflection(server, aio=True)

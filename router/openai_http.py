@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP API of the router: /v1/models, /v1/completions, /v1/chat/completions.
+"""The OpenAI-compatible HTTP API of the router: /v1/models, /v1/completions, /v1/chat/completions, /health.
 
 Runs on the router's own event loop (aiohttp next to grpc.aio) and calls the same
 `RouterServicer.infer|stream|server_info` as gRPC, so keys, quotas, validation and
@@ -8,12 +8,23 @@ per token. Every answer names the tier that produced it (`tier`, and the
 `x-tierline-tier` header); `tierline` adds confidence, escalation path and
 whether the answer is degraded.
 
+`n` choices are sampled each as its own request (router/choices.py; streamed chunks carry their
+choice's `index`). `logprobs` are the model's own log-probabilities of the generated tokens (before
+temperature and top_p, as vLLM's): completions take `logprobs: k` and answer OpenAI's legacy object
+(`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`); chat takes `logprobs: true` with
+`top_logprobs: k` and answers `logprobs.content`. `max_tokens` is bounded by the model's context less
+the prompt (a request without it gets the manifest's default, less when the prompt leaves less room).
+
 Differences from OpenAI, on purpose: `temperature` defaults to 0 (greedy, the
-platform's default); `attention_window` is accepted as an extension; `n` must
-be 1; chat turns become the prompt through the model's chat template (router/chat.py; the
-family's own puts them in its `Q:...\\nA:` format and ignores `system` messages). Errors use OpenAI's body
-(`{"error": {"message", "type", "param", "code"}}`) and map the gRPC status in
-one place (`_error_response`).
+platform's default); `attention_window` is accepted as an extension; in a stream the tokens'
+logprobs come with each choice's last chunk (the one with its finish_reason), not with the chunk of
+their text; the `n` choices are routed each on its own, so with sampling they may come from
+different tiers (the top-level `tier` is the first choice's); penalties, `logit_bias` and
+`response_format` are accepted at their neutral values only (0, {}, text), tools and functions not at
+all (400 naming the parameter); chat turns become the prompt through the model's chat template
+(router/chat.py; the family's own puts them in its `Q:...\\nA:` format and ignores `system` messages).
+Errors use OpenAI's body (`{"error": {"message", "type", "param", "code"}}`) and map the gRPC status
+in one place (`_error_response`).
 """
 
 from __future__ import annotations
@@ -48,12 +59,11 @@ HTTP_STATUS = {
 }
 # parameters clients send at their neutral values even when they use none of them (LangChain always sends
 # penalties of 0): accepted at exactly these, refused (400 naming the parameter) at anything else
-NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "top_logprobs": 0, "logit_bias": {},
-           "response_format": {"type": "text"}}
+NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "response_format": {"type": "text"}}
 COMMON_PARAMS = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options", "n",
-                 "user", "attention_window", *NEUTRAL}
+                 "user", "attention_window", "logprobs", *NEUTRAL}
 COMPLETION_PARAMS = COMMON_PARAMS | {"prompt"}
-CHAT_PARAMS = COMMON_PARAMS | {"messages", "max_completion_tokens"}
+CHAT_PARAMS = COMMON_PARAMS | {"messages", "max_completion_tokens", "top_logprobs"}
 
 
 class BadRequest(TierError):
@@ -69,13 +79,15 @@ _FIELD = re.compile(r"^(?:parameters\.)?([a-z_]+): ")  # "parameters.max_tokens:
 
 def _openai_error(exc: TierError, chat: bool = False) -> tuple[str, str | None]:
     """The message and `param` in OpenAI's names: the platform's validation (router or tier) names its own fields
-    (`parameters.max_tokens`, `prompt`); a client knows `max_tokens`, and a chat client `messages`."""
+    (`parameters.max_tokens`, `prompt`); a client knows `max_tokens`, and a chat client `messages` (a
+    completions client's top_logprobs is its `logprobs`)."""
     param, message = getattr(exc, "param", None), exc.message
     if exc.status == "INVALID_ARGUMENT" and param is None and (m := _FIELD.match(message)):
         param = m.group(1)
-        message = message.replace("parameters.", "", 1)
-    if chat and param == "prompt":
-        param, message = "messages", "messages: " + message.removeprefix("prompt: ")
+        message = message.replace("parameters.", "")
+    renamed = {"prompt": "messages"} if chat else {"top_logprobs": "logprobs"}
+    if param in renamed:
+        param, message = renamed[param], renamed[param] + ": " + message.removeprefix(param + ": ")
     return message, param
 
 
@@ -137,7 +149,7 @@ def _shown(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _request(body: dict, prompt: str, allowed: set[str], max_tokens_names=("max_tokens",)) -> pb.InferRequest:
+def _request(body: dict, prompt: str, allowed: set[str], chat: bool) -> pb.InferRequest:
     """An InferRequest from an OpenAI body; the platform's validation checks ranges afterwards."""
     unknown = sorted(set(body) - allowed)
     if unknown:
@@ -146,7 +158,7 @@ def _request(body: dict, prompt: str, allowed: set[str], max_tokens_names=("max_
     if model is None:
         raise BadRequest("model", "model: required")
     params = pb.Parameters()
-    for name in max_tokens_names:
+    for name in ("max_tokens", "max_completion_tokens") if chat else ("max_tokens",):
         value = _typed(body, name, (int,), "an integer", INT32)
         if value is not None:
             params.max_tokens = value
@@ -164,9 +176,12 @@ def _request(body: dict, prompt: str, allowed: set[str], max_tokens_names=("max_
         if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
             raise BadRequest("stop", "stop: must be a string or a list of strings")
         params.stop.extend(stops)
-    n = _typed(body, "n", (int,), "an integer")
-    if n not in (None, 1):
-        raise BadRequest("n", f"n: only 1 choice per request is served, got {n}")
+    n = _typed(body, "n", (int,), "an integer", INT32)
+    if n is not None:
+        if n < 1:
+            raise BadRequest("n", f"n: must be at least 1, got {n}")
+        params.n = n
+    _logprobs(body, params, chat)
     for name, neutral in NEUTRAL.items():
         if body.get(name) is not None and not _is_neutral(body[name], neutral):
             raise BadRequest(name, f"{name}: not supported here; only {json.dumps(neutral)} (the default) is "
@@ -175,6 +190,50 @@ def _request(body: dict, prompt: str, allowed: set[str], max_tokens_names=("max_
     _typed(body, "stream_options", (dict,), "an object")
     _typed(body, "user", (str,), "a string")
     return pb.InferRequest(prompt=prompt, model=model, parameters=params, request_id=uuid.uuid4().hex)
+
+
+def _logprobs(body: dict, params: pb.Parameters, chat: bool) -> None:
+    """Chat: `logprobs: true` and `top_logprobs: k`; completions (legacy): `logprobs: k`, the alternatives."""
+    if chat:
+        wanted = _typed(body, "logprobs", (bool,), "a boolean")
+        top = _typed(body, "top_logprobs", (int,), "an integer", INT32)
+        if top and not wanted:
+            raise BadRequest("top_logprobs", "top_logprobs: needs logprobs set to true")
+        params.logprobs, params.top_logprobs = bool(wanted), top or 0
+    else:
+        top = body.get("logprobs")
+        if top is None or top is False:  # LangChain sends `logprobs: null`; some clients false
+            return
+        top = _typed(body, "logprobs", (int,), "an integer (the alternatives per token) or null", INT32)
+        if top < 0:
+            raise BadRequest("logprobs", f"logprobs: must be >= 0, got {top}")
+        params.logprobs, params.top_logprobs = True, top
+
+
+def _chat_logprobs(choice: pb.Choice) -> dict | None:
+    """OpenAI's chat `logprobs`: {content: [{token, logprob, bytes, top_logprobs}]}."""
+    def entry(t: pb.TokenLogprob) -> dict:
+        return {"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode())}
+
+    return {"content": [{**entry(t), "top_logprobs": [entry(a) for a in t.top_logprobs]} for t in choice.logprobs],
+            "refusal": None}
+
+
+def _legacy_logprobs(choice: pb.Choice) -> dict:
+    """OpenAI's completions `logprobs`: tokens, token_logprobs, top_logprobs (token -> logprob), text_offset."""
+    offsets, at = [], 0
+    for t in choice.logprobs:
+        offsets.append(at)
+        at += len(t.token)
+    return {"tokens": [t.token for t in choice.logprobs], "token_logprobs": [t.logprob for t in choice.logprobs],
+            "top_logprobs": [{a.token: a.logprob for a in t.top_logprobs} for t in choice.logprobs],
+            "text_offset": offsets}
+
+
+def _logprobs_of(choice: pb.Choice, wanted: bool, chat: bool) -> dict | None:
+    if not wanted:
+        return None
+    return _chat_logprobs(choice) if chat else _legacy_logprobs(choice)
 
 
 def chat_messages(messages) -> list[dict]:
@@ -333,13 +392,14 @@ class OpenAIServer:
             resp = await self.router.infer(req, key)
         except TierError as exc:
             return _error_response(exc, chat)
-        choice = resp.choices[0] if resp.choices else pb.Choice()
+        wanted = req.parameters.logprobs
         out = {"id": ("chatcmpl-" if chat else "cmpl-") + resp.request_id,
                "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                "model": resp.model or self.router.model_name,
-               "choices": [{"index": 0, "finish_reason": choice.finish_reason or None,
-                            **({"message": {"role": "assistant", "content": choice.text}} if chat else
-                               {"text": choice.text, "logprobs": None})}],
+               "choices": [{"index": c.index, "finish_reason": c.finish_reason or None,
+                            "logprobs": _logprobs_of(c, wanted, chat),
+                            **({"message": {"role": "assistant", "content": c.text}} if chat else {"text": c.text})}
+                           for c in resp.choices],
                "usage": _usage(resp), "tier": resp.tier, "tierline": _tierline(resp)}
         return web.json_response(out, headers={"x-tierline-tier": resp.tier})
 
@@ -352,13 +412,13 @@ class OpenAIServer:
                 prompt = self.chat_template.render(chat_messages(body.get("messages")))
             except ChatTemplateError as exc:
                 raise BadRequest("messages", f"messages: {exc}") from None
-            return _request(body, prompt, CHAT_PARAMS, ("max_tokens", "max_completion_tokens"))
+            return _request(body, prompt, CHAT_PARAMS, chat=True)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
             prompt = prompt[0]
         if not isinstance(prompt, str):
             raise BadRequest("prompt", "prompt: must be a string (or a list of one string)")
-        return _request(body, prompt, COMPLETION_PARAMS)
+        return _request(body, prompt, COMPLETION_PARAMS, chat=False)
 
     async def _stream(self, request: web.Request, req: pb.InferRequest, key: str | None, chat: bool,
                       include_usage: bool) -> web.StreamResponse:
@@ -374,16 +434,19 @@ class OpenAIServer:
         async def send(data) -> None:
             await response.write(f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode())
 
-        def event(chunk: pb.InferResponse, index: int) -> dict:
-            choice = chunk.choices[0] if chunk.choices else pb.Choice()
+        started: set[int] = set()  # choices whose first chunk went out (chat: the one with the role)
+
+        def event(chunk: pb.InferResponse, choice: pb.Choice) -> dict:
             if chat:
                 delta = {"content": choice.text} if choice.text else {}
-                if index == 0:
+                if choice.index not in started:
                     delta["role"] = "assistant"
-                body = {"index": 0, "delta": delta, "finish_reason": choice.finish_reason or None}
+                body = {"index": choice.index, "delta": delta}
             else:
-                body = {"index": 0, "text": choice.text, "finish_reason": choice.finish_reason or None,
-                        "logprobs": None}
+                body = {"index": choice.index, "text": choice.text}
+            started.add(choice.index)
+            body.update(finish_reason=choice.finish_reason or None,
+                        logprobs=_logprobs_of(choice, req.parameters.logprobs and bool(choice.finish_reason), chat))
             out = {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion",
                    "created": created, "model": model, "choices": [body], "tier": chunk.tier}
             if choice.finish_reason:
@@ -391,16 +454,17 @@ class OpenAIServer:
             return out
 
         try:
-            chunk, index = first, 0
+            chunk = first
             while True:
-                await send(event(chunk, index))
+                for choice in chunk.choices or [pb.Choice()]:  # the last message: every choice's finish_reason
+                    await send(event(chunk, choice))
                 if chunk.choices and chunk.choices[0].finish_reason:
                     if include_usage:
                         await send({"id": ident, "object": "chat.completion.chunk" if chat else "text_completion",
                                     "created": created, "model": model, "choices": [], "usage": _usage(chunk),
                                     "tier": chunk.tier})
                     break
-                chunk, index = await chunks.__anext__(), index + 1
+                chunk = await chunks.__anext__()
         except TierError as exc:  # the answer started: the status can only travel as an event
             status, kind = HTTP_STATUS.get(exc.status, (500, "api_error"))
             await send({"error": {"message": exc.message, "type": kind, "code": exc.status.lower()}})

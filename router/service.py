@@ -26,6 +26,7 @@ from tierline_api.v1 import inference_pb2 as pb
 from tierline_api.v1 import inference_pb2_grpc as pb_grpc
 from tierline_router.auth import Admission, Gate, bearer_token
 from tierline_router.cascade import CLIENT_ERRORS, Cascade, Decision
+from tierline_router.choices import choices_of, fan_out, merge, merge_streams
 from tierline_router.policy import Policy
 from tierline_shared.config.manifest import LimitsConfig, NatsConfig, RouterConfig
 from tierline_shared.serving.metrics import Metrics
@@ -40,7 +41,7 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
     def __init__(self, nc, policy: Policy, model_name: str, tiers: tuple[str, ...] = TIERS,
                  request_timeout_s: float = NatsConfig.request_timeout_ms / 1000,
                  retries_per_tier: int = RouterConfig.retries_per_tier, metrics: Metrics | None = None,
-                 limits: LimitsConfig | None = None, gate: Gate | None = None):
+                 limits: LimitsConfig | None = None, gate: Gate | None = None, max_context: int | None = None):
         self.nc = nc
         self.policy = policy
         self.model_name = model_name
@@ -50,6 +51,7 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
         self.metrics = metrics or Metrics("router")
         self.limits = limits or LimitsConfig()
         self.gate = gate or Gate(None, {})  # API keys and quotas; a gate without a store admits everyone
+        self.max_context = max_context  # the served models' context (prompt + completion), None when unknown
 
     async def _ask(self, tier: str, req: pb.InferRequest, timeout_s: float) -> pb.InferResponse:
         return await ask_tier(self.nc, tier, req, timeout_s)
@@ -89,9 +91,10 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
         return resp
 
     def _validate(self, req: pb.InferRequest) -> None:
-        """The checks that need no model; the tiers check the rest (window, context, vocabulary)."""
+        """The checks that need no model; the tiers check the rest (window, the prompt's tokens in the context,
+        vocabulary)."""
         try:
-            validate_request(req, self.limits, self.model_name)
+            validate_request(req, self.limits, self.model_name, self.max_context)
         except RequestError as exc:
             raise TierError("router", "INVALID_ARGUMENT", str(exc)) from None
 
@@ -107,7 +110,8 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
         except TierError:
             await self.gate.check(key)
             raise
-        admission = await self.gate.admit(key, request.prompt, resolved_max_tokens(request, self.limits))
+        admission = await self.gate.admit(key, request.prompt,
+                                          choices_of(request) * resolved_max_tokens(request, self.limits))
         if admission is not None:  # the plan's priority is the most a request may ask for
             request.priority = min(request.priority or admission.priority, admission.priority)
         return admission
@@ -118,7 +122,13 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
         admission = await self._admit(request, key)
         used = None
         try:
-            resp = await self.route(request, deadline)
+            if not request.request_id:
+                request.request_id = uuid.uuid4().hex
+            if choices_of(request) == 1:
+                resp = await self.route(request, deadline)
+            else:  # each choice its own request (router/choices.py)
+                resp = merge(request.request_id,
+                             await asyncio.gather(*(self.route(one, deadline) for one in fan_out(request))))
             used = resp.usage.prompt_tokens + resp.usage.completion_tokens
             return resp
         except TierError as exc:
@@ -137,13 +147,18 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
         """
         admission = await self._admit(request, key)
         used, sent = None, False
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex
+        chunks = (self._stream(request) if choices_of(request) == 1 else
+                  merge_streams(request.request_id, [self._stream(one) for one in fan_out(request)]))
         try:
-            async for chunk in self._stream(request):
+            async for chunk in chunks:
                 if chunk.choices and chunk.choices[0].finish_reason:
                     used = chunk.usage.prompt_tokens + chunk.usage.completion_tokens
                 sent = True
                 yield chunk
         finally:
+            await chunks.aclose()
             # no final chunk: nothing sent costs nothing; a stream cut short keeps its (worst-case) reservation
             if used is None and sent and admission is not None:
                 used = admission.reserved_tokens
@@ -203,7 +218,8 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
 
     def server_info(self) -> pb.ServerInfo:
         return pb.ServerInfo(tier="router", model=self.model_name, max_prompt_chars=self.limits.max_prompt_chars,
-                             max_tokens_limit=self.limits.max_tokens)
+                             max_tokens_limit=self.limits.max_tokens or max(0, (self.max_context or 0) - 1),
+                             max_context=self.max_context or 0)
 
     # -- gRPC: the key from the metadata, and the one place errors become statuses -------------------------
     @staticmethod

@@ -72,7 +72,7 @@ def test_attention_window_equals_masked_reference(engine, window):
 def test_limits_are_enforced(engine):
     with pytest.raises(EngineError, match="attention_window 65 exceeds the model's limit 64"):
         engine.generate(PROMPTS[0], GenerationParams(max_tokens=4, attention_window=65))
-    with pytest.raises(EngineError, match="context of 64"):
+    with pytest.raises(EngineError, match="maximum context length is 64 tokens"):
         engine.generate(PROMPTS[0], GenerationParams(max_tokens=60))
     with pytest.raises(ValueError, match="max_tokens"):
         GenerationParams(max_tokens=0)

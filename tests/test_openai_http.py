@@ -86,7 +86,7 @@ def test_errors_map_to_openai_exceptions(stack):
         api(stack).completions.create(model=MODEL, prompt=PROMPT, max_tokens=100000)
     assert err.value.body["param"] == "max_tokens" and "parameters." not in str(err.value)  # OpenAI's name
     with pytest.raises(openai.BadRequestError) as err:
-        api(stack).completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, n=2)
+        api(stack).completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, n=100)
     assert err.value.body["param"] == "n"
     with pytest.raises(openai.BadRequestError, match="model"):
         api(stack).completions.create(model="gpt-9", prompt=PROMPT, max_tokens=4)
@@ -154,7 +154,7 @@ def test_clients_neutral_parameters_are_accepted_and_others_refused_by_their_ope
                                           frequency_penalty=0, presence_penalty=0, logprobs=False,
                                           response_format={"type": "text"})
     assert chat.choices[0].message.content == grpc_answer(stack, 8)
-    for params, param in [({"frequency_penalty": 0.5}, "frequency_penalty"), ({"logprobs": True}, "logprobs"),
+    for params, param in [({"frequency_penalty": 0.5}, "frequency_penalty"), ({"top_logprobs": 2}, "top_logprobs"),
                           ({"response_format": {"type": "json_object"}}, "response_format"),
                           ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
                           ({"max_tokens": 10**6}, "max_tokens"), ({"temperature": 0.001}, "temperature")]:
@@ -178,3 +178,96 @@ def test_a_model_can_be_retrieved_by_id_and_health_answers(stack):
     assert err.value.body["param"] == "model"
     with urllib.request.urlopen(stack.http_base_url.removesuffix("/v1") + "/health", timeout=30) as r:
         assert r.status == 200 and json.loads(r.read()) == {"status": "ok"}
+
+
+def test_max_tokens_is_bounded_by_the_context_less_the_prompt_not_a_fixed_cap(stack):
+    """Issue 26: max_tokens was capped at a fixed 128 although the model's context is 256."""
+    client = api(stack)
+    resp = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=200, temperature=0.3, seed=1)
+    assert resp.choices[0].finish_reason in ("stop", "length") and resp.usage.completion_tokens <= 200
+    prompt_tokens = resp.usage.prompt_tokens
+    ok = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "2+3=?"}],
+                                        max_tokens=256 - prompt_tokens, temperature=0.3)  # exactly fills it
+    assert ok.usage.prompt_tokens + ok.usage.completion_tokens <= 256
+    for max_tokens in (256 - prompt_tokens + 1, 256, 10**6):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=max_tokens)
+        assert err.value.body["param"] == "max_tokens"
+        assert "maximum context length is 256 tokens" in err.value.body["message"], err.value.body
+    long = "Q:" + "1+" * 100 + "1=?\nA:"  # no max_tokens: the default, less where the prompt leaves less room
+    resp = client.completions.create(model=MODEL, prompt=long, temperature=0)
+    assert resp.usage.prompt_tokens + resp.usage.completion_tokens <= 256
+
+
+def test_n_samples_n_choices_unary_and_streamed(stack):
+    client = api(stack)
+    resp = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, n=3, temperature=1.5, seed=4)
+    assert [c.index for c in resp.choices] == [0, 1, 2]
+    assert len({c.text for c in resp.choices}) > 1  # sampled apart (seeds 4, 5, 6)
+    singles = [client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=1.5, seed=4 + i)
+               for i in range(3)]
+    assert [c.text for c in resp.choices] == [s.choices[0].text for s in singles]
+    assert resp.usage.completion_tokens == sum(s.usage.completion_tokens for s in singles)
+    assert resp.usage.prompt_tokens == singles[0].usage.prompt_tokens
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "2+3=?"}], n=2,
+                                          max_tokens=8)
+    assert [c.index for c in chat.choices] == [0, 1] and chat.choices[0].message.content == grpc_answer(stack, 8)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "2+3=?"}],
+                                                 n=2, max_tokens=12, temperature=1.5, seed=4, stream=True,
+                                                 stream_options={"include_usage": True}))
+    texts, roles, reasons = {0: "", 1: ""}, {0: 0, 1: 0}, {}
+    for c in chunks:
+        for ch in c.choices:
+            texts[ch.index] += ch.delta.content or ""
+            roles[ch.index] += ch.delta.role == "assistant"
+            if ch.finish_reason:
+                reasons[ch.index] = ch.finish_reason
+    again = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "2+3=?"}], n=2,
+                                           max_tokens=12, temperature=1.5, seed=4)
+    assert texts == {c.index: c.message.content for c in again.choices}
+    assert roles == {0: 1, 1: 1} and set(reasons) == {0, 1}
+    assert chunks[-1].usage.completion_tokens == again.usage.completion_tokens
+    for n in (0, 9):  # the manifest's limits.max_n is 8
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, n=n)
+        assert err.value.body["param"] == "n", err.value.body
+
+
+def engine_logprobs(tiny_family, prompt: str, max_tokens: int, top: int):
+    from tierline.build.engines import load_engine
+    from tierline_shared.runtime.engine import GenerationParams
+
+    engine = load_engine(tiny_family, "edge", threads=1)
+    return engine.generate(prompt, GenerationParams(max_tokens=max_tokens, logprobs=True, top_logprobs=top))
+
+
+def test_logprobs_come_back_in_openais_shapes(stack, tiny_family):
+    client = api(stack)
+    ref = engine_logprobs(tiny_family, PROMPT, 10, 2)  # the edge tier's model, here in the test
+    resp = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, logprobs=2)
+    lp = resp.choices[0].logprobs
+    assert "".join(lp.tokens) == resp.choices[0].text == ref.text
+    assert lp.token_logprobs == pytest.approx([t.logprob for t in ref.logprobs], abs=1e-5)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert all(len(top) <= 2 for top in lp.top_logprobs)
+    assert [max(top.values()) for top in lp.top_logprobs] == pytest.approx([t.top[0][1] for t in ref.logprobs],
+                                                                          abs=1e-5)
+    assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10).choices[0].logprobs is None
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "2+3=?"}],
+                                          max_tokens=10, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == chat.choices[0].message.content == ref.text
+    assert [t.logprob for t in content] == pytest.approx([t.logprob for t in ref.logprobs], abs=1e-5)
+    assert all(bytes(t.bytes).decode() == t.token and len(t.top_logprobs) == 2 for t in content)
+    stream = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, logprobs=0, stream=True))
+    last = [c for c in stream if c.choices and c.choices[0].finish_reason]
+    assert len(last) == 1 and "".join(last[0].choices[0].logprobs.tokens) == ref.text
+    assert last[0].choices[0].logprobs.token_logprobs == pytest.approx(lp.token_logprobs, abs=1e-5)
+    for body, param in (({"logprobs": 21}, "logprobs"), ({"logprobs": -1}, "logprobs")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, **body)
+        assert err.value.body["param"] == param, err.value.body
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "2+3=?"}], max_tokens=4,
+                                       logprobs=True, top_logprobs=21)
+    assert err.value.body["param"] == "top_logprobs"

@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--models", type=Path, default=DEFAULT_MODELS)
     u.add_argument("--pidfile", type=Path, default=Path("runs/up.pid"))
     u.add_argument("--manifest", type=Path, default=None,
-                   help="take the ports from this manifest (0 = a free port), e.g. infra/manifests/local.yaml")
+                   help="take the ports from this manifest (0 = a free port); default: infra/manifests/local.yaml, "
+                        "whose ports the README's examples use")
     u.add_argument("--host", type=Path, default=None, metavar="MANIFEST",
                    help="run this host's share of a deployment as the manifest says: its tiers (not those marked "
                         "elsewhere), its router unless router.enabled is false, on the NATS it names (docs/DEPLOY.md)")

@@ -8,7 +8,6 @@ prints what happened per tier, and stops everything.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import statistics
 import threading
@@ -21,9 +20,10 @@ import grpc
 from rich.console import Console
 from rich.table import Table
 
+from tierline import running
 from tierline_api.v1 import inference_pb2 as pb
 from tierline_api.v1 import inference_pb2_grpc as pb_grpc
-from tierline_infra.supervisor import Stack, demo_overrides, host_share
+from tierline_infra.supervisor import REFERENCE_MANIFEST, Stack, demo_overrides, host_share
 from tierline_router.cascade import cost, paid_tokens
 from tierline_shared.config.manifest import load_manifest
 from tierline_shared.tasks.problems import generate, is_correct
@@ -128,16 +128,6 @@ def batch_demo(stack: Stack, console) -> dict:
     return batch
 
 
-def _running(pidfile: Path) -> int | None:
-    """The pid in `pidfile` if that process is alive (a stale file, from a process that died, says nothing)."""
-    try:
-        pid = int(pidfile.read_text().strip())
-        os.kill(pid, 0)
-    except (OSError, ValueError):
-        return None
-    return pid
-
-
 def endpoints(stack: Stack) -> list[dict]:
     """Every endpoint a stack started: per process its gRPC, metrics and (the router) HTTP addresses."""
     rows = []
@@ -153,11 +143,12 @@ def up(models_dir: Path, pidfile: Path, manifest: Path | None = None, replicas: 
        host: Path | None = None) -> int:
     """Start the platform and keep it running until Ctrl-C or `make down` (SIGTERM); one at a time.
 
-    `manifest`: its ports (0 = a free one); `replicas`: tier -> count, the extra ones on free ports;
+    `manifest`: its ports (0 = a free one), infra/manifests/local.yaml's when None (the README's examples use
+    them); `replicas`: tier -> count, the extra ones on free ports;
     `host`: instead, this host's share of a deployment as that manifest says (`host_share`)."""
     from tierline.cli import UsageError
 
-    if (pid := _running(pidfile)) is not None:
+    if (pid := running.alive(pidfile)) is not None:
         raise UsageError(f"a platform is already up (pid {pid}, {pidfile}): stop it first with `make down`")
     console = Console()
     stop = threading.Event()
@@ -173,9 +164,8 @@ def up(models_dir: Path, pidfile: Path, manifest: Path | None = None, replicas: 
             raise UsageError(str(exc)) from None
     else:
         stack = Stack(models_dir, overrides=demo_overrides(models_dir), auth=True, jetstream=True, replicas=replicas,
-                      ports_from=manifest).start()
-    pidfile.parent.mkdir(parents=True, exist_ok=True)
-    pidfile.write_text(str(os.getpid()))
+                      ports_from=manifest or REFERENCE_MANIFEST).start()
+    running.record(pidfile, stack.manifest)  # `tierline keys` finds the key store this router reads
     try:
         table = Table(title="endpoints")
         for col in ("process", "grpc", "metrics", "http"):
@@ -192,11 +182,11 @@ def up(models_dir: Path, pidfile: Path, manifest: Path | None = None, replicas: 
         console.print(f"Tierline is up. Router (gRPC): {stack.router_address}  NATS: {stack.nats.url}\n"
                       f"OpenAI-compatible API: {stack.http_base_url}\n"
                       f"API key (pro plan, shown once): {stack.api_key}\n"
-                      f"Manifest: {stack.manifest} (more keys: tierline keys create --plan free --manifest ...)\n"
+                      f"Manifest: {stack.manifest} (more keys: tierline keys create --plan free)\n"
                       f"NATS identities, update signing key, CA: {stack.credentials} (docs/SECURITY.md)\n"
                       f"Stop with Ctrl-C or `make down`.")
         stop.wait()
     finally:
         stack.stop()
-        pidfile.unlink(missing_ok=True)
+        running.forget(pidfile)
     return 0

@@ -1,5 +1,8 @@
 """`tierline keys create|list|revoke`: API keys in the key store the manifest names.
 
+Without `--manifest`: the manifest of the platform `tierline up` (`make up`) runs now, found in the state it
+leaves in runs/ (tierline/running.py), so a new key works with that router at once; else local.yaml.
+
 The commands open the same store the routers read on every request (the SQLite file, or
 JetStream KV with `auth.store: nats`, as the operator's identity), so a new key works at
 once and a revoked one is refused at once, with no restart.
@@ -26,9 +29,23 @@ def add_parser(sub, parser_class) -> dict:
     r = ksub.add_parser("revoke", help="refuse a key from now on (PERMISSION_DENIED)")
     r.add_argument("key_id", help="the key's id (the part after tl_, as `keys list` shows it)")
     for p in (c, ls, r):
-        p.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST, help="the platform's YAML manifest")
+        p.add_argument("--manifest", type=Path, default=None,
+                       help=f"the platform's YAML manifest (default: the one `tierline up` runs now, else "
+                            f"{DEFAULT_MANIFEST})")
         p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     return {("keys", action): _run for action in ("create", "list", "revoke")}
+
+
+def _manifest(given: Path | None) -> Path:
+    """--manifest, else the running platform's (said on stderr), else local.yaml."""
+    from tierline.running import running_manifest
+
+    if given is not None:
+        return given
+    if (up := running_manifest()) is not None:
+        print(f"tierline: the platform `tierline up` runs now: {up}", file=sys.stderr)
+        return up
+    return DEFAULT_MANIFEST
 
 
 def _store(manifest_path: Path):
@@ -54,6 +71,7 @@ def _when(ts: float | None) -> str:
 def _run(args) -> int:
     from tierline.cli import UsageError
 
+    args.manifest = _manifest(args.manifest)
     manifest, store = _store(args.manifest)
     try:
         if args.action == "create":

@@ -104,8 +104,10 @@ class LimitsConfig:
     """What one request may ask for; with these bounds no request can exceed a NATS message (1 MiB)."""
 
     max_prompt_chars: int = 2000  # longer prompts get INVALID_ARGUMENT
-    max_tokens: int = 128  # largest max_tokens accepted
-    default_max_tokens: int = 96  # when a request sets none
+    # largest max_tokens accepted; 0 = no cap of its own: the model's context less the prompt bounds it
+    max_tokens: int = 0
+    default_max_tokens: int = 96  # when a request sets none (less when the prompt leaves less room)
+    max_n: int = 8  # choices per request at most (OpenAI's `n`; the router asks for each)
     max_stop: int = 4  # stop strings per request (as OpenAI's API)
     max_stop_chars: int = 64  # characters per stop string
     max_id_chars: int = 128  # request_id and model name
@@ -247,7 +249,7 @@ _RANGES = {  # field -> (min, max) inclusive, None = unbounded
     "grpc_port": (0, 65535), "metrics_port": (-1, 65535), "threads": (1, 256), "timeout_ms": (1, None),
     "cost_per_1k_tokens": (0, None), "cache_size": (0, None), "max_prompt_chars": (1, 100_000),
     "prefix_cache_tokens": (0, 10_000_000), "prefix_cache_min_match": (1, 100_000),
-    "max_tokens": (1, None), "default_max_tokens": (1, None), "connect_timeout_ms": (1, None),
+    "max_tokens": (0, None), "default_max_tokens": (1, None), "max_n": (1, 128), "connect_timeout_ms": (1, None),
     "request_timeout_ms": (1, None), "cloud_complexity": (0, 1), "device_complexity": (0, 1),
     "retries_per_tier": (0, 10), "retries": (0, 10), "max_num_seqs": (1, 1024),
     "max_num_batched_tokens": (1, 1_000_000),
@@ -299,7 +301,7 @@ def load_manifest(path: str | Path, check_artifacts: bool = True) -> Manifest:
     if manifest.nats.credentials and manifest.nats.user:
         raise ManifestError(f"{path}: nats.user: not with nats.credentials (each process connects as its own "
                             "identity from that directory)")
-    if manifest.limits.default_max_tokens > manifest.limits.max_tokens:
+    if 0 < manifest.limits.max_tokens < manifest.limits.default_max_tokens:
         raise ManifestError(f"{path}: limits.default_max_tokens: must be <= limits.max_tokens "
                             f"({manifest.limits.max_tokens})")
     for name, tier in manifest.tiers.items():

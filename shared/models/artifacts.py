@@ -93,6 +93,21 @@ def load_tokenizer(models_dir: str | Path, index: dict[str, Any] | None = None) 
         raise ArtifactError(str(exc)) from None
 
 
+def served_context(models_dir: str | Path, tiers: tuple[str, ...] = TIERS) -> int | None:
+    """The longest context (prompt + completion tokens) among these tiers' models, from their config.json;
+    None when the directory cannot say (a router on a host without the models: the tiers still check)."""
+    from tierline_shared.models.configs import read_config
+
+    models_dir = Path(models_dir)
+    try:
+        index = load_index(models_dir)
+        contexts = [read_config(models_dir / tier_entry(index, t, models_dir)["config"]["path"]).context
+                    for t in tiers if t in index["artifacts"]]
+    except (ValueError, KeyError, OSError):
+        return None
+    return max(contexts) if contexts else None
+
+
 @dataclass(frozen=True)
 class TierFiles:
     """One tier's artifact, every file checked against the index: what a backend loads."""

@@ -28,6 +28,7 @@ Past = list  # backend-specific KV cache (list of per-layer arrays)
 # and logits / temperature overflow to NaN; the seed is numpy's, which takes no negative numbers.
 MIN_TEMPERATURE = 0.01
 MAX_SEED = 2**63 - 1  # the wire's int64
+MAX_TOP_LOGPROBS = 20  # alternatives per position at most (OpenAI's bound)
 
 
 @dataclass
@@ -38,6 +39,8 @@ class GenerationParams:
     stop: tuple[str, ...] = ()  # stop strings (not included in the text)
     seed: int | None = None  # sampling seed; None = nondeterministic
     attention_window: int = 0  # 0 = the model's own window
+    logprobs: bool = False  # report each generated token's log-probability
+    top_logprobs: int = 0  # with logprobs: the most likely tokens at each position, this many
 
     def __post_init__(self):
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
@@ -50,11 +53,24 @@ class GenerationParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.attention_window < 0:
             raise ValueError(f"attention_window must be >= 0, got {self.attention_window!r}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs")
         self.stop = tuple(self.stop)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token and its log-probability under the model (before temperature and top_p)."""
+
+    token: str  # what it adds to the text
+    logprob: float
+    top: list[tuple[str, float]] = field(default_factory=list)  # the most likely tokens here, most likely first
 
 
 @dataclass
@@ -69,6 +85,7 @@ class GenerationResult:
     total_s: float
     token_ids: list[int] = field(default_factory=list)
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    logprobs: list[TokenLogprob] | None = None  # one per token of text, when params.logprobs asked
 
 
 @dataclass
@@ -274,9 +291,10 @@ class Engine(abc.ABC):
             )
         n = len(self.tokenizer.encode(prompt))
         if n + params.max_tokens > self.info.max_context:
-            raise EngineError(
-                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
-                f"context of {self.info.max_context} tokens",
+            raise EngineError(  # OpenAI's words, so that clients and people recognise it
+                f"this model's maximum context length is {self.info.max_context} tokens; you requested "
+                f"{n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} for the completion): "
+                f"reduce the prompt or max_tokens to at most {max(0, self.info.max_context - n)}",
                 "parameters.max_tokens",
             )
         return n
@@ -377,6 +395,15 @@ def _pick(logits: np.ndarray, g: GenerationParams, rng: np.random.Generator | No
         scaled = filtered / filtered.sum()
     t = int(rng.choice(len(scaled), p=scaled))
     return t, float(probs[t])
+
+
+def top_logprobs(logits: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The k most likely tokens of logits (V,) and their log-probabilities, most likely first."""
+    x = logits.astype(np.float64)
+    lse = x.max() + math.log(np.exp(x - x.max()).sum())
+    idx = np.argpartition(-x, k - 1)[:k] if k < len(x) else np.arange(len(x))
+    idx = idx[np.argsort(-x[idx], kind="stable")]
+    return [(int(i), float(x[i] - lse)) for i in idx]
 
 
 def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:

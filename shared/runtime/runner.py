@@ -34,9 +34,11 @@ import numpy as np
 from tierline_shared.runtime.engine import (
     GenerationParams,
     GenerationResult,
+    TokenLogprob,
     _find_stop,
     _pick,
     _stream_safe_len,
+    top_logprobs,
 )
 
 if TYPE_CHECKING:
@@ -60,6 +62,7 @@ class Sequence:
         self.token: int | None = None  # the last sampled token, fed at the next decode step
         self.gen: list[int] = []
         self.probs: list[float] = []
+        self.tops: list[list[tuple[int, float]]] = []  # with params.top_logprobs: each position's likeliest tokens
         self._text = ""  # the decoding of gen[:_text_of] (cut at a stop string once one appeared)
         self._text_of = 0
         self.emitted = 0  # characters of text already handed out by take_text
@@ -95,10 +98,11 @@ class Sequence:
 
     def accept(self, logits: np.ndarray) -> None:
         """Sample the next token from its logits (V,) and apply eos, stop strings and max_tokens."""
-        self.push(*_pick(logits, self.params, self.rng))
+        self.push(*_pick(logits, self.params, self.rng), logits)
 
-    def push(self, t: int, p: float) -> None:
-        """Take token `t`, to which the model gave probability `p`."""
+    def push(self, t: int, p: float, logits: np.ndarray | None = None) -> None:
+        """Take token `t`, to which the model gave probability `p` (its `logits` (V,): needed when the request
+        asks for top_logprobs)."""
         now = time.perf_counter()
         if not self.last_token_at:
             self.first_token_s = now - self.t0
@@ -108,6 +112,8 @@ class Sequence:
             return
         self.gen.append(t)
         self.probs.append(p)
+        if self.params.top_logprobs:
+            self.tops.append(top_logprobs(logits, self.params.top_logprobs))
         self.token = t
         cut = _find_stop(self.text, self.params.stop) if self.params.stop else None
         if cut is not None:
@@ -140,7 +146,22 @@ class Sequence:
             first_token_s=self.first_token_s,
             total_s=time.perf_counter() - self.t0,
             token_ids=list(self.gen), cached_tokens=self.cached,
+            logprobs=self._logprobs() if self.params.logprobs else None,
         )
+
+    def _logprobs(self) -> list[TokenLogprob]:
+        """One entry per token of the text (tokens past a stop string's cut left out); a token's text is what
+        it adds to the decoding of the tokens before it (a tokenizer's text is not the sum of its tokens')."""
+        out, before = [], ""
+        for i, t in enumerate(self.gen):
+            if len(before) >= len(self.text):
+                break
+            now = self._decode(self.gen[:i + 1])
+            token = now[len(before):] if now.startswith(before) else self._decode([t])
+            top = [(self._decode([a]), lp) for a, lp in self.tops[i]] if self.tops else []
+            out.append(TokenLogprob(token, _log(self.probs[i]), top))
+            before = now
+        return out
 
 
 class ModelRunner:
@@ -367,7 +388,7 @@ class ModelRunner:
             s = rows[b]
             s.kv_len += 1
             if s.params.greedy:
-                s.push(top[b], p[b])
+                s.push(top[b], p[b], logits[b, -1])
             else:
                 s.accept(logits[b, -1])
         cache = self._prefix_cache()
@@ -429,6 +450,11 @@ class ModelRunner:
                 continue
             s.kv_len += 1
             s.accept(logits[0, -1])
+
+
+def _log(p: float) -> float:
+    """A probability's natural log; -9999.0 (OpenAI's floor) for one that underflowed to 0."""
+    return math.log(p) if p > 0 else -9999.0
 
 
 class _ForwardError(Exception):

@@ -24,7 +24,15 @@ from google.protobuf.message import DecodeError
 from tierline_api.v1 import inference_pb2 as pb
 from tierline_api.v1 import inference_pb2_grpc as pb_grpc
 from tierline_shared.config.manifest import LimitsConfig, TierConfig
-from tierline_shared.runtime.engine import MAX_SEED, MIN_TEMPERATURE, Engine, EngineError, GenerationParams
+from tierline_shared.runtime.engine import (
+    MAX_SEED,
+    MAX_TOP_LOGPROBS,
+    MIN_TEMPERATURE,
+    Engine,
+    EngineError,
+    GenerationParams,
+    GenerationResult,
+)
 from tierline_shared.runtime.scheduler import END, BatchConfig, BatchedResult, DeadlineExceeded, QueueFull, Scheduler
 from tierline_shared.transport.grpc_server import DEFAULT_WORKERS
 from tierline_shared.transport.messaging import TierError
@@ -44,8 +52,10 @@ class RequestError(ValueError):
         self.field = field
 
 
-def validate_request(req: pb.InferRequest, limits: LimitsConfig, model_name: str) -> None:
-    """The checks that need no model (the router runs these); RequestError names the field."""
+def validate_request(req: pb.InferRequest, limits: LimitsConfig, model_name: str,
+                     max_context: int | None = None) -> None:
+    """The checks that need no model (the router runs these; `max_context`, when known, bounds max_tokens
+    before the prompt is counted); RequestError names the field."""
     if not req.prompt:
         raise RequestError("prompt", "must not be empty")
     if len(req.prompt) > limits.max_prompt_chars:
@@ -67,8 +77,17 @@ def validate_request(req: pb.InferRequest, limits: LimitsConfig, model_name: str
     max_tokens = resolved_max_tokens(req, limits)
     if max_tokens <= 0:
         raise RequestError("parameters.max_tokens", f"must be > 0, got {max_tokens}")
-    if max_tokens > limits.max_tokens:
+    if limits.max_tokens and max_tokens > limits.max_tokens:
         raise RequestError("parameters.max_tokens", f"{max_tokens} exceeds the limit of {limits.max_tokens}")
+    if max_context and max_tokens >= max_context:
+        raise RequestError("parameters.max_tokens", f"this model's maximum context length is {max_context} tokens; "
+                                                    f"max_tokens {max_tokens} leaves no room for the prompt")
+    if not 0 <= p.n <= limits.max_n:
+        raise RequestError("parameters.n", f"must be in [1, {limits.max_n}] (0 means 1), got {p.n}")
+    if not 0 <= p.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise RequestError("parameters.top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {p.top_logprobs}")
+    if p.top_logprobs and not p.logprobs:
+        raise RequestError("parameters.top_logprobs", "needs parameters.logprobs")
     if p.attention_window < 0:
         raise RequestError("parameters.attention_window", f"must be >= 0, got {p.attention_window}")
     if len(p.stop) > limits.max_stop:
@@ -94,12 +113,18 @@ def validate(req: pb.InferRequest, engine: Engine, limits: LimitsConfig, model_n
     if p.attention_window > engine.info.window_limit:
         raise RequestError("parameters.attention_window",
                            f"{p.attention_window} exceeds the model's limit of {engine.info.window_limit}")
+    if p.n > 1:
+        raise RequestError("parameters.n", f"a tier answers one choice per request, got {p.n} (the router serves "
+                                           "n > 1)")
     if engine.tokenizer.unknown_count(req.prompt):
         raise RequestError("prompt", "contains characters outside the model's vocabulary")
     top_p = p.top_p if p.HasField("top_p") else 1.0
-    params = GenerationParams(max_tokens=resolved_max_tokens(req, limits), temperature=p.temperature, top_p=top_p,
+    max_tokens = resolved_max_tokens(req, limits)
+    if not p.HasField("max_tokens") and engine.info.max_context:  # the default, within the room the prompt leaves
+        max_tokens = max(1, min(max_tokens, engine.info.max_context - len(engine.tokenizer.encode(req.prompt))))
+    params = GenerationParams(max_tokens=max_tokens, temperature=p.temperature, top_p=top_p,
                               stop=tuple(p.stop), seed=p.seed if p.HasField("seed") else None,
-                              attention_window=p.attention_window)
+                              attention_window=p.attention_window, logprobs=p.logprobs, top_logprobs=p.top_logprobs)
     try:
         engine.check(req.prompt, params)
     except EngineError as exc:
@@ -255,7 +280,8 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
         t0 = time.perf_counter()
         params = validate(req, self.engine, self.limits, self.engine.info.model)
         request_id = req.request_id or uuid.uuid4().hex
-        key = (req.prompt, params.max_tokens, params.stop, params.attention_window) if params.greedy else None
+        key = (req.prompt, params.max_tokens, params.stop, params.attention_window, params.logprobs,
+               params.top_logprobs) if params.greedy else None
         hit = self.cache.get(key) if key else None
         if key and self.metrics:
             self.metrics.cache_lookup(hit is not None)
@@ -307,7 +333,7 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
                          cached_tokens=r.cached_tokens)
         return pb.InferResponse(
             request_id=request_id,
-            choices=[pb.Choice(text=r.text, finish_reason=r.finish_reason)],
+            choices=[pb.Choice(text=r.text, finish_reason=r.finish_reason, logprobs=wire_logprobs(r))],
             usage=usage, tier=info.tier, model=info.model, model_version=info.version, confidence=r.confidence,
             escalation_path=[pb.Attempt(tier=info.tier, outcome="answered", confidence=r.confidence, usage=usage)],
             timings=pb.Timings(queue_ms=out.queue_s * 1000, first_token_ms=out.queue_s * 1000 + r.first_token_s * 1000,
@@ -362,7 +388,7 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
         self._observe(out, timings)
         yield pb.InferResponse(
             request_id=request_id,
-            choices=[pb.Choice(text="", finish_reason=r.finish_reason)],
+            choices=[pb.Choice(text="", finish_reason=r.finish_reason, logprobs=wire_logprobs(r))],
             usage=pb.Usage(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
                            cached_tokens=r.cached_tokens),
             tier=info.tier, model=info.model, model_version=info.version, confidence=r.confidence, timings=timings,
@@ -387,8 +413,16 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
         info, b = self.engine.info, self.batch_config
         return pb.ServerInfo(tier=info.tier, model=info.model, model_version=info.version,
                              max_context=info.max_context, max_prompt_chars=self.limits.max_prompt_chars,
-                             max_tokens_limit=self.limits.max_tokens, attention_window_limit=info.window_limit,
+                             max_tokens_limit=self.limits.max_tokens or max(0, info.max_context - 1),
+                             attention_window_limit=info.window_limit,
                              max_batch_size=b.max_num_seqs, max_queue=b.max_queue)
+
+
+def wire_logprobs(r: GenerationResult) -> list[pb.TokenLogprob]:
+    """A result's token log-probabilities as the wire carries them (none unless the request asked)."""
+    return [pb.TokenLogprob(token=t.token, logprob=t.logprob,
+                            top_logprobs=[pb.TokenLogprob(token=a, logprob=lp) for a, lp in t.top])
+            for t in r.logprobs or ()]
 
 
 def _priority(req: pb.InferRequest) -> int:

@@ -15,7 +15,7 @@ from concurrent import futures
 import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from tierline_api.v1 import inference_pb2 as pb
 from tierline_api.v1 import inference_pb2_grpc as pb_grpc
@@ -26,6 +26,9 @@ DEFAULT_WORKERS = 32  # gRPC handler threads (they mostly wait on the scheduler)
 # gRPC sets SO_REUSEPORT by default: a second process would bind a port in use without an error and the two
 # would share its connections silently. Every Tierline server binds its port alone.
 SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
+# gRPC reflection v1 (grpcurl and newer clients ask it first): v1alpha's service under its final package name, the
+# messages field for field the same. grpcio-reflection serves v1alpha only; its servicer answers v1 as well.
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
 
 def add_health_and_reflection(server, aio: bool = False):
@@ -36,8 +39,16 @@ def add_health_and_reflection(server, aio: bool = False):
     """
     health_servicer = health.aio.HealthServicer() if aio else health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME,
+             REFLECTION_V1)
+    reflecting = (reflection.aio.ReflectionServicer if aio else reflection.ReflectionServicer)(names)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflecting, server)
+    # v1: the same servicer on v1's path (the bytes on the wire are the same messages)
+    v1 = grpc.stream_stream_rpc_method_handler(
+        reflecting.ServerReflectionInfo, request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1,
+                                                                         {"ServerReflectionInfo": v1}),))
     return health_servicer
 
 

@@ -6,10 +6,10 @@ STAMP  := $(VENV)/.installed
 MODELS ?= models
 
 .DEFAULT_GOAL := help
-.PHONY: help setup proto models models-tiny test lint fuzz soak demo up down bench clean
+.PHONY: help setup proto models models-tiny test lint fuzz soak demo up down bench device-arm-check clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,9 @@ down: ## stop what make up started
 
 bench: setup ## the platform measured side by side (<= 20 min): writes BENCHMARKS.md, bench/results.json
 	$(PY) -m tierline bench --models $(MODELS)
+
+device-arm-check: setup ## the device agent installed and run on emulated aarch64 (root; slow: not in make test)
+	$(PY) -m tierline_infra.device_arm_check
 
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache runs

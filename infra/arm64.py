@@ -12,7 +12,9 @@ Its programs run under qemu-user (`qemu-aarch64-static`), in one of two ways:
   /usr/lib/binfmt.d/qemu-aarch64.conf, as systemd-binfmt does on a Debian host.
 - `proot`: where binfmt_misc cannot be registered (an unprivileged sandbox), PRoot runs qemu
   on every aarch64 exec it traces, at the price of ptrace on every system call.
-Either way the emulated processes share this machine's network (loopback included).
+Either way the emulated processes share this machine's network (loopback included), and pip
+in the rootfs trusts this machine's CA bundle (PIP_CERT): a network that re-signs TLS, as this
+workshop's does, fails Debian's roots alone.
 `TIERLINE_ARM_EMULATION=binfmt|proot` forces one.
 """
 
@@ -37,6 +39,9 @@ BINFMT_ENTRY = BINFMT_DIR / "qemu-aarch64"
 BINFMT_CONF = Path("/usr/lib/binfmt.d/qemu-aarch64.conf")  # shipped by qemu-user-static
 EMULATION_ENV = "TIERLINE_ARM_EMULATION"
 PIP_CACHE = "/var/cache/pip"  # inside the rootfs: the host's runs/arm64/pip-cache is mounted here
+# this machine's CA bundle, copied in for pip: where the network re-signs TLS (a proxy), Debian's roots alone fail
+HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
+GUEST_HOST_CA = "/etc/ssl/host-ca-certificates.crt"
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 APT_TIMEOUT_S = 900.0  # apt-get update + install of the host tools, at most
 BUILD_TIMEOUT_S = 1800.0  # one debootstrap stage, at most (the second runs emulated)
@@ -123,13 +128,16 @@ class Rootfs:
              mounts: bool = True) -> list[str]:
         """The host command line that runs `cmd` inside the rootfs, emulated, with a clean environment.
 
-        `mounts`: /proc and the pip cache (in a mount namespace of its own: nothing is left
-        mounted on the host when it ends); debootstrap's second stage runs without them.
+        `mounts`: /proc and the pip cache, in a mount namespace of its own (nothing is left
+        mounted on the host when it ends); debootstrap's second stage runs without them. Not
+        /sys: there it is the x86 host's, and LiteRT's cpuinfo, reading it as an ARM board's,
+        crashes the emulated agent (SIGSEGV); without it, cpuinfo says so on stderr and goes on.
         `user` (binfmt only): run as that user of the rootfs, as the systemd unit does.
         """
         root = root or self.path
+        ca = {"PIP_CERT": GUEST_HOST_CA} if (root / GUEST_HOST_CA.lstrip("/")).is_file() else {}
         envs = [f"{k}={v}" for k, v in {"PATH": GUEST_PATH, "HOME": "/root", "LANG": "C.UTF-8",
-                                        "PIP_CACHE_DIR": PIP_CACHE, **(env or {})}.items()]
+                                        "PIP_CACHE_DIR": PIP_CACHE, **ca, **(env or {})}.items()]
         inner = ["/usr/bin/env", "-i", *envs, *cmd]
         if self.mode == "proot":
             binds = ["-b", "/proc", "-b", f"{self.pip_cache}:{PIP_CACHE}"] if mounts else []
@@ -178,6 +186,8 @@ class Rootfs:
             (partial / PIP_CACHE.lstrip("/")).mkdir(parents=True, exist_ok=True)
             shutil.copyfile("/etc/resolv.conf", partial / "etc" / "resolv.conf")  # pip resolves PyPI's name
             partial.rename(self.path)
+        if HOST_CA.is_file():  # every run: the host's trust may have changed since the build
+            shutil.copyfile(HOST_CA, self.path / GUEST_HOST_CA.lstrip("/"))
         self.build_s = round(time.monotonic() - t0, 1)
         return self
 

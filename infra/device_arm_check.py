@@ -67,7 +67,7 @@ INSTALL_SCRIPT = f"""set -e
 id tierline >/dev/null 2>&1 || useradd --system --home {GUEST_STATE} --shell /usr/sbin/nologin tierline
 mkdir -p {OPT} /etc/tierline {GUEST_STATE} && chown tierline: {GUEST_STATE}
 cd {OPT}
-[ -x .venv/bin/python ] || python3.11 -m venv .venv
+python3.11 -m venv .venv
 .venv/bin/pip install --report {GUEST_PIP_REPORT} '.[device]'
 cp infra/systemd/tierline-device.service /etc/systemd/system/
 """
@@ -98,13 +98,20 @@ def compare_answers(reference: list[dict], emulated: list[dict], encode) -> list
 
 
 def wheels_from_report(report: dict) -> list[dict]:
-    """What pip installed (its --report): name, version, and the file it fetched (None: built from a folder)."""
+    """What pip installed (its --report): name, version, the file it fetched and its kind.
+
+    kind: "wheel" (a binary or pure-Python wheel from the index), "sdist" (a source archive pip
+    built into a wheel on the board), "local" (a folder: the repository itself; file None).
+    """
     wheels = []
     for item in report.get("install", []):
-        url = item.get("download_info", {}).get("url", "")
-        name = url.rsplit("/", 1)[-1].split("#")[0] if url.endswith(".whl") or ".whl#" in url else None
+        info = item.get("download_info", {})
+        url = info.get("url", "")
+        local = "dir_info" in info or url.startswith("file:")
+        name = None if local else url.rsplit("/", 1)[-1].split("#")[0]
+        kind = "local" if local else "wheel" if name.endswith(".whl") else "sdist"
         wheels.append({"name": item["metadata"]["name"], "version": item["metadata"]["version"], "file": name,
-                       "url": url})
+                       "kind": kind, "url": url})
     return sorted(wheels, key=lambda w: w["name"].lower())
 
 
@@ -127,17 +134,15 @@ def repo_files(root: Path) -> list[str]:
 
 
 def install(rootfs: Rootfs, log: Path) -> dict:
-    """The repository copied to /opt/tierline and the doc's install run in the rootfs (skipped when nothing changed)."""
+    """The repository copied to a fresh /opt/tierline and the doc's install run in the rootfs (skipped when the
+    sources are those of the last install: `source_key`)."""
     opt = rootfs.path / OPT.lstrip("/")
     files = repo_files(ROOT)
     key = source_key(ROOT, files)
     stamp = opt / ".venv" / ".tierline-install.json"
     if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
         return {**json.loads(stamp.read_text()), "reused": True}
-    if opt.is_dir():
-        for child in opt.iterdir():
-            if child.name != ".venv":
-                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    shutil.rmtree(opt, ignore_errors=True)  # a fresh board: pip's report lists every package only in a new venv
     for f in files:
         (opt / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / f, opt / f)
@@ -315,17 +320,22 @@ def render(r: dict) -> str:
                      f"{'reused' if inst['reused'] else str(inst['install_s']) + ' s'}), venv {inst['venv_mib']} MiB, "
                      f"no {' or '.join(inst['forbidden_absent'])}")
         for w in inst["wheels"]:
-            size = f"{w['bytes'] / 2**20:7.2f} MiB" if w["bytes"] is not None else "  (built from /opt/tierline)"
-            lines.append(f"  {w['name']}=={w['version']:<10} {size}  {w['file'] or ''}")
+            size = f"{w['bytes'] / 2**20:6.2f} MiB" if w["bytes"] is not None else "     -    "
+            what = {"local": "built from /opt/tierline", "sdist": f"{w['file']} (source only: built on the board)"}
+            lines.append(f"  {w['name'] + '==' + w['version']:<32} {size}  {what.get(w['kind'], w['file'])}")
+        total = sum(w["bytes"] or 0 for w in inst["wheels"]) / 2**20
+        lines.append(f"  {len(inst['wheels'])} distributions, {total:.1f} MiB downloaded")
     if agents:
         f = agents["fleet"]
         lines.append(f"agent: ready in {agents['ready_s']} s (emulated), health {agents['health']}, fleet: "
-                     f"{f['device']} {f['state']} arch {f['arch']} model {f['model']} requests {f['requests']} "
-                     f"rss {f['rss_mb']} MiB (the emulator's process)")
+                     f"{f['device']} {f['state']} arch {f['arch']} model {f['model']} requests {f['requests']}")
+        lines.append(f"agent RSS: {f['rss_mb']} MiB aarch64 emulated (its heartbeat: the qemu process, guest "
+                     f"and translator together); {agents['x86_64_agent_rss_mib']['rss']} MiB the x86-64 agent")
         lines.append(f"answers: {agents['identical']}/{agents['prompts']} identical token for token "
                      f"(x86-64 agent vs emulated aarch64 agent, greedy, max_tokens {agents['max_tokens']}, "
                      f"{agents['completion_tokens']} tokens); max |confidence delta| "
-                     f"{agents['max_confidence_delta']:.2g}; wall {agents['wall_s']}")
+                     f"{agents['max_confidence_delta']:.2g}; wall {agents['wall_s']['x86_64']} s x86-64, "
+                     f"{agents['wall_s']['aarch64_emulated']} s emulated")
         for m in agents["mismatches"]:
             lines.append(f"  MISMATCH prompt {m['prompt']} ({', '.join(m['differs_in'])}, token "
                          f"{m['first_differing_token']}): x86-64 {m['x86_64']!r} aarch64 {m['aarch64']!r}")

@@ -60,14 +60,17 @@ def test_wheels_from_pips_report():
                    "manylinux_2_28_aarch64.whl", "archive_info": {"hash": "sha256=00"}}},
         {"metadata": {"name": "tierline", "version": "0.1.0"},
          "download_info": {"url": "file:///opt/tierline", "dir_info": {}}},
+        {"metadata": {"name": "nkeys", "version": "0.2.1"},
+         "download_info": {"url": "https://files.pythonhosted.org/packages/bb/nkeys-0.2.1.tar.gz"}},
         {"metadata": {"name": "grpcio", "version": "1.85.3"},
          "download_info": {"url": "https://example.org/grpcio-1.85.3-cp311-cp311-manylinux_2_17_aarch64.whl#sha256=1"}},
     ]}
     wheels = wheels_from_report(report)
-    assert [w["name"] for w in wheels] == ["grpcio", "numpy", "tierline"]
+    assert [w["name"] for w in wheels] == ["grpcio", "nkeys", "numpy", "tierline"]
     assert wheels[0]["file"] == "grpcio-1.85.3-cp311-cp311-manylinux_2_17_aarch64.whl"
-    assert wheels[1]["file"].startswith("numpy-2.4.6-") and wheels[1]["version"] == "2.4.6"
-    assert wheels[2]["file"] is None  # built from the folder
+    assert (wheels[1]["file"], wheels[1]["kind"]) == ("nkeys-0.2.1.tar.gz", "sdist")  # built on the board
+    assert wheels[2]["file"].startswith("numpy-2.4.6-") and wheels[2]["kind"] == "wheel"
+    assert (wheels[3]["file"], wheels[3]["kind"]) == (None, "local")  # the repository itself
 
 
 def test_the_install_is_redone_when_a_source_changes_and_not_for_docs_or_models(tmp_path):

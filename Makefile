@@ -8,10 +8,10 @@ CLIENTS := .venv-clients
 MODELS ?= models
 
 .DEFAULT_GOAL := help
-.PHONY: help setup proto models models-tiny test lint fuzz soak demo up down bench clients clean
+.PHONY: help setup proto models models-tiny test lint fuzz soak demo up down bench clients device-arm-check clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,9 @@ down: ## stop what make up started
 
 bench: setup ## the platform measured side by side (<= 20 min): writes BENCHMARKS.md, bench/results.json
 	$(PY) -m tierline bench --models $(MODELS)
+
+device-arm-check: setup ## the device agent installed and run on emulated aarch64 (root; slow: not in make test)
+	$(PY) -m tierline_infra.device_arm_check
 
 clean: ## remove the venv and caches
 	rm -rf $(VENV) $(CLIENTS) .pytest_cache .ruff_cache runs

@@ -283,9 +283,8 @@ class OpenAIServer:
         try:
             try:
                 body, req = await self._read(request, chat)
-            except BadRequest:
-                await self.router.gate.check(key)  # 401/403 before a bad body
-                raise
+            except BadRequest as exc:
+                await self.router.refuse(key, exc)  # 401/403 before a bad body; counted in the router's metrics
             # the key is checked once, with the quota, when the router admits the request
             if body.get("stream"):
                 include_usage = bool((body.get("stream_options") or {}).get("include_usage"))

@@ -23,7 +23,7 @@ import yaml
 
 from tests.conftest import ROOT, new_key, run_cli, scrape
 from tierline import InferenceClient, InvalidArgument, PermissionDenied, QuotaExceeded, Unauthenticated
-from tierline.status_view import bar, render_text
+from tierline.status_view import bar, render_text, watch
 from tierline_api.v1 import inference_pb2 as pb
 from tierline_api.v1 import inference_pb2_grpc as pb_grpc
 from tierline_infra.supervisor import Stack
@@ -176,6 +176,15 @@ def test_status_reports_each_tiers_escalation_rate(stack, traffic):
     assert json.loads(proc.stdout)["tiers"][0]["escalationRate"] == pytest.approx(6 / 7)
     shown = run_cli("status", "--endpoint", stack.router_address, "--api-key", traffic, timeout=60).stdout
     assert "escalation rate" in shown and bar(6 / 7) in shown
+
+
+def test_watch_redraws_the_status_each_interval(capsys):
+    st = pb.PlatformStatus(model="m", answered=3)
+    st.tiers.add(tier="edge", answered=3, traffic_share=1.0, asked=4, escalated=1, escalation_rate=0.25)
+    fetched = []
+    watch(lambda: fetched.append(1) or st, 0.01, rounds=3)
+    out = capsys.readouterr().out
+    assert len(fetched) == 3 and out.count("Tierline: m - 3 requests") == 3 and "25.0% of 4" in out
 
 
 def test_bars_are_drawn_to_an_eighth_of_a_character():

@@ -34,10 +34,11 @@ def title(st) -> str:
 def tier_rows(st) -> list[tuple[str, ...]]:
     """One row per tier, cheapest first; the queue bars are scaled to the deepest queue."""
     deepest = max((t.queue_depth for t in st.tiers), default=0)
+    asked = max((len(f"{t.asked:,}") for t in st.tiers), default=1)  # the bars start in one column
     return [(t.tier, str(len(t.replicas)) if t.replicas else "0 (down)",
              f"{bar(t.queue_depth / deepest if deepest else 0.0, BAR_WIDTH // 2)} {t.queue_depth:>4}",
              f"{bar(t.traffic_share)} {t.traffic_share:6.1%}",
-             f"{bar(t.escalation_rate)} {t.escalation_rate:6.1%} of {t.asked:,}",
+             f"{bar(t.escalation_rate)} {t.escalation_rate:6.1%} of {t.asked:>{asked},}",
              f"{t.answered:,}") for t in st.tiers]
 
 

@@ -66,7 +66,11 @@ class DeviceAgentServicer(TierServicer):
 
     def answer(self, req: pb.InferRequest, timeout_s: float | None) -> pb.InferResponse:
         """One request from the board's apps, through the cascade: this board's model or the tiers above."""
-        validate(req, self.engine, self.limits, self.engine.info.model)  # bad input fails here, on the board
+        try:
+            validate(req, self.engine, self.limits, self.engine.info.model)  # bad input fails here, on the board
+        except Exception as exc:
+            self._failed(exc)
+            raise
         timeout_s = caller_deadline(timeout_s)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s  # one budget for every try
         local = self.engine.info.tier

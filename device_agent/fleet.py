@@ -45,6 +45,7 @@ from nats.js.errors import (
     ObjectNotFoundError,
 )
 
+from tierline_device_agent.metrics import FleetMetrics
 from tierline_device_agent.ota import (
     DesiredModel,
     ModelStore,
@@ -180,6 +181,10 @@ class FleetAgent:
         self.requests = 0
         self.status = "serving"
         self.ota: dict | None = None
+        self.metrics = None if servicer.metrics is None else FleetMetrics(
+            servicer.metrics.registry, self.device_id, self.cfg.heartbeat_s * self.cfg.stale_after_beats,
+            outbox_pending=lambda: self.outbox.pending, outbox_dropped=lambda: self.outbox.dropped,
+            link_up=lambda: self.servicer.link is not None and self.servicer.link.connected)
         self._nc = None
         self._fleet: Fleet | None = None
         self._revision = 0  # of our entry in the devices bucket (compare-and-set)
@@ -252,6 +257,7 @@ class FleetAgent:
             fleet = await open_fleet(self._nc)
             self._revision = await register(fleet.devices, self.device_id, self.state())
             self._fleet = fleet
+            self._beaten()
             log.info("registered %s", self.device_id)
 
     def state(self) -> dict:
@@ -288,6 +294,11 @@ class FleetAgent:
                                                                   last=self._revision)
             except KeyWrongLastSequenceError:
                 self._revision = await register(self._fleet.devices, self.device_id, self.state())
+            self._beaten()
+
+    def _beaten(self) -> None:
+        if self.metrics is not None:
+            self.metrics.beat()
 
     async def _flush(self) -> None:
         """Send the outbox, oldest first; an event leaves it only once JetStream has stored it."""
@@ -328,6 +339,8 @@ class FleetAgent:
             self._handled_desired = 0  # a transient failure: the next beat tries the same revision again
         self.status = "serving"
         self.ota = outcome(code, version, detail)
+        if self.metrics is not None:
+            self.metrics.updated(code)
         self.record("ota", **self.ota)
         log.info("update to %s: %s (%s)", version, code.name, detail)
         try:

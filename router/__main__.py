@@ -14,6 +14,7 @@ import grpc
 from tierline_router.auth import Gate, open_key_store
 from tierline_router.batch_http import BatchApi
 from tierline_router.chat import ChatTemplate
+from tierline_router.metrics import RouterMetrics
 from tierline_router.openai_http import OpenAIServer
 from tierline_router.policy import Policy
 from tierline_router.scorer import load_scorer
@@ -21,7 +22,6 @@ from tierline_router.service import RouterServicer
 from tierline_shared.config.manifest import EXIT_BAD_MANIFEST, ManifestError, load_manifest
 from tierline_shared.models.artifacts import served_context
 from tierline_shared.security.identities import ROUTER
-from tierline_shared.serving.metrics import Metrics
 from tierline_shared.transport.grpc_server import (
     SERVER_OPTIONS,
     add_health_and_reflection,
@@ -43,7 +43,7 @@ async def serve(manifest_path: str) -> int:
     except (NatsAuthError, ConnectionError, ValueError) as exc:
         print(f"router: error: {exc}", file=sys.stderr)
         return EXIT_BAD_MANIFEST
-    metrics = Metrics("router")
+    metrics = RouterMetrics(manifest.model_name, tuple(manifest.tiers))
     try:
         scorer = load_scorer(manifest)
     except ValueError as exc:

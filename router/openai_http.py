@@ -364,12 +364,11 @@ class OpenAIServer:
         return await self.respond(body, key, chat, request)
 
     async def _refused(self, exc: BadRequest, key: str | None, chat: bool = False) -> web.Response:
-        """A body the API cannot read: 401/403 first when the key is bad, else the 400."""
+        """A body the API cannot read: 401/403 first when the key is bad, else the 400 (counted either way)."""
         try:
-            await self.router.gate.check(key)
-        except TierError as denied:
-            return _error_response(denied, chat)
-        return _error_response(exc, chat)
+            await self.router.refuse(key, exc)
+        except TierError as refusal:
+            return _error_response(refusal, chat)
 
     async def respond(self, body: dict, key: str | None, chat: bool, request: web.Request | None = None,
                       priority: int = 0) -> web.StreamResponse:
@@ -380,9 +379,8 @@ class OpenAIServer:
                 req = self.parse(body, chat)
                 if body.get("stream") and request is None:
                     raise BadRequest("stream", "stream: a batch line cannot stream; leave stream out")
-            except BadRequest:
-                await self.router.gate.check(key)  # 401/403 before a bad body
-                raise
+            except BadRequest as exc:
+                await self.router.refuse(key, exc)  # 401/403 before a bad body; counted in the router's metrics
             # the key is checked once, with the quota, when the router admits the request
             if body.get("stream"):
                 include_usage = bool((body.get("stream_options") or {}).get("include_usage"))

@@ -27,9 +27,9 @@ from tierline_api.v1 import inference_pb2_grpc as pb_grpc
 from tierline_router.auth import Admission, Gate, bearer_token
 from tierline_router.cascade import CLIENT_ERRORS, Cascade, Decision
 from tierline_router.choices import choices_of, fan_out, merge, merge_streams
+from tierline_router.metrics import RouterMetrics
 from tierline_router.policy import Policy
 from tierline_shared.config.manifest import LimitsConfig, NatsConfig, RouterConfig
-from tierline_shared.serving.metrics import Metrics
 from tierline_shared.serving.servicer import RequestError, resolved_max_tokens, validate_request
 from tierline_shared.transport.messaging import TierError, ask_tier, discover, stream_tier
 from tierline_shared.wire import TIERS, tiers_above
@@ -40,7 +40,7 @@ DISCOVERY_WAIT_S = 0.25  # how long GetStatus gathers the replicas' $SRV.STATS r
 class RouterServicer(pb_grpc.InferenceServiceServicer):
     def __init__(self, nc, policy: Policy, model_name: str, tiers: tuple[str, ...] = TIERS,
                  request_timeout_s: float = NatsConfig.request_timeout_ms / 1000,
-                 retries_per_tier: int = RouterConfig.retries_per_tier, metrics: Metrics | None = None,
+                 retries_per_tier: int = RouterConfig.retries_per_tier, metrics: RouterMetrics | None = None,
                  limits: LimitsConfig | None = None, gate: Gate | None = None, max_context: int | None = None):
         self.nc = nc
         self.policy = policy
@@ -48,7 +48,7 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
         self.tiers = tuple(t for t in TIERS if t in tiers)
         self.request_timeout_s = request_timeout_s
         self.retries_per_tier = retries_per_tier
-        self.metrics = metrics or Metrics("router")
+        self.metrics = metrics or RouterMetrics(model_name, self.tiers)
         self.limits = limits or LimitsConfig()
         self.gate = gate or Gate(None, {})  # API keys and quotas; a gate without a store admits everyone
         self.max_context = max_context  # the served models' context (prompt + completion), None when unknown
@@ -62,32 +62,31 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
         if not req.request_id:
             req.request_id = uuid.uuid4().hex
         tier, score = self.policy.decide(req.prompt, self.tiers)
-        cascade = Cascade(self.policy, tier, self.tiers, self.retries_per_tier,
-                          on_escalate=lambda a, b, why: self.metrics.escalations.labels(a, b, why).inc())
-        while (tier := cascade.next_tier()) is not None:
-            left = self.request_timeout_s if deadline is None else min(self.request_timeout_s,
-                                                                       deadline - time.monotonic())
-            if left <= 0:
-                cascade.expired(tier)
-                break
-            try:
-                cascade.answered(tier, await self._ask(tier, req, left))
-            except Exception as exc:  # noqa: BLE001 - the cascade sorts failures (and raises what is not one)
-                cascade.failed(tier, exc, detail=f"no answer in {left:.2f}s")
+        cascade = Cascade(self.policy, tier, self.tiers, self.retries_per_tier, on_escalate=self.metrics.escalated)
+        try:
+            while (tier := cascade.next_tier()) is not None:
+                left = self.request_timeout_s if deadline is None else min(self.request_timeout_s,
+                                                                           deadline - time.monotonic())
+                if left <= 0:
+                    cascade.expired(tier)
+                    break
+                try:
+                    cascade.answered(tier, await self._ask(tier, req, left))
+                except Exception as exc:  # noqa: BLE001 - the cascade sorts failures (and raises what is not one)
+                    cascade.failed(tier, exc, detail=f"no answer in {left:.2f}s")
+        finally:
+            self.metrics.asked(cascade.path)
         out_of_time = deadline is not None and deadline <= time.monotonic()
         return self._finish(cascade.decision(out_of_time), score, t0)
 
-    def _finish(self, decision: Decision, score: float, t0: float) -> pb.InferResponse:
+    @staticmethod
+    def _finish(decision: Decision, score: float, t0: float) -> pb.InferResponse:
         resp, degraded = decision.answer, decision.degraded
         resp.complexity = score
         del resp.escalation_path[:]
         resp.escalation_path.extend(decision.path)
         resp.degraded = degraded
-        total = time.perf_counter() - t0
-        resp.timings.total_ms = total * 1000
-        self.metrics.observe_response(resp.tier, "degraded" if degraded else "answered",
-                                      resp.timings.first_token_ms / 1000, total, resp.timings.queue_ms / 1000,
-                                      resp.usage.prompt_tokens, resp.usage.completion_tokens)
+        resp.timings.total_ms = (time.perf_counter() - t0) * 1000
         return resp
 
     def _validate(self, req: pb.InferRequest) -> None:
@@ -119,24 +118,34 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
     async def infer(self, request: pb.InferRequest, key: str | None, deadline: float | None = None
                     ) -> pb.InferResponse:
         """One routed answer; raises TierError (AccessDenied included) carrying the status to answer."""
-        admission = await self._admit(request, key)
-        used = None
-        try:
-            if not request.request_id:
-                request.request_id = uuid.uuid4().hex
-            if choices_of(request) == 1:
-                resp = await self.route(request, deadline)
-            else:  # each choice its own request (router/choices.py)
-                resp = merge(request.request_id,
-                             await asyncio.gather(*(self.route(one, deadline) for one in fan_out(request))))
-            used = resp.usage.prompt_tokens + resp.usage.completion_tokens
+        t0 = time.perf_counter()
+        with self.metrics.request() as tracked:
+            admission = await self._admit(request, key)
+            used = None
+            try:
+                if not request.request_id:
+                    request.request_id = uuid.uuid4().hex
+                if choices_of(request) == 1:
+                    resp = await self.route(request, deadline)
+                else:  # each choice its own request (router/choices.py)
+                    resp = merge(request.request_id,
+                                 await asyncio.gather(*(self.route(one, deadline) for one in fan_out(request))))
+                used = resp.usage.prompt_tokens + resp.usage.completion_tokens
+            except TierError as exc:
+                if exc.status in CLIENT_ERRORS:
+                    used = 0  # refused by a tier for its own fields (say, too many tokens): the call counts
+                raise
+            finally:
+                await self.gate.settle(admission, used)
+            tracked.answered(resp, time.perf_counter() - t0)
             return resp
-        except TierError as exc:
-            if exc.status in CLIENT_ERRORS:
-                used = 0  # refused by a tier for its own fields (say, too many tokens): the call counts, no tokens
-            raise
-        finally:
-            await self.gate.settle(admission, used)
+
+    async def refuse(self, key: str | None, exc: TierError) -> None:
+        """A request its transport could not read (say, a body that is not JSON): raises the key's refusal if
+        there is one (401/403 come first), else `exc`; counted as every request is."""
+        with self.metrics.request():
+            await self.gate.check(key)
+            raise exc
 
     async def stream(self, request: pb.InferRequest, key: str | None):
         """Tokens as the tier generates them, relayed from NATS.
@@ -145,53 +154,70 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
         has been sent, so there is no confidence cascade here; a tier that has no
         responders or times out before its first chunk is skipped for the next one up.
         """
-        admission = await self._admit(request, key)
-        used, sent = None, False
-        if not request.request_id:
-            request.request_id = uuid.uuid4().hex
-        chunks = (self._stream(request) if choices_of(request) == 1 else
-                  merge_streams(request.request_id, [self._stream(one) for one in fan_out(request)]))
-        try:
-            async for chunk in chunks:
-                if chunk.choices and chunk.choices[0].finish_reason:
-                    used = chunk.usage.prompt_tokens + chunk.usage.completion_tokens
-                sent = True
-                yield chunk
-        finally:
-            await chunks.aclose()
-            # no final chunk: nothing sent costs nothing; a stream cut short keeps its (worst-case) reservation
-            if used is None and sent and admission is not None:
-                used = admission.reserved_tokens
-            await self.gate.settle(admission, used)
+        t0 = time.perf_counter()
+        with self.metrics.request() as tracked:
+            admission = await self._admit(request, key)
+            used, last = None, None
+            if not request.request_id:
+                request.request_id = uuid.uuid4().hex
+            chunks = (self._stream(request) if choices_of(request) == 1 else
+                      merge_streams(request.request_id, [self._stream(one) for one in fan_out(request)]))
+            try:
+                async for chunk in chunks:
+                    last = self._chunk_timed(chunk, t0, last)
+                    if chunk.choices and chunk.choices[0].finish_reason:
+                        used = chunk.usage.prompt_tokens + chunk.usage.completion_tokens
+                        tracked.answered(chunk, last - t0)  # the client has its answer once this is sent
+                    yield chunk
+            finally:
+                # closed at once when our client goes away, so the tier hears the cancel now, not at GC
+                await chunks.aclose()
+                # no final chunk: nothing sent costs nothing; a stream cut short keeps its (worst-case) reservation
+                if used is None and last is not None and admission is not None:
+                    used = admission.reserved_tokens
+                await self.gate.settle(admission, used)
+
+    def _chunk_timed(self, chunk: pb.InferResponse, t0: float, last: float | None) -> float:
+        """A stream's time to its first chunk, then between chunks (what its client sees); returns now."""
+        now = time.perf_counter()
+        if last is None:
+            self.metrics.first_chunk(chunk.tier, now - t0)
+        else:
+            self.metrics.next_chunk(chunk.tier, now - last)
+        return now
 
     async def _stream(self, request: pb.InferRequest):
         tier, score = self.policy.decide(request.prompt, self.tiers)
         path: list[pb.Attempt] = []
-        while tier is not None:
-            started = False
-            try:
-                # closed at once when our client goes away, so the tier hears the cancel now, not at GC
-                async with aclosing(stream_tier(self.nc, tier, request, self.request_timeout_s)) as chunks:
-                    async for chunk in chunks:
-                        started = True
-                        chunk.complexity = score
-                        if chunk.choices and chunk.choices[0].finish_reason:
-                            path.append(pb.Attempt(tier=tier, outcome="answered", confidence=chunk.confidence,
-                                                   usage=chunk.usage))
-                            chunk.escalation_path.extend(path)
-                            self.metrics.requests.labels(tier, "answered").inc()
-                        yield chunk
-                return
-            except TierError as exc:
-                if exc.status in CLIENT_ERRORS or started:
-                    raise
-                path.append(pb.Attempt(tier=tier, outcome="error", detail=f"{exc.status}: {exc.message}"))
-            except (NoRespondersError, NatsTimeout, asyncio.TimeoutError) as exc:
-                if started:
-                    raise TierError("router", "UNAVAILABLE", f"{tier} stopped mid-stream") from None
-                outcome = "no_responders" if isinstance(exc, NoRespondersError) else "timeout"
-                path.append(pb.Attempt(tier=tier, outcome=outcome))
-            tier = next(iter(tiers_above(tier, self.tiers)), None)
+        try:
+            while tier is not None:
+                started = False
+                try:
+                    # closed at once when our client goes away, so the tier hears the cancel now, not at GC
+                    async with aclosing(stream_tier(self.nc, tier, request, self.request_timeout_s)) as chunks:
+                        async for chunk in chunks:
+                            started = True
+                            chunk.complexity = score
+                            if chunk.choices and chunk.choices[0].finish_reason:
+                                path.append(pb.Attempt(tier=tier, outcome="answered", confidence=chunk.confidence,
+                                                       usage=chunk.usage))
+                                chunk.escalation_path.extend(path)
+                            yield chunk
+                    return
+                except TierError as exc:
+                    if exc.status in CLIENT_ERRORS or started:
+                        raise
+                    path.append(pb.Attempt(tier=tier, outcome="error", detail=f"{exc.status}: {exc.message}"))
+                except (NoRespondersError, NatsTimeout, asyncio.TimeoutError) as exc:
+                    if started:
+                        raise TierError("router", "UNAVAILABLE", f"{tier} stopped mid-stream") from None
+                    outcome = "no_responders" if isinstance(exc, NoRespondersError) else "timeout"
+                    path.append(pb.Attempt(tier=tier, outcome=outcome))
+                failed, tier = tier, next(iter(tiers_above(tier, self.tiers)), None)
+                if tier is not None:
+                    self.metrics.escalated(failed, tier, path[-1].outcome)
+        finally:
+            self.metrics.asked(path)
         raise TierError("router", "UNAVAILABLE", "no tier could stream an answer: " +
                         "; ".join(f"{a.tier} {a.outcome}" for a in path))
 
@@ -199,14 +225,17 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
         """Replicas and queues from nats.micro discovery, the traffic split from this router's counters."""
         await self.gate.check(key)
         replies = await asyncio.gather(*(discover(self.nc, t, "STATS", DISCOVERY_WAIT_S) for t in self.tiers))
-        answered = {t: sum(self.metrics.registry.get_sample_value("tierline_requests_total",
-                                                                  {"tier": t, "outcome": o}) or 0
+        m = self.metrics
+        answered = {t: sum(m.sample("tierline_router_requests_total", tier=t, outcome=o, code="OK")
                            for o in ("answered", "degraded")) for t in self.tiers}
         total = sum(answered.values())
         out = pb.PlatformStatus(model=self.model_name, answered=int(total), auth_enabled=self.gate.enabled)
         for tier, stats in zip(self.tiers, replies):
+            asked = m.sample("tierline_router_tier_requests_total", tier=tier)
+            escalated = m.escalated_from(tier)
             ts = out.tiers.add(tier=tier, answered=int(answered[tier]),
-                               traffic_share=answered[tier] / total if total else 0.0)
+                               traffic_share=answered[tier] / total if total else 0.0, asked=int(asked),
+                               escalated=int(escalated), escalation_rate=escalated / asked if asked else 0.0)
             for s in sorted(stats, key=lambda s: s.get("id", "")):
                 infer = next((e for e in s.get("endpoints") or [] if e.get("name") == "infer"), {})
                 depth = int((infer.get("data") or {}).get("queue_depth", 0))

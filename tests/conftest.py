@@ -63,6 +63,32 @@ def new_key(stack, plan: str) -> tuple[str, str]:
     return out["id"], out["key"]
 
 
+class Scrape:
+    """What one process's /metrics served, parsed as Prometheus does."""
+
+    def __init__(self, text: str):
+        from prometheus_client.parser import text_string_to_metric_families
+
+        self.text = text
+        self.samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+    def value(self, name: str, **labels: str) -> float:
+        """The sum of the samples called `name` whose labels include `labels` (0 when there are none)."""
+        return sum(s.value for s in self.samples if s.name == name and labels.items() <= s.labels.items())
+
+    def names(self) -> set[str]:
+        return {s.name for s in self.samples}
+
+
+def scrape(stack, process: str, timeout: float = 10) -> Scrape:
+    """One of a running stack's processes' /metrics now (`process`: "router", "edge-0", ...)."""
+    import urllib.request
+
+    port = next(p.ready["metrics_port"] for p in stack.procs if p.name == process)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as resp:
+        return Scrape(resp.read().decode())
+
+
 def processes_with(match) -> list[str]:
     """Pids of the running processes whose argv (a list of bytes) satisfies `match`."""
     found = []

@@ -21,7 +21,7 @@ import grpc
 import numpy as np
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, scrape
 from tierline.devices import desired_model, fleet_rows, publish_model
 from tierline_api.v1 import inference_pb2 as pb
 from tierline_api.v1 import inference_pb2_grpc as pb_grpc
@@ -200,6 +200,10 @@ def test_registers_and_heartbeats(agent, tiny_family):
     assert set(first["load"]) == {"queue", "requests", "rss_mb", "loadavg_1m"} and first["load"]["rss_mb"] > 0
     later = wait_for(lambda: (r := reported(agent))["last_heartbeat"] > first["last_heartbeat"] and r,
                      "a later heartbeat")
+    # the board's own series say the same (TierlineDeviceStale compares them)
+    metrics = scrape(agent, "device-0")
+    assert metrics.value("tierline_device_last_heartbeat_timestamp_seconds") >= first["last_heartbeat"]
+    assert metrics.value("tierline_device_stale_after_seconds") == later["heartbeat_s"] * later["stale_after_beats"]
     assert later["started_at"] == first["started_at"]
 
     listed = run_cli("devices", "list", "--manifest", str(agent.manifest), timeout=60)
@@ -249,6 +253,7 @@ def test_a_bad_digest_is_refused_and_the_model_keeps_serving(agent, tiny_family,
     (tmp_path / "model.tflite").write_bytes(bytes(bad))
     (tmp_path / "config.json").write_bytes(config)
     before = reported(agent)["model"]["version"]
+    refused = scrape(agent, "device-0").value("tierline_device_ota_updates_total", status="digest_mismatch")
     version = f"bad-{damage}"
     with serving_meanwhile(agent) as outcomes:
         # the operator names the digest of the real model; the file on the way is not it
@@ -260,6 +265,8 @@ def test_a_bad_digest_is_refused_and_the_model_keeps_serving(agent, tiny_family,
         state = update_outcome(agent, version)
     assert state["ota"]["code"] == OtaCode.DIGEST_MISMATCH, state["ota"]
     assert "refused" in state["ota"]["detail"]
+    # what TierlineOtaUpdateFailed (infra/observability/alerts.yml) alerts on
+    assert scrape(agent, "device-0").value("tierline_device_ota_updates_total", status="digest_mismatch") == refused + 1
     assert state["model"]["version"] == before
     assert outcomes and all(o == before for o in outcomes), outcomes[:5]
     assert not (agent.workdir / "device-state" / "models" / version).exists()

@@ -237,18 +237,15 @@ def test_wrong_nats_password_is_refused_clearly(tiny_family, tmp_path):
 
 
 def test_metrics_are_served(stack):
-    import urllib.request
+    from tests.conftest import scrape
 
     stub(stack.port("edge-0")).Infer(req("Q:min(3,8)=?\nA:"), timeout=TIMEOUT)
     stub(stack.port("router")).Infer(req("Q:min(5,8)=?\nA:"), timeout=TIMEOUT)
-    for name, wanted in (("edge-0", ["tierline_time_to_first_token_seconds_bucket", "tierline_batch_size_bucket",
-                                     "tierline_result_cache_queries_total", "tierline_num_requests_waiting",
-                                     'tierline_requests_total{outcome="answered",tier="edge"}']),
-                         ("router", ["tierline_escalations_total", "tierline_e2e_request_latency_seconds_bucket"])):
-        port = next(p.ready["metrics_port"] for p in stack.procs if p.name == name)
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=TIMEOUT).read().decode()
-        for metric in wanted:
-            assert metric in body, (name, metric)
+    edge, router = scrape(stack, "edge-0"), scrape(stack, "router")
+    assert {"tierline_time_to_first_token_seconds_bucket", "tierline_batch_size_bucket",
+            "tierline_result_cache_queries_total", "tierline_num_requests_waiting"} <= edge.names()
+    assert edge.value("tierline_requests_total", tier="edge", outcome="answered") >= 1
+    assert {"tierline_router_escalations_total", "tierline_router_e2e_request_latency_seconds_bucket"} <= router.names()
 
 
 

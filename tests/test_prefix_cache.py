@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import urllib.request
-
 import numpy as np
 import pytest
 
+from tests.conftest import scrape
 from tests.test_platform import TIMEOUT, req, stub
 from tierline.build.engines import load_engine
 from tierline_infra.supervisor import Stack
@@ -150,15 +149,12 @@ def test_tiers_export_the_prefix_cache_counters(tiny_family):
         first = stub(stack.port("edge-0")).Infer(req("Q:7*8=?\nA:", max_tokens=6), timeout=TIMEOUT)
         follow = "Q:7*8=?\nA:" + first.choices[0].text + "\nQ:and 1+1?\nA:"
         second = stub(stack.port("edge-0")).Infer(req(follow), timeout=TIMEOUT)
-        counters, bodies = {}, {}
+        counters, scrapes = {}, {}
         for name in ("device-0", "edge-0", "cloud-0"):
-            port = next(p.ready["metrics_port"] for p in stack.procs if p.name == name)
-            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=TIMEOUT).read().decode()
             tier = name.split("-")[0]
-            bodies[tier] = body
-            counters[tier] = [float(line.split()[-1]) for line in body.splitlines()
-                              if line.startswith((f'tierline_prefix_cache_queries_total{{tier="{tier}"}}',
-                                                  f'tierline_prefix_cache_hits_total{{tier="{tier}"}}'))]
+            scrapes[tier] = scrape(stack, name)
+            counters[tier] = [scrapes[tier].value(f"tierline_prefix_cache_{what}_total", tier=tier)
+                              for what in ("queries", "hits")]
     tok = TextTokenizer.load(tiny_family / "tokenizer.json")
     n1, n2 = len(tok.encode(turn1)), len(tok.encode(turn1 + "42\nQ:and 3+4?\nA:"))
     assert cached["edge-0"] >= n1  # turn 2 reused all of turn 1 (and whatever of its answer the prompt repeats)
@@ -171,10 +167,10 @@ def test_tiers_export_the_prefix_cache_counters(tiny_family):
     assert counters["cloud"] == [0.0, 0.0]  # prefix_cache_tokens: 0
     assert counters["device"] == [0.0, 0.0]
     # the scheduler's series, as vLLM names them: running and waiting gauges, inter-token latency, occupancy per step
-    edge = {line.split()[0]: float(line.split()[-1]) for line in bodies["edge"].splitlines()
-            if line and not line.startswith("#")}
-    assert edge['tierline_num_requests_running{tier="edge"}'] == 0
-    assert edge['tierline_num_requests_waiting{tier="edge"}'] == 0
-    assert edge['tierline_inter_token_latency_seconds_count{tier="edge"}'] > 0
-    assert edge['tierline_batch_size_count{tier="edge"}'] > 0  # one observation per step
-    assert edge['tierline_iteration_tokens_sum{tier="edge"}'] >= n2  # turn 1's prompt, turn 2's suffix, decodes
+    edge = scrapes["edge"]
+    assert {"tierline_num_requests_running", "tierline_num_requests_waiting"} <= edge.names()
+    assert edge.value("tierline_num_requests_running", tier="edge") == 0
+    assert edge.value("tierline_num_requests_waiting", tier="edge") == 0
+    assert edge.value("tierline_inter_token_latency_seconds_count", tier="edge") > 0
+    assert edge.value("tierline_batch_size_count", tier="edge") > 0  # one observation per step
+    assert edge.value("tierline_iteration_tokens_sum", tier="edge") >= n2  # turn 1's prompt, turn 2's suffix, decodes

@@ -4,12 +4,10 @@ the router; then the upstream goes away."""
 
 from __future__ import annotations
 
-import urllib.request
-
 import grpc
 import pytest
 
-from tests.conftest import COMMITTED_MODELS
+from tests.conftest import COMMITTED_MODELS, scrape
 from tierline_api.v1 import inference_pb2 as pb
 from tierline_api.v1 import inference_pb2_grpc as pb_grpc
 from tierline_bench.transformers_peer import TransformersServe, available
@@ -61,9 +59,7 @@ def test_the_cloud_tier_forwards_to_transformers_serve(upstream):
 
         router = pb_grpc.InferenceServiceStub(grpc.insecure_channel(s.router_address))
         assert router.Infer(_req(HARD), timeout=TIMEOUT).tier == "cloud"  # through NATS to the forwarder
-        metrics_port = next(p.ready["metrics_port"] for p in s.procs if p.name == "cloud-0")
-        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=TIMEOUT).read().decode()
-        assert 'tierline_requests_total{outcome="answered",tier="cloud"}' in text
+        assert scrape(s, "cloud-0").value("tierline_requests_total", tier="cloud", outcome="answered") >= 1
 
         upstream.stop()  # the serving engine goes away: the tier says so at once, the router falls back
         with pytest.raises(grpc.RpcError) as err:  # (prompts not asked before: the tier's result cache has those)

@@ -43,28 +43,29 @@ def fraction(flag: str, include_one: bool = False):
     return parse
 
 
-def positive_int(flag: str):
-    def parse(text: str) -> int:
+def _bounded(flag: str, cast, kind: str, ok, rule: str):
+    """An argparse type: `cast(text)` for which `ok(value)` holds; the messages name the flag."""
+    def parse(text: str):
         try:
-            v = int(text)
+            v = cast(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {text!r}") from None
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"{flag} must be positive, got {v}")
+            raise argparse.ArgumentTypeError(f"{flag} must be {kind}, got {text!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"{flag} must be {rule}, got {v}")
         return v
     return parse
+
+
+def positive_int(flag: str):
+    return _bounded(flag, int, "an integer", lambda v: v > 0, "positive")
 
 
 def non_negative_int(flag: str):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {text!r}") from None
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"{flag} must be >= 0, got {v}")
-        return v
-    return parse
+    return _bounded(flag, int, "an integer", lambda v: v >= 0, ">= 0")
+
+
+def positive_float(flag: str):
+    return _bounded(flag, float, "a number", lambda v: 0 < v < float("inf"), "positive")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@ from dataclasses import asdict
 
 def add_parsers(sub, parser_class) -> dict:
     """Register `infer`, `stream` and `status` on the `tierline` subparsers; returns their handlers."""
-    from tierline.cli import non_negative_int, positive_int
+    from tierline.cli import non_negative_int, positive_float, positive_int
     from tierline_shared.wire import PRIORITIES
 
     def connection(p) -> None:
@@ -37,8 +37,11 @@ def add_parsers(sub, parser_class) -> dict:
         p.add_argument("--priority", choices=PRIORITIES, default=None,
                        help="at most your plan's priority")
         connection(p)
-    s = sub.add_parser("status", help="tiers, replicas, queue depth and traffic split, as the router sees them")
+    s = sub.add_parser("status", help="tiers, replicas, queue depth, traffic split and escalation rate, as the "
+                                      "router sees them")
     connection(s)
+    s.add_argument("--watch", type=positive_float("--watch"), nargs="?", const=2.0, default=None, metavar="SECONDS",
+                   help="redraw every SECONDS (default 2) until Ctrl-C, like top")
     return {("infer", None): _infer, ("stream", None): _stream, ("status", None): _status}
 
 
@@ -142,34 +145,19 @@ def _as_dict(msg) -> dict:
 
 
 def _status(args) -> int:
+    from tierline import status_view
     from tierline.client import TierlineError
 
     with _client(args) as client:
         try:
+            if args.watch is not None and not args.json:
+                status_view.watch(client.status, args.watch)
+                return 0
             st = client.status()
         except TierlineError as exc:
             return _failed(exc)
     if args.json:
         print(json.dumps(_as_dict(st)))
-        return 0
-    print(_table(f"Tierline: {st.model} - {st.answered:,} requests answered by the router; "
-                 f"API keys {'required' if st.auth_enabled else 'OFF'}",
-                 ("tier", "replicas", "queue depth", "answered", "traffic share"),
-                 [(t.tier, str(len(t.replicas)) if t.replicas else "0 (down)", str(t.queue_depth), f"{t.answered:,}",
-                   f"{t.traffic_share:.1%}") for t in st.tiers]))
-    print()
-    print(_table("Replicas (nats.micro $SRV.STATS)", ("tier", "id", "version", "requests", "errors", "avg ms", "queue"),
-                 [(t.tier, r.id, r.version, f"{r.requests:,}", f"{r.errors:,}", f"{r.average_ms:.1f}",
-                   str(r.queue_depth)) for t in st.tiers for r in t.replicas], left=3))
+    else:
+        status_view.show(st)
     return 0
-
-
-def _table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]], left: int = 1) -> str:
-    """Plain text, the first `left` columns left-aligned and the numbers after them right-aligned: the client
-    needs no rendering library."""
-    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
-
-    def line(cells) -> str:
-        return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([title, line(columns), line("-" * w for w in widths), *(line(r) for r in rows)])

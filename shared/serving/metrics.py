@@ -1,12 +1,22 @@
 """Prometheus metrics of a Tierline process, named after vLLM's where one exists.
 
 Each process (and each server a test starts) owns its own registry, served on
-`/metrics` by `serve()` on a port that may be 0 (any free one).
+`/metrics` by `serve()` on a port that may be 0 (any free one), with the process's
+own `process_*` and `python_*` series (CPU, memory, open files, GC).
+
+A tier's series are `tierline_*` (`Metrics`, below); the router's are `tierline_router_*`
+(router/metrics.py). They count different things (one routed request asks one or more
+tiers), so no name is exported by both and a `sum()` over one name never counts a request
+twice. Every series carries `model_name`, as vLLM's do. The list, with labels and meaning,
+is docs/OBSERVABILITY.md; `tests/test_observability.py` checks it against a running stack.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 
 PREFIX = "tierline"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)  # seconds
@@ -14,24 +24,64 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)  # tokens one step computes
 ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)  # seconds
 
+# gRPC status names (HTTP 400/401/403/404/429 over the OpenAI API) of requests refused before any work was done:
+# the request's (or its key's, or its quota's, or a full queue's) doing, not the platform failing
+REJECTED = frozenset({"INVALID_ARGUMENT", "UNAUTHENTICATED", "PERMISSION_DENIED", "NOT_FOUND", "RESOURCE_EXHAUSTED",
+                      "FAILED_PRECONDITION", "OUT_OF_RANGE"})
+OUTCOMES = ("answered", "degraded", "cached", "rejected", "cancelled", "error")  # the `outcome` label's values
 
-class Metrics:
-    def __init__(self, tier: str):
-        self.tier = tier
+
+def outcome_of(code: str) -> str:
+    """The `outcome` a request that ended with gRPC status `code` counts as (OK: answered)."""
+    if code == "OK":
+        return "answered"
+    if code == "CANCELLED":
+        return "cancelled"  # the caller went away (or stopped waiting) first
+    return "rejected" if code in REJECTED else "error"
+
+
+class MetricsEndpoint:
+    """One process's registry (with its process and Python runtime collectors) and its /metrics server."""
+
+    def __init__(self):
         self.registry = CollectorRegistry()
-        r, t = self.registry, ["tier"]
-        self.requests = Counter(f"{PREFIX}_requests", "Requests answered, by tier and outcome",
-                                ["tier", "outcome"], registry=r)
-        self.escalations = Counter(f"{PREFIX}_escalations", "Requests moved to another tier",
-                                   ["from_tier", "to_tier", "reason"], registry=r)
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+        PlatformCollector(registry=self.registry)  # python_info
+        GCCollector(registry=self.registry)  # python_gc_*
+        self._http = None
+
+    def serve(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Start /metrics; returns the bound port."""
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        return self._http.server_port
+
+    def stop(self) -> None:
+        if self._http:
+            self._http.shutdown()
+            self._http = None
+
+
+class Metrics(MetricsEndpoint):
+    """A tier's series: what its scheduler and its model did, every request counted once with its outcome."""
+
+    def __init__(self, tier: str, model_name: str = "", queue_limit: int | None = None):
+        super().__init__()
+        self.tier, self.model_name = tier, model_name
+        r, t = self.registry, ["model_name", "tier"]
+        self.requests = Counter(f"{PREFIX}_requests", "Requests this tier finished, by outcome and gRPC status code "
+                                "(answered, cached: a result-cache hit, rejected, cancelled, error)",
+                                [*t, "outcome", "code"], registry=r)
         self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds", "Request received to first token",
                               t, buckets=LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram(f"{PREFIX}_e2e_request_latency_seconds", "Request received to answer",
-                             t, buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram(f"{PREFIX}_e2e_request_latency_seconds", "Request received to answer (result-cache "
+                             "hits included)", t, buckets=LATENCY_BUCKETS, registry=r)
         self.queue_time = Histogram(f"{PREFIX}_request_queue_time_seconds", "Waiting for a batch",
                                     t, buckets=LATENCY_BUCKETS, registry=r)
         self.waiting = Gauge(f"{PREFIX}_num_requests_waiting", "Requests queued, not yet admitted to the batch",
                              t, registry=r)
+        self.queue_limit = Gauge(f"{PREFIX}_num_requests_waiting_max", "The most requests the queue holds "
+                                 "(tiers.<tier>.batching.max_queue): one more is refused, RESOURCE_EXHAUSTED",
+                                 t, registry=r)
         self.running = Gauge(f"{PREFIX}_num_requests_running", "Requests in the running batch", t, registry=r)
         self.batch_size = Histogram(f"{PREFIX}_batch_size", "Sequences one scheduler step computed (batch occupancy)",
                                     t, buckets=BATCH_BUCKETS, registry=r)
@@ -41,19 +91,24 @@ class Metrics:
                              t, buckets=ITL_BUCKETS, registry=r)
         self.cache_queries = Counter(f"{PREFIX}_result_cache_queries", "Result-cache lookups", t, registry=r)
         self.cache_hits = Counter(f"{PREFIX}_result_cache_hits", "Result-cache hits", t, registry=r)
-        # vLLM's prefix-cache counters, in tokens; created at 0 so every tier exports them (the device's stay 0)
+        # vLLM's prefix-cache counters, in tokens (every tier exports them; the device's stay 0)
         self.prefix_queries = Counter(f"{PREFIX}_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
                                       t, registry=r)
         self.prefix_hits = Counter(f"{PREFIX}_prefix_cache_hits", "Prompt tokens whose KV came from the prefix cache",
                                    t, registry=r)
-        self.prefix_queries.labels(tier)
-        self.prefix_hits.labels(tier)
         self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens processed", t, registry=r)
         self.generation_tokens = Counter(f"{PREFIX}_generation_tokens", "Tokens generated", t, registry=r)
-        self._http = None
+        me = (model_name, tier)
+        # created at 0, so rate() and the dashboards see every series from the first scrape on
+        for counter in (self.cache_queries, self.cache_hits, self.prefix_queries, self.prefix_hits,
+                        self.prompt_tokens, self.generation_tokens):
+            counter.labels(*me)
+        self.requests.labels(*me, "answered", "OK")
+        if queue_limit is not None:
+            self.queue_limit.labels(*me).set(queue_limit)
         # the scheduler thread observes a step at every token: its series looked up once, not at every step
-        self._step_series = (self.running.labels(tier), self.waiting.labels(tier), self.batch_size.labels(tier),
-                             self.iteration_tokens.labels(tier), self.itl.labels(tier))
+        self._step_series = (self.running.labels(*me), self.waiting.labels(*me), self.batch_size.labels(*me),
+                             self.iteration_tokens.labels(*me), self.itl.labels(*me))
 
     def observe_step(self, stats) -> None:
         """One scheduler step (shared.runtime.scheduler.StepStats)."""
@@ -66,31 +121,31 @@ class Metrics:
             itl.observe(s)
 
     def cache_lookup(self, hit: bool) -> None:
-        self.cache_queries.labels(self.tier).inc()
+        self.cache_queries.labels(self.model_name, self.tier).inc()
         if hit:
-            self.cache_hits.labels(self.tier).inc()
+            self.cache_hits.labels(self.model_name, self.tier).inc()
 
     def prefix_cache_lookup(self, queries: int, hits: int) -> None:
         """One prompt looked up in the engine's prefix cache (see shared.engine.PrefixCache)."""
-        self.prefix_queries.labels(self.tier).inc(queries)
-        self.prefix_hits.labels(self.tier).inc(hits)
+        self.prefix_queries.labels(self.model_name, self.tier).inc(queries)
+        self.prefix_hits.labels(self.model_name, self.tier).inc(hits)
 
-    def observe_response(self, tier: str, outcome: str, ttft_s: float, total_s: float, queue_s: float,
-                         prompt_tokens: int, completion_tokens: int) -> None:
-        self.requests.labels(tier, outcome).inc()
-        self.ttft.labels(tier).observe(ttft_s)
-        self.e2e.labels(tier).observe(total_s)
-        self.queue_time.labels(tier).observe(queue_s)
-        self.prompt_tokens.labels(tier).inc(prompt_tokens)
-        self.generation_tokens.labels(tier).inc(completion_tokens)
+    def observe_response(self, ttft_s: float, total_s: float, queue_s: float, prompt_tokens: int,
+                         completion_tokens: int) -> None:
+        """A request the model answered."""
+        me = (self.model_name, self.tier)
+        self.requests.labels(*me, "answered", "OK").inc()
+        self.ttft.labels(*me).observe(ttft_s)
+        self.e2e.labels(*me).observe(total_s)
+        self.queue_time.labels(*me).observe(queue_s)
+        self.prompt_tokens.labels(*me).inc(prompt_tokens)
+        self.generation_tokens.labels(*me).inc(completion_tokens)
 
-    def serve(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        """Start /metrics; returns the bound port."""
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
-        return self._http.server_port
+    def observe_cached(self, total_s: float) -> None:
+        """A request answered from the result cache: no model ran, so no tokens and no time to first token."""
+        self.requests.labels(self.model_name, self.tier, "cached", "OK").inc()
+        self.e2e.labels(self.model_name, self.tier).observe(total_s)
 
-    def stop(self) -> None:
-        if self._http:
-            self._http.shutdown()
-            self._http = None
-
+    def observe_failure(self, code: str) -> None:
+        """A request that ended without an answer, with gRPC status `code` (its outcome follows from it)."""
+        self.requests.labels(self.model_name, self.tier, outcome_of(code), code).inc()

@@ -84,7 +84,7 @@ def run(process_cls: type[TierProcess], argv: list[str] | None = None) -> int:
         print(f"{tier}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_MANIFEST
     tc, manifest = process.config, process.manifest
-    metrics = Metrics(tier)
+    metrics = Metrics(tier, engine.info.model, queue_limit=tc.batching.max_queue)
     engine.enable_prefix_cache(tc.prefix_cache_tokens, tc.prefix_cache_min_match, metrics.prefix_cache_lookup)
     servicer = process.make_servicer(engine, metrics)
     try:

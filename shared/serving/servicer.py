@@ -278,27 +278,35 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
         finishes; cancelling the future takes the request out of the batch at the next step.
         """
         t0 = time.perf_counter()
-        params = validate(req, self.engine, self.limits, self.engine.info.model)
-        request_id = req.request_id or uuid.uuid4().hex
-        key = (req.prompt, params.max_tokens, params.stop, params.attention_window, params.logprobs,
-               params.top_logprobs) if params.greedy else None
-        hit = self.cache.get(key) if key else None
-        if key and self.metrics:
-            self.metrics.cache_lookup(hit is not None)
-        answer: futures.Future = futures.Future()
-        if hit is not None:
-            resp = pb.InferResponse()
-            resp.CopyFrom(hit)
-            resp.request_id, resp.cached = request_id, True
-            resp.timings.CopyFrom(pb.Timings(total_ms=(time.perf_counter() - t0) * 1000))
-            answer.set_result(resp)
-            return answer
-        ticket = self.scheduler.submit(req.prompt, params, priority=_priority(req),
-                                       timeout_s=self._timeout(timeout_s))
+        try:
+            params = validate(req, self.engine, self.limits, self.engine.info.model)
+            request_id = req.request_id or uuid.uuid4().hex
+            key = (req.prompt, params.max_tokens, params.stop, params.attention_window, params.logprobs,
+                   params.top_logprobs) if params.greedy else None
+            hit = self.cache.get(key) if key else None
+            if key and self.metrics:
+                self.metrics.cache_lookup(hit is not None)
+            answer: futures.Future = futures.Future()
+            if hit is not None:
+                resp = pb.InferResponse()
+                resp.CopyFrom(hit)
+                resp.request_id, resp.cached = request_id, True
+                total_s = time.perf_counter() - t0
+                resp.timings.CopyFrom(pb.Timings(total_ms=total_s * 1000))
+                if self.metrics:
+                    self.metrics.observe_cached(total_s)
+                answer.set_result(resp)
+                return answer
+            ticket = self.scheduler.submit(req.prompt, params, priority=_priority(req),
+                                           timeout_s=self._timeout(timeout_s))
+        except Exception as exc:  # bad input or a full queue: refused before any work
+            self._failed(exc)
+            raise
 
         def finished(done: futures.Future) -> None:
             if not answer.set_running_or_notify_cancel():
-                return  # the caller cancelled it
+                self._failed(futures.CancelledError())  # the caller cancelled it
+                return
             try:
                 out: BatchedResult = done.result()
                 resp = self._response(request_id, out, t0)
@@ -308,6 +316,7 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
                     stored.CopyFrom(resp)
                     self.cache.put(key, stored)
             except Exception as exc:  # noqa: BLE001 - the request's own failure, for its caller
+                self._failed(exc)
                 answer.set_exception(exc)
             else:
                 answer.set_result(resp)
@@ -323,8 +332,14 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
     def _observe(self, out: BatchedResult, timings: pb.Timings) -> None:
         if self.metrics:
             r = out.result
-            self.metrics.observe_response(self.engine.info.tier, "answered", timings.first_token_ms / 1000,
-                                          timings.total_ms / 1000, out.queue_s, r.prompt_tokens, r.completion_tokens)
+            self.metrics.observe_response(timings.first_token_ms / 1000, timings.total_ms / 1000, out.queue_s,
+                                          r.prompt_tokens, r.completion_tokens)
+
+    def _failed(self, exc: BaseException) -> None:
+        """A request that ended without an answer, counted with the status its caller gets."""
+        if self.metrics:
+            code = "CANCELLED" if isinstance(exc, futures.CancelledError) else status_of(exc)[0].name
+            self.metrics.observe_failure(code)
 
     def _response(self, request_id: str, out: BatchedResult, t0: float) -> pb.InferResponse:
         r, info = out.result, self.engine.info
@@ -359,11 +374,15 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
         holds at most max_tokens chunks, the scheduler never waits for it).
         """
         t0 = time.perf_counter()
-        params = validate(request, self.engine, self.limits, self.engine.info.model)
+        try:
+            params = validate(request, self.engine, self.limits, self.engine.info.model)
+            ticket = self.scheduler.submit(request.prompt, params, priority=_priority(request),
+                                           timeout_s=self._timeout(timeout_s), stream=True)
+        except Exception as exc:  # bad input or a full queue: refused before any work
+            self._failed(exc)
+            raise
         request_id = request.request_id or uuid.uuid4().hex
         info = self.engine.info
-        ticket = self.scheduler.submit(request.prompt, params, priority=_priority(request),
-                                       timeout_s=self._timeout(timeout_s), stream=True)
         try:
             while True:
                 try:
@@ -381,7 +400,12 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
         finally:
             if not ticket.future.done():
                 ticket.cancel()  # the sequence leaves the batch at the next step
-        out: BatchedResult = ticket.future.result()  # the request's own error, if it failed
+                self._failed(futures.CancelledError())
+        try:
+            out: BatchedResult = ticket.future.result()  # the request's own error, if it failed
+        except Exception as exc:
+            self._failed(exc)
+            raise
         r = out.result
         timings = pb.Timings(queue_ms=out.queue_s * 1000, first_token_ms=(out.queue_s + r.first_token_s) * 1000,
                              total_ms=(time.perf_counter() - t0) * 1000)

@@ -59,6 +59,7 @@ LEASE_S = 30.0  # a manager validating a batch holds it this long; another takes
 RETRY_DELAY_S = 1.0  # a line a tier failed waits this long per attempt before it runs again
 DUPLICATE_WINDOW_S = 24 * 3600  # Nats-Msg-Id deduplication of queued lines
 PUBLISH_CONCURRENCY = 256  # lines queued at once
+FETCH_MAX = 1000  # messages one bulk read asks for at a time
 CACHE_S = 1.0  # workers re-read a batch's record (cancelled?) at most this often
 CACHE_MAX = 1000  # records kept for workers before the old ones are dropped
 MAX_METADATA = 16  # metadata pairs, as OpenAI
@@ -213,25 +214,43 @@ class BatchStore:
     async def put_record(self, key: str, record: dict) -> None:
         await self.records.put(key, json.dumps(record).encode())
 
-    async def keys(self, bucket, pattern: str) -> list[str]:
-        """The keys matching `pattern` (a server-side filter, unlike nats-py's `keys()`)."""
-        watcher = await bucket.watch(pattern, ignore_deletes=True, meta_only=True)
-        keys = []
-        try:
-            while (entry := await watcher.updates(JS_TIMEOUT_S)) is not None:
-                keys.append(entry.key)
-        finally:
-            await watcher.stop()
-        return keys
+    async def _subjects(self, bucket: str, pattern: str) -> dict[str, int]:
+        """The KV bucket's subjects matching `pattern` (its keys, deleted ones' markers included): message counts."""
+        info = await self.js.stream_info(f"KV_{bucket}", subjects_filter=f"$KV.{bucket}.{pattern}")
+        return info.state.subjects or {}
 
-    async def values(self, bucket, pattern: str) -> list[dict]:
-        watcher = await bucket.watch(pattern, ignore_deletes=True)
-        values = []
+    async def active(self) -> list[str]:
+        """The batches not yet final (`active.<id>`, removed whole when a batch ends: no delete marker stays)."""
+        prefix = f"$KV.{BATCH_BUCKET}.active."
+        return [s.removeprefix(prefix) for s in await self._subjects(BATCH_BUCKET, "active.*")]
+
+    async def deactivate(self, batch_id: str) -> None:
+        await self.js.purge_stream(f"KV_{BATCH_BUCKET}", subject=f"$KV.{BATCH_BUCKET}.active.{batch_id}")
+
+    async def values(self, bucket: str, pattern: str) -> list[dict]:
+        """Every live value of the keys matching `pattern`, read in bulk by a consumer of their latest messages.
+
+        Counted, not watched: the keys there are are counted first (stream info), and exactly that many
+        messages are read, so no entry can be missed (nats-py's KV watch can report "no more" before the
+        entries already on their way have arrived)."""
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        subject = f"$KV.{bucket}.{pattern}"
+        expected = len(await self._subjects(bucket, pattern))
+        if not expected:
+            return []
+        sub = await self.js.pull_subscribe(subject, stream=f"KV_{bucket}", config=ConsumerConfig(
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, ack_policy=AckPolicy.NONE, mem_storage=True,
+            inactive_threshold=JS_TIMEOUT_S))
+        values, seen = [], 0
         try:
-            while (entry := await watcher.updates(JS_TIMEOUT_S)) is not None:
-                values.append(json.loads(entry.value))
+            while seen < expected:
+                for msg in await sub.fetch(min(expected - seen, FETCH_MAX), timeout=JS_TIMEOUT_S):
+                    seen += 1
+                    if not (msg.headers and "KV-Operation" in msg.headers):  # a delete or purge marker
+                        values.append(json.loads(msg.data))
         finally:
-            await watcher.stop()
+            await sub.unsubscribe()
         return values
 
     # -- files (Object Store) ---------------------------------------------------------------------------------
@@ -297,7 +316,7 @@ class BatchStore:
             return False
 
     async def all_results(self, batch_id: str) -> dict[int, dict]:
-        return {r["_n"]: r for r in await self.values(self.results, f"{batch_id}.*")}
+        return {r["_n"]: r for r in await self.values(RESULTS_BUCKET, f"{batch_id}.*")}
 
     async def drop_results(self, batch_id: str) -> None:
         await self.js.purge_stream(f"KV_{RESULTS_BUCKET}", subject=f"$KV.{RESULTS_BUCKET}.{batch_id}.*")
@@ -452,8 +471,7 @@ class BatchRunner:
     async def _manage(self) -> None:
         while not self._stop.is_set():
             try:
-                for key in await self.store.keys(self.store.records, "active.*"):
-                    batch_id = key.removeprefix("active.")
+                for batch_id in await self.store.active():
                     if batch_id not in self._busy:
                         task = asyncio.create_task(self._advance(batch_id))
                         self._busy[batch_id] = task
@@ -470,7 +488,7 @@ class BatchRunner:
         try:
             record, _ = await self.store.get(f"batch.{batch_id}")
             if record is None or record["status"] in FINAL:  # finished by another router (or before a crash)
-                await self.store.records.purge(f"active.{batch_id}")
+                await self.store.deactivate(batch_id)
                 await self.store.drop_results(batch_id)
                 return
             now = time.time()
@@ -583,7 +601,7 @@ class BatchRunner:
                                  "cost": round(cost(paid, self.costs), 6) if self.costs else None}}
 
         await self.store.change(f"batch.{batch_id}", final)
-        await self.store.records.purge(f"active.{batch_id}")
+        await self.store.deactivate(batch_id)
         await self.store.drop_results(batch_id)
 
 

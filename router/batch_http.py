@@ -29,7 +29,7 @@ from tierline_router.batch import (
     public,
 )
 from tierline_router.openai_http import BadRequest, _error_response, error_response, read_json
-from tierline_shared.transport.messaging import TierError
+from tierline_shared.transport.messaging import BATCH_BUCKET, TierError
 
 log = logging.getLogger("tierline.router.batch")
 
@@ -123,7 +123,7 @@ class BatchApi:
     async def list_files(self, request: web.Request) -> web.Response:
         try:
             owner, _ = await self._caller(request)
-            files = [public(r) for r in await self.store.values(self.store.records, "file.*") if r["_owner"] == owner]
+            files = [public(r) for r in await self.store.values(BATCH_BUCKET, "file.*") if r["_owner"] == owner]
         except TierError as exc:
             return _error_response(exc)
         files.sort(key=lambda r: r["created_at"], reverse=True)
@@ -218,7 +218,7 @@ class BatchApi:
             owner, _ = await self._caller(request)
             limit = _int_query(request, "limit", 20, LIST_LIMIT)
             after = request.query.get("after")
-            records = [r for r in await self.store.values(self.store.records, "batch.*") if r["_owner"] == owner]
+            records = [r for r in await self.store.values(BATCH_BUCKET, "batch.*") if r["_owner"] == owner]
         except TierError as exc:
             return _error_response(exc)
         records.sort(key=lambda r: (r["created_at"], r["id"]), reverse=True)

@@ -14,6 +14,7 @@ API keys are off in the manifests it writes (`auth.enabled: false`, explicit) un
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import queue
@@ -218,13 +219,13 @@ def accepted(opts, timeout_s: float = 10.0) -> None:
         time.sleep(0.1)
 
 
-def terminate(proc: subprocess.Popen | None) -> None:
-    """SIGTERM to the process group, SIGKILL if it has not gone in time."""
+def terminate(proc: subprocess.Popen | None, timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """SIGTERM to the process group, SIGKILL if it has not gone in `timeout_s`."""
     if proc is None or proc.poll() is not None:
         return
     try:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=STOP_TIMEOUT_S)
+        proc.wait(timeout=timeout_s)
     except (ProcessLookupError, PermissionError):
         pass
     except subprocess.TimeoutExpired:
@@ -458,6 +459,10 @@ class Stack:
         proc.popen.wait(timeout=STOP_TIMEOUT_S)
 
     def stop(self) -> None:
+        for p in reversed(self.procs):  # every process told at once, so stopping takes the slowest's time, not the sum
+            if p.popen.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(p.popen.pid, signal.SIGTERM)
         for p in reversed(self.procs):
             p.close()
         self.procs.clear()

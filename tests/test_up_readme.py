@@ -70,7 +70,7 @@ def up(tmp_path_factory):
         key = re.search(r"API key \(pro plan, shown once\): (\S+)", text).group(1)
         yield router, http, key, text, cwd
     finally:
-        terminate(proc)
+        terminate(proc, timeout_s=60)  # `tierline up` stops its whole platform first: killed early, it leaves orphans
 
 
 def test_up_takes_local_yaml_when_no_manifest_is_given(monkeypatch, tmp_path):

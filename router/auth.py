@@ -24,7 +24,6 @@ import datetime as dt
 import hashlib
 import json
 import os
-import random
 import secrets
 import sqlite3
 import threading
@@ -34,14 +33,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tierline_shared.config.manifest import PlanConfig
-from tierline_shared.transport.messaging import KEYS_BUCKET, USAGE_BUCKET, TierError
+from tierline_shared.transport.messaging import (
+    CAS_ATTEMPTS,
+    KEYS_BUCKET,
+    USAGE_BUCKET,
+    KvConflict,
+    TierError,
+    kv_change,
+    kv_get,
+)
 from tierline_shared.wire import PRIORITY_VALUES
 
 KEY_PREFIX = "tl"
 BUSY_TIMEOUT_S = 5.0  # waiting for another process's write transaction, at most
 KV_TIMEOUT_S = 5.0  # one JetStream KV call of the shared store, at most
-CAS_ATTEMPTS = 100  # compare-and-set retries of one usage change before giving up (UNAVAILABLE)
-CAS_BACKOFF_S = 0.005  # seconds, the most a writer that lost a race waits before reading again
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -270,31 +275,15 @@ class KvKeyStore:
 
     @staticmethod
     async def _get(bucket, key: str):
-        from nats.js.errors import KeyNotFoundError
-
-        try:
-            entry = await bucket.get(key)
-        except KeyNotFoundError:
-            return None, 0
-        return json.loads(entry.value), entry.revision
+        return await kv_get(bucket, key)
 
     async def _change(self, bucket, key: str, change) -> dict:
         """`change(value or None) -> new value`, applied by compare-and-set until no other writer interferes."""
-        from nats.js.errors import KeyWrongLastSequenceError
-
-        for _ in range(CAS_ATTEMPTS):
-            value, revision = await self._get(bucket, key)
-            new = change(value)
-            body = json.dumps(new).encode()
-            try:
-                if revision:
-                    await bucket.update(key, body, last=revision)
-                else:
-                    await bucket.create(key, body)
-                return new
-            except KeyWrongLastSequenceError:  # another router counted first (create: KeyWrongLastSequence too)
-                await asyncio.sleep(random.uniform(0, CAS_BACKOFF_S))
-        raise AccessDenied("UNAVAILABLE", f"usage of {key} changed by others {CAS_ATTEMPTS} times in a row; retry")
+        try:
+            return await kv_change(bucket, key, change)
+        except KvConflict:
+            raise AccessDenied("UNAVAILABLE", f"usage of {key} changed by others {CAS_ATTEMPTS} times in a row; "
+                                              "retry") from None
 
     def create(self, plan: str, name: str = "") -> tuple[str, str]:
         key_id, key = new_key()

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 from tierline_api.v1 import inference_pb2 as pb
 from tierline_router.cascade import cost
-from tierline_router.openai_http import BadRequest, _openai_error
+from tierline_router.openai_http import BadRequest, error_body
 from tierline_shared.transport.messaging import (
     BATCH_BUCKET,
     BATCH_CONSUMER,
@@ -46,6 +46,8 @@ from tierline_shared.transport.messaging import (
     FILES_BUCKET,
     RESULTS_BUCKET,
     batch_subject,
+    kv_change,
+    kv_get,
 )
 
 log = logging.getLogger("tierline.router.batch")
@@ -130,9 +132,8 @@ def parse_lines(data: bytes, endpoint: str, parse) -> list[Line]:
             if item["body"].get("stream"):
                 raise BadRequest("stream", "stream: a batch line cannot stream; leave stream out")
         except BadRequest as exc:
-            message, param = _openai_error(exc, chat)
-            line.error = {"status_code": 400, "body": {"error": {
-                "message": message, "type": "invalid_request_error", "param": param, "code": "invalid_argument"}}}
+            status, body = error_body(exc, chat)  # what the HTTP API would have answered
+            line.error = {"status_code": status, "body": body}
             continue
         line.body = item["body"]
     return lines
@@ -186,30 +187,11 @@ class BatchStore:
 
     # -- records (KV) ---------------------------------------------------------------------------------------
     async def get(self, key: str) -> tuple[dict | None, int]:
-        from nats.js.errors import KeyDeletedError, KeyNotFoundError
-
-        try:
-            entry = await self.records.get(key)
-        except (KeyNotFoundError, KeyDeletedError):
-            return None, 0
-        return json.loads(entry.value), entry.revision
+        return await kv_get(self.records, key)
 
     async def change(self, key: str, change) -> dict | None:
-        """`change(record) -> new record or None (leave it)`, by compare-and-set until no one else interferes."""
-        from nats.js.errors import KeyWrongLastSequenceError
-
-        while True:
-            record, revision = await self.get(key)
-            if record is None:
-                return None
-            new = change(record)
-            if new is None:
-                return record
-            try:
-                await self.records.update(key, json.dumps(new).encode(), last=revision)
-                return new
-            except KeyWrongLastSequenceError:
-                await asyncio.sleep(0)
+        """`change(record) -> new record or None (leave it)`, by compare-and-set; None when there is no record."""
+        return await kv_change(self.records, key, lambda record: None if record is None else change(record))
 
     async def put_record(self, key: str, record: dict) -> None:
         await self.records.put(key, json.dumps(record).encode())
@@ -223,6 +205,9 @@ class BatchStore:
         """The batches not yet final (`active.<id>`, removed whole when a batch ends: no delete marker stays)."""
         prefix = f"$KV.{BATCH_BUCKET}.active."
         return [s.removeprefix(prefix) for s in await self._subjects(BATCH_BUCKET, "active.*")]
+
+    async def activate(self, batch_id: str) -> None:
+        await self.records.put(f"active.{batch_id}", b"")
 
     async def deactivate(self, batch_id: str) -> None:
         await self.js.purge_stream(f"KV_{BATCH_BUCKET}", subject=f"$KV.{BATCH_BUCKET}.active.{batch_id}")
@@ -428,9 +413,7 @@ class BatchRunner:
                 return
             delivered = msg.metadata.num_delivered
             if delivered > self.max_attempts:  # its workers died on every attempt: the dead letter
-                await self._settle(batch_id, output_line(batch_id, item["n"], item["custom_id"], error={
-                    "code": "max_deliveries_exceeded",
-                    "message": f"no answer after {delivered - 1} attempts (each worker stopped mid-line)"}))
+                await self._dead_letter(batch_id, item, delivered - 1)
                 await msg.ack()
                 return
             status, body, quota = await self._run(msg, record, item)
@@ -461,6 +444,12 @@ class BatchRunner:
         finally:
             keepalive.cancel()
         return resp.status, json.loads(resp.body), "retry-after" in resp.headers
+
+    async def _dead_letter(self, batch_id: str, item: dict, attempts: int) -> None:
+        """A line no worker ever finished (each stopped mid-line), in the error file instead of an answer."""
+        await self._settle(batch_id, output_line(batch_id, item["n"], item["custom_id"], error={
+            "code": "max_deliveries_exceeded",
+            "message": f"no answer after {attempts} attempts (each worker stopped mid-line)"}))
 
     async def _settle(self, batch_id: str, result: dict) -> None:
         """Write a line's result (once); a failure counts toward the batch's `failed` while it runs."""
@@ -505,9 +494,7 @@ class BatchRunner:
                     ending = "completed"
                 else:
                     for seq, item in await self.store.stuck(batch_id):
-                        await self._settle(batch_id, output_line(batch_id, item["n"], item["custom_id"], error={
-                            "code": "max_deliveries_exceeded",
-                            "message": f"no answer after {self.max_attempts + 1} deliveries"}))
+                        await self._dead_letter(batch_id, item, self.max_attempts + 1)
                         await self.store.delete_queued(seq)
                     return
                 ending = record["_ending"] = ending

@@ -9,6 +9,7 @@ The work itself is router/batch.py's; without JetStream the endpoints answer 503
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -28,7 +29,7 @@ from tierline_router.batch import (
     new_id,
     public,
 )
-from tierline_router.openai_http import BadRequest, _error_response, error_response, read_json
+from tierline_router.openai_http import BadRequest, _error_response, read_json
 from tierline_shared.transport.messaging import BATCH_BUCKET, TierError
 
 log = logging.getLogger("tierline.router.batch")
@@ -37,6 +38,17 @@ PURPOSES = ("batch",)  # what files are for here (OpenAI's other purposes serve 
 METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 64, 512  # as OpenAI
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,80}$")  # file and batch ids (new_id), and nothing a KV key cannot be
 LIST_LIMIT = (1, 100)  # `limit` of a list call; 20 when not given
+
+
+def _answered(handler):
+    """The one place a failure (a refused key, a bad field, no JetStream) becomes the endpoint's HTTP answer."""
+    @functools.wraps(handler)
+    async def answer(self, request: web.Request) -> web.Response:
+        try:
+            return await handler(self, request)
+        except TierError as exc:
+            return _error_response(exc)
+    return answer
 
 
 class BatchApi:
@@ -80,17 +92,15 @@ class BatchApi:
     async def _owned(self, kind: str, ident: str, owner: str) -> dict:
         record = (await self.store.get(f"{kind}.{ident}"))[0] if _ID.match(ident) else None
         if record is None or record["_owner"] != owner:
-            raise _not_found(kind, ident)
+            raise TierError("router", "NOT_FOUND", f"no {kind} {ident!r}")
         return record
 
     # -- files ------------------------------------------------------------------------------------------------
+    @_answered
     async def upload(self, request: web.Request) -> web.Response:
-        try:
-            owner, _ = await self._caller(request)
-            purpose, filename, data = await self._form(request)
-            record = await self.store.put_file(owner, filename, purpose, data)
-        except TierError as exc:
-            return _error_response(exc)
+        owner, _ = await self._caller(request)
+        purpose, filename, data = await self._form(request)
+        record = await self.store.put_file(owner, filename, purpose, data)
         return web.json_response(public(record))
 
     async def _form(self, request: web.Request) -> tuple[str, str, bytes]:
@@ -120,88 +130,76 @@ class BatchApi:
             raise BadRequest("file", "file: empty")
         return purpose, filename, data
 
+    @_answered
     async def list_files(self, request: web.Request) -> web.Response:
-        try:
-            owner, _ = await self._caller(request)
-            files = [public(r) for r in await self.store.values(BATCH_BUCKET, "file.*") if r["_owner"] == owner]
-        except TierError as exc:
-            return _error_response(exc)
+        owner, _ = await self._caller(request)
+        files = [public(r) for r in await self.store.values(BATCH_BUCKET, "file.*") if r["_owner"] == owner]
         files.sort(key=lambda r: r["created_at"], reverse=True)
         return web.json_response({"object": "list", "data": files, "has_more": False})
 
+    @_answered
     async def get_file(self, request: web.Request) -> web.Response:
-        try:
-            owner, _ = await self._caller(request)
-            record = await self._owned("file", request.match_info["id"], owner)
-        except TierError as exc:
-            return _error_response(exc)
+        owner, _ = await self._caller(request)
+        record = await self._owned("file", request.match_info["id"], owner)
         return web.json_response(public(record))
 
+    @_answered
     async def file_content(self, request: web.Request) -> web.Response:
-        try:
-            owner, _ = await self._caller(request)
-            await self._owned("file", request.match_info["id"], owner)
-            data = await self.store.file_data(request.match_info["id"])
-        except TierError as exc:
-            return _error_response(exc)
+        owner, _ = await self._caller(request)
+        await self._owned("file", request.match_info["id"], owner)
+        data = await self.store.file_data(request.match_info["id"])
         return web.Response(body=data, content_type="application/jsonl")
 
+    @_answered
     async def delete_file(self, request: web.Request) -> web.Response:
-        try:
-            owner, _ = await self._caller(request)
-            file_id = request.match_info["id"]
-            await self._owned("file", file_id, owner)
-            await self.store.delete_file(file_id)
-        except TierError as exc:
-            return _error_response(exc)
+        owner, _ = await self._caller(request)
+        file_id = request.match_info["id"]
+        await self._owned("file", file_id, owner)
+        await self.store.delete_file(file_id)
         return web.json_response({"id": file_id, "object": "file", "deleted": True})
 
     # -- batches ----------------------------------------------------------------------------------------------
+    @_answered
     async def create(self, request: web.Request) -> web.Response:
+        owner, key_hash = await self._caller(request)
+        body = await read_json(request)
+        if not isinstance(body, dict):
+            raise BadRequest(None, "the body must be a JSON object")
+        unknown = sorted(set(body) - {"input_file_id", "endpoint", "completion_window", "metadata"})
+        if unknown:
+            raise BadRequest(unknown[0], f"{unknown[0]}: unsupported parameter")
+        endpoint, window = body.get("endpoint"), body.get("completion_window")
+        if endpoint not in ENDPOINTS:
+            raise BadRequest("endpoint", f"endpoint: one of {', '.join(ENDPOINTS)}, got {endpoint!r}")
+        if window not in COMPLETION_WINDOWS:
+            raise BadRequest("completion_window", f"completion_window: one of {', '.join(COMPLETION_WINDOWS)}, "
+                                                  f"got {window!r}")
+        metadata = _metadata(body.get("metadata"))
+        file_id = body.get("input_file_id")
+        if not isinstance(file_id, str) or not file_id:
+            raise BadRequest("input_file_id", "input_file_id: required, the id of an uploaded file")
         try:
-            owner, key_hash = await self._caller(request)
-            body = await read_json(request)
-            if not isinstance(body, dict):
-                raise BadRequest(None, "the body must be a JSON object")
-            unknown = sorted(set(body) - {"input_file_id", "endpoint", "completion_window", "metadata"})
-            if unknown:
-                raise BadRequest(unknown[0], f"{unknown[0]}: unsupported parameter")
-            endpoint, window = body.get("endpoint"), body.get("completion_window")
-            if endpoint not in ENDPOINTS:
-                raise BadRequest("endpoint", f"endpoint: one of {', '.join(ENDPOINTS)}, got {endpoint!r}")
-            if window not in COMPLETION_WINDOWS:
-                raise BadRequest("completion_window", f"completion_window: one of {', '.join(COMPLETION_WINDOWS)}, "
-                                                      f"got {window!r}")
-            metadata = _metadata(body.get("metadata"))
-            file_id = body.get("input_file_id")
-            if not isinstance(file_id, str) or not file_id:
-                raise BadRequest("input_file_id", "input_file_id: required, the id of an uploaded file")
-            try:
-                file = await self._owned("file", file_id, owner)
-            except TierError:
-                raise BadRequest("input_file_id", f"input_file_id: no file {file_id!r}") from None
-            if file["purpose"] != "batch":
-                raise BadRequest("input_file_id", f"input_file_id: {file_id} has purpose {file['purpose']!r}, "
-                                                  f"not 'batch'")
-            lines = sum(1 for raw in (await self.store.file_data(file_id)).split(b"\n") if raw.strip())
-            if lines > self.config.max_lines:
-                raise BadRequest("input_file_id", f"input_file_id: {lines} lines; a batch holds at most "
-                                                  f"{self.config.max_lines} (router.batch.max_lines)")
-            batch_id = new_id("batch_")
-            record = batch_record(batch_id, owner, key_hash, file_id, endpoint, window, metadata)
-            await self.store.put_record(f"batch.{batch_id}", record)
-            await self.store.records.put(f"active.{batch_id}", b"")  # the managers pick it up from here
-        except TierError as exc:
-            return _error_response(exc)
+            file = await self._owned("file", file_id, owner)
+        except TierError:
+            raise BadRequest("input_file_id", f"input_file_id: no file {file_id!r}") from None
+        if file["purpose"] != "batch":
+            raise BadRequest("input_file_id", f"input_file_id: {file_id} has purpose {file['purpose']!r}, "
+                                              f"not 'batch'")
+        lines = sum(1 for raw in (await self.store.file_data(file_id)).split(b"\n") if raw.strip())
+        if lines > self.config.max_lines:
+            raise BadRequest("input_file_id", f"input_file_id: {lines} lines; a batch holds at most "
+                                              f"{self.config.max_lines} (router.batch.max_lines)")
+        batch_id = new_id("batch_")
+        record = batch_record(batch_id, owner, key_hash, file_id, endpoint, window, metadata)
+        await self.store.put_record(f"batch.{batch_id}", record)
+        await self.store.activate(batch_id)  # the managers pick it up from here
         return web.json_response(public(record))
 
+    @_answered
     async def get_batch(self, request: web.Request) -> web.Response:
-        try:
-            owner, _ = await self._caller(request)
-            record = await self._owned("batch", request.match_info["id"], owner)
-            return web.json_response(await self._shown(record))
-        except TierError as exc:
-            return _error_response(exc)
+        owner, _ = await self._caller(request)
+        record = await self._owned("batch", request.match_info["id"], owner)
+        return web.json_response(await self._shown(record))
 
     async def _shown(self, record: dict) -> dict:
         """The record as the API shows it, with the counts of a running batch read from the work queue."""
@@ -213,14 +211,12 @@ class BatchApi:
                                         "completed": max(0, done - record["_failed"]), "failed": failed}
         return public(record)
 
+    @_answered
     async def list_batches(self, request: web.Request) -> web.Response:
-        try:
-            owner, _ = await self._caller(request)
-            limit = _int_query(request, "limit", 20, LIST_LIMIT)
-            after = request.query.get("after")
-            records = [r for r in await self.store.values(BATCH_BUCKET, "batch.*") if r["_owner"] == owner]
-        except TierError as exc:
-            return _error_response(exc)
+        owner, _ = await self._caller(request)
+        limit = _int_query(request, "limit", 20, LIST_LIMIT)
+        after = request.query.get("after")
+        records = [r for r in await self.store.values(BATCH_BUCKET, "batch.*") if r["_owner"] == owner]
         records.sort(key=lambda r: (r["created_at"], r["id"]), reverse=True)
         if after:
             ids = [r["id"] for r in records]
@@ -229,26 +225,18 @@ class BatchApi:
         return web.json_response({"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
                                   "last_id": page[-1]["id"] if page else None, "has_more": len(records) > limit})
 
+    @_answered
     async def cancel(self, request: web.Request) -> web.Response:
-        try:
-            owner, _ = await self._caller(request)
-            batch_id = request.match_info["id"]
-            record = await self._owned("batch", batch_id, owner)
-            if record["status"] in FINAL and record["status"] != "cancelled":
-                return error_response("FAILED_PRECONDITION", f"batch {batch_id} is {record['status']}: there is "
+        owner, _ = await self._caller(request)
+        batch_id = request.match_info["id"]
+        record = await self._owned("batch", batch_id, owner)
+        if record["status"] in FINAL and record["status"] != "cancelled":
+            raise TierError("router", "FAILED_PRECONDITION", f"batch {batch_id} is {record['status']}: there is "
                                                              f"nothing left to cancel")
-            now = int(time.time())
-            record = await self.store.change(f"batch.{batch_id}", lambda r: None if r["status"] in FINAL or r[
-                "_ending"] or r["status"] == "cancelling" else {**r, "status": "cancelling", "cancelling_at": now})
-            return web.json_response(await self._shown(record))
-        except TierError as exc:
-            return _error_response(exc)
-
-
-def _not_found(kind: str, ident: str) -> TierError:
-    exc = TierError("router", "NOT_FOUND", f"no {kind} {ident!r}")
-    exc.param = None
-    return exc
+        now = int(time.time())
+        record = await self.store.change(f"batch.{batch_id}", lambda r: None if r["status"] in FINAL or r[
+            "_ending"] or r["status"] == "cancelling" else {**r, "status": "cancelling", "cancelling_at": now})
+        return web.json_response(await self._shown(record))
 
 
 def _metadata(value) -> dict | None:

@@ -91,14 +91,19 @@ def _openai_error(exc: TierError, chat: bool = False) -> tuple[str, str | None]:
     return message, param
 
 
+def error_body(exc: TierError, chat: bool = False) -> tuple[int, dict]:
+    """A failure as OpenAI answers it: (HTTP status, `{"error": {...}}`); also a batch line's answer."""
+    status, kind = HTTP_STATUS.get(exc.status, (500, "api_error"))
+    message, param = _openai_error(exc, chat)
+    return status, {"error": {"message": message, "type": kind, "param": param, "code": exc.status.lower()}}
+
+
 def _error_response(exc: TierError, chat: bool = False) -> web.Response:
     """The one place a failure becomes an HTTP answer."""
-    status, kind = HTTP_STATUS.get(exc.status, (500, "api_error"))
     headers = {}
     if isinstance(exc, AccessDenied) and exc.retry_after_s:
         headers["retry-after"] = str(exc.retry_after_s)
-    message, param = _openai_error(exc, chat)
-    body = {"error": {"message": message, "type": kind, "param": param, "code": exc.status.lower()}}
+    status, body = error_body(exc, chat)
     return web.json_response(body, status=status, headers=headers)
 
 

@@ -306,7 +306,7 @@ def _runner_case(tmp_path, lines: _CrashingLines, work):
             f = await store.put_file("", "in.jsonl", "batch", jsonl([line(f"d{i}", PROMPTS[i]) for i in range(3)]))
             record = batch_record("batch_dead", "", None, f["id"], "/v1/completions", "24h", None)
             await store.put_record("batch.batch_dead", record)
-            await store.records.put("active.batch_dead", b"")
+            await store.activate("batch_dead")
             return await work(store)
         finally:
             await runner.stop()

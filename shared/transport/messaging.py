@@ -10,6 +10,7 @@ nats.micro's error headers plus `Tierline-Status` with the gRPC status name, whi
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ RECONNECT_BASE_S = 1.0  # seconds, the first wait after the link drops (doubles 
 RECONNECT_MAX_S = 30.0  # seconds, the longest wait between two attempts (forever)
 RECONNECT_JITTER = 0.2  # each wait is drawn from [1 - 0.2, 1] x its step, so a fleet does not reconnect in step
 START_TIMEOUT_S = 10.0  # connecting and registering, at most
+CAS_ATTEMPTS = 100  # compare-and-set retries of one KV change before giving up (kv_change)
+CAS_BACKOFF_S = 0.005  # seconds, the most a writer that lost a race waits before reading again
 # the device fleet's JetStream names (device_agent/fleet.py uses them; the NATS permissions name them)
 DEVICES_BUCKET = "tierline_devices"  # KV: reported state per device
 DESIRED_BUCKET = "tierline_desired"  # KV: the signed desired model per device
@@ -61,6 +64,45 @@ logging.getLogger("asyncio").addFilter(_QuietTlsClose())
 def subject(tier: str, verb: str = "infer") -> str:
     """The one place subject names are made: tierline.<tier>.<verb>."""
     return f"{SUBJECT_PREFIX}.{tier}.{verb}"
+
+
+class KvConflict(Exception):
+    """A KV entry that other writers kept changing for CAS_ATTEMPTS tries in a row."""
+
+
+async def kv_get(bucket, key: str) -> tuple[dict | None, int]:
+    """A KV entry's JSON value and its revision; (None, 0) when there is none (never written, deleted, purged)."""
+    from nats.js.errors import KeyDeletedError, KeyNotFoundError
+
+    try:
+        entry = await bucket.get(key)
+    except (KeyNotFoundError, KeyDeletedError):
+        return None, 0
+    return json.loads(entry.value), entry.revision
+
+
+async def kv_change(bucket, key: str, change) -> dict | None:
+    """`change(value or None) -> new value, or None to leave the entry as it is`, applied by compare-and-set on
+    the entry's revision (created when new) and retried while other writers interfere (KvConflict after
+    CAS_ATTEMPTS); returns the value the entry holds afterwards. The one read-modify-write of JetStream KV:
+    quotas shared by routers (router/auth.py), batch records (router/batch.py)."""
+    from nats.js.errors import KeyWrongLastSequenceError
+
+    for _ in range(CAS_ATTEMPTS):
+        value, revision = await kv_get(bucket, key)
+        new = change(value)
+        if new is None:
+            return value
+        body = json.dumps(new).encode()
+        try:
+            if revision:
+                await bucket.update(key, body, last=revision)
+            else:
+                await bucket.create(key, body)
+            return new
+        except KeyWrongLastSequenceError:  # another writer was first (create: KeyWrongLastSequence too)
+            await asyncio.sleep(random.uniform(0, CAS_BACKOFF_S))
+    raise KvConflict(f"{key} changed by others {CAS_ATTEMPTS} times in a row")
 
 
 def batch_subject(batch_id: str = "*") -> str:

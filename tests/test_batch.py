@@ -269,10 +269,11 @@ def test_router_killed_mid_batch_answers_every_line_exactly_once_after_restart(s
 # -- the durable side alone: a real nats-server with JetStream, this router's runner, lines whose runs fail -----
 
 class _CrashingLines:
-    """What answers lines, failing as a worker that dies mid-line does (no answer, no ack), or never finishing."""
+    """What answers lines, failing as a worker that dies mid-line does (no answer, no ack), never finishing
+    (`hang`), or answering after `slow_s` (longer than the consumer's ack_wait)."""
 
-    def __init__(self, hang: bool = False):
-        self.hang, self.runs = hang, 0
+    def __init__(self, hang: bool = False, slow_s: float = 0.0):
+        self.hang, self.slow_s, self.runs = hang, slow_s, 0
 
     def parse(self, body, chat):
         return None
@@ -280,9 +281,14 @@ class _CrashingLines:
     async def respond(self, body, key, chat, request=None, priority=0):
         import asyncio
 
+        from aiohttp import web
+
         self.runs += 1
         if self.hang:
             await asyncio.sleep(3600)
+        if self.slow_s:
+            await asyncio.sleep(self.slow_s)
+            return web.json_response({"id": "cmpl-slow", "choices": [{"text": "5"}], "tier": "edge"})
         raise RuntimeError("the worker died mid-line")
 
 
@@ -358,3 +364,22 @@ def test_an_expired_batch_answers_what_never_ran(tmp_path):
     record, errors = _runner_case(tmp_path, lines, work)
     assert record["status"] == "expired" and record["expired_at"]
     assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [(f"d{i}", "batch_expired") for i in range(3)]
+
+
+def test_a_line_longer_than_ack_wait_is_kept_by_its_worker_and_runs_once(tmp_path):
+    """ack_wait is 1 s and each line takes 2.5 s: the worker's in-progress acks keep JetStream from handing the
+    line to another worker meanwhile."""
+    lines = _CrashingLines(slow_s=2.5)
+
+    async def work(store):
+        import asyncio
+
+        deadline = time.monotonic() + 60
+        while (record := (await store.get("batch.batch_dead"))[0])["status"] != "completed":
+            assert time.monotonic() < deadline, record["status"]
+            await asyncio.sleep(0.2)
+        return record
+
+    record = _runner_case(tmp_path, lines, work)
+    assert record["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
+    assert lines.runs == 3  # once each: never redelivered while its worker was on it

@@ -150,14 +150,15 @@ def run_bench(models_dir: Path, out_dir: Path, quick: bool = False, log=print) -
         peers: dict = {}
         servers: list[TransformersServe] = []
         try:
-            for cb in (False, True):
-                if reason is None:
-                    server = TransformersServe(models_dir, cloud.workdir, cfg.threads, continuous_batching=cb)
+            if reason is None:  # both start side by side (each loads transformers and the checkpoint)
+                servers = [TransformersServe(models_dir, cloud.workdir, cfg.threads, continuous_batching=cb).launch()
+                           for cb in (False, True)]
+                for server in servers:
                     try:
-                        servers.append(server.start())
-                    except (RuntimeError, TimeoutError) as exc:
+                        server.wait_ready()
+                    except (RuntimeError, TimeoutError) as exc:  # the other is measured; this one says why not
                         reason = f"transformers serve did not start: {exc}"
-                        break
+                        continue
                     peers[server.name] = OpenAIClient(server.port, str(server.checkpoint), cfg.max_tokens, server.name)
             sections["peer_transformers"] = scenarios.cloud_peer(cloud, peers, reason, cfg, prompts, warm)
         finally:

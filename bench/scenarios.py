@@ -731,7 +731,7 @@ def cloud_peer(stack: Stack, peers: dict, reason: str | None, cfg: BenchConfig, 
                           cfg.concurrency, len(prompts), max_tokens=cfg.max_tokens, threads=cfg.threads,
                           target="the cloud tier's gRPC port (torch fp32, its batcher) vs `transformers serve "
                                  "models/cloud --device cpu --dtype float32`, without and with "
-                                 "--continuous-batching (bench/transformers_peer.py)"),
+                                 "--continuous-batching --cb-num-blocks 128 (bench/transformers_peer.py)"),
         "metrics": metrics,
         "article": {},
         "notes": ["Both run the same fp32 checkpoint with PyTorch on the same cores; the greedy answers are compared "

@@ -156,7 +156,7 @@ def test_a_short_soak_reports_every_processs_memory(tiny_family):
     """`tierline bench --soak`: the platform under load, each process's RSS after the warm-up and at the end."""
     from tierline_bench.reliability import soak
 
-    result = soak(tiny_family, minutes=0.25, warmup_minutes=0.1, concurrency=2, log=lambda _: None)
+    result = soak(tiny_family, minutes=0.1, warmup_minutes=0.1, concurrency=2, log=lambda _: None)
     assert result["requests"] > 0 and result["errors"] == 0
     assert set(result["processes"]) == {"device-0", "edge-0", "cloud-0", "router"}
     for name, p in result["processes"].items():

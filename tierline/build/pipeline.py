@@ -55,6 +55,9 @@ class FamilyConfig:
     # the distilled and the no-distillation student trained at once, each with half the threads (in a
     # second process); False: one after the other with all of them (other floats: not the same models)
     students_side_by_side: bool = True
+    # the device model's prefill signatures (None: 32/64/128/256 below the context, and the context); each
+    # one is a conversion of its own, most of a tiny build's time
+    prefill_lens: tuple[int, ...] | None = None
 
     def __post_init__(self):
         ratio = self.student.num_params() / self.teacher.num_params()
@@ -81,7 +84,7 @@ def family(name: str, seed: int = 0) -> FamilyConfig:
             teacher_train=TrainConfig(steps=40, batch_size=16, lr=3e-3, warmup=5, seed=seed),
             student_train=TrainConfig(steps=30, batch_size=16, lr=3e-3, warmup=5, distill_alpha=0.5, seed=seed),
             finetune=TrainConfig(steps=10, batch_size=16, lr=2e-3, warmup=2, distill_alpha=0.5, seed=seed + 1),
-            eval_n=40, kv_check_n=10, calib_n=32, scorer_n=60,
+            eval_n=40, kv_check_n=10, calib_n=32, scorer_n=60, prefill_lens=(32, 256),
         )
     if name == "default":  # built in 21 minutes on 2 idle CPU cores (README, "The model family")
         # Packed training, the two students side by side (one core each), a 6000-step teacher and a
@@ -207,7 +210,7 @@ def build(cfg: FamilyConfig, out: Path, console: Console | None = None) -> dict:
         device_dir = out / "device"
         device_dir.mkdir(exist_ok=True)
         t0 = time.perf_counter()
-        tflite_report = export_tflite(device_model, device_dir / "model.tflite")  # config.json beside it
+        tflite_report = export_tflite(device_model, device_dir / "model.tflite", cfg.prefill_lens)  # + config.json
         timings["export (device)"] = round(time.perf_counter() - t0, 1)
 
         manifest = _write_manifest(out, cfg)

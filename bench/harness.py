@@ -117,7 +117,7 @@ def run_bench(models_dir: Path, out_dir: Path, quick: bool = False, log=print) -
             clients = {m: HttpClient("127.0.0.1", p.port, cfg.max_tokens) for m, p in peers.items()} \
                 if reason is None else {}
             sections["platform_overhead"], sections["peer_litserve"] = scenarios.overhead_and_peer(
-                on, engine, clients, reason, cfg, prompts, warm)
+                on, engine, clients, reason, cfg, prompts, warm, servers=peers)
         finally:
             for p in peers.values():
                 p.stop()

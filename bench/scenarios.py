@@ -454,20 +454,38 @@ def run_bare(engine, prompts: list[str], batch: int, max_tokens: int) -> LoadRun
     return LoadRun(outcomes, time.perf_counter() - t0, batch)
 
 
-BARE_BATCHES = (8, 16, 32)  # the bare engine's batch sizes tried; it is measured at its fastest
+def _awake(server, measure: Callable[[], LoadRun]) -> LoadRun:
+    """Measure with `server` (a PeerServer, or None) running, and freeze it again after."""
+    if server is None:
+        return measure()
+    server.resume()
+    try:
+        return measure()
+    finally:
+        server.pause()
 
 
-def best_bare_batch(engine, prompts: list[str], max_tokens: int) -> tuple[int, dict[int, float]]:
-    """The batch size at which the bare engine is fastest on these prompts, and each size's req/s."""
+BARE_BATCHES = (4, 8, 16, 32)  # the bare engine's batch sizes tried; it is measured at its fastest
+
+
+def best_bare_batch(engine, prompts: list[str], max_tokens: int, concurrency: int) -> tuple[int, dict[int, float]]:
+    """The batch size at which the bare engine is fastest on these prompts, among those `concurrency` requests in
+    flight can form (a load of 16 never makes a batch of 32), and each size's req/s (all tried, for the report)."""
     qps = {b: run_bare(engine, prompts, b, max_tokens).qps for b in BARE_BATCHES}
-    return max(qps, key=qps.get), {b: round(q, 1) for b, q in qps.items()}
+    allowed = {b: q for b, q in qps.items() if b <= concurrency} or {min(qps): qps[min(qps)]}
+    return max(allowed, key=allowed.get), {b: round(q, 1) for b, q in qps.items()}
 
 
 def overhead_and_peer(platform: Stack, engine, peers: dict[str, HttpClient], peer_reason: str | None,
-                      cfg: BenchConfig, prompts: list[str], warm: list[str]) -> tuple[dict, dict]:
+                      cfg: BenchConfig, prompts: list[str], warm: list[str],
+                      servers: dict | None = None) -> tuple[dict, dict]:
     """Bare engine (at its best batch size), edge tier alone (gRPC), edge behind router + NATS + gRPC, and
-    LitServe in each of its modes (`peers`: mode -> client); interleaved."""
-    batch, tried = best_bare_batch(engine, (warm * 4)[:4 * max(BARE_BATCHES)], cfg.max_tokens)
+    LitServe in each of its modes (`peers`: mode -> client); interleaved. `servers` (mode -> PeerServer): each
+    is frozen while the other targets are measured."""
+    servers = servers or {}
+    for s in servers.values():
+        s.pause()
+    batch, tried = best_bare_batch(engine, (warm * 4)[:4 * max(BARE_BATCHES)], cfg.max_tokens, cfg.concurrency)
     edge = _grpc(platform, "edge-0", cfg)
     router = GrpcClient(platform.router_address, cfg.max_tokens)
     targets: dict[str, Callable[[int], LoadRun]] = {
@@ -476,8 +494,8 @@ def overhead_and_peer(platform: Stack, engine, peers: dict[str, HttpClient], pee
         "platform": lambda r: run_load(router.infer, prompts, cfg.concurrency, warm if r == 0 else ()),
     }
     for mode, client in peers.items():
-        targets[f"litserve_{mode}"] = lambda r, c=client: run_load(c.infer, prompts, cfg.concurrency,
-                                                                    warm if r == 0 else ())
+        targets[f"litserve_{mode}"] = lambda r, c=client, s=servers.get(mode): _awake(
+            s, lambda: run_load(c.infer, prompts, cfg.concurrency, warm if r == 0 else ()))
     runs: dict[str, list[LoadRun]] = {k: [] for k in targets}
     for r in range(cfg.repeats):
         for k, fn in _interleaved(targets, r):
@@ -507,8 +525,9 @@ def overhead_and_peer(platform: Stack, engine, peers: dict[str, HttpClient], pee
         "article": {"target": "edge node >= 90% and router + NATS + edge >= 85% of the bare engine (issue 23)",
                     "target_ratio": 0.85, "edge_target_ratio": 0.9},
         "notes": [f"The bare engine gets perfectly formed batches in sequence, at its fastest batch size among "
-                  f"{', '.join(map(str, BARE_BATCHES))} (measured on the warm-up prompts: {tried} req/s), and pays "
-                  "no serialization, queueing or network; on this 2-core machine the load generator, router, "
+                  f"{', '.join(str(b) for b in BARE_BATCHES if b <= cfg.concurrency)} (those {cfg.concurrency} "
+                  f"requests in flight can form; measured on the warm-up prompts, every size tried: {tried} req/s), "
+                  "and pays no serialization, queueing or network; on this 2-core machine the load generator, router, "
                   "nats-server and edge process share the same two cores."],
     }
     if not peers:
@@ -544,7 +563,9 @@ def overhead_and_peer(platform: Stack, engine, peers: dict[str, HttpClient], pee
         "article": {},
         "notes": ["All serve the same engine and decoding loop, so the difference is the serving layer: LitServe's "
                   "HTTP front end and worker loop vs Tierline's gRPC servicer and scheduler. The edge node is "
-                  "compared with LitServe's faster mode in this run (litserve_best_mode)."],
+                  "compared with LitServe's faster mode in this run (litserve_best_mode).",
+                  "Each LitServe process group is frozen (SIGSTOP) while the other targets are measured: idle, "
+                  "its loops still poll."],
     }
     return overhead, peer
 

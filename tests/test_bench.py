@@ -130,6 +130,18 @@ def test_the_batch_api_section_runs_every_line(report):
     assert m["interactive"]["alone"]["errors"] == m["interactive"]["beside_batch"]["errors"] == 0
 
 
+def test_the_bare_engine_is_given_only_batches_its_load_can_form(report):
+    """The limit the edge is held to: the bare engine's best batch among those the row's concurrency can form
+    (16 requests in flight never make a batch of 32), every size tried still reported."""
+    _, _, results = report
+    section = results["sections"]["platform_overhead"]
+    m, concurrency = section["metrics"], section["method"]["concurrency"]
+    tried = {int(b): q for b, q in m["bare_qps_by_batch"].items()}
+    assert any(b > concurrency for b in tried)  # tried, and left out
+    allowed = {b: q for b, q in tried.items() if b <= concurrency}
+    assert m["bare_batch"] == max(allowed, key=allowed.get)
+
+
 def test_no_peer_process_is_left_behind(report):
     leftover = processes_with(lambda args: any(b"tierline_bench.peer" in a for a in args)
                               or (any(a.endswith(b"/transformers") for a in args) and b"serve" in args))

@@ -16,6 +16,9 @@ evaluation replays exactly what runs. It does no I/O: its driver asks the tier i
   tier's over any other), marked degraded. With no answer at all, the tiers below the first
   one are asked, nearest first, and the first answer is given, degraded: a lower tier's
   answer is better than none.
+- Nothing answered, and a tier had no replica up (its replicas restarting, or reconnecting after
+  the NATS node they were on died): the live router waits (`NO_REPLICA_FIRST_S`, doubling up to
+  `NO_REPLICA_MAX_S`) and asks those tiers again (`again`), while the request has time left.
 - Nothing answered: UNAVAILABLE naming what each tier did, or DEADLINE_EXCEEDED when the
   request's time ran out. A client error (INVALID_ARGUMENT) is raised as it is: asking
   another tier cannot fix the request.
@@ -43,6 +46,13 @@ CLIENT_ERRORS = {"INVALID_ARGUMENT"}  # the request's own fault: returned to the
 RETRY_STATUSES = {"RESOURCE_EXHAUSTED"}  # a tier error worth another replica (its queue was full)
 RAN_A_MODEL = ("answered", "low_confidence")  # the attempts that are paid for
 _TIMEOUTS = (NatsTimeout, asyncio.TimeoutError, concurrent.futures.TimeoutError, TimeoutError)
+NO_REPLICA_FIRST_S = 0.1  # seconds before a tier that had no replica up is asked again (doubling each round)
+NO_REPLICA_MAX_S = 1.0  # seconds between two rounds at most (a replica reconnects within about a second)
+
+
+def no_replica_wait(rounds: int) -> float:
+    """Seconds to wait before asking tiers that had no replica up again, after `rounds` such waits."""
+    return min(NO_REPLICA_FIRST_S * 2 ** min(rounds, 16), NO_REPLICA_MAX_S)
 
 
 class Offline(ConnectionError):
@@ -61,6 +71,7 @@ class Cascade:
                  origin: str = "router", on_escalate: Callable[[str, str, str], None] | None = None):
         self.policy, self.retries, self.origin = policy, retries, origin
         self._on_escalate = on_escalate  # (from tier, to tier, why; "fallback" going down): for metrics
+        self._first = first
         self._ahead = [first, *tiers_above(first, available)]  # tiers still to ask, the current one first
         self._below = list(tiers_below(first, available))  # asked only when nothing answers
         self.path: list[pb.Attempt] = []
@@ -69,6 +80,8 @@ class Cascade:
         self._tries = 0  # of the current tier so far, beyond the first
         self._falling_back = False
         self._expired = False
+        self._absent: list[str] = []  # tiers that had no replica up, in the order asked
+        self._rounds = 0  # waits for absent replicas so far
 
     def next_tier(self) -> str | None:
         """The tier to ask now; None when the decision is made."""
@@ -103,6 +116,8 @@ class Cascade:
             outcome, detail, retry = "error", f"{exc.status}: {exc.message}", exc.status in RETRY_STATUSES
         elif isinstance(exc, NoRespondersError):
             outcome, detail, retry = "no_responders", "no replica is up", False
+            if tier not in self._absent:
+                self._absent.append(tier)
         elif isinstance(exc, Offline):
             outcome, detail, retry = "offline", str(exc), False
         elif isinstance(exc, _TIMEOUTS):
@@ -119,6 +134,20 @@ class Cascade:
         """The request's deadline passed before `tier` could be asked: decide with what there is."""
         self.path.append(pb.Attempt(tier=tier, outcome="timeout", detail="the request's deadline had passed"))
         self._expired = True
+
+    def again(self) -> float | None:
+        """Nothing answered and a tier had no replica up: those tiers are asked again, in the cascade's order
+        (the first tier and those above it, then those below as a fallback); returns the seconds to wait first.
+        None when an answer was kept or is there to give, the deadline passed, or every tier had a replica
+        up (then the decision stands). The driver bounds the rounds by the request's time."""
+        if self._kept is not None or self._best is not None or self._expired or not self._absent or self._ahead:
+            return None
+        first = TIERS.index(self._first)
+        self._ahead = [t for t in self._absent if TIERS.index(t) >= first]
+        self._below = [t for t in self._absent if TIERS.index(t) < first] + self._below
+        self._absent, self._tries, self._falling_back = [], 0, False
+        self._rounds += 1
+        return no_replica_wait(self._rounds - 1)
 
     def _move_on(self, tier: str, why: str) -> None:
         self._ahead.pop(0)

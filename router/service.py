@@ -25,7 +25,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from tierline_api.v1 import inference_pb2 as pb
 from tierline_api.v1 import inference_pb2_grpc as pb_grpc
 from tierline_router.auth import Admission, Gate, bearer_token
-from tierline_router.cascade import CLIENT_ERRORS, Cascade, Decision
+from tierline_router.cascade import CLIENT_ERRORS, Cascade, Decision, no_replica_wait
 from tierline_router.choices import choices_of, fan_out, merge, merge_streams
 from tierline_router.metrics import RouterMetrics
 from tierline_router.policy import Policy
@@ -63,17 +63,24 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
             req.request_id = uuid.uuid4().hex
         tier, score = self.policy.decide(req.prompt, self.tiers)
         cascade = Cascade(self.policy, tier, self.tiers, self.retries_per_tier, on_escalate=self.metrics.escalated)
+        # tiers with no replica up are asked again until the request's time is up (its deadline, else the timeout)
+        end = time.monotonic() + self.request_timeout_s if deadline is None else deadline
         try:
-            while (tier := cascade.next_tier()) is not None:
-                left = self.request_timeout_s if deadline is None else min(self.request_timeout_s,
-                                                                           deadline - time.monotonic())
-                if left <= 0:
-                    cascade.expired(tier)
+            while True:
+                while (tier := cascade.next_tier()) is not None:
+                    left = self.request_timeout_s if deadline is None else min(self.request_timeout_s,
+                                                                               deadline - time.monotonic())
+                    if left <= 0:
+                        cascade.expired(tier)
+                        break
+                    try:
+                        cascade.answered(tier, await self._ask(tier, req, left))
+                    except Exception as exc:  # noqa: BLE001 - the cascade sorts failures (raises what is not one)
+                        cascade.failed(tier, exc, detail=f"no answer in {left:.2f}s")
+                wait = cascade.again()
+                if wait is None or time.monotonic() + wait >= end:
                     break
-                try:
-                    cascade.answered(tier, await self._ask(tier, req, left))
-                except Exception as exc:  # noqa: BLE001 - the cascade sorts failures (and raises what is not one)
-                    cascade.failed(tier, exc, detail=f"no answer in {left:.2f}s")
+                await asyncio.sleep(wait)
         finally:
             self.metrics.asked(cascade.path)
         out_of_time = deadline is not None and deadline <= time.monotonic()
@@ -187,8 +194,9 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
         return now
 
     async def _stream(self, request: pb.InferRequest):
-        tier, score = self.policy.decide(request.prompt, self.tiers)
-        path: list[pb.Attempt] = []
+        first, score = self.policy.decide(request.prompt, self.tiers)
+        tier, path = first, []
+        end, rounds, absent = time.monotonic() + self.request_timeout_s, 0, False  # absent: a tier had no replica
         try:
             while tier is not None:
                 started = False
@@ -212,9 +220,13 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
                     if started:
                         raise TierError("router", "UNAVAILABLE", f"{tier} stopped mid-stream") from None
                     outcome = "no_responders" if isinstance(exc, NoRespondersError) else "timeout"
+                    absent = absent or outcome == "no_responders"
                     path.append(pb.Attempt(tier=tier, outcome=outcome))
                 failed, tier = tier, next(iter(tiers_above(tier, self.tiers)), None)
-                if tier is not None:
+                if tier is None and absent and time.monotonic() + no_replica_wait(rounds) < end:
+                    await asyncio.sleep(no_replica_wait(rounds))  # as the unary cascade: ask again (cascade.again)
+                    tier, rounds, absent = first, rounds + 1, False
+                elif tier is not None:
                     self.metrics.escalated(failed, tier, path[-1].outcome)
         finally:
             self.metrics.asked(path)

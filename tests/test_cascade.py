@@ -7,7 +7,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from tierline_api.v1 import inference_pb2 as pb
-from tierline_router.cascade import Cascade, Offline, cost, paid_tokens
+from tierline_router.cascade import NO_REPLICA_FIRST_S, NO_REPLICA_MAX_S, Cascade, Offline, cost, paid_tokens
 from tierline_router.policy import Policy
 from tierline_shared.transport.messaging import TierError
 
@@ -86,6 +86,44 @@ def test_nothing_at_or_above_the_first_tier_falls_back_down():
     assert d.degraded and d.answer.tier == "device"  # a low confidence is kept: better than no answer
     assert outcomes(d) == [("cloud", "no_responders"), ("edge", "offline"), ("device", "answered")]
     assert moves == [("cloud", "edge", "fallback"), ("edge", "device", "fallback")]
+
+
+def test_tiers_with_no_replica_up_are_asked_again_in_order_after_a_growing_wait():
+    """What the live router does when nothing answered and replicas were missing (`again`): the first tier and those
+    above it again, then those below as a fallback; the waits double up to NO_REPLICA_MAX_S."""
+    c = Cascade(POLICY, "edge")
+    for tier in ("edge", "cloud", "device"):
+        assert c.next_tier() == tier
+        c.failed(tier, NoRespondersError() if tier != "cloud" else TierError("cloud", "INTERNAL", "boom"))
+    assert c.next_tier() is None
+    waits = [c.again()]
+    assert c.next_tier() == "edge"  # the cloud had a replica (it failed): not asked again
+    c.failed("edge", NoRespondersError())
+    assert c.next_tier() == "device"  # the fallback below, as in the first round
+    c.failed("device", NoRespondersError())
+    for _ in range(6):
+        waits.append(c.again())
+        c.failed(c.next_tier(), NoRespondersError())
+        c.failed(c.next_tier(), NoRespondersError())
+    assert waits == [min(NO_REPLICA_FIRST_S * 2 ** i, NO_REPLICA_MAX_S) for i in range(7)]
+    assert waits[-1] == NO_REPLICA_MAX_S
+    waits.append(c.again())
+    assert c.next_tier() == "edge"
+    c.answered("edge", answer("edge", 0.9))  # back: kept, and not degraded
+    d = c.decision()
+    assert d.answer.tier == "edge" and not d.degraded and c.again() is None
+
+
+def test_an_answer_or_replicas_that_all_answered_are_not_asked_again():
+    c = Cascade(POLICY, "edge")
+    c.answered("edge", answer("edge", 0.1))
+    c.failed("cloud", NoRespondersError())
+    assert c.next_tier() is None and c.again() is None and c.decision().degraded  # the edge's answer is given
+    c = Cascade(POLICY, "cloud")
+    c.failed("cloud", NatsTimeout())
+    c.failed("edge", TierError("edge", "INTERNAL", "boom"))
+    c.failed("device", Offline("link down"))
+    assert c.next_tier() is None and c.again() is None
 
 
 def test_nothing_answered_is_unavailable_or_deadline_exceeded():

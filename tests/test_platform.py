@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -112,6 +113,29 @@ def test_router_stream_skips_a_tier_with_no_responders(tiny_family):
         chunks = list(stub(s.port("router")).InferStream(req(max_tokens=8), timeout=TIMEOUT))
         assert chunks[-1].tier == "cloud"
         assert [a.outcome for a in chunks[-1].escalation_path] == ["no_responders", "answered"]
+
+
+def test_a_request_waits_for_a_tier_whose_only_replica_is_coming_back(tiny_family):
+    """No replica up for a moment (one restarting, or reconnecting after the NATS node it was on died): the
+    router asks again with backoff within the request's time instead of failing at once, unary and streamed."""
+    with Stack(tiny_family, tiers=("edge",), overrides={"router.confidence_threshold": {"edge": 0.0}}) as s:
+        s.kill("edge-0")
+        router = stub(s.port("router"))
+        out: dict = {}
+        threads = [threading.Thread(target=lambda: out.update(unary=router.Infer(req(max_tokens=4), timeout=TIMEOUT))),
+                   threading.Thread(target=lambda: out.update(stream=list(router.InferStream(req(max_tokens=4),
+                                                                                             timeout=TIMEOUT))))]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)  # both are in the router, which finds no replica
+        assert not out
+        s.restart("edge-0", "tierline_edge_node")
+        for t in threads:
+            t.join(TIMEOUT)
+        for resp in (out["unary"], out["stream"][-1]):
+            outcomes = [a.outcome for a in resp.escalation_path]
+            assert resp.tier == "edge" and not resp.degraded, resp
+            assert set(outcomes[:-1]) == {"no_responders"} and len(outcomes) > 2 and outcomes[-1] == "answered"
 
 
 def test_identical_greedy_request_is_cached_at_the_edge(stack):

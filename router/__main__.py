@@ -60,7 +60,8 @@ async def serve(manifest_path: str) -> int:
         return EXIT_BAD_MANIFEST
     servicer = RouterServicer(nc, policy, manifest.model_name, tuple(manifest.tiers),
                               manifest.nats.request_timeout_ms / 1000, rc.retries_per_tier, metrics,
-                              manifest.limits, gate, served_context(manifest.models_path, tuple(manifest.tiers)))
+                              manifest.limits, gate, served_context(manifest.models_path, tuple(manifest.tiers)),
+                              rc.no_replica_wait_ms / 1000)
     server = grpc.aio.server(options=SERVER_OPTIONS)
     add_inference_service(servicer, server, aio=True)
     health_servicer = add_health_and_reflection(server, aio=True)

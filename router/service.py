@@ -41,7 +41,8 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
     def __init__(self, nc, policy: Policy, model_name: str, tiers: tuple[str, ...] = TIERS,
                  request_timeout_s: float = NatsConfig.request_timeout_ms / 1000,
                  retries_per_tier: int = RouterConfig.retries_per_tier, metrics: RouterMetrics | None = None,
-                 limits: LimitsConfig | None = None, gate: Gate | None = None, max_context: int | None = None):
+                 limits: LimitsConfig | None = None, gate: Gate | None = None, max_context: int | None = None,
+                 no_replica_wait_s: float = RouterConfig.no_replica_wait_ms / 1000):
         self.nc = nc
         self.policy = policy
         self.model_name = model_name
@@ -52,6 +53,7 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
         self.limits = limits or LimitsConfig()
         self.gate = gate or Gate(None, {})  # API keys and quotas; a gate without a store admits everyone
         self.max_context = max_context  # the served models' context (prompt + completion), None when unknown
+        self.no_replica_wait_s = no_replica_wait_s  # at most, waiting for a tier with no replica up
 
     async def _ask(self, tier: str, req: pb.InferRequest, timeout_s: float) -> pb.InferResponse:
         return await ask_tier(self.nc, tier, req, timeout_s)
@@ -63,8 +65,9 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
             req.request_id = uuid.uuid4().hex
         tier, score = self.policy.decide(req.prompt, self.tiers)
         cascade = Cascade(self.policy, tier, self.tiers, self.retries_per_tier, on_escalate=self.metrics.escalated)
-        # tiers with no replica up are asked again until the request's time is up (its deadline, else the timeout)
-        end = time.monotonic() + self.request_timeout_s if deadline is None else deadline
+        # tiers with no replica up are asked again for no_replica_wait_s at most, within the request's deadline
+        end = time.monotonic() + self.no_replica_wait_s
+        end = end if deadline is None else min(end, deadline)
         try:
             while True:
                 while (tier := cascade.next_tier()) is not None:
@@ -196,7 +199,7 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
     async def _stream(self, request: pb.InferRequest):
         first, score = self.policy.decide(request.prompt, self.tiers)
         tier, path = first, []
-        end, rounds, absent = time.monotonic() + self.request_timeout_s, 0, False  # absent: a tier had no replica
+        end, rounds, absent = time.monotonic() + self.no_replica_wait_s, 0, False  # absent: a tier had no replica
         try:
             while tier is not None:
                 started = False

@@ -118,7 +118,9 @@ def test_router_stream_skips_a_tier_with_no_responders(tiny_family):
 def test_a_request_waits_for_a_tier_whose_only_replica_is_coming_back(tiny_family):
     """No replica up for a moment (one restarting, or reconnecting after the NATS node it was on died): the
     router asks again with backoff within the request's time instead of failing at once, unary and streamed."""
-    with Stack(tiny_family, tiers=("edge",), overrides={"router.confidence_threshold": {"edge": 0.0}}) as s:
+    # the wait made long enough for a whole restart here (the default, 3 s, covers a NATS reconnect)
+    with Stack(tiny_family, tiers=("edge",), overrides={"router.confidence_threshold": {"edge": 0.0},
+                                                        "router.no_replica_wait_ms": 20000}) as s:
         s.kill("edge-0")
         router = stub(s.port("router"))
         out: dict = {}

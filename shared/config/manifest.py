@@ -138,6 +138,9 @@ class RouterConfig:
     # prompts scored below this may be answered by the device
     device_complexity: float = 0.2
     retries_per_tier: int = 1  # another replica before escalating
+    # how long a request waits, at most, for a tier with no replica up (one restarting, or reconnecting after
+    # the NATS node it was on died) when no other tier answered; 0 = UNAVAILABLE at once (router/cascade.py)
+    no_replica_wait_ms: int = 3000
     # the learned scorer (relative to models_dir); "" = the step-counting heuristic
     scorer: str = ""
     # the OpenAI-compatible HTTP endpoint (/v1/completions ...); 0 = any free port, -1 = off
@@ -251,7 +254,7 @@ _RANGES = {  # field -> (min, max) inclusive, None = unbounded
     "prefix_cache_tokens": (0, 10_000_000), "prefix_cache_min_match": (1, 100_000),
     "max_tokens": (0, None), "default_max_tokens": (1, None), "max_n": (1, 128), "connect_timeout_ms": (1, None),
     "request_timeout_ms": (1, None), "cloud_complexity": (0, 1), "device_complexity": (0, 1),
-    "retries_per_tier": (0, 10), "retries": (0, 10), "max_num_seqs": (1, 1024),
+    "retries_per_tier": (0, 10), "retries": (0, 10), "no_replica_wait_ms": (0, 600_000), "max_num_seqs": (1, 1024),
     "max_num_batched_tokens": (1, 1_000_000),
     "max_queue": (1, 100000), "version": (1, 1),
     "http_port": (-1, 65535), "calls_per_day": (1, None), "tokens_per_day": (1, None),

@@ -179,6 +179,8 @@ class ModelRunner:
         self._rows: list[Sequence] = []
         self._past: Past | None = None  # (B, kv_heads, W, head_dim) per layer, rows right-aligned
         self._mask = np.zeros((0, 0), np.int64)  # (B, W): 1 where a row has a real position
+        # prompts' KV for the prefix cache, kept after the step's first tokens went out: (ids, present, row, cols)
+        self._to_store: list[tuple[list[int], Past, int, object]] = []
 
     # -- what the scheduler asks -----------------------------------------------------------------------
     def sequence(self, prompt: str, params: GenerationParams) -> Sequence:
@@ -241,6 +243,7 @@ class ModelRunner:
                     self._prefill([c], warm=True)
         if chunks and prefilled is not None:
             prefilled()
+        self._store_prompts()
         if any(not s.done for s in self._rows):
             self._decode() if self.batched else self._decode_alone()
 
@@ -302,8 +305,8 @@ class ModelRunner:
             if not s.prefilled:
                 s.kv = eng._past_take(present, j, cols)
                 continue
-            if cache is not None and s.whole:
-                cache.store(s.ids, eng._past_take(present, j, cols))
+            if cache is not None and s.whole:  # stored once the first tokens are out (`present` is never written)
+                self._to_store.append((s.ids, present, j, cols))
             s.kv = None
             s.accept(logits[j, -1])
             if s.done:
@@ -314,6 +317,13 @@ class ModelRunner:
                            else (eng._past_take(present, j, cols), 0, 0))
         if joining:
             self._join(joining, sources)
+
+    def _store_prompts(self) -> None:
+        """The prefix cache takes the KV of the prompts this step prefilled (after their first tokens: the copy
+        is not on their path)."""
+        cache, pending, self._to_store = self._prefix_cache(), self._to_store, []
+        for ids, present, j, cols in pending:
+            cache.store(ids, self.engine._past_take(present, j, cols))
 
     def _join(self, seqs: list[Sequence], sources: list[tuple[Past, int, int]]) -> None:
         """Add `seqs` to the batch; seq i's KV is sources[i] = (past, row, first column), kv_len positions.

@@ -77,9 +77,6 @@ def run(process_cls: type[TierProcess], argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest", required=True, help="YAML tier manifest")
     parser.add_argument("--no-nats", action="store_true", help="serve gRPC only (no NATS registration)")
     args = parser.parse_args(argv)
-    import os
-    if os.environ.get("TL_SWITCH"):
-        sys.setswitchinterval(float(os.environ["TL_SWITCH"]))
     try:
         process = process_cls(load_manifest(args.manifest), use_nats=not args.no_nats)
         engine = process.load_engine()

@@ -18,7 +18,8 @@ evaluation replays exactly what runs. It does no I/O: its driver asks the tier i
   answer is better than none.
 - Nothing answered, and a tier had no replica up (its replicas restarting, or reconnecting after
   the NATS node they were on died): the live router waits (`NO_REPLICA_FIRST_S`, doubling up to
-  `NO_REPLICA_MAX_S`) and asks those tiers again (`again`), while the request has time left.
+  `NO_REPLICA_MAX_S`) and asks those tiers again (`again`), for `router.no_replica_wait_ms` at
+  most, within the request's deadline.
 - Nothing answered: UNAVAILABLE naming what each tier did, or DEADLINE_EXCEEDED when the
   request's time ran out. A client error (INVALID_ARGUMENT) is raised as it is: asking
   another tier cannot fix the request.

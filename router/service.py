@@ -65,9 +65,7 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
             req.request_id = uuid.uuid4().hex
         tier, score = self.policy.decide(req.prompt, self.tiers)
         cascade = Cascade(self.policy, tier, self.tiers, self.retries_per_tier, on_escalate=self.metrics.escalated)
-        # tiers with no replica up are asked again for no_replica_wait_s at most, within the request's deadline
-        end = time.monotonic() + self.no_replica_wait_s
-        end = end if deadline is None else min(end, deadline)
+        end = self._replica_wait_end(deadline)
         try:
             while True:
                 while (tier := cascade.next_tier()) is not None:
@@ -80,14 +78,25 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
                         cascade.answered(tier, await self._ask(tier, req, left))
                     except Exception as exc:  # noqa: BLE001 - the cascade sorts failures (raises what is not one)
                         cascade.failed(tier, exc, detail=f"no answer in {left:.2f}s")
-                wait = cascade.again()
-                if wait is None or time.monotonic() + wait >= end:
+                if not await self._waited(cascade.again(), end):
                     break
-                await asyncio.sleep(wait)
         finally:
             self.metrics.asked(cascade.path)
         out_of_time = deadline is not None and deadline <= time.monotonic()
         return self._finish(cascade.decision(out_of_time), score, t0)
+
+    def _replica_wait_end(self, deadline: float | None) -> float:
+        """Until when tiers with no replica up are asked again: no_replica_wait_s, within the request's deadline."""
+        end = time.monotonic() + self.no_replica_wait_s
+        return end if deadline is None else min(end, deadline)
+
+    @staticmethod
+    async def _waited(wait: float | None, end: float) -> bool:
+        """Sleep `wait` seconds before asking absent tiers again, when there is one and it ends before `end`."""
+        if wait is None or time.monotonic() + wait >= end:
+            return False
+        await asyncio.sleep(wait)
+        return True
 
     @staticmethod
     def _finish(decision: Decision, score: float, t0: float) -> pb.InferResponse:
@@ -199,7 +208,7 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
     async def _stream(self, request: pb.InferRequest):
         first, score = self.policy.decide(request.prompt, self.tiers)
         tier, path = first, []
-        end, rounds, absent = time.monotonic() + self.no_replica_wait_s, 0, False  # absent: a tier had no replica
+        end, rounds, absent = self._replica_wait_end(None), 0, False  # absent: a tier had no replica up
         try:
             while tier is not None:
                 started = False
@@ -226,9 +235,8 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
                     absent = absent or outcome == "no_responders"
                     path.append(pb.Attempt(tier=tier, outcome=outcome))
                 failed, tier = tier, next(iter(tiers_above(tier, self.tiers)), None)
-                if tier is None and absent and time.monotonic() + no_replica_wait(rounds) < end:
-                    await asyncio.sleep(no_replica_wait(rounds))  # as the unary cascade: ask again (cascade.again)
-                    tier, rounds, absent = first, rounds + 1, False
+                if tier is None and absent and await self._waited(no_replica_wait(rounds), end):
+                    tier, rounds, absent = first, rounds + 1, False  # as the unary cascade: ask again
                 elif tier is not None:
                     self.metrics.escalated(failed, tier, path[-1].outcome)
         finally:

@@ -321,6 +321,8 @@ class ModelRunner:
     def _store_prompts(self) -> None:
         """The prefix cache takes the KV of the prompts this step prefilled (after their first tokens: the copy
         is not on their path)."""
+        if not self._to_store:
+            return
         cache, pending, self._to_store = self._prefix_cache(), self._to_store, []
         for ids, present, j, cols in pending:
             cache.store(ids, self.engine._past_take(present, j, cols))

@@ -186,7 +186,25 @@ class HttpClient:
 
 
 def peak_rss_mib(pid: int) -> float | None:
-    """A process's peak resident set (VmHWM) in MiB, from /proc; None where it cannot be read."""
+    """A process's peak resident set (VmHWM) in MiB with its children's (a tier's engine core), from /proc;
+    None where it cannot be read."""
     from tierline_device_agent.profile import proc_status_mib
 
-    return proc_status_mib("VmHWM", pid)
+    peaks = [proc_status_mib("VmHWM", p) for p in _process_tree(pid)]
+    return None if peaks[0] is None else round(sum(p for p in peaks if p is not None), 1)
+
+
+def _process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants, from /proc/<pid>/task/*/children."""
+    from pathlib import Path
+
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*/children"):
+            try:
+                todo += [int(c) for c in task.read_text().split()]
+            except (OSError, ValueError):
+                pass
+    return out

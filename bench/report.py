@@ -89,7 +89,7 @@ def _plots(sections: dict, plot_dir: Path) -> dict[str, Path]:
     bars(axes[1], ["edge", "cloud"], [m["edge"]["qps"], m["cloud"]["qps"]],
          f"throughput at concurrency {sections['edge_vs_cloud']['method']['concurrency']}", "requests/s")
     bars(axes[2], ["edge", "cloud"], [m["edge"]["peak_rss_mib"], m["cloud"]["peak_rss_mib"]],
-         "peak RSS of the tier process", "MiB")
+         "peak RSS of the tier (its processes)", "MiB")
     files["edge_vs_cloud"] = _save(fig, plot_dir / "edge_vs_cloud.png")
 
     m = sections["tiered_vs_cloud"]["metrics"]
@@ -204,7 +204,7 @@ def render(results: dict, plots: dict[str, str]) -> str:
          f"{fmt(m1['cloud']['first_token_ms_p50'], ' ms')}", "230 vs 850 ms"],
         [f"throughput at concurrency {ev['method']['concurrency']}, edge vs cloud",
          f"{fmt(m1['edge']['qps'], ' req/s')} vs {fmt(m1['cloud']['qps'], ' req/s')}", "120 vs 45 QPS"],
-        ["peak RSS, edge vs cloud process", f"{fmt(m1['edge']['peak_rss_mib'], ' MiB')} vs "
+        ["peak RSS, edge vs cloud tier (its processes, summed)", f"{fmt(m1['edge']['peak_rss_mib'], ' MiB')} vs "
          f"{fmt(m1['cloud']['peak_rss_mib'], ' MiB')}", "1.2 vs 4.8 GB"],
         ["tiered vs cloud only: throughput", _x(m2["ratio"]["throughput_tiered_over_cloud"]), "2.8x"],
         ["tiered vs cloud only: cost per request, reduction", fmt(m2["ratio"]["cost_reduction"], pct=True), "80%"],
@@ -245,7 +245,8 @@ def render(results: dict, plots: dict[str, str]) -> str:
             ["first token under load p95 (tier timing)", "loaded_first_token_ms_p95", " ms", None, ""],
             ["first token unloaded p50 (tier timing, concurrency 1)", "unloaded_first_token_ms_p50", " ms", None, ""],
             ["latency under load p50", "latency_ms_p50", " ms", None, ""],
-            ["peak RSS of the process", "peak_rss_mib", " MiB", "peak_rss_cloud_over_edge", "1.2 vs 4.8 GB"],
+            ["peak RSS of the tier (its processes, summed)", "peak_rss_mib", " MiB", "peak_rss_cloud_over_edge",
+             "1.2 vs 4.8 GB"],
             ["errors", "errors", "", None, ""]]
     L += _table(["", "edge (onnxruntime int8)", "cloud (torch fp32)", "ratio", "the article (edge vs cloud)"],
                 [[label, fmt(m1["edge"][k], u), fmt(m1["cloud"][k], u), _x(m1["ratio"][r]) if r else "", a]

@@ -3,6 +3,8 @@ an OpenAI-compatible serving engine the user already runs (`tiers.cloud.upstream
 
 from __future__ import annotations
 
+import functools
+
 from tierline_cloud_node.engine import load_engine, torch_device
 from tierline_cloud_node.upstream import UpstreamEngine, UpstreamScheduler
 from tierline_shared.config.manifest import ACCELERATORS, ManifestError
@@ -25,21 +27,24 @@ class CloudProcess(TierProcess):
                 raise ManifestError(f"{self.manifest.path}: tiers.cloud.{exc}") from None
             return UpstreamEngine(EngineInfo("cloud", self.manifest.model_name, f"upstream:{self._upstream_model}",
                                              params=0, bytes=0, max_context=0, window_limit=0))
+        return super().load_engine()
+
+    def engine_loader(self):
         try:
             device = torch_device(self.config.accelerator)
         except ValueError as exc:
             raise ManifestError(f"{self.manifest.path}: tiers.cloud.accelerator: {exc}") from None
-        return load_engine(self.manifest.models_path, threads=self.config.threads, device=device)
+        return functools.partial(load_engine, self.manifest.models_path, threads=self.config.threads, device=device)
 
+    def engine_core(self):
+        return None if self.config.upstream.url else super().engine_core()
 
     @property
     def _upstream_model(self) -> str:
         return self.config.upstream.model or self.manifest.model_name
 
-    def make_servicer(self, engine, metrics: Metrics) -> TierServicer:
-        if not self.config.upstream.url:
-            return super().make_servicer(engine, metrics)
-        return TierServicer(*self.servicer_args(engine, metrics), scheduler=self._forward)
+    def make_servicer(self, engine, metrics: Metrics, scheduler=None) -> TierServicer:
+        return super().make_servicer(engine, metrics, self._forward if self.config.upstream.url else scheduler)
 
 
 def main(argv: list[str] | None = None) -> int:

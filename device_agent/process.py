@@ -20,12 +20,13 @@ from tierline_shared.transport.tier_service import TierService
 class DeviceProcess(TierProcess):
     tier = "device"
     fleet: FleetAgent | None = None
+    engine_process = False  # an update swaps the model in place (agent.py: swap_engine): it runs here
 
     def load_engine(self) -> LiteRTEngine:
         models_dir = prepare_device(self.manifest)  # the memory cap; the model an update installed last, if any
         return load_engine(models_dir, threads=self.config.threads)
 
-    def make_servicer(self, engine: LiteRTEngine, metrics: Metrics) -> DeviceAgentServicer:
+    def make_servicer(self, engine: LiteRTEngine, metrics: Metrics, scheduler=None) -> DeviceAgentServicer:
         m = self.manifest
         return DeviceAgentServicer(*self.servicer_args(engine, metrics), policy=Policy.from_config(m.router),
                                    upstream_timeout_s=m.nats.request_timeout_ms / 1000,

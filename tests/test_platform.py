@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
@@ -138,6 +141,47 @@ def test_a_request_waits_for_a_tier_whose_only_replica_is_coming_back(tiny_famil
             outcomes = [a.outcome for a in resp.escalation_path]
             assert resp.tier == "edge" and not resp.degraded, resp
             assert set(outcomes[:-1]) == {"no_responders"} and len(outcomes) > 2 and outcomes[-1] == "answered"
+
+
+def _engine_cores(pid: int) -> list[int]:
+    """The engine core processes a tier process runs (its multiprocessing `spawn` children)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in task.read_text().split():
+            try:
+                if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    out.append(int(child))
+            except OSError:
+                pass
+    return out
+
+
+def test_a_killed_engine_core_loses_no_request_and_starts_again(stack):
+    """The edge and cloud run their models in an engine core process (the device in its own); killing the edge's
+    under load: what it held fails UNAVAILABLE, the router asks the cloud, and the core comes back."""
+    procs = {p.name: p.popen.pid for p in stack.procs}
+    assert _engine_cores(procs["device-0"]) == [] and len(_engine_cores(procs["cloud-0"])) == 1
+    [core] = _engine_cores(procs["edge-0"])
+    router = stub(stack.port("router"))
+    prompts = [p.prompt for p in generate("test", 32, seed=11)]
+    with ThreadPoolExecutor(8) as pool:
+        answers = [pool.submit(router.Infer, req(p, max_tokens=48), timeout=TIMEOUT) for p in prompts]
+        time.sleep(0.2)
+        os.kill(core, signal.SIGKILL)
+        answers = [a.result() for a in answers]  # an error would raise here
+    assert all(a.choices[0].text or a.usage.completion_tokens for a in answers)
+    end = time.monotonic() + TIMEOUT
+    while len(_engine_cores(procs["edge-0"])) != 1 or _engine_cores(procs["edge-0"]) == [core]:
+        assert time.monotonic() < end, "the edge's engine core did not start again"
+        time.sleep(0.1)
+    while True:  # until the new core has loaded its model, the edge answers UNAVAILABLE
+        try:
+            resp = stub(stack.port("edge-0")).Infer(req(), timeout=TIMEOUT)
+            break
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < end, exc
+            time.sleep(0.1)
+    assert resp.tier == "edge" and resp.usage.completion_tokens > 0
 
 
 def test_identical_greedy_request_is_cached_at_the_edge(stack):

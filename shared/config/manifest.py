@@ -97,6 +97,10 @@ class TierConfig:
     # listed so the router here can ask it, but served by another host (whose manifest runs it): no artifact needed
     elsewhere: bool = False
     batching: BatchConfig = field(default_factory=BatchConfig)
+    # the scheduler and the model in a process of their own (shared/runtime/engine_core.py: vLLM V1's engine
+    # core), apart from the threads that serve requests; false: in the tier's process. The device agent, whose
+    # updates swap its model in place, always runs it in its own process.
+    engine_process: bool = True
 
 
 @dataclass

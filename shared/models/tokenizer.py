@@ -131,6 +131,13 @@ class TextTokenizer:
         self.specials = {k: v for k, v in names.items() if v is not None}
         self.vocab_size = tok.get_vocab_size()
 
+    def __getstate__(self) -> dict:  # pickled (to a tier's engine core and back): the encode cache stays behind
+        return {k: v for k, v in self.__dict__.items() if k != "_encoded"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._encoded = functools.lru_cache(maxsize=ENCODE_CACHE)(self._encode)
+
     @classmethod
     def load(cls, path: str | Path, config: str | Path | None = None, beside: bool = True) -> "TextTokenizer":
         """A tokenizer.json; its special tokens from `config` (a tokenizer_config.json), else (`beside`) from

@@ -130,13 +130,16 @@ class Scheduler:
             return bool(self._heap or self._active)
 
     def submit(self, prompt: str, params: GenerationParams, priority: int = 0, timeout_s: float | None = None,
-               stream: bool = False) -> Ticket:
+               stream: bool = False, chunks=None) -> Ticket:
         """Queue one request; the ticket's future resolves to a `BatchedResult` or raises. With `stream`,
-        the ticket's `chunks` queue receives the text as it is generated, then END."""
+        the ticket's `chunks` queue receives the text as it is generated, then END (`chunks`: another object
+        with a `put` to receive them instead of a new queue.Queue)."""
         fut: Future = Future()
         now = time.monotonic()
+        if stream and chunks is None:
+            chunks = queue.Queue()
         req = _Request((-priority, next(self._seq)), prompt, params, None if timeout_s is None else now + timeout_s,
-                       now, fut, queue.Queue() if stream else None)
+                       now, fut, chunks if stream else None)
         with self._cv:
             if self._closed:
                 raise RuntimeError("scheduler is closed")

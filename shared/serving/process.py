@@ -10,6 +10,7 @@ NATS login prints one line and exits 2. Nothing here knows which tier it runs.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import signal
 import sys
@@ -21,6 +22,7 @@ from tierline_api.v1 import inference_pb2 as pb
 from tierline_shared.config.manifest import EXIT_BAD_MANIFEST, Manifest, ManifestError, load_manifest
 from tierline_shared.models.artifacts import ArtifactError
 from tierline_shared.runtime.engine import Engine
+from tierline_shared.runtime.engine_core import EngineCore
 from tierline_shared.security.identities import tier_identity
 from tierline_shared.serving.metrics import Metrics
 from tierline_shared.serving.servicer import TierServicer, status_of
@@ -35,6 +37,7 @@ class TierProcess:
     tier = ""  # "cloud", "edge" or "device": the manifest's tiers.<tier> section, the NATS subjects
     loader: Callable[..., Engine] | None = None  # the tier's load_engine(models_dir, threads=...)
     accelerators = ("cpu",)  # what tiers.<tier>.accelerator may say for this tier's backend
+    engine_process = True  # the engine may run in a core process of its own (tiers.<tier>.engine_process)
 
     def __init__(self, manifest: Manifest, use_nats: bool):
         self.manifest, self.use_nats = manifest, use_nats
@@ -42,13 +45,26 @@ class TierProcess:
 
     def load_engine(self) -> Engine:
         """The tier's model; ArtifactError (or ManifestError) when it cannot be served."""
+        return self.engine_loader()()
+
+    def engine_loader(self) -> Callable[[], Engine]:
+        """A picklable callable that loads the tier's model (here, or in its engine core process)."""
         if self.config.accelerator not in self.accelerators:
             raise ManifestError(f"{self.manifest.path}: tiers.{self.tier}.accelerator: {self.config.accelerator!r} "
                                 f"is not supported by the {self.tier} tier; allowed: {', '.join(self.accelerators)}")
-        return type(self).loader(self.manifest.models_path, threads=self.config.threads)
+        return functools.partial(type(self).loader, self.manifest.models_path, threads=self.config.threads)
 
-    def make_servicer(self, engine: Engine, metrics: Metrics) -> TierServicer:
-        return TierServicer(*self.servicer_args(engine, metrics))
+    def engine_core(self) -> EngineCore | None:
+        """The scheduler and the model in a process of their own (None: they run in this one); raises what
+        loading the model raises."""
+        tc = self.config
+        if not (self.engine_process and tc.engine_process):
+            return None
+        return EngineCore(self.engine_loader(), tc.batching, (tc.prefix_cache_tokens, tc.prefix_cache_min_match),
+                          name=f"{self.tier}-engine")
+
+    def make_servicer(self, engine: Engine, metrics: Metrics, scheduler=None) -> TierServicer:
+        return TierServicer(*self.servicer_args(engine, metrics), scheduler=scheduler)
 
     def servicer_args(self, engine: Engine, metrics: Metrics) -> tuple:
         tc = self.config
@@ -79,14 +95,18 @@ def run(process_cls: type[TierProcess], argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         process = process_cls(load_manifest(args.manifest), use_nats=not args.no_nats)
-        engine = process.load_engine()
+        core = process.engine_core()
+        engine = core.engine if core is not None else process.load_engine()
     except (ManifestError, ArtifactError) as exc:
         print(f"{tier}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_MANIFEST
     tc, manifest = process.config, process.manifest
     metrics = Metrics(tier, engine.info.model, queue_limit=tc.batching.max_queue)
-    engine.enable_prefix_cache(tc.prefix_cache_tokens, tc.prefix_cache_min_match, metrics.prefix_cache_lookup)
-    servicer = process.make_servicer(engine, metrics)
+    if core is not None:
+        core.on_step, core.on_prefix_lookup = metrics.observe_step, metrics.prefix_cache_lookup
+    else:
+        engine.enable_prefix_cache(tc.prefix_cache_tokens, tc.prefix_cache_min_match, metrics.prefix_cache_lookup)
+    servicer = process.make_servicer(engine, metrics, scheduler=core)
     try:
         token = manifest.resolve(tc.grpc_token_file).read_text().strip() if tc.grpc_token_file else ""
         server, port = create_server(servicer, tc.grpc_host, tc.grpc_port, token=token)

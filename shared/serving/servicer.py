@@ -33,6 +33,7 @@ from tierline_shared.runtime.engine import (
     GenerationParams,
     GenerationResult,
 )
+from tierline_shared.runtime.engine_core import EngineCoreDied
 from tierline_shared.runtime.scheduler import END, BatchConfig, BatchedResult, DeadlineExceeded, QueueFull, Scheduler
 from tierline_shared.transport.grpc_server import DEFAULT_WORKERS
 from tierline_shared.transport.messaging import TierError
@@ -151,6 +152,8 @@ def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
         return getattr(grpc.StatusCode, exc.status, grpc.StatusCode.UNKNOWN), exc.message
     if isinstance(exc, QueueFull):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, EngineCoreDied):  # another replica, or the tier above, may answer
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, (DeadlineExceeded, futures.TimeoutError)):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the answer was ready"
     return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"

@@ -528,7 +528,8 @@ def overhead_and_peer(platform: Stack, engine, peers: dict[str, HttpClient], pee
                   f"{', '.join(str(b) for b in BARE_BATCHES if b <= cfg.concurrency)} (those {cfg.concurrency} "
                   f"requests in flight can form; measured on the warm-up prompts, every size tried: {tried} req/s), "
                   "and pays no serialization, queueing or network; on this 2-core machine the load generator, router, "
-                  "nats-server and edge process share the same two cores."],
+                  "nats-server and the edge's two processes (serving, and its engine core: scheduler and model) share "
+                  "the same two cores."],
     }
     if not peers:
         missing = not_measured(peer_reason or "not run")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from tierline_shared.config.manifest import ManifestError
 from tierline_shared.models.artifacts import TierFiles, load_with
 from tierline_shared.models.llama import Decoder, load_decoder, weight_files
 from tierline_shared.models.tokenizer import TextTokenizer
@@ -92,6 +93,17 @@ def torch_device(accelerator: str) -> str:
 
 
 FORMATS = ("safetensors",)
+
+
+def load_on(models_dir: str | Path, threads: int | None, accelerator: str,
+            where: str = "tiers.cloud.accelerator") -> TorchEngine:
+    """The cloud model where tiers.cloud.accelerator says (ManifestError naming `where` when there is no such
+    device): what the tier's engine core calls, so that the tier's own process never imports torch."""
+    try:
+        device = torch_device(accelerator)
+    except ValueError as exc:
+        raise ManifestError(f"{where}: {exc}") from None
+    return load_engine(models_dir, threads=threads, device=device)
 
 
 def load_engine(models_dir: str | Path, tier: str = "cloud", threads: int | None = None,

@@ -3,12 +3,10 @@ an OpenAI-compatible serving engine the user already runs (`tiers.cloud.upstream
 
 from __future__ import annotations
 
-import functools
-
-from tierline_cloud_node.engine import load_engine, torch_device
 from tierline_cloud_node.upstream import UpstreamEngine, UpstreamScheduler
 from tierline_shared.config.manifest import ACCELERATORS, ManifestError
 from tierline_shared.runtime.engine import Engine, EngineInfo
+from tierline_shared.runtime.engine_core import Loader
 from tierline_shared.serving.metrics import Metrics
 from tierline_shared.serving.process import TierProcess, run
 from tierline_shared.serving.servicer import TierServicer
@@ -16,7 +14,6 @@ from tierline_shared.serving.servicer import TierServicer
 
 class CloudProcess(TierProcess):
     tier = "cloud"
-    loader = staticmethod(load_engine)
     accelerators = ACCELERATORS
 
     def load_engine(self) -> Engine:
@@ -29,12 +26,12 @@ class CloudProcess(TierProcess):
                                              params=0, bytes=0, max_context=0, window_limit=0))
         return super().load_engine()
 
-    def engine_loader(self):
-        try:
-            device = torch_device(self.config.accelerator)
-        except ValueError as exc:
-            raise ManifestError(f"{self.manifest.path}: tiers.cloud.accelerator: {exc}") from None
-        return functools.partial(load_engine, self.manifest.models_path, threads=self.config.threads, device=device)
+    def engine_loader(self) -> Loader:
+        """The torch engine on the accelerator named, loaded where it is called: this process imports no torch
+        when the model runs in its engine core."""
+        return Loader("tierline_cloud_node.engine", "load_on",
+                      (self.manifest.models_path, self.config.threads, self.config.accelerator),
+                      {"where": f"{self.manifest.path}: tiers.cloud.accelerator"})
 
     def engine_core(self):
         return None if self.config.upstream.url else super().engine_core()

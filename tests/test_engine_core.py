@@ -125,6 +125,15 @@ def test_a_full_queue_is_refused_as_in_process(long_params):
         core.close()
 
 
+def test_errors_cross_the_pipe_whole():
+    from tierline_shared.runtime.engine import EngineError
+    from tierline_shared.runtime.engine_core import _portable
+
+    exc = _portable(EngineError("too long", "parameters.max_tokens"))
+    assert type(exc) is EngineError and exc.field == "parameters.max_tokens" and str(exc) == "too long"
+    assert type(_portable(QueueFull("full"))) is QueueFull
+
+
 def test_a_model_that_cannot_load_raises_in_the_tier_process(tmp_path):
     with pytest.raises(ArtifactError, match="manifest not found"):
         EngineCore(functools.partial(load_engine, tmp_path, "edge", threads=1))

@@ -98,3 +98,5 @@ def test_accelerator_is_checked_where_the_tier_loads_its_model(manifest):
     if not torch.cuda.is_available():
         with pytest.raises(ManifestError, match="tiers.cloud.accelerator: 'cuda', but torch sees no CUDA device"):
             CloudProcess(load_manifest(manifest(tiers__cloud__accelerator="cuda")), use_nats=False).load_engine()
+        with pytest.raises(ManifestError, match="tiers.cloud.accelerator: 'cuda', but torch sees no CUDA device"):
+            CloudProcess(load_manifest(manifest(tiers__cloud__accelerator="cuda")), use_nats=False).engine_core()

@@ -15,6 +15,7 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from tests.conftest import processes_with
 from tierline_api.v1 import inference_pb2 as pb
 from tierline_api.v1 import inference_pb2_grpc as pb_grpc
 from tierline_infra.supervisor import Stack, write_manifest
@@ -175,13 +176,13 @@ def test_a_killed_engine_core_loses_no_request_and_starts_again(stack):
         assert time.monotonic() < end, "the edge's engine core did not start again"
         time.sleep(0.1)
     while True:  # until the new core has loaded its model, the edge answers UNAVAILABLE
-        try:
-            resp = stub(stack.port("edge-0")).Infer(req(), timeout=TIMEOUT)
+        try:  # a prompt no test sent before: not an answer from the edge's result cache
+            resp = stub(stack.port("edge-0")).Infer(req("Q:17+25=?\nA:", max_tokens=12), timeout=TIMEOUT)
             break
         except grpc.RpcError as exc:
             assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < end, exc
             time.sleep(0.1)
-    assert resp.tier == "edge" and resp.usage.completion_tokens > 0
+    assert resp.tier == "edge" and resp.usage.completion_tokens > 0 and not resp.cached
 
 
 def test_identical_greedy_request_is_cached_at_the_edge(stack):
@@ -298,10 +299,15 @@ def test_wrong_nats_password_is_refused_clearly(tiny_family, tmp_path):
     try:
         nats.password = "wrong-" + nats.password
         manifest = write_manifest(tmp_path / "m.yaml", tiny_family, nats, tiers=("edge",))
+        cores = set(processes_with(lambda args: any(b"spawn_main" in a for a in args)))
         proc = subprocess.run([sys.executable, "-m", "edge_node", "--manifest", str(manifest)],
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2
         assert "refused the credentials" in proc.stderr
+        # its engine core had loaded the model: it was stopped, and not started again as the process left
+        for _ in range(20):
+            assert not set(processes_with(lambda args: any(b"spawn_main" in a for a in args))) - cores
+            time.sleep(0.1)
     finally:
         nats.stop()
 

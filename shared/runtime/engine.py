@@ -106,6 +106,9 @@ class EngineError(ValueError):
         super().__init__(message)
         self.field = field
 
+    def __reduce__(self):  # pickled whole (from a tier's engine core): the field too
+        return type(self), (str(self), self.field)
+
 
 VOCAB_PADDING = 0.9  # a tokenizer covering less of the model's rows than this is not the model's
 

@@ -22,14 +22,16 @@ while it restarts fail the same way at once.
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import logging
 import multiprocessing as mp
 import pickle
 import queue
+import signal
 import threading
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from tierline_shared.config.manifest import BatchConfig
@@ -41,6 +43,21 @@ log = logging.getLogger("tierline.engine_core")
 FLUSH_S = 0.02  # seconds: the longest an event waits in the core when no step runs (a failure between steps)
 LOAD_TIMEOUT_S = 600.0  # seconds a core may take to load its model
 CLOSE_TIMEOUT_S = 10.0  # seconds a core may take to stop before it is killed
+RESTART_DELAY_S = 0.5  # seconds between a core's death and its new start
+
+
+@dataclass
+class Loader:
+    """A picklable call of `module.function(*args, **kwargs)` that imports the module only where it is called
+    (in the engine core): the tier's own process need not import the model's runtime (torch: 2.4 s)."""
+
+    module: str
+    function: str
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+    def __call__(self):
+        return getattr(importlib.import_module(self.module), self.function)(*self.args, **self.kwargs)
 
 
 class EngineCoreDied(RuntimeError):
@@ -77,7 +94,8 @@ class EngineCore:
         here); `prefix_cache`: (max_tokens, min_match) for the engine's prefix cache."""
         self._load, self.config, self._prefix, self._name = load, batch or BatchConfig(), prefix_cache, name
         self._ctx = mp.get_context("spawn")  # a fresh interpreter: no threads or CUDA state inherited
-        self._lock = threading.Lock()  # the pipe's sending end, the pending table, the state below
+        self._lock = threading.Lock()  # the pending table and the state below (never held while sending)
+        self._send_lock = threading.Lock()  # the pipe's sending end
         self._pending: dict[int, CoreTicket] = {}
         self._ids = itertools.count()
         self._waiting = self._running = 0
@@ -114,13 +132,16 @@ class EngineCore:
                 raise RuntimeError("scheduler is closed")
             if self._conn is None:
                 raise EngineCoreDied("the engine process is starting again")
-            rid = next(self._ids)
+            rid, conn = next(self._ids), self._conn
             ticket = CoreTicket(Future(), queue.Queue() if stream else None, rid, self)
-            try:
-                self._conn.send(("submit", rid, prompt, params, priority, timeout_s, stream))
-            except OSError:  # the core is gone; its reader will start it again
-                raise EngineCoreDied("the engine process exited") from None
-            self._pending[rid] = ticket
+            self._pending[rid] = ticket  # before the send: its first chunk may come back before send returns
+        try:
+            with self._send_lock:
+                conn.send(("submit", rid, prompt, params, priority, timeout_s, stream))
+        except OSError:  # the core is gone; its reader will start it again
+            with self._lock:
+                self._pending.pop(rid, None)
+            raise EngineCoreDied("the engine process exited") from None
         return ticket
 
     def close(self) -> None:
@@ -128,11 +149,12 @@ class EngineCore:
         with self._lock:
             self._closed = True
             conn, proc = self._conn, self._proc
-            if conn is not None:
-                try:
+        if conn is not None:
+            try:
+                with self._send_lock:
                     conn.send(("close",))
-                except OSError:
-                    pass
+            except OSError:
+                pass
         if proc is not None:
             proc.join(CLOSE_TIMEOUT_S)
             if proc.is_alive():
@@ -148,10 +170,10 @@ class EngineCore:
         proc.start()
         child.close()
         try:
-            if not parent.poll(LOAD_TIMEOUT_S):
-                raise EngineCoreDied(f"the engine process did not load its model in {LOAD_TIMEOUT_S:.0f} s")
-            msg = parent.recv()
+            msg = parent.recv() if parent.poll(LOAD_TIMEOUT_S) else (
+                "failed", EngineCoreDied(f"the engine process did not load its model in {LOAD_TIMEOUT_S:.0f} s"))
         except (EOFError, OSError):
+            proc.join(1.0)
             msg = ("failed", EngineCoreDied(f"the engine process exited while loading (code {proc.exitcode})"))
         if msg[0] != "ready":
             proc.kill()
@@ -169,13 +191,16 @@ class EngineCore:
     def _cancel(self, rid: int) -> None:
         """The caller gave up: the core drops the request at its next step (or from its queue)."""
         with self._lock:
-            ticket = self._pending.pop(rid, None)
-            if ticket is not None and self._conn is not None:
-                try:
-                    self._conn.send(("cancel", rid))
-                except OSError:
-                    pass  # the core is gone: nothing to stop
-        if ticket is not None and ticket.chunks is not None:
+            ticket, conn = self._pending.pop(rid, None), self._conn
+        if ticket is None:
+            return
+        if conn is not None:
+            try:
+                with self._send_lock:
+                    conn.send(("cancel", rid))
+            except OSError:
+                pass  # the core is gone: nothing to stop
+        if ticket.chunks is not None:
             ticket.chunks.put(END)
 
     def _read(self, conn, proc) -> None:
@@ -200,14 +225,14 @@ class EngineCore:
             self._restart()
 
     def _restart(self) -> None:
-        while True:
+        threading.Event().wait(RESTART_DELAY_S)  # a tier being stopped (SIGTERM to its whole group) closes meanwhile
+        while not self._closed:
             try:
                 self._start()
                 return
             except Exception as exc:  # noqa: BLE001 - keep trying: the tier answers UNAVAILABLE meanwhile
-                with self._lock:
-                    if self._closed:
-                        return
+                if self._closed:
+                    return
                 log.warning("engine core: could not start again (%s); retrying in 1 s", exc)
                 threading.Event().wait(1.0)
 
@@ -256,6 +281,7 @@ class _Outbox:
 
     def __init__(self, conn):
         self._conn, self._events, self._lock = conn, [], threading.Lock()
+        self._send_lock = threading.Lock()  # held across take-and-send: batches leave in order; `add` never waits on it
         self._urgent = False  # an event a caller waits for (text, a result) is in the box
 
     def add(self, event: tuple, urgent: bool = True) -> None:
@@ -264,8 +290,9 @@ class _Outbox:
             self._urgent = self._urgent or urgent
 
     def flush(self) -> None:
-        with self._lock:
-            events, self._events, self._urgent = self._events, [], False
+        with self._send_lock:
+            with self._lock:
+                events, self._events, self._urgent = self._events, [], False
             if events:
                 self._conn.send(events)
 
@@ -308,6 +335,7 @@ def _portable(exc: BaseException) -> BaseException:
 
 def _serve(conn, load: Callable[[], Engine], batch: BatchConfig, prefix: tuple[int, int]) -> None:
     """The core process: load the engine, then run its scheduler on what the pipe brings, until close or EOF."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the tier process, which closes the core
     try:
         engine = load()
     except Exception as exc:  # noqa: BLE001 - the tier process raises it (a bad artifact exits 2 there)

@@ -100,7 +100,16 @@ def run(process_cls: type[TierProcess], argv: list[str] | None = None) -> int:
     except (ManifestError, ArtifactError) as exc:
         print(f"{tier}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_MANIFEST
-    tc, manifest = process.config, process.manifest
+    try:
+        return _serve(process, engine, core)
+    finally:
+        if core is not None:  # every way out, an early one too, stops the engine core
+            core.close()
+
+
+def _serve(process: TierProcess, engine: Engine, core: EngineCore | None) -> int:
+    """Serve until SIGINT/SIGTERM (0), or EXIT_BAD_MANIFEST when a port or NATS cannot be had."""
+    tier, tc, manifest = process.tier, process.config, process.manifest
     metrics = Metrics(tier, engine.info.model, queue_limit=tc.batching.max_queue)
     if core is not None:
         core.on_step, core.on_prefix_lookup = metrics.observe_step, metrics.prefix_cache_lookup

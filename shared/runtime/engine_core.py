@@ -30,7 +30,7 @@ import pickle
 import queue
 import signal
 import threading
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -266,18 +266,16 @@ class EngineCore:
 
 def _settle(ticket: CoreTicket, value, ok: bool) -> None:
     """The ticket's future gets its result (or exception) unless its caller cancelled it; a stream its END."""
-    if ticket.future.set_running_or_notify_cancel():
-        try:
-            ticket.future.set_result(value) if ok else ticket.future.set_exception(value)
-        except InvalidStateError:
-            pass
+    if ticket.future.set_running_or_notify_cancel():  # whoever popped the ticket from _pending settles it, once
+        ticket.future.set_result(value) if ok else ticket.future.set_exception(value)
     if ticket.chunks is not None:
         ticket.chunks.put(END)
 
 
 # -- the child ---------------------------------------------------------------------------------------------
 class _Outbox:
-    """Events for the tier process, sent together: at the end of every step, or every FLUSH_S."""
+    """Events for the tier process, sent together: at the end of a step that produced text or results, else
+    every FLUSH_S."""
 
     def __init__(self, conn):
         self._conn, self._events, self._lock = conn, [], threading.Lock()

@@ -14,6 +14,7 @@ requests, one repeat) only proves that every section is produced.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import time
@@ -33,6 +34,7 @@ from tierline_edge_node.engine import load_engine
 from tierline_infra.supervisor import Stack, demo_overrides
 from tierline_shared.config.manifest import BatchConfig, load_manifest
 from tierline_shared.models.artifacts import load_index
+from tierline_shared.runtime.engine_core import pin
 from tierline_shared.tasks.problems import generate
 from tierline_shared.wire import TIERS
 
@@ -48,6 +50,26 @@ def _tiers(tiers, threads: int, cache: bool = False) -> dict:
     if not cache:
         out.update({f"tiers.{t}.cache_size": 0 for t in tiers})
     return out
+
+
+def engine_cpus() -> list[int]:
+    """Phase B's CPU for the engines (the edge's engine core, LitServe's inference worker): the last this
+    process may use; everything else (serving processes, router, nats-server, the load generator) runs on the
+    others. None on a one-CPU machine."""
+    have = sorted(os.sched_getaffinity(0))
+    return have[-1:] if len(have) > 1 else []
+
+
+@contextlib.contextmanager
+def _off(cpus: list[int]):
+    """This process (the load generator; the bare engine, measured alone) runs off `cpus` within the block."""
+    everywhere = os.sched_getaffinity(0)
+    if cpus:
+        pin(everywhere - set(cpus))
+    try:
+        yield
+    finally:
+        pin(everywhere)
 
 
 def _cpu_name() -> str:
@@ -94,14 +116,16 @@ def run_bench(models_dir: Path, out_dir: Path, quick: bool = False, log=print) -
     phases["A"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    log("phase B: edge + router, edge with batching off, bare engine, LitServe")
-    edge_only = {**_tiers(["edge"], cfg.threads), "router.confidence_threshold": {"edge": 0.0}}
-    batching_off = {**_tiers(["edge"], cfg.threads),
+    cpus = engine_cpus()
+    log(f"phase B: edge + router, edge with batching off, bare engine, LitServe (engines on CPU {cpus or 'any'})")
+    pinned = {"tiers.edge.engine_cpus": cpus}
+    edge_only = {**_tiers(["edge"], cfg.threads), **pinned, "router.confidence_threshold": {"edge": 0.0}}
+    batching_off = {**_tiers(["edge"], cfg.threads), **pinned,
                     "tiers.edge.batching": {"max_num_seqs": 1}}
     with Stack(models_dir, tiers=("edge",), overrides=edge_only) as on, \
-            Stack(models_dir, tiers=("edge",), router=False, overrides=batching_off) as off:
+            Stack(models_dir, tiers=("edge",), router=False, overrides=batching_off) as off, _off(cpus):
         log("  3. batching on vs off")
-        sections["batching"] = scenarios.batching(on, off, cfg, prompts, warm)
+        sections["batching"] = scenarios.batching(on, off, cfg, prompts, warm, cpus)
         engine = load_engine(models_dir, threads=cfg.threads)
         reason = available()
         peers: dict[str, PeerServer] = {}
@@ -109,7 +133,7 @@ def run_bench(models_dir: Path, out_dir: Path, quick: bool = False, log=print) -
             try:  # LitServe in both its modes: its batching loop and its continuous-batching loop
                 for mode in MODES:
                     peers[mode] = PeerServer(models_dir, on.workdir, cfg.threads, BATCHING.max_num_seqs,
-                                             PEER_BATCH_TIMEOUT_S, mode=mode).start()
+                                             PEER_BATCH_TIMEOUT_S, mode=mode, engine_cpus=cpus).start()
             except (RuntimeError, TimeoutError) as exc:
                 reason = f"LitServe did not start: {exc}"
         try:
@@ -117,7 +141,7 @@ def run_bench(models_dir: Path, out_dir: Path, quick: bool = False, log=print) -
             clients = {m: HttpClient("127.0.0.1", p.port, cfg.max_tokens) for m, p in peers.items()} \
                 if reason is None else {}
             sections["platform_overhead"], sections["peer_litserve"] = scenarios.overhead_and_peer(
-                on, engine, clients, reason, cfg, prompts, warm, servers=peers)
+                on, engine, clients, reason, cfg, prompts, warm, servers=peers, engine_cpus=cpus)
         finally:
             for p in peers.values():
                 p.stop()

@@ -19,7 +19,16 @@ from litserve.utils import LitAPIStatus
 
 from tierline_edge_node.engine import load_engine
 from tierline_shared.runtime.engine import GenerationParams, GenerationResult
+from tierline_shared.runtime.engine_core import pin
 from tierline_shared.runtime.runner import Sequence
+
+
+def _load(api):
+    """The edge engine in LitServe's inference worker, which runs on `api.engine_cpus` when the bench gives
+    some (as the edge tier's engine core does, tiers.edge.engine_cpus)."""
+    if api.engine_cpus:
+        pin(api.engine_cpus)
+    return load_engine(api.models_dir, threads=api.threads)
 
 
 def _result_json(r: GenerationResult) -> dict:
@@ -30,12 +39,12 @@ def _result_json(r: GenerationResult) -> dict:
 class EdgeLitAPI(ls.LitAPI):
     """Request JSON `{"prompt", "max_tokens"}` -> `{"text", "finish_reason", "prompt_tokens", "completion_tokens"}`."""
 
-    def __init__(self, models_dir: str, threads: int, **kwargs):
+    def __init__(self, models_dir: str, threads: int, engine_cpus=(), **kwargs):
         super().__init__(**kwargs)
-        self.models_dir, self.threads = models_dir, threads
+        self.models_dir, self.threads, self.engine_cpus = models_dir, threads, list(engine_cpus)
 
     def setup(self, device):
-        self.engine = load_engine(self.models_dir, threads=self.threads)
+        self.engine = _load(self)
 
     def decode_request(self, request):
         return str(request["prompt"]), int(request["max_tokens"])
@@ -87,12 +96,12 @@ class EdgeContinuousLitAPI(ls.LitAPI):
     stream on an error without sending it, and logs only that one occurred.
     """
 
-    def __init__(self, models_dir: str, threads: int, **kwargs):
+    def __init__(self, models_dir: str, threads: int, engine_cpus=(), **kwargs):
         super().__init__(stream=True, loop=WaitingContinuousLoop(), **kwargs)
-        self.models_dir, self.threads = models_dir, threads
+        self.models_dir, self.threads, self.engine_cpus = models_dir, threads, list(engine_cpus)
 
     def setup(self, device):
-        self.engine = load_engine(self.models_dir, threads=self.threads)
+        self.engine = _load(self)
         self.runner = self.engine.runner()
         self._lock = threading.Lock()  # add_request runs on the loop's event loop while step runs in a thread
         self._waiting: list[tuple[str, dict]] = []  # (uid, request) not yet in the runner

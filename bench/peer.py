@@ -36,16 +36,24 @@ def available() -> str | None:
 
 
 def serve(models_dir: str, port: int, threads: int, max_batch_size: int, batch_timeout_s: float,
-          mode: str = "batch") -> None:
-    """Run LitServe until killed; `batch_timeout_s` only applies to `batch` (continuous admits at every step)."""
+          mode: str = "batch", engine_cpus: list[int] | None = None) -> None:
+    """Run LitServe until killed; `batch_timeout_s` only applies to `batch` (continuous admits at every step).
+    `engine_cpus`: its inference worker runs there and its HTTP server on the other CPUs, as the edge tier's
+    engine core and serving process do with tiers.edge.engine_cpus."""
     import litserve as ls
 
     from tierline_bench.litserve_api import EdgeContinuousLitAPI, EdgeLitAPI
+    from tierline_shared.runtime.engine_core import pin
 
+    engine_cpus = engine_cpus or []
+    rest = os.sched_getaffinity(0) - set(engine_cpus) if engine_cpus else set()
+    if rest:  # before LitServe starts its processes: they inherit it; the worker moves to engine_cpus
+        pin(rest)
     if mode == "continuous":
-        api = EdgeContinuousLitAPI(models_dir, threads, max_batch_size=max_batch_size)
+        api = EdgeContinuousLitAPI(models_dir, threads, engine_cpus, max_batch_size=max_batch_size)
     else:
-        api = EdgeLitAPI(models_dir, threads, max_batch_size=max_batch_size, batch_timeout=batch_timeout_s)
+        api = EdgeLitAPI(models_dir, threads, engine_cpus, max_batch_size=max_batch_size,
+                         batch_timeout=batch_timeout_s)
     server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1, timeout=60)
     server.run(host="127.0.0.1", port=port, num_api_servers=1, log_level="warning", generate_client_file=False)
 
@@ -61,12 +69,12 @@ class PeerServer:
     """A LitServe process serving the edge model, stopped with its whole process group."""
 
     def __init__(self, models_dir: Path, workdir: Path, threads: int, max_batch_size: int, batch_timeout_s: float,
-                 mode: str = "batch"):
+                 mode: str = "batch", engine_cpus: list[int] | None = None):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
         self.models_dir, self.workdir = Path(models_dir), Path(workdir)
         self.threads, self.max_batch_size, self.batch_timeout_s = threads, max_batch_size, batch_timeout_s
-        self.mode = mode
+        self.mode, self.engine_cpus = mode, list(engine_cpus or [])
         self.port = 0
         self.proc: subprocess.Popen | None = None
 
@@ -77,7 +85,8 @@ class PeerServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tierline_bench.peer", "--models", str(self.models_dir.resolve()),
              "--port", str(self.port), "--threads", str(self.threads), "--max-batch-size", str(self.max_batch_size),
-             "--batch-timeout", str(self.batch_timeout_s), "--mode", self.mode],
+             "--batch-timeout", str(self.batch_timeout_s), "--mode", self.mode,
+             "--engine-cpus", ",".join(map(str, self.engine_cpus))],
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir, start_new_session=True)
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -132,8 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-timeout", type=float, required=True, help="seconds (batch mode)")
     parser.add_argument("--mode", choices=MODES, default="batch",
                         help="LitServe's dynamic batching or its continuous batching loop")
+    parser.add_argument("--engine-cpus", default="", help="CPUs of its inference worker, e.g. 1 or 2,3 (none: any)")
     args = parser.parse_args(argv)
-    serve(args.models, args.port, args.threads, args.max_batch_size, args.batch_timeout, args.mode)
+    serve(args.models, args.port, args.threads, args.max_batch_size, args.batch_timeout, args.mode,
+          [int(c) for c in args.engine_cpus.split(",") if c])
     return 0
 
 

@@ -217,7 +217,9 @@ def tiered_vs_cloud(stack: Stack, cfg: BenchConfig, problems: list[Problem], war
 
 
 # -- 3. dynamic batching on vs off ----------------------------------------------------------------------------------
-def batching(on: Stack, off: Stack, cfg: BenchConfig, prompts: list[str], warm: list[str]) -> dict:
+def batching(on: Stack, off: Stack, cfg: BenchConfig, prompts: list[str], warm: list[str],
+             engine_cpus: list[int] | None = None) -> dict:
+    """The edge with its scheduler's batch on and off (`engine_cpus`: where both engine cores run, for the report)."""
     clients = {"on": _grpc(on, "edge-0", cfg), "off": _grpc(off, "edge-0", cfg)}
     runs: dict[str, list[LoadRun]] = {k: [] for k in clients}
     for r in range(cfg.repeats):
@@ -234,6 +236,7 @@ def batching(on: Stack, off: Stack, cfg: BenchConfig, prompts: list[str], warm: 
     return {
         "title": "Continuous batching on vs off",
         "method": _method(cfg, GRPC_GEN, cfg.batching_concurrency, len(prompts), max_tokens=cfg.max_tokens,
+                          engine_cpus=engine_cpus or [],
                           target=f"the edge tier's gRPC port; on: max_num_seqs {BatchConfig().max_num_seqs} (the "
                                  "default); off: max_num_seqs 1; result cache off in both"),
         "metrics": metrics,
@@ -478,10 +481,11 @@ def best_bare_batch(engine, prompts: list[str], max_tokens: int, concurrency: in
 
 def overhead_and_peer(platform: Stack, engine, peers: dict[str, HttpClient], peer_reason: str | None,
                       cfg: BenchConfig, prompts: list[str], warm: list[str],
-                      servers: dict | None = None) -> tuple[dict, dict]:
+                      servers: dict | None = None, engine_cpus: list[int] | None = None) -> tuple[dict, dict]:
     """Bare engine (at its best batch size), edge tier alone (gRPC), edge behind router + NATS + gRPC, and
     LitServe in each of its modes (`peers`: mode -> client); interleaved. `servers` (mode -> PeerServer): each
-    is frozen while the other targets are measured."""
+    is frozen while the other targets are measured. `engine_cpus`: where the edge's engine core and LitServe's
+    inference worker run (the rest run elsewhere), for the report."""
     servers = servers or {}
     for s in servers.values():
         s.pause()
@@ -516,7 +520,8 @@ def overhead_and_peer(platform: Stack, engine, peers: dict[str, HttpClient], pee
         "title": "Platform overhead: the edge behind router + NATS + gRPC vs bare onnxruntime",
         "method": _method(cfg, GRPC_GEN + f"; bare: the same OnnxEngine in the harness process, batches of {batch} "
                           "in sequence", cfg.concurrency, len(prompts), max_tokens=cfg.max_tokens,
-                          threads=cfg.threads, target="bare engine (the limit); the edge tier's gRPC port; the "
+                          threads=cfg.threads, engine_cpus=engine_cpus or [],
+                          target="bare engine (the limit); the edge tier's gRPC port; the "
                           "router (NATS request to tierline.edge.infer, edge only, no escalation)"),
         "metrics": {"bare": row(runs["bare"]), "edge_node": row(runs["edge_node"]), "platform": row(runs["platform"]),
                     "ratio": {"platform_over_bare": ratio("platform", "bare"),
@@ -527,9 +532,13 @@ def overhead_and_peer(platform: Stack, engine, peers: dict[str, HttpClient], pee
         "notes": [f"The bare engine gets perfectly formed batches in sequence, at its fastest batch size among "
                   f"{', '.join(str(b) for b in BARE_BATCHES if b <= cfg.concurrency)} (those {cfg.concurrency} "
                   f"requests in flight can form; measured on the warm-up prompts, every size tried: {tried} req/s), "
-                  "and pays no serialization, queueing or network; on this 2-core machine the load generator, router, "
+                  "and pays no serialization, queueing or network; on this machine the load generator, router, "
                   "nats-server and the edge's two processes (serving, and its engine core: scheduler and model) share "
-                  "the same two cores."],
+                  "its CPUs. " + (f"The edge's engine core runs on CPU {engine_cpus} (tiers.edge.engine_cpus), and "
+                                  "LitServe's inference worker likewise; its serving process, LitServe's HTTP server "
+                                  "and the load generator run on the other CPUs; the router and nats-server "
+                                  "wherever the OS puts them." if engine_cpus else
+                                  "No process is bound to a CPU (one CPU: tiers.edge.engine_cpus not set).")],
     }
     if not peers:
         missing = not_measured(peer_reason or "not run")

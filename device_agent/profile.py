@@ -57,11 +57,13 @@ def _percentile(values: list[float], q: float) -> float:
 
 def pin(cores: int) -> list[int]:
     """Restrict this process to its first `cores` allowed CPUs (no-op where the OS has no affinity call)."""
+    from tierline_shared.runtime.engine_core import pin as pin_cpus
+
     if not hasattr(os, "sched_setaffinity"):
         return []
-    chosen = set(sorted(os.sched_getaffinity(0))[:cores])
-    os.sched_setaffinity(0, chosen)
-    return sorted(chosen)
+    chosen = sorted(os.sched_getaffinity(0))[:cores]
+    pin_cpus(chosen)
+    return chosen
 
 
 def measure(models_dir: Path, profile: str = "pi", prompts: int = 16, warmup: int = 2, repeats: int = 1,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -175,3 +176,13 @@ def test_a_short_soak_reports_every_processs_memory(tiny_family):
         assert 10 < p["rss_after_warmup_mib"] < 4096 and 10 < p["rss_end_mib"] < 4096, (name, p)
         assert p["growth_mib"] == pytest.approx(p["rss_end_mib"] - p["rss_after_warmup_mib"], abs=0.11)
     assert len(result["samples"]) >= 2
+
+
+def test_the_serving_rows_say_where_the_engines_ran(report):
+    """Phase B binds the edge's engine core and LitServe's worker to one CPU (the last), the rest elsewhere; on
+    a one-CPU machine nothing is bound. The report says which."""
+    _, _, results = report
+    have = sorted(os.sched_getaffinity(0))
+    expected = have[-1:] if len(have) > 1 else []
+    for name in ("platform_overhead", "batching"):
+        assert results["sections"][name]["method"]["engine_cpus"] == expected, name

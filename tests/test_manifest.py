@@ -1,5 +1,6 @@
 """The YAML tier manifest: validated whole at start, errors name the file and the field."""
 
+import os
 import subprocess
 import sys
 
@@ -57,6 +58,11 @@ def test_valid_manifest_loads(manifest):
     ({"model_name": None}, "model_name: required field missing"),
     ({"nats__url": 4222}, "nats.url: expected str"),
     ({"router": {"cloud_complexity": 2}}, "router.cloud_complexity: 2 out of range"),
+    ({"tiers__edge__engine_cpus": 1}, "tiers.edge.engine_cpus: expected a list"),
+    ({"tiers__edge__engine_cpus": [0, -1]}, "tiers.edge.engine_cpus[1]: -1 out of range"),
+    ({"tiers__edge__engine_cpus": [1, 1]}, "tiers.edge: engine_cpus: [1, 1] names a CPU twice"),
+    ({"tiers__cloud__engine_cpus": [0], "tiers__cloud__upstream": {"url": "http://127.0.0.1:9/v1"}},
+     "tiers.cloud.engine_cpus: this host runs no model for the cloud tier (tiers.cloud.upstream)"),
 ])
 def test_bad_manifest_names_the_field(manifest, change, message):
     path = manifest(**change)
@@ -100,3 +106,54 @@ def test_accelerator_is_checked_where_the_tier_loads_its_model(manifest):
             CloudProcess(load_manifest(manifest(tiers__cloud__accelerator="cuda")), use_nats=False).load_engine()
         with pytest.raises(ManifestError, match="tiers.cloud.accelerator: 'cuda', but torch sees no CUDA device"):
             CloudProcess(load_manifest(manifest(tiers__cloud__accelerator="cuda")), use_nats=False).engine_core()
+
+
+def _affinity(pid: int) -> set[int]:
+    return os.sched_getaffinity(pid)
+
+
+def _threads_affinity(pid: int) -> set[frozenset]:
+    """Every thread's CPU set (threads that end meanwhile left out)."""
+    out = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out.add(frozenset(os.sched_getaffinity(int(tid))))
+        except OSError:
+            pass
+    return out
+
+
+def test_engine_cpus_bind_the_engine_core_and_the_tier_serves_on_the_rest(manifest, tmp_path):
+    """tiers.<tier>.engine_cpus: the engine core (every thread of it) runs on those CPUs, the tier's own
+    process on the others, and it still answers; a CPU this process may not use, or a tier without a core,
+    is refused naming the field."""
+    from tests.test_platform import _engine_cores
+    from tierline_bench.load import GrpcClient
+    from tierline_device_agent.process import DeviceProcess
+    from tierline_edge_node.process import EdgeProcess
+    from tierline_infra.supervisor import launch
+
+    have = sorted(os.sched_getaffinity(0))
+    mine = have[-1:]  # the last CPU this test may use; the tier keeps the others (none on a 1-CPU machine)
+    path = manifest(tiers__edge__engine_cpus=mine)
+    proc = launch("edge", [sys.executable, "-m", "edge_node", "--manifest", str(path), "--no-nats"],
+                  tmp_path / "edge.log")
+    try:
+        [core] = _engine_cores(proc.popen.pid)
+        assert _threads_affinity(core) == {frozenset(mine)}
+        rest = frozenset(have[:-1]) or frozenset(have)
+        assert _threads_affinity(proc.popen.pid) == {rest}
+        client = GrpcClient(f"127.0.0.1:{proc.ready['grpc_port']}", 8)
+        assert client.infer("Q:2+2=?\nA:").ok
+        client.close()
+    finally:
+        proc.close()
+
+    unusable = max(os.cpu_count() or 1, 4095)
+    with pytest.raises(ManifestError, match=rf"tiers.edge.engine_cpus: CPU {unusable} is not available"):
+        EdgeProcess(load_manifest(manifest(tiers__edge__engine_cpus=[unusable])), use_nats=False).engine_core()
+    with pytest.raises(ManifestError, match="tiers.edge.engine_cpus: the edge tier runs no engine core"):
+        EdgeProcess(load_manifest(manifest(tiers__edge__engine_cpus=mine, tiers__edge__engine_process=False)),
+                    use_nats=False).engine_core()
+    with pytest.raises(ManifestError, match="tiers.device.engine_cpus: the device tier runs no engine core"):
+        DeviceProcess(load_manifest(manifest(tiers__device__engine_cpus=mine)), use_nats=False).engine_core()

@@ -101,6 +101,13 @@ class TierConfig:
     # core), apart from the threads that serve requests; false: in the tier's process. The device agent, whose
     # updates swap its model in place, always runs it in its own process.
     engine_process: bool = True
+    # CPUs the engine core runs on, its model's threads included (vLLM's CPU thread binding); the tier's own
+    # process then keeps the machine's other CPUs. [] = the OS places both (the default)
+    engine_cpus: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        if len(set(self.engine_cpus)) != len(self.engine_cpus):
+            raise ValueError(f"engine_cpus: {self.engine_cpus} names a CPU twice")
 
 
 @dataclass
@@ -266,7 +273,7 @@ _RANGES = {  # field -> (min, max) inclusive, None = unbounded
     "heartbeat_s": (0.05, 86400), "stale_after_beats": (1, 1000), "outbox_max_events": (1, 10_000_000),
     "memory_max_mb": (0, None), "workers": (1, 1024), "max_attempts": (1, 100), "ack_wait_s": (1, 3600),
     "max_file_mb": (1, 4096), "max_lines": (1, 10_000_000),
-    "health_problems": (1, 1000), "health_min_token_accuracy": (0, 1),
+    "health_problems": (1, 1000), "health_min_token_accuracy": (0, 1), "engine_cpus": (0, 4095),
 }
 
 
@@ -314,6 +321,9 @@ def load_manifest(path: str | Path, check_artifacts: bool = True) -> Manifest:
     for name, tier in manifest.tiers.items():
         if tier.upstream.url and name != "cloud":
             raise ManifestError(f"{path}: tiers.{name}.upstream: only the cloud tier forwards to a serving engine")
+        if tier.engine_cpus and (tier.upstream.url or tier.elsewhere):
+            raise ManifestError(f"{path}: tiers.{name}.engine_cpus: this host runs no model for the {name} tier "
+                                f"(tiers.{name}.{'upstream' if tier.upstream.url else 'elsewhere'})")
         for f in ("artifact", "sha256"):
             if not (tier.upstream.url or tier.elsewhere) and not getattr(tier, f):
                 raise ManifestError(f"{path}: tiers.{name}.{f}: required field missing (or tiers.{name}.upstream)")
@@ -378,7 +388,7 @@ def _convert(hint, value, path: Path, dotted: str):
           str: isinstance(value, str), bool: isinstance(value, bool)}.get(hint, True)
     if not ok:
         raise ManifestError(f"{path}: {dotted}: expected {hint.__name__}, got {value!r}")
-    leaf = dotted.rsplit(".", 1)[-1]
+    leaf = dotted.rsplit(".", 1)[-1].split("[", 1)[0]  # a list's items: the list's rules
     if leaf in _CHOICES and value not in _CHOICES[leaf]:
         raise ManifestError(f"{path}: {dotted}: {value!r}; allowed: {', '.join(_CHOICES[leaf])}")
     if leaf in _RANGES:

@@ -18,6 +18,11 @@ depth; close), so the servicer serves it as it serves a `Scheduler`; `CoreEngine
 of the engine in the tier process (tokenizer, info, check), without the model. A core that dies fails every
 request it held (`EngineCoreDied`: UNAVAILABLE, which the router escalates) and is started again; submits
 while it restarts fail the same way at once.
+
+`cpus` (tiers.<tier>.engine_cpus) binds the core, its model's threads included, to those CPUs, as vLLM's CPU
+backend binds its OpenMP threads and reserves the other cores for its API server; the tier process then runs
+on the CPUs left (`TierProcess.engine_core`). On a small machine this keeps the serving threads, the router
+and nats-server from preempting the model between its steps.
 """
 
 from __future__ import annotations
@@ -26,13 +31,14 @@ import importlib
 import itertools
 import logging
 import multiprocessing as mp
+import os
 import pickle
 import queue
 import signal
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Collection
 
 from tierline_shared.config.manifest import BatchConfig
 from tierline_shared.runtime.engine import Engine, EngineInfo, GenerationParams
@@ -89,10 +95,12 @@ class EngineCore:
     """A Scheduler in a child process, with the Scheduler's interface; `engine` is its CoreEngine."""
 
     def __init__(self, load: Callable[[], Engine], batch: BatchConfig | None = None,
-                 prefix_cache: tuple[int, int] = (0, 16), name: str = "engine-core"):
+                 prefix_cache: tuple[int, int] = (0, 16), name: str = "engine-core", cpus: Collection[int] = ()):
         """`load`: a picklable callable that returns the engine (run in the child; its exception is raised
-        here); `prefix_cache`: (max_tokens, min_match) for the engine's prefix cache."""
+        here); `prefix_cache`: (max_tokens, min_match) for the engine's prefix cache; `cpus`: the CPUs the
+        child runs on (none: wherever the OS puts it)."""
         self._load, self.config, self._prefix, self._name = load, batch or BatchConfig(), prefix_cache, name
+        self.cpus = sorted(cpus)
         self._ctx = mp.get_context("spawn")  # a fresh interpreter: no threads or CUDA state inherited
         self._lock = threading.Lock()  # the pending table and the state below (never held while sending)
         self._send_lock = threading.Lock()  # the pipe's sending end
@@ -165,7 +173,7 @@ class EngineCore:
     # -- the pipe --------------------------------------------------------------------------------------
     def _start(self):
         parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_serve, args=(child, self._load, self.config, self._prefix),
+        proc = self._ctx.Process(target=_serve, args=(child, self._load, self.config, self._prefix, self.cpus),
                                  name=self._name, daemon=True)
         proc.start()
         child.close()
@@ -331,10 +339,22 @@ def _portable(exc: BaseException) -> BaseException:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
-def _serve(conn, load: Callable[[], Engine], batch: BatchConfig, prefix: tuple[int, int]) -> None:
+def pin(cpus: Collection[int]) -> None:
+    """Run this process on `cpus` only: each of its threads, and (inherited) those it starts later."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except ProcessLookupError:  # the thread ended meanwhile
+            pass
+
+
+def _serve(conn, load: Callable[[], Engine], batch: BatchConfig, prefix: tuple[int, int],
+           cpus: list[int]) -> None:
     """The core process: load the engine, then run its scheduler on what the pipe brings, until close or EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the tier process, which closes the core
     try:
+        if cpus:  # before the model starts its threads
+            pin(cpus)
         engine = load()
     except Exception as exc:  # noqa: BLE001 - the tier process raises it (a bad artifact exits 2 there)
         conn.send(("failed", _portable(exc)))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import signal
 import sys
 import threading
@@ -22,7 +23,7 @@ from tierline_api.v1 import inference_pb2 as pb
 from tierline_shared.config.manifest import EXIT_BAD_MANIFEST, Manifest, ManifestError, load_manifest
 from tierline_shared.models.artifacts import ArtifactError
 from tierline_shared.runtime.engine import Engine
-from tierline_shared.runtime.engine_core import EngineCore
+from tierline_shared.runtime.engine_core import EngineCore, pin
 from tierline_shared.security.identities import tier_identity
 from tierline_shared.serving.metrics import Metrics
 from tierline_shared.serving.servicer import TierServicer, status_of
@@ -58,10 +59,32 @@ class TierProcess:
         """The scheduler and the model in a process of their own (None: they run in this one); raises what
         loading the model raises."""
         tc = self.config
+        cpus = self._engine_cpus()
         if not (self.engine_process and tc.engine_process):
             return None
-        return EngineCore(self.engine_loader(), tc.batching, (tc.prefix_cache_tokens, tc.prefix_cache_min_match),
-                          name=f"{self.tier}-engine")
+        core = EngineCore(self.engine_loader(), tc.batching, (tc.prefix_cache_tokens, tc.prefix_cache_min_match),
+                          name=f"{self.tier}-engine", cpus=cpus)
+        rest = os.sched_getaffinity(0) - set(cpus) if cpus else set()
+        if rest:  # this process serves on the CPUs the core leaves
+            pin(rest)
+        return core
+
+    def _engine_cpus(self) -> list[int]:
+        """tiers.<tier>.engine_cpus, checked against what this tier and this machine can do."""
+        tc, where = self.config, f"{self.manifest.path}: tiers.{self.tier}.engine_cpus"
+        if not tc.engine_cpus:
+            return []
+        if not (self.engine_process and tc.engine_process):
+            raise ManifestError(f"{where}: the {self.tier} tier runs no engine core (tiers.{self.tier}."
+                                f"engine_process is false, or its model runs in its own process): nothing to bind")
+        if not hasattr(os, "sched_setaffinity"):
+            raise ManifestError(f"{where}: binding to CPUs needs Linux (sched_setaffinity)")
+        have = os.sched_getaffinity(0)
+        missing = sorted(set(tc.engine_cpus) - have)
+        if missing:
+            raise ManifestError(f"{where}: CPU {', '.join(map(str, missing))} is not available to this process "
+                                f"(it may use {', '.join(map(str, sorted(have)))})")
+        return tc.engine_cpus
 
     def make_servicer(self, engine: Engine, metrics: Metrics, scheduler=None) -> TierServicer:
         return TierServicer(*self.servicer_args(engine, metrics), scheduler=scheduler)

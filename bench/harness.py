@@ -53,19 +53,24 @@ def _tiers(tiers, threads: int, cache: bool = False) -> dict:
 
 
 def engine_cpus() -> list[int]:
-    """Phase B's CPU for the engines (the edge's engine core, LitServe's inference worker): the last this
-    process may use; everything else (serving processes, router, nats-server, the load generator) runs on the
-    others. None on a one-CPU machine."""
+    """Phase B's CPU for the engines (the edge's engine core, LitServe's inference worker, the bare engine): the
+    last this process may use; everything else (serving processes, router, nats-server, the load generator)
+    runs on the others. None on a one-CPU machine."""
     have = sorted(os.sched_getaffinity(0))
     return have[-1:] if len(have) > 1 else []
 
 
 @contextlib.contextmanager
-def _off(cpus: list[int]):
-    """This process (the load generator; the bare engine, measured alone) runs off `cpus` within the block."""
+def _off(cpus: list[int], *stacks: Stack):
+    """This process (the load generator; the bare engine moves to `cpus` while it is measured) and the stacks'
+    router and nats-server run off `cpus` within the block (their tiers' serving processes are there already:
+    tiers.<tier>.engine_cpus)."""
     everywhere = os.sched_getaffinity(0)
     if cpus:
         pin(everywhere - set(cpus))
+        for stack in stacks:
+            for pid in [stack.nats.proc.pid] + [p.popen.pid for p in stack.procs if p.name == "router"]:
+                pin(everywhere - set(cpus), pid)
     try:
         yield
     finally:
@@ -123,7 +128,7 @@ def run_bench(models_dir: Path, out_dir: Path, quick: bool = False, log=print) -
     batching_off = {**_tiers(["edge"], cfg.threads), **pinned,
                     "tiers.edge.batching": {"max_num_seqs": 1}}
     with Stack(models_dir, tiers=("edge",), overrides=edge_only) as on, \
-            Stack(models_dir, tiers=("edge",), router=False, overrides=batching_off) as off, _off(cpus):
+            Stack(models_dir, tiers=("edge",), router=False, overrides=batching_off) as off, _off(cpus, on, off):
         log("  3. batching on vs off")
         sections["batching"] = scenarios.batching(on, off, cfg, prompts, warm, cpus)
         engine = load_engine(models_dir, threads=cfg.threads)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import random
 import time
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 from tierline_bench.load import GrpcClient, HttpClient, LoadRun, Outcome, median, peak_rss_mib, percentile, run_load
 from tierline_infra.supervisor import Stack
@@ -25,6 +26,8 @@ from tierline_router.cascade import cost
 from tierline_shared.config.manifest import BatchConfig, load_manifest
 from tierline_shared.tasks.problems import Problem, is_correct
 from tierline_shared.wire import TIERS
+
+T = TypeVar("T")
 
 NATS_TIMEOUT_S = 5.0  # one echo request over NATS
 METRICS_TIMEOUT_S = 5.0  # one scrape of a tier's /metrics
@@ -49,12 +52,15 @@ class BenchConfig:
     threads: int = 1  # runtime threads of every engine: each tier, the bare engine, the peer
     seed: int = 7  # the workload's seed (test split)
     batch_lines: int = 10_000  # lines of the Batch API's file (section 10)
+    # runs per target of the serving rows (batching; bare engine vs edge, platform and LitServe), whose ratios sit
+    # near their targets while this machine's speed drifts 10-25% between runs: more pairs, a steadier median
+    serving_repeats: int = 9
 
 
 FULL = BenchConfig(quick=False, repeats=5, requests=384, warmup=32, ttft_requests=48, decisions=2000,
                    nats_hops=2000, cache_prompts=64, dialogues=30)
 QUICK = BenchConfig(quick=True, repeats=1, requests=16, warmup=4, ttft_requests=4, decisions=50, nats_hops=50,
-                    cache_prompts=6, dialogues=2, batch_lines=40)
+                    cache_prompts=6, dialogues=2, batch_lines=40, serving_repeats=1)
 
 
 def not_measured(reason: str) -> dict:
@@ -222,7 +228,7 @@ def batching(on: Stack, off: Stack, cfg: BenchConfig, prompts: list[str], warm: 
     """The edge with its scheduler's batch on and off (`engine_cpus`: where both engine cores run, for the report)."""
     clients = {"on": _grpc(on, "edge-0", cfg), "off": _grpc(off, "edge-0", cfg)}
     runs: dict[str, list[LoadRun]] = {k: [] for k in clients}
-    for r in range(cfg.repeats):
+    for r in range(cfg.serving_repeats):
         for k, c in _interleaved(clients, r):
             runs[k].append(run_load(c.infer, prompts, cfg.batching_concurrency, warm if r == 0 else ()))
     for c in clients.values():
@@ -236,7 +242,7 @@ def batching(on: Stack, off: Stack, cfg: BenchConfig, prompts: list[str], warm: 
     return {
         "title": "Continuous batching on vs off",
         "method": _method(cfg, GRPC_GEN, cfg.batching_concurrency, len(prompts), max_tokens=cfg.max_tokens,
-                          engine_cpus=engine_cpus or [],
+                          repeats=cfg.serving_repeats, engine_cpus=engine_cpus or [],
                           target=f"the edge tier's gRPC port; on: max_num_seqs {BatchConfig().max_num_seqs} (the "
                                  "default); off: max_num_seqs 1; result cache off in both"),
         "metrics": metrics,
@@ -468,6 +474,19 @@ def _awake(server, measure: Callable[[], LoadRun]) -> LoadRun:
         server.pause()
 
 
+def _on_cpus(cpus: list[int] | None, measure: Callable[[], T]) -> T:
+    """`measure()` with this thread on `cpus`, then back: the bare engine runs on the CPU the edge's engine core
+    and LitServe's worker run on (CPUs of one machine differ in speed, from run to run)."""
+    if not cpus:
+        return measure()
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)  # this thread only (the engine runs one thread: cfg.threads)
+    try:
+        return measure()
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 BARE_BATCHES = (4, 8, 16, 32)  # the bare engine's batch sizes tried; it is measured at its fastest
 
 
@@ -489,11 +508,12 @@ def overhead_and_peer(platform: Stack, engine, peers: dict[str, HttpClient], pee
     servers = servers or {}
     for s in servers.values():
         s.pause()
-    batch, tried = best_bare_batch(engine, (warm * 4)[:4 * max(BARE_BATCHES)], cfg.max_tokens, cfg.concurrency)
+    batch, tried = _on_cpus(engine_cpus, lambda: best_bare_batch(engine, (warm * 4)[:4 * max(BARE_BATCHES)],
+                                                                 cfg.max_tokens, cfg.concurrency))
     edge = _grpc(platform, "edge-0", cfg)
     router = GrpcClient(platform.router_address, cfg.max_tokens)
     targets: dict[str, Callable[[int], LoadRun]] = {
-        "bare": lambda r: run_bare(engine, prompts, batch, cfg.max_tokens),
+        "bare": lambda r: _on_cpus(engine_cpus, lambda: run_bare(engine, prompts, batch, cfg.max_tokens)),
         "edge_node": lambda r: run_load(edge.infer, prompts, cfg.concurrency, warm if r == 0 else ()),
         "platform": lambda r: run_load(router.infer, prompts, cfg.concurrency, warm if r == 0 else ()),
     }
@@ -501,7 +521,7 @@ def overhead_and_peer(platform: Stack, engine, peers: dict[str, HttpClient], pee
         targets[f"litserve_{mode}"] = lambda r, c=client, s=servers.get(mode): _awake(
             s, lambda: run_load(c.infer, prompts, cfg.concurrency, warm if r == 0 else ()))
     runs: dict[str, list[LoadRun]] = {k: [] for k in targets}
-    for r in range(cfg.repeats):
+    for r in range(cfg.serving_repeats):
         for k, fn in _interleaved(targets, r):
             runs[k].append(fn(r))
     edge.close()
@@ -520,7 +540,7 @@ def overhead_and_peer(platform: Stack, engine, peers: dict[str, HttpClient], pee
         "title": "Platform overhead: the edge behind router + NATS + gRPC vs bare onnxruntime",
         "method": _method(cfg, GRPC_GEN + f"; bare: the same OnnxEngine in the harness process, batches of {batch} "
                           "in sequence", cfg.concurrency, len(prompts), max_tokens=cfg.max_tokens,
-                          threads=cfg.threads, engine_cpus=engine_cpus or [],
+                          threads=cfg.threads, engine_cpus=engine_cpus or [], repeats=cfg.serving_repeats,
                           target="bare engine (the limit); the edge tier's gRPC port; the "
                           "router (NATS request to tierline.edge.infer, edge only, no escalation)"),
         "metrics": {"bare": row(runs["bare"]), "edge_node": row(runs["edge_node"]), "platform": row(runs["platform"]),
@@ -535,9 +555,10 @@ def overhead_and_peer(platform: Stack, engine, peers: dict[str, HttpClient], pee
                   "and pays no serialization, queueing or network; on this machine the load generator, router, "
                   "nats-server and the edge's two processes (serving, and its engine core: scheduler and model) share "
                   "its CPUs. " + (f"The edge's engine core runs on CPU {engine_cpus} (tiers.edge.engine_cpus), and "
-                                  "LitServe's inference worker likewise; its serving process, LitServe's HTTP server "
-                                  "and the load generator run on the other CPUs; the router and nats-server "
-                                  "wherever the OS puts them." if engine_cpus else
+                                  "LitServe's inference worker and the bare engine likewise; its serving process, "
+                                  "LitServe's HTTP server, the router, nats-server and the load generator run on the "
+                                  "other CPUs."
+                                  if engine_cpus else
                                   "No process is bound to a CPU (one CPU: tiers.edge.engine_cpus not set).")],
     }
     if not peers:

@@ -339,9 +339,10 @@ def _portable(exc: BaseException) -> BaseException:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
-def pin(cpus: Collection[int]) -> None:
-    """Run this process on `cpus` only: each of its threads, and (inherited) those it starts later."""
-    for tid in os.listdir("/proc/self/task"):
+def pin(cpus: Collection[int], pid: int | None = None) -> None:
+    """Run this process (or process `pid`) on `cpus` only: each of its threads, and (inherited) those it starts
+    later."""
+    for tid in os.listdir(f"/proc/{pid or 'self'}/task"):
         try:
             os.sched_setaffinity(int(tid), cpus)
         except ProcessLookupError:  # the thread ended meanwhile

@@ -34,7 +34,7 @@ from tierline_edge_node.engine import load_engine
 from tierline_infra.supervisor import Stack, demo_overrides
 from tierline_shared.config.manifest import BatchConfig, load_manifest
 from tierline_shared.models.artifacts import load_index
-from tierline_shared.runtime.engine_core import pin
+from tierline_shared.runtime.affinity import allowed, pin, supported
 from tierline_shared.tasks.problems import generate
 from tierline_shared.wire import TIERS
 
@@ -56,8 +56,8 @@ def engine_cpus() -> list[int]:
     """Phase B's CPU for the engines (the edge's engine core, LitServe's inference worker, the bare engine): the
     last this process may use; everything else (serving processes, router, nats-server, the load generator)
     runs on the others. None on a one-CPU machine."""
-    have = sorted(os.sched_getaffinity(0))
-    return have[-1:] if len(have) > 1 else []
+    have = sorted(allowed())
+    return have[-1:] if len(have) > 1 and supported() else []
 
 
 @contextlib.contextmanager
@@ -65,13 +65,15 @@ def _off(cpus: list[int], *stacks: Stack):
     """This process (the load generator; the bare engine moves to `cpus` while it is measured) and the stacks'
     router and nats-server run off `cpus` within the block (their tiers' serving processes are there already:
     tiers.<tier>.engine_cpus)."""
-    everywhere = os.sched_getaffinity(0)
-    if cpus:
+    if not cpus:
+        yield
+        return
+    everywhere = allowed()
+    try:
         pin(everywhere - set(cpus))
         for stack in stacks:
             for pid in [stack.nats.proc.pid] + [p.popen.pid for p in stack.procs if p.name == "router"]:
                 pin(everywhere - set(cpus), pid)
-    try:
         yield
     finally:
         pin(everywhere)

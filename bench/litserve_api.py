@@ -18,8 +18,8 @@ from litserve.loops.continuous_batching_loop import ContinuousBatchingLoop, Outp
 from litserve.utils import LitAPIStatus
 
 from tierline_edge_node.engine import load_engine
+from tierline_shared.runtime.affinity import pin
 from tierline_shared.runtime.engine import GenerationParams, GenerationResult
-from tierline_shared.runtime.engine_core import pin
 from tierline_shared.runtime.runner import Sequence
 
 

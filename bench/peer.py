@@ -43,10 +43,10 @@ def serve(models_dir: str, port: int, threads: int, max_batch_size: int, batch_t
     import litserve as ls
 
     from tierline_bench.litserve_api import EdgeContinuousLitAPI, EdgeLitAPI
-    from tierline_shared.runtime.engine_core import pin
+    from tierline_shared.runtime.affinity import allowed, pin
 
     engine_cpus = engine_cpus or []
-    rest = os.sched_getaffinity(0) - set(engine_cpus) if engine_cpus else set()
+    rest = allowed() - set(engine_cpus) if engine_cpus else set()
     if rest:  # before LitServe starts its processes: they inherit it; the worker moves to engine_cpus
         pin(rest)
     if mode == "continuous":

@@ -57,11 +57,12 @@ def _percentile(values: list[float], q: float) -> float:
 
 def pin(cores: int) -> list[int]:
     """Restrict this process to its first `cores` allowed CPUs (no-op where the OS has no affinity call)."""
-    from tierline_shared.runtime.engine_core import pin as pin_cpus
+    from tierline_shared.runtime.affinity import allowed, supported
+    from tierline_shared.runtime.affinity import pin as pin_cpus
 
-    if not hasattr(os, "sched_setaffinity"):
+    if not supported():
         return []
-    chosen = sorted(os.sched_getaffinity(0))[:cores]
+    chosen = sorted(allowed())[:cores]
     pin_cpus(chosen)
     return chosen
 

@@ -1,8 +1,10 @@
 """The YAML tier manifest: validated whole at start, errors name the file and the field."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -61,8 +63,12 @@ def test_valid_manifest_loads(manifest):
     ({"tiers__edge__engine_cpus": 1}, "tiers.edge.engine_cpus: expected a list"),
     ({"tiers__edge__engine_cpus": [0, -1]}, "tiers.edge.engine_cpus[1]: -1 out of range"),
     ({"tiers__edge__engine_cpus": [1, 1]}, "tiers.edge: engine_cpus: [1, 1] names a CPU twice"),
-    ({"tiers__cloud__engine_cpus": [0], "tiers__cloud__upstream": {"url": "http://127.0.0.1:9/v1"}},
+    ({"tiers__cloud__engine_cpus": [0], "tiers__cloud__threads": 1,
+      "tiers__cloud__upstream": {"url": "http://127.0.0.1:9/v1"}},
      "tiers.cloud.engine_cpus: this host runs no model for the cloud tier (tiers.cloud.upstream)"),
+    ({"tiers__edge__engine_cpus": [0], "tiers__edge__threads": 1, "tiers__edge__engine_process": False},
+     "tiers.edge: engine_cpus: engine_process is false: no engine core to bind"),
+    ({"tiers__edge__engine_cpus": [0]}, "tiers.edge: engine_cpus: 1 CPU(s) for threads: 2 runtime threads"),
 ])
 def test_bad_manifest_names_the_field(manifest, change, message):
     path = manifest(**change)
@@ -135,7 +141,7 @@ def test_engine_cpus_bind_the_engine_core_and_the_tier_serves_on_the_rest(manife
 
     have = sorted(os.sched_getaffinity(0))
     mine = have[-1:]  # the last CPU this test may use; the tier keeps the others (none on a 1-CPU machine)
-    path = manifest(tiers__edge__engine_cpus=mine)
+    path = manifest(tiers__edge__engine_cpus=mine, tiers__edge__threads=1)
     proc = launch("edge", [sys.executable, "-m", "edge_node", "--manifest", str(path), "--no-nats"],
                   tmp_path / "edge.log")
     try:
@@ -145,15 +151,26 @@ def test_engine_cpus_bind_the_engine_core_and_the_tier_serves_on_the_rest(manife
         assert _threads_affinity(proc.popen.pid) == {rest}
         client = GrpcClient(f"127.0.0.1:{proc.ready['grpc_port']}", 8)
         assert client.infer("Q:2+2=?\nA:").ok
+        os.kill(core, signal.SIGKILL)  # a core started again is bound again (spawned by a thread on `rest`)
+        deadline = time.monotonic() + 60
+        while _engine_cores(proc.popen.pid) in ([], [core]):
+            assert time.monotonic() < deadline, "the engine core did not start again"
+            time.sleep(0.05)
+        [again] = _engine_cores(proc.popen.pid)
+        while not client.infer("Q:3+4=?\nA:").ok:  # answered once the new core has loaded
+            assert time.monotonic() < deadline, "the new engine core did not answer"
+            time.sleep(0.1)
+        assert _threads_affinity(again) == {frozenset(mine)}
+        assert _threads_affinity(proc.popen.pid) == {rest}
         client.close()
     finally:
         proc.close()
 
     unusable = max(os.cpu_count() or 1, 4095)
     with pytest.raises(ManifestError, match=rf"tiers.edge.engine_cpus: CPU {unusable} is not available"):
-        EdgeProcess(load_manifest(manifest(tiers__edge__engine_cpus=[unusable])), use_nats=False).engine_core()
-    with pytest.raises(ManifestError, match="tiers.edge.engine_cpus: the edge tier runs no engine core"):
-        EdgeProcess(load_manifest(manifest(tiers__edge__engine_cpus=mine, tiers__edge__engine_process=False)),
+        EdgeProcess(load_manifest(manifest(tiers__edge__engine_cpus=[unusable], tiers__edge__threads=1)),
                     use_nats=False).engine_core()
-    with pytest.raises(ManifestError, match="tiers.device.engine_cpus: the device tier runs no engine core"):
-        DeviceProcess(load_manifest(manifest(tiers__device__engine_cpus=mine)), use_nats=False).engine_core()
+    with pytest.raises(ManifestError, match="tiers.device.engine_cpus: the device tier runs its model in its own "
+                                            "process"):
+        DeviceProcess(load_manifest(manifest(tiers__device__engine_cpus=mine, tiers__device__threads=1)),
+                      use_nats=False).engine_core()

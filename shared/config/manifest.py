@@ -108,6 +108,11 @@ class TierConfig:
     def __post_init__(self):
         if len(set(self.engine_cpus)) != len(self.engine_cpus):
             raise ValueError(f"engine_cpus: {self.engine_cpus} names a CPU twice")
+        if self.engine_cpus and not self.engine_process:
+            raise ValueError("engine_cpus: engine_process is false: no engine core to bind")
+        if 0 < len(self.engine_cpus) < self.threads:  # onnxruntime's and torch's threads spin, waiting for work
+            raise ValueError(f"engine_cpus: {len(self.engine_cpus)} CPU(s) for threads: {self.threads} runtime "
+                             "threads; name as many CPUs as threads, or set fewer threads")
 
 
 @dataclass

@@ -27,6 +27,7 @@ and nats-server from preempting the model between its steps.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import itertools
 import logging
@@ -41,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Collection
 
 from tierline_shared.config.manifest import BatchConfig
+from tierline_shared.runtime.affinity import pin
 from tierline_shared.runtime.engine import Engine, EngineInfo, GenerationParams
 from tierline_shared.runtime.scheduler import END, Scheduler, StepStats
 
@@ -175,7 +177,8 @@ class EngineCore:
         parent, child = self._ctx.Pipe()
         proc = self._ctx.Process(target=_serve, args=(child, self._load, self.config, self._prefix, self.cpus),
                                  name=self._name, daemon=True)
-        proc.start()
+        with _spawning_on(self.cpus):
+            proc.start()
         child.close()
         try:
             msg = parent.recv() if parent.poll(LOAD_TIMEOUT_S) else (
@@ -339,14 +342,19 @@ def _portable(exc: BaseException) -> BaseException:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
-def pin(cpus: Collection[int], pid: int | None = None) -> None:
-    """Run this process (or process `pid`) on `cpus` only: each of its threads, and (inherited) those it starts
-    later."""
-    for tid in os.listdir(f"/proc/{pid or 'self'}/task"):
-        try:
-            os.sched_setaffinity(int(tid), cpus)
-        except ProcessLookupError:  # the thread ended meanwhile
-            pass
+@contextlib.contextmanager
+def _spawning_on(cpus: list[int]):
+    """The calling thread on `cpus` while it spawns a core, which starts there: what it imports before `_serve`
+    binds it (numpy sizes its BLAS thread pool at import, from the CPUs it may use) sees its own CPUs."""
+    if not cpus:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def _serve(conn, load: Callable[[], Engine], batch: BatchConfig, prefix: tuple[int, int],

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import signal
 import sys
 import threading
@@ -22,8 +21,9 @@ from typing import Callable, Iterator
 from tierline_api.v1 import inference_pb2 as pb
 from tierline_shared.config.manifest import EXIT_BAD_MANIFEST, Manifest, ManifestError, load_manifest
 from tierline_shared.models.artifacts import ArtifactError
+from tierline_shared.runtime.affinity import allowed, pin, supported
 from tierline_shared.runtime.engine import Engine
-from tierline_shared.runtime.engine_core import EngineCore, pin
+from tierline_shared.runtime.engine_core import EngineCore
 from tierline_shared.security.identities import tier_identity
 from tierline_shared.serving.metrics import Metrics
 from tierline_shared.serving.servicer import TierServicer, status_of
@@ -64,8 +64,8 @@ class TierProcess:
             return None
         core = EngineCore(self.engine_loader(), tc.batching, (tc.prefix_cache_tokens, tc.prefix_cache_min_match),
                           name=f"{self.tier}-engine", cpus=cpus)
-        rest = os.sched_getaffinity(0) - set(cpus) if cpus else set()
-        if rest:  # this process serves on the CPUs the core leaves
+        rest = allowed() - set(cpus) if cpus else set()
+        if rest:  # this process serves on the CPUs the core leaves (none left: it shares the core's)
             pin(rest)
         return core
 
@@ -74,12 +74,12 @@ class TierProcess:
         tc, where = self.config, f"{self.manifest.path}: tiers.{self.tier}.engine_cpus"
         if not tc.engine_cpus:
             return []
-        if not (self.engine_process and tc.engine_process):
-            raise ManifestError(f"{where}: the {self.tier} tier runs no engine core (tiers.{self.tier}."
-                                f"engine_process is false, or its model runs in its own process): nothing to bind")
-        if not hasattr(os, "sched_setaffinity"):
+        if not self.engine_process:
+            raise ManifestError(f"{where}: the {self.tier} tier runs its model in its own process (it has no "
+                                "engine core to bind)")
+        if not supported():
             raise ManifestError(f"{where}: binding to CPUs needs Linux (sched_setaffinity)")
-        have = os.sched_getaffinity(0)
+        have = allowed()
         missing = sorted(set(tc.engine_cpus) - have)
         if missing:
             raise ManifestError(f"{where}: CPU {', '.join(map(str, missing))} is not available to this process "

@@ -156,15 +156,18 @@ def run_bench(models_dir: Path, out_dir: Path, quick: bool = False, log=print) -
     phases["B"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    log("phase C: edge with its result cache on; edges with prefix KV reuse on and off")
-    reuse_off = {**_tiers(["edge"], cfg.threads), "tiers.edge.prefix_cache_tokens": 0}
-    with Stack(models_dir, tiers=("edge",), router=False, overrides=_tiers(["edge"], cfg.threads, cache=True)) \
-            as cached, Stack(models_dir, tiers=("edge",), router=False, overrides=_tiers(["edge"], cfg.threads)) \
-            as reuse_on, Stack(models_dir, tiers=("edge",), router=False, overrides=reuse_off) as no_reuse:
+    log("phase C: edge with its result cache on; edges with prefix KV reuse on and off (engines as in phase B)")
+    reuse_on = {**_tiers(["edge"], cfg.threads), **pinned}
+    reuse_off = {**reuse_on, "tiers.edge.prefix_cache_tokens": 0}
+    with Stack(models_dir, tiers=("edge",), router=False,
+               overrides={**_tiers(["edge"], cfg.threads, cache=True), **pinned}) as cached, \
+            Stack(models_dir, tiers=("edge",), router=False, overrides=reuse_on) as reuse, \
+            Stack(models_dir, tiers=("edge",), router=False, overrides=reuse_off) as no_reuse, \
+            _off(cpus, cached, reuse, no_reuse):
         log("  4. cache")
         pool = generate("test", cfg.cache_prompts * (cfg.repeats + 1), seed=cfg.seed + 2000)
         dialogue = generate("test", 3 * cfg.dialogues, seed=cfg.seed + 4000, levels=(1, 2))
-        sections["cache"] = scenarios.cache(cached, reuse_on, no_reuse, cfg, pool, dialogue)
+        sections["cache"] = scenarios.cache(cached, reuse, no_reuse, cfg, pool, dialogue, cpus)
     phases["C"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -58,7 +58,7 @@ class BenchConfig:
 
 
 FULL = BenchConfig(quick=False, repeats=5, requests=384, warmup=32, ttft_requests=48, decisions=2000,
-                   nats_hops=2000, cache_prompts=64, dialogues=30)
+                   nats_hops=2000, cache_prompts=64, dialogues=60)
 QUICK = BenchConfig(quick=True, repeats=1, requests=16, warmup=4, ttft_requests=4, decisions=50, nats_hops=50,
                     cache_prompts=6, dialogues=2, batch_lines=40, serving_repeats=1)
 
@@ -254,9 +254,10 @@ def batching(on: Stack, off: Stack, cfg: BenchConfig, prompts: list[str], warm: 
 
 # -- 4. the layered cache ----------------------------------------------------------------------------------------------
 def cache(stack: Stack, reuse_on: Stack, reuse_off: Stack, cfg: BenchConfig, pool: list[Problem],
-          dialogue_problems: list[Problem]) -> dict:
+          dialogue_problems: list[Problem], engine_cpus: list[int] | None = None) -> dict:
     """Exact-repeat hits vs misses and the hit rate on traffic with repeats (result cache, `stack`); the same
-    multi-turn dialogues with prefix KV reuse on and off (`reuse_on` / `reuse_off`, result caches off)."""
+    multi-turn dialogues with prefix KV reuse on and off (`reuse_on` / `reuse_off`, result caches off).
+    `engine_cpus`: where their engine cores run, for the report."""
     client = _grpc(stack, "edge-0", cfg)
     distinct = list(dict.fromkeys(p.prompt for p in pool))
     per = max(1, len(distinct) // (cfg.repeats + 1))
@@ -293,7 +294,7 @@ def cache(stack: Stack, reuse_on: Stack, reuse_off: Stack, cfg: BenchConfig, poo
         "method": _method(cfg, "closed loop (bench/load.py), gRPC to the edge tier", "1 (hit/miss), "
                           f"{cfg.concurrency} (Zipf traffic), 1 (dialogues)", cfg.requests, warmup=0,
                           hit_miss_prompts_per_repeat=per, dialogues=turns["dialogues"],
-                          dialogue_max_tokens=DIALOGUE_MAX_TOKENS,
+                          dialogue_max_tokens=DIALOGUE_MAX_TOKENS, engine_cpus=engine_cpus or [],
                           target="repeats: the edge tier with its LRU result cache on (cache_size 1024); "
                                  "dialogues: two edge tiers with result caches off, prefix KV reuse on "
                                  "(prefix_cache_tokens 4096, the default) and off (prefix_cache_tokens 0), "

@@ -184,5 +184,5 @@ def test_the_serving_rows_say_where_the_engines_ran(report):
     _, _, results = report
     have = sorted(os.sched_getaffinity(0))
     expected = have[-1:] if len(have) > 1 else []
-    for name in ("platform_overhead", "batching"):
+    for name in ("platform_overhead", "batching", "cache"):
         assert results["sections"][name]["method"]["engine_cpus"] == expected, name

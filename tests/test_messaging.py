@@ -135,9 +135,12 @@ def test_every_request_over_nats_waits_in_the_scheduler_not_in_a_thread(tmp_path
         answers: list = []
         asking.start()
         deadline = time.monotonic() + TIMEOUT
-        while servicer.scheduler.depth < IN_FLIGHT - 1 and time.monotonic() < deadline:
+        # every request reaches the queue, perhaps before the scheduler admits the first: wait for the state
+        # where one runs (held at the gate) and all the others queue
+        while (servicer.scheduler.running, servicer.scheduler.depth) != (1, IN_FLIGHT - 1) \
+                and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert servicer.scheduler.depth == IN_FLIGHT - 1  # one runs (held at the gate), all the others queue
+        assert (servicer.scheduler.running, servicer.scheduler.depth) == (1, IN_FLIGHT - 1)
         engine.gate.set()
         asking.join(TIMEOUT)
         alone = [base.generate(p, GenerationParams(max_tokens=2)).text for p in prompts]

@@ -34,7 +34,7 @@ from tierline_edge_node.engine import load_engine
 from tierline_infra.supervisor import Stack, demo_overrides
 from tierline_shared.config.manifest import BatchConfig, load_manifest
 from tierline_shared.models.artifacts import load_index
-from tierline_shared.runtime.affinity import allowed, pin, supported
+from tierline_shared.runtime.affinity import allowed, leave, pin, supported
 from tierline_shared.tasks.problems import generate
 from tierline_shared.wire import TIERS
 
@@ -70,10 +70,10 @@ def _off(cpus: list[int], *stacks: Stack):
         return
     everywhere = allowed()
     try:
-        pin(everywhere - set(cpus))
         for stack in stacks:
             for pid in [stack.nats.proc.pid] + [p.popen.pid for p in stack.procs if p.name == "router"]:
-                pin(everywhere - set(cpus), pid)
+                leave(cpus, pid)
+        leave(cpus)
         yield
     finally:
         pin(everywhere)

@@ -43,12 +43,10 @@ def serve(models_dir: str, port: int, threads: int, max_batch_size: int, batch_t
     import litserve as ls
 
     from tierline_bench.litserve_api import EdgeContinuousLitAPI, EdgeLitAPI
-    from tierline_shared.runtime.affinity import allowed, pin
+    from tierline_shared.runtime.affinity import leave
 
     engine_cpus = engine_cpus or []
-    rest = allowed() - set(engine_cpus) if engine_cpus else set()
-    if rest:  # before LitServe starts its processes: they inherit it; the worker moves to engine_cpus
-        pin(rest)
+    leave(engine_cpus)  # before LitServe starts its processes: they inherit it; the worker moves to engine_cpus
     if mode == "continuous":
         api = EdgeContinuousLitAPI(models_dir, threads, engine_cpus, max_batch_size=max_batch_size)
     else:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import random
 import time
 import urllib.request
@@ -24,6 +23,7 @@ from tierline_bench.load import GrpcClient, HttpClient, LoadRun, Outcome, median
 from tierline_infra.supervisor import Stack
 from tierline_router.cascade import cost
 from tierline_shared.config.manifest import BatchConfig, load_manifest
+from tierline_shared.runtime.affinity import on
 from tierline_shared.tasks.problems import Problem, is_correct
 from tierline_shared.wire import TIERS
 
@@ -478,14 +478,8 @@ def _awake(server, measure: Callable[[], LoadRun]) -> LoadRun:
 def _on_cpus(cpus: list[int] | None, measure: Callable[[], T]) -> T:
     """`measure()` with this thread on `cpus`, then back: the bare engine runs on the CPU the edge's engine core
     and LitServe's worker run on (CPUs of one machine differ in speed, from run to run)."""
-    if not cpus:
+    with on(cpus or ()):  # this thread only (the engine runs one thread: cfg.threads)
         return measure()
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, cpus)  # this thread only (the engine runs one thread: cfg.threads)
-    try:
-        return measure()
-    finally:
-        os.sched_setaffinity(0, before)
 
 
 BARE_BATCHES = (4, 8, 16, 32)  # the bare engine's batch sizes tried; it is measured at its fastest

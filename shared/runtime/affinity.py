@@ -6,8 +6,9 @@ shared/serving/process.py), the device's Pi-class profile (device_agent/profile.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Collection
+from typing import Collection, Iterator
 
 PIN_PASSES = 5  # listings of a process's threads at most, until one finds no thread it had not pinned
 
@@ -36,3 +37,26 @@ def pin(cpus: Collection[int], pid: int | None = None) -> None:
             except ProcessLookupError:  # the thread ended meanwhile
                 pass
         done |= tids
+
+
+def leave(cpus: Collection[int], pid: int | None = None) -> None:
+    """Run this process (or process `pid`) on the CPUs this thread may use but `cpus`; unchanged when `cpus` is
+    empty or names them all."""
+    rest = allowed() - set(cpus) if cpus else set()
+    if rest:
+        pin(rest, pid)
+
+
+@contextlib.contextmanager
+def on(cpus: Collection[int]) -> Iterator[None]:
+    """This thread (only) on `cpus` within the block, then back; nothing when `cpus` is empty. What it spawns or
+    starts meanwhile inherits them."""
+    if not cpus:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)

@@ -27,12 +27,10 @@ and nats-server from preempting the model between its steps.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import itertools
 import logging
 import multiprocessing as mp
-import os
 import pickle
 import queue
 import signal
@@ -42,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Collection
 
 from tierline_shared.config.manifest import BatchConfig
-from tierline_shared.runtime.affinity import pin
+from tierline_shared.runtime.affinity import on, pin
 from tierline_shared.runtime.engine import Engine, EngineInfo, GenerationParams
 from tierline_shared.runtime.scheduler import END, Scheduler, StepStats
 
@@ -177,7 +175,9 @@ class EngineCore:
         parent, child = self._ctx.Pipe()
         proc = self._ctx.Process(target=_serve, args=(child, self._load, self.config, self._prefix, self.cpus),
                                  name=self._name, daemon=True)
-        with _spawning_on(self.cpus):
+        # spawned from a thread on its CPUs: what it imports before `_serve` binds it (numpy sizes its BLAS
+        # thread pool at import, from the CPUs it may use) sees its own CPUs
+        with on(self.cpus):
             proc.start()
         child.close()
         try:
@@ -340,21 +340,6 @@ def _portable(exc: BaseException) -> BaseException:
         return exc
     except Exception:  # noqa: BLE001 - an exception whose constructor takes other arguments than its args
         return RuntimeError(f"{type(exc).__name__}: {exc}")
-
-
-@contextlib.contextmanager
-def _spawning_on(cpus: list[int]):
-    """The calling thread on `cpus` while it spawns a core, which starts there: what it imports before `_serve`
-    binds it (numpy sizes its BLAS thread pool at import, from the CPUs it may use) sees its own CPUs."""
-    if not cpus:
-        yield
-        return
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, cpus)
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
 
 
 def _serve(conn, load: Callable[[], Engine], batch: BatchConfig, prefix: tuple[int, int],

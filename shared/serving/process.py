@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 from tierline_api.v1 import inference_pb2 as pb
 from tierline_shared.config.manifest import EXIT_BAD_MANIFEST, Manifest, ManifestError, load_manifest
 from tierline_shared.models.artifacts import ArtifactError
-from tierline_shared.runtime.affinity import allowed, pin, supported
+from tierline_shared.runtime.affinity import allowed, leave, supported
 from tierline_shared.runtime.engine import Engine
 from tierline_shared.runtime.engine_core import EngineCore
 from tierline_shared.security.identities import tier_identity
@@ -64,9 +64,7 @@ class TierProcess:
             return None
         core = EngineCore(self.engine_loader(), tc.batching, (tc.prefix_cache_tokens, tc.prefix_cache_min_match),
                           name=f"{self.tier}-engine", cpus=cpus)
-        rest = allowed() - set(cpus) if cpus else set()
-        if rest:  # this process serves on the CPUs the core leaves (none left: it shares the core's)
-            pin(rest)
+        leave(cpus)  # this process serves on the CPUs the core leaves (none left: it shares the core's)
         return core
 
     def _engine_cpus(self) -> list[int]:

@@ -30,6 +30,7 @@ on every attempt). A worker on a long line tells JetStream it is alive (`in_prog
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -375,23 +376,27 @@ class BatchRunner:
             idle += 1
             freed.set()
 
-        while not self._stop.is_set():
-            while idle == 0:
-                freed.clear()
-                await freed.wait()
-            try:
-                msgs = await sub.fetch(idle, timeout=1.0)  # as many lines as there are idle workers
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):
-                continue
-            except Exception as exc:  # noqa: BLE001 - the link is down, say: wait, then ask again
-                log.warning("batch: fetching lines failed: %s", exc)
-                await asyncio.sleep(1.0)
-                continue
-            for msg in msgs:
-                idle -= 1
-                task = asyncio.create_task(self._line(msg))
-                running.add(task)
-                task.add_done_callback(done)
+        try:
+            while not self._stop.is_set():
+                while idle == 0:
+                    freed.clear()
+                    await freed.wait()
+                try:
+                    msgs = await sub.fetch(idle, timeout=1.0)  # as many lines as there are idle workers
+                except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                    continue
+                except Exception as exc:  # noqa: BLE001 - the link is down, say: wait, then ask again
+                    log.warning("batch: fetching lines failed: %s", exc)
+                    await asyncio.sleep(1.0)
+                    continue
+                for msg in msgs:
+                    idle -= 1
+                    task = asyncio.create_task(self._line(msg))
+                    running.add(task)
+                    task.add_done_callback(done)
+        finally:  # a fetch cut short leaves its pull request open: a drain of the connection would wait on it
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     async def _record(self, batch_id: str) -> dict | None:
         read_at, record = self._records.get(batch_id, (0.0, None))

@@ -384,3 +384,50 @@ def test_a_line_longer_than_ack_wait_is_kept_by_its_worker_and_runs_once(tmp_pat
     record = _runner_case(tmp_path, lines, work)
     assert record["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
     assert lines.runs == 3  # once each: never redelivered while its worker was on it
+
+
+def test_stopped_workers_leave_no_pull_open_for_the_connections_drain_to_wait_on(tmp_path):
+    """The router stops its batch workers, then drains its NATS connection (router/__main__.py). A fetch cut short
+    by the stop left its pull subscription open: the server's answer to that pull (a timeout, once it expired)
+    came into the subscription, nobody read it, and the drain waited on it until the router was killed."""
+    import asyncio
+
+    import nats
+
+    from tierline_infra.supervisor import NatsServer
+    from tierline_router.batch import BATCH_CONSUMER, BATCH_STREAM, BatchRunner, BatchStore
+
+    server = NatsServer(tmp_path, jetstream=True).start()
+
+    async def waiting_pulls(nc) -> int:
+        try:
+            return (await nc.jetstream().consumer_info(BATCH_STREAM, BATCH_CONSUMER, timeout=5)).num_waiting or 0
+        except nats.js.errors.NotFoundError:  # the workers have not made their consumer yet
+            return 0
+
+    async def main():
+        errors = []
+
+        async def on_error(exc):
+            errors.append(exc)
+
+        nc = await nats.connect(server.url, user=server.user, password=server.password, error_cb=on_error,
+                                drain_timeout=2)  # nats-py's default is 30 s
+        store = await BatchStore(nc, ack_wait_s=1, max_attempts=2).open()
+        runner = BatchRunner(store, _CrashingLines(), workers=2, max_attempts=2, ack_wait_s=1)
+        runner.start()
+        try:
+            deadline = time.monotonic() + 30
+            while not await waiting_pulls(nc):
+                assert time.monotonic() < deadline, "the workers never asked JetStream for lines"
+                await asyncio.sleep(0.05)
+        finally:
+            await runner.stop()  # mid-fetch: the workers wait on the pull they just sent
+        await asyncio.sleep(1.5)  # past the pull's expiry (1 s): the server has answered it
+        await nc.drain()
+        assert not [e for e in errors if isinstance(e, nats.errors.DrainTimeoutError)]
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.stop()

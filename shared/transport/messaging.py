@@ -32,6 +32,7 @@ RECONNECT_BASE_S = 1.0  # seconds, the first wait after the link drops (doubles 
 RECONNECT_MAX_S = 30.0  # seconds, the longest wait between two attempts (forever)
 RECONNECT_JITTER = 0.2  # each wait is drawn from [1 - 0.2, 1] x its step, so a fleet does not reconnect in step
 START_TIMEOUT_S = 10.0  # connecting and registering, at most
+DRAIN_TIMEOUT_S = 2.0  # a drain (a process stopping) waits this long for its subscriptions, then closes (nats-py: 30)
 CAS_ATTEMPTS = 100  # compare-and-set retries of one KV change before giving up (kv_change)
 CAS_BACKOFF_S = 0.005  # seconds, the most a writer that lost a race waits before reading again
 # the device fleet's JetStream names (device_agent/fleet.py uses them; the NATS permissions name them)
@@ -288,7 +289,8 @@ class NatsOptions:
         kw = {"servers": [u.strip() for u in self.url.split(",")], "connect_timeout": self.connect_timeout_s,
               "max_reconnect_attempts": -1, "allow_reconnect": True,
               "reconnect_time_wait": RECONNECT_BASE_S,  # nats-py's wait within the first connect() only
-              "reconnect_to_server_handler": _next_server}  # after a drop: exponential backoff with jitter
+              "reconnect_to_server_handler": _next_server,  # after a drop: exponential backoff with jitter
+              "drain_timeout": DRAIN_TIMEOUT_S}  # within the supervisor's STOP_TIMEOUT_S, with a server's grace
         if self.seed:
             kw["nkeys_seed_str"] = self.seed
         elif self.user:

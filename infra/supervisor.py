@@ -81,6 +81,13 @@ def launch(name: str, argv: list[str], log_path: Path, timeout_s: float = READY_
     child that hangs is killed and `TimeoutError` names it and its log; one that exits
     first raises `RuntimeError` with its exit code and the tail of its log (its stderr).
     """
+    return spawn(name, argv, log_path, timeout_s, env).wait_ready()
+
+
+def spawn(name: str, argv: list[str], log_path: Path, timeout_s: float = READY_TIMEOUT_S,
+          env: dict | None = None) -> "Starting":
+    """Start one child without waiting for it: `.wait_ready()` then waits as `launch` does (its `timeout_s`
+    counted from now), so that children started one after another load side by side."""
     log = open(log_path, "w")
     try:
         popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True,
@@ -88,46 +95,59 @@ def launch(name: str, argv: list[str], log_path: Path, timeout_s: float = READY_
     except BaseException:
         log.close()
         raise
-    proc = Proc(name, popen, log=log)
-    lines: queue.Queue = queue.Queue()
-    waiting = threading.Event()
-    waiting.set()
+    return Starting(Proc(name, popen, log=log), log_path, timeout_s)
 
-    def read() -> None:
+
+class Starting:
+    """A child started by `spawn`, its stdout read by a thread, until its ready line."""
+
+    def __init__(self, proc: Proc, log_path: Path, timeout_s: float):
+        self.proc, self._log_path, self._timeout_s = proc, log_path, timeout_s
+        self._deadline = time.monotonic() + timeout_s
+        self._lines: queue.Queue = queue.Queue()
+        self._waiting = threading.Event()
+        self._waiting.set()
+        threading.Thread(target=self._read, name=f"stdout-{proc.name}", daemon=True).start()
+
+    def _read(self) -> None:
+        popen = self.proc.popen
         with popen.stdout:
             for line in popen.stdout:
-                if waiting.is_set():
-                    lines.put(line)
-        lines.put(None)  # end of stdout
+                if self._waiting.is_set():
+                    self._lines.put(line)
+        self._lines.put(None)  # end of stdout
 
-    threading.Thread(target=read, name=f"stdout-{name}", daemon=True).start()
-    deadline = time.monotonic() + timeout_s
-    try:
-        while True:
-            try:
-                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise TimeoutError(f"{name} not ready in {timeout_s} s (killed; its log: {log_path})") from None
-            if line is None:
+    def wait_ready(self) -> Proc:
+        """The child once it printed its ready line (`proc.ready`); killed, and an error naming its log, if it
+        exits or its time runs out first."""
+        proc, log_path, popen, deadline = self.proc, self._log_path, self.proc.popen, self._deadline
+        try:
+            while True:
                 try:
-                    code = popen.wait(timeout=max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    raise TimeoutError(f"{name} closed its stdout without a ready line (killed; its log: "
+                    line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    raise TimeoutError(f"{proc.name} not ready in {self._timeout_s} s (killed; its log: "
                                        f"{log_path})") from None
-                log.flush()
-                raise RuntimeError(f"{name} exited with {code} before it was ready; the end of {log_path}:\n"
-                                   f"{Path(log_path).read_text(errors='replace')[-LOG_TAIL_CHARS:]}")
-            try:
-                msg = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(msg, dict) and msg.get("event") == "ready":
-                proc.ready = msg
-                waiting.clear()  # the reader goes on draining stdout, keeping nothing
-                return proc
-    except BaseException:
-        proc.close()
-        raise
+                if line is None:
+                    try:
+                        code = popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+                    except subprocess.TimeoutExpired:
+                        raise TimeoutError(f"{proc.name} closed its stdout without a ready line (killed; its log: "
+                                           f"{log_path})") from None
+                    proc.log.flush()
+                    raise RuntimeError(f"{proc.name} exited with {code} before it was ready; the end of {log_path}:"
+                                       f"\n{Path(log_path).read_text(errors='replace')[-LOG_TAIL_CHARS:]}")
+                try:
+                    msg = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(msg, dict) and msg.get("event") == "ready":
+                    proc.ready = msg
+                    self._waiting.clear()  # the reader goes on draining stdout, keeping nothing
+                    return proc
+        except BaseException:
+            proc.close()
+            raise
 
 
 class NatsServer:
@@ -368,10 +388,12 @@ class Stack:
                 if self.auth:
                     self.api_key = self.create_key(self.key_plan)
                 self._provision_board()
-            for tier in self.tiers:
-                for i in range(self.replicas.get(tier, 1)):
-                    self.start_process(f"{tier}-{i}", TIER_MODULES[tier], self._replica_manifest(tier, i))
-            if self.with_router:
+            starting = [self.start_process(f"{tier}-{i}", TIER_MODULES[tier], self._replica_manifest(tier, i),
+                                           wait=False)
+                        for tier in self.tiers for i in range(self.replicas.get(tier, 1))]
+            for s in starting:  # the tiers load side by side; each has its own READY_TIMEOUT_S from its start
+                s.wait_ready()
+            if self.with_router:  # last: the tiers it asks are up when it says it is ready
                 self.start_process("router", ROUTER_MODULE)
         except BaseException:
             self.stop()
@@ -391,12 +413,14 @@ class Stack:
         path.write_text(yaml.safe_dump(data, sort_keys=False))
         return path
 
-    def start_process(self, name: str, module: str, manifest: Path | None = None) -> Proc:
+    def start_process(self, name: str, module: str, manifest: Path | None = None, wait: bool = True):
+        """One process from its manifest: the Proc once it is ready, or (`wait=False`) the `Starting` to wait
+        on; either way it is one of `procs`, stopped with the stack."""
         manifest = self._manifests.setdefault(name, manifest or self.manifest)
-        proc = launch(name, [sys.executable, "-m", module, "--manifest", str(manifest)],
-                      self.workdir / f"{name}.log", self.ready_timeout_s)
-        self.procs.append(proc)
-        return proc
+        starting = spawn(name, [sys.executable, "-m", module, "--manifest", str(manifest)],
+                         self.workdir / f"{name}.log", self.ready_timeout_s)
+        self.procs.append(starting.proc)
+        return starting.wait_ready() if wait else starting
 
     def _provision_board(self) -> None:
         """What `tierline devices provision` does for the manifest's board: its identity (the server

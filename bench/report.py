@@ -161,8 +161,10 @@ TARGETS = (  # issue 23: (what, section, path to the value, the bound, "min" or 
     ("batching on vs off (concurrency 32)", "batching", ("ratio", "qps_on_over_off"), 3.0, "min", "x"),
     ("edge first token under load (concurrency 16) over unloaded, p50", "edge_vs_cloud",
      ("edge", "loaded_over_unloaded_first_token"), 3.0, "max", "x"),
-    ("prefix reuse, dialogue turns 2-3: prefill + first token time saving", "cache",
+    ("prefix reuse, dialogue turns 2-3: prefill + first token time saving, one dialogue at a time", "cache",
      ("multi_turn", "later_turns_prefill_time_saving"), 0.25, "min", "pct"),
+    ("the same, 4 dialogues at a time", "cache", ("multi_turn_concurrent", "later_turns_prefill_time_saving"), 0.25,
+     "min", "pct"),
     ("tiered vs cloud-only throughput (3.85x before the scheduler)", "tiered_vs_cloud",
      ("ratio", "throughput_tiered_over_cloud"), 3.85, "min", "x"),
 )
@@ -292,6 +294,15 @@ def render(results: dict, plots: dict[str, str]) -> str:
         ["Zipf traffic: measured hit rate", fmt(rp["zipf_hit_rate"], pct=True)],
         ["Zipf traffic: throughput", fmt(rp["zipf_qps"], " req/s")]])
     L += _multi_turn(m4["multi_turn"])
+    mc = m4["multi_turn_concurrent"]
+    L += [f"{mc['concurrency']} dialogues at a time (other dialogues, the same tiers):", ""]
+    L += _multi_turn(mc)
+    idle = m4["prefill_after_idle"]
+    L += _table(["one prefill after the engine's CPU idled", "value"], [
+        ["prefill + first token p50, back to back", fmt(idle["first_token_ms_p50_back_to_back"], " ms")],
+        [f"prefill + first token p50, after {fmt(idle['idle_ms'])} ms idle", fmt(idle["first_token_ms_p50_after_idle"],
+                                                                                " ms")],
+        ["after idle over back to back", _x(idle["after_idle_over_back_to_back"])]])
     L += _notes(ca) + [f"![cache and routing]({plots['cache_and_routing']})", ""]
 
     L += [f"## 5. {po['title']}", "", _how(po["method"]), ""]

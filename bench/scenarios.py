@@ -15,6 +15,7 @@ import random
 import time
 import urllib.request
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -24,6 +25,7 @@ from tierline_infra.supervisor import Stack
 from tierline_router.cascade import cost
 from tierline_shared.config.manifest import BatchConfig, load_manifest
 from tierline_shared.runtime.affinity import on
+from tierline_shared.runtime.engine import Engine, GenerationParams
 from tierline_shared.tasks.problems import Problem, is_correct
 from tierline_shared.wire import TIERS
 
@@ -254,10 +256,12 @@ def batching(on: Stack, off: Stack, cfg: BenchConfig, prompts: list[str], warm: 
 
 # -- 4. the layered cache ----------------------------------------------------------------------------------------------
 def cache(stack: Stack, reuse_on: Stack, reuse_off: Stack, cfg: BenchConfig, pool: list[Problem],
-          dialogue_problems: list[Problem], engine_cpus: list[int] | None = None) -> dict:
+          dialogue_problems: list[Problem], concurrent_dialogue_problems: list[Problem], engine: Engine,
+          engine_cpus: list[int] | None = None) -> dict:
     """Exact-repeat hits vs misses and the hit rate on traffic with repeats (result cache, `stack`); the same
-    multi-turn dialogues with prefix KV reuse on and off (`reuse_on` / `reuse_off`, result caches off).
-    `engine_cpus`: where their engine cores run, for the report."""
+    multi-turn dialogues with prefix KV reuse on and off (`reuse_on` / `reuse_off`, result caches off), one at a
+    time, then other dialogues DIALOGUE_CONCURRENCY at a time; and what an idle CPU costs the next prefill, on
+    `engine` (the edge model, in-process, on `engine_cpus`: where the tiers' engine cores run)."""
     client = _grpc(stack, "edge-0", cfg)
     distinct = list(dict.fromkeys(p.prompt for p in pool))
     per = max(1, len(distinct) // (cfg.repeats + 1))
@@ -282,18 +286,23 @@ def cache(stack: Stack, reuse_on: Stack, reuse_off: Stack, cfg: BenchConfig, poo
 
     client.close()
     turns = _dialogues({"on": reuse_on, "off": reuse_off}, dialogue_problems, cfg)
+    together = _dialogues({"on": reuse_on, "off": reuse_off}, concurrent_dialogue_problems, cfg, DIALOGUE_CONCURRENCY)
+    idle = _on_cpus(engine_cpus, lambda: _after_idle(engine, [p.prompt for p in dialogue_problems]))
     metrics = {
         "repeat": {"miss_latency_ms_p50": num(median(miss_ms)), "hit_latency_ms_p50": num(median(hit_ms)),
                    "hit_speedup": num(median(speedups)),
                    "zipf_repeat_share": num(repeat_share, 4), "zipf_hit_rate": num(hit_rate, 4),
                    "zipf_qps": num(zipf.qps), "errors": zipf.errors},
         "multi_turn": turns["metrics"],
+        "multi_turn_concurrent": together["metrics"],
+        "prefill_after_idle": idle,
     }
     return {
         "title": "The layered cache",
         "method": _method(cfg, "closed loop (bench/load.py), gRPC to the edge tier", "1 (hit/miss), "
-                          f"{cfg.concurrency} (Zipf traffic), 1 (dialogues)", cfg.requests, warmup=0,
-                          hit_miss_prompts_per_repeat=per, dialogues=turns["dialogues"],
+                          f"{cfg.concurrency} (Zipf traffic), 1 and {DIALOGUE_CONCURRENCY} (dialogues)",
+                          cfg.requests, warmup=0, hit_miss_prompts_per_repeat=per, dialogues=turns["dialogues"],
+                          concurrent_dialogues=together["dialogues"], dialogue_concurrency=[1, DIALOGUE_CONCURRENCY],
                           dialogue_max_tokens=DIALOGUE_MAX_TOKENS, engine_cpus=engine_cpus or [],
                           target="repeats: the edge tier with its LRU result cache on (cache_size 1024); "
                                  "dialogues: two edge tiers with result caches off, prefix KV reuse on "
@@ -306,11 +315,19 @@ def cache(stack: Stack, reuse_on: Stack, reuse_off: Stack, cfg: BenchConfig, poo
                   "(no request coalescing), so the hit rate is below the traffic's repeat share.",
                   "Multi-turn: each turn's prompt is the whole dialogue so far plus the next question. With reuse "
                   "on, the tier keeps each prompt's KV (shared/runtime/engine.py PrefixCache) and a later prompt "
-                  "prefills only what follows the longest cached prefix; the previous answer is not cached (only "
-                  "prompts are), so turn k reuses turn k-1's prompt. Prefill tokens computed are each answer's "
+                  "prefills only what follows the longest cached prefix; a finished answer's KV is kept too, so "
+                  "turn k reuses turn k-1's prompt and answer. Prefill tokens computed are each answer's "
                   "usage (prompt_tokens - cached_tokens), checked against the tier's tierline_prefix_cache_hits_total "
-                  "counter read before and after each run (cached_tokens_disagree_with_metrics: runs that differ); "
-                  "concurrency 1. later_turns_prefill_time_saving is prefill_time_saving on turns 2 and 3 alone.",
+                  "counter read before and after each run (cached_tokens_disagree_with_metrics: runs that differ). "
+                  "later_turns_prefill_time_saving is prefill_time_saving on turns 2 and 3 alone.",
+                  f"multi_turn: one dialogue at a time (concurrency 1); multi_turn_concurrent: other dialogues, "
+                  f"{DIALOGUE_CONCURRENCY} at a time (each one's turns in order), as a tier serving several users "
+                  "sees them. One at a time, the engine waits idle for the client between turns; "
+                  f"prefill_after_idle measures what that costs: the bare edge engine, in-process on the engine "
+                  f"CPU, prefills the dialogues' first prompts (max_tokens 1) back to back and again each after "
+                  f"{IDLE_S * 1000:.0f} ms asleep, interleaved, medians. The extra time is paid by both targets "
+                  "alike, so it shrinks the saving one at a time; with several dialogues in flight the engine does "
+                  "not idle between turns.",
                   "Compute saving = 1 - prefill tokens computed with reuse / without (all turns; later turns "
                   "alone); the decode steps are the same either way, so all_tokens_compute_saving counts them "
                   "too. prefill_time_saving is the same ratio on the tiers' prefill + first-token times, per "
@@ -322,10 +339,31 @@ def cache(stack: Stack, reuse_on: Stack, reuse_off: Stack, cfg: BenchConfig, poo
 
 DIALOGUE_TURNS = 3
 DIALOGUE_MAX_TOKENS = 32  # completion tokens per turn
+DIALOGUE_CONCURRENCY = 4  # dialogues in flight in the second run (each one's turns in order)
+IDLE_S = 0.01  # prefill_after_idle: how long the engine sleeps before each timed prefill
 
 
-def _dialogues(targets: dict[str, Stack], problems: list[Problem], cfg: BenchConfig) -> dict:
-    """The same three-turn dialogues on each target (prefix reuse on / off), at concurrency 1, ABBA by repeat.
+def _after_idle(engine: Engine, prompts: list[str]) -> dict:
+    """Prefill + first token of each prompt (max_tokens 1), run back to back and run after IDLE_S asleep,
+    interleaved prompt by prompt: what an engine idle between requests pays (caches, clocks)."""
+    params = GenerationParams(max_tokens=1)
+    for p in prompts[:8]:
+        engine.generate(p, params)  # warm
+    warm, idle = [], []
+    for p in prompts:
+        engine.generate(p, params)
+        warm.append(engine.generate(p, params).first_token_s * 1000)  # right after another forward
+        time.sleep(IDLE_S)
+        idle.append(engine.generate(p, params).first_token_s * 1000)
+    return {"idle_ms": IDLE_S * 1000, "prompts": len(prompts), "first_token_ms_p50_back_to_back": num(median(warm)),
+            "first_token_ms_p50_after_idle": num(median(idle)),
+            "after_idle_over_back_to_back": num(median(idle) / median(warm), 3) if median(warm) else not_measured(
+                "no time measured")}
+
+
+def _dialogues(targets: dict[str, Stack], problems: list[Problem], cfg: BenchConfig, concurrency: int = 1) -> dict:
+    """The same three-turn dialogues on each target (prefix reuse on / off), `concurrency` dialogues at a time
+    (each one's turns in order), ABBA by repeat.
 
     Turn k's prompt repeats turns 1..k-1 with their answers. Answers are greedy, so both targets see the
     same prompts (checked: identical_answer_share).
@@ -337,33 +375,41 @@ def _dialogues(targets: dict[str, Stack], problems: list[Problem], cfg: BenchCon
     per = max(1, len(dialogues) // cfg.repeats)
     mismatches = 0
     rows: list[dict] = []  # one per answered turn: repeat, target, dialogue, turn, token counts, times, text
-    for r in range(cfg.repeats):
-        chunk = dialogues[r * per:(r + 1) * per] or dialogues[:per]
-        for name, client in _interleaved(clients, r):
-            hits_before, answered = _prefix_hits(ports[name]), len(rows)
-            for d, dialogue in enumerate(chunk):
-                history = ""
-                for k, p in enumerate(dialogue):
-                    prompt = (history + "\n" if history else "") + p.prompt
-                    if len(prompt) + DIALOGUE_MAX_TOKENS + 2 > max_context:  # one token per character, plus BOS
-                        break
-                    o = client.infer(prompt, max_tokens=DIALOGUE_MAX_TOKENS)
-                    if not o.ok:
-                        rows.append({"repeat": r, "target": name, "turn": k, "ok": False})
-                        break
-                    rows.append({"repeat": r, "target": name, "dialogue": r * per + d, "turn": k, "ok": True,
-                                 "prompt": o.prompt_tokens, "computed": o.prompt_tokens - o.cached_tokens,
-                                 "completion": o.completion_tokens, "text": o.text, "e2e_ms": o.latency_s * 1000,
-                                 "prefill_ms": o.server_first_token_ms - o.server_queue_ms})
-                    history = prompt + o.text
-            # each answer's usage.cached_tokens against the tier's own counter over the run (read outside the
-            # timed requests, so that a scrape never shares the tier's time with a request)
-            reused = sum(x["prompt"] - x["computed"] for x in rows[answered:] if x["ok"])
-            mismatches += reused != _prefix_hits(ports[name]) - hits_before
+
+    def dialogue_rows(client: GrpcClient, r: int, name: str, d: int, dialogue: list[Problem]) -> list[dict]:
+        out, history = [], ""
+        for k, p in enumerate(dialogue):
+            prompt = (history + "\n" if history else "") + p.prompt
+            if len(prompt) + DIALOGUE_MAX_TOKENS + 2 > max_context:  # one token per character, plus BOS
+                break
+            o = client.infer(prompt, max_tokens=DIALOGUE_MAX_TOKENS)
+            if not o.ok:
+                out.append({"repeat": r, "target": name, "turn": k, "ok": False})
+                break
+            out.append({"repeat": r, "target": name, "dialogue": d, "turn": k, "ok": True,
+                        "prompt": o.prompt_tokens, "computed": o.prompt_tokens - o.cached_tokens,
+                        "completion": o.completion_tokens, "text": o.text, "e2e_ms": o.latency_s * 1000,
+                        "prefill_ms": o.server_first_token_ms - o.server_queue_ms})
+            history = prompt + o.text
+        return out
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        for r in range(cfg.repeats):
+            chunk = dialogues[r * per:(r + 1) * per] or dialogues[:per]
+            for name, client in _interleaved(clients, r):
+                hits_before, answered = _prefix_hits(ports[name]), len(rows)
+                for out in pool.map(lambda d: dialogue_rows(client, r, name, r * per + d, chunk[d]),
+                                    range(len(chunk))):
+                    rows += out
+                # each answer's usage.cached_tokens against the tier's own counter over the run (read outside the
+                # timed requests, so that a scrape never shares the tier's time with a request)
+                reused = sum(x["prompt"] - x["computed"] for x in rows[answered:] if x["ok"])
+                mismatches += reused != _prefix_hits(ports[name]) - hits_before
     for c in clients.values():
         c.close()
     metrics = _multi_turn_metrics(rows)
     metrics["cached_tokens_disagree_with_metrics"] = mismatches  # runs whose answers' counts and the tier's differ
+    metrics["concurrency"] = concurrency
     return {"metrics": metrics, "dialogues": len({(x["repeat"], x.get("dialogue")) for x in rows})}
 
 

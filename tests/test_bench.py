@@ -83,9 +83,13 @@ def test_every_metric_is_a_number_or_an_explicit_reason(report):
         allowed |= {p for p in not_measured if p.startswith("peer_transformers.")}
     assert set(not_measured) == allowed
     # multi-turn prefix KV reuse, in counts (not speeds): fewer prefill tokens computed, the same answers
-    turns = results["sections"]["cache"]["metrics"]["multi_turn"]
-    assert turns["identical_answer_share"] == 1.0 and turns["errors"] == 0
-    assert turns["prefill_tokens_computed_on"] < turns["prefill_tokens_computed_off"]
+    cache = results["sections"]["cache"]["metrics"]
+    for key, concurrency in (("multi_turn", 1), ("multi_turn_concurrent", 4)):  # one dialogue at a time, then 4
+        turns = cache[key]
+        assert turns["concurrency"] == concurrency and turns["cached_tokens_disagree_with_metrics"] == 0
+        assert turns["identical_answer_share"] == 1.0 and turns["errors"] == 0
+        assert turns["prefill_tokens_computed_on"] < turns["prefill_tokens_computed_off"]
+    assert cache["prefill_after_idle"]["prompts"] > 0
 
 
 def test_the_markdown_has_every_section_and_its_plots(report):

@@ -78,9 +78,9 @@ class OnnxEngine(Engine):
         return [(np.ascontiguousarray(k[:, :, n:]), np.ascontiguousarray(v[:, :, n:])) for k, v in past]
 
     def _past_take(self, past: Past, row: int, cols) -> Past:
-        # copies: a view would keep the whole batch's cache alive in the prefix cache
-        return [(np.ascontiguousarray(k[row:row + 1, :, cols]), np.ascontiguousarray(v[row:row + 1, :, cols]))
-                for k, v in past]
+        # copies, always (ascontiguousarray returns a contiguous view as it is: a whole row is one): a view would
+        # keep the whole batch's cache alive in the prefix cache, and see the row's next owner written over it
+        return [(k[row:row + 1, :, cols].copy(), v[row:row + 1, :, cols].copy()) for k, v in past]
 
     def _past_join(self, parts, width: int) -> Past:
         def stack(arrays) -> np.ndarray:

@@ -61,6 +61,31 @@ def test_dialogues_reuse_the_prefix_and_decode_identically(engines):
         len(tokens(a)) for a, b in zip(prompts, prompts[1:]) if b.startswith(a))
 
 
+def test_a_stored_answer_is_not_overwritten_by_the_row_that_takes_its_slot(engines):
+    """A finished answer's KV goes to the prefix cache; a new sequence then takes its slot in the running batch,
+    written in place. The cache must hold a copy: a view of the widest row (the whole row is contiguous) was
+    overwritten by the newcomer, and the next prompt that hit it decoded from another prompt's KV."""
+    plain, reuse = engines
+    reuse.prefix_cache.clear()
+    problems = [p.prompt for p in generate("test", 12, seed=23)]
+    widest = "\n".join(problems[:4])  # the widest row: its KV spans the whole batch width
+    others = problems[4:7]
+    with reuse._lock:
+        runner = reuse.runner()
+        first = [runner.sequence(widest, GenerationParams(max_tokens=2))]  # finishes at the first decode
+        first += [runner.sequence(p, GenerationParams(max_tokens=MAX_TOKENS)) for p in others]
+        runner.step([(s, runner.chunk_limit(s)) for s in first], keep_slots=True)
+        assert first[0].done and not any(s.done for s in first[1:])  # its slot stays (3 of 4 rows still run)
+        newcomer = runner.sequence(problems[8], GenerationParams(max_tokens=MAX_TOKENS))
+        runner.step([(newcomer, runner.chunk_limit(newcomer))], keep_slots=True)  # into the finished row's slot
+        assert newcomer in runner._rows and len(runner._rows) == 4
+        again = runner.sequence(widest, GenerationParams(max_tokens=MAX_TOKENS))
+        assert again.cached == len(again.ids) - 1  # it hits the stored answer: all but its last token
+        for _ in runner.run([again]):
+            pass
+    assert again.result().token_ids == ids(plain, [widest])[0]
+
+
 def test_exact_repeat_and_shorter_prompt_hit_all_but_the_last_token(engines):
     plain, reuse = engines
     reuse.prefix_cache.clear()

@@ -95,7 +95,12 @@ def spawn(name: str, argv: list[str], log_path: Path, timeout_s: float = READY_T
     except BaseException:
         log.close()
         raise
-    return Starting(Proc(name, popen, log=log), log_path, timeout_s)
+    proc = Proc(name, popen, log=log)
+    try:
+        return Starting(proc, log_path, timeout_s)
+    except BaseException:
+        proc.close()
+        raise
 
 
 class Starting:
@@ -120,34 +125,51 @@ class Starting:
     def wait_ready(self) -> Proc:
         """The child once it printed its ready line (`proc.ready`); killed, and an error naming its log, if it
         exits or its time runs out first."""
-        proc, log_path, popen, deadline = self.proc, self._log_path, self.proc.popen, self._deadline
+        while (proc := self.poll(max(0.0, self._deadline - time.monotonic()))) is None:
+            pass
+        return proc
+
+    def poll(self, wait_s: float) -> Proc | None:
+        """Like `wait_ready`, waiting at most `wait_s` for the child's next line: None while it is still starting."""
+        proc, log_path, popen = self.proc, self._log_path, self.proc.popen
         try:
-            while True:
+            try:
+                line = self._lines.get(timeout=wait_s)
+            except queue.Empty:
+                if time.monotonic() < self._deadline:
+                    return None
+                raise TimeoutError(f"{proc.name} not ready in {self._timeout_s} s (killed; its log: "
+                                   f"{log_path})") from None
+            if line is None:
                 try:
-                    line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    raise TimeoutError(f"{proc.name} not ready in {self._timeout_s} s (killed; its log: "
+                    code = popen.wait(timeout=max(0.1, self._deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    raise TimeoutError(f"{proc.name} closed its stdout without a ready line (killed; its log: "
                                        f"{log_path})") from None
-                if line is None:
-                    try:
-                        code = popen.wait(timeout=max(0.1, deadline - time.monotonic()))
-                    except subprocess.TimeoutExpired:
-                        raise TimeoutError(f"{proc.name} closed its stdout without a ready line (killed; its log: "
-                                           f"{log_path})") from None
-                    proc.log.flush()
-                    raise RuntimeError(f"{proc.name} exited with {code} before it was ready; the end of {log_path}:"
-                                       f"\n{Path(log_path).read_text(errors='replace')[-LOG_TAIL_CHARS:]}")
-                try:
-                    msg = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(msg, dict) and msg.get("event") == "ready":
-                    proc.ready = msg
-                    self._waiting.clear()  # the reader goes on draining stdout, keeping nothing
-                    return proc
+                proc.log.flush()
+                raise RuntimeError(f"{proc.name} exited with {code} before it was ready; the end of {log_path}:"
+                                   f"\n{Path(log_path).read_text(errors='replace')[-LOG_TAIL_CHARS:]}")
+            try:
+                msg = json.loads(line)
+            except json.JSONDecodeError:
+                return None
+            if isinstance(msg, dict) and msg.get("event") == "ready":
+                proc.ready = msg
+                self._waiting.clear()  # the reader goes on draining stdout, keeping nothing
+                return proc
+            return None
         except BaseException:
             proc.close()
             raise
+
+
+def wait_all(starting: list[Starting], poll_s: float = 0.05) -> list[Proc]:
+    """Every child ready, waited on together: the first to fail (exit, or its own time out) raises at once,
+    whichever of them it is."""
+    pending = list(starting)
+    while pending:
+        pending = [s for s in pending if s.poll(poll_s / len(pending)) is None]
+    return [s.proc for s in starting]
 
 
 class NatsServer:
@@ -391,8 +413,7 @@ class Stack:
             starting = [self.start_process(f"{tier}-{i}", TIER_MODULES[tier], self._replica_manifest(tier, i),
                                            wait=False)
                         for tier in self.tiers for i in range(self.replicas.get(tier, 1))]
-            for s in starting:  # the tiers load side by side; each has its own READY_TIMEOUT_S from its start
-                s.wait_ready()
+            wait_all(starting)  # the tiers load side by side; each has its own READY_TIMEOUT_S from its start
             if self.with_router:  # last: the tiers it asks are up when it says it is ready
                 self.start_process("router", ROUTER_MODULE)
         except BaseException:
@@ -420,7 +441,13 @@ class Stack:
         starting = spawn(name, [sys.executable, "-m", module, "--manifest", str(manifest)],
                          self.workdir / f"{name}.log", self.ready_timeout_s)
         self.procs.append(starting.proc)
-        return starting.wait_ready() if wait else starting
+        if not wait:
+            return starting
+        try:
+            return starting.wait_ready()
+        except BaseException:
+            self.procs.remove(starting.proc)  # stopped already: `port(name)` and `restart(name)` never find it
+            raise
 
     def _provision_board(self) -> None:
         """What `tierline devices provision` does for the manifest's board: its identity (the server

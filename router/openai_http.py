@@ -57,6 +57,8 @@ HTTP_STATUS = {
     "UNAVAILABLE": (503, "service_unavailable"),
     "DEADLINE_EXCEEDED": (504, "timeout_error"),
 }
+SHUTDOWN_TIMEOUT_S = 1.0  # seconds a stopping router gives HTTP requests in flight (with gRPC's grace of 2 s and the
+# NATS drain of 2 s, within the supervisor's 5)
 # parameters clients send at their neutral values even when they use none of them (LangChain always sends
 # penalties of 0): accepted at exactly these, refused (400 naming the parameter) at anything else
 NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "response_format": {"type": "text"}}
@@ -319,7 +321,8 @@ class OpenAIServer:
 
     async def start(self, host: str, port: int) -> int:
         """Listen; returns the bound port (port 0 = any free one)."""
-        self._runner = web.AppRunner(self.app, access_log=None)
+        # stopping waits this long for requests in flight (aiohttp: 60 s), within the supervisor's STOP_TIMEOUT_S
+        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()

@@ -3,7 +3,6 @@
 Its own module, so that no other test's platform is running while it looks for leftovers.
 """
 
-
 from tests.conftest import processes_with, run_cli
 
 
@@ -30,13 +29,13 @@ def test_a_tier_that_cannot_start_stops_the_tiers_starting_beside_it(tiny_family
             pass
 
     nats = KeptNats(tmp_path)
-    stack = Stack(tiny_family, workdir=tmp_path, tiers=("edge", "device", "cloud"), secure=False, nats=nats,
+    stack = Stack(tiny_family, workdir=tmp_path, tiers=("device", "cloud", "edge"), secure=False, nats=nats,
                   overrides={"tiers.edge.engine_cpus": [4000]})  # no such CPU here: the edge exits 2
     try:
         with pytest.raises(RuntimeError) as err:
             stack.start()
         assert "edge-0 exited with 2 before it was ready" in str(err.value) and "engine_cpus" in str(err.value)
         manifest = str(tmp_path / "manifest.yaml").encode()
-        assert not processes_with(lambda args: manifest in args)  # the device and cloud tiers
+        assert not processes_with(lambda args: manifest in args) and not stack.procs  # the device and cloud tiers
     finally:
         NatsServer.stop(nats)

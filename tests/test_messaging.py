@@ -150,3 +150,31 @@ def test_every_request_over_nats_waits_in_the_scheduler_not_in_a_thread(tmp_path
         service.stop()
         servicer.scheduler.close()
         server.stop()
+
+
+def test_a_drain_never_outlasts_the_supervisors_patience(tmp_path):
+    """A subscription whose messages nobody reads holds nats-py's drain for 30 s by default; every Tierline
+    connection bounds it (DRAIN_TIMEOUT_S), so a process told to stop closes before the supervisor's SIGKILL."""
+    from tierline_infra.supervisor import STOP_TIMEOUT_S
+    from tierline_shared.transport.messaging import DRAIN_TIMEOUT_S
+
+    server = NatsServer(tmp_path).start()
+
+    async def main() -> float:
+        nc = await connect(NatsOptions(server.url, server.user, server.password), name="test-drain")
+        sub = await nc.subscribe("tierline.test.unread")
+        await nc.publish("tierline.test.unread", b"x")
+        await nc.flush()
+        await sub.next_msg(timeout=5)  # one read: the subscription works
+        await nc.publish("tierline.test.unread", b"y")  # and one nobody reads
+        await nc.flush()
+        t0 = time.monotonic()
+        await nc.drain()
+        return time.monotonic() - t0
+
+    try:
+        took = asyncio.run(main())
+    finally:
+        server.stop()
+    assert took > DRAIN_TIMEOUT_S - 0.5  # it waited on the unread message (nats-py's default: 30 s), then closed
+    assert took < STOP_TIMEOUT_S - 2  # the router's gRPC grace (2 s) comes first

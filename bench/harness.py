@@ -167,7 +167,9 @@ def run_bench(models_dir: Path, out_dir: Path, quick: bool = False, log=print) -
         log("  4. cache")
         pool = generate("test", cfg.cache_prompts * (cfg.repeats + 1), seed=cfg.seed + 2000)
         dialogue = generate("test", 3 * cfg.dialogues, seed=cfg.seed + 4000, levels=(1, 2))
-        together = generate("test", 3 * cfg.dialogues, seed=cfg.seed + 7000, levels=(1, 2))  # other dialogues
+        asked = {p.prompt for p in dialogue}  # other dialogues: no question of the first run, none twice
+        together = list({p.prompt: p for p in generate("test", 6 * cfg.dialogues, seed=cfg.seed + 7000, levels=(1, 2))
+                         if p.prompt not in asked}.values())[:3 * cfg.dialogues]
         engine = load_engine(models_dir, threads=cfg.threads)  # in-process: what an idle CPU costs a prefill
         sections["cache"] = scenarios.cache(cached, reuse, no_reuse, cfg, pool, dialogue, together, engine, cpus)
         del engine

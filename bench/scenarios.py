@@ -322,12 +322,14 @@ def cache(stack: Stack, reuse_on: Stack, reuse_off: Stack, cfg: BenchConfig, poo
                   "later_turns_prefill_time_saving is prefill_time_saving on turns 2 and 3 alone.",
                   f"multi_turn: one dialogue at a time (concurrency 1); multi_turn_concurrent: other dialogues, "
                   f"{DIALOGUE_CONCURRENCY} at a time (each one's turns in order), as a tier serving several users "
-                  "sees them. One at a time, the engine waits idle for the client between turns; "
-                  f"prefill_after_idle measures what that costs: the bare edge engine, in-process on the engine "
-                  f"CPU, prefills the dialogues' first prompts (max_tokens 1) back to back and again each after "
-                  f"{IDLE_S * 1000:.0f} ms asleep, interleaved, medians. The extra time is paid by both targets "
-                  "alike, so it shrinks the saving one at a time; with several dialogues in flight the engine does "
-                  "not idle between turns.",
+                  "sees them; there a turn's prefill + first token can include the prefill of a request that joined "
+                  "the same step (a warm row's forward runs after the fresh rows'). One at a time, the engine is "
+                  "idle while the client reads an answer and sends the next turn. prefill_after_idle shows what an "
+                  "idle CPU costs one prefill on this machine: the bare edge engine, in-process on the engine CPU, "
+                  "prefills each dialogue question (max_tokens 1) right after another forward, then after sleeping "
+                  f"{', '.join(str(ms) for ms in IDLE_MS)} ms, interleaved question by question; medians. That extra "
+                  "time is the same with reuse on and off: it lowers the share of prefill time reuse saves, not the "
+                  "time saved.",
                   "Compute saving = 1 - prefill tokens computed with reuse / without (all turns; later turns "
                   "alone); the decode steps are the same either way, so all_tokens_compute_saving counts them "
                   "too. prefill_time_saving is the same ratio on the tiers' prefill + first-token times, per "
@@ -340,25 +342,27 @@ def cache(stack: Stack, reuse_on: Stack, reuse_off: Stack, cfg: BenchConfig, poo
 DIALOGUE_TURNS = 3
 DIALOGUE_MAX_TOKENS = 32  # completion tokens per turn
 DIALOGUE_CONCURRENCY = 4  # dialogues in flight in the second run (each one's turns in order)
-IDLE_S = 0.01  # prefill_after_idle: how long the engine sleeps before each timed prefill
+IDLE_MS = (1, 2, 5, 10)  # prefill_after_idle: how long the engine sleeps before a timed prefill
 
 
 def _after_idle(engine: Engine, prompts: list[str]) -> dict:
-    """Prefill + first token of each prompt (max_tokens 1), run back to back and run after IDLE_S asleep,
-    interleaved prompt by prompt: what an engine idle between requests pays (caches, clocks)."""
+    """Prefill + first token of each prompt (max_tokens 1), run right after another forward and run after each of
+    IDLE_MS asleep, interleaved prompt by prompt: what an engine idle between requests pays (caches, clocks)."""
     params = GenerationParams(max_tokens=1)
     for p in prompts[:8]:
         engine.generate(p, params)  # warm
-    warm, idle = [], []
-    for p in prompts:
+    warm, idle = [], {ms: [] for ms in IDLE_MS}
+    for i, p in enumerate(prompts):
         engine.generate(p, params)
         warm.append(engine.generate(p, params).first_token_s * 1000)  # right after another forward
-        time.sleep(IDLE_S)
-        idle.append(engine.generate(p, params).first_token_s * 1000)
-    return {"idle_ms": IDLE_S * 1000, "prompts": len(prompts), "first_token_ms_p50_back_to_back": num(median(warm)),
-            "first_token_ms_p50_after_idle": num(median(idle)),
-            "after_idle_over_back_to_back": num(median(idle) / median(warm), 3) if median(warm) else not_measured(
-                "no time measured")}
+        for ms in IDLE_MS[i % len(IDLE_MS):] + IDLE_MS[:i % len(IDLE_MS)]:  # each idle length first in turn
+            time.sleep(ms / 1000)
+            idle[ms].append(engine.generate(p, params).first_token_s * 1000)
+    base = median(warm)
+    return {"prompts": len(prompts), "first_token_ms_p50_back_to_back": num(base),
+            "after_idle": {str(ms): {"first_token_ms_p50": num(median(v)),
+                                     "over_back_to_back": num(median(v) / base, 3) if base else not_measured(
+                                         "no time measured")} for ms, v in idle.items()}}
 
 
 def _dialogues(targets: dict[str, Stack], problems: list[Problem], cfg: BenchConfig, concurrency: int = 1) -> dict:

@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import processes_with, run_cli
 from tierline_bench.peer import available
+from tierline_bench.scenarios import IDLE_MS
 from tierline_bench.transformers_peer import available as transformers_available
 
 SECTIONS = ("edge_vs_cloud", "tiered_vs_cloud", "batching", "cache", "platform_overhead", "peer_litserve",
@@ -89,7 +90,8 @@ def test_every_metric_is_a_number_or_an_explicit_reason(report):
         assert turns["concurrency"] == concurrency and turns["cached_tokens_disagree_with_metrics"] == 0
         assert turns["identical_answer_share"] == 1.0 and turns["errors"] == 0
         assert turns["prefill_tokens_computed_on"] < turns["prefill_tokens_computed_off"]
-    assert cache["prefill_after_idle"]["prompts"] > 0
+    idle = cache["prefill_after_idle"]  # a prefill after each idle length, beside one back to back
+    assert idle["prompts"] > 0 and set(idle["after_idle"]) == {str(ms) for ms in IDLE_MS}
 
 
 def test_the_markdown_has_every_section_and_its_plots(report):

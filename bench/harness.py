@@ -35,7 +35,7 @@ from tierline_infra.supervisor import Stack, demo_overrides
 from tierline_shared.config.manifest import BatchConfig, load_manifest
 from tierline_shared.models.artifacts import load_index
 from tierline_shared.runtime.affinity import allowed, leave, pin, supported
-from tierline_shared.tasks.problems import generate
+from tierline_shared.tasks.problems import Problem, generate
 from tierline_shared.wire import TIERS
 
 PEER_BATCH_TIMEOUT_S = 0.005  # LitServe's batch_timeout: how long its first request waits for company
@@ -58,6 +58,19 @@ def engine_cpus() -> list[int]:
     runs on the others. None on a one-CPU machine."""
     have = sorted(allowed())
     return have[-1:] if len(have) > 1 and supported() else []
+
+
+def _questions(n: int, seed: int, asked: list[Problem] = ()) -> list[Problem]:
+    """n dialogue questions (levels 1 and 2), none twice and none of `asked`: a turn that repeated an earlier
+    question would find its KV cached and make prefix reuse look better than it is."""
+    seen, out = {p.prompt for p in asked}, []
+    for p in generate("test", 20 * n, seed=seed, levels=(1, 2)):
+        if p.prompt not in seen:
+            seen.add(p.prompt)
+            out.append(p)
+    if len(out) < n:
+        raise ValueError(f"only {len(out)} distinct dialogue questions of {n}")
+    return out[:n]
 
 
 @contextlib.contextmanager
@@ -166,10 +179,8 @@ def run_bench(models_dir: Path, out_dir: Path, quick: bool = False, log=print) -
             _off(cpus, cached, reuse, no_reuse):
         log("  4. cache")
         pool = generate("test", cfg.cache_prompts * (cfg.repeats + 1), seed=cfg.seed + 2000)
-        dialogue = generate("test", 3 * cfg.dialogues, seed=cfg.seed + 4000, levels=(1, 2))
-        asked = {p.prompt for p in dialogue}  # other dialogues: no question of the first run, none twice
-        together = list({p.prompt: p for p in generate("test", 6 * cfg.dialogues, seed=cfg.seed + 7000, levels=(1, 2))
-                         if p.prompt not in asked}.values())[:3 * cfg.dialogues]
+        dialogue = _questions(3 * cfg.dialogues, cfg.seed + 4000)
+        together = _questions(3 * cfg.dialogues, cfg.seed + 7000, dialogue)  # other dialogues
         engine = load_engine(models_dir, threads=cfg.threads)  # in-process: what an idle CPU costs a prefill
         sections["cache"] = scenarios.cache(cached, reuse, no_reuse, cfg, pool, dialogue, together, engine, cpus)
         del engine

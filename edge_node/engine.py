@@ -79,8 +79,10 @@ class OnnxEngine(Engine):
 
     def _past_take(self, past: Past, row: int, cols) -> Past:
         # copies, always (ascontiguousarray returns a contiguous view as it is: a whole row is one): a view would
-        # keep the whole batch's cache alive in the prefix cache, and see the row's next owner written over it
-        return [(k[row:row + 1, :, cols].copy(), v[row:row + 1, :, cols].copy()) for k, v in past]
+        # keep the whole batch's cache alive in the prefix cache, and see the row's next owner written over it;
+        # an index array's columns are a new array already
+        own = np.copy if isinstance(cols, slice) else np.ascontiguousarray
+        return [(own(k[row:row + 1, :, cols]), own(v[row:row + 1, :, cols])) for k, v in past]
 
     def _past_join(self, parts, width: int) -> Past:
         def stack(arrays) -> np.ndarray:

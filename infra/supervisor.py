@@ -125,39 +125,48 @@ class Starting:
     def wait_ready(self) -> Proc:
         """The child once it printed its ready line (`proc.ready`); killed, and an error naming its log, if it
         exits or its time runs out first."""
-        while (proc := self.poll(max(0.0, self._deadline - time.monotonic()))) is None:
-            pass
+        try:
+            while (proc := self.poll(max(0.0, self._deadline - time.monotonic()))) is None:
+                pass
+        except BaseException:
+            self.proc.close()  # an interrupt between two polls too
+            raise
         return proc
 
     def poll(self, wait_s: float) -> Proc | None:
-        """Like `wait_ready`, waiting at most `wait_s` for the child's next line: None while it is still starting."""
+        """Like `wait_ready`, waiting at most `wait_s` for the child's next line (and taking every line already
+        there): None while it is still starting."""
         proc, log_path, popen = self.proc, self._log_path, self.proc.popen
         try:
-            try:
-                line = self._lines.get(timeout=wait_s)
-            except queue.Empty:
-                if time.monotonic() < self._deadline:
-                    return None
-                raise TimeoutError(f"{proc.name} not ready in {self._timeout_s} s (killed; its log: "
-                                   f"{log_path})") from None
-            if line is None:
+            while True:
                 try:
-                    code = popen.wait(timeout=max(0.1, self._deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    raise TimeoutError(f"{proc.name} closed its stdout without a ready line (killed; its log: "
+                    line = self._lines.get(timeout=wait_s)
+                except queue.Empty:
+                    if time.monotonic() < self._deadline:
+                        return None
+                    raise TimeoutError(f"{proc.name} not ready in {self._timeout_s} s (killed; its log: "
                                        f"{log_path})") from None
-                proc.log.flush()
-                raise RuntimeError(f"{proc.name} exited with {code} before it was ready; the end of {log_path}:"
-                                   f"\n{Path(log_path).read_text(errors='replace')[-LOG_TAIL_CHARS:]}")
-            try:
-                msg = json.loads(line)
-            except json.JSONDecodeError:
-                return None
-            if isinstance(msg, dict) and msg.get("event") == "ready":
-                proc.ready = msg
-                self._waiting.clear()  # the reader goes on draining stdout, keeping nothing
-                return proc
-            return None
+                wait_s = 0.0  # the lines already there, then back to the caller
+                if line is None:
+                    try:
+                        code = popen.wait(timeout=max(0.1, self._deadline - time.monotonic()))
+                    except subprocess.TimeoutExpired:
+                        raise TimeoutError(f"{proc.name} closed its stdout without a ready line (killed; its log: "
+                                           f"{log_path})") from None
+                    proc.log.flush()
+                    raise RuntimeError(f"{proc.name} exited with {code} before it was ready; the end of "
+                                       f"{log_path}:\n{Path(log_path).read_text(errors='replace')[-LOG_TAIL_CHARS:]}")
+                try:
+                    msg = json.loads(line)
+                except json.JSONDecodeError:
+                    msg = None
+                if isinstance(msg, dict) and msg.get("event") == "ready":
+                    proc.ready = msg
+                    self._waiting.clear()  # the reader goes on draining stdout, keeping nothing
+                    return proc
+                if time.monotonic() >= self._deadline:  # a chatty child runs out of time too
+                    raise TimeoutError(f"{proc.name} not ready in {self._timeout_s} s (killed; its log: "
+                                       f"{log_path})")
         except BaseException:
             proc.close()
             raise
@@ -444,9 +453,9 @@ class Stack:
         if not wait:
             return starting
         try:
-            return starting.wait_ready()
+            return starting.wait_ready()  # stops the child if it fails
         except BaseException:
-            self.procs.remove(starting.proc)  # stopped already: `port(name)` and `restart(name)` never find it
+            self.procs.remove(starting.proc)  # `port(name)` and `restart(name)` never find it
             raise
 
     def _provision_board(self) -> None:

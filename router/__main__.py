@@ -30,6 +30,8 @@ from tierline_shared.transport.grpc_server import (
 )
 from tierline_shared.transport.messaging import NatsAuthError, NatsOptions, connect
 
+GRPC_GRACE_S = 2.0  # a stopping router's gRPC calls in flight get this long
+
 
 async def serve(manifest_path: str) -> int:
     try:
@@ -90,9 +92,9 @@ async def serve(manifest_path: str) -> int:
     await stop.wait()
     if batch:
         await batch.stop()
-    if http:
-        await http.stop()
-    await server.stop(grace=2)
+    # both doors close together (aiohttp: up to 2 x SHUTDOWN_TIMEOUT_S; gRPC: its grace), then the NATS drain
+    # (DRAIN_TIMEOUT_S): within the supervisor's STOP_TIMEOUT_S
+    await asyncio.gather(*([http.stop()] if http else []), server.stop(grace=GRPC_GRACE_S))
     await nc.drain()
     gate.close()
     metrics.stop()

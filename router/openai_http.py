@@ -57,8 +57,7 @@ HTTP_STATUS = {
     "UNAVAILABLE": (503, "service_unavailable"),
     "DEADLINE_EXCEEDED": (504, "timeout_error"),
 }
-SHUTDOWN_TIMEOUT_S = 1.0  # seconds a stopping router gives HTTP requests in flight (with gRPC's grace of 2 s and the
-# NATS drain of 2 s, within the supervisor's 5)
+SHUTDOWN_TIMEOUT_S = 1.0  # seconds a stopping router gives HTTP requests in flight, then as long for their cancelling
 # parameters clients send at their neutral values even when they use none of them (LangChain always sends
 # penalties of 0): accepted at exactly these, refused (400 naming the parameter) at anything else
 NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "response_format": {"type": "text"}}

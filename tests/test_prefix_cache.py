@@ -61,6 +61,11 @@ def test_dialogues_reuse_the_prefix_and_decode_identically(engines):
         len(tokens(a)) for a, b in zip(prompts, prompts[1:]) if b.startswith(a))
 
 
+def _host(a) -> np.ndarray:
+    """A numpy copy of a KV array (numpy, or a torch tensor on the CPU)."""
+    return (a.numpy() if hasattr(a, "numpy") else a).copy()
+
+
 def test_a_stored_answer_is_not_overwritten_by_the_row_that_takes_its_slot(engines):
     """A finished answer's KV goes to the prefix cache; a new sequence then takes its slot in the running batch,
     written in place. The cache must hold a copy: a view of the widest row (the whole row is contiguous) was
@@ -75,10 +80,15 @@ def test_a_stored_answer_is_not_overwritten_by_the_row_that_takes_its_slot(engin
         first = [runner.sequence(widest, GenerationParams(max_tokens=2))]  # finishes at the first decode
         first += [runner.sequence(p, GenerationParams(max_tokens=MAX_TOKENS)) for p in others]
         runner.step([(s, runner.chunk_limit(s)) for s in first], keep_slots=True)
-        assert first[0].done and not any(s.done for s in first[1:])  # its slot stays (3 of 4 rows still run)
+        assert first[0].reason == "length" and not any(s.done for s in first[1:])  # it decoded, then finished
+        assert runner._rows[0] is first[0]  # its slot stays (3 of 4 rows still run)
+        stored = [(_host(k), _host(v)) for k, v in reuse.prefix_cache.lookup(first[0].ids + first[0].gen)[1]]
         newcomer = runner.sequence(problems[8], GenerationParams(max_tokens=MAX_TOKENS))
-        runner.step([(newcomer, runner.chunk_limit(newcomer))], keep_slots=True)  # into the finished row's slot
-        assert newcomer in runner._rows and len(runner._rows) == 4
+        runner.step([(newcomer, runner.chunk_limit(newcomer))], keep_slots=True)
+        assert runner._rows[0] is newcomer  # written into the finished row's slot
+        after = reuse.prefix_cache.lookup(first[0].ids + first[0].gen)[1]
+        assert all(np.array_equal(a, _host(b)) for (a, b) in zip(
+            [x for kv in stored for x in kv], [x for kv in after for x in kv]))  # the stored answer is intact
         again = runner.sequence(widest, GenerationParams(max_tokens=MAX_TOKENS))
         assert again.cached == len(again.ids) - 1  # it hits the stored answer: all but its last token
         for _ in runner.run([again]):

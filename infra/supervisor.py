@@ -144,8 +144,7 @@ class Starting:
                 except queue.Empty:
                     if time.monotonic() < self._deadline:
                         return None
-                    raise TimeoutError(f"{proc.name} not ready in {self._timeout_s} s (killed; its log: "
-                                       f"{log_path})") from None
+                    raise self._late() from None
                 wait_s = 0.0  # the lines already there, then back to the caller
                 if line is None:
                     try:
@@ -165,11 +164,13 @@ class Starting:
                     self._waiting.clear()  # the reader goes on draining stdout, keeping nothing
                     return proc
                 if time.monotonic() >= self._deadline:  # a chatty child runs out of time too
-                    raise TimeoutError(f"{proc.name} not ready in {self._timeout_s} s (killed; its log: "
-                                       f"{log_path})")
+                    raise self._late()
         except BaseException:
             proc.close()
             raise
+
+    def _late(self) -> TimeoutError:
+        return TimeoutError(f"{self.proc.name} not ready in {self._timeout_s} s (killed; its log: {self._log_path})")
 
 
 def wait_all(starting: list[Starting], poll_s: float = 0.05) -> list[Proc]:
@@ -419,8 +420,7 @@ class Stack:
                 if self.auth:
                     self.api_key = self.create_key(self.key_plan)
                 self._provision_board()
-            starting = [self.start_process(f"{tier}-{i}", TIER_MODULES[tier], self._replica_manifest(tier, i),
-                                           wait=False)
+            starting = [self._spawn(f"{tier}-{i}", TIER_MODULES[tier], self._replica_manifest(tier, i))
                         for tier in self.tiers for i in range(self.replicas.get(tier, 1))]
             wait_all(starting)  # the tiers load side by side; each has its own READY_TIMEOUT_S from its start
             if self.with_router:  # last: the tiers it asks are up when it says it is ready
@@ -443,15 +443,17 @@ class Stack:
         path.write_text(yaml.safe_dump(data, sort_keys=False))
         return path
 
-    def start_process(self, name: str, module: str, manifest: Path | None = None, wait: bool = True):
-        """One process from its manifest: the Proc once it is ready, or (`wait=False`) the `Starting` to wait
-        on; either way it is one of `procs`, stopped with the stack."""
+    def _spawn(self, name: str, module: str, manifest: Path | None = None) -> Starting:
+        """One process from its manifest, started and not yet waited on; one of `procs`, stopped with the stack."""
         manifest = self._manifests.setdefault(name, manifest or self.manifest)
         starting = spawn(name, [sys.executable, "-m", module, "--manifest", str(manifest)],
                          self.workdir / f"{name}.log", self.ready_timeout_s)
         self.procs.append(starting.proc)
-        if not wait:
-            return starting
+        return starting
+
+    def start_process(self, name: str, module: str, manifest: Path | None = None) -> Proc:
+        """One process from its manifest, once it is ready."""
+        starting = self._spawn(name, module, manifest)
         try:
             return starting.wait_ready()  # stops the child if it fails
         except BaseException:

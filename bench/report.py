@@ -384,6 +384,7 @@ def _batch_api(section: dict, number: int) -> list[str]:
 
 
 def _serving_table(m: dict, keys) -> list[str]:
+    occupancy = all("seqs_per_step" in m[k] for k in keys)
     names = {"bare": "bare onnxruntime (the limit)", "edge_node": "edge node (gRPC)",
              "platform": "router + NATS + edge", "litserve_batch": "LitServe, batching loop (HTTP)",
              "litserve_continuous": "LitServe, continuous-batching loop (HTTP)"}
@@ -392,8 +393,10 @@ def _serving_table(m: dict, keys) -> list[str]:
         r = m[k]
         share = "100%" if k == "bare" else fmt(m["ratio"][f"{k}_over_bare"], pct=True)
         rows.append([names[k], fmt(r["qps"], " req/s"), fmt(r["tokens_per_s"], " tok/s"),
-                     fmt(r["latency_ms_p50"], " ms"), fmt(r["latency_ms_p95"], " ms"), share])
-    return _table(["", "throughput", "tokens/s", "latency p50", "latency p95", "of bare (per-repeat ratio)"], rows)
+                     fmt(r["latency_ms_p50"], " ms"), fmt(r["latency_ms_p95"], " ms"), share]
+                    + ([fmt(r["seqs_per_step"])] if occupancy else []))
+    return _table(["", "throughput", "tokens/s", "latency p50", "latency p95", "of bare (per-repeat ratio)"]
+                  + (["sequences per step (mean)"] if occupancy else []), rows)
 
 
 def _multi_turn(m: dict) -> list[str]:

@@ -485,15 +485,44 @@ def _metrics_port(stack: Stack, name: str) -> int:
     return next(p.ready["metrics_port"] for p in stack.procs if p.name == name)
 
 
-def _prefix_hits(port: int) -> float:
-    """The tier's tierline_prefix_cache_hits_total (prompt tokens whose KV was reused), from its /metrics."""
+def _samples(port: int, *names: str) -> tuple[float, ...]:
+    """Each named sample of a tier's /metrics (e.g. tierline_prefix_cache_hits_total), summed over its labels."""
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=METRICS_TIMEOUT_S) as resp:
         text = resp.read().decode()
-    return sum(sample.value for family in text_string_to_metric_families(text)
-               if family.name == "tierline_prefix_cache_hits" for sample in family.samples
-               if sample.name == "tierline_prefix_cache_hits_total")
+    got = dict.fromkeys(names, 0.0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in got:
+                got[sample.name] += sample.value
+    return tuple(got.values())
+
+
+def _prefix_hits(port: int) -> float:
+    """The tier's tierline_prefix_cache_hits_total (prompt tokens whose KV was reused)."""
+    return _samples(port, "tierline_prefix_cache_hits_total")[0]
+
+
+STEP_SIZES = ("tierline_batch_size_sum", "tierline_batch_size_count")  # sequences over all steps, steps
+
+
+def _occupancy(port: int, measure: Callable[[], LoadRun]) -> tuple[LoadRun, float]:
+    """`measure()` and the tier's mean sequences per scheduler step over it (its tierline_batch_size histogram)."""
+    seqs0, steps0 = _samples(port, *STEP_SIZES)
+    run = measure()
+    seqs1, steps1 = _samples(port, *STEP_SIZES)
+    return run, (seqs1 - seqs0) / (steps1 - steps0) if steps1 > steps0 else math.nan
+
+
+def bare_occupancy(run: LoadRun) -> float:
+    """The bare engine's mean rows per decode step: each batch decodes until its longest answer ends, its
+    rows leaving as they finish (a row's completion tokens are its decode steps)."""
+    tokens = steps = 0
+    for i in range(0, len(run.outcomes), run.concurrency):
+        batch = [o.completion_tokens for o in run.outcomes[i:i + run.concurrency]]
+        tokens, steps = tokens + sum(batch), steps + max(batch)
+    return tokens / steps if steps else math.nan
 
 
 # -- 5. platform overhead and 6. the LitServe peer ---------------------------------------------------------------
@@ -557,10 +586,25 @@ def overhead_and_peer(platform: Stack, engine, peers: dict[str, HttpClient], pee
                                                                  cfg.max_tokens, cfg.concurrency))
     edge = _grpc(platform, "edge-0", cfg)
     router = GrpcClient(platform.router_address, cfg.max_tokens)
+    port = _metrics_port(platform, "edge-0")
+    occupancy: dict[str, list[float]] = {"bare": [], "edge_node": [], "platform": []}
+
+    def occupied(name: str, measure: Callable[[], LoadRun]) -> LoadRun:
+        run, seqs = _occupancy(port, measure)
+        occupancy[name].append(seqs)
+        return run
+
+    def bare(r: int) -> LoadRun:
+        run = _on_cpus(engine_cpus, lambda: run_bare(engine, prompts, batch, cfg.max_tokens))
+        occupancy["bare"].append(bare_occupancy(run))
+        return run
+
     targets: dict[str, Callable[[int], LoadRun]] = {
-        "bare": lambda r: _on_cpus(engine_cpus, lambda: run_bare(engine, prompts, batch, cfg.max_tokens)),
-        "edge_node": lambda r: run_load(edge.infer, prompts, cfg.concurrency, warm if r == 0 else ()),
-        "platform": lambda r: run_load(router.infer, prompts, cfg.concurrency, warm if r == 0 else ()),
+        "bare": bare,
+        "edge_node": lambda r: occupied("edge_node", lambda: run_load(edge.infer, prompts, cfg.concurrency,
+                                                                      warm if r == 0 else ())),
+        "platform": lambda r: occupied("platform", lambda: run_load(router.infer, prompts, cfg.concurrency,
+                                                                    warm if r == 0 else ())),
     }
     for mode, client in peers.items():
         targets[f"litserve_{mode}"] = lambda r, c=client, s=servers.get(mode): _awake(
@@ -588,7 +632,8 @@ def overhead_and_peer(platform: Stack, engine, peers: dict[str, HttpClient], pee
                           threads=cfg.threads, engine_cpus=engine_cpus or [], repeats=cfg.serving_repeats,
                           target="bare engine (the limit); the edge tier's gRPC port; the "
                           "router (NATS request to tierline.edge.infer, edge only, no escalation)"),
-        "metrics": {"bare": row(runs["bare"]), "edge_node": row(runs["edge_node"]), "platform": row(runs["platform"]),
+        "metrics": {**{k: {**row(runs[k]), "seqs_per_step": num(median(occupancy[k]), 2)}
+                       for k in ("bare", "edge_node", "platform")},
                     "ratio": {"platform_over_bare": ratio("platform", "bare"),
                               "edge_node_over_bare": ratio("edge_node", "bare")},
                     "bare_batch": batch, "bare_qps_by_batch": tried},
@@ -604,7 +649,14 @@ def overhead_and_peer(platform: Stack, engine, peers: dict[str, HttpClient], pee
                                   "LitServe's HTTP server, the router, nats-server and the load generator run on the "
                                   "other CPUs."
                                   if engine_cpus else
-                                  "No process is bound to a CPU (one CPU: tiers.edge.engine_cpus not set).")],
+                                  "No process is bound to a CPU (one CPU: tiers.edge.engine_cpus not set)."),
+                  "Sequences per step: the edge's mean sequences per scheduler step over each run (its "
+                  "tierline_batch_size histogram, read before and after), and the bare engine's mean rows per decode "
+                  "step (its batches decode until their longest answer ends, rows leaving as they finish). A "
+                  "forward's cost grows far slower than its rows (bare_qps_by_batch), so throughput follows the "
+                  "sequences a step holds: a request's slot stays empty from its answer leaving the engine "
+                  "core until its client's next request arrives there, and that round trip is longer through "
+                  "the router and NATS than straight to the edge's gRPC port."],
     }
     if not peers:
         missing = not_measured(peer_reason or "not run")

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import processes_with, run_cli
+from tierline_bench.load import LoadRun, Outcome
 from tierline_bench.peer import available
-from tierline_bench.scenarios import IDLE_MS
+from tierline_bench.scenarios import IDLE_MS, bare_occupancy
 from tierline_bench.transformers_peer import available as transformers_available
 
 SECTIONS = ("edge_vs_cloud", "tiered_vs_cloud", "batching", "cache", "platform_overhead", "peer_litserve",
@@ -147,6 +148,23 @@ def test_the_bare_engine_is_given_only_batches_its_load_can_form(report):
     assert any(b > concurrency for b in tried)  # tried, and left out
     allowed = {b: q for b, q in tried.items() if b <= concurrency}
     assert m["bare_batch"] == max(allowed, key=allowed.get)
+
+
+def test_the_serving_rows_say_how_full_the_engines_steps_were(report):
+    """Sequences per step, read from the edge's own histogram over each run (the bare engine's from its answers):
+    at least one and never more than the requests in flight."""
+    _, _, results = report
+    section = results["sections"]["platform_overhead"]
+    for k in ("bare", "edge_node", "platform"):
+        seqs = section["metrics"][k]["seqs_per_step"]
+        assert 1 <= seqs <= section["method"]["concurrency"], (k, seqs)
+
+
+def test_the_bare_engines_rows_per_step_count_each_batch_until_its_longest_answer():
+    """Two batches of two: answers of 4 and 2 tokens decode 4 steps holding 6 rows in all; 3 and 3, 3 steps and
+    6 rows: 12 rows over 7 steps."""
+    run = LoadRun([Outcome(0.1, completion_tokens=n) for n in (4, 2, 3, 3)], wall_s=1.0, concurrency=2)
+    assert bare_occupancy(run) == pytest.approx(12 / 7)
 
 
 def test_no_peer_process_is_left_behind(report):

@@ -57,6 +57,26 @@ def test_characters_outside_the_alphabet_are_unknown():
     assert TOK.unknown_count("héllo") == 1
 
 
+def test_a_prompt_checked_at_the_door_is_not_tokenized_again_to_be_run():
+    """Validation counts unknown characters on the encoding the engine runs (<bos> first): one encode."""
+    tok = TextTokenizer.default()
+    calls = []
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def encode(self, *args, **kwargs):
+            calls.append(args[0])
+            return self.inner.encode(*args, **kwargs)
+
+    tok._tok = Counting(tok._tok)
+    prompt = "Q:Ann has 12 apples. How many apples has Ann?\nA:"
+    assert tok.unknown_count(prompt) == 0
+    assert tok.encode(prompt)[0] == tok.bos_id
+    assert calls == [prompt]
+
+
 def test_number_ids_cover_every_number_token():
     ids = TOK.number_ids()
     assert sorted(set(ids.values())) == list(range(100))

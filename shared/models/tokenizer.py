@@ -224,4 +224,5 @@ class TextTokenizer:
     def unknown_count(self, text: str) -> int:
         if self.unk_id is None:  # a byte-level tokenizer encodes everything
             return 0
-        return sum(1 for i in self.encode(text, bos=False) if i == self.unk_id)
+        # the encoding the engine uses (with <bos>, never unknown): validation and scheduling share one encode
+        return sum(1 for i in self._encoded(text, True) if i == self.unk_id)

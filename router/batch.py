@@ -46,6 +46,7 @@ from tierline_shared.transport.messaging import (
     BATCH_STREAM,
     FILES_BUCKET,
     RESULTS_BUCKET,
+    TierError,
     batch_subject,
     kv_change,
     kv_get,
@@ -87,6 +88,7 @@ class Line:
 
     n: int  # its place among the file's non-empty lines, from 0
     custom_id: str | None
+    number: int = 0  # its line number in the file, from 1 (blank lines counted), as errors name it
     body: dict | None = None
     error: dict | None = None  # {"code", "message"}, or an HTTP error answer: {"status_code", "body"}
     request: dict = field(default_factory=dict)
@@ -96,19 +98,18 @@ def parse_lines(data: bytes, endpoint: str, parse) -> list[Line]:
     """The file's lines, each checked on its own: JSON, `custom_id` (unique), `method`, `url` (the batch's
     endpoint), then its body as the endpoint reads it (`parse(body, chat)` raises BadRequest)."""
     chat, seen, lines = ENDPOINTS[endpoint], set(), []
-    for raw in data.split(b"\n"):
+    for number, raw in enumerate(data.split(b"\n"), 1):
         if not raw.strip():
             continue
-        n = len(lines)
-        line = Line(n, None)
+        line = Line(len(lines), None, number)
         lines.append(line)
         try:
             item = json.loads(raw)
         except (ValueError, RecursionError):
-            line.error = {"code": "invalid_json", "message": f"line {n + 1}: not a JSON object (UTF-8)"}
+            line.error = {"code": "invalid_json", "message": f"line {number}: not a JSON object (UTF-8)"}
             continue
         if not isinstance(item, dict):
-            line.error = {"code": "invalid_json", "message": f"line {n + 1}: not a JSON object"}
+            line.error = {"code": "invalid_json", "message": f"line {number}: not a JSON object"}
             continue
         cid = item.get("custom_id")
         line.custom_id = cid if isinstance(cid, str) else None
@@ -126,7 +127,7 @@ def parse_lines(data: bytes, endpoint: str, parse) -> list[Line]:
         if isinstance(cid, str):
             seen.add(cid)
         if problem:
-            line.error = {"code": problem[0], "message": f"line {n + 1}: {problem[1]}"}
+            line.error = {"code": problem[0], "message": f"line {number}: {problem[1]}"}
             continue
         try:
             parse(item["body"], chat)
@@ -134,6 +135,12 @@ def parse_lines(data: bytes, endpoint: str, parse) -> list[Line]:
                 raise BadRequest("stream", "stream: a batch line cannot stream; leave stream out")
         except BadRequest as exc:
             status, body = error_body(exc, chat)  # what the HTTP API would have answered
+            line.error = {"status_code": status, "body": body}
+            continue
+        except Exception as exc:  # noqa: BLE001 - a bug reading one line: that line fails, never the batch
+            log.exception("batch line %d: could not be read", number)
+            status, body = error_body(TierError("router", "INTERNAL", f"the line could not be read: "
+                                                                      f"{type(exc).__name__}"), chat)
             line.error = {"status_code": status, "body": body}
             continue
         line.body = item["body"]
@@ -541,7 +548,7 @@ class BatchRunner:
             err = line.error
             result = (output_line(batch_id, line, line.custom_id, err["status_code"], err["body"])
                       if "status_code" in err else output_line(batch_id, line, line.custom_id, error={
-                          **err, "line": line.n + 1}))
+                          **err, "line": line.number}))
             await self.store.write_result(batch_id, result)
         await self.store.enqueue(batch_id, [line for line in lines if line.body is not None])
         counts = {"total": len(lines), "completed": 0, "failed": len(invalid)}
@@ -557,12 +564,20 @@ class BatchRunner:
         results = await self.store.all_results(batch_id)
         total = record["request_counts"]["total"]
         if ending != "completed" or len(results) < total:  # what never ran (or was never read: cancelled early)
-            data = await self.store.file_data(record["input_file_id"])
+            from nats.js.errors import NotFoundError, ObjectNotFoundError
+
             code = {"cancelled": "batch_cancelled", "expired": "batch_expired"}.get(ending, "not_run")
-            for line in parse_lines(data, record["endpoint"], self.api.parse):
-                if line.n not in results:
-                    await self.store.write_result(batch_id, output_line(batch_id, line, line.custom_id, error={
-                        "code": code, "message": f"the batch was {ending} before this line ran"}))
+            message = f"the batch was {ending} before this line ran"
+            try:
+                data = await self.store.file_data(record["input_file_id"])
+                lines = [(line.n, line.custom_id) for line in parse_lines(data, record["endpoint"], self.api.parse)]
+            except (NotFoundError, ObjectNotFoundError):  # deleted as the batch ran (DELETE checks first)
+                lines = [(n, None) for n in range(total)]
+                message += " (its input file was deleted, so its custom_id is unknown)"
+            for n, custom_id in lines:
+                if n not in results:
+                    await self.store.write_result(batch_id, output_line(batch_id, n, custom_id, error={
+                        "code": code, "message": message}))
             results = await self.store.all_results(batch_id)
         ok = [results[n] for n in sorted(results) if is_success(results[n])]
         bad = [results[n] for n in sorted(results) if not is_success(results[n])]

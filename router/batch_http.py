@@ -14,7 +14,9 @@ import logging
 import re
 import time
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web import RequestPayloadError
 
 from tierline_router.auth import bearer_token
 from tierline_router.batch import (
@@ -108,9 +110,18 @@ class BatchApi:
         if not request.content_type.startswith("multipart/"):
             raise BadRequest("file", "the body must be multipart/form-data with fields purpose and file")
         limit = self.config.max_file_mb * 1024 * 1024
+        try:
+            reader = await request.multipart()
+            return await self._fields(reader, limit)
+        except (ValueError, RequestPayloadError, HttpProcessingError) as exc:  # no boundary, a bad encoding...
+            raise BadRequest("file", f"the multipart body could not be read: {exc}") from None
+
+    async def _fields(self, reader, limit: int) -> tuple[str, str, bytes]:
+        """The form's fields, each part a plain field (a nested multipart is refused)."""
         purpose = filename = data = None
-        reader = await request.multipart()
         while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                raise BadRequest("file", "a part of the body is itself multipart; send purpose and file as fields")
             if part.name == "purpose":
                 purpose = (await part.read(decode=True)).decode("utf-8", "replace")
             elif part.name == "file":
@@ -155,6 +166,11 @@ class BatchApi:
         owner, _ = await self._caller(request)
         file_id = request.match_info["id"]
         await self._owned("file", file_id, owner)
+        for batch_id in await self.store.active():  # its lines are read again when the batch ends
+            record, _ = await self.store.get(f"batch.{batch_id}")
+            if record is not None and record["input_file_id"] == file_id and record["status"] not in FINAL:
+                raise TierError("router", "FAILED_PRECONDITION", f"file {file_id} is the input of batch {batch_id}, "
+                                                                 "which has not ended; cancel it or wait for it first")
         await self.store.delete_file(file_id)
         return web.json_response({"id": file_id, "object": "file", "deleted": True})
 
@@ -169,9 +185,9 @@ class BatchApi:
         if unknown:
             raise BadRequest(unknown[0], f"{unknown[0]}: unsupported parameter")
         endpoint, window = body.get("endpoint"), body.get("completion_window")
-        if endpoint not in ENDPOINTS:
+        if not isinstance(endpoint, str) or endpoint not in ENDPOINTS:
             raise BadRequest("endpoint", f"endpoint: one of {', '.join(ENDPOINTS)}, got {endpoint!r}")
-        if window not in COMPLETION_WINDOWS:
+        if not isinstance(window, str) or window not in COMPLETION_WINDOWS:
             raise BadRequest("completion_window", f"completion_window: one of {', '.join(COMPLETION_WINDOWS)}, "
                                                   f"got {window!r}")
         metadata = _metadata(body.get("metadata"))

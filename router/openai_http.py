@@ -34,8 +34,11 @@ import logging
 import re
 import time
 import uuid
+from collections import deque
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web import RequestPayloadError
 
 from tierline_api.v1 import inference_pb2 as pb
 from tierline_router.auth import AccessDenied, bearer_token
@@ -78,34 +81,45 @@ class BadRequest(TierError):
 _FIELD = re.compile(r"^(?:parameters\.)?([a-z_]+): ")  # "parameters.max_tokens: ..." from the platform's validation
 
 
-def _openai_error(exc: TierError, chat: bool = False) -> tuple[str, str | None]:
-    """The message and `param` in OpenAI's names: the platform's validation (router or tier) names its own fields
-    (`parameters.max_tokens`, `prompt`); a client knows `max_tokens`, and a chat client `messages` (a
-    completions client's top_logprobs is its `logprobs`)."""
+def _client_names(chat: bool, body=None) -> dict[str, str]:
+    """The platform's field names that a client's body spells otherwise: a chat client's prompt is its `messages`
+    and its max_tokens its `max_completion_tokens` when it sent that one (the one in effect); a completions
+    client's top_logprobs is its `logprobs`."""
+    if not chat:
+        return {"top_logprobs": "logprobs"}
+    used = isinstance(body, dict) and body.get("max_completion_tokens") is not None
+    return {"prompt": "messages", **({"max_tokens": "max_completion_tokens"} if used else {})}
+
+
+def _openai_error(exc: TierError, chat: bool = False, body=None) -> tuple[str, str | None]:
+    """The message and `param` in the client's names: the platform's validation (router or tier) names its own
+    fields (`parameters.max_tokens`, `prompt`), which `_client_names` renames; a field this API named itself
+    (`BadRequest.param`) is the client's already."""
     param, message = getattr(exc, "param", None), exc.message
     if exc.status == "INVALID_ARGUMENT" and param is None and (m := _FIELD.match(message)):
         param = m.group(1)
         message = message.replace("parameters.", "")
-    renamed = {"prompt": "messages"} if chat else {"top_logprobs": "logprobs"}
-    if param in renamed:
-        param, message = renamed[param], renamed[param] + ": " + message.removeprefix(param + ": ")
+        renamed = _client_names(chat, body)
+        if param in renamed:
+            param, message = renamed[param], renamed[param] + ": " + message.removeprefix(param + ": ")
     return message, param
 
 
-def error_body(exc: TierError, chat: bool = False) -> tuple[int, dict]:
-    """A failure as OpenAI answers it: (HTTP status, `{"error": {...}}`); also a batch line's answer."""
+def error_body(exc: TierError, chat: bool = False, body=None) -> tuple[int, dict]:
+    """A failure as OpenAI answers it: (HTTP status, `{"error": {...}}`); also a batch line's answer. `body`: the
+    request's, whose field names the error uses."""
     status, kind = HTTP_STATUS.get(exc.status, (500, "api_error"))
-    message, param = _openai_error(exc, chat)
+    message, param = _openai_error(exc, chat, body)
     return status, {"error": {"message": message, "type": kind, "param": param, "code": exc.status.lower()}}
 
 
-def _error_response(exc: TierError, chat: bool = False) -> web.Response:
+def _error_response(exc: TierError, chat: bool = False, body=None) -> web.Response:
     """The one place a failure becomes an HTTP answer."""
     headers = {}
     if isinstance(exc, AccessDenied) and exc.retry_after_s:
         headers["retry-after"] = str(exc.retry_after_s)
-    status, body = error_body(exc, chat)
-    return web.json_response(body, status=status, headers=headers)
+    status, out = error_body(exc, chat, body)
+    return web.json_response(out, status=status, headers=headers)
 
 
 def error_response(status: str, message: str, param: str | None = None) -> web.Response:
@@ -153,6 +167,26 @@ def _shown(value) -> str:
     except (ValueError, RecursionError):
         text = type(value).__name__
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _unencodable(body) -> str | None:
+    """Where the first string of a JSON value (a key or a value) is one UTF-8 cannot carry: a lone surrogate,
+    which JSON's \\ud800 escapes can spell and no protobuf or tokenizer takes. None when every string is text."""
+    todo = deque([("", body)])
+    while todo:
+        where, value = todo.popleft()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return where
+        elif isinstance(value, (dict, list)):
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for k, v in items:
+                if isinstance(k, str) and _unencodable(k) is not None:
+                    return where  # a bad key: named by the object that holds it (the key cannot be shown)
+                todo.append((f"{where}.{k}" if where else str(k), v))
+    return None
 
 
 def _request(body: dict, prompt: str, allowed: set[str], chat: bool) -> pb.InferRequest:
@@ -288,6 +322,8 @@ async def read_json(request: web.Request):
         raise BadRequest(None, "the body is not valid JSON (in UTF-8 or its declared charset)") from None
     except LookupError:  # content-type: ...; charset=<no such codec>
         raise BadRequest(None, f"unknown charset {request.charset!r} in content-type") from None
+    except (RequestPayloadError, HttpProcessingError) as exc:  # a gzip (or deflate) body that is not
+        raise BadRequest(None, "the body could not be read: " + " ".join(str(exc).split())) from None
 
 
 @web.middleware
@@ -396,7 +432,7 @@ class OpenAIServer:
                 req.priority = priority
             resp = await self.router.infer(req, key)
         except TierError as exc:
-            return _error_response(exc, chat)
+            return _error_response(exc, chat, body)
         wanted = req.parameters.logprobs
         out = {"id": ("chatcmpl-" if chat else "cmpl-") + resp.request_id,
                "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
@@ -412,6 +448,9 @@ class OpenAIServer:
         """The InferRequest a completion body asks for; BadRequest names what cannot be read."""
         if not isinstance(body, dict):
             raise BadRequest(None, "the body must be a JSON object")
+        if (where := _unencodable(body)) is not None:
+            raise BadRequest(where or None, f"{where or 'the body'}: not text (a lone surrogate such as \\ud800 "
+                                            "has no UTF-8 encoding)")
         if chat:
             try:
                 prompt = self.chat_template.render(chat_messages(body.get("messages")))

@@ -104,6 +104,7 @@ def test_files_and_batches_round_trip_with_the_openai_client(stack):
 def test_bad_lines_are_answered_one_by_one_and_never_fail_the_batch(stack):
     client = api(stack)
     data = jsonl([line("ok-1", PROMPTS[0]),
+                  "",  # blank lines are skipped, and counted in the line numbers errors give
                   "{not json",
                   {"method": "POST", "url": "/v1/completions", "body": {"model": MODEL, "prompt": "x"}},
                   line("ok-1", PROMPTS[1]),  # a duplicate custom_id
@@ -111,17 +112,23 @@ def test_bad_lines_are_answered_one_by_one_and_never_fail_the_batch(stack):
                   line("bad-max", PROMPTS[1], max_tokens=-1),
                   line("streaming", PROMPTS[1], stream=True),
                   line("wrong-model", PROMPTS[1], model="gpt-4"),
+                  # valid JSON whose escape spells a lone surrogate: a 400 for this line, not a stalled batch
+                  json.dumps(line("surrogate", "Q:2+3=?\nA:")).replace("2+3", "\\ud800"),
                   line("ok-2", PROMPTS[2])])
     done = wait(client, submit(client, data).id)
     assert done.status == "completed"
-    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (9, 2, 7)
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (10, 2, 8)
     assert [o["custom_id"] for o in lines_of(client, done.output_file_id)] == ["ok-1", "ok-2"]
     errors = {(e["custom_id"], (e["error"] or {}).get("code"), (e["response"] or {}).get("status_code")):
               e for e in lines_of(client, done.error_file_id)}
     assert set(errors) == {(None, "invalid_json", None), (None, "missing_custom_id", None),
                            ("ok-1", "duplicate_custom_id", None), ("wrong-url", "invalid_url", None),
-                           ("bad-max", None, 400), ("streaming", None, 400), ("wrong-model", None, 400)}
+                           ("bad-max", None, 400), ("streaming", None, 400), ("wrong-model", None, 400),
+                           ("surrogate", None, 400)}
     assert errors[("bad-max", None, 400)]["response"]["body"]["error"]["param"] == "max_tokens"
+    assert errors[("surrogate", None, 400)]["response"]["body"]["error"]["param"] == "prompt"
+    bad_json = errors[(None, "invalid_json", None)]["error"]
+    assert bad_json["line"] == 3 and bad_json["message"].startswith("line 3:"), bad_json  # the file's third line
     assert errors[("streaming", None, 400)]["response"]["body"]["error"]["param"] == "stream"
 
 
@@ -148,6 +155,35 @@ def test_requests_are_checked_and_named_by_their_openai_field(stack):
         client.batches.retrieve("batch_nope")
     with pytest.raises(openai.NotFoundError):
         client.batches.retrieve("batch.*")  # not a KV key
+    for field, value in (("endpoint", ["/v1/completions"]), ("completion_window", {"h": 24})):  # not hashable
+        with pytest.raises(openai.BadRequestError) as err:
+            client.batches.create(**{"input_file_id": f.id, "endpoint": "/v1/completions", "completion_window": "24h",
+                                     field: value})
+        assert err.value.body["param"] == field
+
+
+NESTED = (b'--outer\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+          b"--outer\r\nContent-Type: multipart/mixed; boundary=inner\r\n\r\n"
+          b'--inner\r\nContent-Disposition: form-data; name="file"\r\n\r\n{}\r\n--inner--\r\n\r\n--outer--\r\n')
+
+
+@pytest.mark.parametrize("content_type, data", [
+    ("multipart/form-data", b"no boundary given"),
+    ("multipart/form-data; boundary=b", b"no part starts here"),
+    ("multipart/form-data; boundary=outer", NESTED),  # a part that is itself multipart
+])
+def test_an_upload_that_is_not_a_form_is_a_400_naming_the_file(stack, content_type, data):
+    import http.client
+    from urllib.parse import urlsplit
+
+    url = urlsplit(stack.http_base_url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    conn.request("POST", "/v1/files", body=data, headers={"content-type": content_type,
+                                                           "authorization": f"Bearer {stack.api_key}"})
+    resp = conn.getresponse()
+    error = json.loads(resp.read())["error"]
+    conn.close()
+    assert resp.status == 400 and error["param"] == "file", error
 
 
 def test_a_key_sees_only_its_own_and_lines_count_against_its_quota(stack):
@@ -174,6 +210,8 @@ def test_cancel_answers_every_line_once(stack):
     client = api(stack)
     n = 200
     batch = submit(client, jsonl([line(f"c{i}", PROMPTS[i % 4], max_tokens=16) for i in range(n)]))
+    with pytest.raises(openai.ConflictError):  # its lines are read again when it ends
+        client.files.delete(batch.input_file_id)
     cancelling = client.batches.cancel(batch.id)  # at once: most lines have not run
     assert cancelling.status == "cancelling" and cancelling.cancelling_at
     done = wait(client, batch.id)
@@ -183,6 +221,7 @@ def test_cancel_answers_every_line_once(stack):
     assert (done.request_counts.total, done.request_counts.completed + done.request_counts.failed) == (n, n)
     assert {e["error"]["code"] for e in lines_of(client, done.error_file_id)} == {"batch_cancelled"}
     assert client.batches.cancel(batch.id).status == "cancelled"  # again: nothing changes
+    assert client.files.delete(batch.input_file_id).deleted  # ended: its input may go
     finished = wait(client, submit(client, jsonl([line("x", PROMPTS[0])])).id)
     with pytest.raises(openai.ConflictError):  # nothing left to cancel
         client.batches.cancel(finished.id)

@@ -185,6 +185,10 @@ def test_a_prompt_with_a_huge_number_is_scored_and_answered(stack):
     ({"temperature": 10**400}, None, "temperature"),
     ({"stop": ["a"] * 5}, None, "stop"),
     ("[" * 100_000 + "]" * 100_000, None, None),
+    # valid JSON whose \ud800 escapes spell a lone surrogate: no UTF-8, no protobuf string, no token
+    ('{"model": "tierline-reasoner", "prompt": "Q:\\ud800=?\\nA:"}', None, "prompt"),
+    ('{"model": "tierline-reasoner", "prompt": "Q:1+1=?\\nA:", "stop": ["a", "\\udfff"]}', None, "stop.1"),
+    ('{"model": "\\udfff", "prompt": "Q:1+1=?\\nA:"}', None, "model"),
     ({}, "application/json; charset=nope-42", None),
 ])
 def test_malformed_http_requests_are_4xx_json(stack, body, content_type, param):
@@ -201,6 +205,40 @@ def test_malformed_http_requests_are_4xx_json(stack, body, content_type, param):
     error = json.loads(err.value.read())["error"]
     assert err.value.code == 400 and set(error) == {"message", "type", "param", "code"}, error
     assert param is None or param in (error["param"] or error["message"]), error
+
+
+def _post(stack, path: str, data: bytes, **headers) -> tuple[int, dict]:
+    import http.client
+    import json
+    from urllib.parse import urlsplit
+
+    url = urlsplit(stack.http_base_url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=TIMEOUT)
+    conn.request("POST", path, body=data, headers={"content-type": "application/json",
+                                                    "authorization": f"Bearer {stack.api_key}", **headers})
+    resp = conn.getresponse()
+    out = json.loads(resp.read())
+    conn.close()
+    return resp.status, out
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_a_body_that_is_not_what_its_content_encoding_says_is_a_400(stack, encoding):
+    import gzip
+    import json
+    import zlib
+
+    body = json.dumps({"model": "tierline-reasoner", "prompt": "Q:1+1=?\nA:", "max_tokens": 2}).encode()
+    status, out = _post(stack, "/v1/completions", b"not compressed at all", **{"content-encoding": encoding})
+    assert status == 400 and out["error"]["code"] == "invalid_argument", out
+    packed = gzip.compress(body) if encoding == "gzip" else zlib.compress(body)
+    assert _post(stack, "/v1/completions", packed, **{"content-encoding": encoding})[0] == 200
+
+
+def test_a_lone_surrogate_in_a_chat_message_is_a_400_naming_the_message(stack):
+    data = b'{"model": "tierline-reasoner", "messages": [{"role": "user", "content": "2+\\ud800=?"}]}'
+    status, out = _post(stack, "/v1/chat/completions", data)
+    assert status == 400 and out["error"]["param"] == "messages.0.content", out
 
 
 def test_a_non_utf8_authorization_header_is_401_and_an_unknown_path_a_json_404(stack):

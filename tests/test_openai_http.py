@@ -168,6 +168,25 @@ def test_clients_neutral_parameters_are_accepted_and_others_refused_by_their_ope
     assert err.value.body["param"] == "messages"
 
 
+@pytest.mark.parametrize("chat, body, param", [
+    (True, {"prompt": "x"}, "prompt"),  # a completions field sent to chat: named as sent, not as `messages`
+    (False, {"top_logprobs": 2}, "top_logprobs"),  # a chat field sent to completions: not its `logprobs`
+    (True, {"max_completion_tokens": 0}, "max_completion_tokens"),  # the name the client used, not max_tokens
+    (True, {"max_tokens": 8, "max_completion_tokens": 10**6}, "max_completion_tokens"),  # the one in effect
+    (True, {"max_tokens": 10**6}, "max_tokens"),
+])
+def test_errors_name_the_field_as_the_client_sent_it(stack, chat, body, param):
+    client = api(stack)
+    with pytest.raises(openai.BadRequestError) as err:
+        if chat:
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "2+3=?"}],
+                                           extra_body=body)
+        else:
+            client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, extra_body=body)
+    error = err.value.body
+    assert error["param"] == param and error["message"].startswith(param + ":"), error
+
+
 def test_a_model_can_be_retrieved_by_id_and_health_answers(stack):
     import urllib.request
 

@@ -17,7 +17,7 @@ from tierline_shared.config.manifest import BatchConfig
 from tierline_shared.runtime.engine import GenerationParams
 from tierline_shared.serving.process import nats_service_for
 from tierline_shared.serving.servicer import TierServicer
-from tierline_shared.transport.messaging import NatsOptions, ask_tier, connect, stream_tier
+from tierline_shared.transport.messaging import NatsOptions, ask_tier, connect, stream_tier, subject
 from tierline_shared.transport.tier_service import TierService
 
 TIMEOUT = 30  # seconds, every wait here
@@ -94,6 +94,37 @@ def test_a_stream_read_to_the_end_is_not_cancelled(link):
     opts, producer, _ = link
     assert _read(opts, chunks=None) == CHUNKS
     assert producer.finished.wait(TIMEOUT) and not producer.stopped_early.is_set()
+
+
+def test_a_stream_whose_chunks_can_no_longer_be_published_stops_the_tier(link):
+    """The tier's own link drops mid-stream (its reader stays subscribed, so no cancel comes): publishing the
+    next chunk fails, the decoder stops at its next token, and the stream counts as an error."""
+    opts, producer, service = link
+
+    async def main() -> None:
+        nc = await connect(opts, name="test")
+        try:
+            three = asyncio.Event()
+
+            async def chunk(msg) -> None:
+                three.set() if producer.sent >= 3 else None
+
+            inbox = nc.new_inbox()
+            await nc.subscribe(inbox, cb=chunk)
+            await nc.publish(subject("edge", "stream"), pb.InferRequest(prompt="Q:2+3=?\nA:").SerializeToString(),
+                             reply=inbox)
+            await asyncio.wait_for(three.wait(), TIMEOUT)
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(service._nc.close(), service._loop))
+        finally:
+            await nc.close()
+
+    asyncio.run(main())
+    assert producer.stopped_early.wait(TIMEOUT), "the tier kept decoding a stream it could no longer send"
+    assert producer.sent < CHUNKS // 2
+    deadline = time.monotonic() + TIMEOUT
+    while service._counts["stream"].requests < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert (service._counts["stream"].requests, service._counts["stream"].errors) == (1, 1)
 
 
 class GatedEngine(type(random_torch_engine(seed=5))):

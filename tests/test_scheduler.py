@@ -106,6 +106,25 @@ def test_expired_request_is_not_run_and_a_deadline_stops_a_running_one(slow):
     s.close()
 
 
+def test_queued_requests_given_up_on_leave_the_queue_while_the_batch_stays_full(slow):
+    """Cancelled or past their deadline, waiting requests leave at the next step, not when a slot frees: they
+    hold no place in a full queue, a deadline fails on time, a cancelled stream gets its END."""
+    s = Scheduler(slow, BatchConfig(max_num_seqs=1, max_queue=3))
+    busy = s.submit("Q:1+1=?\nA:", LONG, stream=True)
+    assert isinstance(busy.chunks.get(timeout=TIMEOUT), str)  # the only slot is taken for the whole test
+    queued = [s.submit("Q:2+2=?\nA:", GenerationParams(max_tokens=2), stream=i == 0) for i in range(3)]
+    for t in queued:
+        t.cancel()
+    assert s.submit("Q:3+3=?\nA:", GenerationParams(max_tokens=2)).future  # a place: no QueueFull
+    assert queued[0].chunks.get(timeout=TIMEOUT) is END
+    late = s.submit("Q:4+4=?\nA:", GenerationParams(max_tokens=2), timeout_s=0.05)
+    with pytest.raises(DeadlineExceeded, match="while queued"):
+        late.future.result(timeout=2)  # the busy request runs for seconds yet
+    assert not busy.future.done()
+    busy.cancel()
+    s.close()
+
+
 def test_a_cancelled_stream_leaves_the_batch_at_once(slow):
     steps = Steps()
     s = Scheduler(slow, BatchConfig(max_num_seqs=4), on_step=steps)

@@ -1,12 +1,15 @@
 """A tier's servicer in process, from protobuf messages: no network needed."""
 
 import threading
+import time
 
 import pytest
 
 from tests.conftest import random_torch_engine
 from tierline_api.v1 import inference_pb2 as pb
 from tierline_shared.runtime.engine import GenerationParams
+from tierline_shared.runtime.scheduler import DeadlineExceeded
+from tierline_shared.serving.metrics import Metrics
 from tierline_shared.serving.servicer import TierServicer
 
 PROMPT = "Q:a=3;b=a+4;b=?\nA:"
@@ -46,3 +49,42 @@ def test_a_stream_stops_generating_when_the_client_goes_away(servicer):
     assert list(chunks) == []  # nothing more is sent, not even the final message
     # and the engine is free again for the next request
     assert servicer.handle(_request(3), 30.0).choices[0].text is not None
+
+
+class SlowEngine(type(random_torch_engine(seed=3, tier="edge"))):
+    """The real torch engine, each forward held 5 ms longer: a 40-token answer outlasts a 50 ms deadline."""
+
+    def _forward(self, *args):
+        time.sleep(0.005)
+        return super()._forward(*args)
+
+
+def _outcomes(metrics: Metrics) -> dict:
+    """tierline_requests_total by (outcome, code), the non-zero ones."""
+    return {(s.labels["outcome"], s.labels["code"]): s.value for s in metrics.requests.collect()[0].samples
+            if s.name.endswith("_total") and s.value}
+
+
+def test_every_request_is_counted_once_with_the_status_its_caller_got():
+    """A deadline the tier's wait ran out on is DEADLINE_EXCEEDED (what the caller got), not a cancel; a stream
+    whose client left after the answer was ready, but before it was sent, is a cancel."""
+    base = random_torch_engine(seed=3, tier="edge")
+    metrics = Metrics("edge", "tierline-test")
+    servicer = TierServicer(SlowEngine(base.model, base.tokenizer, base.info), metrics=metrics)
+    try:
+        long = pb.InferRequest(prompt=PROMPT, parameters=pb.Parameters(max_tokens=40, stop=["never"]))
+        with pytest.raises(DeadlineExceeded):
+            servicer.handle(long, timeout_s=0.05)
+        chunks = servicer.stream(_request(4))
+        next(chunks)
+        while not servicer.scheduler.depth == servicer.scheduler.running == 0:  # the answer is ready...
+            time.sleep(0.01)
+        time.sleep(0.1)
+        chunks.close()  # ...and its client leaves before the rest is read
+        deadline = time.monotonic() + 30
+        while sum(_outcomes(metrics).values()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # a second count of either would come now
+        assert _outcomes(metrics) == {("error", "DEADLINE_EXCEEDED"): 1, ("cancelled", "CANCELLED"): 1}
+    finally:
+        servicer.scheduler.close()

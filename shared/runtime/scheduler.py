@@ -143,10 +143,14 @@ class Scheduler:
         with self._cv:
             if self._closed:
                 raise RuntimeError("scheduler is closed")
-            if len(self._heap) >= self.config.max_queue:
-                raise QueueFull(f"queue full ({self.config.max_queue} requests waiting)")
-            heapq.heappush(self._heap, req)
-            self._cv.notify()
+            gone = self._purge() if len(self._heap) >= self.config.max_queue else []
+            full = len(self._heap) >= self.config.max_queue
+            if not full:
+                heapq.heappush(self._heap, req)
+                self._cv.notify()
+        self._leave(gone)
+        if full:
+            raise QueueFull(f"queue full ({self.config.max_queue} requests waiting)")
         return Ticket(fut, req)
 
     def close(self) -> None:
@@ -176,8 +180,29 @@ class Scheduler:
                 self._active = []
                 self._runner = self.engine.runner()
 
+    def _purge(self) -> list[_Request]:
+        """Take out of the queue the requests whose caller gave up or whose deadline passed (the caller holds
+        `_cv`): they neither hold a place in a full queue nor wait for a free slot to be failed."""
+        gone = [r for r in self._heap if r.should_stop()]
+        if gone:
+            self._heap = [r for r in self._heap if not r.should_stop()]
+            heapq.heapify(self._heap)
+        return gone
+
+    def _leave(self, gone: list[_Request]) -> None:
+        """Answer what `_purge` took out: a passed deadline fails; a cancelled stream gets its END."""
+        for req in gone:
+            if req.abandoned.is_set():
+                if req.chunks is not None:
+                    req.chunks.put(END)
+            else:
+                self._fail(req, DeadlineExceeded("deadline passed while queued"))
+
     def _step(self) -> None:
         cfg = self.config
+        with self._cv:
+            gone = self._purge() if self._heap else []
+        self._leave(gone)
         for req in self._active:  # leave before the step: the caller gave up, or the deadline passed
             if not req.seq.done and req.should_stop():
                 req.seq.finish("cancelled")

@@ -271,6 +271,7 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
         try:
             return answer.result(timeout=self._timeout(timeout_s))
         except (futures.TimeoutError, futures.CancelledError):
+            answer.timed_out = True  # counted as the caller's DEADLINE_EXCEEDED, not as a cancel (`finished`)
             answer.cancel()  # stops the row at its next decode step
             raise DeadlineExceeded("deadline exceeded before the answer was ready") from None
 
@@ -307,8 +308,8 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
             raise
 
         def finished(done: futures.Future) -> None:
-            if not answer.set_running_or_notify_cancel():
-                self._failed(futures.CancelledError())  # the caller cancelled it
+            if not answer.set_running_or_notify_cancel():  # the caller cancelled it, or gave up waiting
+                self._failed(DeadlineExceeded("") if getattr(answer, "timed_out", False) else futures.CancelledError())
                 return
             try:
                 out: BatchedResult = done.result()
@@ -386,6 +387,7 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
             raise
         request_id = request.request_id or uuid.uuid4().hex
         info = self.engine.info
+        ended = False  # the scheduler said its last word (END); otherwise the client went away first
         try:
             while True:
                 try:
@@ -395,14 +397,16 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
                         return
                     continue
                 if item is END:
+                    ended = True
                     break
                 if not is_active():
                     return  # the client went away: stop generating
                 yield pb.InferResponse(request_id=request_id, choices=[pb.Choice(text=item)], tier=info.tier,
                                        model=info.model, model_version=info.version)
         finally:
-            if not ticket.future.done():
-                ticket.cancel()  # the sequence leaves the batch at the next step
+            if not ended:  # counted once, as cancelled, even when the answer was ready but never reached it
+                if not ticket.future.done():
+                    ticket.cancel()  # the sequence leaves the batch at the next step
                 self._failed(futures.CancelledError())
         try:
             out: BatchedResult = ticket.future.result()  # the request's own error, if it failed

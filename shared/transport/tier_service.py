@@ -200,7 +200,11 @@ class TierService:
                     await self._respond_error(req, item)
                     return
                 await req.respond(item)
+        except Exception as exc:  # a chunk could not be published (the link dropped): counted as the error
+            error = exc
+            raise
         finally:
+            cancelled.set()  # whatever ended this task, the decoder stops at its next token (a no-op once done)
             self._live_streams.pop(stream_id, None)
             self._counts["stream"].record(started, error)
 

@@ -15,6 +15,10 @@ real token count; a request that got no answer gives its reservation back.
 Usage is in the file, so it survives a router restart. A request looks its key
 up once: the admission transaction is the key check too (a request refused
 before it, e.g. for a bad field, checks the key alone, so 401/403 still come first).
+
+A store that cannot answer now (the file write-locked by another process for longer
+than BUSY_TIMEOUT_S, NATS KV unreachable) refuses requests as UNAVAILABLE, which
+clients retry (`Gate`); settling never fails a request that has its answer.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import asyncio
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import secrets
 import sqlite3
@@ -31,6 +36,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+from nats.errors import Error as NatsError
 
 from tierline_shared.config.manifest import PlanConfig
 from tierline_shared.transport.messaging import (
@@ -47,6 +54,11 @@ from tierline_shared.wire import PRIORITY_VALUES
 KEY_PREFIX = "tl"
 BUSY_TIMEOUT_S = 5.0  # waiting for another process's write transaction, at most
 KV_TIMEOUT_S = 5.0  # one JetStream KV call of the shared store, at most
+# what a store raises when it cannot answer now: the SQLite file locked by another process past BUSY_TIMEOUT_S
+# (or unreadable, full), JetStream KV unreachable or slower than KV_TIMEOUT_S (TimeoutError: KvKeyStore._run)
+STORE_ERRORS = (sqlite3.OperationalError, NatsError, TimeoutError)
+
+log = logging.getLogger("tierline.router.auth")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -155,6 +167,9 @@ class KeyStore:
         self._db.executescript(_SCHEMA)
         self.lookups = 0  # keys looked up by this store (one per admitted or refused request)
 
+    def __str__(self) -> str:
+        return f"SQLite {self.path}"
+
     def close(self) -> None:
         self._db.close()
 
@@ -243,6 +258,9 @@ class KvKeyStore:
         except BaseException:
             self.close()
             raise
+
+    def __str__(self) -> str:
+        return f"JetStream KV {KEYS_BUCKET}/{USAGE_BUCKET}"
 
     def _run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=KV_TIMEOUT_S * CAS_ATTEMPTS)
@@ -453,44 +471,68 @@ def reserve_for(prompt: str, max_tokens: int) -> int:
 class Gate:
     """The router's door: admits or refuses each request, settles its usage afterwards.
 
-    The store's (blocking) SQLite calls run on one thread of their own, so the
-    router's event loop never waits on the file, and calls from this process are
-    serialised without a lock.
+    The store's (blocking) calls run on one thread of their own, so the router's
+    event loop never waits on the file, and calls from this process are serialised
+    without a lock. The one place a store's failure becomes a status (`_call`).
     """
 
     def __init__(self, store: KeyStore | None, plans: dict[str, PlanConfig]):
         self.store, self.plans = store, plans
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="keystore") if store else None
+        self.unsettled = 0  # answered or failed requests whose usage the store did not record (`settle`)
 
     @property
     def enabled(self) -> bool:
         return self.store is not None
 
+    async def _call(self, method, *args):
+        """`method(*args)` of the store, on its thread; a store that cannot answer now is UNAVAILABLE (retryable)."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, method, *args)
+        except STORE_ERRORS as exc:
+            reason = str(exc) or type(exc).__name__
+            log.warning("API key store %s: %s failed: %s", self.store, method.__name__, reason)
+            raise AccessDenied("UNAVAILABLE", f"the API key store is unavailable ({reason}); retry") from None
+
     async def admit(self, key: str | None, prompt: str, max_tokens: int) -> Admission | None:
         """None when auth is off; raises AccessDenied with the status to answer."""
         if self.store is None:
             return None
-        return await asyncio.get_running_loop().run_in_executor(
-            self._pool, self.store.admit, key, self.plans, reserve_for(prompt, max_tokens))
+        return await self._call(self.store.admit, key, self.plans, reserve_for(prompt, max_tokens))
 
     async def check(self, key: str | None) -> None:
         """A valid, unrevoked key, without using quota (status and info calls, refused requests)."""
         if self.store is None:
             return
-        await asyncio.get_running_loop().run_in_executor(self._pool, self.store.lookup, key)
+        await self._call(self.store.lookup, key)
 
     async def identify(self, key: str | None) -> tuple[str, HashedKey | None]:
         """Whose valid key this is: its id ("" when auth is off) and the key as the store knows it (its hash),
         for work done later on the key's account (a batch); AccessDenied as `check`."""
         if self.store is None:
             return "", None
-        key_id, _ = await asyncio.get_running_loop().run_in_executor(self._pool, self.store.lookup, key)
+        key_id, _ = await self._call(self.store.lookup, key)
         return key_id, HashedKey(hash_key(key))
 
     async def settle(self, admission: Admission | None, used_tokens: int | None) -> None:
+        """Record a request's real usage; never raises, as the request's answer (or its own error) matters more.
+
+        Usage the store cannot record is logged and counted (`unsettled`), not retried: its reservation stays
+        counted (the request's worst case, or the call of a request with no answer), so the key is charged too
+        much, never too little, whereas a retry of a KV change that timed out but was applied would give the
+        reservation back twice."""
         if admission is None or self.store is None:
             return
-        await asyncio.get_running_loop().run_in_executor(self._pool, self.store.settle, admission, used_tokens)
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._pool, self.store.settle, admission, used_tokens)
+        except Exception as exc:  # noqa: BLE001 - bookkeeping after the fact must not lose the answer
+            self.unsettled += 1
+            kept = (f"no answer, yet its call and {admission.reserved_tokens} reserved tokens stay counted"
+                    if used_tokens is None else
+                    f"{used_tokens} tokens used, {admission.reserved_tokens} reserved stay counted")
+            log.error("usage of API key %s on %s not recorded in %s (%s): %s", admission.key_id, admission.day,
+                      self.store, kept, str(exc) or type(exc).__name__,
+                      exc_info=not isinstance(exc, (*STORE_ERRORS, AccessDenied)))  # not the store's: a bug
 
     def close(self) -> None:
         if self._pool:

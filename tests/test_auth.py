@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
-from tests.conftest import new_key, run_cli
+from tests.conftest import new_key, run_cli, scrape
 from tierline import (
     AsyncInferenceClient,
     InferenceClient,
@@ -19,11 +19,12 @@ from tierline import (
     QuotaExceeded,
     TierlineError,
     Unauthenticated,
+    Unavailable,
 )
 from tierline_api.v1 import inference_pb2 as pb
 from tierline_api.v1 import inference_pb2_grpc as pb_grpc
 from tierline_infra.supervisor import Stack, write_manifest
-from tierline_router.auth import KeyStore
+from tierline_router.auth import KeyStore, reserve_for
 from tierline_shared.config.manifest import ManifestError, load_manifest
 
 PROMPT = "Q:2+3=?\nA:"
@@ -261,6 +262,160 @@ def test_each_request_looks_its_key_up_once(stack):
     lookups = asyncio.run(run())
     assert lookups == {name: 1 for name in ("grpc infer", "grpc stream", "grpc invalid", "http infer",
                                             "http stream", "http invalid")}
+
+
+def test_a_key_store_locked_by_another_process_is_unavailable(stack):
+    """Another process (here: this test) holds the key store's write lock longer than the router waits for it
+    (BUSY_TIMEOUT_S), as a long `tierline keys` command or a backup may: a request is refused as UNAVAILABLE
+    (HTTP 503 in the platform's error shape), which clients retry, counted as every refusal is; it costs no quota."""
+    import urllib.error
+    import urllib.request
+
+    manifest = load_manifest(stack.manifest, check_artifacts=False)
+    key_id, key = new_key(stack, "free")
+    before = scrape(stack, "router").value("tierline_router_requests_total", code="UNAVAILABLE")
+
+    def over_grpc():
+        with pytest.raises(Unavailable, match="key store is unavailable .*database is locked") as err:
+            client(stack, key).infer(PROMPT, {"max_tokens": 4})
+        return err.value.code
+
+    def over_http():
+        req = urllib.request.Request(f"{stack.http_base_url}/completions", method="POST", headers={
+            "authorization": f"Bearer {key}", "content-type": "application/json"},
+            data=json.dumps({"model": manifest.model_name, "prompt": PROMPT, "max_tokens": 4}).encode())
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=60)
+        return err.value.code, json.loads(err.value.read())
+
+    locker = sqlite3.connect(manifest.key_store_path, isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            grpc_code, (http_status, body) = pool.map(lambda f: f(), (over_grpc, over_http))
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert grpc_code == grpc.StatusCode.UNAVAILABLE
+    assert http_status == 503, body
+    assert body["error"]["type"] == "service_unavailable" and body["error"]["code"] == "unavailable"
+    assert "database is locked" in body["error"]["message"]
+    assert scrape(stack, "router").value("tierline_router_requests_total", code="UNAVAILABLE") == before + 2
+    assert usage(stack, key_id)["calls_today"] == 0
+    assert client(stack, key).infer(PROMPT, {"max_tokens": 4}).tier == "edge"  # the lock gone, served again
+
+
+def test_an_answer_survives_a_key_store_locked_before_it_is_settled(stack, monkeypatch, caplog):
+    """The key store gets write-locked by another connection after a request's admission, while the tiers answer
+    it: the answer (unary and stream) still reaches the client; the usage it could not record is logged with the
+    key's id (never the key) and counted, and its worst-case reservation stays counted (too much, never too little).
+    The router's servicer in this process, on the stack's NATS, edge and key store."""
+    from tierline_router import auth
+    from tierline_router.auth import Gate
+    from tierline_router.policy import Policy
+    from tierline_router.service import RouterServicer
+    from tierline_shared.security.identities import ROUTER
+    from tierline_shared.transport.messaging import NatsOptions, connect
+
+    monkeypatch.setattr(auth, "BUSY_TIMEOUT_S", 0.3)  # this router's store waits 0.3 s for a lock, not 5 s
+    manifest = load_manifest(stack.manifest, check_artifacts=False)
+    key_id, key = new_key(stack, "pro")
+    locker = sqlite3.connect(manifest.key_store_path, isolation_level=None)
+
+    async def run() -> tuple[list[str], int, Gate]:
+        nc = await connect(NatsOptions.from_manifest(manifest, ROUTER), name="test-router")
+        gate = Gate(KeyStore(manifest.key_store_path), manifest.auth.plans)
+        router = RouterServicer(nc, Policy(0.0, 1.0, {"edge": 0.0}), manifest.model_name, ("edge",),
+                                request_timeout_s=30.0, gate=gate)
+        route, stream = router.route, router._stream
+
+        async def route_then_lock(req, deadline):
+            resp = await route(req, deadline)
+            locker.execute("BEGIN IMMEDIATE")
+            return resp
+
+        async def stream_then_lock(req):
+            async for chunk in stream(req):
+                yield chunk
+            locker.execute("BEGIN IMMEDIATE")
+
+        router.route, router._stream = route_then_lock, stream_then_lock
+        server = grpc.aio.server()
+        pb_grpc.add_InferenceServiceServicer_to_server(router, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        texts = []
+        try:
+            async with AsyncInferenceClient(api_key=key, endpoint=f"127.0.0.1:{port}", retries=0) as c:
+                try:
+                    texts.append((await c.infer(PROMPT, {"max_tokens": 4})).text)
+                finally:
+                    locker.execute("ROLLBACK")
+                try:
+                    texts.append("".join([text async for text in c.stream(PROMPT, {"max_tokens": 4})]))
+                finally:
+                    locker.execute("ROLLBACK")
+                router.route, router._stream = route, stream  # the lock gone: settled as usual
+                settled = await c.infer(PROMPT, {"max_tokens": 4})
+                texts.append(settled.text)
+        finally:
+            await server.stop(0)
+            await nc.close()
+            gate.close()
+        return texts, settled.usage.total_tokens, gate
+
+    with caplog.at_level("ERROR", logger="tierline.router.auth"):
+        texts, settled_tokens, gate = asyncio.run(run())
+    locker.close()
+    assert len(texts) == 3 and all(texts), texts
+    assert gate.unsettled == 2
+    unsettled = [r.getMessage() for r in caplog.records if "not recorded" in r.getMessage()]
+    assert len(unsettled) == 2 and all(key_id in m and "database is locked" in m for m in unsettled), unsettled
+    assert key not in caplog.text and key.split("_", 2)[2] not in caplog.text
+    used = usage(stack, key_id)
+    assert used["calls_today"] == 3
+    assert used["tokens_today"] == 2 * reserve_for(PROMPT, 4) + settled_tokens  # two reservations kept
+
+
+def test_a_shared_key_store_nats_cannot_reach_is_unavailable(tmp_path, monkeypatch, caplog):
+    """`auth.store: nats` with its nats-server gone: admission is UNAVAILABLE (the KV calls time out); settling a
+    request admitted before logs and counts the usage it could not record instead of raising. Served again once
+    the server is back."""
+    import time
+
+    from tierline_infra.supervisor import NatsServer
+    from tierline_router import auth
+    from tierline_router.auth import AccessDenied, Gate, KvKeyStore
+    from tierline_shared.config.manifest import PlanConfig
+    from tierline_shared.transport.messaging import NatsOptions
+
+    monkeypatch.setattr(auth, "KV_TIMEOUT_S", 0.5)
+    server = NatsServer(tmp_path, jetstream=True).start()
+    store = KvKeyStore(NatsOptions(server.url, server.user, server.password), create_buckets=True)
+    gate = Gate(store, {"free": PlanConfig(10, 10_000)})
+    try:
+        key_id, key = store.create("free")
+        admission = asyncio.run(gate.admit(key, PROMPT, 4))
+        server.stop()
+        with pytest.raises(AccessDenied, match="key store is unavailable") as err:
+            asyncio.run(gate.admit(key, PROMPT, 4))
+        assert err.value.status == "UNAVAILABLE"
+        with caplog.at_level("ERROR", logger="tierline.router.auth"):
+            asyncio.run(gate.settle(admission, 7))
+        assert gate.unsettled == 1 and f"usage of API key {key_id}" in caplog.text and key not in caplog.text
+
+        server.start()  # on its port again, with its store: the reservation is still counted
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                asyncio.run(gate.admit(key, PROMPT, 4))
+                break
+            except AccessDenied:
+                assert time.monotonic() < deadline, "the key store did not come back"
+        assert [(k.calls_today, k.tokens_today) for k in store.list()] == [(2, 2 * reserve_for(PROMPT, 4))]
+    finally:
+        gate.close()
+        server.stop()
 
 
 def test_keys_cli_refuses_mistakes_in_one_line(stack):

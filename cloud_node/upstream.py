@@ -35,6 +35,7 @@ from tierline_shared.serving.servicer import RequestError
 from tierline_shared.transport.messaging import TierError
 
 RETRY_WAIT_S = 0.2  # between two attempts (at most what is left of the deadline)
+REFUSED_REQUEST = (400, 413, 422)  # what an upstream says of the request itself (INVALID_ARGUMENT); other 4xx: of us
 
 
 class _AnyText:
@@ -173,9 +174,14 @@ class UpstreamScheduler:
             resp = conn.getresponse()
             if resp.status >= 500:
                 raise _Retryable(f"HTTP {resp.status}")
-            if resp.status >= 400:
+            if resp.status == 429:  # its rate limit or its full queue: another replica, or another tier, may answer
+                raise QueueFull(f"the upstream is busy (HTTP 429): {_error_message(resp.read())}")
+            if resp.status in REFUSED_REQUEST:
                 raise RequestError("request", f"the upstream refused it (HTTP {resp.status}): "
                                               f"{_error_message(resp.read())}")
+            if resp.status >= 400:  # 401, 403, 404...: the tier's own setup (its key, its URL), not the request
+                raise TierError("cloud", "UNAVAILABLE", f"the upstream {self.config.url} refused the tier "
+                                                        f"(HTTP {resp.status}): {_error_message(resp.read())}")
             if body["stream"]:
                 return self._read_stream(resp, ticket, started)
             return _result(json.loads(resp.read()), started)

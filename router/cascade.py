@@ -20,9 +20,12 @@ evaluation replays exactly what runs. It does no I/O: its driver asks the tier i
   the NATS node they were on died): the live router waits (`NO_REPLICA_FIRST_S`, doubling up to
   `NO_REPLICA_MAX_S`) and asks those tiers again (`again`), for `router.no_replica_wait_ms` at
   most, within the request's deadline.
-- Nothing answered: UNAVAILABLE naming what each tier did, or DEADLINE_EXCEEDED when the
-  request's time ran out. A client error (INVALID_ARGUMENT) is raised as it is: asking
-  another tier cannot fix the request.
+- A tier that refuses the request (INVALID_ARGUMENT: tiers differ in context length and
+  attention window, so a prompt too long for the device's model may fit the cloud's) moves it
+  to the next tier up; below the first tier nothing is asked for it.
+- Nothing answered: the refusal of the highest tier that refused, as it is (the request's own
+  fault, named by the tier most able to serve it), unless a tier above it failed otherwise;
+  else UNAVAILABLE naming what each tier did, or DEADLINE_EXCEEDED when the request's time ran out.
 
 `cost` is the one rule for what an answer cost: every tier that ran a model for it is paid for
 its own tokens.
@@ -43,7 +46,7 @@ from tierline_router.policy import Policy
 from tierline_shared.transport.messaging import TierError
 from tierline_shared.wire import TIERS, TOP_TIER, tiers_above, tiers_below
 
-CLIENT_ERRORS = {"INVALID_ARGUMENT"}  # the request's own fault: returned to the client, never escalated
+CLIENT_ERRORS = {"INVALID_ARGUMENT"}  # a tier refused the request: the next tier up is asked, else the client told
 RETRY_STATUSES = {"RESOURCE_EXHAUSTED"}  # a tier error worth another replica (its queue was full)
 RAN_A_MODEL = ("answered", "low_confidence")  # the attempts that are paid for
 _TIMEOUTS = (NatsTimeout, asyncio.TimeoutError, concurrent.futures.TimeoutError, TimeoutError)
@@ -83,12 +86,13 @@ class Cascade:
         self._expired = False
         self._absent: list[str] = []  # tiers that had no replica up, in the order asked
         self._rounds = 0  # waits for absent replicas so far
+        self._refusal: TierError | None = None  # the highest tier's refusal (INVALID_ARGUMENT) so far
 
     def next_tier(self) -> str | None:
         """The tier to ask now; None when the decision is made."""
         if self._kept is not None or self._expired:
             return None
-        if not self._ahead and self._best is None and self._below:
+        if not self._ahead and self._best is None and self._below and self._refusal is None:
             self._falling_back = True
             self._ahead.append(self._below.pop(0))
         return self._ahead[0] if self._ahead else None
@@ -111,9 +115,11 @@ class Cascade:
     def failed(self, tier: str, exc: BaseException, detail: str = "") -> None:
         """Asking `tier` raised `exc`: ask it again, or the next tier. Raises a client error as it is,
         and anything it does not know as a failure of a tier (a bug is not a reason to escalate)."""
-        if isinstance(exc, TierError):
-            if exc.status in CLIENT_ERRORS:
-                raise exc
+        if isinstance(exc, TierError) and exc.status in CLIENT_ERRORS:  # its own limits: the next tier's may do
+            if self._refusal is None or TIERS.index(tier) >= TIERS.index(self._refusal.tier):
+                self._refusal = exc
+            outcome, detail, retry = "refused", exc.message, False
+        elif isinstance(exc, TierError):
             outcome, detail, retry = "error", f"{exc.status}: {exc.message}", exc.status in RETRY_STATUSES
         elif isinstance(exc, NoRespondersError):
             outcome, detail, retry = "no_responders", "no replica is up", False
@@ -141,7 +147,8 @@ class Cascade:
         (the first tier and those above it, then those below as a fallback); returns the seconds to wait first.
         None when an answer was kept or is there to give, the deadline passed, or every tier had a replica
         up (then the decision stands). The driver bounds the rounds by the request's time."""
-        if self._kept is not None or self._best is not None or self._expired or not self._absent or self._ahead:
+        if (self._kept is not None or self._best is not None or self._expired or not self._absent or self._ahead
+                or self._refusal is not None):
             return None
         first = TIERS.index(self._first)
         self._ahead = [t for t in self._absent if TIERS.index(t) >= first]
@@ -164,6 +171,9 @@ class Cascade:
             return Decision(self._kept, self.path, degraded=self._falling_back)
         if self._best is not None:  # a better tier was wanted but could not answer
             return Decision(self._best, self.path, degraded=True)
+        if self._refusal is not None and all(a.outcome == "refused" for a in self.path if TIERS.index(a.tier) >
+                                             TIERS.index(self._refusal.tier)):
+            raise self._refusal  # the request's own fault, as the most able tier that saw it said
         what = "; ".join(f"{a.tier} {a.outcome} {a.detail}".strip() for a in self.path)
         if self._expired or out_of_time:
             raise TierError(self.origin, "DEADLINE_EXCEEDED", f"the deadline passed before a tier answered: {what}")

@@ -207,7 +207,7 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
 
     async def _stream(self, request: pb.InferRequest):
         first, score = self.policy.decide(request.prompt, self.tiers)
-        tier, path = first, []
+        tier, path, refusal = first, [], None
         end, rounds, absent = self._replica_wait_end(None), 0, False  # absent: a tier had no replica up
         try:
             while tier is not None:
@@ -225,9 +225,13 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
                             yield chunk
                     return
                 except TierError as exc:
-                    if exc.status in CLIENT_ERRORS or started:
+                    if started:
                         raise
-                    path.append(pb.Attempt(tier=tier, outcome="error", detail=f"{exc.status}: {exc.message}"))
+                    if exc.status in CLIENT_ERRORS:  # beyond this tier's limits: the next one up may serve it
+                        refusal = exc
+                        path.append(pb.Attempt(tier=tier, outcome="refused", detail=exc.message))
+                    else:
+                        path.append(pb.Attempt(tier=tier, outcome="error", detail=f"{exc.status}: {exc.message}"))
                 except (NoRespondersError, NatsTimeout, asyncio.TimeoutError) as exc:
                     if started:
                         raise TierError("router", "UNAVAILABLE", f"{tier} stopped mid-stream") from None
@@ -241,6 +245,8 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
                     self.metrics.escalated(failed, tier, path[-1].outcome)
         finally:
             self.metrics.asked(path)
+        if refusal is not None and path[-1].outcome == "refused":  # the top tier asked refused it too (as Cascade)
+            raise refusal
         raise TierError("router", "UNAVAILABLE", "no tier could stream an answer: " +
                         "; ".join(f"{a.tier} {a.outcome}" for a in path))
 

@@ -141,10 +141,24 @@ def test_nothing_answered_is_unavailable_or_deadline_exceeded():
     assert err.value.status == "DEADLINE_EXCEEDED"
 
 
-def test_a_client_error_is_raised_as_it_is_and_a_bug_is_not_a_tier_failure():
-    c = Cascade(POLICY, "edge")
-    with pytest.raises(TierError, match="bad field"):
-        c.failed("edge", TierError("edge", "INVALID_ARGUMENT", "bad field"))
+def test_a_tiers_refusal_goes_up_to_a_tier_whose_limits_may_serve_it_and_a_bug_is_not_a_tier_failure():
+    """Tiers differ in context and window: the edge's refusal moves the request up, never down; when every tier
+    refuses, the highest one's refusal is the answer (INVALID_ARGUMENT, not UNAVAILABLE)."""
+    too_long = TierError("edge", "INVALID_ARGUMENT", "this model's maximum context length is 128 tokens")
+    moves = []
+    d = run("edge", {"edge": [too_long], "cloud": [answer("cloud", 0.9)]}, moves=moves)
+    assert d.answer.tier == "cloud" and not d.degraded and outcomes(d) == [("edge", "refused"), ("cloud", "answered")]
+    assert moves == [("edge", "cloud", "refused")]
+    with pytest.raises(TierError, match="256 tokens") as err:
+        run("device", {"device": [TierError("device", "INVALID_ARGUMENT", "maximum context length is 64 tokens")],
+                       "edge": [too_long], "cloud": [TierError("cloud", "INVALID_ARGUMENT", "is 256 tokens")]})
+    assert err.value.status == "INVALID_ARGUMENT" and err.value.tier == "cloud"
+    with pytest.raises(TierError) as err:  # a tier above the refusal failed otherwise (it may have served it);
+        run("edge", {"edge": [too_long], "cloud": [NoRespondersError()], "device": []})  # the device is not asked
+    assert err.value.status == "UNAVAILABLE" and "edge refused" in err.value.message
+    kept = run("device", {"device": [answer("device", 0.1)], "edge": [too_long],
+                          "cloud": [TierError("cloud", "INVALID_ARGUMENT", "window")]})
+    assert kept.answer.tier == "device" and kept.degraded  # an answer in hand is given, not a refusal
     with pytest.raises(KeyError):
         Cascade(POLICY, "edge").failed("edge", KeyError("a bug"))
 

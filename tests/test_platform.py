@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -339,3 +342,33 @@ def test_router_refuses_a_scorer_trained_for_other_models(tiny_family, tmp_path)
         assert "scorer.json" in proc.stderr and "Traceback" not in proc.stderr
     finally:
         nats.stop()
+
+
+def test_a_request_too_long_for_one_tier_goes_up_to_one_whose_context_fits_it(tmp_path):
+    """Tiers differ in context: the router admits what its largest tier serves, so a tier with a shorter one
+    refuses (INVALID_ARGUMENT) and the request goes on up, unary and streamed; what no tier serves is refused
+    with the top tier's words."""
+    from tests.conftest import COMMITTED_MODELS
+
+    models = tmp_path / "models"
+    shutil.copytree(COMMITTED_MODELS, models)
+    config = models / "edge" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "max_position_embeddings": 128}, indent=2))
+    index = json.loads((models / "manifest.json").read_text())
+    entry = index["artifacts"]["edge"]["config"]
+    entry["sha256"], entry["bytes"] = hashlib.sha256(config.read_bytes()).hexdigest(), config.stat().st_size
+    (models / "manifest.json").write_text(json.dumps(index, indent=2))
+    with Stack(models, tiers=("edge", "cloud"), overrides={"router.scorer": "", "router.device_complexity": 0.0,
+                                                           "router.cloud_complexity": 1.0,
+                                                           "router.confidence_threshold": {"edge": 0.0}}) as s:
+        router = stub(s.port("router"))
+        assert router.GetServerInfo(pb.ServerInfoRequest(), timeout=TIMEOUT).max_context == 256
+        long = req(max_tokens=150)
+        resp = router.Infer(long, timeout=TIMEOUT)
+        assert resp.tier == "cloud" and [(a.tier, a.outcome) for a in resp.escalation_path] == [
+            ("edge", "refused"), ("cloud", "answered")]
+        chunks = list(router.InferStream(long, timeout=TIMEOUT))
+        assert chunks[-1].tier == "cloud" and chunks[-1].choices[0].finish_reason
+        with pytest.raises(grpc.RpcError) as err:
+            router.Infer(req(max_tokens=250, attention_window=0), timeout=TIMEOUT)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "256" in err.value.details()

@@ -4,6 +4,10 @@ the router; then the upstream goes away."""
 
 from __future__ import annotations
 
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 import grpc
 import pytest
 
@@ -67,3 +71,44 @@ def test_the_cloud_tier_forwards_to_transformers_serve(upstream):
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "did not answer" in err.value.details()
         fallback = router.Infer(_req(HARD.replace("1", "2")), timeout=TIMEOUT)
         assert fallback.degraded and fallback.tier == "edge"
+
+
+def _answering(status: int) -> ThreadingHTTPServer:
+    """An OpenAI-compatible server that answers every request with `status` and OpenAI's error body: the
+    upstream engine a user runs, rate limiting (429) or refusing the tier's key (401)."""
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            body = json.dumps({"error": {"message": f"upstream says {status}"}}).encode()
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize("status", [429, 401])
+def test_an_upstream_that_is_busy_or_refuses_the_tiers_key_fails_the_tier_not_the_request(status):
+    """Neither is the client's fault: the router falls back to the edge (a prompt that starts on the cloud) or
+    keeps the edge's answer it escalated, degraded, as when the upstream is down."""
+    server = _answering(status)
+    overrides = {"tiers.cloud.upstream": {"url": f"http://127.0.0.1:{server.server_port}/v1", "retries": 0},
+                 "router.scorer": "", "router.cloud_complexity": 0.9, "router.device_complexity": 0.0,
+                 "router.confidence_threshold": {"edge": 1.0}}  # every edge answer goes on to the cloud
+    try:
+        with Stack(COMMITTED_MODELS, tiers=("edge", "cloud"), overrides=overrides) as s:
+            router = pb_grpc.InferenceServiceStub(grpc.insecure_channel(s.router_address))
+            for prompt in (HARD, PROMPTS[0]):
+                resp = router.Infer(_req(prompt), timeout=TIMEOUT)
+                assert resp.tier == "edge" and resp.degraded, prompt
+                cloud = [a for a in resp.escalation_path if a.tier == "cloud"]
+                assert cloud[-1].outcome == "error" and f"HTTP {status}" in cloud[-1].detail, cloud
+    finally:
+        server.shutdown()

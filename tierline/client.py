@@ -124,7 +124,7 @@ class Usage:
 @dataclass(frozen=True)
 class Attempt:
     tier: str
-    outcome: str  # "answered", "low_confidence", "timeout", "no_responders", "error"
+    outcome: str  # "answered", "low_confidence", "timeout", "no_responders", "error", "refused", "offline"
     detail: str
     confidence: float
 

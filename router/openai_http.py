@@ -45,6 +45,7 @@ from tierline_router.auth import AccessDenied, bearer_token
 from tierline_router.cascade import paid_tokens
 from tierline_router.chat import ChatTemplate, ChatTemplateError
 from tierline_shared.models.tokenizer import CHAT_TEMPLATE
+from tierline_shared.runtime.engine import MIN_TEMPERATURE
 from tierline_shared.transport.messaging import TierError
 
 log = logging.getLogger("tierline.router.http")
@@ -204,6 +205,9 @@ def _request(body: dict, prompt: str, allowed: set[str], chat: bool) -> pb.Infer
             params.max_tokens = value
     if (t := _typed(body, "temperature", (int, float), "a number")) is not None:
         params.temperature = t
+        if t and not params.temperature:  # below float32's range: it would arrive as 0, greedy
+            raise BadRequest("temperature", f"temperature: must be 0 (greedy) or at least {MIN_TEMPERATURE}, "
+                                            f"got {_shown(body['temperature'])}")
     if (p := _typed(body, "top_p", (int, float), "a number")) is not None:
         params.top_p = p
     if (w := _typed(body, "attention_window", (int,), "an integer", INT32)) is not None:
@@ -226,8 +230,17 @@ def _request(body: dict, prompt: str, allowed: set[str], chat: bool) -> pb.Infer
         if body.get(name) is not None and not _is_neutral(body[name], neutral):
             raise BadRequest(name, f"{name}: not supported here; only {json.dumps(neutral)} (the default) is "
                                    f"accepted, got {_shown(body[name])}")
-    _typed(body, "stream", (bool,), "a boolean")
-    _typed(body, "stream_options", (dict,), "an object")
+    stream = _typed(body, "stream", (bool,), "a boolean")
+    options = _typed(body, "stream_options", (dict,), "an object")
+    if options is not None:  # as OpenAI: only with stream, and only include_usage, a boolean
+        if not stream:
+            raise BadRequest("stream_options", "stream_options: only allowed when stream is true")
+        if set(options) - {"include_usage"}:
+            raise BadRequest("stream_options", f"stream_options: unsupported option "
+                                               f"{_shown(sorted(set(options) - {'include_usage'})[0])}")
+        if not isinstance(options.get("include_usage", False), bool):
+            raise BadRequest("stream_options.include_usage", "stream_options.include_usage: must be a boolean, got "
+                                                             f"{_shown(options['include_usage'])}")
     _typed(body, "user", (str,), "a string")
     return pb.InferRequest(prompt=prompt, model=model, parameters=params, request_id=uuid.uuid4().hex)
 

@@ -168,6 +168,27 @@ def test_clients_neutral_parameters_are_accepted_and_others_refused_by_their_ope
     assert err.value.body["param"] == "messages"
 
 
+def test_a_prompt_that_fills_the_context_is_named_and_a_vanishing_temperature_refused(stack):
+    """No max_tokens sent, and the prompt alone is the whole context: the prompt's fault (OpenAI names it), not
+    that of the max_tokens the client never sent; a temperature float32 cannot hold would arrive as greedy."""
+    client = api(stack)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt="Q:" + "1+" * 300 + "1=?\nA:")
+    assert err.value.body["param"] == "prompt" and "no room" in err.value.body["message"], err.value.body
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "1+" * 300 + "1=?"}])
+    assert err.value.body["param"] == "messages", err.value.body
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=1e-46)
+    assert err.value.body["param"] == "temperature", err.value.body
+    for options, stream, param in (({"include_usage": True}, False, "stream_options"),  # only with stream (OpenAI)
+                                   ({"include_usage": "yes"}, True, "stream_options.include_usage"),
+                                   ({"include_usage": True, "continuous_usage_stats": True}, True, "stream_options")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, stream=stream, stream_options=options)
+        assert err.value.body["param"] == param, (options, err.value.body)
+
+
 @pytest.mark.parametrize("chat, body, param", [
     (True, {"prompt": "x"}, "prompt"),  # a completions field sent to chat: named as sent, not as `messages`
     (False, {"top_logprobs": 2}, "top_logprobs"),  # a chat field sent to completions: not its `logprobs`

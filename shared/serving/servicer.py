@@ -122,7 +122,12 @@ def validate(req: pb.InferRequest, engine: Engine, limits: LimitsConfig, model_n
     top_p = p.top_p if p.HasField("top_p") else 1.0
     max_tokens = resolved_max_tokens(req, limits)
     if not p.HasField("max_tokens") and engine.info.max_context:  # the default, within the room the prompt leaves
-        max_tokens = max(1, min(max_tokens, engine.info.max_context - len(engine.tokenizer.encode(req.prompt))))
+        room = engine.info.max_context - len(engine.tokenizer.encode(req.prompt))
+        if room < 1:  # the prompt alone fills the context: its own fault, not that of a max_tokens never sent
+            raise RequestError("prompt", f"{engine.info.max_context - room} tokens; this model's maximum context "
+                                         f"length is {engine.info.max_context} tokens, which leaves no room for an "
+                                         "answer")
+        max_tokens = min(max_tokens, room)
     params = GenerationParams(max_tokens=max_tokens, temperature=p.temperature, top_p=top_p,
                               stop=tuple(p.stop), seed=p.seed if p.HasField("seed") else None,
                               attention_window=p.attention_window, logprobs=p.logprobs, top_logprobs=p.top_logprobs)

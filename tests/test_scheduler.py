@@ -65,6 +65,35 @@ def test_requests_share_steps_and_answer_as_alone(engine):
     s.close()
 
 
+class CountingEngine(type(random_torch_engine(seed=5))):
+    """The real torch engine, counting the real (unmasked) query tokens of every forward."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.computed = 0
+
+    def _forward(self, input_ids, attention_mask, position_ids, past):
+        self.computed += int((np.asarray(attention_mask)[:, -input_ids.shape[1]:] == 1).sum())
+        return super()._forward(input_ids, attention_mask, position_ids, past)
+
+
+def test_step_statistics_count_every_token_computed_and_every_gap_between_tokens():
+    """A sequence whose prompt completes in a step also decodes in it: its token counts in the step's tokens and
+    sequences, and the time from its first token to its second is an inter-token latency."""
+    base = random_torch_engine(seed=5)
+    engine = CountingEngine(base.model, base.tokenizer, base.info)
+    steps = Steps()
+    s = Scheduler(engine, BatchConfig(max_num_seqs=4), on_step=steps)
+    g = GenerationParams(max_tokens=5, stop=("never",))
+    with engine._lock:  # admitted together, in one step
+        tickets = [s.submit(f"Q:{i}+{i}=?\nA:", g) for i in range(3)]
+    results = [t.future.result(timeout=TIMEOUT).result for t in tickets]
+    s.close()
+    assert sum(st.tokens for st in steps.stats) == engine.computed
+    assert steps.stats[0].seqs == 3 and steps.stats[0].tokens == sum(r.prompt_tokens + 1 for r in results)
+    assert sum(len(st.inter_token_s) for st in steps.stats) == sum(r.completion_tokens - 1 for r in results)
+
+
 def test_a_request_joins_the_running_batch_at_the_next_step(slow):
     """The old batcher ran a batch to completion: a short request arriving during a long one waited for it."""
     s = Scheduler(slow, BatchConfig(max_num_seqs=4))

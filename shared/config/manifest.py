@@ -51,7 +51,9 @@ class BatchConfig:
     """The tier's iteration-level scheduler (shared/runtime/scheduler.py), with vLLM's names."""
 
     max_num_seqs: int = 16  # sequences in the running batch at most (1 turns batching off)
-    max_num_batched_tokens: int = 2048  # tokens one step computes at most: one per running sequence + prompt chunks
+    # tokens one step computes at most: one per running sequence + prompt chunks (a prompt completing in the step
+    # also decodes its first token in it: one more per such sequence)
+    max_num_batched_tokens: int = 2048
     max_queue: int = 64  # requests waiting, beyond which new ones are refused (RESOURCE_EXHAUSTED)
 
     def __post_init__(self):

@@ -181,6 +181,7 @@ class ModelRunner:
         self._mask = np.zeros((0, 0), np.int64)  # (B, W): 1 where a row has a real position
         # prompts' KV for the prefix cache, kept after the step's first tokens went out: (ids, present, row, cols)
         self._to_store: list[tuple[list[int], Past, int, object]] = []
+        self.decoded: list[Sequence] = []  # the sequences that decoded a token in the last step (its metrics)
 
     # -- what the scheduler asks -----------------------------------------------------------------------
     def sequence(self, prompt: str, params: GenerationParams) -> Sequence:
@@ -230,6 +231,7 @@ class ModelRunner:
         it (a static batch) they leave at once. `prefilled()` is called between the prefill and the decode:
         first tokens go out before the batch decodes."""
         self._release(keep_slots)
+        self.decoded = []
         if chunks and not self.batched:
             for c in chunks:
                 self._prefill_alone(*c)
@@ -391,6 +393,7 @@ class ModelRunner:
             return
         self._past, self._mask = past, mask
         live = [b for b, s in enumerate(rows) if not s.done]
+        self.decoded = [rows[b] for b in live]
         # argmax and the chosen token's probability for every row at once (rows are independent: a sampled or
         # finished row's are computed and unused, cheaper than picking the greedy rows out first)
         x = logits[:, -1].astype(np.float64)
@@ -461,6 +464,7 @@ class ModelRunner:
                 s.fail(exc)
                 continue
             s.kv_len += 1
+            self.decoded.append(s)
             s.accept(logits[0, -1])
 
 

@@ -8,7 +8,8 @@ schedule -> execute -> update:
   (`max_num_batched_tokens`: one per running sequence, then prompt chunks, running
   sequences' chunks before new ones); a prompt larger than what is left is prefilled in
   chunks over several steps.
-- execute: one runner step: a decode token for every running sequence, then the chunks.
+- execute: one runner step: the chunks, then a decode token for every running sequence,
+  those whose prompt the step completed included (one token beyond the budget each).
 - update: streams get their new text and finished requests their result at once; the next
   step runs without them.
 A request arriving while others decode joins at the next step; it never waits for a batch
@@ -261,14 +262,17 @@ class Scheduler:
         """Hand out new text and finished results; record the step (`chunks`: the step's prompt chunks; None
         before the step)."""
         itl, first = [], 0
+        decoded = {id(s) for s in self._runner.decoded} if chunks is not None else set()
         if chunks is not None:
             for req in self._active:
-                t = req.seq.last_token_at
+                s, t = req.seq, req.seq.last_token_at
                 if t != req.token_at:  # it got a token in this step
                     if req.token_at:
                         itl.append(t - req.token_at)
                     else:
                         first += 1
+                        if id(s) in decoded:  # its prompt completed and it decoded too: its second token
+                            itl.append(t - (s.t0 + s.first_token_s))
                     req.token_at = t
         self._emit()
         done = [r for r in self._active if r.seq.done]
@@ -278,8 +282,8 @@ class Scheduler:
                 self._finish(req)
         if chunks is not None and self._on_step is not None:
             self._on_step(StepStats(running=len(self._active), waiting=self.depth,
-                                    seqs=len(itl) + len({id(s) for s, _ in chunks}),
-                                    tokens=len(itl) + sum(n for _, n in chunks), inter_token_s=itl,
+                                    seqs=len(decoded | {id(s) for s, _ in chunks}),
+                                    tokens=len(decoded) + sum(n for _, n in chunks), inter_token_s=itl,
                                     first_tokens=first))
 
     def _finish(self, req: _Request) -> None:

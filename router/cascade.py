@@ -72,8 +72,12 @@ class Decision:
 
 class Cascade:
     def __init__(self, policy: Policy, first: str, available: tuple[str, ...] = TIERS, retries: int = 0,
-                 origin: str = "router", on_escalate: Callable[[str, str, str], None] | None = None):
+                 origin: str = "router", on_escalate: Callable[[str, str, str], None] | None = None,
+                 keep_first_answer: bool = False):
+        """`keep_first_answer`: a stream's cascade, whose answer is out once it comes (text sent cannot be taken
+        back): the first answer is kept whatever its confidence; failures before it move on as for any request."""
         self.policy, self.retries, self.origin = policy, retries, origin
+        self._keep_first = keep_first_answer
         self._on_escalate = on_escalate  # (from tier, to tier, why; "fallback" going down): for metrics
         self._first = first
         self._ahead = [first, *tiers_above(first, available)]  # tiers still to ask, the current one first
@@ -99,7 +103,7 @@ class Cascade:
 
     def answered(self, tier: str, resp: pb.InferResponse) -> None:
         """`tier` answered `resp`: keep it, or go on up."""
-        accepted = self._falling_back or bool(self.policy.accept(tier, resp.confidence))
+        accepted = self._falling_back or self._keep_first or bool(self.policy.accept(tier, resp.confidence))
         spent = pb.Usage() if resp.cached else resp.usage  # a result-cache hit ran no model
         self.path.append(pb.Attempt(
             tier=tier, outcome="answered" if accepted else "low_confidence", confidence=resp.confidence,

@@ -19,20 +19,18 @@ import uuid
 from contextlib import aclosing
 
 import grpc
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeout
 
 from tierline_api.v1 import inference_pb2 as pb
 from tierline_api.v1 import inference_pb2_grpc as pb_grpc
 from tierline_router.auth import Admission, Gate, bearer_token
-from tierline_router.cascade import CLIENT_ERRORS, Cascade, Decision, no_replica_wait
+from tierline_router.cascade import CLIENT_ERRORS, Cascade, Decision
 from tierline_router.choices import choices_of, fan_out, merge, merge_streams
 from tierline_router.metrics import RouterMetrics
 from tierline_router.policy import Policy
 from tierline_shared.config.manifest import LimitsConfig, NatsConfig, RouterConfig
 from tierline_shared.serving.servicer import RequestError, resolved_max_tokens, validate_request
 from tierline_shared.transport.messaging import TierError, ask_tier, discover, stream_tier
-from tierline_shared.wire import TIERS, tiers_above
+from tierline_shared.wire import TIERS
 
 DISCOVERY_WAIT_S = 0.25  # how long GetStatus gathers the replicas' $SRV.STATS replies
 
@@ -170,8 +168,8 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
         """Tokens as the tier generates them, relayed from NATS.
 
         A stream goes to the policy's first tier and cannot be taken back once text
-        has been sent, so there is no confidence cascade here; a tier that has no
-        responders or times out before its first chunk is skipped for the next one up.
+        has been sent, so its first answer is kept whatever its confidence; before its
+        first chunk it fails over as a unary request does (`_stream`: the cascade).
         """
         t0 = time.perf_counter()
         with self.metrics.request() as tracked:
@@ -206,49 +204,41 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
         return now
 
     async def _stream(self, request: pb.InferRequest):
+        """One choice's stream through the cascade (router/cascade.py) as unary requests take it, except that the
+        first answer is kept: its text is out as it comes. Before its first chunk, a tier that fails is asked
+        again, skipped for the next one up, or (nothing above answering) the tiers below are asked."""
         first, score = self.policy.decide(request.prompt, self.tiers)
-        tier, path, refusal = first, [], None
-        end, rounds, absent = self._replica_wait_end(None), 0, False  # absent: a tier had no replica up
+        cascade = Cascade(self.policy, first, self.tiers, self.retries_per_tier, on_escalate=self.metrics.escalated,
+                          keep_first_answer=True)
+        end = self._replica_wait_end(None)
         try:
-            while tier is not None:
-                started = False
-                try:
-                    # closed at once when our client goes away, so the tier hears the cancel now, not at GC
-                    async with aclosing(stream_tier(self.nc, tier, request, self.request_timeout_s)) as chunks:
-                        async for chunk in chunks:
-                            started = True
-                            chunk.complexity = score
-                            if chunk.choices and chunk.choices[0].finish_reason:
-                                path.append(pb.Attempt(tier=tier, outcome="answered", confidence=chunk.confidence,
-                                                       usage=chunk.usage))
-                                chunk.escalation_path.extend(path)
-                            yield chunk
-                    return
-                except TierError as exc:
-                    if started:
-                        raise
-                    if exc.status in CLIENT_ERRORS:  # beyond this tier's limits: the next one up may serve it
-                        refusal = exc
-                        path.append(pb.Attempt(tier=tier, outcome="refused", detail=exc.message))
-                    else:
-                        path.append(pb.Attempt(tier=tier, outcome="error", detail=f"{exc.status}: {exc.message}"))
-                except (NoRespondersError, NatsTimeout, asyncio.TimeoutError) as exc:
-                    if started:
-                        raise TierError("router", "UNAVAILABLE", f"{tier} stopped mid-stream") from None
-                    outcome = "no_responders" if isinstance(exc, NoRespondersError) else "timeout"
-                    absent = absent or outcome == "no_responders"
-                    path.append(pb.Attempt(tier=tier, outcome=outcome))
-                failed, tier = tier, next(iter(tiers_above(tier, self.tiers)), None)
-                if tier is None and absent and await self._waited(no_replica_wait(rounds), end):
-                    tier, rounds, absent = first, rounds + 1, False  # as the unary cascade: ask again
-                elif tier is not None:
-                    self.metrics.escalated(failed, tier, path[-1].outcome)
+            while True:
+                while (tier := cascade.next_tier()) is not None:
+                    started = False
+                    try:
+                        # closed at once when our client goes away, so the tier hears the cancel now, not at GC
+                        async with aclosing(stream_tier(self.nc, tier, request, self.request_timeout_s)) as chunks:
+                            async for chunk in chunks:
+                                started = True
+                                chunk.complexity = score
+                                if chunk.choices and chunk.choices[0].finish_reason:
+                                    cascade.answered(tier, chunk)
+                                    decision = cascade.decision()
+                                    chunk.escalation_path.extend(decision.path)
+                                    chunk.degraded = decision.degraded
+                                yield chunk
+                        return
+                    except Exception as exc:  # noqa: BLE001 - the cascade sorts failures (raises what is not one)
+                        if started and isinstance(exc, TierError):
+                            raise
+                        if started:
+                            raise TierError("router", "UNAVAILABLE", f"{tier} stopped mid-stream") from None
+                        cascade.failed(tier, exc, detail=f"no first chunk in {self.request_timeout_s:.2f}s")
+                if not await self._waited(cascade.again(), end):
+                    break
         finally:
-            self.metrics.asked(path)
-        if refusal is not None and path[-1].outcome == "refused":  # the top tier asked refused it too (as Cascade)
-            raise refusal
-        raise TierError("router", "UNAVAILABLE", "no tier could stream an answer: " +
-                        "; ".join(f"{a.tier} {a.outcome}" for a in path))
+            self.metrics.asked(cascade.path)
+        cascade.decision()  # nothing streamed, so this raises: the refusal, or UNAVAILABLE naming what each tier did
 
     async def status(self, key: str | None) -> pb.PlatformStatus:
         """Replicas and queues from nats.micro discovery, the traffic split from this router's counters."""

@@ -163,18 +163,19 @@ def test_status_reports_each_tiers_escalation_rate(stack, traffic):
     with client(stack, traffic) as c:
         st = c.status()
     tiers = {t.tier: t for t in st.tiers}
-    # the device was asked 6 routed requests (all escalated) and the stream (which never escalates)
-    assert (tiers["device"].asked, tiers["device"].escalated) == (7, 6)
-    assert tiers["device"].escalation_rate == pytest.approx(6 / 7)
-    assert (tiers["edge"].asked, tiers["edge"].escalated, tiers["edge"].escalation_rate) == (6, 0, 0.0)
-    assert tiers["edge"].traffic_share == pytest.approx(6 / 7) and tiers["cloud"].asked == 0
+    # the device was asked 6 routed requests (all escalated), the stream (answered there: a stream keeps its
+    # first answer) and the request every tier refuses for its window (each refusal sent it a tier up)
+    assert (tiers["device"].asked, tiers["device"].escalated) == (8, 7)
+    assert tiers["device"].escalation_rate == pytest.approx(7 / 8)
+    assert (tiers["edge"].asked, tiers["edge"].escalated, tiers["edge"].escalation_rate) == (7, 1, pytest.approx(1 / 7))
+    assert tiers["edge"].traffic_share == pytest.approx(6 / 7) and tiers["cloud"].asked == 1
     text = render_text(st)
     device_row = next(line for line in text.splitlines() if line.startswith("device"))
-    assert bar(6 / 7) in device_row and "85.7% of 7" in device_row
+    assert bar(7 / 8) in device_row and "87.5% of 8" in device_row
     proc = run_cli("status", "--endpoint", stack.router_address, "--api-key", traffic, "--json", timeout=60)
-    assert json.loads(proc.stdout)["tiers"][0]["escalationRate"] == pytest.approx(6 / 7)
+    assert json.loads(proc.stdout)["tiers"][0]["escalationRate"] == pytest.approx(7 / 8)
     shown = run_cli("status", "--endpoint", stack.router_address, "--api-key", traffic, timeout=60).stdout
-    assert "escalation rate" in shown and bar(6 / 7) in shown
+    assert "escalation rate" in shown and bar(7 / 8) in shown
 
 
 def test_watch_redraws_the_status_each_interval(capsys):

@@ -122,6 +122,20 @@ def test_router_stream_skips_a_tier_with_no_responders(tiny_family):
         assert [a.outcome for a in chunks[-1].escalation_path] == ["no_responders", "answered"]
 
 
+def test_a_stream_whose_first_tier_is_down_falls_back_below_as_a_unary_request_does(tiny_family):
+    with Stack(tiny_family, tiers=("edge", "cloud"),
+               overrides={"router.device_complexity": 0.0, "router.cloud_complexity": 0.0,
+                          "router.no_replica_wait_ms": 0}) as s:
+        s.kill("cloud-0")
+        router = stub(s.port("router"))
+        unary = router.Infer(req(max_tokens=8), timeout=TIMEOUT)
+        chunks = list(router.InferStream(req(max_tokens=8), timeout=TIMEOUT))
+        for final in (unary, chunks[-1]):
+            assert final.tier == "edge" and final.degraded
+            assert [(a.tier, a.outcome) for a in final.escalation_path] == [("cloud", "no_responders"),
+                                                                             ("edge", "answered")]
+
+
 def test_a_request_waits_for_a_tier_whose_only_replica_is_coming_back(tiny_family):
     """No replica up for a moment (one restarting, or reconnecting after the NATS node it was on died): the
     router asks again with backoff within the request's time instead of failing at once, unary and streamed."""

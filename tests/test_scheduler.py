@@ -219,6 +219,37 @@ def test_a_row_that_breaks_the_engine_fails_alone():
     s.close()
 
 
+class NanEngine(type(random_torch_engine(seed=5))):
+    """The real torch engine, whose logits are NaN for a prompt that holds one token: a model broken on an input
+    (prefills only: a decoded row never meets it, whatever it samples)."""
+
+    poison = None
+
+    def _forward(self, input_ids, attention_mask, position_ids, past):
+        logits, present = super()._forward(input_ids, attention_mask, position_ids, past)
+        if self.poison is not None and input_ids.shape[1] > 1:
+            logits[(np.asarray(input_ids) == self.poison).any(axis=1)] = np.nan
+        return logits, present
+
+
+def test_a_row_whose_logits_cannot_be_sampled_fails_alone():
+    base = random_torch_engine(seed=5)
+    eng = NanEngine(base.model, base.tokenizer, base.info)
+    eng.poison = eng.tokenizer.encode("%", bos=False)[0]
+    s = Scheduler(eng, BatchConfig(max_num_seqs=8))
+    sampled = GenerationParams(max_tokens=6, temperature=0.7, seed=1)
+    good = [f"Q:{i}+1=?\nA:" for i in range(4)]
+    with eng._lock:  # all in one step
+        tickets = [s.submit(p, sampled) for p in good]
+        bad = s.submit("Q:5%2=?\nA:", sampled)
+    outs = [t.future.result(timeout=TIMEOUT).result.token_ids for t in tickets]
+    with pytest.raises(ValueError):
+        bad.future.result(timeout=TIMEOUT)
+    eng.poison = None
+    assert outs == [eng.generate(p, sampled).token_ids for p in good]
+    s.close()
+
+
 def _random_workload(rng: random.Random, n: int, context: int, window_limit: int) -> list[dict]:
     """Requests with random prompts (many sharing prefixes of different lengths, for the prefix cache),
     lengths, windows, priorities, arrival gaps (bursts and trickles) and cancellations."""

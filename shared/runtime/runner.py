@@ -310,7 +310,7 @@ class ModelRunner:
             if cache is not None and s.whole:  # stored once the first tokens are out (`present` is never written)
                 self._to_store.append((s.ids, present, j, cols))
             s.kv = None
-            s.accept(logits[j, -1])
+            _sample(s, logits[j, -1])
             if s.done:
                 continue
             joining.append(s)
@@ -402,10 +402,7 @@ class ModelRunner:
         for b in live:
             s = rows[b]
             s.kv_len += 1
-            if s.params.greedy:
-                s.push(top[b], p[b], logits[b, -1])
-            else:
-                s.accept(logits[b, -1])
+            _sample(s, logits[b, -1], (top[b], p[b]) if s.params.greedy else None)
         cache = self._prefix_cache()
         if cache is not None:  # as vLLM's prefix caching: a finished answer's KV serves the dialogue's next turn
             W = mask.shape[1]
@@ -446,7 +443,7 @@ class ModelRunner:
         s.computed += n
         s.kv_len += n
         if s.prefilled:
-            s.accept(logits[0, -1])
+            _sample(s, logits[0, -1])
             if not s.done:
                 self._rows.append(s)
 
@@ -465,7 +462,16 @@ class ModelRunner:
                 continue
             s.kv_len += 1
             self.decoded.append(s)
-            s.accept(logits[0, -1])
+            _sample(s, logits[0, -1])
+
+
+def _sample(s: Sequence, logits: np.ndarray, greedy: tuple[int, float] | None = None) -> None:
+    """`s` takes its next token from its logits (V,) (`greedy`: the batch's argmax and its probability, already
+    computed); a row whose logits cannot be sampled (not finite: a model broken on that input) fails alone."""
+    try:
+        s.push(*greedy, logits) if greedy is not None else s.accept(logits)
+    except Exception as exc:  # noqa: BLE001 - this row's own failure, not the step's
+        s.fail(exc)
 
 
 def _log(p: float) -> float:

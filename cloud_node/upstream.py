@@ -6,9 +6,10 @@ llama.cpp server, `transformers serve`), instead of a model loaded here (`tiers.
 NATS and gRPC serving, deadlines, priorities of the queue bound and the metrics stay the tier's own. Each
 request is one `POST <url>/completions` on a worker thread (at most `max_num_seqs` at once: the upstream
 batches them itself; beyond `max_queue` waiting, RESOURCE_EXHAUSTED), within the request's deadline, retried
-after a connection error or a 5xx (`upstream.retries`; a stream only before its first chunk). A 4xx is the
-request's own fault (INVALID_ARGUMENT, with the upstream's message); an upstream that stays away is
-UNAVAILABLE, which the router's cascade handles as any failing tier.
+after a connection error or a 5xx (`upstream.retries`; a stream only before its first chunk). A 400, 413 or
+422 is the request's own fault (INVALID_ARGUMENT, with the upstream's message); a 429 a busy upstream
+(RESOURCE_EXHAUSTED) and another 4xx the tier's own setup (its key, its URL: UNAVAILABLE); an upstream that
+stays away is UNAVAILABLE too, which the router's cascade handles as any failing tier.
 
 Confidence is the lowest probability of a chosen token, from the logprobs the upstream returns for
 `logprobs: 1` (vLLM, TGI and llama.cpp server do); `transformers serve` returns none: then it is 0.0, which

@@ -27,7 +27,7 @@ from tierline_shared.serving.servicer import (
     as_tier_error,
     caller_deadline,
     status_of,
-    validate,
+    validate_request,
 )
 from tierline_shared.transport.tier_service import TierService
 from tierline_shared.wire import TIERS
@@ -66,8 +66,8 @@ class DeviceAgentServicer(TierServicer):
 
     def answer(self, req: pb.InferRequest, timeout_s: float | None) -> pb.InferResponse:
         """One request from the board's apps, through the cascade: this board's model or the tiers above."""
-        try:
-            validate(req, self.engine, self.limits, self.engine.info.model)  # bad input fails here, on the board
+        try:  # bad input fails here, on the board; what only the board's model cannot serve goes up (the cascade)
+            validate_request(req, self.limits, self.engine.info.model)
         except Exception as exc:
             self._failed(exc)
             raise

@@ -91,6 +91,7 @@ class Cascade:
         self._absent: list[str] = []  # tiers that had no replica up, in the order asked
         self._rounds = 0  # waits for absent replicas so far
         self._refusal: TierError | None = None  # the highest tier's refusal (INVALID_ARGUMENT) so far
+        self._refused_by = -1  # that tier's place in TIERS
 
     def next_tier(self) -> str | None:
         """The tier to ask now; None when the decision is made."""
@@ -117,11 +118,11 @@ class Cascade:
         self._move_on(tier, "low_confidence")
 
     def failed(self, tier: str, exc: BaseException, detail: str = "") -> None:
-        """Asking `tier` raised `exc`: ask it again, or the next tier. Raises a client error as it is,
-        and anything it does not know as a failure of a tier (a bug is not a reason to escalate)."""
+        """Asking `tier` raised `exc`: ask it again, or the next tier (a refusal: the next tier up). Raises
+        anything it does not know as a failure of a tier (a bug is not a reason to escalate)."""
         if isinstance(exc, TierError) and exc.status in CLIENT_ERRORS:  # its own limits: the next tier's may do
-            if self._refusal is None or TIERS.index(tier) >= TIERS.index(self._refusal.tier):
-                self._refusal = exc
+            if TIERS.index(tier) >= self._refused_by:
+                self._refusal, self._refused_by = exc, TIERS.index(tier)
             outcome, detail, retry = "refused", exc.message, False
         elif isinstance(exc, TierError):
             outcome, detail, retry = "error", f"{exc.status}: {exc.message}", exc.status in RETRY_STATUSES
@@ -150,13 +151,16 @@ class Cascade:
         """Nothing answered and a tier had no replica up: those tiers are asked again, in the cascade's order
         (the first tier and those above it, then those below as a fallback); returns the seconds to wait first.
         None when an answer was kept or is there to give, the deadline passed, or every tier had a replica
-        up (then the decision stands). The driver bounds the rounds by the request's time."""
-        if (self._kept is not None or self._best is not None or self._expired or not self._absent or self._ahead
-                or self._refusal is not None):
+        up (then the decision stands). After a refusal only the absent tiers above the refusing one are asked
+        (those below would refuse too). The driver bounds the rounds by the request's time."""
+        if self._kept is not None or self._best is not None or self._expired or not self._absent or self._ahead:
             return None
-        first = TIERS.index(self._first)
+        first = max(TIERS.index(self._first), self._refused_by + 1)
         self._ahead = [t for t in self._absent if TIERS.index(t) >= first]
-        self._below = [t for t in self._absent if TIERS.index(t) < first] + self._below
+        self._below = [] if self._refusal is not None else (
+            [t for t in self._absent if TIERS.index(t) < first] + self._below)
+        if not self._ahead and not self._below:
+            return None
         self._absent, self._tries, self._falling_back = [], 0, False
         self._rounds += 1
         return no_replica_wait(self._rounds - 1)
@@ -175,8 +179,8 @@ class Cascade:
             return Decision(self._kept, self.path, degraded=self._falling_back)
         if self._best is not None:  # a better tier was wanted but could not answer
             return Decision(self._best, self.path, degraded=True)
-        if self._refusal is not None and all(a.outcome == "refused" for a in self.path if TIERS.index(a.tier) >
-                                             TIERS.index(self._refusal.tier)):
+        if self._refusal is not None and all(a.outcome == "refused" for a in self.path
+                                             if TIERS.index(a.tier) > self._refused_by):
             raise self._refusal  # the request's own fault, as the most able tier that saw it said
         what = "; ".join(f"{a.tier} {a.outcome} {a.detail}".strip() for a in self.path)
         if self._expired or out_of_time:

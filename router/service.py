@@ -186,6 +186,10 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
                         used = chunk.usage.prompt_tokens + chunk.usage.completion_tokens
                         tracked.answered(chunk, last - t0)  # the client has its answer once this is sent
                     yield chunk
+            except TierError as exc:
+                if exc.status in CLIENT_ERRORS and last is None:
+                    used = 0  # refused by the tiers for its own fields: the call counts, as for a unary request
+                raise
             finally:
                 # closed at once when our client goes away, so the tier hears the cancel now, not at GC
                 await chunks.aclose()

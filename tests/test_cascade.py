@@ -156,6 +156,17 @@ def test_a_tiers_refusal_goes_up_to_a_tier_whose_limits_may_serve_it_and_a_bug_i
     with pytest.raises(TierError) as err:  # a tier above the refusal failed otherwise (it may have served it);
         run("edge", {"edge": [too_long], "cloud": [NoRespondersError()], "device": []})  # the device is not asked
     assert err.value.status == "UNAVAILABLE" and "edge refused" in err.value.message
+    waits = Cascade(POLICY, "edge")  # the tier above restarting: asked again, as for any request
+    waits.failed("edge", too_long)
+    waits.failed("cloud", NoRespondersError())
+    assert waits.next_tier() is None and waits.again() is not None and waits.next_tier() == "cloud"
+    waits.answered("cloud", answer("cloud", 0.9))
+    assert waits.decision().answer.tier == "cloud"
+    below = Cascade(POLICY, "device")  # a tier below the refusal is never asked again: it would refuse too
+    below.failed("device", NoRespondersError())
+    below.failed("edge", too_long)
+    below.failed("cloud", TierError("cloud", "INVALID_ARGUMENT", "window"))
+    assert below.next_tier() is None and below.again() is None
     kept = run("device", {"device": [answer("device", 0.1)], "edge": [too_long],
                           "cloud": [TierError("cloud", "INVALID_ARGUMENT", "window")]})
     assert kept.answer.tier == "device" and kept.degraded  # an answer in hand is given, not a refusal

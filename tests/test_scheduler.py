@@ -148,7 +148,7 @@ def test_queued_requests_given_up_on_leave_the_queue_while_the_batch_stays_full(
     assert queued[0].chunks.get(timeout=TIMEOUT) is END
     late = s.submit("Q:4+4=?\nA:", GenerationParams(max_tokens=2), timeout_s=0.05)
     with pytest.raises(DeadlineExceeded, match="while queued"):
-        late.future.result(timeout=2)  # the busy request runs for seconds yet
+        late.future.result(timeout=2)  # failed at the next step; the busy request runs on past it
     assert not busy.future.done()
     busy.cancel()
     s.close()
@@ -237,16 +237,17 @@ def test_a_row_whose_logits_cannot_be_sampled_fails_alone():
     eng = NanEngine(base.model, base.tokenizer, base.info)
     eng.poison = eng.tokenizer.encode("%", bos=False)[0]
     s = Scheduler(eng, BatchConfig(max_num_seqs=8))
-    sampled = GenerationParams(max_tokens=6, temperature=0.7, seed=1)
     good = [f"Q:{i}+1=?\nA:" for i in range(4)]
-    with eng._lock:  # all in one step
-        tickets = [s.submit(p, sampled) for p in good]
-        bad = s.submit("Q:5%2=?\nA:", sampled)
-    outs = [t.future.result(timeout=TIMEOUT).result.token_ids for t in tickets]
-    with pytest.raises(ValueError):
-        bad.future.result(timeout=TIMEOUT)
-    eng.poison = None
-    assert outs == [eng.generate(p, sampled).token_ids for p in good]
+    for params in (GenerationParams(max_tokens=6, temperature=0.7, seed=1), GenerationParams(max_tokens=6)):
+        eng.poison = eng.tokenizer.encode("%", bos=False)[0]
+        with eng._lock:  # all in one step
+            tickets = [s.submit(p, params) for p in good]
+            bad = s.submit("Q:5%2=?\nA:", params)  # sampled: no distribution; greedy: a NaN argmax
+        outs = [t.future.result(timeout=TIMEOUT).result.token_ids for t in tickets]
+        with pytest.raises(ValueError, match="not finite"):
+            bad.future.result(timeout=TIMEOUT)
+        eng.poison = None
+        assert outs == [eng.generate(p, params).token_ids for p in good]
     s.close()
 
 

@@ -66,8 +66,8 @@ def _outcomes(metrics: Metrics) -> dict:
 
 
 def test_every_request_is_counted_once_with_the_status_its_caller_got():
-    """A deadline the tier's wait ran out on is DEADLINE_EXCEEDED (what the caller got), not a cancel; a stream
-    whose client left after the answer was ready, but before it was sent, is a cancel."""
+    """A deadline the tier's wait ran out on is DEADLINE_EXCEEDED (what the caller got), not a cancel; a client
+    that goes away is a cancel, a stream's too when it left after the answer was ready but before it was sent."""
     base = random_torch_engine(seed=3, tier="edge")
     metrics = Metrics("edge", "tierline-test")
     servicer = TierServicer(SlowEngine(base.model, base.tokenizer, base.info), metrics=metrics)
@@ -75,6 +75,8 @@ def test_every_request_is_counted_once_with_the_status_its_caller_got():
         long = pb.InferRequest(prompt=PROMPT, parameters=pb.Parameters(max_tokens=40, stop=["never"]))
         with pytest.raises(DeadlineExceeded):
             servicer.handle(long, timeout_s=0.05)
+        with pytest.raises(DeadlineExceeded, match="cancelled"):  # its client goes away while it runs
+            servicer.handle(long, timeout_s=30, on_abandon=lambda cancel: threading.Timer(0.05, cancel).start())
         chunks = servicer.stream(_request(4))
         next(chunks)
         while not servicer.scheduler.depth == servicer.scheduler.running == 0:  # the answer is ready...
@@ -82,9 +84,9 @@ def test_every_request_is_counted_once_with_the_status_its_caller_got():
         time.sleep(0.1)
         chunks.close()  # ...and its client leaves before the rest is read
         deadline = time.monotonic() + 30
-        while sum(_outcomes(metrics).values()) < 2 and time.monotonic() < deadline:
+        while sum(_outcomes(metrics).values()) < 3 and time.monotonic() < deadline:
             time.sleep(0.01)
-        time.sleep(0.2)  # a second count of either would come now
-        assert _outcomes(metrics) == {("error", "DEADLINE_EXCEEDED"): 1, ("cancelled", "CANCELLED"): 1}
+        time.sleep(0.2)  # a second count of any would come now
+        assert _outcomes(metrics) == {("error", "DEADLINE_EXCEEDED"): 1, ("cancelled", "CANCELLED"): 2}
     finally:
         servicer.scheduler.close()

@@ -224,5 +224,6 @@ class TextTokenizer:
     def unknown_count(self, text: str) -> int:
         if self.unk_id is None:  # a byte-level tokenizer encodes everything
             return 0
-        # the encoding the engine uses (with <bos>, never unknown): validation and scheduling share one encode
-        return sum(1 for i in self._encoded(text, True) if i == self.unk_id)
+        # the encoding the engine uses (validation and scheduling share one encode), less its <bos>
+        ids = self._encoded(text, True)
+        return sum(1 for i in ids[1 if self.add_bos else 0:] if i == self.unk_id)

@@ -399,10 +399,11 @@ class ModelRunner:
         x = logits[:, -1].astype(np.float64)
         top = x.argmax(axis=1).tolist()
         p = (1.0 / np.exp(x - x.max(axis=1, keepdims=True)).sum(axis=1)).tolist()  # exp(x[top] - max) is 1
+        finite = np.isfinite(x).all(axis=1).tolist()
         for b in live:
             s = rows[b]
             s.kv_len += 1
-            _sample(s, logits[b, -1], (top[b], p[b]) if s.params.greedy else None)
+            _sample(s, logits[b, -1], (top[b], p[b]) if s.params.greedy else None, finite[b])
         cache = self._prefix_cache()
         if cache is not None:  # as vLLM's prefix caching: a finished answer's KV serves the dialogue's next turn
             W = mask.shape[1]
@@ -465,9 +466,14 @@ class ModelRunner:
             _sample(s, logits[0, -1])
 
 
-def _sample(s: Sequence, logits: np.ndarray, greedy: tuple[int, float] | None = None) -> None:
-    """`s` takes its next token from its logits (V,) (`greedy`: the batch's argmax and its probability, already
-    computed); a row whose logits cannot be sampled (not finite: a model broken on that input) fails alone."""
+def _sample(s: Sequence, logits: np.ndarray, greedy: tuple[int, float] | None = None,
+            finite: bool | None = None) -> None:
+    """`s` takes its next token from its logits (V,) (`greedy`: the batch's argmax and its probability, and
+    `finite`, already computed for the batch); a row whose logits are not finite (a model broken on that input)
+    or cannot be sampled fails alone."""
+    if not (np.isfinite(logits).all() if finite is None else finite):
+        s.fail(ValueError("the model's logits for this sequence are not finite"))
+        return
     try:
         s.push(*greedy, logits) if greedy is not None else s.accept(logits)
     except Exception as exc:  # noqa: BLE001 - this row's own failure, not the step's

@@ -184,10 +184,12 @@ class Scheduler:
     def _purge(self) -> list[_Request]:
         """Take out of the queue the requests whose caller gave up or whose deadline passed (the caller holds
         `_cv`): they neither hold a place in a full queue nor wait for a free slot to be failed."""
-        gone = [r for r in self._heap if r.should_stop()]
+        keep, gone = [], []
+        for r in self._heap:  # one pass: a request's should_stop() changes with the clock and other threads
+            (gone if r.should_stop() else keep).append(r)
         if gone:
-            self._heap = [r for r in self._heap if not r.should_stop()]
-            heapq.heapify(self._heap)
+            heapq.heapify(keep)
+            self._heap = keep
         return gone
 
     def _leave(self, gone: list[_Request]) -> None:

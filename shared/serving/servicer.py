@@ -275,10 +275,12 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
             on_abandon(answer.cancel)
         try:
             return answer.result(timeout=self._timeout(timeout_s))
-        except (futures.TimeoutError, futures.CancelledError):
+        except futures.TimeoutError:
             answer.timed_out = True  # counted as the caller's DEADLINE_EXCEEDED, not as a cancel (`finished`)
             answer.cancel()  # stops the row at its next decode step
             raise DeadlineExceeded("deadline exceeded before the answer was ready") from None
+        except futures.CancelledError:  # the client went away (`on_abandon`): counted as a cancel
+            raise DeadlineExceeded("cancelled before the answer was ready") from None
 
     def begin(self, req: pb.InferRequest, timeout_s: float | None) -> futures.Future:
         """Validate, look the result cache up, and queue the request: a future of its response.

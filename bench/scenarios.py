@@ -652,11 +652,12 @@ def overhead_and_peer(platform: Stack, engine, peers: dict[str, HttpClient], pee
                                   "No process is bound to a CPU (one CPU: tiers.edge.engine_cpus not set)."),
                   "Sequences per step: the edge's mean sequences per scheduler step over each run (its "
                   "tierline_batch_size histogram, read before and after), and the bare engine's mean rows per decode "
-                  "step (its batches decode until their longest answer ends, rows leaving as they finish). A "
-                  "forward's cost grows far slower than its rows (bare_qps_by_batch), so throughput follows the "
-                  "sequences a step holds: a request's slot stays empty from its answer leaving the engine "
-                  "core until its client's next request arrives there, and that round trip is longer through "
-                  "the router and NATS than straight to the edge's gRPC port."],
+                  "step (its batches decode until their longest answer ends, rows leaving as they finish: fewer "
+                  "rows, but steps with nothing else in them). Between the edge alone and behind the router, "
+                  "whose engine cores run the same steps, throughput follows the sequences a step holds, as a "
+                  "forward's cost grows far slower than its rows (bare_qps_by_batch): a request's slot stays empty "
+                  "from its answer leaving the engine core until its client's next request arrives there, and "
+                  "that round trip is longer through the router and NATS than straight to the edge's gRPC port."],
     }
     if not peers:
         missing = not_measured(peer_reason or "not run")

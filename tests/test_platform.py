@@ -358,20 +358,26 @@ def test_router_refuses_a_scorer_trained_for_other_models(tiny_family, tmp_path)
         nats.stop()
 
 
-def test_a_request_too_long_for_one_tier_goes_up_to_one_whose_context_fits_it(tmp_path):
-    """Tiers differ in context: the router admits what its largest tier serves, so a tier with a shorter one
-    refuses (INVALID_ARGUMENT) and the request goes on up, unary and streamed; what no tier serves is refused
-    with the top tier's words."""
+def _with_context(tmp_path: Path, tier: str, context: int) -> Path:
+    """The committed family, `tier`'s model given another context (its config, and its hash in the index)."""
     from tests.conftest import COMMITTED_MODELS
 
     models = tmp_path / "models"
     shutil.copytree(COMMITTED_MODELS, models)
-    config = models / "edge" / "config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), "max_position_embeddings": 128}, indent=2))
+    config = models / tier / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "max_position_embeddings": context}, indent=2))
     index = json.loads((models / "manifest.json").read_text())
-    entry = index["artifacts"]["edge"]["config"]
+    entry = index["artifacts"][tier]["config"]
     entry["sha256"], entry["bytes"] = hashlib.sha256(config.read_bytes()).hexdigest(), config.stat().st_size
     (models / "manifest.json").write_text(json.dumps(index, indent=2))
+    return models
+
+
+def test_a_request_too_long_for_one_tier_goes_up_to_one_whose_context_fits_it(tmp_path):
+    """Tiers differ in context: the router admits what its largest tier serves, so a tier with a shorter one
+    refuses (INVALID_ARGUMENT) and the request goes on up, unary and streamed; what no tier serves is refused
+    with the top tier's words."""
+    models = _with_context(tmp_path, "edge", 128)
     with Stack(models, tiers=("edge", "cloud"), overrides={"router.scorer": "", "router.device_complexity": 0.0,
                                                            "router.cloud_complexity": 1.0,
                                                            "router.confidence_threshold": {"edge": 0.0}}) as s:
@@ -386,3 +392,16 @@ def test_a_request_too_long_for_one_tier_goes_up_to_one_whose_context_fits_it(tm
         with pytest.raises(grpc.RpcError) as err:
             router.Infer(req(max_tokens=250, attention_window=0), timeout=TIMEOUT)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "256" in err.value.details()
+
+
+def test_what_only_the_boards_model_cannot_serve_goes_up_from_its_front_door(tmp_path):
+    """An app on the board asks for more than the board's model holds: its front door sends it to the edge (its
+    model given a context of 512 here; the board's .tflite is built for 256)."""
+    models = _with_context(tmp_path, "edge", 512)
+    with Stack(models, tiers=("device", "edge"), router=False,
+               overrides={"router.device_complexity": 1.0, "router.confidence_threshold": {"device": 0.0}}) as s:
+        board = stub(s.port("device-0"))
+        assert board.Infer(req(), timeout=TIMEOUT).tier == "device"  # what it can serve stays on the board
+        resp = board.Infer(req(max_tokens=300), timeout=TIMEOUT)
+        assert resp.tier == "edge" and [(a.tier, a.outcome) for a in resp.escalation_path] == [
+            ("device", "refused"), ("edge", "answered")]

@@ -73,9 +73,10 @@ class OnnxEngine(Engine):
         return out[0][:, -1:, :], present
 
     def _trim_past(self, past: Past, keep: int) -> Past:
-        # contiguous copies: onnxruntime would copy a strided view on every step anyway
+        # copies, always: onnxruntime would copy a strided view on every step anyway, and a slice that is
+        # contiguous already (one row, one KV head) would otherwise stay a view of the array it was cut from
         n = past[0][0].shape[2] - keep  # keep 0: none (a [-0:] slice would keep them all)
-        return [(np.ascontiguousarray(k[:, :, n:]), np.ascontiguousarray(v[:, :, n:])) for k, v in past]
+        return [(k[:, :, n:].copy(), v[:, :, n:].copy()) for k, v in past]
 
     def _past_take(self, past: Past, row: int, cols) -> Past:
         # copies, always (ascontiguousarray returns a contiguous view as it is: a whole row is one): a view would

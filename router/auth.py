@@ -36,6 +36,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from nats.errors import Error as NatsError
 
@@ -480,6 +481,7 @@ class Gate:
         self.store, self.plans = store, plans
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="keystore") if store else None
         self.unsettled = 0  # answered or failed requests whose usage the store did not record (`settle`)
+        self.on_unsettled: Callable[[], None] | None = None  # told of each (the router's metrics)
 
     @property
     def enabled(self) -> bool:
@@ -527,6 +529,8 @@ class Gate:
             await asyncio.get_running_loop().run_in_executor(self._pool, self.store.settle, admission, used_tokens)
         except Exception as exc:  # noqa: BLE001 - bookkeeping after the fact must not lose the answer
             self.unsettled += 1
+            if self.on_unsettled is not None:
+                self.on_unsettled()
             kept = (f"no answer, yet its call and {admission.reserved_tokens} reserved tokens stay counted"
                     if used_tokens is None else
                     f"{used_tokens} tokens used, {admission.reserved_tokens} reserved stay counted")

@@ -71,7 +71,11 @@ class RouterMetrics(MetricsEndpoint):
                                      "that answered", mt, registry=r)
         self.generation_tokens = Counter(f"{PREFIX}_generation_tokens", "Tokens of the answers given, by the tier "
                                          "that answered", mt, registry=r)
+        self._unsettled = Counter(f"{PREFIX}_unsettled_requests", "Requests whose token usage the API key store "
+                                  "could not record (their reservation stays counted; router/auth.py Gate.settle)",
+                                  m, registry=r)
         self.running.labels(model_name)
+        self._unsettled.labels(model_name)
         for tier in tiers:  # at 0 from the start: the traffic split and the dashboards see every tier
             self.requests.labels(model_name, tier, "answered", "OK")
             self.tier_requests.labels(model_name, tier)
@@ -100,6 +104,10 @@ class RouterMetrics(MetricsEndpoint):
 
     def observe_failure(self, code: str) -> None:
         self.requests.labels(self.model_name, NO_TIER, outcome_of(code), code).inc()
+
+    def unsettled(self) -> None:
+        """A request whose usage the key store could not record."""
+        self._unsettled.labels(self.model_name).inc()
 
     def escalated(self, from_tier: str, to_tier: str, reason: str) -> None:
         self.escalations.labels(self.model_name, from_tier, to_tier, reason).inc()

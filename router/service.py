@@ -50,6 +50,7 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
         self.metrics = metrics or RouterMetrics(model_name, self.tiers)
         self.limits = limits or LimitsConfig()
         self.gate = gate or Gate(None, {})  # API keys and quotas; a gate without a store admits everyone
+        self.gate.on_unsettled = self.metrics.unsettled
         self.max_context = max_context  # the served models' context (prompt + completion), None when unknown
         self.no_replica_wait_s = no_replica_wait_s  # at most, waiting for a tier with no replica up
 

@@ -362,13 +362,13 @@ def test_an_answer_survives_a_key_store_locked_before_it_is_settled(stack, monke
             await server.stop(0)
             await nc.close()
             gate.close()
-        return texts, settled.usage.total_tokens, gate
+        return texts, settled.usage.total_tokens, gate, router
 
     with caplog.at_level("ERROR", logger="tierline.router.auth"):
-        texts, settled_tokens, gate = asyncio.run(run())
+        texts, settled_tokens, gate, router = asyncio.run(run())
     locker.close()
     assert len(texts) == 3 and all(texts), texts
-    assert gate.unsettled == 2
+    assert gate.unsettled == 2 == router.metrics.sample("tierline_router_unsettled_requests_total")
     unsettled = [r.getMessage() for r in caplog.records if "not recorded" in r.getMessage()]
     assert len(unsettled) == 2 and all(key_id in m and "database is locked" in m for m in unsettled), unsettled
     assert key not in caplog.text and key.split("_", 2)[2] not in caplog.text

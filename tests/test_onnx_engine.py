@@ -129,6 +129,16 @@ def test_fp32_sliding_window_matches_torch(fp32: OnnxEngine, torch_engine: Torch
     assert [r.token_ids for r in got] == [r.token_ids for r in want]
 
 
+def test_a_trimmed_cache_never_shares_memory_with_the_one_it_was_cut_from(int8: OnnxEngine) -> None:
+    """Also when the slice is contiguous already (one row, one KV head): a view would see its source written
+    over (the trap of a prefix-cache entry overwritten by the row that took its slot)."""
+    for rows, heads in ((1, 1), (2, 2)):
+        past = [(np.ones((rows, heads, 8, 4), np.float32), np.ones((rows, heads, 8, 4), np.float32))]
+        trimmed = int8._trim_past(past, 5)
+        assert trimmed[0][0].shape == (rows, heads, 5, 4)
+        assert not any(np.shares_memory(t, p) for (t, _), (p, _) in zip(trimmed, past))
+
+
 def test_int8_cached_matches_uncached(int8: OnnxEngine) -> None:
     for prompt in PROMPTS:
         cached = int8.generate(prompt, GenerationParams(max_tokens=MAX_TOKENS)).text

@@ -173,18 +173,21 @@ def _shown(value) -> str:
 def _unencodable(body) -> str | None:
     """Where the first string of a JSON value (a key or a value) is one UTF-8 cannot carry: a lone surrogate,
     which JSON's \\ud800 escapes can spell and no protobuf or tokenizer takes. None when every string is text."""
+    def text(s: str) -> bool:
+        try:
+            s.encode("utf-8")
+            return True
+        except UnicodeEncodeError:
+            return False
+
     todo = deque([("", body)])
     while todo:
         where, value = todo.popleft()
-        if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                return where
-        elif isinstance(value, (dict, list)):
-            items = value.items() if isinstance(value, dict) else enumerate(value)
-            for k, v in items:
-                if isinstance(k, str) and _unencodable(k) is not None:
+        if isinstance(value, str) and not text(value):
+            return where
+        if isinstance(value, (dict, list)):
+            for k, v in value.items() if isinstance(value, dict) else enumerate(value):
+                if isinstance(k, str) and not text(k):
                     return where  # a bad key: named by the object that holds it (the key cannot be shown)
                 todo.append((f"{where}.{k}" if where else str(k), v))
     return None

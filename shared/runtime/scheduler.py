@@ -193,13 +193,10 @@ class Scheduler:
         return gone
 
     def _leave(self, gone: list[_Request]) -> None:
-        """Answer what `_purge` took out: a passed deadline fails; a cancelled stream gets its END."""
+        """Answer what `_purge` took out, as `_finish` answers a sequence that left the batch."""
         for req in gone:
-            if req.abandoned.is_set():
-                if req.chunks is not None:
-                    req.chunks.put(END)
-            else:
-                self._fail(req, DeadlineExceeded("deadline passed while queued"))
+            self._fail(req, RuntimeError("cancelled by the caller") if req.abandoned.is_set()
+                       else DeadlineExceeded("deadline passed while queued"))
 
     def _step(self) -> None:
         cfg = self.config

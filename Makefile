@@ -6,6 +6,8 @@ STAMP  := $(VENV)/.installed
 # third-party clients whose pins cannot share .venv (litellm: huggingface-hub < 2)
 CLIENTS := .venv-clients
 MODELS ?= models
+# pytest-xdist workers for `make test` (CI and the team's machines have 2 cores); each test module runs whole on one
+TEST_WORKERS ?= 2
 
 .DEFAULT_GOAL := help
 .PHONY: help setup proto models models-tiny test lint fuzz soak demo up down bench clients device-arm-check clean
@@ -43,8 +45,8 @@ lint: setup ## ruff over the code, and the import layers (import-linter contract
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports --no-cache
 
-test: setup lint ## lint + the whole test suite
-	$(PY) -m pytest -q
+test: setup lint ## lint + the whole test suite (on TEST_WORKERS pytest-xdist workers, 2; 0: in one process)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 fuzz: setup ## the fuzz suite's long run (>= 10,000 cases against a running platform): counts in runs/fuzz.json
 	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_fuzz.py

@@ -17,13 +17,15 @@ up once: the admission transaction is the key check too (a request refused
 before it, e.g. for a bad field, checks the key alone, so 401/403 still come first).
 
 A store that cannot answer now (the file write-locked by another process for longer
-than BUSY_TIMEOUT_S, NATS KV unreachable) refuses requests as UNAVAILABLE, which
+than BUSY_TIMEOUT_S, NATS KV unreachable) refuses requests as UNAVAILABLE (the requests
+queued behind the one that waited for it with it, at once: `Gate._on_store_thread`), which
 clients retry (`Gate`); settling never fails a request that has its answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import datetime as dt
 import hashlib
 import json
@@ -480,6 +482,7 @@ class Gate:
     def __init__(self, store: KeyStore | None, plans: dict[str, PlanConfig]):
         self.store, self.plans = store, plans
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="keystore") if store else None
+        self._failed: tuple[float, BaseException] | None = None  # (when, what) the store's last failure
         self.unsettled = 0  # answered or failed requests whose usage the store did not record (`settle`)
         self.on_unsettled: Callable[[], None] | None = None  # told of each (the router's metrics)
 
@@ -487,10 +490,26 @@ class Gate:
     def enabled(self) -> bool:
         return self.store is not None
 
+    def _on_store_thread(self, asked: float, method, *args):
+        """`method(*args)`, asked at `asked` (monotonic), unless the store failed (STORE_ERRORS) since: then that
+        error, at once. The store has one thread: the calls queued behind one that waited BUSY_TIMEOUT_S for a lock
+        held elsewhere fail with it, not BUSY_TIMEOUT_S each; a call asked after the failure tries the store again."""
+        if self._failed is not None and asked < self._failed[0]:
+            raise copy.copy(self._failed[1])
+        try:
+            return method(*args)
+        except STORE_ERRORS as exc:
+            self._failed = (time.monotonic(), exc)
+            raise
+
+    async def _run(self, method, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._on_store_thread, time.monotonic(),
+                                                                method, *args)
+
     async def _call(self, method, *args):
         """`method(*args)` of the store, on its thread; a store that cannot answer now is UNAVAILABLE (retryable)."""
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, method, *args)
+            return await self._run(method, *args)
         except STORE_ERRORS as exc:
             reason = str(exc) or type(exc).__name__
             log.warning("API key store %s: %s failed: %s", self.store, method.__name__, reason)
@@ -526,7 +545,7 @@ class Gate:
         if admission is None or self.store is None:
             return
         try:
-            await asyncio.get_running_loop().run_in_executor(self._pool, self.store.settle, admission, used_tokens)
+            await self._run(self.store.settle, admission, used_tokens)
         except Exception as exc:  # noqa: BLE001 - bookkeeping after the fact must not lose the answer
             self.unsettled += 1
             if self.on_unsettled is not None:

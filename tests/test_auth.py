@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
@@ -24,7 +25,7 @@ from tierline import (
 from tierline_api.v1 import inference_pb2 as pb
 from tierline_api.v1 import inference_pb2_grpc as pb_grpc
 from tierline_infra.supervisor import Stack, write_manifest
-from tierline_router.auth import KeyStore, reserve_for
+from tierline_router.auth import BUSY_TIMEOUT_S, KeyStore, reserve_for
 from tierline_shared.config.manifest import ManifestError, load_manifest
 
 PROMPT = "Q:2+3=?\nA:"
@@ -267,7 +268,8 @@ def test_each_request_looks_its_key_up_once(stack):
 def test_a_key_store_locked_by_another_process_is_unavailable(stack):
     """Another process (here: this test) holds the key store's write lock longer than the router waits for it
     (BUSY_TIMEOUT_S), as a long `tierline keys` command or a backup may: a request is refused as UNAVAILABLE
-    (HTTP 503 in the platform's error shape), which clients retry, counted as every refusal is; it costs no quota."""
+    (HTTP 503 in the platform's error shape), which clients retry, counted as every refusal is; it costs no quota.
+    The requests queued behind the one that waited for the lock are refused with it, not BUSY_TIMEOUT_S each."""
     import urllib.error
     import urllib.request
 
@@ -291,16 +293,22 @@ def test_a_key_store_locked_by_another_process_is_unavailable(stack):
     locker = sqlite3.connect(manifest.key_store_path, isolation_level=None)
     locker.execute("BEGIN IMMEDIATE")
     try:
-        with ThreadPoolExecutor(2) as pool:
-            grpc_code, (http_status, body) = pool.map(lambda f: f(), (over_grpc, over_http))
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(4) as pool:
+            calls = [pool.submit(f) for f in (over_grpc, over_http, over_grpc, over_http)]
+            grpc_codes = [calls[0].result(), calls[2].result()]
+            (http_status, body), _ = calls[1].result(), calls[3].result()
+        took = time.monotonic() - t0
     finally:
         locker.execute("ROLLBACK")
         locker.close()
-    assert grpc_code == grpc.StatusCode.UNAVAILABLE
+    assert grpc_codes == [grpc.StatusCode.UNAVAILABLE] * 2
     assert http_status == 503, body
     assert body["error"]["type"] == "service_unavailable" and body["error"]["code"] == "unavailable"
     assert "database is locked" in body["error"]["message"]
-    assert scrape(stack, "router").value("tierline_router_requests_total", code="UNAVAILABLE") == before + 2
+    # the requests queued behind the first fail with it: one wait for the lock, not four (4 x BUSY_TIMEOUT_S before)
+    assert took < 2 * BUSY_TIMEOUT_S + 2, took
+    assert scrape(stack, "router").value("tierline_router_requests_total", code="UNAVAILABLE") == before + 4
     assert usage(stack, key_id)["calls_today"] == 0
     assert client(stack, key).infer(PROMPT, {"max_tokens": 4}).tier == "edge"  # the lock gone, served again
 

@@ -184,10 +184,30 @@ class BatchStore:
             self.consumer_config = ConsumerConfig(
                 durable_name=BATCH_CONSUMER, ack_wait=self.ack_wait_s, max_deliver=self.max_attempts + 1,
                 max_ack_pending=10_000, filter_subject=batch_subject("*"))
-        except (NoStreamResponseError, ServiceUnavailableError, BadRequestError, asyncio.TimeoutError) as exc:
+        except BadRequestError as exc:  # a stream of that name exists with another configuration
+            raise BatchUnavailable(f"the Batch API's JetStream streams exist with another configuration "
+                                   f"({exc.description}): {await self._foreign()}") from None
+        except (NoStreamResponseError, ServiceUnavailableError, asyncio.TimeoutError) as exc:
             raise BatchUnavailable(f"JetStream is not available on the NATS server ({type(exc).__name__}: "
                                    f"{exc}); the Batch API needs it (nats-server -js)") from None
+        if foreign := await self._foreign():  # created before by someone else: not used, whatever they carry
+            raise BatchUnavailable(f"the Batch API's JetStream streams are not its own: {foreign}")
         return self
+
+    async def _foreign(self) -> str:
+        """The Batch API's streams whose subjects are not its own, and an operator's way out ('' when none)."""
+        own = {BATCH_STREAM: [batch_subject("*")], f"KV_{BATCH_BUCKET}": [f"$KV.{BATCH_BUCKET}.>"],
+               f"KV_{RESULTS_BUCKET}": [f"$KV.{RESULTS_BUCKET}.>"],
+               f"OBJ_{FILES_BUCKET}": [f"$O.{FILES_BUCKET}.C.>", f"$O.{FILES_BUCKET}.M.>"]}
+        wrong = []
+        for name, subjects in own.items():
+            try:
+                found = list((await self.js.stream_info(name)).config.subjects or [])
+            except Exception:  # noqa: BLE001 - not there or unreadable: nothing to name
+                continue
+            if sorted(found) != sorted(subjects):
+                wrong.append(f"stream {name} has subjects {found}, not {subjects}")
+        return "; ".join(wrong) + (" (an operator must delete them; the router creates them again)" if wrong else "")
 
     async def subscribe(self):
         return await self.js.pull_subscribe(batch_subject("*"), durable=BATCH_CONSUMER, stream=BATCH_STREAM,

@@ -17,10 +17,14 @@ from tests.conftest import run_cli
 from tierline_api.v1 import inference_pb2 as pb
 from tierline_api.v1 import inference_pb2_grpc as pb_grpc
 from tierline_infra.supervisor import Stack, accepted
-from tierline_shared.security.identities import IdentityStore, device_identity, permissions, tier_identity
+from tierline_shared.security.identities import ROUTER, IdentityStore, device_identity, permissions, tier_identity
 from tierline_shared.transport.messaging import (
+    BATCH_BUCKET,
+    BATCH_STREAM,
     DESIRED_BUCKET,
     DEVICES_BUCKET,
+    FILES_BUCKET,
+    RESULTS_BUCKET,
     TELEMETRY_STREAM,
     NatsAuthError,
     connect,
@@ -151,6 +155,70 @@ def test_a_stolen_identity_cannot_delete_or_overwrite_fleet_state(stack, attacke
     assert after == before
     assert {f"KV_{DEVICES_BUCKET}", f"KV_{DESIRED_BUCKET}", TELEMETRY_STREAM} <= streams
     assert any("permissions violation for publish" in e for e in errors), errors
+
+
+def test_a_leaked_router_identity_cannot_repoint_or_delete_the_batch_streams(stack):
+    """The router creates the Batch API's streams and buckets but may not change or delete them: a stream's
+    subjects are in the body of the call, which permissions do not see, so an update pointing the work queue at
+    the edge's request subject or a board's inbox would record every prompt or answer they carry (the fault hunt
+    did that with the router's identity)."""
+    from dataclasses import replace
+
+    from tierline_router.batch import BatchStore
+
+    async def main():
+        nc, errors = await _as(stack, ROUTER)
+        await BatchStore(nc, ack_wait_s=5, max_attempts=1).open()  # creates them, as the router does at its start
+        js = nc.jetstream(timeout=REFUSED_S)
+        config = (await js.stream_info(BATCH_STREAM)).config  # reading its own streams is allowed
+        wiretap = replace(config, subjects=[*config.subjects, "tierline.edge.infer", f"_INBOX_{BOARD}.>"])
+        attempts = {
+            "repoint the work queue": js.update_stream(wiretap),
+            "delete the work queue": js.delete_stream(BATCH_STREAM),
+            "delete the batch records": js.delete_key_value(BATCH_BUCKET),
+            "delete the results": js.delete_key_value(RESULTS_BUCKET),
+            "delete the files": js.delete_object_store(FILES_BUCKET),
+        }
+        outcomes = await asyncio.gather(*attempts.values(), return_exceptions=True)
+        await nc.close()
+        op = await connect(stack.nats_options(), name="operator")
+        after = (await op.jetstream(timeout=TIMEOUT).stream_info(BATCH_STREAM)).config.subjects
+        streams = {s.config.name for s in await op.jetstream(timeout=TIMEOUT).streams_info()}
+        await op.close()
+        return dict(zip(attempts, outcomes)), config.subjects, after, streams, errors
+
+    outcomes, before, after, streams, errors = asyncio.run(main())
+    succeeded = {what: o for what, o in outcomes.items() if not isinstance(o, Exception)}
+    assert not succeeded, succeeded
+    assert after == before
+    assert {BATCH_STREAM, f"KV_{BATCH_BUCKET}", f"KV_{RESULTS_BUCKET}", f"OBJ_{FILES_BUCKET}"} <= streams
+    assert any("permissions violation for publish" in e for e in errors), errors
+
+
+def test_the_router_refuses_batch_streams_someone_repointed(stack):
+    """Streams created before the router by someone else (with the router's identity, or an operator's mistake)
+    with other subjects are not used: the Batch API is off, saying which stream and why."""
+    from dataclasses import replace
+
+    from tierline_router.batch import BatchStore, BatchUnavailable
+
+    async def main():
+        op = await connect(stack.nats_options(), name="operator")
+        js = op.jetstream(timeout=TIMEOUT)
+        await BatchStore(op, ack_wait_s=5, max_attempts=1).open()
+        config = (await js.stream_info(BATCH_STREAM)).config
+        await js.update_stream(replace(config, subjects=[*config.subjects, "tierline.elsewhere.>"]))
+        router = await connect(stack.nats_options(ROUTER), name="router")
+        try:
+            with pytest.raises(BatchUnavailable, match="TIERLINE_BATCH.*tierline.elsewhere"):
+                await BatchStore(router, ack_wait_s=5, max_attempts=1).open()
+        finally:
+            await js.update_stream(config)
+            await router.close()
+        await BatchStore(op, ack_wait_s=5, max_attempts=1).open()  # as created: opens
+        await op.close()
+
+    asyncio.run(main())
 
 
 def test_each_board_can_do_its_own_work(stack):

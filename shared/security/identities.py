@@ -118,13 +118,17 @@ def _quotas() -> list[str]:
 
 def _batch_api() -> list[str]:
     """The Batch API's JetStream (router/batch.py): the router creates and runs its streams and buckets, and
-    nothing else's: the work queue, the records and results (KV), the files (Object Store)."""
+    nothing else's: the work queue, the records and results (KV), the files (Object Store). It may not update or
+    delete them: a stream's subjects are in the body of the call, which permissions do not see, so an update could
+    point the work queue at the tiers' subjects and record what they carry (and the router checks, when it opens
+    them, that each has its own subjects: BatchStore.open)."""
     api = "$JS.API"
     streams = (BATCH_STREAM, f"KV_{BATCH_BUCKET}", f"KV_{RESULTS_BUCKET}", f"OBJ_{FILES_BUCKET}")
     return [f"{api}.INFO", f"{api}.STREAM.NAMES", f"{SUBJECT_PREFIX}.batch.>",
             f"$KV.{BATCH_BUCKET}.>", f"$KV.{RESULTS_BUCKET}.>", f"$O.{FILES_BUCKET}.>"] + [
         p for s in streams for p in (
-            f"{api}.STREAM.*.{s}", f"{api}.STREAM.MSG.*.{s}", f"{api}.DIRECT.GET.{s}", f"{api}.DIRECT.GET.{s}.>",
+            f"{api}.STREAM.CREATE.{s}", f"{api}.STREAM.INFO.{s}", f"{api}.STREAM.PURGE.{s}",
+            f"{api}.STREAM.MSG.*.{s}", f"{api}.DIRECT.GET.{s}", f"{api}.DIRECT.GET.{s}.>",
             f"{api}.CONSUMER.*.{s}", f"{api}.CONSUMER.*.{s}.>", f"{api}.CONSUMER.*.*.{s}.>",
             f"$JS.ACK.{s}.>", f"$JS.FC.{s}.>")]
 

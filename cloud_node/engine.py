@@ -23,7 +23,7 @@ class TorchEngine(Engine):
 
     def __init__(self, model: Decoder, tokenizer: TextTokenizer, info: EngineInfo, device: str = "cpu",
                  threads: int | None = None):
-        super().__init__(tokenizer, info)
+        super().__init__(tokenizer, info, model.cfg.eos_token_ids)  # the checkpoint's end tokens stop it too
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)

@@ -48,7 +48,7 @@ class LiteRTEngine(Engine):
 
     def __init__(self, interpreter: Interpreter, cfg: DecoderConfig, tokenizer: TextTokenizer, info: EngineInfo,
                  path: Path):
-        super().__init__(tokenizer, info)
+        super().__init__(tokenizer, info, cfg.eos_token_ids)  # the checkpoint's end tokens stop it too
         self.cfg = cfg
         self.path = path
         self._interpreter = interpreter  # the runners below need it alive

@@ -31,7 +31,7 @@ class OnnxEngine(Engine):
     supports_prefix_cache = True
 
     def __init__(self, session: ort.InferenceSession, tokenizer: TextTokenizer, info: EngineInfo, cfg: DecoderConfig):
-        super().__init__(tokenizer, info)
+        super().__init__(tokenizer, info, cfg.eos_token_ids)  # the checkpoint's end tokens stop it too
         self.session = session
         self.cfg = cfg
         n = cfg.layers

@@ -1,23 +1,24 @@
 """A conversation as the served model's prompt: the model's own chat template (Hugging Face's chat_template).
 
-The template comes from the cloud tier's tokenizer_config.json in the models directory (what transformers'
-`apply_chat_template` would use); a family without one (no tokenizer_config.json, or no chat_template in it)
-uses the family's own format (tierline_shared.models.tokenizer.CHAT_TEMPLATE). Templates run in jinja2's sandbox,
-as transformers runs them.
+The template comes from the cloud tier's checkpoint in the models directory, where transformers'
+`apply_chat_template` would find it: chat_template.jinja (transformers 5 saves it there), else the
+chat_template of tokenizer_config.json; a family without one uses the family's own format
+(tierline_shared.models.tokenizer.CHAT_TEMPLATE). Templates run in jinja2's sandbox with the special tokens
+(`bos_token`, `eos_token`, ...) that tokenizer_config.json names, as transformers runs them.
 """
 
 from __future__ import annotations
 
-import json
 from functools import cached_property
 from pathlib import Path
 
 from jinja2 import TemplateError
 
 from tierline_shared.models.artifacts import load_index, tier_entry
-from tierline_shared.models.tokenizer import CHAT_TEMPLATE
+from tierline_shared.models.tokenizer import CHAT_TEMPLATE, read_tokenizer_config, special_tokens
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers 5 saves the template here, not in tokenizer_config.json
 
 
 class ChatTemplateError(ValueError):
@@ -25,8 +26,9 @@ class ChatTemplateError(ValueError):
 
 
 class ChatTemplate:
-    def __init__(self, source: str, where: str = "the family's default"):
+    def __init__(self, source: str, where: str = "the family's default", tokens: dict[str, str] | None = None):
         self.source, self.where = source, where
+        self.tokens = tokens or {}  # the special tokens the template may name: bos_token, eos_token, ...
 
     @classmethod
     def of_models(cls, models_dir: str | Path) -> "ChatTemplate":
@@ -36,16 +38,15 @@ class ChatTemplate:
             cloud = models_dir / tier_entry(load_index(models_dir), "cloud", models_dir)["config"]["path"]
         except (ValueError, KeyError):
             return cls(CHAT_TEMPLATE)
-        path = cloud.parent / TOKENIZER_CONFIG
-        if not path.is_file():
-            return cls(CHAT_TEMPLATE)
-        try:
-            template = json.loads(path.read_text()).get("chat_template")
-        except (json.JSONDecodeError, AttributeError) as exc:
-            raise ValueError(f"{path}: not a readable tokenizer config ({exc})") from None
+        path, jinja = cloud.parent / TOKENIZER_CONFIG, cloud.parent / CHAT_TEMPLATE_FILE
+        config = read_tokenizer_config(path) if path.is_file() else {}
+        tokens = special_tokens(config)
+        if jinja.is_file():  # as transformers: the file wins over tokenizer_config.json's chat_template
+            return cls(jinja.read_text(), str(jinja), tokens)
+        template = config.get("chat_template")
         if isinstance(template, list):  # named templates: the default one
             template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-        return cls(template, str(path)) if isinstance(template, str) else cls(CHAT_TEMPLATE)
+        return cls(template, str(path), tokens) if isinstance(template, str) else cls(CHAT_TEMPLATE)
 
     @cached_property
     def _compiled(self):
@@ -61,6 +62,6 @@ class ChatTemplate:
     def render(self, messages: list[dict]) -> str:
         """The prompt for `messages` ({"role", "content"} with text content), ready for the model to answer."""
         try:
-            return self._compiled.render(messages=messages, add_generation_prompt=True)
+            return self._compiled.render(**self.tokens, messages=messages, add_generation_prompt=True)
         except TemplateError as exc:  # the template refuses this conversation (or cannot render it)
             raise ChatTemplateError(f"the model's chat template ({self.where}) refused the messages: {exc}") from None

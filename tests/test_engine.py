@@ -101,3 +101,43 @@ def test_cancelled_row_stops_and_the_others_go_on(engine):
     # asked before each step: three steps ran, the first of which prefilled (a token) and decoded (another)
     assert out[0].finish_reason == "cancelled" and out[0].completion_tokens == 4
     assert out[1].text == engine.generate(PROMPTS[1], g).text
+
+
+@pytest.mark.parametrize("stop", [(), ("zz",)])
+def test_a_stream_never_sends_half_a_character(stop):
+    """A byte-level BPE (Llama-3's and Qwen2's kind) splits a character's UTF-8 bytes across tokens: the decoding
+    of the first part ends in U+FFFD until the next token completes it. The stream holds that back, so that its
+    chunks add up to the text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from tierline_shared.models.tokenizer import TextTokenizer
+    from tierline_shared.runtime.runner import Sequence
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(["The quick brown fox jumps over the lazy dog.", "Hello world."] * 10,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = TextTokenizer(bpe, {"eos_token": "<|endoftext|>"})
+    text = "café 日本語 🙂 ok"
+    ids = tok.encode(text, bos=False)
+    assert len(ids) > len(text)  # characters split across tokens
+
+    seq = Sequence([0], GenerationParams(max_tokens=100, stop=stop), 1000, {tok.eos_id}, tok.decode)
+    chunks = []
+    for t in ids:
+        seq.push(t, 1.0)
+        chunks.append(seq.take_text())
+    seq.finish("length")
+    chunks.append(seq.take_text())
+    assert "".join(chunks) == seq.text == text and not any("\ufffd" in c for c in chunks)
+
+    # a sequence that ends (max_tokens) inside a character: the stream says what the text says, U+FFFD included
+    j = next(j for j in range(1, len(ids)) if tok.decode(ids[:j]).endswith("\ufffd"))
+    cut = Sequence([0], GenerationParams(max_tokens=j, stop=stop), 1000, {tok.eos_id}, tok.decode)
+    streamed = ""
+    for t in ids[:j]:
+        cut.push(t, 1.0)
+        streamed += cut.take_text()
+    assert cut.done and streamed == cut.text == tok.decode(ids[:j])

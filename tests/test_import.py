@@ -17,6 +17,9 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 CORPUS = [f"{t} Note {i}: {t[::-1][:40]}" for i, t in enumerate(BUILTIN_TEXTS * 2)]
+# a chat template that names the special tokens, as Llama's and Mistral's do
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{{ eos_token }}{% endfor %}"
+                 "{% if add_generation_prompt %}[assistant] {% endif %}")
 
 
 def bpe_tokenizer(specials: dict, vocab: int = 320):
@@ -46,6 +49,7 @@ def llama_checkpoint(directory: Path, shard: bool = True) -> Path:
                                    eos_token_id=hf_tok.eos_token_id, rope_theta=10000.0)
     model = transformers.LlamaForCausalLM(cfg).eval()
     model.save_pretrained(directory, safe_serialization=True, max_shard_size="100KB" if shard else "10GB")
+    hf_tok.chat_template = CHAT_TEMPLATE  # transformers 5 saves it to chat_template.jinja
     hf_tok.save_pretrained(directory)
     return directory
 
@@ -76,6 +80,14 @@ def test_a_sharded_checkpoint_becomes_three_tiers_with_measured_quality(imported
     for tier in ("edge", "device"):  # measured, not assumed: shares in [0, 1] over the held-out prompts
         q = summary["quality_vs_cloud"][tier]
         assert q["n"] > 0 and 0.0 <= q["identical"] <= q["prefix_share"] <= 1.0
+    assert json.loads((out / "cloud" / "card.json").read_text())["bytes"] == sum(s["bytes"] for s in cloud["shards"])
+    # the router's prompt for a conversation is transformers' own, from the template the checkpoint saved
+    from tierline_router.chat import ChatTemplate
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(src, local_files_only=True)
+    messages = [{"role": "user", "content": "Hi"}]
+    want = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert want == "<s>[user] Hi</s>[assistant] " and ChatTemplate.of_models(out).render(messages) == want
     card = json.loads((out / "device" / "card.json").read_text())
     assert "recovered by distillation" in card["notes"] and card["training"]["recovery"]["steps"] == 20
 
@@ -124,6 +136,8 @@ def test_the_imported_directory_runs_the_platform(imported):
     ("mismatch", "do not fit"),
     ("ratio", "--device-ratio"),
     ("out", "--out"),
+    ("out_file", "--out"),  # an existing file, not a directory
+    ("vocab", "config.json: model vocabulary (1024) does not match the tokenizer's"),  # up front, not at the end
 ])
 def test_bad_input_is_one_line_naming_the_file_or_flag_exit_2(tmp_path, breakage, names):
     src = llama_checkpoint(tmp_path / "src", shard=False)
@@ -138,6 +152,11 @@ def test_bad_input_is_one_line_naming_the_file_or_flag_exit_2(tmp_path, breakage
         (src / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 96}))
     elif breakage == "ratio":
         extra = ["--device-ratio", "0.01"]
+    elif breakage == "out_file":
+        out.write_text("mine")
+    elif breakage == "vocab":
+        cfg = json.loads((src / "config.json").read_text())
+        (src / "config.json").write_text(json.dumps({**cfg, "vocab_size": 1024}))
     else:
         out.mkdir()
         (out / "keep.txt").write_text("mine")
@@ -147,6 +166,8 @@ def test_bad_input_is_one_line_naming_the_file_or_flag_exit_2(tmp_path, breakage
     assert len(lines) == 1 and names in lines[0], proc.stderr
     if breakage == "out":
         assert (out / "keep.txt").read_text() == "mine"
+    if breakage == "out_file":
+        assert out.read_text() == "mine"
 
 
 def test_a_tokenizer_without_bos_or_unk_is_served_as_its_config_says(tmp_path):

@@ -118,6 +118,7 @@ def test_what_is_not_served_is_refused_naming_the_field(tmp_path):
         "rope_scaling": {**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
         "hidden_act": {**base, "hidden_act": "gelu"},
         "num_key_value_heads": {**base, "num_key_value_heads": 3},
+        "head_dim": {**base, "head_dim": 7},  # rotary embeddings rotate pairs of dimensions
     }
     for field, data in cases.items():
         with pytest.raises(ConfigError, match=field):
@@ -283,3 +284,136 @@ def test_the_committed_cloud_model_generates_what_transformers_generates():
     theirs = transformers_greedy(COMMITTED_MODELS / "cloud", [p.prompt for p in problems], EVAL_MAX_TOKENS)
     for p, a, b in zip(problems, theirs, ours):
         assert a == b, p.prompt
+
+
+def _logits_match(ref, directory: Path, T: int = 40) -> None:
+    """Ours loaded from `directory` gives transformers' logits over T tokens (longer than the windows below)."""
+    ours = load_decoder(directory)
+    ids = torch.randint(4, TOK.vocab_size, (1, T), generator=torch.Generator().manual_seed(5))
+    mask, positions = torch.ones_like(ids), torch.arange(T)[None]
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        got, _ = ours(ids, mask, positions)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def _tiny_config(**extra) -> dict:
+    return dict(vocab_size=TOK.vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=12, max_position_embeddings=256,
+                bos_token_id=TOK.bos_id, eos_token_id=TOK.eos_id, pad_token_id=TOK.pad_id, **extra)
+
+
+@pytest.mark.parametrize("kind, extra, window", [
+    # transformers slides Qwen2's layers i >= max_window_layers only (default 28): none of these two
+    ("qwen2", dict(use_sliding_window=True, sliding_window=8), 0),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=0), 8),  # every layer
+    ("qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=2), 0),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=8, layer_types=["sliding_attention"] * 2), 8),
+    ("qwen2", dict(use_sliding_window=False, sliding_window=8, max_window_layers=0), 0),
+    ("qwen2_old", dict(use_sliding_window=True, sliding_window=8, max_window_layers=0), 8),  # no layer_types
+    ("qwen2_old", dict(use_sliding_window=True, sliding_window=8), 0),
+    ("llama", dict(use_sliding_window=True, sliding_window=8), 0),  # Llama has no sliding window at all
+])
+def test_the_sliding_window_is_read_as_transformers_reads_it(tmp_path, kind, extra, window):
+    torch.manual_seed(4)
+    if kind.startswith("qwen2"):
+        ref = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**_tiny_config(**extra)))
+    else:
+        ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(**_tiny_config()))
+    ref.eval().save_pretrained(tmp_path, safe_serialization=True)
+    data = json.loads((tmp_path / "config.json").read_text())
+    if kind != "qwen2":  # as older transformers wrote Qwen2 (no layer_types); Llama with keys its config drops
+        data = {k: v for k, v in data.items() if k != "layer_types"} if kind == "qwen2_old" else {**data, **extra}
+        (tmp_path / "config.json").write_text(json.dumps(data))
+        ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()
+        assert ref.config.sliding_window in (None, 8)
+    assert DecoderConfig.read(tmp_path).sliding_window == window
+    _logits_match(ref, tmp_path)
+
+
+@pytest.mark.parametrize("extra, field", [
+    (dict(max_window_layers=1), "max_window_layers"),  # layer 0 full, layer 1 sliding
+    (dict(layer_types=["full_attention", "sliding_attention"]), "layer_types"),
+])
+def test_a_window_on_some_layers_only_is_refused_naming_the_field(extra, field):
+    data = {**transformers.Qwen2Config(**_tiny_config(use_sliding_window=True, sliding_window=8, **extra)).to_dict(),
+            "architectures": ["Qwen2ForCausalLM"]}
+    if field == "max_window_layers":  # as transformers < 4.53 wrote it: no layer_types, derived from it
+        del data["layer_types"]
+    with pytest.raises(ConfigError, match=f"config.json: {field}: .* some layers only"):
+        DecoderConfig.from_hf(data, "config.json")
+
+
+def test_our_qwen2_file_with_a_window_loads_in_transformers_with_the_window(tmp_path):
+    torch.manual_seed(2)
+    cfg = DecoderConfig(**_tiny_config(), qkv_bias=True, sliding_window=8, architecture="Qwen2ForCausalLM")
+    save_decoder(Decoder(cfg).eval(), tmp_path)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()
+    assert back.config.layer_types == ["sliding_attention"] * 2
+    _logits_match(back, tmp_path)
+
+
+def test_legacy_rotary_buffers_in_the_weights_are_ignored(tmp_path):
+    """Checkpoints saved by transformers < 4.31 carry `rotary_emb.inv_freq` buffers; transformers ignores them."""
+    from safetensors.torch import load_file, save_file
+
+    ref = hf_model("llama")
+    ref.save_pretrained(tmp_path, safe_serialization=True)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    for i in range(2):
+        state[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.ones(6)
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    _logits_match(ref, tmp_path)
+
+
+def test_config_messages_name_the_file_once_and_swish_is_silu():
+    base = {**hf_model("llama").config.to_dict(), "architectures": ["LlamaForCausalLM"]}
+    data = {k: v for k, v in base.items() if k != "max_position_embeddings"}
+    with pytest.raises(ConfigError) as exc:
+        DecoderConfig.from_hf(data, "/x/config.json")
+    assert str(exc.value) == "/x/config.json: max_position_embeddings: required"
+    assert DecoderConfig.from_hf({**base, "hidden_act": "swish"}) == DecoderConfig.from_hf(base)  # ACT2FN: SiLU
+
+
+def test_every_end_token_the_checkpoint_lists_stops_generation_as_in_transformers(tmp_path):
+    """generation_config.json's eos_token_id list (Llama-3-Instruct, Qwen2-Instruct): transformers' generate stops
+    at any of them, and so do the cloud engine (the checkpoint as it is), the edge's and the device's (their
+    exports, each with the config.json the export writes beside it)."""
+    from tierline.build.export_onnx import export_onnx
+    from tierline_edge_node.engine import OnnxEngine
+
+    ref = hf_model("llama")
+    prompt = PROMPTS[1]
+    ids = torch.tensor([TOK.encode(prompt)])
+
+    def generate():
+        with torch.no_grad():
+            out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+                               pad_token_id=TOK.pad_id)
+        return out[0, ids.shape[1]:].tolist()
+
+    ref.generation_config.eos_token_id = None
+    free = generate()
+    # pretend a token it says after a few others is the model's second end token (as Llama-3's <|eot_id|>)
+    k = next(i for i in range(1, len(free)) if free[i] not in free[:i])
+    extra = free[k]
+    assert TOK.eos_id not in free[:k + 1]
+    ref.generation_config.eos_token_id = [TOK.eos_id, extra]
+    ref.save_pretrained(tmp_path / "cloud", safe_serialization=True)
+    want = generate()
+    assert want == free[:k + 1]  # transformers stops at the listed token (and keeps it)
+    cloud = TorchEngine.load(tmp_path / "cloud", TOK)
+    got = cloud.generate(prompt, GenerationParams(max_tokens=24))
+    assert got.token_ids == want[:-1] and got.finish_reason == "stop"  # Tierline leaves end tokens out of the text
+    export_onnx(cloud.model, tmp_path / "edge" / "model.onnx")
+    cloud.model.cfg.write(tmp_path / "edge")  # as the importer writes the edge's config.json
+    edge = OnnxEngine.load(tmp_path / "edge" / "model.onnx", TOK, threads=1)
+    assert edge.generate(prompt, GenerationParams(max_tokens=24)).token_ids == want[:-1]
+    assert json.loads((tmp_path / "edge" / "config.json").read_text())["eos_token_id"] == [TOK.eos_id, extra]
+    pytest.importorskip("litert_torch")
+    from tierline.build.export_tflite import export_tflite
+    from tierline_device_agent.engine import LiteRTEngine
+
+    export_tflite(cloud.model, tmp_path / "device" / "model.tflite", prefill_lens=(32,))  # + its config.json
+    device = LiteRTEngine.load(tmp_path / "device" / "model.tflite", TOK, threads=1)
+    assert device.generate(prompt, GenerationParams(max_tokens=24)).token_ids == want[:-1]

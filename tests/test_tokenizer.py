@@ -117,3 +117,35 @@ def test_token_factors_are_baked_into_a_plain_model():
     assert torch.allclose(moved[ids["p:"]], moved[ids["p?"]]) and torch.allclose(moved[ids["p"]], moved[ids["p:"]])
     assert torch.allclose(moved[tok.encode("+", bos=False)[0]], torch.zeros(F.shape[1]))
     assert P.sum(0).min() >= 2  # every part is shared by at least two tokens
+
+
+# Llama-3's chat template (abridged): it names bos_token, which transformers' apply_chat_template provides
+LLAMA3_TEMPLATE = (
+    "{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}"
+    "{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+def test_the_router_renders_a_saved_chat_template_as_transformers_does(tmp_path):
+    """transformers 5 saves a tokenizer's chat template to chat_template.jinja (not tokenizer_config.json); the router
+    reads it from the cloud checkpoint and gives the template the special tokens, as apply_chat_template does."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    from tierline_router.chat import ChatTemplate
+
+    cloud = tmp_path / "cloud"
+    TOK.save_pretrained(cloud)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(cloud, local_files_only=True)
+    hf_tok.chat_template = LLAMA3_TEMPLATE
+    hf_tok.save_pretrained(cloud)
+    assert (cloud / "chat_template.jinja").is_file()
+    (tmp_path / "manifest.json").write_text(json.dumps({"artifacts": {"cloud": {"config": {
+        "path": "cloud/config.json"}}}}))
+    messages = [{"role": "user", "content": "2+3=?"}, {"role": "assistant", "content": "5"},
+                {"role": "user", "content": "1+1=?"}]
+    want = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert want.startswith("<bos><|start_header_id|>user")
+    assert ChatTemplate.of_models(tmp_path).render(messages) == want

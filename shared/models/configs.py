@@ -15,6 +15,8 @@ from pathlib import Path
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
+ACTIVATIONS = ("silu", "swish")  # hidden_act values that are SiLU (transformers' ACT2FN maps both to it)
+QWEN2_MAX_WINDOW_LAYERS = 28  # transformers' default: Qwen2 layers below this index never slide
 # keys of the project's own config.json before its family moved to the Llama format (a GPT of its own, removed)
 PRE_LLAMA_KEYS = {"n_layer", "n_head", "n_embd", "block_size", "ffn_hidden"}
 
@@ -39,11 +41,14 @@ class DecoderConfig:
     qkv_bias: bool = False  # biases on q, k, v (Llama's attention_bias, Qwen2 always)
     o_bias: bool = False  # a bias on the output projection (Llama's attention_bias)
     mlp_bias: bool = False
-    sliding_window: int = 0  # 0 = full causal attention; N = a query sees the last N positions (Mistral)
+    sliding_window: int = 0  # 0 = full causal attention; N = a query sees the last N positions, on every layer
     architecture: str = "LlamaForCausalLM"
     bos_token_id: int | None = None
-    eos_token_id: int | None = None
+    eos_token_id: int | None = None  # the first end token (what files that take one id get)
     pad_token_id: int | None = None
+    # every token that ends generation: eos_token_id as generation_config.json lists it (Llama-3-Instruct,
+    # Qwen2-Instruct list several), else as config.json does; () = none listed, only the tokenizer's
+    eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
         for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -51,6 +56,8 @@ class DecoderConfig:
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{f}: must be a positive integer, got {v!r}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim: must be even (rotary embeddings rotate pairs), got {self.head_dim}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_key_value_heads: {self.num_key_value_heads} does not divide "
                              f"num_attention_heads {self.num_attention_heads}")
@@ -60,6 +67,9 @@ class DecoderConfig:
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architectures: {self.architecture!r} is not served; Tierline serves "
                              f"{', '.join(ARCHITECTURES)}")
+        self.eos_token_ids = tuple(self.eos_token_ids)
+        if self.eos_token_id is not None and not self.eos_token_ids:
+            self.eos_token_ids = (self.eos_token_id,)
 
     @property
     def window_limit(self) -> int:
@@ -119,7 +129,7 @@ class DecoderConfig:
         if arch is None:
             raise ConfigError(f"{where}: architectures: {archs!r} is not served; Tierline serves "
                               f"{', '.join(ARCHITECTURES)} (the Llama family)")
-        if data.get("hidden_act", "silu") != "silu":
+        if data.get("hidden_act", "silu") not in ACTIVATIONS:
             raise ConfigError(f"{where}: hidden_act: {data['hidden_act']!r}; only silu (SwiGLU) is implemented")
         rope = data.get("rope_parameters") or {}  # transformers 5; older files say rope_theta and rope_scaling
         scaling = data.get("rope_scaling") or {}
@@ -129,28 +139,26 @@ class DecoderConfig:
                 raise ConfigError(f"{where}: {name}: {kind!r} rope scaling is not implemented (only default rope)")
         heads = field("num_attention_heads")
         hidden = field("hidden_size")
-        window = 0
-        if arch == "MistralForCausalLM" or data.get("use_sliding_window"):
-            window = data.get("sliding_window") or 0
-        if arch == "Qwen2ForCausalLM" and data.get("use_sliding_window") and data.get("max_window_layers", 0) < \
-                field("num_hidden_layers"):
-            raise ConfigError(f"{where}: max_window_layers: sliding windows on some layers only are not implemented")
+        layers = field("num_hidden_layers")
+        window = _sliding_window(data, arch, layers, where)
         attention_bias = bool(data.get("attention_bias", False))
-        try:
-            return cls(
-                vocab_size=field("vocab_size"), hidden_size=hidden, intermediate_size=field("intermediate_size"),
-                num_hidden_layers=field("num_hidden_layers"), num_attention_heads=heads,
-                num_key_value_heads=data.get("num_key_value_heads") or heads,
-                head_dim=data.get("head_dim") or hidden // heads,
-                max_position_embeddings=field("max_position_embeddings"),
-                rms_norm_eps=float(data.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(rope.get("rope_theta", data.get("rope_theta", 10000.0))),
-                tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
-                qkv_bias=attention_bias or arch == "Qwen2ForCausalLM",
-                o_bias=attention_bias and arch != "Qwen2ForCausalLM",
-                mlp_bias=bool(data.get("mlp_bias", False)), sliding_window=int(window), architecture=arch,
-                bos_token_id=data.get("bos_token_id"), eos_token_id=_first(data.get("eos_token_id")),
-                pad_token_id=data.get("pad_token_id"))
+        eos = data.get("eos_token_id")
+        values = dict(
+            vocab_size=field("vocab_size"), hidden_size=hidden, intermediate_size=field("intermediate_size"),
+            num_hidden_layers=layers, num_attention_heads=heads,
+            num_key_value_heads=data.get("num_key_value_heads") or heads,
+            head_dim=data.get("head_dim") or hidden // heads,
+            max_position_embeddings=field("max_position_embeddings"),
+            rms_norm_eps=float(data.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope.get("rope_theta", data.get("rope_theta", 10000.0))),
+            tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
+            qkv_bias=attention_bias or arch == "Qwen2ForCausalLM",
+            o_bias=attention_bias and arch != "Qwen2ForCausalLM",
+            mlp_bias=bool(data.get("mlp_bias", False)), sliding_window=int(window), architecture=arch,
+            bos_token_id=data.get("bos_token_id"), eos_token_id=_first(eos), eos_token_ids=_ids(eos),
+            pad_token_id=data.get("pad_token_id"))
+        try:  # every required field is there (ConfigError above, naming `where` once): now the values
+            return cls(**values)
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}") from None
 
@@ -164,7 +172,7 @@ class DecoderConfig:
                "hidden_act": "silu", "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta,
                "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
                "tie_word_embeddings": self.tie_word_embeddings, "bos_token_id": self.bos_token_id,
-               "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id, "torch_dtype": "float32"}
+               "eos_token_id": self._eos_value(), "pad_token_id": self.pad_token_id, "torch_dtype": "float32"}
         if self.model_type == "llama":
             if self.qkv_bias != self.o_bias:
                 raise ValueError("LlamaForCausalLM has one attention_bias for q, k, v and o")
@@ -172,8 +180,9 @@ class DecoderConfig:
         elif self.model_type == "qwen2":
             if not self.qkv_bias or self.o_bias or self.mlp_bias:
                 raise ValueError("Qwen2ForCausalLM has biases on q, k, v only")
+            # transformers slides Qwen2's layers from index max_window_layers on: 0 = every layer, as here
             out.update(use_sliding_window=bool(self.sliding_window), sliding_window=self.sliding_window or None,
-                       max_window_layers=self.num_hidden_layers)
+                       max_window_layers=0 if self.sliding_window else self.num_hidden_layers)
         else:
             if self.qkv_bias or self.o_bias or self.mlp_bias:
                 raise ValueError("MistralForCausalLM has no biases")
@@ -192,17 +201,51 @@ class DecoderConfig:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_FILE).write_text(json.dumps(self.to_hf(), indent=2) + "\n")
-        generation = {"bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
+        generation = {"bos_token_id": self.bos_token_id, "eos_token_id": self._eos_value(),
                       "pad_token_id": self.pad_token_id, "do_sample": False}
         (directory / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2) + "\n")
 
     def replace(self, **changes) -> "DecoderConfig":
         return DecoderConfig(**{**asdict(self), **changes})
 
+    def _eos_value(self) -> int | list[int] | None:
+        """eos_token_id as Hugging Face writes it: one id, or the list when there are several."""
+        return list(self.eos_token_ids) if len(self.eos_token_ids) > 1 else self.eos_token_id
+
 
 def _first(value):
-    """eos_token_id may be a list (several end tokens): the first is the one Tierline stops on."""
+    """eos_token_id may be a list (several end tokens): the first, for the fields that take one."""
     return value[0] if isinstance(value, list) and value else value
+
+
+def _ids(value) -> tuple[int, ...]:
+    """eos_token_id (one id, a list, or null) as a tuple of ids."""
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, list) else (value,)
+
+
+def _sliding_window(data: dict, arch: str, layers: int, where) -> int:
+    """The window every layer slides over (0: none), by transformers' rules for the architecture: Llama has
+    none; Mistral's is `sliding_window` on every layer; Qwen2's is `sliding_window` with `use_sliding_window`,
+    on the layers `layer_types` says "sliding_attention" or, without it, layers >= `max_window_layers` only.
+    A window on some layers only is refused (ConfigError naming the field that says so)."""
+    if arch == "MistralForCausalLM":
+        return data.get("sliding_window") or 0
+    if arch != "Qwen2ForCausalLM" or not data.get("use_sliding_window") or not data.get("sliding_window"):
+        return 0
+    types = data.get("layer_types")
+    if types is not None:
+        name, value, slides = "layer_types", types, [t == "sliding_attention" for t in types]
+    else:
+        value = data.get("max_window_layers", QWEN2_MAX_WINDOW_LAYERS)
+        name, slides = "max_window_layers", [i >= value for i in range(layers)]
+    if all(slides):
+        return data["sliding_window"]
+    if any(slides):
+        raise ConfigError(f"{where}: {name}: {value!r} slides {sum(slides)} of {layers} layers; a sliding "
+                          f"window on some layers only is not implemented (all or none)")
+    return 0
 
 
 def config_from_dict(data: dict, where: str | Path) -> DecoderConfig:
@@ -213,9 +256,23 @@ def config_from_dict(data: dict, where: str | Path) -> DecoderConfig:
 
 
 def read_config(path: str | Path) -> DecoderConfig:
+    """A config.json, with the end tokens of the generation_config.json beside it when there is one (as
+    transformers' generate reads them: that file's eos_token_id, else config.json's)."""
     path = Path(path)
+    cfg = config_from_dict(_read_json(path), path)
+    generation = path.parent / GENERATION_CONFIG_FILE
+    if generation.is_file():
+        data = _read_json(generation)
+        eos = data.get("eos_token_id") if isinstance(data, dict) else None
+        if _ids(eos):
+            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in _ids(eos)):
+                raise ConfigError(f"{generation}: eos_token_id: {eos!r} is not a token id or a list of them")
+            cfg = cfg.replace(eos_token_id=_first(eos), eos_token_ids=_ids(eos))
+    return cfg
+
+
+def _read_json(path: Path):
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    return config_from_dict(data, path)

@@ -30,6 +30,9 @@ from tierline_shared.models.configs import CONFIG_FILE, DecoderConfig
 KV = tuple[torch.Tensor, torch.Tensor]  # (B, n_kv, S, hd) each
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"  # a sharded checkpoint
+# tensors older checkpoints carry that are not weights (transformers < 4.31 saved the rotary buffer): ignored, as
+# transformers ignores them
+IGNORED_TENSORS = (".rotary_emb.inv_freq",)
 
 
 # -- the model ------------------------------------------------------------------------------------------
@@ -249,7 +252,7 @@ def check_weights(directory: str | Path) -> tuple[DecoderConfig, list[Path]]:
             raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
         with f:
             for name in f.keys():
-                if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                if name == "lm_head.weight" and cfg.tie_word_embeddings or name.endswith(IGNORED_TENSORS):
                     continue
                 if name not in expected:
                     unexpected.append(name)

@@ -90,6 +90,24 @@ def _token_text(value) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def read_tokenizer_config(path: Path) -> dict:
+    """A tokenizer_config.json's contents; ValueError naming the file when it is not a JSON object."""
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return config
+
+
+def special_tokens(config: dict) -> dict[str, str]:
+    """The special tokens a tokenizer_config.json names (bos_token, eos_token, pad_token, unk_token), as text: what
+    transformers gives a chat template (its special_tokens_map)."""
+    names = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    return {k: v for k, v in names.items() if v is not None}
+
+
 class TextTokenizer:
     """Thin wrapper with the ids the engines need.
 
@@ -150,14 +168,7 @@ class TextTokenizer:
         except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
             raise ValueError(f"{path}: not a valid tokenizer file ({exc})") from exc
         config = Path(config) if config else (path.parent / "tokenizer_config.json" if beside else None)
-        specials = None
-        if config is not None and config.is_file():
-            try:
-                specials = json.loads(config.read_text())
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{config}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-            if not isinstance(specials, dict):
-                raise ValueError(f"{config}: not a JSON object")
+        specials = read_tokenizer_config(config) if config is not None and config.is_file() else None
         return cls(tok, specials, str(config if specials is not None else path))
 
     @classmethod

@@ -17,7 +17,7 @@ import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -29,6 +29,7 @@ Past = list  # backend-specific KV cache (list of per-layer arrays)
 MIN_TEMPERATURE = 0.01
 MAX_SEED = 2**63 - 1  # the wire's int64
 MAX_TOP_LOGPROBS = 20  # alternatives per position at most (OpenAI's bound)
+INCOMPLETE_CHAR = "\ufffd"  # what a tokenizer decodes the first bytes of a character split across tokens to
 
 
 @dataclass
@@ -213,9 +214,12 @@ class Engine(abc.ABC):
     supports_batch_prefill = True  # False: the backend takes one row at a time
     supports_prefix_cache = False  # True: the backend implements _past_take, _past_join and _past_rows
 
-    def __init__(self, tokenizer: TextTokenizer, info: EngineInfo):
+    def __init__(self, tokenizer: TextTokenizer, info: EngineInfo, eos_ids: Iterable[int] = ()):
         self.tokenizer = tokenizer
         self.info = info
+        # the tokens that end generation: the tokenizer's eos_token and every end token the model's config lists
+        # (generation_config.json's eos_token_id, a list for Llama-3-Instruct and Qwen2-Instruct)
+        self.eos_ids = frozenset({tokenizer.eos_id, *eos_ids})
         # one decode at a time per engine: runtimes such as LiteRT's interpreter are not thread-safe
         self._lock = threading.RLock()
         self.prefix_cache: PrefixCache | None = None  # off until enable_prefix_cache
@@ -348,7 +352,7 @@ class Engine(abc.ABC):
             pos = np.arange(seq.shape[1], dtype=np.int64)[None]
             logits, _ = self._forward(seq, mask, pos, None)
             t = int(np.argmax(logits[0, -1]))
-            if t == self.tokenizer.eos_id:
+            if t in self.eos_ids:
                 break
             out.append(t)
         return self.tokenizer.decode(out)
@@ -415,10 +419,14 @@ def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
 
 
 def _stream_safe_len(text: str, stops: tuple[str, ...], done: bool) -> int:
-    """How much of text can be sent without risking a partial stop string."""
-    if done or not stops:
+    """How much of text can be sent without risking a partial stop string, or a character whose bytes are split
+    across tokens (a byte-level tokenizer decodes the first part to U+FFFD until the next token completes it)."""
+    if done:
         return len(text)
-    hold = 0
+    end = len(text.rstrip(INCOMPLETE_CHAR))
+    if not stops:
+        return end
+    hold = len(text) - end
     for s in stops:
         for k in range(min(len(s) - 1, len(text)), 0, -1):
             if text.endswith(s[:k]):

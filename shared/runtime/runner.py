@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Collection, Iterator
 from typing import Sequence as Seq
 
 import numpy as np
@@ -50,9 +50,9 @@ TRIM_DEAD_COLUMNS = 32  # leading KV columns no row uses any more, beyond which 
 class Sequence:
     """One request's decoding state, from its prompt ids to its GenerationResult."""
 
-    def __init__(self, ids: list[int], params: GenerationParams, window: int, eos_id: int, decode):
+    def __init__(self, ids: list[int], params: GenerationParams, window: int, eos_ids: Collection[int], decode):
         self.ids, self.params, self.window = ids, params, window
-        self._eos, self._decode = eos_id, decode
+        self._eos, self._decode = frozenset(eos_ids), decode  # any of them ends the sequence
         # a greedy pick draws nothing: only a sampled request pays for a generator (and, unseeded, OS entropy)
         self.rng = None if params.greedy else np.random.default_rng(params.seed)
         self.computed = 0  # prompt tokens whose KV exists: the position of the next prompt token
@@ -107,7 +107,7 @@ class Sequence:
         if not self.last_token_at:
             self.first_token_s = now - self.t0
         self.last_token_at = now
-        if t == self._eos:
+        if t in self._eos:
             self.finish("stop")
             return
         self.gen.append(t)
@@ -131,7 +131,7 @@ class Sequence:
         self.error = exc
 
     def take_text(self) -> str:
-        """Text not yet handed out that no stop string can still take back ('' when none)."""
+        """Text not yet handed out that no stop string or later token can still change ('' when none)."""
         safe = _stream_safe_len(self.text, self.params.stop, self.done)
         if safe <= self.emitted:
             return ""
@@ -189,7 +189,7 @@ class ModelRunner:
         engine's lock: the cache is the engine's)."""
         eng = self.engine
         seq = Sequence(eng.tokenizer.encode(prompt), params, params.attention_window or eng.info.window_limit,
-                       eng.tokenizer.eos_id, eng.tokenizer.decode)
+                       eng.eos_ids, eng.tokenizer.decode)
         cache = self._prefix_cache()
         if cache is None or not self.batched or not seq.whole:
             return seq  # a prompt wider than its window is not plain causal attention: its KV is not reusable

@@ -34,8 +34,10 @@ from tierline_shared.models.artifacts import TIER_FORMATS, write_card, write_ind
 from tierline_shared.models.configs import CONFIG_FILE, ConfigError, DecoderConfig
 from tierline_shared.models.llama import WEIGHTS_INDEX, check_weights, load_decoder, weight_files
 from tierline_shared.models.tokenizer import TextTokenizer
+from tierline_shared.runtime.engine import check_vocab
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# the tokenizer's files as save_pretrained writes them (transformers 5: the chat template in chat_template.jinja)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 DEFAULT_DEVICE_RATIO = 0.35
 DEFAULT_DEVICE_CONTEXT = 512  # the device's KV cache (fixed size in the .tflite) holds this many positions
 CALIB_MAX_LEN = 128  # tokens per calibration row
@@ -63,9 +65,10 @@ def _check_source(src: Path) -> tuple[DecoderConfig, TextTokenizer]:
         tok = TextTokenizer.load(src / "tokenizer.json")
     except ValueError as exc:
         raise ImportFailure(str(exc)) from None
-    if tok.vocab_size > cfg.vocab_size:
-        raise ImportFailure(f"{src / 'tokenizer.json'}: {tok.vocab_size} tokens, but {src / CONFIG_FILE} "
-                           f"has vocab_size {cfg.vocab_size}")
+    try:  # the engines' own rule, before anything is built: they would refuse the result at the end
+        check_vocab(cfg.vocab_size, tok, src / CONFIG_FILE)
+    except ValueError as exc:
+        raise ImportFailure(str(exc)) from None
     try:
         check_weights(src)  # names and shapes, from the headers: before anything is written
     except (FileNotFoundError, ValueError) as exc:
@@ -84,6 +87,8 @@ def import_checkpoint(src: str | Path, out: str | Path, device_ratio: float = DE
         raise ImportFailure(f"--device-ratio: {device_ratio} must be in (0, 1)")
     if device_context < 2:
         raise ImportFailure(f"--device-context: {device_context} must be at least 2")
+    if out.exists() and not out.is_dir():
+        raise ImportFailure(f"--out: {out} exists and is not a directory")
     if out.exists() and any(out.iterdir()):
         raise ImportFailure(f"--out: {out} exists and is not empty")
     cfg, tok = _check_source(src)
@@ -214,7 +219,8 @@ def _build(src, out, cfg, tok, corpus, train_texts, held_out, device_ratio, reco
         index = json.loads((out / "manifest.json").read_text())["artifacts"][tier]
         write_card(out / tier, {
             "tier": tier, "model": model_name, "family": "imported", "source": str(src.resolve()),
-            "format": TIER_FORMATS[tier], "params": params[tier], "bytes": index["weights"]["bytes"],
+            "format": TIER_FORMATS[tier], "params": params[tier],
+            "bytes": sum(f["bytes"] for f in index.get("shards") or [index["weights"]]),  # a sharded one: its shards
             "sha256": index["weights"]["sha256"], "notes": notes[tier],
             "quality": (quality.get(tier) and {**quality[tier], "measured": (
                 f"greedy continuations ({QUALITY_TOKENS} tokens) of {len(prompts)} held-out prompts from "

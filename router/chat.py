@@ -14,7 +14,7 @@ from pathlib import Path
 
 from jinja2 import TemplateError
 
-from tierline_shared.models.artifacts import load_index, tier_entry
+from tierline_shared.models.artifacts import load_index, tier_entry, verify_file
 from tierline_shared.models.tokenizer import CHAT_TEMPLATE, read_tokenizer_config, special_tokens
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -35,10 +35,13 @@ class ChatTemplate:
         """The cloud tier's template, if its checkpoint has one; else the family's default."""
         models_dir = Path(models_dir)
         try:
-            cloud = models_dir / tier_entry(load_index(models_dir), "cloud", models_dir)["config"]["path"]
+            entry = tier_entry(load_index(models_dir), "cloud", models_dir)
+            cloud = models_dir / entry["config"]["path"]
         except (ValueError, KeyError):
             return cls(CHAT_TEMPLATE)
         path, jinja = cloud.parent / TOKENIZER_CONFIG, cloud.parent / CHAT_TEMPLATE_FILE
+        if "chat_template" in entry:  # listed with its sha256 (tierline import): checked as the weights are
+            verify_file(models_dir, entry["chat_template"])
         config = read_tokenizer_config(path) if path.is_file() else {}
         tokens = special_tokens(config)
         if jinja.is_file():  # as transformers: the file wins over tokenizer_config.json's chat_template

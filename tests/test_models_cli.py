@@ -82,6 +82,16 @@ def test_wrong_sha256_is_refused(tiny_family, tmp_path):
     _one_line_error(run_cli("models", "eval", "--tier", "edge", "--models", str(m)), "model.int8.onnx", "sha256")
 
 
+def test_a_changed_generation_config_is_refused(tiny_family, tmp_path):
+    """generation_config.json decides which tokens end an answer (its eos_token_id): listed with its sha256 as the
+    weights are, so a changed one is refused as a changed weight is."""
+    m = _copy(tiny_family, tmp_path)
+    path = m / "cloud" / "generation_config.json"
+    path.write_text(path.read_text().replace('"do_sample"', '"eos_token_id_extra": 7, "do_sample"'))
+    _one_line_error(run_cli("models", "eval", "--tier", "cloud", "--models", str(m)), "generation_config.json",
+                    "sha256")
+
+
 def test_missing_artifact(tiny_family, tmp_path):
     m = _copy(tiny_family, tmp_path)
     (m / "device" / "model.tflite").unlink()

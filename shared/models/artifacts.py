@@ -131,6 +131,9 @@ def open_tier(models_dir: str | Path, tier: str) -> TierFiles:
     for shard in entry.get("shards", ()):  # a sharded checkpoint: weights is its index, each shard listed
         verify_file(models_dir, shard)
     config = verify_file(models_dir, entry["config"])
+    for key in TIER_EXTRAS:
+        if key in entry:  # an index written before they were listed has none
+            verify_file(models_dir, entry[key])
     return TierFiles(tier, entry["format"], weights, config, tok, index.get("model_name", "tierline"),
                      index.get("version", "0"))
 
@@ -151,6 +154,9 @@ def load_with(models_dir: str | Path, tier: str, formats: tuple[str, ...], backe
 
 
 TIER_WEIGHTS = {"cloud": "cloud/model.safetensors", "edge": "edge/model.int8.onnx", "device": "device/model.tflite"}
+# files beside a tier's config that change what it serves, listed with their sha256 when there (index key: file):
+# the end tokens (read_config reads them with the config), the chat template (router/chat.py)
+TIER_EXTRAS = {"generation_config": "generation_config.json", "chat_template": "chat_template.jinja"}
 
 
 def write_index(out: Path, model_name: str, version: str, family: str, **extra: Any) -> dict[str, Any]:
@@ -171,6 +177,9 @@ def write_index(out: Path, model_name: str, version: str, family: str, **extra: 
         else:
             entry["weights"] = file_entry(out, weights)
         entry["config"] = file_entry(out, out / tier / "config.json")
+        for key, name in TIER_EXTRAS.items():
+            if (out / tier / name).is_file():
+                entry[key] = file_entry(out, out / tier / name)
         for card in ("card.json", "card.md"):
             if (out / tier / card).exists():
                 entry[card.replace(".", "_")] = file_entry(out, out / tier / card)

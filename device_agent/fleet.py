@@ -19,12 +19,15 @@ subscriptions, with exponential backoff and jitter between attempts
 (`shared.messaging.reconnect_delay`: 1 s doubling to 30 s, back to 1 s once
 connected). The desired key is read on every beat (a
 plain read survives server restarts, where a watch's consumer would not) and a
-new revision starts an update (device_agent/ota.py).
+new record (revision and SHA-256: a re-created store counts revisions from 1 again)
+starts an update (device_agent/ota.py). An update that failed on the link is tried
+again with backoff; one that failed on the board (a full disk) is not.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -61,7 +64,8 @@ from tierline_device_agent.ota import (
 from tierline_device_agent.ota import verify as verify_digest
 from tierline_device_agent.outbox import Outbox
 from tierline_device_agent.profile import proc_status_mib
-from tierline_shared.models.artifacts import load_index
+from tierline_shared.models.artifacts import ArtifactError, load_index
+from tierline_shared.runtime.engine import Engine
 from tierline_shared.security.identities import device_identity
 from tierline_shared.transport.messaging import (
     DESIRED_BUCKET,
@@ -80,7 +84,10 @@ TELEMETRY_MAX_MSGS = 1_000_000  # the stream keeps this many events at most (old
 JS_TIMEOUT_S = 5.0  # one JetStream call (KV, publish ack), at most
 DOWNLOAD_TIMEOUT_S = 120.0  # one artifact from the object store, at most
 MAX_BACKOFF_FACTOR = 8  # heartbeats wait up to 8x their interval while NATS is away
-FLUSH_BATCH = 500  # telemetry events sent per beat at most, so beats stay on time
+FLUSH_BATCH = 500  # telemetry events read from the outbox and published at a time (acks awaited together)
+FLUSH_SHARE = 0.5  # of heartbeat_s: a beat sends batches until the outbox is empty or this much time is spent
+FLUSH_POLL_S = 0.2  # between beats, new telemetry is sent after this long at most (the outbox's count is polled)
+RETRY_MAX_S = 600.0  # an update that failed on the link is tried again after heartbeat_s doubling, up to this
 
 
 class LinkDown(ConnectionError):
@@ -157,18 +164,46 @@ def state_dir(manifest) -> Path:
     return (manifest.path.parent / manifest.device_agent.state_dir).resolve()
 
 
-def prepare_device(manifest) -> Path:
-    """Before the engine loads: the memory cap, and the model an update installed last (if any)."""
+def load_device_model(manifest, threads: int) -> tuple[Engine, dict | None]:
+    """The memory cap, then the engine of the model an update installed last, if any.
+
+    A damaged installed model (its files fail their sha256 after a power loss, a bad sector)
+    must not keep the board from booting: the other installed versions are tried newest
+    first, then the board's own model (the manifest's). Returns the engine, and the `ota`
+    outcome to report (LOAD_FAILED, naming the damaged version) when it fell back.
+    """
+    from tierline_device_agent.engine import load_engine  # the runtime: not needed by the CLI
+
     apply_memory_cap(manifest.device_agent.memory_max_mb)
     if not manifest.device_agent.device_id:
-        return manifest.models_path
-    return ModelStore(state_dir(manifest)).current() or manifest.models_path
+        return load_engine(manifest.models_path, threads=threads), None
+    store = ModelStore(state_dir(manifest))
+    installed = store.installed() if store.current() else []  # no `current`: the board's own model serves
+    damaged: list[Path] = []
+    why: list[str] = []
+    for models_dir in [*installed, None]:  # None: the board's own model, last
+        try:
+            engine = load_engine(models_dir or manifest.models_path, threads=threads)
+        except ArtifactError as exc:
+            if models_dir is None:
+                raise  # nothing left to serve: the board's own model is damaged too
+            log.error("installed model %s is damaged (%s); trying the next one", models_dir.name, exc)
+            damaged.append(models_dir)
+            why.append(str(exc))
+            continue
+        if not damaged:
+            return engine, None
+        store.fall_back(damaged, models_dir)
+        serving = models_dir.name if models_dir else "the board's own model"
+        return engine, outcome(OtaCode.LOAD_FAILED, damaged[0].name,
+                               f"installed model damaged on disk ({'; '.join(why)}); removed, serving {serving}")
+    raise AssertionError("unreachable: the last candidate returns or raises")
 
 
 class FleetAgent:
     """Runs the fleet loop on its own event loop thread beside the servicer."""
 
-    def __init__(self, manifest, servicer, threads: int):
+    def __init__(self, manifest, servicer, threads: int, fell_back: dict | None = None):
         self.cfg = manifest.device_agent
         self.device_id = self.cfg.device_id
         self.opts = NatsOptions.from_manifest(manifest, device_identity(self.device_id))
@@ -180,7 +215,7 @@ class FleetAgent:
         self.started_at = time.time()
         self.requests = 0
         self.status = "serving"
-        self.ota: dict | None = None
+        self.ota: dict | None = fell_back  # the outcome of the last update (or of a damaged model at boot)
         self.metrics = None if servicer.metrics is None else FleetMetrics(
             servicer.metrics.registry, self.device_id, self.cfg.heartbeat_s * self.cfg.stale_after_beats,
             outbox_pending=lambda: self.outbox.pending, outbox_dropped=lambda: self.outbox.dropped,
@@ -188,7 +223,11 @@ class FleetAgent:
         self._nc = None
         self._fleet: Fleet | None = None
         self._revision = 0  # of our entry in the devices bucket (compare-and-set)
-        self._handled_desired = 0  # revision of the desired entry already acted on
+        # (revision, sha256 of the value) of the desired entry acted on last: the digest, because a
+        # re-created store starts its revisions from 1 again
+        self._handled_desired: tuple[int, str] | None = None
+        self._retries = 0  # failed tries of that entry on the link
+        self._retry_at: float | None = None  # monotonic time of the next try (None: not to be tried again)
         self._update: asyncio.Task | None = None
         self._beat_lock: asyncio.Lock | None = None
         self._loop = asyncio.new_event_loop()
@@ -214,6 +253,10 @@ class FleetAgent:
     # -- life cycle --------------------------------------------------------------------------------
     def start(self) -> "FleetAgent":
         self.servicer.on_answer = self.on_answer
+        if self.ota is not None:  # the model it booted on is not the one installed last: said once, as an update
+            self.record("ota", **self.ota)
+            if self.metrics is not None:
+                self.metrics.updated(OtaCode(self.ota["code"]))
         self._thread.start()
         self._main = asyncio.run_coroutine_threadsafe(self._run(), self._loop)
         return self
@@ -246,7 +289,11 @@ class FleetAgent:
                     self._fleet = None  # buckets may be gone (a fresh server): open and register again
                 log.warning("fleet: %s: %s", type(exc).__name__, exc)
                 failures += 1
-            await asyncio.sleep(self.cfg.heartbeat_s * min(2 ** failures, MAX_BACKOFF_FACTOR))
+            wait_s = self.cfg.heartbeat_s * min(2 ** failures, MAX_BACKOFF_FACTOR)
+            if failures:
+                await asyncio.sleep(wait_s)
+            else:
+                await self._send_until(time.monotonic() + wait_s)
 
     async def _ensure_registered(self) -> None:
         if self._nc is None or self._nc.is_closed:
@@ -272,7 +319,8 @@ class FleetAgent:
             "ota": self.ota,
             "load": {"queue": self.servicer.scheduler.depth, "requests": self.requests, "rss_mb": rss_mb(),
                      "loadavg_1m": round(os.getloadavg()[0], 2)},
-            "outbox": {"pending": self.outbox.pending, "dropped": self.outbox.dropped},
+            "outbox": {"pending": self.outbox.pending, "dropped": self.outbox.dropped,
+                       "damaged": self.outbox.damaged},
             "tier_link": "up" if link is not None and link.connected else "down",
             "memory_max_mb": self.cfg.memory_max_mb,
             "heartbeat_s": self.cfg.heartbeat_s,
@@ -300,25 +348,58 @@ class FleetAgent:
         if self.metrics is not None:
             self.metrics.beat()
 
-    async def _flush(self) -> None:
-        """Send the outbox, oldest first; an event leaves it only once JetStream has stored it."""
+    async def _send_until(self, deadline: float) -> None:
+        """Until the next beat: send telemetry as it arrives, so a busy board's outbox drains while the
+        link is up instead of filling (and dropping) between beats."""
+        while (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, FLUSH_POLL_S))
+            if self.outbox.pending and self._fleet is not None and self._nc.is_connected:
+                try:
+                    await self._flush(deadline)
+                except Exception as exc:  # noqa: BLE001 - the next beat finds out what the link is doing
+                    log.warning("fleet: telemetry: %s: %s", type(exc).__name__, exc)
+                    await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+                    return
+
+    async def _flush(self, deadline: float | None = None) -> None:
+        """Send the outbox, oldest first; an event leaves it only once JetStream has stored it.
+
+        Batch after batch until the outbox is empty or `deadline` (monotonic; default: FLUSH_SHARE
+        of a heartbeat from now) has passed, so a board answering faster than one batch per beat
+        does not fill its outbox with NATS up.
+        """
         js, subj = self._fleet.js, subject("telemetry", self.device_id)
-        for seq, event in self.outbox.peek(FLUSH_BATCH):
-            await js.publish(subj, json.dumps({**event, "seq": seq}).encode(), timeout=JS_TIMEOUT_S,
-                             headers={"Nats-Msg-Id": f"{self.device_id}-{seq}"})  # a resend is deduplicated
-            self.outbox.ack(seq)
+        deadline = time.monotonic() + FLUSH_SHARE * self.cfg.heartbeat_s if deadline is None else deadline
+        while batch := self.outbox.peek(FLUSH_BATCH):
+            # published in order on one connection, the acks awaited together: one round trip per batch,
+            # not per event (the fleet loop shares the GIL with the threads answering)
+            acks = await asyncio.gather(*(
+                js.publish(subj, json.dumps({**event, "seq": seq}).encode(), timeout=JS_TIMEOUT_S,
+                           headers={"Nats-Msg-Id": self.outbox.message_id(self.device_id, seq)})
+                for seq, event in batch), return_exceptions=True)
+            stored = [seq for (seq, _), ack in zip(batch, acks) if not isinstance(ack, BaseException)]
+            self.outbox.ack_all(stored)  # a resend after a lost ack has the same id: deduplicated
+            failed = next((ack for ack in acks if isinstance(ack, BaseException)), None)
+            if failed is not None:
+                raise failed
+            if time.monotonic() >= deadline:
+                break
 
     async def _reconcile(self) -> None:
-        """Desired vs reported: a new desired revision starts an update (one at a time)."""
+        """Desired vs reported: a new desired record starts an update (one at a time)."""
         if self._update is not None and not self._update.done():
             return
         try:
             entry = await self._fleet.desired.get(self.device_id)
         except KeyNotFoundError:
             return
-        if entry.revision == self._handled_desired:
-            return
-        self._handled_desired = entry.revision
+        handled = (entry.revision, hashlib.sha256(entry.value or b"").hexdigest())
+        if handled == self._handled_desired:
+            if self._retry_at is None or time.monotonic() < self._retry_at:
+                return  # acted on (or waiting for its next try on the link)
+        else:
+            self._handled_desired, self._retries = handled, 0
+        self._retry_at = None
         self._update = asyncio.get_running_loop().create_task(self._apply(entry.value))
 
     async def _apply(self, raw: bytes) -> None:
@@ -333,10 +414,12 @@ class FleetAgent:
                 code, detail = OtaCode.APPLIED, await self._install(desired)
         except OtaError as exc:
             code, detail = exc.code, str(exc)
-        except Exception as exc:  # noqa: BLE001 - an update never takes the agent down (the link, most likely)
-            code, detail = OtaCode.DOWNLOAD_FAILED, f"{type(exc).__name__}: {exc}"
-        if code == OtaCode.DOWNLOAD_FAILED:
-            self._handled_desired = 0  # a transient failure: the next beat tries the same revision again
+        except Exception as exc:  # noqa: BLE001 - an update never takes the agent down
+            code = OtaCode.DOWNLOAD_FAILED if _is_link_error(exc) else OtaCode.INSTALL_FAILED
+            detail = f"{type(exc).__name__}: {exc}" + ("" if code == OtaCode.DOWNLOAD_FAILED else "; not retried")
+        if code == OtaCode.DOWNLOAD_FAILED:  # the link: the same entry is tried again, less and less often
+            self._retries += 1
+            self._retry_at = time.monotonic() + min(self.cfg.heartbeat_s * 2 ** self._retries, RETRY_MAX_S)
         self.status = "serving"
         self.ota = outcome(code, version, detail)
         if self.metrics is not None:
@@ -382,7 +465,7 @@ class FleetAgent:
         from nats.js.errors import DigestMismatchError
 
         if not self._nc.is_connected:
-            raise OtaError(OtaCode.DOWNLOAD_FAILED, "NATS is away; retried on a later heartbeat")
+            raise OtaError(OtaCode.DOWNLOAD_FAILED, "NATS is away; tried again later")
         try:
             with open(dest, "wb") as f:
                 await asyncio.wait_for(self._fleet.models.get(name, writeinto=f), DOWNLOAD_TIMEOUT_S)
@@ -393,7 +476,14 @@ class FleetAgent:
                                                     "refused") from None
         except (asyncio.TimeoutError, TimeoutError, ConnectionError) as exc:
             why = f"{name}: not downloaded ({type(exc).__name__}, limit {DOWNLOAD_TIMEOUT_S:.0f} s)"
-            raise OtaError(OtaCode.DOWNLOAD_FAILED, f"{why}; retried on a later heartbeat") from None
+            raise OtaError(OtaCode.DOWNLOAD_FAILED, f"{why}; tried again later") from None
+
+
+def _is_link_error(exc: BaseException) -> bool:
+    """A failure the link explains (worth another try); anything else (a full disk) is not retried."""
+    from nats.errors import Error as NatsError
+
+    return isinstance(exc, (ConnectionError, TimeoutError, asyncio.TimeoutError, NatsError))
 
 
 async def register(devices, device_id: str, state: dict) -> int:

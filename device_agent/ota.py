@@ -38,8 +38,11 @@ CURRENT = "current"  # state_dir/current -> models/<version>, the model that ser
 HEALTH_SEED = 0  # the health check's problems are fixed, so a version passes or fails reproducibly
 HEALTH_LEVELS = (1, 2)  # short problems: the check takes a fraction of a second on a board
 KEEP_VERSIONS = 2  # installed versions kept on disk (the current one and the one before, for rollback)
-_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"  # a version, a model name, one part of an object name
+_VERSION = re.compile(_NAME)  # always with fullmatch: `$` would let a trailing newline through
+_OBJECT = re.compile(rf"{_NAME}(?:/{_NAME}){{0,3}}")  # an object store name: <version>/model.tflite
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+STAGING_PREFIX = ".incoming-"  # state_dir/models/.incoming-<random>: a download in progress
 
 
 class OtaCode(IntEnum):
@@ -57,6 +60,7 @@ class OtaCode(IntEnum):
     BAD_SIGNATURE = 27  # no pinned publisher key signed it (or it was altered): refused before any download
     EXPIRED = 28  # the signed manifest's expiry has passed (a replayed old update): refused
     DOWNGRADE = 29  # its sequence is not above the installed one's (an older signed model): refused
+    INSTALL_FAILED = 30  # the board could not install it (a full disk, an I/O error): not retried
 
 
 class OtaError(Exception):
@@ -91,14 +95,23 @@ class DesiredModel:
                           Artifact(**raw["tflite"]), Artifact(**raw["config"]))
         except (KeyError, TypeError) as exc:
             raise OtaError(OtaCode.BAD_REQUEST, f"desired model record is malformed ({exc})") from None
-        if not _VERSION.match(str(desired.version)):
-            raise OtaError(OtaCode.BAD_REQUEST, f"version {desired.version!r}: letters, digits, '.', '_', '-'")
+        if not _is_name(desired.version, _VERSION):  # a directory name on the board
+            raise OtaError(OtaCode.BAD_REQUEST, f"version {desired.version!r}: a string of 1-64 letters, digits, "
+                                                "'.', '_', '-', starting with a letter or digit")
+        if not _is_name(desired.name, _OBJECT):  # a hub id (org/model) is a name too
+            raise OtaError(OtaCode.BAD_REQUEST, f"name {desired.name!r}: names of letters, digits, '.', '_', '-', "
+                                                "joined by '/'")
+        if not isinstance(desired.device, str):
+            raise OtaError(OtaCode.BAD_REQUEST, f"device {desired.device!r}: a device id")
         if not isinstance(desired.sequence, int) or isinstance(desired.sequence, bool) or desired.sequence < 1:
             raise OtaError(OtaCode.BAD_REQUEST, f"sequence {desired.sequence!r}: an integer >= 1")
         if not isinstance(desired.expires, (int, float)) or isinstance(desired.expires, bool):
             raise OtaError(OtaCode.BAD_REQUEST, f"expires {desired.expires!r}: unix time in seconds")
         for what in (desired.tflite, desired.config):
-            if not _SHA256.match(str(what.sha256)):
+            if not _is_name(what.object, _OBJECT):
+                raise OtaError(OtaCode.BAD_REQUEST, f"object {what.object!r}: names of letters, digits, '.', '_', "
+                                                    "'-', joined by '/'")
+            if not _is_name(what.sha256, _SHA256):
                 raise OtaError(OtaCode.BAD_REQUEST, f"{what.object}: sha256 must be 64 lowercase hex digits")
             if not isinstance(what.size, int) or isinstance(what.size, bool) or what.size < 0:
                 raise OtaError(OtaCode.BAD_REQUEST, f"{what.object}: size {what.size!r}: bytes, an integer >= 0")
@@ -107,6 +120,10 @@ class DesiredModel:
     def to_dict(self) -> dict:
         return {"name": self.name, "version": self.version, "sequence": self.sequence, "expires": self.expires,
                 "device": self.device, "tflite": vars(self.tflite), "config": vars(self.config)}
+
+
+def _is_name(value, pattern: re.Pattern) -> bool:
+    return isinstance(value, str) and pattern.fullmatch(value) is not None
 
 
 _SIGNATURE_CODES = {signing.UNSIGNED: OtaCode.UNSIGNED, signing.BAD_SIGNATURE: OtaCode.BAD_SIGNATURE,
@@ -144,7 +161,7 @@ def claimed_version(raw: bytes) -> str:
         version = (doc.get("signed") or doc)["version"]
     except (ValueError, TypeError, KeyError, AttributeError):
         return "?"
-    return version if isinstance(version, str) and _VERSION.match(version) else "?"
+    return version if _is_name(version, _VERSION) else "?"
 
 
 def check_sequence(desired: DesiredModel, installed_sequence: int) -> None:
@@ -160,11 +177,35 @@ class ModelStore:
         self.root = Path(state_dir)
         self.models = self.root / "models"
         self.models.mkdir(parents=True, exist_ok=True)
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """Downloads and `current` links a crash left half-made: nothing else runs in this state dir yet."""
+        for path in self.models.glob(f"{STAGING_PREFIX}*"):
+            self.discard(path)
+        for path in self.root.glob(f".{CURRENT}-*"):
+            path.unlink(missing_ok=True)
 
     def current(self) -> Path | None:
         """The models directory of the installed model that serves, or None (the manifest's then)."""
         link = self.root / CURRENT
         return link.resolve() if link.is_symlink() and (link.resolve() / INDEX).is_file() else None
+
+    def installed(self) -> list[Path]:
+        """Every installed version, the current one first, then the others newest first."""
+        current = self.current()
+        others = sorted((p for p in self.models.iterdir() if p.is_dir() and not p.name.startswith(".")
+                         and p != current and (p / INDEX).is_file()), key=lambda p: p.stat().st_mtime, reverse=True)
+        return ([current] if current else []) + others
+
+    def fall_back(self, damaged: list[Path], to: Path | None) -> None:
+        """Serve `to` (an installed version; None: the board's own model) and remove the damaged versions."""
+        if to is None:
+            (self.root / CURRENT).unlink(missing_ok=True)
+        else:
+            self.activate(to.name)
+        for path in damaged:
+            self.discard(path)
 
     def sequence(self) -> int:
         """The release sequence of the model that serves (0: the one the board shipped with)."""
@@ -172,7 +213,7 @@ class ModelStore:
         return int(load_index(current).get("sequence", 0)) if current else 0
 
     def staging(self) -> Path:
-        path = self.models / f".incoming-{uuid.uuid4().hex[:8]}"
+        path = self.models / f"{STAGING_PREFIX}{uuid.uuid4().hex[:8]}"
         (path / "device").mkdir(parents=True)
         return path
 

@@ -7,24 +7,31 @@ the background); with `device_agent.device_id` set the agent is also a fleet mem
 
 from __future__ import annotations
 
+import logging
+import sqlite3
+
 from tierline_device_agent.agent import DeviceAgentServicer
-from tierline_device_agent.engine import LiteRTEngine, load_engine
-from tierline_device_agent.fleet import FleetAgent, prepare_device
+from tierline_device_agent.engine import LiteRTEngine
+from tierline_device_agent.fleet import FleetAgent, load_device_model
 from tierline_router.policy import Policy
 from tierline_shared.security.identities import device_identity
 from tierline_shared.serving.metrics import Metrics
 from tierline_shared.serving.process import TierProcess, run
 from tierline_shared.transport.tier_service import TierService
 
+log = logging.getLogger("tierline.device")
+
 
 class DeviceProcess(TierProcess):
     tier = "device"
     fleet: FleetAgent | None = None
     engine_process = False  # an update swaps the model in place (agent.py: swap_engine): it runs here
+    fell_back: dict | None = None  # the installed model was damaged: the outcome the fleet agent reports
 
     def load_engine(self) -> LiteRTEngine:
-        models_dir = prepare_device(self.manifest)  # the memory cap; the model an update installed last, if any
-        return load_engine(models_dir, threads=self.config.threads)
+        # the memory cap; the model an update installed last, or the newest sound one
+        engine, self.fell_back = load_device_model(self.manifest, threads=self.config.threads)
+        return engine
 
     def make_servicer(self, engine: LiteRTEngine, metrics: Metrics, scheduler=None) -> DeviceAgentServicer:
         m = self.manifest
@@ -43,7 +50,11 @@ class DeviceProcess(TierProcess):
     def started(self, servicer: DeviceAgentServicer, nats_service: TierService | None) -> dict:
         servicer.link = nats_service
         if self.manifest.device_agent.device_id and nats_service is not None:
-            self.fleet = FleetAgent(self.manifest, servicer, threads=self.config.threads).start()
+            try:
+                self.fleet = FleetAgent(self.manifest, servicer, threads=self.config.threads,
+                                        fell_back=self.fell_back).start()
+            except (OSError, sqlite3.Error):  # its state dir unusable (a damaged outbox is replaced, not this)
+                log.exception("the fleet agent did not start; the board serves its apps without it")
         return {"device_id": self.fleet.device_id if self.fleet else None}
 
     def stopping(self) -> None:

@@ -22,20 +22,21 @@ import numpy as np
 import pytest
 
 from tests.conftest import run_cli, scrape
-from tierline.devices import desired_model, fleet_rows, publish_model
+from tierline.devices import desired_model, fleet_rows, publish_model, render
 from tierline_api.v1 import inference_pb2 as pb
 from tierline_api.v1 import inference_pb2_grpc as pb_grpc
 from tierline_device_agent.engine import LiteRTEngine, load_engine
 from tierline_device_agent.fleet import TELEMETRY_STREAM, open_fleet, provision_fleet
-from tierline_device_agent.ota import OtaCode, health_check
+from tierline_device_agent.ota import DesiredModel, ModelStore, OtaCode, OtaError, health_check
 from tierline_device_agent.outbox import Outbox
-from tierline_infra.supervisor import Stack
+from tierline_infra.supervisor import Stack, accepted
 from tierline_shared.config.manifest import ManifestError, load_manifest
 from tierline_shared.models.artifacts import load_tokenizer, sha256_of
 from tierline_shared.security.credentials import SIGNING_KEY, init_credentials
 from tierline_shared.security.identities import ROUTER, IdentityStore, device_identity
 from tierline_shared.security.signing import read_private_key
 from tierline_shared.transport.messaging import (
+    DEVICES_BUCKET,
     RECONNECT_BASE_S,
     RECONNECT_JITTER,
     RECONNECT_MAX_S,
@@ -46,6 +47,7 @@ from tierline_shared.transport.messaging import (
 )
 
 DEVICE = "pi-test-1"
+THIEF = "pi-stolen"  # a second board, stolen: its own identity, used against DEVICE
 HEARTBEAT_S = 0.2
 MEMORY_MAX_MB = 2048
 TIMEOUT = 30  # seconds, every RPC and every wait here
@@ -215,8 +217,8 @@ def test_registers_and_heartbeats(agent, tiny_family):
 
     # the fleet view's stale rule, on the real record: N missed beats and it is stale
     beat, n = later["heartbeat_s"], later["stale_after_beats"]
-    assert fleet_rows([later], now=later["last_heartbeat"] + (n - 1) * beat)[0]["state"] == "serving"
-    assert fleet_rows([later], now=later["last_heartbeat"] + (n + 1) * beat)[0]["state"] == "stale"
+    assert fleet_rows({DEVICE: later}, now=later["last_heartbeat"] + (n - 1) * beat)[0]["state"] == "serving"
+    assert fleet_rows({DEVICE: later}, now=later["last_heartbeat"] + (n + 1) * beat)[0]["state"] == "stale"
 
 
 def test_memory_cap_and_threads_come_from_the_manifest(agent):
@@ -469,6 +471,193 @@ def test_an_outbox_append_is_one_insert_without_fsync_per_commit(tmp_path):
     box.close()
 
 
+class _RecordingJetStream:
+    """Stands in for JetStream's publish: records what the fleet loop sends (and takes `delay_s` per event)."""
+
+    def __init__(self, delay_s: float = 0.0):
+        self.sent: list[tuple[str, dict, dict]] = []
+        self.delay_s = delay_s
+
+    async def publish(self, subj: str, payload: bytes, timeout: float, headers: dict):
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        self.sent.append((subj, json.loads(payload), headers))
+
+
+def _flushing_agent(outbox: Outbox, js, heartbeat_s: float = HEARTBEAT_S):
+    """A FleetAgent with only what `_flush` reads: its id, heartbeat, outbox and JetStream."""
+    from types import SimpleNamespace
+
+    from tierline_device_agent.fleet import Fleet, FleetAgent
+
+    agent = FleetAgent.__new__(FleetAgent)
+    agent.device_id, agent.cfg, agent.outbox = DEVICE, SimpleNamespace(heartbeat_s=heartbeat_s), outbox
+    agent._fleet = Fleet(js, None, None, None)
+    return agent
+
+
+def test_telemetry_message_ids_carry_the_outboxs_own_random_nonce(tmp_path):
+    """JetStream deduplicates across the stream: an id another board can guess would get this board's
+    events acknowledged as duplicates and never stored."""
+    box = Outbox(tmp_path / "a" / "outbox.sqlite", max_events=100)
+    other = Outbox(tmp_path / "b" / "outbox.sqlite", max_events=100)
+    seqs = [box.append({"n": i}) for i in range(3)]
+    js = _RecordingJetStream()
+    asyncio.run(_flushing_agent(box, js)._flush())
+    ids = [headers["Nats-Msg-Id"] for _, _, headers in js.sent]
+    assert [event["seq"] for _, event, _ in js.sent] == seqs and box.pending == 0
+    assert all(i != f"{DEVICE}-{seq}" and i.startswith(f"{DEVICE}-") for i, seq in zip(ids, seqs)), ids
+    assert len(box.nonce) >= 32 and box.nonce != other.nonce and box.nonce in ids[0]
+    nonce = box.nonce
+    box.close()
+    again = Outbox(tmp_path / "a" / "outbox.sqlite", max_events=100)  # kept in the file: a resend, the same id
+    assert again.nonce == nonce and again.message_id(DEVICE, seqs[0]) == ids[0]
+    again.close()
+    other.close()
+
+
+def test_a_flush_sends_batch_after_batch_within_its_time_budget(tmp_path):
+    from tierline_device_agent.fleet import FLUSH_BATCH
+
+    box = Outbox(tmp_path / "outbox.sqlite", max_events=10 * FLUSH_BATCH)
+    for i in range(2 * FLUSH_BATCH + 200):  # more than one batch arrived within one beat
+        box.append({"n": i})
+    js = _RecordingJetStream()
+    asyncio.run(_flushing_agent(box, js, heartbeat_s=30)._flush())
+    assert box.pending == 0 and [e["n"] for _, e, _ in js.sent] == list(range(2 * FLUSH_BATCH + 200))
+    for i in range(2 * FLUSH_BATCH):
+        box.append({"n": i})
+    slow = _RecordingJetStream(delay_s=0.15)  # a batch's acks take longer than the budget (half a 0.2 s beat)
+    t0 = time.monotonic()
+    asyncio.run(_flushing_agent(box, slow, heartbeat_s=0.2)._flush())
+    assert len(slow.sent) == FLUSH_BATCH and box.pending == FLUSH_BATCH  # the rest waits for the next beat
+    assert time.monotonic() - t0 < 1.0
+    box.close()
+
+
+def test_between_beats_telemetry_is_sent_as_it_arrives(tmp_path):
+    """A busy board with the link up: events go out between beats, not only on them, so the outbox
+    (here smaller than what arrives in one beat) never fills and drops."""
+    from types import SimpleNamespace
+
+    box = Outbox(tmp_path / "outbox.sqlite", max_events=300)
+    js = _RecordingJetStream()
+    agent = _flushing_agent(box, js, heartbeat_s=30)
+    agent._nc = SimpleNamespace(is_connected=True)
+
+    def busy():  # 1,000 answers within the beat, 100 at a time
+        for i in range(10):
+            for j in range(100):
+                box.append({"n": 100 * i + j})
+            time.sleep(0.3)
+
+    worker = threading.Thread(target=busy)
+    worker.start()
+    asyncio.run(agent._send_until(time.monotonic() + 4.0))
+    worker.join()
+    assert box.dropped == 0 and box.pending == 0 and [e["n"] for _, e, _ in js.sent] == list(range(1000))
+    box.close()
+
+
+def test_a_damaged_outbox_file_is_moved_aside_and_a_fresh_one_used(tmp_path):
+    path = tmp_path / "outbox.sqlite"
+    path.write_bytes(b"\x00garbage" * 512)  # a bad SD card sector: "file is not a database"
+    box = Outbox(path, max_events=10)
+    assert box.pending == 0 and box.dropped == 0 and box.damaged == 1  # the loss is counted
+    assert box.append({"n": 1}) == 1 and [e for _, e in box.peek()] == [{"n": 1}]
+    aside = list(tmp_path.glob("outbox.sqlite.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == b"\x00garbage" * 512  # kept for a post-mortem
+    box.close()
+    again = Outbox(path, max_events=10)  # the fresh file is sound: nothing moved aside again
+    assert again.pending == 1 and again.damaged == 1 and len(list(tmp_path.glob("*.corrupt-*"))) == 1
+    again.close()
+
+
+def test_a_crash_mid_download_leaves_nothing_behind_after_a_restart(tmp_path):
+    store = ModelStore(tmp_path)
+    staged = store.staging()  # what a download writes into, then SIGKILL
+    (staged / "device" / "model.tflite").write_bytes(b"half a model")
+    (store.models / "v1").mkdir()  # an installed version is kept
+    ModelStore(tmp_path)  # the agent starts again
+    assert not staged.exists() and [p.name for p in store.models.iterdir()] == ["v1"]
+
+
+def _install(store: ModelStore, tiny_family: Path, version: str) -> Path:
+    """The tiny device model installed as `version`, the way an update does it, and made current."""
+    tflite, config = tiny_bytes(tiny_family)
+    staged = store.staging()
+    (staged / "device" / "model.tflite").write_bytes(tflite)
+    (staged / "device" / "config.json").write_bytes(config)
+    installed = store.install(staged, desired_model(DEVICE, "tierline-reasoner", version, tflite, config),
+                              tiny_family)
+    store.activate(version)
+    return installed
+
+
+def test_a_damaged_installed_model_falls_back_to_the_newest_sound_one(tiny_family, tmp_path):
+    from types import SimpleNamespace
+
+    from tierline_device_agent.fleet import load_device_model
+
+    manifest = SimpleNamespace(path=tmp_path / "device.yaml", models_path=tiny_family, device_agent=SimpleNamespace(
+        device_id=DEVICE, state_dir="state", memory_max_mb=0))
+    store = ModelStore(tmp_path / "state")
+    v1 = _install(store, tiny_family, "v1")
+    time.sleep(0.01)  # newest first goes by the directories' times
+    v2 = _install(store, tiny_family, "v2")
+    (v2 / "device" / "model.tflite").write_bytes(b"")  # a power loss after the update
+    engine, report = load_device_model(manifest, threads=1)
+    assert engine.info.version == "v1" and store.current() == v1 and not v2.exists()
+    assert report["code"] == OtaCode.LOAD_FAILED and report["version"] == "v2" and "v1" in report["detail"]
+    (v1 / "device" / "model.tflite").write_bytes(b"")  # the last installed one too: the board's own model
+    engine, report = load_device_model(manifest, threads=1)
+    assert engine.info.version == load_engine(tiny_family).info.version and store.current() is None
+    assert report["version"] == "v1" and "board's own model" in report["detail"]
+    assert load_device_model(manifest, threads=1)[1] is None  # nothing damaged any more: nothing to report
+    _install(store, tiny_family, "v3")
+    (tmp_path / "state" / "current").unlink()  # no `current` link: the board's own model, as before
+    engine, report = load_device_model(manifest, threads=1)
+    assert engine.info.version != "v3" and report is None and (store.models / "v3").is_dir()
+
+
+def _desired(**change) -> dict:
+    raw = desired_model(DEVICE, "tierline-reasoner", "v1", b"weights", b"{}").to_dict()
+    for key, value in change.items():
+        if key in ("tflite", "config"):
+            raw[key] = {**raw[key], "object": value}
+        else:
+            raw[key] = value
+    return raw
+
+
+@pytest.mark.parametrize("change", [
+    {"version": "v1\n"}, {"version": 7}, {"version": True}, {"version": None}, {"version": 1.5},
+    {"version": "../up"}, {"name": 7}, {"name": "reasoner\n"}, {"name": ""}, {"device": 7},
+    {"tflite": "v1/model.tflite\n"}, {"tflite": "../v1/model.tflite"}, {"config": 7}, {"config": "/etc/passwd"},
+])
+def test_a_desired_model_takes_only_plain_strings_as_names(change):
+    DesiredModel.from_dict(_desired())  # the same record, unchanged, is fine
+    with pytest.raises(OtaError) as err:
+        DesiredModel.from_dict(_desired(**change))
+    assert err.value.code == OtaCode.BAD_REQUEST
+
+
+def test_the_fleet_view_names_a_device_by_its_key_and_marks_bad_entries_invalid():
+    good = {"device_id": "pi-a", "status": "serving", "last_heartbeat": 100.0, "heartbeat_s": 1,
+            "stale_after_beats": 3, "model": {"version": "v1"}, "load": {"queue": 0, "requests": 2, "rss_mb": 9.5},
+            "arch": "aarch64", "outbox": {"pending": 0, "dropped": 0}, "ota": None}
+    rows = fleet_rows({"pi-a": json.dumps(good).encode(),
+                       "pi-b": json.dumps({**good, "model": {"version": "EVIL"}}).encode(),  # claims to be pi-a
+                       "pi-c": b"{}", "pi-d": b"not json", "pi-e": b"[1]",
+                       "pi-f": json.dumps({**good, "device_id": "pi-f", "arch": "x\x1b[2J"}).encode(),
+                       "pi-g": json.dumps({**good, "device_id": "pi-g", "load": None}).encode()}, now=101.0)
+    assert [r["device"] for r in rows] == ["pi-a", "pi-b", "pi-c", "pi-d", "pi-e", "pi-f", "pi-g"]
+    assert rows[0]["state"] == "serving" and rows[0]["model"] == "v1"
+    assert [r["state"] for r in rows[1:]] == ["invalid"] * 6 and "EVIL" not in json.dumps(rows)
+    assert "pi-a" in rows[1]["invalid"] and rows[3]["invalid"] == "not JSON"
+    render(rows)  # every row fills every column
+
+
 # -- configuration and CLI -----------------------------------------------------------------------------
 @pytest.mark.parametrize("fleet, field", [
     ({"device_id": "pi-1", "heartbeat_s": 0}, "device_agent.heartbeat_s"),
@@ -560,3 +749,133 @@ def test_an_older_signed_update_is_refused_as_a_downgrade(agent, tiny_family):
     assert update_outcome(agent, "v-current")["ota"]["code"] == OtaCode.APPLIED
     publish(agent, "v-older", tflite, config, sequence=current.sequence - 1)  # genuine, signed, but older
     _refused(agent, "v-older", OtaCode.DOWNGRADE)
+
+
+# -- a stolen board, a failed install, a re-created store (run last: they change the fleet's state) ------
+@pytest.fixture(scope="module")
+def thief(agent) -> str:
+    """A second board's identity (stolen): the server lets it write only its own key and subject."""
+    IdentityStore(agent.credentials).create(device_identity(THIEF))
+    agent.nats.reload()
+    accepted(agent.nats_options(device_identity(THIEF)))
+    return device_identity(THIEF)
+
+
+def as_board(stack: Stack, identity: str, work):
+    async def run():
+        nc = await connect(stack.nats_options(identity), name="thief")
+        try:
+            return await work(nc.jetstream(timeout=5))
+        finally:
+            await nc.close()
+
+    return asyncio.run(run())
+
+
+def test_another_board_cannot_have_this_boards_telemetry_deduplicated_away(agent, thief):
+    ask(agent)
+    last = wait_for(lambda: reported(agent)["outbox"]["pending"] == 0 and max(e["seq"] for e in telemetry(agent)),
+                    "an event of this board's stored, none waiting")
+
+    async def forge(js):  # on its own subject, the ids the agent would give its next events (`<id>-<seq>`)
+        for seq in range(last + 1, last + 41):
+            await js.publish(subject_of(THIEF), b'{"kind": "noise"}', headers={"Nats-Msg-Id": f"{DEVICE}-{seq}"})
+
+    as_board(agent, thief, forge)
+    answers = [ask(agent) for _ in range(10)]
+
+    def stored() -> list[dict]:  # the answers' events in the stream (the old ids: acknowledged, never stored)
+        return [e for e in telemetry(agent) if e.get("device_id") == DEVICE and e["seq"] > last
+                and e["kind"] == "request"]
+
+    wait_for(lambda: len(stored()) >= len(answers), "the answers' events stored")
+    assert len(stored()) == len(answers)
+
+
+def subject_of(board: str) -> str:
+    from tierline_shared.transport.messaging import subject
+
+    return subject("telemetry", board)
+
+
+def test_devices_list_trusts_the_key_not_the_body(agent, thief):
+    real = reported(agent)
+
+    def listed() -> dict:
+        proc = run_cli("devices", "list", "--manifest", str(agent.manifest), "--json", timeout=60)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+        return {row["device"]: row for row in json.loads(proc.stdout)["devices"]}
+
+    spoof = {**real, "model": {**real["model"], "version": "EVIL"}, "last_heartbeat": time.time() + 10**6}
+    try:
+        for body in (json.dumps(spoof).encode(), b"{}", b"not json"):  # its own key: the server allows it
+            as_board(agent, thief, lambda js, body=body: js.publish(f"$KV.{DEVICES_BUCKET}.{THIEF}", body))
+            rows = listed()
+            assert rows[THIEF]["state"] == "invalid", rows[THIEF]
+            assert rows[DEVICE]["model"] == real["model"]["version"] and rows[DEVICE]["state"] == "serving"
+            assert "EVIL" not in json.dumps(rows)
+    finally:
+        fleet_call(agent, lambda f: f.devices.purge(THIEF))
+
+
+def test_an_install_that_fails_on_the_board_is_reported_once_not_retried(agent, tiny_family):
+    """Not the link (here the version's directory cannot be made; a full disk alike): a terminal code."""
+    tflite, config = tiny_bytes(tiny_family)
+    blocker = agent.workdir / "device-state" / "models" / "v-blocked"
+    blocker.write_bytes(b"a file where the version's directory goes")
+    try:
+        publish(agent, "v-blocked", tflite, config)
+        state = update_outcome(agent, "v-blocked")
+        time.sleep(10 * HEARTBEAT_S)  # ten beats: the old agent tried (and reported) again on each
+        tries = [e for e in telemetry(agent) if e["kind"] == "ota" and e["version"] == "v-blocked"
+                 and e["code"] != OtaCode.IN_PROGRESS]
+    finally:
+        blocker.unlink()
+    assert len(tries) == 1, tries
+    assert state["ota"]["status"] == "install_failed" and "not retried" in state["ota"]["detail"], state["ota"]
+    assert reported(agent)["model"]["version"] == state["model"]["version"] != "v-blocked"
+    assert not list((agent.workdir / "device-state" / "models").glob(".incoming-*"))
+
+
+def test_a_new_update_after_the_store_is_recreated_is_applied(agent, tiny_family):
+    """A fresh JetStream store starts revisions from 1 again: the same revision, another record."""
+    tflite, config = tiny_bytes(tiny_family)
+    publish(agent, "v-before-wipe", tflite, config)
+    assert update_outcome(agent, "v-before-wipe")["ota"]["code"] == OtaCode.APPLIED
+    handled = fleet_call(agent, lambda f: f.desired.get(DEVICE)).revision
+    agent.nats.stop()
+    shutil.rmtree(agent.workdir / "jetstream")  # a new server, a replaced disk
+    restarted = time.time()
+    agent.nats.start()
+    asyncio.run(provision_fleet(agent.nats_options()))  # the operator provisions the fleet again
+    wait_for(lambda: reported(agent)["last_heartbeat"] > restarted, "the board registered again", timeout=60)
+
+    async def fill(fleet):  # other keys, so the board's next record lands on the revision it handled
+        for i in range(handled - 1):
+            await fleet.desired.put(f"filler-{i}", b"{}")
+
+    fleet_call(agent, fill)
+    publish(agent, "v-after-wipe", tflite, config)
+    assert fleet_call(agent, lambda f: f.desired.get(DEVICE)).revision == handled
+    state = update_outcome(agent, "v-after-wipe")
+    assert state["ota"]["code"] == OtaCode.APPLIED and state["model"]["version"] == "v-after-wipe", state["ota"]
+
+
+def test_a_board_whose_installed_model_is_damaged_boots_on_the_one_before(agent, tiny_family):
+    models = agent.workdir / "device-state" / "models"
+    before = reported(agent)["model"]["version"]
+    fallback = before if (models / before).is_dir() else "the board's own model"
+    tflite, config = tiny_bytes(tiny_family)
+    publish(agent, "v-damaged", tflite, config)
+    assert update_outcome(agent, "v-damaged")["ota"]["code"] == OtaCode.APPLIED
+    (models / "v-damaged" / "device" / "model.tflite").write_bytes(b"")  # a power loss after the update
+    restarted = time.time()
+    agent.restart("device-0", "tierline_device_agent")  # it comes up (it used to exit with the sha256 error)
+    assert ask(agent).choices[0].finish_reason
+    event = wait_for(lambda: next((e for e in telemetry(agent) if e["kind"] == "ota" and e["at"] >= restarted), None),
+                     "the report of the damaged model")
+    assert event["code"] == OtaCode.LOAD_FAILED and event["version"] == "v-damaged", event
+    assert event["detail"].endswith(f"serving {fallback}"), event
+    # its desired model is still v-damaged: the board installs it again
+    wait_for(lambda: (r := reported(agent))["model"]["version"] == "v-damaged" and r["ota"]["code"] == 0,
+             "v-damaged installed again")

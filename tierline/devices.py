@@ -2,10 +2,13 @@
 
 `list` reads every device's reported state from the JetStream KV bucket and
 marks the ones whose last heartbeat is older than their own `stale_after_beats`
-beats; `set-model` uploads a .tflite and its config.json to the Object Store and
-sets the device's desired model, an update manifest signed with the operator's key
-(the agent verifies signature, expiry and sequence, then installs, health-checks and
-reports); `provision` gives a board its own NATS identity, `revoke` takes it away;
+beats (the device is named by its key, the one a board may write; a body that is
+not a well-formed report of that device is an `invalid` row, so a stolen board can
+neither crash the listing nor pose as another board); `set-model` uploads a .tflite
+and its config.json to the Object Store and sets the device's desired model, an
+update manifest signed with the operator's key (the agent verifies signature, expiry
+and sequence, then installs, health-checks and reports); `provision` gives a board
+its own NATS identity, `revoke` takes it away;
 `bench --profile pi` measures the device model as a Pi-class board would run it (one
 core, one thread), through device_agent/profile.py as `make bench` does.
 """
@@ -101,14 +104,58 @@ async def _with_fleet(opts, work):
 
 
 # -- list ---------------------------------------------------------------------------------------------
-def fleet_rows(records: list[dict], now: float | None = None) -> list[dict]:
-    """One row per device; `state` is "stale" after the device's own number of missed beats."""
+_REPORT_FIELDS = {  # what a row reads from a reported state, and the types it must have
+    ("device_id",): str, ("status",): str, ("last_heartbeat",): (int, float), ("heartbeat_s",): (int, float),
+    ("stale_after_beats",): (int, float), ("model", "version"): str, ("load", "queue"): (int, float),
+    ("load", "requests"): (int, float), ("load", "rss_mb"): (int, float), ("arch",): str,
+    ("outbox", "pending"): (int, float), ("outbox", "dropped"): (int, float),
+}
+
+
+def _report(key: str, body) -> dict:
+    """The reported state in a registry entry, checked (ValueError: why it is not one)."""
+    if isinstance(body, (bytes, str)):
+        try:
+            body = json.loads(body)
+        except ValueError:
+            raise ValueError("not JSON") from None
+    if not isinstance(body, dict):
+        raise ValueError("not a JSON object")
+    for path, kind in _REPORT_FIELDS.items():
+        value = body
+        for part in path:
+            value = value.get(part) if isinstance(value, dict) else None
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ValueError(f"{'.'.join(path)}: missing or not {getattr(kind, '__name__', 'a number')}")
+        if isinstance(value, str) and not value.isprintable():
+            raise ValueError(f"{'.'.join(path)}: control characters")
+    if body["device_id"] != key:
+        raise ValueError(f"claims to be device {body['device_id']!r}")
+    ota = body.get("ota") or {}
+    if not isinstance(ota, dict) or not all(isinstance(ota.get(f, "-"), (str, int)) for f in ("status", "code")):
+        raise ValueError("ota: not an outcome")
+    if not str(ota.get("status", "-")).isprintable():
+        raise ValueError("ota.status: control characters")
+    return body
+
+
+def fleet_rows(entries: dict[str, object], now: float | None = None) -> list[dict]:
+    """One row per registry key (the device id), from its entry's body (bytes, or already decoded).
+
+    `state` is "stale" after the device's own number of missed beats, "invalid" when the body
+    is not a report of that device (`invalid` then says why).
+    """
     now = time.time() if now is None else now
     rows = []
-    for r in sorted(records, key=lambda r: r["device_id"]):
+    for key in sorted(entries):
+        try:
+            r = _report(key, entries[key])
+        except ValueError as exc:
+            rows.append({**{c: "-" for c in COLUMNS}, "device": key, "state": "invalid", "invalid": str(exc)})
+            continue
         age = now - r["last_heartbeat"]
         ota = r.get("ota") or {}
-        rows.append({"device": r["device_id"],
+        rows.append({"device": key,
                      "state": "stale" if age > r["stale_after_beats"] * r["heartbeat_s"] else r["status"],
                      "model": r["model"]["version"], "ota": ota.get("status", "-"), "code": ota.get("code", "-"),
                      "queue": r["load"]["queue"], "requests": r["load"]["requests"], "rss_mb": r["load"]["rss_mb"],
@@ -123,20 +170,21 @@ def render(rows: list[dict]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table)
 
 
-async def read_devices(fleet) -> list[dict]:
+async def read_devices(fleet) -> dict[str, bytes]:
+    """Every registry entry's body by its key (the device id), undecoded: fleet_rows checks them."""
     from nats.js.errors import KeyNotFoundError, NoKeysError
 
     try:
         keys = await fleet.devices.keys()
     except NoKeysError:
-        return []
-    records = []
+        return {}
+    entries = {}
     for key in keys:
         try:
-            records.append(json.loads((await fleet.devices.get(key)).value))
+            entries[key] = (await fleet.devices.get(key)).value or b""
         except KeyNotFoundError:
             continue  # removed meanwhile
-    return records
+    return entries
 
 
 def cmd_list(args) -> int:

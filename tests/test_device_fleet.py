@@ -678,6 +678,17 @@ def test_bad_device_agent_config_names_the_field(tmp_path, fleet, field):
     assert field in str(err.value) and str(path) in str(err.value)
 
 
+def test_two_boards_given_different_files_under_one_version_keep_their_own():
+    """The model store is shared by every board: objects are named by their content, so publishing `v3` to one
+    board and another `v3` to the next does not replace the first's files (the first, still offline, found the
+    second's bytes and refused them for good as digest_mismatch)."""
+    first = desired_model(DEVICE, "tierline-reasoner", "v3", b"weights of board 1", b"{}")
+    second = desired_model("pi-other", "tierline-reasoner", "v3", b"weights of board 2", b"{}")
+    assert first.tflite.object != second.tflite.object
+    assert first.config.object == second.config.object  # the same bytes may share one object
+    assert first.tflite.object == f"{first.tflite.sha256}/model.tflite"
+
+
 def test_set_model_refuses_bad_input_in_one_line(agent, tiny_family, tmp_path):
     missing = run_cli("devices", "set-model", "--manifest", str(agent.manifest), "--device", DEVICE,
                       "--tflite", str(tmp_path / "none.tflite"), "--version", "v9", timeout=60)

@@ -210,14 +210,17 @@ def desired_model(device: str, name: str, version: str, tflite: bytes, config: b
                   sequence: int | None = None, expires_in_s: float = UPDATE_TTL_S):
     """The update manifest (a DesiredModel), checked as the device will check it (OtaError: a bad field).
 
-    `sequence` defaults to the time in milliseconds, so each update outranks the ones before it."""
+    `sequence` defaults to the time in milliseconds, so each update outranks the ones before it. The objects are
+    named by their content's SHA-256, not by the version: the model store is shared by every board, and two
+    boards given different files under one version name would otherwise overwrite each other's (a board still
+    offline would then find the other's bytes and refuse them, digest_mismatch, for good)."""
     from tierline_device_agent.ota import Artifact, DesiredModel
 
+    tflite_sha, config_sha = hashlib.sha256(tflite).hexdigest(), hashlib.sha256(config).hexdigest()
     desired = DesiredModel(name, version, time.time_ns() // 1_000_000 if sequence is None else sequence,
                            round(time.time() + expires_in_s, 3), device,
-                           Artifact(f"{version}/model.tflite", sha256 or hashlib.sha256(tflite).hexdigest(),
-                                    len(tflite)),
-                           Artifact(f"{version}/config.json", hashlib.sha256(config).hexdigest(), len(config)))
+                           Artifact(f"{tflite_sha}/model.tflite", sha256 or tflite_sha, len(tflite)),
+                           Artifact(f"{config_sha}/config.json", config_sha, len(config)))
     return DesiredModel.from_dict(json.loads(json.dumps(desired.to_dict())))
 
 

@@ -209,3 +209,73 @@ def test_a_drain_never_outlasts_the_supervisors_patience(tmp_path):
         server.stop()
     assert took > DRAIN_TIMEOUT_S - 0.5  # it waited on the unread message (nats-py's default: 30 s), then closed
     assert took < STOP_TIMEOUT_S - 2  # the router's gRPC grace (2 s) comes first
+
+
+def test_requests_share_one_reply_subscription_and_each_gets_its_own_answer(tmp_path):
+    """ask_tier and stream_tier take their replies on one wildcard subscription per connection (one PUB per
+    request, not SUB + PUB + UNSUB): answers that come back out of order reach their own requests, a reply
+    after its request gave up is dropped, no replica is still NoRespondersError at once, and nothing is kept
+    for a request that ended."""
+    import random
+
+    from nats.errors import NoRespondersError
+    from nats.errors import TimeoutError as NatsTimeout
+
+    from tierline_shared.transport.messaging import _replies
+
+    server = NatsServer(tmp_path).start()
+    opts = NatsOptions(server.url, server.user, server.password)
+
+    async def main():
+        tier = await connect(opts, name="test-tier")
+        nc = await connect(opts, name="test-asker")
+        try:
+            async def answer(msg) -> None:  # each answer after a random delay: they come back out of order
+                prompt = pb.InferRequest.FromString(msg.data).prompt
+                await asyncio.sleep(random.uniform(0, 0.05) if prompt != "late" else 1.0)
+                await tier.publish(msg.reply, pb.InferResponse(
+                    choices=[pb.Choice(text=prompt, finish_reason="stop")], tier="edge").SerializeToString())
+
+            async def answer_in_chunks(msg) -> None:
+                prompt = pb.InferRequest.FromString(msg.data).prompt
+                for i, ch in enumerate(prompt):
+                    await asyncio.sleep(random.uniform(0, 0.01))
+                    last = i == len(prompt) - 1
+                    await tier.publish(msg.reply, pb.InferResponse(choices=[pb.Choice(
+                        text=ch, finish_reason="stop" if last else "")], tier="edge").SerializeToString())
+
+            async def unary_cb(msg) -> None:  # each its own task: a callback holds its subscription's next message
+                asyncio.ensure_future(answer(msg))
+
+            async def stream_cb(msg) -> None:
+                asyncio.ensure_future(answer_in_chunks(msg))
+
+            await tier.subscribe(subject("edge"), cb=unary_cb)
+            await tier.subscribe(subject("edge", "stream"), cb=stream_cb)
+            await tier.flush()
+            subs_before = len(nc._subs)
+
+            async def streamed(prompt: str) -> str:
+                return "".join([c.choices[0].text async for c in stream_tier(nc, "edge", pb.InferRequest(
+                    prompt=prompt), timeout_s=TIMEOUT)])
+
+            prompts = [f"Q:{i}+{i}=?" for i in range(60)]
+            unary = [ask_tier(nc, "edge", pb.InferRequest(prompt=p), TIMEOUT) for p in prompts]
+            answers = await asyncio.gather(*unary, *(streamed(p) for p in prompts))
+            assert [a.choices[0].text for a in answers[:60]] == prompts and answers[60:] == prompts
+            with pytest.raises(NatsTimeout):  # its answer comes after it gave up, and goes nowhere
+                await ask_tier(nc, "edge", pb.InferRequest(prompt="late"), 0.3)
+            await asyncio.sleep(1.0)
+            assert (await ask_tier(nc, "edge", pb.InferRequest(prompt="next"), TIMEOUT)).choices[0].text == "next"
+            with pytest.raises(NoRespondersError):
+                await ask_tier(nc, "cloud", pb.InferRequest(prompt="x"), TIMEOUT)
+            assert len(nc._subs) - subs_before == 1  # the one reply subscription, for every request
+            assert not _replies(nc)._boxes
+        finally:
+            await nc.close()
+            await tier.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.stop()

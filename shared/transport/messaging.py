@@ -13,6 +13,9 @@ import asyncio
 import json
 import logging
 import random
+import weakref
+from collections import deque
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import nats
@@ -159,6 +162,80 @@ class ReplicaSilent(TimeoutError):
     """The replica working on a request stopped saying so (it died, or its link did): ask another."""
 
 
+class _Box:
+    """The replies to one request, in order; `get` waits for the next."""
+
+    def __init__(self):
+        self._msgs: deque = deque()
+        self._waiter: asyncio.Future | None = None
+
+    def put(self, msg) -> None:
+        self._msgs.append(msg)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def get(self, timeout: float):
+        """The next reply; nats' TimeoutError after `timeout` seconds without one."""
+        from nats.errors import TimeoutError as NatsTimeout
+
+        if not self._msgs:
+            loop = asyncio.get_running_loop()
+            self._waiter = waiter = loop.create_future()
+            timer = loop.call_later(max(timeout, 0.0), lambda: waiter.done() or waiter.set_result(None))
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+            if not self._msgs:
+                raise NatsTimeout
+        return self._msgs.popleft()
+
+
+class _Replies:
+    """Every reply to one connection's requests on one wildcard subscription (`<inbox>.*`, one token per
+    request), as nats-py's own `request` does: a request costs one PUB instead of SUB + PUB + UNSUB, each a
+    write and an interest change on the server (the router asks a tier for every request it serves). nats-py
+    subscribes it again after a reconnect."""
+
+    def __init__(self, nc):
+        from nats.nuid import NUID
+
+        self._nc, self._prefix, self._nuid = nc, nc.new_inbox() + ".", NUID()
+        self._boxes: dict[str, _Box] = {}
+        self._sub = None
+        self._lock = asyncio.Lock()
+
+    async def _deliver(self, msg) -> None:
+        box = self._boxes.get(msg.subject[len(self._prefix):])
+        if box is not None:  # else a late reply to a request given up (timed out, cancelled)
+            box.put(msg)
+
+    @asynccontextmanager
+    async def box(self):
+        """(reply subject, its _Box) for one request; replies after the block are dropped."""
+        if self._sub is None:
+            async with self._lock:
+                if self._sub is None:
+                    self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._deliver)
+        token = self._nuid.next().decode()
+        box = self._boxes[token] = _Box()
+        try:
+            yield self._prefix + token, box
+        finally:
+            del self._boxes[token]
+
+
+_REPLIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # connection -> its _Replies
+
+
+def _replies(nc) -> _Replies:
+    replies = _REPLIES.get(nc)
+    if replies is None:
+        replies = _REPLIES[nc] = _Replies(nc)
+    return replies
+
+
 async def ask_tier(nc, tier: str, request, timeout_s: float):
     """One InferRequest to a tier over NATS, with an explicit timeout.
 
@@ -173,9 +250,7 @@ async def ask_tier(nc, tier: str, request, timeout_s: float):
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
-    try:
+    async with _replies(nc).box() as (inbox, replies):
         await nc.publish(subject(tier), request.SerializeToString(), reply=inbox,
                          headers={TIMEOUT_HEADER: f"{timeout_s:.3f}", HEARTBEAT_HEADER: f"{HEARTBEAT_S}"})
         heard = loop.time()
@@ -188,7 +263,7 @@ async def ask_tier(nc, tier: str, request, timeout_s: float):
             elif now - heard >= SILENCE_S:
                 raise ReplicaSilent(f"{tier}: the replica went silent for {SILENCE_S} s")
             try:
-                msg = await sub.next_msg(timeout=min(HEARTBEAT_S, deadline - now))
+                msg = await replies.get(timeout=min(HEARTBEAT_S, deadline - now))
             except NatsTimeout:
                 continue
             heard = loop.time()
@@ -200,8 +275,6 @@ async def ask_tier(nc, tier: str, request, timeout_s: float):
             if ERROR_CODE_HEADER in headers:
                 raise TierError(tier, headers.get(STATUS_HEADER, "UNKNOWN"), headers.get(ERROR_HEADER, ""))
             return pb.InferResponse.FromString(msg.data)
-    finally:
-        await sub.unsubscribe()
 
 
 async def stream_tier(nc, tier: str, request, timeout_s: float):
@@ -212,30 +285,28 @@ async def stream_tier(nc, tier: str, request, timeout_s: float):
     """
     from nats.errors import NoRespondersError
 
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
     ended = False  # the tier said its last word (the final chunk, an error, or no responders)
-    try:
-        await nc.publish(subject(tier, "stream"), request.SerializeToString(), reply=inbox,
-                         headers={TIMEOUT_HEADER: f"{timeout_s:.3f}", STREAM_ID_HEADER: inbox})
-        while True:
-            msg = await sub.next_msg(timeout=timeout_s)
-            headers = msg.headers or {}
-            if headers.get("Status") == "503":
-                ended = True
-                raise NoRespondersError
-            if ERROR_CODE_HEADER in headers:
-                ended = True
-                raise TierError(tier, headers.get(STATUS_HEADER, "UNKNOWN"), headers.get(ERROR_HEADER, ""))
-            chunk = pb.InferResponse.FromString(msg.data)
-            ended = bool(chunk.choices and chunk.choices[0].finish_reason)
-            yield chunk
-            if ended:
-                return
-    finally:
-        await sub.unsubscribe()
-        if not ended:  # closed early (client gone, timeout): the replica decoding it stops at its next token
-            await _publish_cancel(nc, tier, inbox)
+    async with _replies(nc).box() as (inbox, replies):
+        try:
+            await nc.publish(subject(tier, "stream"), request.SerializeToString(), reply=inbox,
+                             headers={TIMEOUT_HEADER: f"{timeout_s:.3f}", STREAM_ID_HEADER: inbox})
+            while True:
+                msg = await replies.get(timeout=timeout_s)
+                headers = msg.headers or {}
+                if headers.get("Status") == "503":
+                    ended = True
+                    raise NoRespondersError
+                if ERROR_CODE_HEADER in headers:
+                    ended = True
+                    raise TierError(tier, headers.get(STATUS_HEADER, "UNKNOWN"), headers.get(ERROR_HEADER, ""))
+                chunk = pb.InferResponse.FromString(msg.data)
+                ended = bool(chunk.choices and chunk.choices[0].finish_reason)
+                yield chunk
+                if ended:
+                    return
+        finally:
+            if not ended:  # closed early (client gone, timeout): the replica decoding it stops at its next token
+                await _publish_cancel(nc, tier, inbox)
 
 
 async def _publish_cancel(nc, tier: str, inbox: str) -> None:

@@ -313,20 +313,33 @@ def _tiny_config(**extra) -> dict:
     ("qwen2_old", dict(use_sliding_window=True, sliding_window=8, max_window_layers=0), 8),  # no layer_types
     ("qwen2_old", dict(use_sliding_window=True, sliding_window=8), 0),
     ("llama", dict(use_sliding_window=True, sliding_window=8), 0),  # Llama has no sliding window at all
+    ("mistral", dict(sliding_window=8), 8),
+    ("mistral", dict(sliding_window=None), 0),
+    ("mistral", dict(sliding_window=512), 0),  # longer than the positions (256): hides nothing
+    ("mistral_nokey", dict(max_position_embeddings=8192), "transformers"),  # its default window (4096)
+    ("mistral_nokey", dict(), 0),  # that default, longer than these positions (256): none
 ])
 def test_the_sliding_window_is_read_as_transformers_reads_it(tmp_path, kind, extra, window):
     torch.manual_seed(4)
     if kind.startswith("qwen2"):
         ref = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**_tiny_config(**extra)))
+    elif kind.startswith("mistral"):
+        ref = transformers.MistralForCausalLM(transformers.MistralConfig(**{**_tiny_config(), **extra}))
     else:
         ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(**_tiny_config()))
     ref.eval().save_pretrained(tmp_path, safe_serialization=True)
     data = json.loads((tmp_path / "config.json").read_text())
-    if kind != "qwen2":  # as older transformers wrote Qwen2 (no layer_types); Llama with keys its config drops
-        data = {k: v for k, v in data.items() if k != "layer_types"} if kind == "qwen2_old" else {**data, **extra}
+    if kind not in ("qwen2", "mistral"):  # Qwen2 as older transformers wrote it (no layer_types); Mistral with
+        # no sliding_window key at all; Llama with keys its config drops
+        data = ({k: v for k, v in data.items() if k != "layer_types"} if kind == "qwen2_old" else
+                {k: v for k, v in data.items() if k != "sliding_window"} if kind == "mistral_nokey" else
+                {**data, **extra})
         (tmp_path / "config.json").write_text(json.dumps(data))
         ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()
-        assert ref.config.sliding_window in (None, 8)
+        assert ref.config.sliding_window in (None, 8, transformers.MistralConfig().sliding_window)
+    if window == "transformers":  # the window transformers gives the file (too long to compare logits over)
+        assert DecoderConfig.read(tmp_path).sliding_window == ref.config.sliding_window > 0
+        return
     assert DecoderConfig.read(tmp_path).sliding_window == window
     _logits_match(ref, tmp_path)
 

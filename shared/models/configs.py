@@ -17,6 +17,7 @@ CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 ACTIVATIONS = ("silu", "swish")  # hidden_act values that are SiLU (transformers' ACT2FN maps both to it)
 QWEN2_MAX_WINDOW_LAYERS = 28  # transformers' default: Qwen2 layers below this index never slide
+MISTRAL_SLIDING_WINDOW = 4096  # transformers' MistralConfig default: a config.json without the key has this window
 # keys of the project's own config.json before its family moved to the Llama format (a GPT of its own, removed)
 PRE_LLAMA_KEYS = {"n_layer", "n_head", "n_embd", "block_size", "ffn_hidden"}
 
@@ -227,11 +228,19 @@ def _ids(value) -> tuple[int, ...]:
 
 def _sliding_window(data: dict, arch: str, layers: int, where) -> int:
     """The window every layer slides over (0: none), by transformers' rules for the architecture: Llama has
-    none; Mistral's is `sliding_window` on every layer; Qwen2's is `sliding_window` with `use_sliding_window`,
-    on the layers `layer_types` says "sliding_attention" or, without it, layers >= `max_window_layers` only.
-    A window on some layers only is refused (ConfigError naming the field that says so)."""
+    none; Mistral's is `sliding_window` on every layer (MISTRAL_SLIDING_WINDOW where the key is absent, none
+    where it is null); Qwen2's is `sliding_window` with `use_sliding_window`, on the layers `layer_types` says
+    "sliding_attention" or, without it, layers >= `max_window_layers` only. A window on some layers only is
+    refused (ConfigError naming the field that says so). A window as long as the model's positions hides
+    nothing: none."""
+    window = _declared_window(data, arch, layers, where)
+    positions = data.get("max_position_embeddings")
+    return 0 if isinstance(positions, int) and window >= positions else window
+
+
+def _declared_window(data: dict, arch: str, layers: int, where) -> int:
     if arch == "MistralForCausalLM":
-        return data.get("sliding_window") or 0
+        return data.get("sliding_window", MISTRAL_SLIDING_WINDOW) or 0
     if arch != "Qwen2ForCausalLM" or not data.get("use_sliding_window") or not data.get("sliding_window"):
         return 0
     types = data.get("layer_types")

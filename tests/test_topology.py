@@ -70,10 +70,14 @@ def test_killing_a_hub_node_under_load_loses_no_request(tiny_family, topology):
         router = _stub(s.router_address)
         done = []
         killed = threading.Event()
+        kill_lock = threading.Lock()
 
         def one(i: int) -> str:
-            if len(done) == LOAD // 3 and not killed.is_set():
-                killed.set()
+            with kill_lock:  # once, by the first thread to see a third done (two answers may land between checks)
+                kill_now = len(done) >= LOAD // 3 and not killed.is_set()
+                if kill_now:
+                    killed.set()
+            if kill_now:
                 nodes["hub-0"].stop()  # under load: some processes were connected to it
             try:
                 _ask(router, f"Q:{i}+4=?\nA:")

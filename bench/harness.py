@@ -125,6 +125,7 @@ def run_bench(models_dir: Path, out_dir: Path, quick: bool = False, log=print) -
         sections["edge_vs_cloud"] = scenarios.edge_vs_cloud(full, cfg, prompts, warm)
         log("  2. tiered vs cloud only")
         sections["tiered_vs_cloud"] = scenarios.tiered_vs_cloud(full, cfg, problems, warm, costs)
+        scenarios.tiered_in_context(sections["tiered_vs_cloud"], sections["edge_vs_cloud"])
         log("  7. router decision time, NATS hop")
         decisions = [p.prompt for p in generate("test", cfg.decisions, seed=cfg.seed + 3000)]
         sections["router_and_nats"] = scenarios.router_and_nats(full, cfg, decisions)

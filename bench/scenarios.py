@@ -224,6 +224,22 @@ def tiered_vs_cloud(stack: Stack, cfg: BenchConfig, problems: list[Problem], war
     }
 
 
+def tiered_in_context(tiered: dict, edge_vs_cloud: dict) -> None:
+    """A note for the tiered section from this run's section 1: the edge tier alone against the cloud alone, the
+    scale a system that answers most requests at the edge (through the router) can reach on the same cores."""
+    edge_over_cloud = edge_vs_cloud["metrics"]["ratio"]["qps_edge_over_cloud"]
+    shares = tiered["metrics"]["tiered"]["share"]
+    if not isinstance(edge_over_cloud, (int, float)) or not isinstance(shares.get("edge"), float):
+        return
+    tiered["notes"].append(
+        f"For scale, from this run: the edge tier alone, asked straight on its gRPC port, served {edge_over_cloud}x "
+        f"the cloud tier alone (section 1). The tiered system answers {100 * shares['edge']:.0f}% of its requests at "
+        f"the edge through the router (section 5 measures that path against the bare engine), "
+        f"{100 * shares['device']:.0f}% on the device and {100 * shares['cloud']:.0f}% in the cloud, whose few "
+        f"requests at a time fill its batches poorly. Its gain over the cloud alone, on the same cores: "
+        f"{tiered['metrics']['ratio']['throughput_tiered_over_cloud']}x.")
+
+
 # -- 3. dynamic batching on vs off ----------------------------------------------------------------------------------
 def batching(on: Stack, off: Stack, cfg: BenchConfig, prompts: list[str], warm: list[str],
              engine_cpus: list[int] | None = None) -> dict:

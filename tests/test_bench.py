@@ -102,6 +102,8 @@ def test_the_markdown_has_every_section_and_its_plots(report):
         assert f"## {i}. {section['title']}" in text
     assert text.count("*How measured:*") == len(SECTIONS)
     assert "prefill tokens computed, on / off" in text  # the multi-turn rows: prefix KV reuse on vs off
+    edge_over_cloud = results["sections"]["edge_vs_cloud"]["metrics"]["ratio"]["qps_edge_over_cloud"]
+    assert f"served {edge_over_cloud}x the cloud tier alone (section 1)" in text  # the tiered section's scale
     assert not re.search(r"\bnan\b", text, re.IGNORECASE)
     images = [line.split("](", 1)[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]
     assert len(images) >= 4

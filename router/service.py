@@ -33,6 +33,7 @@ from tierline_shared.transport.messaging import TierError, ask_tier, discover, s
 from tierline_shared.wire import TIERS
 
 DISCOVERY_WAIT_S = 0.25  # how long GetStatus gathers the replicas' $SRV.STATS replies
+REPLICA_MEMORY_S = 60.0  # a replica that missed a discovery (busy, or gone) stays listed, silent, this long
 
 
 class RouterServicer(pb_grpc.InferenceServiceServicer):
@@ -53,6 +54,7 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
         self.gate.on_unsettled = self.metrics.unsettled
         self.max_context = max_context  # the served models' context (prompt + completion), None when unknown
         self.no_replica_wait_s = no_replica_wait_s  # at most, waiting for a tier with no replica up
+        self._replicas: dict[str, dict[str, tuple[dict, float]]] = {}  # tier -> id -> (last $SRV.STATS, when)
 
     async def _ask(self, tier: str, req: pb.InferRequest, timeout_s: float) -> pb.InferResponse:
         return await ask_tier(self.nc, tier, req, timeout_s)
@@ -245,6 +247,17 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
             self.metrics.asked(cascade.path)
         cascade.decision()  # nothing streamed, so this raises: the refusal, or UNAVAILABLE naming what each tier did
 
+    def _known_replicas(self, tier: str, stats: list[dict]) -> list[tuple[dict, float]]:
+        """This discovery's replies and the replicas that answered one in the last REPLICA_MEMORY_S but not this
+        one, by id: (their last $SRV.STATS reply, seconds since it; 0 for this one's). A replica whose reply came
+        after DISCOVERY_WAIT_S (it was busy) is listed, silent, rather than dropped from the status."""
+        now = time.monotonic()
+        known = self._replicas.setdefault(tier, {})
+        known.update({s.get("id", ""): (s, now) for s in stats})
+        for rid in [rid for rid, (_, seen) in known.items() if now - seen > REPLICA_MEMORY_S]:
+            del known[rid]
+        return [(s, now - seen) for _, (s, seen) in sorted(known.items())]
+
     async def status(self, key: str | None) -> pb.PlatformStatus:
         """Replicas and queues from nats.micro discovery, the traffic split from this router's counters."""
         await self.gate.check(key)
@@ -260,13 +273,14 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
             ts = out.tiers.add(tier=tier, answered=int(answered[tier]),
                                traffic_share=answered[tier] / total if total else 0.0, asked=int(asked),
                                escalated=int(escalated), escalation_rate=escalated / asked if asked else 0.0)
-            for s in sorted(stats, key=lambda s: s.get("id", "")):
+            for s, silent_s in self._known_replicas(tier, stats):
                 infer = next((e for e in s.get("endpoints") or [] if e.get("name") == "infer"), {})
                 depth = int((infer.get("data") or {}).get("queue_depth", 0))
                 ts.replicas.add(id=s.get("id", ""), version=s.get("version", ""),
                                 requests=int(infer.get("num_requests", 0)), errors=int(infer.get("num_errors", 0)),
-                                average_ms=infer.get("average_processing_time", 0) / 1e6, queue_depth=depth)
-                ts.queue_depth += depth
+                                average_ms=infer.get("average_processing_time", 0) / 1e6, queue_depth=depth,
+                                silent_s=round(silent_s, 3))
+                ts.queue_depth += 0 if silent_s else depth
         return out
 
     def server_info(self) -> pb.ServerInfo:

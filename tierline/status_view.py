@@ -15,7 +15,7 @@ from typing import Callable
 BAR_WIDTH = 20  # characters of a full bar
 _EIGHTHS = " ▏▎▍▌▋▊▉"  # a bar's last, partly filled character, by eighths
 TIER_COLUMNS = ("tier", "replicas", "queue depth", "traffic share", "escalation rate", "answered")
-REPLICA_COLUMNS = ("tier", "id", "version", "requests", "errors", "avg ms", "queue")
+REPLICA_COLUMNS = ("tier", "id", "version", "requests", "errors", "avg ms", "queue", "silent")
 CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear the screen
 
 
@@ -35,16 +35,28 @@ def tier_rows(st) -> list[tuple[str, ...]]:
     """One row per tier, cheapest first; the queue bars are scaled to the deepest queue."""
     deepest = max((t.queue_depth for t in st.tiers), default=0)
     asked = max((len(f"{t.asked:,}") for t in st.tiers), default=1)  # the bars start in one column
-    return [(t.tier, str(len(t.replicas)) if t.replicas else "0 (down)",
+    return [(t.tier, replica_count(t),
              f"{bar(t.queue_depth / deepest if deepest else 0.0, BAR_WIDTH // 2)} {t.queue_depth:>4}",
              f"{bar(t.traffic_share)} {t.traffic_share:6.1%}",
              f"{bar(t.escalation_rate)} {t.escalation_rate:6.1%} of {t.asked:>{asked},}",
              f"{t.answered:,}") for t in st.tiers]
 
 
+def up(tier) -> bool:
+    """Whether a replica of the tier answered this status's discovery (the others listed are silent)."""
+    return any(not r.silent_s for r in tier.replicas)
+
+
+def replica_count(tier) -> str:
+    """Replicas that answered; those silent since (busy, or gone) in brackets; "down" when none answered."""
+    answering = sum(not r.silent_s for r in tier.replicas)
+    silent = len(tier.replicas) - answering
+    return (f"{answering}" if answering else "0 (down)") + (f" (+{silent} silent)" if silent else "")
+
+
 def replica_rows(st) -> list[tuple[str, ...]]:
-    return [(t.tier, r.id, r.version, f"{r.requests:,}", f"{r.errors:,}", f"{r.average_ms:.1f}", str(r.queue_depth))
-            for t in st.tiers for r in t.replicas]
+    return [(t.tier, r.id, r.version, f"{r.requests:,}", f"{r.errors:,}", f"{r.average_ms:.1f}", str(r.queue_depth),
+             f"{r.silent_s:.1f} s" if r.silent_s else "") for t in st.tiers for r in t.replicas]
 
 
 def render_text(st) -> str:
@@ -72,7 +84,7 @@ def render_rich(st):
         tiers.add_column(c, justify="left" if i == 0 else "right",
                          style={"traffic share": "green", "escalation rate": "yellow", "queue depth": "cyan"}.get(c))
     for t, row in zip(st.tiers, tier_rows(st)):
-        tiers.add_row(*row, style=None if t.replicas else "red")
+        tiers.add_row(*row, style=None if up(t) else "red")
     replicas = Table(title="Replicas (nats.micro $SRV.STATS)", title_justify="left")
     for i, c in enumerate(REPLICA_COLUMNS):
         replicas.add_column(c, justify="left" if i < 3 else "right")

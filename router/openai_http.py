@@ -21,10 +21,13 @@ logprobs come with each choice's last chunk (the one with its finish_reason), no
 their text; the `n` choices are routed each on its own, so with sampling they may come from
 different tiers (the top-level `tier` is the first choice's); penalties, `logit_bias` and
 `response_format` are accepted at their neutral values only (0, {}, text), tools and functions not at
-all (400 naming the parameter); chat turns become the prompt through the model's chat template
-(router/chat.py; the family's own puts them in its `Q:...\\nA:` format and ignores `system` messages).
+all (400 naming the parameter, as for a message carrying `tool_calls`); chat turns become the prompt through
+the model's chat template (router/chat.py; the family's own puts them in its `Q:...\\nA:` format and ignores
+`system` messages; `developer` messages are system ones, as OpenAI's newer models take them).
 Errors use OpenAI's body (`{"error": {"message", "type", "param", "code"}}`) and map the gRPC status
-in one place (`_error_response`).
+in one place (`error_body`); a stream that fails after its first chunk, for whatever reason, ends with that
+body as an event, then `[DONE]`. `usage.prompt_tokens_details.cached_tokens`: the prompt's tokens the tier's
+prefix cache held.
 """
 
 from __future__ import annotations
@@ -199,7 +202,7 @@ def _request(body: dict, prompt: str, allowed: set[str], chat: bool) -> pb.Infer
     if unknown:
         raise BadRequest(unknown[0], f"{unknown[0]}: unsupported parameter")
     model = _typed(body, "model", (str,), "a string")
-    if model is None:
+    if not model:  # the platform's validation takes "" as "the served one"; OpenAI requires a name
         raise BadRequest("model", "model: required")
     params = pb.Parameters()
     for name in ("max_tokens", "max_completion_tokens") if chat else ("max_tokens",):
@@ -292,14 +295,23 @@ def _logprobs_of(choice: pb.Choice, wanted: bool, chat: bool) -> dict | None:
     return _chat_logprobs(choice) if chat else _legacy_logprobs(choice)
 
 
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}  # OpenAI's -> turns
+TOOL_FIELDS = ("tool_calls", "function_call", "audio")  # a message's parts this API cannot serve (tools are refused)
+
+
 def chat_messages(messages) -> list[dict]:
-    """The conversation checked and reduced to text turns: {"role", "content"}, the last one the user's."""
+    """The conversation checked and reduced to text turns: {"role", "content"}, the last one the user's.
+
+    OpenAI's `developer` messages are its newer models' `system` ones, and become system turns; a message
+    carrying tool calls (or audio) is refused, naming the field, as `tools` are, never passed on without them."""
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages", "messages: must be a non-empty list")
     turns, last_role = [], None
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise BadRequest(f"messages.{i}.role", f"messages.{i}.role: must be system, user or assistant")
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in ROLES:
+            raise BadRequest(f"messages.{i}.role", f"messages.{i}.role: must be system, developer, user or assistant")
+        if field := next((f for f in TOOL_FIELDS if m.get(f)), None):  # null or empty: as absent
+            raise BadRequest(f"messages.{i}.{field}", f"messages.{i}.{field}: not supported here (no tools, text only)")
         content = m.get("content")
         if isinstance(content, list):  # content parts: only text is served
             if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
@@ -308,9 +320,9 @@ def chat_messages(messages) -> list[dict]:
             content = "".join(c["text"] for c in content)
         if not isinstance(content, str):
             raise BadRequest(f"messages.{i}.content", f"messages.{i}.content: must be a string")
-        turns.append({"role": m["role"], "content": content})
-        if m["role"] != "system":
-            last_role = m["role"]
+        turns.append({"role": ROLES[m["role"]], "content": content})
+        if turns[-1]["role"] != "system":
+            last_role = turns[-1]["role"]
     if last_role != "user":
         raise BadRequest("messages", "messages: the last non-system message must be from the user")
     return turns
@@ -325,9 +337,11 @@ def _tierline(resp: pb.InferResponse) -> dict:
 
 
 def _usage(resp: pb.InferResponse) -> dict:
+    """OpenAI's usage; the prompt's tokens whose KV the tier's prefix cache held are its `cached_tokens`."""
     u = resp.usage
     return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens}
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
 
 
 async def read_json(request: web.Request):
@@ -350,8 +364,10 @@ async def _json_errors(request: web.Request, handler):
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
+        headers = {k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")}
         return web.json_response({"error": {"message": exc.reason, "type": "invalid_request_error", "param": None,
-                                            "code": exc.reason.lower().replace(" ", "_")}}, status=exc.status)
+                                            "code": exc.reason.lower().replace(" ", "_")}}, status=exc.status,
+                                 headers=headers)  # a 405's `Allow` (which HTTP requires) kept
     except Exception:  # noqa: BLE001 - a bug: logged, answered as one
         log.exception("unexpected error answering %s %s", request.method, request.path)
         return web.json_response({"error": {"message": "internal error", "type": "api_error", "param": None,
@@ -443,7 +459,7 @@ class OpenAIServer:
             # the key is checked once, with the quota, when the router admits the request
             if body.get("stream"):
                 include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-                return await self._stream(request, req, key, chat, include_usage)
+                return await self._stream(request, req, key, chat, include_usage, body)
             if priority:
                 req.priority = priority
             resp = await self.router.infer(req, key)
@@ -481,20 +497,22 @@ class OpenAIServer:
         return _request(body, prompt, COMPLETION_PARAMS, chat=False)
 
     async def _stream(self, request: web.Request, req: pb.InferRequest, key: str | None, chat: bool,
-                      include_usage: bool) -> web.StreamResponse:
-        """SSE; errors before the first chunk are ordinary error answers, later ones an `error` event."""
+                      include_usage: bool, asked: dict) -> web.StreamResponse:
+        """SSE; errors before the first chunk are ordinary error answers, later ones an `error` event (OpenAI's
+        error body, as `error_body` makes it) before `[DONE]`: whatever fails, the stream ends in one."""
         chunks = self.router.stream(req, key)
         first = await chunks.__anext__()  # admission, validation and the first tier happen here
         ident = ("chatcmpl-" if chat else "cmpl-") + req.request_id
         created, model = int(time.time()), first.model or self.router.model_name
         response = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache",
                                                "x-tierline-tier": first.tier})
-        await response.prepare(request)
 
         async def send(data) -> None:
             await response.write(f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode())
 
         started: set[int] = set()  # choices whose first chunk went out (chat: the one with the role)
+        # as OpenAI: with include_usage every chunk has a `usage` key, null but in the last (usage-only) one
+        no_usage = {"usage": None} if include_usage else {}
 
         def event(chunk: pb.InferResponse, choice: pb.Choice) -> dict:
             if chat:
@@ -508,12 +526,14 @@ class OpenAIServer:
             body.update(finish_reason=choice.finish_reason or None,
                         logprobs=_logprobs_of(choice, req.parameters.logprobs and bool(choice.finish_reason), chat))
             out = {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion",
-                   "created": created, "model": model, "choices": [body], "tier": chunk.tier}
+                   "created": created, "model": model, "choices": [body], **no_usage, "tier": chunk.tier}
             if choice.finish_reason:
                 out["tierline"] = _tierline(chunk)
             return out
 
+        failure: TierError | None = None
         try:
+            await response.prepare(request)  # in the try: a client gone before the first chunk is one gone later
             chunk = first
             while True:
                 for choice in chunk.choices or [pb.Choice()]:  # the last message: every choice's finish_reason
@@ -525,15 +545,25 @@ class OpenAIServer:
                                     "tier": chunk.tier})
                     break
                 chunk = await chunks.__anext__()
-        except TierError as exc:  # the answer started: the status can only travel as an event
-            status, kind = HTTP_STATUS.get(exc.status, (500, "api_error"))
-            await send({"error": {"message": exc.message, "type": kind, "code": exc.status.lower()}})
-        except StopAsyncIteration:
-            pass
         except ConnectionResetError:  # the client went away: stop generating (aclose), answer nobody
             return response
+        except TierError as exc:  # the answer started: the status can only travel as an event
+            failure = exc
+        except StopAsyncIteration:  # never silently: a stream that stops without its last chunk is cut short
+            failure = TierError("router", "UNAVAILABLE", "the stream ended before its answer")
+        except Exception:  # noqa: BLE001 - a bug: logged, and the stream still ends in an error event, not garbage
+            log.exception("unexpected error streaming %s %s", request.method, request.path)
+            failure = TierError("router", "INTERNAL", "internal error")
         finally:
-            await chunks.aclose()
-        await send("[DONE]")
-        await response.write_eof()
+            try:
+                await chunks.aclose()
+            except Exception:  # noqa: BLE001 - the answer is out (or failing already): logged, not raised
+                log.exception("closing the stream of %s failed", ident)
+        try:
+            if failure is not None:
+                await send(error_body(failure, chat, asked)[1])
+            await send("[DONE]")
+            await response.write_eof()
+        except ConnectionResetError:
+            pass
         return response

@@ -311,3 +311,171 @@ def test_logprobs_come_back_in_openais_shapes(stack, tiny_family):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "2+3=?"}], max_tokens=4,
                                        logprobs=True, top_logprobs=21)
     assert err.value.body["param"] == "top_logprobs"
+
+
+class ScriptedRouter:
+    """What OpenAIServer asks of a router (no keys: a gate without a store), its streams scripted by the test:
+    the HTTP layer alone, on a real aiohttp server, with failures no live platform produces on cue."""
+
+    model_name = MODEL
+
+    def __init__(self, script):
+        from tierline_router.auth import Gate
+
+        self.gate, self.script, self.closed = Gate(None, {}), script, 0
+
+    async def refuse(self, key, exc):
+        raise exc
+
+    async def stream(self, req, key):
+        try:
+            async for chunk in self.script():
+                yield chunk
+        finally:
+            self.closed += 1  # closed (by the HTTP layer or at GC)
+
+
+def with_http_api(router, client):
+    """`client(base_url)`, run in a thread, against an OpenAIServer around `router`; returns what it returns."""
+    import asyncio
+
+    from tierline_router.openai_http import OpenAIServer
+
+    async def run():
+        server = OpenAIServer(router)
+        port = await server.start("127.0.0.1", 0)
+        try:
+            return await asyncio.to_thread(client, f"http://127.0.0.1:{port}/v1")
+        finally:
+            await server.stop()
+
+    return asyncio.run(run())
+
+
+def _text(text: str, finish_reason: str = ""):
+    from tierline_api.v1 import inference_pb2 as pb
+
+    return pb.InferResponse(tier="edge", choices=[pb.Choice(text=text, finish_reason=finish_reason)])
+
+
+@pytest.mark.parametrize("failure", ["tier", "bug", "cut short"])
+def test_a_stream_that_fails_midway_ends_with_an_openai_error_event(failure):
+    """A stream whose answer has started can only report a failure in-band: OpenAI's error body (all four keys) as
+    an event, then [DONE]. A bug mid-stream used to write a whole HTTP 500 answer into the chunked body (the client
+    saw a protocol error), a stream that stopped without its last chunk ended as if complete, and the event lacked
+    `param`."""
+    import httpx
+
+    from tierline_shared.transport.messaging import TierError
+
+    async def script():
+        yield _text("8")
+        yield _text(";")
+        if failure == "tier":
+            raise TierError("edge", "UNAVAILABLE", "edge stopped mid-stream")
+        if failure == "bug":
+            raise RuntimeError("a bug")
+
+    def client(base_url):
+        got, texts = None, []
+        try:
+            for chunk in openai.OpenAI(api_key="k", base_url=base_url, max_retries=0, timeout=30).completions.create(
+                    model=MODEL, prompt=PROMPT, stream=True):
+                texts.append(chunk.choices[0].text)
+        except openai.APIError as exc:
+            got = exc
+        raw = httpx.post(f"{base_url}/completions", json={"model": MODEL, "prompt": PROMPT, "stream": True},
+                         timeout=30).text
+        return got, texts, raw
+
+    router = ScriptedRouter(script)
+    err, texts, raw = with_http_api(router, client)
+    assert texts == ["8", ";"] and err is not None, (texts, err)  # the client raises, not a quiet end
+    assert set(err.body) == {"message", "type", "param", "code"}, err.body
+    assert err.body["code"] == {"tier": "unavailable", "bug": "internal", "cut short": "unavailable"}[failure]
+    events = [e for e in raw.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]" and json.loads(events[-2].removeprefix("data: "))["error"] == err.body
+    assert router.closed == 2
+
+
+def test_a_client_gone_before_the_first_chunk_is_not_an_error(caplog):
+    """A client that hangs up while its stream waits for its first chunk: the stream is closed (the tier told to
+    stop) and nothing is logged as a bug; the response's headers used to be written outside the stream's own
+    handling of a client gone, so this was logged as an unexpected error and the tier's stream left to the GC."""
+    import logging
+    import socket
+    import time
+
+    async def script():
+        import asyncio
+
+        await asyncio.sleep(0.5)  # the tier's first chunk, after the client has gone
+        yield _text("8")
+        yield _text(";", "length")
+
+    def client(base_url):
+        host, port = base_url.removeprefix("http://").removesuffix("/v1").split(":")
+        body = json.dumps({"model": MODEL, "prompt": PROMPT, "stream": True}).encode()
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                      b"content-length: %d\r\n\r\n" % len(body) + body)
+            time.sleep(0.1)
+        deadline = time.monotonic() + 10
+        while not router.closed and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    router = ScriptedRouter(script)
+    with caplog.at_level(logging.ERROR, logger="tierline.router.http"):
+        with_http_api(router, client)
+    assert router.closed == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+def test_odd_but_valid_openai_requests_and_refusals_that_name_the_field(stack):
+    """What OpenAI's API does with a `developer` message (its newer models' system message), an empty model name,
+    a conversation holding tool calls, a method a route does not take, and `include_usage` chunks."""
+    import urllib.error
+    import urllib.request
+
+    client = api(stack)
+    user = {"role": "user", "content": "2+3=?"}
+    dev = client.chat.completions.create(model=MODEL, max_tokens=8,
+                                         messages=[{"role": "developer", "content": "be brief"}, user])
+    assert dev.choices[0].message.content == grpc_answer(stack, 8)  # a system turn: the family's template drops it
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="", prompt=PROMPT, max_tokens=4)
+    assert err.value.body["param"] == "model", err.value.body
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    with pytest.raises(openai.BadRequestError) as err:  # tools are refused; so is a conversation that used them
+        client.chat.completions.create(model=MODEL, max_tokens=4, messages=[
+            {"role": "user", "content": "1+1=?"}, {"role": "assistant", "content": "2", "tool_calls": [call]}, user])
+    assert err.value.body["param"] == "messages.1.tool_calls", err.value.body
+    assert client.chat.completions.create(model=MODEL, max_tokens=4, messages=[  # empty or null: as absent
+        {"role": "assistant", "content": "2", "tool_calls": [], "function_call": None}, user]).choices
+    req = urllib.request.Request(f"{stack.http_base_url}/chat/completions", method="GET")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=60)
+    assert err.value.code == 405 and err.value.headers["allow"] == "POST", dict(err.value.headers)
+    assert json.loads(err.value.read())["error"]["code"] == "method_not_allowed"
+    raw = client.completions.with_raw_response.create(model=MODEL, prompt=PROMPT, max_tokens=4, stream=True,
+                                                      stream_options={"include_usage": True})
+    events = [json.loads(e.removeprefix("data: ")) for e in raw.http_response.read().decode().split("\n\n")
+              if e.startswith("data: {")]
+    assert [e["usage"] is None for e in events] == [True] * (len(events) - 1) + [False], events
+
+
+def test_usage_reports_the_prompt_tokens_the_prefix_cache_held(stack):
+    """The tiers count the prompt tokens their prefix cache served (Usage.cached_tokens); the HTTP answer, whose
+    docs promised OpenAI's usage.prompt_tokens_details.cached_tokens, dropped them."""
+    client = api(stack)
+    shared = "Q:1+1=?\nA:2\nQ:2+2=?\nA:4\nQ:3+3=?\nA:6\nQ:4+4=?\nA:8\n"  # well over prefix_cache_min_match tokens
+    first = client.completions.create(model=MODEL, prompt=shared + "Q:1+5=?\nA:", max_tokens=2)
+    again = client.chat.completions.create(model=MODEL, max_tokens=2, messages=[  # the same prefix, as turns
+        {"role": "user", "content": f"{a}+{a}=?"} if i % 2 == 0 else {"role": "assistant", "content": str(2 * a)}
+        for a in (1, 2, 3, 4) for i in (0, 1)] + [{"role": "user", "content": "2+5=?"}])
+    assert first.usage.prompt_tokens == again.usage.prompt_tokens
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert 16 <= cached < again.usage.prompt_tokens, again.usage
+    chunks = list(client.completions.create(model=MODEL, prompt=shared + "Q:3+5=?\nA:", max_tokens=2, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= 16, chunks[-1].usage

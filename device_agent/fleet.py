@@ -11,12 +11,15 @@ Everything goes through JetStream on the agent's own NATS connection:
 
 The agent connects as its own board (`device-<id>`, shared/security/identities.py): the
 server lets it write only its own registry key and telemetry subject and read only its
-own desired key and the model store, so no other board can take its entry over. Every
-heartbeat is a compare-and-set on the device's entry. The
-loop beats every `heartbeat_s`, doubling the wait (up to 8x) while NATS is
-away; the connection itself reconnects forever, nats-py replaying its
-subscriptions, with exponential backoff and jitter between attempts
-(`shared.messaging.reconnect_delay`: 1 s doubling to 30 s, back to 1 s once
+own desired key and the model store (by message gets), so no other board can take its
+entry over; it binds the buckets by name, with no stream info (which would list every
+board's key). Every heartbeat is a compare-and-set on the device's entry. The loop
+beats every `heartbeat_s`, doubling the wait (up to 8x) while NATS is away; the
+heartbeat, the desired-model check and the telemetry drain (a task of its own) each
+fail alone, so a telemetry stream that is gone or refused stops neither heartbeats nor
+updates, and its events wait in the outbox. The connection itself reconnects forever,
+nats-py replaying its subscriptions, with exponential backoff and jitter between
+attempts (`shared.messaging.reconnect_delay`: 1 s doubling to 30 s, back to 1 s once
 connected). The desired key is read on every beat (a
 plain read survives server restarts, where a watch's consumer would not) and a
 new record (revision and SHA-256: a re-created store counts revisions from 1 again)
@@ -27,6 +30,7 @@ again with backoff; one that failed on the board (a full disk) is not.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import logging
@@ -47,9 +51,13 @@ from nats.js.errors import (
     NotFoundError,
     ObjectNotFoundError,
 )
+from nats.js.kv import KeyValue
+from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, OBJ_DIGEST_TEMPLATE, ObjectStore
+from nats.protocol.parser import PERMISSIONS_ERR
 
 from tierline_device_agent.metrics import FleetMetrics
 from tierline_device_agent.ota import (
+    Artifact,
     DesiredModel,
     ModelStore,
     OtaCode,
@@ -85,8 +93,7 @@ JS_TIMEOUT_S = 5.0  # one JetStream call (KV, publish ack), at most
 DOWNLOAD_TIMEOUT_S = 120.0  # one artifact from the object store, at most
 MAX_BACKOFF_FACTOR = 8  # heartbeats wait up to 8x their interval while NATS is away
 FLUSH_BATCH = 500  # telemetry events read from the outbox and published at a time (acks awaited together)
-FLUSH_SHARE = 0.5  # of heartbeat_s: a beat sends batches until the outbox is empty or this much time is spent
-FLUSH_POLL_S = 0.2  # between beats, new telemetry is sent after this long at most (the outbox's count is polled)
+FLUSH_POLL_S = 0.2  # new telemetry is sent after this long at most (the outbox's count is polled)
 RETRY_MAX_S = 600.0  # an update that failed on the link is tried again after heartbeat_s doubling, up to this
 
 
@@ -104,9 +111,20 @@ class Fleet:
     models: object  # ObjectStore
 
 
-async def open_fleet(nc) -> Fleet:
-    """The fleet's buckets and telemetry stream; created with the same settings by agents and the CLI."""
+async def open_fleet(nc, board: bool = False) -> Fleet:
+    """The fleet's buckets and telemetry stream: opened by the operator (the CLI, provisioning), which
+    creates what is missing, always with the same settings.
+
+    A `board` binds them by name instead, with no JetStream API call: it may neither create them nor
+    read their stream info (asked with a subjects filter, that lists every key, hence every board's id).
+    Its reads are direct gets (the buckets are made with `allow_direct`); a bucket that is missing
+    shows up as a failed read or write, tried again on the next beat.
+    """
     js = nc.jetstream(timeout=JS_TIMEOUT_S)
+    if board:
+        devices, desired = (KeyValue(name=b, stream=f"KV_{b}", pre=f"$KV.{b}.", js=js, direct=True)
+                            for b in (DEVICES_BUCKET, DESIRED_BUCKET))
+        return Fleet(js, devices, desired, ObjectStore(name=MODELS_BUCKET, stream=f"OBJ_{MODELS_BUCKET}", js=js))
 
     async def kv(bucket: str):
         try:
@@ -230,6 +248,7 @@ class FleetAgent:
         self._retry_at: float | None = None  # monotonic time of the next try (None: not to be tried again)
         self._update: asyncio.Task | None = None
         self._beat_lock: asyncio.Lock | None = None
+        self._failing: dict[str, str] = {}  # duty -> why it failed last (logged when that changes)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fleet", daemon=True)
         self._main: asyncio.Future | None = None
@@ -273,27 +292,50 @@ class FleetAgent:
 
     # -- the loop ----------------------------------------------------------------------------------
     async def _run(self) -> None:
+        """Each beat: registration, then the heartbeat and the desired-model check, each failing alone;
+        the telemetry drain runs beside it (`_send`). A failed registration or heartbeat backs off."""
         self._beat_lock = asyncio.Lock()
+        sender = asyncio.get_running_loop().create_task(self._send())
         failures = 0
-        while True:
-            try:
-                await self._ensure_registered()
-                await self.beat()
-                await self._flush()
-                await self._reconcile()
-                failures = 0
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the link comes and goes: back off and retry
-                if not isinstance(exc, LinkDown):
+        try:
+            while True:
+                failed = await self._duty("registration", self._ensure_registered)
+                if failed is None:
+                    failed = await self._duty("heartbeat", self.beat)
+                    await self._duty("desired model check", self._reconcile)
+                if failed is not None and not isinstance(failed, LinkDown):
                     self._fleet = None  # buckets may be gone (a fresh server): open and register again
-                log.warning("fleet: %s: %s", type(exc).__name__, exc)
-                failures += 1
-            wait_s = self.cfg.heartbeat_s * min(2 ** failures, MAX_BACKOFF_FACTOR)
-            if failures:
-                await asyncio.sleep(wait_s)
-            else:
-                await self._send_until(time.monotonic() + wait_s)
+                failures = 0 if failed is None else failures + 1
+                await asyncio.sleep(self.cfg.heartbeat_s * min(2 ** failures, MAX_BACKOFF_FACTOR))
+        finally:
+            sender.cancel()
+
+    async def _duty(self, name: str, work) -> Exception | None:
+        """`work()`, failing alone: returns its exception (None: it worked). A failure is logged when it
+        starts or its cause changes, not on every beat, and its end once, at the same level (the log that
+        named a failure also says when it is over)."""
+        try:
+            await work()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the link comes and goes, a stream may be gone: tried again
+            why = self._why(exc)
+            if self._failing.get(name) != why:
+                log.warning("fleet: %s failed: %s", name, why)
+            self._failing[name] = why
+            return exc
+        if self._failing.pop(name, None) is not None:
+            log.warning("fleet: %s works again", name)
+        return None
+
+    def _why(self, exc: Exception) -> str:
+        """A failure in words. The server refuses a publish (a permissions violation) apart from the request
+        it refused, which then only times out: a timeout names the server's last refusal too."""
+        why = f"{type(exc).__name__}: {exc}"
+        refusal = self._nc.last_error if self._nc is not None else None
+        if isinstance(exc, (asyncio.TimeoutError, TimeoutError)) and PERMISSIONS_ERR in str(refusal).lower():
+            why += f" (the server's last refusal: {refusal})"
+        return why
 
     async def _ensure_registered(self) -> None:
         if self._nc is None or self._nc.is_closed:
@@ -301,7 +343,9 @@ class FleetAgent:
         if not self._nc.is_connected:
             raise LinkDown("NATS is away; reconnecting")
         if self._fleet is None:
-            fleet = await open_fleet(self._nc)
+            # with an identity of its own the board may only bind the buckets; on a shared password it
+            # opens them as the CLI does
+            fleet = await open_fleet(self._nc, board=bool(self.opts.identity))
             self._revision = await register(fleet.devices, self.device_id, self.state())
             self._fleet = fleet
             self._beaten()
@@ -348,28 +392,21 @@ class FleetAgent:
         if self.metrics is not None:
             self.metrics.beat()
 
-    async def _send_until(self, deadline: float) -> None:
-        """Until the next beat: send telemetry as it arrives, so a busy board's outbox drains while the
-        link is up instead of filling (and dropping) between beats."""
-        while (left := deadline - time.monotonic()) > 0:
-            await asyncio.sleep(min(left, FLUSH_POLL_S))
+    async def _send(self) -> None:
+        """The telemetry drain, a task of its own beside the beats: a telemetry stream that is gone, refused
+        or slow (a refused publish shows only when its ack times out) delays neither heartbeats nor updates,
+        and its events wait in the outbox. The outbox's count is polled, so a busy board's events go out as
+        they arrive instead of filling (and dropping) it between beats; after a failure it waits a beat."""
+        while True:
+            await asyncio.sleep(FLUSH_POLL_S)
             if self.outbox.pending and self._fleet is not None and self._nc.is_connected:
-                try:
-                    await self._flush(deadline)
-                except Exception as exc:  # noqa: BLE001 - the next beat finds out what the link is doing
-                    log.warning("fleet: telemetry: %s: %s", type(exc).__name__, exc)
-                    await asyncio.sleep(max(0.0, deadline - time.monotonic()))
-                    return
+                if await self._duty("telemetry", self._flush) is not None:
+                    await asyncio.sleep(self.cfg.heartbeat_s)
 
-    async def _flush(self, deadline: float | None = None) -> None:
-        """Send the outbox, oldest first; an event leaves it only once JetStream has stored it.
-
-        Batch after batch until the outbox is empty or `deadline` (monotonic; default: FLUSH_SHARE
-        of a heartbeat from now) has passed, so a board answering faster than one batch per beat
-        does not fill its outbox with NATS up.
-        """
+    async def _flush(self) -> None:
+        """Send the outbox, oldest first, batch after batch until it is empty; an event leaves it only once
+        JetStream has stored it."""
         js, subj = self._fleet.js, subject("telemetry", self.device_id)
-        deadline = time.monotonic() + FLUSH_SHARE * self.cfg.heartbeat_s if deadline is None else deadline
         while batch := self.outbox.peek(FLUSH_BATCH):
             # published in order on one connection, the acks awaited together: one round trip per batch,
             # not per event (the fleet loop shares the GIL with the threads answering)
@@ -382,8 +419,6 @@ class FleetAgent:
             failed = next((ack for ack in acks if isinstance(ack, BaseException)), None)
             if failed is not None:
                 raise failed
-            if time.monotonic() >= deadline:
-                break
 
     async def _reconcile(self) -> None:
         """Desired vs reported: a new desired record starts an update (one at a time)."""
@@ -440,7 +475,7 @@ class FleetAgent:
         try:
             for art, dest in ((desired.tflite, staged / "device" / "model.tflite"),
                               (desired.config, staged / "device" / "config.json")):
-                await self._download(art.object, dest)
+                await self._download(art, dest)
                 verify_digest(dest, art)
             installed = await loop.run_in_executor(None, self.store.install, staged, desired, self._models_dir())
         except BaseException:
@@ -461,19 +496,47 @@ class FleetAgent:
     def _models_dir(self) -> Path:
         return self.store.current() or self.base_models
 
-    async def _download(self, name: str, dest: Path) -> None:
-        from nats.js.errors import DigestMismatchError
-
+    async def _download(self, art: Artifact, dest: Path) -> None:
+        """One artifact into `dest`, by message gets alone: a board may create no consumer (a consumer's
+        deliver subject is in its request's body, which permissions do not see, so a stolen board could have
+        the server push the store to any subject). The object's size in the store must be the signed one
+        before a chunk is fetched; its chunks are then read in order by subject, one request each, and must
+        match the store's own digest (the signed digest is checked after: ota.verify)."""
+        name, fleet = art.object, self._fleet  # kept: a failed heartbeat meanwhile sets self._fleet to None
         if not self._nc.is_connected:
             raise OtaError(OtaCode.DOWNLOAD_FAILED, "NATS is away; tried again later")
+
+        async def fetch(out) -> None:
+            info = await fleet.models.get_info(name)
+            if info.is_link() or not info.nuid:
+                raise OtaError(OtaCode.NOT_FOUND, f"{name}: a link or a bad record in {MODELS_BUCKET}, not an object")
+            if info.size != art.size:
+                raise OtaError(OtaCode.DIGEST_MISMATCH, f"{name}: {info.size} bytes in the object store, not the "
+                                                        f"signed {art.size}; refused before download")
+            chunks = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=MODELS_BUCKET, obj=info.nuid)
+            digest, got, seq = hashlib.sha256(), 0, 1
+            while got < info.size:
+                try:
+                    msg = await fleet.js.get_msg(f"OBJ_{MODELS_BUCKET}", seq=seq, subject=chunks, next=True)
+                except NotFoundError:
+                    break  # fewer chunks than the record says
+                data = msg.data or b""
+                got += len(data)
+                if got > info.size:
+                    break  # more than the record says: not read on
+                digest.update(data)
+                await asyncio.get_running_loop().run_in_executor(None, out.write, data)
+                seq = msg.seq + 1
+            if (got, info.digest) != (info.size, OBJ_DIGEST_TEMPLATE.format(
+                    digest=base64.urlsafe_b64encode(digest.digest()).decode())):
+                raise OtaError(OtaCode.DIGEST_MISMATCH, f"{name}: the object store's chunks do not match its "
+                                                        "digest; refused")
+
         try:
             with open(dest, "wb") as f:
-                await asyncio.wait_for(self._fleet.models.get(name, writeinto=f), DOWNLOAD_TIMEOUT_S)
+                await asyncio.wait_for(fetch(f), DOWNLOAD_TIMEOUT_S)
         except ObjectNotFoundError:
             raise OtaError(OtaCode.NOT_FOUND, f"{name}: not in the object store {MODELS_BUCKET}") from None
-        except DigestMismatchError:
-            raise OtaError(OtaCode.DIGEST_MISMATCH, f"{name}: the object store's chunks do not match its digest; "
-                                                    "refused") from None
         except (asyncio.TimeoutError, TimeoutError, ConnectionError) as exc:
             why = f"{name}: not downloaded ({type(exc).__name__}, limit {DOWNLOAD_TIMEOUT_S:.0f} s)"
             raise OtaError(OtaCode.DOWNLOAD_FAILED, f"{why}; tried again later") from None

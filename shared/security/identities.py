@@ -42,7 +42,6 @@ from tierline_shared.transport.messaging import (
     MODELS_BUCKET,
     RESULTS_BUCKET,
     SUBJECT_PREFIX,
-    TELEMETRY_STREAM,
     USAGE_BUCKET,
     service_name,
     subject,
@@ -92,20 +91,19 @@ def _ask(tiers) -> list[str]:
 
 def _board(device_id: str) -> list[str]:
     """A board's own fleet entries (JetStream): its registry key, its desired key, its telemetry, the
-    model store's read side. KV reads are direct gets, whose subject names the key."""
+    model store's read side. KV reads are direct gets, whose subject names the key. No stream info (with
+    a subjects filter it lists every key, hence every board's id: the board binds its buckets by name)
+    and no consumers: a consumer's deliver subject is in the request's body, which permissions do not
+    see, so a board that may create one can have the server push the store to any subject. It reads
+    an object by message gets instead (its record, then its chunks by subject)."""
     api = "$JS.API"
     devices, desired, models = f"KV_{DEVICES_BUCKET}", f"KV_{DESIRED_BUCKET}", f"OBJ_{MODELS_BUCKET}"
     return [
         subject("telemetry", device_id),
         f"$KV.{DEVICES_BUCKET}.{device_id}",
-        *(f"{api}.STREAM.INFO.{s}" for s in (devices, desired, models, TELEMETRY_STREAM)),
         f"{api}.DIRECT.GET.{devices}.$KV.{DEVICES_BUCKET}.{device_id}",
         f"{api}.DIRECT.GET.{desired}.$KV.{DESIRED_BUCKET}.{device_id}",
-        f"{api}.STREAM.MSG.GET.{models}",  # an object's metadata
-        f"{api}.STREAM.NAMES",  # nats-py finds the chunks' stream by subject (names only, no data)
-        f"{api}.CONSUMER.CREATE.{models}", f"{api}.CONSUMER.CREATE.{models}.>",  # its chunks (ordered consumer)
-        f"{api}.CONSUMER.DELETE.{models}.>", f"{api}.CONSUMER.INFO.{models}.>",
-        f"$JS.FC.{models}.>",  # flow control replies of that consumer
+        f"{api}.STREAM.MSG.GET.{models}",  # an object's record and its chunks
     ]
 
 

@@ -279,3 +279,36 @@ def test_requests_share_one_reply_subscription_and_each_gets_its_own_answer(tmp_
         asyncio.run(main())
     finally:
         server.stop()
+
+
+def test_a_refusal_after_connecting_is_logged_once_naming_the_subject(tmp_path, caplog):
+    """The server refuses a publish apart from the call (which succeeds, or times out waiting for an answer):
+    the connection's error callback says so in the log, the same refusal once however often it comes."""
+    import logging
+
+    from tierline_shared.security.credentials import init_credentials
+    from tierline_shared.security.identities import IdentityStore, inbox_prefix, read_seed, tier_identity
+
+    made = init_credentials(tmp_path / "creds")
+    server = NatsServer(tmp_path, credentials=tmp_path / "creds").start()
+    edge = tier_identity("edge")
+    opts = NatsOptions(server.url, identity=edge, inbox_prefix=inbox_prefix(edge), tls_ca=made["tls_ca"],
+                       seed=read_seed(IdentityStore(tmp_path / "creds").seed_path(edge)))
+
+    async def main():
+        nc = await connect(opts, name="test-refused")
+        try:
+            for _ in range(5):  # the edge may ask only the cloud: the device's subject is refused
+                await nc.publish(subject("device"), b"x")
+                await nc.flush(timeout=TIMEOUT)
+            await asyncio.sleep(0.5)
+        finally:
+            await nc.close()
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="tierline.nats"):
+            asyncio.run(main())
+    finally:
+        server.stop()
+    refusals = [r.getMessage() for r in caplog.records if "permissions violation" in r.getMessage().lower()]
+    assert len(refusals) == 1 and subject("device") in refusals[0] and "test-refused" in refusals[0], caplog.text

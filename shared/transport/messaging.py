@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import random
+import time
 import weakref
 from collections import deque
 from contextlib import asynccontextmanager
@@ -35,6 +36,7 @@ RECONNECT_BASE_S = 1.0  # seconds, the first wait after the link drops (doubles 
 RECONNECT_MAX_S = 30.0  # seconds, the longest wait between two attempts (forever)
 RECONNECT_JITTER = 0.2  # each wait is drawn from [1 - 0.2, 1] x its step, so a fleet does not reconnect in step
 START_TIMEOUT_S = 10.0  # connecting and registering, at most
+ERROR_LOG_S = 60.0  # a connection's error (a permissions violation, a failed reconnect) is logged once in this long
 DRAIN_TIMEOUT_S = 2.0  # a drain (a process stopping) waits this long for its subscriptions, then closes (nats-py: 30)
 CAS_ATTEMPTS = 100  # compare-and-set retries of one KV change before giving up (kv_change)
 CAS_BACKOFF_S = 0.005  # seconds, the most a writer that lost a race waits before reading again
@@ -52,6 +54,9 @@ BATCH_BUCKET = "tierline_batches"  # KV: file.<id> / batch.<id> -> record (JSON)
 RESULTS_BUCKET = "tierline_batch_results"  # KV: <batch id>.<line> -> that line's output line, written once
 BATCH_STREAM = "TIERLINE_BATCH"  # work queue of `tierline.batch.work.<batch id>` (one message per line)
 BATCH_CONSUMER = "batch-workers"  # the durable pull consumer every router's workers share
+
+
+log = logging.getLogger("tierline.nats")
 
 
 class _QuietTlsClose(logging.Filter):
@@ -389,26 +394,46 @@ class NatsOptions:
         return opts
 
 
-async def connect(opts: NatsOptions, name: str, timeout_s: float = START_TIMEOUT_S):
-    """Connect; it reconnects forever (waits: `reconnect_delay`); a refused login raises NatsAuthError at once."""
-    refused = asyncio.Event()
-    errors: list[str] = []
+class _ErrorLog:
+    """nats-py's error callback for one connection: while connecting, the errors are kept (a refused login is
+    told apart from an unreachable server); once connected, each is logged, the same text at most once per
+    ERROR_LOG_S. The server reports a refused publish or subscription (a permissions violation) apart from the
+    call it refused, which then only times out: this is where it is said."""
 
-    async def on_error(exc: Exception) -> None:
+    def __init__(self, name: str):
+        self.name, self.connecting, self.errors = name, True, []
+        self.refused = asyncio.Event()
+        self._logged: dict[str, float] = {}  # text -> when it was last logged (monotonic)
+
+    async def on_error(self, exc: Exception) -> None:
         text = f"{type(exc).__name__}: {exc}"
-        errors.append(text)
-        if "authorization" in text.lower() or "authentication" in text.lower():
-            refused.set()
+        if self.connecting:
+            self.errors = [*self.errors[-9:], text]
+            if "authorization" in text.lower() or "authentication" in text.lower():
+                self.refused.set()
+            return
+        now = time.monotonic()
+        if now - self._logged.get(text, -ERROR_LOG_S) >= ERROR_LOG_S:
+            self._logged = {t: at for t, at in self._logged.items() if now - at < ERROR_LOG_S}
+            self._logged[text] = now
+            log.warning("NATS (%s): %s", self.name, text)
 
-    connecting = asyncio.ensure_future(nats.connect(name=name, error_cb=on_error, **opts.connect_kwargs()))
-    waiting = asyncio.ensure_future(refused.wait())
+
+async def connect(opts: NatsOptions, name: str, timeout_s: float = START_TIMEOUT_S):
+    """Connect; it reconnects forever (waits: `reconnect_delay`); a refused login raises NatsAuthError at once.
+    The server's errors after that (a permissions violation, a failed reconnect) are logged (_ErrorLog)."""
+    on_error = _ErrorLog(name)
+    connecting = asyncio.ensure_future(nats.connect(name=name, error_cb=on_error.on_error, **opts.connect_kwargs()))
+    waiting = asyncio.ensure_future(on_error.refused.wait())
     done, _ = await asyncio.wait({connecting, waiting}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
     waiting.cancel()
+    errors = on_error.errors
     if connecting in done and connecting.exception() is None:
+        on_error.connecting = False
         return connecting.result()
     if connecting not in done:
         connecting.cancel()
-    if refused.is_set() or any("authorization" in e.lower() for e in errors):
+    if on_error.refused.is_set() or any("authorization" in e.lower() for e in errors):
         who = f"identity {opts.identity!r}" if opts.identity else f"user {opts.user!r}"
         raise NatsAuthError(f"NATS at {opts.url} refused the credentials for {who}")
     why = connecting.exception() if connecting in done else f"no connection in {timeout_s:.0f} s"

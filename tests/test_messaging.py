@@ -85,9 +85,9 @@ def test_a_stream_closed_early_stops_the_tier_at_its_next_chunk(link):
     assert producer.stopped_early.wait(TIMEOUT), "the tier kept decoding a stream nobody reads"
     assert producer.sent < CHUNKS // 2  # stopped within a fraction of the stream, not at its end
     deadline = time.monotonic() + TIMEOUT
-    while service._live_streams and time.monotonic() < deadline:
+    while service._live and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert not service._live_streams  # nothing is kept for a stream that ended
+    assert not service._live  # nothing is kept for a stream that ended
 
 
 def test_a_stream_read_to_the_end_is_not_cancelled(link):
@@ -176,6 +176,61 @@ def test_every_request_over_nats_waits_in_the_scheduler_not_in_a_thread(tmp_path
         asking.join(TIMEOUT)
         alone = [base.generate(p, GenerationParams(max_tokens=2)).text for p in prompts]
         assert [a.choices[0].text for a in answers] == alone
+    finally:
+        engine.gate.set()
+        service.stop()
+        servicer.scheduler.close()
+        server.stop()
+
+
+class CountingEngine(type(random_torch_engine(seed=5))):
+    """The real torch engine, counting its forward passes, each held until `gate` is open."""
+
+    gate = threading.Event()
+    forwards = 0
+
+    def _forward(self, *args):
+        assert self.gate.wait(TIMEOUT), "the test never opened the gate"
+        type(self).forwards += 1
+        return super()._forward(*args)
+
+
+def test_a_request_its_asker_gave_up_on_leaves_the_batch(tmp_path):
+    """ask_tier that ends without an answer (its deadline, a silent replica, its caller cancelled) tells the tier,
+    which takes the request out of the batch at the next step instead of decoding it to the end for nobody."""
+    base = random_torch_engine(seed=5, tier="edge")
+    engine = CountingEngine(base.model, base.tokenizer, base.info)
+    prompt, params = "Q:9*9=?\nA:", pb.Parameters(max_tokens=40)
+    steps_alone = base.generate(prompt, GenerationParams(max_tokens=40)).completion_tokens
+    assert steps_alone >= 30  # this answer runs to max_tokens: a row left in the batch would take this many
+    servicer = TierServicer(engine, BatchConfig(max_num_seqs=4))
+    server = NatsServer(tmp_path).start()
+    opts = NatsOptions(server.url, server.user, server.password)
+    service = nats_service_for("edge", opts, servicer)
+    service.start()
+    try:
+        engine.gate.clear()
+
+        async def give_up() -> None:
+            nc = await connect(opts, name="test")
+            try:
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(ask_tier(nc, "edge", pb.InferRequest(prompt=prompt, parameters=params),
+                                                    TIMEOUT), 1.0)  # its caller's own deadline
+                await nc.flush(timeout=TIMEOUT)
+            finally:
+                await nc.close()
+
+        asyncio.run(give_up())
+        deadline = time.monotonic() + TIMEOUT / 3  # well within the request's own deadline (TIMEOUT)
+        while (service._live or not servicer.scheduler.running) and time.monotonic() < deadline:
+            time.sleep(0.01)  # it reached the batch, and the cancel reached the tier
+        assert not service._live, "the tier never heard that its requester gave up"
+        assert servicer.scheduler.running == 1  # still held at its first forward
+        engine.gate.set()
+        while servicer.scheduler.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert servicer.scheduler.running == 0 and CountingEngine.forwards <= 3, CountingEngine.forwards
     finally:
         engine.gate.set()
         service.stop()

@@ -26,7 +26,7 @@ from tierline_api.v1 import inference_pb2 as pb
 
 SUBJECT_PREFIX = "tierline"
 STATUS_HEADER = "Tierline-Status"  # the gRPC status name of an error reply
-STREAM_ID_HEADER = "Tierline-Stream"  # names a stream (its reply inbox) so the requester can cancel it
+STREAM_ID_HEADER = "Tierline-Stream"  # names a request (its reply subject) so the requester can cancel it
 TIMEOUT_HEADER = "Tierline-Timeout"  # seconds the requester waits: the tier stops waiting when it does
 HEARTBEAT_HEADER = "Tierline-Heartbeat"  # seconds: the requester asks the tier to say it is alive this often
 PROGRESS_HEADER = "Tierline-Progress"  # marks a tier's "still working on it" message (no body)
@@ -247,7 +247,9 @@ async def ask_tier(nc, tier: str, request, timeout_s: float):
     The replica that takes the request says every HEARTBEAT_S that it is still working on it,
     so a replica that dies mid-request is noticed after SILENCE_S (ReplicaSilent, a timeout the
     cascade retries on another replica), not after the whole `timeout_s`. Silence while this
-    side's link is down does not count: the answer may come after the reconnect.
+    side's link is down does not count: the answer may come after the reconnect. Given up
+    without an answer (a timeout, a silent replica, cancelled), it tells the tier, which stops
+    decoding the request (`tierline.<tier>.cancel`, as a stream closed early).
     Raises nats' NoRespondersError (no replica: at once), TimeoutError, or TierError.
     """
     from nats.errors import NoRespondersError
@@ -256,30 +258,37 @@ async def ask_tier(nc, tier: str, request, timeout_s: float):
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     async with _replies(nc).box() as (inbox, replies):
-        await nc.publish(subject(tier), request.SerializeToString(), reply=inbox,
-                         headers={TIMEOUT_HEADER: f"{timeout_s:.3f}", HEARTBEAT_HEADER: f"{HEARTBEAT_S}"})
-        heard = loop.time()
-        while True:
-            now = loop.time()
-            if now >= deadline:
-                raise NatsTimeout
-            if not nc.is_connected:
-                heard = now  # our own link is down: the replica may be fine; wait for the reconnect
-            elif now - heard >= SILENCE_S:
-                raise ReplicaSilent(f"{tier}: the replica went silent for {SILENCE_S} s")
-            try:
-                msg = await replies.get(timeout=min(HEARTBEAT_S, deadline - now))
-            except NatsTimeout:
-                continue
+        ended = False  # the tier said its last word (an answer, an error, or no responders)
+        try:
+            await nc.publish(subject(tier), request.SerializeToString(), reply=inbox,
+                             headers={TIMEOUT_HEADER: f"{timeout_s:.3f}", HEARTBEAT_HEADER: f"{HEARTBEAT_S}",
+                                      STREAM_ID_HEADER: inbox})
             heard = loop.time()
-            headers = msg.headers or {}
-            if headers.get("Status") == "503":
-                raise NoRespondersError
-            if PROGRESS_HEADER in headers:
-                continue
-            if ERROR_CODE_HEADER in headers:
-                raise TierError(tier, headers.get(STATUS_HEADER, "UNKNOWN"), headers.get(ERROR_HEADER, ""))
-            return pb.InferResponse.FromString(msg.data)
+            while True:
+                now = loop.time()
+                if now >= deadline:
+                    raise NatsTimeout
+                if not nc.is_connected:
+                    heard = now  # our own link is down: the replica may be fine; wait for the reconnect
+                elif now - heard >= SILENCE_S:
+                    raise ReplicaSilent(f"{tier}: the replica went silent for {SILENCE_S} s")
+                try:
+                    msg = await replies.get(timeout=min(HEARTBEAT_S, deadline - now))
+                except NatsTimeout:
+                    continue
+                heard = loop.time()
+                headers = msg.headers or {}
+                if PROGRESS_HEADER in headers:
+                    continue
+                ended = True
+                if headers.get("Status") == "503":
+                    raise NoRespondersError
+                if ERROR_CODE_HEADER in headers:
+                    raise TierError(tier, headers.get(STATUS_HEADER, "UNKNOWN"), headers.get(ERROR_HEADER, ""))
+                return pb.InferResponse.FromString(msg.data)
+        finally:
+            if not ended:  # given up (a deadline, a silent replica, the caller gone): the tier stops decoding it
+                await _publish_cancel(nc, tier, inbox)
 
 
 async def stream_tier(nc, tier: str, request, timeout_s: float):

@@ -110,7 +110,7 @@ class TierService:
         self._nc = None
         self._service = None
         self._tasks: set[asyncio.Task] = set()
-        self._live_streams: dict = {}  # stream id -> Event, set once the requester cancels
+        self._live: dict = {}  # request id (its reply subject) -> what stops it, called once the requester cancels
         self._pool = ThreadPoolExecutor(STREAM_THREADS, thread_name_prefix=f"nats-{tier}")
 
     def start(self, retry_forever: bool = False) -> None:
@@ -157,13 +157,13 @@ class TierService:
         if self._stream:
             await self._service.add_endpoint(name="stream", subject=subject(self.tier, "stream"),
                                              handler=self._on_stream)
-            # no queue group: every replica hears a cancel, the one serving that inbox acts on it
-            await self._nc.subscribe(subject(self.tier, "cancel"), cb=self._on_cancel)
+        # no queue group: every replica hears a cancel, the one serving that request acts on it
+        await self._nc.subscribe(subject(self.tier, "cancel"), cb=self._on_cancel)
 
     async def _on_cancel(self, msg) -> None:
-        stopped = self._live_streams.get(msg.data.decode(errors="replace"))
-        if stopped is not None:
-            stopped.set()
+        stop = self._live.get(msg.data.decode(errors="replace"))
+        if stop is not None:
+            stop()
 
     async def _on_stream(self, req) -> None:
         task = asyncio.get_running_loop().create_task(self._serve_stream(req))
@@ -180,7 +180,8 @@ class TierService:
         chunks: asyncio.Queue = asyncio.Queue()
         done = object()
         stream_id = (req.headers or {}).get(STREAM_ID_HEADER) or object()  # none given: nobody can cancel it
-        cancelled = self._live_streams[stream_id] = threading.Event()
+        cancelled = threading.Event()
+        self._live[stream_id] = cancelled.set
 
         def produce() -> None:
             try:
@@ -205,7 +206,7 @@ class TierService:
             raise
         finally:
             cancelled.set()  # whatever ended this task, the decoder stops at its next token (a no-op once done)
-            self._live_streams.pop(stream_id, None)
+            self._live.pop(stream_id, None)
             self._counts["stream"].record(started, error)
 
     async def _on_request(self, req) -> None:
@@ -215,23 +216,31 @@ class TierService:
         task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, req) -> None:
+        """One request: its answer, or its error, to the reply subject. A cancel naming the request (its
+        requester gave up: a deadline, its client gone) takes it out of the batch at the next step."""
         started, error = time.perf_counter_ns(), None
         headers = req.headers or {}
         timeout = _seconds(headers.get(TIMEOUT_HEADER))
         beat = _seconds(headers.get(HEARTBEAT_HEADER))
+        request_id = headers.get(STREAM_ID_HEADER) or object()  # none given: nobody can cancel it
         try:
-            work = asyncio.wrap_future(self._handle(req.data, timeout))
+            answer = self._handle(req.data, timeout)
+            self._live[request_id] = answer.cancel
+            work = asyncio.wrap_future(answer)
             while beat and beat > 0:  # the requester asked to hear that we are alive while we work
                 done, _ = await asyncio.wait({work}, timeout=max(beat, MIN_HEARTBEAT_S))
                 if done:
                     break
                 await req.respond(b"", headers={PROGRESS_HEADER: "1"})
             data = (await work).SerializeToString()
+        except asyncio.CancelledError:  # the requester cancelled it (answer.cancel): nobody reads the reply
+            return
         except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
             error = exc
             await self._respond_error(req, exc)
             return
         finally:
+            self._live.pop(request_id, None)
             self._counts["infer"].record(started, error)
         await req.respond(data)
 

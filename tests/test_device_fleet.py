@@ -972,9 +972,12 @@ def test_a_refused_telemetry_publish_delays_no_heartbeat_and_is_logged_with_its_
         wait_for(kept, "the events kept in the outbox")
         lags = _heartbeat_lags(agent, 6.0)  # longer than one refused publish's timeout
         assert max(lags) < 10 * HEARTBEAT_S, lags
-        wait_for(lambda: "permissions violation for publish to" in _agent_log(agent), "the refusal in the log")
-        line = next(x for x in _agent_log(agent).splitlines() if "permissions violation for publish to" in x)
-        assert "fleet: telemetry failed" in line and subject_of(DEVICE) in line, line
+        def said() -> list[str]:  # the fleet's own line: the telemetry failure, with the refusal it met
+            return [x for x in _agent_log(agent).splitlines()
+                    if "fleet: telemetry failed" in x and "permissions violation for publish to" in x]
+
+        line = wait_for(lambda: said() and said()[0], "the refusal in the fleet's log line")
+        assert subject_of(DEVICE) in line, line
     finally:
         conf.write_text(allowed)
         agent.nats.reload()
@@ -990,12 +993,20 @@ def test_an_install_that_fails_on_the_board_is_reported_once_not_retried(agent, 
     try:
         publish(agent, "v-blocked", tflite, config)
         state = update_outcome(agent, "v-blocked")
+
+        def tries() -> list[dict]:
+            return [e for e in telemetry(agent) if e["kind"] == "ota" and e["version"] == "v-blocked"
+                    and e["code"] != OtaCode.IN_PROGRESS]
+
+        wait_for(tries, "the failed install's event stored")
         time.sleep(10 * HEARTBEAT_S)  # ten beats: the old agent tried (and reported) again on each
-        tries = [e for e in telemetry(agent) if e["kind"] == "ota" and e["version"] == "v-blocked"
-                 and e["code"] != OtaCode.IN_PROGRESS]
+        beaten = time.time()  # then every event those beats made is sent: a heartbeat after them says so
+        wait_for(lambda: (r := reported(agent))["last_heartbeat"] > beaten and r["outbox"]["pending"] == 0,
+                 "the events of those beats sent")
+        sent = tries()
     finally:
         blocker.unlink()
-    assert len(tries) == 1, tries
+    assert len(sent) == 1, sent
     assert state["ota"]["status"] == "install_failed" and "not retried" in state["ota"]["detail"], state["ota"]
     assert reported(agent)["model"]["version"] == state["model"]["version"] != "v-blocked"
     assert not list((agent.workdir / "device-state" / "models").glob(".incoming-*"))

@@ -82,6 +82,15 @@ class BadRequest(TierError):
         self.param = param
 
 
+class ModelNotFound(BadRequest):
+    """A model this server does not serve: OpenAI's 404 `model_not_found` (the openai client's NotFoundError), where
+    gRPC answers INVALID_ARGUMENT naming `model` (shared/serving/servicer.py:validate_request)."""
+
+    def __init__(self, name: str, served: str):
+        super().__init__("model", f"model: {name!r} does not exist here; this server serves {served!r}")
+        self.status = "NOT_FOUND"
+
+
 _FIELD = re.compile(r"^(?:parameters\.)?([a-z_]+): ")  # "parameters.max_tokens: ..." from the platform's validation
 
 
@@ -114,7 +123,8 @@ def error_body(exc: TierError, chat: bool = False, body=None) -> tuple[int, dict
     request's, whose field names the error uses."""
     status, kind = HTTP_STATUS.get(exc.status, (500, "api_error"))
     message, param = _openai_error(exc, chat, body)
-    return status, {"error": {"message": message, "type": kind, "param": param, "code": exc.status.lower()}}
+    code = "model_not_found" if isinstance(exc, ModelNotFound) else exc.status.lower()
+    return status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def _error_response(exc: TierError, chat: bool = False, body=None) -> web.Response:
@@ -416,8 +426,7 @@ class OpenAIServer:
             return _error_response(exc)
         name = request.match_info["model"]
         if name != self.router.model_name:
-            return error_response("NOT_FOUND", f"model: {name!r} is not served here; this server serves "
-                                               f"{self.router.model_name!r}", "model")
+            return _error_response(ModelNotFound(name, self.router.model_name))
         return web.json_response(self._model())
 
     async def health(self, request: web.Request) -> web.Response:
@@ -488,13 +497,17 @@ class OpenAIServer:
                 prompt = self.chat_template.render(chat_messages(body.get("messages")))
             except ChatTemplateError as exc:
                 raise BadRequest("messages", f"messages: {exc}") from None
-            return _request(body, prompt, CHAT_PARAMS, chat=True)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise BadRequest("prompt", "prompt: must be a string (or a list of one string)")
-        return _request(body, prompt, COMPLETION_PARAMS, chat=False)
+            req = _request(body, prompt, CHAT_PARAMS, chat=True)
+        else:
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1:
+                prompt = prompt[0]
+            if not isinstance(prompt, str):
+                raise BadRequest("prompt", "prompt: must be a string (or a list of one string)")
+            req = _request(body, prompt, COMPLETION_PARAMS, chat=False)
+        if req.model != self.router.model_name:
+            raise ModelNotFound(req.model, self.router.model_name)
+        return req
 
     async def _stream(self, request: web.Request, req: pb.InferRequest, key: str | None, chat: bool,
                       include_usage: bool, asked: dict) -> web.StreamResponse:

@@ -123,9 +123,10 @@ def test_bad_lines_are_answered_one_by_one_and_never_fail_the_batch(stack):
               e for e in lines_of(client, done.error_file_id)}
     assert set(errors) == {(None, "invalid_json", None), (None, "missing_custom_id", None),
                            ("ok-1", "duplicate_custom_id", None), ("wrong-url", "invalid_url", None),
-                           ("bad-max", None, 400), ("streaming", None, 400), ("wrong-model", None, 400),
+                           ("bad-max", None, 400), ("streaming", None, 400), ("wrong-model", None, 404),
                            ("surrogate", None, 400)}
     assert errors[("bad-max", None, 400)]["response"]["body"]["error"]["param"] == "max_tokens"
+    assert errors[("wrong-model", None, 404)]["response"]["body"]["error"]["code"] == "model_not_found"
     assert errors[("surrogate", None, 400)]["response"]["body"]["error"]["param"] == "prompt"
     bad_json = errors[(None, "invalid_json", None)]["error"]
     assert bad_json["line"] == 3 and bad_json["message"].startswith("line 3:"), bad_json  # the file's third line

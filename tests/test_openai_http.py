@@ -88,8 +88,12 @@ def test_errors_map_to_openai_exceptions(stack):
     with pytest.raises(openai.BadRequestError) as err:
         api(stack).completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, n=100)
     assert err.value.body["param"] == "n"
-    with pytest.raises(openai.BadRequestError, match="model"):
-        api(stack).completions.create(model="gpt-9", prompt=PROMPT, max_tokens=4)
+    for ask in (lambda c: c.completions.create(model="gpt-9", prompt=PROMPT, max_tokens=4),  # as OpenAI: a 404
+                lambda c: c.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "1+1=?"}]),
+                lambda c: c.models.retrieve("gpt-9")):
+        with pytest.raises(openai.NotFoundError) as err:
+            ask(api(stack))
+        assert (err.value.body["code"], err.value.body["param"]) == ("model_not_found", "model"), err.value.body
 
 
 def test_http_and_grpc_share_one_quota(stack):

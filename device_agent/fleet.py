@@ -13,7 +13,7 @@ The agent connects as its own board (`device-<id>`, shared/security/identities.p
 server lets it write only its own registry key and telemetry subject and read only its
 own desired key and the model store (by message gets), so no other board can take its
 entry over; it binds the buckets by name, with no stream info (which would list every
-board's key). Every heartbeat is a compare-and-set on the device's entry. The loop
+board's key). Every heartbeat writes the device's entry whole, never reading it (`register`). The loop
 beats every `heartbeat_s`, doubling the wait (up to 8x) while NATS is away; the
 heartbeat, the desired-model check and the telemetry drain (a task of its own) each
 fail alone, so a telemetry stream that is gone or refused stops neither heartbeats nor
@@ -47,7 +47,6 @@ from nats.js import api
 from nats.js.errors import (
     BucketNotFoundError,
     KeyNotFoundError,
-    KeyWrongLastSequenceError,
     NotFoundError,
     ObjectNotFoundError,
 )
@@ -240,7 +239,6 @@ class FleetAgent:
             link_up=lambda: self.servicer.link is not None and self.servicer.link.connected)
         self._nc = None
         self._fleet: Fleet | None = None
-        self._revision = 0  # of our entry in the devices bucket (compare-and-set)
         # (revision, sha256 of the value) of the desired entry acted on last: the digest, because a
         # re-created store starts its revisions from 1 again
         self._handled_desired: tuple[int, str] | None = None
@@ -346,7 +344,7 @@ class FleetAgent:
             # with an identity of its own the board may only bind the buckets; on a shared password it
             # opens them as the CLI does
             fleet = await open_fleet(self._nc, board=bool(self.opts.identity))
-            self._revision = await register(fleet.devices, self.device_id, self.state())
+            await register(fleet.devices, self.device_id, self.state())
             self._fleet = fleet
             self._beaten()
             log.info("registered %s", self.device_id)
@@ -377,15 +375,11 @@ class FleetAgent:
         }
 
     async def beat(self) -> None:
-        """Write the reported state (compare-and-set: another writer means re-register)."""
+        """Write the reported state over the entry (the board never reads it: `register`)."""
         async with self._beat_lock:
             if self._fleet is None or not self._nc.is_connected:
                 raise LinkDown("NATS is away; reconnecting")
-            try:
-                self._revision = await self._fleet.devices.update(self.device_id, json.dumps(self.state()).encode(),
-                                                                  last=self._revision)
-            except KeyWrongLastSequenceError:
-                self._revision = await register(self._fleet.devices, self.device_id, self.state())
+            await register(self._fleet.devices, self.device_id, self.state())
             self._beaten()
 
     def _beaten(self) -> None:
@@ -550,10 +544,9 @@ def _is_link_error(exc: BaseException) -> bool:
 
 
 async def register(devices, device_id: str, state: dict) -> int:
-    """Create or take back this device's entry (the server allows each board its own key only)."""
-    body = json.dumps(state).encode()
-    try:
-        entry = await devices.get(device_id)
-    except KeyNotFoundError:
-        return await devices.create(device_id, body)
-    return await devices.update(device_id, body, last=entry.revision)
+    """This device's entry, written whole (the server allows each board its own key only); returns its revision.
+
+    A put, never a read: a board may not read even its own entry back. A read is a request, and the server
+    sends its answer (here, bytes the board chose) to whatever reply subject the request names, where any
+    stream capturing that subject stores it: another bucket's key, the API keys' among them."""
+    return await devices.put(device_id, json.dumps(state).encode())

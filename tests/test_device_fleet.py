@@ -827,7 +827,7 @@ def subject_of(board: str) -> str:
 
 
 def test_devices_list_trusts_the_key_not_the_body(agent, thief):
-    real = reported(agent)
+    real = wait_for(lambda: reported(agent), "the board registered")
 
     def listed() -> dict:
         proc = run_cli("devices", "list", "--manifest", str(agent.manifest), "--json", timeout=60)
@@ -892,6 +892,36 @@ def test_a_stolen_board_cannot_have_the_model_store_pushed_to_another_subject(ag
     answers, pushed, consumers = asyncio.run(attack())
     assert all(a.startswith("refused") and "permissions violation" in a for a in answers), answers
     assert pushed == 0 and consumers == 0
+
+
+def test_a_stolen_board_cannot_write_bytes_of_its_choosing_into_another_bucket(agent, thief):
+    """The server answers a request on the reply subject the request names, and a stream capturing that subject
+    stores the answer. A board that could read back its own registry entry (bytes it wrote) could so plant them
+    in any bucket (the API keys', a batch's results): it writes its entry and never reads it."""
+    target = "tierline_test_target"  # any bucket of the account: the API keys' would be the prize
+
+    async def attack() -> tuple[list, str]:
+        op = await connect(agent.nats_options(), name="test")
+        board = await connect(agent.nats_options(thief), name="thief")
+        try:
+            bucket = await op.jetstream().create_key_value(bucket=target)
+            await board.publish(f"$KV.{DEVICES_BUCKET}.{THIEF}", b'{"planted": true}')  # its own entry: allowed
+            await board.publish(f"$JS.API.DIRECT.GET.KV_{DEVICES_BUCKET}.$KV.{DEVICES_BUCKET}.{THIEF}", b"",
+                                reply=f"$KV.{target}.hash.planted")
+            await board.flush(timeout=TIMEOUT)
+            await asyncio.sleep(0.5)
+            return await bucket.keys() if (await bucket.status()).values else [], str(board.last_error)
+        finally:
+            with contextlib.suppress(Exception):
+                await op.jetstream().delete_key_value(target)
+            await board.close()
+            await op.close()
+
+    try:
+        planted, refusal = asyncio.run(attack())
+    finally:
+        fleet_call(agent, lambda f: f.devices.purge(THIEF))
+    assert planted == [] and "permissions violation" in refusal.lower(), (planted, refusal)
 
 
 def test_a_stolen_board_cannot_list_the_other_boards(agent, thief):

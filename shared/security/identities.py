@@ -90,18 +90,20 @@ def _ask(tiers) -> list[str]:
 
 
 def _board(device_id: str) -> list[str]:
-    """A board's own fleet entries (JetStream): its registry key, its desired key, its telemetry, the
-    model store's read side. KV reads are direct gets, whose subject names the key. No stream info (with
+    """A board's own fleet entries (JetStream): its registry key (written, never read: the answer to a read goes
+    to whatever reply subject the request names, and a stream capturing that subject stores it, so a board
+    that could read its own entry back could write bytes of its choosing into any bucket, the API keys'
+    among them), its desired key, its telemetry, the model store's read side. KV reads are direct gets,
+    whose subject names the key. No stream info (with
     a subjects filter it lists every key, hence every board's id: the board binds its buckets by name)
     and no consumers: a consumer's deliver subject is in the request's body, which permissions do not
     see, so a board that may create one can have the server push the store to any subject. It reads
     an object by message gets instead (its record, then its chunks by subject)."""
     api = "$JS.API"
-    devices, desired, models = f"KV_{DEVICES_BUCKET}", f"KV_{DESIRED_BUCKET}", f"OBJ_{MODELS_BUCKET}"
+    desired, models = f"KV_{DESIRED_BUCKET}", f"OBJ_{MODELS_BUCKET}"
     return [
         subject("telemetry", device_id),
         f"$KV.{DEVICES_BUCKET}.{device_id}",
-        f"{api}.DIRECT.GET.{devices}.$KV.{DEVICES_BUCKET}.{device_id}",
         f"{api}.DIRECT.GET.{desired}.$KV.{DESIRED_BUCKET}.{device_id}",
         f"{api}.STREAM.MSG.GET.{models}",  # an object's record and its chunks
     ]

@@ -464,12 +464,15 @@ class FleetAgent:
         self.status = "updating"
         self.ota = outcome(OtaCode.IN_PROGRESS, desired.version, "downloading")
         await self.beat()
+        fleet = self._fleet  # for both downloads: a heartbeat failing meanwhile sets self._fleet to None
+        if fleet is None:
+            raise OtaError(OtaCode.DOWNLOAD_FAILED, "the fleet's buckets are being opened again; tried again later")
         loop = asyncio.get_running_loop()
         staged = self.store.staging()
         try:
             for art, dest in ((desired.tflite, staged / "device" / "model.tflite"),
                               (desired.config, staged / "device" / "config.json")):
-                await self._download(art, dest)
+                await self._download(fleet, art, dest)
                 verify_digest(dest, art)
             installed = await loop.run_in_executor(None, self.store.install, staged, desired, self._models_dir())
         except BaseException:
@@ -490,13 +493,13 @@ class FleetAgent:
     def _models_dir(self) -> Path:
         return self.store.current() or self.base_models
 
-    async def _download(self, art: Artifact, dest: Path) -> None:
+    async def _download(self, fleet: Fleet, art: Artifact, dest: Path) -> None:
         """One artifact into `dest`, by message gets alone: a board may create no consumer (a consumer's
         deliver subject is in its request's body, which permissions do not see, so a stolen board could have
         the server push the store to any subject). The object's size in the store must be the signed one
         before a chunk is fetched; its chunks are then read in order by subject, one request each, and must
         match the store's own digest (the signed digest is checked after: ota.verify)."""
-        name, fleet = art.object, self._fleet  # kept: a failed heartbeat meanwhile sets self._fleet to None
+        name = art.object
         if not self._nc.is_connected:
             raise OtaError(OtaCode.DOWNLOAD_FAILED, "NATS is away; tried again later")
 
@@ -512,8 +515,10 @@ class FleetAgent:
             while got < info.size:
                 try:
                     msg = await fleet.js.get_msg(f"OBJ_{MODELS_BUCKET}", seq=seq, subject=chunks, next=True)
-                except NotFoundError:
-                    break  # fewer chunks than the record says
+                except NotFoundError:  # fewer chunks than the record says: the object was replaced meanwhile
+                    raise OtaError(OtaCode.DOWNLOAD_FAILED, f"{name}: {got} of {info.size} bytes, then no more "
+                                                            "chunks (replaced while downloading?); tried again "
+                                                            "later") from None
                 data = msg.data or b""
                 got += len(data)
                 if got > info.size:

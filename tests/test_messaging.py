@@ -187,9 +187,11 @@ class CountingEngine(type(random_torch_engine(seed=5))):
     """The real torch engine, counting its forward passes, each held until `gate` is open."""
 
     gate = threading.Event()
+    entered = threading.Event()  # a forward pass waits at the gate
     forwards = 0
 
     def _forward(self, *args):
+        self.entered.set()
         assert self.gate.wait(TIMEOUT), "the test never opened the gate"
         type(self).forwards += 1
         return super()._forward(*args)
@@ -210,13 +212,17 @@ def test_a_request_its_asker_gave_up_on_leaves_the_batch(tmp_path):
     service.start()
     try:
         engine.gate.clear()
+        engine.entered.clear()
 
-        async def give_up() -> None:
+        async def give_up() -> None:  # its caller goes away once the request runs (its first forward, held)
             nc = await connect(opts, name="test")
             try:
-                with pytest.raises(asyncio.TimeoutError):
-                    await asyncio.wait_for(ask_tier(nc, "edge", pb.InferRequest(prompt=prompt, parameters=params),
-                                                    TIMEOUT), 1.0)  # its caller's own deadline
+                asking = asyncio.ensure_future(ask_tier(nc, "edge", pb.InferRequest(prompt=prompt, parameters=params),
+                                                        TIMEOUT))
+                assert await asyncio.to_thread(engine.entered.wait, TIMEOUT)
+                asking.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await asking
                 await nc.flush(timeout=TIMEOUT)
             finally:
                 await nc.close()
@@ -367,3 +373,31 @@ def test_a_refusal_after_connecting_is_logged_once_naming_the_subject(tmp_path, 
         server.stop()
     refusals = [r.getMessage() for r in caplog.records if "permissions violation" in r.getMessage().lower()]
     assert len(refusals) == 1 and subject("device") in refusals[0] and "test-refused" in refusals[0], caplog.text
+
+
+def test_a_closed_connection_that_asked_a_tier_is_freed(tmp_path):
+    """A connection's reply subscription (`_replies`) lives as long as the connection, not longer: a process that
+    makes connections and closes them (the bench, the CLI, tests) does not keep each one, buffers and all."""
+    import gc
+    import weakref
+
+    server = NatsServer(tmp_path).start()
+    opts = NatsOptions(server.url, server.user, server.password)
+
+    async def main():
+        nc = await connect(opts, name="test")
+
+        async def answer(msg) -> None:
+            await nc.publish(msg.reply, pb.InferResponse(tier="edge").SerializeToString())
+
+        await nc.subscribe(subject("edge"), cb=answer)
+        assert (await ask_tier(nc, "edge", pb.InferRequest(prompt="Q:1+1=?\nA:"), TIMEOUT)).tier == "edge"
+        await nc.close()
+        return weakref.ref(nc)
+
+    try:
+        gone = asyncio.run(main())
+        gc.collect()
+        assert gone() is None
+    finally:
+        server.stop()

@@ -14,12 +14,12 @@ import json
 import logging
 import random
 import time
-import weakref
 from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import nats
+import nats.errors
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 
 from tierline_api.v1 import inference_pb2 as pb
@@ -231,13 +231,12 @@ class _Replies:
             del self._boxes[token]
 
 
-_REPLIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # connection -> its _Replies
-
-
 def _replies(nc) -> _Replies:
-    replies = _REPLIES.get(nc)
+    """The connection's _Replies, kept on the connection itself (it holds the connection: a weak mapping from
+    the connection to it would keep every connection alive)."""
+    replies = getattr(nc, "_tierline_replies", None)
     if replies is None:
-        replies = _REPLIES[nc] = _Replies(nc)
+        replies = nc._tierline_replies = _Replies(nc)
     return replies
 
 
@@ -422,9 +421,11 @@ class _ErrorLog:
                 self.refused.set()
             return
         now = time.monotonic()
-        if now - self._logged.get(text, -ERROR_LOG_S) >= ERROR_LOG_S:
+        # a slow consumer's text names the message's subject, on the shared reply subscription another each time
+        same = type(exc).__name__ if isinstance(exc, nats.errors.SlowConsumerError) else text
+        if now - self._logged.get(same, -ERROR_LOG_S) >= ERROR_LOG_S:
             self._logged = {t: at for t, at in self._logged.items() if now - at < ERROR_LOG_S}
-            self._logged[text] = now
+            self._logged[same] = now
             log.warning("NATS (%s): %s", self.name, text)
 
 

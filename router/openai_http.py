@@ -123,7 +123,10 @@ def error_body(exc: TierError, chat: bool = False, body=None) -> tuple[int, dict
     request's, whose field names the error uses."""
     status, kind = HTTP_STATUS.get(exc.status, (500, "api_error"))
     message, param = _openai_error(exc, chat, body)
-    code = "model_not_found" if isinstance(exc, ModelNotFound) else exc.status.lower()
+    if isinstance(exc, ModelNotFound):  # OpenAI's own words for it
+        kind, code = "invalid_request_error", "model_not_found"
+    else:
+        code = exc.status.lower()
     return status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -579,4 +582,6 @@ class OpenAIServer:
             await response.write_eof()
         except ConnectionResetError:
             pass
+        except Exception:  # noqa: BLE001 - the headers are out: an error answer now would corrupt the stream
+            log.exception("ending the stream of %s failed", ident)
         return response

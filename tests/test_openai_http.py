@@ -93,7 +93,8 @@ def test_errors_map_to_openai_exceptions(stack):
                 lambda c: c.models.retrieve("gpt-9")):
         with pytest.raises(openai.NotFoundError) as err:
             ask(api(stack))
-        assert (err.value.body["code"], err.value.body["param"]) == ("model_not_found", "model"), err.value.body
+        body = err.value.body
+        assert (body["code"], body["type"], body["param"]) == ("model_not_found", "invalid_request_error", "model")
 
 
 def test_http_and_grpc_share_one_quota(stack):

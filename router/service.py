@@ -276,10 +276,10 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
             for s, silent_s in self._known_replicas(tier, stats):
                 infer = next((e for e in s.get("endpoints") or [] if e.get("name") == "infer"), {})
                 depth = int((infer.get("data") or {}).get("queue_depth", 0))
-                ts.replicas.add(id=s.get("id", ""), version=s.get("version", ""),
-                                requests=int(infer.get("num_requests", 0)), errors=int(infer.get("num_errors", 0)),
-                                average_ms=infer.get("average_processing_time", 0) / 1e6, queue_depth=depth,
-                                silent_s=round(silent_s, 3))
+                (ts.silent_replicas if silent_s else ts.replicas).add(
+                    id=s.get("id", ""), version=s.get("version", ""), requests=int(infer.get("num_requests", 0)),
+                    errors=int(infer.get("num_errors", 0)), average_ms=infer.get("average_processing_time", 0) / 1e6,
+                    queue_depth=depth, silent_s=round(silent_s, 3))
                 ts.queue_depth += 0 if silent_s else depth
         return out
 

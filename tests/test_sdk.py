@@ -122,7 +122,7 @@ def both_replicas(client):
     deadline = time.monotonic() + 30
     while True:
         status = client.status()
-        if sum(not r.silent_s for r in status.tiers[0].replicas) == 2:
+        if len(status.tiers[0].replicas) == 2:
             return status
         assert time.monotonic() < deadline, status
         time.sleep(0.1)
@@ -160,22 +160,28 @@ def test_a_replica_that_misses_a_discovery_is_listed_silent_not_dropped(stack, c
     back to answering in the next status after it is."""
     import os
     import signal
+    import time
 
     from tierline.status_view import render_text
 
     known = {r.id for r in both_replicas(client).tiers[0].replicas}
     edge1 = next(p for p in stack.procs if p.name == "edge-1").popen.pid
     os.kill(edge1, signal.SIGSTOP)
-    try:
-        [edge] = client.status().tiers
+    try:  # the status of a moment edge-0 answered in time (on a loaded machine it too can miss a discovery)
+        deadline = time.monotonic() + 30
+        while True:
+            [edge] = client.status().tiers
+            if len(edge.replicas) == 1:
+                break
+            assert time.monotonic() < deadline, edge
     finally:
         os.kill(edge1, signal.SIGCONT)
-    assert {r.id for r in edge.replicas} == known
-    silent = [r for r in edge.replicas if r.silent_s > 0]
-    assert len(silent) == 1 and 0 < silent[0].silent_s < 60
+    assert {r.id for r in [*edge.replicas, *edge.silent_replicas]} == known
+    assert [r.silent_s for r in edge.replicas] == [0] and len(edge.silent_replicas) == 1
+    assert 0 < edge.silent_replicas[0].silent_s < 60
     row = next(line for line in render_text(pb_status(edge)).splitlines() if line.startswith("edge "))
     assert "1 (+1 silent)" in row and "down" not in row
-    assert {r.id for r in both_replicas(client).tiers[0].replicas if not r.silent_s} == known
+    assert {r.id for r in both_replicas(client).tiers[0].replicas} == known
 
 
 def pb_status(tier):

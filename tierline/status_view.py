@@ -42,21 +42,15 @@ def tier_rows(st) -> list[tuple[str, ...]]:
              f"{t.answered:,}") for t in st.tiers]
 
 
-def up(tier) -> bool:
-    """Whether a replica of the tier answered this status's discovery (the others listed are silent)."""
-    return any(not r.silent_s for r in tier.replicas)
-
-
 def replica_count(tier) -> str:
     """Replicas that answered; those silent since (busy, or gone) in brackets; "down" when none answered."""
-    answering = sum(not r.silent_s for r in tier.replicas)
-    silent = len(tier.replicas) - answering
-    return (f"{answering}" if answering else "0 (down)") + (f" (+{silent} silent)" if silent else "")
+    silent = len(tier.silent_replicas)
+    return (f"{len(tier.replicas)}" if tier.replicas else "0 (down)") + (f" (+{silent} silent)" if silent else "")
 
 
 def replica_rows(st) -> list[tuple[str, ...]]:
     return [(t.tier, r.id, r.version, f"{r.requests:,}", f"{r.errors:,}", f"{r.average_ms:.1f}", str(r.queue_depth),
-             f"{r.silent_s:.1f} s" if r.silent_s else "") for t in st.tiers for r in t.replicas]
+             f"{r.silent_s:.1f} s" if r.silent_s else "") for t in st.tiers for r in [*t.replicas, *t.silent_replicas]]
 
 
 def render_text(st) -> str:
@@ -84,7 +78,7 @@ def render_rich(st):
         tiers.add_column(c, justify="left" if i == 0 else "right",
                          style={"traffic share": "green", "escalation rate": "yellow", "queue depth": "cyan"}.get(c))
     for t, row in zip(st.tiers, tier_rows(st)):
-        tiers.add_row(*row, style=None if up(t) else "red")
+        tiers.add_row(*row, style=None if t.replicas else "red")
     replicas = Table(title="Replicas (nats.micro $SRV.STATS)", title_justify="left")
     for i, c in enumerate(REPLICA_COLUMNS):
         replicas.add_column(c, justify="left" if i < 3 else "right")

@@ -244,6 +244,49 @@ def test_a_request_its_asker_gave_up_on_leaves_the_batch(tmp_path):
         server.stop()
 
 
+def test_a_cancel_that_comes_before_its_request_still_stops_it(tmp_path):
+    """The tier handles each subscription's messages in a task of its own, so a cancel sent just after its request
+    (a client gone at once) can be handled first: it is remembered, and the request stops as it arrives."""
+    from tierline_shared.transport.messaging import STREAM_ID_HEADER, TIMEOUT_HEADER
+
+    base = random_torch_engine(seed=5, tier="edge")
+    engine = CountingEngine(base.model, base.tokenizer, base.info)
+    servicer = TierServicer(engine, BatchConfig(max_num_seqs=4))
+    server = NatsServer(tmp_path).start()
+    opts = NatsOptions(server.url, server.user, server.password)
+    service = nats_service_for("edge", opts, servicer)
+    service.start()
+    engine.gate.clear()  # were it decoded, its first forward would wait here until its own deadline
+    try:
+        async def main() -> int:
+            nc = await connect(opts, name="test")
+            try:
+                inbox = nc.new_inbox()
+                replies = await nc.subscribe(inbox)
+                await nc.publish(subject("edge", "cancel"), inbox.encode())
+                await nc.flush(timeout=TIMEOUT)
+                await asyncio.sleep(0.3)  # the cancel is there first
+                await nc.publish(subject("edge"), pb.InferRequest(prompt="Q:9*9=?\nA:").SerializeToString(),
+                                 reply=inbox, headers={STREAM_ID_HEADER: inbox, TIMEOUT_HEADER: f"{TIMEOUT}"})
+                await nc.flush(timeout=TIMEOUT)
+                deadline = time.monotonic() + TIMEOUT / 3  # well within the request's own deadline
+                while service._counts["infer"].requests < 1 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+                await asyncio.sleep(0.2)
+                return replies.pending_msgs
+            finally:
+                await nc.close()
+
+        answered = asyncio.run(main())
+        assert service._counts["infer"].requests == 1, "the request ran on though its cancel had come"
+        assert answered == 0 and not service._live and not service._early
+    finally:
+        engine.gate.set()
+        service.stop()
+        servicer.scheduler.close()
+        server.stop()
+
+
 def test_a_drain_never_outlasts_the_supervisors_patience(tmp_path):
     """A subscription whose messages nobody reads holds nats-py's drain for 30 s by default; every Tierline
     connection bounds it (DRAIN_TIMEOUT_S), so a process told to stop closes before the supervisor's SIGKILL."""

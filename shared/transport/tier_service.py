@@ -45,6 +45,8 @@ from tierline_shared.transport.messaging import (
 
 STREAM_THREADS = 64  # streams read at once per tier process (each waits on the scheduler for its chunks)
 MIN_HEARTBEAT_S = 0.05  # seconds: the most often a tier says it is alive, whatever a requester asks
+EARLY_CANCEL_S = 60.0  # seconds a cancel naming no request here is kept: its request may still be on its way
+EARLY_CANCEL_MAX = 10_000  # such cancels kept at most (every replica hears every cancel of its tier)
 
 
 @dataclass
@@ -111,6 +113,7 @@ class TierService:
         self._service = None
         self._tasks: set[asyncio.Task] = set()
         self._live: dict = {}  # request id (its reply subject) -> what stops it, called once the requester cancels
+        self._early: dict[str, float] = {}  # request id -> until when a cancel that came before it counts
         self._pool = ThreadPoolExecutor(STREAM_THREADS, thread_name_prefix=f"nats-{tier}")
 
     def start(self, retry_forever: bool = False) -> None:
@@ -161,8 +164,24 @@ class TierService:
         await self._nc.subscribe(subject(self.tier, "cancel"), cb=self._on_cancel)
 
     async def _on_cancel(self, msg) -> None:
-        stop = self._live.get(msg.data.decode(errors="replace"))
+        """Stop the request the cancel names, or remember the cancel a while: nats-py runs each subscription's
+        messages in a task of its own, so a cancel sent just after its request can be handled before it."""
+        request_id = msg.data.decode(errors="replace")
+        stop = self._live.get(request_id)
         if stop is not None:
+            stop()
+            return
+        now = time.monotonic()
+        if len(self._early) >= EARLY_CANCEL_MAX:
+            self._early = {r: until for r, until in self._early.items() if until > now}
+            while len(self._early) >= EARLY_CANCEL_MAX:  # the oldest go first (kept in arrival order)
+                del self._early[next(iter(self._early))]
+        self._early[request_id] = now + EARLY_CANCEL_S
+
+    def _track(self, request_id, stop) -> None:
+        """A request that can be cancelled from now on (`_on_cancel`); one whose cancel came first stops at once."""
+        self._live[request_id] = stop
+        if self._early.pop(request_id, 0) > time.monotonic():
             stop()
 
     async def _on_stream(self, req) -> None:
@@ -181,7 +200,7 @@ class TierService:
         done = object()
         stream_id = (req.headers or {}).get(STREAM_ID_HEADER) or object()  # none given: nobody can cancel it
         cancelled = threading.Event()
-        self._live[stream_id] = cancelled.set
+        self._track(stream_id, cancelled.set)
 
         def produce() -> None:
             try:
@@ -225,7 +244,7 @@ class TierService:
         request_id = headers.get(STREAM_ID_HEADER) or object()  # none given: nobody can cancel it
         try:
             answer = self._handle(req.data, timeout)
-            self._live[request_id] = answer.cancel
+            self._track(request_id, answer.cancel)
             work = asyncio.wrap_future(answer)
             while beat and beat > 0:  # the requester asked to hear that we are alive while we work
                 done, _ = await asyncio.wait({work}, timeout=max(beat, MIN_HEARTBEAT_S))

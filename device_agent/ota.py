@@ -9,8 +9,7 @@ agent checks the signature against the publisher keys pinned in its manifest
 an unsigned, wrongly signed, expired or older update is refused with its own code and
 the running model keeps serving. Then it downloads the objects to a staging folder
 (fleet.py: by message gets, an object not of the signed size refused before a chunk is
-fetched, the chunks checked against the store's own digest), refuses them unless sizes
-and digests match the operator's (`verify`), installs them as
+fetched), refuses them unless sizes and digests match the operator's (`verify`), installs them as
 `state_dir/models/<version>/` - a models directory that `load_engine`
 reads, sha256 checks included - loads the engine and runs a few benchmark
 problems through it. Only a model that passes takes traffic: the `current` link

@@ -113,13 +113,10 @@ class Outbox:
 
     def ack(self, seq: int) -> None:
         """The event was stored by JetStream: forget it."""
-        with self._lock:
-            with self._db:
-                deleted = self._db.execute("DELETE FROM events WHERE seq = ?", (seq,)).rowcount
-            self._pending -= deleted  # an event acknowledged twice counts once
+        self.ack_all([seq])
 
     def ack_all(self, seqs: list[int]) -> None:
-        """Several events stored by JetStream: forgotten in one transaction."""
+        """Events stored by JetStream: forgotten in one transaction (one acknowledged twice counts once)."""
         if not seqs:
             return
         with self._lock:

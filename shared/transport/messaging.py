@@ -128,31 +128,24 @@ async def discover(nc, tier: str, verb: str = "STATS", wait_s: float = 0.25) -> 
     """Every replica's reply to `$SRV.<verb>.tierline-<tier>`, gathered for `wait_s` seconds.
 
     nats.micro replicas all answer a discovery request, so this is a scatter-gather on a
-    reply inbox rather than `nc.request` (which keeps only the first reply).
+    reply subject (the connection's shared one: `_replies`) rather than `nc.request` (which
+    keeps only the first reply).
     """
-    import json
-
-    from nats.errors import TimeoutError as NatsTimeout
-
     loop = asyncio.get_running_loop()
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
-    replies: list[dict] = []
-    try:
+    found: list[dict] = []
+    async with _replies(nc).box() as (inbox, replies):
         await nc.publish(f"$SRV.{verb}.{service_name(tier)}", b"", reply=inbox)
         deadline = loop.time() + wait_s
         while (left := deadline - loop.time()) > 0:
             try:
-                msg = await sub.next_msg(timeout=left)
-            except NatsTimeout:
+                msg = await replies.get(timeout=left)
+            except nats.errors.TimeoutError:
                 break
             try:
-                replies.append(json.loads(msg.data))
+                found.append(json.loads(msg.data))
             except ValueError:
                 continue  # not a nats.micro reply
-    finally:
-        await sub.unsubscribe()
-    return replies
+    return found
 
 
 class TierError(Exception):
@@ -181,8 +174,6 @@ class _Box:
 
     async def get(self, timeout: float):
         """The next reply; nats' TimeoutError after `timeout` seconds without one."""
-        from nats.errors import TimeoutError as NatsTimeout
-
         if not self._msgs:
             loop = asyncio.get_running_loop()
             self._waiter = waiter = loop.create_future()
@@ -193,7 +184,7 @@ class _Box:
                 timer.cancel()
                 self._waiter = None
             if not self._msgs:
-                raise NatsTimeout
+                raise nats.errors.TimeoutError
         return self._msgs.popleft()
 
 
@@ -240,6 +231,17 @@ def _replies(nc) -> _Replies:
     return replies
 
 
+def _answer(tier: str, msg) -> pb.InferResponse:
+    """A tier's reply: its InferResponse, or what it said instead raised (NoRespondersError: no replica;
+    TierError: the tier's error, with its gRPC status name)."""
+    headers = msg.headers or {}
+    if headers.get("Status") == "503":
+        raise nats.errors.NoRespondersError
+    if ERROR_CODE_HEADER in headers:
+        raise TierError(tier, headers.get(STATUS_HEADER, "UNKNOWN"), headers.get(ERROR_HEADER, ""))
+    return pb.InferResponse.FromString(msg.data)
+
+
 async def ask_tier(nc, tier: str, request, timeout_s: float):
     """One InferRequest to a tier over NATS, with an explicit timeout.
 
@@ -251,9 +253,6 @@ async def ask_tier(nc, tier: str, request, timeout_s: float):
     decoding the request (`tierline.<tier>.cancel`, as a stream closed early).
     Raises nats' NoRespondersError (no replica: at once), TimeoutError, or TierError.
     """
-    from nats.errors import NoRespondersError
-    from nats.errors import TimeoutError as NatsTimeout
-
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     async with _replies(nc).box() as (inbox, replies):
@@ -266,25 +265,20 @@ async def ask_tier(nc, tier: str, request, timeout_s: float):
             while True:
                 now = loop.time()
                 if now >= deadline:
-                    raise NatsTimeout
+                    raise nats.errors.TimeoutError
                 if not nc.is_connected:
                     heard = now  # our own link is down: the replica may be fine; wait for the reconnect
                 elif now - heard >= SILENCE_S:
                     raise ReplicaSilent(f"{tier}: the replica went silent for {SILENCE_S} s")
                 try:
                     msg = await replies.get(timeout=min(HEARTBEAT_S, deadline - now))
-                except NatsTimeout:
+                except nats.errors.TimeoutError:
                     continue
                 heard = loop.time()
-                headers = msg.headers or {}
-                if PROGRESS_HEADER in headers:
+                if PROGRESS_HEADER in (msg.headers or {}):
                     continue
                 ended = True
-                if headers.get("Status") == "503":
-                    raise NoRespondersError
-                if ERROR_CODE_HEADER in headers:
-                    raise TierError(tier, headers.get(STATUS_HEADER, "UNKNOWN"), headers.get(ERROR_HEADER, ""))
-                return pb.InferResponse.FromString(msg.data)
+                return _answer(tier, msg)
         finally:
             if not ended:  # given up (a deadline, a silent replica, the caller gone): the tier stops decoding it
                 await _publish_cancel(nc, tier, inbox)
@@ -296,8 +290,6 @@ async def stream_tier(nc, tier: str, request, timeout_s: float):
     `timeout_s` bounds the wait for each chunk. Raises NoRespondersError before the
     first chunk when no replica is up, TimeoutError, or TierError.
     """
-    from nats.errors import NoRespondersError
-
     ended = False  # the tier said its last word (the final chunk, an error, or no responders)
     async with _replies(nc).box() as (inbox, replies):
         try:
@@ -305,14 +297,8 @@ async def stream_tier(nc, tier: str, request, timeout_s: float):
                              headers={TIMEOUT_HEADER: f"{timeout_s:.3f}", STREAM_ID_HEADER: inbox})
             while True:
                 msg = await replies.get(timeout=timeout_s)
-                headers = msg.headers or {}
-                if headers.get("Status") == "503":
-                    ended = True
-                    raise NoRespondersError
-                if ERROR_CODE_HEADER in headers:
-                    ended = True
-                    raise TierError(tier, headers.get(STATUS_HEADER, "UNKNOWN"), headers.get(ERROR_HEADER, ""))
-                chunk = pb.InferResponse.FromString(msg.data)
+                ended = True  # unless this is a chunk before the last
+                chunk = _answer(tier, msg)
                 ended = bool(chunk.choices and chunk.choices[0].finish_reason)
                 yield chunk
                 if ended:

@@ -11,25 +11,30 @@ Everything goes through JetStream on the agent's own NATS connection:
 
 The agent connects as its own board (`device-<id>`, shared/security/identities.py): the
 server lets it write only its own registry key and telemetry subject and read only its
-own desired key and the model store (by message gets), so no other board can take its
+own desired key and the model store (by direct gets), so no other board can take its
 entry over; it binds the buckets by name, with no stream info (which would list every
-board's key). Every heartbeat writes the device's entry whole, never reading it (`register`). The loop
-beats every `heartbeat_s`, doubling the wait (up to 8x) while NATS is away; the
-heartbeat, the desired-model check and the telemetry drain (a task of its own) each
-fail alone, so a telemetry stream that is gone or refused stops neither heartbeats nor
-updates, and its events wait in the outbox. The connection itself reconnects forever,
-nats-py replaying its subscriptions, with exponential backoff and jitter between
-attempts (`shared.messaging.reconnect_delay`: 1 s doubling to 30 s, back to 1 s once
-connected). The desired key is read on every beat (a
-plain read survives server restarts, where a watch's consumer would not) and a
-new record (revision and SHA-256: a re-created store counts revisions from 1 again)
-starts an update (device_agent/ota.py). An update that failed on the link is tried
-again with backoff; one that failed on the board (a full disk) is not.
+board's key). The telemetry stream keeps at most TELEMETRY_MAX_MSGS_PER_BOARD events per
+board, so a board that floods it pushes out its own oldest events, not the others'. Every
+heartbeat writes the device's entry whole, never reading it (`register`). The loop beats
+every `heartbeat_s`, doubling the wait (up to 8x) while NATS is away; the heartbeat, the
+desired-model check and the telemetry drain (a task of its own) each fail alone, so a
+telemetry stream that is gone or refused stops neither heartbeats nor updates, and its
+events wait in the outbox. The connection itself reconnects forever, nats-py replaying
+its subscriptions, with exponential backoff and jitter between attempts
+(`shared.messaging.reconnect_delay`: 1 s doubling to 30 s, back to 1 s once connected).
+The desired key is read on every beat (a plain read survives server restarts, where a
+watch's consumer would not) and a new record (revision and SHA-256: a re-created store
+counts revisions from 1 again) starts an update (device_agent/ota.py). An update that
+failed on the link is tried again with backoff; one that failed on the board (a full
+disk) is not. An artifact comes by batched direct gets, a round trip per
+DOWNLOAD_BATCH_BYTES, not per chunk (`_fetch_chunks`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -42,15 +47,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from nats.errors import NoRespondersError
 from nats.js import api
 from nats.js.errors import (
     BucketNotFoundError,
     KeyNotFoundError,
     NotFoundError,
-    ObjectNotFoundError,
 )
 from nats.js.kv import KeyValue
-from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, ObjectStore
+from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, OBJ_META_PRE_TEMPLATE, ObjectStore
 from nats.protocol.parser import PERMISSIONS_ERR
 
 from tierline_device_agent.metrics import FleetMetrics
@@ -60,7 +65,6 @@ from tierline_device_agent.ota import (
     ModelStore,
     OtaCode,
     OtaError,
-    check_sequence,
     claimed_version,
     health_check,
     load_candidate,
@@ -87,8 +91,18 @@ from tierline_shared.transport.messaging import (
 log = logging.getLogger("tierline.device")
 
 TELEMETRY_MAX_MSGS = 1_000_000  # the stream keeps this many events at most (oldest go)
+# of which one board's subject keeps this many (its own oldest go first): a stolen board that floods the stream
+# pushes out at most this many of the other boards' events, then only its own. As many as a board's outbox keeps
+# offline by default (device_agent.outbox_max_events), so a board back from an outage loses none to the limit.
+TELEMETRY_MAX_MSGS_PER_BOARD = 10_000
 JS_TIMEOUT_S = 5.0  # one JetStream call (KV, publish ack), at most
 DOWNLOAD_TIMEOUT_S = 120.0  # one artifact from the object store, at most
+# an artifact's chunks are asked for in batches of this many bytes (32 chunks of 128 KiB): one round trip per
+# batch, not per chunk, while the server never holds more than this for a slow board (its buffer for a client
+# is 64 MiB before it cuts it off as a slow consumer)
+DOWNLOAD_BATCH_BYTES = 4 * 1024 * 1024
+MODELS_STREAM = f"OBJ_{MODELS_BUCKET}"
+MODELS_DIRECT_GET = f"$JS.API.DIRECT.GET.{MODELS_STREAM}"  # a board's one request on the model store
 MAX_BACKOFF_FACTOR = 8  # heartbeats wait up to 8x their interval while NATS is away
 FLUSH_BATCH = 500  # telemetry events read from the outbox and published at a time (acks awaited together)
 FLUSH_POLL_S = 0.2  # new telemetry is sent after this long at most (the outbox's count is polled)
@@ -134,13 +148,25 @@ async def open_fleet(nc, board: bool = False) -> Fleet:
     try:
         models = await js.object_store(MODELS_BUCKET)
     except BucketNotFoundError:
-        models = await js.create_object_store(MODELS_BUCKET)
+        models = await js.create_object_store(MODELS_BUCKET)  # with allow_direct (nats-py sets it)
+    # boards download by direct gets: a store made without them (by an older client) gets them here
+    await _settle(js, MODELS_STREAM, allow_direct=True)
+    limits = {"max_msgs": TELEMETRY_MAX_MSGS, "max_msgs_per_subject": TELEMETRY_MAX_MSGS_PER_BOARD}
     try:
-        await js.stream_info(TELEMETRY_STREAM)
+        await _settle(js, TELEMETRY_STREAM, **limits)  # a stream made before the per-board limit gets it here
     except NotFoundError:
         await js.add_stream(name=TELEMETRY_STREAM, subjects=[subject("telemetry", ">")],
-                            storage=api.StorageType.FILE, max_msgs=TELEMETRY_MAX_MSGS, duplicate_window=120)
+                            storage=api.StorageType.FILE, duplicate_window=120, **limits)
     return Fleet(js, await kv(DEVICES_BUCKET), await kv(DESIRED_BUCKET), models)
+
+
+async def _settle(js, stream: str, **settings) -> None:
+    """Give an existing stream these settings where it has others (NotFoundError: no such stream). The operator's
+    call: a board can neither read a stream's config nor change it."""
+    config = (await js.stream_info(stream)).config
+    if any(getattr(config, k) != v for k, v in settings.items()):
+        await js.update_stream(config.evolve(**settings))
+        log.info("stream %s updated: %s", stream, settings)
 
 
 async def provision_fleet(opts: NatsOptions) -> None:
@@ -311,12 +337,13 @@ class FleetAgent:
         """`work()`, failing alone: returns its exception (None: it worked). A failure is logged when it
         starts or its cause changes, not on every beat, and its end once, at the same level (the log that
         named a failure also says when it is over)."""
+        refused_before = self._refusal()
         try:
             await work()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - the link comes and goes, a stream may be gone: tried again
-            why = self._why(exc)
+            why = self._why(exc, refused_before)
             if self._failing.get(name) != why:
                 log.warning("fleet: %s failed: %s", name, why)
             self._failing[name] = why
@@ -325,14 +352,23 @@ class FleetAgent:
             log.warning("fleet: %s works again", name)
         return None
 
-    def _why(self, exc: Exception) -> str:
+    def _why(self, exc: Exception, refused_before: Exception | None = None) -> str:
         """A failure in words. The server refuses a publish (a permissions violation) apart from the request
-        it refused, which then only times out: a timeout names the server's last refusal too."""
+        it refused, which then only times out: a timeout names the server's refusal too, if one came while
+        the failed work ran. nats-py keeps its last error until the next reconnect, so one that was there
+        before (`refused_before`, from `_refusal`) is old news: an unrelated timeout later must not repeat it."""
         why = f"{type(exc).__name__}: {exc}"
-        refusal = self._nc.last_error if self._nc is not None else None
-        if isinstance(exc, (asyncio.TimeoutError, TimeoutError)) and PERMISSIONS_ERR in str(refusal).lower():
+        refusal = self._refusal()
+        timed_out = isinstance(exc, (asyncio.TimeoutError, TimeoutError))
+        if timed_out and refusal is not None and refusal is not refused_before:
             why += f" (the server's last refusal: {refusal})"
         return why
+
+    def _refusal(self) -> Exception | None:
+        """The connection's last error if it is the server's refusal (a permissions violation); nats-py makes a
+        new exception for each, so two calls return the same object only if no refusal came in between."""
+        error = self._nc.last_error if self._nc is not None else None
+        return error if PERMISSIONS_ERR in str(error).lower() else None
 
     async def _ensure_registered(self) -> None:
         if self._nc is None or self._nc.is_closed:
@@ -438,7 +474,7 @@ class FleetAgent:
             if (self.servicer.engine.info.version, self.serving_sha256) == (version, desired.tflite.sha256):
                 code, detail = OtaCode.APPLIED, "already serving this version"
             else:
-                check_sequence(desired, self.store.sequence())
+                self.store.admit(desired)  # DOWNGRADE below the installed or the newest verified manifest
                 code, detail = OtaCode.APPLIED, await self._install(desired)
         except OtaError as exc:
             code, detail = exc.code, str(exc)
@@ -493,47 +529,94 @@ class FleetAgent:
         return self.store.current() or self.base_models
 
     async def _download(self, fleet: Fleet, art: Artifact, dest: Path) -> None:
-        """One artifact into `dest`, by message gets alone: a board may create no consumer (a consumer's
-        deliver subject is in its request's body, which permissions do not see, so a stolen board could have
-        the server push the store to any subject). The object's size in the store must be the signed one
-        before a chunk is fetched; its chunks are then read in order by subject, one request each (whether
-        they are the signed bytes is checked after, once: ota.verify)."""
-        name = art.object
+        """One artifact into `dest`, by direct gets alone: a board may create no consumer (a consumer's deliver
+        subject is in its request's body, which permissions do not see, so a stolen board could have the server
+        push the store to any subject). The object's record comes first, and its size must be the signed one
+        before a chunk is fetched; its chunks then come in order by subject, in batches (`_fetch_chunks`).
+        Whether they are the signed bytes is checked after, once: ota.verify. Both come on the agent's own
+        connection; `fleet` is the caller's proof that the buckets are open."""
         if not self._nc.is_connected:
             raise OtaError(OtaCode.DOWNLOAD_FAILED, "NATS is away; tried again later")
 
         async def fetch(out) -> None:
-            info = await fleet.models.get_info(name)
-            if info.is_link() or not info.nuid:
-                raise OtaError(OtaCode.NOT_FOUND, f"{name}: a link or a bad record in {MODELS_BUCKET}, not an object")
+            info = await _object_record(self._nc, art.object)
             if info.size != art.size:
-                raise OtaError(OtaCode.DIGEST_MISMATCH, f"{name}: {info.size} bytes in the object store, not the "
-                                                        f"signed {art.size}; refused before download")
-            chunks = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=MODELS_BUCKET, obj=info.nuid)
-            got, seq = 0, 1
-            while got < info.size:
-                try:
-                    msg = await fleet.js.get_msg(f"OBJ_{MODELS_BUCKET}", seq=seq, subject=chunks, next=True)
-                except NotFoundError:  # fewer chunks than the record says: the object was replaced meanwhile
-                    raise OtaError(OtaCode.DOWNLOAD_FAILED, f"{name}: {got} of {info.size} bytes, then no more "
-                                                            "chunks (replaced while downloading?); tried again "
-                                                            "later") from None
-                data = msg.data or b""
-                got += len(data)
-                if got > info.size:
-                    raise OtaError(OtaCode.DIGEST_MISMATCH, f"{name}: more bytes in the object store than its "
-                                                            f"record's {info.size}; refused")
-                await asyncio.get_running_loop().run_in_executor(None, out.write, data)
-                seq = msg.seq + 1
+                raise OtaError(OtaCode.DIGEST_MISMATCH, f"{art.object}: {info.size} bytes in the object store, not "
+                                                        f"the signed {art.size}; refused before download")
+            await _fetch_chunks(self._nc, art.object, info, out)
 
         try:
             with open(dest, "wb") as f:
                 await asyncio.wait_for(fetch(f), DOWNLOAD_TIMEOUT_S)
-        except ObjectNotFoundError:
-            raise OtaError(OtaCode.NOT_FOUND, f"{name}: not in the object store {MODELS_BUCKET}") from None
         except (asyncio.TimeoutError, TimeoutError, ConnectionError) as exc:
-            why = f"{name}: not downloaded ({type(exc).__name__}, limit {DOWNLOAD_TIMEOUT_S:.0f} s)"
+            why = f"{art.object}: not downloaded ({type(exc).__name__}, limit {DOWNLOAD_TIMEOUT_S:.0f} s)"
             raise OtaError(OtaCode.DOWNLOAD_FAILED, f"{why}; tried again later") from None
+
+
+async def _object_record(nc, name: str) -> api.ObjectInfo:
+    """An object's record in the model store (size, chunk count, the nuid its chunks' subject names), by a
+    direct get of the last message on its record's subject."""
+    meta = OBJ_META_PRE_TEMPLATE.format(bucket=MODELS_BUCKET, obj=base64.urlsafe_b64encode(name.encode()).decode())
+    try:
+        msg = await nc.request(MODELS_DIRECT_GET, json.dumps({"last_by_subj": meta}).encode(), timeout=JS_TIMEOUT_S)
+    except (NoRespondersError, asyncio.TimeoutError) as exc:  # nats-py's TimeoutError is asyncio's too
+        # a stream without allow_direct does not answer them (the request only times out), nor does a server
+        # whose permissions predate them (its refusal is logged)
+        raise OtaError(OtaCode.DOWNLOAD_FAILED, f"{name}: no answer from the object store {MODELS_BUCKET} "
+                                                f"({type(exc).__name__}): the link, or a store without direct gets "
+                                                "(allow_direct: `tierline devices provision` sets it); tried again "
+                                                "later") from None
+    status = (msg.headers or {}).get("Status")
+    if status == "404":
+        raise OtaError(OtaCode.NOT_FOUND, f"{name}: not in the object store {MODELS_BUCKET}")
+    if status:
+        raise OtaError(OtaCode.DOWNLOAD_FAILED, f"{name}: the object store answered {status} "
+                                                f"{msg.headers.get('Description', '')}; tried again later")
+    try:
+        info = api.ObjectInfo.from_response(json.loads(msg.data))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        info = None
+    if info is None or info.deleted or info.is_link() or not info.nuid or not isinstance(info.size, int):
+        raise OtaError(OtaCode.NOT_FOUND, f"{name}: deleted, a link or a bad record in {MODELS_BUCKET}, not an object")
+    return info
+
+
+async def _fetch_chunks(nc, name: str, info: api.ObjectInfo, out) -> None:
+    """An object's chunks into `out`, in order, by batched direct gets (nats-server 2.11+): one request asks for
+    the chunks from a sequence on, the server sends them back to back, up to DOWNLOAD_BATCH_BYTES, and ends the
+    batch with a status message (204 EOB). A request per batch, not per chunk: 100 MB over a 100 ms link is 25
+    round trips, not 800. More bytes than the record says are refused (DIGEST_MISMATCH); fewer, with no chunk
+    left (the object replaced meanwhile), fail the download (tried again later)."""
+    chunks = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=MODELS_BUCKET, obj=info.nuid)
+    loop = asyncio.get_running_loop()
+    inbox = nc.new_inbox()  # under the board's own inbox prefix: the one it may subscribe to
+    sub = await nc.subscribe(inbox)
+    try:
+        got, seq = 0, 1
+        while got < info.size:
+            ask = {"seq": seq, "next_by_subj": chunks, "batch": max(info.chunks or 0, 1),
+                   "max_bytes": DOWNLOAD_BATCH_BYTES}
+            await nc.publish(MODELS_DIRECT_GET, json.dumps(ask).encode(), reply=inbox)
+            while True:
+                msg = await sub.next_msg(timeout=JS_TIMEOUT_S)
+                status = (msg.headers or {}).get("Status")
+                if status == "204":  # end of the batch; the next one starts after its last chunk
+                    break
+                if status == "404":  # no chunk at or after `seq`
+                    raise OtaError(OtaCode.DOWNLOAD_FAILED, f"{name}: {got} of {info.size} bytes, then no more "
+                                                            "chunks (replaced while downloading?); tried again later")
+                if status:
+                    raise OtaError(OtaCode.DOWNLOAD_FAILED, f"{name}: the object store answered {status} "
+                                                            f"{msg.headers.get('Description', '')}; tried again later")
+                got += len(msg.data)
+                if got > info.size:
+                    raise OtaError(OtaCode.DIGEST_MISMATCH, f"{name}: more bytes in the object store than its "
+                                                            f"record's {info.size}; refused")
+                await loop.run_in_executor(None, out.write, msg.data)
+                seq = int(msg.headers["Nats-Sequence"]) + 1
+    finally:
+        with contextlib.suppress(Exception):  # a closed connection has dropped the subscription already
+            await sub.unsubscribe()
 
 
 def _is_link_error(exc: BaseException) -> bool:

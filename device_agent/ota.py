@@ -5,10 +5,12 @@ Mender and TUF do it: the operator's Ed25519 key signs the model's name, a relea
 `sequence` that only increases, an expiry, the device it is for, and two objects in the
 JetStream Object Store with their SHA-256 and size. Before anything is downloaded the
 agent checks the signature against the publisher keys pinned in its manifest
-(`device_agent.update_keys`), the device, the expiry and the sequence (`verify_update`):
-an unsigned, wrongly signed, expired or older update is refused with its own code and
-the running model keeps serving. Then it downloads the objects to a staging folder
-(fleet.py: by message gets, an object not of the signed size refused before a chunk is
+(`device_agent.update_keys`), the device, the expiry (`verify_update`) and the sequence
+(`ModelStore.admit`: above the installed model's and the newest manifest the board has
+verified, installed or not, so an older manifest replayed after a newer one failed is
+refused too): an unsigned, wrongly signed, expired or older update is refused with its
+own code and the running model keeps serving. Then it downloads the objects to a staging folder
+(fleet.py: by direct gets, an object not of the signed size refused before a chunk is
 fetched), refuses them unless sizes and digests match the operator's (`verify`), installs them as
 `state_dir/models/<version>/` - a models directory that `load_engine`
 reads, sha256 checks included - loads the engine and runs a few benchmark
@@ -20,6 +22,7 @@ stays current (rolled back). Every outcome is reported with an `OtaCode`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -43,6 +46,7 @@ _VERSION = re.compile(_NAME)  # always with fullmatch: `$` would let a trailing 
 _OBJECT = re.compile(rf"{_NAME}(?:/{_NAME}){{0,3}}")  # an object store name: <version>/model.tflite
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 STAGING_PREFIX = ".incoming-"  # state_dir/models/.incoming-<random>: a download in progress
+NEWEST = "newest-verified.json"  # state_dir/...: sequence and digest of the newest manifest the board verified
 
 
 class OtaCode(IntEnum):
@@ -59,7 +63,7 @@ class OtaCode(IntEnum):
     UNSIGNED = 26  # the desired record carries no signature: refused before any download
     BAD_SIGNATURE = 27  # no pinned publisher key signed it (or it was altered): refused before any download
     EXPIRED = 28  # the signed manifest's expiry has passed (a replayed old update): refused
-    DOWNGRADE = 29  # its sequence is not above the installed one's (an older signed model): refused
+    DOWNGRADE = 29  # its sequence is below the installed or the newest verified one's (an older model): refused
     INSTALL_FAILED = 30  # the board could not install it (a full disk, an I/O error): not retried
 
 
@@ -121,6 +125,11 @@ class DesiredModel:
         return {"name": self.name, "version": self.version, "sequence": self.sequence, "expires": self.expires,
                 "device": self.device, "tflite": vars(self.tflite), "config": vars(self.config)}
 
+    def digest(self) -> str:
+        """SHA-256 of the payload's canonical JSON: the same manifest again (a retry) has the same digest."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
 
 def _is_name(value, pattern: re.Pattern) -> bool:
     return isinstance(value, str) and pattern.fullmatch(value) is not None
@@ -164,10 +173,20 @@ def claimed_version(raw: bytes) -> str:
     return version if _is_name(version, _VERSION) else "?"
 
 
-def check_sequence(desired: DesiredModel, installed_sequence: int) -> None:
+def check_sequence(desired: DesiredModel, installed_sequence: int, newest: tuple[int, str] = (0, "")) -> None:
+    """Refuse a downgrade: a sequence not above the installed model's, or below the newest manifest the board has
+    verified (`newest`: its sequence and digest), installed or not. Against the installed one alone, a manifest
+    older than one that failed (its download, its health check) would pass, and an attacker holding an old
+    signed manifest could replay it. The newest one itself passes again (a retry, or a reinstall after a damaged
+    model was removed); another manifest with its sequence does not."""
+    newest_sequence, newest_digest = newest
     if desired.sequence <= installed_sequence:
         raise OtaError(OtaCode.DOWNGRADE, f"sequence {desired.sequence} of {desired.version!r} is not above the "
                                           f"installed {installed_sequence}: a downgrade, refused")
+    if desired.sequence < newest_sequence or (desired.sequence == newest_sequence
+                                              and desired.digest() != newest_digest):
+        raise OtaError(OtaCode.DOWNGRADE, f"sequence {desired.sequence} of {desired.version!r} is not above the "
+                                          f"newest verified update's {newest_sequence}: a replay, refused")
 
 
 class ModelStore:
@@ -180,10 +199,11 @@ class ModelStore:
         self._remove_leftovers()
 
     def _remove_leftovers(self) -> None:
-        """Downloads and `current` links a crash left half-made: nothing else runs in this state dir yet."""
+        """Downloads, `current` links and newest-verified files a crash left half-made: nothing else runs in this
+        state dir yet."""
         for path in self.models.glob(f"{STAGING_PREFIX}*"):
             self.discard(path)
-        for path in self.root.glob(f".{CURRENT}-*"):
+        for path in [*self.root.glob(f".{CURRENT}-*"), *self.root.glob(f".{NEWEST}-*")]:
             path.unlink(missing_ok=True)
 
     def current(self) -> Path | None:
@@ -211,6 +231,27 @@ class ModelStore:
         """The release sequence of the model that serves (0: the one the board shipped with)."""
         current = self.current()
         return int(load_index(current).get("sequence", 0)) if current else 0
+
+    def newest(self) -> tuple[int, str]:
+        """Sequence and digest of the newest update manifest this board has verified ((0, ""): none yet, or a
+        file it cannot read, when the installed model's sequence is the bound)."""
+        try:
+            doc = json.loads((self.root / NEWEST).read_text())
+            return int(doc["sequence"]), str(doc["digest"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0, ""
+
+    def admit(self, desired: DesiredModel) -> None:
+        """`check_sequence`, then remember `desired` as the newest verified manifest, before anything is downloaded:
+        from then on an older one is refused even if this one never installs. Written to a new file renamed over
+        the old one, flushed to disk: a power loss leaves the old bound or the new one."""
+        check_sequence(desired, self.sequence(), self.newest())
+        tmp = self.root / f".{NEWEST}-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "w") as f:
+            json.dump({"sequence": desired.sequence, "digest": desired.digest(), "version": desired.version}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.root / NEWEST)
 
     def staging(self) -> Path:
         path = self.models / f"{STAGING_PREFIX}{uuid.uuid4().hex[:8]}"

@@ -779,6 +779,28 @@ def test_an_older_signed_update_is_refused_as_a_downgrade(agent, tiny_family):
     _refused(agent, "v-older", OtaCode.DOWNGRADE)
 
 
+def test_an_older_update_replayed_after_a_newer_one_failed_is_refused(agent, tiny_family, broken_model):
+    """The bound is the newest manifest the board has verified, not the one it installed: a newer update that
+    failed (here its health check; a download alike) left the installed sequence below an older manifest, which
+    someone holding it (a captured record, a stale copy) puts back as the desired model."""
+    from tierline_shared.security.signing import sign
+
+    tflite, config = tiny_bytes(tiny_family)
+    key = read_private_key(agent.credentials / SIGNING_KEY)
+    older = desired_model(DEVICE, "tierline-reasoner", "v-replayed", tflite, config)  # genuine, never sent
+    publish(agent, "v-newer-failed", broken_model.read_bytes(), (broken_model.parent / "config.json").read_bytes(),
+            sequence=older.sequence + 1)
+    assert update_outcome(agent, "v-newer-failed")["ota"]["code"] == OtaCode.HEALTH_CHECK_FAILED
+
+    async def replay(fleet):  # its objects are in the store; the old signed record is put back
+        for art, data in ((older.tflite, tflite), (older.config, config)):
+            await fleet.models.put(art.object, data)
+        await fleet.desired.put(DEVICE, sign(older.to_dict(), key))
+
+    fleet_call(agent, replay)
+    _refused(agent, "v-replayed", OtaCode.DOWNGRADE)
+
+
 # -- a stolen board, a failed install, a re-created store (run last: they change the fleet's state) ------
 @pytest.fixture(scope="module")
 def thief(agent) -> str:
@@ -868,7 +890,7 @@ def test_a_stolen_board_cannot_have_the_model_store_pushed_to_another_subject(ag
     """A consumer's deliver subject is in its request's body, which permissions do not see: a board allowed to
     create consumers on the model store could have the server push the store's messages anywhere (here the
     edge tier's requests; another board's desired key or the telemetry stream alike). Boards read objects by
-    message gets: the OTA tests above install models with this board's rights."""
+    direct gets: the OTA tests above install models with this board's rights."""
     store, target = f"OBJ_{MODELS_BUCKET}", subject("edge", "infer")
     config = {"deliver_subject": target, "deliver_policy": "all", "ack_policy": "none"}
 

@@ -98,14 +98,19 @@ def _board(device_id: str) -> list[str]:
     a subjects filter it lists every key, hence every board's id: the board binds its buckets by name)
     and no consumers: a consumer's deliver subject is in the request's body, which permissions do not
     see, so a board that may create one can have the server push the store to any subject. It reads
-    an object by message gets instead (its record, then its chunks by subject)."""
+    an object by direct gets on the model store instead: its record, then its chunks by subject in batches.
+    Not message gets, as before: those answer one 128 KiB chunk a request, so a model over a slow link took
+    a round trip per chunk (100 MB over 100 ms, 80 s of the 120 s limit). The direct get subject, its body
+    saying what, is every read of that one stream and nothing else, as the message get's was; it adds the
+    batch and the stored headers in the answer (a record's `Nats-Rollup: sub`), which matter only where a
+    board names another subject as the reply (docs/SECURITY.md)."""
     api = "$JS.API"
     desired, models = f"KV_{DESIRED_BUCKET}", f"OBJ_{MODELS_BUCKET}"
     return [
         subject("telemetry", device_id),
         f"$KV.{DEVICES_BUCKET}.{device_id}",
         f"{api}.DIRECT.GET.{desired}.$KV.{DESIRED_BUCKET}.{device_id}",
-        f"{api}.STREAM.MSG.GET.{models}",  # an object's record and its chunks
+        f"{api}.DIRECT.GET.{models}",  # an object's record and its chunks (the body says which)
     ]
 
 

@@ -1,0 +1,269 @@
+"""What a board does on the fleet's JetStream, against a real nats-server with real identities (TLS, nkeys, the
+generated permissions), without an agent process: the telemetry stream's per-board limit, the model download by
+batched direct gets, the refusal a failure names, the newest verified update manifest.
+
+Limits are made small by monkeypatching the fleet's constants (`raising=False`: a test also runs against a
+fleet.py that does not have them, and fails there on its assertion rather than on a missing name).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import math
+import os
+
+import pytest
+from nats.js import api
+from nats.js.errors import NotFoundError
+
+from tierline_device_agent import fleet
+from tierline_device_agent.fleet import FleetAgent, open_fleet
+from tierline_device_agent.ota import Artifact, DesiredModel, ModelStore, OtaCode, OtaError
+from tierline_infra.supervisor import NatsServer
+from tierline_shared.security.credentials import init_credentials
+from tierline_shared.security.identities import OPERATOR, IdentityStore, device_identity, inbox_prefix, read_seed
+from tierline_shared.transport.messaging import MODELS_BUCKET, TELEMETRY_STREAM, NatsOptions, connect, subject
+
+BOARD, OTHER = "pi-board", "pi-other"  # two boards, each its own identity
+TIMEOUT = 10  # seconds, every JetStream call here
+CHUNK = 128 * 1024  # nats-py's object store chunk
+STORE = f"OBJ_{MODELS_BUCKET}"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """nats-server with JetStream, TLS and the identities' permissions, as `tierline creds init` and
+    `tierline devices provision` make them."""
+    work = tmp_path_factory.mktemp("fleet-board")
+    init_credentials(work / "creds")
+    for board in (BOARD, OTHER):
+        IdentityStore(work / "creds").create(device_identity(board))
+    nats = NatsServer(work, jetstream=True, credentials=work / "creds").start()
+    try:
+        yield nats
+    finally:
+        nats.stop()
+
+
+def options(server: NatsServer, identity: str = OPERATOR) -> NatsOptions:
+    seed = read_seed(IdentityStore(server.credentials).seed_path(identity))
+    return NatsOptions(url=server.url, identity=identity, seed=seed, inbox_prefix=inbox_prefix(identity),
+                       tls_ca=str(server.credentials / "ca.pem"))
+
+
+@contextlib.asynccontextmanager
+async def connected(server: NatsServer, identity: str = OPERATOR):
+    nc = await connect(options(server, identity), name=f"test-{identity}", timeout_s=TIMEOUT)
+    try:
+        yield nc
+    finally:
+        await nc.close()
+
+
+def board_agent(nc) -> FleetAgent:
+    """A FleetAgent with only what `_download`, `_duty` and `_why` read: the board's NATS connection."""
+    agent = FleetAgent.__new__(FleetAgent)
+    agent._nc, agent._failing = nc, {}
+    return agent
+
+
+# -- telemetry: one board cannot push the others' events out ------------------------------------------------
+@pytest.mark.parametrize("made", ["by open_fleet", "before the per-board limit"])
+def test_a_board_flooding_the_telemetry_stream_pushes_out_only_its_own_events(server, monkeypatch, made):
+    """A stolen board publishes far beyond the stream's limit on its own subject (all it may publish to): the
+    other board's events stay. A stream made before the per-board limit gets it when the operator opens the
+    fleet (`tierline devices provision`, any `tierline devices` command)."""
+    monkeypatch.setattr(fleet, "TELEMETRY_MAX_MSGS", 10)
+    monkeypatch.setattr(fleet, "TELEMETRY_MAX_MSGS_PER_BOARD", 3, raising=False)
+
+    async def events(identity: str, board: str, n: int) -> None:
+        async with connected(server, identity) as nc:
+            js = nc.jetstream(timeout=TIMEOUT)
+            for i in range(n):
+                await js.publish(subject("telemetry", board), json.dumps({"kind": "request", "n": i}).encode())
+
+    async def run() -> dict[str, int]:
+        async with connected(server) as op:
+            js = op.jetstream(timeout=TIMEOUT)
+            with contextlib.suppress(NotFoundError):
+                await js.delete_stream(TELEMETRY_STREAM)
+            if made == "before the per-board limit":  # as open_fleet made it then: a limit on the total only
+                await js.add_stream(name=TELEMETRY_STREAM, subjects=[subject("telemetry", ">")],
+                                    storage=api.StorageType.FILE, max_msgs=10, duplicate_window=120)
+            await open_fleet(op)
+            await events(device_identity(BOARD), BOARD, 3)
+            await events(device_identity(OTHER), OTHER, 50)  # five times the whole stream's limit
+            return (await js.stream_info(TELEMETRY_STREAM, subjects_filter=">")).state.subjects or {}
+
+    kept = asyncio.run(run())
+    assert kept.get(subject("telemetry", BOARD)) == 3, kept
+    assert kept.get(subject("telemetry", OTHER)) == 3, kept
+
+
+# -- the model download: batched direct gets ---------------------------------------------------------------
+async def upload(op, name: str, data: bytes) -> None:
+    await (await open_fleet(op)).models.put(name, data)
+
+
+async def download(server: NatsServer, art: Artifact, dest) -> tuple[list[dict], OtaError | None]:
+    """`art` downloaded into `dest` as a board does (its own identity and rights). Returns the requests the board
+    made on the model store, as the operator saw them published (their bodies), and the refusal, if any."""
+    async with connected(server) as op:
+        seen = await op.subscribe("$JS.API.>")  # the operator may read any subject: the board's requests too
+        await op.flush()
+        refused = None
+        async with connected(server, device_identity(BOARD)) as nc:
+            try:
+                await board_agent(nc)._download(await open_fleet(nc, board=True), art, dest)
+            except OtaError as exc:
+                refused = exc
+        await op.flush()  # each request reached this subscription before its answer went back to the board
+        asks = []
+        while seen.pending_msgs:
+            msg = await seen.next_msg(timeout=TIMEOUT)
+            if msg.subject.endswith(STORE):
+                asks.append(json.loads(msg.data) if msg.data else {})
+    return asks, refused
+
+
+def artifact(name: str, data: bytes, size: int | None = None) -> Artifact:
+    return Artifact(name, hashlib.sha256(data).hexdigest(), len(data) if size is None else size)
+
+
+def test_an_artifact_comes_in_batches_not_a_request_per_chunk(server, tmp_path, monkeypatch):
+    """The old download asked for each 128 KiB chunk and waited for it: 800 round trips for 100 MB. Now one request
+    brings a batch of chunks, which the server sends back to back; the file is the object, byte for byte."""
+    monkeypatch.setattr(fleet, "DOWNLOAD_BATCH_BYTES", 2 * CHUNK, raising=False)  # two chunks a batch
+    data = os.urandom(5 * CHUNK + 1000)  # six chunks: three batches
+    chunks = math.ceil(len(data) / CHUNK)
+
+    async def run():
+        async with connected(server) as op:
+            await upload(op, "batched/model.tflite", data)
+        return await download(server, artifact("batched/model.tflite", data), tmp_path / "model.tflite")
+
+    asks, refused = asyncio.run(run())
+    assert refused is None and (tmp_path / "model.tflite").read_bytes() == data
+    chunk_asks = [a for a in asks if "next_by_subj" in a]
+    assert len(chunk_asks) == math.ceil(chunks / 2) < chunks, asks
+    assert all(a.get("batch", 0) > 1 for a in chunk_asks), chunk_asks
+
+
+def forge_record(op, name: str, size: int):
+    """The operator's record of `name` rewritten to claim `size` bytes (its chunks as they are)."""
+    async def run():
+        meta = f"$O.{MODELS_BUCKET}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
+        js = op.jetstream(timeout=TIMEOUT)
+        record = json.loads((await js.get_last_msg(STORE, meta)).data)
+        await js.publish(meta, json.dumps({**record, "size": size}).encode(), headers={"Nats-Rollup": "sub"})
+
+    return run()
+
+
+@pytest.mark.parametrize("case, code, detail", [
+    ("not the signed size", OtaCode.DIGEST_MISMATCH, "refused before download"),
+    ("more bytes than its record", OtaCode.DIGEST_MISMATCH, "more bytes in the object store than its record's"),
+    ("fewer chunks than its record", OtaCode.DOWNLOAD_FAILED, "then no more chunks"),
+    ("missing", OtaCode.NOT_FOUND, "not in the object store"),
+])
+def test_a_bad_object_is_answered_as_before(server, tmp_path, monkeypatch, case, code, detail):
+    monkeypatch.setattr(fleet, "DOWNLOAD_BATCH_BYTES", 2 * CHUNK, raising=False)
+    data = os.urandom(3 * CHUNK + 10)  # four chunks
+    name = f"{case.replace(' ', '-')}/model.tflite"
+
+    async def run():
+        async with connected(server) as op:
+            if case != "missing":
+                await upload(op, name, data)
+            if case == "not the signed size":
+                await upload(op, name, data * 3)
+            elif case == "more bytes than its record":  # the record and the signature agree, the chunks do not
+                await forge_record(op, name, len(data) - 5)
+            elif case == "fewer chunks than its record":
+                await forge_record(op, name, len(data) + CHUNK)
+        # what the operator signed: the bytes' size, or the forged record's (so it passes the first check)
+        forged = {"more bytes than its record": len(data) - 5, "fewer chunks than its record": len(data) + CHUNK}
+        return await download(server, artifact(name, data, forged.get(case)), tmp_path / "model.tflite")
+
+    asks, refused = asyncio.run(run())
+    assert refused is not None and refused.code == code and detail in str(refused), refused
+    if case in ("not the signed size", "missing"):
+        assert not [a for a in asks if "next_by_subj" in a], asks  # no chunk asked for
+
+
+def test_a_model_store_without_direct_gets_gets_them_from_the_operator(server, tmp_path):
+    """Boards download by direct gets, which a stream answers only with `allow_direct` (nats-py's
+    create_object_store sets it). A store made without: the board's download fails on the link (tried again
+    later), until the operator opens the fleet, which turns them on."""
+    data = os.urandom(CHUNK + 10)
+
+    async def run():
+        async with connected(server) as op:
+            js = op.jetstream(timeout=TIMEOUT)
+            with contextlib.suppress(NotFoundError):
+                await js.delete_stream(STORE)
+            await js.add_stream(name=STORE, subjects=[f"$O.{MODELS_BUCKET}.C.>", f"$O.{MODELS_BUCKET}.M.>"],
+                                discard=api.DiscardPolicy.NEW, allow_rollup_hdrs=True, allow_direct=False)
+            await (await js.object_store(MODELS_BUCKET)).put("old-store/model.tflite", data)
+        _, before = await download(server, artifact("old-store/model.tflite", data), tmp_path / "model.tflite")
+        async with connected(server) as op:
+            await open_fleet(op)
+            direct = (await op.jetstream(timeout=TIMEOUT).stream_info(STORE)).config.allow_direct
+        _, after = await download(server, artifact("old-store/model.tflite", data), tmp_path / "model.tflite")
+        return before, direct, after
+
+    before, direct, after = asyncio.run(run())
+    assert before is not None and before.code == OtaCode.DOWNLOAD_FAILED and "allow_direct" in str(before), before
+    assert direct is True and after is None
+    assert (tmp_path / "model.tflite").read_bytes() == data
+
+
+# -- a failure names the server's refusal only if it came meanwhile -----------------------------------------
+def test_a_timeout_names_a_refusal_only_if_it_came_while_the_work_ran(server):
+    """The server refuses a publish apart from the request, which then times out: that timeout names the refusal.
+    nats-py keeps its last error until the next reconnect: a later timeout with nothing refused must not."""
+    async def run() -> dict[str, str]:
+        async with connected(server, device_identity(BOARD)) as nc:
+            agent = board_agent(nc)
+
+            async def refused_then_timed_out():
+                await nc.publish(subject("telemetry", OTHER), b"{}")  # another board's subject: refused
+                await nc.flush(timeout=TIMEOUT)  # the server's -ERR comes before the PONG
+                raise asyncio.TimeoutError
+
+            async def timed_out():
+                raise asyncio.TimeoutError
+
+            await agent._duty("refused", refused_then_timed_out)
+            await agent._duty("later", timed_out)
+            return agent._failing
+
+    failing = asyncio.run(run())
+    assert "permissions violation" in failing["refused"].lower(), failing
+    assert "refusal" not in failing["later"] and "permissions" not in failing["later"].lower(), failing
+
+
+# -- rollback protection: the newest manifest verified, installed or not -------------------------------------
+def manifest(sequence: int, version: str = "v") -> DesiredModel:
+    art = Artifact(f"{'0' * 64}/model.tflite", "0" * 64, 10)
+    return DesiredModel("tierline-reasoner", f"{version}{sequence}", sequence, 2e9, BOARD, art, art)
+
+
+def test_the_newest_verified_manifest_bounds_the_next_one_and_survives_a_restart(tmp_path):
+    store = ModelStore(tmp_path)
+    store.admit(manifest(5))  # verified, then failed (its download, its health check): nothing installed
+    store.admit(manifest(5))  # the same manifest again: a retry
+    for older in (manifest(4), manifest(5, "other-")):  # an older one replayed; another one with its sequence
+        with pytest.raises(OtaError) as refused:
+            store.admit(older)
+        assert refused.value.code == OtaCode.DOWNGRADE and "replay" in str(refused.value)
+    again = ModelStore(tmp_path)  # the agent restarted
+    with pytest.raises(OtaError):
+        again.admit(manifest(4))
+    again.admit(manifest(5))
+    again.admit(manifest(6))
+    assert again.newest()[0] == 6 and not list(tmp_path.glob(".newest-*"))

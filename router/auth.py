@@ -25,6 +25,7 @@ clients retry (`Gate`); settling never fails a request that has its answer.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import copy
 import datetime as dt
 import hashlib
@@ -251,6 +252,9 @@ class KvKeyStore:
         from tierline_shared.transport.messaging import connect
 
         self._create = create_buckets
+        self._closing = threading.Lock()  # a call is handed to the loop, or the store closes: never both at once
+        self._closed = False
+        self._calls: set[concurrent.futures.Future] = set()  # the calls in flight, which close() stops
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="kv-keystore", daemon=True)
         self._thread.start()
@@ -266,17 +270,56 @@ class KvKeyStore:
         return f"JetStream KV {KEYS_BUCKET}/{USAGE_BUCKET}"
 
     def _run(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=KV_TIMEOUT_S * CAS_ATTEMPTS)
+        """`coro` on the store's loop; a store closed before or during the call raises ConnectionClosedError (one
+        of STORE_ERRORS: the caller answers UNAVAILABLE) rather than waiting on a loop that no longer runs."""
+        from nats.errors import ConnectionClosedError
+
+        with self._closing:
+            if self._closed:
+                coro.close()  # never scheduled: close it, or Python warns that it was never awaited
+                raise ConnectionClosedError
+            call = asyncio.run_coroutine_threadsafe(coro, self._loop)
+            self._calls.add(call)
+        try:
+            return call.result(timeout=KV_TIMEOUT_S * CAS_ATTEMPTS)
+        except concurrent.futures.CancelledError:  # close() stopped it
+            raise ConnectionClosedError from None
+        except TimeoutError:
+            call.cancel()  # not left running on the loop for nobody
+            raise
+        finally:
+            with self._closing:
+                self._calls.discard(call)
 
     def close(self) -> None:
+        """Stop the calls in flight (each raises ConnectionClosedError), close the connection, stop and close the
+        loop: nothing is left pending, whether NATS is up or unreachable (a KV call then waits up to
+        KV_TIMEOUT_S, and nats-py's own tasks would outlive the loop)."""
         from tierline_shared.transport.messaging import stop_loop_thread
+
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
+            for call in self._calls:
+                call.cancel()  # its task is cancelled on the loop, before _close runs there
 
         async def _close():
             nc = getattr(self, "_nc", None)
-            if nc is not None and not nc.is_closed:
-                await nc.close()
+            try:
+                if nc is not None and not nc.is_closed:
+                    await nc.close()  # with NATS gone it can raise (flushing what was buffered: ConnectionResetError)
+            except Exception:  # noqa: BLE001 - closing anyway
+                pass
+            finally:  # what is left: the cancelled calls, and what nats-py's close cancelled, or never reached
+                left = asyncio.all_tasks() - {asyncio.current_task()}
+                for task in left:
+                    task.cancel()
+                await asyncio.gather(*left, return_exceptions=True)
 
         stop_loop_thread(self._loop, self._thread, _close)
+        if not self._thread.is_alive():
+            self._loop.close()
 
     async def _buckets(self) -> bool:
         """Bind the buckets (the operator's store creates them); False when there are none yet (no keys)."""

@@ -67,6 +67,7 @@ FETCH_MAX = 1000  # messages one bulk read asks for at a time
 CACHE_S = 1.0  # workers re-read a batch's record (cancelled?) at most this often
 CACHE_MAX = 1000  # records kept for workers before the old ones are dropped
 MAX_METADATA = 16  # metadata pairs, as OpenAI
+HEADERS_ROOM = 1024  # bytes of a NATS message's max_payload kept for its headers (Nats-Msg-Id, KV's expected sequence)
 
 
 def new_id(prefix: str) -> str:
@@ -94,9 +95,16 @@ class Line:
     request: dict = field(default_factory=dict)
 
 
-def parse_lines(data: bytes, endpoint: str, parse) -> list[Line]:
+def queued(line: Line) -> bytes:
+    """A valid line as the work queue carries it (`BatchStore.enqueue`)."""
+    return json.dumps({"n": line.n, "custom_id": line.custom_id, "body": line.body}).encode()
+
+
+def parse_lines(data: bytes, endpoint: str, parse, max_bytes: int | None = None) -> list[Line]:
     """The file's lines, each checked on its own: JSON, `custom_id` (unique), `method`, `url` (the batch's
-    endpoint), then its body as the endpoint reads it (`parse(body, chat)` raises BadRequest)."""
+    endpoint), then its body as the endpoint reads it (`parse(body, chat)` raises BadRequest), and, given
+    `max_bytes`, its size in the work queue (one NATS message: a larger one could never be queued, and the
+    batch would never leave `validating`). CPU work on the whole file: run it off the event loop."""
     chat, seen, lines = ENDPOINTS[endpoint], set(), []
     for number, raw in enumerate(data.split(b"\n"), 1):
         if not raw.strip():
@@ -144,6 +152,10 @@ def parse_lines(data: bytes, endpoint: str, parse) -> list[Line]:
             line.error = {"status_code": status, "body": body}
             continue
         line.body = item["body"]
+        if max_bytes is not None and (size := len(queued(line))) > max_bytes:
+            line.body, line.error = None, {"code": "line_too_large", "message": f"line {number}: {size} bytes "
+                                           f"once queued; a batch line holds at most {max_bytes} (the NATS server's "
+                                           f"max_payload less {HEADERS_ROOM} for headers)"}
     return lines
 
 
@@ -169,6 +181,11 @@ class BatchStore:
         self.js = nc.jetstream(timeout=JS_TIMEOUT_S)
         self.ack_wait_s, self.max_attempts = ack_wait_s, max_attempts
         self.files = self.records = self.results = None
+
+    @property
+    def max_bytes(self) -> int:
+        """The most one queued line or one line's result may take: a NATS message, less room for its headers."""
+        return self.nc.max_payload - HEADERS_ROOM
 
     async def open(self) -> "BatchStore":
         from nats.js.api import ConsumerConfig, RetentionPolicy, StreamConfig
@@ -295,8 +312,7 @@ class BatchStore:
 
         async def one(line: Line) -> None:
             async with limit:
-                payload = json.dumps({"n": line.n, "custom_id": line.custom_id, "body": line.body}).encode()
-                await self.js.publish(subject, payload, headers={"Nats-Msg-Id": f"{batch_id}.{line.n}"})
+                await self.js.publish(subject, queued(line), headers={"Nats-Msg-Id": f"{batch_id}.{line.n}"})
 
         await asyncio.gather(*(one(line) for line in lines))
 
@@ -309,15 +325,25 @@ class BatchStore:
     async def drop_queued(self, batch_id: str) -> None:
         await self.js.purge_stream(BATCH_STREAM, subject=batch_subject(batch_id))
 
-    async def write_result(self, batch_id: str, result: dict) -> bool:
-        """The line's result, unless it has one already (False then)."""
+    async def write_result(self, batch_id: str, result: dict) -> dict | None:
+        """The line's result as written, unless it has one already (None then). An answer too large for one KV entry is
+        kept as an error naming its size: written as it was, it would fail, and its line would run again and
+        again (each run on the key's quota) until dead-lettered as if its workers had died."""
         from nats.js.errors import KeyWrongLastSequenceError
 
+        value = json.dumps(result).encode()
+        if len(value) > self.max_bytes:
+            status = (result.get("response") or {}).get("status_code")
+            result = {**result, "response": None, "error": {
+                "code": "response_too_large", "message": f"the answer (HTTP {status}) was {len(value)} bytes; a "
+                f"batch keeps at most {self.max_bytes} per line (the NATS server's max_payload): ask for fewer "
+                f"tokens, choices (n) or logprobs"}}
+            value = json.dumps(result).encode()
         try:
-            await self.results.create(f"{batch_id}.{result['_n']}", json.dumps(result).encode())
-            return True
+            await self.results.create(f"{batch_id}.{result['_n']}", value)
+            return result
         except KeyWrongLastSequenceError:
-            return False
+            return None
 
     async def has_result(self, batch_id: str, n: int) -> bool:
         from nats.js.errors import KeyDeletedError, KeyNotFoundError
@@ -485,7 +511,8 @@ class BatchRunner:
 
     async def _settle(self, batch_id: str, result: dict) -> None:
         """Write a line's result (once); a failure counts toward the batch's `failed` while it runs."""
-        if await self.store.write_result(batch_id, result) and not is_success(result):
+        written = await self.store.write_result(batch_id, result)
+        if written is not None and not is_success(written):
             await self.store.change(f"batch.{batch_id}", lambda r: {**r, "_failed": r["_failed"] + 1})
 
     # -- the manager ------------------------------------------------------------------------------------------
@@ -513,7 +540,7 @@ class BatchRunner:
                 await self.store.drop_results(batch_id)
                 return
             now = time.time()
-            if record["status"] == "validating":
+            if record["status"] == "validating" and now < record["expires_at"]:  # past it: expired, however far
                 if record["_lease"] < now:
                     await self._validate(batch_id)
                 return
@@ -562,7 +589,7 @@ class BatchRunner:
             await self.store.change(f"batch.{batch_id}", lambda r: {
                 **r, "status": "failed", "failed_at": int(time.time()), "errors": {"object": "list", "data": [error]}})
             return
-        lines = parse_lines(data, record["endpoint"], self.api.parse)
+        lines = await asyncio.to_thread(parse_lines, data, record["endpoint"], self.api.parse, self.store.max_bytes)
         invalid = [line for line in lines if line.error]
         for line in invalid:
             err = line.error
@@ -590,7 +617,8 @@ class BatchRunner:
             message = f"the batch was {ending} before this line ran"
             try:
                 data = await self.store.file_data(record["input_file_id"])
-                lines = [(line.n, line.custom_id) for line in parse_lines(data, record["endpoint"], self.api.parse)]
+                lines = [(line.n, line.custom_id) for line in
+                         await asyncio.to_thread(parse_lines, data, record["endpoint"], self.api.parse)]
             except (NotFoundError, ObjectNotFoundError):  # deleted as the batch ran (DELETE checks first)
                 lines = [(n, None) for n in range(total)]
                 message += " (its input file was deleted, so its custom_id is unknown)"
@@ -605,10 +633,10 @@ class BatchRunner:
         out_id = err_id = None
         if ok:
             out_id = (await self.store.put_file(record["_owner"], f"{batch_id}_output.jsonl", "batch_output",
-                                                _jsonl(ok), f"file-{hex_id}-output"))["id"]
+                                                await asyncio.to_thread(_jsonl, ok), f"file-{hex_id}-output"))["id"]
         if bad:
             err_id = (await self.store.put_file(record["_owner"], f"{batch_id}_errors.jsonl", "batch_output",
-                                                _jsonl(bad), f"file-{hex_id}-errors"))["id"]
+                                                await asyncio.to_thread(_jsonl, bad), f"file-{hex_id}-errors"))["id"]
         tiers: dict[str, int] = {}
         paid: dict[str, int] = {}
         for r in ok:

@@ -428,6 +428,60 @@ def test_a_shared_key_store_nats_cannot_reach_is_unavailable(tmp_path, monkeypat
         server.stop()
 
 
+def test_closing_a_shared_key_store_nats_cannot_reach_leaves_nothing_behind(tmp_path, monkeypatch):
+    """The router stops while its key store's nats-server is gone and a key lookup waits on JetStream: closing the
+    store ends that call at once with a store error (UNAVAILABLE to its caller) instead of leaving it waiting on a
+    loop that no longer runs; no task is left pending, the loop is closed, and a call after close raises at once,
+    leaving no never-awaited coroutine."""
+    import gc
+    import threading
+    import warnings
+
+    from tierline_infra.supervisor import NatsServer
+    from tierline_router import auth
+    from tierline_router.auth import STORE_ERRORS, KvKeyStore
+    from tierline_shared.transport.messaging import NatsOptions
+
+    monkeypatch.setattr(auth, "KV_TIMEOUT_S", 30.0)  # how long a KV call waits for NATS to come back
+    server = NatsServer(tmp_path, jetstream=True).start()
+    store = KvKeyStore(NatsOptions(server.url, server.user, server.password), create_buckets=True)
+    outcome: list = []
+
+    def call(out: list) -> None:
+        try:
+            out.append(store.lookup(key))
+        except BaseException as exc:  # noqa: BLE001 - what the call ends with is what is checked
+            out.append(exc)
+
+    try:
+        _, key = store.create("free")
+        server.stop()
+        in_flight = threading.Thread(target=call, args=(outcome,), daemon=True)
+        in_flight.start()
+        deadline = time.monotonic() + 30
+        while not any("_lookup" in t.get_coro().__qualname__ for t in asyncio.all_tasks(store._loop)):
+            assert time.monotonic() < deadline, "the lookup never reached the store's loop"
+            time.sleep(0.01)
+    finally:
+        store.close()
+    in_flight.join(10)  # well within KV_TIMEOUT_S: only close() can end it this soon
+    assert not in_flight.is_alive(), "a call in flight still waits on the closed store's loop"
+    assert isinstance(outcome[0], STORE_ERRORS), outcome  # the gate answers UNAVAILABLE
+    assert not [t for t in asyncio.all_tasks(store._loop) if not t.done()]
+    assert store._loop.is_closed()
+
+    after: list = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        late = threading.Thread(target=call, args=(after,), daemon=True)
+        late.start()
+        late.join(10)
+        assert not late.is_alive(), "a call after close waits on a loop that no longer runs"
+        gc.collect()
+    assert isinstance(after[0], STORE_ERRORS), after
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in caught]
+
+
 def test_keys_cli_refuses_mistakes_in_one_line(stack):
     bad_plan = run_cli("keys", "create", "--plan", "gold", "--manifest", str(stack.manifest), timeout=60)
     assert bad_plan.returncode == 2 and "--plan" in bad_plan.stderr and "free" in bad_plan.stderr

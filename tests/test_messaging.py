@@ -244,11 +244,9 @@ def test_a_request_its_asker_gave_up_on_leaves_the_batch(tmp_path):
         server.stop()
 
 
-def test_a_cancel_that_comes_before_its_request_still_stops_it(tmp_path):
-    """The tier handles each subscription's messages in a task of its own, so a cancel sent just after its request
-    (a client gone at once) can be handled first: it is remembered, and the request stops as it arrives."""
-    from tierline_shared.transport.messaging import STREAM_ID_HEADER, TIMEOUT_HEADER
-
+def _counted_edge(tmp_path):
+    """A CountingEngine's edge tier served over NATS on a server of its own: (engine, servicer, server, its
+    options, the service)."""
     base = random_torch_engine(seed=5, tier="edge")
     engine = CountingEngine(base.model, base.tokenizer, base.info)
     servicer = TierServicer(engine, BatchConfig(max_num_seqs=4))
@@ -256,6 +254,15 @@ def test_a_cancel_that_comes_before_its_request_still_stops_it(tmp_path):
     opts = NatsOptions(server.url, server.user, server.password)
     service = nats_service_for("edge", opts, servicer)
     service.start()
+    return engine, servicer, server, opts, service
+
+
+def test_a_cancel_that_comes_before_its_request_still_stops_it(tmp_path):
+    """The tier handles each subscription's messages in a task of its own, so a cancel sent just after its request
+    (a client gone at once) can be handled first: it is remembered, and the request stops as it arrives."""
+    from tierline_shared.transport.messaging import STREAM_ID_HEADER, TIMEOUT_HEADER
+
+    engine, servicer, server, opts, service = _counted_edge(tmp_path)
     engine.gate.clear()  # were it decoded, its first forward would wait here until its own deadline
     try:
         async def main() -> int:
@@ -270,7 +277,7 @@ def test_a_cancel_that_comes_before_its_request_still_stops_it(tmp_path):
                                  reply=inbox, headers={STREAM_ID_HEADER: inbox, TIMEOUT_HEADER: f"{TIMEOUT}"})
                 await nc.flush(timeout=TIMEOUT)
                 deadline = time.monotonic() + TIMEOUT / 3  # well within the request's own deadline
-                while service._counts["infer"].requests < 1 and time.monotonic() < deadline:
+                while service._counts["infer"].cancelled < 1 and time.monotonic() < deadline:
                     await asyncio.sleep(0.02)
                 await asyncio.sleep(0.2)
                 return replies.pending_msgs
@@ -278,13 +285,88 @@ def test_a_cancel_that_comes_before_its_request_still_stops_it(tmp_path):
                 await nc.close()
 
         answered = asyncio.run(main())
-        assert service._counts["infer"].requests == 1, "the request ran on though its cancel had come"
+        assert service._counts["infer"].cancelled == 1, "the request ran on though its cancel had come"
         assert answered == 0 and not service._live and not service._early
     finally:
         engine.gate.set()
         service.stop()
         servicer.scheduler.close()
         server.stop()
+
+
+async def _endpoint_stats(nc, name: str) -> dict:
+    """The one edge replica's $SRV.STATS figures for endpoint `name`, as `tierline status` reads them."""
+    from tierline_shared.transport.messaging import discover
+
+    (replica,) = await discover(nc, "edge", "STATS", wait_s=1.0)
+    return next(e for e in replica["endpoints"] if e["name"] == name)
+
+
+def test_a_cancelled_request_is_counted_apart_in_the_replicas_stats(tmp_path):
+    """A request its asker gave up on got no reply: $SRV.STATS counts it as `num_cancelled` (the tier's metrics:
+    outcome="cancelled"), not as a request answered, and its time stays out of the mean; answers and errors are
+    counted as before."""
+    from tierline_shared.transport.messaging import discover
+
+    engine, servicer, server, opts, service = _counted_edge(tmp_path)
+    engine.gate.clear()
+    engine.entered.clear()
+    try:
+        async def main() -> tuple[dict, dict]:
+            nc = await connect(opts, name="test")
+            try:
+                asking = asyncio.ensure_future(ask_tier(nc, "edge", pb.InferRequest(
+                    prompt="Q:9*9=?\nA:", parameters=pb.Parameters(max_tokens=40)), TIMEOUT))
+                assert await asyncio.to_thread(engine.entered.wait, TIMEOUT)  # it runs, held at its first forward
+                asking.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await asking
+                await nc.flush(timeout=TIMEOUT)
+                deadline = time.monotonic() + TIMEOUT / 3
+                while service._live and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)  # the cancel reached the tier, which let the request go
+                after_cancel = await _endpoint_stats(nc, "infer")
+                engine.gate.set()
+                await ask_tier(nc, "edge", pb.InferRequest(prompt="Q:2+3=?\nA:",
+                                                           parameters=pb.Parameters(max_tokens=4)), TIMEOUT)
+                assert len(await discover(nc, "edge")) == 1
+                return after_cancel, await _endpoint_stats(nc, "infer")
+            finally:
+                await nc.close()
+
+        after_cancel, after_answer = asyncio.run(main())
+        assert not service._live, "the tier never heard that its requester gave up"
+        counted = lambda e: (e["num_requests"], e["num_errors"], (e["data"] or {}).get("num_cancelled"))  # noqa: E731
+        assert counted(after_cancel) == (0, 0, 1), after_cancel
+        assert (after_cancel["processing_time"], after_cancel["average_processing_time"]) == (0, 0)
+        assert counted(after_answer) == (1, 0, 1), after_answer
+        assert after_answer["average_processing_time"] == after_answer["processing_time"]  # the answer's time only
+        assert after_answer["data"]["queue_depth"] == 0  # the tier's own figures are still there
+    finally:
+        engine.gate.set()
+        service.stop()
+        servicer.scheduler.close()
+        server.stop()
+
+
+def test_a_stream_closed_early_is_counted_as_cancelled_not_answered(link):
+    """The same for a stream whose reader went away: `num_cancelled` on the stream endpoint, not a request."""
+    opts, producer, service = link
+    assert _read(opts, chunks=3) == 3
+    assert producer.stopped_early.wait(TIMEOUT)
+
+    async def stats() -> dict:
+        nc = await connect(opts, name="test")
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while service._live and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)  # the stream's task has ended, and counted itself
+            return await _endpoint_stats(nc, "stream")
+        finally:
+            await nc.close()
+
+    stream = asyncio.run(stats())
+    assert (stream["num_requests"], stream["num_errors"], (stream["data"] or {}).get("num_cancelled")) == (0, 0, 1)
 
 
 def test_a_drain_never_outlasts_the_supervisors_patience(tmp_path):
@@ -444,3 +526,4 @@ def test_a_closed_connection_that_asked_a_tier_is_freed(tmp_path):
         assert gone() is None
     finally:
         server.stop()
+

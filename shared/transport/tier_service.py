@@ -9,7 +9,11 @@ scheduler's bounded queue or its running batch (streams, whose chunks come from 
 are read in worker threads). nats.micro runs an
 endpoint's handler one message at a time and would time only the hand-off to that task,
 so the request statistics it reports on `$SRV.STATS` (requests, errors, processing time)
-are counted here, around each whole request (`_Counts`, `_Service.stats`). Errors become
+are counted here, around each whole request (`_Counts`, `_Service.stats`). A request its asker
+cancelled got no reply: it is neither an answer nor an error, so it stays out of `num_requests`,
+`num_errors` and the processing time (a mean that would otherwise fall with every client that
+gives up early) and is counted apart, as `num_cancelled` in the endpoint's `data` (the tier's
+Prometheus series call it `outcome="cancelled"`). Errors become
 nats.micro error headers in one place (`_respond_error`), with the status from the
 servicer's `status_of`.
 """
@@ -51,12 +55,17 @@ EARLY_CANCEL_MAX = 10_000  # such cancels kept at most (every replica hears ever
 
 @dataclass
 class _Counts:
-    """One endpoint's request statistics, as nats.micro reports them (times in nanoseconds)."""
+    """One endpoint's request statistics, as nats.micro reports them (times in nanoseconds).
+
+    `requests` are those that got a reply (an answer or an error); `cancelled` those whose asker gave up
+    first, kept out of the others and their time (`TierService._serve`).
+    """
 
     requests: int = 0
     errors: int = 0
     processing_ns: int = 0
     last_error: str | None = None
+    cancelled: int = 0
 
     def record(self, started_ns: int, error: Exception | None) -> None:
         self.requests += 1
@@ -81,6 +90,7 @@ class _Service(Service):
                 e.num_requests, e.num_errors, e.last_error = c.requests, c.errors, c.last_error
                 e.processing_time = c.processing_ns
                 e.average_processing_time = c.processing_ns // c.requests if c.requests else 0
+                e.data = {**(e.data or {}), "num_cancelled": c.cancelled}
         return stats
 
 
@@ -224,9 +234,13 @@ class TierService:
             error = exc
             raise
         finally:
+            counts = self._counts["stream"]
+            if cancelled.is_set() and error is None:  # its reader went away first: no reply, no error
+                counts.cancelled += 1
+            else:
+                counts.record(started, error)
             cancelled.set()  # whatever ended this task, the decoder stops at its next token (a no-op once done)
             self._live.pop(stream_id, None)
-            self._counts["stream"].record(started, error)
 
     async def _on_request(self, req) -> None:
         # callbacks run one at a time: hand each request to its own task
@@ -237,7 +251,7 @@ class TierService:
     async def _serve(self, req) -> None:
         """One request: its answer, or its error, to the reply subject. A cancel naming the request (its
         requester gave up: a deadline, its client gone) takes it out of the batch at the next step."""
-        started, error = time.perf_counter_ns(), None
+        started, error, cancelled = time.perf_counter_ns(), None, False
         headers = req.headers or {}
         timeout = _seconds(headers.get(TIMEOUT_HEADER))
         beat = _seconds(headers.get(HEARTBEAT_HEADER))
@@ -253,6 +267,7 @@ class TierService:
                 await req.respond(b"", headers={PROGRESS_HEADER: "1"})
             data = (await work).SerializeToString()
         except asyncio.CancelledError:  # the requester cancelled it (answer.cancel): nobody reads the reply
+            cancelled = True
             return
         except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
             error = exc
@@ -260,7 +275,10 @@ class TierService:
             return
         finally:
             self._live.pop(request_id, None)
-            self._counts["infer"].record(started, error)
+            if cancelled:
+                self._counts["infer"].cancelled += 1
+            else:
+                self._counts["infer"].record(started, error)
         await req.respond(data)
 
     async def _respond_error(self, req, exc: Exception) -> None:

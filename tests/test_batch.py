@@ -333,9 +333,12 @@ class _CrashingLines:
         raise RuntimeError("the worker died mid-line")
 
 
-def _runner_case(tmp_path, lines: _CrashingLines, work):
-    """Start a JetStream nats-server and one BatchRunner (ack_wait 1 s, 2 attempts) on `lines`; run `work`."""
+def batch_case(tmp_path, lines, data: bytes, work, batch_id: str, prepare=None):
+    """A JetStream nats-server, `prepare(store)`, one BatchRunner (ack_wait 1 s, 2 attempts) on `lines` (what answers
+    lines, as `OpenAIServer` does) and a batch `batch_id` of `data`; returns (the event loop's thread id,
+    `work(store)`)."""
     import asyncio
+    import threading
 
     import nats
 
@@ -347,14 +350,16 @@ def _runner_case(tmp_path, lines: _CrashingLines, work):
     async def main():
         nc = await nats.connect(server.url, user=server.user, password=server.password)
         store = await BatchStore(nc, ack_wait_s=1, max_attempts=2).open()
+        if prepare is not None:
+            await prepare(store)
         runner = BatchRunner(store, lines, workers=4, max_attempts=2, ack_wait_s=1)
         runner.start()
         try:
-            f = await store.put_file("", "in.jsonl", "batch", jsonl([line(f"d{i}", PROMPTS[i]) for i in range(3)]))
-            record = batch_record("batch_dead", "", None, f["id"], "/v1/completions", "24h", None)
-            await store.put_record("batch.batch_dead", record)
-            await store.activate("batch_dead")
-            return await work(store)
+            f = await store.put_file("", "in.jsonl", "batch", data)
+            record = batch_record(batch_id, "", None, f["id"], "/v1/completions", "24h", None)
+            await store.put_record(f"batch.{batch_id}", record)
+            await store.activate(batch_id)
+            return threading.get_ident(), await work(store)
         finally:
             await runner.stop()
             await nc.close()
@@ -363,6 +368,11 @@ def _runner_case(tmp_path, lines: _CrashingLines, work):
         return asyncio.run(main())
     finally:
         server.stop()
+
+
+def _runner_case(tmp_path, lines: _CrashingLines, work):
+    """`batch_case` with three lines, batch `batch_dead`: what `work(store)` returns."""
+    return batch_case(tmp_path, lines, jsonl([line(f"d{i}", PROMPTS[i]) for i in range(3)]), work, "batch_dead")[1]
 
 
 async def _final(store, batch_id: str, timeout_s: float = 60):

@@ -9,7 +9,7 @@ import json
 import threading
 import time
 
-from tests.test_batch import PROMPTS, jsonl, line
+from tests.test_batch import PROMPTS, batch_case, jsonl, line
 
 BATCH = "batch_limits"
 WAIT_S = 60  # seconds: each batch here has a few lines, answered at once
@@ -33,36 +33,7 @@ class _Lines:
 
 
 def _batch_case(tmp_path, lines: _Lines, data: bytes, work, prepare=None):
-    """A JetStream nats-server, `prepare(store)`, one BatchRunner (ack_wait 1 s, 2 attempts) on `lines`, and a batch
-    of `data`; returns (the event loop's thread id, `work(store)`)."""
-    import nats
-
-    from tierline_infra.supervisor import NatsServer
-    from tierline_router.batch import BatchRunner, BatchStore, batch_record
-
-    server = NatsServer(tmp_path, jetstream=True).start()
-
-    async def main():
-        nc = await nats.connect(server.url, user=server.user, password=server.password)
-        store = await BatchStore(nc, ack_wait_s=1, max_attempts=2).open()
-        if prepare is not None:
-            await prepare(store)
-        runner = BatchRunner(store, lines, workers=4, max_attempts=2, ack_wait_s=1)
-        runner.start()
-        try:
-            f = await store.put_file("", "in.jsonl", "batch", data)
-            await store.put_record(f"batch.{BATCH}", batch_record(BATCH, "", None, f["id"], "/v1/completions", "24h",
-                                                                  None))
-            await store.activate(BATCH)
-            return threading.get_ident(), await work(store)
-        finally:
-            await runner.stop()
-            await nc.close()
-
-    try:
-        return asyncio.run(main())
-    finally:
-        server.stop()
+    return batch_case(tmp_path, lines, data, work, BATCH, prepare)
 
 
 async def _ended(store, until=("completed", "cancelled", "expired", "failed")) -> tuple[dict, list[dict]]:

@@ -260,3 +260,26 @@ def test_nats_over_tls(pki, tmp_path):
     finally:
         proc.kill()
         proc.wait(timeout=5)
+
+
+def test_creds_init_brings_the_servers_permissions_up_to_this_version(tmp_path):
+    """`nats-auth.conf` is derived from the registry: running `creds init` again (an upgrade) rewrites it with each
+    role's permissions as this version gives them, keeping every identity; an unchanged one is left untouched."""
+    from tierline_shared.security.credentials import init_credentials
+    from tierline_shared.security.identities import AUTH_CONF, IdentityStore, auth_config, device_identity
+
+    init_credentials(tmp_path, tls_hosts=())
+    store = IdentityStore(tmp_path)
+    store.create(device_identity("pi-1"))
+    users, conf = store.users(), tmp_path / AUTH_CONF
+    current = conf.read_text()
+    assert current == auth_config(users)
+    # as an older version wrote it: the board's model store read by message gets, not direct gets
+    older = current.replace("$JS.API.DIRECT.GET.OBJ_", "$JS.API.STREAM.MSG.GET.OBJ_")
+    assert older != current
+    conf.write_text(older)
+    init_credentials(tmp_path, tls_hosts=())
+    assert conf.read_text() == current and store.users() == users  # the same identities, today's permissions
+    before = conf.stat().st_mtime_ns
+    init_credentials(tmp_path, tls_hosts=())
+    assert conf.stat().st_mtime_ns == before  # nothing to change: not written

@@ -9,7 +9,9 @@
 | `ca.pem` | the CA that signed the server's certificate | every client (`nats.tls_ca`) |
 | `ca-key.pem`, `server.pem`, `server-key.pem` | the CA's key, the server's certificate and key | the NATS server |
 
-Existing files are kept, so running it again adds what is missing and changes nothing else.
+Existing files are kept, so running it again adds what is missing and changes nothing else, but for
+`nats-auth.conf`, which is derived from `identities.json` and written again when this version of Tierline gives a
+role other permissions (after an upgrade: run it again, then reload nats-server).
 """
 
 from __future__ import annotations

@@ -215,10 +215,17 @@ class IdentityStore:
         return True
 
     def init(self, tiers=TIERS) -> list[str]:
-        """The platform's identities (operator, router, one per tier); existing ones are kept."""
+        """The platform's identities (operator, router, one per tier); existing ones are kept. The server's
+        config is written again from the registry whenever it differs: it holds each role's permissions as this
+        version of Tierline gives them, so after an upgrade that changes one (a board's model downloads moved from
+        message gets to direct gets) `tierline creds init` and a reload bring the server up to it, where the old
+        config would go on refusing the new requests."""
         names = [OPERATOR, ROUTER] + [tier_identity(t) for t in tiers]
         for name in names:
             self.create(name)
+        users = self.users()
+        if not self.auth_conf.exists() or self.auth_conf.read_text() != auth_config(users):
+            self._save(users)
         return names
 
     @property

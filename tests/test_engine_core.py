@@ -15,6 +15,7 @@ from tests.conftest import COMMITTED_MODELS
 from tierline_edge_node.engine import load_engine
 from tierline_shared.config.manifest import BatchConfig
 from tierline_shared.models.artifacts import ArtifactError
+from tierline_shared.models.tokenizer import TextTokenizer
 from tierline_shared.runtime.engine import GenerationParams
 from tierline_shared.runtime.engine_core import EngineCore, EngineCoreDied
 from tierline_shared.runtime.scheduler import END, QueueFull
@@ -39,6 +40,20 @@ def long_params(engine) -> GenerationParams:
         if engine.generate("Q:1+1=?\nA:", p).completion_tokens == LONG:
             return p
     pytest.fail("no seed in 50 made a request of the whole max_tokens")
+
+
+class _EncodesOutsideTheCore(TextTokenizer):
+    """The edge model's tokenizer, except that it will not encode in the process it was made in (the core)."""
+
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        assert os.getpid() != self.home, f"the engine core encoded {text!r}"
+        return super().encode(text, bos)
+
+
+def _load_encoding_nothing():
+    engine = LOAD()
+    engine.tokenizer.__class__, engine.tokenizer.home = _EncodesOutsideTheCore, os.getpid()
+    return engine
 
 
 def _core(**batch) -> EngineCore:
@@ -71,6 +86,20 @@ def test_the_core_answers_what_the_engine_answers_in_process(engine):
         assert "".join(chunks) == alone[0].text == stream.future.result(TIMEOUT).result.text
     finally:
         core.close()
+
+
+def test_the_core_takes_each_prompts_tokens_from_the_tier_process(engine):
+    """The tier process encoded the prompt to validate it: the core's scheduler thread, which the model's steps
+    wait on, gets its tokens with it and encodes nothing (here its tokenizer refuses to), answering the same."""
+    prompts = [p.prompt for p in generate("test", 8, seed=4)]
+    params = GenerationParams(max_tokens=24)
+    core = EngineCore(_load_encoding_nothing, BatchConfig(), prefix_cache=(4096, 16))
+    try:
+        tickets = [core.submit(p, params) for p in prompts]
+        got = [t.future.result(timeout=TIMEOUT).result.text for t in tickets]
+    finally:
+        core.close()
+    assert got == [engine.generate(p, params).text for p in prompts]
 
 
 def test_the_core_reports_its_steps_and_prefix_lookups():

@@ -221,6 +221,37 @@ def test_a_row_that_breaks_the_engine_fails_alone():
     s.close()
 
 
+def test_a_request_that_cannot_be_admitted_fails_alone():
+    """A request whose admission raises what no limit check expects (here its prompt's encoding: a tokenizer bug)
+    fails with that error, and the requests around it are answered as alone. It was out of the queue and not yet
+    running: the step's failure failed every running row and lost it (no answer, ever)."""
+    base = random_torch_engine(seed=5)
+    tok, plain = base.tokenizer, type(base.tokenizer)
+    bad = "Q:2%2=?\nA:"
+
+    class Breaks(plain):
+        def encode(self, text: str, bos: bool = True) -> list[int]:
+            if text == bad:
+                raise UnicodeError("the tokenizer broke on this prompt")
+            return super().encode(text, bos)
+
+    s = Scheduler(base, BatchConfig(max_num_seqs=8))
+    g = GenerationParams(max_tokens=24)
+    good = [f"Q:{i}+1=?\nA:" for i in range(4)]
+    tok.__class__ = Breaks
+    try:
+        tickets = [s.submit(p, g) for p in good[:2]]
+        broken = s.submit(bad, g)
+        tickets += [s.submit(p, g) for p in good[2:]]
+        with pytest.raises(UnicodeError, match="broke on this prompt"):
+            broken.future.result(timeout=TIMEOUT)
+        outs = [t.future.result(timeout=TIMEOUT).result.token_ids for t in tickets]
+    finally:
+        tok.__class__ = plain
+        s.close()
+    assert outs == [base.generate(p, g).token_ids for p in good]
+
+
 class NanEngine(type(random_torch_engine(seed=5))):
     """The real torch engine, whose logits are NaN for a prompt that holds one token: a model broken on an input
     (prefills only: a decoded row never meets it, whatever it samples)."""

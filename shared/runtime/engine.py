@@ -289,14 +289,15 @@ class Engine(abc.ABC):
                                                  np.array([[pos]], np.int64), past)
         return hits, len(want)
 
-    def check(self, prompt: str, params: GenerationParams) -> int:
-        """Validate one request against the model's limits; returns its prompt length."""
+    def check(self, prompt: str, params: GenerationParams, ids=None) -> int:
+        """Validate one request against the model's limits; returns its prompt length (`ids`: the prompt's tokens,
+        when the caller has them)."""
         if params.attention_window > self.info.window_limit:
             raise EngineError(
                 f"attention_window {params.attention_window} exceeds the model's limit {self.info.window_limit}",
                 "parameters.attention_window",
             )
-        n = len(self.tokenizer.encode(prompt))
+        n = len(self.tokenizer.encode(prompt) if ids is None else ids)
         if n + params.max_tokens > self.info.max_context:
             raise EngineError(  # OpenAI's words, so that clients and people recognise it
                 f"this model's maximum context length is {self.info.max_context} tokens; you requested "

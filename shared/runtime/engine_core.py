@@ -8,7 +8,9 @@ in-process, 83% of the bare engine's throughput against 100%). Here the tier pro
 (validation, the result cache, statuses, responses) and a child process, started with `spawn`, loads the
 engine and runs its `Scheduler`; they talk over one pipe:
 
-- tier -> core: ("submit", id, prompt, params, priority, timeout_s, stream), ("cancel", id), ("close",)
+- tier -> core: ("submit", id, prompt, params, priority, timeout_s, stream, ids), ("cancel", id), ("close",):
+  `ids`, the prompt's tokens, which the tier process has from validating it (its tokenizer's cache), so that
+  the core's scheduler thread, which the model's steps wait on, does not encode every prompt again
 - core -> tier: a list of events, sent at the end of a step that produced text or results, else every
   FLUSH_S (statistics alone): ("chunk", id, text),
   ("done", id, BatchedResult), ("fail", id, exception), ("step", StepStats), ("prefix", queries, hits).
@@ -143,9 +145,10 @@ class EngineCore:
             rid, conn = next(self._ids), self._conn
             ticket = CoreTicket(Future(), queue.Queue() if stream else None, rid, self)
             self._pending[rid] = ticket  # before the send: its first chunk may come back before send returns
+        ids = self.engine.tokenizer.encode(prompt)  # validation encoded it: a cache hit here
         try:
             with self._send_lock:
-                conn.send(("submit", rid, prompt, params, priority, timeout_s, stream))
+                conn.send(("submit", rid, prompt, params, priority, timeout_s, stream, ids))
         except OSError:  # the core is gone; its reader will start it again
             with self._lock:
                 self._pending.pop(rid, None)
@@ -367,10 +370,10 @@ def _serve(conn, load: Callable[[], Engine], batch: BatchConfig, prefix: tuple[i
         except (EOFError, OSError):  # the tier process is gone
             break
         if msg[0] == "submit":
-            _, rid, prompt, params, priority, timeout_s, stream = msg
+            _, rid, prompt, params, priority, timeout_s, stream, ids = msg
             try:
                 ticket = scheduler.submit(prompt, params, priority, timeout_s, stream=stream,
-                                          chunks=_Chunks(out, rid) if stream else None)
+                                          chunks=_Chunks(out, rid) if stream else None, ids=ids)
             except Exception as exc:  # noqa: BLE001 - a full queue: refused at once
                 out.add(("fail", rid, _portable(exc)))
                 out.flush()

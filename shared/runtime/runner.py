@@ -184,11 +184,12 @@ class ModelRunner:
         self.decoded: list[Sequence] = []  # the sequences that decoded a token in the last step (its metrics)
 
     # -- what the scheduler asks -----------------------------------------------------------------------
-    def sequence(self, prompt: str, params: GenerationParams) -> Sequence:
+    def sequence(self, prompt: str, params: GenerationParams, ids=None) -> Sequence:
         """A new sequence, started from the prefix cache's KV when its prompt hits (the caller holds the
-        engine's lock: the cache is the engine's)."""
+        engine's lock: the cache is the engine's); `ids`: the prompt's tokens, when the caller has them."""
         eng = self.engine
-        seq = Sequence(eng.tokenizer.encode(prompt), params, params.attention_window or eng.info.window_limit,
+        ids = eng.tokenizer.encode(prompt) if ids is None else list(ids)
+        seq = Sequence(ids, params, params.attention_window or eng.info.window_limit,
                        eng.eos_ids, eng.tokenizer.decode)
         cache = self._prefix_cache()
         if cache is None or not self.batched or not seq.whole:

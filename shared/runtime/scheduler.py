@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from tierline_shared.config.manifest import BatchConfig
-from tierline_shared.runtime.engine import Engine, EngineError, GenerationParams, GenerationResult
+from tierline_shared.runtime.engine import Engine, GenerationParams, GenerationResult
 from tierline_shared.runtime.runner import Sequence
 
 END = object()  # put on a stream's queue after its last chunk; the ticket's future then holds the result
@@ -57,6 +57,7 @@ class _Request:
     admitted: float = field(compare=False, default=0.0)
     batch_size: int = field(compare=False, default=0)  # running sequences when it joined
     token_at: float = field(compare=False, default=0.0)  # its sequence's last_token_at after the previous step
+    ids: tuple | list | None = field(compare=False, default=None)  # the prompt's tokens, when its submitter had them
 
     def should_stop(self) -> bool:
         """The caller gave up, or the deadline passed: stop spending compute on it."""
@@ -131,16 +132,18 @@ class Scheduler:
             return bool(self._heap or self._active)
 
     def submit(self, prompt: str, params: GenerationParams, priority: int = 0, timeout_s: float | None = None,
-               stream: bool = False, chunks=None) -> Ticket:
+               stream: bool = False, chunks=None, ids=None) -> Ticket:
         """Queue one request; the ticket's future resolves to a `BatchedResult` or raises. With `stream`,
         the ticket's `chunks` queue receives the text as it is generated, then END (`chunks`: another object
-        with a `put` to receive them instead of a new queue.Queue)."""
+        with a `put` to receive them instead of a new queue.Queue). `ids`: the prompt's tokens as this engine's
+        tokenizer encodes it, when the submitter has them (the engine core's tier process, which tokenized it to
+        validate it): the scheduler's thread then does not encode it again."""
         fut: Future = Future()
         now = time.monotonic()
         if stream and chunks is None:
             chunks = queue.Queue()
         req = _Request((-priority, next(self._seq)), prompt, params, None if timeout_s is None else now + timeout_s,
-                       now, fut, chunks if stream else None)
+                       now, fut, chunks if stream else None, ids=ids)
         with self._cv:
             if self._closed:
                 raise RuntimeError("scheduler is closed")
@@ -239,12 +242,13 @@ class Scheduler:
                 self._fail(req, DeadlineExceeded("deadline passed while queued"))
                 continue
             try:
-                self.engine.check(req.prompt, req.params)
-            except EngineError as exc:
-                self._fail(req, exc)
+                self.engine.check(req.prompt, req.params, req.ids)
+                seq = self._runner.sequence(req.prompt, req.params, req.ids)  # a prefix-cache hit: only the suffix
+            except Exception as exc:  # noqa: BLE001 - over the model's limits, or a bug in encoding it: it fails alone
+                self._fail(req, exc)  # (raised from here, it would be out of the queue and not yet running: lost)
                 continue
+            req.seq, req.ids = seq, None
             req.admitted, req.batch_size = time.monotonic(), len(self._active) + 1
-            req.seq = self._runner.sequence(req.prompt, req.params)  # a prefix-cache hit: only the suffix to prefill
             self._active.append(req)
             admitted.append(req)
         return admitted

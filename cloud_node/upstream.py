@@ -9,7 +9,12 @@ batches them itself; beyond `max_queue` waiting, RESOURCE_EXHAUSTED), within the
 after a connection error or a 5xx (`upstream.retries`; a stream only before its first chunk). A 400, 413 or
 422 is the request's own fault (INVALID_ARGUMENT, with the upstream's message); a 429 a busy upstream
 (RESOURCE_EXHAUSTED) and another 4xx the tier's own setup (its key, its URL: UNAVAILABLE); an upstream that
-stays away is UNAVAILABLE too, which the router's cascade handles as any failing tier.
+stays away is UNAVAILABLE too, which the router's cascade handles as any failing tier. So is one that answers
+something other than a completion (not JSON, no choices, an error event, finish_reason "abort", more than
+MAX_ANSWER_BYTES, a stream that stops before its finish_reason or `[DONE]`): never a short or empty answer.
+Every read waits at most what is left of the deadline (DEADLINE_EXCEEDED after it, however slowly the bytes
+trickle), and a caller gone (`UpstreamTicket.cancel`) closes the HTTP request at once: the upstream stops
+generating, and the worker is free for the next request.
 
 Confidence is the lowest probability of a chosen token, from the logprobs the upstream returns for
 `logprobs: 1` (vLLM, TGI and llama.cpp server do); `transformers serve` returns none: then it is 0.0, which
@@ -23,6 +28,7 @@ import json
 import math
 import os
 import queue
+import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,6 +43,14 @@ from tierline_shared.transport.messaging import TierError
 
 RETRY_WAIT_S = 0.2  # between two attempts (at most what is left of the deadline)
 REFUSED_REQUEST = (400, 413, 422)  # what an upstream says of the request itself (INVALID_ARGUMENT); other 4xx: of us
+# an answer's bytes at most (a whole body, or a whole stream): the tier's reply must fit a NATS message (1 MiB),
+# and JSON with logprobs is a few times the size of its protobuf; more is an upstream gone wrong, not an answer
+MAX_ANSWER_BYTES = 16 << 20
+MAX_ERROR_BYTES = 64 << 10  # of an error body (its message is cut to 300 characters)
+READ_BYTES = 64 << 10  # one read from the socket: the deadline is checked between two
+FINISH_REASONS = ("stop", "length")  # what the wire knows (proto Choice.finish_reason)
+# vLLM ends a request it gave up on (preempted, its own timeout) with "abort": the text is cut short, not an answer
+FAILED_REASONS = ("abort", "error")
 
 
 class _AnyText:
@@ -65,14 +79,48 @@ class UpstreamTicket:
     future: Future
     chunks: queue.Queue | None
     abandoned: threading.Event = field(default_factory=threading.Event)
+    relayed: int = 0  # chunks put on `chunks`: once one is, a broken stream is not tried again (the text twice)
+    _sock: socket.socket | None = None  # the attempt's connection, closed by `cancel`
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def cancel(self) -> None:
-        self.abandoned.set()
+        """The caller is gone: its HTTP request is closed at once (vLLM and TGI abort a request whose connection
+        closes), not when the upstream's next bytes come, nor at the deadline."""
+        with self._lock:
+            self.abandoned.set()
+            sock = self._sock
         self.future.cancel()
+        if sock is not None:
+            _hang_up(sock)
+
+    def _attach(self, sock: socket.socket | None) -> None:
+        """The connection `cancel` closes (None: the attempt is over); a ticket cancelled already stops here."""
+        with self._lock:
+            if self.abandoned.is_set() and sock is not None:
+                raise _Cancelled()
+            self._sock = sock
+
+
+def _hang_up(sock: socket.socket) -> None:
+    """Shut the connection under a thread blocked reading it: its read returns at once, the upstream sees the
+    request gone."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # closed already
+        pass
 
 
 class _Retryable(Exception):
     """A connection error or a 5xx: another attempt may succeed."""
+
+
+class _Cancelled(Exception):
+    """The caller went away (`UpstreamTicket.cancel`): no other attempt."""
+
+
+def _broken(why: str) -> TierError:
+    """An upstream that answered, but not with an OpenAI completion: the tier fails (the router moves on)."""
+    return TierError("cloud", "UNAVAILABLE", f"the upstream's answer is not an OpenAI completion: {why}")
 
 
 class UpstreamScheduler:
@@ -83,8 +131,18 @@ class UpstreamScheduler:
         url = urlsplit(config.url.rstrip("/"))
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError(f"upstream.url: {config.url!r} is not an http(s) URL")
+        try:
+            url.port  # noqa: B018 - parsed when read: a bad port must stop the start, not fail every request
+        except ValueError as exc:
+            raise ValueError(f"upstream.url: {config.url!r}: {exc}") from None
+        if url.username or url.password or url.query or url.fragment:  # none of them would be sent
+            raise ValueError(f"upstream.url: {config.url!r}: only scheme, host, port and path are used (a token "
+                             "goes in the variable upstream.api_key_env names)")
         self._url = url
-        self._token = os.environ.get(config.api_key_env, "") if config.api_key_env else ""
+        self._token = os.environ.get(config.api_key_env, "").strip() if config.api_key_env else ""
+        if config.api_key_env and not self._token:  # else every request would be refused (401): UNAVAILABLE
+            raise ValueError(f"upstream.api_key_env: the environment variable {config.api_key_env} is not set "
+                             "(or empty)")
         self._pool = ThreadPoolExecutor(batch.max_num_seqs, thread_name_prefix="upstream")
         self._lock = threading.Lock()
         self._waiting = self._running = 0
@@ -147,72 +205,174 @@ class UpstreamScheduler:
             body["stop"] = list(params.stop)
         if params.seed is not None:
             body["seed"] = params.seed
+        if stream:  # else a stream carries no usage (vLLM, transformers serve): a last event brings it
+            body["stream_options"] = {"include_usage": True}
         return body
 
     def _with_retries(self, body: dict, deadline: float, ticket: UpstreamTicket, started: float) -> GenerationResult:
         why = "no attempt"
         for attempt in range(self.config.retries + 1):
-            left = deadline - time.monotonic()
-            if left <= 0:
+            if ticket.abandoned.is_set():
+                raise RuntimeError("cancelled by the caller")
+            if deadline - time.monotonic() <= 0:
                 raise DeadlineExceeded(f"deadline passed waiting for the upstream ({why})")
             try:
-                return self._post(body, left, ticket, started)
+                return self._post(body, deadline, ticket, started)
+            except _Cancelled:
+                raise RuntimeError("cancelled by the caller") from None
             except _Retryable as exc:
                 why = str(exc)
-                if attempt < self.config.retries:
-                    time.sleep(min(RETRY_WAIT_S, max(0.0, deadline - time.monotonic())))
+                if attempt < self.config.retries:  # a cancel ends the wait too
+                    ticket.abandoned.wait(min(RETRY_WAIT_S, max(0.0, deadline - time.monotonic())))
         raise TierError("cloud", "UNAVAILABLE", f"the upstream {self.config.url} did not answer: {why}")
 
-    def _post(self, body: dict, timeout_s: float, ticket: UpstreamTicket, started: float) -> GenerationResult:
+    def _post(self, body: dict, deadline: float, ticket: UpstreamTicket, started: float) -> GenerationResult:
+        """One attempt. Every read waits at most what is left of the deadline, and `ticket.cancel` closes the
+        connection under it: an upstream that trickles or goes silent holds a worker no longer than that."""
         u = self._url
         conn_cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
-        conn = conn_cls(u.hostname, u.port, timeout=timeout_s)
+        conn = conn_cls(u.hostname, u.port, timeout=max(0.001, deadline - time.monotonic()))
         headers = {"Content-Type": "application/json"}
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
         try:
+            conn.connect()
+            sock = conn.sock  # kept: http.client lets go of it once a response will close the connection
+            ticket._attach(sock)
             conn.request("POST", f"{u.path}/completions", json.dumps(body), headers)
             resp = conn.getresponse()
             if resp.status >= 500:
                 raise _Retryable(f"HTTP {resp.status}")
+            if resp.status >= 400:
+                message = _error_message(_read(resp, sock, deadline, ticket, MAX_ERROR_BYTES, cut=True))
             if resp.status == 429:  # its rate limit or its full queue: another replica, or another tier, may answer
-                raise QueueFull(f"the upstream is busy (HTTP 429): {_error_message(resp.read())}")
+                after = resp.getheader("Retry-After")
+                raise QueueFull(f"the upstream is busy (HTTP 429{f', Retry-After {after}' if after else ''}): "
+                                f"{message}")
             if resp.status in REFUSED_REQUEST:
-                raise RequestError("request", f"the upstream refused it (HTTP {resp.status}): "
-                                              f"{_error_message(resp.read())}")
+                raise RequestError("request", f"the upstream refused it (HTTP {resp.status}): {message}")
             if resp.status >= 400:  # 401, 403, 404...: the tier's own setup (its key, its URL), not the request
                 raise TierError("cloud", "UNAVAILABLE", f"the upstream {self.config.url} refused the tier "
-                                                        f"(HTTP {resp.status}): {_error_message(resp.read())}")
+                                                        f"(HTTP {resp.status}): {message}")
             if body["stream"]:
-                return self._read_stream(resp, ticket, started)
-            return _result(json.loads(resp.read()), started)
+                return self._read_stream(resp, sock, deadline, ticket, started)
+            return _result(_read(resp, sock, deadline, ticket, MAX_ANSWER_BYTES), started)
         except (OSError, http.client.HTTPException) as exc:
+            if ticket.abandoned.is_set():  # the read `cancel` cut short
+                raise _Cancelled() from None
+            if time.monotonic() >= deadline:
+                raise DeadlineExceeded("deadline passed while the upstream answered") from None
+            if ticket.relayed:  # the client has part of this answer: another attempt would send it twice
+                raise TierError("cloud", "UNAVAILABLE", f"the upstream's stream broke after {ticket.relayed} "
+                                                        f"chunk(s): {type(exc).__name__}: {exc}") from None
             raise _Retryable(f"{type(exc).__name__}: {exc}") from None
         finally:
+            ticket._attach(None)
             conn.close()
 
-    def _read_stream(self, resp, ticket: UpstreamTicket, started: float) -> GenerationResult:
-        text, probs, reason, first, usage, tokens = [], [], "length", 0.0, {}, []
-        for raw in resp:
-            line = raw.strip()
-            if ticket.abandoned.is_set():
-                return _assemble(text, probs, "cancelled", usage, first, started, tokens)
+    def _read_stream(self, resp, sock: socket.socket, deadline: float, ticket: UpstreamTicket,
+                     started: float) -> GenerationResult:
+        """Relay each SSE event's text as it comes. The stream must end with `[DONE]` or a finish_reason
+        (`transformers serve` sends no `[DONE]`): one that just stops was cut short, and is no answer."""
+        text, probs, reason, first, usage, tokens, done = [], [], None, 0.0, {}, [], False
+        for line in _lines(_pieces(resp, sock, deadline, ticket)):
             if not line.startswith(b"data:"):
                 continue
             data = line[5:].strip()
             if data == b"[DONE]":
+                done = True
                 break
-            chunk = json.loads(data)
-            usage = chunk.get("usage") or usage
-            for choice in chunk.get("choices") or []:
-                if choice.get("text"):
-                    first = first or time.perf_counter() - started
-                    text.append(choice["text"])
-                    ticket.chunks.put(choice["text"])
-                probs += _probs(choice.get("logprobs"))
-                tokens += _token_logprobs(choice.get("logprobs"))
-                reason = choice.get("finish_reason") or reason
-        return _assemble(text, probs, reason, usage, first, started, tokens)
+            chunk = _parsed(data, "a stream's event")
+            try:
+                usage = chunk.get("usage") or usage
+                for choice in chunk.get("choices") or []:
+                    if choice.get("text"):
+                        first = first or time.perf_counter() - started
+                        text.append(str(choice["text"]))
+                        ticket.chunks.put(text[-1])
+                        ticket.relayed += 1
+                    probs += _probs(choice.get("logprobs"))
+                    tokens += _token_logprobs(choice.get("logprobs"))
+                    reason = choice.get("finish_reason") or reason
+            except (AttributeError, TypeError, ValueError, ArithmeticError) as exc:
+                raise _broken(f"a stream's event: {type(exc).__name__}: {exc}") from None
+        if not done and reason is None:
+            raise ConnectionError(f"the stream ended before its finish_reason or [DONE] (content-type "
+                                  f"{resp.getheader('Content-Type')})")
+        return _assemble(text, probs, reason, usage, first, started, tokens, counted=max(len(probs), len(text)))
+
+
+def _pieces(resp, sock: socket.socket, deadline: float, ticket: UpstreamTicket):
+    """A response's body as it comes, one socket read at a time, each within what is left of the deadline."""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded("deadline passed while the upstream answered")
+        sock.settimeout(left)
+        data = resp.read1(READ_BYTES)
+        if ticket.abandoned.is_set():  # `cancel` shut the connection: what came is not the whole answer
+            raise _Cancelled()
+        if not data:
+            if resp.length:  # a Content-Length the connection closed short of (read1 does not raise it)
+                raise http.client.IncompleteRead(b"", resp.length)
+            return
+        yield data
+
+
+def _read(resp, sock: socket.socket, deadline: float, ticket: UpstreamTicket, limit: int,
+          cut: bool = False) -> bytes:
+    """A whole body, or its first `limit` bytes when `cut`; longer without `cut` fails the tier: an answer that
+    size is an upstream gone wrong, not one to hold in memory."""
+    body = bytearray()
+    for data in _pieces(resp, sock, deadline, ticket):
+        body += data
+        if len(body) > limit:
+            if cut:
+                return bytes(body[:limit])
+            raise _broken(f"more than {limit >> 20} MiB")
+    return bytes(body)
+
+
+def _lines(pieces):
+    """The lines of a stream's pieces (SSE: one event field a line), at most MAX_ANSWER_BYTES in all."""
+    pending, size = bytearray(), 0  # a bytearray: a long line in many pieces is not copied again for each
+    for data in pieces:
+        size += len(data)
+        if size > MAX_ANSWER_BYTES:
+            raise _broken(f"a stream of more than {MAX_ANSWER_BYTES >> 20} MiB")
+        pending += data
+        if b"\n" in data:
+            *lines, rest = pending.split(b"\n")
+            pending = bytearray(rest)
+            for line in lines:
+                yield bytes(line).strip()
+    if pending.strip():
+        yield bytes(pending).strip()
+
+
+def _parsed(data: bytes, what: str) -> dict:
+    """A JSON object from the upstream; an error object (vLLM sends one mid-stream when its engine fails) or
+    anything else fails the tier with what it said."""
+    try:
+        out = json.loads(data)
+    except ValueError as exc:
+        raise _broken(f"{what}: {exc} in {data[:80]!r}") from None
+    if not isinstance(out, dict):
+        raise _broken(f"{what}: a JSON {type(out).__name__}")
+    if out.get("error") or out.get("object") == "error":
+        raise TierError("cloud", "UNAVAILABLE", f"the upstream failed the request: {_error_message(data)}")
+    return out
+
+
+def _finish_reason(reason) -> str:
+    """The upstream's finish_reason as the wire knows it: "stop" or "length" (none given: "length"). A reason
+    for giving up fails the tier; any other (TGI's "eos_token", OpenAI's "content_filter") is the model's own
+    end of its answer: "stop"."""
+    if not reason or reason in FINISH_REASONS:
+        return reason or "length"
+    if reason in FAILED_REASONS:
+        raise TierError("cloud", "UNAVAILABLE", f"the upstream gave up on the request (finish_reason {reason!r})")
+    return "stop"
 
 
 def _probs(logprobs) -> list[float]:
@@ -234,20 +394,29 @@ def _token_logprobs(logprobs) -> list[TokenLogprob]:
     return out
 
 
-def _result(out: dict, started: float) -> GenerationResult:
-    choice = out["choices"][0]
-    elapsed = time.perf_counter() - started
-    return _assemble([choice.get("text") or ""], _probs(choice.get("logprobs")),
-                     choice.get("finish_reason") or "length", out.get("usage") or {}, elapsed, started,
-                     _token_logprobs(choice.get("logprobs")))
+def _result(body: bytes, started: float) -> GenerationResult:
+    """A whole answer's body as the result; anything but an OpenAI completion fails the tier."""
+    out = _parsed(body, "its body")
+    try:
+        choice = out["choices"][0]
+        elapsed = time.perf_counter() - started
+        probs = _probs(choice.get("logprobs"))
+        return _assemble([str(choice.get("text") or "")], probs, choice.get("finish_reason"),
+                         out.get("usage") or {}, elapsed, started, _token_logprobs(choice.get("logprobs")),
+                         counted=len(probs))
+    except (LookupError, AttributeError, TypeError, ValueError, ArithmeticError) as exc:
+        raise _broken(f"{type(exc).__name__}: {exc} in {body[:80]!r}") from None
 
 
-def _assemble(text: list[str], probs: list[float], reason: str, usage: dict, first_s: float,
-              started: float, tokens: list[TokenLogprob]) -> GenerationResult:
+def _assemble(text: list[str], probs: list[float], reason, usage: dict, first_s: float,
+              started: float, tokens: list[TokenLogprob], counted: int) -> GenerationResult:
+    """`counted`: the completion tokens seen, for an upstream that reports no usage (`transformers serve` on a
+    stream): the logprobs it sent, or the chunks (one token each, as vLLM, TGI and transformers serve send)."""
     lp = [math.log(max(p, 1e-12)) for p in probs]
+    usage = usage if isinstance(usage, dict) else {}
     return GenerationResult(
-        text="".join(text), finish_reason=reason, prompt_tokens=int(usage.get("prompt_tokens") or 0),
-        completion_tokens=int(usage.get("completion_tokens") or len(probs)),
+        text="".join(text), finish_reason=_finish_reason(reason), prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        completion_tokens=int(usage.get("completion_tokens") or counted),
         confidence=min(probs) if probs else 0.0, mean_logprob=sum(lp) / len(lp) if lp else 0.0,
         first_token_s=first_s, total_s=time.perf_counter() - started, logprobs=tokens)
 

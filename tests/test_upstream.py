@@ -54,6 +54,9 @@ def test_the_cloud_tier_forwards_to_transformers_serve(upstream):
             assert got.usage.completion_tokens > 0 and got.usage.prompt_tokens > 0
             streamed = list(cloud.InferStream(_req(prompt), timeout=TIMEOUT))
             assert "".join(c.choices[0].text for c in streamed) == want and streamed[-1].choices[0].finish_reason
+            # its stream says its usage only when asked (stream_options.include_usage): what quotas count
+            assert streamed[-1].usage.completion_tokens == got.usage.completion_tokens > 0
+            assert streamed[-1].usage.prompt_tokens == got.usage.prompt_tokens > 0
         info = cloud.GetServerInfo(pb.ServerInfoRequest(), timeout=TIMEOUT)
         assert info.model_version == f"upstream:{upstream.checkpoint}"
         with pytest.raises(grpc.RpcError) as err:  # not something an OpenAI completions server does

@@ -1,0 +1,320 @@
+"""The cloud tier forwarding to an upstream that misbehaves (cloud_node/upstream.py). No serving engine breaks on
+cue, so a small aiohttp server plays one, its behaviour chosen by the prompt's first word: it cuts its stream,
+answers what is not a completion, trickles, or holds the request open. In front of it runs the tier as it
+serves: `UpstreamScheduler` under the shared `TierServicer`, behind a real gRPC server. Then the manifest's
+upstream fields, checked by the real cloud process at start."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from collections import defaultdict
+from contextlib import contextmanager
+
+import grpc
+import pytest
+import yaml
+from aiohttp import web
+
+from tierline_api.v1 import inference_pb2 as pb
+from tierline_api.v1 import inference_pb2_grpc as pb_grpc
+from tierline_cloud_node.upstream import MAX_ANSWER_BYTES, UpstreamEngine, UpstreamScheduler
+from tierline_shared.config.manifest import BatchConfig, UpstreamConfig
+from tierline_shared.runtime.engine import EngineInfo
+from tierline_shared.serving.servicer import TierServicer
+from tierline_shared.transport.grpc_server import create_server
+
+TIMEOUT = 60  # seconds: a call that should answer, or an event that should come, long before
+HOLD_S = 600  # how long the upstream holds a request it never answers (the test ends first)
+MODEL = "upstream-model"
+_keys = itertools.count()
+
+
+def _completion(text: str, reason: str | None = "stop") -> dict:
+    return {"id": "c", "object": "text_completion", "model": MODEL,
+            "choices": [{"index": 0, "text": text, "finish_reason": reason}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}
+
+
+def _event(obj) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def _chunk(text: str, reason: str | None = None) -> bytes:
+    return _event({"object": "text_completion", "model": MODEL,
+                   "choices": [{"index": 0, "text": text, "finish_reason": reason}]})
+
+
+class Upstream:
+    """An OpenAI-compatible server on a free port. The prompt is "<behaviour> <key>"; per key the test can see
+    that a request came (`asked`), let a held one go on (`go`), and see that the tier closed it (`hung_up`: the
+    handler was cancelled, or a write failed)."""
+
+    def __init__(self):
+        self.asked, self.go, self.hung_up = (defaultdict(threading.Event) for _ in range(3))
+        self.requests: dict[str, list[dict]] = defaultdict(list)
+        self._loop = asyncio.new_event_loop()
+        app = web.Application()
+        app.router.add_post("/v1/completions", self._handle)
+        # handler_cancellation: a handler is cancelled when its client closes the connection, as vLLM aborts
+        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1)
+        self._loop.run_until_complete(self._runner.setup())
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        self._loop.run_until_complete(site.start())
+        self.port = site._server.sockets[0].getsockname()[1]
+        threading.Thread(target=self._loop.run_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(TIMEOUT)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        behaviour, key = (body["prompt"].split() + [""])[:2]
+        self.requests[key].append(body)
+        self.asked[key].set()
+        try:
+            return await getattr(self, f"_{behaviour}")(request, body, key)
+        except (asyncio.CancelledError, ConnectionError):
+            self.hung_up[key].set()
+            raise
+
+    @staticmethod
+    async def _sse(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        return resp
+
+    async def _whole(self, request, body, key):
+        if not body.get("stream"):
+            return web.json_response(_completion("ab"))
+        resp = await self._sse(request)
+        for event in (_chunk("a"), _chunk("b"), _chunk("", "stop"), b"data: [DONE]\n\n"):
+            await resp.write(event)
+        return resp
+
+    async def _reset_once(self, request, body, key):
+        """The first request: one chunk, then (when the test says) the connection reset; the next ones whole."""
+        if len(self.requests[key]) > 1:
+            return await self._whole(request, body, key)
+        resp = await self._sse(request)
+        await resp.write(_chunk("a"))
+        await asyncio.to_thread(self.go[key].wait, TIMEOUT)
+        sock = request.transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+        request.transport.abort()
+        return resp
+
+    async def _cut(self, request, body, key):
+        """One chunk, then the stream ends cleanly: no finish_reason, no [DONE] (a proxy's idle timeout)."""
+        resp = await self._sse(request)
+        await resp.write(_chunk("a"))
+        return resp
+
+    async def _json_for_stream(self, request, body, key):
+        """A whole JSON answer to a stream request (an engine that does not stream)."""
+        return web.json_response(_completion("ab"))
+
+    async def _error_event(self, request, body, key):
+        """vLLM's way when its engine fails mid-stream: an error object as an event, then [DONE]."""
+        resp = await self._sse(request)
+        for event in (_chunk("a"), _event({"error": {"message": "engine died", "code": 500}}), b"data: [DONE]\n\n"):
+            await resp.write(event)
+        return resp
+
+    async def _no_done(self, request, body, key):
+        """`transformers serve`'s stream: no [DONE], usage only when stream_options asks; here an unknown
+        finish_reason too (TGI's native "eos_token")."""
+        resp = await self._sse(request)
+        for event in (_chunk("a"), _chunk("b"), _chunk("", "eos_token")):
+            await resp.write(event)
+        if (body.get("stream_options") or {}).get("include_usage"):
+            await resp.write(_event({"choices": [], "usage": _completion("")["usage"]}))
+        return resp
+
+    async def _no_usage(self, request, body, key):
+        """A stream that never says its usage (an engine that ignores stream_options)."""
+        resp = await self._sse(request)
+        for event in (_chunk("a"), _chunk("b"), _chunk("", "stop"), b"data: [DONE]\n\n"):
+            await resp.write(event)
+        return resp
+
+    async def _truncated(self, request, body, key):
+        return web.Response(text='{"choices": [{"text": "ab', content_type="application/json")
+
+    async def _html(self, request, body, key):  # a proxy's login page
+        return web.Response(text="<html>sign in</html>", content_type="text/html")
+
+    async def _no_choices(self, request, body, key):
+        return web.json_response({**_completion("ab"), "choices": []})
+
+    async def _a_list(self, request, body, key):
+        return web.json_response([_completion("ab")])
+
+    async def _error_200(self, request, body, key):
+        return web.json_response({"object": "error", "message": "model not loaded"})
+
+    async def _abort(self, request, body, key):  # vLLM: a request it gave up on
+        return web.json_response(_completion("a", "abort"))
+
+    async def _huge(self, request, body, key):
+        return web.json_response(_completion("x" * (MAX_ANSWER_BYTES + 1)))
+
+    async def _trickle(self, request, body, key):
+        """A body one byte at a time, each well within any socket timeout, for as long as the tier reads."""
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        for _ in range(HOLD_S * 20):
+            await resp.write(b" ")
+            await asyncio.sleep(0.05)
+        return resp
+
+    async def _silent(self, request, body, key):
+        """Holds the request: after one chunk when streaming, before any byte otherwise."""
+        if body.get("stream"):
+            resp = await self._sse(request)
+            await resp.write(_chunk("a"))
+        await asyncio.sleep(HOLD_S)
+        return web.json_response(_completion("ab"))
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    server = Upstream()
+    yield server
+    server.stop()
+
+
+@contextmanager
+def tier(upstream: Upstream, retries: int = 0, max_num_seqs: int = 4):
+    """The cloud tier forwarding to `upstream`, served over a real gRPC server: a stub."""
+    scheduler = UpstreamScheduler(UpstreamConfig(url=f"http://127.0.0.1:{upstream.port}/v1", retries=retries),
+                                  MODEL, BatchConfig(max_num_seqs=max_num_seqs))
+    engine = UpstreamEngine(EngineInfo("cloud", MODEL, f"upstream:{MODEL}", params=0, bytes=0, max_context=0,
+                                       window_limit=0))
+    server, port = create_server(TierServicer(engine, cache_size=0, scheduler=scheduler))
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield pb_grpc.InferenceServiceStub(channel)
+    finally:
+        channel.close()
+        server.stop(0)
+        scheduler.close()
+
+
+def _req(behaviour: str) -> tuple[pb.InferRequest, str]:
+    key = f"k{next(_keys)}"
+    return pb.InferRequest(prompt=f"{behaviour} {key}", parameters=pb.Parameters(max_tokens=8)), key
+
+
+def test_a_stream_broken_after_its_first_chunk_is_not_sent_again(upstream):
+    """A retry would send the client the text it already has a second time ("a", then "ab"): once a chunk is
+    relayed, a broken stream fails the tier instead (the docstring's "a stream only before its first chunk")."""
+    req, key = _req("reset_once")
+    with tier(upstream, retries=2) as cloud:
+        stream = cloud.InferStream(req, timeout=TIMEOUT)
+        got = [next(stream).choices[0].text]
+        upstream.go[key].set()  # the tier has relayed "a": now the upstream resets the connection
+        with pytest.raises(grpc.RpcError) as err:
+            got += [c.choices[0].text for c in stream]
+        assert got == ["a"]
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "broke after 1 chunk" in err.value.details()
+
+
+@pytest.mark.parametrize("behaviour", ["cut", "json_for_stream", "error_event"])
+def test_a_stream_that_stops_before_its_end_is_no_answer(upstream, behaviour):
+    """Cut without a finish_reason or [DONE], a JSON answer to a stream request, or an error event: the client
+    gets UNAVAILABLE (the router's cascade moves on), not a short or empty answer with finish_reason "length"."""
+    req, _ = _req(behaviour)
+    with tier(upstream) as cloud, pytest.raises(grpc.RpcError) as err:
+        list(cloud.InferStream(req, timeout=TIMEOUT))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+
+
+@pytest.mark.parametrize("behaviour", ["truncated", "html", "no_choices", "a_list", "error_200", "abort", "huge"])
+def test_an_answer_that_is_not_a_completion_fails_the_tier(upstream, behaviour):
+    """Not JSON, no choices, an error object with 200, finish_reason "abort" (the text cut short), or more bytes
+    than any answer has: UNAVAILABLE naming the upstream's fault, not INTERNAL (a Python error of the tier's
+    own) nor an answer."""
+    req, _ = _req(behaviour)
+    with tier(upstream) as cloud, pytest.raises(grpc.RpcError) as err:
+        cloud.Infer(req, timeout=TIMEOUT)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+    assert "upstream" in err.value.details()
+
+
+@pytest.mark.parametrize("behaviour, prompt_tokens", [("no_done", 5), ("no_usage", 0)])
+def test_a_stream_without_done_or_usage_is_a_whole_answer(upstream, behaviour, prompt_tokens):
+    """`transformers serve` ends its stream with a finish_reason and no [DONE], and says its usage only when
+    asked (stream_options.include_usage); an engine that never says it has its completion tokens counted from
+    the chunks, not reported as 0 (quotas count them). An unknown finish_reason reaches the wire as "stop"."""
+    req, key = _req(behaviour)
+    with tier(upstream) as cloud:
+        chunks = list(cloud.InferStream(req, timeout=TIMEOUT))
+    assert "".join(c.choices[0].text for c in chunks) == "ab"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (prompt_tokens, 2)
+    assert upstream.requests[key][0]["stream_options"] == {"include_usage": True}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_caller_gone_closes_the_upstream_request(upstream, stream):
+    """The client cancels long before its deadline: the tier closes the HTTP request at once (the upstream
+    stops generating), whether it waits for a whole answer or for a stream's next chunk."""
+    req, key = _req("silent")
+    with tier(upstream) as cloud:
+        if stream:
+            call = cloud.InferStream(req, timeout=HOLD_S)
+            assert next(call).choices[0].text == "a"
+        else:
+            call = cloud.Infer.future(req, timeout=HOLD_S)
+            assert upstream.asked[key].wait(TIMEOUT)
+        call.cancel()
+        assert upstream.hung_up[key].wait(TIMEOUT), "the upstream still holds the request of a client gone"
+
+
+def test_an_upstream_that_trickles_frees_its_worker_at_the_deadline(upstream):
+    """Bytes that keep coming, each within the socket's timeout, never end a read on their own: the deadline
+    is checked between reads, so the one worker is free for the next request, which is answered."""
+    req, key = _req("trickle")
+    with tier(upstream, max_num_seqs=1) as cloud:
+        with pytest.raises(grpc.RpcError) as err:
+            cloud.Infer(req, timeout=2)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert upstream.hung_up[key].wait(TIMEOUT), "the worker still reads the trickling answer"
+        assert cloud.Infer(_req("whole")[0], timeout=TIMEOUT).choices[0].text == "ab"
+
+
+@pytest.mark.parametrize("upstream_fields, field", [
+    ({"url": "http://127.0.0.1:99999/v1"}, "tiers.cloud.upstream.url"),
+    ({"url": "http://127.0.0.1:port/v1"}, "tiers.cloud.upstream.url"),
+    ({"url": "http://user:secret@127.0.0.1:8000/v1"}, "tiers.cloud.upstream.url"),
+    ({"url": "http://127.0.0.1:8000/v1", "api_key_env": "TIERLINE_TEST_UNSET_KEY"}, "tiers.cloud.upstream.api_key_env"),
+])
+def test_the_upstream_fields_are_checked_at_start(tmp_path, upstream_fields, field):
+    """A port that is no port, credentials in the URL (never sent) or a key variable that is not set: the cloud
+    process exits 2 naming the field, instead of starting and failing every request."""
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump({
+        "model_name": MODEL, "models_dir": str(tmp_path), "nats": {"url": "nats://127.0.0.1:4222"},
+        "tiers": {"cloud": {"upstream": upstream_fields, "grpc_port": 0, "metrics_port": -1}}}))
+    env = {k: v for k, v in os.environ.items() if k != "TIERLINE_TEST_UNSET_KEY"}
+    proc = subprocess.Popen([sys.executable, "-m", "tierline_cloud_node", "--manifest", str(manifest), "--no-nats"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"the cloud tier started with upstream {upstream_fields} instead of exiting 2")
+    assert proc.returncode == 2 and field in stderr, stderr

@@ -146,6 +146,8 @@ class UpstreamScheduler:
         self._pool = ThreadPoolExecutor(batch.max_num_seqs, thread_name_prefix="upstream")
         self._lock = threading.Lock()
         self._waiting = self._running = 0
+        self._tickets: dict[int, UpstreamTicket] = {}  # submitted, not yet answered (by id): what close() fails
+        self._closed = False
 
     @property
     def depth(self) -> int:
@@ -158,15 +160,35 @@ class UpstreamScheduler:
             return bool(self._waiting or self._running)
 
     def close(self) -> None:
+        """Stop, as the Scheduler does: requests waiting or running fail ("server shutting down") at once, the
+        running ones' HTTP requests closed; none is left for its caller to wait out its deadline."""
+        with self._lock:
+            self._closed = True
+            tickets, self._tickets = list(self._tickets.values()), {}
         self._pool.shutdown(wait=False, cancel_futures=True)
+        for ticket in tickets:
+            with ticket._lock:  # against its worker starting it meanwhile (`_serve`)
+                ticket.abandoned.set()
+                sock = ticket._sock
+                queued = not (ticket.future.running() or ticket.future.done()) and \
+                    ticket.future.set_running_or_notify_cancel()
+            if sock is not None:
+                _hang_up(sock)  # a running one: its worker fails it
+            if queued:  # its worker will not start it
+                ticket.future.set_exception(RuntimeError("server shutting down"))
+                if ticket.chunks is not None:
+                    ticket.chunks.put(END)
 
     def submit(self, prompt: str, params: GenerationParams, priority: int = 0, timeout_s: float | None = None,
                stream: bool = False) -> UpstreamTicket:
+        ticket = UpstreamTicket(Future(), queue.Queue() if stream else None)
         with self._lock:
+            if self._closed:
+                raise RuntimeError("scheduler is closed")
             if self._waiting >= self.batch.max_queue:
                 raise QueueFull(f"queue full ({self.batch.max_queue} requests waiting)")
             self._waiting += 1
-        ticket = UpstreamTicket(Future(), queue.Queue() if stream else None)
+            self._tickets[id(ticket)] = ticket
         deadline = time.monotonic() + (timeout_s if timeout_s is not None else 600.0)
         self._pool.submit(self._serve, prompt, params, deadline, ticket, time.perf_counter())
         return ticket
@@ -178,14 +200,16 @@ class UpstreamScheduler:
             self._waiting -= 1
             self._running += 1
         try:
-            if not ticket.future.set_running_or_notify_cancel():
-                return
+            with ticket._lock:
+                start = not ticket.abandoned.is_set() and ticket.future.set_running_or_notify_cancel()
+            if not start:
+                return  # its caller gave up, or close() answered it
             started = time.perf_counter()
             try:
                 result = self._with_retries(self._body(prompt, params, ticket.chunks is not None), deadline,
                                             ticket, started)
             except Exception as exc:  # noqa: BLE001 - the request's own failure, for its caller
-                ticket.future.set_exception(exc)
+                ticket.future.set_exception(RuntimeError("server shutting down") if self._closed else exc)
             else:
                 if not params.logprobs:
                     result.logprobs = None
@@ -196,6 +220,7 @@ class UpstreamScheduler:
         finally:
             with self._lock:
                 self._running -= 1
+                self._tickets.pop(id(ticket), None)
 
     def _body(self, prompt: str, params: GenerationParams, stream: bool) -> dict:
         body = {"model": self.model, "prompt": prompt, "max_tokens": params.max_tokens,

@@ -29,6 +29,7 @@ from tierline_api.v1 import inference_pb2_grpc as pb_grpc
 from tierline_cloud_node.upstream import MAX_ANSWER_BYTES, UpstreamEngine, UpstreamScheduler
 from tierline_shared.config.manifest import BatchConfig, UpstreamConfig
 from tierline_shared.runtime.engine import EngineInfo
+from tierline_shared.runtime.scheduler import END
 from tierline_shared.serving.servicer import TierServicer
 from tierline_shared.transport.grpc_server import create_server
 
@@ -318,3 +319,26 @@ def test_the_upstream_fields_are_checked_at_start(tmp_path, upstream_fields, fie
         proc.communicate()
         pytest.fail(f"the cloud tier started with upstream {upstream_fields} instead of exiting 2")
     assert proc.returncode == 2 and field in stderr, stderr
+
+
+def test_closing_the_tier_answers_what_it_held_at_once(upstream):
+    """A tier stopping (its scheduler closed) fails the request running against a silent upstream and the one
+    queued behind it with "server shutting down" at once, the running one's HTTP request closed: no caller waits
+    out its deadline (the queued one was never answered at all)."""
+    from tierline_shared.runtime.engine import GenerationParams
+
+    scheduler = UpstreamScheduler(UpstreamConfig(url=f"http://127.0.0.1:{upstream.port}/v1"), MODEL,
+                                  BatchConfig(max_num_seqs=1))
+    running_key, queued_key = f"k{next(_keys)}", f"k{next(_keys)}"
+    params = GenerationParams(max_tokens=8)
+    running = scheduler.submit(f"silent {running_key}", params, timeout_s=HOLD_S)
+    queued = scheduler.submit(f"silent {queued_key}", params, timeout_s=HOLD_S, stream=True)
+    assert upstream.asked[running_key].wait(TIMEOUT)
+    scheduler.close()
+    for ticket in (running, queued):
+        with pytest.raises(RuntimeError, match="server shutting down"):
+            ticket.future.result(timeout=TIMEOUT)
+    assert queued.chunks.get(timeout=TIMEOUT) is END
+    assert upstream.hung_up[running_key].wait(TIMEOUT) and not upstream.asked[queued_key].is_set()
+    with pytest.raises(RuntimeError, match="closed"):
+        scheduler.submit(f"silent {queued_key}", params)

@@ -122,6 +122,11 @@ class DecoderConfig:
                 raise ConfigError(f"{where}: {name}: required")
             return value
 
+        def number(name: str, value) -> float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{where}: {name}: must be a number, got {value!r}")
+            return float(value)
+
         if "architectures" not in data and "model_type" not in data and PRE_LLAMA_KEYS & data.keys():
             raise ConfigError(f"{where}: the old pre-Llama config format, no longer served; rebuild the family with "
                               f"`tierline models build` or import a Hugging Face checkpoint (`tierline models import`)")
@@ -144,14 +149,16 @@ class DecoderConfig:
         window = _sliding_window(data, arch, layers, where)
         attention_bias = bool(data.get("attention_bias", False))
         eos = data.get("eos_token_id")
+        if not all(_is_id(i) for i in _ids(eos)):
+            raise ConfigError(f"{where}: eos_token_id: {eos!r} is not a token id or a list of them")
         values = dict(
             vocab_size=field("vocab_size"), hidden_size=hidden, intermediate_size=field("intermediate_size"),
             num_hidden_layers=layers, num_attention_heads=heads,
             num_key_value_heads=data.get("num_key_value_heads") or heads,
             head_dim=data.get("head_dim") or hidden // heads,
             max_position_embeddings=field("max_position_embeddings"),
-            rms_norm_eps=float(data.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope.get("rope_theta", data.get("rope_theta", 10000.0))),
+            rms_norm_eps=number("rms_norm_eps", data.get("rms_norm_eps", 1e-6)),
+            rope_theta=number("rope_theta", rope.get("rope_theta", data.get("rope_theta", 10000.0))),
             tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
             qkv_bias=attention_bias or arch == "Qwen2ForCausalLM",
             o_bias=attention_bias and arch != "Qwen2ForCausalLM",
@@ -219,6 +226,10 @@ def _first(value):
     return value[0] if isinstance(value, list) and value else value
 
 
+def _is_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _ids(value) -> tuple[int, ...]:
     """eos_token_id (one id, a list, or null) as a tuple of ids."""
     if value is None:
@@ -274,7 +285,7 @@ def read_config(path: str | Path) -> DecoderConfig:
         data = _read_json(generation)
         eos = data.get("eos_token_id") if isinstance(data, dict) else None
         if _ids(eos):
-            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in _ids(eos)):
+            if not all(_is_id(i) for i in _ids(eos)):
                 raise ConfigError(f"{generation}: eos_token_id: {eos!r} is not a token id or a list of them")
             cfg = cfg.replace(eos_token_id=_first(eos), eos_token_ids=_ids(eos))
     return cfg
@@ -282,6 +293,8 @@ def read_config(path: str | Path) -> DecoderConfig:
 
 def _read_json(path: Path):
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_bytes())  # JSON is UTF-8 (json detects UTF-16 and -32 too)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None

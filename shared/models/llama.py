@@ -224,8 +224,13 @@ def weight_files(directory: str | Path) -> list[Path]:
         raise FileNotFoundError(f"{single}: missing (nor is there a {WEIGHTS_INDEX})")
     try:
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
         raise ValueError(f"{index}: not a safetensors index (no weight_map)") from None
+    for name in shards:  # save_pretrained writes plain names beside the index; a path would read (and copy,
+        # and serve) a file from elsewhere on the machine, and the copy of the checkpoint could not hold it
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise ValueError(f"{index}: weight_map: {name!r} is not a file name in {directory} "
+                             f"(shards lie beside the index)")
     missing = [name for name in shards if not (directory / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{directory / missing[0]}: missing (listed in {index})")
@@ -235,16 +240,46 @@ def weight_files(directory: str | Path) -> list[Path]:
 def check_weights(directory: str | Path) -> tuple[DecoderConfig, list[Path]]:
     """The checkpoint's config and weight files once every tensor's name and shape fit the config, read from
     the safetensors headers alone (nothing is loaded); ValueError naming the file otherwise."""
-    from safetensors import safe_open
-
     directory = Path(directory)
     cfg = DecoderConfig.read(directory)
     files = weight_files(directory)
+    shapes = _header_shapes(files)
+    index_file = files[0] if len(files) == 1 else directory / WEIGHTS_INDEX
+    layers = 1 + max((int(name.split(".")[2]) for name in shapes
+                      if name.startswith("model.layers.") and name.split(".")[2].isdigit()), default=-1)
+    if cfg.num_hidden_layers != layers:  # before the model is built: each layer is Python objects, even on meta
+        raise ValueError(f"{index_file}: the weights do not fit {directory / CONFIG_FILE}: num_hidden_layers is "
+                         f"{cfg.num_hidden_layers}, the weights hold {layers} layers")
     with torch.device("meta"):  # shapes without memory
         expected = {k: tuple(v.shape) for k, v in Decoder(cfg).state_dict().items()}
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight")
     got, wrong, unexpected = set(), [], []
+    for name, (shape, path) in shapes.items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings or name.endswith(IGNORED_TENSORS):
+            continue
+        if name not in expected:
+            unexpected.append(name)
+            continue
+        got.add(name)
+        if shape != expected[name]:
+            wrong.append((name, shape, path))
+    missing = sorted(set(expected) - got)
+    if missing or unexpected or wrong:
+        detail = "; ".join(part for part in (
+            f"missing {missing[:3]}" if missing else "", f"unexpected {sorted(unexpected)[:3]}" if unexpected else "",
+            f"{wrong[0][0]} is {list(wrong[0][1])}, the config implies {list(expected[wrong[0][0]])}" if wrong else "")
+            if part)
+        where = wrong[0][2] if wrong else index_file
+        raise ValueError(f"{where}: the weights do not fit {directory / CONFIG_FILE}: {detail}")
+    return cfg, files
+
+
+def _header_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], Path]]:
+    """Every tensor's shape and file, from the safetensors headers (no tensor is read)."""
+    from safetensors import safe_open
+
+    shapes = {}
     for path in files:
         try:
             f = safe_open(str(path), framework="pt")
@@ -252,24 +287,8 @@ def check_weights(directory: str | Path) -> tuple[DecoderConfig, list[Path]]:
             raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
         with f:
             for name in f.keys():
-                if name == "lm_head.weight" and cfg.tie_word_embeddings or name.endswith(IGNORED_TENSORS):
-                    continue
-                if name not in expected:
-                    unexpected.append(name)
-                    continue
-                got.add(name)
-                shape = tuple(f.get_slice(name).get_shape())
-                if shape != expected[name]:
-                    wrong.append((name, shape, path))
-    missing = sorted(set(expected) - got)
-    if missing or unexpected or wrong:
-        detail = "; ".join(part for part in (
-            f"missing {missing[:3]}" if missing else "", f"unexpected {sorted(unexpected)[:3]}" if unexpected else "",
-            f"{wrong[0][0]} is {list(wrong[0][1])}, the config implies {list(expected[wrong[0][0]])}" if wrong else "")
-            if part)
-        where = wrong[0][2] if wrong else files[0] if len(files) == 1 else directory / WEIGHTS_INDEX
-        raise ValueError(f"{where}: the weights do not fit {directory / CONFIG_FILE}: {detail}")
-    return cfg, files
+                shapes[name] = (tuple(f.get_slice(name).get_shape()), path)
+    return shapes
 
 
 def load_decoder(directory: str | Path, progress=None) -> Decoder:

@@ -157,9 +157,11 @@ class TextTokenizer:
         self._encoded = functools.lru_cache(maxsize=ENCODE_CACHE)(self._encode)
 
     @classmethod
-    def load(cls, path: str | Path, config: str | Path | None = None, beside: bool = True) -> "TextTokenizer":
+    def load(cls, path: str | Path, config: str | Path | None = None, beside: bool = True,
+             specials: dict | None = None) -> "TextTokenizer":
         """A tokenizer.json; its special tokens from `config` (a tokenizer_config.json), else (`beside`) from
-        the tokenizer_config.json beside it if there is one, else the family's."""
+        the tokenizer_config.json beside it if there is one, else `specials` (tokenizer_config.json's keys), else
+        the family's."""
         path = Path(path)
         try:
             tok = Tokenizer.from_file(str(path))
@@ -168,8 +170,9 @@ class TextTokenizer:
         except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
             raise ValueError(f"{path}: not a valid tokenizer file ({exc})") from exc
         config = Path(config) if config else (path.parent / "tokenizer_config.json" if beside else None)
-        specials = read_tokenizer_config(config) if config is not None and config.is_file() else None
-        return cls(tok, specials, str(config if specials is not None else path))
+        if config is not None and config.is_file():
+            return cls(tok, read_tokenizer_config(config), str(config))
+        return cls(tok, specials, str(path))
 
     @classmethod
     def default(cls) -> "TextTokenizer":

@@ -48,7 +48,45 @@ class ImportFailure(ValueError):
     """Input that cannot be imported; the message names the file or the flag (the CLI exits 2)."""
 
 
-def _check_source(src: Path) -> tuple[DecoderConfig, TextTokenizer]:
+def _check_text(flag: str, value: str) -> None:
+    """A path or name the import hands to tokenizers, safetensors and the exporters and writes into its cards,
+    all of which take UTF-8 text only: a name with other bytes (Python's surrogate escapes) would fail one of
+    them late, with a message about codecs."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ImportFailure(f"{flag}: {ascii(value)} is not UTF-8 text; rename it"
+                            + (" or give --name" if flag == "--name" else "")) from None
+
+
+def _specials_from_config(cfg: DecoderConfig, tokenizer: Path) -> dict[str, str]:
+    """The special tokens of a checkpoint without tokenizer_config.json (a tokenizer.json saved by `tokenizers`
+    alone): the tokens config.json's (or generation_config.json's) ids name, which is where transformers'
+    generate finds its end tokens; whether a prompt starts with BOS stays the post-processor's to say."""
+    from tokenizers import Tokenizer
+
+    where = tokenizer.with_name("tokenizer_config.json")
+    if cfg.eos_token_id is None:
+        raise ImportFailure(f"{where}: missing, and {tokenizer.with_name(CONFIG_FILE)} names no eos_token_id "
+                            f"(generation would never stop)")
+    try:
+        vocab = Tokenizer.from_file(str(tokenizer))
+    except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
+        raise ImportFailure(f"{tokenizer}: not a valid tokenizer file ({exc})") from None
+    specials = {}
+    for field, i in (("bos_token", cfg.bos_token_id), ("eos_token", cfg.eos_token_id)):
+        text = vocab.id_to_token(i) if isinstance(i, int) and not isinstance(i, bool) and i >= 0 else None
+        if i is not None and text is None:
+            raise ImportFailure(f"{where}: missing, and {tokenizer.with_name(CONFIG_FILE)}'s {field}_id {i!r} is "
+                                f"not a token of {tokenizer}")
+        if text is not None:
+            specials[field] = text
+    return specials
+
+
+def _check_source(src: Path) -> tuple[DecoderConfig, TextTokenizer, dict[str, str] | None]:
+    """The checkpoint's config, its tokenizer, and the special tokens to write as tokenizer_config.json when the
+    checkpoint has none (None when it has one); ImportFailure naming the file for what cannot be served."""
     if not src.is_dir():
         raise ImportFailure(f"{src}: not a checkpoint directory")
     if not (src / CONFIG_FILE).is_file():
@@ -61,8 +99,11 @@ def _check_source(src: Path) -> tuple[DecoderConfig, TextTokenizer]:
         raise ImportFailure(f"{src / 'tokenizer.json'}: missing (the tiers need the model's tokenizer.json; "
                            f"a checkpoint with only a slow tokenizer can be converted with transformers' "
                            f"AutoTokenizer(...).save_pretrained)")
+    specials = None
+    if not (src / "tokenizer_config.json").is_file():
+        specials = _specials_from_config(cfg, src / "tokenizer.json")
     try:
-        tok = TextTokenizer.load(src / "tokenizer.json")
+        tok = TextTokenizer.load(src / "tokenizer.json", specials=specials)
     except ValueError as exc:
         raise ImportFailure(str(exc)) from None
     try:  # the engines' own rule, before anything is built: they would refuse the result at the end
@@ -73,7 +114,7 @@ def _check_source(src: Path) -> tuple[DecoderConfig, TextTokenizer]:
         check_weights(src)  # names and shapes, from the headers: before anything is written
     except (FileNotFoundError, ValueError) as exc:
         raise ImportFailure(str(exc)) from None
-    return cfg, tok
+    return cfg, tok, specials
 
 
 def import_checkpoint(src: str | Path, out: str | Path, device_ratio: float = DEFAULT_DEVICE_RATIO,
@@ -83,6 +124,9 @@ def import_checkpoint(src: str | Path, out: str | Path, device_ratio: float = DE
     """Build the models directory `out` from the checkpoint `src`; returns the report (also report.json)."""
     src, out = Path(src), Path(out)
     console = console or Console(stderr=True)
+    model_name = name or src.resolve().name
+    for flag, text in (("SRC", str(src.resolve())), ("--out", str(out.resolve())), ("--name", model_name)):
+        _check_text(flag, text)
     if not 0.0 < device_ratio < 1.0:
         raise ImportFailure(f"--device-ratio: {device_ratio} must be in (0, 1)")
     if device_context < 2:
@@ -91,7 +135,7 @@ def import_checkpoint(src: str | Path, out: str | Path, device_ratio: float = DE
         raise ImportFailure(f"--out: {out} exists and is not a directory")
     if out.exists() and any(out.iterdir()):
         raise ImportFailure(f"--out: {out} exists and is not empty")
-    cfg, tok = _check_source(src)
+    cfg, tok, specials = _check_source(src)
     from tierline.build.prune import check_reachable
 
     try:
@@ -103,14 +147,14 @@ def import_checkpoint(src: str | Path, out: str | Path, device_ratio: float = DE
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return _build(src, out, cfg, tok, corpus, train_texts, held_out, device_ratio, recover_steps,
-                      device_context, threads, name or src.resolve().name, console)
+        return _build(src, out, cfg, tok, specials, corpus, train_texts, held_out, device_ratio, recover_steps,
+                      device_context, threads, model_name, console)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)  # nothing half-written is left to be served
         raise
 
 
-def _build(src, out, cfg, tok, corpus, train_texts, held_out, device_ratio, recover_steps, device_context,
+def _build(src, out, cfg, tok, specials, corpus, train_texts, held_out, device_ratio, recover_steps, device_context,
            threads, model_name, console) -> dict:
     t_start, timings = time.perf_counter(), {}
     steps = Steps(console)
@@ -132,6 +176,8 @@ def _build(src, out, cfg, tok, corpus, train_texts, held_out, device_ratio, reco
         for f in ("tokenizer.json", "tokenizer_config.json"):  # the tiers' shared tokenizer, at the top
             if (src / f).is_file():
                 shutil.copyfile(src / f, out / f)
+        if specials is not None:  # none in the checkpoint: the tiers' tokenizer names the ones config.json does
+            (out / "tokenizer_config.json").write_text(json.dumps(specials, indent=2) + "\n")
         timings["copy (cloud)"] = round(time.perf_counter() - t0, 1)
 
         t0 = time.perf_counter()

@@ -1,0 +1,137 @@
+"""`tierline models import` with checkpoints a careless or hostile user brings: each is served as transformers serves
+it, or refused before anything is written with one line naming the file and the field (exit 2).
+
+The checkpoints are tests/test_import.py's (transformers' tiny random Llama and a byte-level BPE), changed the way
+a user's might be.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import run_cli
+from tests.test_import import bpe_tokenizer, llama_checkpoint
+
+transformers = pytest.importorskip("transformers")
+
+
+def _refused(src: Path, out: Path, *extra: str) -> str:
+    """The one line `tierline models import` prints when it refuses the checkpoint; nothing is left at --out."""
+    proc = run_cli("models", "import", str(src), "--out", str(out), *extra, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert not out.exists()
+    return lines[0]
+
+
+@pytest.mark.parametrize("shard", ["../stolen.safetensors", "{outside}/stolen.safetensors", "sub/model.safetensors"])
+def test_a_shard_index_names_only_files_beside_it(tmp_path, shard):
+    """A weight_map entry that is a path would read a file from elsewhere on the machine (and the copy of the
+    checkpoint, which keeps the index as it is, could not hold it): refused naming the index and the entry."""
+    from tierline_shared.models.llama import check_weights
+
+    src = llama_checkpoint(tmp_path / "src")
+    index_file = src / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    shutil.copyfile(src / first, tmp_path / "stolen.safetensors")  # a real safetensors file outside the checkpoint
+    (src / "sub").mkdir()
+    shutil.copyfile(src / first, src / "sub" / "model.safetensors")
+    shard = shard.format(outside=tmp_path)  # an absolute path
+    index["weight_map"] = {k: shard if v == first else v for k, v in index["weight_map"].items()}
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=f"model.safetensors.index.json: weight_map: {shard!r} is not a file name"):
+        check_weights(src)
+    if shard == "../stolen.safetensors":  # and from the command line: before anything is written
+        line = _refused(src, tmp_path / "out")
+        assert f"{index_file}: weight_map: '../stolen.safetensors' is not a file name" in line
+
+
+def test_a_layer_count_the_weights_do_not_have_is_refused_from_the_headers(tmp_path):
+    """An absurd num_hidden_layers is refused before the model is built (each layer is Python objects even on
+    torch's meta device: ten million of them held 20 GB before the old check could say anything)."""
+    src = llama_checkpoint(tmp_path / "src", shard=False)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 100_000}))
+    line = _refused(src, tmp_path / "out")
+    assert line.endswith(f"{src / 'model.safetensors'}: the weights do not fit {src / 'config.json'}: "
+                         f"num_hidden_layers is 100000, the weights hold 4 layers")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("rms_norm_eps", "1e-5", "rms_norm_eps: must be a number, got '1e-5'"),
+    ("rope_parameters", {"rope_type": "default", "rope_theta": "1e4"}, "rope_theta: must be a number, got '1e4'"),
+    ("eos_token_id", "</s>", "eos_token_id: '</s>' is not a token id or a list of them"),
+])
+def test_a_config_value_of_the_wrong_type_names_the_file_and_the_field(tmp_path, field, value, message):
+    from tierline_shared.models.configs import ConfigError, DecoderConfig
+
+    src = llama_checkpoint(tmp_path / "src", shard=False)
+    (src / "generation_config.json").unlink()  # config.json's own eos_token_id is the one read
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, field: value}))
+    with pytest.raises(ConfigError) as exc:
+        DecoderConfig.read(src)
+    assert str(exc.value) == f"{src / 'config.json'}: {message}"
+    (src / "config.json").write_bytes(b'{"architectures": ["LlamaForCausalLM\xff"]}')  # not UTF-8
+    with pytest.raises(ConfigError, match="config.json: not UTF-8 text"):
+        DecoderConfig.read(src)
+
+
+def test_a_folder_name_that_is_not_utf8_is_refused_up_front(tmp_path):
+    """tokenizers, safetensors and the cards take UTF-8 text: a folder name with other bytes failed one of them
+    with a message about codecs (the tokenizer's: "not a valid tokenizer file"), or at the very end."""
+    src = Path(os.fsdecode(bytes(tmp_path) + b"/my-llama-\xff"))
+    os.rename(llama_checkpoint(tmp_path / "my-llama", shard=False), src)  # transformers cannot save there itself
+    line = _refused(src, tmp_path / "out")
+    assert line == f"tierline: error: SRC: {ascii(str(src))} is not UTF-8 text; rename it"
+
+
+def test_a_tokenizer_saved_by_tokenizers_alone_is_served_with_the_configs_end_token(tmp_path):
+    """No tokenizer_config.json (tokenizer.json written by `tokenizers`) and no generation_config.json: the end and
+    start tokens are the ids config.json names, as transformers' generate reads them; the import used to refuse it
+    for lacking the family's own `<eos>`. The cloud tier then generates what transformers does, token for token."""
+    from tierline.build.engines import load_engine
+    from tierline_shared.runtime.engine import GenerationParams
+
+    specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    hf_tok = bpe_tokenizer(specials)
+    src = tmp_path / "src"
+    torch.manual_seed(1)
+    cfg = transformers.LlamaConfig(vocab_size=len(hf_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                                   bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id,
+                                   tie_word_embeddings=True)
+    ref = transformers.LlamaForCausalLM(cfg).to(torch.float16).eval()  # MHA, tied, fp16 on disk
+    ref.save_pretrained(src, safe_serialization=True)
+    (src / "generation_config.json").unlink()
+    hf_tok.backend_tokenizer.save(str(src / "tokenizer.json"))  # the `tokenizers` file alone
+    assert sorted(p.name for p in src.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+
+    out = tmp_path / "out"
+    proc = run_cli("models", "import", str(src), "--out", str(out), "--device-context", "64", "--device-ratio", "0.6",
+                   timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "tokenizer_config.json").read_text()) == {"bos_token": "<s>", "eos_token": "</s>"}
+    assert sorted(p.name for p in (out / "cloud").iterdir() if not p.name.startswith("card")) == [
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]
+
+    theirs = transformers.AutoTokenizer.from_pretrained(src, local_files_only=True)  # no special tokens of its own
+    ref = ref.float()
+    cloud = load_engine(out, "cloud", threads=1)
+    assert cloud.tokenizer.eos_id == hf_tok.eos_token_id
+    for prompt in ("The quick brown fox", "Question: What is"):
+        ids = theirs(prompt, return_tensors="pt").input_ids
+        assert cloud.tokenizer.encode(prompt) == ids[0].tolist() and ids[0, 0] == hf_tok.bos_token_id
+        with torch.no_grad():
+            want = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+                                pad_token_id=hf_tok.eos_token_id)[0, ids.shape[1]:].tolist()
+        want = want[:want.index(hf_tok.eos_token_id)] if hf_tok.eos_token_id in want else want
+        assert cloud.generate(prompt, GenerationParams(max_tokens=24)).token_ids == want

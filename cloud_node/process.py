@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tierline_cloud_node.upstream import UpstreamEngine, UpstreamScheduler
 from tierline_shared.config.manifest import ACCELERATORS, ManifestError
-from tierline_shared.runtime.engine import Engine, EngineInfo
+from tierline_shared.runtime.engine import Engine
 from tierline_shared.runtime.engine_core import Loader
 from tierline_shared.serving.metrics import Metrics
 from tierline_shared.serving.process import TierProcess, run
@@ -22,8 +22,7 @@ class CloudProcess(TierProcess):
                 self._forward = UpstreamScheduler(self.config.upstream, self._upstream_model, self.config.batching)
             except ValueError as exc:
                 raise ManifestError(f"{self.manifest.path}: tiers.cloud.{exc}") from None
-            return UpstreamEngine(EngineInfo("cloud", self.manifest.model_name, f"upstream:{self._upstream_model}",
-                                             params=0, bytes=0, max_context=0, window_limit=0))
+            return UpstreamEngine.of(self.config.upstream, self.manifest.model_name, self._upstream_model)
         return super().load_engine()
 
     def engine_loader(self) -> Loader:

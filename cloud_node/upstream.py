@@ -36,7 +36,13 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from tierline_shared.config.manifest import BatchConfig, UpstreamConfig
-from tierline_shared.runtime.engine import EngineInfo, GenerationParams, GenerationResult, TokenLogprob
+from tierline_shared.runtime.engine import (
+    EngineError,
+    EngineInfo,
+    GenerationParams,
+    GenerationResult,
+    TokenLogprob,
+)
 from tierline_shared.runtime.scheduler import END, BatchedResult, DeadlineExceeded, QueueFull
 from tierline_shared.serving.servicer import RequestError
 from tierline_shared.transport.messaging import TierError
@@ -54,11 +60,21 @@ FAILED_REASONS = ("abort", "error")
 
 
 class _AnyText:
-    """The tokenizer question the servicer asks (characters outside the vocabulary): the upstream answers it."""
+    """The tokenizer questions the servicer asks, for a model whose tokenizer runs elsewhere: this tier counts no
+    token; the upstream does, and refuses a prompt outside its vocabulary or too long for its context with a 400
+    (INVALID_ARGUMENT)."""
 
     @staticmethod
     def unknown_count(_text: str) -> int:
         return 0
+
+    @staticmethod
+    def encode(_text: str) -> tuple[()]:
+        """No ids: not a count of the prompt, which only the upstream can make. The servicer fits a default
+        max_tokens into the room the prompt leaves; here the whole context, and the manifest keeps
+        limits.default_max_tokens below `upstream.max_context` (shared/config/manifest.py), so the default leaves
+        a prompt one token at least."""
+        return ()
 
 
 class UpstreamEngine:
@@ -67,8 +83,22 @@ class UpstreamEngine:
     def __init__(self, info: EngineInfo):
         self.info, self.tokenizer = info, _AnyText()
 
+    @classmethod
+    def of(cls, config: UpstreamConfig, model_name: str, served: str) -> UpstreamEngine:
+        """The engine for `tiers.cloud.upstream`: its context is the manifest's `max_context` (0: unknown), which
+        GetServerInfo reports and `check` holds requests to."""
+        return cls(EngineInfo("cloud", model_name, f"upstream:{served}", params=0, bytes=0,
+                              max_context=config.max_context, window_limit=0))
+
     def check(self, prompt: str, params: GenerationParams) -> None:
-        """The upstream checks its own context (its 400 comes back as INVALID_ARGUMENT)."""
+        """A max_tokens that leaves a prompt no room in the context the manifest gives (`upstream.max_context`)
+        is refused here, before the upstream is asked: it would accept one far past its context, bounded only by
+        the deadline (`transformers serve` does). The prompt's own length the upstream checks (its 400 comes back
+        as INVALID_ARGUMENT)."""
+        limit = self.info.max_context
+        if limit and params.max_tokens >= limit:
+            raise EngineError(f"this model's maximum context length is {limit} tokens; max_tokens "
+                              f"{params.max_tokens} leaves no room for the prompt", "parameters.max_tokens")
 
     def enable_prefix_cache(self, *_args) -> None:
         """The upstream keeps its own KV (vLLM's prefix caching)."""

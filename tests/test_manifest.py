@@ -47,6 +47,12 @@ def test_valid_manifest_loads(manifest):
     m = load_manifest(manifest())
     assert m.tier("edge").batching.max_num_seqs == 4
     assert m.tier("cloud").batching.max_queue == 64  # the default
+    assert m.tier("cloud").upstream.max_context == 0  # unknown
+
+
+def test_an_upstream_context_loads(manifest):
+    m = load_manifest(manifest(tiers__cloud__upstream={"url": "http://127.0.0.1:9/v1", "max_context": 4096}))
+    assert m.tier("cloud").upstream.max_context == 4096
     assert m.models_path.is_dir()
 
 

@@ -195,12 +195,12 @@ def upstream():
 
 
 @contextmanager
-def tier(upstream: Upstream, retries: int = 0, max_num_seqs: int = 4):
+def tier(upstream: Upstream, retries: int = 0, max_num_seqs: int = 4, max_context: int = 0):
     """The cloud tier forwarding to `upstream`, served over a real gRPC server: a stub."""
     scheduler = UpstreamScheduler(UpstreamConfig(url=f"http://127.0.0.1:{upstream.port}/v1", retries=retries),
                                   MODEL, BatchConfig(max_num_seqs=max_num_seqs))
-    engine = UpstreamEngine(EngineInfo("cloud", MODEL, f"upstream:{MODEL}", params=0, bytes=0, max_context=0,
-                                       window_limit=0))
+    engine = UpstreamEngine(EngineInfo("cloud", MODEL, f"upstream:{MODEL}", params=0, bytes=0,
+                                       max_context=max_context, window_limit=0))
     server, port = create_server(TierServicer(engine, cache_size=0, scheduler=scheduler))
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -295,15 +295,46 @@ def test_an_upstream_that_trickles_frees_its_worker_at_the_deadline(upstream):
         assert cloud.Infer(_req("whole")[0], timeout=TIMEOUT).choices[0].text == "ab"
 
 
+def test_a_max_tokens_past_the_upstreams_context_is_refused_before_it_is_asked(upstream):
+    """With `upstream.max_context` set, a max_tokens that leaves the prompt no room is INVALID_ARGUMENT naming the
+    field, and the upstream never sees it (`transformers serve` would run it until the deadline); one within it
+    is forwarded, and so is one that sets none: the manifest's default, the prompt not counted here (its tokenizer
+    is the upstream's). GetServerInfo reports the context."""
+    with tier(upstream, max_context=200) as cloud:
+        req, key = _req("whole")
+        req.parameters.max_tokens = 200
+        with pytest.raises(grpc.RpcError) as err:
+            cloud.Infer(req, timeout=TIMEOUT)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert err.value.details().startswith("parameters.max_tokens: this model's maximum context length is 200 "
+                                              "tokens"), err.value.details()
+        assert key not in upstream.requests
+        req, key = _req("whole")
+        req.parameters.max_tokens = 199
+        assert cloud.Infer(req, timeout=TIMEOUT).choices[0].text == "ab"
+        assert upstream.requests[key][0]["max_tokens"] == 199
+        req, key = _req("whole")
+        req.parameters.ClearField("max_tokens")
+        assert cloud.Infer(req, timeout=TIMEOUT).choices[0].text == "ab"
+        assert upstream.requests[key][0]["max_tokens"] == 96  # limits.default_max_tokens
+        info = cloud.GetServerInfo(pb.ServerInfoRequest(), timeout=TIMEOUT)
+        assert (info.max_context, info.max_tokens_limit) == (200, 199)
+
+
 @pytest.mark.parametrize("upstream_fields, field", [
+    ({"url": "http://127.0.0.1:8000/v1", "max_context": -1}, "tiers.cloud.upstream.max_context: -1 out of range"),
+    ({"url": "http://127.0.0.1:8000/v1", "max_context": "4k"}, "tiers.cloud.upstream.max_context: expected int"),
+    ({"url": "http://127.0.0.1:8000/v1", "max_context": 96}, "tiers.cloud.upstream.max_context: 96 leaves no room"),
+    ({"max_context": 4096}, "tiers.cloud.upstream.max_context: no upstream.url"),
     ({"url": "http://127.0.0.1:99999/v1"}, "tiers.cloud.upstream.url"),
     ({"url": "http://127.0.0.1:port/v1"}, "tiers.cloud.upstream.url"),
     ({"url": "http://user:secret@127.0.0.1:8000/v1"}, "tiers.cloud.upstream.url"),
     ({"url": "http://127.0.0.1:8000/v1", "api_key_env": "TIERLINE_TEST_UNSET_KEY"}, "tiers.cloud.upstream.api_key_env"),
 ])
 def test_the_upstream_fields_are_checked_at_start(tmp_path, upstream_fields, field):
-    """A port that is no port, credentials in the URL (never sent) or a key variable that is not set: the cloud
-    process exits 2 naming the field, instead of starting and failing every request."""
+    """A port that is no port, credentials in the URL (never sent), a key variable that is not set, or a context
+    that is no size or leaves the default max_tokens no prompt: the cloud process exits 2 naming the field,
+    instead of starting and failing every request."""
     manifest = tmp_path / "m.yaml"
     manifest.write_text(yaml.safe_dump({
         "model_name": MODEL, "models_dir": str(tmp_path), "nats": {"url": "nats://127.0.0.1:4222"},

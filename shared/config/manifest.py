@@ -74,6 +74,9 @@ class UpstreamConfig:
     model: str = ""  # the model name it serves (vLLM's --served-model-name); "" = the manifest's model_name
     retries: int = 1  # more attempts after a connection error or a 5xx, within the request's deadline
     api_key_env: str = ""  # an environment variable holding its bearer token ("" = none)
+    # its model's context (prompt + completion tokens), which Tierline cannot ask it: 0 = unknown (the upstream
+    # alone bounds max_tokens); set, a max_tokens that leaves no room is refused before the upstream is asked
+    max_context: int = 0
 
 
 @dataclass
@@ -273,7 +276,7 @@ _RANGES = {  # field -> (min, max) inclusive, None = unbounded
     "max_tokens": (0, None), "default_max_tokens": (1, None), "max_n": (1, 128), "connect_timeout_ms": (1, None),
     "request_timeout_ms": (1, None), "cloud_complexity": (0, 1), "device_complexity": (0, 1),
     "retries_per_tier": (0, 10), "retries": (0, 10), "no_replica_wait_ms": (0, 600_000), "max_num_seqs": (1, 1024),
-    "max_num_batched_tokens": (1, 1_000_000),
+    "max_num_batched_tokens": (1, 1_000_000), "max_context": (0, 10_000_000),
     "max_queue": (1, 100000), "version": (1, 1),
     "http_port": (-1, 65535), "calls_per_day": (1, None), "tokens_per_day": (1, None),
     "max_stop": (0, 16), "max_stop_chars": (1, 1024), "max_id_chars": (1, 1024),
@@ -328,6 +331,12 @@ def load_manifest(path: str | Path, check_artifacts: bool = True) -> Manifest:
     for name, tier in manifest.tiers.items():
         if tier.upstream.url and name != "cloud":
             raise ManifestError(f"{path}: tiers.{name}.upstream: only the cloud tier forwards to a serving engine")
+        if tier.upstream.max_context and not tier.upstream.url:
+            raise ManifestError(f"{path}: tiers.{name}.upstream.max_context: no upstream.url to forward to")
+        if 0 < tier.upstream.max_context <= manifest.limits.default_max_tokens:  # its prompt is not counted here
+            raise ManifestError(f"{path}: tiers.{name}.upstream.max_context: {tier.upstream.max_context} leaves "
+                                f"no room for a prompt beside limits.default_max_tokens "
+                                f"({manifest.limits.default_max_tokens}); must be greater")
         if tier.engine_cpus and (tier.upstream.url or tier.elsewhere):
             raise ManifestError(f"{path}: tiers.{name}.engine_cpus: this host runs no model for the {name} tier "
                                 f"(tiers.{name}.{'upstream' if tier.upstream.url else 'elsewhere'})")

@@ -207,14 +207,20 @@ def test_the_litert_export_generates_what_transformers_does(pair, lite):
         assert got == _reference_tokens(ref, prompt), prompt
 
 
-@pytest.mark.parametrize("window", [0, 3])
-def test_packed_forward_equals_padded_forward(window):
-    """The training forward without padding gives the padded forward's logits and gradients."""
+@pytest.mark.parametrize("window, rope", [(0, {}), (3, {}), (0, {"rope_type": "linear", "rope_factor": 8.0})])
+def test_packed_forward_equals_padded_forward(window, rope):
+    """The training forward without padding gives the padded forward's logits and gradients (the pruned model's
+    recovery trains with it: a rope-scaled checkpoint's too)."""
     torch.manual_seed(1)
     cfg = DecoderConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-                        sliding_window=window, architecture="MistralForCausalLM" if window else "LlamaForCausalLM")
+                        sliding_window=window, architecture="MistralForCausalLM" if window else "LlamaForCausalLM",
+                        **rope)
     model = Decoder(cfg)
+    if rope:  # weights large enough that attention, hence the rotation, shows in the logits
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.5)
     lengths = [9, 7, 7, 4, 2]  # three groups of two rows, the last one short
     ids = torch.randint(4, 50, (len(lengths), max(lengths)))
     real = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]

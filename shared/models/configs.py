@@ -20,6 +20,9 @@ QWEN2_MAX_WINDOW_LAYERS = 28  # transformers' default: Qwen2 layers below this i
 MISTRAL_SLIDING_WINDOW = 4096  # transformers' MistralConfig default: a config.json without the key has this window
 # keys of the project's own config.json before its family moved to the Llama format (a GPT of its own, removed)
 PRE_LLAMA_KEYS = {"n_layer", "n_head", "n_embd", "block_size", "ffn_hidden"}
+# rope_type values served: transformers' own inverse frequencies for each (shared/models/llama.py:rope_frequencies);
+# yarn, dynamic and longrope are refused by name
+ROPE_TYPES = ("default", "linear", "llama3")
 
 
 class ConfigError(ValueError):
@@ -38,6 +41,13 @@ class DecoderConfig:
     max_position_embeddings: int  # the context: prompt + completion tokens at most
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    # rope scaling, as transformers' rope_parameters says it: "default" (none), "linear" (every frequency / factor)
+    # or "llama3" (Llama 3.1/3.2: long wavelengths / factor, short ones kept, a smooth ramp between)
+    rope_type: str = "default"
+    rope_factor: float = 1.0  # linear, llama3: how many times the positions are stretched
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original / this are divided by the factor
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original / this are kept as they are
+    rope_original_max_position_embeddings: int = 0  # llama3: the context the model was pretrained with
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # biases on q, k, v (Llama's attention_bias, Qwen2 always)
     o_bias: bool = False  # a bias on the output projection (Llama's attention_bias)
@@ -65,6 +75,18 @@ class DecoderConfig:
         if not 0 <= self.sliding_window <= self.max_position_embeddings:
             raise ValueError(f"sliding_window: must be in [0, {self.max_position_embeddings}], "
                              f"got {self.sliding_window}")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_type: {self.rope_type!r} rope scaling is not implemented (served: "
+                             f"{', '.join(ROPE_TYPES)})")
+        if self.rope_type != "default" and not self.rope_factor > 0:
+            raise ValueError(f"rope_factor: must be positive, got {self.rope_factor!r}")
+        if self.rope_type == "llama3":
+            if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+                raise ValueError(f"rope_low_freq_factor, rope_high_freq_factor: must be 0 < low < high, got "
+                                 f"{self.rope_low_freq_factor!r}, {self.rope_high_freq_factor!r}")
+            if self.rope_original_max_position_embeddings <= 0:
+                raise ValueError(f"rope_original_max_position_embeddings: must be a positive integer, got "
+                                 f"{self.rope_original_max_position_embeddings!r}")
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architectures: {self.architecture!r} is not served; Tierline serves "
                              f"{', '.join(ARCHITECTURES)}")
@@ -138,11 +160,7 @@ class DecoderConfig:
         if data.get("hidden_act", "silu") not in ACTIVATIONS:
             raise ConfigError(f"{where}: hidden_act: {data['hidden_act']!r}; only silu (SwiGLU) is implemented")
         rope = data.get("rope_parameters") or {}  # transformers 5; older files say rope_theta and rope_scaling
-        scaling = data.get("rope_scaling") or {}
-        for name, kind in (("rope_parameters.rope_type", rope.get("rope_type")),
-                           ("rope_scaling", scaling.get("rope_type") or scaling.get("type"))):
-            if kind not in (None, "default"):
-                raise ConfigError(f"{where}: {name}: {kind!r} rope scaling is not implemented (only default rope)")
+        scaling = _rope_scaling(data, rope, where)
         heads = field("num_attention_heads")
         hidden = field("hidden_size")
         layers = field("num_hidden_layers")
@@ -158,7 +176,7 @@ class DecoderConfig:
             head_dim=data.get("head_dim") or hidden // heads,
             max_position_embeddings=field("max_position_embeddings"),
             rms_norm_eps=number("rms_norm_eps", data.get("rms_norm_eps", 1e-6)),
-            rope_theta=number("rope_theta", rope.get("rope_theta", data.get("rope_theta", 10000.0))),
+            rope_theta=number("rope_theta", rope.get("rope_theta", data.get("rope_theta", 10000.0))), **scaling,
             tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
             qkv_bias=attention_bias or arch == "Qwen2ForCausalLM",
             o_bias=attention_bias and arch != "Qwen2ForCausalLM",
@@ -178,9 +196,12 @@ class DecoderConfig:
                "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
                "head_dim": self.head_dim, "max_position_embeddings": self.max_position_embeddings,
                "hidden_act": "silu", "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta,
-               "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+               "rope_parameters": {"rope_type": self.rope_type, "rope_theta": self.rope_theta,
+                                   **self._rope_scaling_hf()},
                "tie_word_embeddings": self.tie_word_embeddings, "bos_token_id": self.bos_token_id,
                "eos_token_id": self._eos_value(), "pad_token_id": self.pad_token_id, "torch_dtype": "float32"}
+        if self.rope_type != "default":  # transformers < 5 reads the scaling from here
+            out["rope_scaling"] = self._rope_scaling_hf()
         if self.model_type == "llama":
             if self.qkv_bias != self.o_bias:
                 raise ValueError("LlamaForCausalLM has one attention_bias for q, k, v and o")
@@ -216,6 +237,16 @@ class DecoderConfig:
     def replace(self, **changes) -> "DecoderConfig":
         return DecoderConfig(**{**asdict(self), **changes})
 
+    def _rope_scaling_hf(self) -> dict:
+        """The scaling in transformers' rope_parameters keys (rope_type first, then what that type reads)."""
+        out = {"rope_type": self.rope_type}
+        if self.rope_type != "default":
+            out["factor"] = self.rope_factor
+        if self.rope_type == "llama3":
+            out.update(low_freq_factor=self.rope_low_freq_factor, high_freq_factor=self.rope_high_freq_factor,
+                       original_max_position_embeddings=self.rope_original_max_position_embeddings)
+        return out
+
     def _eos_value(self) -> int | list[int] | None:
         """eos_token_id as Hugging Face writes it: one id, or the list when there are several."""
         return list(self.eos_token_ids) if len(self.eos_token_ids) > 1 else self.eos_token_id
@@ -235,6 +266,38 @@ def _ids(value) -> tuple[int, ...]:
     if value is None:
         return ()
     return tuple(value) if isinstance(value, list) else (value,)
+
+
+def _rope_scaling(data: dict, rope: dict, where) -> dict:
+    """The DecoderConfig rope_* fields from `rope_scaling` (older files; transformers prefers it when both are
+    there) or `rope_parameters`; ConfigError naming the field for a type not served or a value that is not a
+    number. llama3's original_max_position_embeddings defaults to max_position_embeddings, as in transformers."""
+    name, params = ("rope_scaling", data["rope_scaling"]) if data.get("rope_scaling") else ("rope_parameters", rope)
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where}: {name}: {params!r} is not an object")
+    kind = params.get("rope_type") or params.get("type") or "default"
+    if kind not in ROPE_TYPES:
+        raise ConfigError(f"{where}: {name}.rope_type: {kind!r} rope scaling is not implemented "
+                          f"(served: {', '.join(ROPE_TYPES)})")
+    out = {"rope_type": kind}
+
+    def value(key: str, default=None):
+        v = params.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigError(f"{where}: {name}.{key}: must be a number, got {v!r}")
+        return v
+
+    if kind != "default":
+        out["rope_factor"] = float(value("factor"))
+    if kind == "llama3":
+        original = value("original_max_position_embeddings", data.get("max_position_embeddings"))
+        if not isinstance(original, int):
+            raise ConfigError(f"{where}: {name}.original_max_position_embeddings: must be an integer, got "
+                              f"{original!r}")
+        out.update(rope_low_freq_factor=float(value("low_freq_factor")),
+                   rope_high_freq_factor=float(value("high_freq_factor")),
+                   rope_original_max_position_embeddings=original)
+    return out
 
 
 def _sliding_window(data: dict, arch: str, layers: int, where) -> int:

@@ -1,10 +1,10 @@
 """The Llama-family decoder, in Hugging Face's format: Llama, Qwen2 and Mistral checkpoints alike.
 
 One implementation of what those architectures share: RMSNorm, rotary position embeddings
-(`rope_theta`), a SwiGLU MLP, grouped-query attention (`num_key_value_heads` <= heads),
-`head_dim` independent of `hidden_size`, optional biases (`attention_bias`: Llama's on q, k, v
-and o; Qwen2's on q, k, v only; `mlp_bias`), tied input and output embeddings, and Mistral's
-`sliding_window` (a query sees the last N positions, Tierline's `attention_window`).
+(`rope_theta`; `linear` and Llama 3.1/3.2's `llama3` rope scaling), a SwiGLU MLP, grouped-query attention
+(`num_key_value_heads` <= heads), `head_dim` independent of `hidden_size`, optional biases
+(`attention_bias`: Llama's on q, k, v and o; Qwen2's on q, k, v only; `mlp_bias`), tied input and output
+embeddings, and Mistral's `sliding_window` (a query sees the last N positions, Tierline's `attention_window`).
 Parameter names are Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...), so a
 checkpoint's `model.safetensors` loads as it is and `save_pretrained` files come out.
 
@@ -49,10 +49,37 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rotary(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (B, 1, T, head_dim) for the positions (B, T), as transformers computes them."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device)
-                                .float() / head_dim))
+def _default_inv_freq(head_dim: int, theta: float, device: torch.device | None) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+
+
+def rope_frequencies(cfg: DecoderConfig, device: torch.device | None = None) -> torch.Tensor:
+    """The inverse frequencies (head_dim/2,) with the config's rope scaling, op for op as transformers' 5.x
+    `_compute_linear_scaling_rope_parameters` and `_compute_llama3_parameters` compute them (their attention
+    factor is 1.0: cos and sin are not rescaled). A function of the config alone, so an export traces constants;
+    without scaling it is exactly the unscaled tensor."""
+    inv_freq = _default_inv_freq(cfg.head_dim, cfg.rope_theta, device)
+    if cfg.rope_type == "linear":
+        return inv_freq / cfg.rope_factor
+    if cfg.rope_type != "llama3":
+        return inv_freq
+    factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    old_context = cfg.rope_original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    # long wavelengths (> old_context / low) are divided by the factor, short ones (< old_context / high) kept
+    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)  # 0 -> 1 across the band between them
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_context / high) * ~(wavelen > old_context / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rotary(position_ids: torch.Tensor, head_dim: int, theta: float,
+           inv_freq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (B, 1, T, head_dim) for the positions (B, T), as transformers computes them; `inv_freq`
+    (head_dim/2,) is rope_frequencies(cfg) for a config with rope scaling, else computed from head_dim and theta."""
+    if inv_freq is None:
+        inv_freq = _default_inv_freq(head_dim, theta, position_ids.device)
     freqs = position_ids[:, :, None].float() * inv_freq[None, None, :]  # (B, T, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos()[:, None], emb.sin()[:, None]
@@ -192,7 +219,8 @@ class Decoder(nn.Module):
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
         mask = None if training else build_mask(attention_mask, T, window)
-        cos, sin = rotary(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
+        cos, sin = rotary(position_ids, self.cfg.head_dim, self.cfg.rope_theta,
+                          rope_frequencies(self.cfg, position_ids.device))
         x = self.model.embed_tokens(input_ids)
         presents = []
         for i, layer in enumerate(self.model.layers):

@@ -112,6 +112,7 @@ class UpstreamTicket:
     relayed: int = 0  # chunks put on `chunks`: once one is, a broken stream is not tried again (the text twice)
     _sock: socket.socket | None = None  # the attempt's connection, closed by `cancel`
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _out_of_queue: bool = False  # counted out of the scheduler's waiting (by its worker or by close), under _lock
 
     def cancel(self) -> None:
         """The caller is gone: its HTTP request is closed at once (vLLM and TGI abort a request whose connection
@@ -202,8 +203,12 @@ class UpstreamScheduler:
                 sock = ticket._sock
                 queued = not (ticket.future.running() or ticket.future.done()) and \
                     ticket.future.set_running_or_notify_cancel()
+                count_out, ticket._out_of_queue = not ticket._out_of_queue, True
             if sock is not None:
                 _hang_up(sock)  # a running one: its worker fails it
+            if count_out:  # its worker never took it from the pool's queue
+                with self._lock:
+                    self._waiting -= 1
             if queued:  # its worker will not start it
                 ticket.future.set_exception(RuntimeError("server shutting down"))
                 if ticket.chunks is not None:
@@ -226,8 +231,10 @@ class UpstreamScheduler:
     # -- one request ---------------------------------------------------------------------------------
     def _serve(self, prompt: str, params: GenerationParams, deadline: float, ticket: UpstreamTicket,
                enqueued: float) -> None:
+        with ticket._lock:
+            count_out, ticket._out_of_queue = not ticket._out_of_queue, True
         with self._lock:
-            self._waiting -= 1
+            self._waiting -= count_out
             self._running += 1
         try:
             with ticket._lock:

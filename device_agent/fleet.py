@@ -151,12 +151,12 @@ async def open_fleet(nc, board: bool = False) -> Fleet:
         models = await js.create_object_store(MODELS_BUCKET)  # with allow_direct (nats-py sets it)
     # boards download by direct gets: a store made without them (by an older client) gets them here
     await _settle(js, MODELS_STREAM, allow_direct=True)
-    limits = {"max_msgs": TELEMETRY_MAX_MSGS, "max_msgs_per_subject": TELEMETRY_MAX_MSGS_PER_BOARD}
-    try:
-        await _settle(js, TELEMETRY_STREAM, **limits)  # a stream made before the per-board limit gets it here
+    try:  # a stream made before the per-board limit gets it here (its other settings, an operator's, are kept)
+        await _settle(js, TELEMETRY_STREAM, max_msgs_per_subject=TELEMETRY_MAX_MSGS_PER_BOARD)
     except NotFoundError:
         await js.add_stream(name=TELEMETRY_STREAM, subjects=[subject("telemetry", ">")],
-                            storage=api.StorageType.FILE, duplicate_window=120, **limits)
+                            storage=api.StorageType.FILE, duplicate_window=120, max_msgs=TELEMETRY_MAX_MSGS,
+                            max_msgs_per_subject=TELEMETRY_MAX_MSGS_PER_BOARD)
     return Fleet(js, await kv(DEVICES_BUCKET), await kv(DESIRED_BUCKET), models)
 
 
@@ -597,10 +597,14 @@ async def _fetch_chunks(nc, name: str, info: api.ObjectInfo, out) -> None:
             ask = {"seq": seq, "next_by_subj": chunks, "batch": max(info.chunks or 0, 1),
                    "max_bytes": DOWNLOAD_BATCH_BYTES}
             await nc.publish(MODELS_DIRECT_GET, json.dumps(ask).encode(), reply=inbox)
+            came = 0
             while True:
                 msg = await sub.next_msg(timeout=JS_TIMEOUT_S)
                 status = (msg.headers or {}).get("Status")
                 if status == "204":  # end of the batch; the next one starts after its last chunk
+                    if not came:  # an empty batch would be asked again and again, to the time limit
+                        raise OtaError(OtaCode.DOWNLOAD_FAILED, f"{name}: {got} of {info.size} bytes, then an empty "
+                                                                "batch; tried again later")
                     break
                 if status == "404":  # no chunk at or after `seq`
                     raise OtaError(OtaCode.DOWNLOAD_FAILED, f"{name}: {got} of {info.size} bytes, then no more "
@@ -613,7 +617,12 @@ async def _fetch_chunks(nc, name: str, info: api.ObjectInfo, out) -> None:
                     raise OtaError(OtaCode.DIGEST_MISMATCH, f"{name}: more bytes in the object store than its "
                                                             f"record's {info.size}; refused")
                 await loop.run_in_executor(None, out.write, msg.data)
-                seq = int(msg.headers["Nats-Sequence"]) + 1
+                came += 1
+                try:
+                    seq = int(msg.headers["Nats-Sequence"]) + 1
+                except (KeyError, TypeError, ValueError):  # a direct get's answer always names it
+                    raise OtaError(OtaCode.DOWNLOAD_FAILED, f"{name}: a chunk without its sequence; tried again "
+                                                            "later") from None
     finally:
         with contextlib.suppress(Exception):  # a closed connection has dropped the subscription already
             await sub.unsubscribe()

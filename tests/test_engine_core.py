@@ -102,6 +102,22 @@ def test_the_core_takes_each_prompts_tokens_from_the_tier_process(engine):
     assert got == [engine.generate(p, params).text for p in prompts]
 
 
+def test_a_prompt_the_tier_process_cannot_encode_leaves_nothing_pending():
+    """The tokens the core gets come from the tier process's tokenizer; a prompt it fails to encode is refused
+    before anything is held for it (a ticket left pending would keep the core `busy` until it restarts)."""
+    core = _core()
+    try:
+        tokenizer = core.engine.tokenizer
+        core.engine.tokenizer = type("Broken", (), {"encode": staticmethod(lambda text: 1 / 0)})()
+        with pytest.raises(ZeroDivisionError):
+            core.submit("Q:1+1=?\nA:", GenerationParams(max_tokens=4))
+        core.engine.tokenizer = tokenizer
+        assert not core.busy
+        assert core.submit("Q:1+1=?\nA:", GenerationParams(max_tokens=4)).future.result(timeout=TIMEOUT)
+    finally:
+        core.close()
+
+
 def test_the_core_reports_its_steps_and_prefix_lookups():
     core = _core()
     steps, lookups = [], []

@@ -373,3 +373,4 @@ def test_closing_the_tier_answers_what_it_held_at_once(upstream):
     assert upstream.hung_up[running_key].wait(TIMEOUT) and not upstream.asked[queued_key].is_set()
     with pytest.raises(RuntimeError, match="closed"):
         scheduler.submit(f"silent {queued_key}", params)
+    assert scheduler.depth == 0  # the queued one counted out of the waiting (its worker never ran it)

@@ -137,6 +137,7 @@ class EngineCore:
 
     def submit(self, prompt: str, params: GenerationParams, priority: int = 0, timeout_s: float | None = None,
                stream: bool = False) -> CoreTicket:
+        ids = self.engine.tokenizer.encode(prompt)  # validation encoded it: a cache hit here
         with self._lock:
             if self._closed:
                 raise RuntimeError("scheduler is closed")
@@ -145,7 +146,6 @@ class EngineCore:
             rid, conn = next(self._ids), self._conn
             ticket = CoreTicket(Future(), queue.Queue() if stream else None, rid, self)
             self._pending[rid] = ticket  # before the send: its first chunk may come back before send returns
-        ids = self.engine.tokenizer.encode(prompt)  # validation encoded it: a cache hit here
         try:
             with self._send_lock:
                 conn.send(("submit", rid, prompt, params, priority, timeout_s, stream, ids))

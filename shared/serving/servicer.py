@@ -268,11 +268,12 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
     def handle(self, req: pb.InferRequest, timeout_s: float | None, on_abandon=None) -> pb.InferResponse:
         """Serve one request and wait for it; raises on failure.
 
-        `on_abandon(callback)` lets the transport register what to call when the client goes away.
+        `on_abandon(callback)` lets the transport register what to call when the client goes away; False from it
+        (gRPC's add_callback on an RPC already over) cancels the request at once.
         """
         answer = self.begin(req, timeout_s)
-        if on_abandon is not None:
-            on_abandon(answer.cancel)
+        if on_abandon is not None and on_abandon(answer.cancel) is False:
+            answer.cancel()  # the client went away before its callback was registered (gRPC: add_callback False)
         try:
             return answer.result(timeout=self._timeout(timeout_s))
         except futures.TimeoutError:

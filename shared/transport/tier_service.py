@@ -67,7 +67,11 @@ class _Counts:
     last_error: str | None = None
     cancelled: int = 0
 
-    def record(self, started_ns: int, error: Exception | None) -> None:
+    def record(self, started_ns: int, error: Exception | None, cancelled: bool = False) -> None:
+        """One request ended: a reply (an answer, or `error`), or, `cancelled`, none (counted apart)."""
+        if cancelled:
+            self.cancelled += 1
+            return
         self.requests += 1
         self.processing_ns += time.perf_counter_ns() - started_ns
         if error is not None:
@@ -234,11 +238,8 @@ class TierService:
             error = exc
             raise
         finally:
-            counts = self._counts["stream"]
-            if cancelled.is_set() and error is None:  # its reader went away first: no reply, no error
-                counts.cancelled += 1
-            else:
-                counts.record(started, error)
+            # its reader went away first: no reply, no error
+            self._counts["stream"].record(started, error, cancelled=cancelled.is_set() and error is None)
             cancelled.set()  # whatever ended this task, the decoder stops at its next token (a no-op once done)
             self._live.pop(stream_id, None)
 
@@ -275,10 +276,7 @@ class TierService:
             return
         finally:
             self._live.pop(request_id, None)
-            if cancelled:
-                self._counts["infer"].cancelled += 1
-            else:
-                self._counts["infer"].record(started, error)
+            self._counts["infer"].record(started, error, cancelled)
         await req.respond(data)
 
     async def _respond_error(self, req, exc: Exception) -> None:

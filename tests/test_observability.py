@@ -283,3 +283,46 @@ def test_a_stream_its_client_leaves_is_counted_once(stack, traffic):
     router = scrape(stack, "router")
     assert router.value(*finished) == before + 1
     assert router.value("tierline_router_num_requests_running") == 0
+
+
+def test_a_steps_series_read_as_prometheus_clients_own_gauges_and_histograms_would():
+    """A scheduler step's series (one collector that takes a step's values at once: tierline_shared.serving.metrics
+    `_StepSeries`) expose what prometheus_client's Gauge and Histogram expose for the same values, bucket by
+    bucket, values on a bucket's bound included."""
+    import random
+
+    from prometheus_client import CollectorRegistry, Gauge, Histogram
+
+    from tierline_shared.runtime.scheduler import StepStats
+    from tierline_shared.serving.metrics import BATCH_BUCKETS, ITL_BUCKETS, TOKEN_BUCKETS, Metrics
+
+    ours, ref = Metrics("edge", "m"), CollectorRegistry()
+    labels = {"model_name": "m", "tier": "edge"}
+    reference = {"tierline_num_requests_running": Gauge("tierline_num_requests_running", "", list(labels),
+                                                        registry=ref).labels(**labels),
+                 "tierline_num_requests_waiting": Gauge("tierline_num_requests_waiting", "", list(labels),
+                                                        registry=ref).labels(**labels)}
+    for name, buckets in (("tierline_batch_size", BATCH_BUCKETS), ("tierline_iteration_tokens", TOKEN_BUCKETS),
+                          ("tierline_inter_token_latency_seconds", ITL_BUCKETS)):
+        reference[name] = Histogram(name, "", list(labels), buckets=buckets, registry=ref).labels(**labels)
+    rng = random.Random(7)
+    for _ in range(500):
+        itl = [rng.choice([*ITL_BUCKETS, rng.uniform(0, 2), 0.0]) for _ in range(rng.randint(0, 20))]
+        stats = StepStats(running=rng.randint(0, 16), waiting=rng.randint(0, 9), seqs=rng.choice([*BATCH_BUCKETS, 99]),
+                          tokens=rng.randint(1, 5000), inter_token_s=itl, first_tokens=0)
+        ours.observe_step(stats)
+        reference["tierline_num_requests_running"].set(stats.running)
+        reference["tierline_num_requests_waiting"].set(stats.waiting)
+        reference["tierline_batch_size"].observe(stats.seqs)
+        reference["tierline_iteration_tokens"].observe(stats.tokens)
+        for s in itl:
+            reference["tierline_inter_token_latency_seconds"].observe(s)
+
+    def samples(registry):
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in registry.collect()
+                for s in family.samples if s.name.startswith(tuple(reference)) and not s.name.endswith("_created")}
+
+    expected, got = samples(ref), samples(ours.registry)
+    assert len(expected) == 2 + sum(len(b) + 3 for b in (BATCH_BUCKETS, TOKEN_BUCKETS, ITL_BUCKETS))
+    assert got.keys() == expected.keys()
+    assert all(got[k] == pytest.approx(v, rel=1e-12) for k, v in expected.items())

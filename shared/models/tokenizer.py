@@ -240,4 +240,4 @@ class TextTokenizer:
             return 0
         # the encoding the engine uses (validation and scheduling share one encode), less its <bos>
         ids = self._encoded(text, True)
-        return sum(1 for i in ids[1 if self.add_bos else 0:] if i == self.unk_id)
+        return ids[1 if self.add_bos else 0:].count(self.unk_id)

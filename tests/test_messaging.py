@@ -527,3 +527,68 @@ def test_a_closed_connection_that_asked_a_tier_is_freed(tmp_path):
     finally:
         server.stop()
 
+
+
+def test_a_request_longer_than_the_silence_limit_is_kept_alive_by_heartbeats_and_answered(tmp_path):
+    """A tier working on a request for longer than SILENCE_S says so every HEARTBEAT_S (empty replies with the
+    progress header), so its asker neither takes the replica for dead nor asks another; the answer follows, and
+    no beat is sent once it has. An asker that asked for no heartbeat hears none."""
+    import concurrent.futures
+
+    from tierline_shared.transport.messaging import (
+        HEARTBEAT_HEADER,
+        HEARTBEAT_S,
+        PROGRESS_HEADER,
+        SILENCE_S,
+        TIMEOUT_HEADER,
+    )
+
+    took_s = SILENCE_S + 0.5
+
+    def handle(data: bytes, timeout):
+        answer: concurrent.futures.Future = concurrent.futures.Future()
+        threading.Timer(took_s, answer.set_result, [pb.InferResponse(tier="edge", choices=[pb.Choice(text="5")])]
+                        ).start()
+        return answer
+
+    server = NatsServer(tmp_path).start()
+    opts = NatsOptions(server.url, server.user, server.password)
+    service = TierService("edge", opts, handle=handle,
+                          status_of=lambda exc: (grpc.StatusCode.INTERNAL, str(exc)), stream=None)
+    service.start()
+    try:
+        async def main():
+            nc = await connect(opts, name="test")
+            try:
+                answer = await ask_tier(nc, "edge", pb.InferRequest(prompt="Q:2+3=?\nA:"), TIMEOUT)
+                heard: dict[str, list] = {}
+                for name, headers in (("beats", {TIMEOUT_HEADER: f"{TIMEOUT}", HEARTBEAT_HEADER: f"{HEARTBEAT_S}"}),
+                                      ("none", {TIMEOUT_HEADER: f"{TIMEOUT}"})):
+                    got = heard[name] = []
+
+                    async def keep(msg, got=got):
+                        got.append(msg)
+
+                    inbox = nc.new_inbox()
+                    sub = await nc.subscribe(inbox, cb=keep)
+                    await nc.publish(subject("edge"), pb.InferRequest(prompt="Q:2+3=?\nA:").SerializeToString(),
+                                     reply=inbox, headers=headers)
+                    deadline = time.monotonic() + TIMEOUT
+                    while not any(m.data for m in got) and time.monotonic() < deadline:
+                        await asyncio.sleep(0.01)
+                    await asyncio.sleep(3 * HEARTBEAT_S)  # a beat after the answer would come in this time
+                    await sub.unsubscribe()
+                return answer, heard
+            finally:
+                await nc.close()
+
+        answer, heard = asyncio.run(main())
+        assert answer.choices[0].text == "5"
+        beats, last = heard["beats"][:-1], heard["beats"][-1]
+        assert pb.InferResponse.FromString(last.data).choices[0].text == "5"  # the answer, last: no beat after it
+        assert all(m.data == b"" and (m.headers or {}).get(PROGRESS_HEADER) == "1" for m in beats)
+        assert int(took_s / HEARTBEAT_S) - 2 <= len(beats) <= int(took_s / HEARTBEAT_S) + 1, len(beats)
+        assert len(heard["none"]) == 1 and heard["none"][0].data  # the answer alone
+    finally:
+        service.stop()
+        server.stop()

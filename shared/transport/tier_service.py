@@ -261,12 +261,12 @@ class TierService:
             answer = self._handle(req.data, timeout)
             self._track(request_id, answer.cancel)
             work = asyncio.wrap_future(answer)
-            while beat and beat > 0:  # the requester asked to hear that we are alive while we work
-                done, _ = await asyncio.wait({work}, timeout=max(beat, MIN_HEARTBEAT_S))
-                if done:
-                    break
-                await req.respond(b"", headers={PROGRESS_HEADER: "1"})
-            data = (await work).SerializeToString()
+            alive = _Heartbeat(req, max(beat, MIN_HEARTBEAT_S)) if beat and beat > 0 else None
+            try:  # the requester asked to hear that we are alive while we work: a timer says so, if it lasts
+                data = (await work).SerializeToString()
+            finally:
+                if alive is not None:
+                    alive.cancel()
         except asyncio.CancelledError:  # the requester cancelled it (answer.cancel): nobody reads the reply
             cancelled = True
             return
@@ -297,3 +297,29 @@ class TierService:
                 await self._nc.drain()
 
         stop_loop_thread(self._loop, self._thread, _stop)
+
+
+class _Heartbeat:
+    """An empty reply with PROGRESS_HEADER to a request's requester every `every_s`, until cancelled: a timer,
+    not a wait per request, as most answers come before the first beat is due. A beat that cannot be published
+    is dropped (the answer, or its error, follows on the same link)."""
+
+    def __init__(self, req, every_s: float):
+        self._req, self._every_s = req, every_s
+        self._loop = asyncio.get_running_loop()
+        self._beats: set[asyncio.Task] = set()
+        self._timer = self._loop.call_later(every_s, self._beat)
+
+    def _beat(self) -> None:
+        task = self._loop.create_task(self._req.respond(b"", headers={PROGRESS_HEADER: "1"}))
+        self._beats.add(task)
+        task.add_done_callback(self._sent)
+        self._timer = self._loop.call_later(self._every_s, self._beat)
+
+    def _sent(self, task: asyncio.Task) -> None:
+        self._beats.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved, so that asyncio does not log it: a lost beat is harmless
+
+    def cancel(self) -> None:
+        self._timer.cancel()

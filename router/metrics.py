@@ -74,8 +74,9 @@ class RouterMetrics(MetricsEndpoint):
         self._unsettled = Counter(f"{PREFIX}_unsettled_requests", "Requests whose token usage the API key store "
                                   "could not record (their reservation stays counted; router/auth.py Gate.settle)",
                                   m, registry=r)
-        self.running.labels(model_name)
+        self._running = self.running.labels(model_name)
         self._unsettled.labels(model_name)
+        self._answer_series: dict[tuple[str, bool], tuple] = {}  # (tier, degraded) -> its series, looked up once
         for tier in tiers:  # at 0 from the start: the traffic split and the dashboards see every tier
             self.requests.labels(model_name, tier, "answered", "OK")
             self.tier_requests.labels(model_name, tier)
@@ -84,7 +85,7 @@ class RouterMetrics(MetricsEndpoint):
     def request(self) -> Iterator[Tracked]:
         """Around one request: running while inside; one that leaves without an answer is counted with its code."""
         tracked = Tracked(self)
-        running = self.running.labels(self.model_name)
+        running = self._running
         running.inc()
         try:
             yield tracked
@@ -96,11 +97,17 @@ class RouterMetrics(MetricsEndpoint):
             running.dec()
 
     def observe_answer(self, resp: pb.InferResponse, total_s: float) -> None:
-        me = (self.model_name, resp.tier)
-        self.requests.labels(*me, "degraded" if resp.degraded else "answered", "OK").inc()
-        self.e2e.labels(*me).observe(total_s)
-        self.prompt_tokens.labels(*me).inc(resp.usage.prompt_tokens)
-        self.generation_tokens.labels(*me).inc(resp.usage.completion_tokens)
+        series = self._answer_series.get((resp.tier, resp.degraded))
+        if series is None:
+            me = (self.model_name, resp.tier)
+            series = self._answer_series[resp.tier, resp.degraded] = (
+                self.requests.labels(*me, "degraded" if resp.degraded else "answered", "OK"), self.e2e.labels(*me),
+                self.prompt_tokens.labels(*me), self.generation_tokens.labels(*me))
+        requests, e2e, prompt_tokens, generation_tokens = series
+        requests.inc()
+        e2e.observe(total_s)
+        prompt_tokens.inc(resp.usage.prompt_tokens)
+        generation_tokens.inc(resp.usage.completion_tokens)
 
     def observe_failure(self, code: str) -> None:
         self.requests.labels(self.model_name, NO_TIER, outcome_of(code), code).inc()

@@ -1,14 +1,18 @@
 """The OpenAI Batch API's durable side: files and batches in JetStream, their lines run by every router's workers.
 
 Where things live (names in shared/transport/messaging.py):
-- `FILES_BUCKET` (Object Store): each file's bytes under its id: uploaded input, the output and error files.
+- `FILES_BUCKET` (Object Store): each file's bytes under its id: uploaded input, the output and error files; and
+  a line's result too large for one KV entry, as `result.<batch id>.<token>` until its batch ends.
 - `BATCH_BUCKET` (KV): `file.<id>` and `batch.<id>` records (JSON, OpenAI's fields plus `_`-prefixed internal
   ones: owner, key hash, counts); `active.<batch id>` exists while a batch is not final.
 - `BATCH_STREAM`: the work queue. One message per valid line, on `tierline.batch.work.<batch id>`, with
   `Nats-Msg-Id: <batch id>.<line>` (publishing again after a crash adds nothing); a message leaves the
   stream when a worker acks it, after the line's result is written.
 - `RESULTS_BUCKET` (KV): `<batch id>.<line>` -> the line's output line, written with `create`: the first
-  write wins, so a line run twice (its worker died after answering, before acking) is answered once.
+  write wins, so a line run twice (its worker died after answering, before acking) is answered once. A larger
+  one is `{"_object": its name}` there, its object named first by `<batch id>.objects.<token>`, so it is
+  found and removed with the batch however its writer stopped. Everything under `<batch id>.` goes when the
+  batch ends, and a result written after that (a line that finished after a cancel) is removed by its writer.
 
 A batch's life, with OpenAI's statuses: `POST /v1/batches` writes the record `validating` and marks it
 active. Each router runs a `BatchRunner`: its manager claims a validating batch (a lease in the record),
@@ -326,23 +330,23 @@ class BatchStore:
         await self.js.purge_stream(BATCH_STREAM, subject=batch_subject(batch_id))
 
     async def write_result(self, batch_id: str, result: dict) -> dict | None:
-        """The line's result as written, unless it has one already (None then). An answer too large for one KV entry is
-        kept as an error naming its size: written as it was, it would fail, and its line would run again and
-        again (each run on the key's quota) until dead-lettered as if its workers had died."""
+        """The line's result as written, unless it has one already (None then). One too large for a KV entry (n
+        choices with logprobs of a long context) is kept whole in the Object Store, its KV entry saying where."""
         from nats.js.errors import KeyWrongLastSequenceError
 
         value = json.dumps(result).encode()
+        token = None
         if len(value) > self.max_bytes:
-            status = (result.get("response") or {}).get("status_code")
-            result = {**result, "response": None, "error": {
-                "code": "response_too_large", "message": f"the answer (HTTP {status}) was {len(value)} bytes; a "
-                f"batch keeps at most {self.max_bytes} per line (the NATS server's max_payload): ask for fewer "
-                f"tokens, choices (n) or logprobs"}}
-            value = json.dumps(result).encode()
+            token = secrets.token_hex(8)
+            await self.results.put(f"{batch_id}.objects.{token}", b"")  # first: drop_results finds it from here
+            await self.files.put(_result_object(batch_id, token), value)
+            value = json.dumps({"_n": result["_n"], "_object": _result_object(batch_id, token)}).encode()
         try:
             await self.results.create(f"{batch_id}.{result['_n']}", value)
             return result
         except KeyWrongLastSequenceError:
+            if token:  # another run's result was first: this one's object goes now, its name with the batch
+                await self._drop_object(_result_object(batch_id, token))
             return None
 
     async def has_result(self, batch_id: str, n: int) -> bool:
@@ -355,10 +359,35 @@ class BatchStore:
             return False
 
     async def all_results(self, batch_id: str) -> dict[int, dict]:
-        return {r["_n"]: r for r in await self.values(RESULTS_BUCKET, f"{batch_id}.*")}
+        results = {}
+        for r in await self.values(RESULTS_BUCKET, f"{batch_id}.*"):
+            if "_object" in r:  # too large for its KV entry
+                r = json.loads(await self.file_data(r["_object"]))
+            results[r["_n"]] = r
+        return results
 
     async def drop_results(self, batch_id: str) -> None:
-        await self.js.purge_stream(f"KV_{RESULTS_BUCKET}", subject=f"$KV.{RESULTS_BUCKET}.{batch_id}.*")
+        """Remove the batch's results: the objects its large ones are kept in, then every key under `<batch id>.`."""
+        prefix = f"$KV.{RESULTS_BUCKET}.{batch_id}.objects."
+        for subject in await self._subjects(RESULTS_BUCKET, f"{batch_id}.objects.*"):
+            await self._drop_object(_result_object(batch_id, subject.removeprefix(prefix)))
+        await self.js.purge_stream(f"KV_{RESULTS_BUCKET}", subject=f"$KV.{RESULTS_BUCKET}.{batch_id}.>")
+
+    async def _drop_object(self, name: str) -> None:
+        """An object removed whole: its chunks and its meta (`ObjectStore.delete` leaves a deleted marker)."""
+        import base64
+
+        from nats.js.errors import ObjectNotFoundError
+        from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, OBJ_META_PRE_TEMPLATE, OBJ_STREAM_TEMPLATE
+
+        try:
+            info = await self.files.get_info(name, show_deleted=True)
+        except ObjectNotFoundError:  # never written (its writer stopped first), or removed already
+            return
+        stream = OBJ_STREAM_TEMPLATE.format(bucket=FILES_BUCKET)
+        await self.js.purge_stream(stream, subject=OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=FILES_BUCKET, obj=info.nuid))
+        meta = base64.urlsafe_b64encode(name.encode()).decode()
+        await self.js.purge_stream(stream, subject=OBJ_META_PRE_TEMPLATE.format(bucket=FILES_BUCKET, obj=meta))
 
     async def stuck(self, batch_id: str) -> list[tuple[int, dict]]:
         """Queued lines no worker will get again (delivered `max_deliver` times, never acked): (seq, line)."""
@@ -378,6 +407,11 @@ class BatchStore:
 
     async def delete_queued(self, seq: int) -> None:
         await self.js.delete_msg(BATCH_STREAM, seq)
+
+
+def _result_object(batch_id: str, token: str) -> str:
+    """The Object Store name of a result too large for its KV entry (`BatchStore.write_result`)."""
+    return f"result.{batch_id}.{token}"
 
 
 def batch_record(batch_id: str, owner: str, key_hash: str | None, input_file_id: str, endpoint: str,
@@ -510,10 +544,21 @@ class BatchRunner:
             "message": f"no answer after {attempts} attempts (each worker stopped mid-line)"}))
 
     async def _settle(self, batch_id: str, result: dict) -> None:
-        """Write a line's result (once); a failure counts toward the batch's `failed` while it runs."""
+        """Write a line's result (once); a failure counts toward the batch's `failed` while it runs. A batch that
+        ended as the line ran (cancelled, expired) has had its results removed: so is this one, once written."""
         written = await self.store.write_result(batch_id, result)
-        if written is not None and not is_success(written):
-            await self.store.change(f"batch.{batch_id}", lambda r: {**r, "_failed": r["_failed"] + 1})
+        if written is None:
+            return
+
+        def count(r: dict) -> dict | None:
+            if r["status"] in FINAL or is_success(written):
+                return None  # a read, no change
+            return {**r, "_failed": r["_failed"] + 1}
+
+        # the record read after the write: a batch not final then drops its results after it is, this one with them
+        record = await self.store.change(f"batch.{batch_id}", count)
+        if record is None or record["status"] in FINAL:
+            await self.store.drop_results(batch_id)
 
     # -- the manager ------------------------------------------------------------------------------------------
     async def _manage(self) -> None:
@@ -536,8 +581,8 @@ class BatchRunner:
         try:
             record, _ = await self.store.get(f"batch.{batch_id}")
             if record is None or record["status"] in FINAL:  # finished by another router (or before a crash)
+                await self.store.drop_results(batch_id)  # first: the batch stays active until it is done
                 await self.store.deactivate(batch_id)
-                await self.store.drop_results(batch_id)
                 return
             now = time.time()
             if record["status"] == "validating" and now < record["expires_at"]:  # past it: expired, however far
@@ -599,9 +644,11 @@ class BatchRunner:
             await self.store.write_result(batch_id, result)
         await self.store.enqueue(batch_id, [line for line in lines if line.body is not None])
         counts = {"total": len(lines), "completed": 0, "failed": len(invalid)}
-        await self.store.change(f"batch.{batch_id}", lambda r: None if r["status"] != "validating" else {
+        record = await self.store.change(f"batch.{batch_id}", lambda r: None if r["status"] != "validating" else {
             **r, "status": "in_progress", "in_progress_at": int(time.time()), "request_counts": counts,
             "_queued": len(lines) - len(invalid), "_invalid": len(invalid)})
+        if record is None or record["status"] in FINAL:  # cancelled and ended meanwhile: these error lines go too
+            await self.store.drop_results(batch_id)
 
     async def _finalize(self, batch_id: str, record: dict) -> None:
         """Every line answered once (what never ran gets its reason), the files written, the record final."""
@@ -656,8 +703,8 @@ class BatchRunner:
                                  "cost": round(cost(paid, self.costs), 6) if self.costs else None}}
 
         await self.store.change(f"batch.{batch_id}", final)
+        await self.store.drop_results(batch_id)  # first: the batch stays active until it is done
         await self.store.deactivate(batch_id)
-        await self.store.drop_results(batch_id)
 
 
 def _jsonl(results: list[dict]) -> bytes:

@@ -1,9 +1,10 @@
 """The OpenAI Batch API's endpoints on the router's HTTP server: /v1/files and /v1/batches.
 
-`POST /v1/files` (multipart: `purpose=batch`, `file`), `GET /v1/files[/{id}[/content]]`, `DELETE
-/v1/files/{id}`; `POST /v1/batches` (`input_file_id`, `endpoint`, `completion_window`, `metadata`),
-`GET /v1/batches[/{id}]`, `POST /v1/batches/{id}/cancel`. Every call needs a valid API key; a key
-sees only its own files and batches (others' are 404), and a batch's lines run on its key's quota.
+`POST /v1/files` (multipart: `purpose=batch`, `file`), `GET /v1/files` (`purpose`, `limit`, `after`,
+`order`), `GET /v1/files/{id}[/content]`, `DELETE /v1/files/{id}`; `POST /v1/batches` (`input_file_id`,
+`endpoint`, `completion_window`, `metadata`), `GET /v1/batches[/{id}]` (`limit`, `after`), `POST
+/v1/batches/{id}/cancel`. Every call needs a valid API key; a key sees only its own files and batches
+(others' are 404), and a batch's lines run on its key's quota.
 The work itself is router/batch.py's; without JetStream the endpoints answer 503.
 """
 
@@ -37,9 +38,12 @@ from tierline_shared.transport.messaging import BATCH_BUCKET, TierError
 log = logging.getLogger("tierline.router.batch")
 
 PURPOSES = ("batch",)  # what files are for here (OpenAI's other purposes serve features this API lacks)
+FILE_PURPOSES = PURPOSES + ("batch_output",)  # what a file here can be: uploaded, or a batch's output or errors
 METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 64, 512  # as OpenAI
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,80}$")  # file and batch ids (new_id), and nothing a KV key cannot be
-LIST_LIMIT = (1, 100)  # `limit` of a list call; 20 when not given
+LIST_LIMIT = (1, 100)  # `limit` of GET /v1/batches; 20 when not given
+FILES_LIMIT = (1, 10_000)  # `limit` of GET /v1/files; 10,000 when not given (as OpenAI)
+ORDERS = ("asc", "desc")  # `order` of GET /v1/files, by created_at; desc when not given
 
 
 def _answered(handler):
@@ -143,10 +147,23 @@ class BatchApi:
 
     @_answered
     async def list_files(self, request: web.Request) -> web.Response:
+        """The caller's files, newest first (`order=asc`: oldest first), `purpose` alone if given, a page of `limit`
+        after the file `after` (the last id of the page before: its place, whatever the purpose asked)."""
         owner, _ = await self._caller(request)
-        files = [public(r) for r in await self.store.values(BATCH_BUCKET, "file.*") if r["_owner"] == owner]
-        files.sort(key=lambda r: r["created_at"], reverse=True)
-        return web.json_response({"object": "list", "data": files, "has_more": False})
+        purpose, order, after = (request.query.get(name) for name in ("purpose", "order", "after"))
+        if purpose is not None and purpose not in FILE_PURPOSES:
+            raise BadRequest("purpose", f"purpose: one of {', '.join(FILE_PURPOSES)}, got {purpose!r}")
+        if order is not None and order not in ORDERS:
+            raise BadRequest("order", f"order: one of {', '.join(ORDERS)}, got {order!r}")
+        limit = _int_query(request, "limit", FILES_LIMIT[1], FILES_LIMIT)
+        files = [r for r in await self.store.values(BATCH_BUCKET, "file.*") if r["_owner"] == owner]
+        files.sort(key=_place, reverse=order != "asc")
+        if after is not None:
+            cursor = next((r for r in files if r["id"] == after), None) if _ID.match(after) else None
+            if cursor is None:
+                raise BadRequest("after", f"after: no file {after!r}; give the last id of the page before")
+            files = files[files.index(cursor) + 1:]
+        return web.json_response(_page([r for r in files if purpose in (None, r["purpose"])], limit))
 
     @_answered
     async def get_file(self, request: web.Request) -> web.Response:
@@ -233,13 +250,11 @@ class BatchApi:
         limit = _int_query(request, "limit", 20, LIST_LIMIT)
         after = request.query.get("after")
         records = [r for r in await self.store.values(BATCH_BUCKET, "batch.*") if r["_owner"] == owner]
-        records.sort(key=lambda r: (r["created_at"], r["id"]), reverse=True)
+        records.sort(key=_place, reverse=True)
         if after:
             ids = [r["id"] for r in records]
             records = records[ids.index(after) + 1:] if after in ids else []
-        page = [public(r) for r in records[:limit]]
-        return web.json_response({"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-                                  "last_id": page[-1]["id"] if page else None, "has_more": len(records) > limit})
+        return web.json_response(_page(records, limit))
 
     @_answered
     async def cancel(self, request: web.Request) -> web.Response:
@@ -253,6 +268,18 @@ class BatchApi:
         record = await self.store.change(f"batch.{batch_id}", lambda r: None if r["status"] in FINAL or r[
             "_ending"] or r["status"] == "cancelling" else {**r, "status": "cancelling", "cancelling_at": now})
         return web.json_response(await self._shown(record))
+
+
+def _place(record: dict) -> tuple[int, str]:
+    """A file's or batch's place in a list: by created_at (seconds), then id."""
+    return record["created_at"], record["id"]
+
+
+def _page(records: list[dict], limit: int) -> dict:
+    """The first `limit` records, as OpenAI's cursor pages: `has_more` when others follow (`after`: `last_id`)."""
+    page = [public(r) for r in records[:limit]]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(records) > limit}
 
 
 def _metadata(value) -> dict | None:

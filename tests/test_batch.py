@@ -133,6 +133,40 @@ def test_bad_lines_are_answered_one_by_one_and_never_fail_the_batch(stack):
     assert errors[("streaming", None, 400)]["response"]["body"]["error"]["param"] == "stream"
 
 
+def test_files_are_listed_and_paged_as_openai_lists_them(stack):
+    """GET /v1/files took no parameters: every file at once, `has_more` false, whatever `purpose`, `limit`, `after`
+    or `order` the client sent."""
+    client = api(stack, new_key(stack, "pro")[1])  # a key of its own: these files alone
+    uploads = [client.files.create(file=(f"in{i}.jsonl", io.BytesIO(jsonl([line("a", p)]))), purpose="batch")
+               for i, p in enumerate(PROMPTS[:3])]
+    done = wait(client, client.batches.create(input_file_id=uploads[0].id, endpoint="/v1/completions",
+                                              completion_window="24h").id)
+    everything = client.files.list()  # 10,000 at most by default: one page
+    assert not everything.has_more and len(everything.data) == 4
+    first = client.files.list(limit=3)
+    assert len(first.data) == 3 and first.has_more, first
+    newest_first = [f.id for f in sorted(everything.data, key=lambda f: (f.created_at, f.id), reverse=True)]
+    assert [f.id for f in everything.data] == newest_first  # by created_at (seconds), then id
+    assert [f.id for f in first.data] == newest_first[:3]
+    assert [f.id for f in client.files.list(limit=3)] == newest_first  # the client follows `after` to the end
+    assert [f.id for f in client.files.list(order="asc", limit=1)] == newest_first[::-1]
+    assert [f.id for f in client.files.list(purpose="batch_output")] == [done.output_file_id]
+    batch_inputs = [i for i in newest_first if i != done.output_file_id]
+    assert sorted(batch_inputs) == sorted(f.id for f in uploads)
+    assert [f.id for f in client.files.list(purpose="batch", limit=2)] == batch_inputs
+    after_output = newest_first[newest_first.index(done.output_file_id) + 1:]
+    # `after` is a place in the list, whatever its file's purpose
+    assert [f.id for f in client.files.list(purpose="batch", after=done.output_file_id)] == after_output
+    bad = [({"purpose": "fine-tune"}, "purpose"), ({"limit": 0}, "limit"), ({"limit": 10_001}, "limit"),
+           ({"limit": "ten"}, "limit"), ({"order": "newest"}, "order"), ({"after": "file-nope"}, "after"),
+           ({"after": "file.*"}, "after")]
+    for params, field in bad:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.files.list(**params)
+        assert err.value.status_code == 400 and err.value.body["param"] == field, (params, err.value.body)
+        assert field in err.value.body["message"]
+
+
 def test_requests_are_checked_and_named_by_their_openai_field(stack):
     client = api(stack)
     f = client.files.create(file=("b.jsonl", io.BytesIO(jsonl([line("a", PROMPTS[0])]))), purpose="batch")
@@ -370,6 +404,22 @@ def batch_case(tmp_path, lines, data: bytes, work, batch_id: str, prepare=None):
         server.stop()
 
 
+async def stored(store, batch_id: str) -> tuple[list[str], list[str], int]:
+    """What a batch's results hold in JetStream: its keys in the results KV; the names of Object Store objects that
+    are not files (`file-...`), deleted ones' markers included; and chunk subjects beyond the files' own (one each)."""
+    import base64
+
+    from tierline_shared.transport.messaging import FILES_BUCKET, RESULTS_BUCKET
+
+    keys = [s.removeprefix(f"$KV.{RESULTS_BUCKET}.") for s in await store._subjects(RESULTS_BUCKET, f"{batch_id}.>")]
+    stream = f"OBJ_{FILES_BUCKET}"
+    meta = (await store.js.stream_info(stream, subjects_filter=f"$O.{FILES_BUCKET}.M.>")).state.subjects or {}
+    chunks = (await store.js.stream_info(stream, subjects_filter=f"$O.{FILES_BUCKET}.C.>")).state.subjects or {}
+    names = [base64.urlsafe_b64decode(s.rsplit(".", 1)[-1]).decode() for s in meta]
+    files = [n for n in names if n.startswith("file-")]
+    return sorted(keys), sorted(n for n in names if n not in files), len(chunks) - len(files)
+
+
 def _runner_case(tmp_path, lines: _CrashingLines, work):
     """`batch_case` with three lines, batch `batch_dead`: what `work(store)` returns."""
     return batch_case(tmp_path, lines, jsonl([line(f"d{i}", PROMPTS[i]) for i in range(3)]), work, "batch_dead")[1]
@@ -415,6 +465,58 @@ def test_an_expired_batch_answers_what_never_ran(tmp_path):
     record, errors = _runner_case(tmp_path, lines, work)
     assert record["status"] == "expired" and record["expired_at"]
     assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [(f"d{i}", "batch_expired") for i in range(3)]
+
+
+class _LateLines:
+    """What answers lines, answering (`answer_bytes` of text) only once `release` is set: after its batch ended."""
+
+    def __init__(self, answer_bytes: int):
+        import asyncio
+
+        self.answer_bytes, self.runs, self.release = answer_bytes, 0, asyncio.Event()
+
+    def parse(self, body, chat):
+        return None
+
+    async def respond(self, body, key, chat, request=None, priority=0):
+        from aiohttp import web
+
+        self.runs += 1
+        await self.release.wait()
+        return web.json_response({"id": "cmpl-late", "choices": [{"text": "x" * self.answer_bytes}], "tier": "edge"})
+
+
+@pytest.mark.parametrize("answer_bytes", [10, 2_000_000])  # a result in one KV entry; one kept in the Object Store
+def test_a_line_answered_after_its_batch_was_cancelled_leaves_nothing_behind(tmp_path, answer_bytes):
+    """The batch is cancelled while its line runs: it ends (the line `batch_cancelled`) and its results are removed.
+    The line's answer came after, and was written where nobody would ever remove it."""
+    import asyncio
+
+    from tierline_shared.transport.messaging import RESULTS_BUCKET
+
+    lines = _LateLines(answer_bytes)
+
+    async def work(store):
+        deadline = time.monotonic() + 60
+        while not lines.runs:
+            assert time.monotonic() < deadline, "no worker took the line"
+            await asyncio.sleep(0.05)
+        now = int(time.time())  # as `POST /v1/batches/{id}/cancel` does
+        await store.change("batch.batch_late", lambda r: {**r, "status": "cancelling", "cancelling_at": now})
+        record, errors = await _final(store, "batch_late")
+        written = (await store.js.stream_info(f"KV_{RESULTS_BUCKET}")).state.last_seq
+        lines.release.set()  # the answer comes now
+        while (await store.js.stream_info(f"KV_{RESULTS_BUCKET}")).state.last_seq == written:
+            assert time.monotonic() < deadline, "the late answer was never written"
+            await asyncio.sleep(0.05)
+        settle = time.monotonic() + 5
+        while (left := await stored(store, "batch_late")) != ([], [], 0) and time.monotonic() < settle:
+            await asyncio.sleep(0.1)
+        return record, errors, left
+
+    _, (record, errors, left) = batch_case(tmp_path, lines, jsonl([line("late", PROMPTS[0])]), work, "batch_late")
+    assert record["status"] == "cancelled" and [e["error"]["code"] for e in errors] == ["batch_cancelled"]
+    assert left == ([], [], 0), left  # what the late answer wrote is removed with the batch's results
 
 
 def test_a_line_longer_than_ack_wait_is_kept_by_its_worker_and_runs_once(tmp_path):

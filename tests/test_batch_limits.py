@@ -1,6 +1,6 @@
 """The Batch API's durable side at its limits (router/batch.py), on a real nats-server with JetStream and this
-router's BatchRunner: a line or an answer too large for one NATS message, a whole file read without holding the
-router's event loop, and a batch JetStream will not queue, which must still end."""
+router's BatchRunner: a line too large for one NATS message, an answer too large for one KV entry, a whole file
+read without holding the router's event loop, and a batch JetStream will not queue, which must still end."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import json
 import threading
 import time
 
-from tests.test_batch import PROMPTS, batch_case, jsonl, line
+from tests.test_batch import PROMPTS, batch_case, jsonl, line, stored
 
 BATCH = "batch_limits"
 WAIT_S = 60  # seconds: each batch here has a few lines, answered at once
@@ -62,17 +62,46 @@ def test_a_line_too_large_to_queue_is_an_error_line_and_the_rest_run(tmp_path):
     assert ok["response"]["status_code"] == 200 and lines.runs == 1
 
 
-def test_an_answer_too_large_to_keep_is_an_error_and_its_line_runs_once(tmp_path):
-    """An answer larger than one KV entry (n choices with logprobs of a long context) could not be written: the line
-    ran again, on the key's quota each time, until dead-lettered as if its workers had died. It runs once, and its
-    error names the answer's size."""
+def test_an_answer_larger_than_one_kv_entry_is_in_the_output_file_and_its_line_runs_once(tmp_path):
+    """An answer larger than one KV entry (n choices with logprobs of a long context) was kept as the error
+    `response_too_large`: the line ran, on the key's quota, and its answer was lost. It is kept whole in the Object
+    Store, is in the output file like any other, and is removed with the batch's other results."""
     lines = _Lines(answer_bytes=2_000_000)
-    _, (record, results) = _batch_case(tmp_path, lines, jsonl([line("huge", PROMPTS[0])]), _ended)
-    assert record["status"] == "completed" and record["request_counts"] == {"total": 1, "completed": 0, "failed": 1}
+
+    async def work(store):
+        ended = await _ended(store)
+        return ended, await stored(store, BATCH)
+
+    _, ((record, results), left) = _batch_case(tmp_path, lines, jsonl([line("huge", PROMPTS[0])]), work)
+    assert record["status"] == "completed" and record["request_counts"] == {"total": 1, "completed": 1, "failed": 0}
     (huge,) = results
-    assert huge["error"]["code"] == "response_too_large", huge["error"]
-    assert "HTTP 200" in huge["error"]["message"] and huge["response"] is None
+    assert huge["error"] is None and huge["response"]["status_code"] == 200, huge["error"]
+    assert huge["response"]["body"]["choices"][0]["text"] == "x" * 2_000_000
     assert lines.runs == 1
+    assert left == ([], [], 0), left  # nothing of the batch's results is left, in the KV or in the Object Store
+
+
+def test_an_answer_kept_twice_is_kept_once_and_removed_with_its_batch(tmp_path):
+    """A line run twice (its worker died after answering, before acking) whose answer is large: the first write wins,
+    and the second leaves nothing behind in the Object Store."""
+    from tierline_router.batch import output_line
+
+    async def work(store):
+        await _ended(store)  # its output file written: what is stored changes only here from now on
+        first = output_line("batch_twice", 0, "a", 200, {"id": "cmpl-1", "choices": [{"text": "1" * 2_000_000}]})
+        second = output_line("batch_twice", 0, "a", 200, {"id": "cmpl-2", "choices": [{"text": "2" * 2_000_000}]})
+        written = [await store.write_result("batch_twice", r) for r in (first, second)]
+        kept = await store.all_results("batch_twice")
+        left = await stored(store, "batch_twice")
+        await store.drop_results("batch_twice")
+        return written, kept, left, await stored(store, "batch_twice")
+
+    _, (written, kept, left, dropped) = _batch_case(tmp_path, _Lines(), jsonl([line("q", PROMPTS[0])]), work)
+    assert written[0] is not None and written[1] is None
+    assert kept[0]["error"] is None, kept[0]["error"]
+    assert kept[0]["response"]["body"]["id"] == "cmpl-1" and kept[0]["response"]["body"]["choices"][0]["text"][0] == "1"
+    assert "batch_twice.0" in left[0] and len(left[1]) == 1 and left[2] == 1, left  # one object: the first answer's
+    assert dropped == ([], [], 0), dropped
 
 
 def test_a_batch_file_is_read_off_the_event_loop(tmp_path):

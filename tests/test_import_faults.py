@@ -135,3 +135,142 @@ def test_a_tokenizer_saved_by_tokenizers_alone_is_served_with_the_configs_end_to
                                 pad_token_id=hf_tok.eos_token_id)[0, ids.shape[1]:].tolist()
         want = want[:want.index(hf_tok.eos_token_id)] if hf_tok.eos_token_id in want else want
         assert cloud.generate(prompt, GenerationParams(max_tokens=24)).token_ids == want
+
+
+def _old_checkpoint(directory: Path, tokenizer_config: dict | None, special_tokens_map: dict | None,
+                    eos_in_config: bool = True) -> tuple[Path, object, dict]:
+    """A small Llama (MHA, tied, fp16 on disk) whose tokenizer files are laid out as older checkpoints have them:
+    `tokenizer_config` (None: no file) and `special_tokens_map` (None: no file) as given; config.json and
+    generation_config.json name the end token unless not `eos_in_config`. Returns the folder, transformers' model
+    (the reference) and the tokenizer's special tokens."""
+    specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    hf_tok = bpe_tokenizer(specials)
+    torch.manual_seed(2)
+    cfg = transformers.LlamaConfig(vocab_size=len(hf_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                                   bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id,
+                                   tie_word_embeddings=True)
+    ref = transformers.LlamaForCausalLM(cfg).to(torch.float16).eval()
+    ref.save_pretrained(directory, safe_serialization=True)
+    hf_tok.backend_tokenizer.save(str(directory / "tokenizer.json"))
+    if tokenizer_config is not None:
+        (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    if special_tokens_map is not None:
+        (directory / "special_tokens_map.json").write_text(json.dumps(special_tokens_map))
+    if not eos_in_config:
+        for name in ("config.json", "generation_config.json"):
+            data = json.loads((directory / name).read_text())
+            (directory / name).write_text(json.dumps({k: v for k, v in data.items() if k != "eos_token_id"}))
+    return directory, ref, {k: hf_tok.convert_tokens_to_ids(v) for k, v in specials.items()}
+
+
+def _added(content: str) -> dict:
+    """A special token as special_tokens_map.json (and older tokenizer_config.json) writes it: an AddedToken."""
+    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+
+
+# tokenizer_config.json as PreTrainedTokenizerFast wrote it before special tokens moved into it
+OLD_TOKENIZER_CONFIG = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 2048,
+                        "clean_up_tokenization_spaces": False}
+OLD_SPECIAL_TOKENS_MAP = {"bos_token": _added("<s>"), "eos_token": _added("</s>"), "unk_token": _added("<unk>")}
+
+
+@pytest.mark.parametrize("layout", ["special_tokens_map", "config_ids"])
+def test_an_end_token_outside_tokenizer_config_is_served_as_transformers_generates(tmp_path, layout):
+    """An older checkpoint's tokenizer_config.json names no eos_token: its special tokens are in
+    special_tokens_map.json, or only config.json and generation_config.json name the end token's id. transformers
+    reads the one (AutoTokenizer) and stops at the other (generate); the import refused both ("eos_token:
+    missing"). The cloud tier now generates what transformers does, token for token."""
+    from tierline.build.engines import load_engine
+    from tierline_shared.runtime.engine import GenerationParams
+
+    if layout == "special_tokens_map":
+        src, ref, ids = _old_checkpoint(tmp_path / "src", OLD_TOKENIZER_CONFIG, OLD_SPECIAL_TOKENS_MAP)
+    else:
+        src, ref, ids = _old_checkpoint(tmp_path / "src", {**OLD_TOKENIZER_CONFIG, "bos_token": "<s>",
+                                                           "unk_token": "<unk>"}, None)
+    theirs = transformers.AutoTokenizer.from_pretrained(src, local_files_only=True)
+    assert theirs.bos_token == "<s>"
+    assert theirs.eos_token == ("</s>" if layout == "special_tokens_map" else None)  # else generate's ids say
+
+    out = tmp_path / "out"
+    proc = run_cli("models", "import", str(src), "--out", str(out), "--device-context", "64", "--device-ratio", "0.6",
+                   timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "cloud" / "tokenizer_config.json").read_bytes() == (src / "tokenizer_config.json").read_bytes()
+    ref = ref.float()
+    cloud = load_engine(out, "cloud", threads=1)
+    assert (cloud.tokenizer.bos_id, cloud.tokenizer.eos_id) == (ids["bos_token"], ids["eos_token"])
+    for prompt in ("The quick brown fox", "Question: What is"):
+        prompt_ids = theirs(prompt, return_tensors="pt").input_ids
+        assert cloud.tokenizer.encode(prompt) == prompt_ids[0].tolist() and prompt_ids[0, 0] == ids["bos_token"]
+        with torch.no_grad():
+            want = ref.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=24,
+                                do_sample=False, pad_token_id=ids["eos_token"])[0, prompt_ids.shape[1]:].tolist()
+        want = want[:want.index(ids["eos_token"])] if ids["eos_token"] in want else want
+        assert cloud.generate(prompt, GenerationParams(max_tokens=24)).token_ids == want
+
+
+@pytest.mark.parametrize("tokenizer_config, special_tokens_map", [
+    (OLD_TOKENIZER_CONFIG, OLD_SPECIAL_TOKENS_MAP),  # the map alone names them
+    (None, {"eos_token": "<unk>"}),  # no tokenizer_config.json: the map's, not config.json's id
+    ({**OLD_TOKENIZER_CONFIG, "eos_token": "</s>"}, {"eos_token": "<unk>"}),  # the map wins (transformers' rule)
+    ({**OLD_TOKENIZER_CONFIG, "eos_token": None}, {"eos_token": _added("</s>")}),
+    ({**OLD_TOKENIZER_CONFIG, "eos_token": "</s>", "added_tokens_decoder": {}}, {"eos_token": "<unk>"}),  # map unread
+])
+def test_the_end_token_is_read_from_the_files_transformers_reads(tmp_path, tokenizer_config, special_tokens_map):
+    """tokenizer_config.json and special_tokens_map.json are read as transformers' AutoTokenizer reads them: the
+    map's tokens over the config's, unless the config has added_tokens_decoder (then the map is not read)."""
+    from tierline.build.importer import _check_source
+
+    src, _, _ = _old_checkpoint(tmp_path / "src", tokenizer_config, special_tokens_map)
+    theirs = transformers.AutoTokenizer.from_pretrained(src, local_files_only=True)
+    _, tok, _ = _check_source(src)
+    assert theirs.eos_token_id is not None and tok.eos_id == theirs.eos_token_id
+    for text in ("Hello there", "The quick brown fox"):
+        assert tok.encode(text) == theirs(text).input_ids
+
+
+@pytest.mark.parametrize("special_tokens_map", [None, {"bos_token": "<s>"}, {"eos_token": None}])
+def test_a_checkpoint_with_no_end_token_anywhere_is_refused_naming_where_it_was_looked_for(tmp_path,
+                                                                                         special_tokens_map):
+    """No eos_token in tokenizer_config.json or special_tokens_map.json, no eos_token_id in config.json or
+    generation_config.json: generation would never stop. One line naming each file and field looked at."""
+    src, _, _ = _old_checkpoint(tmp_path / "src", {**OLD_TOKENIZER_CONFIG, "bos_token": "<s>"}, special_tokens_map,
+                                eos_in_config=False)
+    line = _refused(src, tmp_path / "out")
+    assert line == (f"tierline: error: {src / 'tokenizer_config.json'}: eos_token: missing, and neither "
+                    f"{src / 'special_tokens_map.json'}'s eos_token nor the eos_token_id of "
+                    f"{src / 'generation_config.json'} or {src / 'config.json'} names one (generation would never "
+                    f"stop)")
+
+
+def test_an_end_token_the_vocabulary_lacks_names_the_file_that_named_it(tmp_path):
+    src, _, _ = _old_checkpoint(tmp_path / "src", OLD_TOKENIZER_CONFIG, {**OLD_SPECIAL_TOKENS_MAP,
+                                                                         "eos_token": "<|im_end|>"})
+    line = _refused(src, tmp_path / "out")
+    want = f"{src / 'special_tokens_map.json'}: eos_token '<|im_end|>' is not in the vocabulary"
+    assert line == f"tierline: error: {want}"
+
+
+@pytest.mark.parametrize("how", ["--name", "folder"])
+def test_a_model_name_no_request_can_carry_is_refused_at_import(tmp_path, how):
+    """A request's `model` field is refused past limits.max_id_chars (128) characters: a longer model name
+    (given with --name, or the checkpoint folder's own name) was imported, and then no request could name it.
+    Refused at import, by the request's own limit."""
+    from tierline_api.v1 import inference_pb2 as pb
+    from tierline_shared.config.manifest import LimitsConfig
+    from tierline_shared.serving.servicer import RequestError, validate_request
+
+    limit = LimitsConfig().max_id_chars
+    name = "m" * (limit + 1)
+    with pytest.raises(RequestError, match="^model: "):  # what a request naming it is answered
+        validate_request(pb.InferRequest(prompt="Hi", model=name), LimitsConfig(), name)
+    validate_request(pb.InferRequest(prompt="Hi", model=name[:limit]), LimitsConfig(), name[:limit])
+    if how == "--name":
+        src, extra = llama_checkpoint(tmp_path / "src", shard=False), ["--name", name]
+    else:
+        src, extra = llama_checkpoint(tmp_path / name, shard=False), []
+    line = _refused(src, tmp_path / "out", *extra)
+    assert line == (f"tierline: error: --name: {name!r}{'' if how == '--name' else ' (SRC folder name)'} is "
+                    f"{limit + 1} characters; a request's model field takes at most {limit} (limits.max_id_chars)")

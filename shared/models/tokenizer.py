@@ -18,6 +18,9 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 
 ENCODE_CACHE = 256  # texts whose ids a tokenizer remembers
 
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"  # older checkpoints' special tokens (transformers still reads it)
+
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
 # Every character the benchmark can produce, plus common punctuation for clients.
@@ -101,6 +104,21 @@ def read_tokenizer_config(path: Path) -> dict:
     return config
 
 
+def read_checkpoint_specials(directory: Path) -> tuple[dict, dict[str, Path]]:
+    """A checkpoint's tokenizer_config.json as transformers' AutoTokenizer reads it, and the file each key came from:
+    special_tokens_map.json's keys (where older checkpoints keep the special tokens) over the config's, unless the
+    config has `added_tokens_decoder` (then transformers does not read the map); ({}, {}) with neither file.
+    ValueError naming the file when one is not a JSON object."""
+    config_file, map_file = directory / TOKENIZER_CONFIG_FILE, directory / SPECIAL_TOKENS_MAP_FILE
+    config = read_tokenizer_config(config_file) if config_file.is_file() else {}
+    origin = dict.fromkeys(config, config_file)
+    if map_file.is_file() and "added_tokens_decoder" not in config:
+        tokens = read_tokenizer_config(map_file)
+        config = {**config, **tokens}
+        origin.update(dict.fromkeys(tokens, map_file))
+    return config, origin
+
+
 def special_tokens(config: dict) -> dict[str, str]:
     """The special tokens a tokenizer_config.json names (bos_token, eos_token, pad_token, unk_token), as text: what
     transformers gives a chat template (its special_tokens_map)."""
@@ -169,7 +187,7 @@ class TextTokenizer:
             raise
         except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
             raise ValueError(f"{path}: not a valid tokenizer file ({exc})") from exc
-        config = Path(config) if config else (path.parent / "tokenizer_config.json" if beside else None)
+        config = Path(config) if config else (path.parent / TOKENIZER_CONFIG_FILE if beside else None)
         if config is not None and config.is_file():
             return cls(tok, read_tokenizer_config(config), str(config))
         return cls(tok, specials, str(path))

@@ -30,14 +30,21 @@ from rich.console import Console
 from tierline.build import corpus as corpora
 from tierline.build.evaluate import agreement, continuations
 from tierline.build.progress import Steps
+from tierline_shared.config.manifest import LimitsConfig
 from tierline_shared.models.artifacts import TIER_FORMATS, write_card, write_index
-from tierline_shared.models.configs import CONFIG_FILE, ConfigError, DecoderConfig
+from tierline_shared.models.configs import CONFIG_FILE, GENERATION_CONFIG_FILE, ConfigError, DecoderConfig
 from tierline_shared.models.llama import WEIGHTS_INDEX, check_weights, load_decoder, weight_files
-from tierline_shared.models.tokenizer import TextTokenizer
+from tierline_shared.models.tokenizer import (
+    SPECIAL_TOKENS_MAP_FILE,
+    TOKENIZER_CONFIG_FILE,
+    TextTokenizer,
+    read_checkpoint_specials,
+    special_tokens,
+)
 from tierline_shared.runtime.engine import check_vocab
 
 # the tokenizer's files as save_pretrained writes them (transformers 5: the chat template in chat_template.jinja)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+TOKENIZER_FILES = ("tokenizer.json", TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE, "chat_template.jinja")
 DEFAULT_DEVICE_RATIO = 0.35
 DEFAULT_DEVICE_CONTEXT = 512  # the device's KV cache (fixed size in the .tflite) holds this many positions
 CALIB_MAX_LEN = 128  # tokens per calibration row
@@ -59,34 +66,57 @@ def _check_text(flag: str, value: str) -> None:
                             + (" or give --name" if flag == "--name" else "")) from None
 
 
-def _specials_from_config(cfg: DecoderConfig, tokenizer: Path) -> dict[str, str]:
-    """The special tokens of a checkpoint without tokenizer_config.json (a tokenizer.json saved by `tokenizers`
-    alone): the tokens config.json's (or generation_config.json's) ids name, which is where transformers'
-    generate finds its end tokens; whether a prompt starts with BOS stays the post-processor's to say."""
+def _check_name(name: str, given: bool) -> None:
+    """The model name is what a request's `model` field names, and validate_request refuses that field past
+    limits.max_id_chars characters (its only rule: any UTF-8 text of that length is a name): a longer name would
+    be imported and then could not be asked for."""
+    limit = LimitsConfig.max_id_chars  # the default, as `tierline up` writes the manifest
+    if len(name) > limit:
+        raise ImportFailure(f"--name: {name!r}{'' if given else ' (SRC folder name)'} is {len(name)} characters; "
+                            f"a request's model field takes at most {limit} (limits.max_id_chars)")
+
+
+def _special_tokens(src: Path, cfg: DecoderConfig) -> tuple[dict, dict[str, Path]]:
+    """The checkpoint's special tokens, found where transformers finds them: tokenizer_config.json with
+    special_tokens_map.json over it, as AutoTokenizer reads them (`read_checkpoint_specials`); a BOS or end token
+    neither file names is the one config.json's id names (the end token: generation_config.json's first), which
+    is where transformers' generate finds its end tokens; whether a prompt starts with BOS stays the
+    post-processor's to say, and a bos_token set to null (Qwen2's) is none. Also the file each key came from.
+    ImportFailure naming the files and fields when no end token is found (generation would never stop)."""
     from tokenizers import Tokenizer
 
-    where = tokenizer.with_name("tokenizer_config.json")
-    if cfg.eos_token_id is None:
-        raise ImportFailure(f"{where}: missing, and {tokenizer.with_name(CONFIG_FILE)} names no eos_token_id "
-                            f"(generation would never stop)")
+    tokenizer, config_file = src / "tokenizer.json", src / TOKENIZER_CONFIG_FILE
+    try:
+        specials, origin = read_checkpoint_specials(src)
+    except ValueError as exc:
+        raise ImportFailure(str(exc)) from None
+    named = special_tokens(specials)
+    eos_ids = f"the eos_token_id of {src / GENERATION_CONFIG_FILE} or {src / CONFIG_FILE}"
+    if "eos_token" not in named and cfg.eos_token_id is None:
+        raise ImportFailure(f"{config_file}: eos_token: missing, and neither {src / SPECIAL_TOKENS_MAP_FILE}'s "
+                            f"eos_token nor {eos_ids} names one (generation would never stop)")
     try:
         vocab = Tokenizer.from_file(str(tokenizer))
     except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
         raise ImportFailure(f"{tokenizer}: not a valid tokenizer file ({exc})") from None
-    specials = {}
-    for field, i in (("bos_token", cfg.bos_token_id), ("eos_token", cfg.eos_token_id)):
+    for field, i, ids in (("bos_token", cfg.bos_token_id, f"{src / CONFIG_FILE}'s bos_token_id"),
+                          ("eos_token", cfg.eos_token_id, eos_ids)):
+        if field in named or i is None or (field == "bos_token" and field in specials):
+            continue
         text = vocab.id_to_token(i) if isinstance(i, int) and not isinstance(i, bool) and i >= 0 else None
-        if i is not None and text is None:
-            raise ImportFailure(f"{where}: missing, and {tokenizer.with_name(CONFIG_FILE)}'s {field}_id {i!r} is "
-                                f"not a token of {tokenizer}")
-        if text is not None:
-            specials[field] = text
-    return specials
+        if text is None:
+            raise ImportFailure(f"{config_file}: {field}: missing, and {ids} {i!r} is not a token of {tokenizer}")
+        specials[field], origin[field] = text, src / CONFIG_FILE
+    for field, text in special_tokens(specials).items():  # the file that named a token the vocabulary lacks
+        if vocab.token_to_id(text) is None:
+            raise ImportFailure(f"{origin[field]}: {field} {text!r} is not in the vocabulary")
+    return specials, origin
 
 
-def _check_source(src: Path) -> tuple[DecoderConfig, TextTokenizer, dict[str, str] | None]:
-    """The checkpoint's config, its tokenizer, and the special tokens to write as tokenizer_config.json when the
-    checkpoint has none (None when it has one); ImportFailure naming the file for what cannot be served."""
+def _check_source(src: Path) -> tuple[DecoderConfig, TextTokenizer, dict | None]:
+    """The checkpoint's config, its tokenizer, and the tokenizer_config.json to write for the tiers when the
+    checkpoint's own does not name every special token they serve with (None when it does); ImportFailure naming
+    the file for what cannot be served."""
     if not src.is_dir():
         raise ImportFailure(f"{src}: not a checkpoint directory")
     if not (src / CONFIG_FILE).is_file():
@@ -99,11 +129,9 @@ def _check_source(src: Path) -> tuple[DecoderConfig, TextTokenizer, dict[str, st
         raise ImportFailure(f"{src / 'tokenizer.json'}: missing (the tiers need the model's tokenizer.json; "
                            f"a checkpoint with only a slow tokenizer can be converted with transformers' "
                            f"AutoTokenizer(...).save_pretrained)")
-    specials = None
-    if not (src / "tokenizer_config.json").is_file():
-        specials = _specials_from_config(cfg, src / "tokenizer.json")
+    specials, origin = _special_tokens(src, cfg)
     try:
-        tok = TextTokenizer.load(src / "tokenizer.json", specials=specials)
+        tok = TextTokenizer.load(src / "tokenizer.json", beside=False, specials=specials)
     except ValueError as exc:
         raise ImportFailure(str(exc)) from None
     try:  # the engines' own rule, before anything is built: they would refuse the result at the end
@@ -114,7 +142,8 @@ def _check_source(src: Path) -> tuple[DecoderConfig, TextTokenizer, dict[str, st
         check_weights(src)  # names and shapes, from the headers: before anything is written
     except (FileNotFoundError, ValueError) as exc:
         raise ImportFailure(str(exc)) from None
-    return cfg, tok, specials
+    own = set(origin.values()) == {src / TOKENIZER_CONFIG_FILE}  # all from tokenizer_config.json: copied as it is
+    return cfg, tok, (None if own else specials)
 
 
 def import_checkpoint(src: str | Path, out: str | Path, device_ratio: float = DEFAULT_DEVICE_RATIO,
@@ -127,6 +156,7 @@ def import_checkpoint(src: str | Path, out: str | Path, device_ratio: float = DE
     model_name = name or src.resolve().name
     for flag, text in (("SRC", str(src.resolve())), ("--out", str(out.resolve())), ("--name", model_name)):
         _check_text(flag, text)
+    _check_name(model_name, given=bool(name))
     if not 0.0 < device_ratio < 1.0:
         raise ImportFailure(f"--device-ratio: {device_ratio} must be in (0, 1)")
     if device_context < 2:
@@ -176,7 +206,7 @@ def _build(src, out, cfg, tok, specials, corpus, train_texts, held_out, device_r
         for f in ("tokenizer.json", "tokenizer_config.json"):  # the tiers' shared tokenizer, at the top
             if (src / f).is_file():
                 shutil.copyfile(src / f, out / f)
-        if specials is not None:  # none in the checkpoint: the tiers' tokenizer names the ones config.json does
+        if specials is not None:  # not all in tokenizer_config.json: the tiers' names the ones found elsewhere
             (out / "tokenizer_config.json").write_text(json.dumps(specials, indent=2) + "\n")
         timings["copy (cloud)"] = round(time.perf_counter() - t0, 1)
 

@@ -4,7 +4,8 @@ The template comes from the cloud tier's checkpoint in the models directory, whe
 `apply_chat_template` would find it: chat_template.jinja (transformers 5 saves it there), else the
 chat_template of tokenizer_config.json; a family without one uses the family's own format
 (tierline_shared.models.tokenizer.CHAT_TEMPLATE). Templates run in jinja2's sandbox with the special tokens
-(`bos_token`, `eos_token`, ...) that tokenizer_config.json names, as transformers runs them.
+(`bos_token`, `eos_token`, ...) as transformers' AutoTokenizer reads them (tokenizer_config.json, and
+special_tokens_map.json where older checkpoints keep them), as transformers runs them.
 """
 
 from __future__ import annotations
@@ -15,9 +16,13 @@ from pathlib import Path
 from jinja2 import TemplateError
 
 from tierline_shared.models.artifacts import load_index, tier_entry, verify_file
-from tierline_shared.models.tokenizer import CHAT_TEMPLATE, read_tokenizer_config, special_tokens
+from tierline_shared.models.tokenizer import (
+    CHAT_TEMPLATE,
+    TOKENIZER_CONFIG_FILE,
+    read_checkpoint_specials,
+    special_tokens,
+)
 
-TOKENIZER_CONFIG = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers 5 saves the template here, not in tokenizer_config.json
 
 
@@ -39,10 +44,10 @@ class ChatTemplate:
             cloud = models_dir / entry["config"]["path"]
         except (ValueError, KeyError):
             return cls(CHAT_TEMPLATE)
-        path, jinja = cloud.parent / TOKENIZER_CONFIG, cloud.parent / CHAT_TEMPLATE_FILE
+        path, jinja = cloud.parent / TOKENIZER_CONFIG_FILE, cloud.parent / CHAT_TEMPLATE_FILE
         if "chat_template" in entry:  # listed with its sha256 (tierline import): checked as the weights are
             verify_file(models_dir, entry["chat_template"])
-        config = read_tokenizer_config(path) if path.is_file() else {}
+        config, _ = read_checkpoint_specials(cloud.parent)  # special_tokens_map.json's tokens too, as transformers
         tokens = special_tokens(config)
         if jinja.is_file():  # as transformers: the file wins over tokenizer_config.json's chat_template
             return cls(jinja.read_text(), str(jinja), tokens)

@@ -149,3 +149,29 @@ def test_the_router_renders_a_saved_chat_template_as_transformers_does(tmp_path)
     want = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert want.startswith("<bos><|start_header_id|>user")
     assert ChatTemplate.of_models(tmp_path).render(messages) == want
+
+
+def test_a_chat_template_gets_the_special_tokens_an_older_checkpoint_keeps_in_special_tokens_map(tmp_path):
+    """Older checkpoints name their special tokens in special_tokens_map.json, not tokenizer_config.json; transformers
+    reads the map (unless tokenizer_config.json has added_tokens_decoder) and its apply_chat_template gives the
+    template those tokens. The router's rendering of the same template is the same text (bos_token was "")."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    from tierline_router.chat import ChatTemplate
+
+    cloud = tmp_path / "cloud"
+    TOK.save_pretrained(cloud)
+    config = json.loads((cloud / "tokenizer_config.json").read_text())
+    moved = {k: config.pop(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token") if k in config}
+    config.pop("added_tokens_decoder", None)
+    config["chat_template"] = LLAMA3_TEMPLATE
+    (cloud / "tokenizer_config.json").write_text(json.dumps(config))
+    (cloud / "special_tokens_map.json").write_text(json.dumps(moved))
+    (tmp_path / "manifest.json").write_text(json.dumps({"artifacts": {"cloud": {"config": {
+        "path": "cloud/config.json"}}}}))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(cloud, local_files_only=True)
+    messages = [{"role": "user", "content": "2+3=?"}]
+    want = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert want.startswith("<bos><|start_header_id|>user")
+    assert ChatTemplate.of_models(tmp_path).render(messages) == want

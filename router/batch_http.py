@@ -32,7 +32,7 @@ from tierline_router.batch import (
     new_id,
     public,
 )
-from tierline_router.openai_http import BadRequest, _error_response, read_json
+from tierline_router.openai_http import BadRequest, BodyRefused, _error_response, content_codings, read_json
 from tierline_shared.transport.messaging import BATCH_BUCKET, TierError
 
 log = logging.getLogger("tierline.router.batch")
@@ -113,6 +113,9 @@ class BatchApi:
         """`purpose` and `file` from a multipart body, the file read up to the size limit."""
         if not request.content_type.startswith("multipart/"):
             raise BadRequest("file", "the body must be multipart/form-data with fields purpose and file")
+        if [c for c in content_codings(request) if c != "identity"]:  # read as it streams in: not decoded here
+            raise BodyRefused(415, "unsupported_content_encoding", "content-encoding: an upload is read as it comes "
+                                                                   "(multipart/form-data): send it uncompressed")
         limit = self.config.max_file_mb * 1024 * 1024
         try:
             reader = await request.multipart()

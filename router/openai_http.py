@@ -28,6 +28,12 @@ Errors use OpenAI's body (`{"error": {"message", "type", "param", "code"}}`) and
 in one place (`error_body`); a stream that fails after its first chunk, for whatever reason, ends with that
 body as an event, then `[DONE]`. `usage.prompt_tokens_details.cached_tokens`: the prompt's tokens the tier's
 prefix cache held.
+
+A body is at most MAX_BODY_BYTES, as sent and as decoded (413 past it), in the content codings of CONTENT_CODINGS
+(415 for others: aiohttp's own decoding is off, so that br or zstd, which its parser cannot decode without optional
+packages, come here instead of getting its parser's plain-text 400). What that parser refuses before any handler
+runs (a header line over 8190 bytes, over 128 headers, a bad Content-Length or chunk size, a request line that is
+not HTTP) aiohttp still answers itself, a plain-text 400: it offers no hook for that answer (aio-libs/aiohttp#3287).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import logging
 import re
 import time
 import uuid
+import zlib
 from collections import deque
 
 from aiohttp import web
@@ -64,6 +71,10 @@ HTTP_STATUS = {
     "UNAVAILABLE": (503, "service_unavailable"),
     "DEADLINE_EXCEEDED": (504, "timeout_error"),
 }
+MAX_BODY_BYTES = 1024 * 1024  # the largest request body, as sent and as decoded (aiohttp's client_max_size)
+# content codings a body may come in (RFC 9110 8.4.1; x-gzip is gzip's old name) -> zlib's wbits (None: as it is)
+CONTENT_CODINGS = {"identity": None, "gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS,
+                   "deflate": zlib.MAX_WBITS}
 SHUTDOWN_TIMEOUT_S = 1.0  # seconds a stopping router gives HTTP requests in flight, then as long for their cancelling
 # parameters clients send at their neutral values even when they use none of them (LangChain always sends
 # penalties of 0): accepted at exactly these, refused (400 naming the parameter) at anything else
@@ -89,6 +100,20 @@ class ModelNotFound(BadRequest):
     def __init__(self, name: str, served: str):
         super().__init__("model", f"model: {name!r} does not exist here; this server serves {served!r}")
         self.status = "NOT_FOUND"
+
+
+class BodyRefused(BadRequest):
+    """A body refused before it is read as JSON, with the HTTP status HTTP has for it (413 too large, 415 a content
+    coding not served) and no gRPC status has: INVALID_ARGUMENT where the router counts it."""
+
+    def __init__(self, http_status: int, code: str, message: str):
+        super().__init__(None, message)
+        self.http_status, self.code = http_status, code
+
+
+def _too_large(what: str = "") -> BodyRefused:
+    return BodyRefused(413, "request_too_large", f"the body{what} is over this server's limit of {MAX_BODY_BYTES} "
+                                                 f"bytes ({MAX_BODY_BYTES / 2**20:g} MiB)")
 
 
 _FIELD = re.compile(r"^(?:parameters\.)?([a-z_]+): ")  # "parameters.max_tokens: ..." from the platform's validation
@@ -125,6 +150,8 @@ def error_body(exc: TierError, chat: bool = False, body=None) -> tuple[int, dict
     message, param = _openai_error(exc, chat, body)
     if isinstance(exc, ModelNotFound):  # OpenAI's own words for it
         kind, code = "invalid_request_error", "model_not_found"
+    elif isinstance(exc, BodyRefused):
+        status, code = exc.http_status, exc.code
     else:
         code = exc.status.lower()
     return status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
@@ -357,21 +384,59 @@ def _usage(resp: pb.InferResponse) -> dict:
             "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
 
 
-async def read_json(request: web.Request):
-    """The request's JSON body; BadRequest when it is not JSON."""
+def _decoded(body: bytes, coding: str) -> bytes:
+    """`body` decoded from one of CONTENT_CODINGS; BodyRefused past MAX_BODY_BYTES, BadRequest when it is not
+    in that coding."""
+    wbits = CONTENT_CODINGS[coding]
+    if wbits is None:
+        return body
+    if wbits == zlib.MAX_WBITS and body[:1] and body[0] & 0x0F != 8:  # deflate without zlib's header, as aiohttp took
+        wbits = -zlib.MAX_WBITS
+    inflate = zlib.decompressobj(wbits)
     try:
-        return await request.json()
+        out = inflate.decompress(body, MAX_BODY_BYTES + 1)  # no further: a small body may inflate without bound
+    except zlib.error as exc:
+        raise BadRequest(None, f"content-encoding: the body is not {coding} ({exc})") from None
+    if len(out) > MAX_BODY_BYTES:
+        raise _too_large(", decompressed,")
+    if not inflate.eof or inflate.unused_data:
+        raise BadRequest(None, f"content-encoding: the body is not {coding} (it "
+                               f"{'goes on past its end' if inflate.eof else 'ends early'})")
+    return out
+
+
+def content_codings(request: web.Request) -> list[str]:
+    """The codings the request's body was put in, in the order they were applied (Content-Encoding)."""
+    return [c.strip().lower() for c in request.headers.get("content-encoding", "").split(",") if c.strip()]
+
+
+async def read_json(request: web.Request):
+    """The request's JSON body, decoded from its content-encoding; BadRequest when it is not JSON (BodyRefused:
+    too large, or in a content coding not served)."""
+    codings = content_codings(request)
+    if unserved := [c for c in codings if c not in CONTENT_CODINGS]:
+        raise BodyRefused(415, "unsupported_content_encoding", f"content-encoding: {_shown(unserved[0])} is not "
+                                                               "served here; send the body as it is, gzip or deflate")
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise _too_large() from None
+    except (RequestPayloadError, HttpProcessingError) as exc:  # a body its framing (chunks, length) cannot deliver
+        raise BadRequest(None, "the body could not be read: " + " ".join(str(exc).split())) from None
+    for coding in reversed(codings):  # the last one applied first (RFC 9110 8.4)
+        body = _decoded(body, coding)
+    try:
+        return json.loads(body.decode(request.charset or "utf-8"))
     except (ValueError, RecursionError):  # not JSON, not in its charset, or nested too deep to read
         raise BadRequest(None, "the body is not valid JSON (in UTF-8 or its declared charset)") from None
     except LookupError:  # content-type: ...; charset=<no such codec>
         raise BadRequest(None, f"unknown charset {request.charset!r} in content-type") from None
-    except (RequestPayloadError, HttpProcessingError) as exc:  # a gzip (or deflate) body that is not
-        raise BadRequest(None, "the body could not be read: " + " ".join(str(exc).split())) from None
 
 
 @web.middleware
 async def _json_errors(request: web.Request, handler):
-    """Every answer is JSON in OpenAI's error shape, an unknown path or a bug included (never aiohttp's text)."""
+    """Every answer a handler gives is JSON in OpenAI's error shape, an unknown path or a bug included (aiohttp's
+    text only for what its parser refuses before a handler runs: the module's docstring)."""
     try:
         return await handler(request)
     except web.HTTPException as exc:
@@ -381,7 +446,9 @@ async def _json_errors(request: web.Request, handler):
         return web.json_response({"error": {"message": exc.reason, "type": "invalid_request_error", "param": None,
                                             "code": exc.reason.lower().replace(" ", "_")}}, status=exc.status,
                                  headers=headers)  # a 405's `Allow` (which HTTP requires) kept
-    except Exception:  # noqa: BLE001 - a bug: logged, answered as one
+    except Exception as exc:  # noqa: BLE001 - a bug: logged, answered as one
+        if isinstance(exc, ConnectionResetError) and request.transport is None:  # the client hung up mid-body:
+            return error_response("INVALID_ARGUMENT", "the connection closed before the body ended")  # for nobody
         log.exception("unexpected error answering %s %s", request.method, request.path)
         return web.json_response({"error": {"message": "internal error", "type": "api_error", "param": None,
                                             "code": "internal"}}, status=500)
@@ -393,7 +460,8 @@ class OpenAIServer:
     def __init__(self, router, chat: ChatTemplate | None = None):
         self.router = router
         self.chat_template = chat or ChatTemplate(CHAT_TEMPLATE)  # turns a conversation into the model's prompt
-        self.app = web.Application(client_max_size=1024 * 1024, middlewares=[_json_errors])
+        self.app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_json_errors],
+                                   handler_args={"auto_decompress": False})  # read_json decodes (CONTENT_CODINGS)
         self.app.add_routes([web.get("/v1/models", self.models), web.get("/v1/models/{model}", self.model),
                              web.post("/v1/completions", self.completions), web.post("/v1/chat/completions", self.chat),
                              web.get("/health", self.health)])

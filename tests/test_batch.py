@@ -221,6 +221,34 @@ def test_an_upload_that_is_not_a_form_is_a_400_naming_the_file(stack, content_ty
     assert resp.status == 400 and error["param"] == "file", error
 
 
+@pytest.mark.parametrize("coding", ["gzip", "br"])
+def test_a_compressed_upload_is_a_415_naming_the_content_encoding(stack, coding):
+    """An upload is read as it streams in, not decoded: one sent in a content coding is refused naming it, in
+    OpenAI's error shape (the router's HTTP server leaves bodies to their readers: router/openai_http.py), and a
+    well-formed upload sent as it is still works."""
+    import gzip
+    import http.client
+    from urllib.parse import urlsplit
+
+    form = (b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+            b'--b\r\nContent-Disposition: form-data; name="file"; filename="in.jsonl"\r\n\r\n'
+            + jsonl([line("a", PROMPTS[0])]) + b"\r\n--b--\r\n")
+    url = urlsplit(stack.http_base_url)
+    answers = []
+    for body, headers in ((gzip.compress(form), {"content-encoding": coding}), (form, {})):
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+        conn.request("POST", "/v1/files", body=body, headers={"content-type": "multipart/form-data; boundary=b",
+                                                              "authorization": f"Bearer {stack.api_key}", **headers})
+        resp = conn.getresponse()
+        answers.append((resp.status, resp.getheader("content-type"), json.loads(resp.read())))
+        conn.close()
+    (status, ctype, refused), (ok_status, _, uploaded) = answers
+    assert (status, ctype) == (415, "application/json; charset=utf-8"), (status, ctype, refused)
+    assert refused["error"]["code"] == "unsupported_content_encoding"
+    assert "content-encoding" in refused["error"]["message"]
+    assert ok_status == 200 and uploaded["purpose"] == "batch", uploaded
+
+
 def test_a_key_sees_only_its_own_and_lines_count_against_its_quota(stack):
     mine, other = api(stack), api(stack, new_key(stack, "pro")[1])
     batch = submit(mine, jsonl([line("a", PROMPTS[0])]))

@@ -194,6 +194,35 @@ def peak_rss_mib(pid: int) -> float | None:
     return None if peaks[0] is None else round(sum(p for p in peaks if p is not None), 1)
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) a process has used, from /proc/<pid>/stat; None where it cannot be read."""
+    import os
+    from pathlib import Path
+
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_groups(pids: dict[str, int]) -> dict[str, list[int]]:
+    """Each named process (a tier, the router, nats-server) and, apart as `<name> core`, its children (a tier's
+    engine core), for `cpu_by_process`."""
+    out = {}
+    for name, pid in pids.items():
+        tree = _process_tree(pid)
+        out[name] = tree[:1]
+        if tree[1:]:
+            out[f"{name} core"] = tree[1:]
+    return out
+
+
+def cpu_by_process(groups: dict[str, list[int]]) -> dict[str, float]:
+    """CPU seconds each group of `process_groups` has used so far (a process gone reads as 0)."""
+    return {name: sum(cpu_seconds(p) or 0.0 for p in pids) for name, pids in groups.items()}
+
+
 def _process_tree(pid: int) -> list[int]:
     """`pid` and its descendants, from /proc/<pid>/task/*/children."""
     from pathlib import Path

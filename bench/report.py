@@ -270,6 +270,14 @@ def render(results: dict, plots: dict[str, str]) -> str:
         ["latency p50 / p95", f"{fmt(t['latency_ms_p50'], ' ms')} / {fmt(t['latency_ms_p95'], ' ms')}",
          f"{fmt(c['latency_ms_p50'], ' ms')} / {fmt(c['latency_ms_p95'], ' ms')}"],
         ["errors", fmt(t["errors"]), fmt(c["errors"])]])
+    if "cpu_ms_per_request" in t:  # where the cores went (results from before it lack it)
+        tc, cc = t["cpu_ms_per_request"], c["cpu_ms_per_request"]
+        names = [n for n in tc if (tc[n] or 0) + (cc.get(n) or 0) >= 0.005]  # idle ones left out
+        L += ["CPU per request, by process (ms of CPU time per answered request):", ""]
+        L += _table(["process", "tiered (router)", "cloud only"],
+                    [[n, fmt(tc[n], " ms"), fmt(cc.get(n), " ms")] for n in names]
+                    + [["all", *(fmt(sum(v or 0 for v in x.values()), " ms") for x in (tc, cc))],
+                       ["cores busy (CPU time over wall time)", fmt(t["cores_busy"]), fmt(c["cores_busy"])]])
     r2 = m2["ratio"]
     L += [f"Tiered over cloud only: throughput {_x(r2['throughput_tiered_over_cloud'])} (article 2.8x), cost "
           f"{fmt(r2['cost_reduction'], pct=True)} lower (article 80%), {fmt(r2['share_below_cloud'], pct=True)} "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import random
 import time
 import urllib.request
@@ -20,7 +21,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from tierline_bench.load import GrpcClient, HttpClient, LoadRun, Outcome, median, peak_rss_mib, percentile, run_load
+from tierline_bench.load import (
+    GrpcClient,
+    HttpClient,
+    LoadRun,
+    Outcome,
+    cpu_by_process,
+    median,
+    peak_rss_mib,
+    percentile,
+    process_groups,
+    run_load,
+)
 from tierline_infra.supervisor import Stack
 from tierline_router.cascade import cost
 from tierline_shared.config.manifest import BatchConfig, load_manifest
@@ -169,9 +181,19 @@ def tiered_vs_cloud(stack: Stack, cfg: BenchConfig, problems: list[Problem], war
     prompts = [p.prompt for p in problems]
     clients = {"tiered": GrpcClient(stack.router_address, cfg.max_tokens), "cloud_only": _grpc(stack, "cloud-0", cfg)}
     runs: dict[str, list[LoadRun]] = {k: [] for k in clients}
+    groups = process_groups({**{p.name: p.popen.pid for p in stack.procs}, "nats-server": stack.nats.proc.pid})
+    cpu: dict[str, list[dict[str, float]]] = {k: [] for k in clients}  # per run: process -> ms per request
+    for c in clients.values():
+        run_load(c.infer, warm, cfg.concurrency)
     for r in range(cfg.repeats):
         for k, c in _interleaved(clients, r):
-            runs[k].append(run_load(c.infer, prompts, cfg.concurrency, warm if r == 0 else ()))
+            before, mine = cpu_by_process(groups), time.process_time()
+            run = run_load(c.infer, prompts, cfg.concurrency)
+            after, mine = cpu_by_process(groups), time.process_time() - mine
+            used = {name: after[name] - before[name] for name in groups} | {"load generator": mine}
+            cpu[k].append({**{name: 1000 * v / max(len(run.ok), 1) for name, v in used.items()},
+                           "cores": sum(used.values()) / run.wall_s})
+            runs[k].append(run)
     for c in clients.values():
         c.close()
 
@@ -197,7 +219,10 @@ def tiered_vs_cloud(stack: Stack, cfg: BenchConfig, problems: list[Problem], war
                       "escalated_share": num(median([x["escalated"] for x in s[k]]), 4),
                       "latency_ms_p50": num(median([run.latency_ms(50) for run in runs[k]])),
                       "latency_ms_p95": num(median([run.latency_ms(95) for run in runs[k]])),
-                      "errors": _errors(runs[k])}
+                      "errors": _errors(runs[k]),
+                      "cpu_ms_per_request": {name: num(median([x[name] for x in cpu[k]]), 3)
+                                             for name in [*groups, "load generator"]},
+                      "cores_busy": num(median([x["cores"] for x in cpu[k]]))}
     pairs = list(zip(s["tiered"], s["cloud_only"]))
     metrics["ratio"] = {
         "throughput_tiered_over_cloud": num(median([a["qps"] / b["qps"] for a, b in pairs if b["qps"] > 0])),
@@ -220,7 +245,12 @@ def tiered_vs_cloud(stack: Stack, cfg: BenchConfig, problems: list[Problem], war
                   "Cost per request is in the manifest's relative units (cost_per_1k_tokens, above); an escalated "
                   "request pays every tier that ran a model for it, each for its own tokens "
                   "(tierline_router.cascade.cost).",
-                  "Accuracy is exact match of the final answer (tierline_shared.tasks.problems.is_correct)."],
+                  "Accuracy is exact match of the final answer (tierline_shared.tasks.problems.is_correct).",
+                  "CPU per request: each process's CPU time (user + system, /proc) over a run divided by its answered "
+                  "requests, median over the repeats; a tier's engine core apart from its serving process; cores "
+                  f"busy: all of it over the run's wall time ({os.cpu_count()} here). One runtime thread per tier "
+                  "(cfg.threads), so the cloud alone is bound by its engine core's one core, while the tiered system "
+                  "spreads over all."],
     }
 
 

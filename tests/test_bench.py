@@ -212,3 +212,17 @@ def test_the_serving_rows_say_where_the_engines_ran(report):
     expected = have[-1:] if len(have) > 1 else []
     for name in ("platform_overhead", "batching", "cache"):
         assert results["sections"][name]["method"]["engine_cpus"] == expected, name
+
+
+def test_the_tiered_section_says_where_the_cpu_went(report):
+    """CPU per answered request for every process of the stack (a tier's engine core apart) and the load generator,
+    for both targets: numbers, never negative; the router works only for the tiered system, the cloud's engine core
+    for both."""
+    _, _, results = report
+    m = results["sections"]["tiered_vs_cloud"]["metrics"]
+    tiered, cloud = m["tiered"]["cpu_ms_per_request"], m["cloud_only"]["cpu_ms_per_request"]
+    assert tiered.keys() == cloud.keys() >= {"router", "nats-server", "edge-0", "edge-0 core", "cloud-0",
+                                             "cloud-0 core", "device-0", "load generator"}, tiered.keys()
+    assert all(isinstance(v, (int, float)) and v >= 0 for v in [*tiered.values(), *cloud.values()])
+    assert tiered["router"] > 0 and cloud["cloud-0 core"] > 0 and cloud["router"] < tiered["router"]
+    assert m["tiered"]["cores_busy"] > 0 and m["cloud_only"]["cores_busy"] > 0

@@ -529,6 +529,17 @@ def test_a_closed_connection_that_asked_a_tier_is_freed(tmp_path):
 
 
 
+def _unary_tier(tmp_path, handle):
+    """A nats-server of its own and, on it, an edge TierService answering unary requests with `handle` (data,
+    timeout -> a concurrent Future of the InferResponse), started: (server, its options, the service)."""
+    server = NatsServer(tmp_path).start()
+    opts = NatsOptions(server.url, server.user, server.password)
+    service = TierService("edge", opts, handle=handle,
+                          status_of=lambda exc: (grpc.StatusCode.INTERNAL, str(exc)), stream=None)
+    service.start()
+    return server, opts, service
+
+
 def test_a_request_longer_than_the_silence_limit_is_kept_alive_by_heartbeats_and_answered(tmp_path):
     """A tier working on a request for longer than SILENCE_S says so every HEARTBEAT_S (empty replies with the
     progress header), so its asker neither takes the replica for dead nor asks another; the answer follows, and
@@ -551,11 +562,7 @@ def test_a_request_longer_than_the_silence_limit_is_kept_alive_by_heartbeats_and
                         ).start()
         return answer
 
-    server = NatsServer(tmp_path).start()
-    opts = NatsOptions(server.url, server.user, server.password)
-    service = TierService("edge", opts, handle=handle,
-                          status_of=lambda exc: (grpc.StatusCode.INTERNAL, str(exc)), stream=None)
-    service.start()
+    server, opts, service = _unary_tier(tmp_path, handle)
     try:
         async def main():
             nc = await connect(opts, name="test")
@@ -589,6 +596,81 @@ def test_a_request_longer_than_the_silence_limit_is_kept_alive_by_heartbeats_and
         assert all(m.data == b"" and (m.headers or {}).get(PROGRESS_HEADER) == "1" for m in beats)
         assert int(took_s / HEARTBEAT_S) - 2 <= len(beats) <= int(took_s / HEARTBEAT_S) + 1, len(beats)
         assert len(heard["none"]) == 1 and heard["none"][0].data  # the answer alone
+    finally:
+        service.stop()
+        server.stop()
+
+
+def test_a_stream_in_flight_when_the_tier_stops_ends_with_unavailable_and_counts_as_an_error(link):
+    """A tier that stops (SIGTERM, a drain) mid-stream tells the reader at once, after the chunks already sent:
+    UNAVAILABLE "the tier is shutting down", not silence until its timeout; the decoding stops, and $SRV.STATS
+    counts the stream as an error, not as an answer nor as cancelled by its reader."""
+    from tierline_shared.transport.messaging import SILENCE_S, TierError
+
+    opts, producer, service = link
+
+    async def main() -> tuple[int, TierError, float]:
+        nc = await connect(opts, name="test")
+        try:
+            got, stopping, stopped_at = 0, None, 0.0
+            with pytest.raises(TierError) as ended:
+                async for _ in stream_tier(nc, "edge", pb.InferRequest(prompt="Q:2+3=?\nA:"), timeout_s=5):
+                    got += 1
+                    if got == 5:
+                        stopped_at = time.monotonic()
+                        stopping = asyncio.ensure_future(asyncio.to_thread(service.stop))
+            took = time.monotonic() - stopped_at
+            await stopping
+            return got, ended.value, took
+        finally:
+            await nc.close()
+
+    got, error, took = asyncio.run(main())
+    assert (error.status, error.message) == ("UNAVAILABLE", "the tier is shutting down"), error
+    assert 5 <= got < CHUNKS and took < SILENCE_S, (got, took)
+    assert producer.stopped_early.wait(TIMEOUT), "the tier kept decoding a stream after it stopped"
+    counts = service._counts["stream"]
+    assert (counts.requests, counts.errors, counts.cancelled) == (1, 1, 0), counts
+    assert counts.last_error == "TierStopping: the tier is shutting down"
+
+
+def test_a_request_in_flight_when_the_tier_stops_gets_unavailable_at_once(tmp_path):
+    """The same for a unary request: its asker hears UNAVAILABLE at once (the router asks elsewhere) rather than
+    silence until SILENCE_S or its timeout, the work leaves the batch, and it counts as an error."""
+    import concurrent.futures
+
+    from tierline_shared.transport.messaging import SILENCE_S, TierError
+
+    asked: list[concurrent.futures.Future] = []
+
+    def handle(data: bytes, timeout):  # an answer that never comes: the request is still running when the tier stops
+        asked.append(concurrent.futures.Future())
+        return asked[-1]
+
+    server, opts, service = _unary_tier(tmp_path, handle)
+    try:
+        async def main() -> tuple[BaseException, float]:
+            nc = await connect(opts, name="test")
+            try:
+                asking = asyncio.ensure_future(ask_tier(nc, "edge", pb.InferRequest(prompt="Q:2+3=?\nA:"), TIMEOUT))
+                deadline = time.monotonic() + TIMEOUT
+                while not asked and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+                t0 = time.monotonic()
+                stopping = asyncio.ensure_future(asyncio.to_thread(service.stop))
+                error = (await asyncio.gather(asking, return_exceptions=True))[0]
+                took = time.monotonic() - t0
+                await stopping
+                return error, took
+            finally:
+                await nc.close()
+
+        error, took = asyncio.run(main())
+        assert isinstance(error, TierError), repr(error)
+        assert (error.status, error.message) == ("UNAVAILABLE", "the tier is shutting down") and took < SILENCE_S
+        assert asked[0].cancelled()  # it left the batch
+        counts = service._counts["infer"]
+        assert (counts.requests, counts.errors, counts.cancelled) == (1, 1, 0), counts
     finally:
         service.stop()
         server.stop()

@@ -13,8 +13,11 @@ are counted here, around each whole request (`_Counts`, `_Service.stats`). A req
 cancelled got no reply: it is neither an answer nor an error, so it stays out of `num_requests`,
 `num_errors` and the processing time (a mean that would otherwise fall with every client that
 gives up early) and is counted apart, as `num_cancelled` in the endpoint's `data` (the tier's
-Prometheus series call it `outcome="cancelled"`). Errors become
-nats.micro error headers in one place (`_respond_error`), with the status from the
+Prometheus series call it `outcome="cancelled"`). A tier that stops (`stop`: SIGTERM, a drain)
+takes no new request, then ends each one in flight with UNAVAILABLE "the tier is shutting down"
+(`TierStopping`), a stream after the chunks already sent, so its asker hears it at once and can ask
+elsewhere instead of waiting out its timeout; its decoding stops, and it counts as an error. Errors
+become nats.micro error headers in one place (`_respond_error`), with the status from the
 servicer's `status_of`.
 """
 
@@ -28,6 +31,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import grpc
 from nats.micro.service import Service, ServiceConfig, ServiceStats
 
 from tierline_shared.transport.messaging import (
@@ -51,6 +55,14 @@ STREAM_THREADS = 64  # streams read at once per tier process (each waits on the 
 MIN_HEARTBEAT_S = 0.05  # seconds: the most often a tier says it is alive, whatever a requester asks
 EARLY_CANCEL_S = 60.0  # seconds a cancel naming no request here is kept: its request may still be on its way
 EARLY_CANCEL_MAX = 10_000  # such cancels kept at most (every replica hears every cancel of its tier)
+STOP_REPLY_S = 1.0  # seconds a stopping tier waits for its requests in flight to send their UNAVAILABLE
+
+
+class TierStopping(Exception):
+    """The tier stopped while the request was in flight: UNAVAILABLE, so its asker asks elsewhere."""
+
+    def __init__(self):
+        super().__init__("the tier is shutting down")
 
 
 @dataclass
@@ -128,6 +140,8 @@ class TierService:
         self._tasks: set[asyncio.Task] = set()
         self._live: dict = {}  # request id (its reply subject) -> what stops it, called once the requester cancels
         self._early: dict[str, float] = {}  # request id -> until when a cancel that came before it counts
+        self._halt = self._loop.create_future()  # done once the tier stops: every request in flight ends
+        self._answers: set[concurrent.futures.Future] = set()  # the unary requests' answers in flight
         self._pool = ThreadPoolExecutor(STREAM_THREADS, thread_name_prefix=f"nats-{tier}")
 
     def start(self, retry_forever: bool = False) -> None:
@@ -206,15 +220,23 @@ class TierService:
     async def _serve_stream(self, req) -> None:
         """Each chunk is published to the request's reply inbox as it is generated.
 
-        A cancel naming that inbox (`stream_tier` closed early) stops the decoding at its next token.
+        A cancel naming that inbox (`stream_tier` closed early) stops the decoding at its next token;
+        the tier stopping (`stop`) ends the stream with UNAVAILABLE after the chunks already generated.
         """
         started, error = time.perf_counter_ns(), None
+        if self._halt.done():  # it came in as the tier stopped
+            error = TierStopping()
+            self._counts["stream"].record(started, error)
+            await self._respond_error(req, error)
+            return
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue = asyncio.Queue()
         done = object()
         stream_id = (req.headers or {}).get(STREAM_ID_HEADER) or object()  # none given: nobody can cancel it
         cancelled = threading.Event()
         self._track(stream_id, cancelled.set)
+        halted = lambda _: chunks.put_nowait(TierStopping())  # noqa: E731 - after the chunks queued before it
+        self._halt.add_done_callback(halted)
 
         def produce() -> None:
             try:
@@ -238,6 +260,7 @@ class TierService:
             error = exc
             raise
         finally:
+            self._halt.remove_done_callback(halted)
             # its reader went away first: no reply, no error
             self._counts["stream"].record(started, error, cancelled=cancelled.is_set() and error is None)
             cancelled.set()  # whatever ended this task, the decoder stops at its next token (a no-op once done)
@@ -251,23 +274,32 @@ class TierService:
 
     async def _serve(self, req) -> None:
         """One request: its answer, or its error, to the reply subject. A cancel naming the request (its
-        requester gave up: a deadline, its client gone) takes it out of the batch at the next step."""
+        requester gave up: a deadline, its client gone) takes it out of the batch at the next step; so does
+        the tier stopping (`stop`), which answers UNAVAILABLE."""
         started, error, cancelled = time.perf_counter_ns(), None, False
         headers = req.headers or {}
         timeout = _seconds(headers.get(TIMEOUT_HEADER))
         beat = _seconds(headers.get(HEARTBEAT_HEADER))
         request_id = headers.get(STREAM_ID_HEADER) or object()  # none given: nobody can cancel it
         try:
+            if self._halt.done():  # it came in as the tier stopped
+                raise TierStopping
             answer = self._handle(req.data, timeout)
             self._track(request_id, answer.cancel)
+            self._answers.add(answer)  # `stop` cancels what is in flight
             work = asyncio.wrap_future(answer)
             alive = _Heartbeat(req, max(beat, MIN_HEARTBEAT_S)) if beat and beat > 0 else None
             try:  # the requester asked to hear that we are alive while we work: a timer says so, if it lasts
                 data = (await work).SerializeToString()
             finally:
+                self._answers.discard(answer)
                 if alive is not None:
                     alive.cancel()
         except asyncio.CancelledError:  # the requester cancelled it (answer.cancel): nobody reads the reply
+            if self._halt.done():  # or the tier stopped (`stop` cancelled it): it left the batch; its asker hears so
+                error = TierStopping()
+                await self._respond_error(req, error)
+                return
             cancelled = True
             return
         except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
@@ -280,7 +312,8 @@ class TierService:
         await req.respond(data)
 
     async def _respond_error(self, req, exc: Exception) -> None:
-        code, message = self._status_of(exc)
+        code, message = (grpc.StatusCode.UNAVAILABLE, str(exc)) if isinstance(exc, TierStopping) \
+            else self._status_of(exc)
         await req.respond_error(code=str(code.value[0]), description=message,
                                 headers={STATUS_HEADER: code.name})
 
@@ -290,13 +323,21 @@ class TierService:
         return fut.result(timeout=timeout_s + 1)
 
     def stop(self) -> None:
+        """Take no new request, end those in flight with UNAVAILABLE (`TierStopping`), then drain the link."""
         async def _stop():
             if self._service:
-                await self._service.stop()
+                await self._service.stop()  # the endpoints' queue group sends new requests to other replicas
+            if not self._halt.done():
+                self._halt.set_result(None)
+            for answer in list(self._answers):  # each leaves the batch; its task answers UNAVAILABLE (`_serve`)
+                answer.cancel()
+            if self._tasks:  # their UNAVAILABLE goes out before the drain closes the link
+                await asyncio.wait(set(self._tasks), timeout=STOP_REPLY_S)
             if self._nc:
                 await self._nc.drain()
 
         stop_loop_thread(self._loop, self._thread, _stop)
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class _Heartbeat:

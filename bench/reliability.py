@@ -11,6 +11,7 @@ traffic must level off at the caches' bounds, so the last half's growth is the f
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from pathlib import Path
@@ -84,10 +85,12 @@ def report(samples: list[dict], warmup_s: float, counts: dict) -> dict:
             "processes": procs, "samples": samples}
 
 
-def failover(models_dir: Path, clients: int = 8, before_s: float = 3.0, after_s: float = 4.0) -> dict:
-    """Failover: two edge replicas behind the router under load; one is SIGKILLed. Reports how long the requests
-    in flight at the kill took (they are answered by the other replica once the dead one falls silent, SILENCE_S),
-    against the request timeout they used to wait, and whether any failed."""
+def failover(models_dir: Path, clients: int = 8, before_s: float = 3.0, after_s: float = 4.0,
+             sig: int = signal.SIGKILL) -> dict:
+    """Failover: two edge replicas behind the router under load; one is SIGKILLed (`sig` SIGTERM: stopped, as for an
+    upgrade). Reports how long the requests in flight at the kill took (they are answered by the other replica once
+    the dead one falls silent, SILENCE_S; a stopped one says UNAVAILABLE at once), against the request timeout they
+    used to wait, and whether any failed."""
     timeout_s = 20.0
     overrides = {"router.device_complexity": 0.0, "router.cloud_complexity": 1.0,
                  "router.confidence_threshold": {"edge": 0.0}, "tiers.edge.cache_size": 0,
@@ -113,7 +116,7 @@ def failover(models_dir: Path, clients: int = 8, before_s: float = 3.0, after_s:
             t.start()
         time.sleep(before_s)
         killed = time.monotonic()
-        stack.kill("edge-0")
+        stack.kill("edge-0", sig)
         for t in threads:
             t.join(timeout=timeout_s * 3)
         client.close()

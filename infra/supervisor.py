@@ -514,10 +514,11 @@ class Stack:
         self.procs.remove(proc)
         return self.start_process(name, module)
 
-    def kill(self, name: str) -> None:
-        """Hard-kill one process (a failure test)."""
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal one process's group and wait for it to end: SIGKILL a failure test, SIGTERM a replica taken down
+        (an upgrade, a scale down)."""
         proc = next(p for p in self.procs if p.name == name)
-        os.killpg(proc.popen.pid, signal.SIGKILL)
+        os.killpg(proc.popen.pid, sig)
         proc.popen.wait(timeout=STOP_TIMEOUT_S)
 
     def stop(self) -> None:

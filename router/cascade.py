@@ -47,7 +47,9 @@ from tierline_shared.transport.messaging import TierError
 from tierline_shared.wire import TIERS, TOP_TIER, tiers_above, tiers_below
 
 CLIENT_ERRORS = {"INVALID_ARGUMENT"}  # a tier refused the request: the next tier up is asked, else the client told
-RETRY_STATUSES = {"RESOURCE_EXHAUSTED"}  # a tier error worth another replica (its queue was full)
+# tier errors worth another replica: its queue was full, or it could not serve (it is stopping: an upgrade, a scale
+# down; its engine or upstream failed), where another replica of the same tier may
+RETRY_STATUSES = {"RESOURCE_EXHAUSTED", "UNAVAILABLE"}
 RAN_A_MODEL = ("answered", "low_confidence")  # the attempts that are paid for
 _TIMEOUTS = (NatsTimeout, asyncio.TimeoutError, concurrent.futures.TimeoutError, TimeoutError)
 NO_REPLICA_FIRST_S = 0.1  # seconds before a tier that had no replica up is asked again (doubling each round)

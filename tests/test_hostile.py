@@ -111,6 +111,19 @@ def test_a_replica_killed_mid_request_costs_about_a_second_not_the_timeout(tiny_
     assert result["in_flight_latency_s"]["max"] < result["silence_s"] + 3.0 < result["request_timeout_s"], result
 
 
+def test_a_replica_stopped_mid_request_hands_its_requests_to_the_other_at_once(tiny_family):
+    """SIGTERM one of two edge replicas under load (an upgrade, a scale down): the requests it held end with
+    UNAVAILABLE at once ("the tier is shutting down"), which the router asks another replica of the same tier:
+    none fails (before, the edge-only router had no tier above to escalate to), none waits for a silence."""
+    import signal
+
+    from tierline_bench.reliability import failover
+
+    result = failover(tiny_family, clients=8, before_s=2.0, after_s=3.0, sig=signal.SIGTERM)
+    assert result["failed"] == 0 and result["in_flight_at_kill"] > 0, result
+    assert result["in_flight_latency_s"]["max"] < result["silence_s"], result
+
+
 def test_a_restarted_nats_server_loses_no_request(tiny_family):
     """nats-server killed and started again on its port under load: every request is answered (after the
     reconnect), none is failed for the silence of a link that was down on the router's side too. Through the

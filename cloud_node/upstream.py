@@ -11,14 +11,21 @@ after a connection error or a 5xx (`upstream.retries`; a stream only before its 
 (RESOURCE_EXHAUSTED) and another 4xx the tier's own setup (its key, its URL: UNAVAILABLE); an upstream that
 stays away is UNAVAILABLE too, which the router's cascade handles as any failing tier. So is one that answers
 something other than a completion (not JSON, no choices, an error event, finish_reason "abort", more than
-MAX_ANSWER_BYTES, a stream that stops before its finish_reason or `[DONE]`): never a short or empty answer.
+MAX_ANSWER_BYTES, a stream that stops before its finish_reason or `[DONE]`): never a short or empty answer; and
+one without what the client would read as the upstream's word (no text, no finish_reason, a whole answer without
+usage): never a guess ("length", 0 tokens).
 Every read waits at most what is left of the deadline (DEADLINE_EXCEEDED after it, however slowly the bytes
 trickle), and a caller gone (`UpstreamTicket.cancel`) closes the HTTP request at once: the upstream stops
 generating, and the worker is free for the next request.
 
 Confidence is the lowest probability of a chosen token, from the logprobs the upstream returns for
-`logprobs: 1` (vLLM, TGI and llama.cpp server do); `transformers serve` returns none: then it is 0.0, which
-changes nothing for the cloud, the top tier, whose answers are always kept.
+`logprobs: 1` (vLLM and llama.cpp server do, in OpenAI's completions object or the chat one); `transformers serve`
+and TGI return none: then it is 0.0, which changes nothing for the cloud, the top tier, whose answers are always
+kept. A client that asks for logprobs (`parameters.logprobs`) from an upstream that returns none gets
+INVALID_ARGUMENT naming the parameter (a stream: before its first chunk), not an empty list it cannot tell from
+no tokens; one whose logprobs miss some of the answer's tokens is UNAVAILABLE, never the part that came. An answer
+carries as many alternatives per token as `parameters.top_logprobs` asks (the upstream's `logprobs: k` may add
+the chosen token).
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ REFUSED_REQUEST = (400, 413, 422)  # what an upstream says of the request itself
 MAX_ANSWER_BYTES = 16 << 20
 MAX_ERROR_BYTES = 64 << 10  # of an error body (its message is cut to 300 characters)
 READ_BYTES = 64 << 10  # one read from the socket: the deadline is checked between two
+MIN_LOGPROB = math.log(1e-12)  # the least a token's counts for in the confidence and the mean (the client: as sent)
 FINISH_REASONS = ("stop", "length")  # what the wire knows (proto Choice.finish_reason)
 # vLLM ends a request it gave up on (preempted, its own timeout) with "abort": the text is cut short, not an answer
 FAILED_REASONS = ("abort", "error")
@@ -243,13 +251,11 @@ class UpstreamScheduler:
                 return  # its caller gave up, or close() answered it
             started = time.perf_counter()
             try:
-                result = self._with_retries(self._body(prompt, params, ticket.chunks is not None), deadline,
-                                            ticket, started)
+                result = self._with_retries(self._body(prompt, params, ticket.chunks is not None), params,
+                                            deadline, ticket, started)
             except Exception as exc:  # noqa: BLE001 - the request's own failure, for its caller
                 ticket.future.set_exception(RuntimeError("server shutting down") if self._closed else exc)
             else:
-                if not params.logprobs:
-                    result.logprobs = None
                 ticket.future.set_result(BatchedResult(result, started - enqueued, 1))
             finally:
                 if ticket.chunks is not None:
@@ -271,7 +277,8 @@ class UpstreamScheduler:
             body["stream_options"] = {"include_usage": True}
         return body
 
-    def _with_retries(self, body: dict, deadline: float, ticket: UpstreamTicket, started: float) -> GenerationResult:
+    def _with_retries(self, body: dict, params: GenerationParams, deadline: float, ticket: UpstreamTicket,
+                      started: float) -> GenerationResult:
         why = "no attempt"
         for attempt in range(self.config.retries + 1):
             if ticket.abandoned.is_set():
@@ -279,7 +286,7 @@ class UpstreamScheduler:
             if deadline - time.monotonic() <= 0:
                 raise DeadlineExceeded(f"deadline passed waiting for the upstream ({why})")
             try:
-                return self._post(body, deadline, ticket, started)
+                return self._post(body, params, deadline, ticket, started)
             except _Cancelled:
                 raise RuntimeError("cancelled by the caller") from None
             except _Retryable as exc:
@@ -288,7 +295,8 @@ class UpstreamScheduler:
                     ticket.abandoned.wait(min(RETRY_WAIT_S, max(0.0, deadline - time.monotonic())))
         raise TierError("cloud", "UNAVAILABLE", f"the upstream {self.config.url} did not answer: {why}")
 
-    def _post(self, body: dict, deadline: float, ticket: UpstreamTicket, started: float) -> GenerationResult:
+    def _post(self, body: dict, params: GenerationParams, deadline: float, ticket: UpstreamTicket,
+              started: float) -> GenerationResult:
         """One attempt. Every read waits at most what is left of the deadline, and `ticket.cancel` closes the
         connection under it: an upstream that trickles or goes silent holds a worker no longer than that."""
         u = self._url
@@ -317,8 +325,8 @@ class UpstreamScheduler:
                 raise TierError("cloud", "UNAVAILABLE", f"the upstream {self.config.url} refused the tier "
                                                         f"(HTTP {resp.status}): {message}")
             if body["stream"]:
-                return self._read_stream(resp, sock, deadline, ticket, started)
-            return _result(_read(resp, sock, deadline, ticket, MAX_ANSWER_BYTES), started)
+                return self._read_stream(resp, sock, params, deadline, ticket, started)
+            return _result(_read(resp, sock, deadline, ticket, MAX_ANSWER_BYTES), params, started)
         except (OSError, http.client.HTTPException) as exc:
             if ticket.abandoned.is_set():  # the read `cancel` cut short
                 raise _Cancelled() from None
@@ -332,11 +340,13 @@ class UpstreamScheduler:
             ticket._attach(None)
             conn.close()
 
-    def _read_stream(self, resp, sock: socket.socket, deadline: float, ticket: UpstreamTicket,
-                     started: float) -> GenerationResult:
+    def _read_stream(self, resp, sock: socket.socket, params: GenerationParams, deadline: float,
+                     ticket: UpstreamTicket, started: float) -> GenerationResult:
         """Relay each SSE event's text as it comes. The stream must end with `[DONE]` or a finish_reason
-        (`transformers serve` sends no `[DONE]`): one that just stops was cut short, and is no answer."""
-        text, probs, reason, first, usage, tokens, done = [], [], None, 0.0, {}, [], False
+        (`transformers serve` sends no `[DONE]`): one that just stops was cut short, and is no answer. Each
+        event's logprobs are checked before its text is relayed: a client that asked for logprobs the upstream
+        does not send gets its error before any text."""
+        text, logprobs, reason, first, usage, done = [], _Logprobs(), None, 0.0, None, False
         for line in _lines(_pieces(resp, sock, deadline, ticket)):
             if not line.startswith(b"data:"):
                 continue
@@ -345,23 +355,23 @@ class UpstreamScheduler:
                 done = True
                 break
             chunk = _parsed(data, "a stream's event")
-            try:
-                usage = chunk.get("usage") or usage
-                for choice in chunk.get("choices") or []:
-                    if choice.get("text"):
-                        first = first or time.perf_counter() - started
-                        text.append(str(choice["text"]))
-                        ticket.chunks.put(text[-1])
-                        ticket.relayed += 1
-                    probs += _probs(choice.get("logprobs"))
-                    tokens += _token_logprobs(choice.get("logprobs"))
-                    reason = choice.get("finish_reason") or reason
-            except (AttributeError, TypeError, ValueError, ArithmeticError) as exc:
-                raise _broken(f"a stream's event: {type(exc).__name__}: {exc}") from None
+            usage = chunk.get("usage") or usage
+            for choice in _choices(chunk, "a stream's event"):
+                piece = choice.get("text") or ""
+                if not isinstance(piece, str):
+                    raise _broken(f"a stream's event: text is a JSON {type(piece).__name__}")
+                logprobs.add(choice.get("logprobs"), piece)
+                logprobs.check(params)
+                if piece:
+                    first = first or time.perf_counter() - started
+                    text.append(piece)
+                    ticket.chunks.put(piece)
+                    ticket.relayed += 1
+                reason = choice.get("finish_reason") or reason
         if not done and reason is None:
             raise ConnectionError(f"the stream ended before its finish_reason or [DONE] (content-type "
                                   f"{resp.getheader('Content-Type')})")
-        return _assemble(text, probs, reason, usage, first, started, tokens, counted=max(len(probs), len(text)))
+        return _assemble("".join(text), logprobs, reason, usage, first, started, params, counted=len(text))
 
 
 def _pieces(resp, sock: socket.socket, deadline: float, ticket: UpstreamTicket):
@@ -426,61 +436,191 @@ def _parsed(data: bytes, what: str) -> dict:
     return out
 
 
+def _choices(out: dict, what: str) -> list[dict]:
+    choices = out.get("choices") or []
+    if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+        raise _broken(f"{what}: choices is not a list of objects")
+    return choices
+
+
 def _finish_reason(reason) -> str:
-    """The upstream's finish_reason as the wire knows it: "stop" or "length" (none given: "length"). A reason
-    for giving up fails the tier; any other (TGI's "eos_token", OpenAI's "content_filter") is the model's own
-    end of its answer: "stop"."""
-    if not reason or reason in FINISH_REASONS:
-        return reason or "length"
+    """The upstream's finish_reason as the wire knows it: "stop" or "length". A reason for giving up fails the
+    tier, and so does none (OpenAI's answers always say one): "length" would tell the client its text was cut at
+    max_tokens, "stop" that it is whole, and neither is the upstream's word. Any other (TGI's "eos_token",
+    OpenAI's "content_filter") is the model's own end of its answer: "stop"."""
+    if not isinstance(reason, str) or not reason:
+        raise _broken(f"finish_reason: {reason!r}, so whether its text is whole is unknown")
+    if reason in FINISH_REASONS:
+        return reason
     if reason in FAILED_REASONS:
         raise TierError("cloud", "UNAVAILABLE", f"the upstream gave up on the request (finish_reason {reason!r})")
     return "stop"
 
 
-def _probs(logprobs) -> list[float]:
-    """Chosen tokens' probabilities from an OpenAI completions `logprobs` object (absent: none)."""
-    values = (logprobs or {}).get("token_logprobs") or []
-    return [math.exp(v) for v in values if isinstance(v, (int, float))]
+def _tokens_of(usage: dict, name: str) -> int:
+    value = usage.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or \
+            (isinstance(value, float) and not value.is_integer()):
+        raise _broken(f"usage.{name}: {value!r} is no count of tokens")
+    return int(value)
 
 
-def _token_logprobs(logprobs) -> list[TokenLogprob]:
-    """The tokens, their log-probabilities and alternatives from an OpenAI completions `logprobs` object."""
-    lp = logprobs or {}
-    tokens, values, tops = lp.get("tokens") or [], lp.get("token_logprobs") or [], lp.get("top_logprobs") or []
+def _usage(usage, counted: int | None) -> tuple[int, int]:
+    """(prompt_tokens, completion_tokens) from an answer's `usage`. A whole answer must have it (OpenAI's does, and
+    every engine's): 0 would be read as no tokens spent, and quotas charge what usage says. A stream has it only
+    where the upstream honours `stream_options.include_usage`; without it the completion tokens are `counted`, and
+    the prompt's, which only the upstream's tokenizer can count, 0."""
+    if usage is None:
+        if counted is None:
+            raise _broken("usage: none, so the tokens it took are unknown")
+        return 0, counted
+    if not isinstance(usage, dict):
+        raise _broken(f"usage: a JSON {type(usage).__name__}")
+    return _tokens_of(usage, "prompt_tokens"), _tokens_of(usage, "completion_tokens")
+
+
+class _Gap(Exception):
+    """Logprobs that do not cover the tokens they come with: one without its value, lists that do not line up."""
+
+
+def _is_logprob(value) -> bool:
+    """A number JSON can carry (vLLM sends -9999.0 for a probability of 0, never -Infinity)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _alternatives(items, where: str) -> list[tuple[str, float]]:
+    out = []
+    for token, value in items:
+        if not isinstance(token, str) or not _is_logprob(value):
+            raise _Gap(f"{where}: an alternative {token!r} without its log-probability ({value!r})")
+        out.append((token, float(value)))
+    return sorted(out, key=lambda item: -item[1])
+
+
+def _token_logprobs(logprobs) -> tuple[list[TokenLogprob], bool] | None:
+    """The tokens of one choice's (or one stream event's) `logprobs`, each with its log-probability and every
+    alternative given, most likely first, and whether alternatives were given; None when there are none (null,
+    absent, or an object of nulls: `transformers serve`, TGI). Two shapes: OpenAI's completions object (`tokens`,
+    `token_logprobs`, `top_logprobs`: vLLM, llama.cpp server now) and the chat one (`content: [{token, logprob,
+    top_logprobs}]`: llama.cpp server before). _Gap when they do not cover their tokens."""
+    if logprobs is None:
+        return None
+    if not isinstance(logprobs, dict):
+        raise _Gap(f"logprobs: a JSON {type(logprobs).__name__}, not an object")
+    if all(logprobs.get(key) is None for key in ("content", "tokens", "token_logprobs")):
+        return None
+    if "content" in logprobs:
+        entries = logprobs["content"]
+        if not isinstance(entries, list):
+            raise _Gap(f"logprobs.content: a JSON {type(entries).__name__}, not a list")
+        out, given = [], True
+        for i, entry in enumerate(entries):
+            entry = entry if isinstance(entry, dict) else {}
+            token, value, alternatives = entry.get("token"), entry.get("logprob"), entry.get("top_logprobs")
+            if not isinstance(token, str) or not _is_logprob(value):
+                raise _Gap(f"logprobs.content[{i}]: token {token!r} without its log-probability ({value!r})")
+            if alternatives is not None and not (isinstance(alternatives, list) and
+                                                 all(isinstance(a, dict) for a in alternatives)):
+                raise _Gap(f"logprobs.content[{i}].top_logprobs: not a list of objects")
+            given = given and alternatives is not None
+            out.append(TokenLogprob(token, float(value), _alternatives(
+                ((a.get("token"), a.get("logprob")) for a in alternatives or ()), f"logprobs.content[{i}]")))
+        return out, given
+    tokens, values, tops = logprobs.get("tokens"), logprobs.get("token_logprobs"), logprobs.get("top_logprobs")
+    if not isinstance(tokens, list) or not isinstance(values, list) or len(tokens) != len(values) or \
+            (tops is not None and (not isinstance(tops, list) or len(tops) != len(tokens))):
+        sizes = ", ".join(f"{name} {len(v) if isinstance(v, list) else repr(v)}"
+                          for name, v in (("tokens", tokens), ("token_logprobs", values), ("top_logprobs", tops)))
+        raise _Gap(f"logprobs: lists that do not line up ({sizes})")
     out = []
     for i, (token, value) in enumerate(zip(tokens, values)):
-        if isinstance(token, str) and isinstance(value, (int, float)):
-            top = tops[i] if i < len(tops) and isinstance(tops[i], dict) else {}
-            out.append(TokenLogprob(token, float(value), sorted(((a, float(b)) for a, b in top.items()),
-                                                                key=lambda item: -item[1])))
-    return out
+        top = tops[i] if tops is not None else {}
+        if not isinstance(token, str) or not _is_logprob(value) or not isinstance(top, dict):
+            raise _Gap(f"logprobs: token {i} ({token!r}) without its log-probability ({value!r}) or alternatives")
+        out.append(TokenLogprob(token, float(value), _alternatives(top.items(), f"logprobs.top_logprobs[{i}]")))
+    return out, tops is not None
 
 
-def _result(body: bytes, started: float) -> GenerationResult:
+class _Logprobs:
+    """An answer's token logprobs, as its choice (or its stream's events, one by one) brings them: those of every
+    token of its text, or none (not sent, or `gap`: not all)."""
+
+    def __init__(self):
+        self.tokens: list[TokenLogprob] = []
+        self.sent = False  # an event carried some
+        self.unsent = False  # an event with text carried none
+        self.alternatives = True  # every event that carried some gave alternatives
+        self.gap = ""  # why they do not cover the answer
+
+    def add(self, logprobs, text: str) -> None:
+        try:
+            got = _token_logprobs(logprobs)
+            if got is None:
+                self.unsent = self.unsent or bool(text)
+            elif text and not got[0]:
+                raise _Gap(f"text {text[:20]!r} with no token in its logprobs")
+            else:
+                self.sent, self.alternatives = True, self.alternatives and got[1]
+                self.tokens += got[0]
+            if self.sent and self.unsent:
+                raise _Gap("text without logprobs beside text with them")
+        except _Gap as exc:
+            self.gap = self.gap or str(exc)
+
+    @property
+    def whole(self) -> list[TokenLogprob] | None:
+        """Every token's, or None."""
+        return None if self.gap or self.unsent else self.tokens
+
+    def check(self, params: GenerationParams) -> None:
+        """A client that asked for logprobs gets them all or an error: the request's own (INVALID_ARGUMENT naming
+        the parameter) when the upstream sends none, as an engine answers a parameter it does not serve; the
+        upstream's (UNAVAILABLE: the router moves on) when it sent some tokens' only."""
+        if not params.logprobs:
+            return
+        if self.gap:
+            raise _broken(f"its logprobs do not cover its text: {self.gap}")
+        if self.unsent:
+            raise RequestError("parameters.logprobs", "not served here: the cloud tier's upstream engine returns no "
+                                                      "logprobs (transformers serve and TGI compute none); ask "
+                                                      "without them")
+        if params.top_logprobs and self.sent and not self.alternatives:
+            raise RequestError("parameters.top_logprobs", "not served here: the cloud tier's upstream engine "
+                                                          "returns no alternatives with its logprobs; ask with "
+                                                          "top_logprobs 0")
+
+
+def _result(body: bytes, params: GenerationParams, started: float) -> GenerationResult:
     """A whole answer's body as the result; anything but an OpenAI completion fails the tier."""
     out = _parsed(body, "its body")
-    try:
-        choice = out["choices"][0]
-        elapsed = time.perf_counter() - started
-        probs = _probs(choice.get("logprobs"))
-        return _assemble([str(choice.get("text") or "")], probs, choice.get("finish_reason"),
-                         out.get("usage") or {}, elapsed, started, _token_logprobs(choice.get("logprobs")),
-                         counted=len(probs))
-    except (LookupError, AttributeError, TypeError, ValueError, ArithmeticError) as exc:
-        raise _broken(f"{type(exc).__name__}: {exc} in {body[:80]!r}") from None
+    choices = _choices(out, "its body")
+    if not choices:
+        raise _broken(f"no choices in {body[:80]!r}")
+    text = choices[0].get("text")
+    if not isinstance(text, str):
+        raise _broken(f"choices[0].text: {text!r}, not a string")
+    logprobs = _Logprobs()
+    logprobs.add(choices[0].get("logprobs"), text)
+    return _assemble(text, logprobs, choices[0].get("finish_reason"), out.get("usage"),
+                     time.perf_counter() - started, started, params, counted=None)
 
 
-def _assemble(text: list[str], probs: list[float], reason, usage: dict, first_s: float,
-              started: float, tokens: list[TokenLogprob], counted: int) -> GenerationResult:
-    """`counted`: the completion tokens seen, for an upstream that reports no usage (`transformers serve` on a
-    stream): the logprobs it sent, or the chunks (one token each, as vLLM, TGI and transformers serve send)."""
-    lp = [math.log(max(p, 1e-12)) for p in probs]
-    usage = usage if isinstance(usage, dict) else {}
+def _assemble(text: str, logprobs: _Logprobs, reason, usage, first_s: float, started: float,
+              params: GenerationParams, counted: int | None) -> GenerationResult:
+    """`counted`: a stream's chunks, for an upstream that reports no usage (`transformers serve` without
+    stream_options): one token each, as vLLM, TGI and transformers serve send, or as many as its logprobs. The
+    upstream's faults first (UNAVAILABLE), then what the request asked that it does not serve."""
+    finish_reason = _finish_reason(reason)
+    tokens = logprobs.whole
+    lp = [min(0.0, max(t.logprob, MIN_LOGPROB)) for t in tokens or ()]
+    prompt_tokens, completion_tokens = _usage(usage, None if counted is None else max(counted, len(lp)))
+    logprobs.check(params)
     return GenerationResult(
-        text="".join(text), finish_reason=_finish_reason(reason), prompt_tokens=int(usage.get("prompt_tokens") or 0),
-        completion_tokens=int(usage.get("completion_tokens") or counted),
-        confidence=min(probs) if probs else 0.0, mean_logprob=sum(lp) / len(lp) if lp else 0.0,
-        first_token_s=first_s, total_s=time.perf_counter() - started, logprobs=tokens)
+        text=text, finish_reason=finish_reason, prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens, confidence=math.exp(min(lp)) if lp else 0.0,
+        mean_logprob=sum(lp) / len(lp) if lp else 0.0, first_token_s=first_s, total_s=time.perf_counter() - started,
+        logprobs=[TokenLogprob(t.token, t.logprob, t.top[:params.top_logprobs]) for t in tokens or ()]
+        if params.logprobs else None)
 
 
 def _error_message(body: bytes) -> str:

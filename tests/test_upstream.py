@@ -1,6 +1,6 @@
 """The cloud tier forwarding to a serving engine the user already runs (issue 25): a real `transformers serve`
 on the committed cloud checkpoint behind a real cloud tier process, asked over gRPC, streamed, and through
-the router; then the upstream goes away."""
+the router (gRPC and its OpenAI HTTP API); then the upstream goes away."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
+import openai
 import pytest
 
 from tests.conftest import COMMITTED_MODELS, scrape
@@ -67,6 +68,25 @@ def test_the_cloud_tier_forwards_to_transformers_serve(upstream):
         router = pb_grpc.InferenceServiceStub(grpc.insecure_channel(s.router_address))
         assert router.Infer(_req(HARD), timeout=TIMEOUT).tier == "cloud"  # through NATS to the forwarder
         assert scrape(s, "cloud-0").value("tierline_requests_total", tier="cloud", outcome="answered") >= 1
+
+        # transformers serve computes no logprobs: asked for, they are refused naming the parameter (an empty list
+        # would read as no tokens), whole or streamed, over gRPC and as OpenAI's 400 through the router
+        asked = _req(PROMPTS[1])
+        asked.parameters.logprobs = True
+        for call in (cloud.Infer, lambda req, timeout: list(cloud.InferStream(req, timeout=timeout))):
+            with pytest.raises(grpc.RpcError) as err:
+                call(asked, timeout=TIMEOUT)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert err.value.details().startswith("parameters.logprobs: "), err.value.details()
+        api = openai.OpenAI(api_key="unused", base_url=s.http_base_url, max_retries=0, timeout=TIMEOUT)
+        model = api.models.list().data[0].id
+        for stream in (False, True):  # a prompt the cloud answers first (none lower is asked for a refusal)
+            with pytest.raises(openai.BadRequestError) as err:
+                answer = api.completions.create(model=model, prompt=HARD.replace("1", "3"), max_tokens=MAX_TOKENS,
+                                                logprobs=0, stream=stream)
+                if stream:
+                    list(answer)
+            assert err.value.body["param"] == "logprobs", err.value.body
 
         upstream.stop()  # the serving engine goes away: the tier says so at once, the router falls back
         with pytest.raises(grpc.RpcError) as err:  # (prompts not asked before: the tier's result cache has those)

@@ -1,6 +1,7 @@
 """The cloud tier forwarding to an upstream that misbehaves (cloud_node/upstream.py). No serving engine breaks on
 cue, so a small aiohttp server plays one, its behaviour chosen by the prompt's first word: it cuts its stream,
-answers what is not a completion, trickles, or holds the request open. In front of it runs the tier as it
+answers what is not a completion or leaves out what a client reads (logprobs, some of them, finish_reason,
+usage), trickles, or holds the request open. In front of it runs the tier as it
 serves: `UpstreamScheduler` under the shared `TierServicer`, behind a real gRPC server. Then the manifest's
 upstream fields, checked by the real cloud process at start."""
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import math
 import os
 import signal
 import socket
@@ -49,9 +51,27 @@ def _event(obj) -> bytes:
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
 
-def _chunk(text: str, reason: str | None = None) -> bytes:
+def _chunk(text: str, reason: str | None = None, logprobs: dict | None = None) -> bytes:
     return _event({"object": "text_completion", "model": MODEL,
-                   "choices": [{"index": 0, "text": text, "finish_reason": reason}]})
+                   "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": logprobs}]})
+
+
+# "ab" as vLLM answers `logprobs: k`: each token's alternatives, the chosen token among them even when it is not
+# one of the k likeliest ("b": k + 1 of them)
+TOKENS = [("a", -0.1, {"a": -0.1, "x": -2.5, "y": -3.0}), ("b", -0.7, {"c": -0.6, "b": -0.7, "z": -4.0})]
+
+
+def _legacy(tokens) -> dict:
+    """OpenAI's completions `logprobs` object (vLLM's)."""
+    return {"tokens": [t for t, _, _ in tokens], "token_logprobs": [lp for _, lp, _ in tokens],
+            "top_logprobs": [top for _, _, top in tokens], "text_offset": list(range(len(tokens)))}
+
+
+def _content(tokens) -> dict:
+    """The chat `logprobs` object llama.cpp server answered /v1/completions with."""
+    return {"content": [{"id": 0, "token": t, "logprob": lp, "bytes": list(t.encode()),
+                         "top_logprobs": [{"id": 0, "token": a, "logprob": alp, "bytes": list(a.encode())}
+                                          for a, alp in top.items()]} for t, lp, top in tokens]}
 
 
 class Upstream:
@@ -142,11 +162,66 @@ class Upstream:
         return resp
 
     async def _no_usage(self, request, body, key):
-        """A stream that never says its usage (an engine that ignores stream_options)."""
+        """A stream that never says its usage (an engine that ignores stream_options); a whole answer without it."""
+        if not body.get("stream"):
+            return web.json_response({k: v for k, v in _completion("ab").items() if k != "usage"})
         resp = await self._sse(request)
         for event in (_chunk("a"), _chunk("b"), _chunk("", "stop"), b"data: [DONE]\n\n"):
             await resp.write(event)
         return resp
+
+    async def _answer(self, request, body, events: list[bytes], whole: dict) -> web.StreamResponse:
+        if not body.get("stream"):
+            return web.json_response(whole)
+        resp = await self._sse(request)
+        for event in events:
+            await resp.write(event)
+        return resp
+
+    def _with_logprobs(self, request, body, shape):
+        whole = _completion("ab")
+        whole["choices"][0]["logprobs"] = shape(TOKENS)
+        return self._answer(request, body, [_chunk("a", logprobs=shape(TOKENS[:1])),
+                                            _chunk("b", logprobs=shape(TOKENS[1:])),
+                                            _chunk("", "stop"), b"data: [DONE]\n\n"], whole)
+
+    async def _logprobs(self, request, body, key):
+        """vLLM's logprobs: OpenAI's completions object, one per chunk when streaming."""
+        return await self._with_logprobs(request, body, _legacy)
+
+    async def _content_logprobs(self, request, body, key):
+        """llama.cpp server's: the chat object (`content`), before it answered with the completions one."""
+        return await self._with_logprobs(request, body, _content)
+
+    async def _part_logprobs(self, request, body, key):
+        """Logprobs for "a" and not "b": a token without its value, or a chunk without any."""
+        whole = _completion("ab")
+        whole["choices"][0]["logprobs"] = {**_legacy(TOKENS), "token_logprobs": [-0.1, None]}
+        return await self._answer(request, body, [_chunk("a", logprobs=_legacy(TOKENS[:1])), _chunk("b"),
+                                                  _chunk("", "stop"), b"data: [DONE]\n\n"], whole)
+
+    async def _short_logprobs(self, request, body, key):
+        """Two tokens and one log-probability: lists that do not line up."""
+        whole = _completion("ab")
+        whole["choices"][0]["logprobs"] = {**_legacy(TOKENS), "token_logprobs": [-0.1]}
+        return await self._answer(request, body, [_chunk("ab", logprobs=whole["choices"][0]["logprobs"]),
+                                                  _chunk("", "stop"), b"data: [DONE]\n\n"], whole)
+
+    async def _no_reason(self, request, body, key):
+        """No finish_reason: a whole answer's null, a stream's [DONE] after none."""
+        return await self._answer(request, body, [_chunk("a"), _chunk("b"), b"data: [DONE]\n\n"],
+                                  _completion("ab", None))
+
+    async def _bad_usage(self, request, body, key):
+        usage = {"prompt_tokens": "five", "completion_tokens": 2, "total_tokens": 7}
+        return await self._answer(request, body, [_chunk("a"), _chunk("b", "stop"),
+                                                  _event({"choices": [], "usage": usage}), b"data: [DONE]\n\n"],
+                                  {**_completion("ab"), "usage": usage})
+
+    async def _no_text(self, request, body, key):
+        whole = _completion("ab")
+        del whole["choices"][0]["text"]
+        return web.json_response(whole)
 
     async def _truncated(self, request, body, key):
         return web.Response(text='{"choices": [{"text": "ab', content_type="application/json")
@@ -265,6 +340,99 @@ def test_a_stream_without_done_or_usage_is_a_whole_answer(upstream, behaviour, p
     assert chunks[-1].choices[0].finish_reason == "stop"
     assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (prompt_tokens, 2)
     assert upstream.requests[key][0]["stream_options"] == {"include_usage": True}
+
+
+def _ask(cloud, req: pb.InferRequest, stream: bool) -> tuple[pb.InferResponse, list[str]]:
+    """The answer (a stream's last message) and the texts that came before it; RpcError as it came."""
+    if not stream:
+        return cloud.Infer(req, timeout=TIMEOUT), []
+    chunks = []
+    for chunk in cloud.InferStream(req, timeout=TIMEOUT):
+        chunks.append(chunk)
+    return chunks[-1], [c.choices[0].text for c in chunks[:-1]]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("top", [0, 2])
+def test_logprobs_from_an_upstream_that_sends_none_are_refused_naming_the_field(upstream, stream, top):
+    """`transformers serve` and TGI send no logprobs: a client that asks for them gets INVALID_ARGUMENT naming
+    `parameters.logprobs` (the router's HTTP API: 400, param `logprobs`), not an answer whose empty logprobs it
+    cannot tell from no tokens; a stream says it before any text. A request that does not ask is answered, with
+    confidence 0.0 (the tier's own `logprobs: 1` came back empty)."""
+    req, key = _req("whole")
+    req.parameters.logprobs, req.parameters.top_logprobs = True, top
+    got: list[str] = []
+    with tier(upstream) as cloud:
+        with pytest.raises(grpc.RpcError) as err:
+            if stream:
+                got += [c.choices[0].text for c in cloud.InferStream(req, timeout=TIMEOUT)]
+            else:
+                cloud.Infer(req, timeout=TIMEOUT)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert err.value.details().startswith("parameters.logprobs: "), err.value.details()
+        assert got == []
+        assert upstream.requests[key][0]["logprobs"] == max(1, top)
+        req.parameters.logprobs, req.parameters.top_logprobs = False, 0
+        answer, texts = _ask(cloud, req, stream)
+    assert "".join(texts) + answer.choices[0].text == "ab"
+    assert answer.confidence == 0.0 and not answer.choices[0].logprobs
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("behaviour", ["logprobs", "content_logprobs"])
+def test_logprobs_the_upstream_sends_reach_the_client_as_asked(upstream, behaviour, stream):
+    """vLLM's logprobs object, and the chat one llama.cpp server answered completions with: one entry per token,
+    with as many alternatives as asked (none without top_logprobs, though the tier asks the upstream for one; k,
+    though vLLM adds the chosen token to its k); the confidence is the least likely token's probability."""
+    req, _ = _req(behaviour)
+    with tier(upstream) as cloud:
+        plain, _ = _ask(cloud, req, stream)
+        req.parameters.logprobs = True
+        without_top, _ = _ask(cloud, req, stream)
+        req.parameters.top_logprobs = 1
+        with_top, _ = _ask(cloud, req, stream)
+    assert plain.confidence == pytest.approx(math.exp(-0.7)) and not plain.choices[0].logprobs
+    for answer in (without_top, with_top):
+        assert [(t.token, t.logprob) for t in answer.choices[0].logprobs] == [("a", pytest.approx(-0.1)),
+                                                                             ("b", pytest.approx(-0.7))]
+        assert answer.confidence == pytest.approx(math.exp(-0.7))
+    assert [list(t.top_logprobs) for t in without_top.choices[0].logprobs] == [[], []]
+    assert [[(a.token, round(a.logprob, 3)) for a in t.top_logprobs] for t in with_top.choices[0].logprobs] == \
+        [[("a", -0.1)], [("c", -0.6)]]
+
+
+@pytest.mark.parametrize("behaviour, stream", [("part_logprobs", False), ("part_logprobs", True),
+                                               ("short_logprobs", False), ("short_logprobs", True)])
+def test_logprobs_for_part_of_the_answer_are_no_logprobs(upstream, behaviour, stream):
+    """An upstream whose logprobs miss some of its tokens (a value null, a chunk without any, lists that do not
+    line up): a client that asked gets UNAVAILABLE saying so (the router's cascade moves on), not the tokens
+    that had one; one that did not ask is answered, with confidence 0.0, not the least of a part."""
+    req, _ = _req(behaviour)
+    with tier(upstream) as cloud:
+        answer, texts = _ask(cloud, req, stream)
+        assert "".join(texts) + answer.choices[0].text == "ab"
+        assert answer.confidence == 0.0
+        req.parameters.logprobs = True
+        with pytest.raises(grpc.RpcError) as err:
+            _ask(cloud, req, stream)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+    assert "logprobs" in err.value.details()
+
+
+@pytest.mark.parametrize("behaviour, stream, field", [
+    ("no_reason", False, "finish_reason"), ("no_reason", True, "finish_reason"), ("no_usage", False, "usage"),
+    ("bad_usage", False, "usage.prompt_tokens"), ("bad_usage", True, "usage.prompt_tokens"),
+    ("no_text", False, "text"),
+])
+def test_an_answer_without_what_its_client_reads_fails_the_tier(upstream, behaviour, stream, field):
+    """No finish_reason ("length" would say it was cut at max_tokens), a whole answer without usage (0 tokens:
+    quotas would charge none), a usage that is no count, a choice without text (an empty answer): UNAVAILABLE
+    naming the field, not a zero the client reads as the upstream's word, nor INTERNAL."""
+    req, _ = _req(behaviour)
+    with tier(upstream) as cloud, pytest.raises(grpc.RpcError) as err:
+        _ask(cloud, req, stream)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+    assert f"{field}:" in err.value.details(), err.value.details()
 
 
 @pytest.mark.parametrize("stream", [False, True])

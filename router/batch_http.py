@@ -254,9 +254,11 @@ class BatchApi:
         after = request.query.get("after")
         records = [r for r in await self.store.values(BATCH_BUCKET, "batch.*") if r["_owner"] == owner]
         records.sort(key=_place, reverse=True)
-        if after:
+        if after is not None:  # as GET /v1/files: a cursor naming no batch of the caller's is the client's mistake
             ids = [r["id"] for r in records]
-            records = records[ids.index(after) + 1:] if after in ids else []
+            if after not in ids:
+                raise BadRequest("after", f"after: no batch {after!r}; give the last id of the page before")
+            records = records[ids.index(after) + 1:]
         return web.json_response(_page(records, limit))
 
     @_answered

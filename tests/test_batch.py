@@ -165,6 +165,12 @@ def test_files_are_listed_and_paged_as_openai_lists_them(stack):
             client.files.list(**params)
         assert err.value.status_code == 400 and err.value.body["param"] == field, (params, err.value.body)
         assert field in err.value.body["message"]
+    # batches page the same way: a cursor naming no batch of this key's is a 400 too (it was an empty last page)
+    assert [b.id for b in client.batches.list(after=done.id)] == []
+    for after in ("batch_nope", uploads[0].id):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.batches.list(after=after)
+        assert err.value.body["param"] == "after", err.value.body
 
 
 def test_requests_are_checked_and_named_by_their_openai_field(stack):

@@ -10,8 +10,9 @@ evaluation replays exactly what runs. It does no I/O: its driver asks the tier i
 - An answer whose confidence reaches its tier's threshold is kept (the top tier's always is);
   below it, the next tier up is asked.
 - A tier that fails is asked again (another replica answers) when that can help, `retries`
-  times at most: a timeout or a full queue. No responders, an error or no link (`Offline`)
-  move on to the next tier up at once.
+  times at most: a timeout, a full queue, or a replica that says another may serve it (it is
+  stopping: UNAVAILABLE with `Tierline-Other-Replica`). No responders, any other error or no
+  link (`Offline`) move on to the next tier up at once.
 - With no tier above left, the best answer so far is given (the highest confidence; the top
   tier's over any other), marked degraded. With no answer at all, the tiers below the first
   one are asked, nearest first, and the first answer is given, degraded: a lower tier's
@@ -47,9 +48,10 @@ from tierline_shared.transport.messaging import TierError
 from tierline_shared.wire import TIERS, TOP_TIER, tiers_above, tiers_below
 
 CLIENT_ERRORS = {"INVALID_ARGUMENT"}  # a tier refused the request: the next tier up is asked, else the client told
-# tier errors worth another replica: its queue was full, or it could not serve (it is stopping: an upgrade, a scale
-# down; its engine or upstream failed), where another replica of the same tier may
-RETRY_STATUSES = {"RESOURCE_EXHAUSTED", "UNAVAILABLE"}
+# tier errors worth another replica: its queue was full; and any the replica marks so (TierError.other_replica: it
+# is stopping, an upgrade or a scale down). Not UNAVAILABLE as such: most come from what every replica shares (an
+# upstream engine that fails or answers without usage), where asking again would pay for the same failure twice
+RETRY_STATUSES = {"RESOURCE_EXHAUSTED"}
 RAN_A_MODEL = ("answered", "low_confidence")  # the attempts that are paid for
 _TIMEOUTS = (NatsTimeout, asyncio.TimeoutError, concurrent.futures.TimeoutError, TimeoutError)
 NO_REPLICA_FIRST_S = 0.1  # seconds before a tier that had no replica up is asked again (doubling each round)
@@ -127,7 +129,8 @@ class Cascade:
                 self._refusal, self._refused_by = exc, TIERS.index(tier)
             outcome, detail, retry = "refused", exc.message, False
         elif isinstance(exc, TierError):
-            outcome, detail, retry = "error", f"{exc.status}: {exc.message}", exc.status in RETRY_STATUSES
+            outcome, detail = "error", f"{exc.status}: {exc.message}"
+            retry = exc.status in RETRY_STATUSES or exc.other_replica
         elif isinstance(exc, NoRespondersError):
             outcome, detail, retry = "no_responders", "no replica is up", False
             if tier not in self._absent:

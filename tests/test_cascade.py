@@ -73,6 +73,17 @@ def test_a_full_queue_is_retried_on_another_replica():
     assert outcomes(d) == [("edge", "error"), ("edge", "answered")] and not d.degraded
 
 
+def test_a_stopping_replica_is_retried_on_another_and_other_unavailables_move_up():
+    """UNAVAILABLE marked by its replica as its own (it is stopping: Tierline-Other-Replica) is asked of another
+    replica; any other UNAVAILABLE (an upstream engine every replica shares) moves up at once, not paid twice."""
+    stopping = TierError("edge", "UNAVAILABLE", "the tier is shutting down", other_replica=True)
+    d = run("edge", {"edge": [stopping, answer("edge", 0.9)]}, retries=1)
+    assert outcomes(d) == [("edge", "error"), ("edge", "answered")] and not d.degraded
+    d = run("cloud", {"cloud": [TierError("cloud", "UNAVAILABLE", "the upstream sent no usage"), answer("cloud", 0.9)],
+                      "edge": [answer("edge", 0.5)]}, retries=1)
+    assert outcomes(d)[0] == ("cloud", "error") and ("cloud", "answered") not in outcomes(d)
+
+
 def test_the_cloud_unreachable_gives_the_best_lower_answer_degraded():
     d = run("device", {"device": [answer("device", 0.3)], "edge": [answer("edge", 0.2)],
                        "cloud": [NoRespondersError()]})

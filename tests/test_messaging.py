@@ -529,6 +529,17 @@ def test_a_closed_connection_that_asked_a_tier_is_freed(tmp_path):
 
 
 
+async def _answers_when_stopped(service, asking: list) -> tuple[list, float]:
+    """Stop `service` (from a thread, as its tier process does) while `asking` wait: what each got (an exception
+    included), and how long after the stop began the last one came."""
+    t0 = time.monotonic()
+    stopping = asyncio.ensure_future(asyncio.to_thread(service.stop))
+    got = await asyncio.gather(*asking, return_exceptions=True)
+    took = time.monotonic() - t0
+    await stopping
+    return list(got), took
+
+
 def _unary_tier(tmp_path, handle):
     """A nats-server of its own and, on it, an edge TierService answering unary requests with `handle` (data,
     timeout -> a concurrent Future of the InferResponse), started: (server, its options, the service)."""
@@ -656,11 +667,7 @@ def test_a_request_in_flight_when_the_tier_stops_gets_unavailable_at_once(tmp_pa
                 deadline = time.monotonic() + TIMEOUT
                 while not asked and time.monotonic() < deadline:
                     await asyncio.sleep(0.01)
-                t0 = time.monotonic()
-                stopping = asyncio.ensure_future(asyncio.to_thread(service.stop))
-                error = (await asyncio.gather(asking, return_exceptions=True))[0]
-                took = time.monotonic() - t0
-                await stopping
+                (error,), took = await _answers_when_stopped(service, [asking])
                 return error, took
             finally:
                 await nc.close()
@@ -671,6 +678,92 @@ def test_a_request_in_flight_when_the_tier_stops_gets_unavailable_at_once(tmp_pa
         assert asked[0].cancelled()  # it left the batch
         counts = service._counts["infer"]
         assert (counts.requests, counts.errors, counts.cancelled) == (1, 1, 0), counts
+    finally:
+        service.stop()
+        server.stop()
+
+
+def test_requests_the_tier_has_taken_but_not_yet_read_when_it_stops_get_unavailable_not_silence(tmp_path):
+    """Requests already on their way to a replica when it stops (on its socket, or in its subscription's queue, not
+    yet handed to its callback) were dropped unanswered by nats.micro's unsubscribe: their askers waited for a silence
+    (ReplicaSilent after SILENCE_S) or their timeout. The endpoints are drained now: each is answered UNAVAILABLE,
+    marked for another replica."""
+    import concurrent.futures
+
+    from tierline_shared.transport.messaging import SILENCE_S, TierError
+
+    def handle(data: bytes, timeout):
+        return concurrent.futures.Future()  # never answered: only the stop answers
+
+    server, opts, service = _unary_tier(tmp_path, handle)
+    try:
+        async def main() -> tuple[list, float]:
+            nc = await connect(opts, name="test")
+            try:
+                held = threading.Event()
+                service._loop.call_soon_threadsafe(lambda: (held.set(), time.sleep(0.5)))  # the tier's loop busy
+                assert await asyncio.to_thread(held.wait, TIMEOUT)
+                asking = [asyncio.ensure_future(ask_tier(nc, "edge", pb.InferRequest(prompt=f"Q:{i}+1=?\nA:"),
+                                                         TIMEOUT)) for i in range(10)]
+                await nc.flush(timeout=TIMEOUT)  # all 10 at the server: on their way to the busy replica
+                return await _answers_when_stopped(service, asking)  # its stop queued behind the busy loop
+            finally:
+                await nc.close()
+
+        errors, took = asyncio.run(main())
+        assert all(isinstance(e, TierError) and e.status == "UNAVAILABLE" and e.other_replica for e in errors), errors
+        assert took < SILENCE_S, took
+    finally:
+        service.stop()
+        server.stop()
+
+
+def test_no_heartbeat_follows_the_answer_when_both_fall_due_together(tmp_path):
+    """The answer and a beat due at the same moment (the tier's loop was busy when both came due): the beat, not yet
+    sent, is dropped; it was published after the answer."""
+    import concurrent.futures
+
+    from tierline_shared.transport.messaging import HEARTBEAT_HEADER, HEARTBEAT_S, TIMEOUT_HEADER
+
+    answers: list[concurrent.futures.Future] = []
+
+    def handle(data: bytes, timeout):
+        answers.append(concurrent.futures.Future())
+        return answers[-1]
+
+    server, opts, service = _unary_tier(tmp_path, handle)
+    try:
+        async def main() -> list:
+            nc = await connect(opts, name="test")
+            try:
+                got = []
+
+                async def keep(msg):
+                    got.append(msg)
+
+                inbox = nc.new_inbox()
+                sub = await nc.subscribe(inbox, cb=keep)
+                beats = {TIMEOUT_HEADER: f"{TIMEOUT}", HEARTBEAT_HEADER: f"{HEARTBEAT_S}"}
+                await nc.publish(subject("edge"), pb.InferRequest(prompt="Q:2+3=?\nA:").SerializeToString(),
+                                 reply=inbox, headers=beats)
+                deadline = time.monotonic() + TIMEOUT
+                while not answers and time.monotonic() < deadline:
+                    await asyncio.sleep(0.005)
+                held = threading.Event()
+                # the tier's loop busy past the first beat's time; the answer comes meanwhile
+                service._loop.call_soon_threadsafe(lambda: (held.set(), time.sleep(2 * HEARTBEAT_S)))
+                assert await asyncio.to_thread(held.wait, TIMEOUT)
+                answers[0].set_result(pb.InferResponse(tier="edge", choices=[pb.Choice(text="5")]))
+                while not any(m.data for m in got) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(3 * HEARTBEAT_S)
+                await sub.unsubscribe()
+                return got
+            finally:
+                await nc.close()
+
+        got = asyncio.run(main())
+        assert got and got[-1].data, [(m.data, m.headers) for m in got]  # the answer is the last word
     finally:
         service.stop()
         server.stop()

@@ -348,7 +348,10 @@ def _portable(exc: BaseException) -> BaseException:
 def _serve(conn, load: Callable[[], Engine], batch: BatchConfig, prefix: tuple[int, int],
            cpus: list[int]) -> None:
     """The core process: load the engine, then run its scheduler on what the pipe brings, until close or EOF."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the tier process, which closes the core
+    # Ctrl-C, and the SIGTERM a process group (a terminal, systemd's control group, `tierline up`) gets, are for
+    # the tier process, which answers what the core holds and then closes it (a core gone first would fail them)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         if cpus:  # before the model starts its threads
             pin(cpus)

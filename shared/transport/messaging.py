@@ -30,6 +30,8 @@ STREAM_ID_HEADER = "Tierline-Stream"  # names a request (its reply subject) so t
 TIMEOUT_HEADER = "Tierline-Timeout"  # seconds the requester waits: the tier stops waiting when it does
 HEARTBEAT_HEADER = "Tierline-Heartbeat"  # seconds: the requester asks the tier to say it is alive this often
 PROGRESS_HEADER = "Tierline-Progress"  # marks a tier's "still working on it" message (no body)
+# on an error reply: this replica could not serve it (it is stopping), another replica of the tier may
+OTHER_REPLICA_HEADER = "Tierline-Other-Replica"
 HEARTBEAT_S = 0.2  # how often a tier working on a request says so
 SILENCE_S = 1.0  # a replica silent this long (while the link is up) is taken for dead: ask another
 RECONNECT_BASE_S = 1.0  # seconds, the first wait after the link drops (doubles after each failed attempt)
@@ -149,11 +151,12 @@ async def discover(nc, tier: str, verb: str = "STATS", wait_s: float = 0.25) -> 
 
 
 class TierError(Exception):
-    """A tier answered with an error; `status` is the gRPC status name."""
+    """A tier answered with an error; `status` is the gRPC status name; `other_replica`: the replica said another
+    replica of its tier may serve it (OTHER_REPLICA_HEADER: it is stopping)."""
 
-    def __init__(self, tier: str, status: str, message: str):
+    def __init__(self, tier: str, status: str, message: str, other_replica: bool = False):
         super().__init__(f"{tier}: {status}: {message}")
-        self.tier, self.status, self.message = tier, status, message
+        self.tier, self.status, self.message, self.other_replica = tier, status, message, other_replica
 
 
 class ReplicaSilent(TimeoutError):
@@ -238,7 +241,8 @@ def _answer(tier: str, msg) -> pb.InferResponse:
     if headers.get("Status") == "503":
         raise nats.errors.NoRespondersError
     if ERROR_CODE_HEADER in headers:
-        raise TierError(tier, headers.get(STATUS_HEADER, "UNKNOWN"), headers.get(ERROR_HEADER, ""))
+        raise TierError(tier, headers.get(STATUS_HEADER, "UNKNOWN"), headers.get(ERROR_HEADER, ""),
+                        other_replica=OTHER_REPLICA_HEADER in headers)
     return pb.InferResponse.FromString(msg.data)
 
 

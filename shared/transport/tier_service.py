@@ -36,6 +36,7 @@ from nats.micro.service import Service, ServiceConfig, ServiceStats
 
 from tierline_shared.transport.messaging import (
     HEARTBEAT_HEADER,
+    OTHER_REPLICA_HEADER,
     PROGRESS_HEADER,
     START_TIMEOUT_S,
     STATUS_HEADER,
@@ -108,6 +109,22 @@ class _Service(Service):
                 e.average_processing_time = c.processing_ns // c.requests if c.requests else 0
                 e.data = {**(e.data or {}), "num_cancelled": c.cancelled}
         return stats
+
+    async def stop(self) -> None:
+        """nats.micro's stop, but each endpoint's subscription drained, not unsubscribed: a request already taken
+        from the server and not yet handed to its callback reaches it (and is answered: the tier is stopping)
+        instead of being dropped unanswered, its asker left to its silence limit or timeout. (nats-py 2.16's
+        Endpoint._stop unsubscribes; this is its Service.stop otherwise.)"""
+        if self._stopped.is_set():
+            return
+        for endpoint in self._endpoints:
+            if endpoint._subscription is not None:
+                await endpoint._subscription.drain()
+                endpoint._subscription = None
+        for subscription in self._subscriptions.values():
+            await subscription.drain()
+        self._endpoints, self._subscriptions = [], {}
+        self._stopped.set()
 
 
 def _seconds(header: str | None) -> float | None:
@@ -238,12 +255,15 @@ class TierService:
         halted = lambda _: chunks.put_nowait(TierStopping())  # noqa: E731 - after the chunks queued before it
         self._halt.add_done_callback(halted)
 
+        finished = threading.Event()  # the producer has queued its last chunk: a stop after it ends nothing
+
         def produce() -> None:
             try:
                 for data in self._stream(req.data, lambda: not cancelled.is_set()):
                     loop.call_soon_threadsafe(chunks.put_nowait, data)
             except Exception as exc:  # noqa: BLE001 - reported to the requester below
                 loop.call_soon_threadsafe(chunks.put_nowait, exc)
+            finished.set()
             loop.call_soon_threadsafe(chunks.put_nowait, done)
 
         loop.run_in_executor(self._pool, produce)
@@ -251,6 +271,8 @@ class TierService:
             while (item := await chunks.get()) is not done:
                 if cancelled.is_set():
                     continue  # nobody reads the inbox any more; wait for the decoder to stop
+                if isinstance(item, TierStopping) and finished.is_set():
+                    continue  # the whole stream is queued already: it ends as it is
                 if isinstance(item, Exception):
                     error = item
                     await self._respond_error(req, item)
@@ -312,10 +334,13 @@ class TierService:
         await req.respond(data)
 
     async def _respond_error(self, req, exc: Exception) -> None:
-        code, message = (grpc.StatusCode.UNAVAILABLE, str(exc)) if isinstance(exc, TierStopping) \
-            else self._status_of(exc)
+        headers = {}
+        if isinstance(exc, TierStopping):  # this replica's doing: its asker may ask another replica
+            (code, message), headers[OTHER_REPLICA_HEADER] = (grpc.StatusCode.UNAVAILABLE, str(exc)), "1"
+        else:
+            code, message = self._status_of(exc)
         await req.respond_error(code=str(code.value[0]), description=message,
-                                headers={STATUS_HEADER: code.name})
+                                headers={STATUS_HEADER: code.name, **headers})
 
     def request(self, tier: str, request, timeout_s: float):
         """`ask_tier` from a worker thread, on this service's connection."""
@@ -325,16 +350,18 @@ class TierService:
     def stop(self) -> None:
         """Take no new request, end those in flight with UNAVAILABLE (`TierStopping`), then drain the link."""
         async def _stop():
-            if self._service:
-                await self._service.stop()  # the endpoints' queue group sends new requests to other replicas
-            if not self._halt.done():
+            if not self._halt.done():  # first: whatever comes in from now on is answered UNAVAILABLE at once
                 self._halt.set_result(None)
             for answer in list(self._answers):  # each leaves the batch; its task answers UNAVAILABLE (`_serve`)
                 answer.cancel()
-            if self._tasks:  # their UNAVAILABLE goes out before the drain closes the link
-                await asyncio.wait(set(self._tasks), timeout=STOP_REPLY_S)
-            if self._nc:
-                await self._nc.drain()
+            try:
+                if self._service:  # the queue group sends new requests to other replicas; taken ones are answered
+                    await self._service.stop()
+            finally:
+                if self._tasks:  # their UNAVAILABLE goes out before the drain closes the link
+                    await asyncio.wait(set(self._tasks), timeout=STOP_REPLY_S)
+                if self._nc:
+                    await self._nc.drain()
 
         stop_loop_thread(self._loop, self._thread, _stop)
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -363,4 +390,7 @@ class _Heartbeat:
             task.exception()  # retrieved, so that asyncio does not log it: a lost beat is harmless
 
     def cancel(self) -> None:
+        """No beat from now on: the timer, and a beat due but not yet sent (the answer goes first)."""
         self._timer.cancel()
+        for task in self._beats:
+            task.cancel()

@@ -331,7 +331,8 @@ class BatchStore:
 
     async def write_result(self, batch_id: str, result: dict) -> dict | None:
         """The line's result as written, unless it has one already (None then). One too large for a KV entry (n
-        choices with logprobs of a long context) is kept whole in the Object Store, its KV entry saying where."""
+        choices with logprobs of a long context) is kept whole in the Object Store, its KV entry saying where (and
+        the result returned naming it, `_object`, for its writer to remove should the batch have ended)."""
         from nats.js.errors import KeyWrongLastSequenceError
 
         value = json.dumps(result).encode()
@@ -343,7 +344,7 @@ class BatchStore:
             value = json.dumps({"_n": result["_n"], "_object": _result_object(batch_id, token)}).encode()
         try:
             await self.results.create(f"{batch_id}.{result['_n']}", value)
-            return result
+            return result if token is None else {**result, "_object": _result_object(batch_id, token)}
         except KeyWrongLastSequenceError:
             if token:  # another run's result was first: this one's object goes now, its name with the batch
                 await self._drop_object(_result_object(batch_id, token))
@@ -366,11 +367,15 @@ class BatchStore:
             results[r["_n"]] = r
         return results
 
-    async def drop_results(self, batch_id: str) -> None:
-        """Remove the batch's results: the objects its large ones are kept in, then every key under `<batch id>.`."""
+    async def drop_results(self, batch_id: str, objects: tuple[str, ...] = ()) -> None:
+        """Remove the batch's results: the objects its large ones are kept in (those its keys name, and `objects`:
+        a writer's own, whose key another drop may have removed while it was written), then every key under
+        `<batch id>.`."""
         prefix = f"$KV.{RESULTS_BUCKET}.{batch_id}.objects."
-        for subject in await self._subjects(RESULTS_BUCKET, f"{batch_id}.objects.*"):
-            await self._drop_object(_result_object(batch_id, subject.removeprefix(prefix)))
+        named = [_result_object(batch_id, subject.removeprefix(prefix))
+                 for subject in await self._subjects(RESULTS_BUCKET, f"{batch_id}.objects.*")]
+        for name in dict.fromkeys([*named, *objects]):
+            await self._drop_object(name)
         await self.js.purge_stream(f"KV_{RESULTS_BUCKET}", subject=f"$KV.{RESULTS_BUCKET}.{batch_id}.>")
 
     async def _drop_object(self, name: str) -> None:
@@ -558,7 +563,7 @@ class BatchRunner:
         # the record read after the write: a batch not final then drops its results after it is, this one with them
         record = await self.store.change(f"batch.{batch_id}", count)
         if record is None or record["status"] in FINAL:
-            await self.store.drop_results(batch_id)
+            await self.store.drop_results(batch_id, tuple(filter(None, [written.get("_object")])))
 
     # -- the manager ------------------------------------------------------------------------------------------
     async def _manage(self) -> None:

@@ -137,3 +137,35 @@ def test_a_batch_jetstream_will_not_queue_still_expires(tmp_path):
                                        work, prepare=full_queue)
     assert record["status"] == "expired" and record["expired_at"]
     assert [(r["custom_id"], r["error"]["code"]) for r in results] == [(f"q{i}", "batch_expired") for i in range(4)]
+
+
+def test_a_large_late_result_written_while_its_batch_is_dropped_leaves_nothing_behind(tmp_path):
+    """A line's large answer is being written to the Object Store (its name already in the results bucket) when the
+    batch ends and its results are dropped: that drop removes the name before the object exists. Its writer, reading
+    the record after writing, removes its own object by name; it was left in the Object Store for good."""
+    from tierline_router.batch import BatchRunner, batch_record, output_line
+
+    async def work(store):
+        runner = BatchRunner(store, None, workers=1, max_attempts=2, ack_wait_s=1)
+        record = batch_record("batch_race", "", None, "file-x", "/v1/completions", "24h", None)
+        await store.put_record("batch.batch_race", {**record, "status": "cancelled"})  # final, as a finalizer leaves it
+        gate, put = asyncio.Event(), store.files.put
+
+        async def held_put(name, data, *args, **kwargs):  # the worker's object write is under way
+            if name.startswith("result."):
+                await gate.wait()
+            return await put(name, data, *args, **kwargs)
+
+        store.files.put = held_put
+        late = output_line("batch_race", 0, "a", 200, {"id": "cmpl-1", "choices": [{"text": "x" * 2_000_000}]})
+        writer = asyncio.create_task(runner._settle("batch_race", late))  # its name first, then its object...
+        deadline = time.monotonic() + WAIT_S
+        while not (await stored(store, "batch_race"))[0] and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await store.drop_results("batch_race")  # ...while the batch's results are dropped
+        gate.set()
+        await writer
+        return await stored(store, "batch_race")
+
+    _, left = _batch_case(tmp_path, _Lines(), jsonl([line("q", PROMPTS[0])]), work)
+    assert left == ([], [], 0), left

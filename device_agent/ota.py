@@ -34,6 +34,7 @@ from enum import IntEnum
 from pathlib import Path
 
 from tierline_shared.models.artifacts import INDEX, ArtifactError, file_entry, load_index, sha256_of
+from tierline_shared.models.names import ModelNameError, check_model_name
 from tierline_shared.runtime.engine import Engine
 from tierline_shared.security import signing
 
@@ -41,7 +42,7 @@ CURRENT = "current"  # state_dir/current -> models/<version>, the model that ser
 HEALTH_SEED = 0  # the health check's problems are fixed, so a version passes or fails reproducibly
 HEALTH_LEVELS = (1, 2)  # short problems: the check takes a fraction of a second on a board
 KEEP_VERSIONS = 2  # installed versions kept on disk (the current one and the one before, for rollback)
-_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"  # a version, a model name, one part of an object name
+_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"  # a version, one part of an object name (a file on the board)
 _VERSION = re.compile(_NAME)  # always with fullmatch: `$` would let a trailing newline through
 _OBJECT = re.compile(rf"{_NAME}(?:/{_NAME}){{0,3}}")  # an object store name: <version>/model.tflite
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -102,9 +103,10 @@ class DesiredModel:
         if not _is_name(desired.version, _VERSION):  # a directory name on the board
             raise OtaError(OtaCode.BAD_REQUEST, f"version {desired.version!r}: a string of 1-64 letters, digits, "
                                                 "'.', '_', '-', starting with a letter or digit")
-        if not _is_name(desired.name, _OBJECT):  # a hub id (org/model) is a name too
-            raise OtaError(OtaCode.BAD_REQUEST, f"name {desired.name!r}: names of letters, digits, '.', '_', '-', "
-                                                "joined by '/'")
+        try:  # the rule the import named it by: never a file or a subject here, only the name requests ask for
+            check_model_name(desired.name)
+        except ModelNameError as exc:
+            raise OtaError(OtaCode.BAD_REQUEST, f"name {desired.name!r} {exc}") from None
         if not isinstance(desired.device, str):
             raise OtaError(OtaCode.BAD_REQUEST, f"device {desired.device!r}: a device id")
         if not isinstance(desired.sequence, int) or isinstance(desired.sequence, bool) or desired.sequence < 1:

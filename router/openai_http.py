@@ -462,7 +462,8 @@ class OpenAIServer:
         self.chat_template = chat or ChatTemplate(CHAT_TEMPLATE)  # turns a conversation into the model's prompt
         self.app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_json_errors],
                                    handler_args={"auto_decompress": False})  # read_json decodes (CONTENT_CODINGS)
-        self.app.add_routes([web.get("/v1/models", self.models), web.get("/v1/models/{model}", self.model),
+        # {model:.+}: a name may hold '/' (Hugging Face's org/model), which `{model}` would not match
+        self.app.add_routes([web.get("/v1/models", self.models), web.get("/v1/models/{model:.+}", self.model),
                              web.post("/v1/completions", self.completions), web.post("/v1/chat/completions", self.chat),
                              web.get("/health", self.health)])
         self._runner: web.AppRunner | None = None

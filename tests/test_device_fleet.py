@@ -1106,3 +1106,36 @@ def test_a_board_whose_installed_model_is_damaged_boots_on_the_one_before(agent,
     # its desired model is still v-damaged: the board installs it again
     wait_for(lambda: (r := reported(agent))["model"]["version"] == "v-damaged" and r["ota"]["code"] == 0,
              "v-damaged installed again")
+
+
+def test_a_name_the_import_takes_is_pushed_to_the_board_and_served_under_it(agent, tiny_family):
+    """`set-model` signs the manifest's model_name. The boards took only letters, digits, '.', '_', '-' (64 to a
+    part), where the import took any name of 128 characters: a model imported and served as `Acme Labs/...` could
+    not be pushed (exit 2), and the user learnt it only then. One rule now (shared/models/names.py): the board
+    installs it and answers requests naming it; a name no rule takes is refused naming the manifest's field."""
+    import yaml
+
+    tflite, config = tiny_bytes(tiny_family)
+    data = yaml.safe_load(agent.manifest.read_text())
+
+    def set_model(name: str, version: str):
+        manifest = agent.manifest.with_name("named.yaml")  # beside it: the same relative paths
+        manifest.write_text(yaml.safe_dump({**data, "model_name": name}))
+        return run_cli("devices", "set-model", "--manifest", str(manifest), "--device", DEVICE, "--tflite",
+                       str(tiny_family / "device" / "model.tflite"), "--version", version, timeout=60)
+
+    name = "Acme Labs/reasoner-" + "x" * 60
+    try:
+        proc = set_model(name, "v-named")
+        assert proc.returncode == 0, proc.stderr
+        state = update_outcome(agent, "v-named")
+        assert state["ota"]["code"] == OtaCode.APPLIED and state["model"]["name"] == name, state["ota"]
+        answer = stub(agent).Infer(pb.InferRequest(prompt=EASY, model=name, parameters=pb.Parameters(max_tokens=8)),
+                                   timeout=TIMEOUT)
+        assert answer.model_version == "v-named"
+    finally:  # the module's board serves its own name again
+        publish(agent, "v-named-back", tflite, config)
+        assert update_outcome(agent, "v-named-back")["model"]["name"] == "tierline-reasoner"
+    refused = set_model("what?", "v-refused")
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "named.yaml: model_name: 'what?' holds '?'" in refused.stderr, refused.stderr

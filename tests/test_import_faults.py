@@ -267,10 +267,112 @@ def test_a_model_name_no_request_can_carry_is_refused_at_import(tmp_path, how):
     with pytest.raises(RequestError, match="^model: "):  # what a request naming it is answered
         validate_request(pb.InferRequest(prompt="Hi", model=name), LimitsConfig(), name)
     validate_request(pb.InferRequest(prompt="Hi", model=name[:limit]), LimitsConfig(), name[:limit])
+    line = _refused_name(tmp_path, how, name)
+    assert line == (f"tierline: error: --name: {name!r}{'' if how == '--name' else ' (SRC folder name)'} is "
+                    f"{limit + 1} characters; a request's model field takes at most {limit} (limits.max_id_chars)")
+
+
+def _refused_name(tmp_path, how: str, name: str) -> str:
+    """The import's one line refusing `name`, given as --name (`how` "--name") or as SRC's folder name."""
     if how == "--name":
         src, extra = llama_checkpoint(tmp_path / "src", shard=False), ["--name", name]
     else:
         src, extra = llama_checkpoint(tmp_path / name, shard=False), []
-    line = _refused(src, tmp_path / "out", *extra)
-    assert line == (f"tierline: error: --name: {name!r}{'' if how == '--name' else ' (SRC folder name)'} is "
-                    f"{limit + 1} characters; a request's model field takes at most {limit} (limits.max_id_chars)")
+    return _refused(src, tmp_path / "out", *extra)
+
+
+# -- the model's name: one rule (shared/models/names.py) for the import, requests, /v1/models/{name} and the boards --
+TAKEN_NAMES = [
+    "tierline-reasoner",  # the committed models' name
+    "my-llama",  # a folder's own name (tests/test_import.py's checkpoint)
+    "Qwen/Qwen2.5-0.5B-Instruct",  # Hugging Face's org/model
+    "my llama",  # a space
+    "acme/" + "r" * 80,  # a part longer than the 64 characters the boards took
+    "llama3:8b",
+    "modèle-ü",
+]
+
+
+@pytest.mark.parametrize("name", TAKEN_NAMES)
+def test_a_name_the_import_takes_is_taken_by_requests_and_by_the_boards(name):
+    """The boards refused (BAD_REQUEST: `tierline devices set-model` exits 2) names that the import took and the
+    tiers served, a space, a ':', a part past 64 characters: a user learnt it only when pushing the model. The
+    import, the request's `model` field and the signed update take one set of names now."""
+    from tierline.build.importer import _check_name
+    from tierline.devices import desired_model
+    from tierline_api.v1 import inference_pb2 as pb
+    from tierline_shared.config.manifest import LimitsConfig
+    from tierline_shared.serving.servicer import validate_request
+
+    _check_name(name, given=True)
+    validate_request(pb.InferRequest(prompt="Hi", model=name), LimitsConfig(), name)
+    assert desired_model("pi-1", name, "v1", b"weights", b"{}").name == name  # set-model signs it, a board reads it
+
+
+@pytest.mark.parametrize("name, why", [
+    ("what?", "holds '?': clients send a model's name unescaped in a URL path (GET /v1/models/NAME), where '?' ends "
+              "or changes it"),
+    ("v1#2", "holds '#'"),
+    ("100%", "holds '%'"),
+    ("tab\there", "holds a control or invisible character (U+0009)"),
+    ("zero\u200bwidth", "holds a control or invisible character (U+200B)"),
+    ("org//model", "has an empty, '.' or '..' part between '/'s"),
+    ("org/../model", "has an empty, '.' or '..' part between '/'s"),
+    ("org/model/", "has an empty, '.' or '..' part between '/'s"),
+    ("", "is empty"),
+])
+def test_a_name_a_url_or_a_board_cannot_carry_is_refused_at_import(name, why):
+    """Refused where the user gives it, naming --name, by the rule the boards refuse an update by (the import
+    took any name of at most 128 characters)."""
+    from tierline.build.importer import ImportFailure, _check_name
+    from tierline.devices import desired_model
+    from tierline_device_agent.ota import OtaCode, OtaError
+
+    with pytest.raises(ImportFailure) as exc:
+        _check_name(name, given=True)
+    assert str(exc.value).startswith(f"--name: {name!r} {why}"), str(exc.value)
+    with pytest.raises(OtaError) as refused:
+        desired_model("pi-1", name, "v1", b"weights", b"{}")
+    assert refused.value.code == OtaCode.BAD_REQUEST and why in str(refused.value)
+
+
+@pytest.mark.parametrize("how", ["--name", "folder"])
+def test_the_import_refuses_a_name_by_the_rule_in_one_line(tmp_path, how):
+    """From the command line, before anything is written: the flag, and the folder when the name is its."""
+    name = "what?"
+    line = _refused_name(tmp_path, how, name)
+    assert line == (f"tierline: error: --name: {name!r}{'' if how == '--name' else ' (SRC folder name)'} holds '?': "
+                    f"clients send a model's name unescaped in a URL path (GET /v1/models/NAME), where '?' ends or "
+                    f"changes it")
+
+
+def test_a_hugging_face_name_is_imported_and_asked_for_by_the_openai_client(tmp_path):
+    """`--name acme/tiny-llama` (Hugging Face's org/model): imported, and asked for by a request's model field
+    (gRPC and HTTP) and by the openai client's models.retrieve, GET /v1/models/acme/tiny-llama, which the
+    router's `/v1/models/{model}` route did not match (404 Not Found, aiohttp's, for a model it serves)."""
+    import openai
+
+    from tierline import InferenceClient
+    from tierline_infra.supervisor import Stack
+
+    name = "acme/tiny-llama"
+    src, out = llama_checkpoint(tmp_path / "src", shard=False), tmp_path / "out"
+    proc = run_cli("models", "import", str(src), "--out", str(out), "--name", name, "--device-context", "64",
+                   "--device-ratio", "0.6", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "manifest.json").read_text())["model_name"] == name
+    overrides = {"router.device_complexity": 0.0, "router.cloud_complexity": 1.0,
+                 "router.confidence_threshold": {"edge": 0.0}}
+    with Stack(out, tiers=("edge",), overrides=overrides) as stack:
+        client = openai.OpenAI(api_key="unused", base_url=stack.http_base_url, max_retries=0, timeout=60)
+        assert client.models.retrieve(name).id == name
+        assert [m.id for m in client.models.list().data] == [name]
+        assert client.completions.create(model=name, prompt="The quick", max_tokens=4).choices[0].finish_reason
+        with InferenceClient(None, name, stack.router_address) as grpc_client:
+            assert grpc_client.infer("The quick", {"max_tokens": 4}).text is not None
+        with pytest.raises(openai.NotFoundError) as other:  # a name that is not this one is still a 404
+            client.models.retrieve("acme/other")
+        assert other.value.body["code"] == "model_not_found" and "'acme/other'" in other.value.body["message"]
+        # why the rule refuses '?': the client sends the name as it is, and the server sees only what is before it
+        with pytest.raises(openai.NotFoundError, match="'acme' does not exist here"):
+            client.models.retrieve("acme?tiny-llama")

@@ -30,10 +30,10 @@ from rich.console import Console
 from tierline.build import corpus as corpora
 from tierline.build.evaluate import agreement, continuations
 from tierline.build.progress import Steps
-from tierline_shared.config.manifest import LimitsConfig
 from tierline_shared.models.artifacts import TIER_FORMATS, write_card, write_index
 from tierline_shared.models.configs import CONFIG_FILE, GENERATION_CONFIG_FILE, ConfigError, DecoderConfig
 from tierline_shared.models.llama import WEIGHTS_INDEX, check_weights, load_decoder, weight_files
+from tierline_shared.models.names import ModelNameError, check_model_name
 from tierline_shared.models.tokenizer import (
     SPECIAL_TOKENS_MAP_FILE,
     TOKENIZER_CONFIG_FILE,
@@ -67,13 +67,12 @@ def _check_text(flag: str, value: str) -> None:
 
 
 def _check_name(name: str, given: bool) -> None:
-    """The model name is what a request's `model` field names, and validate_request refuses that field past
-    limits.max_id_chars characters (its only rule: any UTF-8 text of that length is a name): a longer name would
-    be imported and then could not be asked for."""
-    limit = LimitsConfig.max_id_chars  # the default, as `tierline up` writes the manifest
-    if len(name) > limit:
-        raise ImportFailure(f"--name: {name!r}{'' if given else ' (SRC folder name)'} is {len(name)} characters; "
-                            f"a request's model field takes at most {limit} (limits.max_id_chars)")
+    """The model name is what requests, `GET /v1/models/{name}` and the boards' signed updates name: refused here
+    by their one rule (`check_model_name`), not when the model is asked for or pushed to the boards."""
+    try:
+        check_model_name(name)
+    except ModelNameError as exc:
+        raise ImportFailure(f"--name: {name!r}{'' if given else ' (SRC folder name)'} {exc}") from None
 
 
 def _special_tokens(src: Path, cfg: DecoderConfig) -> tuple[dict, dict[str, Path]]:

@@ -509,7 +509,7 @@ def _token_logprobs(logprobs) -> tuple[list[TokenLogprob], bool] | None:
         raise _Gap(f"logprobs: a JSON {type(logprobs).__name__}, not an object")
     if all(logprobs.get(key) is None for key in ("content", "tokens", "token_logprobs")):
         return None
-    if "content" in logprobs:
+    if logprobs.get("content") is not None:
         entries = logprobs["content"]
         if not isinstance(entries, list):
             raise _Gap(f"logprobs.content: a JSON {type(entries).__name__}, not a list")

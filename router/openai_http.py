@@ -405,15 +405,22 @@ def _decoded(body: bytes, coding: str) -> bytes:
     return out
 
 
+MAX_CODINGS = 2  # content codings one body may be put in (one is what clients send; each is decoded in turn)
+
+
 def content_codings(request: web.Request) -> list[str]:
-    """The codings the request's body was put in, in the order they were applied (Content-Encoding)."""
-    return [c.strip().lower() for c in request.headers.get("content-encoding", "").split(",") if c.strip()]
+    """The codings the request's body was put in, in the order they were applied (every Content-Encoding line)."""
+    return [c.strip().lower() for line in request.headers.getall("content-encoding", ())
+            for c in line.split(",") if c.strip()]
 
 
 async def read_json(request: web.Request):
     """The request's JSON body, decoded from its content-encoding; BadRequest when it is not JSON (BodyRefused:
     too large, or in a content coding not served)."""
     codings = content_codings(request)
+    if len(codings) > MAX_CODINGS:  # each layer decoded in turn on the event loop: a stack of them is a way to hold it
+        raise BodyRefused(415, "unsupported_content_encoding", f"content-encoding: {len(codings)} codings; at most "
+                                                               f"{MAX_CODINGS} are decoded here")
     if unserved := [c for c in codings if c not in CONTENT_CODINGS]:
         raise BodyRefused(415, "unsupported_content_encoding", f"content-encoding: {_shown(unserved[0])} is not "
                                                                "served here; send the body as it is, gzip or deflate")

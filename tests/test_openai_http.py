@@ -588,3 +588,37 @@ def test_a_client_gone_midway_through_its_body_is_not_an_error(caplog):
     with caplog.at_level(logging.ERROR):
         with_http_api(ScriptedRouter(script), client)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+def test_stacked_codings_are_bounded_and_every_content_encoding_line_counts(stack):
+    """Each coding is decoded in turn on the router's event loop: a body stacked in many (1,300 layers fit under
+    1 MiB and held the loop about half a second, before any key check) is a 415 past MAX_CODINGS. A coding given on
+    a second Content-Encoding line is decoded too (only the first line was read: the body was refused as not JSON)."""
+    import gzip
+    import http.client
+    from urllib.parse import urlsplit
+
+    from tierline_router.openai_http import MAX_CODINGS
+
+    body, auth = _completion_body(), {"authorization": f"Bearer {stack.api_key}"}
+    layered = body
+    for _ in range(MAX_CODINGS + 1):
+        layered = gzip.compress(layered)
+    status, _, out = _post_raw(stack.http_base_url, layered,
+                               **{"content-encoding": ", ".join(["gzip"] * (MAX_CODINGS + 1)), **auth})
+    assert status == 415 and out["error"]["code"] == "unsupported_content_encoding", (status, out)
+    url = urlsplit(stack.http_base_url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    try:
+        twice = gzip.compress(gzip.compress(body))
+        conn.putrequest("POST", "/v1/completions")
+        for name, value in [("content-type", "application/json"), ("authorization", auth["authorization"]),
+                            ("content-encoding", "gzip"), ("content-encoding", "gzip"),
+                            ("content-length", str(len(twice)))]:
+            conn.putheader(name, value)
+        conn.endheaders(twice)
+        resp = conn.getresponse()
+        answer = json.loads(resp.read())
+    finally:
+        conn.close()
+    assert resp.status == 200 and answer["choices"][0]["text"] == grpc_answer(stack, 4), answer

@@ -193,6 +193,10 @@ class Upstream:
         """llama.cpp server's: the chat object (`content`), before it answered with the completions one."""
         return await self._with_logprobs(request, body, _content)
 
+    async def _null_content_logprobs(self, request, body, key):
+        """OpenAI's completions object with a `content: null` beside it (a server that fills both shapes' keys)."""
+        return await self._with_logprobs(request, body, lambda tokens: {**_legacy(tokens), "content": None})
+
     async def _part_logprobs(self, request, body, key):
         """Logprobs for "a" and not "b": a token without its value, or a chunk without any."""
         whole = _completion("ab")
@@ -379,7 +383,7 @@ def test_logprobs_from_an_upstream_that_sends_none_are_refused_naming_the_field(
 
 
 @pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("behaviour", ["logprobs", "content_logprobs"])
+@pytest.mark.parametrize("behaviour", ["logprobs", "content_logprobs", "null_content_logprobs"])
 def test_logprobs_the_upstream_sends_reach_the_client_as_asked(upstream, behaviour, stream):
     """vLLM's logprobs object, and the chat one llama.cpp server answered completions with: one entry per token,
     with as many alternatives as asked (none without top_logprobs, though the tier asks the upstream for one; k,

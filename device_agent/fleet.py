@@ -6,7 +6,7 @@ Everything goes through JetStream on the agent's own NATS connection:
 |---|---|---|
 | reported state (model, status, load, heartbeat, platform) | KV `tierline_devices` | device id |
 | desired model (name, version, objects, sha256) | KV `tierline_desired` | device id |
-| model artifacts | Object Store `tierline_models` | `<version>/model.tflite`, `<version>/config.json` |
+| model artifacts | Object Store `tierline_models` | `<sha256>/model.tflite`, `<sha256>/config.json` |
 | telemetry (one event per answer, per update) | stream `TIERLINE_TELEMETRY` | `tierline.telemetry.<device id>` |
 
 The agent connects as its own board (`device-<id>`, shared/security/identities.py): the

@@ -49,16 +49,13 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def _default_inv_freq(head_dim: int, theta: float, device: torch.device | None) -> torch.Tensor:
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
-
-
 def rope_frequencies(cfg: DecoderConfig, device: torch.device | None = None) -> torch.Tensor:
     """The inverse frequencies (head_dim/2,) with the config's rope scaling, op for op as transformers' 5.x
     `_compute_linear_scaling_rope_parameters` and `_compute_llama3_parameters` compute them (their attention
     factor is 1.0: cos and sin are not rescaled). A function of the config alone, so an export traces constants;
     without scaling it is exactly the unscaled tensor."""
-    inv_freq = _default_inv_freq(cfg.head_dim, cfg.rope_theta, device)
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64, device=device).float()
+                                         / cfg.head_dim))
     if cfg.rope_type == "linear":
         return inv_freq / cfg.rope_factor
     if cfg.rope_type != "llama3":
@@ -74,12 +71,10 @@ def rope_frequencies(cfg: DecoderConfig, device: torch.device | None = None) -> 
     return torch.where(medium, smoothed, scaled)
 
 
-def rotary(position_ids: torch.Tensor, head_dim: int, theta: float,
-           inv_freq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (B, 1, T, head_dim) for the positions (B, T), as transformers computes them; `inv_freq`
-    (head_dim/2,) is rope_frequencies(cfg) for a config with rope scaling, else computed from head_dim and theta."""
-    if inv_freq is None:
-        inv_freq = _default_inv_freq(head_dim, theta, position_ids.device)
+def rotary(position_ids: torch.Tensor, cfg: DecoderConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (B, 1, T, head_dim) for the positions (B, T), with the config's rope scaling, as transformers
+    computes them."""
+    inv_freq = rope_frequencies(cfg, position_ids.device)
     freqs = position_ids[:, :, None].float() * inv_freq[None, None, :]  # (B, T, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos()[:, None], emb.sin()[:, None]
@@ -219,8 +214,7 @@ class Decoder(nn.Module):
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
         mask = None if training else build_mask(attention_mask, T, window)
-        cos, sin = rotary(position_ids, self.cfg.head_dim, self.cfg.rope_theta,
-                          rope_frequencies(self.cfg, position_ids.device))
+        cos, sin = rotary(position_ids, self.cfg)
         x = self.model.embed_tokens(input_ids)
         presents = []
         for i, layer in enumerate(self.model.layers):

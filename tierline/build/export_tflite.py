@@ -33,7 +33,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from tierline_shared.models.configs import DecoderConfig
-from tierline_shared.models.llama import Decoder, apply_rotary, rope_frequencies, rotary
+from tierline_shared.models.llama import Decoder, apply_rotary, rotary
 
 CACHE_LAYOUT = "BTNH"  # (batch=1, position, head, head_dim), litert-torch's default layout
 DEFAULT_PREFILL_LENS = (32, 64, 128, 256)
@@ -72,7 +72,7 @@ class KVCacheDecoder(nn.Module):
         T = tokens.shape[1]
         pos = input_pos.to(torch.int32)
         blocked = self.blocked(pos, kv_start)
-        cos, sin = rotary(pos[None].long(), cfg.head_dim, cfg.rope_theta, rope_frequencies(cfg))  # (1, 1, T, hd)
+        cos, sin = rotary(pos[None].long(), cfg)  # (1, 1, T, hd)
         group = cfg.num_attention_heads // cfg.num_key_value_heads
         x = m.model.embed_tokens(tokens)
         entries = []

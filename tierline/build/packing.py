@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from tierline_shared.models.llama import Attention, Decoder, apply_rotary, build_mask, rope_frequencies, rotary
+from tierline_shared.models.llama import Attention, Decoder, apply_rotary, build_mask, rotary
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,7 @@ def forward_packed(model: Decoder, input_ids: torch.Tensor, packing: Packing, se
     """input_ids (N,) are the real tokens of right-padded rows, row after row (see Packing); returns the
     logits (select.sum(), vocab) at the selected tokens only."""
     cfg = model.cfg
-    cos, sin = rotary(packing.positions.to(input_ids.device)[None], cfg.head_dim, cfg.rope_theta,
-                      rope_frequencies(cfg, input_ids.device))
+    cos, sin = rotary(packing.positions.to(input_ids.device)[None], cfg)
     cos, sin = cos[0, 0][:, None], sin[0, 0][:, None]  # (N, 1, hd): per token, broadcast over heads
     x = model.model.embed_tokens(input_ids)
     for layer in model.model.layers:

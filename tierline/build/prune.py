@@ -36,7 +36,7 @@ from torch.nn import functional as F
 
 from tierline.build.train import encode_batch
 from tierline_shared.models.configs import DecoderConfig
-from tierline_shared.models.llama import Decoder, rope_frequencies, rotary
+from tierline_shared.models.llama import Decoder, rotary
 from tierline_shared.models.tokenizer import TextTokenizer
 from tierline_shared.tasks.problems import Problem
 
@@ -183,8 +183,7 @@ def calib_batches(problems: Sequence[Problem], tok: TextTokenizer, context: int)
 def _layers(model: Decoder, x: torch.Tensor, skip: set[int]):
     """Run the layers on a right-padded batch (causal attention), yielding (layer index, hidden) after each."""
     T = x.shape[1]
-    cos, sin = rotary(torch.arange(T, device=x.device)[None], model.cfg.head_dim, model.cfg.rope_theta,
-                      rope_frequencies(model.cfg, x.device))
+    cos, sin = rotary(torch.arange(T, device=x.device)[None], model.cfg)
     h = model.model.embed_tokens(x)
     for j, layer in enumerate(model.model.layers):
         if j not in skip:

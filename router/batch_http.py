@@ -32,7 +32,7 @@ from tierline_router.batch import (
     new_id,
     public,
 )
-from tierline_router.openai_http import BadRequest, BodyRefused, _error_response, content_codings, read_json
+from tierline_router.openai_http import BadRequest, _error_response, coding_refused, content_codings, read_json
 from tierline_shared.transport.messaging import BATCH_BUCKET, TierError
 
 log = logging.getLogger("tierline.router.batch")
@@ -114,8 +114,8 @@ class BatchApi:
         if not request.content_type.startswith("multipart/"):
             raise BadRequest("file", "the body must be multipart/form-data with fields purpose and file")
         if [c for c in content_codings(request) if c != "identity"]:  # read as it streams in: not decoded here
-            raise BodyRefused(415, "unsupported_content_encoding", "content-encoding: an upload is read as it comes "
-                                                                   "(multipart/form-data): send it uncompressed")
+            raise coding_refused("content-encoding: an upload is read as it comes (multipart/form-data): send it "
+                                 "uncompressed")
         limit = self.config.max_file_mb * 1024 * 1024
         try:
             reader = await request.multipart()
@@ -161,11 +161,7 @@ class BatchApi:
         limit = _int_query(request, "limit", FILES_LIMIT[1], FILES_LIMIT)
         files = [r for r in await self.store.values(BATCH_BUCKET, "file.*") if r["_owner"] == owner]
         files.sort(key=_place, reverse=order != "asc")
-        if after is not None:
-            cursor = next((r for r in files if r["id"] == after), None) if _ID.match(after) else None
-            if cursor is None:
-                raise BadRequest("after", f"after: no file {after!r}; give the last id of the page before")
-            files = files[files.index(cursor) + 1:]
+        files = _after(files, after, "file")
         return web.json_response(_page([r for r in files if purpose in (None, r["purpose"])], limit))
 
     @_answered
@@ -251,15 +247,9 @@ class BatchApi:
     async def list_batches(self, request: web.Request) -> web.Response:
         owner, _ = await self._caller(request)
         limit = _int_query(request, "limit", 20, LIST_LIMIT)
-        after = request.query.get("after")
         records = [r for r in await self.store.values(BATCH_BUCKET, "batch.*") if r["_owner"] == owner]
         records.sort(key=_place, reverse=True)
-        if after is not None:  # as GET /v1/files: a cursor naming no batch of the caller's is the client's mistake
-            ids = [r["id"] for r in records]
-            if after not in ids:
-                raise BadRequest("after", f"after: no batch {after!r}; give the last id of the page before")
-            records = records[ids.index(after) + 1:]
-        return web.json_response(_page(records, limit))
+        return web.json_response(_page(_after(records, request.query.get("after"), "batch"), limit))
 
     @_answered
     async def cancel(self, request: web.Request) -> web.Response:
@@ -278,6 +268,17 @@ class BatchApi:
 def _place(record: dict) -> tuple[int, str]:
     """A file's or batch's place in a list: by created_at (seconds), then id."""
     return record["created_at"], record["id"]
+
+
+def _after(records: list[dict], after: str | None, what: str) -> list[dict]:
+    """The records after the one `after` names (the last id of the page before), all of them without it; a cursor
+    naming none of the caller's is the client's mistake (a 400), not an empty last page."""
+    if after is None:
+        return records
+    ids = [r["id"] for r in records]
+    if after not in ids:
+        raise BadRequest("after", f"after: no {what} {after!r}; give the last id of the page before")
+    return records[ids.index(after) + 1:]
 
 
 def _page(records: list[dict], limit: int) -> dict:

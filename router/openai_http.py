@@ -75,6 +75,7 @@ MAX_BODY_BYTES = 1024 * 1024  # the largest request body, as sent and as decoded
 # content codings a body may come in (RFC 9110 8.4.1; x-gzip is gzip's old name) -> zlib's wbits (None: as it is)
 CONTENT_CODINGS = {"identity": None, "gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS,
                    "deflate": zlib.MAX_WBITS}
+MAX_CODINGS = 2  # content codings one body may be put in (one is what clients send; each is decoded in turn)
 SHUTDOWN_TIMEOUT_S = 1.0  # seconds a stopping router gives HTTP requests in flight, then as long for their cancelling
 # parameters clients send at their neutral values even when they use none of them (LangChain always sends
 # penalties of 0): accepted at exactly these, refused (400 naming the parameter) at anything else
@@ -109,6 +110,11 @@ class BodyRefused(BadRequest):
     def __init__(self, http_status: int, code: str, message: str):
         super().__init__(None, message)
         self.http_status, self.code = http_status, code
+
+
+def coding_refused(message: str) -> BodyRefused:
+    """415: a body in content codings this server does not decode (`message` names content-encoding)."""
+    return BodyRefused(415, "unsupported_content_encoding", message)
 
 
 def _too_large(what: str = "") -> BodyRefused:
@@ -405,9 +411,6 @@ def _decoded(body: bytes, coding: str) -> bytes:
     return out
 
 
-MAX_CODINGS = 2  # content codings one body may be put in (one is what clients send; each is decoded in turn)
-
-
 def content_codings(request: web.Request) -> list[str]:
     """The codings the request's body was put in, in the order they were applied (every Content-Encoding line)."""
     return [c.strip().lower() for line in request.headers.getall("content-encoding", ())
@@ -419,11 +422,10 @@ async def read_json(request: web.Request):
     too large, or in a content coding not served)."""
     codings = content_codings(request)
     if len(codings) > MAX_CODINGS:  # each layer decoded in turn on the event loop: a stack of them is a way to hold it
-        raise BodyRefused(415, "unsupported_content_encoding", f"content-encoding: {len(codings)} codings; at most "
-                                                               f"{MAX_CODINGS} are decoded here")
+        raise coding_refused(f"content-encoding: {len(codings)} codings; at most {MAX_CODINGS} are decoded here")
     if unserved := [c for c in codings if c not in CONTENT_CODINGS]:
-        raise BodyRefused(415, "unsupported_content_encoding", f"content-encoding: {_shown(unserved[0])} is not "
-                                                               "served here; send the body as it is, gzip or deflate")
+        raise coding_refused(f"content-encoding: {_shown(unserved[0])} is not served here; send the body as it is, "
+                             "gzip or deflate")
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:

@@ -334,13 +334,12 @@ class TierService:
         await req.respond(data)
 
     async def _respond_error(self, req, exc: Exception) -> None:
-        headers = {}
         if isinstance(exc, TierStopping):  # this replica's doing: its asker may ask another replica
-            (code, message), headers[OTHER_REPLICA_HEADER] = (grpc.StatusCode.UNAVAILABLE, str(exc)), "1"
+            code, message, extra = grpc.StatusCode.UNAVAILABLE, str(exc), {OTHER_REPLICA_HEADER: "1"}
         else:
-            code, message = self._status_of(exc)
+            (code, message), extra = self._status_of(exc), {}
         await req.respond_error(code=str(code.value[0]), description=message,
-                                headers={STATUS_HEADER: code.name, **headers})
+                                headers={STATUS_HEADER: code.name, **extra})
 
     def request(self, tier: str, request, timeout_s: float):
         """`ask_tier` from a worker thread, on this service's connection."""

@@ -173,10 +173,19 @@ def test_route_calibrate_writes_the_thresholds(tiny_family, tmp_path):
         url, user, password, credentials = "nats://127.0.0.1:4222", "u", "p", None
 
     path = write_manifest(tmp_path / "m.yaml", tiny_family, _Nats())
+    # an operator's notes in the manifest: calibrating rewrites the router's thresholds, not the file
+    notes = ["# staging fleet\n", "# the router's front door\n", "  scorer: router/scorer.json  # make models\n",
+             "  retries_per_tier: 1  # ask a tier again once\n", "    threads: 1  # one core each\n"]
+    text = notes[0] + path.read_text().replace("    threads: 1\n", notes[4], 1)
+    router = "router:\n  scorer: router/scorer.json\n"
+    path.write_text(text.replace(router, "".join([notes[1], "router:\n", *notes[2:4]])))
     proc = run_cli("route", "calibrate", "--target-edge-share", "0.9", "--manifest", str(path), "--n", "50")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["calib"]["share_below_cloud"] >= 0.9
+    after = path.read_text()
+    for note in notes:
+        assert note in after, (note, after)
     written = yaml.safe_load(path.read_text())["router"]
     router = load_tier_manifest(path).router
     for name, value in out["router"].items():

@@ -7,6 +7,7 @@ and exit with status 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from pathlib import Path
@@ -337,11 +338,30 @@ def render_route_eval(result: dict, args) -> str:
     ])
 
 
+def _update_router(path: Path, fields: dict) -> None:
+    """Write `fields` into the manifest's `router:` section, the rest of the file as the operator wrote it: a
+    round trip (ruamel.yaml) keeps comments, key order and quoting, which a load and dump would drop."""
+    from ruamel.yaml import YAML
+
+    rt = YAML()
+    rt.preserve_quotes = True
+    rt.indent(mapping=2, sequence=4, offset=2)
+    raw = rt.load(path.read_text())
+    router = raw.setdefault("router", {})
+    for name, value in fields.items():
+        if isinstance(value, dict) and isinstance(router.get(name), dict):
+            router[name].update(value)  # its own comments stay
+        else:
+            router[name] = value
+    out = io.StringIO()
+    rt.dump(raw, out)
+    path.write_text(out.getvalue())
+
+
 def _cmd_route_calibrate(args) -> int:
     """Every threshold of the policy from real outcomes (see tierline.build.routing.calibrate_policy): the calib
     split's true answers, or (--prompts) the user's prompts labelled by agreement with the cloud."""
     import numpy as np
-    import yaml
 
     from tierline.build.routing import calibrate_policy
     from tierline_shared.config.manifest import load_manifest
@@ -365,11 +385,7 @@ def _cmd_route_calibrate(args) -> int:
     point = calibrate_policy(outcomes, np.asarray([1.0 - d["edge"] for d in p]),
                              np.asarray([1.0 - d["device"] for d in p]), args.target_edge_share,
                              _all_costs(manifest), min_quality=args.min_quality)
-    text = args.manifest.read_text()
-    raw = yaml.safe_load(text)
-    raw.setdefault("router", {}).update({**raw_router, **point.manifest_fields()})
-    header = "".join(line for line in text.splitlines(keepends=True)[:20] if line.startswith("#"))
-    args.manifest.write_text(header + yaml.safe_dump(raw, sort_keys=False))  # the header comment survives
+    _update_router(args.manifest, {**raw_router, **point.manifest_fields()})
     print(json.dumps({"manifest": str(args.manifest), "target_edge_share": args.target_edge_share,
                       "min_quality": args.min_quality, **source, "router": point.manifest_fields(),
                       "calib": {"share_below_cloud": point.share_below_cloud, "accuracy": point.accuracy,

@@ -296,6 +296,22 @@ def is_loopback(host: str) -> bool:
         return False  # a name: it may resolve anywhere
 
 
+def _check_model_name(manifest: Manifest) -> None:
+    """The served name by the one rule the importer and the boards apply (shared/models/names.py), and within this
+    manifest's own request limit: a name a request's `model` field cannot carry is refused here, not on every
+    request."""
+    from tierline_shared.models.names import ModelNameError, check_model_name  # names.py reads LimitsConfig
+
+    name, limit = manifest.model_name, manifest.limits.max_id_chars
+    try:
+        check_model_name(name)
+    except ModelNameError as exc:
+        raise ManifestError(f"{manifest.path}: model_name: {name!r} {exc}") from None
+    if len(name) > limit:
+        raise ManifestError(f"{manifest.path}: model_name: {name!r} is {len(name)} characters; limits.max_id_chars "
+                            f"({limit}) refuses every request that names it")
+
+
 def load_manifest(path: str | Path, check_artifacts: bool = True) -> Manifest:
     path = Path(path)
     try:
@@ -307,6 +323,7 @@ def load_manifest(path: str | Path, check_artifacts: bool = True) -> Manifest:
     if not isinstance(raw, dict):
         raise ManifestError(f"{path}: expected a mapping at the top level")
     manifest = _build(Manifest, {**raw, "path": path}, path, "")
+    _check_model_name(manifest)
     bad = set(manifest.tiers) - set(TIERS)
     if bad:
         raise ManifestError(f"{path}: tiers.{sorted(bad)[0]}: unknown tier; allowed: {', '.join(TIERS)}")

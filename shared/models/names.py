@@ -3,7 +3,8 @@
 The name `tierline models import --name` writes (else SRC's folder name) is what a request's `model` field
 names (gRPC and the OpenAI API), what `GET /v1/models/{name}` asks for, and what a signed update manifest
 carries to the boards (`tierline devices set-model`, device_agent/ota.py). The importer refuses a name by this
-rule and the boards refuse an update by it, so a name that imports is a name every one of them takes.
+rule, the boards refuse an update by it and a manifest's `model_name` is checked by it at load
+(shared/config/manifest.py), so a name that imports is a name every one of them takes.
 
 It is no stricter than they need. NATS never sees a name: the fleet's KV keys are device ids and its object
 names SHA-256s, and the name travels inside a JSON payload. So spaces, ':', '+', '@', letters of any script

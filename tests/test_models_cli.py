@@ -201,3 +201,20 @@ def test_route_calibrate_writes_the_thresholds(tiny_family, tmp_path):
     for bad in ("0", "1.2", "x"):
         _one_line_error(run_cli("route", "calibrate", "--target-edge-share", "0.9", "--min-quality", bad,
                                 "--manifest", str(path)), "--min-quality")
+
+
+def test_calibrated_thresholds_are_floats_the_manifest_loader_reads(tmp_path):
+    """ruamel.yaml writes 1e-07 where PyYAML (load_manifest) needs a dot in the mantissa (1.0e-07): a small
+    calibrated threshold must not turn the manifest's float into a string."""
+    import yaml
+
+    from tierline.cli import _update_router
+
+    path = tmp_path / "m.yaml"
+    path.write_text("router:\n  confidence_threshold:  # calibrated\n    edge: 0.5\n  retries_per_tier: 1\n")
+    _update_router(path, {"device_complexity": 1e-07, "cloud_complexity": 5e-05,
+                          "confidence_threshold": {"edge": 1.2e-05, "device": 0.25}})
+    router = yaml.safe_load(path.read_text())["router"]
+    assert router == {"confidence_threshold": {"edge": 1.2e-05, "device": 0.25}, "retries_per_tier": 1,
+                      "device_complexity": 1e-07, "cloud_complexity": 5e-05}, path.read_text()
+    assert "# calibrated" in path.read_text()

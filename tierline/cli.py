@@ -338,14 +338,26 @@ def render_route_eval(result: dict, args) -> str:
     ])
 
 
+def _yaml_float(representer, value: float):
+    """A float as YAML 1.1 (PyYAML, which loads manifests) reads one: a mantissa with a dot. ruamel.yaml writes
+    1e-07, which PyYAML reads as the string '1e-07'."""
+    text = repr(value)
+    if "e" in text and "." not in text.split("e")[0]:
+        mantissa, exponent = text.split("e")
+        text = f"{mantissa}.0e{exponent}"
+    return representer.represent_scalar("tag:yaml.org,2002:float", text)
+
+
 def _update_router(path: Path, fields: dict) -> None:
-    """Write `fields` into the manifest's `router:` section, the rest of the file as the operator wrote it: a
-    round trip (ruamel.yaml) keeps comments, key order and quoting, which a load and dump would drop."""
+    """Write `fields` into the manifest's `router:` section in a round trip (ruamel.yaml): the operator's
+    comments and key order stay, which a load and dump would drop (sequences are written indented, as the
+    repository's manifests are)."""
     from ruamel.yaml import YAML
 
     rt = YAML()
     rt.preserve_quotes = True
     rt.indent(mapping=2, sequence=4, offset=2)
+    rt.representer.add_representer(float, _yaml_float)
     raw = rt.load(path.read_text())
     router = raw.setdefault("router", {})
     for name, value in fields.items():
@@ -362,6 +374,7 @@ def _cmd_route_calibrate(args) -> int:
     """Every threshold of the policy from real outcomes (see tierline.build.routing.calibrate_policy): the calib
     split's true answers, or (--prompts) the user's prompts labelled by agreement with the cloud."""
     import numpy as np
+    import ruamel.yaml  # noqa: F401 - missing, say so before the tiers run, not after
 
     from tierline.build.routing import calibrate_policy
     from tierline_shared.config.manifest import load_manifest

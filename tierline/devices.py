@@ -227,7 +227,6 @@ def desired_model(device: str, name: str, version: str, tflite: bytes, config: b
 def cmd_set_model(args) -> int:
     from tierline.cli import UsageError
     from tierline_device_agent.ota import OtaError
-    from tierline_shared.models.names import ModelNameError, check_model_name
     from tierline_shared.security.credentials import SIGNING_KEY
     from tierline_shared.security.signing import key_id, read_private_key
 
@@ -246,11 +245,7 @@ def cmd_set_model(args) -> int:
         key = read_private_key(key_path)
     except (FileNotFoundError, ValueError) as exc:
         raise UsageError(f"--signing-key: {exc}") from None
-    try:  # the boards check it too (DesiredModel), but the name is the manifest's, not a flag's
-        check_model_name(manifest.model_name)
-    except ModelNameError as exc:
-        raise UsageError(f"{args.manifest}: model_name: {manifest.model_name!r} {exc}") from None
-    try:
+    try:  # the manifest's model_name was checked by the same rule at load (the boards check it again)
         desired = desired_model(args.device, manifest.model_name, args.version, tflite, config_bytes, args.sha256,
                                 args.sequence, args.expires_in)
     except OtaError as exc:

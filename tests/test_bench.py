@@ -224,5 +224,8 @@ def test_the_tiered_section_says_where_the_cpu_went(report):
     assert tiered.keys() == cloud.keys() >= {"router", "nats-server", "edge-0", "edge-0 core", "cloud-0",
                                              "cloud-0 core", "device-0", "load generator"}, tiered.keys()
     assert all(isinstance(v, (int, float)) and v >= 0 for v in [*tiered.values(), *cloud.values()])
-    assert tiered["router"] > 0 and cloud["cloud-0 core"] > 0 and cloud["router"] < tiered["router"]
+    # /proc counts CPU in clock ticks (10 ms): over the quick run's few requests one tick is a large share, and the
+    # idle router's heartbeats in the cloud-only run can take one too, so the comparison allows one tick
+    tick = 1000 / os.sysconf("SC_CLK_TCK") / results["sections"]["tiered_vs_cloud"]["method"]["requests"]
+    assert tiered["router"] > 0 and cloud["cloud-0 core"] > 0 and cloud["router"] <= tiered["router"] + tick
     assert m["tiered"]["cores_busy"] > 0 and m["cloud_only"]["cores_busy"] > 0

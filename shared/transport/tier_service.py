@@ -207,6 +207,9 @@ class TierService:
                                              handler=self._on_stream)
         # no queue group: every replica hears a cancel, the one serving that request acts on it
         await self._nc.subscribe(subject(self.tier, "cancel"), cb=self._on_cancel)
+        # the server has the subscriptions once it answered a ping sent after them: a request sent as soon as
+        # start() returns finds its responder (without it, one could still be in the client's write buffer: 503)
+        await self._nc.flush(timeout=START_TIMEOUT_S)
 
     async def _on_cancel(self, msg) -> None:
         """Stop the request the cancel names, or remember the cancel a while: nats-py runs each subscription's

@@ -177,8 +177,8 @@ def test_route_calibrate_writes_the_thresholds(tiny_family, tmp_path):
     notes = ["# staging fleet\n", "# the router's front door\n", "  scorer: router/scorer.json  # make models\n",
              "  retries_per_tier: 1  # ask a tier again once\n", "    threads: 1  # one core each\n"]
     text = notes[0] + path.read_text().replace("    threads: 1\n", notes[4], 1)
-    router = "router:\n  scorer: router/scorer.json\n"
-    path.write_text(text.replace(router, "".join([notes[1], "router:\n", *notes[2:4]])))
+    section = "router:\n  scorer: router/scorer.json\n"
+    path.write_text(text.replace(section, "".join([notes[1], "router:\n", *notes[2:4]])))
     proc = run_cli("route", "calibrate", "--target-edge-share", "0.9", "--manifest", str(path), "--n", "50")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)

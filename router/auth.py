@@ -51,6 +51,7 @@ from tierline_shared.transport.messaging import (
     KvConflict,
     TierError,
     kv_change,
+    kv_entries,
     kv_get,
 )
 from tierline_shared.wire import PRIORITY_VALUES
@@ -372,20 +373,14 @@ class KvKeyStore:
         return self._run(work())
 
     def list(self, day: str | None = None) -> list[KeyRecord]:
-        from nats.js.errors import NoKeysError
-
         day = day or utc_day()
 
         async def work() -> list[KeyRecord]:
             if not await self._buckets():
                 return []
-            try:
-                names = [k for k in await self._keys.keys() if k.startswith("id.")]
-            except NoKeysError:
-                return []
             out = []
-            for name in names:
-                r, _ = await self._get(self._keys, name)
+            for body in (await kv_entries(self._nc.jetstream(timeout=KV_TIMEOUT_S), KEYS_BUCKET, "id.")).values():
+                r = json.loads(body)
                 used, _ = await self._get(self._usage, f"{r['id']}.{day}")
                 used = used or {"calls": 0, "tokens": 0}
                 out.append(KeyRecord(r["id"], r["plan"], r["name"], r["created_at"], r["revoked_at"],

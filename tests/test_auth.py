@@ -385,6 +385,39 @@ def test_an_answer_survives_a_key_store_locked_before_it_is_settled(stack, monke
     assert used["tokens_today"] == 2 * reserve_for(PROMPT, 4) + settled_tokens  # two reservations kept
 
 
+def test_a_shared_key_store_lists_every_key_every_time_and_leaves_no_consumer(tmp_path):
+    """`tierline keys list` on `auth.store: nats`: every key, on every call (nats-py's KeyValue.keys() answered
+    "no keys" now and then: its watcher's end marker can come before the first key), and nothing left on the
+    server (each keys() left a consumer for 5 minutes). A key whose record was deleted is not listed."""
+    from tierline_infra.supervisor import NatsServer
+    from tierline_router.auth import KvKeyStore
+    from tierline_shared.transport.messaging import KEYS_BUCKET, NatsOptions, connect
+
+    server = NatsServer(tmp_path, jetstream=True).start()
+    opts = NatsOptions(server.url, server.user, server.password)
+    store = KvKeyStore(opts, create_buckets=True)
+
+    async def delete_and_count(key_id: str | None) -> int:
+        nc = await connect(opts, name="test")
+        try:
+            js = nc.jetstream(timeout=10)
+            if key_id:
+                await (await js.key_value(KEYS_BUCKET)).delete(f"id.{key_id}")
+            return (await js.stream_info(f"KV_{KEYS_BUCKET}")).state.consumer_count
+        finally:
+            await nc.close()
+
+    try:
+        ids = [store.create("free", name=f"k{i}")[0] for i in range(3)]
+        listings = [[k.id for k in store.list()] for _ in range(300)]
+        assert all(sorted(ids) == sorted(got) for got in listings), [got for got in listings if len(got) != 3][:3]
+        assert asyncio.run(delete_and_count(ids[0])) == 0
+        assert sorted(k.id for k in store.list()) == sorted(ids[1:])
+    finally:
+        store.close()
+        server.stop()
+
+
 def test_a_shared_key_store_nats_cannot_reach_is_unavailable(tmp_path, monkeypatch, caplog):
     """`auth.store: nats` with its nats-server gone: admission is UNAVAILABLE (the KV calls time out); settling a
     request admitted before logs and counts the usage it could not record instead of raising. Served again once

@@ -172,19 +172,9 @@ def render(rows: list[dict]) -> str:
 
 async def read_devices(fleet) -> dict[str, bytes]:
     """Every registry entry's body by its key (the device id), undecoded: fleet_rows checks them."""
-    from nats.js.errors import KeyNotFoundError, NoKeysError
+    from tierline_shared.transport.messaging import DEVICES_BUCKET, kv_entries
 
-    try:
-        keys = await fleet.devices.keys()
-    except NoKeysError:
-        return {}
-    entries = {}
-    for key in keys:
-        try:
-            entries[key] = (await fleet.devices.get(key)).value or b""
-        except KeyNotFoundError:
-            continue  # removed meanwhile
-    return entries
+    return await kv_entries(fleet.js, DEVICES_BUCKET)
 
 
 def cmd_list(args) -> int:

@@ -92,6 +92,36 @@ async def kv_get(bucket, key: str) -> tuple[dict | None, int]:
     return json.loads(entry.value), entry.revision
 
 
+async def kv_entries(js, bucket: str, prefix: str = "") -> dict[str, bytes]:
+    """Every entry of KV bucket `bucket` whose key starts with `prefix`: its value by its key (deleted or purged
+    keys left out). The one listing of a bucket: the fleet (`tierline devices list`), API keys (router/auth.py).
+
+    Not nats-py's `KeyValue.keys()`: that opens a watcher, whose "no more keys" marker can come before the first
+    key (it compares the consumer's pending count, already 0 once the server has sent everything, with what the
+    client has received, still 0 while it is in flight), so it answers "no keys" for a bucket that has some
+    (measured: about 1 call in 1000 on a bucket of one key; `tierline devices list` once listed no devices in
+    CI), and each call leaves its consumer on the server for 5 minutes. Here the bucket's stream is asked
+    which subjects it holds (stream info with a subjects filter; no consumer), and each key is read; the names
+    are JetStream KV's own (ADR-8): stream `KV_<bucket>`, subjects `$KV.<bucket>.<key>`.
+    """
+    from nats.js.errors import KeyDeletedError, KeyNotFoundError
+
+    pre = f"$KV.{bucket}."
+    kv = await js.key_value(bucket)
+    info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"{pre}>")
+    subjects = info.state.subjects or {}
+    if sum(subjects.values()) < info.state.messages:  # the server answers at most 100,000 subjects at once
+        raise RuntimeError(f"KV bucket {bucket} holds more keys than one listing answers ({len(subjects)})")
+    listed = sorted(s[len(pre):] for s in subjects if s.startswith(pre + prefix))
+    entries = {}
+    for key in listed:
+        try:
+            entries[key] = (await kv.get(key)).value or b""
+        except (KeyNotFoundError, KeyDeletedError):
+            continue  # its last entry is a delete or purge marker, or it went meanwhile
+    return entries
+
+
 async def kv_change(bucket, key: str, change) -> dict | None:
     """`change(value or None) -> new value, or None to leave the entry as it is`, applied by compare-and-set on
     the entry's revision (created when new) and retried while other writers interfere (KvConflict after

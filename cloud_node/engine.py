@@ -20,6 +20,7 @@ from tierline_shared.runtime.engine import Engine, EngineInfo, Past, check_vocab
 
 class TorchEngine(Engine):
     supports_prefix_cache = True
+    supports_draft = True
 
     def __init__(self, model: Decoder, tokenizer: TextTokenizer, info: EngineInfo, device: str = "cpu",
                  threads: int | None = None):
@@ -42,7 +43,7 @@ class TorchEngine(Engine):
         return cls(model, tokenizer, info, device, threads)
 
     @torch.inference_mode()
-    def _forward(self, input_ids, attention_mask, position_ids, past):
+    def _forward(self, input_ids, attention_mask, position_ids, past, last: int = 1):
         d = self.device
         logits, present = self.model(
             torch.from_numpy(input_ids).to(d),
@@ -50,7 +51,7 @@ class TorchEngine(Engine):
             torch.from_numpy(position_ids).to(d),
             past,
         )
-        return logits[:, -1:, :].float().cpu().numpy(), present
+        return logits[:, -last:, :].float().cpu().numpy(), present
 
     def _trim_past(self, past: Past, keep: int) -> Past:
         return [(k[:, :, k.shape[2] - keep:], v[:, :, v.shape[2] - keep:]) for k, v in past]  # keep 0: none

@@ -29,6 +29,7 @@ class OnnxEngine(Engine):
     """One InferenceSession for prefill and decode; the KV cache lives in numpy between steps."""
 
     supports_prefix_cache = True
+    supports_draft = True
 
     def __init__(self, session: ort.InferenceSession, tokenizer: TextTokenizer, info: EngineInfo, cfg: DecoderConfig):
         super().__init__(tokenizer, info, cfg.eos_token_ids)  # the checkpoint's end tokens stop it too
@@ -60,7 +61,7 @@ class OnnxEngine(Engine):
         info = EngineInfo(tier, model_name, version, params, path.stat().st_size, cfg.context, cfg.window_limit)
         return cls(session, tokenizer, info, cfg)
 
-    def _forward(self, input_ids, attention_mask, position_ids, past):
+    def _forward(self, input_ids, attention_mask, position_ids, past, last: int = 1):
         feed = {"input_ids": np.asarray(input_ids, np.int64), "attention_mask": np.asarray(attention_mask, np.int64),
                 "position_ids": np.asarray(position_ids, np.int64)}  # the graph takes int64 only
         if past is None:
@@ -70,7 +71,7 @@ class OnnxEngine(Engine):
             feed[kn], feed[vn] = k, v
         out = self.session.run(self._out_names, feed)
         present = [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(self.cfg.layers)]
-        return out[0][:, -1:, :], present
+        return out[0][:, -last:, :], present  # the graph's logits are every position's
 
     def _trim_past(self, past: Past, keep: int) -> Past:
         # copies, always: onnxruntime would copy a strided view on every step anyway, and a slice that is

@@ -48,7 +48,7 @@ parameters = st.builds(
     seed=st.none() | st.integers(-2**63, INT64))
 models = st.sampled_from(["", "tierline-reasoner", "other", "m" * 200])
 anything = st.builds(pb.InferRequest, prompt=texts, model=models, parameters=parameters, priority=st.integers(0, 3),
-                     request_id=st.text(max_size=200))
+                     request_id=st.text(max_size=200), draft=texts)
 # a valid request with one field made hostile: most cases then reach a model, where the harm would be
 valid = st.builds(lambda a, b, n, t: pb.InferRequest(prompt=f"Q:{a}+{b}=?\nA:", parameters=pb.Parameters(
     max_tokens=n, temperature=t)), st.integers(0, 99), st.integers(0, 99), st.integers(1, 32),
@@ -59,7 +59,7 @@ valid = st.builds(lambda a, b, n, t: pb.InferRequest(prompt=f"Q:{a}+{b}=?\nA:", 
 def one_field_off(draw) -> pb.InferRequest:
     req, other = draw(valid), draw(anything)
     field = draw(st.sampled_from(["prompt", "model", "priority", "request_id", "temperature", "top_p", "max_tokens",
-                                  "attention_window", "stop", "seed"]))
+                                  "attention_window", "stop", "seed", "draft"]))
     if hasattr(req, field):
         setattr(req, field, getattr(other, field))
     elif field == "stop":

@@ -11,6 +11,7 @@ import pytest
 from tierline_api.v1 import inference_pb2 as pb
 from tierline_api.v1 import inference_pb2_grpc as pb_grpc
 from tierline_infra.supervisor import Stack
+from tierline_shared.config.manifest import LimitsConfig
 from tierline_shared.serving.servicer import MAX_OPEN_STREAMS, STALLED_STREAM_S
 
 TIMEOUT = 30
@@ -47,7 +48,8 @@ def test_hostile_parameters_are_refused_and_harm_no_other_request(stack):
     hostile = {"negative seed": req(temperature=0.5, seed=-1), "tiny temperature": req(temperature=1e-45),
                "NaN top_p": req(temperature=0.5, top_p=float("nan")), "five stops": req(stop=["a"] * 5),
                "long stop": req(stop=["x" * 65]), "long request id": pb.InferRequest(prompt="Q:1+1=?\nA:",
-                                                                                    request_id="r" * 129)}
+                                                                                    request_id="r" * 129),
+               "long draft": pb.InferRequest(prompt="Q:1+1=?\nA:", draft="2" * (LimitsConfig().max_prompt_chars + 1))}
     innocent = [req(f"Q:{i}+{i}=?\nA:") for i in range(16)]
 
     def call(r):
@@ -64,7 +66,7 @@ def test_hostile_parameters_are_refused_and_harm_no_other_request(stack):
     fields = {name: outcome.details().split(":")[0] for name, outcome in bad.items()}
     assert fields == {"negative seed": "parameters.seed", "tiny temperature": "parameters.temperature",
                       "NaN top_p": "parameters.top_p", "five stops": "parameters.stop",
-                      "long stop": "parameters.stop", "long request id": "request_id"}
+                      "long stop": "parameters.stop", "long request id": "request_id", "long draft": "draft"}
     assert all(isinstance(r, pb.InferResponse) and r.choices[0].finish_reason for r in good)  # window 1 too
 
 

@@ -8,6 +8,8 @@ paths (the batched argmax and the sampler) are covered; a stop string's cut leav
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -34,11 +36,11 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
-def check_against(engine, reference) -> None:
+def check_against(engine, reference, params=PARAMS) -> None:
     """Every generated token's logprob and top alternatives equal log_softmax(reference(prompt + tokens))."""
-    results = engine.generate_batch(PROMPTS, PARAMS)
+    results = engine.generate_batch(PROMPTS, params)
     tok = engine.tokenizer
-    for prompt, g, r in zip(PROMPTS, PARAMS, results):
+    for prompt, g, r in zip(PROMPTS, params, results):
         ids = tok.encode(prompt)
         assert len(r.logprobs) == len(r.token_ids) > 0, (prompt, r.text)
         assert "".join(t.token for t in r.logprobs) == r.text
@@ -61,7 +63,12 @@ def test_the_cloud_tiers_logprobs_are_transformers_log_softmax(one_torch_thread)
         with torch.no_grad():
             return ref(torch.tensor([ids])).logits[0].numpy()
 
-    check_against(load_engine(COMMITTED_MODELS, "cloud", threads=1), reference)
+    engine = load_engine(COMMITTED_MODELS, "cloud", threads=1)
+    check_against(engine, reference)
+    # an escalated request's tokens taken from its draft (the lower tier's answer) report the same logprobs
+    answers = [r.text for r in engine.generate_batch(PROMPTS, [PARAMS[0]] * len(PROMPTS))]
+    drafts = [a + "Q:1+1=?" if i == 3 else a[:len(a) // (i + 1)] + "#" * (i == 2) for i, a in enumerate(answers)]
+    check_against(engine, reference, [replace(PARAMS[0], draft=d) for d in drafts])
 
 
 @pytest.mark.parametrize("tier", ["edge", "device"])

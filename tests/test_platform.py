@@ -96,6 +96,33 @@ def test_low_confidence_escalates_to_the_cloud(stack):
     assert not resp.degraded
 
 
+def test_an_escalated_request_brings_the_answer_below_as_a_draft_and_gets_the_clouds_own_answer(stack, tiny_family):
+    """The router sends the lower tier's answer up with the request (InferRequest.draft): the edge verifies the
+    device's, the cloud the edge's (their spec_decode counters count them), and the answer is the cloud model's own,
+    token for token, as it decodes alone in this process."""
+    from tests.conftest import scrape
+    from tierline.build.engines import load_engine
+    from tierline_shared.runtime.engine import GenerationParams
+
+    def drafted(name: str, tier: str) -> tuple[float, float]:
+        m = scrape(stack, name)
+        return (m.value("tierline_spec_decode_num_draft_tokens_total", tier=tier),
+                m.value("tierline_spec_decode_num_accepted_tokens_total", tier=tier))
+
+    before = {t: drafted(f"{t}-0", t) for t in ("edge", "cloud")}
+    prompts = [p.prompt for p in generate("test", 6, seed=41)]  # prompts of their own: no result-cache hit
+    answers = [stub(stack.port("router")).Infer(req(p, max_tokens=24), timeout=TIMEOUT) for p in prompts]
+    assert all(r.tier == "cloud" and [a.outcome for a in r.escalation_path] == ["low_confidence", "low_confidence",
+                                                                               "answered"] for r in answers)
+    after = {t: drafted(f"{t}-0", t) for t in ("edge", "cloud")}
+    for t in ("edge", "cloud"):
+        assert after[t][0] > before[t][0], t  # every escalation brought a draft
+        assert after[t][0] - before[t][0] >= after[t][1] - before[t][1] >= 0, t
+    cloud = load_engine(tiny_family, "cloud", threads=1)
+    alone = cloud.generate_batch(prompts, [GenerationParams(max_tokens=24)] * len(prompts))
+    assert [r.choices[0].text for r in answers] == [a.text for a in alone]
+
+
 def test_stream_reaches_the_client(stack):
     chunks = list(stub(stack.port("edge-0")).InferStream(req(max_tokens=12), timeout=TIMEOUT))
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")

@@ -4,6 +4,7 @@ queue, deadlines, cancellation, rows that fail alone, and exactness against each
 import random
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -299,10 +300,28 @@ def _random_workload(rng: random.Random, n: int, context: int, window_limit: int
     return out
 
 
-def _exactness(engine, seed: int, n: int, config: BatchConfig) -> None:
+def _draft(rng: random.Random, engine, answer: list[int]) -> str:
+    """A draft of an answer (its token ids), as a lower tier might write it: the whole answer, a prefix, the
+    answer and more, one token changed, garbage, or none. Drafts are text: the longest prefix of the answer that
+    tokenizes back to itself stands for it (a random model's tokens need not)."""
+    tok = engine.tokenizer
+    k = len(answer)
+    while k and tok.encode(tok.decode(answer[:k]), bos=False) != answer[:k]:
+        k -= 1
+    true = tok.decode(answer[:k])
+    cut = rng.randint(0, len(true))
+    return rng.choice([true, true, true[:cut], true + "Q:7*8", true[:cut] + "#" + true[cut + 1:], "x5x5x5", ""])
+
+
+def _exactness(engine, seed: int, n: int, config: BatchConfig, drafts: bool = False) -> None:
+    """Requests in bursts and trickles, each answered as it is decoded alone; with `drafts`, each greedy one
+    brings a draft of its answer, and its tokens are still its own."""
     rng = random.Random(seed)
     work = _random_workload(rng, n, engine.info.max_context, engine.info.window_limit)
     alone = [engine.generate(w["prompt"], w["params"]).token_ids for w in work]
+    if drafts:
+        for w, want in zip(work, alone):
+            w["params"] = replace(w["params"], draft=_draft(rng, engine, want))
     steps = Steps()
     s = Scheduler(engine, config, on_step=steps)
     tickets = []
@@ -329,6 +348,9 @@ def _exactness(engine, seed: int, n: int, config: BatchConfig) -> None:
                 chunks.append(c)
             assert "".join(chunks) == got.text
     assert max(st.seqs for st in steps.stats) >= 2
+    if drafts:  # drafts were verified, some taken in part or whole, some not
+        drafted, taken = sum(st.draft_tokens for st in steps.stats), sum(st.accepted_tokens for st in steps.stats)
+        assert 0 < taken < drafted, (taken, drafted)
     s.close()
 
 
@@ -338,6 +360,18 @@ def test_any_arrival_pattern_decodes_as_alone_torch(engine, seed):
     try:
         config = BatchConfig(max_num_seqs=[3, 8, 16][seed], max_num_batched_tokens=[24, 64, 2048][seed])
         _exactness(engine, seed, 40, config)
+    finally:
+        engine.enable_prefix_cache(0)
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_any_arrival_pattern_with_drafts_decodes_as_alone_torch(engine, seed):
+    """A request escalated with the lower tier's answer verifies it as a draft: whatever the draft (the whole
+    answer, a prefix, more than the answer, a changed token, garbage), its tokens are those it decodes alone."""
+    engine.enable_prefix_cache(4096, min_match=4)
+    try:
+        _exactness(engine, seed, 40, BatchConfig(max_num_seqs=[4, 16][seed - 3],
+                                                 max_num_batched_tokens=[24, 2048][seed - 3]), drafts=True)
     finally:
         engine.enable_prefix_cache(0)
 
@@ -356,6 +390,11 @@ def committed_engines():
 def test_any_arrival_pattern_decodes_as_alone_on_the_committed_onnx_and_litert_models(committed_engines, tier):
     """onnxruntime (int8) and LiteRT run under the same scheduler, with the same guarantee."""
     _exactness(committed_engines[tier], 7, 30, BatchConfig(max_num_seqs=8, max_num_batched_tokens=48))
+
+
+def test_the_edge_verifies_drafts_under_any_arrival_pattern(committed_engines):
+    """The int8 onnxruntime edge takes drafts too (the device's answers it escalates), with the same guarantee."""
+    _exactness(committed_engines["edge"], 8, 30, BatchConfig(max_num_seqs=8, max_num_batched_tokens=48), drafts=True)
 
 
 def test_config_validates():

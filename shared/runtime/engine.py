@@ -42,6 +42,10 @@ class GenerationParams:
     attention_window: int = 0  # 0 = the model's own window
     logprobs: bool = False  # report each generated token's log-probability
     top_logprobs: int = 0  # with logprobs: the most likely tokens at each position, this many
+    # a proposed answer (the one a lower tier gave before the request was escalated): a greedy request verifies
+    # it in one forward and decodes on from where the model parts from it; its tokens are the model's own either
+    # way (shared/runtime/runner.py). Ignored by sampled requests and by backends without `supports_draft`
+    draft: str = ""
 
     def __post_init__(self):
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
@@ -213,6 +217,7 @@ class Engine(abc.ABC):
 
     supports_batch_prefill = True  # False: the backend takes one row at a time
     supports_prefix_cache = False  # True: the backend implements _past_take, _past_join and _past_rows
+    supports_draft = False  # True: _forward returns the logits of the last `last` positions (draft verification)
 
     def __init__(self, tokenizer: TextTokenizer, info: EngineInfo, eos_ids: Iterable[int] = ()):
         self.tokenizer = tokenizer
@@ -242,7 +247,8 @@ class Engine(abc.ABC):
         position_ids: np.ndarray,  # (B, T) int64
         past: Past | None,
     ) -> tuple[np.ndarray, Past]:
-        """logits (B, T, V) float32 and the new cache."""
+        """The logits of the last position (B, 1, V) float32 and the new cache; a backend that
+        `supports_draft` takes `last=k` and returns the last k positions' (B, k, V)."""
 
     @abc.abstractmethod
     def _trim_past(self, past: Past, keep: int) -> Past:

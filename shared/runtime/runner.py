@@ -20,6 +20,15 @@ KV apart and runs the same step row by row.
 
 A forward that raises is run again row by row, so a row that breaks the backend fails
 alone (`Sequence.error`) and the others go on.
+
+A greedy sequence may come with a draft of its answer (`GenerationParams.draft`: the answer a
+lower tier gave before the router escalated; speculative decoding, Leviathan et al. 2023, with a
+draft that cost nothing here): its last prompt chunk is prefilled with the draft after it, in
+the same forward as the other rows (which returns the logits of the draft's positions too); the
+draft's longest prefix the model's own argmax agrees with is taken, then the model's token where
+they part (or the one after a draft taken whole), and the rejected positions' KV is left out when
+the row joins the batch. Its tokens are the ones it would decode without a draft, in fewer steps
+(docs/design/DRAFT_ESCALATION.md). Backends without `supports_draft` ignore drafts.
 """
 
 from __future__ import annotations
@@ -69,6 +78,7 @@ class Sequence:
         self.done = False
         self.reason = "length"
         self.error: Exception | None = None  # the backend raised on this row alone
+        self.draft: list[int] = []  # tokens to verify with its last prompt chunk (a greedy row's draft)
         self.t0 = time.perf_counter()
         self.first_token_s = 0.0
         self.last_token_at = 0.0  # perf_counter of the last sample (inter-token latency)
@@ -182,6 +192,8 @@ class ModelRunner:
         # prompts' KV for the prefix cache, kept after the step's first tokens went out: (ids, present, row, cols)
         self._to_store: list[tuple[list[int], Past, int, object]] = []
         self.decoded: list[Sequence] = []  # the sequences that decoded a token in the last step (its metrics)
+        self.drafted = 0  # draft tokens the last step verified (vLLM: spec_decode_num_draft_tokens)
+        self.accepted = 0  # of those, the ones the model's own choice agreed with (spec_decode_num_accepted_tokens)
 
     # -- what the scheduler asks -----------------------------------------------------------------------
     def sequence(self, prompt: str, params: GenerationParams, ids=None) -> Sequence:
@@ -191,6 +203,9 @@ class ModelRunner:
         ids = eng.tokenizer.encode(prompt) if ids is None else list(ids)
         seq = Sequence(ids, params, params.attention_window or eng.info.window_limit,
                        eng.eos_ids, eng.tokenizer.decode)
+        room = min(params.max_tokens - 1, seq.window - len(seq.ids))  # the draft's tokens fit both
+        if params.draft and params.greedy and eng.supports_draft and self.batched and room > 0:
+            seq.draft = eng.tokenizer.encode(params.draft, bos=False)[:room]
         cache = self._prefix_cache()
         if cache is None or not self.batched or not seq.whole:
             return seq  # a prompt wider than its window is not plain causal attention: its KV is not reusable
@@ -232,7 +247,7 @@ class ModelRunner:
         it (a static batch) they leave at once. `prefilled()` is called between the prefill and the decode:
         first tokens go out before the batch decodes."""
         self._release(keep_slots)
-        self.decoded = []
+        self.decoded, self.drafted, self.accepted = [], 0, 0
         if chunks and not self.batched:
             for c in chunks:
                 self._prefill_alone(*c)
@@ -280,46 +295,81 @@ class ModelRunner:
         for s, n in chunks:  # a token past the window: evict the oldest positions first
             if warm and s.kv_len > s.window - 1:
                 s.kv, s.kv_len = eng._trim_past(s.kv, s.window - 1), s.window - 1
+        # a row whose chunk completes its prompt verifies its draft: the draft's tokens follow the prompt's
+        drafts = [s.draft if s.draft and s.computed + n == len(s.ids) else [] for s, n in chunks]
+        K = 1 + max(len(d) for d in drafts)  # positions whose logits the forward returns, the last one's for all
         P = max(s.kv_len for s, _ in chunks) if warm else 0
-        T = max(n for _, n in chunks)
+        T = max(n + len(d) for (_, n), d in zip(chunks, drafts))
         input_ids = np.full((B, T), eng.tokenizer.pad_id, np.int64)
         mask = np.zeros((B, P + T), np.int64)
         positions = np.zeros((B, T), np.int64)
-        for j, (s, n) in enumerate(chunks):
-            input_ids[j, T - n:] = s.ids[s.computed:s.computed + n]
+        for j, ((s, n), d) in enumerate(zip(chunks, drafts)):
+            m = n + len(d)
+            input_ids[j, T - m:T - len(d)] = s.ids[s.computed:s.computed + n]
+            input_ids[j, T - len(d):] = d
             mask[j, P - s.kv_len:P] = 1
-            mask[j, P + T - n:] = 1
-            positions[j, T - n:] = np.arange(s.computed, s.computed + n)
+            mask[j, P + T - m:] = 1
+            positions[j, T - m:] = np.arange(s.computed, s.computed + m)
         past = eng._past_join([(s.kv, None, 0) for s, _ in chunks], P) if warm else None
         try:
-            logits, present = eng._forward(input_ids, mask, positions, past)
+            if K > 1:
+                logits, present = eng._forward(input_ids, mask, positions, past, K)  # (B, K, V)
+            else:
+                logits, present = eng._forward(input_ids, mask, positions, past)
         except Exception as exc:  # noqa: BLE001 - nothing has changed yet: the caller may run the rows again
             raise _ForwardError() from exc
         cache = self._prefix_cache()
         joining, sources = [], []
-        for j, (s, n) in enumerate(chunks):
-            first = P - s.kv_len  # its first real column (a row of the longest chunk has no hole)
-            if n == T or not warm:
-                cols = slice(first if n == T else T - n, P + T)
+        for j, ((s, n), d) in enumerate(zip(chunks, drafts)):
+            first, m, D = P - s.kv_len, n + len(d), len(d)  # first: its first real column (no hole when m == T)
+            if m == T or not warm:
+                cols = slice(first if m == T else T - m, P + T)
             else:
-                cols = np.r_[first:P, P + T - n:P + T]
+                cols = np.r_[first:P, P + T - m:P + T]
             s.computed += n
             s.kv_len += n
             if not s.prefilled:
                 s.kv = eng._past_take(present, j, cols)
                 continue
+            prompt = _first(cols, s.kv_len) if D else cols  # the draft's columns are the row's last
             if cache is not None and s.whole:  # stored once the first tokens are out (`present` is never written)
-                self._to_store.append((s.ids, present, j, cols))
+                self._to_store.append((s.ids, present, j, prompt))
             s.kv = None
-            _sample(s, logits[j, -1])
+            if D:
+                taken = self._verify(s, logits[j, K - 1 - D:], d)
+            else:
+                _sample(s, logits[j, -1])
             if s.done:
                 continue
             joining.append(s)
-            # rows with holes between past and suffix join compacted; the others are right-aligned already
-            sources.append((present, j, cols.start) if isinstance(cols, slice)
-                           else (eng._past_take(present, j, cols), 0, 0))
+            if D:  # the prompt and the draft tokens taken; the rejected ones' columns left out
+                s.kv_len += taken
+                sources.append((eng._past_take(present, j, _first(cols, s.kv_len)), 0, 0))
+            else:  # rows with holes between past and suffix join compacted; the others are right-aligned already
+                sources.append((present, j, cols.start) if isinstance(cols, slice)
+                               else (eng._past_take(present, j, cols), 0, 0))
         if joining:
             self._join(joining, sources)
+
+    def _verify(self, s: Sequence, logits: np.ndarray, draft: list[int]) -> int:
+        """`s` takes its draft's longest prefix its own greedy choice agrees with (`logits` (D + 1, V): at its
+        prompt's last position and at each draft token), then its own token where they part, or the one after
+        a draft taken whole; eos, stop strings and max_tokens apply to each token as in decoding. Returns the
+        draft tokens taken (their KV is kept; the last token taken is fed at the next decode)."""
+        s.draft = []
+        x = logits.astype(np.float64)
+        top = x.argmax(axis=1).tolist()
+        p = (1.0 / np.exp(x - x.max(axis=1, keepdims=True)).sum(axis=1)).tolist()
+        finite = np.isfinite(x).all(axis=1).tolist()
+        taken = 0
+        for i in range(len(draft) + 1):
+            _sample(s, logits[i], (top[i], p[i]), finite[i])
+            if s.done or i == len(draft) or top[i] != draft[i]:
+                break
+            taken += 1
+        self.drafted += len(draft)
+        self.accepted += taken
+        return taken
 
     def _store_prompts(self) -> None:
         """The prefix cache takes the KV of the prompts this step prefilled (after their first tokens: the copy
@@ -479,6 +529,11 @@ def _sample(s: Sequence, logits: np.ndarray, greedy: tuple[int, float] | None = 
         s.push(*greedy, logits) if greedy is not None else s.accept(logits)
     except Exception as exc:  # noqa: BLE001 - this row's own failure, not the step's
         s.fail(exc)
+
+
+def _first(cols: slice | np.ndarray, n: int) -> slice | np.ndarray:
+    """The first `n` of a row's columns (a slice or an index array)."""
+    return slice(cols.start, cols.start + n) if isinstance(cols, slice) else cols[:n]
 
 
 def _log(p: float) -> float:

@@ -97,6 +97,8 @@ class StepStats:
     tokens: int  # tokens the step computed (decode tokens + prompt chunk tokens)
     inter_token_s: list[float]  # for every sequence that decoded a token, the time since its previous one
     first_tokens: int  # sequences that got their first token
+    draft_tokens: int = 0  # draft tokens verified (in `tokens` too; vLLM: spec_decode_num_draft_tokens)
+    accepted_tokens: int = 0  # of those, the ones the model's own choice agreed with
 
 
 class Scheduler:
@@ -286,8 +288,9 @@ class Scheduler:
         if chunks is not None and self._on_step is not None:
             self._on_step(StepStats(running=len(self._active), waiting=self.depth,
                                     seqs=len(decoded | {id(s) for s, _ in chunks}),
-                                    tokens=len(decoded) + sum(n for _, n in chunks), inter_token_s=itl,
-                                    first_tokens=first))
+                                    tokens=len(decoded) + sum(n for _, n in chunks) + self._runner.drafted,
+                                    inter_token_s=itl, first_tokens=first, draft_tokens=self._runner.drafted,
+                                    accepted_tokens=self._runner.accepted))
 
     def _finish(self, req: _Request) -> None:
         s = req.seq

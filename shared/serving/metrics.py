@@ -95,10 +95,15 @@ class Metrics(MetricsEndpoint):
                                    t, registry=r)
         self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens processed", t, registry=r)
         self.generation_tokens = Counter(f"{PREFIX}_generation_tokens", "Tokens generated", t, registry=r)
+        # vLLM's speculative-decoding counters: an escalated request's draft (the lower tier's answer), verified
+        self.draft_tokens = Counter(f"{PREFIX}_spec_decode_num_draft_tokens", "Draft tokens verified (an escalated "
+                                    "request's draft: the answer of the tier below)", t, registry=r)
+        self.accepted_tokens = Counter(f"{PREFIX}_spec_decode_num_accepted_tokens", "Draft tokens the model's own "
+                                       "choice agreed with (taken without a decode step each)", t, registry=r)
         me = (model_name, tier)
         # created at 0, so rate() and the dashboards see every series from the first scrape on
         for counter in (self.cache_queries, self.cache_hits, self.prefix_queries, self.prefix_hits,
-                        self.prompt_tokens, self.generation_tokens):
+                        self.prompt_tokens, self.generation_tokens, self.draft_tokens, self.accepted_tokens):
             counter.labels(*me)
         # the series every answer updates, looked up once (`labels` takes a lock and builds a key at each call)
         self._answer_series = (self.requests.labels(*me, "answered", "OK"), self.ttft.labels(*me),
@@ -110,6 +115,9 @@ class Metrics(MetricsEndpoint):
     def observe_step(self, stats) -> None:
         """One scheduler step (shared.runtime.scheduler.StepStats)."""
         self.steps.observe(stats)
+        if stats.draft_tokens:
+            self.draft_tokens.labels(self.model_name, self.tier).inc(stats.draft_tokens)
+            self.accepted_tokens.labels(self.model_name, self.tier).inc(stats.accepted_tokens)
 
     def cache_lookup(self, hit: bool) -> None:
         self.cache_queries.labels(self.model_name, self.tier).inc()

@@ -61,6 +61,8 @@ def validate_request(req: pb.InferRequest, limits: LimitsConfig, model_name: str
         raise RequestError("prompt", "must not be empty")
     if len(req.prompt) > limits.max_prompt_chars:
         raise RequestError("prompt", f"{len(req.prompt)} characters exceeds the limit of {limits.max_prompt_chars}")
+    if len(req.draft) > limits.max_prompt_chars:
+        raise RequestError("draft", f"{len(req.draft)} characters exceeds the limit of {limits.max_prompt_chars}")
     for name in ("request_id", "model"):
         if len(getattr(req, name)) > limits.max_id_chars:
             raise RequestError(name, f"{len(getattr(req, name))} characters exceeds the limit of {limits.max_id_chars}")
@@ -130,7 +132,8 @@ def validate(req: pb.InferRequest, engine: Engine, limits: LimitsConfig, model_n
         max_tokens = min(max_tokens, room)
     params = GenerationParams(max_tokens=max_tokens, temperature=p.temperature, top_p=top_p,
                               stop=tuple(p.stop), seed=p.seed if p.HasField("seed") else None,
-                              attention_window=p.attention_window, logprobs=p.logprobs, top_logprobs=p.top_logprobs)
+                              attention_window=p.attention_window, logprobs=p.logprobs, top_logprobs=p.top_logprobs,
+                              draft=req.draft)
     try:
         engine.check(req.prompt, params)
     except EngineError as exc:

@@ -24,7 +24,8 @@ alone (`Sequence.error`) and the others go on.
 A greedy sequence may come with a draft of its answer (`GenerationParams.draft`: the answer a
 lower tier gave before the router escalated; speculative decoding, Leviathan et al. 2023, with a
 draft that cost nothing here): its last prompt chunk is prefilled with the draft after it, in
-the same forward as the other rows (which returns the logits of the draft's positions too); the
+one forward with the step's other verifying rows (apart from the rest, which are not padded to
+prompt + draft), which returns the logits of the draft's positions too; the
 draft's longest prefix the model's own argmax agrees with is taken, then the model's token where
 they part (or the one after a draft taken whole), and the rejected positions' KV is left out when
 the row joins the batch. Its tokens are the ones it would decode without a draft, in fewer steps
@@ -253,9 +254,13 @@ class ModelRunner:
                 self._prefill_alone(*c)
         elif chunks:
             warm = [c for c in chunks if c[0].kv is not None]  # sorted first: a fresh row's first chunk gives it a kv
-            self._prefill([c for c in chunks if c[0].kv is None], warm=False)
+            # rows verifying a draft in a forward of their own: the others are not padded to prompt + draft
+            fresh = [c for c in chunks if c[0].kv is None]
+            for group in (g for g in (_without_drafts(fresh), _with_drafts(fresh)) if g):
+                self._prefill(group, warm=False)
             if self._holes_ok:
-                self._prefill(warm, warm=True)
+                for group in (g for g in (_without_drafts(warm), _with_drafts(warm)) if g):
+                    self._prefill(group, warm=True)
             else:
                 for c in warm:
                     self._prefill([c], warm=True)
@@ -296,7 +301,7 @@ class ModelRunner:
             if warm and s.kv_len > s.window - 1:
                 s.kv, s.kv_len = eng._trim_past(s.kv, s.window - 1), s.window - 1
         # a row whose chunk completes its prompt verifies its draft: the draft's tokens follow the prompt's
-        drafts = [s.draft if s.draft and s.computed + n == len(s.ids) else [] for s, n in chunks]
+        drafts = [s.draft if _verifies((s, n)) else [] for s, n in chunks]
         K = 1 + max(len(d) for d in drafts)  # positions whose logits the forward returns, the last one's for all
         P = max(s.kv_len for s, _ in chunks) if warm else 0
         T = max(n + len(d) for (_, n), d in zip(chunks, drafts))
@@ -529,6 +534,19 @@ def _sample(s: Sequence, logits: np.ndarray, greedy: tuple[int, float] | None = 
         s.push(*greedy, logits) if greedy is not None else s.accept(logits)
     except Exception as exc:  # noqa: BLE001 - this row's own failure, not the step's
         s.fail(exc)
+
+
+def _verifies(c: tuple[Sequence, int]) -> bool:
+    """The chunk completes its sequence's prompt, and the sequence has a draft to verify with it."""
+    return bool(c[0].draft) and c[0].computed + c[1] == len(c[0].ids)
+
+
+def _with_drafts(chunks: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
+    return [c for c in chunks if _verifies(c)]
+
+
+def _without_drafts(chunks: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
+    return [c for c in chunks if not _verifies(c)]
 
 
 def _first(cols: slice | np.ndarray, n: int) -> slice | np.ndarray:

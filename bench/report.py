@@ -269,7 +269,10 @@ def render(results: dict, plots: dict[str, str]) -> str:
          fmt(c["escalated_share"], pct=True)],
         ["latency p50 / p95", f"{fmt(t['latency_ms_p50'], ' ms')} / {fmt(t['latency_ms_p95'], ' ms')}",
          f"{fmt(c['latency_ms_p50'], ' ms')} / {fmt(c['latency_ms_p95'], ' ms')}"],
-        ["errors", fmt(t["errors"]), fmt(c["errors"])]])
+        ["errors", fmt(t["errors"]), fmt(c["errors"])],
+        *[[f"drafts accepted by the {tier} (draft tokens)",
+           f"{fmt(d['acceptance'], pct=True)} ({d['draft_tokens']})", "-"]
+          for tier, d in t.get("drafts", {}).items()]])
     if "cpu_ms_per_request" in t:  # where the cores went (results from before it lack it)
         tc, cc = t["cpu_ms_per_request"], c["cpu_ms_per_request"]
         names = [n for n in tc if (tc[n] or 0) + (cc.get(n) or 0) >= 0.005]  # idle ones left out

@@ -185,6 +185,9 @@ def tiered_vs_cloud(stack: Stack, cfg: BenchConfig, problems: list[Problem], war
     cpu: dict[str, list[dict[str, float]]] = {k: [] for k in clients}  # per run: process -> ms per request
     for c in clients.values():
         run_load(c.infer, warm, cfg.concurrency)
+    spec = ("tierline_spec_decode_num_draft_tokens_total", "tierline_spec_decode_num_accepted_tokens_total")
+    ports = {t: _metrics_port(stack, f"{t}-0") for t in ("edge", "cloud")}
+    drafts_before = {t: _samples(port, *spec) for t, port in ports.items()}
     for r in range(cfg.repeats):
         for k, c in _interleaved(clients, r):
             before, mine = cpu_by_process(groups), time.process_time()
@@ -196,6 +199,11 @@ def tiered_vs_cloud(stack: Stack, cfg: BenchConfig, problems: list[Problem], war
             runs[k].append(run)
     for c in clients.values():
         c.close()
+    drafts = {}  # only escalations bring drafts: all of them came with the tiered runs
+    for t, port in ports.items():
+        d, a = (x - y for x, y in zip(_samples(port, *spec), drafts_before[t]))
+        drafts[t] = {"draft_tokens": int(d), "accepted_tokens": int(a),
+                     "acceptance": num(a / d, 4) if d else {"not_measured": "no escalated request brought it a draft"}}
 
     def summary(run: LoadRun) -> dict:
         answered = [(p, o) for p, o in zip(problems, run.outcomes) if o.ok]
@@ -223,6 +231,7 @@ def tiered_vs_cloud(stack: Stack, cfg: BenchConfig, problems: list[Problem], war
                       "cpu_ms_per_request": {name: num(median([x[name] for x in cpu[k]]), 3)
                                              for name in [*groups, "load generator"]},
                       "cores_busy": num(median([x["cores"] for x in cpu[k]]))}
+    metrics["tiered"]["drafts"] = drafts
     pairs = list(zip(s["tiered"], s["cloud_only"]))
     metrics["ratio"] = {
         "throughput_tiered_over_cloud": num(median([a["qps"] / b["qps"] for a, b in pairs if b["qps"] > 0])),
@@ -250,7 +259,12 @@ def tiered_vs_cloud(stack: Stack, cfg: BenchConfig, problems: list[Problem], war
                   "requests, median over the repeats; a tier's engine core apart from its serving process; cores "
                   f"busy: all of it over the run's wall time ({os.cpu_count()} here). One runtime thread per tier "
                   "(cfg.threads), so the cloud alone is bound by its engine core's one core, while the tiered system "
-                  "spreads over all."],
+                  "spreads over all.",
+                  "An escalated request brings the answer it escalates from as a draft (docs/ARCHITECTURE.md, "
+                  "\"Escalation with a draft\"): the tier above verifies it in one forward and decodes on from where "
+                  "its own model parts from it; drafts accepted: the share of draft tokens its own greedy choice "
+                  "agreed with (tierline_spec_decode_num_accepted_tokens_total over ..._draft_tokens_total, over the "
+                  "tiered runs). The answers are the same tokens as without a draft."],
     }
 
 

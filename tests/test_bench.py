@@ -83,6 +83,9 @@ def test_every_metric_is_a_number_or_an_explicit_reason(report):
         allowed |= {p for p in not_measured if p.startswith("peer_litserve.")}
     if transformers_available(results["meta"]["models_dir"]) is not None:
         allowed |= {p for p in not_measured if p.startswith("peer_transformers.")}
+    # a tier no escalation reached in the run verified no draft (the quick run's few requests may escalate none)
+    drafts = results["sections"]["tiered_vs_cloud"]["metrics"]["tiered"]["drafts"]
+    allowed |= {f"tiered_vs_cloud.tiered.drafts.{t}.acceptance" for t, d in drafts.items() if d["draft_tokens"] == 0}
     assert set(not_measured) == allowed
     # multi-turn prefix KV reuse, in counts (not speeds): fewer prefill tokens computed, the same answers
     cache = results["sections"]["cache"]["metrics"]
@@ -229,3 +232,7 @@ def test_the_tiered_section_says_where_the_cpu_went(report):
     tick = 1000 / os.sysconf("SC_CLK_TCK") / results["sections"]["tiered_vs_cloud"]["method"]["requests"]
     assert tiered["router"] > 0 and cloud["cloud-0 core"] > 0 and cloud["router"] <= tiered["router"] + tick
     assert m["tiered"]["cores_busy"] > 0 and m["cloud_only"]["cores_busy"] > 0
+    # escalations' drafts, counted by the tiers themselves (the quick run may escalate none)
+    drafts = m["tiered"]["drafts"]
+    assert drafts.keys() == {"edge", "cloud"}
+    assert all(d["draft_tokens"] >= d["accepted_tokens"] >= 0 for d in drafts.values()), drafts

@@ -362,10 +362,7 @@ class ModelRunner:
         a draft taken whole; eos, stop strings and max_tokens apply to each token as in decoding. Returns the
         draft tokens taken (their KV is kept; the last token taken is fed at the next decode)."""
         s.draft = []
-        x = logits.astype(np.float64)
-        top = x.argmax(axis=1).tolist()
-        p = (1.0 / np.exp(x - x.max(axis=1, keepdims=True)).sum(axis=1)).tolist()
-        finite = np.isfinite(x).all(axis=1).tolist()
+        top, p, finite = _greedy_picks(logits)
         taken = 0
         for i in range(len(draft) + 1):
             _sample(s, logits[i], (top[i], p[i]), finite[i])
@@ -452,10 +449,7 @@ class ModelRunner:
         self.decoded = [rows[b] for b in live]
         # argmax and the chosen token's probability for every row at once (rows are independent: a sampled or
         # finished row's are computed and unused, cheaper than picking the greedy rows out first)
-        x = logits[:, -1].astype(np.float64)
-        top = x.argmax(axis=1).tolist()
-        p = (1.0 / np.exp(x - x.max(axis=1, keepdims=True)).sum(axis=1)).tolist()  # exp(x[top] - max) is 1
-        finite = np.isfinite(x).all(axis=1).tolist()
+        top, p, finite = _greedy_picks(logits[:, -1])
         for b in live:
             s = rows[b]
             s.kv_len += 1
@@ -522,11 +516,24 @@ class ModelRunner:
             _sample(s, logits[0, -1])
 
 
+def _greedy_picks(logits: np.ndarray) -> tuple[list[int], list[float], list[bool]]:
+    """For each row of logits (N, V): its argmax, the probability the model gave it (softmax in float64, as
+    `Sequence.accept` computes it: exp(x[top] - max) is 1), and whether the row is finite. The greedy pick of N
+    rows in a few numpy calls."""
+    x = logits.astype(np.float64)
+    top = x.argmax(axis=1).tolist()
+    p = (1.0 / np.exp(x - x.max(axis=1, keepdims=True)).sum(axis=1)).tolist()
+    return top, p, np.isfinite(x).all(axis=1).tolist()
+
+
 def _sample(s: Sequence, logits: np.ndarray, greedy: tuple[int, float] | None = None,
             finite: bool | None = None) -> None:
     """`s` takes its next token from its logits (V,) (`greedy`: the batch's argmax and its probability, and
-    `finite`, already computed for the batch); a row whose logits are not finite (a model broken on that input)
-    or cannot be sampled fails alone."""
+    `finite`, already computed for the batch; a greedy row alone has them computed here); a row whose logits are
+    not finite (a model broken on that input) or cannot be sampled fails alone."""
+    if greedy is None and s.params.greedy:
+        (t,), (pt,), (finite,) = _greedy_picks(logits[None])
+        greedy = (t, pt)
     if not (np.isfinite(logits).all() if finite is None else finite):
         s.fail(ValueError("the model's logits for this sequence are not finite"))
         return

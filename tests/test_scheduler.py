@@ -285,14 +285,16 @@ def test_a_row_whose_logits_cannot_be_sampled_fails_alone():
     s.close()
 
 
-def _random_workload(rng: random.Random, n: int, context: int, window_limit: int) -> list[dict]:
-    """Requests with random prompts (many sharing prefixes of different lengths, for the prefix cache),
-    lengths, windows, priorities, arrival gaps (bursts and trickles) and cancellations."""
+def _random_workload(rng: random.Random, n: int, context: int, window_limit: int, max_new: int = 16,
+                     prompts: list[str] | None = None) -> list[dict]:
+    """Requests with random prompts (many sharing prefixes of different lengths, for the prefix cache; or drawn
+    from `prompts`), lengths, windows, priorities, arrival gaps (bursts and trickles) and cancellations."""
     parts = ["Q:a=3;b=a+4;b=?", "\nA:", "Q:12+34=?", "Q:max(3,9,4)=?", "Q:7*8=?", " 5", "x"]
     out = []
     for i in range(n):
-        max_tokens = rng.randint(1, 16)
-        prompt = "".join(rng.choice(parts) for _ in range(rng.randint(1, 4)))[-(context - max_tokens - 4):]
+        max_tokens = rng.randint(1, max_new)
+        prompt = rng.choice(prompts) if prompts else "".join(rng.choice(parts) for _ in range(rng.randint(1, 4)))
+        prompt = prompt[-(context - max_tokens - 4):]
         window = min(rng.choice([0, 0, 0, 0, 0, 3, 8, 20]), window_limit)
         out.append({"prompt": prompt, "params": GenerationParams(max_tokens=max_tokens, attention_window=window),
                     "priority": rng.randint(1, 3), "gap": rng.choice([0, 0, 0, 0.001, 0.005]),
@@ -313,11 +315,12 @@ def _draft(rng: random.Random, engine, answer: list[int]) -> str:
     return rng.choice([true, true, true[:cut], true + "Q:7*8", true[:cut] + "#" + true[cut + 1:], "x5x5x5", ""])
 
 
-def _exactness(engine, seed: int, n: int, config: BatchConfig, drafts: bool = False) -> None:
+def _exactness(engine, seed: int, n: int, config: BatchConfig, drafts: bool = False, max_new: int = 16,
+               prompts: list[str] | None = None) -> None:
     """Requests in bursts and trickles, each answered as it is decoded alone; with `drafts`, each greedy one
     brings a draft of its answer, and its tokens are still its own."""
     rng = random.Random(seed)
-    work = _random_workload(rng, n, engine.info.max_context, engine.info.window_limit)
+    work = _random_workload(rng, n, engine.info.max_context, engine.info.window_limit, max_new, prompts)
     alone = [engine.generate(w["prompt"], w["params"]).token_ids for w in work]
     if drafts:
         for w, want in zip(work, alone):
@@ -364,16 +367,58 @@ def test_any_arrival_pattern_decodes_as_alone_torch(engine, seed):
         engine.enable_prefix_cache(0)
 
 
-@pytest.mark.parametrize("seed", [3, 4])
+@pytest.mark.parametrize("seed", [3, 4, 5])
 def test_any_arrival_pattern_with_drafts_decodes_as_alone_torch(engine, seed):
     """A request escalated with the lower tier's answer verifies it as a draft: whatever the draft (the whole
-    answer, a prefix, more than the answer, a changed token, garbage), its tokens are those it decodes alone."""
+    answer, a prefix, more than the answer, a changed token, garbage), its tokens are those it decodes alone
+    (with at most 2 running, the draft's rest is proposed again after a disagreement: runner._speculate)."""
     engine.enable_prefix_cache(4096, min_match=4)
     try:
-        _exactness(engine, seed, 40, BatchConfig(max_num_seqs=[4, 16][seed - 3],
-                                                 max_num_batched_tokens=[24, 2048][seed - 3]), drafts=True)
+        _exactness(engine, seed, 40, BatchConfig(max_num_seqs=[4, 16, 2][seed - 3],
+                                                 max_num_batched_tokens=[24, 2048, 64][seed - 3]), drafts=True)
     finally:
         engine.enable_prefix_cache(0)
+
+
+def test_any_arrival_pattern_with_drafts_decodes_as_alone_on_the_committed_cloud():
+    """The trained cloud's answers to benchmark problems tokenize back to themselves, so drafts are taken far, and
+    with at most 2 running their rest is proposed again after a disagreement: any arrival pattern still decodes
+    as alone."""
+    from tierline.build.engines import load_engine
+    from tierline_shared.tasks.problems import generate
+
+    _exactness(load_engine(COMMITTED_MODELS, "cloud", threads=1), 9, 40,
+               BatchConfig(max_num_seqs=2, max_num_batched_tokens=64), drafts=True, max_new=48,
+               prompts=[p.prompt for p in generate("test", 12, seed=9)])
+
+
+def test_after_a_draft_parts_from_the_answer_its_rest_is_proposed_again_and_the_answer_stays_its_own(monkeypatch):
+    """A draft with one token changed: the model parts from it there, and (while the batch is small) the rest of
+    the draft is proposed again once the sequence's last tokens appear in it, verified in one forward: more of the
+    draft is taken than without, and the tokens are the model's own."""
+    from tierline.build.engines import load_engine
+    from tierline_shared.runtime import runner
+
+    cloud = load_engine(COMMITTED_MODELS, "cloud", threads=1)
+    prompts = ["Q:a=3;b=a+4;c=b*2;d=c-1;d=?\nA:", "Q:12+34-5+7=?\nA:", "Q:max(3,9,4)+min(8,2)=?\nA:"]
+    params = GenerationParams(max_tokens=48)
+    answers = [cloud.generate(p, params) for p in prompts]
+
+    def taken(speculate: int) -> tuple[list, int]:
+        monkeypatch.setattr(runner, "SPECULATE_MAX_BATCH", speculate)
+        steps, out = Steps(), []
+        s = Scheduler(cloud, BatchConfig(max_num_seqs=1), on_step=steps)
+        for p, a in zip(prompts, answers):  # one token of the answer changed, a third of the way in
+            cut = len(a.text) // 3
+            draft = a.text[:cut] + ("#" if a.text[cut] != "#" else "=") + a.text[cut + 1:]
+            out.append(s.submit(p, replace(params, draft=draft)).future.result(timeout=TIMEOUT).result.token_ids)
+        s.close()
+        return out, sum(st.accepted_tokens for st in steps.stats)
+
+    default = runner.SPECULATE_MAX_BATCH
+    once, proposed = taken(0), taken(default)
+    assert once[0] == proposed[0] == [a.token_ids for a in answers]
+    assert proposed[1] > once[1], (proposed[1], once[1])
 
 
 @pytest.fixture(scope="module")

@@ -55,6 +55,13 @@ if TYPE_CHECKING:
     from tierline_shared.runtime.engine import Engine, Past
 
 TRIM_DEAD_COLUMNS = 32  # leading KV columns no row uses any more, beyond which they are dropped between steps
+# after a draft's first disagreement, the rest of it is proposed again where the sequence's last LOOKUP_TOKENS
+# tokens appear in it (prompt lookup decoding, on the draft), while the running batch has at most this many live
+# rows: a step of a few rows is bound by reading the weights, so verifying a few tokens costs about one decode
+# (vLLM turns speculation off above a batch size too: speculative_disable_by_batch_size)
+SPECULATE_MAX_BATCH = 2
+LOOKUP_TOKENS = 2
+PROPOSAL_MAX_TOKENS = 16  # proposed at most (a forward of 16 tokens costs about 1.8 of one; of 64, 3.5)
 
 
 class Sequence:
@@ -80,6 +87,7 @@ class Sequence:
         self.reason = "length"
         self.error: Exception | None = None  # the backend raised on this row alone
         self.draft: list[int] = []  # tokens to verify with its last prompt chunk (a greedy row's draft)
+        self.source: list[int] = []  # that draft, kept after a disagreement: where later proposals come from
         self.t0 = time.perf_counter()
         self.first_token_s = 0.0
         self.last_token_at = 0.0  # perf_counter of the last sample (inter-token latency)
@@ -267,6 +275,8 @@ class ModelRunner:
         if chunks and prefilled is not None:
             prefilled()
         self._store_prompts()
+        if self.batched:
+            self._speculate()
         if any(not s.done for s in self._rows):
             self._decode() if self.batched else self._decode_alone()
 
@@ -371,7 +381,51 @@ class ModelRunner:
             taken += 1
         self.drafted += len(draft)
         self.accepted += taken
+        # parted from the draft before its end: its rest may match again further on (proposed by _speculate)
+        s.source = s.source or (draft if taken < len(draft) else [])
         return taken
+
+    def _speculate(self) -> None:
+        """Running rows whose draft parted from their own tokens propose its rest again where their last tokens
+        appear in it: while the batch is small, such rows leave it, verify [their next token] + the proposal in
+        one forward, take what their own choice agrees with and join again (then decode with the others)."""
+        live = [b for b, s in enumerate(self._rows) if not s.done]
+        if not live or len(live) > SPECULATE_MAX_BATCH:
+            return
+        rows = [(b, self._rows[b], prop) for b in live if (prop := _proposal(self._rows[b]))]
+        if not rows:
+            return
+        eng, W = self.engine, self._mask.shape[1]
+        P = max(s.kv_len for _, s, _ in rows)
+        T = 1 + max(len(prop) for *_, prop in rows)
+        n = len(rows)
+        input_ids = np.full((n, T), eng.tokenizer.pad_id, np.int64)
+        mask = np.zeros((n, P + T), np.int64)
+        positions = np.zeros((n, T), np.int64)
+        for j, (b, s, prop) in enumerate(rows):
+            m = 1 + len(prop)
+            input_ids[j, T - m:] = [s.token, *prop]
+            mask[j, :P] = self._mask[b, W - P:]
+            mask[j, P + T - m:] = 1
+            positions[j, T - m:] = np.arange(s.position, s.position + m)
+        try:
+            logits, present = eng._forward(input_ids, mask, positions,
+                                           eng._past_rows(self._past, np.array([b for b, *_ in rows]), W - P), T)
+        except Exception:  # noqa: BLE001 - nothing has changed: they decode as usual (a row at fault fails there)
+            return
+        joining, sources = [], []
+        for j, (b, s, prop) in enumerate(rows):
+            m = 1 + len(prop)
+            before = s.kv_len
+            taken = self._verify(s, logits[j, T - m:], prop)
+            self._rows[b] = _LEFT  # its slot is free; it joins again with the KV of what it took
+            if s.done:
+                continue
+            s.kv_len += 1 + taken
+            joining.append(s)
+            sources.append((eng._past_take(present, j, np.r_[P - before:P, P + T - m:P + T - m + 1 + taken]), 0, 0))
+        if joining:
+            self._join(joining, sources)
 
     def _store_prompts(self) -> None:
         """The prefix cache takes the KV of the prompts this step prefilled (after their first tokens: the copy
@@ -541,6 +595,32 @@ def _sample(s: Sequence, logits: np.ndarray, greedy: tuple[int, float] | None = 
         s.push(*greedy, logits) if greedy is not None else s.accept(logits)
     except Exception as exc:  # noqa: BLE001 - this row's own failure, not the step's
         s.fail(exc)
+
+
+class _Left:
+    """A batch slot whose sequence left to verify a proposal (it joins again elsewhere): free, as a finished
+    row's."""
+
+    done = True
+
+
+_LEFT = _Left()
+
+
+def _proposal(s: Sequence) -> list[int]:
+    """The rest of `s`'s draft after the last place its last LOOKUP_TOKENS tokens appear in it (none when they
+    do not), cut to what max_tokens and its window leave room for."""
+    src, n = s.source, LOOKUP_TOKENS
+    if not src or len(s.gen) < n:
+        return []
+    room = min(s.params.max_tokens - len(s.gen) - 1, s.window - len(s.ids) - len(s.gen), PROPOSAL_MAX_TOKENS)
+    if room <= 0:
+        return []
+    tail = s.gen[-n:]
+    for j in range(len(src) - n - 1, -1, -1):  # a match with nothing after it proposes nothing
+        if src[j:j + n] == tail:
+            return src[j + n:j + n + room]
+    return []
 
 
 def _verifies(c: tuple[Sequence, int]) -> bool:

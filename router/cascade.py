@@ -9,9 +9,9 @@ evaluation replays exactly what runs. It does no I/O: its driver asks the tier i
 - A request starts on the policy's first tier.
 - An answer whose confidence reaches its tier's threshold is kept (the top tier's always is);
   below it, the next tier up is asked.
-- An answer not kept is the next tier's draft (`draft`, sent as `InferRequest.draft`): a tier that
-  can verifies it and writes on from where its own model parts from it, so an escalated request
-  costs the tier above fewer steps for the same answer (shared/runtime/runner.py).
+- An answer not kept is the next tier's draft (`draft_for`, sent as `InferRequest.draft`): a tier
+  that can verifies it and writes on from where its own model parts from it, so an escalated
+  request costs the tier above fewer steps for the same answer (shared/runtime/runner.py).
 - A tier that fails is asked again (another replica answers) when that can help, `retries`
   times at most: a timeout, a full queue, or a replica that says another may serve it (it is
   stopping: UNAVAILABLE with `Tierline-Other-Replica`). No responders, any other error or no
@@ -99,7 +99,7 @@ class Cascade:
         self._rounds = 0  # waits for absent replicas so far
         self._refusal: TierError | None = None  # the highest tier's refusal (INVALID_ARGUMENT) so far
         self._refused_by = -1  # that tier's place in TIERS
-        self.draft = ""  # the text of the last answer not kept: what the next tier asked may verify
+        self._draft: str | None = None  # the text of the last answer not kept: what the next tier may verify
 
     def next_tier(self) -> str | None:
         """The tier to ask now; None when the decision is made."""
@@ -123,9 +123,17 @@ class Cascade:
         if accepted:
             self._kept = resp
             return
-        if len(resp.choices) == 1:
-            self.draft = resp.choices[0].text
+        self._draft = resp.choices[0].text if len(resp.choices) == 1 else ""
         self._move_on(tier, "low_confidence")
+
+    def draft_for(self, req: pb.InferRequest, max_chars: int) -> str:
+        """The draft to send with `req` to the tier asked now: the last answer not kept, cut to `max_chars` (the
+        tiers refuse a longer draft, and a draft is only a hint: cut, it costs nothing but the tokens cut off);
+        none for a sampled request (drafts are verified greedily); the request's own until an answer was not
+        kept."""
+        if self._draft is None:
+            return req.draft
+        return self._draft[:max_chars] if req.parameters.temperature == 0 else ""
 
     def failed(self, tier: str, exc: BaseException, detail: str = "") -> None:
         """Asking `tier` raised `exc`: ask it again, or the next tier (a refusal: the next tier up). Raises

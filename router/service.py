@@ -75,8 +75,7 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
                     if left <= 0:
                         cascade.expired(tier)
                         break
-                    if cascade.draft:
-                        req.draft = cascade.draft
+                    req.draft = cascade.draft_for(req, self.limits.max_prompt_chars)
                     try:
                         cascade.answered(tier, await self._ask(tier, req, left))
                     except Exception as exc:  # noqa: BLE001 - the cascade sorts failures (raises what is not one)

@@ -191,3 +191,21 @@ def test_every_tier_that_ran_a_model_pays_for_its_own_tokens_and_a_cache_hit_for
     assert cost(paid_tokens(d.path), {"device": 0.01, "edge": 0.1, "cloud": 1.0}) == pytest.approx(0.0032)
     hit = run("edge", {"edge": [answer("edge", 0.9, tokens=30, cached=True)]})
     assert paid_tokens(hit.path) == {"edge": 0}
+
+
+def test_an_answer_not_kept_is_the_next_tiers_draft_cut_to_the_prompt_limit_and_greedy_only():
+    """The draft sent up is the last answer not kept, cut to the limit the tiers check (a draft is a hint: an
+    over-long one must not make the tier above refuse), none for a sampled request, and never a stale one: an
+    empty answer not kept sends an empty draft. Until an answer is not kept, the request's own draft goes."""
+    greedy = pb.InferRequest(prompt="Q:1+1=?\nA:", draft="client's own")
+    sampled = pb.InferRequest(prompt="Q:1+1=?\nA:", parameters=pb.Parameters(temperature=0.7))
+    c = Cascade(POLICY, "device")
+    assert c.draft_for(greedy, 100) == "client's own"
+    low = answer("device", 0.1)
+    low.choices.add(text="x" * 150)
+    c.answered("device", low)
+    assert c.draft_for(greedy, 100) == "x" * 100 and c.draft_for(sampled, 100) == ""
+    empty = answer("edge", 0.1)
+    empty.choices.add(text="")
+    c.answered("edge", empty)
+    assert c.draft_for(greedy, 100) == ""

@@ -392,6 +392,76 @@ def test_any_arrival_pattern_with_drafts_decodes_as_alone_on_the_committed_cloud
                prompts=[p.prompt for p in generate("test", 12, seed=9)])
 
 
+@pytest.mark.parametrize("window", [0, 18])
+def test_token_drafts_with_changes_decode_as_alone_two_rows_at_a_time(window):
+    """Drafts as token ids (a random model's tokens need not tokenize back from text): each answer with three
+    tokens changed, rows two at a time, so that after each disagreement the draft's rest is proposed again (rows
+    of different proposal lengths verified together; with a sliding window, whose mask counts columns, one at a
+    time: together, the holes between a shorter row's past and its tokens would move keys out of its window).
+    Every row's tokens are those it decodes alone."""
+    from tests.conftest import tiny_decoder
+    from tierline_cloud_node.engine import TorchEngine
+    from tierline_shared.models.tokenizer import TextTokenizer
+    from tierline_shared.runtime.engine import EngineInfo
+
+    prompts = ["Q:1", "x 5", "Q:7", "ab", "Q:a=3", "12", "Q:9*9", "zz"]
+    params = GenerationParams(max_tokens=24)
+    taken = proposed = 0
+    for seed in range(3):
+        model = tiny_decoder(11 + seed, sliding_window=window,
+                             architecture="MistralForCausalLM" if window else "LlamaForCausalLM")
+        eng = TorchEngine(model, TextTokenizer.default(), EngineInfo("cloud", "t", "0", 0, 0, 64, window or 64))
+        rng = random.Random(seed)
+        alone = [eng.generate(p, params).token_ids for p in prompts]
+        for i in range(0, len(prompts), 2):
+            runner = eng.runner()
+            seqs = []
+            for p, want in zip(prompts[i:i + 2], alone[i:i + 2]):
+                s = runner.sequence(p, params)
+                draft = list(want)
+                for k in rng.sample(range(len(draft)), min(3, len(draft))):
+                    draft[k] = (draft[k] + 1) % eng.tokenizer.vocab_size
+                s.draft = draft[:min(params.max_tokens - 1, s.window - len(s.ids))]
+                seqs.append(s)
+            for _ in runner.run(seqs):
+                taken += runner.accepted
+                proposed += runner.drafted
+            assert [s.result().token_ids for s in seqs] == alone[i:i + 2], (window, seed, i)
+    assert 0 < taken < proposed
+
+
+def test_a_draft_stays_within_the_steps_token_budget_and_one_the_backend_cannot_take_is_dropped():
+    """A draft is verified in the forward that completes its prompt, within the step's max_num_batched_tokens (cut
+    to what the chunk leaves); a backend that raises on prompt + draft (a shape it cannot take) answers the row
+    without it instead of failing it. The tokens are the model's own either way."""
+    from tierline.build.engines import load_engine
+
+    cloud = load_engine(COMMITTED_MODELS, "cloud", threads=1)
+    prompt, params, budget = "Q:a=3;b=a+4;c=b*2;d=c-1;d=?\nA:", GenerationParams(max_tokens=48), 40
+    alone = cloud.generate(prompt, params)
+    steps = Steps()
+    s = Scheduler(cloud, BatchConfig(max_num_seqs=2, max_num_batched_tokens=budget), on_step=steps)
+    got = s.submit(prompt, replace(params, draft=alone.text)).future.result(timeout=TIMEOUT).result
+    s.close()
+    assert got.token_ids == alone.token_ids
+    first = next(st for st in steps.stats if st.draft_tokens)
+    assert 0 < first.draft_tokens and first.tokens <= budget + 1  # + the first token's decode, as any prompt's
+
+    class Narrow(type(cloud)):
+        """Takes at most 40 positions in one forward."""
+
+        def _forward(self, input_ids, *args):
+            if input_ids.shape[1] > 40:
+                raise RuntimeError("this backend takes at most 40 positions at once")
+            return super()._forward(input_ids, *args)
+
+    narrow = Narrow(cloud.model, cloud.tokenizer, cloud.info)
+    s = Scheduler(narrow, BatchConfig(max_num_seqs=2, max_num_batched_tokens=2048))
+    got = s.submit(prompt, replace(params, draft=alone.text)).future.result(timeout=TIMEOUT).result
+    s.close()
+    assert got.token_ids == alone.token_ids
+
+
 def test_after_a_draft_parts_from_the_answer_its_rest_is_proposed_again_and_the_answer_stays_its_own(monkeypatch):
     """A draft with one token changed: the model parts from it there, and (while the batch is small) the rest of
     the draft is proposed again once the sequence's last tokens appear in it, verified in one forward: more of the

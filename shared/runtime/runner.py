@@ -300,6 +300,10 @@ class ModelRunner:
             self._prefill_forward(chunks, warm)
         except _ForwardError as exc:  # one bad row must not fail the others: each again, alone
             if len(chunks) == 1:
+                if _verifies(chunks[0]):  # a draft is only a hint: without it, before the row fails
+                    chunks[0][0].draft = []
+                    self._prefill(chunks, warm)
+                    return
                 chunks[0][0].fail(exc.__cause__)
                 return
             for c in chunks:
@@ -395,6 +399,20 @@ class ModelRunner:
         rows = [(b, self._rows[b], prop) for b in live if (prop := _proposal(self._rows[b]))]
         if not rows:
             return
+        # rows of different lengths leave holes between past and new tokens: a model whose window counts
+        # columns verifies them one at a time (as its warm prefills)
+        joining, sources = [], []
+        for group in [rows] if self._holes_ok else [[r] for r in rows]:
+            for s, source in self._verify_proposals(group):
+                joining.append(s)
+                sources.append(source)
+        if joining:
+            self._join(joining, sources)
+
+    def _verify_proposals(self, rows: list[tuple[int, Sequence, list[int]]]) -> list[tuple[Sequence, tuple]]:
+        """One forward for these running rows (batch slot, sequence, proposal): each feeds its next token and its
+        proposal after its KV in the batch, takes what its own choice agrees with, and leaves its slot. Returns
+        the rows to join again, each with the KV of what it took (the batch itself is not changed until then)."""
         eng, W = self.engine, self._mask.shape[1]
         P = max(s.kv_len for _, s, _ in rows)
         T = 1 + max(len(prop) for *_, prop in rows)
@@ -412,8 +430,8 @@ class ModelRunner:
             logits, present = eng._forward(input_ids, mask, positions,
                                            eng._past_rows(self._past, np.array([b for b, *_ in rows]), W - P), T)
         except Exception:  # noqa: BLE001 - nothing has changed: they decode as usual (a row at fault fails there)
-            return
-        joining, sources = [], []
+            return []
+        out = []
         for j, (b, s, prop) in enumerate(rows):
             m = 1 + len(prop)
             before = s.kv_len
@@ -422,10 +440,8 @@ class ModelRunner:
             if s.done:
                 continue
             s.kv_len += 1 + taken
-            joining.append(s)
-            sources.append((eng._past_take(present, j, np.r_[P - before:P, P + T - m:P + T - m + 1 + taken]), 0, 0))
-        if joining:
-            self._join(joining, sources)
+            out.append((s, (eng._past_take(present, j, np.r_[P - before:P, P + T - m:P + T - m + 1 + taken]), 0, 0)))
+        return out
 
     def _store_prompts(self) -> None:
         """The prefix cache takes the KV of the prompts this step prefilled (after their first tokens: the copy

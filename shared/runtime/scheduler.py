@@ -219,14 +219,14 @@ class Scheduler:
             if not req.seq.prefilled and budget > 0:
                 n = min(self._runner.chunk_limit(req.seq), budget)
                 chunks.append((req.seq, n))
-                budget -= n
+                budget -= n + _fit_draft(req.seq, n, budget - n)
         with self.engine._lock:  # the engine may be used outside the scheduler (health checks, evaluation)
             for req in self._admit(budget):
                 if budget <= 0:
                     break
                 n = min(self._runner.chunk_limit(req.seq), budget)
                 chunks.append((req.seq, n))
-                budget -= n
+                budget -= n + _fit_draft(req.seq, n, budget - n)
             self._runner.step(chunks, keep_slots=True, prefilled=self._emit)
         self._update(chunks)
 
@@ -312,3 +312,12 @@ class Scheduler:
                 req.future.set_exception(exc)
         if req.chunks is not None:
             req.chunks.put(END)
+
+
+def _fit_draft(seq: Sequence, n: int, left: int) -> int:
+    """A sequence whose chunk of `n` tokens completes its prompt verifies its draft in the same forward: the draft
+    is cut to the step's tokens `left` after the chunk, and counts in the step's budget. Returns its tokens."""
+    if not seq.draft or seq.computed + n != len(seq.ids):
+        return 0
+    seq.draft = seq.draft[:max(left, 0)]
+    return len(seq.draft)

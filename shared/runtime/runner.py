@@ -102,6 +102,16 @@ class Sequence:
         return len(self.ids) + len(self.gen) <= self.window
 
     @property
+    def draft_room(self) -> int:
+        """Draft tokens it could verify now: what max_tokens leaves after the token the verification itself
+        gives, and its window (the draft's KV must not evict any position)."""
+        return min(self.params.max_tokens - len(self.gen) - 1, self.window - len(self.ids) - len(self.gen))
+
+    def verifies(self, n: int) -> bool:
+        """A chunk of `n` prompt tokens completes its prompt, and it has a draft to verify with it."""
+        return bool(self.draft) and self.computed + n == len(self.ids)
+
+    @property
     def position(self) -> int:
         """The position of `token`, the next one fed."""
         return len(self.ids) + len(self.gen) - 1
@@ -212,9 +222,8 @@ class ModelRunner:
         ids = eng.tokenizer.encode(prompt) if ids is None else list(ids)
         seq = Sequence(ids, params, params.attention_window or eng.info.window_limit,
                        eng.eos_ids, eng.tokenizer.decode)
-        room = min(params.max_tokens - 1, seq.window - len(seq.ids))  # the draft's tokens fit both
-        if params.draft and params.greedy and eng.supports_draft and self.batched and room > 0:
-            seq.draft = eng.tokenizer.encode(params.draft, bos=False)[:room]
+        if params.draft and params.greedy and eng.supports_draft and self.batched and seq.draft_room > 0:
+            seq.draft = eng.tokenizer.encode(params.draft, bos=False)[:seq.draft_room]
         cache = self._prefix_cache()
         if cache is None or not self.batched or not seq.whole:
             return seq  # a prompt wider than its window is not plain causal attention: its KV is not reusable
@@ -264,10 +273,10 @@ class ModelRunner:
             warm = [c for c in chunks if c[0].kv is not None]  # sorted first: a fresh row's first chunk gives it a kv
             # rows verifying a draft in a forward of their own: the others are not padded to prompt + draft
             fresh = [c for c in chunks if c[0].kv is None]
-            for group in (g for g in (_without_drafts(fresh), _with_drafts(fresh)) if g):
+            for group in _by_draft(fresh):
                 self._prefill(group, warm=False)
             if self._holes_ok:
-                for group in (g for g in (_without_drafts(warm), _with_drafts(warm)) if g):
+                for group in _by_draft(warm):
                     self._prefill(group, warm=True)
             else:
                 for c in warm:
@@ -300,7 +309,7 @@ class ModelRunner:
             self._prefill_forward(chunks, warm)
         except _ForwardError as exc:  # one bad row must not fail the others: each again, alone
             if len(chunks) == 1:
-                if _verifies(chunks[0]):  # a draft is only a hint: without it, before the row fails
+                if chunks[0][0].verifies(chunks[0][1]):  # a draft is only a hint: without it, before the row fails
                     chunks[0][0].draft = []
                     self._prefill(chunks, warm)
                     return
@@ -315,7 +324,7 @@ class ModelRunner:
             if warm and s.kv_len > s.window - 1:
                 s.kv, s.kv_len = eng._trim_past(s.kv, s.window - 1), s.window - 1
         # a row whose chunk completes its prompt verifies its draft: the draft's tokens follow the prompt's
-        drafts = [s.draft if _verifies((s, n)) else [] for s, n in chunks]
+        drafts = [s.draft if s.verifies(n) else [] for s, n in chunks]
         K = 1 + max(len(d) for d in drafts)  # positions whose logits the forward returns, the last one's for all
         P = max(s.kv_len for s, _ in chunks) if warm else 0
         T = max(n + len(d) for (_, n), d in zip(chunks, drafts))
@@ -629,7 +638,7 @@ def _proposal(s: Sequence) -> list[int]:
     src, n = s.source, LOOKUP_TOKENS
     if not src or len(s.gen) < n:
         return []
-    room = min(s.params.max_tokens - len(s.gen) - 1, s.window - len(s.ids) - len(s.gen), PROPOSAL_MAX_TOKENS)
+    room = min(s.draft_room, PROPOSAL_MAX_TOKENS)
     if room <= 0:
         return []
     tail = s.gen[-n:]
@@ -639,17 +648,11 @@ def _proposal(s: Sequence) -> list[int]:
     return []
 
 
-def _verifies(c: tuple[Sequence, int]) -> bool:
-    """The chunk completes its sequence's prompt, and the sequence has a draft to verify with it."""
-    return bool(c[0].draft) and c[0].computed + c[1] == len(c[0].ids)
-
-
-def _with_drafts(chunks: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
-    return [c for c in chunks if _verifies(c)]
-
-
-def _without_drafts(chunks: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
-    return [c for c in chunks if not _verifies(c)]
+def _by_draft(chunks: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
+    """The chunks that verify no draft, then those that do, each group only when it has any: a forward each, so
+    that the others are not padded to prompt + draft."""
+    verifying = [c for c in chunks if c[0].verifies(c[1])]
+    return [g for g in ([c for c in chunks if not c[0].verifies(c[1])], verifying) if g]
 
 
 def _first(cols: slice | np.ndarray, n: int) -> slice | np.ndarray:

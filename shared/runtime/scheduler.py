@@ -317,7 +317,7 @@ class Scheduler:
 def _fit_draft(seq: Sequence, n: int, left: int) -> int:
     """A sequence whose chunk of `n` tokens completes its prompt verifies its draft in the same forward: the draft
     is cut to the step's tokens `left` after the chunk, and counts in the step's budget. Returns its tokens."""
-    if not seq.draft or seq.computed + n != len(seq.ids):
+    if not seq.verifies(n):
         return 0
     seq.draft = seq.draft[:max(left, 0)]
     return len(seq.draft)

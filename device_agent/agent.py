@@ -23,6 +23,7 @@ from tierline_shared.runtime.engine import Engine
 from tierline_shared.runtime.scheduler import Scheduler
 from tierline_shared.serving.servicer import (
     LRUCache,
+    Served,
     TierServicer,
     as_tier_error,
     caller_deadline,
@@ -53,8 +54,9 @@ class DeviceAgentServicer(TierServicer):
         scheduler = Scheduler(engine, self.batch_config, on_step=self.metrics.observe_step if self.metrics else None)
         with self._swap_lock:
             old = self.scheduler
-            self.engine, self.scheduler = engine, scheduler
-            self.cache = LRUCache(self.cache.size)  # the old model's answers are not the new one's
+            # in one assignment: a request reads the model it is served by once (`Served`); the old model's answers,
+            # those in flight included, are not the new one's, so the cache starts empty
+            self.served = Served(engine, scheduler, LRUCache(self.cache.size))
 
         def retire() -> None:
             while old.busy:  # what it queued or runs finishes on the old model

@@ -90,3 +90,36 @@ def test_every_request_is_counted_once_with_the_status_its_caller_got():
         assert _outcomes(metrics) == {("error", "DEADLINE_EXCEEDED"): 1, ("cancelled", "CANCELLED"): 2}
     finally:
         servicer.scheduler.close()
+
+
+def test_a_model_update_keeps_the_old_models_answers_out_of_the_new_ones_cache():
+    """A device's model update (`swap_engine`) while requests are queued on the old model: they are answered by
+    the old model and say so (its version), and the new model's result cache never holds their answers: the next
+    identical request gets the new model's own answer (found by a fault hunt: it got the old one, cached=True,
+    labelled as the new model)."""
+    import dataclasses
+
+    from tierline_device_agent.agent import DeviceAgentServicer
+    from tierline_shared.config.manifest import BatchConfig
+
+    old = random_torch_engine(seed=3, tier="device")
+    new = random_torch_engine(seed=4, tier="device")
+    new.info = dataclasses.replace(new.info, version="1")
+    greedy = GenerationParams(max_tokens=12)
+    assert old.generate(PROMPT, greedy).text != new.generate(PROMPT, greedy).text  # the test can tell them apart
+    s = DeviceAgentServicer(old, BatchConfig(max_num_seqs=1), policy=None, upstream_timeout_s=5.0)
+    try:
+        # one running row at a time: these keep the old model busy, so the request below is still queued on it
+        busy = [s.begin(pb.InferRequest(prompt=PROMPT, parameters=pb.Parameters(max_tokens=40, temperature=1.0,
+                                                                                seed=i)), 30.0) for i in range(3)]
+        queued = s.begin(_request(12), 30.0)
+        assert not queued.done()
+        s.swap_engine(new)
+        before = queued.result(30)
+        assert (before.choices[0].text, before.model_version) == (old.generate(PROMPT, greedy).text, "0")
+        after = s.begin(_request(12), 30.0).result(30)
+        assert not after.cached
+        assert (after.choices[0].text, after.model_version) == (new.generate(PROMPT, greedy).text, "1")
+        assert all(b.result(30).model_version == "0" for b in busy)
+    finally:
+        s.scheduler.close()

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections import OrderedDict
 from concurrent import futures
+from dataclasses import dataclass
 from typing import Iterator
 
 import grpc
@@ -248,20 +249,43 @@ class StreamGuard:
                 c.cancel()  # the blocked send returns; the stream's generator closes and frees its slot
 
 
+@dataclass(frozen=True)
+class Served:
+    """The model a tier serves and what belongs to it: its engine, the scheduler that runs it and the result cache
+    of its answers. Replaced as a whole (a device's model update: `DeviceAgentServicer.swap_engine`), and read once
+    per request, which is validated, queued, answered, labelled and cached with the same model's."""
+
+    engine: Engine
+    scheduler: object  # a Scheduler, or another with its submit/ticket interface (an EngineCore, an upstream)
+    cache: LRUCache
+
+
 class TierServicer(pb_grpc.InferenceServiceServicer):
     def __init__(self, engine: Engine, batch: BatchConfig | None = None, limits: LimitsConfig | None = None,
                  cache_size: int = TierConfig.cache_size, default_timeout_s: float = TierConfig.timeout_ms / 1000,
                  metrics=None, scheduler=None):
-        self.engine = engine
         self.limits = limits or LimitsConfig()
         self.batch_config = batch or BatchConfig()
         self.metrics = metrics
         # `scheduler`: another with the same submit/ticket interface (the cloud's upstream forwarder)
-        self.scheduler = scheduler or Scheduler(engine, self.batch_config,
-                                                on_step=metrics.observe_step if metrics else None)
-        self.cache = LRUCache(cache_size)
+        self.served = Served(engine, scheduler or Scheduler(engine, self.batch_config,
+                                                            on_step=metrics.observe_step if metrics else None),
+                             LRUCache(cache_size))
         self.default_timeout_s = default_timeout_s
         self.streams = StreamGuard()
+
+    # the model served now (a request in flight keeps the one it was queued with: `Served`)
+    @property
+    def engine(self) -> Engine:
+        return self.served.engine
+
+    @property
+    def scheduler(self):
+        return self.served.scheduler
+
+    @property
+    def cache(self) -> LRUCache:
+        return self.served.cache
 
     def serve_nats(self, req: pb.InferRequest, timeout_s: float | None) -> futures.Future:
         """One request that came over NATS (from the router or a device's front door), without a thread
@@ -293,12 +317,13 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
         finishes; cancelling the future takes the request out of the batch at the next step.
         """
         t0 = time.perf_counter()
+        served = self.served  # one model from validation to the answer's label and cache (an update may land)
         try:
-            params = validate(req, self.engine, self.limits, self.engine.info.model)
+            params = validate(req, served.engine, self.limits, served.engine.info.model)
             request_id = req.request_id or uuid.uuid4().hex
             key = (req.prompt, params.max_tokens, params.stop, params.attention_window, params.logprobs,
                    params.top_logprobs) if params.greedy else None
-            hit = self.cache.get(key) if key else None
+            hit = served.cache.get(key) if key else None
             if key and self.metrics:
                 self.metrics.cache_lookup(hit is not None)
             answer: futures.Future = futures.Future()
@@ -312,8 +337,8 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
                     self.metrics.observe_cached(total_s)
                 answer.set_result(resp)
                 return answer
-            ticket = self.scheduler.submit(req.prompt, params, priority=_priority(req),
-                                           timeout_s=self._timeout(timeout_s))
+            ticket = served.scheduler.submit(req.prompt, params, priority=_priority(req),
+                                             timeout_s=self._timeout(timeout_s))
         except Exception as exc:  # bad input or a full queue: refused before any work
             self._failed(exc)
             raise
@@ -324,12 +349,12 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
                 return
             try:
                 out: BatchedResult = done.result()
-                resp = self._response(request_id, out, t0)
+                resp = self._response(request_id, out, t0, served.engine.info)
                 self._observe(out, resp.timings)
                 if key:  # a copy: callers annotate the answer they get (the device's front door does)
                     stored = pb.InferResponse()
                     stored.CopyFrom(resp)
-                    self.cache.put(key, stored)
+                    served.cache.put(key, stored)
             except Exception as exc:  # noqa: BLE001 - the request's own failure, for its caller
                 self._failed(exc)
                 answer.set_exception(exc)
@@ -356,8 +381,10 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
             code = "CANCELLED" if isinstance(exc, futures.CancelledError) else status_of(exc)[0].name
             self.metrics.observe_failure(code)
 
-    def _response(self, request_id: str, out: BatchedResult, t0: float) -> pb.InferResponse:
-        r, info = out.result, self.engine.info
+    @staticmethod
+    def _response(request_id: str, out: BatchedResult, t0: float, info) -> pb.InferResponse:
+        """The answer of the model `info` describes (the one that ran it)."""
+        r = out.result
         total_ms = (time.perf_counter() - t0) * 1000
         usage = pb.Usage(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
                          cached_tokens=r.cached_tokens)
@@ -389,15 +416,16 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
         holds at most max_tokens chunks, the scheduler never waits for it).
         """
         t0 = time.perf_counter()
+        served = self.served  # one model for the whole stream (an update may land: `Served`)
         try:
-            params = validate(request, self.engine, self.limits, self.engine.info.model)
-            ticket = self.scheduler.submit(request.prompt, params, priority=_priority(request),
-                                           timeout_s=self._timeout(timeout_s), stream=True)
+            params = validate(request, served.engine, self.limits, served.engine.info.model)
+            ticket = served.scheduler.submit(request.prompt, params, priority=_priority(request),
+                                             timeout_s=self._timeout(timeout_s), stream=True)
         except Exception as exc:  # bad input or a full queue: refused before any work
             self._failed(exc)
             raise
         request_id = request.request_id or uuid.uuid4().hex
-        info = self.engine.info
+        info = served.engine.info
         ended = False  # the scheduler said its last word (END); otherwise the client went away first
         try:
             while True:

@@ -32,7 +32,14 @@ from tierline_router.batch import (
     new_id,
     public,
 )
-from tierline_router.openai_http import BadRequest, _error_response, coding_refused, content_codings, read_json
+from tierline_router.openai_http import (
+    BadRequest,
+    _error_response,
+    arriving,
+    coding_refused,
+    content_codings,
+    read_json,
+)
 from tierline_shared.transport.messaging import BATCH_BUCKET, TierError
 
 log = logging.getLogger("tierline.router.batch")
@@ -118,15 +125,17 @@ class BatchApi:
                                  "uncompressed")
         limit = self.config.max_file_mb * 1024 * 1024
         try:
-            reader = await request.multipart()
-            return await self._fields(reader, limit)
+            async with arriving(self.server.read_timeout_s) as fed:  # an upload that stops coming is a 408
+                reader = await request.multipart()
+                return await self._fields(reader, limit, fed)
         except (ValueError, RequestPayloadError, HttpProcessingError) as exc:  # no boundary, a bad encoding...
             raise BadRequest("file", f"the multipart body could not be read: {exc}") from None
 
-    async def _fields(self, reader, limit: int) -> tuple[str, str, bytes]:
-        """The form's fields, each part a plain field (a nested multipart is refused)."""
+    async def _fields(self, reader, limit: int, fed) -> tuple[str, str, bytes]:
+        """The form's fields, each part a plain field (a nested multipart is refused); `fed()` as data comes."""
         purpose = filename = data = None
         while (part := await reader.next()) is not None:
+            fed()
             if not isinstance(part, BodyPartReader):
                 raise BadRequest("file", "a part of the body is itself multipart; send purpose and file as fields")
             if part.name == "purpose":
@@ -134,6 +143,7 @@ class BatchApi:
             elif part.name == "file":
                 filename, chunks, size = part.filename or "upload.jsonl", [], 0
                 while chunk := await part.read_chunk(1 << 16):
+                    fed()
                     size += len(chunk)
                     if size > limit:
                         raise BadRequest("file", f"file: larger than the {self.config.max_file_mb} MB this "
@@ -194,7 +204,7 @@ class BatchApi:
     @_answered
     async def create(self, request: web.Request) -> web.Response:
         owner, key_hash = await self._caller(request)
-        body = await read_json(request)
+        body = await read_json(request, self.server.read_timeout_s)
         if not isinstance(body, dict):
             raise BadRequest(None, "the body must be a JSON object")
         unknown = sorted(set(body) - {"input_file_id", "endpoint", "completion_window", "metadata"})

@@ -38,6 +38,8 @@ not HTTP) aiohttp still answers itself, a plain-text 400: it offers no hook for 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -72,6 +74,9 @@ HTTP_STATUS = {
     "DEADLINE_EXCEEDED": (504, "timeout_error"),
 }
 MAX_BODY_BYTES = 1024 * 1024  # the largest request body, as sent and as decoded (aiohttp's client_max_size)
+# a body larger than this is read as JSON only for a valid key: walking a big one costs the event loop (about 0.3 s a
+# MiB), and without a key nobody should be able to spend that (the key of a smaller one is checked with its quota)
+KEY_FIRST_BYTES = 64 * 1024
 # content codings a body may come in (RFC 9110 8.4.1; x-gzip is gzip's old name) -> zlib's wbits (None: as it is)
 CONTENT_CODINGS = {"identity": None, "gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS,
                    "deflate": zlib.MAX_WBITS}
@@ -115,6 +120,12 @@ class BodyRefused(BadRequest):
 def coding_refused(message: str) -> BodyRefused:
     """415: a body in content codings this server does not decode (`message` names content-encoding)."""
     return BodyRefused(415, "unsupported_content_encoding", message)
+
+
+def _stalled(idle_s: float) -> BodyRefused:
+    """408: the body stopped arriving (router.http_read_timeout_ms with no byte of it)."""
+    return BodyRefused(408, "request_timeout", f"the body stopped arriving: nothing of it for {idle_s:g} s "
+                                               "(router.http_read_timeout_ms)")
 
 
 def _too_large(what: str = "") -> BodyRefused:
@@ -229,6 +240,11 @@ def _unencodable(body) -> str | None:
         except UnicodeEncodeError:
             return False
 
+    try:  # the common case in C: every string at once (a lone surrogate cannot be encoded)
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+        return None
+    except (UnicodeEncodeError, RecursionError):
+        pass  # find which one, below
     todo = deque([("", body)])
     while todo:
         where, value = todo.popleft()
@@ -335,6 +351,42 @@ def _legacy_logprobs(choice: pb.Choice) -> dict:
             "text_offset": offsets}
 
 
+class _CappedSite(web.TCPSite):
+    """aiohttp's TCP site, answering a connection past `max_connections` open ones with a 503 and closing it: a client
+    that opens connections without end cannot take the process's files (its gRPC door and NATS link need some).
+    Connections count once aiohttp has taken them in (`connection_made`, the loop turn after their accept), so one
+    burst of accepts can pass the limit by at most the listen backlog (128)."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, max_connections: int):
+        super().__init__(runner, host, port)
+        self.max_connections = max_connections
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with its runner (as TCPSite.start does)
+        server = self._runner.server
+
+        def protocol() -> asyncio.BaseProtocol:
+            return server() if len(server.connections) < self.max_connections else _Busy(self.max_connections)
+
+        self._server = await asyncio.get_running_loop().create_server(protocol, self._host, self._port,
+                                                                      backlog=self._backlog, reuse_address=True)
+        self._bound_port = self._server.sockets[0].getsockname()[1]
+
+
+class _Busy(asyncio.Protocol):
+    """A connection past the limit: a 503 in OpenAI's error shape, then closed."""
+
+    def __init__(self, limit: int):
+        body = json.dumps({"error": {"message": f"too many open connections ({limit}) on this server; retry later",
+                                     "type": "server_error", "param": None, "code": "server_busy"}}).encode()
+        self._answer = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+                        b"Connection: close\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.write(self._answer)  # type: ignore[attr-defined]
+        transport.close()
+
+
 def _logprobs_of(choice: pb.Choice, wanted: bool, chat: bool) -> dict | None:
     if not wanted:
         return None
@@ -417,23 +469,50 @@ def content_codings(request: web.Request) -> list[str]:
             for c in line.split(",") if c.strip()]
 
 
-async def read_json(request: web.Request):
-    """The request's JSON body, decoded from its content-encoding; BadRequest when it is not JSON (BodyRefused:
-    too large, or in a content coding not served)."""
+@contextlib.asynccontextmanager
+async def arriving(idle_s: float):
+    """A body read within: `fed()` each time some of it came; `idle_s` with nothing is a 408 (a stalled or trickling
+    client holds no connection for longer than its data keeps coming)."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(idle_s) as deadline:
+            yield lambda: deadline.reschedule(loop.time() + idle_s)
+    except TimeoutError:
+        raise _stalled(idle_s) from None
+
+
+async def read_body(request: web.Request, idle_s: float) -> bytes:
+    """The request's body, decoded from its content-encoding (BodyRefused: too large, a content coding not served,
+    or stalled for `idle_s`)."""
     codings = content_codings(request)
     if len(codings) > MAX_CODINGS:  # each layer decoded in turn on the event loop: a stack of them is a way to hold it
         raise coding_refused(f"content-encoding: {len(codings)} codings; at most {MAX_CODINGS} are decoded here")
     if unserved := [c for c in codings if c not in CONTENT_CODINGS]:
         raise coding_refused(f"content-encoding: {_shown(unserved[0])} is not served here; send the body as it is, "
                              "gzip or deflate")
+    body = bytearray()
     try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise _too_large() from None
+        async with arriving(idle_s) as fed:
+            while chunk := await request.content.readany():
+                body += chunk
+                if len(body) > MAX_BODY_BYTES:
+                    raise _too_large()
+                fed()
     except (RequestPayloadError, HttpProcessingError) as exc:  # a body its framing (chunks, length) cannot deliver
         raise BadRequest(None, "the body could not be read: " + " ".join(str(exc).split())) from None
+    out = bytes(body)
     for coding in reversed(codings):  # the last one applied first (RFC 9110 8.4)
-        body = _decoded(body, coding)
+        out = _decoded(out, coding)
+    return out
+
+
+async def read_json(request: web.Request, idle_s: float):
+    """The request's JSON body (`read_body`); BadRequest when it is not JSON."""
+    return parse_json(await read_body(request, idle_s), request)
+
+
+def parse_json(body: bytes, request: web.Request):
+    """`body` (read_body's) as JSON; BadRequest when it is not JSON."""
     try:
         return json.loads(body.decode(request.charset or "utf-8"))
     except (ValueError, RecursionError):  # not JSON, not in its charset, or nested too deep to read
@@ -466,11 +545,16 @@ async def _json_errors(request: web.Request, handler):
 class OpenAIServer:
     """The aiohttp application around a RouterServicer."""
 
-    def __init__(self, router, chat: ChatTemplate | None = None):
+    def __init__(self, router, chat: ChatTemplate | None = None, read_timeout_s: float = 30.0,
+                 max_connections: int = 1024):
+        """`read_timeout_s`, `max_connections`: router.http_read_timeout_ms and router.http_max_connections."""
         self.router = router
         self.chat_template = chat or ChatTemplate(CHAT_TEMPLATE)  # turns a conversation into the model's prompt
+        self.read_timeout_s, self.max_connections = read_timeout_s, max_connections
+        # read_body decodes (CONTENT_CODINGS); a connection is closed when no whole request head came within
+        # read_timeout_s of its opening or its last answer (aiohttp's keep-alive timer runs from the start)
         self.app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_json_errors],
-                                   handler_args={"auto_decompress": False})  # read_json decodes (CONTENT_CODINGS)
+                                   handler_args={"auto_decompress": False, "keepalive_timeout": read_timeout_s})
         # {model:.+}: a name may hold '/' (Hugging Face's org/model), which `{model}` would not match
         self.app.add_routes([web.get("/v1/models", self.models), web.get("/v1/models/{model:.+}", self.model),
                              web.post("/v1/completions", self.completions), web.post("/v1/chat/completions", self.chat),
@@ -482,7 +566,7 @@ class OpenAIServer:
         # stopping waits this long for requests in flight (aiohttp: 60 s), within the supervisor's STOP_TIMEOUT_S
         self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
+        site = _CappedSite(self._runner, host, port, max_connections=self.max_connections)
         await site.start()
         return self._runner.addresses[0][1]
 
@@ -523,12 +607,18 @@ class OpenAIServer:
     async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
         key = bearer_token(request.headers)
         try:
-            body = await read_json(request)
+            raw = await read_body(request, self.read_timeout_s)
+            if len(raw) > KEY_FIRST_BYTES:  # a big body is walked for a valid key only: 401/403 before it
+                try:
+                    await self.router.gate.check(key)
+                except TierError as exc:
+                    return await self._refused(exc, key, chat)
+            body = parse_json(raw, request)
         except BadRequest as exc:
             return await self._refused(exc, key, chat)
         return await self.respond(body, key, chat, request)
 
-    async def _refused(self, exc: BadRequest, key: str | None, chat: bool = False) -> web.Response:
+    async def _refused(self, exc: TierError, key: str | None, chat: bool = False) -> web.Response:
         """A body the API cannot read: 401/403 first when the key is bad, else the 400 (counted either way)."""
         try:
             await self.router.refuse(key, exc)

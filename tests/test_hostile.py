@@ -271,3 +271,74 @@ def test_a_non_utf8_authorization_header_is_401_and_an_unknown_path_a_json_404(s
     conn.request("GET", "/v1/no-such-path")  # (/health is a real path since issue 26)
     resp = conn.getresponse()
     assert resp.status == 404 and "error" in json.loads(resp.read())
+
+
+def test_slow_and_endless_http_clients_cannot_hold_the_router(tiny_family):
+    """Found by a fault hunt: connections that never finish their request head, or stop sending their body, stayed
+    open for good, and enough of them took every file the router may open (then its gRPC door and NATS link
+    failed too). Now a head not finished within router.http_read_timeout_ms is closed, a body that stops coming
+    for as long is a 408, and past router.http_max_connections a new connection gets a 503 and is closed, while
+    the router keeps serving, and serves HTTP again once they are gone."""
+    import json
+    import socket
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    with Stack(tiny_family, tiers=("edge",),
+               overrides={"router.http_read_timeout_ms": 2000, "router.http_max_connections": 6,
+                          "router.device_complexity": 0.0, "router.cloud_complexity": 1.0}) as s:
+        url = urlsplit(s.http_base_url)
+        body = json.dumps({"model": "tierline-reasoner", "prompt": "Q:1+1=?\nA:", "max_tokens": 2}).encode()
+
+        def post() -> int:
+            request = urllib.request.Request(f"{s.http_base_url}/completions", data=body,
+                                             headers={"content-type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=TIMEOUT) as resp:
+                    return resp.status
+            except urllib.error.HTTPError as err:
+                assert json.loads(err.read())["error"]["code"] == "server_busy" and err.headers["retry-after"]
+                return err.code
+
+        def opened(data: bytes) -> socket.socket:
+            sock = socket.create_connection((url.hostname, url.port), timeout=TIMEOUT)
+            sock.sendall(data)
+            return sock
+
+        def answer(sock: socket.socket) -> bytes:
+            """What the router sent: one answer (its head and Content-Length body), or b"" when it closed."""
+            out = b""
+            while chunk := sock.recv(65536):
+                out += chunk
+                head, _, rest = out.partition(b"\r\n\r\n")
+                length = [int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
+                          if line.startswith(b"content-length:")]
+                if length and len(rest) >= length[0]:
+                    break
+            return out
+
+        head_only = opened(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\n")  # the head never ends
+        half_body = opened(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                           b"content-length: 100\r\n\r\n{\"mo")  # 4 bytes of 100, then nothing
+        assert answer(head_only) == b""  # closed by the router, no answer
+        stalled = answer(half_body)
+        assert stalled.startswith(b"HTTP/1.1 408"), stalled[:200]
+        assert json.loads(stalled.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+        assert post() == 200
+
+        idle = [opened(b"") for _ in range(6)]  # the limit's worth of connections that send nothing
+        try:
+            deadline = time.monotonic() + TIMEOUT  # counted once the router has taken them in (its next loop turn)
+            while (status := post()) != 503 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert status == 503  # told, not left hanging: the door's files stay free
+            assert stub(s.router_address).Infer(pb.InferRequest(prompt="Q:1+1=?\nA:", parameters=pb.Parameters(
+                max_tokens=2)), timeout=TIMEOUT).choices[0].text is not None  # gRPC is served meanwhile
+        finally:
+            for sock in idle:
+                sock.close()
+        deadline = time.monotonic() + TIMEOUT
+        while (status := post()) != 200 and time.monotonic() < deadline:  # the router sees them close
+            time.sleep(0.1)
+        assert status == 200

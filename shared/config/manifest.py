@@ -166,6 +166,12 @@ class RouterConfig:
     scorer: str = ""
     # the OpenAI-compatible HTTP endpoint (/v1/completions ...); 0 = any free port, -1 = off
     http_port: int = 0
+    # a connection that sends no whole request head this long after it opened (or after its last answer) is closed,
+    # and a body that stops coming for this long is a 408 (slow and stalled clients: slowloris)
+    http_read_timeout_ms: int = 30_000
+    # HTTP connections open at once; past it a new one is answered 503 and closed (the process's files, its gRPC
+    # door and its NATS link stay free)
+    http_max_connections: int = 1024
     batch: BatchApiConfig = field(default_factory=BatchApiConfig)  # /v1/files and /v1/batches on that endpoint
 
 
@@ -278,7 +284,8 @@ _RANGES = {  # field -> (min, max) inclusive, None = unbounded
     "retries_per_tier": (0, 10), "retries": (0, 10), "no_replica_wait_ms": (0, 600_000), "max_num_seqs": (1, 1024),
     "max_num_batched_tokens": (1, 1_000_000), "max_context": (0, 10_000_000),
     "max_queue": (1, 100000), "version": (1, 1),
-    "http_port": (-1, 65535), "calls_per_day": (1, None), "tokens_per_day": (1, None),
+    "http_port": (-1, 65535), "http_read_timeout_ms": (1, 3_600_000), "http_max_connections": (1, 1_000_000),
+    "calls_per_day": (1, None), "tokens_per_day": (1, None),
     "max_stop": (0, 16), "max_stop_chars": (1, 1024), "max_id_chars": (1, 1024),
     "heartbeat_s": (0.05, 86400), "stale_after_beats": (1, 1000), "outbox_max_events": (1, 10_000_000),
     "memory_max_mb": (0, None), "workers": (1, 1024), "max_attempts": (1, 100), "ack_wait_s": (1, 3600),

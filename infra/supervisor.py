@@ -58,6 +58,14 @@ def nats_server_binary() -> str:
     return found
 
 
+class ChildFailed(RuntimeError):
+    """A child exited before it was ready; `last_line`: the last line of its log (its own error, as a rule)."""
+
+    def __init__(self, message: str, name: str, last_line: str):
+        super().__init__(message)
+        self.name, self.last_line = name, last_line
+
+
 @dataclass
 class Proc:
     name: str
@@ -153,8 +161,10 @@ class Starting:
                         raise TimeoutError(f"{proc.name} closed its stdout without a ready line (killed; its log: "
                                            f"{log_path})") from None
                     proc.log.flush()
-                    raise RuntimeError(f"{proc.name} exited with {code} before it was ready; the end of "
-                                       f"{log_path}:\n{Path(log_path).read_text(errors='replace')[-LOG_TAIL_CHARS:]}")
+                    tail = Path(log_path).read_text(errors="replace")[-LOG_TAIL_CHARS:]
+                    last = next((ln.strip() for ln in reversed(tail.splitlines()) if ln.strip()), "(its log is empty)")
+                    raise ChildFailed(f"{proc.name} exited with {code} before it was ready; the end of "
+                                      f"{log_path}:\n{tail}", proc.name, f"exited with {code}: {last}")
                 try:
                     msg = json.loads(line)
                 except json.JSONDecodeError:

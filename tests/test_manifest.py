@@ -70,6 +70,9 @@ def test_an_upstream_context_loads(manifest):
     ({"limits": {"max_id_chars": 8}}, "is 17 characters; limits.max_id_chars (8) refuses every request that names it"),
     ({"nats__url": 4222}, "nats.url: expected str"),
     ({"router": {"cloud_complexity": 2}}, "router.cloud_complexity: 2 out of range"),
+    # a fault hunt: NaN passed every range (all comparisons with it are false), inf every unbounded one
+    ({"router": {"cloud_complexity": float("nan")}}, "router.cloud_complexity: nan; expected a finite number"),
+    ({"tiers__edge__cost_per_1k_tokens": float("inf")}, "tiers.edge.cost_per_1k_tokens: inf; expected a finite"),
     ({"tiers__edge__engine_cpus": 1}, "tiers.edge.engine_cpus: expected a list"),
     ({"tiers__edge__engine_cpus": [0, -1]}, "tiers.edge.engine_cpus[1]: -1 out of range"),
     ({"tiers__edge__engine_cpus": [1, 1]}, "tiers.edge: engine_cpus: [1, 1] names a CPU twice"),
@@ -86,6 +89,17 @@ def test_bad_manifest_names_the_field(manifest, change, message):
         load_manifest(path)
     assert str(err.value).startswith(str(path))
     assert message in str(err.value)
+
+
+def test_a_manifest_path_that_is_not_a_readable_text_file_is_named(tmp_path):
+    """A fault hunt: a directory (or a file without permission) raised IsADirectoryError out of every command, and
+    bytes that are not UTF-8 said so without naming the file."""
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe not text")
+    for path in (tmp_path, binary):
+        with pytest.raises(ManifestError, match="cannot read the manifest") as err:
+            load_manifest(path)
+        assert str(err.value).startswith(f"{path}: ")
 
 
 def test_a_tier_process_exits_2_on_a_bad_manifest(manifest):

@@ -93,3 +93,66 @@ def test_up_takes_the_manifests_ports_gives_each_replica_its_own_and_refuses_a_s
 def test_up_replicas_must_name_tiers_and_counts(tmp_path):
     one_line_error(run_cli("up", "--replicas", "gpu=2", "--pidfile", str(tmp_path / "p"), timeout=60),
                    "--replicas", "gpu=2")
+
+
+def _ops_manifest(tmp_path):
+    """A manifest with fixed, free ports for nats-server, the edge and the router (what `up --manifest` takes)."""
+    import yaml
+
+    edge_grpc, edge_metrics, router_grpc, router_http, nats_port = ports = free_ports(5)
+    manifest = tmp_path / "ops.yaml"
+    manifest.write_text(yaml.safe_dump({
+        "model_name": "m", "models_dir": ".", "nats": {"url": f"nats://127.0.0.1:{nats_port}"},
+        "tiers": {"edge": {"artifact": "x", "sha256": "0" * 64, "grpc_port": edge_grpc, "metrics_port": edge_metrics}},
+        "router": {"grpc_port": router_grpc, "http_port": router_http, "metrics_port": 0}}))
+    return manifest, ports
+
+
+def _all_free(ports) -> bool:
+    """Nothing listens on any of `ports` (what `up` started is gone)."""
+    for port in ports:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # closed connections' TIME_WAIT is not a listener
+            try:
+                s.bind(("127.0.0.1", port))
+                s.listen()
+            except OSError:
+                return False
+    return True
+
+
+def test_up_that_cannot_write_its_pidfile_stops_the_platform(tiny_family, tmp_path):
+    """Found by a fault hunt: a pidfile `up` could not write (here a directory) raised after the platform had
+    started, outside the block that stops it: a traceback, and nats-server and every tier left running on the
+    manifest's ports."""
+    manifest, ports = _ops_manifest(tmp_path)
+    taken = tmp_path / "a-directory"
+    taken.mkdir()
+    one_line_error(run_cli("up", "--models", str(tiny_family), "--manifest", str(manifest), "--pidfile", str(taken),
+                           timeout=180), "--pidfile", str(taken), "stopped")
+    deadline = time.monotonic() + 30
+    while not _all_free(ports) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _all_free(ports)
+    assert taken.is_dir() and not (tmp_path / "a-directory.json").exists()
+
+
+def test_up_with_a_port_in_use_is_one_line_naming_it(tiny_family, tmp_path):
+    """Found by a fault hunt: a child that could not start (its port held by another process) made `up` print a
+    traceback whose message pointed at a log the stopped stack had already deleted; now one line, the child's."""
+    manifest, ports = _ops_manifest(tmp_path)
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", ports[0]))  # the edge's gRPC port
+        holder.listen()
+        one_line_error(run_cli("up", "--models", str(tiny_family), "--manifest", str(manifest), "--pidfile",
+                               str(tmp_path / "up.pid"), timeout=180), "did not start", "edge-0", "grpc_port")
+    assert not (tmp_path / "up.pid").exists()
+
+
+def test_creds_init_into_a_file_is_one_line(tmp_path):
+    """A fault hunt: `creds init --out` naming an existing file raised FileExistsError (a traceback)."""
+    taken = tmp_path / "a-file"
+    taken.write_text("mine")
+    one_line_error(run_cli("creds", "init", "--out", str(taken), timeout=60), "--out", str(taken), "not a directory")
+    assert taken.read_text() == "mine"

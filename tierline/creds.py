@@ -27,8 +27,15 @@ def add_parser(sub, parser_class) -> dict:
 
 
 def cmd_init(args) -> int:
+    from tierline.cli import UsageError
     from tierline_shared.security.credentials import LOOPBACK, init_credentials
 
     hosts = () if args.no_tls else tuple(args.tls_host or LOOPBACK)
-    print(json.dumps(init_credentials(args.out, tls_hosts=hosts), indent=2))
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out}: exists and is not a directory")
+    try:
+        made = init_credentials(args.out, tls_hosts=hosts)
+    except OSError as exc:  # no permission, a full disk, a file in the way
+        raise UsageError(f"--out {args.out}: cannot write the credentials there ({exc.strerror or exc})") from None
+    print(json.dumps(made, indent=2))
     return 0

@@ -23,9 +23,9 @@ from rich.table import Table
 from tierline import running
 from tierline_api.v1 import inference_pb2 as pb
 from tierline_api.v1 import inference_pb2_grpc as pb_grpc
-from tierline_infra.supervisor import REFERENCE_MANIFEST, Stack, demo_overrides, host_share
+from tierline_infra.supervisor import REFERENCE_MANIFEST, ChildFailed, Stack, demo_overrides, host_share
 from tierline_router.cascade import cost, paid_tokens
-from tierline_shared.config.manifest import load_manifest
+from tierline_shared.config.manifest import ManifestError, load_manifest
 from tierline_shared.tasks.problems import generate, is_correct
 from tierline_shared.wire import TIERS
 
@@ -154,19 +154,24 @@ def up(models_dir: Path, pidfile: Path, manifest: Path | None = None, replicas: 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    if host is not None:
-        from tierline.cli import UsageError
-        from tierline_shared.config.manifest import ManifestError
-
-        try:
+    try:  # a start that fails stops what it started (Stack.start): the error is the child's own line
+        if host is not None:
             stack = host_share(host, replicas).start()
-        except ManifestError as exc:
-            raise UsageError(str(exc)) from None
-    else:
-        stack = Stack(models_dir, overrides=demo_overrides(models_dir), auth=True, jetstream=True, replicas=replicas,
-                      ports_from=manifest or REFERENCE_MANIFEST).start()
-    running.record(pidfile, stack.manifest)  # `tierline keys` finds the key store this router reads
+        else:
+            stack = Stack(models_dir, overrides=demo_overrides(models_dir), auth=True, jetstream=True,
+                          replicas=replicas, ports_from=manifest or REFERENCE_MANIFEST).start()
+    except ManifestError as exc:
+        raise UsageError(str(exc)) from None
+    except ChildFailed as exc:
+        raise UsageError(f"the platform did not start: {exc.name} {exc.last_line}") from None
+    except TimeoutError as exc:
+        raise UsageError(f"the platform did not start: {exc}") from None
     try:
+        try:
+            running.record(pidfile, stack.manifest)  # `tierline keys` finds the key store this router reads
+        except OSError as exc:
+            raise UsageError(f"--pidfile {pidfile}: cannot write it ({exc.strerror or exc}); the platform "
+                             "was stopped") from None
         table = Table(title="endpoints")
         for col in ("process", "grpc", "metrics", "http"):
             table.add_column(col)

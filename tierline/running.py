@@ -29,15 +29,18 @@ def alive(pidfile: Path) -> int | None:
 
 
 def record(pidfile: Path, manifest: Path) -> None:
-    """Written once the platform is up."""
+    """Written once the platform is up; OSError when it cannot be (the caller stops what it started)."""
     pidfile.parent.mkdir(parents=True, exist_ok=True)
-    state_file(pidfile).write_text(json.dumps({"pid": os.getpid(), "manifest": str(Path(manifest).resolve())}))
     pidfile.write_text(str(os.getpid()))
+    state_file(pidfile).write_text(json.dumps({"pid": os.getpid(), "manifest": str(Path(manifest).resolve())}))
 
 
 def forget(pidfile: Path) -> None:
-    pidfile.unlink(missing_ok=True)
-    state_file(pidfile).unlink(missing_ok=True)
+    """Remove what `record` wrote (a path that is not a file, such as a directory named as the pidfile, is not
+    ours)."""
+    for path in (pidfile, state_file(pidfile)):
+        if not path.is_dir():
+            path.unlink(missing_ok=True)
 
 
 def running_manifest(pidfile: Path = PIDFILE) -> Path | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -325,6 +326,8 @@ def load_manifest(path: str | Path, check_artifacts: bool = True) -> Manifest:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ManifestError(f"{path}: manifest not found") from None
+    except (OSError, UnicodeDecodeError) as exc:  # a directory, no permission, not text
+        raise ManifestError(f"{path}: cannot read the manifest ({getattr(exc, 'strerror', None) or exc})") from None
     except yaml.YAMLError as exc:
         raise ManifestError(f"{path}: not valid YAML ({exc})") from None
     if not isinstance(raw, dict):
@@ -428,6 +431,8 @@ def _convert(hint, value, path: Path, dotted: str):
           str: isinstance(value, str), bool: isinstance(value, bool)}.get(hint, True)
     if not ok:
         raise ManifestError(f"{path}: {dotted}: expected {hint.__name__}, got {value!r}")
+    if hint is float and not math.isfinite(value):  # NaN passes every comparison: a range cannot catch it
+        raise ManifestError(f"{path}: {dotted}: {value!r}; expected a finite number")
     leaf = dotted.rsplit(".", 1)[-1].split("[", 1)[0]  # a list's items: the list's rules
     if leaf in _CHOICES and value not in _CHOICES[leaf]:
         raise ManifestError(f"{path}: {dotted}: {value!r}; allowed: {', '.join(_CHOICES[leaf])}")

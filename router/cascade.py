@@ -47,7 +47,7 @@ from nats.errors import TimeoutError as NatsTimeout
 
 from tierline_api.v1 import inference_pb2 as pb
 from tierline_router.policy import Policy
-from tierline_shared.transport.messaging import TierError
+from tierline_shared.transport.messaging import ReplicaSilent, TierError
 from tierline_shared.wire import TIERS, TOP_TIER, tiers_above, tiers_below
 
 CLIENT_ERRORS = {"INVALID_ARGUMENT"}  # a tier refused the request: the next tier up is asked, else the client told
@@ -56,6 +56,9 @@ CLIENT_ERRORS = {"INVALID_ARGUMENT"}  # a tier refused the request: the next tie
 # upstream engine that fails or answers without usage), where asking again would pay for the same failure twice
 RETRY_STATUSES = {"RESOURCE_EXHAUSTED"}
 RAN_A_MODEL = ("answered", "low_confidence")  # the attempts that are paid for
+# with an answer in hand, a tier above is given the request's time less this, so that the answer still reaches the
+# client before its deadline when that tier does not answer in time (degraded, rather than DEADLINE_EXCEEDED)
+ANSWER_MARGIN_S = 0.25
 _TIMEOUTS = (NatsTimeout, asyncio.TimeoutError, concurrent.futures.TimeoutError, TimeoutError)
 NO_REPLICA_FIRST_S = 0.1  # seconds before a tier that had no replica up is asked again (doubling each round)
 NO_REPLICA_MAX_S = 1.0  # seconds between two rounds at most (a replica reconnects within about a second)
@@ -126,6 +129,11 @@ class Cascade:
         self._draft = resp.choices[0].text if len(resp.choices) == 1 else ""
         self._move_on(tier, "low_confidence")
 
+    @property
+    def answer_in_hand(self) -> bool:
+        """A tier answered (not kept, as a rule): the decision has an answer to give whatever comes next."""
+        return self._best is not None
+
     def draft_for(self, req: pb.InferRequest, max_chars: int) -> str:
         """The draft to send with `req` to the tier asked now: the last answer not kept, cut to `max_chars` (the
         tiers refuse a longer draft, and a draft is only a hint: cut, it costs nothing but the tokens cut off);
@@ -151,6 +159,8 @@ class Cascade:
                 self._absent.append(tier)
         elif isinstance(exc, Offline):
             outcome, detail, retry = "offline", str(exc), False
+        elif isinstance(exc, ReplicaSilent):  # noticed before the time given ran out: its own words
+            outcome, detail, retry = "timeout", str(exc), True
         elif isinstance(exc, _TIMEOUTS):
             outcome, detail, retry = "timeout", detail or "no answer in time", True
         else:

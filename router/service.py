@@ -23,7 +23,7 @@ import grpc
 from tierline_api.v1 import inference_pb2 as pb
 from tierline_api.v1 import inference_pb2_grpc as pb_grpc
 from tierline_router.auth import Admission, Gate, bearer_token
-from tierline_router.cascade import CLIENT_ERRORS, Cascade, Decision
+from tierline_router.cascade import ANSWER_MARGIN_S, CLIENT_ERRORS, Cascade, Decision
 from tierline_router.choices import choices_of, fan_out, merge, merge_streams
 from tierline_router.metrics import RouterMetrics
 from tierline_router.policy import Policy
@@ -72,6 +72,8 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
                 while (tier := cascade.next_tier()) is not None:
                     left = self.request_timeout_s if deadline is None else min(self.request_timeout_s,
                                                                                deadline - time.monotonic())
+                    if deadline is not None and cascade.answer_in_hand:  # it must still reach the client in time
+                        left -= ANSWER_MARGIN_S
                     if left <= 0:
                         cascade.expired(tier)
                         break

@@ -125,17 +125,16 @@ class BatchApi:
                                  "uncompressed")
         limit = self.config.max_file_mb * 1024 * 1024
         try:
-            async with arriving(self.server.read_timeout_s) as fed:  # an upload that stops coming is a 408
+            async with arriving(request, self.server.read_timeout_s):  # an upload that stops coming is a 408
                 reader = await request.multipart()
-                return await self._fields(reader, limit, fed)
+                return await self._fields(reader, limit)
         except (ValueError, RequestPayloadError, HttpProcessingError) as exc:  # no boundary, a bad encoding...
             raise BadRequest("file", f"the multipart body could not be read: {exc}") from None
 
-    async def _fields(self, reader, limit: int, fed) -> tuple[str, str, bytes]:
-        """The form's fields, each part a plain field (a nested multipart is refused); `fed()` as data comes."""
+    async def _fields(self, reader, limit: int) -> tuple[str, str, bytes]:
+        """The form's fields, each part a plain field (a nested multipart is refused)."""
         purpose = filename = data = None
         while (part := await reader.next()) is not None:
-            fed()
             if not isinstance(part, BodyPartReader):
                 raise BadRequest("file", "a part of the body is itself multipart; send purpose and file as fields")
             if part.name == "purpose":
@@ -143,7 +142,6 @@ class BatchApi:
             elif part.name == "file":
                 filename, chunks, size = part.filename or "upload.jsonl", [], 0
                 while chunk := await part.read_chunk(1 << 16):
-                    fed()
                     size += len(chunk)
                     if size > limit:
                         raise BadRequest("file", f"file: larger than the {self.config.max_file_mb} MB this "

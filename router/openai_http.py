@@ -77,6 +77,9 @@ MAX_BODY_BYTES = 1024 * 1024  # the largest request body, as sent and as decoded
 # a body larger than this is read as JSON only for a valid key: walking a big one costs the event loop (about 0.3 s a
 # MiB), and without a key nobody should be able to spend that (the key of a smaller one is checked with its quota)
 KEY_FIRST_BYTES = 64 * 1024
+BUSY_LINGER_S = 2.0  # a connection refused with a 503 waits this long at most for its client to finish sending
+BUSY_LINGERING = 256  # refused connections waiting so at once; past it they close at once
+FILES_RESERVE = 256  # open files the router keeps for all but its HTTP connections (gRPC, NATS, logs, the store)
 # content codings a body may come in (RFC 9110 8.4.1; x-gzip is gzip's old name) -> zlib's wbits (None: as it is)
 CONTENT_CODINGS = {"identity": None, "gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS,
                    "deflate": zlib.MAX_WBITS}
@@ -351,6 +354,27 @@ def _legacy_logprobs(choice: pb.Choice) -> dict:
             "text_offset": offsets}
 
 
+def connection_room(wanted: int) -> int:
+    """How many HTTP connections this process can hold: `wanted`, or fewer when its open-file limit leaves less
+    room (FILES_RESERVE kept for the rest). The soft limit is raised to the hard one first, as servers do: a
+    soft limit of 1024 (systemd's and containers' default) would run out before a cap of 1024 connections."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX system: no limit to read
+        return wanted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):  # the kernel's own ceiling (nr_open) is lower: keep the soft limit
+            pass
+    return max(1, min(wanted, soft - FILES_RESERVE))
+
+
 class _CappedSite(web.TCPSite):
     """aiohttp's TCP site, answering a connection past `max_connections` open ones with a 503 and closing it: a client
     that opens connections without end cannot take the process's files (its gRPC door and NATS link need some).
@@ -374,17 +398,41 @@ class _CappedSite(web.TCPSite):
 
 
 class _Busy(asyncio.Protocol):
-    """A connection past the limit: a 503 in OpenAI's error shape, then closed."""
+    """A connection past the limit: a 503 in OpenAI's error shape, then closed once the client is done sending (or
+    after BUSY_LINGER_S): closed with its request unread, the socket would be reset, and a client still writing its
+    body would see a broken pipe instead of the answer. At most BUSY_LINGERING of them wait so; the others close
+    at once."""
+
+    lingering = 0  # refused connections waiting for their client to finish sending
 
     def __init__(self, limit: int):
         body = json.dumps({"error": {"message": f"too many open connections ({limit}) on this server; retry later",
                                      "type": "server_error", "param": None, "code": "server_busy"}}).encode()
         self._answer = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
                         b"Connection: close\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.write(self._answer)  # type: ignore[attr-defined]
-        transport.close()
+        self._transport = transport  # type: ignore[assignment]
+        self._transport.write(self._answer)
+        if _Busy.lingering >= BUSY_LINGERING or not self._transport.can_write_eof():
+            self._transport.close()
+            return
+        _Busy.lingering += 1
+        self._transport.write_eof()  # the answer is all; what the client still sends is read and dropped
+        self._timer = asyncio.get_running_loop().call_later(BUSY_LINGER_S, self._transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False  # the client is done: close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            _Busy.lingering -= 1
 
 
 def _logprobs_of(choice: pb.Choice, wanted: bool, chat: bool) -> dict | None:
@@ -470,13 +518,26 @@ def content_codings(request: web.Request) -> list[str]:
 
 
 @contextlib.asynccontextmanager
-async def arriving(idle_s: float):
-    """A body read within: `fed()` each time some of it came; `idle_s` with nothing is a 408 (a stalled or trickling
-    client holds no connection for longer than its data keeps coming)."""
-    loop = asyncio.get_running_loop()
+async def arriving(request: web.Request, idle_s: float):
+    """The request's body read within: when no byte of it came for `idle_s` (its stream's count, watched every
+    quarter of that: the headers of a multipart part count too), a 408; a client whose data keeps coming is not cut
+    off, and a stalled or trickling one holds its connection no longer than that."""
+    loop, content = asyncio.get_running_loop(), request.content
+    seen, handle = content.total_bytes, None
     try:
         async with asyncio.timeout(idle_s) as deadline:
-            yield lambda: deadline.reschedule(loop.time() + idle_s)
+            def watch() -> None:
+                nonlocal seen, handle
+                if content.total_bytes != seen:
+                    seen = content.total_bytes
+                    deadline.reschedule(loop.time() + idle_s)
+                handle = loop.call_later(idle_s / 4, watch)
+
+            handle = loop.call_later(idle_s / 4, watch)
+            try:
+                yield
+            finally:
+                handle.cancel()
     except TimeoutError:
         raise _stalled(idle_s) from None
 
@@ -492,12 +553,11 @@ async def read_body(request: web.Request, idle_s: float) -> bytes:
                              "gzip or deflate")
     body = bytearray()
     try:
-        async with arriving(idle_s) as fed:
+        async with arriving(request, idle_s):
             while chunk := await request.content.readany():
                 body += chunk
                 if len(body) > MAX_BODY_BYTES:
                     raise _too_large()
-                fed()
     except (RequestPayloadError, HttpProcessingError) as exc:  # a body its framing (chunks, length) cannot deliver
         raise BadRequest(None, "the body could not be read: " + " ".join(str(exc).split())) from None
     out = bytes(body)
@@ -566,6 +626,12 @@ class OpenAIServer:
         # stopping waits this long for requests in flight (aiohttp: 60 s), within the supervisor's STOP_TIMEOUT_S
         self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         await self._runner.setup()
+        room = connection_room(self.max_connections)
+        if room < self.max_connections:
+            log.warning("router.http_max_connections %d is more than this process's open-file limit leaves room "
+                        "for: %d HTTP connections at most (raise the limit: ulimit -n, LimitNOFILE=)",
+                        self.max_connections, room)
+            self.max_connections = room
         site = _CappedSite(self._runner, host, port, max_connections=self.max_connections)
         await site.start()
         return self._runner.addresses[0][1]

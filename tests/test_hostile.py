@@ -285,7 +285,7 @@ def test_slow_and_endless_http_clients_cannot_hold_the_router(tiny_family):
     import urllib.request
     from urllib.parse import urlsplit
 
-    with Stack(tiny_family, tiers=("edge",),
+    with Stack(tiny_family, tiers=("edge",), jetstream=True,  # the Batch API's uploads too
                overrides={"router.http_read_timeout_ms": 2000, "router.http_max_connections": 6,
                           "router.device_complexity": 0.0, "router.cloud_complexity": 1.0}) as s:
         url = urlsplit(s.http_base_url)
@@ -326,6 +326,21 @@ def test_slow_and_endless_http_clients_cannot_hold_the_router(tiny_family):
         assert stalled.startswith(b"HTTP/1.1 408"), stalled[:200]
         assert json.loads(stalled.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
         assert post() == 200
+        # an upload whose bytes keep coming, in gaps shorter than the timeout, is not cut off, however long it takes
+        # (an extra field and part headers included: they are bytes of the body too)
+        form = (b'--B\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+                b'--B\r\nContent-Disposition: form-data; name="note"\r\n\r\n' + b"x" * 600 + b"\r\n"
+                b'--B\r\nContent-Disposition: form-data; name="file"; filename="in.jsonl"\r\n\r\n'
+                + json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": json.loads(body)})
+                .encode() + b"\n\r\n--B--\r\n")
+        upload = opened(b"POST /v1/files HTTP/1.1\r\nhost: x\r\ncontent-type: multipart/form-data; boundary=B\r\n"
+                        b"content-length: %d\r\n\r\n" % len(form))
+        for i in range(0, len(form), 128):  # about 3 s in all: longer than the timeout, no gap as long
+            upload.sendall(form[i:i + 128])
+            time.sleep(0.4)
+        uploaded = answer(upload)
+        assert uploaded.startswith(b"HTTP/1.1 200"), uploaded[:300]
+        upload.close()
 
         idle = [opened(b"") for _ in range(6)]  # the limit's worth of connections that send nothing
         try:
@@ -342,3 +357,54 @@ def test_slow_and_endless_http_clients_cannot_hold_the_router(tiny_family):
         while (status := post()) != 200 and time.monotonic() < deadline:  # the router sees them close
             time.sleep(0.1)
         assert status == 200
+
+
+def test_an_answer_in_hand_reaches_a_client_whose_deadline_the_tier_above_would_miss(tiny_family):
+    """Found by a fault hunt: every request escalates (edge threshold 1) to a cloud that is hung (SIGSTOP: on NATS,
+    silent). The edge's answer was in hand after a few ms, but the cloud was given all the time left, so its last
+    try ended at the client's deadline: DEADLINE_EXCEEDED instead of the degraded edge answer, and the key charged
+    for it. Now a tier above gets the time less ANSWER_MARGIN_S when there is an answer to give. The silent
+    replica's attempt says it went silent (it said "no answer in <the time given>")."""
+    import os
+    import signal
+
+    from tests.conftest import new_key
+    from tierline import InferenceClient
+
+    with Stack(tiny_family, tiers=("edge", "cloud"), auth=True,
+               overrides={"router.device_complexity": 0.0, "router.cloud_complexity": 1.0,
+                          "router.confidence_threshold": {"edge": 1.0}, "tiers.edge.cache_size": 0}) as s:
+        _, key = new_key(s, "pro")
+        cloud = next(p.popen.pid for p in s.procs if p.name == "cloud-0")
+        os.kill(cloud, signal.SIGSTOP)
+        try:
+            sdk = InferenceClient(api_key=key, endpoint=s.router_address, retries=0)
+            answer = sdk.infer("Q:2+3=?\nA:", {"max_tokens": 4}, timeout=1.6)  # one silent try and a short one
+            assert answer.degraded and answer.tier == "edge", answer
+            cloud_tries = [a for a in answer.escalation_path if a.tier == "cloud"]
+            assert cloud_tries and "went silent" in cloud_tries[0].detail, answer.escalation_path
+        finally:
+            os.kill(cloud, signal.SIGCONT)
+
+
+def test_the_http_connection_cap_fits_the_open_file_limit():
+    """Found by a review: a cap of 1024 connections under a soft open-file limit of 1024 (systemd's and
+    containers' default) ran out of files before the cap engaged. The soft limit is raised to the hard one, and
+    the cap lowered to what the hard one leaves room for; in a process of its own (the limits are process-wide)."""
+    import subprocess
+    import sys
+
+    script = ("import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, tuple(map(int, sys.argv[1:3])));"
+              "from tierline_router.openai_http import FILES_RESERVE, connection_room;"
+              "print(connection_room(1024), resource.getrlimit(resource.RLIMIT_NOFILE)[0], FILES_RESERVE)")
+
+    def room(soft: int, hard: int) -> tuple[int, int, int]:
+        out = subprocess.run([sys.executable, "-c", script, str(soft), str(hard)], capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0, out.stderr
+        return tuple(int(x) for x in out.stdout.split())
+
+    cap, soft, reserve = room(1024, 4096)
+    assert (cap, soft) == (1024, 4096)  # raised: the whole cap fits
+    cap, soft, reserve = room(512, 512)
+    assert (cap, soft) == (512 - reserve, 512)  # no room to raise it: the cap is what the limit leaves

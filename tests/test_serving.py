@@ -123,3 +123,34 @@ def test_a_model_update_keeps_the_old_models_answers_out_of_the_new_ones_cache()
         assert all(b.result(30).model_version == "0" for b in busy)
     finally:
         s.scheduler.close()
+
+
+def test_a_request_validated_while_a_model_update_lands_is_queued_on_the_new_model(monkeypatch):
+    """Found by a review: a request read the model, was validated, and was queued on that model's scheduler even
+    when an update had replaced it meanwhile; the old scheduler retires once idle, so a stall there could meet a
+    closed scheduler (INTERNAL). Now it is validated again against the new model and queued on it. The update is
+    made to land exactly there (inside validation)."""
+    import dataclasses
+
+    from tierline_device_agent.agent import DeviceAgentServicer
+    from tierline_shared.serving import servicer as serving
+
+    old = random_torch_engine(seed=3, tier="device")
+    new = random_torch_engine(seed=4, tier="device")
+    new.info = dataclasses.replace(new.info, version="1")
+    s = DeviceAgentServicer(old, policy=None, upstream_timeout_s=5.0)
+    real = serving.validate
+
+    def validate_while_updating(req, engine, *args):
+        out = real(req, engine, *args)
+        if engine is old:
+            s.swap_engine(new)  # the update lands after this request read the model, before it is queued
+        return out
+
+    monkeypatch.setattr(serving, "validate", validate_while_updating)
+    try:
+        answer = s.begin(_request(6), 30.0).result(30)
+        assert answer.model_version == "1"
+        assert answer.choices[0].text == new.generate(PROMPT, GenerationParams(max_tokens=6)).text
+    finally:
+        s.scheduler.close()

@@ -317,9 +317,8 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
         finishes; cancelling the future takes the request out of the batch at the next step.
         """
         t0 = time.perf_counter()
-        served = self.served  # one model from validation to the answer's label and cache (an update may land)
         try:
-            params = validate(req, served.engine, self.limits, served.engine.info.model)
+            served, params = self._validated(req)  # one model from here to the answer's label and cache
             request_id = req.request_id or uuid.uuid4().hex
             key = (req.prompt, params.max_tokens, params.stop, params.attention_window, params.logprobs,
                    params.top_logprobs) if params.greedy else None
@@ -381,6 +380,15 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
             code = "CANCELLED" if isinstance(exc, futures.CancelledError) else status_of(exc)[0].name
             self.metrics.observe_failure(code)
 
+    def _validated(self, req: pb.InferRequest) -> tuple[Served, GenerationParams]:
+        """The model served now and the request's parameters, validated against it; again if an update replaced it
+        meanwhile (the old one's scheduler retires once idle: a request must be queued on the model it read)."""
+        while True:
+            served = self.served
+            params = validate(req, served.engine, self.limits, served.engine.info.model)
+            if served is self.served:
+                return served, params
+
     @staticmethod
     def _response(request_id: str, out: BatchedResult, t0: float, info) -> pb.InferResponse:
         """The answer of the model `info` describes (the one that ran it)."""
@@ -416,9 +424,8 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
         holds at most max_tokens chunks, the scheduler never waits for it).
         """
         t0 = time.perf_counter()
-        served = self.served  # one model for the whole stream (an update may land: `Served`)
         try:
-            params = validate(request, served.engine, self.limits, served.engine.info.model)
+            served, params = self._validated(request)  # one model for the whole stream (`Served`)
             ticket = served.scheduler.submit(request.prompt, params, priority=_priority(request),
                                              timeout_s=self._timeout(timeout_s), stream=True)
         except Exception as exc:  # bad input or a full queue: refused before any work

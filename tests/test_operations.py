@@ -57,17 +57,10 @@ def test_up_takes_the_manifests_ports_gives_each_replica_its_own_and_refuses_a_s
     """Issue 25: a second edge on the same manifest used to share its gRPC port silently (SO_REUSEPORT) and
     crash on its metrics port; now replicas beyond the first get free ports of their own, every endpoint is
     listed, and a second stack on the same fixed ports stops at once with the port named."""
-    import yaml
-
     from tierline.demo import endpoints
     from tierline_infra.supervisor import Stack
 
-    edge_grpc, edge_metrics, router_grpc, router_http, nats_port = free_ports(5)
-    manifest = tmp_path / "ops.yaml"
-    manifest.write_text(yaml.safe_dump({
-        "model_name": "m", "models_dir": ".", "nats": {"url": f"nats://127.0.0.1:{nats_port}"},
-        "tiers": {"edge": {"artifact": "x", "sha256": "0" * 64, "grpc_port": edge_grpc, "metrics_port": edge_metrics}},
-        "router": {"grpc_port": router_grpc, "http_port": router_http, "metrics_port": 0}}))
+    manifest, (edge_grpc, edge_metrics, router_grpc, router_http, nats_port) = _ops_manifest(tmp_path)
     with Stack(tiny_family, tiers=("edge",), replicas={"edge": 2}, ports_from=manifest,
                overrides={"router.confidence_threshold": {"edge": 0.0}}) as s:
         rows = {r["process"]: r for r in endpoints(s)}

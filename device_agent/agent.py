@@ -92,7 +92,7 @@ class DeviceAgentServicer(TierServicer):
                     raise Offline("no NATS link: not asked" if self.link is None else "NATS link down: not asked")
                 else:
                     req.draft = cascade.draft_for(req, self.limits.max_prompt_chars)
-                    cascade.answered(tier, link.request(tier, req, budget))
+                    cascade.answered(tier, link.request(tier, req, budget, cascade.after_silence))
             except Exception as exc:  # noqa: BLE001 - the cascade sorts failures (and raises what is not one)
                 cascade.failed(tier, as_tier_error(local, exc) if tier == local else exc,
                                detail=f"no answer in {budget:.2f}s")

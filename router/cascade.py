@@ -103,6 +103,9 @@ class Cascade:
         self._refusal: TierError | None = None  # the highest tier's refusal (INVALID_ARGUMENT) so far
         self._refused_by = -1  # that tier's place in TIERS
         self._draft: str | None = None  # the text of the last answer not kept: what the next tier may verify
+        # the tier asked now is asked again after a replica of it went silent: the retry goes to a replica that
+        # is alive (messaging.ask_tier's after_silence)
+        self.after_silence = False
 
     def next_tier(self) -> str | None:
         """The tier to ask now; None when the decision is made."""
@@ -168,6 +171,7 @@ class Cascade:
         self.path.append(pb.Attempt(tier=tier, outcome=outcome, detail=detail))
         if retry and self._tries < self.retries:
             self._tries += 1
+            self.after_silence = isinstance(exc, ReplicaSilent)
             return
         self._move_on(tier, outcome)
 
@@ -190,13 +194,13 @@ class Cascade:
             [t for t in self._absent if TIERS.index(t) < first] + self._below)
         if not self._ahead and not self._below:
             return None
-        self._absent, self._tries, self._falling_back = [], 0, False
+        self._absent, self._tries, self._falling_back, self.after_silence = [], 0, False, False
         self._rounds += 1
         return no_replica_wait(self._rounds - 1)
 
     def _move_on(self, tier: str, why: str) -> None:
         self._ahead.pop(0)
-        self._tries = 0
+        self._tries, self.after_silence = 0, False
         nxt = self.next_tier()
         if nxt is not None and self._on_escalate is not None:
             self._on_escalate(tier, nxt, "fallback" if TIERS.index(nxt) < TIERS.index(tier) else why)

@@ -56,8 +56,9 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
         self.no_replica_wait_s = no_replica_wait_s  # at most, waiting for a tier with no replica up
         self._replicas: dict[str, dict[str, tuple[dict, float]]] = {}  # tier -> id -> (last $SRV.STATS, when)
 
-    async def _ask(self, tier: str, req: pb.InferRequest, timeout_s: float) -> pb.InferResponse:
-        return await ask_tier(self.nc, tier, req, timeout_s)
+    async def _ask(self, tier: str, req: pb.InferRequest, timeout_s: float,
+                   after_silence: bool = False) -> pb.InferResponse:
+        return await ask_tier(self.nc, tier, req, timeout_s, after_silence)
 
     async def route(self, req: pb.InferRequest, deadline: float | None) -> pb.InferResponse:
         """The request through the cascade (router/cascade.py), each tier asked over NATS."""
@@ -79,7 +80,7 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
                         break
                     req.draft = cascade.draft_for(req, self.limits.max_prompt_chars)
                     try:
-                        cascade.answered(tier, await self._ask(tier, req, left))
+                        cascade.answered(tier, await self._ask(tier, req, left, cascade.after_silence))
                     except Exception as exc:  # noqa: BLE001 - the cascade sorts failures (raises what is not one)
                         cascade.failed(tier, exc, detail=f"no answer in {left:.2f}s")
                 if not await self._waited(cascade.again(), end):

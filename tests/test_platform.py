@@ -296,6 +296,37 @@ def test_killing_an_edge_replica_loses_no_request(tiny_family):
         assert {a.tier for a in answers} <= {"edge", "cloud"}
 
 
+def test_a_hung_replica_fails_no_request_while_another_is_up(tiny_family):
+    """Found by a fault hunt: one of two edge replicas hung (SIGSTOP: its NATS connection stays open, so the server
+    keeps handing it requests) made about a quarter of the requests fail. A request it took went silent, and the one
+    retry went to the queue group again, which drew the hung replica half the time. Now the retry goes to a replica
+    heard from since the silence began (under load: an answer to another request), or where none was (one request
+    at a time), the first to answer a $SRV.PING; never to the silent one."""
+    prompts = [p.prompt for p in generate("test", 24, seed=11)]
+    with Stack(tiny_family, tiers=("edge",), replicas={"edge": 2},
+               overrides={"router.confidence_threshold": {"edge": 0.0}, "tiers.edge.cache_size": 0}) as s:
+        router = stub(s.port("router"))
+        router.Infer(req(), timeout=TIMEOUT)
+        hung = next(p.popen.pid for p in s.procs if p.name == "edge-1")
+        os.kill(hung, signal.SIGSTOP)
+        try:
+            def one(prompt: str):
+                try:
+                    return router.Infer(req(prompt, max_tokens=8), timeout=TIMEOUT)
+                except grpc.RpcError as exc:
+                    return exc
+
+            with ThreadPoolExecutor(8) as pool:  # under load: the healthy replica answers all the time
+                answers = list(pool.map(one, prompts))
+            answers += [one(p) for p in prompts[:12]]  # one at a time: no other answer to tell who is alive
+            failed = [(a.code().name, a.details()) for a in answers if isinstance(a, grpc.RpcError)]
+            assert not failed, failed
+            for a in answers:  # a silent attempt is followed by an answer, never by a second silence
+                assert [x.outcome for x in a.escalation_path] in (["answered"], ["timeout", "answered"]), a
+        finally:
+            os.kill(hung, signal.SIGCONT)
+
+
 def test_cloud_down_gives_degraded_answers_not_errors(tiny_family):
     with Stack(tiny_family, tiers=("edge", "cloud"),
                overrides={"router.confidence_threshold": {"edge": 1.0}, "router.device_complexity": 0.0,

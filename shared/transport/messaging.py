@@ -1,7 +1,8 @@
 """NATS for Tierline, the client side: subject names, connecting with credentials, asking a tier.
 
 Every subject is built by `subject()`. A tier answers on `tierline.<tier>.infer` (and
-`.stream`) through its nats.micro service (transport/tier_service.py); payloads are the
+`.stream`) through its nats.micro service (transport/tier_service.py), and each replica on
+`tierline.<tier>.infer.<replica id>` too, for a retry that must avoid a silent one; payloads are the
 protobuf `InferRequest` / `InferResponse` of proto/tierline_api/v1, and errors travel as
 nats.micro's error headers plus `Tierline-Status` with the gRPC status name, which
 `ask_tier` / `stream_tier` turn back into `TierError`.
@@ -34,6 +35,7 @@ PROGRESS_HEADER = "Tierline-Progress"  # marks a tier's "still working on it" me
 OTHER_REPLICA_HEADER = "Tierline-Other-Replica"
 HEARTBEAT_S = 0.2  # how often a tier working on a request says so
 SILENCE_S = 1.0  # a replica silent this long (while the link is up) is taken for dead: ask another
+PROBE_S = 0.25  # seconds, at most, a retry after a silence waits for a replica to answer $SRV.PING
 RECONNECT_BASE_S = 1.0  # seconds, the first wait after the link drops (doubles after each failed attempt)
 RECONNECT_MAX_S = 30.0  # seconds, the longest wait between two attempts (forever)
 RECONNECT_JITTER = 0.2  # each wait is drawn from [1 - 0.2, 1] x its step, so a fleet does not reconnect in step
@@ -72,9 +74,10 @@ class _QuietTlsClose(logging.Filter):
 logging.getLogger("asyncio").addFilter(_QuietTlsClose())
 
 
-def subject(tier: str, verb: str = "infer") -> str:
-    """The one place subject names are made: tierline.<tier>.<verb>."""
-    return f"{SUBJECT_PREFIX}.{tier}.{verb}"
+def subject(tier: str, verb: str = "infer", replica: str | None = None) -> str:
+    """The one place subject names are made: tierline.<tier>.<verb>, and one replica's own
+    tierline.<tier>.<verb>.<replica id> (`replica="*"`: every replica's, for permissions)."""
+    return f"{SUBJECT_PREFIX}.{tier}.{verb}" + (f".{replica}" if replica else "")
 
 
 class KvConflict(Exception):
@@ -159,8 +162,9 @@ def service_name(tier: str) -> str:
     return f"{SUBJECT_PREFIX}-{tier}"
 
 
-async def discover(nc, tier: str, verb: str = "STATS", wait_s: float = 0.25) -> list[dict]:
-    """Every replica's reply to `$SRV.<verb>.tierline-<tier>`, gathered for `wait_s` seconds.
+async def discover(nc, tier: str, verb: str = "STATS", wait_s: float = 0.25, first: bool = False) -> list[dict]:
+    """Every replica's reply to `$SRV.<verb>.tierline-<tier>`, gathered for `wait_s` seconds (`first`: until the
+    first reply).
 
     nats.micro replicas all answer a discovery request, so this is a scatter-gather on a
     reply subject (the connection's shared one: `_replies`) rather than `nc.request` (which
@@ -180,6 +184,8 @@ async def discover(nc, tier: str, verb: str = "STATS", wait_s: float = 0.25) -> 
                 found.append(json.loads(msg.data))
             except ValueError:
                 continue  # not a nats.micro reply
+            if first:
+                break
     return found
 
 
@@ -193,7 +199,8 @@ class TierError(Exception):
 
 
 class ReplicaSilent(TimeoutError):
-    """The replica working on a request stopped saying so (it died, or its link did): ask another."""
+    """The replica working on a request stopped saying so (it died, or its link did): ask another (ask_tier's
+    `after_silence`)."""
 
 
 class _Box:
@@ -279,7 +286,7 @@ def _answer(tier: str, msg) -> pb.InferResponse:
     return pb.InferResponse.FromString(msg.data)
 
 
-async def ask_tier(nc, tier: str, request, timeout_s: float):
+async def ask_tier(nc, tier: str, request, timeout_s: float, after_silence: bool = False):
     """One InferRequest to a tier over NATS, with an explicit timeout.
 
     The replica that takes the request says every HEARTBEAT_S that it is still working on it,
@@ -288,17 +295,38 @@ async def ask_tier(nc, tier: str, request, timeout_s: float):
     side's link is down does not count: the answer may come after the reconnect. Given up
     without an answer (a timeout, a silent replica, cancelled), it tells the tier, which stops
     decoding the request (`tierline.<tier>.cancel`, as a stream closed early).
+
+    `after_silence` (a retry after a ReplicaSilent): the request goes to a replica that is alive, on
+    its own subject, not to the queue group, which may draw the silent replica again (a hung process
+    keeps its NATS subscription until the server gives up on it, minutes later): the first replica
+    to answer $SRV.PING within PROBE_S (a hung one does not). When none does, or the one that did has
+    left since (no responders), the queue group.
     Raises nats' NoRespondersError (no replica: at once), TimeoutError, or TierError.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
+    if after_silence:
+        found = await discover(nc, tier, "PING", wait_s=min(PROBE_S, timeout_s / 4), first=True)
+        replica = found[0].get("id") if found and isinstance(found[0], dict) else None
+        if isinstance(replica, str) and replica.isalnum():
+            try:
+                return await _ask_one(nc, tier, subject(tier, replica=replica), request, deadline)
+            except nats.errors.NoRespondersError:
+                pass  # it left since: the queue group
+    return await _ask_one(nc, tier, subject(tier), request, deadline)
+
+
+async def _ask_one(nc, tier: str, to: str, request, deadline: float):
+    """ask_tier's request to the subject `to`, answered by `deadline` (loop time)."""
+    loop = asyncio.get_running_loop()
     async with _replies(nc).box() as (inbox, replies):
         ended = False  # the tier said its last word (an answer, an error, or no responders)
         try:
-            await nc.publish(subject(tier), request.SerializeToString(), reply=inbox,
-                             headers={TIMEOUT_HEADER: f"{timeout_s:.3f}", HEARTBEAT_HEADER: f"{HEARTBEAT_S}",
-                                      STREAM_ID_HEADER: inbox})
-            heard = loop.time()
+            sent = loop.time()
+            await nc.publish(to, request.SerializeToString(), reply=inbox,
+                             headers={TIMEOUT_HEADER: f"{max(deadline - sent, 0.0):.3f}",
+                                      HEARTBEAT_HEADER: f"{HEARTBEAT_S}", STREAM_ID_HEADER: inbox})
+            heard = sent
             while True:
                 now = loop.time()
                 if now >= deadline:

@@ -3,7 +3,9 @@
 The service `tierline-<tier>` has the endpoints `tierline.<tier>.infer` and `.stream` in
 nats.micro's default queue group, so replicas of a tier share the load and
 `$SRV.PING|INFO|STATS` discover them, and a plain subscription to `.cancel` (every replica
-hears it). Each request is served in its own task, which queues it with the servicer and
+hears it). Each replica also takes requests on `tierline.<tier>.infer.<its service id>` (a
+retry sent to it alone: messaging.ask_tier's `after_silence`), served and counted as `infer`.
+Each request is served in its own task, which queues it with the servicer and
 awaits its future: no thread waits on a request, so every request in flight is in the
 scheduler's bounded queue or its running batch (streams, whose chunks come from an iterator,
 are read in worker threads). nats.micro runs an
@@ -32,7 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
-from nats.micro.service import Service, ServiceConfig, ServiceStats
+from nats.micro.request import Request
+from nats.micro.service import DEFAULT_QUEUE_GROUP, Service, ServiceConfig, ServiceStats
 
 from tierline_shared.transport.messaging import (
     HEARTBEAT_HEADER,
@@ -154,6 +157,7 @@ class TierService:
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"nats-{tier}", daemon=True)
         self._nc = None
         self._service = None
+        self._direct = None  # the subscription to this replica's own subject
         self._tasks: set[asyncio.Task] = set()
         self._live: dict = {}  # request id (its reply subject) -> what stops it, called once the requester cancels
         self._early: dict[str, float] = {}  # request id -> until when a cancel that came before it counts
@@ -202,6 +206,10 @@ class TierService:
         self._service = _Service(self._nc, config, self._counts)
         await self._service.start()
         await self._service.add_endpoint(name="infer", subject=subject(self.tier), handler=self._on_request)
+        # a retry sent to this replica alone (in the queue group too: a leaked tier identity subscribing to it only
+        # gets its share, as on the tier's subject)
+        self._direct = await self._nc.subscribe(subject(self.tier, replica=self._service.id),
+                                                queue=DEFAULT_QUEUE_GROUP, cb=self._on_direct)
         if self._stream:
             await self._service.add_endpoint(name="stream", subject=subject(self.tier, "stream"),
                                              handler=self._on_stream)
@@ -297,6 +305,9 @@ class TierService:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _on_direct(self, msg) -> None:
+        await self._on_request(Request(msg))
+
     async def _serve(self, req) -> None:
         """One request: its answer, or its error, to the reply subject. A cancel naming the request (its
         requester gave up: a deadline, its client gone) takes it out of the batch at the next step; so does
@@ -344,9 +355,10 @@ class TierService:
         await req.respond_error(code=str(code.value[0]), description=message,
                                 headers={STATUS_HEADER: code.name, **extra})
 
-    def request(self, tier: str, request, timeout_s: float):
+    def request(self, tier: str, request, timeout_s: float, after_silence: bool = False):
         """`ask_tier` from a worker thread, on this service's connection."""
-        fut = asyncio.run_coroutine_threadsafe(ask_tier(self._nc, tier, request, timeout_s), self._loop)
+        fut = asyncio.run_coroutine_threadsafe(ask_tier(self._nc, tier, request, timeout_s, after_silence),
+                                               self._loop)
         return fut.result(timeout=timeout_s + 1)
 
     def stop(self) -> None:
@@ -357,6 +369,8 @@ class TierService:
             for answer in list(self._answers):  # each leaves the batch; its task answers UNAVAILABLE (`_serve`)
                 answer.cancel()
             try:
+                if self._direct:  # no retry comes here any more
+                    await self._direct.unsubscribe()
                 if self._service:  # the queue group sends new requests to other replicas; taken ones are answered
                     await self._service.stop()
             finally:

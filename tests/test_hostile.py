@@ -186,6 +186,30 @@ def test_bytes_that_are_not_a_request_are_invalid_argument(stack):
     assert ERROR_CODE_HEADER in reply.headers and reply.headers[STATUS_HEADER] == "INVALID_ARGUMENT"
 
 
+@pytest.mark.parametrize("method, message, kind", [
+    ("/grpc.health.v1.Health/Check", "grpc.health.v1.HealthCheckRequest", "unary_unary"),
+    ("/grpc.health.v1.Health/Watch", "grpc.health.v1.HealthCheckRequest", "unary_stream"),
+    ("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", "grpc.reflection.v1alpha.ServerReflectionRequest",
+     "stream_stream"),
+    ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+     "grpc.reflection.v1alpha.ServerReflectionRequest", "stream_stream"),
+])
+def test_bytes_that_are_not_a_health_or_reflection_request_are_invalid_argument(stack, method, message, kind):
+    """Found by a fault hunt: health and reflection answered malformed protobuf with UNKNOWN (the router) or
+    INTERNAL (a tier), where the InferenceService answers INVALID_ARGUMENT naming the message. They are now
+    parsed as leniently, on the router's grpc.aio server and a tier's grpc server alike."""
+    garbage = b"\xff\xff\xff\x7f\x0a\x05"
+    for address in (stack.router_address, f"127.0.0.1:{stack.port('edge-0')}"):
+        call = getattr(grpc.insecure_channel(address), kind)(method)
+        with pytest.raises(grpc.RpcError) as err:
+            if kind == "unary_unary":
+                call(garbage, timeout=TIMEOUT)
+            else:
+                list(call(iter([garbage]) if kind == "stream_stream" else garbage, timeout=TIMEOUT))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (address, err.value)
+        assert err.value.details() == f"request: not a valid {message} (protobuf)", address
+
+
 def test_a_prompt_with_a_huge_number_is_scored_and_answered(stack):
     """A number of 400 digits used to overflow the learned scorer's features (UNKNOWN)."""
     router = stub(stack.router_address)

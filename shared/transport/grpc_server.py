@@ -3,8 +3,8 @@
 `create_server` binds a port (0 = any free one) and returns it apart from starting, so tests run
 real servers on free ports; the router (grpc.aio) adds the same services with `add_inference_service`
 and `add_health_and_reflection`. A request that is not the protobuf message a method takes is
-answered INVALID_ARGUMENT naming the message (the generated code would answer UNKNOWN or INTERNAL
-with a Python exception's name).
+answered INVALID_ARGUMENT naming the message, by every service (the generated code would answer UNKNOWN
+or INTERNAL with a Python exception's name): each is added through `_add_lenient`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from concurrent import futures
 
 import grpc
 from google.protobuf.message import DecodeError
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+from google.protobuf.message_factory import GetMessageClass
+from grpc_health.v1 import health, health_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from tierline_api.v1 import inference_pb2 as pb
 from tierline_api.v1 import inference_pb2_grpc as pb_grpc
@@ -38,17 +39,13 @@ def add_health_and_reflection(server, aio: bool = False):
     every name a health check may ask about (the server, "", and the InferenceService).
     """
     health_servicer = health.aio.HealthServicer() if aio else health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME,
-             REFLECTION_V1)
+    health_service = health_pb2.DESCRIPTOR.services_by_name["Health"]
+    _add_lenient(server, health_servicer, health_service, aio)
+    names = (SERVICE_NAME, health_service.full_name, reflection.SERVICE_NAME, REFLECTION_V1)
     reflecting = (reflection.aio.ReflectionServicer if aio else reflection.ReflectionServicer)(names)
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflecting, server)
-    # v1: the same servicer on v1's path (the bytes on the wire are the same messages)
-    v1 = grpc.stream_stream_rpc_method_handler(
-        reflecting.ServerReflectionInfo, request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
-        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1,
-                                                                         {"ServerReflectionInfo": v1}),))
+    # v1alpha, and v1: the same servicer on v1's path (the bytes on the wire are the same messages)
+    for name in (reflection.SERVICE_NAME, REFLECTION_V1):
+        _add_lenient(server, reflecting, reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"], aio, name)
     return health_servicer
 
 
@@ -122,9 +119,28 @@ def _lenient(message_cls):
     return parse
 
 
-def _guarded(behavior, streaming: bool, aio: bool):
-    """The servicer's method, answering INVALID_ARGUMENT for a request that could not be parsed."""
+def _guarded(behavior, streaming: bool, aio: bool, client_streaming: bool = False):
+    """The servicer's method, answering INVALID_ARGUMENT for a request that could not be parsed (for a request
+    stream: at the first such message)."""
     bad = grpc.StatusCode.INVALID_ARGUMENT
+    if client_streaming:
+        inner = behavior
+        if aio:
+            def behavior(requests, context):
+                async def checked():
+                    async for request in requests:
+                        if isinstance(request, _Malformed):
+                            await context.abort(bad, request.message)
+                        yield request
+                return inner(checked(), context)
+        else:
+            def behavior(requests, context):
+                def checked():
+                    for request in requests:
+                        if isinstance(request, _Malformed):
+                            context.abort(bad, request.message)
+                        yield request
+                return inner(checked(), context)
     if aio and streaming:
         async def method(request, context):
             if isinstance(request, _Malformed):
@@ -149,12 +165,25 @@ def _guarded(behavior, streaming: bool, aio: bool):
     return method
 
 
+_HANDLERS = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+             (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+
+
+def _add_lenient(server, servicer, service, aio: bool, name: str | None = None) -> None:
+    """The methods of `service` (a protobuf ServiceDescriptor) that `servicer` has, on `server` (grpc or grpc.aio)
+    under `name` (the service's own by default), every request parsed leniently (`_lenient`, `_guarded`)."""
+    handlers = {}
+    for m in service.methods:
+        behavior = getattr(servicer, m.name, None)
+        if behavior is None:  # a method the library's servicer does not implement (yet): UNIMPLEMENTED, as before
+            continue
+        make = _HANDLERS[(m.client_streaming, m.server_streaming)]
+        handlers[m.name] = make(_guarded(behavior, m.server_streaming, aio, m.client_streaming),
+                                request_deserializer=_lenient(GetMessageClass(m.input_type)),
+                                response_serializer=GetMessageClass(m.output_type).SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name or service.full_name, handlers),))
+
+
 def add_inference_service(servicer: pb_grpc.InferenceServiceServicer, server, aio: bool = False) -> None:
     """The InferenceService of `servicer` on `server` (grpc or grpc.aio), every request parsed leniently."""
-    handlers = {}
-    for m in SERVICE.methods:
-        make = grpc.unary_stream_rpc_method_handler if m.server_streaming else grpc.unary_unary_rpc_method_handler
-        handlers[m.name] = make(_guarded(getattr(servicer, m.name), m.server_streaming, aio),
-                                request_deserializer=_lenient(getattr(pb, m.input_type.name)),
-                                response_serializer=getattr(pb, m.output_type.name).SerializeToString)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    _add_lenient(server, servicer, SERVICE, aio)

@@ -87,6 +87,14 @@ def test_errors_are_typed_and_carry_the_status(stack, client):
         InferenceClient(api_key="k", endpoint="http://example.com/v1")
     with pytest.raises(ValueError, match="/v2"):
         InferenceClient(api_key="k", endpoint="127.0.0.1:1/v2")
+    # NaN passed `timeout <= 0` (found by a fault hunt: `tierline infer --timeout nan`); infinity made no deadline
+    for bad in (float("nan"), float("inf"), 0, -1, "5"):
+        with pytest.raises(ValueError, match="timeout"):
+            InferenceClient(api_key="k", endpoint="127.0.0.1:1", timeout=bad)
+        with pytest.raises(ValueError, match="timeout"):
+            client.infer(PROMPT, {"max_tokens": 1}, timeout=bad)  # a call's own, before any network call
+    with pytest.raises(ValueError, match="backoff"):
+        InferenceClient(api_key="k", endpoint="127.0.0.1:1", backoff=float("nan"))
 
 
 def test_unavailable_is_retried_until_the_router_is_back(stack):
@@ -219,6 +227,8 @@ def test_cli_infer_and_stream(stack, client):
     assert proc.stdout.rstrip("\n") == expected and "tier edge" in proc.stderr
     bad = run_cli("infer", "2+3=?", "--endpoint", stack.router_address, "--api-key", "nope", timeout=60)
     assert bad.returncode == 1 and bad.stderr.strip() == "tierline: error: UNAUTHENTICATED: unknown API key"
+    nan = run_cli("infer", "2+3=?", "--endpoint", stack.router_address, "--timeout", "nan", timeout=60)
+    assert nan.returncode == 2 and "--timeout must be positive, got nan" in nan.stderr, nan.stderr
 
 
 class SlowlyUnavailable:

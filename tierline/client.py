@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import os
 import random
 import time
@@ -218,12 +219,10 @@ class _Config:
 
     def __init__(self, api_key: str | None, model_name: str, endpoint: str | None, timeout: float, retries: int,
                  backoff: float):
-        if timeout <= 0:
-            raise ValueError(f"timeout: must be > 0 seconds, got {timeout}")
+        _seconds("timeout", timeout)
         if retries < 0:
             raise ValueError(f"retries: must be >= 0, got {retries}")
-        if backoff < 0:
-            raise ValueError(f"backoff: must be >= 0 seconds, got {backoff}")
+        _seconds("backoff", backoff, zero=True)
         self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
         self.model_name = model_name
         self.endpoint = endpoint or os.environ.get(ENDPOINT_ENV) or DEFAULT_ENDPOINT
@@ -240,7 +239,16 @@ class _Config:
 
     def deadline(self, timeout: float | None) -> "_Deadline":
         """The deadline of one call (its own `timeout`, else the client's), retries included."""
-        return _Deadline(self, timeout or self.timeout)
+        return _Deadline(self, self.timeout if timeout is None else _seconds("timeout", timeout))
+
+
+def _seconds(name: str, value, zero: bool = False) -> float:
+    """`value`, a finite number of seconds > 0 (`zero`: >= 0); else ValueError naming `name` (NaN passes every
+    comparison, and would have made a deadline that never comes or one already past)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+            value < 0 if zero else value <= 0):
+        raise ValueError(f"{name}: must be a finite number of seconds {'>=' if zero else '>'} 0, got {value!r}")
+    return float(value)
 
 
 class _Deadline:

@@ -21,7 +21,7 @@ def add_parsers(sub, parser_class) -> dict:
         p.add_argument("--endpoint", default=None, help="router, host:port[/v1] (default: $TIERLINE_ENDPOINT "
                                                         "or 127.0.0.1:50050)")
         p.add_argument("--api-key", default=None, help="API key (default: $TIERLINE_API_KEY)")
-        p.add_argument("--timeout", type=float, default=30.0, help="seconds for the call")
+        p.add_argument("--timeout", type=positive_float("--timeout"), default=30.0, help="seconds for the call")
         p.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
     for name, what in (("infer", "one answer through the router"), ("stream", "the answer as it is generated")):

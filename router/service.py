@@ -228,7 +228,8 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
                     started = False
                     try:
                         # closed at once when our client goes away, so the tier hears the cancel now, not at GC
-                        async with aclosing(stream_tier(self.nc, tier, request, self.request_timeout_s)) as chunks:
+                        chunks = stream_tier(self.nc, tier, request, self.request_timeout_s, cascade.after_silence)
+                        async with aclosing(chunks):
                             async for chunk in chunks:
                                 started = True
                                 chunk.complexity = score

@@ -210,6 +210,20 @@ def test_bytes_that_are_not_a_health_or_reflection_request_are_invalid_argument(
         assert err.value.details() == f"request: not a valid {message} (protobuf)", address
 
 
+def test_a_health_watch_answers_serving_on_the_router_and_a_tier(stack):
+    """Found by a review: registered leniently, grpc.aio's health Watch (a coroutine writing with context.write, not
+    an async generator) failed every call on the router with UNKNOWN."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    for address in (stack.router_address, f"127.0.0.1:{stack.port('edge-0')}"):
+        watch = health_pb2_grpc.HealthStub(grpc.insecure_channel(address)).Watch(
+            health_pb2.HealthCheckRequest(service="tierline.v1.InferenceService"), timeout=TIMEOUT)
+        try:
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING, address
+        finally:
+            watch.cancel()
+
+
 def test_a_prompt_with_a_huge_number_is_scored_and_answered(stack):
     """A number of 400 digits used to overflow the learned scorer's features (UNKNOWN)."""
     router = stub(stack.router_address)

@@ -683,14 +683,16 @@ def test_a_request_in_flight_when_the_tier_stops_gets_unavailable_at_once(tmp_pa
         server.stop()
 
 
-def test_requests_the_tier_has_taken_but_not_yet_read_when_it_stops_get_unavailable_not_silence(tmp_path):
+@pytest.mark.parametrize("direct", [False, True])
+def test_requests_the_tier_has_taken_but_not_yet_read_when_it_stops_get_unavailable_not_silence(tmp_path, direct):
     """Requests already on their way to a replica when it stops (on its socket, or in its subscription's queue, not
     yet handed to its callback) were dropped unanswered by nats.micro's unsubscribe: their askers waited for a silence
     (ReplicaSilent after SILENCE_S) or their timeout. The endpoints are drained now: each is answered UNAVAILABLE,
-    marked for another replica."""
+    marked for another replica. So is the replica's own subject (`direct`: a retry after a silence goes there), which
+    a review found unsubscribed at first."""
     import concurrent.futures
 
-    from tierline_shared.transport.messaging import SILENCE_S, TierError
+    from tierline_shared.transport.messaging import SILENCE_S, TierError, _ask_one
 
     def handle(data: bytes, timeout):
         return concurrent.futures.Future()  # never answered: only the stop answers
@@ -703,8 +705,10 @@ def test_requests_the_tier_has_taken_but_not_yet_read_when_it_stops_get_unavaila
                 held = threading.Event()
                 service._loop.call_soon_threadsafe(lambda: (held.set(), time.sleep(0.5)))  # the tier's loop busy
                 assert await asyncio.to_thread(held.wait, TIMEOUT)
-                asking = [asyncio.ensure_future(ask_tier(nc, "edge", pb.InferRequest(prompt=f"Q:{i}+1=?\nA:"),
-                                                         TIMEOUT)) for i in range(10)]
+                to = subject("edge", replica=service._service.id) if direct else subject("edge")
+                deadline = asyncio.get_running_loop().time() + TIMEOUT
+                asking = [asyncio.ensure_future(_ask_one(nc, "edge", to, pb.InferRequest(prompt=f"Q:{i}+1=?\nA:"),
+                                                         deadline)) for i in range(10)]
                 await nc.flush(timeout=TIMEOUT)  # all 10 at the server: on their way to the busy replica
                 return await _answers_when_stopped(service, asking)  # its stop queued behind the busy loop
             finally:
@@ -764,6 +768,75 @@ def test_no_heartbeat_follows_the_answer_when_both_fall_due_together(tmp_path):
 
         got = asyncio.run(main())
         assert got and got[-1].data, [(m.data, m.headers) for m in got]  # the answer is the last word
+    finally:
+        service.stop()
+        server.stop()
+
+
+def test_a_retry_after_a_silence_goes_to_a_replica_that_answers_and_not_to_an_impostor(tmp_path):
+    """ask_tier's `after_silence` asks $SRV.PING who is alive. Found by a review: the first reply ended the probe even
+    when it named no usable replica (`[]`, an id that is no subject token), and a replica that answered the probe but
+    then said nothing to the request (hung since; a server whose permissions predate its subject) failed the retry.
+    Now the probe takes the first usable reply, and a silent direct attempt falls back to the queue group in the time
+    left; with no replica up, the probe ends at once."""
+    import concurrent.futures
+    import json
+
+    from tierline_shared.transport.messaging import PROBE_S, SILENCE_S, _alive_replica, service_name
+
+    def handle(data: bytes, timeout):
+        answer: concurrent.futures.Future = concurrent.futures.Future()
+        answer.set_result(pb.InferResponse(tier="edge", choices=[pb.Choice(text="5")]))
+        return answer
+
+    server, opts, service = _unary_tier(tmp_path, handle)
+    try:
+        async def main():
+            nc = await connect(opts, name="test")
+            impostor = await connect(opts, name="impostor")
+            try:
+                t0 = time.monotonic()
+                assert await _alive_replica(nc, "cloud", 10.0) is None  # no cloud replica: no responders, at once
+                no_one_s = time.monotonic() - t0
+
+                async def claim(msg):  # answers the probe first, with nothing usable, then with a replica of its own
+                    for reply in ([], {"id": "x.>"}, {"name": "no id"}):
+                        await msg.respond(json.dumps(reply).encode())
+
+                async def swallow(msg):  # takes the requests sent to "ghost" and says nothing
+                    pass
+
+                await impostor.subscribe(f"$SRV.PING.{service_name('edge')}", cb=claim)
+                await impostor.subscribe(subject("edge", replica="ghost"), cb=swallow)
+                await impostor.flush(timeout=TIMEOUT)
+                held = threading.Event()
+                service._loop.call_soon_threadsafe(lambda: (held.set(), time.sleep(0.1)))  # the replica answers last
+                assert await asyncio.to_thread(held.wait, TIMEOUT)
+                alive = await _alive_replica(nc, "edge", 10.0)
+
+                async def ghost(msg):  # now it claims a replica that does not answer
+                    await msg.respond(json.dumps({"id": "ghost"}).encode())
+
+                await impostor.close()
+                impostor = await connect(opts, name="impostor")
+                await impostor.subscribe(f"$SRV.PING.{service_name('edge')}", cb=ghost)
+                await impostor.subscribe(subject("edge", replica="ghost"), cb=swallow)
+                await impostor.flush(timeout=TIMEOUT)
+                held.clear()
+                service._loop.call_soon_threadsafe(lambda: (held.set(), time.sleep(0.1)))  # "ghost" answers first
+                assert await asyncio.to_thread(held.wait, TIMEOUT)
+                t0 = time.monotonic()
+                answer = await ask_tier(nc, "edge", pb.InferRequest(prompt="Q:2+3=?\nA:"), TIMEOUT, after_silence=True)
+                return no_one_s, alive, answer, time.monotonic() - t0
+            finally:
+                await impostor.close()
+                await nc.close()
+
+        no_one_s, alive, answer, took = asyncio.run(main())
+        assert no_one_s < PROBE_S, no_one_s
+        assert alive == service._service.id
+        assert answer.choices[0].text == "5"
+        assert SILENCE_S <= took < SILENCE_S + PROBE_S + 1, took  # "ghost" silent, then the queue group
     finally:
         service.stop()
         server.stop()

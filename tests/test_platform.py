@@ -300,8 +300,8 @@ def test_a_hung_replica_fails_no_request_while_another_is_up(tiny_family):
     """Found by a fault hunt: one of two edge replicas hung (SIGSTOP: its NATS connection stays open, so the server
     keeps handing it requests) made about a quarter of the requests fail. A request it took went silent, and the one
     retry went to the queue group again, which drew the hung replica half the time. Now the retry goes to a replica
-    heard from since the silence began (under load: an answer to another request), or where none was (one request
-    at a time), the first to answer a $SRV.PING; never to the silent one."""
+    answering $SRV.PING first, on its own subject: never to the hung one, under load or one request at a time.
+    Streams waited for their first chunk for the whole request timeout; they now have heartbeats too."""
     prompts = [p.prompt for p in generate("test", 24, seed=11)]
     with Stack(tiny_family, tiers=("edge",), replicas={"edge": 2},
                overrides={"router.confidence_threshold": {"edge": 0.0}, "tiers.edge.cache_size": 0}) as s:
@@ -323,6 +323,12 @@ def test_a_hung_replica_fails_no_request_while_another_is_up(tiny_family):
             assert not failed, failed
             for a in answers:  # a silent attempt is followed by an answer, never by a second silence
                 assert [x.outcome for x in a.escalation_path] in (["answered"], ["timeout", "answered"]), a
+            # streams too: a replica streaming says it is alive, so a hung one costs a second, not the request
+            # timeout (nats.request_timeout_ms, 10 s: the client's 5 s deadline would pass)
+            for prompt in prompts[:8]:
+                last = list(router.InferStream(req(prompt, max_tokens=8), timeout=5))[-1]
+                assert last.choices[0].finish_reason
+                assert [x.outcome for x in last.escalation_path] in (["answered"], ["timeout", "answered"]), last
         finally:
             os.kill(hung, signal.SIGCONT)
 

@@ -42,6 +42,7 @@ DEFAULT_ENDPOINT = "127.0.0.1:50050"  # the router of infra/manifests/local.yaml
 DEFAULT_PLAINTEXT_PORT = 50050
 DEFAULT_TLS_PORT = 443
 DEFAULT_TIMEOUT_S = 30.0  # each call's deadline, seconds, retries and backoff included
+MAX_TIMEOUT_S = 1e6  # seconds (11.6 days): the longest deadline a call may have (gRPC overflows on far longer)
 DEFAULT_RETRIES = 3  # extra attempts after UNAVAILABLE
 DEFAULT_BACKOFF_S = 0.25  # first wait before a retry, seconds; doubles each time
 MAX_BACKOFF_S = 4.0
@@ -243,12 +244,17 @@ class _Config:
 
 
 def _seconds(name: str, value, zero: bool = False) -> float:
-    """`value`, a finite number of seconds > 0 (`zero`: >= 0); else ValueError naming `name` (NaN passes every
-    comparison, and would have made a deadline that never comes or one already past)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
-            value < 0 if zero else value <= 0):
-        raise ValueError(f"{name}: must be a finite number of seconds {'>=' if zero else '>'} 0, got {value!r}")
-    return float(value)
+    """`value` as seconds: a real number (numpy's and Decimal too, not a string), finite, > 0 (`zero`: >= 0) and at
+    most MAX_TIMEOUT_S; else ValueError naming `name`. NaN passes every comparison and would have made a deadline
+    that never comes; gRPC overflows on a huge one and fails the call at once."""
+    try:
+        seconds = float(value) if not isinstance(value, (str, bytes, bool)) else math.nan
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not (0 <= seconds <= MAX_TIMEOUT_S) or (seconds == 0 and not zero):
+        raise ValueError(f"{name}: must be a number of seconds {'>=' if zero else '>'} 0 and at most "
+                         f"{MAX_TIMEOUT_S:.0f}, got {value!r}")
+    return seconds
 
 
 class _Deadline:

@@ -82,7 +82,8 @@ def _serve(tier: str) -> list[str]:
     replica's cancel subject, and its discovery ($SRV)."""
     name = service_name(tier)
     return [f"{subject(tier, v)} {DEFAULT_QUEUE_GROUP}" for v in ("infer", "stream")] + [
-        f"{subject(tier, replica='*')} {DEFAULT_QUEUE_GROUP}",  # each replica's own (a retry after a silence)
+        # each replica's own (a retry after a silence)
+        f"{subject(tier, replica='*')} {DEFAULT_QUEUE_GROUP}", f"{subject(tier, 'stream', '*')} {DEFAULT_QUEUE_GROUP}",
         subject(tier, "cancel"), "$SRV.*", f"$SRV.*.{name}", f"$SRV.*.{name}.*"]
 
 
@@ -90,7 +91,7 @@ def _ask(tiers) -> list[str]:
     """Asking a tier: its verbs, a replica's own subject and $SRV.PING (a retry after a silence goes to a replica
     that is alive: messaging.ask_tier)."""
     return [subject(t, v) for t in tiers for v in VERBS] + [
-        p for t in tiers for p in (subject(t, replica="*"), f"$SRV.PING.{service_name(t)}")]
+        p for t in tiers for p in (subject(t, replica="*"), subject(t, "stream", "*"), f"$SRV.PING.{service_name(t)}")]
 
 
 def _board(device_id: str) -> list[str]:

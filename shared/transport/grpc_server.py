@@ -10,6 +10,7 @@ or INTERNAL with a Python exception's name): each is added through `_add_lenient
 from __future__ import annotations
 
 import hmac
+import inspect
 from concurrent import futures
 
 import grpc
@@ -121,8 +122,10 @@ def _lenient(message_cls):
 
 def _guarded(behavior, streaming: bool, aio: bool, client_streaming: bool = False):
     """The servicer's method, answering INVALID_ARGUMENT for a request that could not be parsed (for a request
-    stream: at the first such message)."""
+    stream: at the first such message). A grpc.aio streaming method is an async generator, or a coroutine that
+    writes its responses with `context.write` (grpc.aio's health Watch): wrapped as what it is."""
     bad = grpc.StatusCode.INVALID_ARGUMENT
+    yields = inspect.isasyncgenfunction(behavior)
     if client_streaming:
         inner = behavior
         if aio:
@@ -141,7 +144,7 @@ def _guarded(behavior, streaming: bool, aio: bool, client_streaming: bool = Fals
                             context.abort(bad, request.message)
                         yield request
                 return inner(checked(), context)
-    if aio and streaming:
+    if aio and streaming and yields:
         async def method(request, context):
             if isinstance(request, _Malformed):
                 await context.abort(bad, request.message)

@@ -18,6 +18,7 @@ import time
 from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Callable
 
 import nats
 import nats.errors
@@ -162,9 +163,10 @@ def service_name(tier: str) -> str:
     return f"{SUBJECT_PREFIX}-{tier}"
 
 
-async def discover(nc, tier: str, verb: str = "STATS", wait_s: float = 0.25, first: bool = False) -> list[dict]:
-    """Every replica's reply to `$SRV.<verb>.tierline-<tier>`, gathered for `wait_s` seconds (`first`: until the
-    first reply).
+async def discover(nc, tier: str, verb: str = "STATS", wait_s: float = 0.25,
+                   until: Callable[[dict], bool] | None = None) -> list[dict]:
+    """Every replica's reply to `$SRV.<verb>.tierline-<tier>` (a JSON object), gathered for `wait_s` seconds, or
+    until one that `until` accepts (then the last in the list); none at once when no replica is up.
 
     nats.micro replicas all answer a discovery request, so this is a scatter-gather on a
     reply subject (the connection's shared one: `_replies`) rather than `nc.request` (which
@@ -180,12 +182,16 @@ async def discover(nc, tier: str, verb: str = "STATS", wait_s: float = 0.25, fir
                 msg = await replies.get(timeout=left)
             except nats.errors.TimeoutError:
                 break
+            if (msg.headers or {}).get("Status") == "503":
+                break  # no responders: nobody else will answer
             try:
-                found.append(json.loads(msg.data))
+                reply = json.loads(msg.data)
             except ValueError:
                 continue  # not a nats.micro reply
-            if first:
-                break
+            if isinstance(reply, dict):
+                found.append(reply)
+                if until is not None and until(reply):
+                    break
     return found
 
 
@@ -300,20 +306,28 @@ async def ask_tier(nc, tier: str, request, timeout_s: float, after_silence: bool
     its own subject, not to the queue group, which may draw the silent replica again (a hung process
     keeps its NATS subscription until the server gives up on it, minutes later): the first replica
     to answer $SRV.PING within PROBE_S (a hung one does not). When none does, or the one that did has
-    left since (no responders), the queue group.
+    left since (no responders) or is silent too (it hung since; a server whose permissions predate
+    these subjects drops the request unsaid), the queue group, in the time left.
     Raises nats' NoRespondersError (no replica: at once), TimeoutError, or TierError.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    if after_silence:
-        found = await discover(nc, tier, "PING", wait_s=min(PROBE_S, timeout_s / 4), first=True)
-        replica = found[0].get("id") if found and isinstance(found[0], dict) else None
-        if isinstance(replica, str) and replica.isalnum():
-            try:
-                return await _ask_one(nc, tier, subject(tier, replica=replica), request, deadline)
-            except nats.errors.NoRespondersError:
-                pass  # it left since: the queue group
+    if after_silence and (replica := await _alive_replica(nc, tier, timeout_s)):
+        try:
+            return await _ask_one(nc, tier, subject(tier, replica=replica), request, deadline)
+        except (nats.errors.NoRespondersError, ReplicaSilent):
+            pass  # it left, or hung, since: the queue group
     return await _ask_one(nc, tier, subject(tier), request, deadline)
+
+
+async def _alive_replica(nc, tier: str, timeout_s: float) -> str | None:
+    """The id of the first replica of `tier` to answer $SRV.PING (within PROBE_S, and a quarter of `timeout_s`),
+    or None: a retry after a silence goes there."""
+    def usable(reply: dict) -> bool:
+        return isinstance(reply.get("id"), str) and reply["id"].isalnum()  # a subject token, nothing else
+
+    found = await discover(nc, tier, "PING", wait_s=min(PROBE_S, timeout_s / 4), until=usable)
+    return found[-1]["id"] if found and usable(found[-1]) else None
 
 
 async def _ask_one(nc, tier: str, to: str, request, deadline: float):
@@ -349,25 +363,62 @@ async def _ask_one(nc, tier: str, to: str, request, deadline: float):
                 await _publish_cancel(nc, tier, inbox)
 
 
-async def stream_tier(nc, tier: str, request, timeout_s: float):
+async def stream_tier(nc, tier: str, request, timeout_s: float, after_silence: bool = False):
     """The chunks of one streamed answer from a tier over NATS, ending with finish_reason set.
 
-    `timeout_s` bounds the wait for each chunk. Raises NoRespondersError before the
-    first chunk when no replica is up, TimeoutError, or TierError.
+    `timeout_s` bounds the wait for each chunk. The replica streaming it says every HEARTBEAT_S that
+    it is still working (before its first chunk, and between chunks), so a replica that hangs or dies
+    is noticed after SILENCE_S (ReplicaSilent), as for `ask_tier`, whose `after_silence` this takes too.
+    Raises NoRespondersError before the first chunk when no replica is up, TimeoutError, ReplicaSilent
+    or TierError.
     """
+    if after_silence and (replica := await _alive_replica(nc, tier, timeout_s)):
+        started = False
+        try:
+            async for chunk in _stream_one(nc, tier, subject(tier, "stream", replica), request, timeout_s):
+                started = True
+                yield chunk
+            return
+        except (nats.errors.NoRespondersError, ReplicaSilent):
+            if started:
+                raise
+            # it left, or hung, since (before its first chunk): the queue group
+    async for chunk in _stream_one(nc, tier, subject(tier, "stream"), request, timeout_s):
+        yield chunk
+
+
+async def _stream_one(nc, tier: str, to: str, request, timeout_s: float):
+    """stream_tier's request to the subject `to`."""
+    loop = asyncio.get_running_loop()
     ended = False  # the tier said its last word (the final chunk, an error, or no responders)
     async with _replies(nc).box() as (inbox, replies):
         try:
-            await nc.publish(subject(tier, "stream"), request.SerializeToString(), reply=inbox,
-                             headers={TIMEOUT_HEADER: f"{timeout_s:.3f}", STREAM_ID_HEADER: inbox})
+            await nc.publish(to, request.SerializeToString(), reply=inbox,
+                             headers={TIMEOUT_HEADER: f"{timeout_s:.3f}", HEARTBEAT_HEADER: f"{HEARTBEAT_S}",
+                                      STREAM_ID_HEADER: inbox})
+            heard = waiting = loop.time()  # the replica's last word; since when the next chunk is awaited
             while True:
-                msg = await replies.get(timeout=timeout_s)
+                try:  # what came while the caller held the last chunk is read before any silence counts
+                    msg = await replies.get(timeout=min(HEARTBEAT_S, max(waiting + timeout_s - loop.time(), 0.0)))
+                except nats.errors.TimeoutError:
+                    now = loop.time()
+                    if now >= waiting + timeout_s:
+                        raise
+                    if not nc.is_connected:
+                        heard = now  # our own link is down: the replica may be fine; wait for the reconnect
+                    elif now - heard >= SILENCE_S:
+                        raise ReplicaSilent(f"{tier}: the replica went silent for {SILENCE_S} s") from None
+                    continue
+                heard = loop.time()
+                if PROGRESS_HEADER in (msg.headers or {}):
+                    continue
                 ended = True  # unless this is a chunk before the last
                 chunk = _answer(tier, msg)
                 ended = bool(chunk.choices and chunk.choices[0].finish_reason)
                 yield chunk
                 if ended:
                     return
+                heard = waiting = loop.time()  # the caller held it: that time is neither silence nor waiting
         finally:
             if not ended:  # closed early (client gone, timeout): the replica decoding it stops at its next token
                 await _publish_cancel(nc, tier, inbox)

@@ -3,8 +3,9 @@
 The service `tierline-<tier>` has the endpoints `tierline.<tier>.infer` and `.stream` in
 nats.micro's default queue group, so replicas of a tier share the load and
 `$SRV.PING|INFO|STATS` discover them, and a plain subscription to `.cancel` (every replica
-hears it). Each replica also takes requests on `tierline.<tier>.infer.<its service id>` (a
-retry sent to it alone: messaging.ask_tier's `after_silence`), served and counted as `infer`.
+hears it). Each replica also takes requests on `tierline.<tier>.infer.<its service id>` and
+`.stream.<its service id>` (a retry sent to it alone: messaging.ask_tier's and stream_tier's
+`after_silence`), served and counted as `infer` and `stream`.
 Each request is served in its own task, which queues it with the servicer and
 awaits its future: no thread waits on a request, so every request in flight is in the
 scheduler's bounded queue or its running batch (streams, whose chunks come from an iterator,
@@ -157,7 +158,7 @@ class TierService:
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"nats-{tier}", daemon=True)
         self._nc = None
         self._service = None
-        self._direct = None  # the subscription to this replica's own subject
+        self._direct: list = []  # the subscriptions to this replica's own subjects
         self._tasks: set[asyncio.Task] = set()
         self._live: dict = {}  # request id (its reply subject) -> what stops it, called once the requester cancels
         self._early: dict[str, float] = {}  # request id -> until when a cancel that came before it counts
@@ -208,11 +209,13 @@ class TierService:
         await self._service.add_endpoint(name="infer", subject=subject(self.tier), handler=self._on_request)
         # a retry sent to this replica alone (in the queue group too: a leaked tier identity subscribing to it only
         # gets its share, as on the tier's subject)
-        self._direct = await self._nc.subscribe(subject(self.tier, replica=self._service.id),
-                                                queue=DEFAULT_QUEUE_GROUP, cb=self._on_direct)
+        self._direct = [await self._nc.subscribe(subject(self.tier, replica=self._service.id),
+                                                 queue=DEFAULT_QUEUE_GROUP, cb=self._on_direct)]
         if self._stream:
             await self._service.add_endpoint(name="stream", subject=subject(self.tier, "stream"),
                                              handler=self._on_stream)
+            self._direct.append(await self._nc.subscribe(subject(self.tier, "stream", self._service.id),
+                                                         queue=DEFAULT_QUEUE_GROUP, cb=self._on_direct_stream))
         # no queue group: every replica hears a cancel, the one serving that request acts on it
         await self._nc.subscribe(subject(self.tier, "cancel"), cb=self._on_cancel)
         # the server has the subscriptions once it answered a ping sent after them: a request sent as soon as
@@ -250,6 +253,7 @@ class TierService:
 
         A cancel naming that inbox (`stream_tier` closed early) stops the decoding at its next token;
         the tier stopping (`stop`) ends the stream with UNAVAILABLE after the chunks already generated.
+        Asked to (HEARTBEAT_HEADER), it says it is alive every so often until the stream ends, chunks or not.
         """
         started, error = time.perf_counter_ns(), None
         if self._halt.done():  # it came in as the tier stopped
@@ -278,6 +282,8 @@ class TierService:
             loop.call_soon_threadsafe(chunks.put_nowait, done)
 
         loop.run_in_executor(self._pool, produce)
+        beat = _seconds((req.headers or {}).get(HEARTBEAT_HEADER))
+        alive = _Heartbeat(req, max(beat, MIN_HEARTBEAT_S)) if beat and beat > 0 else None
         try:
             while (item := await chunks.get()) is not done:
                 if cancelled.is_set():
@@ -293,6 +299,8 @@ class TierService:
             error = exc
             raise
         finally:
+            if alive is not None:
+                alive.cancel()
             self._halt.remove_done_callback(halted)
             # its reader went away first: no reply, no error
             self._counts["stream"].record(started, error, cancelled=cancelled.is_set() and error is None)
@@ -307,6 +315,9 @@ class TierService:
 
     async def _on_direct(self, msg) -> None:
         await self._on_request(Request(msg))
+
+    async def _on_direct_stream(self, msg) -> None:
+        await self._on_stream(Request(msg))
 
     async def _serve(self, req) -> None:
         """One request: its answer, or its error, to the reply subject. A cancel naming the request (its
@@ -369,8 +380,9 @@ class TierService:
             for answer in list(self._answers):  # each leaves the batch; its task answers UNAVAILABLE (`_serve`)
                 answer.cancel()
             try:
-                if self._direct:  # no retry comes here any more
-                    await self._direct.unsubscribe()
+                for sub in self._direct:  # as the endpoints (_Service.stop): what was taken is answered UNAVAILABLE
+                    await sub.drain()
+                self._direct = []
                 if self._service:  # the queue group sends new requests to other replicas; taken ones are answered
                     await self._service.stop()
             finally:

@@ -171,7 +171,8 @@ class Cascade:
         self.path.append(pb.Attempt(tier=tier, outcome=outcome, detail=detail))
         if retry and self._tries < self.retries:
             self._tries += 1
-            self.after_silence = isinstance(exc, ReplicaSilent)
+            # once a replica of this tier went silent, every retry of it avoids the queue group (and that replica)
+            self.after_silence = self.after_silence or isinstance(exc, ReplicaSilent)
             return
         self._move_on(tier, outcome)
 

@@ -209,3 +209,21 @@ def test_an_answer_not_kept_is_the_next_tiers_draft_cut_to_the_prompt_limit_and_
     empty.choices.add(text="")
     c.answered("edge", empty)
     assert c.draft_for(greedy, 100) == ""
+
+
+def test_every_retry_of_a_tier_after_one_of_its_replicas_went_silent_avoids_the_queue_group():
+    """A retry after a ReplicaSilent goes to a replica that answers $SRV.PING (`after_silence`). Found by a fault
+    hunt: with more retries than one, a later retry after another error (a full queue) went back to the queue group,
+    which may draw the silent replica again. It stays on for that tier, and is off for the next tier."""
+    from tierline_shared.transport.messaging import ReplicaSilent
+
+    c = Cascade(POLICY, "edge", retries=3)
+    assert c.after_silence is False
+    c.failed("edge", NatsTimeout())
+    assert c.next_tier() == "edge" and c.after_silence is False  # a slow tier: the queue group, as before
+    c.failed("edge", ReplicaSilent("edge: the replica went silent for 1.0 s"))
+    assert c.next_tier() == "edge" and c.after_silence is True
+    c.failed("edge", TierError("edge", "RESOURCE_EXHAUSTED", "queue full"))
+    assert c.next_tier() == "edge" and c.after_silence is True
+    c.failed("edge", TierError("edge", "RESOURCE_EXHAUSTED", "queue full"))  # retries spent: the cloud
+    assert c.next_tier() == "cloud" and c.after_silence is False

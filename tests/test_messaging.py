@@ -782,7 +782,9 @@ def test_a_retry_after_a_silence_goes_to_a_replica_that_answers_and_not_to_an_im
     import concurrent.futures
     import json
 
-    from tierline_shared.transport.messaging import PROBE_S, SILENCE_S, _alive_replica, service_name
+    import nats.errors
+
+    from tierline_shared.transport.messaging import PROBE_S, SILENCE_S, ReplicaSilent, _alive_replica, service_name
 
     def handle(data: bytes, timeout):
         answer: concurrent.futures.Future = concurrent.futures.Future()
@@ -796,8 +798,17 @@ def test_a_retry_after_a_silence_goes_to_a_replica_that_answers_and_not_to_an_im
             impostor = await connect(opts, name="impostor")
             try:
                 t0 = time.monotonic()
-                assert await _alive_replica(nc, "cloud", 10.0) is None  # no cloud replica: no responders, at once
+                with pytest.raises(nats.errors.NoRespondersError):  # no cloud replica: at once
+                    await _alive_replica(nc, "cloud", 10.0)
                 no_one_s = time.monotonic() - t0
+                held = threading.Event()  # the only replica does not answer the probe in time (hung): no retry
+                service._loop.call_soon_threadsafe(lambda: (held.set(), time.sleep(3 * PROBE_S)))  # waits a silence
+                assert await asyncio.to_thread(held.wait, TIMEOUT)
+                t0 = time.monotonic()
+                with pytest.raises(ReplicaSilent, match="no replica answered"):
+                    await ask_tier(nc, "edge", pb.InferRequest(prompt="Q:2+3=?\nA:"), TIMEOUT, after_silence=True)
+                unanswered_s = time.monotonic() - t0
+                await asyncio.sleep(3 * PROBE_S)
 
                 async def claim(msg):  # answers the probe first, with nothing usable, then with a replica of its own
                     for reply in ([], {"id": "x.>"}, {"name": "no id"}):
@@ -809,7 +820,7 @@ def test_a_retry_after_a_silence_goes_to_a_replica_that_answers_and_not_to_an_im
                 await impostor.subscribe(f"$SRV.PING.{service_name('edge')}", cb=claim)
                 await impostor.subscribe(subject("edge", replica="ghost"), cb=swallow)
                 await impostor.flush(timeout=TIMEOUT)
-                held = threading.Event()
+                held.clear()
                 service._loop.call_soon_threadsafe(lambda: (held.set(), time.sleep(0.1)))  # the replica answers last
                 assert await asyncio.to_thread(held.wait, TIMEOUT)
                 alive = await _alive_replica(nc, "edge", 10.0)
@@ -827,16 +838,66 @@ def test_a_retry_after_a_silence_goes_to_a_replica_that_answers_and_not_to_an_im
                 assert await asyncio.to_thread(held.wait, TIMEOUT)
                 t0 = time.monotonic()
                 answer = await ask_tier(nc, "edge", pb.InferRequest(prompt="Q:2+3=?\nA:"), TIMEOUT, after_silence=True)
-                return no_one_s, alive, answer, time.monotonic() - t0
+                return no_one_s, unanswered_s, alive, answer, time.monotonic() - t0
             finally:
                 await impostor.close()
                 await nc.close()
 
-        no_one_s, alive, answer, took = asyncio.run(main())
+        no_one_s, unanswered_s, alive, answer, took = asyncio.run(main())
         assert no_one_s < PROBE_S, no_one_s
+        assert unanswered_s < SILENCE_S, unanswered_s  # found by a fault hunt: it went on to a second silence
         assert alive == service._service.id
         assert answer.choices[0].text == "5"
         assert SILENCE_S <= took < SILENCE_S + PROBE_S + 1, took  # "ghost" silent, then the queue group
+    finally:
+        service.stop()
+        server.stop()
+
+
+def test_a_stopping_replica_answers_no_probe_before_it_answers_unavailable(tmp_path):
+    """Found by a fault hunt: a replica told to stop (SIGTERM: a rolling restart) still answered $SRV.PING while it
+    ended its requests, so a retry after a silence could be sent to it and fail ("the tier is shutting down", or no
+    responders once it left). It stops answering discovery first: when it starts answering UNAVAILABLE (its halt),
+    its $SRV subscriptions are gone, and a probe after its requests heard so finds no replica."""
+    import concurrent.futures
+
+    import nats.errors
+
+    from tierline_shared.transport.messaging import ReplicaSilent, TierError, _alive_replica
+
+    taken = threading.Event()
+
+    def handle(data: bytes, timeout):
+        taken.set()
+        return concurrent.futures.Future()  # never answered: only the stop answers
+
+    server, opts, service = _unary_tier(tmp_path, handle)
+    try:
+        discovery_at_halt: list[int] = []
+        service._loop.call_soon_threadsafe(lambda: service._halt.add_done_callback(
+            lambda _: discovery_at_halt.append(len(service._service._subscriptions))))
+
+        async def main():
+            nc = await connect(opts, name="test")
+            try:
+                assert await _alive_replica(nc, "edge", 10.0) == service._service.id
+                asking = asyncio.ensure_future(ask_tier(nc, "edge", pb.InferRequest(prompt="Q:2+3=?\nA:"), TIMEOUT))
+                assert await asyncio.to_thread(taken.wait, TIMEOUT)  # in flight on the replica
+                stopping = asyncio.ensure_future(asyncio.to_thread(service.stop))
+                with pytest.raises(TierError, match="shutting down"):
+                    await asking
+                try:
+                    return await _alive_replica(nc, "edge", 10.0)
+                except (nats.errors.NoRespondersError, ReplicaSilent) as exc:
+                    return exc
+                finally:
+                    await stopping
+            finally:
+                await nc.close()
+
+        probed = asyncio.run(main())
+        assert discovery_at_halt == [0], discovery_at_halt  # no $SRV subscription left when it halted
+        assert isinstance(probed, Exception), f"the stopping replica answered the probe: {probed}"
     finally:
         service.stop()
         server.stop()

@@ -164,9 +164,10 @@ def service_name(tier: str) -> str:
 
 
 async def discover(nc, tier: str, verb: str = "STATS", wait_s: float = 0.25,
-                   until: Callable[[dict], bool] | None = None) -> list[dict]:
+                   until: Callable[[dict], bool] | None = None, none_up_raises: bool = False) -> list[dict]:
     """Every replica's reply to `$SRV.<verb>.tierline-<tier>` (a JSON object), gathered for `wait_s` seconds, or
-    until one that `until` accepts (then the last in the list); none at once when no replica is up.
+    until one that `until` accepts (then the last in the list); none at once when no replica is up (or, with
+    `none_up_raises`, NoRespondersError).
 
     nats.micro replicas all answer a discovery request, so this is a scatter-gather on a
     reply subject (the connection's shared one: `_replies`) rather than `nc.request` (which
@@ -182,8 +183,10 @@ async def discover(nc, tier: str, verb: str = "STATS", wait_s: float = 0.25,
                 msg = await replies.get(timeout=left)
             except nats.errors.TimeoutError:
                 break
-            if (msg.headers or {}).get("Status") == "503":
-                break  # no responders: nobody else will answer
+            if (msg.headers or {}).get("Status") == "503":  # no responders: nobody else will answer
+                if none_up_raises:
+                    raise nats.errors.NoRespondersError
+                break
             try:
                 reply = json.loads(msg.data)
             except ValueError:
@@ -305,14 +308,17 @@ async def ask_tier(nc, tier: str, request, timeout_s: float, after_silence: bool
     `after_silence` (a retry after a ReplicaSilent): the request goes to a replica that is alive, on
     its own subject, not to the queue group, which may draw the silent replica again (a hung process
     keeps its NATS subscription until the server gives up on it, minutes later): the first replica
-    to answer $SRV.PING within PROBE_S (a hung one does not). When none does, or the one that did has
-    left since (no responders) or is silent too (it hung since; a server whose permissions predate
-    these subjects drops the request unsaid), the queue group, in the time left.
+    to answer $SRV.PING within PROBE_S (a hung one does not; nor does a stopping one). When none
+    answers, no replica is alive: ReplicaSilent at once (NoRespondersError when none is up), so the
+    cascade moves on without a second silence. When the one that did has left since (no responders)
+    or is silent too (it hung since; a server whose permissions predate these subjects drops the
+    request unsaid), the queue group, in the time left.
     Raises nats' NoRespondersError (no replica: at once), TimeoutError, or TierError.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    if after_silence and (replica := await _alive_replica(nc, tier, timeout_s)):
+    if after_silence:
+        replica = await _alive_replica(nc, tier, timeout_s)
         try:
             return await _ask_one(nc, tier, subject(tier, replica=replica), request, deadline)
         except (nats.errors.NoRespondersError, ReplicaSilent):
@@ -320,14 +326,18 @@ async def ask_tier(nc, tier: str, request, timeout_s: float, after_silence: bool
     return await _ask_one(nc, tier, subject(tier), request, deadline)
 
 
-async def _alive_replica(nc, tier: str, timeout_s: float) -> str | None:
-    """The id of the first replica of `tier` to answer $SRV.PING (within PROBE_S, and a quarter of `timeout_s`),
-    or None: a retry after a silence goes there."""
+async def _alive_replica(nc, tier: str, timeout_s: float) -> str:
+    """The id of the first replica of `tier` to answer $SRV.PING (within PROBE_S, and a quarter of `timeout_s`): a
+    retry after a silence goes there. Raises ReplicaSilent when none does, NoRespondersError when none is up."""
     def usable(reply: dict) -> bool:
-        return isinstance(reply.get("id"), str) and reply["id"].isalnum()  # a subject token, nothing else
+        rid = reply.get("id")
+        return isinstance(rid, str) and rid.isascii() and rid.isalnum()  # a subject token, nothing else
 
-    found = await discover(nc, tier, "PING", wait_s=min(PROBE_S, timeout_s / 4), until=usable)
-    return found[-1]["id"] if found and usable(found[-1]) else None
+    wait_s = min(PROBE_S, timeout_s / 4)
+    found = await discover(nc, tier, "PING", wait_s=wait_s, until=usable, none_up_raises=True)
+    if not found or not usable(found[-1]):
+        raise ReplicaSilent(f"{tier}: no replica answered $SRV.PING in {wait_s:.2f} s")
+    return found[-1]["id"]
 
 
 async def _ask_one(nc, tier: str, to: str, request, deadline: float):
@@ -372,8 +382,8 @@ async def stream_tier(nc, tier: str, request, timeout_s: float, after_silence: b
     Raises NoRespondersError before the first chunk when no replica is up, TimeoutError, ReplicaSilent
     or TierError.
     """
-    if after_silence and (replica := await _alive_replica(nc, tier, timeout_s)):
-        started = False
+    if after_silence:
+        replica, started = await _alive_replica(nc, tier, timeout_s), False
         try:
             async for chunk in _stream_one(nc, tier, subject(tier, "stream", replica), request, timeout_s):
                 started = True

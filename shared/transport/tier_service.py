@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import math
 import threading
 import time
@@ -121,14 +122,20 @@ class _Service(Service):
         Endpoint._stop unsubscribes; this is its Service.stop otherwise.)"""
         if self._stopped.is_set():
             return
+        await self.stop_discovery()
         for endpoint in self._endpoints:
             if endpoint._subscription is not None:
                 await endpoint._subscription.drain()
                 endpoint._subscription = None
-        for subscription in self._subscriptions.values():
-            await subscription.drain()
-        self._endpoints, self._subscriptions = [], {}
+        self._endpoints = []
         self._stopped.set()
+
+    async def stop_discovery(self) -> None:
+        """Answer no $SRV request from now on: a stopping replica is not named to a retry after a silence (ask_tier
+        sends it to the first replica answering $SRV.PING)."""
+        subscriptions, self._subscriptions = list(self._subscriptions.values()), {}
+        for subscription in subscriptions:
+            await subscription.unsubscribe()
 
 
 def _seconds(header: str | None) -> float | None:
@@ -375,7 +382,10 @@ class TierService:
     def stop(self) -> None:
         """Take no new request, end those in flight with UNAVAILABLE (`TierStopping`), then drain the link."""
         async def _stop():
-            if not self._halt.done():  # first: whatever comes in from now on is answered UNAVAILABLE at once
+            if self._service:  # first: no retry is sent here (ask_tier's probe), nor any request found here
+                with contextlib.suppress(Exception):  # the link is down: nothing is sent here anyway
+                    await self._service.stop_discovery()
+            if not self._halt.done():  # whatever comes in from now on is answered UNAVAILABLE at once
                 self._halt.set_result(None)
             for answer in list(self._answers):  # each leaves the batch; its task answers UNAVAILABLE (`_serve`)
                 answer.cancel()

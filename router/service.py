@@ -280,11 +280,12 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
                                escalated=int(escalated), escalation_rate=escalated / asked if asked else 0.0)
             for s, silent_s in self._known_replicas(tier, stats):
                 infer = next((e for e in s.get("endpoints") or [] if e.get("name") == "infer"), {})
-                depth = int((infer.get("data") or {}).get("queue_depth", 0))
+                data = infer.get("data") or {}
+                depth = int(data.get("queue_depth", 0))
                 (ts.silent_replicas if silent_s else ts.replicas).add(
                     id=s.get("id", ""), version=s.get("version", ""), requests=int(infer.get("num_requests", 0)),
                     errors=int(infer.get("num_errors", 0)), average_ms=infer.get("average_processing_time", 0) / 1e6,
-                    queue_depth=depth, silent_s=round(silent_s, 3))
+                    queue_depth=depth, silent_s=round(silent_s, 3), cancelled=int(data.get("num_cancelled", 0)))
                 ts.queue_depth += 0 if silent_s else depth
         return out
 

@@ -6,6 +6,7 @@ import asyncio
 import json
 import socket
 import threading
+import time
 
 import grpc
 import pytest
@@ -218,6 +219,41 @@ def test_status_counts_each_replicas_requests_errors_and_time(stack, client):
     assert (requests, errors) == (5, 1)
     # each request waits for the batch window (5 ms) and decodes: a mean of about zero times only the hand-off
     assert all(r.average_ms > 1.0 for r in after if r.requests), [r.average_ms for r in after]
+
+
+def test_status_counts_the_requests_given_up_on_apart(stack, client):
+    """A request its asker gave up on is neither an answer nor an error: the replicas count it apart (num_cancelled
+    in $SRV.STATS), which `tierline status` did not show. Both edges' engine cores stopped (SIGSTOP), a call with a
+    short deadline is given up by the router, which cancels it on the tier."""
+    import os
+    import signal
+
+    import psutil
+
+    from tierline import DeadlineExceeded
+
+    before = {r.id: r for r in both_replicas(client).tiers[0].replicas}
+    cores = [c for p in stack.procs if p.name.startswith("edge-")
+             for c in psutil.Process(p.popen.pid).children(recursive=True) if "spawn_main" in " ".join(c.cmdline())]
+    assert len(cores) == 2, cores
+    for core in cores:
+        os.kill(core.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(DeadlineExceeded):
+            client.infer("Q:97+68=?\nA:", {"max_tokens": 4}, timeout=1.5)  # asked nowhere else: not cached
+    finally:
+        for core in cores:
+            os.kill(core.pid, signal.SIGCONT)
+    deadline = time.monotonic() + 10
+    while True:  # the tier hears the cancel as the router gives up, about when the client does
+        after = both_replicas(client).tiers[0].replicas
+        cancelled = sum(r.cancelled - before[r.id].cancelled for r in after)
+        if cancelled or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert cancelled == 1 and sum(r.requests - before[r.id].requests for r in after) == 0
+    table = run_cli("status", "--endpoint", stack.router_address, "--api-key", stack.api_key, timeout=60).stdout
+    assert "cancelled" in table
 
 
 def test_cli_infer_and_stream(stack, client):

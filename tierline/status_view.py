@@ -15,7 +15,7 @@ from typing import Callable
 BAR_WIDTH = 20  # characters of a full bar
 _EIGHTHS = " ▏▎▍▌▋▊▉"  # a bar's last, partly filled character, by eighths
 TIER_COLUMNS = ("tier", "replicas", "queue depth", "traffic share", "escalation rate", "answered")
-REPLICA_COLUMNS = ("tier", "id", "version", "requests", "errors", "avg ms", "queue", "silent")
+REPLICA_COLUMNS = ("tier", "id", "version", "requests", "errors", "cancelled", "avg ms", "queue", "silent")
 CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear the screen
 
 
@@ -49,7 +49,8 @@ def replica_count(tier) -> str:
 
 
 def replica_rows(st) -> list[tuple[str, ...]]:
-    return [(t.tier, r.id, r.version, f"{r.requests:,}", f"{r.errors:,}", f"{r.average_ms:.1f}", str(r.queue_depth),
+    return [(t.tier, r.id, r.version, f"{r.requests:,}", f"{r.errors:,}", f"{r.cancelled:,}", f"{r.average_ms:.1f}",
+             str(r.queue_depth),
              f"{r.silent_s:.1f} s" if r.silent_s else "") for t in st.tiers for r in [*t.replicas, *t.silent_replicas]]
 
 

@@ -204,3 +204,28 @@ def test_a_core_that_dies_fails_what_it_held_unavailable_and_starts_again(long_p
     finally:
         core.close()
     assert not core.busy
+
+
+def test_a_hung_core_is_killed_after_its_iteration_timeout_and_starts_again():
+    """Found by a fault hunt (suspected, then reproduced here): a core alive but finishing no step (SIGSTOP: a
+    deadlock, a device that stopped answering) held its requests for good, while its tier process went on saying
+    they were being worked on. Past iteration_timeout_s without a step while it holds requests, it is killed: what
+    it held fails UNAVAILABLE, and it starts again."""
+    core = EngineCore(LOAD, BatchConfig(iteration_timeout_s=2.0), prefix_cache=(4096, 16))
+    try:
+        core.submit("Q:1+1=?\nA:", GenerationParams(max_tokens=4)).future.result(TIMEOUT)  # idle since: no kill
+        time.sleep(3.0)
+        assert core.submit("Q:1+2=?\nA:", GenerationParams(max_tokens=4)).future.result(TIMEOUT)
+        old = core.pid
+        os.kill(old, signal.SIGSTOP)
+        t0 = time.monotonic()
+        ticket = core.submit("Q:2+2=?\nA:", GenerationParams(max_tokens=8))
+        with pytest.raises(EngineCoreDied, match="no step in 2 s") as err:
+            ticket.future.result(TIMEOUT)
+        assert 2.0 <= time.monotonic() - t0 < 2.0 + 3.0, time.monotonic() - t0
+        assert status_of(err.value)[0] == grpc.StatusCode.UNAVAILABLE
+        _wait(lambda: core.pid != old and core._conn is not None)
+        out = core.submit("Q:2+2=?\nA:", GenerationParams(max_tokens=8)).future.result(TIMEOUT)
+        assert out.result.completion_tokens > 0
+    finally:
+        core.close()

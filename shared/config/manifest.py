@@ -56,6 +56,10 @@ class BatchConfig:
     # also decodes its first token in it: one more per such sequence)
     max_num_batched_tokens: int = 2048
     max_queue: int = 64  # requests waiting, beyond which new ones are refused (RESOURCE_EXHAUSTED)
+    # seconds an engine core in its own process may hold requests without finishing a step (vLLM's
+    # VLLM_ENGINE_ITERATION_TIMEOUT_S): past it, it is taken for hung, killed, and started again; what it held
+    # fails UNAVAILABLE (shared/runtime/engine_core.py). Longer than the slowest step the model takes
+    iteration_timeout_s: float = 60.0
 
     def __post_init__(self):
         if self.max_num_seqs < 1:
@@ -65,6 +69,8 @@ class BatchConfig:
                              f"({self.max_num_seqs}): every running sequence decodes one token per step")
         if self.max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
+        if not 0 < self.iteration_timeout_s < float("inf"):
+            raise ValueError(f"iteration_timeout_s must be > 0 seconds, got {self.iteration_timeout_s}")
 
 
 @dataclass
@@ -284,7 +290,7 @@ _RANGES = {  # field -> (min, max) inclusive, None = unbounded
     "request_timeout_ms": (1, None), "cloud_complexity": (0, 1), "device_complexity": (0, 1),
     "retries_per_tier": (0, 10), "retries": (0, 10), "no_replica_wait_ms": (0, 600_000), "max_num_seqs": (1, 1024),
     "max_num_batched_tokens": (1, 1_000_000), "max_context": (0, 10_000_000),
-    "max_queue": (1, 100000), "version": (1, 1),
+    "max_queue": (1, 100000), "iteration_timeout_s": (1, 86400), "version": (1, 1),
     "http_port": (-1, 65535), "http_read_timeout_ms": (1, 3_600_000), "http_max_connections": (1, 1_000_000),
     "calls_per_day": (1, None), "tokens_per_day": (1, None),
     "max_stop": (0, 16), "max_stop_chars": (1, 1024), "max_id_chars": (1, 1024),

@@ -21,6 +21,12 @@ of the engine in the tier process (tokenizer, info, check), without the model. A
 request it held (`EngineCoreDied`: UNAVAILABLE, which the router escalates) and is started again; submits
 while it restarts fail the same way at once.
 
+A core that holds requests and finishes no step for `iteration_timeout_s` (tiers.<tier>.batching; vLLM's
+VLLM_ENGINE_ITERATION_TIMEOUT_S) is taken for hung (a deadlock, a device that stopped answering): it is killed,
+and then fails and starts again as a core that died. Its tier process keeps saying that its requests are being
+worked on (the heartbeats come from its event loop), so without this a hung core held every request routed to
+the replica for the router's whole timeout, for good.
+
 `cpus` (tiers.<tier>.engine_cpus) binds the core, its model's threads included, to those CPUs, as vLLM's CPU
 backend binds its OpenMP threads and reserves the other cores for its API server; the tier process then runs
 on the CPUs left (`TierProcess.engine_core`). On a small machine this keeps the serving threads, the router
@@ -37,6 +43,7 @@ import pickle
 import queue
 import signal
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Collection
@@ -52,6 +59,7 @@ FLUSH_S = 0.02  # seconds: the longest an event waits in the core when no step r
 LOAD_TIMEOUT_S = 600.0  # seconds a core may take to load its model
 CLOSE_TIMEOUT_S = 10.0  # seconds a core may take to stop before it is killed
 RESTART_DELAY_S = 0.5  # seconds between a core's death and its new start
+WATCH_S = 1.0  # seconds between two looks at a quiet core (is it hung?)
 
 
 @dataclass
@@ -109,6 +117,8 @@ class EngineCore:
         self._pending: dict[int, CoreTicket] = {}
         self._ids = itertools.count()
         self._waiting = self._running = 0
+        self._heard = 0.0  # monotonic time of the core's last events, or of a submit to an idle core
+        self._hung = False  # the watch killed the core (`_watch`)
         self._closed = False
         self._conn = self._proc = None
         self.on_step: Callable[[StepStats], None] | None = None
@@ -144,6 +154,8 @@ class EngineCore:
             if self._conn is None:
                 raise EngineCoreDied("the engine process is starting again")
             rid, conn = next(self._ids), self._conn
+            if not self._pending:  # an idle core owes no event until now
+                self._heard = time.monotonic()
             ticket = CoreTicket(Future(), queue.Queue() if stream else None, rid, self)
             self._pending[rid] = ticket  # before the send: its first chunk may come back before send returns
         try:
@@ -220,9 +232,13 @@ class EngineCore:
     def _read(self, conn, proc) -> None:
         while True:
             try:
+                if not conn.poll(WATCH_S):
+                    self._watch(proc)
+                    continue
                 events = conn.recv()
             except (EOFError, OSError):
                 break
+            self._heard = time.monotonic()
             for event in events:
                 try:
                     self._dispatch(event)
@@ -233,10 +249,24 @@ class EngineCore:
             self._conn = None
             closed = self._closed
         conn.close()
+        why = (f"finished no step in {self.config.iteration_timeout_s:g} s (hung) and was killed" if self._hung else
+               f"exited (code {proc.exitcode}) before answering")
+        self._hung = False
         self._fail_pending(RuntimeError("server shutting down") if closed else
-                           EngineCoreDied(f"the engine process exited (code {proc.exitcode}) before answering"))
+                           EngineCoreDied(f"the engine process {why}"))
         if not closed:
             self._restart()
+
+    def _watch(self, proc) -> None:
+        """Kill the core when it holds requests and has said nothing for iteration_timeout_s: hung (`_read` then
+        fails what it held and starts it again)."""
+        with self._lock:
+            quiet = time.monotonic() - self._heard if self._pending and not self._closed else 0.0
+        if quiet > self.config.iteration_timeout_s and proc.is_alive():
+            self._hung = True
+            log.error("engine core: no step finished in %.0f s with requests held: taken for hung, killed "
+                      "(tiers.<tier>.batching.iteration_timeout_s)", quiet)
+            proc.kill()
 
     def _restart(self) -> None:
         threading.Event().wait(RESTART_DELAY_S)  # a tier being stopped (SIGTERM to its whole group) closes meanwhile

@@ -89,18 +89,20 @@ def test_errors_are_typed_and_carry_the_status(stack, client):
     with pytest.raises(ValueError, match="/v2"):
         InferenceClient(api_key="k", endpoint="127.0.0.1:1/v2")
     # NaN passed `timeout <= 0` (found by a fault hunt: `tierline infer --timeout nan`); infinity made no deadline
-    for bad in (float("nan"), float("inf"), 0, -1, "5", 1e10):
+    import decimal
+
+    import numpy as np
+    for bad in (float("nan"), float("inf"), 0, -1, "5", 1e10, True, np.True_, b"5", bytearray(b"5"), 10**400):
         with pytest.raises(ValueError, match="timeout"):
             InferenceClient(api_key="k", endpoint="127.0.0.1:1", timeout=bad)
         with pytest.raises(ValueError, match="timeout"):
             client.infer(PROMPT, {"max_tokens": 1}, timeout=bad)  # a call's own, before any network call
     with pytest.raises(ValueError, match="backoff"):
         InferenceClient(api_key="k", endpoint="127.0.0.1:1", backoff=float("nan"))
-    import decimal
-
-    import numpy as np
     for good in (np.float32(5), np.int64(5), decimal.Decimal("5")):  # numbers from elsewhere, as before
-        InferenceClient(api_key="k", endpoint="127.0.0.1:1", timeout=good, backoff=good).close()
+        with InferenceClient(api_key="k", endpoint="127.0.0.1:1", timeout=good, backoff=good, retries=0) as c:
+            with pytest.raises(Unavailable):  # used, not only checked (a Decimal kept as it came failed each call)
+                c.infer(PROMPT, {"max_tokens": 1})
 
 
 def test_unavailable_is_retried_until_the_router_is_back(stack):

@@ -25,8 +25,10 @@ the default port is 50050 for plaintext, 443 for TLS.
 from __future__ import annotations
 
 import asyncio
+import decimal
 import itertools
 import math
+import numbers
 import os
 import random
 import time
@@ -220,10 +222,9 @@ class _Config:
 
     def __init__(self, api_key: str | None, model_name: str, endpoint: str | None, timeout: float, retries: int,
                  backoff: float):
-        _seconds("timeout", timeout)
+        timeout, backoff = _seconds("timeout", timeout), _seconds("backoff", backoff, zero=True)
         if retries < 0:
             raise ValueError(f"retries: must be >= 0, got {retries}")
-        _seconds("backoff", backoff, zero=True)
         self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
         self.model_name = model_name
         self.endpoint = endpoint or os.environ.get(ENDPOINT_ENV) or DEFAULT_ENDPOINT
@@ -244,12 +245,14 @@ class _Config:
 
 
 def _seconds(name: str, value, zero: bool = False) -> float:
-    """`value` as seconds: a real number (numpy's and Decimal too, not a string), finite, > 0 (`zero`: >= 0) and at
-    most MAX_TIMEOUT_S; else ValueError naming `name`. NaN passes every comparison and would have made a deadline
-    that never comes; gRPC overflows on a huge one and fails the call at once."""
+    """`value` as seconds (a float): a real number (numpy's, Fraction and Decimal too; not a bool, a string or bytes),
+    finite, > 0 (`zero`: >= 0) and at most MAX_TIMEOUT_S; else ValueError naming `name`. NaN passes every
+    comparison and would have made a deadline that never comes; gRPC overflows on a huge one and fails the call at
+    once."""
+    real = isinstance(value, (numbers.Real, decimal.Decimal)) and not isinstance(value, bool)
     try:
-        seconds = float(value) if not isinstance(value, (str, bytes, bool)) else math.nan
-    except (TypeError, ValueError):
+        seconds = float(value) if real else math.nan
+    except (TypeError, ValueError, OverflowError):
         seconds = math.nan
     if not (0 <= seconds <= MAX_TIMEOUT_S) or (seconds == 0 and not zero):
         raise ValueError(f"{name}: must be a number of seconds {'>=' if zero else '>'} 0 and at most "

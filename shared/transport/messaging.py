@@ -36,7 +36,8 @@ PROGRESS_HEADER = "Tierline-Progress"  # marks a tier's "still working on it" me
 OTHER_REPLICA_HEADER = "Tierline-Other-Replica"
 HEARTBEAT_S = 0.2  # how often a tier working on a request says so
 SILENCE_S = 1.0  # a replica silent this long (while the link is up) is taken for dead: ask another
-PROBE_S = 0.25  # seconds, at most, a retry after a silence waits for a replica to answer $SRV.PING
+PROBE_S = 0.25  # seconds a retry after a silence waits for a replica to answer $SRV.PING (4 round trips if longer)
+STALL_S = 0.25  # a wait for a reply that ends this much later than due: this side's own event loop stalled
 RECONNECT_BASE_S = 1.0  # seconds, the first wait after the link drops (doubles after each failed attempt)
 RECONNECT_MAX_S = 30.0  # seconds, the longest wait between two attempts (forever)
 RECONNECT_JITTER = 0.2  # each wait is drawn from [1 - 0.2, 1] x its step, so a fleet does not reconnect in step
@@ -308,17 +309,16 @@ async def ask_tier(nc, tier: str, request, timeout_s: float, after_silence: bool
     `after_silence` (a retry after a ReplicaSilent): the request goes to a replica that is alive, on
     its own subject, not to the queue group, which may draw the silent replica again (a hung process
     keeps its NATS subscription until the server gives up on it, minutes later): the first replica
-    to answer $SRV.PING within PROBE_S (a hung one does not; nor does a stopping one). When none
-    answers, no replica is alive: ReplicaSilent at once (NoRespondersError when none is up), so the
-    cascade moves on without a second silence. When the one that did has left since (no responders)
-    or is silent too (it hung since; a server whose permissions predate these subjects drops the
-    request unsaid), the queue group, in the time left.
+    to answer $SRV.PING within PROBE_S, or four round trips to the server on a slower link (a hung
+    one does not answer; nor does a stopping one). None up: NoRespondersError at once. When none
+    answers in time (all hung, or a link slower than it seemed), or the one that did has left since
+    (no responders) or is silent too (it hung since; a server whose permissions predate these
+    subjects drops the request unsaid), the queue group, in the time left.
     Raises nats' NoRespondersError (no replica: at once), TimeoutError, or TierError.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    if after_silence:
-        replica = await _alive_replica(nc, tier, timeout_s)
+    if after_silence and (replica := await _alive_replica(nc, tier, timeout_s)):
         try:
             return await _ask_one(nc, tier, subject(tier, replica=replica), request, deadline)
         except (nats.errors.NoRespondersError, ReplicaSilent):
@@ -326,18 +326,23 @@ async def ask_tier(nc, tier: str, request, timeout_s: float, after_silence: bool
     return await _ask_one(nc, tier, subject(tier), request, deadline)
 
 
-async def _alive_replica(nc, tier: str, timeout_s: float) -> str:
-    """The id of the first replica of `tier` to answer $SRV.PING (within PROBE_S, and a quarter of `timeout_s`): a
-    retry after a silence goes there. Raises ReplicaSilent when none does, NoRespondersError when none is up."""
+async def _alive_replica(nc, tier: str, timeout_s: float) -> str | None:
+    """The id of the first replica of `tier` to answer $SRV.PING: a retry after a silence goes there. It waits
+    PROBE_S, or four of this link's round trips to the server where that is longer (a board on a cellular link),
+    within a quarter of `timeout_s`; None when no usable reply came; NoRespondersError when no replica is up."""
     def usable(reply: dict) -> bool:
         rid = reply.get("id")
         return isinstance(rid, str) and rid.isascii() and rid.isalnum()  # a subject token, nothing else
 
-    wait_s = min(PROBE_S, timeout_s / 4)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    try:
+        await nc.flush(timeout=max(timeout_s / 4, 0.001))  # a round trip to the server: how slow the link is
+    except (nats.errors.Error, asyncio.TimeoutError):
+        return None  # slower than the time there is, or the link is down: no probe
+    wait_s = min(max(PROBE_S, 4 * (loop.time() - t0)), timeout_s / 4)
     found = await discover(nc, tier, "PING", wait_s=wait_s, until=usable, none_up_raises=True)
-    if not found or not usable(found[-1]):
-        raise ReplicaSilent(f"{tier}: no replica answered $SRV.PING in {wait_s:.2f} s")
-    return found[-1]["id"]
+    return found[-1]["id"] if found and usable(found[-1]) else None
 
 
 async def _ask_one(nc, tier: str, to: str, request, deadline: float):
@@ -350,27 +355,37 @@ async def _ask_one(nc, tier: str, to: str, request, deadline: float):
             await nc.publish(to, request.SerializeToString(), reply=inbox,
                              headers={TIMEOUT_HEADER: f"{max(deadline - sent, 0.0):.3f}",
                                       HEARTBEAT_HEADER: f"{HEARTBEAT_S}", STREAM_ID_HEADER: inbox})
-            heard = sent
-            while True:
-                now = loop.time()
-                if now >= deadline:
-                    raise nats.errors.TimeoutError
-                if not nc.is_connected:
-                    heard = now  # our own link is down: the replica may be fine; wait for the reconnect
-                elif now - heard >= SILENCE_S:
-                    raise ReplicaSilent(f"{tier}: the replica went silent for {SILENCE_S} s")
-                try:
-                    msg = await replies.get(timeout=min(HEARTBEAT_S, deadline - now))
-                except nats.errors.TimeoutError:
-                    continue
-                heard = loop.time()
-                if PROGRESS_HEADER in (msg.headers or {}):
-                    continue
-                ended = True
-                return _answer(tier, msg)
+            msg = await _next_word(nc, tier, replies, sent, deadline)
+            ended = True
+            return _answer(tier, msg)
         finally:
             if not ended:  # given up (a deadline, a silent replica, the caller gone): the tier stops decoding it
                 await _publish_cancel(nc, tier, inbox)
+
+
+async def _next_word(nc, tier: str, replies: _Box, heard: float, until: float):
+    """The replica's next reply that is not a heartbeat, by `until` (loop time; nats' TimeoutError after), its
+    silence counted from `heard` (its last word): ReplicaSilent after SILENCE_S without one while this side's link
+    is up. A wait that ended STALL_S or more after it was due means this side's own event loop stalled (what the
+    replica sent may still be unread in the socket): that is not the replica's silence, whose count starts again."""
+    loop = asyncio.get_running_loop()
+    while True:
+        asked = loop.time()
+        wait = min(HEARTBEAT_S, max(until - asked, 0.0))
+        try:  # what came while the caller held the last chunk is read before any silence counts
+            msg = await replies.get(timeout=wait)
+        except nats.errors.TimeoutError:
+            now = loop.time()
+            if now >= until:
+                raise
+            if not nc.is_connected or now - asked >= wait + STALL_S:
+                heard = now  # our own link is down, or our own loop stalled: the replica may be fine
+            elif now - heard >= SILENCE_S:
+                raise ReplicaSilent(f"{tier}: the replica went silent for {SILENCE_S} s") from None
+            continue
+        heard = loop.time()
+        if PROGRESS_HEADER not in (msg.headers or {}):
+            return msg
 
 
 async def stream_tier(nc, tier: str, request, timeout_s: float, after_silence: bool = False):
@@ -382,8 +397,8 @@ async def stream_tier(nc, tier: str, request, timeout_s: float, after_silence: b
     Raises NoRespondersError before the first chunk when no replica is up, TimeoutError, ReplicaSilent
     or TierError.
     """
-    if after_silence:
-        replica, started = await _alive_replica(nc, tier, timeout_s), False
+    if after_silence and (replica := await _alive_replica(nc, tier, timeout_s)):
+        started = False
         try:
             async for chunk in _stream_one(nc, tier, subject(tier, "stream", replica), request, timeout_s):
                 started = True
@@ -406,29 +421,16 @@ async def _stream_one(nc, tier: str, to: str, request, timeout_s: float):
             await nc.publish(to, request.SerializeToString(), reply=inbox,
                              headers={TIMEOUT_HEADER: f"{timeout_s:.3f}", HEARTBEAT_HEADER: f"{HEARTBEAT_S}",
                                       STREAM_ID_HEADER: inbox})
-            heard = waiting = loop.time()  # the replica's last word; since when the next chunk is awaited
+            waiting = loop.time()  # since when the next chunk is awaited (the replica's last word, too)
             while True:
-                try:  # what came while the caller held the last chunk is read before any silence counts
-                    msg = await replies.get(timeout=min(HEARTBEAT_S, max(waiting + timeout_s - loop.time(), 0.0)))
-                except nats.errors.TimeoutError:
-                    now = loop.time()
-                    if now >= waiting + timeout_s:
-                        raise
-                    if not nc.is_connected:
-                        heard = now  # our own link is down: the replica may be fine; wait for the reconnect
-                    elif now - heard >= SILENCE_S:
-                        raise ReplicaSilent(f"{tier}: the replica went silent for {SILENCE_S} s") from None
-                    continue
-                heard = loop.time()
-                if PROGRESS_HEADER in (msg.headers or {}):
-                    continue
+                msg = await _next_word(nc, tier, replies, waiting, waiting + timeout_s)
                 ended = True  # unless this is a chunk before the last
                 chunk = _answer(tier, msg)
                 ended = bool(chunk.choices and chunk.choices[0].finish_reason)
                 yield chunk
                 if ended:
                     return
-                heard = waiting = loop.time()  # the caller held it: that time is neither silence nor waiting
+                waiting = loop.time()  # the caller held it: that time is neither silence nor waiting
         finally:
             if not ended:  # closed early (client gone, timeout): the replica decoding it stops at its next token
                 await _publish_cancel(nc, tier, inbox)

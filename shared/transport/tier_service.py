@@ -123,11 +123,11 @@ class _Service(Service):
         if self._stopped.is_set():
             return
         await self.stop_discovery()
+        subscriptions = [e._subscription for e in self._endpoints if e._subscription is not None]
         for endpoint in self._endpoints:
-            if endpoint._subscription is not None:
-                await endpoint._subscription.drain()
-                endpoint._subscription = None
+            endpoint._subscription = None
         self._endpoints = []
+        await asyncio.gather(*(sub.drain() for sub in subscriptions))  # every unsubscribe goes out at once
         self._stopped.set()
 
     async def stop_discovery(self) -> None:
@@ -385,16 +385,23 @@ class TierService:
             if self._service:  # first: no retry is sent here (ask_tier's probe), nor any request found here
                 with contextlib.suppress(Exception):  # the link is down: nothing is sent here anyway
                     await self._service.stop_discovery()
+            # then every subscription that brings requests is drained, its unsubscribe sent before any UNAVAILABLE
+            # below: an asker's retry after one (another replica, the queue group) is then sent after the server
+            # knows this replica left, and cannot be handed back to it. What was on its way is still taken (and
+            # answered UNAVAILABLE): a drain, not an unsubscribe
+            draining = [asyncio.ensure_future(sub.drain()) for sub in self._direct]
+            if self._service:
+                draining.append(asyncio.ensure_future(self._service.stop()))
+            self._direct = []
+            await asyncio.sleep(0)  # the drains send their unsubscribes
             if not self._halt.done():  # whatever comes in from now on is answered UNAVAILABLE at once
                 self._halt.set_result(None)
             for answer in list(self._answers):  # each leaves the batch; its task answers UNAVAILABLE (`_serve`)
                 answer.cancel()
             try:
-                for sub in self._direct:  # as the endpoints (_Service.stop): what was taken is answered UNAVAILABLE
-                    await sub.drain()
-                self._direct = []
-                if self._service:  # the queue group sends new requests to other replicas; taken ones are answered
-                    await self._service.stop()
+                for outcome in await asyncio.gather(*draining, return_exceptions=True):
+                    if isinstance(outcome, BaseException):
+                        raise outcome
             finally:
                 if self._tasks:  # their UNAVAILABLE goes out before the drain closes the link
                     await asyncio.wait(set(self._tasks), timeout=STOP_REPLY_S)

@@ -211,7 +211,10 @@ class EngineCore:
                 proc.join()
                 raise EngineCoreDied("the engine process was closed")
             self._conn, self._proc = parent, proc
-        threading.Thread(target=self._read, args=(parent, proc), name=f"{self._name}-reader", daemon=True).start()
+        read = threading.Event()  # set once the reader is done with this core (it died, or was closed)
+        threading.Thread(target=self._read, args=(parent, proc, read), name=f"{self._name}-reader",
+                         daemon=True).start()
+        threading.Thread(target=self._watching, args=(proc, read), name=f"{self._name}-watch", daemon=True).start()
         return msg[1], msg[2]
 
     def _cancel(self, rid: int) -> None:
@@ -229,12 +232,9 @@ class EngineCore:
         if ticket.chunks is not None:
             ticket.chunks.put(END)
 
-    def _read(self, conn, proc) -> None:
+    def _read(self, conn, proc, read: threading.Event) -> None:
         while True:
             try:
-                if not conn.poll(WATCH_S):
-                    self._watch(proc)
-                    continue
                 events = conn.recv()
             except (EOFError, OSError):
                 break
@@ -244,6 +244,7 @@ class EngineCore:
                     self._dispatch(event)
                 except Exception:  # noqa: BLE001 - a metrics callback must not stop the answers
                     log.exception("engine core: event %s", event[0])
+        read.set()
         proc.join(1.0)
         with self._lock:
             self._conn = None
@@ -256,6 +257,12 @@ class EngineCore:
                            EngineCoreDied(f"the engine process {why}"))
         if not closed:
             self._restart()
+
+    def _watching(self, proc, read: threading.Event) -> None:
+        """Every WATCH_S while the core's reader reads (a thread apart: a poll before each read would cost the
+        serving process a few microseconds per step)."""
+        while not read.wait(WATCH_S):
+            self._watch(proc)
 
     def _watch(self, proc) -> None:
         """Kill the core when it holds requests and has said nothing for iteration_timeout_s: hung (`_read` then

@@ -289,8 +289,7 @@ class TierService:
             loop.call_soon_threadsafe(chunks.put_nowait, done)
 
         loop.run_in_executor(self._pool, produce)
-        beat = _seconds((req.headers or {}).get(HEARTBEAT_HEADER))
-        alive = _Heartbeat(req, max(beat, MIN_HEARTBEAT_S)) if beat and beat > 0 else None
+        alive = _Heartbeat.asked(req)
         try:
             while (item := await chunks.get()) is not done:
                 if cancelled.is_set():
@@ -333,7 +332,6 @@ class TierService:
         started, error, cancelled = time.perf_counter_ns(), None, False
         headers = req.headers or {}
         timeout = _seconds(headers.get(TIMEOUT_HEADER))
-        beat = _seconds(headers.get(HEARTBEAT_HEADER))
         request_id = headers.get(STREAM_ID_HEADER) or object()  # none given: nobody can cancel it
         try:
             if self._halt.done():  # it came in as the tier stopped
@@ -342,7 +340,7 @@ class TierService:
             self._track(request_id, answer.cancel)
             self._answers.add(answer)  # `stop` cancels what is in flight
             work = asyncio.wrap_future(answer)
-            alive = _Heartbeat(req, max(beat, MIN_HEARTBEAT_S)) if beat and beat > 0 else None
+            alive = _Heartbeat.asked(req)
             try:  # the requester asked to hear that we are alive while we work: a timer says so, if it lasts
                 data = (await work).SerializeToString()
             finally:
@@ -422,6 +420,13 @@ class _Heartbeat:
         self._loop = asyncio.get_running_loop()
         self._beats: set[asyncio.Task] = set()
         self._timer = self._loop.call_later(every_s, self._beat)
+
+    @classmethod
+    def asked(cls, req) -> "_Heartbeat | None":
+        """The heartbeat the request's asker asked for (HEARTBEAT_HEADER, at most every MIN_HEARTBEAT_S), started;
+        None when it asked for none."""
+        beat = _seconds((req.headers or {}).get(HEARTBEAT_HEADER))
+        return cls(req, max(beat, MIN_HEARTBEAT_S)) if beat and beat > 0 else None
 
     def _beat(self) -> None:
         task = self._loop.create_task(self._req.respond(b"", headers={PROGRESS_HEADER: "1"}))

@@ -75,9 +75,15 @@ class Proc:
 
     def close(self) -> None:
         """Stop the child (process group) and close its log file."""
-        terminate(self.popen)
+        terminate(self.popen, self.stop_timeout_s)
         if self.log is not None:
             self.log.close()
+
+    @property
+    def stop_timeout_s(self) -> float:
+        """How long it may take to stop: a tier lets its requests in flight finish first (its ready line's
+        `stop_grace_s`: tiers.<tier>.stop_grace_s)."""
+        return STOP_TIMEOUT_S + float(self.ready.get("stop_grace_s") or 0)
 
 
 def launch(name: str, argv: list[str], log_path: Path, timeout_s: float = READY_TIMEOUT_S,
@@ -529,7 +535,7 @@ class Stack:
         (an upgrade, a scale down)."""
         proc = next(p for p in self.procs if p.name == name)
         os.killpg(proc.popen.pid, sig)
-        proc.popen.wait(timeout=STOP_TIMEOUT_S)
+        proc.popen.wait(timeout=proc.stop_timeout_s)
 
     def stop(self) -> None:
         for p in reversed(self.procs):  # every process told at once, so stopping takes the slowest's time, not the sum

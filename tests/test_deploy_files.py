@@ -83,3 +83,27 @@ def test_compose_gives_each_service_its_own_identity_and_a_valid_nats_config(tmp
                     .replace('"/data"', f'"{tmp_path}/data"'))
     proc = subprocess.run([nats_server_binary(), "-t", "-c", str(conf)], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_each_tier_is_given_longer_to_stop_than_its_grace(tmp_path):
+    """A tier stopping lets its requests in flight finish for tiers.<tier>.stop_grace_s, then answers what is left
+    UNAVAILABLE and drains its link (STOP_LOOP_S at most): compose's and Kubernetes' wait before SIGKILL must cover
+    both, or a rolling upgrade kills a replica in its grace and its requests get no answer at all. Compose waits
+    10 s unless told (stop_grace_period), Kubernetes 30 s (terminationGracePeriodSeconds)."""
+    from tierline_shared.transport.tier_service import STOP_LOOP_S
+
+    compose = yaml.safe_load((COMPOSE / "compose.yaml").read_text())
+    manifest = _manifest((COMPOSE / "manifest.yaml").read_text(), tmp_path)
+    for svc in compose["services"].values():
+        if svc.get("command", [None])[0] in TIER_OF:
+            tier = TIER_OF[svc["command"][0]]
+            period = float(svc.get("stop_grace_period", "10s").removesuffix("s"))
+            assert period >= manifest.tiers[tier].stop_grace_s + STOP_LOOP_S, (tier, period)
+    docs = [d for _, d in _resources()]
+    manifest = _manifest(next(d for d in docs if d["kind"] == "ConfigMap")["data"]["manifest.yaml"], tmp_path)
+    for dep in (d for d in docs if d["kind"] == "Deployment"):
+        pod = dep["spec"]["template"]["spec"]
+        module = pod["containers"][0]["args"][0]
+        if module in TIER_OF:
+            period = pod.get("terminationGracePeriodSeconds", 30)
+            assert period >= manifest.tiers[TIER_OF[module]].stop_grace_s + STOP_LOOP_S, (module, period)

@@ -126,6 +126,49 @@ def test_a_replica_stopped_mid_request_hands_its_requests_to_the_other_at_once(t
     assert result["in_flight_latency_s"]["max"] < result["silence_s"], result
 
 
+def test_a_replica_stopped_with_requests_in_flight_finishes_them_in_its_grace(tiny_family):
+    """SIGTERM the only edge replica (a rolling upgrade) while a request and a stream are in its batch: it takes no
+    new request but finishes those in flight (tiers.edge.stop_grace_s), which reach their clients whole, and exits
+    once they are answered, not at the end of the grace. Before, both ended UNAVAILABLE at once, the stream after
+    its first chunks (no one can retry it then), and with no other replica the request failed too. The engine
+    core is held (SIGSTOP) so that both are still running when the SIGTERM comes."""
+    import os
+    import signal
+    import threading
+
+    import psutil
+
+    with Stack(tiny_family, tiers=("edge",),
+               overrides={"router.device_complexity": 0.0, "router.cloud_complexity": 1.0,
+                          "router.confidence_threshold": {"edge": 0.0}, "tiers.edge.cache_size": 0,
+                          "tiers.edge.stop_grace_s": 20}) as s:
+        router = stub(s.router_address)
+        prompts = ["Q:2+3=?\nA:", "Q:7+8=?\nA:"]
+        want = [router.Infer(req(p, max_tokens=16), timeout=TIMEOUT).choices[0].text for p in prompts]
+        edge = next(p for p in s.procs if p.name == "edge-0")
+        core = max(psutil.Process(edge.popen.pid).children(recursive=True), key=lambda c: c.memory_info().rss)
+        core.suspend()
+        try:
+            with ThreadPoolExecutor(2) as pool:
+                unary = pool.submit(router.Infer, req(prompts[0], max_tokens=16), timeout=TIMEOUT)
+                stream = pool.submit(lambda: "".join(c.choices[0].text for c in router.InferStream(
+                    req(prompts[1], max_tokens=16), timeout=TIMEOUT)))
+                time.sleep(0.5)  # both are in the tier, waiting on its engine core
+                t0 = time.monotonic()
+                stopping = threading.Thread(target=s.kill, args=("edge-0", signal.SIGTERM))
+                stopping.start()
+                time.sleep(0.5)
+                assert edge.popen.poll() is None and not unary.done() and not stream.done()
+                core.resume()
+                assert unary.result(timeout=TIMEOUT).choices[0].text == want[0]
+                assert stream.result(timeout=TIMEOUT) == want[1]
+                stopping.join(TIMEOUT)
+                assert edge.popen.poll() is not None and time.monotonic() - t0 < 10, time.monotonic() - t0
+        finally:
+            if core.is_running():
+                os.kill(core.pid, signal.SIGCONT)
+
+
 def test_a_restarted_nats_server_loses_no_request(tiny_family):
     """nats-server killed and started again on its port under load: every request is answered (after the
     reconnect), none is failed for the silence of a link that was down on the router's side too. Through the

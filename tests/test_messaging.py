@@ -683,6 +683,95 @@ def test_a_request_in_flight_when_the_tier_stops_gets_unavailable_at_once(tmp_pa
         server.stop()
 
 
+def test_a_stream_in_flight_when_the_tier_stops_with_a_grace_is_read_to_its_end(link):
+    """A tier stopping with a grace (tiers.<tier>.stop_grace_s: a rolling upgrade) lets a stream in flight finish:
+    every chunk reaches its reader and it counts as an answer, where without a grace it was cut mid-way with
+    UNAVAILABLE, which no one can retry once chunks were read. The stop returns when the stream ends, not at the
+    end of the grace; a request sent once the stop began is not taken (no responders)."""
+    import nats.errors
+
+    opts, producer, service = link
+    grace = 20.0
+
+    async def main() -> tuple[int, float, BaseException | None]:
+        nc = await connect(opts, name="test")
+        try:
+            got, stopping, t0 = 0, None, 0.0
+            async for _ in stream_tier(nc, "edge", pb.InferRequest(prompt="Q:2+3=?\nA:"), timeout_s=TIMEOUT):
+                got += 1
+                if got == 5:
+                    t0 = time.monotonic()
+                    stopping = asyncio.ensure_future(asyncio.to_thread(service.stop, grace))
+                    await asyncio.sleep(0.2)
+                    late = None
+                    try:  # the replica left its queue group at once: a new request finds no one
+                        await ask_tier(nc, "edge", pb.InferRequest(prompt="Q:1+1=?\nA:"), timeout_s=2)
+                    except nats.errors.NoRespondersError as exc:
+                        late = exc
+            await stopping
+            return got, time.monotonic() - t0, late
+        finally:
+            await nc.close()
+
+    got, took, late = asyncio.run(main())
+    assert got == CHUNKS and producer.finished.is_set() and not producer.stopped_early.is_set(), got
+    assert took < CHUNKS * CHUNK_S + 5 < grace, took  # stopped once the stream ended: not the whole grace
+    assert late is not None, "a request sent after the stop began was taken"
+    counts = service._counts["stream"]
+    assert (counts.requests, counts.errors, counts.cancelled) == (1, 0, 0), counts
+
+
+def test_a_request_still_running_at_the_end_of_the_grace_gets_unavailable_then(tmp_path):
+    """Unary requests in flight when the tier stops with a grace: one answered within it gets its answer; one
+    still running when the grace ends leaves the batch and gets UNAVAILABLE (another replica may take it) then,
+    and the stop ends with it, not later."""
+    import concurrent.futures
+
+    from tierline_shared.transport.messaging import SILENCE_S, TierError
+
+    asked: list[concurrent.futures.Future] = []
+
+    def handle(data: bytes, timeout):  # answered by the test, or never
+        asked.append(concurrent.futures.Future())
+        return asked[-1]
+
+    grace = 1.5
+    server, opts, service = _unary_tier(tmp_path, handle)
+    try:
+        async def main():
+            nc = await connect(opts, name="test")
+            try:
+                asking = [asyncio.ensure_future(ask_tier(nc, "edge", pb.InferRequest(prompt=f"Q:{i}+3=?\nA:"),
+                                                         TIMEOUT)) for i in range(2)]
+                deadline = time.monotonic() + TIMEOUT
+                while len(asked) < 2 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+                t0 = time.monotonic()
+                stopping = asyncio.ensure_future(asyncio.to_thread(service.stop, grace))
+                await asyncio.sleep(0.3)
+                asked[0].set_result(pb.InferResponse(choices=[pb.Choice(text="5")], tier="edge"))
+                answered = await asking[0]
+                first = time.monotonic() - t0
+                with pytest.raises(TierError) as ended:
+                    await asking[1]
+                second = time.monotonic() - t0
+                await stopping
+                return answered, first, ended.value, second, time.monotonic() - t0
+            finally:
+                await nc.close()
+
+        answered, first, error, second, stopped = asyncio.run(main())
+        assert answered.choices[0].text == "5" and first < grace, first
+        assert (error.status, error.message) == ("UNAVAILABLE", "the tier is shutting down"), error
+        assert grace <= second < grace + SILENCE_S and stopped < grace + SILENCE_S + 1, (second, stopped)
+        assert asked[1].cancelled()  # it left the batch
+        counts = service._counts["infer"]
+        assert (counts.requests, counts.errors, counts.cancelled) == (2, 1, 0), counts
+    finally:
+        service.stop()
+        server.stop()
+
+
 @pytest.mark.parametrize("direct", [False, True])
 def test_requests_the_tier_has_taken_but_not_yet_read_when_it_stops_get_unavailable_not_silence(tmp_path, direct):
     """Requests already on their way to a replica when it stops (on its socket, or in its subscription's queue, not

@@ -98,6 +98,9 @@ class TierConfig:
     metrics_port: int = 0  # Prometheus /metrics; 0 = any free port, -1 = off
     threads: int = 2  # runtime threads
     timeout_ms: int = 10000  # a request's deadline inside the tier when the caller sets none
+    # stopping (SIGTERM: an upgrade, a scale down), the tier takes no new request and lets those in flight finish
+    # for this long (Triton's --exit-timeout-secs); what is still running then ends UNAVAILABLE. 0: at once
+    stop_grace_s: float = 10.0
     cost_per_1k_tokens: float = 1.0  # relative cost, for cost reports
     cache_size: int = 1024  # LRU result cache for identical greedy requests (0 = off)
     # prompt tokens whose KV the engine keeps for prefix reuse (0 = off; the device's LiteRT engine has none)
@@ -290,7 +293,7 @@ _RANGES = {  # field -> (min, max) inclusive, None = unbounded
     "request_timeout_ms": (1, None), "cloud_complexity": (0, 1), "device_complexity": (0, 1),
     "retries_per_tier": (0, 10), "retries": (0, 10), "no_replica_wait_ms": (0, 600_000), "max_num_seqs": (1, 1024),
     "max_num_batched_tokens": (1, 1_000_000), "max_context": (0, 10_000_000),
-    "max_queue": (1, 100000), "iteration_timeout_s": (1, 86400), "version": (1, 1),
+    "max_queue": (1, 100000), "iteration_timeout_s": (1, 86400), "stop_grace_s": (0, 3600), "version": (1, 1),
     "http_port": (-1, 65535), "http_read_timeout_ms": (1, 3_600_000), "http_max_connections": (1, 1_000_000),
     "calls_per_day": (1, None), "tokens_per_day": (1, None),
     "max_stop": (0, 16), "max_stop_chars": (1, 1024), "max_id_chars": (1, 1024),

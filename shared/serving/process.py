@@ -157,15 +157,18 @@ def _serve(process: TierProcess, engine: Engine, core: EngineCore | None) -> int
             return EXIT_BAD_MANIFEST
     extra = process.started(servicer, nats_service)
     print(json.dumps({"event": "ready", "tier": tier, "grpc_port": port, "metrics_port": metrics_port,
-                      "nats_subject": subject(tier) if nats_service else None, **extra}), flush=True)
+                      "nats_subject": subject(tier) if nats_service else None, "stop_grace_s": tc.stop_grace_s,
+                      **extra}), flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     process.stopping()
+    # no new request from now on, through either door; those in flight finish within the one grace
+    grpc_stopped = server.stop(grace=tc.stop_grace_s)
     if nats_service:
-        nats_service.stop()
-    server.stop(grace=2).wait()
+        nats_service.stop(tc.stop_grace_s)
+    grpc_stopped.wait()
     servicer.scheduler.close()
     metrics.stop()
     return 0

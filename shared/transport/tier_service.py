@@ -17,7 +17,8 @@ cancelled got no reply: it is neither an answer nor an error, so it stays out of
 `num_errors` and the processing time (a mean that would otherwise fall with every client that
 gives up early) and is counted apart, as `num_cancelled` in the endpoint's `data` (the tier's
 Prometheus series call it `outcome="cancelled"`). A tier that stops (`stop`: SIGTERM, a drain)
-takes no new request, then ends each one in flight with UNAVAILABLE "the tier is shutting down"
+takes no new request and lets those in flight finish for its grace (`stop(grace_s)`: the manifest's
+`tiers.<tier>.stop_grace_s`), then ends each one still running with UNAVAILABLE "the tier is shutting down"
 (`TierStopping`), a stream after the chunks already sent, so its asker hears it at once and can ask
 elsewhere instead of waiting out its timeout; its decoding stops, and it counts as an error. Errors
 become nats.micro error headers in one place (`_respond_error`), with the status from the
@@ -62,6 +63,7 @@ MIN_HEARTBEAT_S = 0.05  # seconds: the most often a tier says it is alive, whate
 EARLY_CANCEL_S = 60.0  # seconds a cancel naming no request here is kept: its request may still be on its way
 EARLY_CANCEL_MAX = 10_000  # such cancels kept at most (every replica hears every cancel of its tier)
 STOP_REPLY_S = 1.0  # seconds a stopping tier waits for its requests in flight to send their UNAVAILABLE
+STOP_LOOP_S = 5.0  # seconds a stop may take beyond its grace (the UNAVAILABLEs, the link's drain) before it is cut
 
 
 class TierStopping(Exception):
@@ -377,21 +379,23 @@ class TierService:
                                                self._loop)
         return fut.result(timeout=timeout_s + 1)
 
-    def stop(self) -> None:
-        """Take no new request, end those in flight with UNAVAILABLE (`TierStopping`), then drain the link."""
+    def stop(self, grace_s: float = 0.0) -> None:
+        """Take no new request, let those in flight finish for `grace_s` seconds, end those still running with
+        UNAVAILABLE (`TierStopping`), then drain the link."""
         async def _stop():
             if self._service:  # first: no retry is sent here (ask_tier's probe), nor any request found here
                 with contextlib.suppress(Exception):  # the link is down: nothing is sent here anyway
                     await self._service.stop_discovery()
             # then every subscription that brings requests is drained, its unsubscribe sent before any UNAVAILABLE
             # below: an asker's retry after one (another replica, the queue group) is then sent after the server
-            # knows this replica left, and cannot be handed back to it. What was on its way is still taken (and
-            # answered UNAVAILABLE): a drain, not an unsubscribe
+            # knows this replica left, and cannot be handed back to it. What was on its way is still taken (served
+            # in the grace, or answered UNAVAILABLE): a drain, not an unsubscribe
             draining = [asyncio.ensure_future(sub.drain()) for sub in self._direct]
             if self._service:
                 draining.append(asyncio.ensure_future(self._service.stop()))
             self._direct = []
             await asyncio.sleep(0)  # the drains send their unsubscribes
+            await self._finish_in_flight(draining, grace_s)
             if not self._halt.done():  # whatever comes in from now on is answered UNAVAILABLE at once
                 self._halt.set_result(None)
             for answer in list(self._answers):  # each leaves the batch; its task answers UNAVAILABLE (`_serve`)
@@ -406,8 +410,17 @@ class TierService:
                 if self._nc:
                     await self._nc.drain()
 
-        stop_loop_thread(self._loop, self._thread, _stop)
+        stop_loop_thread(self._loop, self._thread, _stop, timeout_s=grace_s + STOP_LOOP_S)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _finish_in_flight(self, draining: list, grace_s: float) -> None:
+        """Serve what is in flight, and what the drains still hand over (taken from the server before its
+        unsubscribe), until all of it is answered or `grace_s` has passed."""
+        deadline = time.monotonic() + grace_s
+        if draining and grace_s > 0:  # asyncio.wait, not wait_for: a drain is never cancelled
+            await asyncio.wait(draining, timeout=grace_s)
+        while self._tasks and (left := deadline - time.monotonic()) > 0:
+            await asyncio.wait(set(self._tasks), timeout=left)  # a drain's late message may start one more
 
 
 class _Heartbeat:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import logging
 import secrets
@@ -104,15 +105,26 @@ def queued(line: Line) -> bytes:
     return json.dumps({"n": line.n, "custom_id": line.custom_id, "body": line.body}).encode()
 
 
+def _raw_lines(data: bytes):
+    """The file's non-blank lines and their numbers (from 1, blank lines counted), one at a time: a file of
+    millions of short lines is never split into a list of them all at once."""
+    for number, raw in enumerate(io.BytesIO(data), 1):
+        if raw.strip():
+            yield number, raw[:-1] if raw.endswith(b"\n") else raw
+
+
+def count_lines(data: bytes) -> int:
+    """The requests in a batch file (its non-blank lines). CPU work on the whole file: run it off the event loop."""
+    return sum(1 for _ in _raw_lines(data))
+
+
 def parse_lines(data: bytes, endpoint: str, parse, max_bytes: int | None = None) -> list[Line]:
     """The file's lines, each checked on its own: JSON, `custom_id` (unique), `method`, `url` (the batch's
     endpoint), then its body as the endpoint reads it (`parse(body, chat)` raises BadRequest), and, given
     `max_bytes`, its size in the work queue (one NATS message: a larger one could never be queued, and the
     batch would never leave `validating`). CPU work on the whole file: run it off the event loop."""
     chat, seen, lines = ENDPOINTS[endpoint], set(), []
-    for number, raw in enumerate(data.split(b"\n"), 1):
-        if not raw.strip():
-            continue
+    for number, raw in _raw_lines(data):
         line = Line(len(lines), None, number)
         lines.append(line)
         try:
@@ -288,12 +300,16 @@ class BatchStore:
         return values
 
     # -- files (Object Store) ---------------------------------------------------------------------------------
-    async def put_file(self, owner: str, filename: str, purpose: str, data: bytes, file_id: str | None = None
-                       ) -> dict:
+    async def put_file(self, owner: str, filename: str, purpose: str, data: bytes, file_id: str | None = None,
+                       lines: int | None = None) -> dict:
+        """Store a file and its record; `lines`: the requests a batch input file holds (`count_lines`), kept so
+        that creating a batch on it need not read it again."""
         file_id = file_id or new_id("file-")
         await self.files.put(file_id, data)
         record = {"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
                   "filename": filename, "purpose": purpose, "status": "processed", "_owner": owner}
+        if lines is not None:
+            record["_lines"] = lines
         await self.put_record(f"file.{file_id}", record)
         return record
 

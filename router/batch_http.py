@@ -10,6 +10,7 @@ The work itself is router/batch.py's; without JetStream the endpoints answer 503
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import re
@@ -29,6 +30,7 @@ from tierline_router.batch import (
     BatchStore,
     BatchUnavailable,
     batch_record,
+    count_lines,
     new_id,
     public,
 )
@@ -113,7 +115,8 @@ class BatchApi:
     async def upload(self, request: web.Request) -> web.Response:
         owner, _ = await self._caller(request)
         purpose, filename, data = await self._form(request)
-        record = await self.store.put_file(owner, filename, purpose, data)
+        lines = await asyncio.to_thread(count_lines, data) if purpose == "batch" else None
+        record = await self.store.put_file(owner, filename, purpose, data, lines=lines)
         return web.json_response(public(record))
 
     async def _form(self, request: web.Request) -> tuple[str, str, bytes]:
@@ -225,7 +228,9 @@ class BatchApi:
         if file["purpose"] != "batch":
             raise BadRequest("input_file_id", f"input_file_id: {file_id} has purpose {file['purpose']!r}, "
                                               f"not 'batch'")
-        lines = sum(1 for raw in (await self.store.file_data(file_id)).split(b"\n") if raw.strip())
+        lines = file.get("_lines")  # counted at upload, off the event loop; not by routers before that
+        if lines is None:
+            lines = await asyncio.to_thread(count_lines, await self.store.file_data(file_id))
         if lines > self.config.max_lines:
             raise BadRequest("input_file_id", f"input_file_id: {lines} lines; a batch holds at most "
                                               f"{self.config.max_lines} (router.batch.max_lines)")

@@ -18,6 +18,7 @@ from jinja2 import TemplateError
 from tierline_shared.models.artifacts import load_index, tier_entry, verify_file
 from tierline_shared.models.tokenizer import (
     CHAT_TEMPLATE,
+    FAMILY_SPECIALS,
     TOKENIZER_CONFIG_FILE,
     read_checkpoint_specials,
     special_tokens,
@@ -33,7 +34,8 @@ class ChatTemplateError(ValueError):
 class ChatTemplate:
     def __init__(self, source: str, where: str = "the family's default", tokens: dict[str, str] | None = None):
         self.source, self.where = source, where
-        self.tokens = tokens or {}  # the special tokens the template may name: bos_token, eos_token, ...
+        # the special tokens the template may name: bos_token, eos_token, ... (none given: the family's own)
+        self.tokens = FAMILY_SPECIALS if tokens is None else tokens
 
     @classmethod
     def of_models(cls, models_dir: str | Path) -> "ChatTemplate":
@@ -54,7 +56,8 @@ class ChatTemplate:
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: the default one
             template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-        return cls(template, str(path), tokens) if isinstance(template, str) else cls(CHAT_TEMPLATE)
+        # no template: the family's format, with the checkpoint's own special tokens
+        return cls(template if isinstance(template, str) else CHAT_TEMPLATE, str(path), tokens)
 
     @cached_property
     def _compiled(self):

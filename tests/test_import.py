@@ -130,6 +130,36 @@ def test_the_imported_directory_runs_the_platform(imported):
             assert resp.tier in ("device", "edge", "cloud") and resp.usage.completion_tokens >= 1
 
 
+def test_a_conversation_reaches_the_model_as_transformers_tokenizes_it(imported):
+    """Found by a fault hunt: a checkpoint whose chat template writes `{{ bos_token }}` (Llama 2 and 3, Mistral
+    Instruct, most fine-tunes) had every /v1/chat/completions prompt read as <s><s>...: the router rendered the
+    template, BOS included, and the tier's tokenizer added its own. Answers and logprobs differed from
+    transformers with no error, and usage counted one token more. A rendered conversation is tokenized without
+    the tokenizer's specials now, as apply_chat_template(tokenize=True) does: the cloud's answer and usage are
+    transformers' own, through the OpenAI client."""
+    import openai
+
+    from tierline_infra.supervisor import Stack
+
+    src, out, _ = imported
+    ref = transformers.AutoModelForCausalLM.from_pretrained(src, local_files_only=True).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(src, local_files_only=True)
+    messages = [{"role": "user", "content": "Question: What is the capital of France?"}]
+    ids = hf_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert ids[0] == hf_tok.bos_token_id != ids[1]  # the template's BOS, once
+    want = ref.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                        max_new_tokens=12, do_sample=False, eos_token_id=hf_tok.eos_token_id,
+                        pad_token_id=hf_tok.eos_token_id)[0, len(ids):]
+    name = json.loads((out / "manifest.json").read_text())["model_name"]
+    with Stack(out, tiers=("cloud",), overrides={"router.device_complexity": 0.0,
+                                                  "router.cloud_complexity": 0.0}) as stack:
+        client = openai.OpenAI(api_key=stack.api_key or "none", base_url=stack.http_base_url, max_retries=0,
+                               timeout=60)
+        resp = client.chat.completions.create(model=name, messages=messages, max_tokens=12, temperature=0)
+    assert resp.usage.prompt_tokens == len(ids), (resp.usage, len(ids))
+    assert resp.choices[0].message.content == hf_tok.decode(want, skip_special_tokens=True)
+
+
 @pytest.mark.parametrize("breakage, names", [
     ("architecture", "architectures: ['GPT2LMHeadModel']"),
     ("tokenizer", "tokenizer.json: missing"),

@@ -272,8 +272,12 @@ def test_the_built_cloud_checkpoint_is_served_by_transformers_with_the_same_text
     for p, text in zip(problems, theirs):
         assert text == engine.generate(p.prompt, GenerationParams(max_tokens=48)).text, p.prompt
     hf_tok = transformers.AutoTokenizer.from_pretrained(cloud, local_files_only=True)
-    chat = hf_tok.apply_chat_template([{"role": "user", "content": "2+3=?"}], tokenize=False)
-    assert chat == "Q:2+3=?\nA:"  # the template gives the family's prompt format
+    messages = [{"role": "user", "content": "2+3=?"}]
+    chat = hf_tok.apply_chat_template(messages, tokenize=False)
+    assert chat == "<bos>Q:2+3=?\nA:"  # the template gives the family's prompt format, with its BOS
+    # tokenized as apply_chat_template does (no BOS of the tokenizer's own): the completion prompt's tokens
+    ids = hf_tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    assert ids == engine.tokenizer.encode("Q:2+3=?\nA:") == engine.tokenizer.encode(chat, bos=False)
 
 
 def test_the_committed_cloud_model_generates_what_transformers_generates():

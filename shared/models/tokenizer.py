@@ -22,6 +22,8 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"  # older checkpoints' special tokens (transformers still reads it)
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+# the family's special tokens as tokenizer_config.json and a chat template name them
+FAMILY_SPECIALS = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": UNK}
 SPECIALS = (PAD, BOS, EOS, UNK)
 # Every character the benchmark can produce, plus common punctuation for clients.
 ALPHABET = (
@@ -47,9 +49,10 @@ FACT_QUERIES = tuple(f"{c}?" for c in LETTERS)
 NUMBERS = tuple(str(n) for n in range(100))  # what `[1-9]\d|\d` can match
 # The family's conversation format, as a Hugging Face chat template: each user turn `Q:<text>\nA:` (as the
 # benchmark's prompts), each answer after it on its own line; system turns are dropped (no system prompt).
-# A user turn already in that format is kept as it is.
+# A user turn already in that format is kept as it is. It starts with the BOS it wants, as Llama's templates:
+# a rendered conversation is tokenized without the tokenizer's own (transformers' apply_chat_template).
 CHAT_TEMPLATE = (
-    "{% for m in messages %}"
+    "{{ bos_token }}{% for m in messages %}"
     "{% if m['role'] == 'user' %}{% set q = m['content'] | trim %}"
     "{% if q.startswith('Q:') and q.endswith('\nA:') %}{{ q }}{% else %}Q:{{ q }}\nA:{% endif %}"
     "{% elif m['role'] == 'assistant' %}{{ m['content'] }}\n{% endif %}"
@@ -209,8 +212,8 @@ class TextTokenizer:
         tok = Tokenizer.from_str(self._tok.to_str())
         tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, self.bos_id)])
         (directory / "tokenizer.json").write_text(json.dumps(json.loads(tok.to_str()), indent=1))
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
-                  "pad_token": PAD, "unk_token": UNK, "add_bos_token": True, "model_max_length": model_max_length,
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", **FAMILY_SPECIALS, "add_bos_token": True,
+                  "model_max_length": model_max_length,
                   "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE}
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 

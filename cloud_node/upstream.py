@@ -50,7 +50,7 @@ from tierline_shared.runtime.engine import (
     GenerationResult,
     TokenLogprob,
 )
-from tierline_shared.runtime.scheduler import END, BatchedResult, DeadlineExceeded, QueueFull
+from tierline_shared.runtime.scheduler import END, BatchedResult, DeadlineExceeded, Piece, QueueFull
 from tierline_shared.serving.servicer import RequestError
 from tierline_shared.transport.messaging import TierError
 
@@ -367,8 +367,9 @@ class UpstreamScheduler:
                 if piece:
                     first = first or time.perf_counter() - started
                     text.append(piece)
-                    ticket.chunks.put(piece)
                     ticket.relayed += 1
+                    # its prompt's tokens come with its usage, at the end: none so far
+                    ticket.chunks.put(Piece(piece, 0, max(len(logprobs.tokens), ticket.relayed)))
                 reason = choice.get("finish_reason") or reason
         if not done and reason is None:
             raise ConnectionError(f"the stream ended before its finish_reason or [DONE] (content-type "

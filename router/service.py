@@ -22,7 +22,7 @@ import grpc
 
 from tierline_api.v1 import inference_pb2 as pb
 from tierline_api.v1 import inference_pb2_grpc as pb_grpc
-from tierline_router.auth import Admission, Gate, bearer_token
+from tierline_router.auth import Admission, Gate, bearer_token, cut_short_cost
 from tierline_router.cascade import ANSWER_MARGIN_S, CLIENT_ERRORS, Cascade, Decision
 from tierline_router.choices import choices_of, fan_out, merge, merge_streams
 from tierline_router.metrics import RouterMetrics
@@ -182,6 +182,7 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
         with self.metrics.request() as tracked:
             admission = await self._admit(request, key)
             used, last = None, None
+            seen: dict[int, pb.Usage] = {}  # each choice's tokens so far, as its chunks said
             if not request.request_id:
                 request.request_id = uuid.uuid4().hex
             chunks = (self._stream(request) if choices_of(request) == 1 else
@@ -192,6 +193,8 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
                     if chunk.choices and chunk.choices[0].finish_reason:
                         used = chunk.usage.prompt_tokens + chunk.usage.completion_tokens
                         tracked.answered(chunk, last - t0)  # the client has its answer once this is sent
+                    elif chunk.HasField("usage"):
+                        seen[chunk.choices[0].index if chunk.choices else 0] = chunk.usage
                     yield chunk
             except TierError as exc:
                 if exc.status in CLIENT_ERRORS and last is None:
@@ -200,9 +203,9 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
             finally:
                 # closed at once when our client goes away, so the tier hears the cancel now, not at GC
                 await chunks.aclose()
-                # no final chunk: nothing sent costs nothing; a stream cut short keeps its (worst-case) reservation
+                # no final chunk: nothing sent costs nothing; a stream cut short costs what its chunks said
                 if used is None and last is not None and admission is not None:
-                    used = admission.reserved_tokens
+                    used = cut_short_cost(request, seen, admission.reserved_tokens)
                 await self.gate.settle(admission, used)
 
     def _chunk_timed(self, chunk: pb.InferResponse, t0: float, last: float | None) -> float:

@@ -598,3 +598,28 @@ def test_two_routers_share_exact_quotas_in_jetstream(tiny_family):
         assert listed.returncode == 0, listed.stderr
         mine = next(k for k in json.loads(listed.stdout)["keys"] if k["id"] == key_id)
         assert mine["calls_today"] == QUOTA
+
+
+def test_a_stream_cut_short_costs_what_its_chunks_said_not_its_reservation(stack):
+    """Found by a fault hunt: a stream its client closed after its first chunk was charged its whole worst case
+    (one token per prompt character, the start token, and every choice's max_tokens: 1,623 tokens for n=8 and
+    max_tokens 200, against 295 for the same stream read to its end). Each text chunk now says its choice's tokens
+    so far, and a stream cut short costs the prompt and what the chunks said: more than nothing, far less than the
+    reservation. Through the router's gRPC door, as the SDK streams."""
+    key_id, key = new_key(stack, "pro")
+    request = pb.InferRequest(prompt=PROMPT, parameters=pb.Parameters(max_tokens=200, n=4, temperature=1.0))
+    channel = grpc.insecure_channel(stack.router_address)
+    try:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        stream = stub.InferStream(request, metadata=[("authorization", f"Bearer {key}")], timeout=60)
+        first = next(stream)
+        stream.cancel()
+    finally:
+        channel.close()
+    assert first.choices[0].text and first.usage.prompt_tokens > 0 and first.usage.completion_tokens >= 1, first
+    deadline = time.monotonic() + 30
+    while (used := usage(stack, key_id))["tokens_today"] == reserve_for(PROMPT, 4 * 200) and \
+            time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert used["calls_today"] == 1
+    assert first.usage.prompt_tokens + 1 <= used["tokens_today"] <= first.usage.prompt_tokens + 4 * 200 // 2, used

@@ -35,6 +35,22 @@ from tierline_shared.runtime.runner import Sequence
 END = object()  # put on a stream's queue after its last chunk; the ticket's future then holds the result
 
 
+class Piece(str):
+    """A stream's new text, with its sequence's tokens so far: what the stream has cost when its reader goes away
+    before its end (the router charges a stream cut short by them). Text wherever a chunk is read as text."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    def __new__(cls, text: str, prompt_tokens: int = 0, completion_tokens: int = 0) -> "Piece":
+        piece = super().__new__(cls, text)
+        piece.prompt_tokens, piece.completion_tokens = prompt_tokens, completion_tokens
+        return piece
+
+    def __reduce__(self):  # across the engine core's pipe
+        return Piece, (str(self), self.prompt_tokens, self.completion_tokens)
+
+
 class QueueFull(RuntimeError):
     """The bounded queue is full: the caller should back off (RESOURCE_EXHAUSTED)."""
 
@@ -261,7 +277,7 @@ class Scheduler:
             if req.chunks is not None:
                 text = req.seq.take_text()
                 if text:
-                    req.chunks.put(text)
+                    req.chunks.put(Piece(text, len(req.seq.ids), len(req.seq.gen)))
 
     def _update(self, chunks: list | None = None) -> None:
         """Hand out new text and finished results; record the step (`chunks`: the step's prompt chunks; None

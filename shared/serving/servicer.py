@@ -35,7 +35,15 @@ from tierline_shared.runtime.engine import (
     GenerationResult,
 )
 from tierline_shared.runtime.engine_core import EngineCoreDied
-from tierline_shared.runtime.scheduler import END, BatchConfig, BatchedResult, DeadlineExceeded, QueueFull, Scheduler
+from tierline_shared.runtime.scheduler import (
+    END,
+    BatchConfig,
+    BatchedResult,
+    DeadlineExceeded,
+    Piece,
+    QueueFull,
+    Scheduler,
+)
 from tierline_shared.transport.grpc_server import DEFAULT_WORKERS
 from tierline_shared.transport.messaging import TierError
 
@@ -141,6 +149,13 @@ def validate(req: pb.InferRequest, engine: Engine, limits: LimitsConfig, model_n
     except EngineError as exc:
         raise RequestError(exc.field, str(exc)) from None
     return params
+
+
+def _so_far(item: str) -> pb.Usage | None:
+    """A stream chunk's usage: its sequence's tokens so far, when the engine said (a `Piece`)."""
+    if not isinstance(item, Piece):
+        return None
+    return pb.Usage(prompt_tokens=item.prompt_tokens, completion_tokens=item.completion_tokens)
 
 
 def caller_deadline(remaining: float | None) -> float | None:
@@ -449,7 +464,7 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
                 if not is_active():
                     return  # the client went away: stop generating
                 yield pb.InferResponse(request_id=request_id, choices=[pb.Choice(text=item)], tier=info.tier,
-                                       model=info.model, model_version=info.version)
+                                       model=info.model, model_version=info.version, usage=_so_far(item))
         finally:
             if not ended:  # counted once, as cancelled, even when the answer was ready but never reached it
                 if not ticket.future.done():

@@ -115,6 +115,13 @@ class BatchApi:
     async def upload(self, request: web.Request) -> web.Response:
         owner, _ = await self._caller(request)
         purpose, filename, data = await self._form(request)
+        kept = sum(r["bytes"] for r in await self.store.values(BATCH_BUCKET, "file.*")
+                   if r["_owner"] == owner and r["purpose"] in PURPOSES)
+        if kept + len(data) > self.config.max_stored_mb * 1024 * 1024:
+            raise BadRequest("file", f"file: this key keeps {kept / 2**20:.1f} MB of files already; with this one "
+                                     f"({len(data) / 2**20:.1f} MB) it would keep more than the "
+                                     f"{self.config.max_stored_mb} MB a key may (router.batch.max_stored_mb): "
+                                     "delete files it no longer needs first")
         lines = await asyncio.to_thread(count_lines, data) if purpose == "batch" else None
         record = await self.store.put_file(owner, filename, purpose, data, lines=lines)
         return web.json_response(public(record))

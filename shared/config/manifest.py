@@ -153,6 +153,8 @@ class BatchApiConfig:
     max_attempts: int = 3  # runs of one line a tier failure (5xx) may take before its error goes to the error file
     ack_wait_s: float = 30.0  # a worker silent this long on a line is taken for dead: another router runs it
     max_file_mb: int = 100  # largest file upload
+    # the files one API key may keep (what it uploaded and has not deleted); an upload past it is refused
+    max_stored_mb: int = 1024
     max_lines: int = 50_000  # lines per batch
 
 
@@ -299,7 +301,7 @@ _RANGES = {  # field -> (min, max) inclusive, None = unbounded
     "max_stop": (0, 16), "max_stop_chars": (1, 1024), "max_id_chars": (1, 1024),
     "heartbeat_s": (0.05, 86400), "stale_after_beats": (1, 1000), "outbox_max_events": (1, 10_000_000),
     "memory_max_mb": (0, None), "workers": (1, 1024), "max_attempts": (1, 100), "ack_wait_s": (1, 3600),
-    "max_file_mb": (1, 4096), "max_lines": (1, 10_000_000),
+    "max_file_mb": (1, 4096), "max_stored_mb": (1, 10_000_000), "max_lines": (1, 10_000_000),
     "health_problems": (1, 1000), "health_min_token_accuracy": (0, 1), "engine_cpus": (0, 4095),
 }
 

@@ -77,7 +77,7 @@ class _AnyText:
         return 0
 
     @staticmethod
-    def encode(_text: str, bos: bool = True) -> tuple[()]:
+    def encode(_text: str) -> tuple[()]:
         """No ids: not a count of the prompt, which only the upstream can make. The servicer fits a default
         max_tokens into the room the prompt leaves; here the whole context, and the manifest keeps
         limits.default_max_tokens below `upstream.max_context` (shared/config/manifest.py), so the default leaves
@@ -273,8 +273,6 @@ class UpstreamScheduler:
             body["stop"] = list(params.stop)
         if params.seed is not None:
             body["seed"] = params.seed
-        if not params.add_special_tokens:  # a rendered chat carries its BOS (vLLM's parameter; default true)
-            body["add_special_tokens"] = False
         if stream:  # else a stream carries no usage (vLLM, transformers serve): a last event brings it
             body["stream_options"] = {"include_usage": True}
         return body

@@ -731,13 +731,10 @@ class OpenAIServer:
                                             "has no UTF-8 encoding)")
         if chat:
             try:
-                prompt = self.chat_template.render(chat_messages(body.get("messages")))
+                prompt = self.chat_template.prompt(chat_messages(body.get("messages")))
             except ChatTemplateError as exc:
                 raise BadRequest("messages", f"messages: {exc}") from None
             req = _request(body, prompt, CHAT_PARAMS, chat=True)
-            # the template wrote the special tokens it wants (a `{{ bos_token }}`, or none): tokenized without
-            # the tokenizer's own, as transformers' apply_chat_template(tokenize=True) and vLLM do
-            req.parameters.add_special_tokens = False
         else:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1:

@@ -135,17 +135,17 @@ def test_chat_turns_follow_the_models_own_chat_template(tiny_family, tmp_path):
 
     turns = chat_messages([{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+3=?"},
                            {"role": "assistant", "content": "5"}, {"role": "user", "content": " Q:1+1=?\nA:"}])
-    prompt = ChatTemplate.of_models(tiny_family).render(turns)
-    assert prompt == "<bos>Q:2+3=?\nA:5\nQ:1+1=?\nA:"
-    # the template writes the BOS (a rendered conversation is tokenized without the tokenizer's own): the tier
-    # reads the same tokens as for that prompt sent as a completion, one BOS (the family's default template too)
-    from tierline_shared.models.artifacts import load_index
-    from tierline_shared.models.tokenizer import CHAT_TEMPLATE, TextTokenizer
+    template = ChatTemplate.of_models(tiny_family)
+    assert template.render(turns) == "<bos>Q:2+3=?\nA:5\nQ:1+1=?\nA:"  # as transformers renders it
+    # the template writes the BOS, which the tiers' tokenizer adds itself: the router sends the rest, and the model
+    # reads one BOS, as apply_chat_template(tokenize=True) gives it (the family's default template too)
+    from tierline_shared.models.artifacts import load_tokenizer
+    from tierline_shared.models.tokenizer import CHAT_TEMPLATE
 
-    tok = TextTokenizer.load(tiny_family / load_index(tiny_family)["artifacts"]["tokenizer"]["path"])
-    assert tok.encode(prompt, bos=False) == tok.encode(prompt.removeprefix("<bos>"))
-    assert tok.encode(prompt, bos=False).count(tok.bos_id) == 1
-    assert ChatTemplate(CHAT_TEMPLATE).render(turns) == prompt
+    tok = load_tokenizer(tiny_family)
+    assert template.prompt(turns) == ChatTemplate(CHAT_TEMPLATE).prompt(turns) == "Q:2+3=?\nA:5\nQ:1+1=?\nA:"
+    assert tok.encode(template.prompt(turns)) == tok.encode(template.render(turns), bos=False)
+    assert tok.encode(template.prompt(turns)).count(tok.bos_id) == 1
     models = tmp_path / "models"
     shutil.copytree(tiny_family, models)
     config = json.loads((models / "cloud" / "tokenizer_config.json").read_text())

@@ -46,9 +46,6 @@ class GenerationParams:
     # it in one forward and decodes on from where the model parts from it; its tokens are the model's own either
     # way (shared/runtime/runner.py). Ignored by sampled requests and by backends without `supports_draft`
     draft: str = ""
-    # the prompt starts with the tokenizer's BOS; False: it carries its special tokens already (a conversation
-    # rendered by the model's chat template)
-    add_special_tokens: bool = True
 
     def __post_init__(self):
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
@@ -298,11 +295,6 @@ class Engine(abc.ABC):
                                                  np.array([[pos]], np.int64), past)
         return hits, len(want)
 
-    def prompt_ids(self, prompt: str, params: GenerationParams) -> list[int]:
-        """The prompt's tokens as this request's model reads them: with the tokenizer's BOS unless the prompt
-        carries its special tokens already (`params.add_special_tokens`)."""
-        return self.tokenizer.encode(prompt, bos=params.add_special_tokens)
-
     def check(self, prompt: str, params: GenerationParams, ids=None) -> int:
         """Validate one request against the model's limits; returns its prompt length (`ids`: the prompt's tokens,
         when the caller has them)."""
@@ -311,7 +303,7 @@ class Engine(abc.ABC):
                 f"attention_window {params.attention_window} exceeds the model's limit {self.info.window_limit}",
                 "parameters.attention_window",
             )
-        n = len(self.prompt_ids(prompt, params) if ids is None else ids)
+        n = len(self.tokenizer.encode(prompt) if ids is None else ids)
         if n + params.max_tokens > self.info.max_context:
             raise EngineError(  # OpenAI's words, so that clients and people recognise it
                 f"this model's maximum context length is {self.info.max_context} tokens; you requested "

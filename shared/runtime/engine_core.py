@@ -87,7 +87,6 @@ class CoreEngine:
         self.tokenizer, self.info = tokenizer, info
 
     check = Engine.check  # the same limits, counted with the same tokenizer
-    prompt_ids = Engine.prompt_ids
 
 
 @dataclass
@@ -148,7 +147,7 @@ class EngineCore:
 
     def submit(self, prompt: str, params: GenerationParams, priority: int = 0, timeout_s: float | None = None,
                stream: bool = False) -> CoreTicket:
-        ids = self.engine.prompt_ids(prompt, params)  # validation encoded it: a cache hit here
+        ids = self.engine.tokenizer.encode(prompt)  # validation encoded it: a cache hit here
         with self._lock:
             if self._closed:
                 raise RuntimeError("scheduler is closed")

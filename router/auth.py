@@ -511,9 +511,12 @@ def reserve_for(prompt: str, max_tokens: int) -> int:
 
 def cut_short_cost(request, seen: dict, reserved: int) -> int:
     """What a stream cut short before its last chunk cost: its prompt's tokens and each choice's completion tokens
-    as its chunks last said (`seen`: choice index -> Usage; a tier that says none of the prompt's, one per character
-    and the start token, as `reserve_for` counts them), never more than its reservation."""
-    prompt = max((u.prompt_tokens for u in seen.values()), default=0) or len(request.prompt) + 1
+    as its chunks last said (`seen`: choice index -> Usage; a tier that says none of the prompt's: as `reserve_for`
+    counts them), never more than its reservation; its whole reservation when no chunk said anything (a tier from
+    before chunks carried usage)."""
+    if not seen:
+        return reserved
+    prompt = max(u.prompt_tokens for u in seen.values()) or reserve_for(request.prompt, 0)
     return min(reserved, prompt + sum(u.completion_tokens for u in seen.values()))
 
 

@@ -23,7 +23,7 @@ def _overrides(**batch) -> dict:
     return {"router.device_complexity": 0.0, "router.cloud_complexity": 1.0,
             "router.confidence_threshold": {"edge": 0.0},
             "router.no_replica_wait_ms": 0,  # a tier down: each run is a 503 at once (the batch's own retries)
-            "router.batch": {"ack_wait_s": 5, "max_attempts": 5, "max_stored_mb": 1, **batch},
+            "router.batch": {"ack_wait_s": 5, "max_attempts": 5, "max_stored_mb": 4, **batch},
             "auth.plans": {"pro": {"calls_per_day": 100000, "tokens_per_day": 10000000},
                            "tiny": {"calls_per_day": 3, "tokens_per_day": 100000}}}
 
@@ -288,11 +288,11 @@ def test_a_file_over_the_line_limit_is_refused_from_its_count_at_upload(stack):
 def test_a_key_keeps_at_most_max_stored_mb_of_files(stack):
     """Found by a fault hunt: uploads were unmetered: a key allowed 2 calls a day (or with its quota spent) put
     12 x 8 MB files in JetStream, and any key could fill the disk the Batch API, the fleet and the key store
-    share. A key keeps at most router.batch.max_stored_mb (1 MB here) of uploads: one more is a 400 naming the
+    share. A key keeps at most router.batch.max_stored_mb (4 MB here) of uploads: one more is a 400 naming the
     file and the setting; deleting one makes room."""
     _, key = new_key(stack, "tiny")
     client = api(stack, key)
-    blob = b"x" * 600_000 + b"\n"
+    blob = b"x" * 2_200_000 + b"\n"
     first = client.files.create(file=("a.jsonl", io.BytesIO(blob)), purpose="batch")
     with pytest.raises(openai.BadRequestError) as refused:
         client.files.create(file=("b.jsonl", io.BytesIO(blob)), purpose="batch")

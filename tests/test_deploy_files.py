@@ -98,7 +98,7 @@ def test_each_tier_is_given_longer_to_stop_than_its_grace(tmp_path):
         if svc.get("command", [None])[0] in TIER_OF:
             tier = TIER_OF[svc["command"][0]]
             period = float(svc.get("stop_grace_period", "10s").removesuffix("s"))
-            assert period >= manifest.tiers[tier].stop_grace_s + STOP_LOOP_S, (tier, period)
+            assert period >= manifest.tiers[tier].stop_grace_s + STOP_LOOP_S + 5, (tier, period)  # + closing
     docs = [d for _, d in _resources()]
     manifest = _manifest(next(d for d in docs if d["kind"] == "ConfigMap")["data"]["manifest.yaml"], tmp_path)
     for dep in (d for d in docs if d["kind"] == "Deployment"):

@@ -104,7 +104,7 @@ class TierProcess:
         return {}
 
     def stopping(self) -> None:
-        """Stop what `started` started (before the servers stop)."""
+        """Stop what `started` started (once the servers have stopped, their requests in flight answered)."""
 
 
 def run(process_cls: type[TierProcess], argv: list[str] | None = None) -> int:
@@ -163,12 +163,12 @@ def _serve(process: TierProcess, engine: Engine, core: EngineCore | None) -> int
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    process.stopping()
     # no new request from now on, through either door; those in flight finish within the one grace
     grpc_stopped = server.stop(grace=tc.stop_grace_s)
     if nats_service:
         nats_service.stop(tc.stop_grace_s)
     grpc_stopped.wait()
+    process.stopping()  # after the grace: what was answered in it still uses it (a board's telemetry outbox)
     servicer.scheduler.close()
     metrics.stop()
     return 0

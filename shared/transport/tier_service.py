@@ -417,8 +417,8 @@ class TierService:
         """Serve what is in flight, and what the drains still hand over (taken from the server before its
         unsubscribe), until all of it is answered or `grace_s` has passed."""
         deadline = time.monotonic() + grace_s
-        if draining and grace_s > 0:  # asyncio.wait, not wait_for: a drain is never cancelled
-            await asyncio.wait(draining, timeout=grace_s)
+        if draining and grace_s > 0 and self._nc is not None and self._nc.is_connected:
+            await asyncio.wait(draining, timeout=grace_s)  # asyncio.wait, not wait_for: a drain is never cancelled
         while self._tasks and (left := deadline - time.monotonic()) > 0:
             await asyncio.wait(set(self._tasks), timeout=left)  # a drain's late message may start one more
 

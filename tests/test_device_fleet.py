@@ -474,6 +474,52 @@ def test_an_agent_that_boots_offline_serves_then_registers(tiny_family, tmp_path
         s.stop()
 
 
+def test_answers_a_stopping_board_finishes_in_its_grace_are_in_its_telemetry(tiny_family, tmp_path):
+    """A board told to stop (SIGTERM) finishes the requests it holds (tiers.device.stop_grace_s); found by a review
+    of that change: its fleet agent stopped first, closing the telemetry outbox, so each answer finished in the
+    grace lost its telemetry event ("not stored"). The fleet agent stops after the grace now: every answer the
+    board gave has its event, sent or kept in the outbox for the next start. Eight clients keep asking while the
+    SIGTERM comes; some of their answers come after it."""
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tierline_device_agent.fleet import state_dir
+
+    overrides = {"device_agent": {"device_id": "pi-grace", "heartbeat_s": HEARTBEAT_S},
+                 "tiers.device.cache_size": 0}
+    with Stack(tiny_family, workdir=tmp_path, tiers=("device",), router=False, jetstream=True,
+               overrides=overrides) as s:
+        channel = grpc.insecure_channel(f"127.0.0.1:{s.port('device-0')}")
+        board = pb_grpc.InferenceServiceStub(channel)
+        before, stop_at = time.time(), [float("inf")]
+
+        def client(i: int) -> list[float]:
+            answered = []  # when each answer came
+            while True:
+                try:
+                    board.Infer(pb.InferRequest(prompt=f"Q:{i}+{len(answered) % 90}=?\nA:",
+                                                parameters=pb.Parameters(max_tokens=64)), timeout=TIMEOUT)
+                except grpc.RpcError:
+                    return answered  # the board has stopped taking requests
+                answered.append(time.time())
+
+        with ThreadPoolExecutor(8) as pool:
+            clients = [pool.submit(client, i) for i in range(8)]
+            time.sleep(1.0)
+            stop_at[0] = time.time()
+            s.kill("device-0", signal.SIGTERM)
+            answered = [t for c in clients for t in c.result(timeout=TIMEOUT)]
+        channel.close()
+        assert any(t > stop_at[0] for t in answered), "no answer came in the grace: nothing was tested"
+        outbox = Outbox(state_dir(load_manifest(s.manifest, check_artifacts=False)) / "outbox.sqlite", 100_000)
+        try:
+            kept = [e for _, e in outbox.peek(100_000)]
+        finally:
+            outbox.close()
+        events = [e for e in kept + telemetry(s) if e.get("kind") == "request" and e.get("at", 0) >= before]
+        assert len(events) == len(answered), (len(events), len(answered))
+
+
 def test_the_outbox_is_bounded_drops_oldest_first_and_persists(tmp_path):
     box = Outbox(tmp_path / "outbox.sqlite", max_events=5)
     seqs = [box.append({"n": i}) for i in range(8)]

@@ -165,8 +165,8 @@ def _serve(process: TierProcess, engine: Engine, core: EngineCore | None) -> int
     stop.wait()
     # no new request from now on, through either door; those in flight finish within the one grace
     grpc_stopped = server.stop(grace=tc.stop_grace_s)
-    if nats_service:
-        nats_service.stop(tc.stop_grace_s)
+    if nats_service:  # its link stays up while gRPC's requests finish: a board's escalate over it
+        nats_service.stop(tc.stop_grace_s, serving=grpc_stopped)
     grpc_stopped.wait()
     process.stopping()  # after the grace: what was answered in it still uses it (a board's telemetry outbox)
     servicer.scheduler.close()

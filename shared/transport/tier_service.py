@@ -50,6 +50,7 @@ from tierline_shared.transport.messaging import (
     TIMEOUT_HEADER,
     NatsAuthError,
     NatsOptions,
+    TierError,
     ask_tier,
     connect,
     reconnect_delay,
@@ -374,14 +375,19 @@ class TierService:
                                 headers={STATUS_HEADER: code.name, **extra})
 
     def request(self, tier: str, request, timeout_s: float, after_silence: bool = False):
-        """`ask_tier` from a worker thread, on this service's connection."""
+        """`ask_tier` from a worker thread, on this service's connection (none once it has stopped: UNAVAILABLE at
+        once, not a wait for a loop that runs no more)."""
+        if not self._loop.is_running():
+            raise TierError(tier, "UNAVAILABLE", "this process's NATS link has stopped")
         fut = asyncio.run_coroutine_threadsafe(ask_tier(self._nc, tier, request, timeout_s, after_silence),
                                                self._loop)
         return fut.result(timeout=timeout_s + 1)
 
-    def stop(self, grace_s: float = 0.0) -> None:
+    def stop(self, grace_s: float = 0.0, serving: threading.Event | None = None) -> None:
         """Take no new request, let those in flight finish for `grace_s` seconds, end those still running with
-        UNAVAILABLE (`TierStopping`), then drain the link."""
+        UNAVAILABLE (`TierStopping`), then drain the link. `serving`: set when the process's other door (gRPC) has
+        answered its own requests in flight, which may still ask tiers above over this link: it stays up until
+        then, within the grace."""
         async def _stop():
             if self._service:  # first: no retry is sent here (ask_tier's probe), nor any request found here
                 with contextlib.suppress(Exception):  # the link is down: nothing is sent here anyway
@@ -395,7 +401,7 @@ class TierService:
                 draining.append(asyncio.ensure_future(self._service.stop()))
             self._direct = []
             await asyncio.sleep(0)  # the drains send their unsubscribes
-            await self._finish_in_flight(draining, grace_s)
+            await self._finish_in_flight(draining, grace_s, serving)
             if not self._halt.done():  # whatever comes in from now on is answered UNAVAILABLE at once
                 self._halt.set_result(None)
             for answer in list(self._answers):  # each leaves the batch; its task answers UNAVAILABLE (`_serve`)
@@ -413,14 +419,16 @@ class TierService:
         stop_loop_thread(self._loop, self._thread, _stop, timeout_s=grace_s + STOP_LOOP_S)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    async def _finish_in_flight(self, draining: list, grace_s: float) -> None:
+    async def _finish_in_flight(self, draining: list, grace_s: float, serving: threading.Event | None) -> None:
         """Serve what is in flight, and what the drains still hand over (taken from the server before its
-        unsubscribe), until all of it is answered or `grace_s` has passed."""
+        unsubscribe), until all of it is answered, and `serving` is set, or `grace_s` has passed."""
         deadline = time.monotonic() + grace_s
         if draining and grace_s > 0 and self._nc is not None and self._nc.is_connected:
             await asyncio.wait(draining, timeout=grace_s)  # asyncio.wait, not wait_for: a drain is never cancelled
         while self._tasks and (left := deadline - time.monotonic()) > 0:
             await asyncio.wait(set(self._tasks), timeout=left)  # a drain's late message may start one more
+        if serving is not None and (left := deadline - time.monotonic()) > 0:
+            await asyncio.to_thread(serving.wait, left)
 
 
 class _Heartbeat:

@@ -82,8 +82,9 @@ class Proc:
     @property
     def stop_timeout_s(self) -> float:
         """How long it may take to stop: a tier lets its requests in flight finish first (its ready line's
-        `stop_grace_s`: tiers.<tier>.stop_grace_s)."""
-        return STOP_TIMEOUT_S + float(self.ready.get("stop_grace_s") or 0)
+        `stop_grace_s`: tiers.<tier>.stop_grace_s), then closes its link and its engine (as long again as any)."""
+        grace = float(self.ready.get("stop_grace_s") or 0)
+        return STOP_TIMEOUT_S + (grace + STOP_TIMEOUT_S if "stop_grace_s" in self.ready else 0)
 
 
 def launch(name: str, argv: list[str], log_path: Path, timeout_s: float = READY_TIMEOUT_S,

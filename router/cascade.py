@@ -47,7 +47,7 @@ from nats.errors import TimeoutError as NatsTimeout
 
 from tierline_api.v1 import inference_pb2 as pb
 from tierline_router.policy import Policy
-from tierline_shared.transport.messaging import ReplicaSilent, TierError
+from tierline_shared.transport.messaging import Offline, ReplicaSilent, TierError
 from tierline_shared.wire import TIERS, TOP_TIER, tiers_above, tiers_below
 
 CLIENT_ERRORS = {"INVALID_ARGUMENT"}  # a tier refused the request: the next tier up is asked, else the client told
@@ -67,10 +67,6 @@ NO_REPLICA_MAX_S = 1.0  # seconds between two rounds at most (a replica reconnec
 def no_replica_wait(rounds: int) -> float:
     """Seconds to wait before asking tiers that had no replica up again, after `rounds` such waits."""
     return min(NO_REPLICA_FIRST_S * 2 ** min(rounds, 16), NO_REPLICA_MAX_S)
-
-
-class Offline(ConnectionError):
-    """No link to the tiers above (a board whose NATS connection is down): the tier is not asked."""
 
 
 @dataclass

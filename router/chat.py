@@ -15,7 +15,7 @@ from pathlib import Path
 
 from jinja2 import TemplateError
 
-from tierline_shared.models.artifacts import load_index, load_tokenizer, tier_entry, verify_file
+from tierline_shared.models.artifacts import ArtifactError, load_index, load_tokenizer, tier_entry, verify_file
 from tierline_shared.models.tokenizer import (
     CHAT_TEMPLATE,
     FAMILY_SPECIALS,
@@ -96,4 +96,7 @@ def _tiers_add_bos(models_dir: Path, index: dict) -> bool:
     family's, which does)."""
     if "tokenizer" not in index.get("artifacts", {}):
         return True
-    return load_tokenizer(models_dir, index).add_bos
+    try:
+        return load_tokenizer(models_dir, index).add_bos
+    except (ArtifactError, OSError):  # the tiers will say what is wrong with it; the router serves on
+        return True

@@ -134,9 +134,9 @@ def test_a_conversation_reaches_the_model_as_transformers_tokenizes_it(imported)
     """Found by a fault hunt: a checkpoint whose chat template writes `{{ bos_token }}` (Llama 2 and 3, Mistral
     Instruct, most fine-tunes) had every /v1/chat/completions prompt read as <s><s>...: the router rendered the
     template, BOS included, and the tier's tokenizer added its own. Answers and logprobs differed from
-    transformers with no error, and usage counted one token more. A rendered conversation is tokenized without
-    the tokenizer's specials now, as apply_chat_template(tokenize=True) does: the cloud's answer and usage are
-    transformers' own, through the OpenAI client."""
+    transformers with no error, and usage counted one token more. The router leaves the template's leading BOS to
+    the tier's tokenizer now: the model reads what apply_chat_template(tokenize=True) gives, and the cloud's answer
+    and usage are transformers' own, through the OpenAI client."""
     import openai
 
     from tierline_infra.supervisor import Stack

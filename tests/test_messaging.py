@@ -1021,3 +1021,34 @@ def test_the_askers_own_stall_is_not_taken_for_a_silent_replica(tmp_path):
     finally:
         service.stop()
         server.stop()
+
+
+def test_a_request_waiting_on_the_link_when_the_process_stops_ends_at_once_offline(tmp_path):
+    """Found by a review: a board's front door asks the tiers above through its TierService (`request`, from a
+    gRPC thread); a request still waiting when the service stopped waited on a loop that ran no more, for its whole
+    time (nats.request_timeout_ms + 1 s), which kept the process alive past its supervisor's kill. It ends at once
+    now, as Offline (the cascade moves on: the board answers itself), and later ones are not sent."""
+    import concurrent.futures
+
+    from tierline_shared.transport.messaging import Offline
+
+    server, opts, edge = _unary_tier(tmp_path, lambda data, timeout: concurrent.futures.Future())
+    service = TierService("device", opts, handle=None, status_of=lambda exc: (grpc.StatusCode.INTERNAL, str(exc)))
+    service.start()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            # the edge's own replica takes it and never answers: the request waits
+            waiting = pool.submit(service.request, "edge", pb.InferRequest(prompt="Q:2+3=?\nA:"), 20.0)
+            time.sleep(0.5)
+            assert not waiting.done()
+            t0 = time.monotonic()
+            service.stop()
+            with pytest.raises(Offline):
+                waiting.result(timeout=TIMEOUT)
+            assert time.monotonic() - t0 < 5, time.monotonic() - t0
+        with pytest.raises(Offline):
+            service.request("edge", pb.InferRequest(prompt="Q:2+3=?\nA:"), 20.0)
+    finally:
+        service.stop()
+        edge.stop()
+        server.stop()

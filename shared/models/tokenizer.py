@@ -49,8 +49,8 @@ FACT_QUERIES = tuple(f"{c}?" for c in LETTERS)
 NUMBERS = tuple(str(n) for n in range(100))  # what `[1-9]\d|\d` can match
 # The family's conversation format, as a Hugging Face chat template: each user turn `Q:<text>\nA:` (as the
 # benchmark's prompts), each answer after it on its own line; system turns are dropped (no system prompt).
-# A user turn already in that format is kept as it is. It starts with the BOS it wants, as Llama's templates:
-# a rendered conversation is tokenized without the tokenizer's own (transformers' apply_chat_template).
+# A user turn already in that format is kept as it is. It starts with the BOS it wants, as Llama's templates
+# (transformers' apply_chat_template gives one BOS; the router leaves it to the tiers' tokenizer: router/chat.py).
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
     "{% if m['role'] == 'user' %}{% set q = m['content'] | trim %}"

@@ -199,6 +199,11 @@ async def discover(nc, tier: str, verb: str = "STATS", wait_s: float = 0.25,
     return found
 
 
+class Offline(ConnectionError):
+    """No link to the tiers above (a board whose NATS connection is down, or a process whose link has stopped):
+    the tier is not asked."""
+
+
 class TierError(Exception):
     """A tier answered with an error; `status` is the gRPC status name; `other_replica`: the replica said another
     replica of its tier may serve it (OTHER_REPLICA_HEADER: it is stopping)."""

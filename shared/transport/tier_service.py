@@ -50,7 +50,7 @@ from tierline_shared.transport.messaging import (
     TIMEOUT_HEADER,
     NatsAuthError,
     NatsOptions,
-    TierError,
+    Offline,
     ask_tier,
     connect,
     reconnect_delay,
@@ -166,6 +166,9 @@ class TierService:
         self._stats = stats  # stats() -> dict added to each endpoint's $SRV.STATS data (e.g. queue_depth)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"nats-{tier}", daemon=True)
+        self._asking: set[concurrent.futures.Future] = set()  # `request`s waiting on the loop (ended by `stop`)
+        self._asking_lock = threading.Lock()
+        self._link_stopped = False
         self._nc = None
         self._service = None
         self._direct: list = []  # the subscriptions to this replica's own subjects
@@ -377,11 +380,19 @@ class TierService:
     def request(self, tier: str, request, timeout_s: float, after_silence: bool = False):
         """`ask_tier` from a worker thread, on this service's connection (none once it has stopped: UNAVAILABLE at
         once, not a wait for a loop that runs no more)."""
-        if not self._loop.is_running():
-            raise TierError(tier, "UNAVAILABLE", "this process's NATS link has stopped")
-        fut = asyncio.run_coroutine_threadsafe(ask_tier(self._nc, tier, request, timeout_s, after_silence),
-                                               self._loop)
-        return fut.result(timeout=timeout_s + 1)
+        with self._asking_lock:
+            if self._link_stopped or not self._loop.is_running():
+                raise Offline("this process's NATS link has stopped")
+            fut = asyncio.run_coroutine_threadsafe(ask_tier(self._nc, tier, request, timeout_s, after_silence),
+                                                   self._loop)
+            self._asking.add(fut)
+        try:
+            return fut.result(timeout=timeout_s + 1)
+        except concurrent.futures.CancelledError:  # `stop` ended it: the loop it waited on runs no more
+            raise Offline("this process's NATS link has stopped") from None
+        finally:
+            with self._asking_lock:
+                self._asking.discard(fut)
 
     def stop(self, grace_s: float = 0.0, serving: threading.Event | None = None) -> None:
         """Take no new request, let those in flight finish for `grace_s` seconds, end those still running with
@@ -417,6 +428,11 @@ class TierService:
                     await self._nc.drain()
 
         stop_loop_thread(self._loop, self._thread, _stop, timeout_s=grace_s + STOP_LOOP_S)
+        with self._asking_lock:  # what still waits on the stopped loop is told so now, not at its timeout
+            self._link_stopped = True
+            asking, self._asking = list(self._asking), set()
+        for fut in asking:
+            fut.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def _finish_in_flight(self, draining: list, grace_s: float, serving: threading.Event | None) -> None:

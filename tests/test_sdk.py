@@ -243,17 +243,22 @@ def test_status_counts_the_requests_given_up_on_apart(stack, client):
     try:
         with pytest.raises(DeadlineExceeded):
             client.infer("Q:97+68=?\nA:", {"max_tokens": 4}, timeout=1.5)  # asked nowhere else: not cached
+        deadline = time.monotonic() + 10
+        while True:  # the tier hears the cancel as the router gives up, about when the client does
+            after = both_replicas(client).tiers[0].replicas
+            cancelled = sum(r.cancelled - before[r.id].cancelled for r in after)
+            if cancelled or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
     finally:
+        # the cores go on only now. Started as soon as the client gave up, they could fail the request for its
+        # deadline before a loaded router's cancel came (an error, not a cancel): the suspected cause of this test
+        # counting no cancel in 3 of 6 full runs of the suite (never alone)
         for core in cores:
             os.kill(core.pid, signal.SIGCONT)
-    deadline = time.monotonic() + 10
-    while True:  # the tier hears the cancel as the router gives up, about when the client does
-        after = both_replicas(client).tiers[0].replicas
-        cancelled = sum(r.cancelled - before[r.id].cancelled for r in after)
-        if cancelled or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert cancelled == 1 and sum(r.requests - before[r.id].requests for r in after) == 0
+    seen = [(r.id, r.requests - before[r.id].requests, r.errors - before[r.id].errors,
+             r.cancelled - before[r.id].cancelled) for r in after]  # (replica, requests, errors, cancelled)
+    assert cancelled == 1 and sum(r.requests - before[r.id].requests for r in after) == 0, seen
     table = run_cli("status", "--endpoint", stack.router_address, "--api-key", stack.api_key, timeout=60).stdout
     assert "cancelled" in table
 

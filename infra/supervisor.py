@@ -73,9 +73,10 @@ class Proc:
     ready: dict = field(default_factory=dict)
     log: IO | None = None  # the child's stderr file, open in this process until `close()`
 
-    def close(self) -> None:
-        """Stop the child (process group) and close its log file."""
-        terminate(self.popen, self.stop_timeout_s)
+    def close(self, signalled: bool = False) -> None:
+        """Stop the child (process group) and close its log file; `signalled`: its SIGTERM was sent already (a
+        second one would end a tier's grace at once)."""
+        terminate(self.popen, self.stop_timeout_s, signalled)
         if self.log is not None:
             self.log.close()
 
@@ -288,12 +289,14 @@ def accepted(opts, timeout_s: float = 10.0) -> None:
         time.sleep(0.1)
 
 
-def terminate(proc: subprocess.Popen | None, timeout_s: float = STOP_TIMEOUT_S) -> None:
-    """SIGTERM to the process group, SIGKILL if it has not gone in `timeout_s`."""
+def terminate(proc: subprocess.Popen | None, timeout_s: float = STOP_TIMEOUT_S, signalled: bool = False) -> None:
+    """SIGTERM to the process group (unless `signalled`: sent already), SIGKILL if it has not gone in
+    `timeout_s`."""
     if proc is None or proc.poll() is not None:
         return
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
+        if not signalled:
+            os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=timeout_s)
     except (ProcessLookupError, PermissionError):
         pass
@@ -538,13 +541,23 @@ class Stack:
         os.killpg(proc.popen.pid, sig)
         proc.popen.wait(timeout=proc.stop_timeout_s)
 
+    def hurry(self) -> None:
+        """While `stop` waits: every process still running stops now, its grace cut short (a second SIGTERM; a
+        second Ctrl-C of `tierline up`)."""
+        for p in list(self.procs):
+            if p.popen.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(p.popen.pid, signal.SIGTERM)
+
     def stop(self) -> None:
+        signalled = set()
         for p in reversed(self.procs):  # every process told at once, so stopping takes the slowest's time, not the sum
             if p.popen.poll() is None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(p.popen.pid, signal.SIGTERM)
+                    signalled.add(p.name)
         for p in reversed(self.procs):
-            p.close()
+            p.close(signalled=p.name in signalled)
         self.procs.clear()
         for path in set(self._manifests.values()) - {self.manifest, self.given_manifest}:
             path.unlink(missing_ok=True)  # the replicas' copies

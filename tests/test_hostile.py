@@ -169,6 +169,91 @@ def test_a_replica_stopped_with_requests_in_flight_finishes_them_in_its_grace(ti
                 os.kill(core.pid, signal.SIGCONT)
 
 
+def test_stopping_the_platform_lets_each_tier_finish_its_requests(tiny_family):
+    """Stopping the whole platform (`tierline up`'s Ctrl-C, `make down`: `Stack.stop`) gives each tier its grace:
+    a request in the edge's batch when the stop comes is answered whole. Before, the supervisor sent each process
+    a second SIGTERM as it waited for it, which now ends a tier's grace at once. Asked on the edge's own gRPC
+    port (the router stops with the rest); its engine core is held (SIGSTOP) until the stop has begun."""
+    import os
+    import signal
+    import threading
+
+    import psutil
+
+    with Stack(tiny_family, tiers=("edge",),
+               overrides={"router.device_complexity": 0.0, "router.cloud_complexity": 1.0,
+                          "router.confidence_threshold": {"edge": 0.0}, "tiers.edge.cache_size": 0,
+                          "tiers.edge.stop_grace_s": 20}) as s:
+        edge_door = stub(f"127.0.0.1:{s.port('edge-0')}")
+        want = edge_door.Infer(req(max_tokens=16), timeout=TIMEOUT).choices[0].text
+        edge = next(p for p in s.procs if p.name == "edge-0")
+        core = max(psutil.Process(edge.popen.pid).children(recursive=True), key=lambda c: c.memory_info().rss)
+        core.suspend()
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                asked = pool.submit(edge_door.Infer, req(max_tokens=16), timeout=TIMEOUT)
+                time.sleep(0.5)  # in the tier, waiting on its engine core
+                stopping = threading.Thread(target=s.stop)
+                stopping.start()
+                time.sleep(1.5)  # past the supervisor's first look at the process
+                assert edge.popen.poll() is None and not asked.done()
+                core.resume()
+                assert asked.result(timeout=TIMEOUT).choices[0].text == want
+                stopping.join(TIMEOUT)
+        finally:
+            if core.is_running():
+                os.kill(core.pid, signal.SIGCONT)
+
+
+def test_a_second_sigterm_ends_the_grace_at_once(tiny_family):
+    """An operator who will not wait (a second Ctrl-C, a second SIGTERM): the tier stops now instead of at the end
+    of its grace (20 s here), and what it still held ends with an error at once, through both doors (a request
+    over NATS from the router, a stream on its own gRPC port), not at the grace's end. Its engine core is held
+    (SIGSTOP) so that both are still running. Before, a second signal did nothing: 20 s."""
+    import os
+    import signal
+
+    import psutil
+
+    with Stack(tiny_family, tiers=("edge",),
+               overrides={"router.device_complexity": 0.0, "router.cloud_complexity": 1.0,
+                          "router.confidence_threshold": {"edge": 0.0}, "tiers.edge.cache_size": 0,
+                          "tiers.edge.stop_grace_s": 20}) as s:
+        router, edge_door = stub(s.router_address), stub(f"127.0.0.1:{s.port('edge-0')}")
+        assert router.Infer(req(max_tokens=4), timeout=TIMEOUT).choices[0].text  # warm
+        edge = next(p for p in s.procs if p.name == "edge-0")
+        core = max(psutil.Process(edge.popen.pid).children(recursive=True), key=lambda c: c.memory_info().rss)
+        core.suspend()
+
+        def ended(call) -> tuple[str, float]:
+            try:
+                call()
+                return "answered", time.monotonic()
+            except grpc.RpcError as exc:
+                return exc.code().name, time.monotonic()
+
+        try:
+            with ThreadPoolExecutor(2) as pool:
+                unary = pool.submit(ended, lambda: router.Infer(req(max_tokens=16), timeout=TIMEOUT))
+                stream = pool.submit(ended, lambda: list(edge_door.InferStream(req("Q:7+8=?\nA:", max_tokens=16),
+                                                                               timeout=TIMEOUT)))
+                time.sleep(0.5)  # both are in the tier, waiting on its engine core
+                os.killpg(edge.popen.pid, signal.SIGTERM)
+                time.sleep(1.0)
+                assert edge.popen.poll() is None and not unary.done() and not stream.done()  # in its grace
+                t0 = time.monotonic()
+                s.hurry()  # what a second Ctrl-C of `tierline up` does: a second SIGTERM to every process
+                outcomes = [unary.result(timeout=TIMEOUT), stream.result(timeout=TIMEOUT)]
+                core.resume()  # its close then takes no time
+                edge.popen.wait(timeout=TIMEOUT)
+                stopped_after = time.monotonic() - t0
+        finally:
+            if core.is_running():
+                os.kill(core.pid, signal.SIGCONT)
+    assert all(what != "answered" and at - t0 < 5 for what, at in outcomes), outcomes
+    assert stopped_after < 8, stopped_after
+
+
 def test_a_restarted_nats_server_loses_no_request(tiny_family):
     """nats-server killed and started again on its port under load: every request is answered (after the
     reconnect), none is failed for the silence of a link that was down on the router's side too. Through the

@@ -151,9 +151,16 @@ def up(models_dir: Path, pidfile: Path, manifest: Path | None = None, replicas: 
     if (pid := running.alive(pidfile)) is not None:
         raise UsageError(f"a platform is already up (pid {pid}, {pidfile}): stop it first with `make down`")
     console = Console()
-    stop = threading.Event()
+    stop, stopping = threading.Event(), []
+
+    def on_signal(*_) -> None:  # a second Ctrl-C (or SIGTERM) while the tiers finish their requests: stop them now
+        if stop.is_set() and stopping:
+            console.print("Stopping now: the requests still in flight are answered UNAVAILABLE.")
+            stopping[0].hurry()
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     try:  # a start that fails stops what it started (Stack.start): the error is the child's own line
         if host is not None:
             stack = host_share(host, replicas).start()
@@ -166,6 +173,7 @@ def up(models_dir: Path, pidfile: Path, manifest: Path | None = None, replicas: 
         raise UsageError(f"the platform did not start: {exc.name} {exc.last_line}") from None
     except TimeoutError as exc:
         raise UsageError(f"the platform did not start: {exc}") from None
+    stopping.append(stack)
     try:
         try:
             running.record(pidfile, stack.manifest)  # `tierline keys` finds the key store this router reads

@@ -159,12 +159,18 @@ def _serve(process: TierProcess, engine: Engine, core: EngineCore | None) -> int
     print(json.dumps({"event": "ready", "tier": tier, "grpc_port": port, "metrics_port": metrics_port,
                       "nats_subject": subject(tier) if nats_service else None, "stop_grace_s": tc.stop_grace_s,
                       **extra}), flush=True)
-    stop = threading.Event()
+    stop, hurry = threading.Event(), threading.Event()
+
+    def on_signal(*_) -> None:  # the first one stops the process; another one ends its grace at once
+        (hurry if stop.is_set() else stop).set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     stop.wait()
     # no new request from now on, through either door; those in flight finish within the one grace
     grpc_stopped = server.stop(grace=tc.stop_grace_s)
+    threading.Thread(target=_cut_grace_on, args=(hurry, server, nats_service, tier), name="cut-grace",
+                     daemon=True).start()
     if nats_service:  # its link stays up while gRPC's requests finish: a board's escalate over it
         nats_service.stop(tc.stop_grace_s, serving=grpc_stopped)
     grpc_stopped.wait()
@@ -172,6 +178,18 @@ def _serve(process: TierProcess, engine: Engine, core: EngineCore | None) -> int
     servicer.scheduler.close()
     metrics.stop()
     return 0
+
+
+def _cut_grace_on(hurry: threading.Event, server, nats_service: TierService | None, tier: str) -> None:
+    """A second SIGTERM or Ctrl-C while the process stops ends its grace now (an operator who will not wait, as
+    uvicorn's): what is still in flight is answered UNAVAILABLE, through both doors, as at the grace's end. A
+    thread (a daemon: a process that stopped in its grace leaves it waiting), not the signal handler, which may
+    have interrupted the main thread inside the server's own stop."""
+    hurry.wait()
+    print(f"{tier}: stopping now: the requests still in flight are answered UNAVAILABLE", file=sys.stderr, flush=True)
+    server.stop(0)  # grpc: a shorter grace than the one running ends it
+    if nats_service is not None:
+        nats_service.hurry()
 
 
 def nats_service_for(tier: str, opts: NatsOptions, servicer: TierServicer) -> TierService:

@@ -176,6 +176,7 @@ class TierService:
         self._live: dict = {}  # request id (its reply subject) -> what stops it, called once the requester cancels
         self._early: dict[str, float] = {}  # request id -> until when a cancel that came before it counts
         self._halt = self._loop.create_future()  # done once the tier stops: every request in flight ends
+        self._cut = self._loop.create_future()  # done by `hurry`: the grace ends now
         self._answers: set[concurrent.futures.Future] = set()  # the unary requests' answers in flight
         self._pool = ThreadPoolExecutor(STREAM_THREADS, thread_name_prefix=f"nats-{tier}")
 
@@ -435,16 +436,35 @@ class TierService:
             fut.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    def hurry(self) -> None:
+        """End the grace of a `stop` now (a second SIGTERM or Ctrl-C): what is still in flight is answered
+        UNAVAILABLE at once, as at the grace's end. Callable from any thread, before or during `stop`."""
+        def cut() -> None:
+            if not self._cut.done():
+                self._cut.set_result(None)
+
+        if not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing to cut
+                self._loop.call_soon_threadsafe(cut)
+
     async def _finish_in_flight(self, draining: list, grace_s: float, serving: threading.Event | None) -> None:
         """Serve what is in flight, and what the drains still hand over (taken from the server before its
-        unsubscribe), until all of it is answered, and `serving` is set, or `grace_s` has passed."""
+        unsubscribe), until all of it is answered, and `serving` is set, or `grace_s` has passed, or `hurry`
+        was called."""
         deadline = time.monotonic() + grace_s
         if draining and grace_s > 0 and self._nc is not None and self._nc.is_connected:
-            await asyncio.wait(draining, timeout=grace_s)  # asyncio.wait, not wait_for: a drain is never cancelled
-        while self._tasks and (left := deadline - time.monotonic()) > 0:
-            await asyncio.wait(set(self._tasks), timeout=left)  # a drain's late message may start one more
-        if serving is not None and (left := deadline - time.monotonic()) > 0:
-            await asyncio.to_thread(serving.wait, left)
+            await self._within_grace(set(draining), deadline)  # a drain is never cancelled
+        while self._tasks and not self._cut.done() and time.monotonic() < deadline:
+            await self._within_grace(set(self._tasks), deadline)  # a drain's late message may start one more
+        if serving is not None and not self._cut.done() and (left := deadline - time.monotonic()) > 0:
+            waiting = asyncio.ensure_future(asyncio.to_thread(serving.wait, left))
+            await self._within_grace({waiting}, deadline)
+
+    async def _within_grace(self, work: set, deadline: float) -> None:
+        """Until all of `work` is done, the deadline passes or `hurry` cuts the grace (`work` is not cancelled)."""
+        while work and not self._cut.done() and (left := deadline - time.monotonic()) > 0:
+            done, _ = await asyncio.wait({*work, self._cut}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            work -= done
 
 
 class _Heartbeat:

@@ -77,7 +77,7 @@ class _AnyText:
         return 0
 
     @staticmethod
-    def encode(_text: str) -> tuple[()]:
+    def encode(_text: str, bos: bool = True) -> tuple[()]:
         """No ids: not a count of the prompt, which only the upstream can make. The servicer fits a default
         max_tokens into the room the prompt leaves; here the whole context, and the manifest keeps
         limits.default_max_tokens below `upstream.max_context` (shared/config/manifest.py), so the default leaves
@@ -102,7 +102,11 @@ class UpstreamEngine:
         """A max_tokens that leaves a prompt no room in the context the manifest gives (`upstream.max_context`)
         is refused here, before the upstream is asked: it would accept one far past its context, bounded only by
         the deadline (`transformers serve` does). The prompt's own length the upstream checks (its 400 comes back
-        as INVALID_ARGUMENT)."""
+        as INVALID_ARGUMENT). A prompt that carries its special tokens (`add_special_tokens` false) is refused: the
+        upstream would add its own (`transformers serve` refuses the field)."""
+        if not params.add_special_tokens:  # the upstream's own tokenizer adds them, and not every engine can be told
+            raise EngineError("add_special_tokens: false: this tier forwards to an upstream engine, which puts the "
+                              "model's special tokens around every prompt itself", "add_special_tokens")
         limit = self.info.max_context
         if limit and params.max_tokens >= limit:
             raise EngineError(f"this model's maximum context length is {limit} tokens; max_tokens "

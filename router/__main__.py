@@ -76,7 +76,10 @@ async def serve(manifest_path: str) -> int:
         return EXIT_BAD_MANIFEST
     await server.start()
     metrics_port = metrics.serve(rc.grpc_host, rc.metrics_port) if rc.metrics_port >= 0 else None
-    http = OpenAIServer(servicer, ChatTemplate.of_models(manifest.models_path), rc.http_read_timeout_ms / 1000,
+    # a cloud that forwards to an upstream engine tokenizes there: chat prompts stay plain text for it
+    forwards = any(t.upstream.url for t in manifest.tiers.values())
+    chat = ChatTemplate.of_models(manifest.models_path, tiers_tokenize=not forwards)
+    http = OpenAIServer(servicer, chat, rc.http_read_timeout_ms / 1000,
                         rc.http_max_connections) if rc.http_port >= 0 else None
     batch = BatchApi(http, rc.batch, manifest.costs()) if http and rc.batch.enabled else None  # /v1/files, /v1/batches
     if batch:

@@ -20,6 +20,7 @@ from tierline_shared.models.tokenizer import (
     CHAT_TEMPLATE,
     FAMILY_SPECIALS,
     TOKENIZER_CONFIG_FILE,
+    TextTokenizer,
     read_checkpoint_specials,
     special_tokens,
 )
@@ -33,16 +34,22 @@ class ChatTemplateError(ValueError):
 
 class ChatTemplate:
     def __init__(self, source: str, where: str = "the family's default", tokens: dict[str, str] | None = None,
-                 tiers_add_bos: bool = True):
+                 tiers_add_bos: bool = True, tokenizer: TextTokenizer | None = None):
+        """`tiers_add_bos`: the tiers' tokenizer puts a BOS before every prompt (`request` leaves a template's to
+        it); `tokenizer`: that tokenizer, when the router can read it and every tier encodes with it (not an
+        upstream engine): `request` then gives the tiers the ids transformers gives, whatever the tokenizer."""
         self.source, self.where = source, where
         # the special tokens the template may name: bos_token, eos_token, ... (none given: the family's own)
         self.tokens = FAMILY_SPECIALS if tokens is None else tokens
-        # the BOS the tiers' tokenizer puts before every prompt itself (`prompt` leaves it to them)
+        # the BOS the tiers' tokenizer puts before every prompt itself (`request` leaves it to them)
         self._bos = (self.tokens.get("bos_token") or "") if tiers_add_bos else ""
+        self._tokenizer = tokenizer
 
     @classmethod
-    def of_models(cls, models_dir: str | Path) -> "ChatTemplate":
-        """The cloud tier's template, if its checkpoint has one; else the family's default."""
+    def of_models(cls, models_dir: str | Path, tiers_tokenize: bool = True) -> "ChatTemplate":
+        """The cloud tier's template, if its checkpoint has one; else the family's default. `tiers_tokenize`:
+        every tier encodes prompts with the models directory's tokenizer (not so when the cloud forwards to an
+        upstream engine: tiers.cloud.upstream)."""
         models_dir = Path(models_dir)
         try:
             index = load_index(models_dir)
@@ -50,19 +57,21 @@ class ChatTemplate:
             cloud = models_dir / entry["config"]["path"]
         except (ValueError, KeyError):
             return cls(CHAT_TEMPLATE)
-        adds = _tiers_add_bos(models_dir, index)
+        tokenizer = _tiers_tokenizer(models_dir, index)
+        adds = tokenizer is None or tokenizer.add_bos
+        tokenizer = tokenizer if tiers_tokenize else None
         path, jinja = cloud.parent / TOKENIZER_CONFIG_FILE, cloud.parent / CHAT_TEMPLATE_FILE
         if "chat_template" in entry:  # listed with its sha256 (tierline import): checked as the weights are
             verify_file(models_dir, entry["chat_template"])
         config, _ = read_checkpoint_specials(cloud.parent)  # special_tokens_map.json's tokens too, as transformers
         tokens = special_tokens(config)
         if jinja.is_file():  # as transformers: the file wins over tokenizer_config.json's chat_template
-            return cls(jinja.read_text(), str(jinja), tokens, adds)
+            return cls(jinja.read_text(), str(jinja), tokens, adds, tokenizer)
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: the default one
             template = next((t.get("template") for t in template if t.get("name") == "default"), None)
         # no template: the family's format, with the checkpoint's own special tokens
-        return cls(template if isinstance(template, str) else CHAT_TEMPLATE, str(path), tokens, adds)
+        return cls(template if isinstance(template, str) else CHAT_TEMPLATE, str(path), tokens, adds, tokenizer)
 
     @cached_property
     def _compiled(self):
@@ -83,20 +92,33 @@ class ChatTemplate:
             raise ChatTemplateError(f"the model's chat template ({self.where}) refused the messages: {exc}") from None
 
     def prompt(self, messages: list[dict]) -> str:
-        """What the router sends for `messages`: the rendered text, less a leading BOS the tiers' tokenizer adds
-        itself. A template that writes `{{ bos_token }}` (Llama's, Mistral's, the family's) then reaches the model
-        with one BOS, as transformers' apply_chat_template(tokenize=True) gives it, not two; a tier or an upstream
-        engine that does not know of chat templates adds it as it does to every prompt."""
+        """The prompt text `request` sends for `messages`."""
+        return self.request(messages)[0]
+
+    def request(self, messages: list[dict]) -> tuple[str, bool]:
+        """What the router sends for `messages`: (prompt, add_special_tokens), such that the tiers read the ids
+        transformers' apply_chat_template(tokenize=True) gives (the rendered text, no special token added).
+
+        The rendered text less a leading BOS the tiers' tokenizer adds itself, when that gives those ids (a
+        template that writes `{{ bos_token }}`, Llama's, Mistral's, the family's, would otherwise reach the model
+        with two), and a plain prompt (old tiers, upstream engines and the routing scorer see one); else, when the
+        tokenizer is known, the rendered text with add_special_tokens false: a Metaspace tokenizer that marks only
+        the text's first word (`prepend_scheme: first`) encodes it differently after a BOS than at the start, and a
+        template without `{{ bos_token }}` gets none from a tokenizer that would add one."""
         text = self.render(messages)
-        return text[len(self._bos):] if self._bos and text.startswith(self._bos) else text
+        plain = text[len(self._bos):] if self._bos and text.startswith(self._bos) else text
+        tok = self._tokenizer
+        if tok is None or tok.encode(plain) == tok.encode(text, bos=False):
+            return plain, True
+        return text, False
 
 
-def _tiers_add_bos(models_dir: Path, index: dict) -> bool:
-    """Whether the tokenizer every tier encodes prompts with puts a BOS first (an index that lists none: the
-    family's, which does)."""
+def _tiers_tokenizer(models_dir: Path, index: dict) -> TextTokenizer | None:
+    """The tokenizer every tier encodes prompts with; None when the index lists none (the family's, which adds a
+    BOS) or it cannot be read (the tiers will say what is wrong with it; the router serves on)."""
     if "tokenizer" not in index.get("artifacts", {}):
-        return True
+        return None
     try:
-        return load_tokenizer(models_dir, index).add_bos
-    except (ArtifactError, OSError):  # the tiers will say what is wrong with it; the router serves on
-        return True
+        return load_tokenizer(models_dir, index)
+    except (ArtifactError, OSError):
+        return None

@@ -731,10 +731,12 @@ class OpenAIServer:
                                             "has no UTF-8 encoding)")
         if chat:
             try:
-                prompt = self.chat_template.prompt(chat_messages(body.get("messages")))
+                prompt, specials = self.chat_template.request(chat_messages(body.get("messages")))
             except ChatTemplateError as exc:
                 raise BadRequest("messages", f"messages: {exc}") from None
             req = _request(body, prompt, CHAT_PARAMS, chat=True)
+            if not specials:  # the prompt carries the template's special tokens: the tiers add none
+                req.add_special_tokens = False
         else:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1:

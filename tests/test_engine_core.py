@@ -108,7 +108,7 @@ def test_a_prompt_the_tier_process_cannot_encode_leaves_nothing_pending():
     core = _core()
     try:
         tokenizer = core.engine.tokenizer
-        core.engine.tokenizer = type("Broken", (), {"encode": staticmethod(lambda text: 1 / 0)})()
+        core.engine.tokenizer = type("Broken", (), {"encode": staticmethod(lambda text, bos=True: 1 / 0)})()
         with pytest.raises(ZeroDivisionError):
             core.submit("Q:1+1=?\nA:", GenerationParams(max_tokens=4))
         core.engine.tokenizer = tokenizer

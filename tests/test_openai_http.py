@@ -632,3 +632,25 @@ def test_stacked_codings_are_bounded_and_every_content_encoding_line_counts(stac
     finally:
         conn.close()
     assert resp.status == 200 and answer["choices"][0]["text"] == grpc_answer(stack, 4), answer
+
+
+def test_a_prompt_that_carries_its_bos_is_read_with_one(stack):
+    """`add_special_tokens: false` (what the router sends for a chat prompt whose template's special tokens the
+    tiers' tokenizer would not reproduce; docs/ARCHITECTURE.md) travels from the router through NATS to the tier
+    and its engine core: a prompt that starts with the BOS's text is read with that one BOS, as the same prompt
+    without it is read by default (the same answer, the same prompt tokens), not with two."""
+    import grpc
+
+    from tierline_api.v1 import inference_pb2 as pb
+    from tierline_api.v1 import inference_pb2_grpc as pb_grpc
+
+    router = pb_grpc.InferenceServiceStub(grpc.insecure_channel(stack.router_address))
+    auth = (("authorization", f"Bearer {stack.api_key}"),)
+
+    def ask(prompt: str, **specials) -> pb.InferResponse:
+        return router.Infer(pb.InferRequest(prompt=prompt, parameters=pb.Parameters(max_tokens=8), **specials),
+                            timeout=60, metadata=auth)
+
+    plain, carried, doubled = ask(PROMPT), ask("<bos>" + PROMPT, add_special_tokens=False), ask("<bos>" + PROMPT)
+    assert carried.choices[0].text == plain.choices[0].text
+    assert carried.usage.prompt_tokens == plain.usage.prompt_tokens == doubled.usage.prompt_tokens - 1

@@ -175,3 +175,66 @@ def test_a_chat_template_gets_the_special_tokens_an_older_checkpoint_keeps_in_sp
     want = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert want.startswith("<bos><|start_header_id|>user")
     assert ChatTemplate.of_models(tmp_path).render(messages) == want
+
+
+# Mistral Instruct v0.1/v0.2's template (abridged): the BOS, then plain text ([INST] is not a special token)
+INST_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+                 "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+
+
+def _metaspace_checkpoint(directory, template: str):
+    """A sentencepiece-style fast tokenizer as today's converters write it (legacy: false): Metaspace with
+    `prepend_scheme: first` marks only the text's first word with ▁, a BOS from the post-processor; saved with
+    its chat template, and listed in a models index as `tierline models import` lists it."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    from tierline_shared.models.artifacts import sha256_of
+
+    transformers = pytest.importorskip("transformers")
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    texts = ["[INST] What is two plus three? [/INST] Five.", "Hello there, how are you today?"] * 20
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))
+    bos = ("<s>", tok.token_to_id("<s>"))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[bos])
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                  unk_token="<unk>")
+    hf_tok.chat_template = template
+    cloud = directory / "cloud"
+    hf_tok.save_pretrained(cloud)
+    artifacts = {"cloud": {"config": {"path": "cloud/config.json"}}}
+    for name, file in (("tokenizer", "tokenizer.json"), ("tokenizer_config", "tokenizer_config.json")):
+        artifacts[name] = {"path": f"cloud/{file}", "sha256": sha256_of(cloud / file)}
+    (directory / "manifest.json").write_text(json.dumps({"artifacts": artifacts}))
+    return transformers.AutoTokenizer.from_pretrained(cloud, local_files_only=True)
+
+
+@pytest.mark.parametrize("template", [INST_TEMPLATE, INST_TEMPLATE.removeprefix("{{ bos_token }}")])
+def test_a_conversation_reaches_the_tiers_as_transformers_tokenizes_it_whatever_the_tokenizer(tmp_path, template):
+    """A review found: leaving a template's BOS to the tiers' tokenizer (the router sends the text after it) is exact
+    for byte-level BPE (Llama 3) and the legacy Prepend normalizer, not for a Metaspace tokenizer with
+    `prepend_scheme: first` (Mistral Instruct v0.1/v0.2, Llama 2 converted with legacy: false): at the start of
+    a prompt "[INST]" gets the ▁ that transformers, encoding it after the BOS, does not give it. Nor for a template
+    without `{{ bos_token }}` whose tokenizer adds one (transformers gives the model none). The router now sends
+    such a prompt whole, with add_special_tokens false: the tiers' ids are apply_chat_template(tokenize=True)'s."""
+    from tierline_router.chat import ChatTemplate
+    from tierline_shared.models.artifacts import load_tokenizer
+    from tierline_shared.runtime.engine import prompt_ids
+
+    hf_tok = _metaspace_checkpoint(tmp_path, template)
+    tiers = load_tokenizer(tmp_path)  # what every tier encodes prompts with
+    chat = ChatTemplate.of_models(tmp_path)
+    for messages in ([{"role": "user", "content": "What is two plus three?"}],
+                     [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"},
+                      {"role": "user", "content": "how are you?"}]):
+        want = hf_tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        prompt, specials = chat.request(messages)
+        assert prompt_ids(tiers, prompt, specials) == want, (prompt, specials)
+        assert not specials and prompt == chat.render(messages)
+        plain = prompt.removeprefix("<s>")
+        assert tiers.encode(plain) != want  # what the router sent before: the BOS's text left to the tokenizer
+        # a tier that forwards to an upstream engine tokenizes there: the prompt stays plain text
+        assert ChatTemplate.of_models(tmp_path, tiers_tokenize=False).request(messages) == (plain, True)

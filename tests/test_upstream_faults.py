@@ -546,3 +546,18 @@ def test_closing_the_tier_answers_what_it_held_at_once(upstream):
     with pytest.raises(RuntimeError, match="closed"):
         scheduler.submit(f"silent {queued_key}", params)
     assert scheduler.depth == 0  # the queued one counted out of the waiting (its worker never ran it)
+
+
+def test_a_prompt_that_carries_its_special_tokens_is_refused_naming_the_field(upstream):
+    """`add_special_tokens: false` cannot be honoured by a forwarder: the upstream's own tokenizer adds the BOS (and
+    `transformers serve` refuses the field). INVALID_ARGUMENT naming it, before the upstream is asked, not a prompt
+    read with two BOS (the router sends such prompts only to tiers that run their model: router/chat.py)."""
+    req, key = _req("whole")
+    req.add_special_tokens = False
+    with tier(upstream) as cloud:
+        with pytest.raises(grpc.RpcError) as err:
+            cloud.Infer(req, timeout=TIMEOUT)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "add_special_tokens" in err.value.details()
+        assert key not in upstream.requests
+        req.ClearField("add_special_tokens")
+        assert cloud.Infer(req, timeout=TIMEOUT).choices[0].text == "ab"

@@ -46,6 +46,9 @@ class GenerationParams:
     # it in one forward and decodes on from where the model parts from it; its tokens are the model's own either
     # way (shared/runtime/runner.py). Ignored by sampled requests and by backends without `supports_draft`
     draft: str = ""
+    # False: the prompt's text carries the model's special tokens already (a chat template's BOS): none is added
+    # (vLLM's and transformers' add_special_tokens); `prompt_ids` encodes it so
+    add_special_tokens: bool = True
 
     def __post_init__(self):
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
@@ -67,6 +70,13 @@ class GenerationParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def prompt_ids(tokenizer, prompt: str, add_special_tokens: bool = True) -> list[int]:
+    """A request's prompt as the model reads it: its tokens, after the BOS the tokenizer adds unless the prompt
+    carries its special tokens itself (`add_special_tokens` False: `GenerationParams`'). Every tier encodes
+    prompts here."""
+    return tokenizer.encode(prompt, bos=add_special_tokens)
 
 
 @dataclass
@@ -303,7 +313,7 @@ class Engine(abc.ABC):
                 f"attention_window {params.attention_window} exceeds the model's limit {self.info.window_limit}",
                 "parameters.attention_window",
             )
-        n = len(self.tokenizer.encode(prompt) if ids is None else ids)
+        n = len(prompt_ids(self.tokenizer, prompt, params.add_special_tokens) if ids is None else ids)
         if n + params.max_tokens > self.info.max_context:
             raise EngineError(  # OpenAI's words, so that clients and people recognise it
                 f"this model's maximum context length is {self.info.max_context} tokens; you requested "

@@ -50,7 +50,7 @@ from typing import Callable, Collection
 
 from tierline_shared.config.manifest import BatchConfig
 from tierline_shared.runtime.affinity import on, pin
-from tierline_shared.runtime.engine import Engine, EngineInfo, GenerationParams
+from tierline_shared.runtime.engine import Engine, EngineInfo, GenerationParams, prompt_ids
 from tierline_shared.runtime.scheduler import END, Scheduler, StepStats
 
 log = logging.getLogger("tierline.engine_core")
@@ -147,7 +147,8 @@ class EngineCore:
 
     def submit(self, prompt: str, params: GenerationParams, priority: int = 0, timeout_s: float | None = None,
                stream: bool = False) -> CoreTicket:
-        ids = self.engine.tokenizer.encode(prompt)  # validation encoded it: a cache hit here
+        # validation encoded it: a cache hit here
+        ids = prompt_ids(self.engine.tokenizer, prompt, params.add_special_tokens)
         with self._lock:
             if self._closed:
                 raise RuntimeError("scheduler is closed")

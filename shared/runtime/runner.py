@@ -48,6 +48,7 @@ from tierline_shared.runtime.engine import (
     _find_stop,
     _pick,
     _stream_safe_len,
+    prompt_ids,
     top_logprobs,
 )
 
@@ -219,7 +220,7 @@ class ModelRunner:
         """A new sequence, started from the prefix cache's KV when its prompt hits (the caller holds the
         engine's lock: the cache is the engine's); `ids`: the prompt's tokens, when the caller has them."""
         eng = self.engine
-        ids = eng.tokenizer.encode(prompt) if ids is None else list(ids)
+        ids = prompt_ids(eng.tokenizer, prompt, params.add_special_tokens) if ids is None else list(ids)
         seq = Sequence(ids, params, params.attention_window or eng.info.window_limit,
                        eng.eos_ids, eng.tokenizer.decode)
         if params.draft and params.greedy and eng.supports_draft and self.batched and seq.draft_room > 0:

@@ -33,6 +33,7 @@ from tierline_shared.runtime.engine import (
     EngineError,
     GenerationParams,
     GenerationResult,
+    prompt_ids,
 )
 from tierline_shared.runtime.engine_core import EngineCoreDied
 from tierline_shared.runtime.scheduler import (
@@ -131,9 +132,10 @@ def validate(req: pb.InferRequest, engine: Engine, limits: LimitsConfig, model_n
     if engine.tokenizer.unknown_count(req.prompt):
         raise RequestError("prompt", "contains characters outside the model's vocabulary")
     top_p = p.top_p if p.HasField("top_p") else 1.0
+    specials = req.add_special_tokens if req.HasField("add_special_tokens") else True
     max_tokens = resolved_max_tokens(req, limits)
     if not p.HasField("max_tokens") and engine.info.max_context:  # the default, within the room the prompt leaves
-        room = engine.info.max_context - len(engine.tokenizer.encode(req.prompt))
+        room = engine.info.max_context - len(prompt_ids(engine.tokenizer, req.prompt, specials))
         if room < 1:  # the prompt alone fills the context: its own fault, not that of a max_tokens never sent
             raise RequestError("prompt", f"{engine.info.max_context - room} tokens; this model's maximum context "
                                          f"length is {engine.info.max_context} tokens, which leaves no room for an "
@@ -142,7 +144,7 @@ def validate(req: pb.InferRequest, engine: Engine, limits: LimitsConfig, model_n
     params = GenerationParams(max_tokens=max_tokens, temperature=p.temperature, top_p=top_p,
                               stop=tuple(p.stop), seed=p.seed if p.HasField("seed") else None,
                               attention_window=p.attention_window, logprobs=p.logprobs, top_logprobs=p.top_logprobs,
-                              draft=req.draft)
+                              draft=req.draft, add_special_tokens=specials)
     try:
         engine.check(req.prompt, params)
     except EngineError as exc:
@@ -335,8 +337,8 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
         try:
             served, params = self._validated(req)  # one model from here to the answer's label and cache
             request_id = req.request_id or uuid.uuid4().hex
-            key = (req.prompt, params.max_tokens, params.stop, params.attention_window, params.logprobs,
-                   params.top_logprobs) if params.greedy else None
+            key = (req.prompt, params.add_special_tokens, params.max_tokens, params.stop, params.attention_window,
+                   params.logprobs, params.top_logprobs) if params.greedy else None
             hit = served.cache.get(key) if key else None
             if key and self.metrics:
                 self.metrics.cache_lookup(hit is not None)

@@ -123,7 +123,7 @@ class BatchApi:
                                      f"{self.config.max_stored_mb} MB a key may (router.batch.max_stored_mb): "
                                      "delete files it no longer needs first")
         lines = await asyncio.to_thread(count_lines, data) if purpose == "batch" else None
-        record = await self.store.put_file(owner, filename, purpose, data, lines=lines)
+        record = await _whole(self.store.put_file(owner, filename, purpose, data, lines=lines))
         return web.json_response(public(record))
 
     async def _form(self, request: web.Request) -> tuple[str, str, bytes]:
@@ -205,7 +205,7 @@ class BatchApi:
             if record is not None and record["input_file_id"] == file_id and record["status"] not in FINAL:
                 raise TierError("router", "FAILED_PRECONDITION", f"file {file_id} is the input of batch {batch_id}, "
                                                                  "which has not ended; cancel it or wait for it first")
-        await self.store.delete_file(file_id)
+        await _whole(self.store.delete_file(file_id))
         return web.json_response({"id": file_id, "object": "file", "deleted": True})
 
     # -- batches ----------------------------------------------------------------------------------------------
@@ -243,8 +243,11 @@ class BatchApi:
                                               f"{self.config.max_lines} (router.batch.max_lines)")
         batch_id = new_id("batch_")
         record = batch_record(batch_id, owner, key_hash, file_id, endpoint, window, metadata)
-        await self.store.put_record(f"batch.{batch_id}", record)
-        await self.store.activate(batch_id)  # the managers pick it up from here
+        async def store() -> None:
+            await self.store.put_record(f"batch.{batch_id}", record)
+            await self.store.activate(batch_id)  # the managers pick it up from here
+
+        await _whole(store())
         return web.json_response(public(record))
 
     @_answered
@@ -280,9 +283,16 @@ class BatchApi:
             raise TierError("router", "FAILED_PRECONDITION", f"batch {batch_id} is {record['status']}: there is "
                                                              f"nothing left to cancel")
         now = int(time.time())
-        record = await self.store.change(f"batch.{batch_id}", lambda r: None if r["status"] in FINAL or r[
-            "_ending"] or r["status"] == "cancelling" else {**r, "status": "cancelling", "cancelling_at": now})
+        record = await _whole(self.store.change(f"batch.{batch_id}", lambda r: None if r["status"] in FINAL or r[
+            "_ending"] or r["status"] == "cancelling" else {**r, "status": "cancelling", "cancelling_at": now}))
         return web.json_response(await self._shown(record))
+
+
+async def _whole(change):
+    """Await a change of the stored files and batches to its end even when the client goes away meanwhile (its
+    handler is cancelled: router/openai_http.py): a file without its record, a batch record never activated, would
+    otherwise stay behind."""
+    return await asyncio.shield(change)
 
 
 def _place(record: dict) -> tuple[int, str]:

@@ -623,8 +623,13 @@ class OpenAIServer:
 
     async def start(self, host: str, port: int) -> int:
         """Listen; returns the bound port (port 0 = any free one)."""
-        # stopping waits this long for requests in flight (aiohttp: 60 s), within the supervisor's STOP_TIMEOUT_S
-        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+        # stopping waits this long for requests in flight (aiohttp: 60 s), within the supervisor's STOP_TIMEOUT_S.
+        # handler_cancellation: a client that closes its connection cancels its handler, as grpc.aio cancels a call
+        # whose client went away: its request leaves the tier's batch, counts as cancelled and costs its key what a
+        # cancelled gRPC call costs (aiohttp runs an orphaned handler to its end by default). What must not stop
+        # half-way (the Batch API's stored records) is shielded where it is done (router/batch_http.py)
+        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+                                     handler_cancellation=True)
         await self._runner.setup()
         room = connection_room(self.max_connections)
         if room < self.max_connections:

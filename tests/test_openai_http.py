@@ -654,3 +654,57 @@ def test_a_prompt_that_carries_its_bos_is_read_with_one(stack):
     plain, carried, doubled = ask(PROMPT), ask("<bos>" + PROMPT, add_special_tokens=False), ask("<bos>" + PROMPT)
     assert carried.choices[0].text == plain.choices[0].text
     assert carried.usage.prompt_tokens == plain.usage.prompt_tokens == doubled.usage.prompt_tokens - 1
+
+
+def test_a_client_that_hangs_up_cancels_its_request_as_over_grpc(stack):
+    """Found by a fault hunt: an OpenAI request whose client closed the connection ran to its end in the tier,
+    counted as answered and was charged to its key (1 call, 43 tokens), where a gRPC call its client cancelled
+    leaves the batch, counts as cancelled and costs nothing. Now both doors treat a client gone alike: aiohttp
+    cancels the handler (handler_cancellation), as grpc.aio does. The edge's engine core is held (SIGSTOP) so that
+    both requests are still in the tier when their clients leave."""
+    import os
+    import signal
+    import socket
+    import time
+
+    import grpc
+    import psutil
+
+    from tests.conftest import scrape
+    from tests.test_auth import usage
+    from tierline_api.v1 import inference_pb2 as pb
+    from tierline_api.v1 import inference_pb2_grpc as pb_grpc
+
+    edge = next(p for p in stack.procs if p.name == "edge-0")
+    core = max(psutil.Process(edge.popen.pid).children(recursive=True), key=lambda c: c.memory_info().rss)
+    host, port = stack.http_base_url.split("//")[1].split("/")[0].split(":")
+    router = pb_grpc.InferenceServiceStub(grpc.insecure_channel(stack.router_address))
+    cancelled = {"outcome": "cancelled"}
+    before = (scrape(stack, "router").value("tierline_router_requests_total", **cancelled),
+              scrape(stack, "edge-0").value("tierline_requests_total", **cancelled))
+    (http_id, http_key), (grpc_id, grpc_key) = new_key(stack, "pro"), new_key(stack, "pro")
+    body = json.dumps({"model": MODEL, "prompt": "Q:4+3=?\nA:", "max_tokens": 32}).encode()
+    core.suspend()
+    try:
+        conn = socket.create_connection((host, int(port)), timeout=10)
+        head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Authorization: Bearer {http_key}\r\nContent-Length: {len(body)}\r\n\r\n")
+        conn.sendall(head.encode() + body)
+        call = router.Infer.future(pb.InferRequest(prompt="Q:4+3=?\nA:", parameters=pb.Parameters(max_tokens=32)),
+                                   metadata=(("authorization", f"Bearer {grpc_key}"),), timeout=60)
+        time.sleep(1.0)  # both are in the tier, waiting on its engine core
+        conn.close()
+        call.cancel()
+        time.sleep(1.0)
+    finally:
+        os.kill(core.pid, signal.SIGCONT)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # the router and the edge count them once they are settled
+        after = (scrape(stack, "router").value("tierline_router_requests_total", **cancelled),
+                 scrape(stack, "edge-0").value("tierline_requests_total", **cancelled))
+        if after[0] - before[0] >= 2 and after[1] - before[1] >= 2:
+            break
+        time.sleep(0.2)
+    assert (after[0] - before[0], after[1] - before[1]) == (2, 2), (before, after)
+    spent = [(u["calls_today"], u["tokens_today"]) for u in (usage(stack, http_id), usage(stack, grpc_id))]
+    assert spent[0] == spent[1], spent  # the HTTP client's key is charged what the gRPC client's is

@@ -14,6 +14,7 @@ from tierline_device_agent.agent import DeviceAgentServicer
 from tierline_device_agent.engine import LiteRTEngine
 from tierline_device_agent.fleet import FleetAgent, load_device_model
 from tierline_router.policy import Policy
+from tierline_shared.config.manifest import ManifestError
 from tierline_shared.security.identities import device_identity
 from tierline_shared.serving.metrics import Metrics
 from tierline_shared.serving.process import TierProcess, run
@@ -29,13 +30,17 @@ class DeviceProcess(TierProcess):
     fell_back: dict | None = None  # the installed model was damaged: the outcome the fleet agent reports
 
     def load_engine(self) -> LiteRTEngine:
+        try:  # the router's policy, its learned scorer included: the board decides as the router does
+            self.policy = Policy.of_manifest(self.manifest)
+        except ValueError as exc:
+            raise ManifestError(str(exc)) from None
         # the memory cap; the model an update installed last, or the newest sound one
         engine, self.fell_back = load_device_model(self.manifest, threads=self.config.threads)
         return engine
 
     def make_servicer(self, engine: LiteRTEngine, metrics: Metrics, scheduler=None) -> DeviceAgentServicer:
         m = self.manifest
-        return DeviceAgentServicer(*self.servicer_args(engine, metrics), policy=Policy.from_config(m.router),
+        return DeviceAgentServicer(*self.servicer_args(engine, metrics), policy=self.policy,
                                    upstream_timeout_s=m.nats.request_timeout_ms / 1000,
                                    retries_per_tier=m.router.retries_per_tier)
 

@@ -17,7 +17,6 @@ from tierline_router.chat import ChatTemplate
 from tierline_router.metrics import RouterMetrics
 from tierline_router.openai_http import OpenAIServer
 from tierline_router.policy import Policy
-from tierline_router.scorer import load_scorer
 from tierline_router.service import RouterServicer
 from tierline_shared.config.manifest import EXIT_BAD_MANIFEST, ManifestError, load_manifest
 from tierline_shared.models.artifacts import served_context
@@ -47,12 +46,11 @@ async def serve(manifest_path: str) -> int:
         return EXIT_BAD_MANIFEST
     metrics = RouterMetrics(manifest.model_name, tuple(manifest.tiers))
     try:
-        scorer = load_scorer(manifest)
+        policy = Policy.of_manifest(manifest)
     except ValueError as exc:
         print(f"router: error: {exc}", file=sys.stderr)
         await nc.close()
         return EXIT_BAD_MANIFEST
-    policy = Policy.from_config(rc, scorer)
     try:  # API keys: the store the manifest names (SQLite, created on first use; or JetStream KV)
         gate = Gate(open_key_store(manifest, ROUTER) if manifest.auth.enabled else None, manifest.auth.plans)
     except (OSError, sqlite3.Error, ConnectionError, TimeoutError, ValueError) as exc:

@@ -43,6 +43,14 @@ class Policy:
     def from_config(cls, rc: RouterConfig, scorer: object | None = None) -> "Policy":
         return cls(rc.device_complexity, rc.cloud_complexity, dict(rc.confidence_threshold), scorer)
 
+    @classmethod
+    def of_manifest(cls, manifest) -> "Policy":
+        """The policy a manifest describes, its learned scorer (router.scorer) included: the router's and a board's
+        front door's, which decide alike. ValueError when the scorer cannot be used (tierline_router.scorer)."""
+        from tierline_router.scorer import load_scorer
+
+        return cls.from_config(manifest.router, load_scorer(manifest))
+
     def scores(self, prompt: str) -> tuple[float, float]:
         """(cloud score, device score): how likely the edge, and the device, answer this prompt wrongly."""
         if self.scorer is None:

@@ -50,6 +50,19 @@ def test_valid_manifest_loads(manifest):
     assert m.tier("cloud").upstream.max_context == 0  # unknown
 
 
+def test_a_confidence_threshold_map_of_one_tier_keeps_the_others_default(manifest):
+    """Found by a fault hunt: `confidence_threshold: {edge: 0.3}` replaced the defaults, and the device's fell to
+    0 (its answers never escalated: 0 of 40 against 40 of 40 with both given), with no word. The map is laid over
+    the defaults now, for the router and a board's front door alike (both build their policy from it)."""
+    from tierline_router.policy import Policy
+
+    m = load_manifest(manifest(router={"confidence_threshold": {"edge": 0.3}}))
+    assert m.router.confidence_threshold == {"device": 0.5, "edge": 0.3}
+    policy = Policy.from_config(m.router)
+    assert (policy.threshold("device"), policy.threshold("edge")) == (0.5, 0.3)
+    assert not policy.accept("device", 0.4) and policy.accept("edge", 0.4)
+
+
 def test_an_upstream_context_loads(manifest):
     m = load_manifest(manifest(tiers__cloud__upstream={"url": "http://127.0.0.1:9/v1", "max_context": 4096}))
     assert m.tier("cloud").upstream.max_context == 4096
@@ -70,6 +83,7 @@ def test_an_upstream_context_loads(manifest):
     ({"limits": {"max_id_chars": 8}}, "is 17 characters; limits.max_id_chars (8) refuses every request that names it"),
     ({"nats__url": 4222}, "nats.url: expected str"),
     ({"router": {"cloud_complexity": 2}}, "router.cloud_complexity: 2 out of range"),
+    ({"router": {"confidence_threshold": {"cloud": 0.5}}}, "router.confidence_threshold.cloud: the top tier's"),
     # a fault hunt: NaN passed every range (all comparisons with it are false), inf every unbounded one
     ({"router": {"cloud_complexity": float("nan")}}, "router.cloud_complexity: nan; expected a finite number"),
     ({"tiers__edge__cost_per_1k_tokens": float("inf")}, "tiers.edge.cost_per_1k_tokens: inf; expected a finite"),

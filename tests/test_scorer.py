@@ -115,3 +115,36 @@ def test_decision_latency_is_measured(scorer, labelled):
     print(f"decision latency over {lat['n']} prompts: p50 {lat['p50_ms']:.4f} ms, p99 {lat['p99_ms']:.4f} ms")
     assert lat["n"] == len(prompts)
     assert lat["p50_ms"] > 0 and lat["p99_ms"] > 0 and lat["p99_ms"] >= lat["p50_ms"]
+
+
+def test_a_board_decides_where_a_request_starts_as_the_router_does(tiny_family, tmp_path):
+    """Found by a fault hunt: a board's own front door built its policy without the manifest's learned scorer
+    (router.scorer), so with thresholds calibrated for the scorer it started 36 of 60 prompts on its own model that
+    the router started on the edge. ROUTING.md: the router and the board decide with one policy. Both build it with
+    `Policy.of_manifest` now; the board's is compared here with one made from the scorer independently."""
+    import yaml
+
+    from tierline_device_agent.process import DeviceProcess
+    from tierline_router.policy import Policy
+    from tierline_router.scorer import load_scorer
+    from tierline_shared.config.manifest import load_manifest
+    from tierline_shared.models.artifacts import load_index
+    from tierline_shared.serving.metrics import Metrics
+
+    artifacts = load_index(tiny_family)["artifacts"]
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump({
+        "model_name": "tierline-reasoner", "models_dir": str(tiny_family),
+        "nats": {"url": "nats://127.0.0.1:4222"},
+        "router": {"scorer": artifacts["router_scorer"]["path"], "device_complexity": 0.38, "cloud_complexity": 1.0},
+        "tiers": {t: {"artifact": artifacts[t]["weights"]["path"], "sha256": artifacts[t]["weights"]["sha256"]}
+                  for t in ("device", "edge", "cloud")}}))
+    manifest = load_manifest(path)
+    process = DeviceProcess(manifest, use_nats=False)
+    board = process.make_servicer(process.load_engine(), Metrics("device", "tierline-reasoner")).policy
+    router = Policy.from_config(manifest.router, load_scorer(manifest))
+    heuristic = Policy.from_config(manifest.router)
+    tiers = ("device", "edge", "cloud")
+    prompts = [p.prompt for p in generate("test", 60, seed=11)]
+    assert any(heuristic.decide(p, tiers)[0] != router.decide(p, tiers)[0] for p in prompts)  # the scorer matters
+    assert [board.decide(p, tiers)[0] for p in prompts] == [router.decide(p, tiers)[0] for p in prompts]

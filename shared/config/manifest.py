@@ -351,6 +351,12 @@ def load_manifest(path: str | Path, check_artifacts: bool = True) -> Manifest:
     for name, t in manifest.router.confidence_threshold.items():
         if name not in TIERS or not 0 <= t <= 1:
             raise ManifestError(f"{path}: router.confidence_threshold.{name}: must be a tier name -> value in [0, 1]")
+        if name == TIERS[-1]:
+            raise ManifestError(f"{path}: router.confidence_threshold.{name}: the top tier's answers are always kept "
+                                f"(nothing above it to escalate to): give device and edge only")
+    # a tier the map leaves out keeps its default (a map of the edge's alone left the device's at 0: never escalate)
+    manifest.router.confidence_threshold = {**RouterConfig().confidence_threshold,
+                                            **manifest.router.confidence_threshold}
     if manifest.auth.enabled and not manifest.auth.plans:
         raise ManifestError(f"{path}: auth.plans: at least one plan is needed when auth.enabled is true")
     if manifest.auth.enabled and manifest.auth.store == "sqlite" and not manifest.auth.key_store:

@@ -49,6 +49,7 @@ from tierline_shared.transport.messaging import (
     connect,
     kv_entries,
     reconnect_delay,
+    stream_tier,
     subject,
 )
 
@@ -357,6 +358,59 @@ def test_answers_asked_over_nats_are_in_the_telemetry_too(agent):
     event = wait_for(lambda: next((e for e in telemetry(agent) if e["kind"] == "request" and e["at"] >= before
                                    and e.get("via") == "nats"), None), "a telemetry event for the NATS request")
     assert event["completion_tokens"] == answer.usage.completion_tokens
+
+
+
+def path_of(resp: pb.InferResponse) -> list[tuple[str, str]]:
+    return [(a.tier, a.outcome) for a in resp.escalation_path]
+
+
+def request_events(stack: Stack, since: float, via: str) -> list[dict]:
+    return [e for e in telemetry(stack) if e["kind"] == "request" and e["at"] >= since and e.get("via") == via]
+
+
+def test_a_stream_at_the_front_door_takes_the_cascade_and_is_in_the_telemetry(agent):
+    """A stream from the board's apps is routed as a unary request is (the policy, then the cascade; here nothing
+    is above the board, so a hard prompt falls back to the board's model, degraded), and each answer, streamed or
+    not, is one telemetry event. It was answered on the board as if the policy wanted it there, no event."""
+    wait_for(lambda: reported(agent), "the board registered")
+    before, requests = time.time(), reported(agent)["load"]["requests"]
+    unary = ask(agent, HARD)
+    board = stub(agent)
+    streams = {p: list(board.InferStream(pb.InferRequest(prompt=p, parameters=pb.Parameters(max_tokens=8)),
+                                         timeout=TIMEOUT)) for p in (HARD, EASY)}
+    hard, easy = streams[HARD][-1], streams[EASY][-1]
+    assert unary.degraded and path_of(unary) == [("cloud", "no_responders"), ("edge", "no_responders"),
+                                                 ("device", "answered")]
+    assert hard.choices[0].finish_reason and hard.tier == "device"
+    assert hard.degraded and path_of(hard) == path_of(unary) and hard.complexity == unary.complexity
+    assert not easy.degraded and path_of(easy) == [("device", "answered")]
+    assert all(not c.escalation_path for c in streams[HARD][:-1])  # the path comes with the last chunk only
+    events = wait_for(lambda: len(e := request_events(agent, before, "grpc")) >= 3 and e, "the answers' events")
+    time.sleep(3 * HEARTBEAT_S)  # one more would have come by now
+    events = request_events(agent, before, "grpc")
+    assert [(e["tier"], e["degraded"]) for e in events] == [("device", True), ("device", True), ("device", False)]
+    assert events[1]["completion_tokens"] == hard.usage.completion_tokens
+    wait_for(lambda: reported(agent)["load"]["requests"] == requests + 3, "load.requests counting the streams")
+
+
+def test_a_stream_the_router_sends_over_nats_is_in_the_telemetry_too(agent):
+    async def stream_over_nats():  # as the router does
+        nc = await connect(agent.nats_options(ROUTER), name="test")
+        try:
+            req = pb.InferRequest(prompt=EASY, parameters=pb.Parameters(max_tokens=4))
+            return [chunk async for chunk in stream_tier(nc, "device", req, timeout_s=TIMEOUT)]
+        finally:
+            await nc.close()
+
+    before = time.time()
+    last = asyncio.run(stream_over_nats())[-1]
+    assert last.tier == "device" and last.choices[0].finish_reason
+    event = wait_for(lambda: next(iter(request_events(agent, before, "nats")), None),
+                     "a telemetry event for the stream over NATS")
+    assert event["completion_tokens"] == last.usage.completion_tokens
+    time.sleep(3 * HEARTBEAT_S)
+    assert len(request_events(agent, before, "nats")) == 1  # one event per answer, not one per chunk
 
 
 def test_nats_restart_loses_no_telemetry(agent):
@@ -732,6 +786,8 @@ def test_the_fleet_view_names_a_device_by_its_key_and_marks_bad_entries_invalid(
     render(rows)  # every row fills every column
 
 
+
+
 # -- configuration and CLI -----------------------------------------------------------------------------
 @pytest.mark.parametrize("fleet, field", [
     ({"device_id": "pi-1", "heartbeat_s": 0}, "device_agent.heartbeat_s"),
@@ -923,6 +979,8 @@ def test_devices_list_trusts_the_key_not_the_body(agent, thief):
             assert "EVIL" not in json.dumps(rows)
     finally:
         fleet_call(agent, lambda f: f.devices.purge(THIEF))
+
+
 
 
 def board_requests(stack: Stack, identity: str, requests: list[tuple[str, dict]]) -> list[str]:

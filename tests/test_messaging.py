@@ -96,6 +96,36 @@ def test_a_stream_read_to_the_end_is_not_cancelled(link):
     assert producer.finished.wait(TIMEOUT) and not producer.stopped_early.is_set()
 
 
+
+def test_a_boards_link_streams_from_a_tier_above_and_a_stream_closed_early_stops_it(link):
+    """A board's front door streams from a tier above through its TierService (`stream`, from a gRPC thread), as
+    the router streams (`stream_tier`): read to its end, every chunk comes; closed early (its app went away), the
+    tier above stops decoding at its next chunk; the link stopped meanwhile, the stream ends at once, Offline."""
+    from tierline_shared.transport.messaging import Offline
+
+    opts, producer, _ = link
+    board = TierService("device", opts, handle=None, status_of=lambda exc: (grpc.StatusCode.INTERNAL, str(exc)))
+    board.start()
+    try:
+        whole = list(board.stream("edge", pb.InferRequest(prompt="Q:2+3=?\nA:"), TIMEOUT))
+        assert len(whole) == CHUNKS and whole[-1].choices[0].finish_reason == "length"
+        assert producer.finished.wait(TIMEOUT) and not producer.stopped_early.is_set()
+        producer.finished.clear()
+        chunks = board.stream("edge", pb.InferRequest(prompt="Q:2+3=?\nA:"), TIMEOUT)
+        assert [next(chunks) for _ in range(3)] and chunks.close() is None
+        assert producer.stopped_early.wait(TIMEOUT), "the tier above kept decoding a stream nobody reads"
+        assert not board._asking
+        chunks = board.stream("edge", pb.InferRequest(prompt="Q:2+3=?\nA:"), TIMEOUT)
+        next(chunks)
+        threading.Timer(0.2, board.stop).start()
+        t0 = time.monotonic()
+        with pytest.raises(Offline):
+            list(chunks)
+        assert time.monotonic() - t0 < 5
+    finally:
+        board.stop()
+
+
 def test_a_stream_whose_chunks_can_no_longer_be_published_stops_the_tier(link):
     """The tier's own link drops mid-stream (its reader stays subscribed, so no cancel comes): publishing the
     next chunk fails, the decoder stops at its next token, and the stream counts as an error."""

@@ -65,6 +65,26 @@ def test_device_agent_answers_locally_then_escalates_over_nats(stack):
     assert resp.tier == "cloud" and not resp.degraded
 
 
+
+def test_a_stream_at_the_boards_front_door_goes_where_a_unary_request_goes(stack):
+    """The board's InferStream takes its policy and cascade, as Infer does: a prompt the policy sends to the cloud
+    streams from the cloud over NATS (chunk by chunk, the cloud's own text), with the path the unary answer has; one
+    the policy leaves on the board streams from the board and, a stream's answer being out as it comes, is kept.
+    It streamed every prompt from the board's own model."""
+    hard = "Q:" + "+".join("1" * 14) + "=?\nA:"  # complexity 1.0: the cloud first
+    board = stub(stack.port("device-0"))
+    unary = board.Infer(req(hard), timeout=TIMEOUT)
+    chunks = list(board.InferStream(req(hard), timeout=TIMEOUT))
+    last = chunks[-1]
+    assert unary.tier == "cloud" and [(a.tier, a.outcome) for a in unary.escalation_path] == [("cloud", "answered")]
+    assert len(chunks) > 2 and all(c.tier == "cloud" for c in chunks) and last.choices[0].finish_reason
+    assert "".join(c.choices[0].text for c in chunks) == unary.choices[0].text
+    assert [(a.tier, a.outcome) for a in last.escalation_path] == [("cloud", "answered")] and not last.degraded
+    assert last.complexity == unary.complexity
+    easy = list(board.InferStream(req(), timeout=TIMEOUT))[-1]
+    assert easy.tier == "device" and [(a.tier, a.outcome) for a in easy.escalation_path] == [("device", "answered")]
+
+
 def test_device_agent_alone_answers_locally_and_fast(tiny_family):
     """No edge, no cloud: the agent fails the escalation at once and answers on the board, degraded."""
     import time

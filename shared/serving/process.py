@@ -198,7 +198,7 @@ def nats_service_for(tier: str, opts: NatsOptions, servicer: TierServicer) -> Ti
         return servicer.serve_nats(pb.InferRequest.FromString(data), timeout_s)
 
     def stream(data: bytes, is_active) -> Iterator[bytes]:
-        for chunk in servicer.stream(pb.InferRequest.FromString(data), is_active):
+        for chunk in servicer.serve_nats_stream(pb.InferRequest.FromString(data), is_active):
             yield chunk.SerializeToString()
 
     # the live queue depth: read through the servicer, whose scheduler a device's model update replaces

@@ -309,6 +309,10 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
         waiting on it: a future of the response, resolved when the scheduler finishes the request."""
         return self.begin(req, timeout_s)
 
+    def serve_nats_stream(self, req: pb.InferRequest, is_active=lambda: True) -> Iterator[pb.InferResponse]:
+        """One stream that came over NATS (from the router): its chunks, as `stream` makes them."""
+        return self.stream(req, is_active)
+
     def handle(self, req: pb.InferRequest, timeout_s: float | None, on_abandon=None) -> pb.InferResponse:
         """Serve one request and wait for it; raises on failure.
 
@@ -488,12 +492,18 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
             tier=info.tier, model=info.model, model_version=info.version, confidence=r.confidence, timings=timings,
         )
 
+    def serve_stream(self, request: pb.InferRequest, is_active=lambda: True,
+                     timeout_s: float | None = None) -> Iterator[pb.InferResponse]:
+        """The chunks of one gRPC stream (`InferStream`): this tier's model's, as `stream` makes them (a device's
+        front door takes its cascade instead)."""
+        return self.stream(request, is_active, timeout_s)
+
     def InferStream(self, request, context):
         if not self.streams.open():
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"too many open streams ({self.streams.limit}) on this server; retry later")
         try:
-            for chunk in self.stream(request, context.is_active, context.time_remaining()):
+            for chunk in self.serve_stream(request, context.is_active, context.time_remaining()):
                 self.streams.handing(context)
                 yield chunk
                 self.streams.taken(context)

@@ -31,10 +31,12 @@ import asyncio
 import concurrent.futures
 import contextlib
 import math
+import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Iterator
 
 import grpc
 from nats.micro.request import Request
@@ -56,6 +58,7 @@ from tierline_shared.transport.messaging import (
     reconnect_delay,
     service_name,
     stop_loop_thread,
+    stream_tier,
     subject,
 )
 
@@ -64,6 +67,8 @@ MIN_HEARTBEAT_S = 0.05  # seconds: the most often a tier says it is alive, whate
 EARLY_CANCEL_S = 60.0  # seconds a cancel naming no request here is kept: its request may still be on its way
 EARLY_CANCEL_MAX = 10_000  # such cancels kept at most (every replica hears every cancel of its tier)
 STOP_REPLY_S = 1.0  # seconds a stopping tier waits for its requests in flight to send their UNAVAILABLE
+READER_POLL_S = 0.5  # how often a thread waiting for a stream's next chunk (`stream`) checks that its reader is there
+_END = object()  # `stream`: the tier's last chunk came
 STOP_LOOP_S = 5.0  # seconds a stop may take beyond its grace (the UNAVAILABLEs, the link's drain) before it is cut
 
 
@@ -381,12 +386,7 @@ class TierService:
     def request(self, tier: str, request, timeout_s: float, after_silence: bool = False):
         """`ask_tier` from a worker thread, on this service's connection (none once it has stopped: UNAVAILABLE at
         once, not a wait for a loop that runs no more)."""
-        with self._asking_lock:
-            if self._link_stopped or not self._loop.is_running():
-                raise Offline("this process's NATS link has stopped")
-            fut = asyncio.run_coroutine_threadsafe(ask_tier(self._nc, tier, request, timeout_s, after_silence),
-                                                   self._loop)
-            self._asking.add(fut)
+        fut = self._on_loop(lambda: ask_tier(self._nc, tier, request, timeout_s, after_silence))
         try:
             return fut.result(timeout=timeout_s + 1)
         except concurrent.futures.CancelledError:  # `stop` ended it: the loop it waited on runs no more
@@ -394,6 +394,55 @@ class TierService:
         finally:
             with self._asking_lock:
                 self._asking.discard(fut)
+
+    def stream(self, tier: str, request, timeout_s: float, after_silence: bool = False,
+               is_active=lambda: True) -> Iterator:
+        """`stream_tier` from a worker thread, on this service's connection: the chunks as they come (`timeout_s`
+        bounds the wait for each, as there). Closed before its last chunk (its reader went away: the iterator
+        closed, or `is_active()` False), the stream is closed on the loop, which tells the tier to stop decoding
+        (its cancel, as the router's streams); once the link has stopped: Offline, as `request`."""
+        chunks: queue.Queue = queue.Queue()  # a chunk, then another; the end, or what the stream raised
+
+        async def pump() -> None:
+            try:
+                async with contextlib.aclosing(stream_tier(self._nc, tier, request, timeout_s, after_silence)) as s:
+                    async for chunk in s:
+                        chunks.put(chunk)
+            except Exception as exc:  # noqa: BLE001 - raised to the reader, in its thread
+                chunks.put(exc)
+            else:
+                chunks.put(_END)
+
+        fut = self._on_loop(pump)
+        try:
+            while True:
+                try:
+                    item = chunks.get(timeout=READER_POLL_S)
+                except queue.Empty:
+                    if fut.cancelled():  # `stop` ended it: the loop it ran on runs no more
+                        raise Offline("this process's NATS link has stopped") from None
+                    if not is_active():
+                        return
+                    continue
+                if item is _END:
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            fut.cancel()  # ended early: the pump's stream closes on the loop (the tier hears the cancel); else a no-op
+            with self._asking_lock:
+                self._asking.discard(fut)
+
+    def _on_loop(self, work) -> concurrent.futures.Future:
+        """`work()` (a coroutine) run on this service's loop, tracked so that `stop` ends the wait on it; Offline at
+        once when the link has stopped."""
+        with self._asking_lock:
+            if self._link_stopped or not self._loop.is_running():
+                raise Offline("this process's NATS link has stopped")
+            fut = asyncio.run_coroutine_threadsafe(work(), self._loop)
+            self._asking.add(fut)
+        return fut
 
     def stop(self, grace_s: float = 0.0, serving: threading.Event | None = None) -> None:
         """Take no new request, let those in flight finish for `grace_s` seconds, end those still running with

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import platform
 import shutil
 import socket
@@ -787,6 +788,49 @@ def test_the_fleet_view_names_a_device_by_its_key_and_marks_bad_entries_invalid(
 
 
 
+def test_one_boards_own_entry_cannot_break_the_fleet_view():
+    """What a stolen board may write, its own entry, against a fleet of 100: a 900 KB version padded every row to
+    900,091 columns (90 MB for `tierline devices list`), a heartbeat years ahead kept a revoked board `serving`
+    for good, and NaN made `--json` invalid JSON. Texts are now cut (marked), and a row whose numbers are not
+    finite or bounded, whose heartbeat settings no manifest allows or whose heartbeat is ahead of the clock
+    (beyond a clock's skew) is invalid."""
+    now = 1_000_000.0
+    good = {"status": "serving", "last_heartbeat": now, "heartbeat_s": 30, "stale_after_beats": 3,
+            "model": {"version": "v1"}, "load": {"queue": 0, "requests": 2, "rss_mb": 9.5}, "arch": "aarch64",
+            "outbox": {"pending": 0, "dropped": 0}, "ota": {"status": "applied", "code": 0}}
+    fleet = {f"pi-{i:03d}": json.dumps({**good, "device_id": f"pi-{i:03d}"}).encode() for i in range(100)}
+
+    def entry(board: str, **change) -> bytes:
+        return json.dumps({**good, "device_id": board, **change}).encode()
+
+    fleet.update({
+        "pi-long": entry("pi-long", model={"version": "x" * 900_000}, arch="y" * 1000,
+                         ota={"status": "z" * 1000, "code": "w" * 1000}),
+        "pi-ahead": entry("pi-ahead", last_heartbeat=now + 10 * 365 * 86400),
+        "pi-skewed": entry("pi-skewed", last_heartbeat=now + 60),  # a clock a minute fast: believed
+        "pi-nan": entry("pi-nan").replace(str(now).encode(), b"NaN"),
+        "pi-inf": entry("pi-inf", load={"queue": 0, "requests": 1e400, "rss_mb": 1.0}),  # Infinity in JSON
+        "pi-huge": entry("pi-huge", load={"queue": 10 ** 3000, "requests": 1, "rss_mb": 1.0}),
+        "pi-forever": entry("pi-forever", heartbeat_s=1e12),  # never stale under its own rule
+        "pi-code": entry("pi-code", ota={"status": "applied", "code": 10 ** 3000}),
+        "pi-" + "k" * 200: entry("pi-" + "k" * 200),  # a key no board has (ids are at most 64 characters)
+    })
+    rows = {r["device"]: r for r in fleet_rows(fleet, now=now)}
+    table = render(list(rows.values()))
+    assert max(len(line) for line in table.splitlines()) < 400 and len(table) < 400 * 110, len(table)
+    long = rows["pi-long"]
+    assert long["state"] == "serving" and long["model"] == "x" * 63 + "…" and len(long["arch"]) == 64
+    assert long["ota"].endswith("…") and long["code"].endswith("…")
+    assert rows["pi-skewed"]["state"] == "serving" and rows["pi-skewed"]["beat_age_s"] == 0
+    for board in ("pi-ahead", "pi-nan", "pi-inf", "pi-huge", "pi-forever", "pi-code"):
+        assert rows[board]["state"] == "invalid", (board, rows[board])
+    assert "ahead" in rows["pi-ahead"]["invalid"] and "heartbeat_s" in rows["pi-forever"]["invalid"]
+    assert any(d.endswith("…") and len(d) == 64 for d in rows)
+    assert fleet_rows({"pi-ahead": fleet["pi-ahead"]}, now=now + 86400)[0]["state"] == "invalid"  # a day later
+    out = json.dumps({"devices": list(rows.values())}, allow_nan=False)  # raises on NaN or Infinity
+    assert len(out) < 500 * 110
+    json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} in --json"))
+
 
 # -- configuration and CLI -----------------------------------------------------------------------------
 @pytest.mark.parametrize("fleet, field", [
@@ -981,6 +1025,38 @@ def test_devices_list_trusts_the_key_not_the_body(agent, thief):
         fleet_call(agent, lambda f: f.devices.purge(THIEF))
 
 
+
+def test_a_stolen_boards_own_entry_cannot_break_devices_list(agent, thief):
+    """With only its own rights the thief writes its own entry: a 900 KB version (every row of the table was padded
+    to it), a heartbeat years ahead (`serving` for good, though it beats no more), NaN (`--json` not JSON)."""
+    real = wait_for(lambda: reported(agent), "the board registered")
+    own = {**real, "device_id": THIEF}
+
+    def listed(*flags: str) -> str:
+        proc = run_cli("devices", "list", "--manifest", str(agent.manifest), *flags, timeout=60)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+        return proc.stdout
+
+    def strict(out: str) -> dict:
+        return {row["device"]: row for row in json.loads(out, parse_constant=lambda c: pytest.fail(c))["devices"]}
+
+    def write(body: dict) -> None:
+        data = json.dumps(body).encode()  # NaN as Python writes it
+        as_board(agent, thief, lambda js: js.publish(f"$KV.{DEVICES_BUCKET}.{THIEF}", data))
+
+    try:
+        write({**own, "model": {**real["model"], "version": "x" * 900_000}})
+        table = listed()
+        assert len(table) < 5000 and max(len(line) for line in table.splitlines()) < 400, len(table)
+        assert "x" * 63 + "…" in table and "x" * 65 not in table
+        for body, why in (({**own, "last_heartbeat": time.time() + 3e8}, "ahead"),
+                          ({**own, "last_heartbeat": math.nan}, "last_heartbeat")):
+            write(body)
+            rows = strict(listed("--json"))
+            assert rows[THIEF]["state"] == "invalid" and why in rows[THIEF]["invalid"], rows[THIEF]
+            assert rows[DEVICE]["state"] == "serving"
+    finally:
+        fleet_call(agent, lambda f: f.devices.purge(THIEF))
 
 
 def board_requests(stack: Stack, identity: str, requests: list[tuple[str, dict]]) -> list[str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,11 @@ UPLOAD_TIMEOUT_S = 120.0  # one artifact into the object store, at most
 UPDATE_TTL_S = 7 * 86400.0  # seconds a signed update manifest stays valid (`--expires-in`)
 COLUMNS = ("device", "state", "model", "ota", "code", "queue", "requests", "rss_mb", "arch", "beat_age_s",
            "outbox")
+# what a board wrote is shown within these bounds, whatever it wrote (a stolen board writes its own entry)
+MAX_TEXT = 64  # characters of a text shown (a version name is at most 64: ota._VERSION); beyond: cut, CUT marks it
+CUT = "…"
+MAX_NUMBER = 1e15  # a reported number beyond this (or NaN, or infinite) makes the row invalid
+CLOCK_SKEW_S = 300.0  # a heartbeat up to this far ahead of this clock is believed (clocks differ); beyond: invalid
 
 
 def add_parser(sub, parser_class) -> dict:
@@ -112,8 +118,12 @@ _REPORT_FIELDS = {  # what a row reads from a reported state, and the types it m
 }
 
 
-def _report(key: str, body) -> dict:
-    """The reported state in a registry entry, checked (ValueError: why it is not one)."""
+def _report(key: str, body, now: float) -> dict:
+    """The reported state in a registry entry, checked (ValueError: why it is not one). Its numbers are finite and
+    bounded, its heartbeat settings what a board's manifest allows, its heartbeat not ahead of `now` (beyond
+    CLOCK_SKEW_S): a board that wrote otherwise could not be told stale once it stopped beating (revoked, killed)."""
+    from tierline_shared.config.manifest import field_range
+
     if isinstance(body, (bytes, str)):
         try:
             body = json.loads(body)
@@ -129,38 +139,62 @@ def _report(key: str, body) -> dict:
             raise ValueError(f"{'.'.join(path)}: missing or not {getattr(kind, '__name__', 'a number')}")
         if isinstance(value, str) and not value.isprintable():
             raise ValueError(f"{'.'.join(path)}: control characters")
+        if not isinstance(value, str) and not _bounded(value):
+            raise ValueError(f"{'.'.join(path)}: not a finite number of at most {MAX_NUMBER:g}")
     if body["device_id"] != key:
-        raise ValueError(f"claims to be device {body['device_id']!r}")
+        raise ValueError(f"claims to be device {_clip(repr(body['device_id']))}")
+    for field in ("heartbeat_s", "stale_after_beats"):  # as device_agent.<field> in a manifest: bounded
+        lo, hi = field_range(field)
+        if not lo <= body[field] <= hi:
+            raise ValueError(f"{field}: {body[field]!r} out of range [{lo}, {hi}]")
+    if body["last_heartbeat"] > now + CLOCK_SKEW_S:
+        raise ValueError(f"last_heartbeat: {body['last_heartbeat'] - now:.0f} s ahead of this clock "
+                         f"(more than {CLOCK_SKEW_S:g} s)")
     ota = body.get("ota") or {}
     if not isinstance(ota, dict) or not all(isinstance(ota.get(f, "-"), (str, int)) for f in ("status", "code")):
         raise ValueError("ota: not an outcome")
-    if not str(ota.get("status", "-")).isprintable():
+    if not all(str(ota.get(f, "-")).isprintable() for f in ("status", "code")):
         raise ValueError("ota.status: control characters")
+    if isinstance(ota.get("code"), int) and not _bounded(ota["code"]):
+        raise ValueError(f"ota.code: not a number of at most {MAX_NUMBER:g}")
     return body
+
+
+def _bounded(value) -> bool:
+    """A finite number within ±MAX_NUMBER (JSON may bring NaN, Infinity, or an integer of thousands of digits)."""
+    return (isinstance(value, int) or math.isfinite(value)) and abs(value) <= MAX_NUMBER
+
+
+def _clip(value):
+    """A text cut to MAX_TEXT characters, CUT marking where; anything else as it is."""
+    return value[:MAX_TEXT - len(CUT)] + CUT if isinstance(value, str) and len(value) > MAX_TEXT else value
 
 
 def fleet_rows(entries: dict[str, object], now: float | None = None) -> list[dict]:
     """One row per registry key (the device id), from its entry's body (bytes, or already decoded).
 
     `state` is "stale" after the device's own number of missed beats, "invalid" when the body
-    is not a report of that device (`invalid` then says why).
+    is not a report of that device (`invalid` then says why). Whatever a board wrote, a row's texts are at most
+    MAX_TEXT characters (cut, marked) and its numbers finite, so the table stays a table and --json stays JSON.
     """
     now = time.time() if now is None else now
     rows = []
     for key in sorted(entries):
         try:
-            r = _report(key, entries[key])
+            r = _report(key, entries[key], now)
         except ValueError as exc:
-            rows.append({**{c: "-" for c in COLUMNS}, "device": key, "state": "invalid", "invalid": str(exc)})
+            rows.append({**{c: "-" for c in COLUMNS}, "device": _clip(key), "state": "invalid",
+                         "invalid": str(exc)})
             continue
         age = now - r["last_heartbeat"]
         ota = r.get("ota") or {}
-        rows.append({"device": key,
-                     "state": "stale" if age > r["stale_after_beats"] * r["heartbeat_s"] else r["status"],
-                     "model": r["model"]["version"], "ota": ota.get("status", "-"), "code": ota.get("code", "-"),
-                     "queue": r["load"]["queue"], "requests": r["load"]["requests"], "rss_mb": r["load"]["rss_mb"],
-                     "arch": r["arch"], "beat_age_s": round(age, 1),
-                     "outbox": f"{r['outbox']['pending']}/{r['outbox']['dropped']} dropped"})
+        row = {"device": key,
+               "state": "stale" if age > r["stale_after_beats"] * r["heartbeat_s"] else r["status"],
+               "model": r["model"]["version"], "ota": ota.get("status", "-"), "code": ota.get("code", "-"),
+               "queue": r["load"]["queue"], "requests": r["load"]["requests"], "rss_mb": r["load"]["rss_mb"],
+               "arch": r["arch"], "beat_age_s": round(max(age, 0.0), 1),  # a clock a little ahead: just now
+               "outbox": f"{r['outbox']['pending']}/{r['outbox']['dropped']} dropped"}
+        rows.append({c: _clip(v) for c, v in row.items()})
     return rows
 
 
@@ -180,7 +214,9 @@ async def read_devices(fleet) -> dict[str, bytes]:
 def cmd_list(args) -> int:
     _, opts = _nats_options(args.manifest)
     rows = fleet_rows(asyncio.run(_with_fleet(opts, read_devices)))
-    print(json.dumps({"devices": rows}) if args.json else render(rows) if rows else "no devices registered")
+    # allow_nan=False: never NaN or Infinity, which are not JSON (fleet_rows leaves none)
+    print(json.dumps({"devices": rows}, allow_nan=False) if args.json else render(rows) if rows else
+          "no devices registered")
     return 0
 
 

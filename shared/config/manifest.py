@@ -306,6 +306,12 @@ _RANGES = {  # field -> (min, max) inclusive, None = unbounded
 }
 
 
+
+def field_range(field: str) -> tuple[float | None, float | None]:
+    """The inclusive (min, max) a manifest allows a field (None: unbounded), for what reads a value a manifest set
+    elsewhere (the fleet view checks a board's reported heartbeat settings against it)."""
+    return _RANGES[field]
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True

@@ -101,8 +101,9 @@ def health_bar(tiny_family, broken_model) -> float:
 @pytest.fixture(scope="module")
 def agent(tiny_family, health_bar):
     overrides = {
-        # easy prompts are answered on the board with any confidence; HARD wants the cloud
-        "router.device_complexity": 1.0, "router.confidence_threshold": {"device": 0.0},
+        # easy prompts are answered on the board with any confidence; HARD wants the cloud (the step-counting
+        # heuristic's complexity: no learned scorer, which the board's policy uses as the router's does)
+        "router.scorer": "", "router.device_complexity": 1.0, "router.confidence_threshold": {"device": 0.0},
         "nats.request_timeout_ms": 20000,
         "device_agent": {"device_id": DEVICE, "heartbeat_s": HEARTBEAT_S,
                          "stale_after_beats": 3, "outbox_max_events": 1000, "memory_max_mb": MEMORY_MAX_MB,

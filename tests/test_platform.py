@@ -40,8 +40,10 @@ def req(prompt: str = "Q:2+3=?\nA:", **params) -> pb.InferRequest:
 
 @pytest.fixture(scope="module")
 def stack(tiny_family):
-    # every request starts at the device; no tier is ever confident enough: the full cascade
-    with Stack(tiny_family, overrides={"router.device_complexity": 1.0, "router.cloud_complexity": 1.0,
+    # every request starts at the device but one of complexity 1.0 (the step-counting heuristic's: no learned
+    # scorer), which starts at the cloud; no tier is ever confident enough: the full cascade
+    with Stack(tiny_family, overrides={"router.scorer": "", "router.device_complexity": 1.0,
+                                       "router.cloud_complexity": 1.0,
                                        "router.confidence_threshold": {"device": 1.0, "edge": 1.0},
                                        "nats.request_timeout_ms": 5000}) as s:
         yield s
@@ -90,8 +92,8 @@ def test_device_agent_alone_answers_locally_and_fast(tiny_family):
     import time
 
     with Stack(tiny_family, tiers=("device",), router=False,
-               overrides={"router.device_complexity": 1.0, "router.confidence_threshold": {"device": 1.0},
-                          "nats.request_timeout_ms": 20000}) as s:
+               overrides={"router.device_complexity": 1.0, "router.cloud_complexity": 1.0,
+                          "router.confidence_threshold": {"device": 1.0}, "nats.request_timeout_ms": 20000}) as s:
         t0 = time.perf_counter()
         resp = stub(s.port("device-0")).Infer(req(), timeout=TIMEOUT)
         assert time.perf_counter() - t0 < 5  # no responders is immediate, not the 20 s timeout

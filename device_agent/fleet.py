@@ -66,6 +66,8 @@ from tierline_device_agent.ota import (
     OtaCode,
     OtaError,
     claimed_version,
+    crash_outcome,
+    given_up,
     health_check,
     load_candidate,
     outcome,
@@ -211,8 +213,10 @@ def load_device_model(manifest, threads: int) -> tuple[Engine, dict | None]:
 
     A damaged installed model (its files fail their sha256 after a power loss, a bad sector)
     must not keep the board from booting: the other installed versions are tried newest
-    first, then the board's own model (the manifest's). Returns the engine, and the `ota`
-    outcome to report (LOAD_FAILED, naming the damaged version) when it fell back.
+    first, then the board's own model (the manifest's). Installed means it passed its health
+    check: a candidate the agent died on is removed when the ModelStore opens, never served.
+    Returns the engine, and the `ota` outcome to report (LOAD_FAILED, naming the damaged
+    version) when it fell back.
     """
     from tierline_device_agent.engine import load_engine  # the runtime: not needed by the CLI
 
@@ -258,6 +262,13 @@ class FleetAgent:
         self.requests = 0
         self.status = "serving"
         self.ota: dict | None = fell_back  # the outcome of the last update (or of a damaged model at boot)
+        # what the boot has to report, once: a damaged installed model, an update the agent died in
+        self._boot_reports = [fell_back] if fell_back is not None else []
+        crashed = self.store.crashed_attempt()  # its candidate was removed when the store opened
+        self._crashed_digest = crashed["digest"] if crashed else None
+        if crashed is not None:
+            self.ota = crash_outcome(crashed, servicer.engine.info.version)
+            self._boot_reports.append(self.ota)
         self.metrics = None if servicer.metrics is None else FleetMetrics(
             servicer.metrics.registry, self.device_id, self.cfg.heartbeat_s * self.cfg.stale_after_beats,
             outbox_pending=lambda: self.outbox.pending, outbox_dropped=lambda: self.outbox.dropped,
@@ -295,10 +306,10 @@ class FleetAgent:
     # -- life cycle --------------------------------------------------------------------------------
     def start(self) -> "FleetAgent":
         self.servicer.on_answer = self.on_answer
-        if self.ota is not None:  # the model it booted on is not the one installed last: said once, as an update
-            self.record("ota", **self.ota)
+        for report in self._boot_reports:  # a damaged model, a crashed update: said once, as an update
+            self.record("ota", **report)
             if self.metrics is not None:
-                self.metrics.updated(OtaCode(self.ota["code"]))
+                self.metrics.updated(OtaCode(report["code"]))
         self._thread.start()
         self._main = asyncio.run_coroutine_threadsafe(self._run(), self._loop)
         return self
@@ -475,6 +486,11 @@ class FleetAgent:
                 code, detail = OtaCode.APPLIED, "already serving this version"
             else:
                 self.store.admit(desired)  # DOWNGRADE below the installed or the newest verified manifest
+                crashed = self.store.given_up(desired)
+                if crashed is not None:  # the agent died on it MAX_CRASHED_ATTEMPTS times: not again
+                    if crashed["digest"] == self._crashed_digest:  # this boot reported it already
+                        return
+                    raise given_up(crashed)
                 code, detail = OtaCode.APPLIED, await self._install(desired)
         except OtaError as exc:
             code, detail = exc.code, str(exc)
@@ -514,13 +530,20 @@ class FleetAgent:
             self.store.discard(staged)
             raise
         try:
+            # recorded first: if the agent dies in the load or the check (the OOM killer, a crash in the runtime on
+            # this model, a power cut), the next boot removes the candidate, reports it and, after
+            # MAX_CRASHED_ATTEMPTS, does not try this manifest again
+            await loop.run_in_executor(None, self.store.begin_attempt, desired)
             engine = await loop.run_in_executor(None, load_candidate, installed, self.threads)
+            await loop.run_in_executor(None, self.store.attempt_step, "health_check")
             accuracy = await loop.run_in_executor(None, health_check, engine, self.cfg.health_problems,
                                                   self.cfg.health_min_token_accuracy)
         except BaseException:
             self.store.discard(installed)  # rolled back: the previous model never stopped serving
+            self.store.end_attempt()  # the failure is reported now (an exception here, not a crash)
             raise
-        self.store.activate(desired.version)
+        self.store.activate(desired.version)  # marked verified, then current
+        self.store.end_attempt()
         self.servicer.swap_engine(engine)
         self.serving_sha256 = desired.tflite.sha256
         return f"serving {desired.version} (health check {accuracy:.2f})"

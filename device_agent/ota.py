@@ -14,10 +14,18 @@ own code and the running model keeps serving. Then it downloads the objects to a
 fetched), refuses them unless sizes and digests match the operator's (`verify`), installs them as
 `state_dir/models/<version>/` - a models directory that `load_engine`
 reads, sha256 checks included - loads the engine and runs a few benchmark
-problems through it. Only a model that passes takes traffic: the `current` link
-is switched atomically (rename) and the servicer swaps engines under its lock.
+problems through it. Only a model that passes takes traffic: it is marked verified
+(`models/<version>/verified`, written to a new file renamed into place), the `current`
+link is switched atomically (rename) and the servicer swaps engines under its lock.
 A model that fails is removed and the previous one, which never stopped serving,
 stays current (rolled back). Every outcome is reported with an `OtaCode`.
+
+Only verified versions count as installed (`installed`, the boot fallback, `_prune`): a
+candidate the agent died on (the OOM killer, a crash in the runtime on that model, a power
+cut) is removed when the agent starts again. Before a candidate is loaded its attempt is
+recorded (`state_dir/attempt.json`: the manifest's digest, the attempt's number, the step),
+so the next boot reports the crash (LOAD_FAILED or HEALTH_CHECK_FAILED) and, after
+MAX_CRASHED_ATTEMPTS of them, the same manifest is not tried again until a new one is set.
 """
 
 from __future__ import annotations
@@ -48,6 +56,9 @@ _OBJECT = re.compile(rf"{_NAME}(?:/{_NAME}){{0,3}}")  # an object store name: <s
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 STAGING_PREFIX = ".incoming-"  # state_dir/models/.incoming-<random>: a download in progress
 NEWEST = "newest-verified.json"  # state_dir/...: sequence and digest of the newest manifest the board verified
+VERIFIED = "verified"  # models/<version>/verified: the version passed its health check (only those count)
+ATTEMPT = "attempt.json"  # state_dir/...: the candidate being loaded or checked (what a crash left behind)
+MAX_CRASHED_ATTEMPTS = 2  # a manifest the agent died on this many times is not tried again until a new one
 
 
 class OtaCode(IntEnum):
@@ -201,12 +212,38 @@ class ModelStore:
         self._remove_leftovers()
 
     def _remove_leftovers(self) -> None:
-        """Downloads, `current` links and newest-verified files a crash left half-made: nothing else runs in this
-        state dir yet."""
+        """What a crash left half-made, before anything else runs in this state dir: downloads, `current` links,
+        newest-verified, attempt and verified-marker files, and every version that never passed its health check
+        (a candidate the agent died on while loading or checking it). The version `current` names is verified by
+        construction (it is switched only after the check); one installed before versions were marked (an older
+        agent) is marked here. Other unmarked versions from then are removed with the candidates: nothing tells
+        them apart."""
         for path in self.models.glob(f"{STAGING_PREFIX}*"):
             self.discard(path)
-        for path in [*self.root.glob(f".{CURRENT}-*"), *self.root.glob(f".{NEWEST}-*")]:
+        for path in [*self.root.glob(f".{CURRENT}-*"), *self.root.glob(f".{NEWEST}-*"),
+                     *self.root.glob(f".{ATTEMPT}-*"), *self.models.glob(f"*/.{VERIFIED}-*")]:
             path.unlink(missing_ok=True)
+        current = self.current()
+        if current is not None and not self.is_verified(current):
+            self.mark_verified(current.name)
+        for path in self._versions():
+            if path != current and not self.is_verified(path):
+                self.discard(path)
+
+    def _versions(self) -> list[Path]:
+        return [p for p in self.models.iterdir() if p.is_dir() and not p.name.startswith(".")]
+
+    @staticmethod
+    def is_verified(path: Path) -> bool:
+        return (path / VERIFIED).is_file()
+
+    def mark_verified(self, version: str) -> None:
+        """Record that `version` passed its health check (kept if it is there already: its time is when it
+        passed): a new file renamed into place and flushed, so a power loss leaves it whole or absent."""
+        target = self.models / version / VERIFIED
+        if target.is_file():
+            return
+        _write_atomically(target, {"verified_at": round(time.time(), 3)})
 
     def current(self) -> Path | None:
         """The models directory of the installed model that serves, or None (the manifest's then)."""
@@ -214,11 +251,15 @@ class ModelStore:
         return link.resolve() if link.is_symlink() and (link.resolve() / INDEX).is_file() else None
 
     def installed(self) -> list[Path]:
-        """Every installed version, the current one first, then the others newest first."""
+        """Every installed version (one that passed its health check), the current one first, then the others
+        newest first (by when they passed)."""
         current = self.current()
-        others = sorted((p for p in self.models.iterdir() if p.is_dir() and not p.name.startswith(".")
-                         and p != current and (p / INDEX).is_file()), key=lambda p: p.stat().st_mtime, reverse=True)
+        others = sorted((p for p in self._verified() if p != current and (p / INDEX).is_file()),
+                        key=_verified_at, reverse=True)
         return ([current] if current else []) + others
+
+    def _verified(self) -> list[Path]:
+        return [p for p in self._versions() if self.is_verified(p)]
 
     def fall_back(self, damaged: list[Path], to: Path | None) -> None:
         """Serve `to` (an installed version; None: the board's own model) and remove the damaged versions."""
@@ -282,7 +323,9 @@ class ModelStore:
         return target
 
     def activate(self, version: str) -> None:
-        """Point `current` at a version: a new link renamed over the old one, never a moment without."""
+        """Point `current` at a version that passed its health check (marked verified first, if it is not yet):
+        a new link renamed over the old one, never a moment without."""
+        self.mark_verified(version)
         tmp = self.root / f".{CURRENT}-{uuid.uuid4().hex[:8]}"
         os.symlink(Path("models") / version, tmp)
         os.replace(tmp, self.root / CURRENT)
@@ -292,12 +335,104 @@ class ModelStore:
         shutil.rmtree(path, ignore_errors=True)
 
     def _prune(self, keep_newest: int) -> None:
+        """Keep the current version and the newest verified others, `keep_newest` in all; a version that never
+        passed its health check is never kept for a rollback (no update runs beside the one activating)."""
         current = self.current()
-        versions = sorted((p for p in self.models.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                          key=lambda p: p.stat().st_mtime, reverse=True)
-        for old in versions[keep_newest:]:
-            if old != current:
+        others = sorted((p for p in self._verified() if p != current), key=_verified_at, reverse=True)
+        kept = others[:max(keep_newest - (current is not None), 0)]
+        for old in self._versions():
+            if old != current and old not in kept:
                 self.discard(old)
+
+    # -- the candidate being loaded and checked: what a crash leaves behind --------------------------------------
+    def begin_attempt(self, desired: DesiredModel) -> int:
+        """Record, before the candidate `desired` is loaded, that it is being tried; returns the attempt's number
+        (1 + the attempts of the same manifest the agent died in before)."""
+        record = self.attempt()
+        number = record["attempts"] + 1 if record and record["digest"] == desired.digest() else 1
+        _write_atomically(self.root / ATTEMPT, {"digest": desired.digest(), "version": desired.version,
+                                                "attempts": number, "step": "load", "crashed": False})
+        return number
+
+    def attempt_step(self, step: str) -> None:
+        """The attempt goes on to `step` ("health_check"): what a crash from now on is reported as."""
+        record = self.attempt()
+        if record is not None:
+            _write_atomically(self.root / ATTEMPT, {**record, "step": step})
+
+    def end_attempt(self) -> None:
+        """The attempt ended on its own (passed, or failed and reported): nothing for the next boot to report."""
+        (self.root / ATTEMPT).unlink(missing_ok=True)
+
+    def attempt(self) -> dict | None:
+        """The attempt record: {"digest", "version", "attempts", "step", "crashed"}; None when there is none (or
+        it cannot be read: then the manifest is tried again, as before records were kept)."""
+        try:
+            record = json.loads((self.root / ATTEMPT).read_text())
+            return {"digest": str(record["digest"]), "version": str(record["version"]),
+                    "attempts": int(record["attempts"]), "step": str(record["step"]),
+                    "crashed": bool(record["crashed"])}
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def crashed_attempt(self) -> dict | None:
+        """At boot: the attempt the agent died in (the record of an attempt that never ended), now marked crashed
+        so that it is reported once; None when the last attempt ended on its own."""
+        record = self.attempt()
+        if record is None or record["crashed"]:
+            return None
+        if self.is_verified(self.models / record["version"]):  # it passed; the agent died before the record went
+            self.end_attempt()
+            return None
+        _write_atomically(self.root / ATTEMPT, {**record, "crashed": True})
+        return record
+
+    def given_up(self, desired: DesiredModel) -> dict | None:
+        """The record if the agent died on `desired` MAX_CRASHED_ATTEMPTS times: it is not tried again."""
+        record = self.attempt()
+        if record and record["crashed"] and record["digest"] == desired.digest() \
+                and record["attempts"] >= MAX_CRASHED_ATTEMPTS:
+            return record
+        return None
+
+
+def _crash_code(record: dict) -> OtaCode:
+    return OtaCode.LOAD_FAILED if record["step"] == "load" else OtaCode.HEALTH_CHECK_FAILED
+
+
+def crash_outcome(record: dict, serving: str) -> dict:
+    """The `ota` outcome a boot reports for an attempt the agent died in."""
+    step = "loading" if record["step"] == "load" else "health-checking"
+    again = ("tried again" if record["attempts"] < MAX_CRASHED_ATTEMPTS
+             else "not tried again until a new desired model is set")
+    return outcome(_crash_code(record), record["version"],
+                   f"the agent stopped while {step} {record['version']} (attempt {record['attempts']} of "
+                   f"{MAX_CRASHED_ATTEMPTS}: killed for memory, a crash in the runtime, a power cut); removed, "
+                   f"serving {serving}; {again}")
+
+
+def given_up(record: dict) -> OtaError:
+    """The refusal of a manifest the agent died on MAX_CRASHED_ATTEMPTS times (`ModelStore.given_up`)."""
+    return OtaError(_crash_code(record), f"the agent stopped {record['attempts']} times while loading or "
+                                         f"health-checking {record['version']}; not tried again until a new desired "
+                                         "model is set")
+
+
+def _verified_at(path: Path) -> float:
+    try:
+        return (path / VERIFIED).stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _write_atomically(path: Path, doc: dict) -> None:
+    """`doc` as JSON in `path`: a new file, flushed to disk, renamed over the old one."""
+    tmp = path.with_name(f".{path.name}-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w") as f:
+        json.dump(doc, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def verify(path: Path, art: Artifact) -> None:

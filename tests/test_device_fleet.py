@@ -707,7 +707,8 @@ def test_a_crash_mid_download_leaves_nothing_behind_after_a_restart(tmp_path):
     store = ModelStore(tmp_path)
     staged = store.staging()  # what a download writes into, then SIGKILL
     (staged / "device" / "model.tflite").write_bytes(b"half a model")
-    (store.models / "v1").mkdir()  # an installed version is kept
+    (store.models / "v1").mkdir()  # an installed version (one that passed its health check) is kept
+    store.mark_verified("v1")
     ModelStore(tmp_path)  # the agent starts again
     assert not staged.exists() and [p.name for p in store.models.iterdir()] == ["v1"]
 
@@ -748,6 +749,88 @@ def test_a_damaged_installed_model_falls_back_to_the_newest_sound_one(tiny_famil
     (tmp_path / "state" / "current").unlink()  # no `current` link: the board's own model, as before
     engine, report = load_device_model(manifest, threads=1)
     assert engine.info.version != "v3" and report is None and (store.models / "v3").is_dir()
+
+
+def _candidate(store: ModelStore, tiny_family: Path, version: str) -> Path:
+    """The tiny device model installed as `version` and not (yet) health-checked: the agent loads it next."""
+    tflite, config = tiny_bytes(tiny_family)
+    staged = store.staging()
+    (staged / "device" / "model.tflite").write_bytes(tflite)
+    (staged / "device" / "config.json").write_bytes(config)
+    return store.install(staged, desired_model(DEVICE, "tierline-reasoner", version, tflite, config), tiny_family)
+
+
+def test_a_candidate_that_never_passed_its_check_is_never_kept_nor_booted(tiny_family, tmp_path):
+    """Only a version that passed its health check counts as installed. The old store kept the two newest folders
+    (a candidate the agent died on among them, its folder left on disk), so the next update pruned the last
+    verified version, and a damaged current one fell back to the candidate that never passed."""
+    from types import SimpleNamespace
+
+    from tierline_device_agent.fleet import load_device_model
+
+    manifest = SimpleNamespace(path=tmp_path / "device.yaml", models_path=tiny_family, device_agent=SimpleNamespace(
+        device_id=DEVICE, state_dir="state", memory_max_mb=0))
+    store = ModelStore(tmp_path / "state")
+    v2 = _install(store, tiny_family, "v2")  # passed its check: current
+    time.sleep(0.01)
+    v3 = _candidate(store, tiny_family, "v3")  # being checked when the agent died (SIGKILL, the OOM killer)
+    time.sleep(0.01)
+    v4 = _install(store, tiny_family, "v4")  # the next update that passed: the rollback set is v4 and v2
+    assert v2.is_dir() and not v3.exists() and store.installed() == [v4, v2]
+    v5 = _candidate(store, tiny_family, "v5")
+    store = ModelStore(tmp_path / "state")  # the agent starts again after dying on v5: removed
+    assert not v5.exists() and store.installed() == [v4, v2]
+    (v4 / "device" / "model.tflite").write_bytes(b"")  # a power loss after the update
+    v6 = _candidate(store, tiny_family, "v6")  # and a candidate left on disk, the newest folder
+    engine, report = load_device_model(manifest, threads=1)
+    assert engine.info.version == "v2" and store.current() == v2 and not v4.exists() and not v6.exists()
+    assert report["version"] == "v4" and report["detail"].endswith("serving v2"), report
+    (v2 / "verified").unlink()  # a version made current by an agent that did not mark versions yet
+    assert ModelStore(tmp_path / "state").current() == v2 and (v2 / "verified").is_file()
+
+
+def test_an_update_the_agent_dies_in_is_reported_and_not_tried_forever(tiny_family):
+    """SIGKILL while the candidate is health-checked (the OOM killer, a crash in the runtime on that model, a power
+    cut): the next boot removes the candidate, reports the crash and tries once more; after the second crash the
+    board serves on and does not try that manifest again until a new one is set. The old agent left the
+    candidate on disk, reported nothing and retried it on every boot: a model that kills the agent crash-looped it."""
+    overrides = {
+        "device_agent": {"device_id": DEVICE, "heartbeat_s": HEARTBEAT_S, "stale_after_beats": 3,
+                         "memory_max_mb": MEMORY_MAX_MB, "health_min_token_accuracy": 0.0,
+                         "health_problems": 1000},  # a check of about 2 s: the agent is killed in it
+    }
+    tflite, config = tiny_bytes(tiny_family)
+    with Stack(tiny_family, tiers=("device",), router=False, jetstream=True, overrides=overrides) as s:
+        state = s.workdir / "device-state"
+        wait_for(lambda: reported(s)["status"] == "serving", "the board registered")
+        before = reported(s)["model"]["version"]
+        publish(s, "v-crash", tflite, config)
+        for attempt in (1, 2):
+            wait_for(lambda: (state / "models" / "v-crash" / "manifest.json").is_file()
+                     and reported(s)["status"] == "updating", f"attempt {attempt}: the candidate installed")
+            time.sleep(0.3)  # loaded, being checked
+            s.kill("device-0")
+            s.procs.remove(next(p for p in s.procs if p.name == "device-0"))
+            s.start_process("device-0", "tierline_device_agent")
+
+            def crash_reported():
+                return [e for e in telemetry(s) if e["kind"] == "ota" and e["version"] == "v-crash"
+                        and e["code"] in (OtaCode.LOAD_FAILED, OtaCode.HEALTH_CHECK_FAILED)]
+
+            events = wait_for(lambda: len(crash_reported()) >= attempt and crash_reported(),
+                              f"attempt {attempt}: the crash reported")
+            assert f"attempt {attempt} of 2" in events[-1]["detail"], events
+            assert f"serving {before}" in events[-1]["detail"], events
+        assert events[0]["detail"].endswith("; tried again") and "not tried again" in events[-1]["detail"], events
+        time.sleep(20 * HEARTBEAT_S)  # twenty beats: the old agent tried again at once
+        r = reported(s)
+        assert r["model"]["version"] == before and r["status"] == "serving", r
+        assert r["ota"]["version"] == "v-crash" and "not tried again" in r["ota"]["detail"], r["ota"]
+        assert not (state / "models" / "v-crash").exists()
+        assert ask(s).model_version == before
+        assert len(crash_reported()) == 2  # once per crash, not again on the beats after
+        publish(s, "v-next", tflite, config)  # a new desired model is tried
+        assert update_outcome(s, "v-next")["ota"]["code"] == OtaCode.APPLIED
 
 
 def _desired(**change) -> dict:

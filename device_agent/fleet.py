@@ -65,13 +65,14 @@ from tierline_device_agent.ota import (
     ModelStore,
     OtaCode,
     OtaError,
+    check_expiry,
     claimed_version,
     crash_outcome,
     given_up,
     health_check,
     load_candidate,
     outcome,
-    verify_update,
+    verify_signed,
 )
 from tierline_device_agent.ota import verify as verify_digest
 from tierline_device_agent.outbox import Outbox
@@ -480,11 +481,14 @@ class FleetAgent:
     async def _apply(self, raw: bytes) -> None:
         version = claimed_version(raw)
         try:  # signature, device, expiry and sequence first: nothing is downloaded for a refused update
-            desired = verify_update(raw, self.cfg.update_keys, self.device_id)
+            desired = verify_signed(raw, self.cfg.update_keys, self.device_id)
             version = desired.version
+            # before the expiry: a board that serves exactly this model (rebooted after the manifest expired) has
+            # applied it, not refused it
             if (self.servicer.engine.info.version, self.serving_sha256) == (version, desired.tflite.sha256):
                 code, detail = OtaCode.APPLIED, "already serving this version"
             else:
+                check_expiry(desired)  # EXPIRED
                 self.store.admit(desired)  # DOWNGRADE below the installed or the newest verified manifest
                 crashed = self.store.given_up(desired)
                 if crashed is not None:  # the agent died on it MAX_CRASHED_ATTEMPTS times: not again

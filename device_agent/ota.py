@@ -8,7 +8,8 @@ agent checks the signature against the publisher keys pinned in its manifest
 (`device_agent.update_keys`), the device, the expiry (`verify_update`) and the sequence
 (`ModelStore.admit`: above the installed model's and the newest manifest the board has
 verified, installed or not, so an older manifest replayed after a newer one failed is
-refused too): an unsigned, wrongly signed, expired or older update is refused with its
+refused too; neither the expiry nor the sequence for the model the board already serves):
+an unsigned, wrongly signed, expired or older update is refused with its
 own code and the running model keeps serving. Then it downloads the objects to a staging folder
 (fleet.py: by direct gets, an object not of the signed size refused before a chunk is
 fetched), refuses them unless sizes and digests match the operator's (`verify`), installs them as
@@ -158,6 +159,14 @@ def verify_update(raw: bytes, update_keys: list[str], device_id: str, now: float
     The sequence is not checked here (`check_sequence`): re-announcing the model a board already
     serves is not a downgrade.
     """
+    desired = verify_signed(raw, update_keys, device_id)
+    check_expiry(desired, now)
+    return desired
+
+
+def verify_signed(raw: bytes, update_keys: list[str], device_id: str) -> DesiredModel:
+    """The desired model in a signed update manifest, once signature and device check out (not the expiry: a
+    board that already serves this very model has nothing to refuse, however old its manifest, `check_expiry`)."""
     try:
         payload = signing.verify(raw, [signing.parse_public_key(k) for k in update_keys])
     except signing.SignatureError as exc:
@@ -169,11 +178,15 @@ def verify_update(raw: bytes, update_keys: list[str], device_id: str, now: float
     if desired.device != device_id:
         raise OtaError(OtaCode.BAD_REQUEST, f"signed for device {desired.device!r}, not this one ({device_id!r}); "
                                             "refused")
+    return desired
+
+
+def check_expiry(desired: DesiredModel, now: float | None = None) -> None:
+    """Refuse a manifest past its expiry (a replay of an old update): before anything is downloaded."""
     now = time.time() if now is None else now
     if now > desired.expires:
         raise OtaError(OtaCode.EXPIRED, f"the update manifest of {desired.version!r} expired "
                                         f"{now - desired.expires:.0f} s ago; refused, nothing downloaded")
-    return desired
 
 
 def claimed_version(raw: bytes) -> str:

@@ -1012,6 +1012,22 @@ def test_an_expired_update_is_refused(agent, tiny_family):
     _refused(agent, "v-expired", OtaCode.EXPIRED)
 
 
+def test_a_board_rebooted_after_its_models_manifest_expired_still_reports_it_applied(agent, tiny_family):
+    """It serves exactly its desired model, whose signed manifest expired since (7 days by default): nothing to
+    refuse. The old agent checked the expiry first and reported `expired` (28) after every such reboot."""
+    tflite, config = tiny_bytes(tiny_family)
+    desired = publish(agent, "v-expiring", tflite, config, expires_in_s=4)
+    assert update_outcome(agent, "v-expiring")["ota"]["code"] == OtaCode.APPLIED
+    time.sleep(max(desired.expires - time.time() + 0.5, 0))
+    restarted = time.time()
+    agent.restart("device-0", "tierline_device_agent")  # a reboot, a power cycle, an agent upgrade
+    state = wait_for(lambda: (r := reported(agent))["ota"] and r["ota"]["at"] >= restarted and r,
+                     "the desired model checked after the reboot")
+    assert state["ota"]["code"] == OtaCode.APPLIED and state["ota"]["version"] == "v-expiring", state["ota"]
+    assert state["ota"]["detail"] == "already serving this version"
+    assert state["model"]["version"] == "v-expiring"
+
+
 def test_an_older_signed_update_is_refused_as_a_downgrade(agent, tiny_family):
     tflite, config = tiny_bytes(tiny_family)
     current = publish(agent, "v-current", tflite, config)

@@ -27,7 +27,9 @@ watch's consumer would not) and a new record (revision and SHA-256: a re-created
 counts revisions from 1 again) starts an update (device_agent/ota.py). An update that
 failed on the link is tried again with backoff; one that failed on the board (a full
 disk) is not. An artifact comes by batched direct gets, a round trip per
-DOWNLOAD_BATCH_BYTES, not per chunk (`_fetch_chunks`).
+DOWNLOAD_BATCH_BYTES, not per chunk (`_fetch_chunks`); a download fails when no chunk comes
+for DOWNLOAD_STALL_S (a stalled link), not because the link is slow, and the next try goes
+on from the last chunk received.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ from nats.protocol.parser import PERMISSIONS_ERR
 
 from tierline_device_agent.metrics import FleetMetrics
 from tierline_device_agent.ota import (
+    STAGING_PREFIX,
     Artifact,
     DesiredModel,
     ModelStore,
@@ -99,7 +102,14 @@ TELEMETRY_MAX_MSGS = 1_000_000  # the stream keeps this many events at most (old
 # offline by default (device_agent.outbox_max_events), so a board back from an outage loses none to the limit.
 TELEMETRY_MAX_MSGS_PER_BOARD = 10_000
 JS_TIMEOUT_S = 5.0  # one JetStream call (KV, publish ack), at most
-DOWNLOAD_TIMEOUT_S = 120.0  # one artifact from the object store, at most
+# a download fails when no chunk (128 KiB, nats-py's) arrives for this long: a stalled link, not a slow one (a link
+# that brings a chunk every 30 s, about 4.4 KB/s, gets there)
+DOWNLOAD_STALL_S = 30.0
+# and one try at one artifact takes at most DOWNLOAD_TIMEOUT_S plus its size at DOWNLOAD_MIN_BYTES_PER_S (a bound
+# on a link that trickles, below the stall's floor: 100 MB gets 7 hours); the next try goes on where it stopped
+DOWNLOAD_TIMEOUT_S = 120.0
+DOWNLOAD_MIN_BYTES_PER_S = 4096
+RESUME_DIR = f"{STAGING_PREFIX}resume"  # state_dir/models/...: downloads that failed on the link, by sha256
 # an artifact's chunks are asked for in batches of this many bytes (32 chunks of 128 KiB): one round trip per
 # batch, not per chunk, while the server never holds more than this for a slow board (its buffer for a client
 # is 64 MiB before it cuts it off as a slow consumer)
@@ -270,6 +280,7 @@ class FleetAgent:
         if crashed is not None:
             self.ota = crash_outcome(crashed, servicer.engine.info.version)
             self._boot_reports.append(self.ota)
+        self._resume: dict[str, tuple[str, int, int]] = {}  # sha256 -> (object nuid, next sequence, bytes)
         self.metrics = None if servicer.metrics is None else FleetMetrics(
             servicer.metrics.registry, self.device_id, self.cfg.heartbeat_s * self.cfg.stale_after_beats,
             outbox_pending=lambda: self.outbox.pending, outbox_dropped=lambda: self.outbox.dropped,
@@ -523,6 +534,8 @@ class FleetAgent:
         if fleet is None:
             raise OtaError(OtaCode.DOWNLOAD_FAILED, "the fleet's buckets are being opened again; tried again later")
         loop = asyncio.get_running_loop()
+        for sha256 in set(self._resume) - {desired.tflite.sha256, desired.config.sha256}:
+            self._drop_partial(sha256)  # a download another update left: not needed any more
         staged = self.store.staging()
         try:
             for art, dest in ((desired.tflite, staged / "device" / "model.tflite"),
@@ -561,23 +574,65 @@ class FleetAgent:
         push the store to any subject). The object's record comes first, and its size must be the signed one
         before a chunk is fetched; its chunks then come in order by subject, in batches (`_fetch_chunks`).
         Whether they are the signed bytes is checked after, once: ota.verify. Both come on the agent's own
-        connection; `fleet` is the caller's proof that the buckets are open."""
+        connection; `fleet` is the caller's proof that the buckets are open.
+
+        The bytes go to `models/.incoming-resume/<sha256>` first: a try that fails on the link (no chunk for
+        DOWNLOAD_STALL_S, the connection lost, the try's time limit) leaves them there, and the next try of the
+        same object (its nuid unchanged) asks for the chunks after the last one received. A restart starts over
+        (the agent removes `.incoming-*` when it starts)."""
         if not self._nc.is_connected:
             raise OtaError(OtaCode.DOWNLOAD_FAILED, "NATS is away; tried again later")
+        partial = self.store.models / RESUME_DIR / art.sha256
+        progress = {"got": 0}
+        limit = DOWNLOAD_TIMEOUT_S + art.size / DOWNLOAD_MIN_BYTES_PER_S
+        started = time.monotonic()
 
-        async def fetch(out) -> None:
+        async def fetch() -> None:
             info = await _object_record(self._nc, art.object)
             if info.size != art.size:
                 raise OtaError(OtaCode.DIGEST_MISMATCH, f"{art.object}: {info.size} bytes in the object store, not "
                                                         f"the signed {art.size}; refused before download")
-            await _fetch_chunks(self._nc, art.object, info, out)
+            nuid, seq, got = self._resume.get(art.sha256, ("", 1, 0))
+            if nuid != info.nuid or not partial.is_file():  # another object under the name, or nothing kept
+                seq, got = 1, 0
+            partial.parent.mkdir(exist_ok=True)
+            with open(partial, "r+b" if got else "wb") as out:
+                out.truncate(got)  # a write the last try's cancellation cut short
+                out.seek(got)
+                progress["got"] = got
+
+                def received(next_seq: int, total: int) -> None:
+                    self._resume[art.sha256] = (info.nuid, next_seq, total)
+                    progress["got"] = total
+
+                await _fetch_chunks(self._nc, art.object, info, out, start=(seq, got), received=received)
 
         try:
-            with open(dest, "wb") as f:
-                await asyncio.wait_for(fetch(f), DOWNLOAD_TIMEOUT_S)
+            await asyncio.wait_for(fetch(), limit)
+        except OtaError as exc:
+            if exc.code != OtaCode.DOWNLOAD_FAILED:
+                self._drop_partial(art.sha256)
+            raise
         except (asyncio.TimeoutError, TimeoutError, ConnectionError) as exc:
-            why = f"{art.object}: not downloaded ({type(exc).__name__}, limit {DOWNLOAD_TIMEOUT_S:.0f} s)"
-            raise OtaError(OtaCode.DOWNLOAD_FAILED, f"{why}; tried again later") from None
+            elapsed = time.monotonic() - started
+            why = (f"the limit for {art.size} bytes, {limit:.0f} s" if elapsed >= limit
+                   else f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+            raise OtaError(OtaCode.DOWNLOAD_FAILED, f"{art.object}: not downloaded ({why}; {progress['got']} of "
+                                                    f"{art.size} bytes in {elapsed:.0f} s); tried again later, "
+                                                    "from there") from None
+        except BaseException:
+            self._drop_partial(art.sha256)
+            raise
+        os.replace(partial, dest)
+        self._drop_partial(art.sha256)
+
+    def _drop_partial(self, sha256: str) -> None:
+        """Forget a partial download (and its folder once it holds none: nothing half-made is left behind)."""
+        self._resume.pop(sha256, None)
+        folder = self.store.models / RESUME_DIR
+        (folder / sha256).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not there, or another artifact's partial download in it
+            folder.rmdir()
 
 
 async def _object_record(nc, name: str) -> api.ObjectInfo:
@@ -608,25 +663,35 @@ async def _object_record(nc, name: str) -> api.ObjectInfo:
     return info
 
 
-async def _fetch_chunks(nc, name: str, info: api.ObjectInfo, out) -> None:
+async def _fetch_chunks(nc, name: str, info: api.ObjectInfo, out, start: tuple[int, int] = (1, 0),
+                        received=None) -> None:
     """An object's chunks into `out`, in order, by batched direct gets (nats-server 2.11+): one request asks for
     the chunks from a sequence on, the server sends them back to back, up to DOWNLOAD_BATCH_BYTES, and ends the
     batch with a status message (204 EOB). A request per batch, not per chunk: 100 MB over a 100 ms link is 25
     round trips, not 800. More bytes than the record says are refused (DIGEST_MISMATCH); fewer, with no chunk
-    left (the object replaced meanwhile), fail the download (tried again later)."""
+    left (the object replaced meanwhile), fail the download (tried again later).
+
+    `start`: the stream sequence to ask from and the bytes already in `out` (a resumed download); `received`
+    (next sequence, bytes) is called after each chunk is written. No chunk for DOWNLOAD_STALL_S fails it
+    (DOWNLOAD_FAILED): the link stalled; a slow one that keeps bringing chunks goes on."""
     chunks = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=MODELS_BUCKET, obj=info.nuid)
     loop = asyncio.get_running_loop()
     inbox = nc.new_inbox()  # under the board's own inbox prefix: the one it may subscribe to
     sub = await nc.subscribe(inbox)
     try:
-        got, seq = 0, 1
+        seq, got = start
         while got < info.size:
             ask = {"seq": seq, "next_by_subj": chunks, "batch": max(info.chunks or 0, 1),
                    "max_bytes": DOWNLOAD_BATCH_BYTES}
             await nc.publish(MODELS_DIRECT_GET, json.dumps(ask).encode(), reply=inbox)
             came = 0
             while True:
-                msg = await sub.next_msg(timeout=JS_TIMEOUT_S)
+                try:
+                    msg = await sub.next_msg(timeout=DOWNLOAD_STALL_S)
+                except asyncio.TimeoutError:  # nats-py's TimeoutError is asyncio's too
+                    raise OtaError(OtaCode.DOWNLOAD_FAILED, f"{name}: no chunk for {DOWNLOAD_STALL_S:.0f} s after "
+                                                            f"{got} of {info.size} bytes (a stalled link); tried "
+                                                            "again later, from there") from None
                 status = (msg.headers or {}).get("Status")
                 if status == "204":  # end of the batch; the next one starts after its last chunk
                     if not came:  # an empty batch would be asked again and again, to the time limit
@@ -643,13 +708,16 @@ async def _fetch_chunks(nc, name: str, info: api.ObjectInfo, out) -> None:
                 if got > info.size:
                     raise OtaError(OtaCode.DIGEST_MISMATCH, f"{name}: more bytes in the object store than its "
                                                             f"record's {info.size}; refused")
-                await loop.run_in_executor(None, out.write, msg.data)
-                came += 1
                 try:
-                    seq = int(msg.headers["Nats-Sequence"]) + 1
+                    next_seq = int(msg.headers["Nats-Sequence"]) + 1
                 except (KeyError, TypeError, ValueError):  # a direct get's answer always names it
                     raise OtaError(OtaCode.DOWNLOAD_FAILED, f"{name}: a chunk without its sequence; tried again "
                                                             "later") from None
+                await loop.run_in_executor(None, out.write, msg.data)
+                came += 1
+                seq = next_seq
+                if received is not None:
+                    received(seq, got)
     finally:
         with contextlib.suppress(Exception):  # a closed connection has dropped the subscription already
             await sub.unsubscribe()

@@ -12,7 +12,8 @@ refused too; neither the expiry nor the sequence for the model the board already
 an unsigned, wrongly signed, expired or older update is refused with its
 own code and the running model keeps serving. Then it downloads the objects to a staging folder
 (fleet.py: by direct gets, an object not of the signed size refused before a chunk is
-fetched), refuses them unless sizes and digests match the operator's (`verify`), installs them as
+fetched; failing only on a stalled link, and going on from the last chunk on the next try),
+refuses them unless sizes and digests match the operator's (`verify`), installs them as
 `state_dir/models/<version>/` - a models directory that `load_engine`
 reads, sha256 checks included - loads the engine and runs a few benchmark
 problems through it. Only a model that passes takes traffic: it is marked verified

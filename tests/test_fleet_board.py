@@ -11,10 +11,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
 import os
+import socket
+import threading
+import time
+from pathlib import Path
 
 import pytest
 from nats.js import api
@@ -64,10 +69,13 @@ async def connected(server: NatsServer, identity: str = OPERATOR):
         await nc.close()
 
 
-def board_agent(nc) -> FleetAgent:
-    """A FleetAgent with only what `_download`, `_duty` and `_why` read: the board's NATS connection."""
+def board_agent(nc, state: Path | None = None) -> FleetAgent:
+    """A FleetAgent with only what `_download`, `_duty` and `_why` read: the board's NATS connection, its model
+    store (`state`) and the downloads it may resume."""
     agent = FleetAgent.__new__(FleetAgent)
-    agent._nc, agent._failing = nc, {}
+    agent._nc, agent._failing, agent._resume = nc, {}, {}
+    if state is not None:
+        agent.store = ModelStore(state)
     return agent
 
 
@@ -118,7 +126,8 @@ async def download(server: NatsServer, art: Artifact, dest) -> tuple[list[dict],
         refused = None
         async with connected(server, device_identity(BOARD)) as nc:
             try:
-                await board_agent(nc)._download(await open_fleet(nc, board=True), art, dest)
+                await board_agent(nc, Path(dest).parent / "state")._download(await open_fleet(nc, board=True), art,
+                                                                              dest)
             except OtaError as exc:
                 refused = exc
         await op.flush()  # each request reached this subscription before its answer went back to the board
@@ -151,6 +160,131 @@ def test_an_artifact_comes_in_batches_not_a_request_per_chunk(server, tmp_path, 
     chunk_asks = [a for a in asks if "next_by_subj" in a]
     assert len(chunk_asks) == math.ceil(chunks / 2) < chunks, asks
     assert all(a.get("batch", 0) > 1 for a in chunk_asks), chunk_asks
+
+
+class Link:
+    """A TCP link between a board and nats-server that the test slows down (`rate`: bytes/s from the server) or
+    stops (`budget`: bytes from the server it passes, then it holds the rest: the link stalls, the socket open)."""
+
+    def __init__(self, server: NatsServer, rate: float | None = None, budget: int | None = None):
+        self.target, self.rate, self.budget = server.port, rate, budget
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"tls://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                board, _ = self.listener.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                return
+            self.sockets += [board, upstream]
+            threading.Thread(target=self._pipe, args=(board, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, board, True), daemon=True).start()
+
+    def _pipe(self, src, dst, from_server: bool):
+        with contextlib.suppress(OSError):
+            while data := src.recv(1024):
+                if from_server and self.budget is not None:
+                    if self.budget <= 0:
+                        continue  # held: the board sees a link that brings nothing more
+                    self.budget -= len(data)
+                if from_server and self.rate:
+                    time.sleep(len(data) / self.rate)
+                dst.sendall(data)
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self):
+        self.listener.close()
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+def through(server: NatsServer, link: Link, identity: str) -> NatsOptions:
+    return dataclasses.replace(options(server, identity), url=link.url)
+
+
+def test_a_slow_link_downloads_at_its_own_pace(server, tmp_path):
+    """A link that brings a 128 KiB chunk in 8 s (16 KB/s). The old download gave each chunk 5 s (JS_TIMEOUT_S):
+    a board below about 26 KB/s could never install an update, every try failing after the first chunk's 5 s with
+    a message that named the 120 s limit. Now only a stall (no chunk for DOWNLOAD_STALL_S) fails it."""
+    data = os.urandom(CHUNK + 1000)  # two chunks
+    art = artifact("slow-link/model.tflite", data)
+
+    async def run():
+        async with connected(server) as op:
+            await upload(op, art.object, data)
+        link = Link(server, rate=16_000)
+        try:
+            nc = await connect(through(server, link, device_identity(BOARD)), name="slow", timeout_s=TIMEOUT)
+            try:
+                agent = board_agent(nc, tmp_path / "state")
+                await agent._download(await open_fleet(nc, board=True), art, tmp_path / "model.tflite")
+            finally:
+                await nc.close()
+        finally:
+            link.close()
+
+    started = time.monotonic()
+    asyncio.run(run())
+    assert (tmp_path / "model.tflite").read_bytes() == data
+    assert time.monotonic() - started > 6  # it was slow: slower than the old limit for a chunk
+    assert not list((tmp_path / "state" / "models").iterdir())  # nothing half-made left beside it
+
+
+def test_a_stalled_download_says_so_and_the_next_try_goes_on_from_the_last_chunk(server, tmp_path, monkeypatch):
+    """The link stops bringing bytes after a few chunks: the try fails as a stall, naming how long nothing came and
+    how far it got (the old message named a limit of 120 s whatever happened). The next try asks only for the
+    chunks after the last one received (the old one started from byte 0 on every try, so a link that fails more
+    often than a whole model takes never got one)."""
+    monkeypatch.setattr(fleet, "DOWNLOAD_STALL_S", 1.0, raising=False)
+    monkeypatch.setattr(fleet, "DOWNLOAD_BATCH_BYTES", 2 * CHUNK, raising=False)  # two chunks a batch
+    data = os.urandom(5 * CHUNK + 1000)  # six chunks: three batches
+    art = artifact("stalled/model.tflite", data)
+    dest = tmp_path / "model.tflite"
+
+    async def run():
+        async with connected(server) as op:
+            await upload(op, art.object, data)
+            seen = await op.subscribe("$JS.API.>")  # the board's requests, as the operator sees them
+            link = Link(server, budget=int(2.5 * CHUNK))  # the TLS handshake, two chunks and half the third
+            agent = None
+            try:
+                nc = await connect(through(server, link, device_identity(BOARD)), name="stalls", timeout_s=TIMEOUT)
+                agent = board_agent(nc, tmp_path / "state")
+                started = time.monotonic()
+                with pytest.raises(OtaError) as stalled:
+                    await agent._download(await open_fleet(nc, board=True), art, dest)
+                took = time.monotonic() - started
+            finally:
+                link.close()
+                await nc.close()
+            await op.flush()
+            while seen.pending_msgs:  # the first try's requests
+                await seen.next_msg(timeout=TIMEOUT)
+            async with connected(server, device_identity(BOARD)) as nc:  # the link is back
+                agent._nc = nc
+                await agent._download(await open_fleet(nc, board=True), art, dest)
+            await op.flush()
+            asks = []
+            while seen.pending_msgs:
+                msg = await seen.next_msg(timeout=TIMEOUT)
+                if msg.subject.endswith(STORE) and msg.data and "next_by_subj" in json.loads(msg.data):
+                    asks.append(json.loads(msg.data))
+        return stalled.value, took, asks
+
+    stalled, took, asks = asyncio.run(run())
+    assert stalled.code == OtaCode.DOWNLOAD_FAILED, stalled
+    assert "no chunk for 1 s" in str(stalled) and f"{2 * CHUNK} of {len(data)} bytes" in str(stalled), stalled
+    assert took < 4, took  # the stall's time, not a limit for the whole file
+    assert dest.read_bytes() == data
+    assert len(asks) == 2 and asks[0]["seq"] > 1, asks  # chunks 3-4 and 5-6: the first two were not asked again
 
 
 def forge_record(op, name: str, size: int):

@@ -73,16 +73,28 @@ async def serve(manifest_path: str) -> int:
         gate.close()
         return EXIT_BAD_MANIFEST
     await server.start()
-    metrics_port = metrics.serve(rc.grpc_host, rc.metrics_port) if rc.metrics_port >= 0 else None
     # a cloud that forwards to an upstream engine tokenizes there: chat prompts stay plain text for it
     forwards = any(t.upstream.url for t in manifest.tiers.values())
     chat = ChatTemplate.of_models(manifest.models_path, tiers_tokenize=not forwards)
     http = OpenAIServer(servicer, chat, rc.http_read_timeout_ms / 1000,
                         rc.http_max_connections) if rc.http_port >= 0 else None
     batch = BatchApi(http, rc.batch, manifest.costs()) if http and rc.batch.enabled else None  # /v1/files, /v1/batches
-    if batch:
-        await batch.start(nc)
-    http_port = await http.start(rc.grpc_host, rc.http_port) if http else None
+    field = "router.metrics_port"
+    try:  # a port another process holds: one line naming it, exit 2 (as a taken gRPC port), not a traceback
+        metrics_port = metrics.serve(rc.grpc_host, rc.metrics_port) if rc.metrics_port >= 0 else None
+        if batch:
+            await batch.start(nc)
+        field = "router.http_port"
+        http_port = await http.start(rc.grpc_host, rc.http_port) if http else None
+    except OSError as exc:
+        print(f"router: error: router.grpc_host / {field}: {exc.strerror or exc}", file=sys.stderr)
+        if batch:
+            await batch.stop()
+        await asyncio.gather(*([http.stop()] if http else []), server.stop(0))
+        await nc.close()
+        gate.close()
+        metrics.stop()
+        return EXIT_BAD_MANIFEST
     await set_serving_async(health_servicer)  # ready: every door is open
     print(json.dumps({"event": "ready", "tier": "router", "grpc_port": port, "metrics_port": metrics_port,
                       "http_port": http_port, "auth": gate.enabled,

@@ -7,6 +7,8 @@ import os
 import socket
 import time
 
+import pytest
+
 from tests.conftest import ROOT, run_cli
 from tierline_infra.nats_topology import free_ports
 from tierline_infra.supervisor import NatsServer, write_manifest
@@ -130,16 +132,22 @@ def test_up_that_cannot_write_its_pidfile_stops_the_platform(tiny_family, tmp_pa
     assert taken.is_dir() and not (tmp_path / "a-directory.json").exists()
 
 
-def test_up_with_a_port_in_use_is_one_line_naming_it(tiny_family, tmp_path):
+@pytest.mark.parametrize("held, child, field", [(0, "edge-0", "grpc_port"), (1, "edge-0", "tiers.edge.grpc_host / "
+                                                                                "metrics_port"),
+                                                (3, "router", "router.grpc_host / router.http_port")])
+def test_up_with_a_port_in_use_is_one_line_naming_it(tiny_family, tmp_path, held, child, field):
     """Found by a fault hunt: a child that could not start (its port held by another process) made `up` print a
-    traceback whose message pointed at a log the stopped stack had already deleted; now one line, the child's."""
+    traceback whose message pointed at a log the stopped stack had already deleted; now one line, the child's.
+    A second hunt: a tier's metrics port or the router's HTTP port in use ended its process with a traceback
+    (exit 1; `up` printed "OSError: [Errno 98] Address already in use" or an unawaited coroutine's warning, no port
+    named); now they are refused as a gRPC port is, naming the field."""
     manifest, ports = _ops_manifest(tmp_path)
     with socket.socket() as holder:
         holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        holder.bind(("127.0.0.1", ports[0]))  # the edge's gRPC port
+        holder.bind(("127.0.0.1", ports[held]))
         holder.listen()
         one_line_error(run_cli("up", "--models", str(tiny_family), "--manifest", str(manifest), "--pidfile",
-                               str(tmp_path / "up.pid"), timeout=180), "did not start", "edge-0", "grpc_port")
+                               str(tmp_path / "up.pid"), timeout=180), "did not start", child, field)
     assert not (tmp_path / "up.pid").exists()
 
 

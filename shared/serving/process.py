@@ -144,7 +144,12 @@ def _serve(process: TierProcess, engine: Engine, core: EngineCore | None) -> int
         print(f"{tier}: error: tiers.{tier}.grpc_host / grpc_port / grpc_token_file: {exc}", file=sys.stderr)
         return EXIT_BAD_MANIFEST
     server.start()
-    metrics_port = metrics.serve(tc.grpc_host, tc.metrics_port) if tc.metrics_port >= 0 else None
+    try:
+        metrics_port = metrics.serve(tc.grpc_host, tc.metrics_port) if tc.metrics_port >= 0 else None
+    except OSError as exc:  # a port another process holds: named, exit 2 (as a taken gRPC port), not a traceback
+        print(f"{tier}: error: tiers.{tier}.grpc_host / metrics_port: {exc.strerror or exc}", file=sys.stderr)
+        server.stop(0)
+        return EXIT_BAD_MANIFEST
     nats_service = None
     if process.use_nats:
         try:

@@ -157,3 +157,25 @@ def test_creds_init_into_a_file_is_one_line(tmp_path):
     taken.write_text("mine")
     one_line_error(run_cli("creds", "init", "--out", str(taken), timeout=60), "--out", str(taken), "not a directory")
     assert taken.read_text() == "mine"
+
+
+def test_a_key_given_twice_in_a_manifest_is_one_line_naming_it_before_any_work(tmp_path):
+    """Found by a fault hunt: a manifest with two `router:` sections loaded (PyYAML keeps the last one, silently:
+    the first's cloud_complexity was dropped), and `tierline route calibrate` ran every tier before its YAML writer
+    refused the file with a 42-line traceback, leaving the manifest unchanged. Now any load of it says which key is
+    given twice, on which line; the calibration refuses it before it starts."""
+    from tierline_shared.config.manifest import ManifestError, load_manifest
+
+    manifest = tmp_path / "dup.yaml"
+    manifest.write_text("model_name: m\nrouter:\n  cloud_complexity: 0.3\nnats:\n  url: nats://127.0.0.1:4222\n"
+                        "router:\n  device_complexity: 0.2\n")
+    with pytest.raises(ManifestError, match=r"line 6: router: given twice"):
+        load_manifest(manifest)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("model_name: m\nrouter:\n  cloud_complexity: 0.3\n  cloud_complexity: 0.9\n")
+    with pytest.raises(ManifestError, match=r"line 4: cloud_complexity: given twice"):
+        load_manifest(nested)
+    t0 = time.monotonic()
+    one_line_error(run_cli("route", "calibrate", "--target-edge-share", "0.9", "--n", "30", "--manifest",
+                           str(manifest), timeout=120), str(manifest), "router: given twice")
+    assert time.monotonic() - t0 < 60  # refused up front, not after running the tiers

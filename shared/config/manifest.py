@@ -337,14 +337,38 @@ def _check_model_name(manifest: Manifest) -> None:
                             f"({limit}) refuses every request that names it")
 
 
+class DuplicateKey(yaml.YAMLError):
+    """A YAML mapping names a key twice (`_UniqueKeys`)."""
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML as PyYAML's safe loader reads it, but a key given twice in one mapping is an error: YAML says keys are
+    unique, and PyYAML keeps the last silently (a second `router:` section dropped the first, unseen)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` merges; an explicit key may override those
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise DuplicateKey(f"line {key_node.start_mark.line + 1}: {key}: given twice in one mapping (the "
+                                       "second would silently replace the first)")
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_manifest(path: str | Path, check_artifacts: bool = True) -> Manifest:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeys)  # noqa: S506 - a SafeLoader
     except FileNotFoundError:
         raise ManifestError(f"{path}: manifest not found") from None
     except (OSError, UnicodeDecodeError) as exc:  # a directory, no permission, not text
         raise ManifestError(f"{path}: cannot read the manifest ({getattr(exc, 'strerror', None) or exc})") from None
+    except DuplicateKey as exc:
+        raise ManifestError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ManifestError(f"{path}: not valid YAML ({exc})") from None
     if not isinstance(raw, dict):

@@ -140,10 +140,21 @@ def test_router_and_tier_series_have_names_of_their_own_and_a_model_label(stack,
 
 
 def test_every_process_exports_its_process_metrics(stack, traffic):
+    """And a tier whose model runs in an engine core exports the core's as `engine_core_process_*` (found by a
+    fault hunt: the cloud's /metrics said 0.61 s of CPU and 85 MiB while its core had used 3.84 s and 327 MiB)."""
+    import psutil
+
     for name in PROCESSES:
         s = scrape(stack, name)
         assert s.value("process_resident_memory_bytes") > 0, name
         assert "process_cpu_seconds_total" in s.names(), name
+    for name in ("edge-0", "cloud-0"):
+        tier = next(p for p in stack.procs if p.name == name)
+        core = max(psutil.Process(tier.popen.pid).children(recursive=True), key=lambda c: c.memory_info().rss)
+        s = scrape(stack, name)
+        rss = s.value("engine_core_process_resident_memory_bytes")
+        assert abs(rss - core.memory_info().rss) < 0.2 * rss, (name, rss, core.memory_info().rss)
+        assert s.value("engine_core_process_cpu_seconds_total") > 0, name
 
 
 def test_the_device_exports_its_heartbeat_staleness_and_updates(stack, traffic):

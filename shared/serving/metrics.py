@@ -55,6 +55,12 @@ class MetricsEndpoint:
         GCCollector(registry=self.registry)  # python_gc_*
         self._http = None
 
+    def watch_child(self, namespace: str, pid) -> None:
+        """A child process's `process_*` series too, as `<namespace>_process_*` (`pid()`: its pid now, None while
+        there is none: no series then). A tier's engine core runs its model: without these the tier's CPU and memory
+        were its serving process's alone (15% of the CPU, a quarter of the memory)."""
+        ProcessCollector(namespace=namespace, pid=lambda: pid() or "none", registry=self.registry)
+
     def serve(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Start /metrics; returns the bound port."""
         self._http, _ = start_http_server(port, addr=host, registry=self.registry)

@@ -134,6 +134,7 @@ def _serve(process: TierProcess, engine: Engine, core: EngineCore | None) -> int
     metrics = Metrics(tier, engine.info.model, queue_limit=tc.batching.max_queue)
     if core is not None:
         core.on_step, core.on_prefix_lookup = metrics.observe_step, metrics.prefix_cache_lookup
+        metrics.watch_child("engine_core", lambda: core.pid)  # engine_core_process_*: where the model runs
     else:
         engine.enable_prefix_cache(tc.prefix_cache_tokens, tc.prefix_cache_min_match, metrics.prefix_cache_lookup)
     servicer = process.make_servicer(engine, metrics, scheduler=core)

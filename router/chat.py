@@ -26,6 +26,9 @@ from tierline_shared.models.tokenizer import (
 )
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers 5 saves the template here, not in tokenizer_config.json
+# of a rendered conversation, the characters `ChatTemplate.request` encodes to choose what to send: every chat
+# request pays it on the router's event loop, before its key and size are checked, so it is bounded
+CHECKED_CHARS = 256
 
 
 class ChatTemplateError(ValueError):
@@ -108,7 +111,10 @@ class ChatTemplate:
         text = self.render(messages)
         plain = text[len(self._bos):] if self._bos and text.startswith(self._bos) else text
         tok = self._tokenizer
-        if tok is None or tok.encode(plain) == tok.encode(text, bos=False):
+        # the two encodings can differ only at the start (a BOS, the first word's mark): their first
+        # CHECKED_CHARS characters of the conversation say it, at a cost that does not grow with the body
+        cut = len(text) - len(plain) + CHECKED_CHARS
+        if tok is None or tok.encode(plain[:CHECKED_CHARS]) == tok.encode(text[:cut], bos=False):
             return plain, True
         return text, False
 

@@ -229,7 +229,8 @@ def test_a_conversation_reaches_the_tiers_as_transformers_tokenizes_it_whatever_
     chat = ChatTemplate.of_models(tmp_path)
     for messages in ([{"role": "user", "content": "What is two plus three?"}],
                      [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"},
-                      {"role": "user", "content": "how are you?"}]):
+                      {"role": "user", "content": "how are you?"}],
+                     [{"role": "user", "content": "Hello there, how are you today? " * 40}]):  # past CHECKED_CHARS
         want = hf_tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
         prompt, specials = chat.request(messages)
         assert prompt_ids(tiers, prompt, specials) == want, (prompt, specials)

@@ -534,6 +534,7 @@ class Gate:
         self._failed: tuple[float, BaseException] | None = None  # (when, what) the store's last failure
         self.unsettled = 0  # answered or failed requests whose usage the store did not record (`settle`)
         self.on_unsettled: Callable[[], None] | None = None  # told of each (the router's metrics)
+        self._settling: set[asyncio.Task] = set()  # admissions given back after their askers left (`admit`)
 
     @property
     def enabled(self) -> bool:
@@ -568,7 +569,21 @@ class Gate:
         """None when auth is off; raises AccessDenied with the status to answer."""
         if self.store is None:
             return None
-        return await self._call(self.store.admit, key, self.plans, reserve_for(prompt, max_tokens))
+        admitting = asyncio.ensure_future(self._call(self.store.admit, key, self.plans,
+                                                     reserve_for(prompt, max_tokens)))
+        try:
+            return await asyncio.shield(admitting)
+        except asyncio.CancelledError:  # its asker went away (a client that hung up) while the store admitted it:
+            admitting.add_done_callback(self._give_back)  # a reservation made meanwhile is given back, not kept
+            raise
+
+    def _give_back(self, admitting: asyncio.Future) -> None:
+        """Settle, as a request with no answer, the admission its asker did not wait for."""
+        if admitting.cancelled() or admitting.exception() is not None or admitting.result() is None:
+            return
+        task = asyncio.ensure_future(self.settle(admitting.result(), None))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
 
     async def check(self, key: str | None) -> None:
         """A valid, unrevoked key, without using quota (status and info calls, refused requests)."""
@@ -593,6 +608,10 @@ class Gate:
         reservation back twice."""
         if admission is None or self.store is None:
             return
+        # shielded: a second cancel of its caller (a stop) must not leave the reservation counted, unrecorded
+        await asyncio.shield(self._settle(admission, used_tokens))
+
+    async def _settle(self, admission: Admission, used_tokens: int | None) -> None:
         try:
             await self._run(self.store.settle, admission, used_tokens)
         except Exception as exc:  # noqa: BLE001 - bookkeeping after the fact must not lose the answer

@@ -623,3 +623,39 @@ def test_a_stream_cut_short_costs_what_its_chunks_said_not_its_reservation(stack
         time.sleep(0.2)
     assert used["calls_today"] == 1
     assert first.usage.prompt_tokens + 1 <= used["tokens_today"] <= first.usage.prompt_tokens + 4 * 200 // 2, used
+
+
+def test_a_request_whose_asker_leaves_while_it_is_admitted_costs_nothing(tmp_path):
+    """Found by a review: a handler cancelled (its client hung up) while the key store's thread was taking the
+    request's call and reservation lost the admission, which nothing settled: the key was charged a call and the
+    request's worst case for the day, for nothing. The store is held here by another process's write transaction
+    (as a second router's would), so the admission is still being made when its asker leaves."""
+    from tierline_router.auth import Gate
+    from tierline_shared.config.manifest import PlanConfig
+
+    path = tmp_path / "keys.sqlite"
+    store = KeyStore(path)
+    key_id, key = store.create("free")
+    gate = Gate(store, {"free": PlanConfig(10, 10_000)})
+    other = sqlite3.connect(path, isolation_level=None)
+
+    async def leave_while_admitted() -> None:
+        other.execute("BEGIN IMMEDIATE")  # the store's next write waits for this one (within BUSY_TIMEOUT_S)
+        asking = asyncio.ensure_future(gate.admit(key, PROMPT, 50))
+        await asyncio.sleep(0.3)
+        asking.cancel()
+        other.execute("COMMIT")  # now the admission goes through, its asker gone
+        with pytest.raises(asyncio.CancelledError):
+            await asking
+        await gate.check(key)  # the store has one thread: the admission was made before this answers
+        deadline = time.monotonic() + 10
+        while store.list()[0].calls_today and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # its give-back, on the store's thread
+
+    try:
+        asyncio.run(leave_while_admitted())
+        assert [(k.calls_today, k.tokens_today) for k in store.list()] == [(0, 0)]
+        assert asyncio.run(gate.admit(key, PROMPT, 4)) is not None  # the key still works
+    finally:
+        other.close()
+        gate.close()

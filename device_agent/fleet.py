@@ -119,6 +119,7 @@ MODELS_DIRECT_GET = f"$JS.API.DIRECT.GET.{MODELS_STREAM}"  # a board's one reque
 MAX_BACKOFF_FACTOR = 8  # heartbeats wait up to 8x their interval while NATS is away
 FLUSH_BATCH = 500  # telemetry events read from the outbox and published at a time (acks awaited together)
 FLUSH_POLL_S = 0.2  # new telemetry is sent after this long at most (the outbox's count is polled)
+STOP_UPDATE_S = 5.0  # an update under way when the agent stops: what it may take to drop its candidate
 RETRY_MAX_S = 600.0  # an update that failed on the link is tried again after heartbeat_s doubling, up to this
 
 
@@ -330,6 +331,11 @@ class FleetAgent:
         async def _stop():
             if self._main:
                 self._main.cancel()
+            if self._update is not None and not self._update.done():
+                # a stop is no crash: the candidate is dropped and its attempt record with it (it would count
+                # against MAX_CRASHED_ATTEMPTS at the next boot); the next start tries the update again
+                self._update.cancel()
+                await asyncio.wait({self._update}, timeout=STOP_UPDATE_S)
             if self._nc is not None and not self._nc.is_closed:
                 await self._nc.close()
 

@@ -833,6 +833,35 @@ def test_an_update_the_agent_dies_in_is_reported_and_not_tried_forever(tiny_fami
         assert update_outcome(s, "v-next")["ota"]["code"] == OtaCode.APPLIED
 
 
+def test_an_update_the_agent_is_stopped_in_is_no_crash(tiny_family):
+    """Found by a review: SIGTERM (a systemd restart, an agent upgrade, a reboot) while the candidate is health-checked
+    left its attempt record as a crash's; the next boot reported "the agent stopped while health-checking" and
+    counted it against the two tries, so two clean restarts gave the manifest up. A stop drops the candidate and its
+    record now, and the next start tries the update as if for the first time."""
+    import signal
+
+    overrides = {
+        "device_agent": {"device_id": DEVICE, "heartbeat_s": HEARTBEAT_S, "stale_after_beats": 3,
+                         "memory_max_mb": MEMORY_MAX_MB, "health_min_token_accuracy": 0.0,
+                         "health_problems": 1000},  # a check of about 2 s: the agent is stopped in it
+    }
+    tflite, config = tiny_bytes(tiny_family)
+    with Stack(tiny_family, tiers=("device",), router=False, jetstream=True, overrides=overrides) as s:
+        state = s.workdir / "device-state"
+        wait_for(lambda: reported(s)["status"] == "serving", "the board registered")
+        publish(s, "v-stop", tflite, config)
+        wait_for(lambda: (state / "models" / "v-stop" / "manifest.json").is_file()
+                 and reported(s)["status"] == "updating", "the candidate installed")
+        time.sleep(0.3)  # loaded, being checked
+        s.kill("device-0", signal.SIGTERM)
+        assert not (state / "attempt.json").exists() and not (state / "models" / "v-stop").exists()
+        s.procs.remove(next(p for p in s.procs if p.name == "device-0"))
+        s.start_process("device-0", "tierline_device_agent")
+        assert update_outcome(s, "v-stop")["ota"]["code"] == OtaCode.APPLIED
+        assert not [e for e in telemetry(s) if e["kind"] == "ota" and e["version"] == "v-stop"
+                    and e["code"] in (OtaCode.LOAD_FAILED, OtaCode.HEALTH_CHECK_FAILED)]
+
+
 def _desired(**change) -> dict:
     raw = desired_model(DEVICE, "tierline-reasoner", "v1", b"weights", b"{}").to_dict()
     for key, value in change.items():

@@ -80,6 +80,7 @@ from tierline_device_agent.ota import (
 from tierline_device_agent.ota import verify as verify_digest
 from tierline_device_agent.outbox import Outbox
 from tierline_device_agent.profile import proc_status_mib
+from tierline_shared.config.manifest import ManifestError
 from tierline_shared.models.artifacts import ArtifactError, load_index
 from tierline_shared.runtime.engine import Engine
 from tierline_shared.security.identities import device_identity
@@ -119,6 +120,7 @@ MODELS_DIRECT_GET = f"$JS.API.DIRECT.GET.{MODELS_STREAM}"  # a board's one reque
 MAX_BACKOFF_FACTOR = 8  # heartbeats wait up to 8x their interval while NATS is away
 FLUSH_BATCH = 500  # telemetry events read from the outbox and published at a time (acks awaited together)
 FLUSH_POLL_S = 0.2  # new telemetry is sent after this long at most (the outbox's count is polled)
+MEMORY_CAP_HEADROOM_MB = 64  # device_agent.memory_max_mb: at least this above what the agent uses before its model
 STOP_UPDATE_S = 5.0  # an update under way when the agent stops: what it may take to drop its candidate
 RETRY_MAX_S = 600.0  # an update that failed on the link is tried again after heartbeat_s doubling, up to this
 
@@ -210,6 +212,12 @@ def apply_memory_cap(memory_max_mb: int) -> None:
     """
     if memory_max_mb > 0:
         limit = memory_max_mb * 1024 * 1024
+        used = proc_status_mib("VmData")  # what RLIMIT_DATA counts
+        if used is not None and memory_max_mb < used + MEMORY_CAP_HEADROOM_MB:  # it would fail at its next thread
+            least = used + MEMORY_CAP_HEADROOM_MB
+            raise ValueError(f"device_agent.memory_max_mb: {memory_max_mb} MB leaves the agent no room: it uses "
+                             f"{used:.0f} MB before loading any model; give it at least {least:.0f} MB more than its "
+                             "model needs (0: no cap)")
         _, hard = resource.getrlimit(resource.RLIMIT_DATA)
         if hard != resource.RLIM_INFINITY:
             limit = min(limit, hard)
@@ -232,7 +240,10 @@ def load_device_model(manifest, threads: int) -> tuple[Engine, dict | None]:
     """
     from tierline_device_agent.engine import load_engine  # the runtime: not needed by the CLI
 
-    apply_memory_cap(manifest.device_agent.memory_max_mb)
+    try:
+        apply_memory_cap(manifest.device_agent.memory_max_mb)
+    except ValueError as exc:
+        raise ManifestError(f"{manifest.path}: {exc}") from None
     if not manifest.device_agent.device_id:
         return load_engine(manifest.models_path, threads=threads), None
     store = ModelStore(state_dir(manifest))

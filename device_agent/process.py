@@ -30,6 +30,7 @@ class DeviceProcess(TierProcess):
     fell_back: dict | None = None  # the installed model was damaged: the outcome the fleet agent reports
 
     def load_engine(self) -> LiteRTEngine:
+        self.check_accelerator()  # its own loader, not engine_loader's: the check is here too
         try:  # the router's policy, its learned scorer included: the board decides as the router does
             self.policy = Policy.of_manifest(self.manifest)
         except ValueError as exc:

@@ -84,6 +84,10 @@ def test_an_upstream_context_loads(manifest):
     ({"nats__url": 4222}, "nats.url: expected str"),
     ({"router": {"cloud_complexity": 2}}, "router.cloud_complexity: 2 out of range"),
     ({"router": {"confidence_threshold": {"cloud": 0.5}}}, "router.confidence_threshold.cloud: the top tier's"),
+    # a fault hunt: 1e13 ms overflowed every deadline (INTERNAL on each call); 1e15 MB overflowed setrlimit
+    ({"tiers__edge__timeout_ms": 10**13}, "tiers.edge.timeout_ms: 10000000000000 out of range"),
+    ({"nats__request_timeout_ms": 10**13}, "nats.request_timeout_ms: 10000000000000 out of range"),
+    ({"device_agent": {"memory_max_mb": 10**15}}, "device_agent.memory_max_mb: 1000000000000000 out of range"),
     # a fault hunt: NaN passed every range (all comparisons with it are false), inf every unbounded one
     ({"router": {"cloud_complexity": float("nan")}}, "router.cloud_complexity: nan; expected a finite number"),
     ({"tiers__edge__cost_per_1k_tokens": float("inf")}, "tiers.edge.cost_per_1k_tokens: inf; expected a finite"),
@@ -116,6 +120,16 @@ def test_a_manifest_path_that_is_not_a_readable_text_file_is_named(tmp_path):
         assert str(err.value).startswith(f"{path}: ")
 
 
+def test_a_memory_cap_below_what_the_agent_uses_is_refused_naming_it(manifest):
+    """A fault hunt: device_agent.memory_max_mb 1 crashed the agent with "can't start new thread" (a traceback)."""
+    proc = subprocess.run([sys.executable, "-m", "tierline_device_agent", "--no-nats", "--manifest",
+                           str(manifest(device_agent={"memory_max_mb": 1}))], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "device_agent.memory_max_mb: 1 MB leaves the agent no room" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_a_tier_process_exits_2_on_a_bad_manifest(manifest):
     path = manifest(tiers__edge__batching__max_num_seqs=-1)
     proc = subprocess.run([sys.executable, "-m", "edge_node", "--manifest", str(path)], capture_output=True,
@@ -143,6 +157,10 @@ def test_accelerator_is_checked_where_the_tier_loads_its_model(manifest):
         load_manifest(manifest(tiers__edge__accelerator="gpu"))
     with pytest.raises(ManifestError, match="tiers.edge.accelerator: 'cuda' is not supported by the edge tier"):
         EdgeProcess(load_manifest(manifest(tiers__edge__accelerator="cuda")), use_nats=False).load_engine()
+    from tierline_device_agent.process import DeviceProcess  # its own loader (a fault hunt: it served on "cuda")
+
+    with pytest.raises(ManifestError, match="tiers.device.accelerator: 'cuda' is not supported by the device tier"):
+        DeviceProcess(load_manifest(manifest(tiers__device__accelerator="cuda")), use_nats=False).load_engine()
     engine = CloudProcess(load_manifest(manifest(tiers__cloud__accelerator="auto")), use_nats=False).load_engine()
     assert engine.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():

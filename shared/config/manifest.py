@@ -287,12 +287,13 @@ class Manifest:
 
 KEY_STORES = ("sqlite", "nats")  # auth.store
 _CHOICES = {"accelerator": ACCELERATORS, "store": KEY_STORES}  # field -> its allowed values
+DAY_MS = 86_400_000  # a timeout longer than a day is a typo (1e13 ms overflowed a deadline: INTERNAL on every call)
 _RANGES = {  # field -> (min, max) inclusive, None = unbounded
-    "grpc_port": (0, 65535), "metrics_port": (-1, 65535), "threads": (1, 256), "timeout_ms": (1, None),
+    "grpc_port": (0, 65535), "metrics_port": (-1, 65535), "threads": (1, 256), "timeout_ms": (1, DAY_MS),
     "cost_per_1k_tokens": (0, None), "cache_size": (0, None), "max_prompt_chars": (1, 100_000),
     "prefix_cache_tokens": (0, 10_000_000), "prefix_cache_min_match": (1, 100_000),
-    "max_tokens": (0, None), "default_max_tokens": (1, None), "max_n": (1, 128), "connect_timeout_ms": (1, None),
-    "request_timeout_ms": (1, None), "cloud_complexity": (0, 1), "device_complexity": (0, 1),
+    "max_tokens": (0, None), "default_max_tokens": (1, None), "max_n": (1, 128), "connect_timeout_ms": (1, DAY_MS),
+    "request_timeout_ms": (1, DAY_MS), "cloud_complexity": (0, 1), "device_complexity": (0, 1),
     "retries_per_tier": (0, 10), "retries": (0, 10), "no_replica_wait_ms": (0, 600_000), "max_num_seqs": (1, 1024),
     "max_num_batched_tokens": (1, 1_000_000), "max_context": (0, 10_000_000),
     "max_queue": (1, 100000), "iteration_timeout_s": (1, 86400), "stop_grace_s": (0, 3600), "version": (1, 1),
@@ -300,7 +301,7 @@ _RANGES = {  # field -> (min, max) inclusive, None = unbounded
     "calls_per_day": (1, None), "tokens_per_day": (1, None),
     "max_stop": (0, 16), "max_stop_chars": (1, 1024), "max_id_chars": (1, 1024),
     "heartbeat_s": (0.05, 86400), "stale_after_beats": (1, 1000), "outbox_max_events": (1, 10_000_000),
-    "memory_max_mb": (0, None), "workers": (1, 1024), "max_attempts": (1, 100), "ack_wait_s": (1, 3600),
+    "memory_max_mb": (0, 1_048_576), "workers": (1, 1024), "max_attempts": (1, 100), "ack_wait_s": (1, 3600),
     "max_file_mb": (1, 4096), "max_stored_mb": (1, 10_000_000), "max_lines": (1, 10_000_000),
     "health_problems": (1, 1000), "health_min_token_accuracy": (0, 1), "engine_cpus": (0, 4095),
 }

@@ -50,10 +50,14 @@ class TierProcess:
 
     def engine_loader(self) -> Callable[[], Engine]:
         """A picklable callable that loads the tier's model (here, or in its engine core process)."""
+        self.check_accelerator()
+        return functools.partial(type(self).loader, self.manifest.models_path, threads=self.config.threads)
+
+    def check_accelerator(self) -> None:
+        """tiers.<tier>.accelerator names what this tier's backend runs on (ManifestError otherwise)."""
         if self.config.accelerator not in self.accelerators:
             raise ManifestError(f"{self.manifest.path}: tiers.{self.tier}.accelerator: {self.config.accelerator!r} "
                                 f"is not supported by the {self.tier} tier; allowed: {', '.join(self.accelerators)}")
-        return functools.partial(type(self).loader, self.manifest.models_path, threads=self.config.threads)
 
     def engine_core(self) -> EngineCore | None:
         """The scheduler and the model in a process of their own (None: they run in this one); raises what

@@ -57,19 +57,22 @@ class DeviceAgentServicer(TierServicer):
         self._swap_lock = threading.Lock()
 
     def swap_engine(self, engine: Engine) -> None:
-        """Serve a new model from now on (an OTA update); requests already queued finish on the old one."""
+        """Serve a new model from now on (an OTA update); requests already queued finish on the old one, which is
+        then closed: its runtime freed and its model file unmapped at once, not whenever the garbage collector
+        comes to it (a board's memory cap holds one model, not several)."""
         scheduler = Scheduler(engine, self.batch_config, on_step=self.metrics.observe_step if self.metrics else None)
         with self._swap_lock:
-            old = self.scheduler
+            old = self.served
             # in one assignment: a request reads the model it is served by once (`Served`); the old model's answers,
             # those in flight included, are not the new one's, so the cache starts empty
             self.served = Served(engine, scheduler, LRUCache(self.cache.size))
 
         def retire() -> None:
-            while old.busy:  # what it queued or runs finishes on the old model
+            while old.scheduler.busy:  # what it queued or runs finishes on the old model
                 time.sleep(0.05)
             time.sleep(RETIRE_GRACE_S)
-            old.close()
+            old.scheduler.close()
+            old.engine.close()
 
         threading.Thread(target=retire, name="retire-engine", daemon=True).start()
 

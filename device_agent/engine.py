@@ -78,8 +78,16 @@ class LiteRTEngine(Engine):
                           cfg.context, cfg.window_limit)
         return cls(interpreter, cfg, tokenizer, info, path)
 
+    def close(self) -> None:
+        """Drop the interpreter and its runners: LiteRT frees its tensors and unmaps the .tflite now (an update's
+        old model, device_agent/agent.py: swap_engine). A forward after it fails, naming the file."""
+        with self._lock:
+            self._prefill, self._decode_runner, self._interpreter = {}, None, None
+
     # -- the backend --------------------------------------------------------------------------
     def _forward(self, input_ids, attention_mask, position_ids, past):
+        if self._interpreter is None:
+            raise RuntimeError(f"{self.path}: this engine was closed (its model replaced)")
         if input_ids.shape[0] != 1:
             raise ValueError(f"{self.path}: LiteRT signatures take one sequence, got a batch of {input_ids.shape[0]}")
         tokens = input_ids[0].astype(np.int32)

@@ -269,6 +269,36 @@ def test_ota_update_succeeds_while_serving(agent, tiny_family):
     assert current.is_symlink() and current.resolve().name == "v2"
 
 
+def mapped_models(pid: int) -> set[str]:
+    """The .tflite files a process has mapped (a deleted one named without its " (deleted)")."""
+    out = set()
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        parts = line.split(None, 5)
+        if len(parts) == 6 and parts[5].endswith(("model.tflite", "model.tflite (deleted)")):
+            out.add(parts[5].removesuffix(" (deleted)"))
+    return out
+
+
+def test_an_update_frees_the_model_it_replaces(agent, tiny_family):
+    """Found by a fault hunt: after updates the boot model stayed mapped for good (its interpreter alive: a local of
+    the process's serve function held its engine), and older ones until the garbage collector ran. The model an
+    update replaces is closed once its requests are answered: the agent maps only the model it serves."""
+    pid = agent.procs[0].popen.pid
+    ask(agent)
+    assert mapped_models(pid)  # LiteRT maps the model it serves: what this test looks at
+    tflite, config = tiny_bytes(tiny_family)
+    for version in ("v-freed-1", "v-freed-2"):
+        publish(agent, version, tflite, config)
+        assert update_outcome(agent, version)["ota"]["code"] == OtaCode.APPLIED
+        ask(agent)
+        serving = str((agent.workdir / "device-state" / "models" / version / "device" / "model.tflite").resolve())
+        last: list[set[str]] = []
+        try:  # the old one goes after its requests and the retire grace (1 s)
+            wait_for(lambda: last.append(mapped_models(pid)) or last[-1] == {serving}, f"only {version} mapped", 10)
+        except AssertionError:
+            raise AssertionError(f"mapped after the update to {version}: {sorted(last[-1])}") from None
+
+
 @pytest.mark.parametrize("damage", ["tampered", "truncated"])
 def test_a_bad_digest_is_refused_and_the_model_keeps_serving(agent, tiny_family, tmp_path, damage):
     tflite, config = tiny_bytes(tiny_family)

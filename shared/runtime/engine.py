@@ -239,6 +239,10 @@ class Engine(abc.ABC):
         self._lock = threading.RLock()
         self.prefix_cache: PrefixCache | None = None  # off until enable_prefix_cache
 
+    def close(self) -> None:
+        """Free what the backend holds (a runtime, a mapped model file) now, not when the engine is collected; the
+        engine is not used after (a board's model replaced by an update). Nothing to free by default."""
+
     def enable_prefix_cache(self, max_tokens: int, min_match: int = 16,
                             on_lookup: Callable[[int, int], None] | None = None) -> bool:
         """Reuse prompts' KV across requests (max_tokens 0 = off); False where the backend cannot."""

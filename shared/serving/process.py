@@ -121,20 +121,24 @@ def run(process_cls: type[TierProcess], argv: list[str] | None = None) -> int:
     try:
         process = process_cls(load_manifest(args.manifest), use_nats=not args.no_nats)
         core = process.engine_core()
-        engine = core.engine if core is not None else process.load_engine()
+        # handed over in a list `_serve` empties: no frame here holds the model while the process serves (a
+        # board's update replaces it, and the old one must be freed then, not when the process ends)
+        handed = [core.engine if core is not None else process.load_engine()]
     except (ManifestError, ArtifactError) as exc:
         print(f"{tier}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_MANIFEST
     try:
-        return _serve(process, engine, core)
+        return _serve(process, handed, core)
     finally:
         if core is not None:  # every way out, an early one too, stops the engine core
             core.close()
 
 
-def _serve(process: TierProcess, engine: Engine, core: EngineCore | None) -> int:
-    """Serve until SIGINT/SIGTERM (0), or EXIT_BAD_MANIFEST when a port or NATS cannot be had."""
+def _serve(process: TierProcess, handed: list[Engine], core: EngineCore | None) -> int:
+    """Serve until SIGINT/SIGTERM (0), or EXIT_BAD_MANIFEST when a port or NATS cannot be had. `handed`: the
+    engine, taken out of the list; from the servicer on, only the servicer holds it."""
     tier, tc, manifest = process.tier, process.config, process.manifest
+    engine = handed.pop()
     metrics = Metrics(tier, engine.info.model, queue_limit=tc.batching.max_queue)
     if core is not None:
         core.on_step, core.on_prefix_lookup = metrics.observe_step, metrics.prefix_cache_lookup
@@ -142,6 +146,7 @@ def _serve(process: TierProcess, engine: Engine, core: EngineCore | None) -> int
     else:
         engine.enable_prefix_cache(tc.prefix_cache_tokens, tc.prefix_cache_min_match, metrics.prefix_cache_lookup)
     servicer = process.make_servicer(engine, metrics, scheduler=core)
+    del engine  # the servicer's now: an update that replaces it (agent.py: swap_engine) leaves nothing holding it
     try:
         token = manifest.resolve(tc.grpc_token_file).read_text().strip() if tc.grpc_token_file else ""
         server, port = create_server(servicer, tc.grpc_host, tc.grpc_port, token=token)

@@ -40,6 +40,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import resource
@@ -102,6 +103,13 @@ TELEMETRY_MAX_MSGS = 1_000_000  # the stream keeps this many events at most (old
 # pushes out at most this many of the other boards' events, then only its own. As many as a board's outbox keeps
 # offline by default (device_agent.outbox_max_events), so a board back from an outage loses none to the limit.
 TELEMETRY_MAX_MSGS_PER_BOARD = 10_000
+# JetStream does not store an event again whose `Nats-Msg-Id` it saw this recently (a resend after a lost ack). The
+# first line only: an outbox keeps its events as long as the board is offline, longer than any window, so the event
+# also carries its id (`msg_id`) and `read_telemetry` drops a resend that came after the window. The cost: the server
+# keeps every id it saw within the window in memory, about 300 bytes each (measured on nats-server 2.15: 200,000 ids
+# of 55 characters, 280 bytes more resident memory each than the same events without ids), whatever the stream's
+# limits keep: 2 h at 10 events/s fleet-wide is 72,000 ids, about 22 MB; at 100 events/s, about 220 MB.
+TELEMETRY_DUPLICATE_WINDOW_S = 2 * 3600.0
 JS_TIMEOUT_S = 5.0  # one JetStream call (KV, publish ack), at most
 # a download fails when no chunk (128 KiB, nats-py's) arrives for this long: a stalled link, not a slow one (a link
 # that brings a chunk every 30 s, about 4.4 KB/s, gets there)
@@ -118,6 +126,7 @@ DOWNLOAD_BATCH_BYTES = 4 * 1024 * 1024
 MODELS_STREAM = f"OBJ_{MODELS_BUCKET}"
 MODELS_DIRECT_GET = f"$JS.API.DIRECT.GET.{MODELS_STREAM}"  # a board's one request on the model store
 MAX_BACKOFF_FACTOR = 8  # heartbeats wait up to 8x their interval while NATS is away
+READ_BATCH = 1000  # telemetry events the operator's reader fetches at a time
 FLUSH_BATCH = 500  # telemetry events read from the outbox and published at a time (acks awaited together)
 FLUSH_POLL_S = 0.2  # new telemetry is sent after this long at most (the outbox's count is polled)
 MEMORY_CAP_HEADROOM_MB = 64  # device_agent.memory_max_mb: at least this above what the agent uses before its model
@@ -167,22 +176,68 @@ async def open_fleet(nc, board: bool = False) -> Fleet:
         models = await js.create_object_store(MODELS_BUCKET)  # with allow_direct (nats-py sets it)
     # boards download by direct gets: a store made without them (by an older client) gets them here
     await _settle(js, MODELS_STREAM, allow_direct=True)
-    try:  # a stream made before the per-board limit gets it here (its other settings, an operator's, are kept)
-        await _settle(js, TELEMETRY_STREAM, max_msgs_per_subject=TELEMETRY_MAX_MSGS_PER_BOARD)
+    # a stream made before the per-board limit or with a shorter duplicate window (120 s, before) gets them here
+    # (its other settings, an operator's, are kept; the window never longer than an operator's max_age, which the
+    # server refuses)
+    try:
+        config = (await js.stream_info(TELEMETRY_STREAM)).config
     except NotFoundError:
         await js.add_stream(name=TELEMETRY_STREAM, subjects=[subject("telemetry", ">")],
-                            storage=api.StorageType.FILE, duplicate_window=120, max_msgs=TELEMETRY_MAX_MSGS,
-                            max_msgs_per_subject=TELEMETRY_MAX_MSGS_PER_BOARD)
+                            storage=api.StorageType.FILE, duplicate_window=TELEMETRY_DUPLICATE_WINDOW_S,
+                            max_msgs=TELEMETRY_MAX_MSGS, max_msgs_per_subject=TELEMETRY_MAX_MSGS_PER_BOARD)
+    else:
+        window = min(TELEMETRY_DUPLICATE_WINDOW_S, config.max_age or math.inf)
+        await _settle(js, TELEMETRY_STREAM, config, max_msgs_per_subject=TELEMETRY_MAX_MSGS_PER_BOARD,
+                      duplicate_window=window)
     return Fleet(js, await kv(DEVICES_BUCKET), await kv(DESIRED_BUCKET), models)
 
 
-async def _settle(js, stream: str, **settings) -> None:
-    """Give an existing stream these settings where it has others (NotFoundError: no such stream). The operator's
-    call: a board can neither read a stream's config nor change it."""
-    config = (await js.stream_info(stream)).config
+async def _settle(js, stream: str, config: api.StreamConfig | None = None, **settings) -> None:
+    """Give an existing stream (`config`: its config, read here if not given) these settings where it has others
+    (NotFoundError: no such stream). The operator's call: a board can neither read a stream's config nor change
+    it."""
+    config = config or (await js.stream_info(stream)).config
     if any(getattr(config, k) != v for k, v in settings.items()):
         await js.update_stream(config.evolve(**settings))
         log.info("stream %s updated: %s", stream, settings)
+
+
+async def read_telemetry(js, device_id: str | None = None, timeout_s: float = JS_TIMEOUT_S) -> list[dict]:
+    """The events in the telemetry stream (one board's, or all), oldest first, each once: the operator's reader.
+
+    JetStream's duplicate window covers a resend only within TELEMETRY_DUPLICATE_WINDOW_S; a board offline longer
+    with an ack lost resends events it had stored. Each event carries its message id (`msg_id`, as its
+    `Nats-Msg-Id`: `<device id>-<outbox nonce>-<seq>`), and only the first of an id is kept, per subject: a board
+    may publish only on its own subject, so a stolen one cannot have another board's events dropped here. An
+    event from an agent that put no id in its body is known by its `Nats-Msg-Id` header; one with neither is kept.
+    Every reader of the stream must drop duplicates so (a consumer of its own: by `msg_id`)."""
+    filt = subject("telemetry", device_id or ">")
+    sub = await js.pull_subscribe(filt, stream=TELEMETRY_STREAM, config=api.ConsumerConfig(
+        deliver_policy=api.DeliverPolicy.ALL, ack_policy=api.AckPolicy.NONE, inactive_threshold=60.0))
+    events: list[dict] = []
+    seen: set[tuple[str, str]] = set()
+    info = None
+    try:
+        info = await sub.consumer_info()
+        left = info.num_pending  # a pull consumer: nothing is delivered before a fetch
+        while left > 0:
+            for msg in await sub.fetch(min(left, READ_BATCH), timeout=timeout_s):
+                left = msg.metadata.num_pending
+                event = json.loads(msg.data)
+                mid = event.get("msg_id") if isinstance(event, dict) else None
+                mid = mid if isinstance(mid, str) else (msg.headers or {}).get("Nats-Msg-Id")
+                if mid is not None and (msg.subject, mid) in seen:
+                    continue  # a resend the duplicate window did not catch
+                if mid is not None:
+                    seen.add((msg.subject, mid))
+                events.append(event)
+        return events
+    finally:
+        if info is not None:
+            with contextlib.suppress(Exception):  # gone after its inactive_threshold anyway
+                await js.delete_consumer(TELEMETRY_STREAM, info.name)
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
 
 
 async def provision_fleet(opts: NatsOptions) -> None:
@@ -480,11 +535,14 @@ class FleetAgent:
             # published in order on one connection, the acks awaited together: one round trip per batch,
             # not per event (the fleet loop shares the GIL with the threads answering)
             acks = await asyncio.gather(*(
-                js.publish(subj, json.dumps({**event, "seq": seq}).encode(), timeout=JS_TIMEOUT_S,
-                           headers={"Nats-Msg-Id": self.outbox.message_id(self.device_id, seq)})
-                for seq, event in batch), return_exceptions=True)
+                js.publish(subj, json.dumps({**event, "seq": seq, "msg_id": mid}).encode(), timeout=JS_TIMEOUT_S,
+                           headers={"Nats-Msg-Id": mid})
+                for seq, event in batch for mid in (self.outbox.message_id(self.device_id, seq),)),
+                return_exceptions=True)
             stored = [seq for (seq, _), ack in zip(batch, acks) if not isinstance(ack, BaseException)]
-            self.outbox.ack_all(stored)  # a resend after a lost ack has the same id: deduplicated
+            # a resend after a lost ack has the same id: not stored again within the duplicate window, dropped by
+            # the readers after it (`read_telemetry`)
+            self.outbox.ack_all(stored)
             failed = next((ack for ack in acks if isinstance(ack, BaseException)), None)
             if failed is not None:
                 raise failed

@@ -2,13 +2,21 @@
 
 Every telemetry event is written here first (SQLite, the standard library's, one
 file) and deleted only once JetStream has acknowledged it, so an event is lost
-only when the outbox is full: then the oldest are dropped and counted, the way
-Greengrass's spooler and Azure IoT Edge's store-and-forward bound theirs. The
-sequence number is the event's id; AUTOINCREMENT never reuses one, so a resend
-after a lost ack is recognised by JetStream's duplicate window (`Nats-Msg-Id`).
-The id also carries a random nonce made with the file (`message_id`): JetStream
-deduplicates across the whole stream, so an id another board can guess would let it
-have this board's events acknowledged as duplicates and never stored.
+only when the outbox is full: then the oldest are removed, the way Greengrass's
+spooler and Azure IoT Edge's store-and-forward bound theirs, and counted as
+`dropped` once they are known to be lost. An event the drain is sending (`peek`
+handed it out, its ack not back yet) may be removed by the bound meanwhile; it is
+counted only if its ack does not come (`ack_all` settles the batch): JetStream
+stored it otherwise, and it was delivered, not dropped. (An agent that dies with a
+batch in flight does not count what the bound removed from it: its fate is
+unknown.) The sequence number is the event's id; AUTOINCREMENT never reuses one.
+Its message id (`message_id`: device, a random nonce made with the file, sequence)
+goes out as `Nats-Msg-Id`, so a resend after a lost ack within JetStream's duplicate
+window is not stored again, and in the event's body (`msg_id`), so a reader drops a
+resend that came after the window (fleet.py: `read_telemetry`): an outbox keeps its
+events for as long as the board is offline, longer than any window. The nonce:
+JetStream deduplicates across the whole stream, so an id another board can guess
+would let it have this board's events acknowledged as duplicates and never stored.
 The number of events waiting is counted once, when the file is opened, and kept
 in memory from then on (one process owns an outbox file), so an append costs one
 INSERT, not a table scan.
@@ -60,6 +68,10 @@ class Outbox:
             with self._db:
                 self._db.execute("UPDATE counters SET value = value + 1 WHERE name = 'damaged'")
         self._pending = int(self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0])  # kept from here on
+        # the batch `peek` handed to the drain last, until `ack_all` settles it, and those of it the bound removed
+        # meanwhile (counted as dropped only if their ack does not come)
+        self._flight: set[int] = set()
+        self._evicted: set[int] = set()
         self.nonce = self._db.execute("SELECT value FROM meta WHERE name = 'nonce'").fetchone()[0]
 
     def _open(self) -> sqlite3.Connection:
@@ -92,23 +104,34 @@ class Outbox:
         return f"{device_id}-{self.nonce}-{seq}"
 
     def append(self, event: dict) -> int:
-        """Store one event (a JSON object); returns its sequence number."""
+        """Store one event (a JSON object); returns its sequence number. Full: the oldest go. Those not in flight
+        are counted as dropped now; those the drain is sending are counted when their batch is settled without
+        their ack (`ack_all`)."""
         body = json.dumps(event, separators=(",", ":"))
         with self._lock:
             with self._db:
                 seq = self._db.execute("INSERT INTO events (body) VALUES (?)", (body,)).lastrowid
                 over = self._pending + 1 - self.max_events
-                if over > 0:  # full: the oldest go first, and are counted
-                    self._db.execute("DELETE FROM events WHERE seq IN (SELECT seq FROM events ORDER BY seq "
-                                     "LIMIT ?)", (over,))
-                    self._db.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'", (over,))
-            self._pending += 1 - max(over, 0)  # only once the transaction committed
+                gone: list[int] = []
+                if over > 0:  # full: the oldest go first
+                    gone = [r[0] for r in self._db.execute("SELECT seq FROM events ORDER BY seq LIMIT ?", (over,))]
+                    self._db.executemany("DELETE FROM events WHERE seq = ?", [(s,) for s in gone])
+                    lost = sum(1 for s in gone if s not in self._flight)
+                    if lost:
+                        self._db.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'", (lost,))
+            # only once the transaction committed
+            self._pending += 1 - len(gone)
+            self._evicted.update(s for s in gone if s in self._flight)
         return int(seq)
 
     def peek(self, limit: int = 100) -> list[tuple[int, dict]]:
-        """The oldest events still to send, (seq, event), oldest first."""
+        """The oldest events still to send, (seq, event), oldest first: the drain's next batch (in flight until
+        `ack_all` settles it; a batch never settled counts, at the next peek, what the bound removed of it)."""
         with self._lock:
+            if self._flight:
+                self._settle(set())
             rows = self._db.execute("SELECT seq, body FROM events ORDER BY seq LIMIT ?", (limit,)).fetchall()
+            self._flight = {seq for seq, _ in rows}
         return [(seq, json.loads(body)) for seq, body in rows]
 
     def ack(self, seq: int) -> None:
@@ -116,13 +139,24 @@ class Outbox:
         self.ack_all([seq])
 
     def ack_all(self, seqs: list[int]) -> None:
-        """Events stored by JetStream: forgotten in one transaction (one acknowledged twice counts once)."""
-        if not seqs:
-            return
+        """The events of the batch in flight that JetStream stored: forgotten in one transaction (one
+        acknowledged twice counts once). This settles the batch: those of it the bound removed meanwhile and
+        not acknowledged here are lost, and counted as dropped."""
         with self._lock:
+            if seqs:
+                with self._db:
+                    deleted = self._db.executemany("DELETE FROM events WHERE seq = ?",
+                                                   [(s,) for s in seqs]).rowcount
+                self._pending -= deleted
+            self._settle(set(seqs))
+
+    def _settle(self, stored: set[int]) -> None:
+        """End the flight (the lock held): what the bound removed from it and JetStream did not store is dropped."""
+        lost = len(self._evicted - stored)
+        self._flight, self._evicted = set(), set()
+        if lost:
             with self._db:
-                deleted = self._db.executemany("DELETE FROM events WHERE seq = ?", [(s,) for s in seqs]).rowcount
-            self._pending -= deleted
+                self._db.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'", (lost,))
 
     @property
     def pending(self) -> int:

@@ -29,7 +29,7 @@ from tierline.devices import desired_model, fleet_rows, publish_model, read_devi
 from tierline_api.v1 import inference_pb2 as pb
 from tierline_api.v1 import inference_pb2_grpc as pb_grpc
 from tierline_device_agent.engine import LiteRTEngine, load_engine
-from tierline_device_agent.fleet import TELEMETRY_STREAM, Fleet, open_fleet, provision_fleet
+from tierline_device_agent.fleet import TELEMETRY_STREAM, Fleet, open_fleet, provision_fleet, read_telemetry
 from tierline_device_agent.ota import DesiredModel, ModelStore, OtaCode, OtaError, health_check
 from tierline_device_agent.outbox import Outbox
 from tierline_infra.supervisor import Stack, accepted
@@ -366,13 +366,9 @@ def test_an_unreachable_edge_is_answered_locally_and_fast(agent):
 
 
 def telemetry(stack: Stack) -> list[dict]:
-    """Every telemetry event the agent has sent so far, in order."""
-    async def events(fleet):
-        info = await fleet.js.stream_info(TELEMETRY_STREAM)
-        return [json.loads((await fleet.js.get_msg(TELEMETRY_STREAM, seq)).data)
-                for seq in range(info.state.first_seq, info.state.last_seq + 1)]
-
-    return fleet_call(stack, events)
+    """Every telemetry event the agent has sent so far, in order, each once, as the operator reads them
+    (`read_telemetry`: a resend the duplicate window did not catch is dropped)."""
+    return fleet_call(stack, lambda fleet: read_telemetry(fleet.js))
 
 
 def test_answers_asked_over_nats_are_in_the_telemetry_too(agent):

@@ -28,6 +28,7 @@ from nats.js.errors import NotFoundError
 from tierline_device_agent import fleet
 from tierline_device_agent.fleet import FleetAgent, open_fleet
 from tierline_device_agent.ota import Artifact, DesiredModel, ModelStore, OtaCode, OtaError
+from tierline_device_agent.outbox import Outbox
 from tierline_infra.supervisor import NatsServer
 from tierline_shared.security.credentials import init_credentials
 from tierline_shared.security.identities import OPERATOR, IdentityStore, device_identity, inbox_prefix, read_seed
@@ -110,6 +111,141 @@ def test_a_board_flooding_the_telemetry_stream_pushes_out_only_its_own_events(se
     kept = asyncio.run(run())
     assert kept.get(subject("telemetry", BOARD)) == 3, kept
     assert kept.get(subject("telemetry", OTHER)) == 3, kept
+
+
+# -- telemetry: a resend is read once, and the outbox counts as dropped only what was lost ------------------
+class _AcksLost:
+    """The board's JetStream over a link that loses what comes back (the fault hunt's one-way link: a proxy that
+    passed the publishes and dropped the acks): each event reaches the server, and the board hears nothing."""
+
+    def __init__(self, js):
+        self.js = js
+
+    async def publish(self, *args, **kwargs):
+        await self.js.publish(*args, **kwargs)
+        raise asyncio.TimeoutError("nats: timeout (the ack was lost)")
+
+
+class _AnswersMeanwhile:
+    """The board's JetStream while the board keeps answering: `n` answers' events come into the outbox as the
+    drain's batch is on its way (inside the batch's first publish)."""
+
+    def __init__(self, js, box: Outbox, n: int):
+        self.js, self.box, self.n = js, box, n
+
+    async def publish(self, *args, **kwargs):
+        for _ in range(self.n):
+            self.box.append({"kind": "request", "meanwhile": True})
+        self.n = 0
+        return await self.js.publish(*args, **kwargs)
+
+
+def drain_agent(nc, box: Outbox, js) -> FleetAgent:
+    """A FleetAgent with only what `_flush` reads: the board's id, its outbox and (its) JetStream."""
+    agent = board_agent(nc)
+    agent.device_id, agent.outbox, agent._fleet = BOARD, box, fleet.Fleet(js, None, None, None)
+    return agent
+
+
+async def fresh_telemetry_stream(op, **config) -> None:
+    js = op.jetstream(timeout=TIMEOUT)
+    with contextlib.suppress(NotFoundError):
+        await js.delete_stream(TELEMETRY_STREAM)
+    if config:
+        await js.add_stream(name=TELEMETRY_STREAM, subjects=[subject("telemetry", ">")],
+                            storage=api.StorageType.FILE, **config)
+
+
+def test_the_duplicate_window_is_hours_and_an_older_stream_gets_it(server):
+    """Found by a fault hunt: the stream kept ids 120 s, so a board whose acks were lost and that was offline longer
+    resent events JetStream stored again. A stream made so (or with an operator's max_age shorter than the window:
+    the window never longer) gets the window when the operator opens the fleet."""
+    window = getattr(fleet, "TELEMETRY_DUPLICATE_WINDOW_S", 120)
+
+    async def run() -> list[float]:
+        seen = []
+        async with connected(server) as op:
+            js = op.jetstream(timeout=TIMEOUT)
+            for made in ({}, {"duplicate_window": 120}, {"max_age": 3600.0, "duplicate_window": 120}):
+                await fresh_telemetry_stream(op, **made)
+                await open_fleet(op)
+                seen.append((await js.stream_info(TELEMETRY_STREAM)).config.duplicate_window)
+        return seen
+
+    assert window >= 3600
+    assert asyncio.run(run()) == [window, window, 3600.0]
+
+
+def test_a_resend_after_the_duplicate_window_is_read_once(server, tmp_path):
+    """Found by a fault hunt: acks lost, then the link down longer than the duplicate window, and the outbox's
+    resend (the same `Nats-Msg-Id`) was stored again: 100 events for 50 answers. No window covers an outbox, which
+    keeps its events for as long as the board is offline, so each event carries its message id and the reader
+    keeps the first of each. The stream here keeps ids 0.5 s (any resend after the window is the same)."""
+    box = Outbox(tmp_path / "outbox.sqlite", max_events=100)
+    for i in range(5):
+        box.append({"device_id": BOARD, "kind": "request", "n": i})
+
+    async def run() -> tuple[int, list[dict], list[dict]]:
+        async with connected(server) as op:
+            await fresh_telemetry_stream(op, duplicate_window=0.5)
+            js = op.jetstream(timeout=TIMEOUT)
+            async with connected(server, device_identity(BOARD)) as nc:
+                board_js = nc.jetstream(timeout=TIMEOUT)
+                with pytest.raises(asyncio.TimeoutError):
+                    await drain_agent(nc, box, _AcksLost(board_js))._flush()
+                assert box.pending == 5  # no ack: kept, to be sent again
+                await asyncio.sleep(1.0)  # past the window
+                await drain_agent(nc, box, board_js)._flush()
+                assert box.pending == 0
+            async with connected(server, device_identity(OTHER)) as nc:  # another board, the same ids, its subject
+                other = nc.jetstream(timeout=TIMEOUT)
+                for seq in range(1, 6):
+                    mid = box.message_id(BOARD, seq)
+                    await other.publish(subject("telemetry", OTHER), json.dumps(
+                        {"device_id": OTHER, "kind": "request", "seq": seq, "msg_id": mid}).encode(),
+                        headers={"Nats-Msg-Id": mid + "-x"})
+            stored = (await js.stream_info(TELEMETRY_STREAM)).state.messages
+            return stored, await fleet.read_telemetry(js, BOARD), await fleet.read_telemetry(js)
+
+    stored, events, everyone = asyncio.run(run())
+    box.close()
+    assert stored == 15  # the resend stored again (outside the window), and the other board's five
+    assert [(e["n"], e["seq"]) for e in events] == [(i, i + 1) for i in range(5)]
+    assert all(e["msg_id"] == box.message_id(BOARD, e["seq"]) for e in events)
+    # all boards: each board's events once; the other's, whatever ids its bodies name, its own
+    assert sorted((e["device_id"], e["seq"]) for e in everyone) == sorted(
+        [(BOARD, s) for s in range(1, 6)] + [(OTHER, s) for s in range(1, 6)])
+
+
+@pytest.mark.parametrize("acks", ["come", "lost"])
+def test_events_the_bound_removes_while_their_batch_is_sent_count_as_dropped_only_if_lost(server, tmp_path, acks):
+    """Found by a fault hunt: the outbox full while a batch was on its way, the oldest (in that batch) were removed
+    and counted as dropped, then their acks came: `dropped: 5`, really lost 0. They count only if their acks do
+    not come."""
+    box = Outbox(tmp_path / "outbox.sqlite", max_events=10)
+    for i in range(10):
+        box.append({"device_id": BOARD, "kind": "request", "n": i})
+
+    async def run() -> int:
+        async with connected(server) as op:
+            await fresh_telemetry_stream(op)
+            await open_fleet(op)
+            async with connected(server, device_identity(BOARD)) as nc:
+                board_js = nc.jetstream(timeout=TIMEOUT)
+                js = _AnswersMeanwhile(board_js if acks == "come" else _AcksLost(board_js), box, 5)
+                with pytest.raises(asyncio.TimeoutError) if acks == "lost" else contextlib.nullcontext():
+                    await drain_agent(nc, box, js)._flush()
+                assert box.pending == 10 if acks == "lost" else box.pending == 0
+                await drain_agent(nc, box, board_js)._flush()  # what is left, on a link that works
+            return (await op.jetstream(timeout=TIMEOUT).stream_info(TELEMETRY_STREAM)).state.messages
+
+    stored = asyncio.run(run())
+    # ten in the batch (all stored), five that came meanwhile: none lost when the acks come; when they are lost,
+    # the five oldest were removed unacknowledged (stored in fact, but the board cannot know): counted
+    assert stored == 15
+    assert box.dropped == (0 if acks == "come" else 5)
+    assert box.pending == 0
+    box.close()
 
 
 # -- the model download: batched direct gets ---------------------------------------------------------------

@@ -303,12 +303,8 @@ class ModelStore:
         from then on an older one is refused even if this one never installs. Written to a new file renamed over
         the old one, flushed to disk: a power loss leaves the old bound or the new one."""
         check_sequence(desired, self.sequence(), self.newest())
-        tmp = self.root / f".{NEWEST}-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "w") as f:
-            json.dump({"sequence": desired.sequence, "digest": desired.digest(), "version": desired.version}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.root / NEWEST)
+        _write_atomically(self.root / NEWEST, {"sequence": desired.sequence, "digest": desired.digest(),
+                                               "version": desired.version})
 
     def staging(self) -> Path:
         path = self.models / f"{STAGING_PREFIX}{uuid.uuid4().hex[:8]}"

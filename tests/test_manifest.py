@@ -86,6 +86,7 @@ def test_an_upstream_context_loads(manifest):
     ({"router": {"confidence_threshold": {"cloud": 0.5}}}, "router.confidence_threshold.cloud: the top tier's"),
     # a fault hunt: 1e13 ms overflowed every deadline (INTERNAL on each call); 1e15 MB overflowed setrlimit
     ({"tiers__edge__timeout_ms": 10**13}, "tiers.edge.timeout_ms: 10000000000000 out of range"),
+    ({"nats__tls_ca": "no-such-ca.pem"}, "nats.tls_ca: file not found: "),  # a traceback at connect, in every process
     ({"nats__request_timeout_ms": 10**13}, "nats.request_timeout_ms: 10000000000000 out of range"),
     ({"device_agent": {"memory_max_mb": 10**15}}, "device_agent.memory_max_mb: 1000000000000000 out of range"),
     # a fault hunt: NaN passed every range (all comparisons with it are false), inf every unbounded one

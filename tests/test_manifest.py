@@ -86,7 +86,6 @@ def test_an_upstream_context_loads(manifest):
     ({"router": {"confidence_threshold": {"cloud": 0.5}}}, "router.confidence_threshold.cloud: the top tier's"),
     # a fault hunt: 1e13 ms overflowed every deadline (INTERNAL on each call); 1e15 MB overflowed setrlimit
     ({"tiers__edge__timeout_ms": 10**13}, "tiers.edge.timeout_ms: 10000000000000 out of range"),
-    ({"nats__tls_ca": "no-such-ca.pem"}, "nats.tls_ca: file not found: "),  # a traceback at connect, in every process
     ({"nats__request_timeout_ms": 10**13}, "nats.request_timeout_ms: 10000000000000 out of range"),
     ({"device_agent": {"memory_max_mb": 10**15}}, "device_agent.memory_max_mb: 1000000000000000 out of range"),
     # a fault hunt: NaN passed every range (all comparisons with it are false), inf every unbounded one
@@ -129,6 +128,15 @@ def test_a_memory_cap_below_what_the_agent_uses_is_refused_naming_it(manifest):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "device_agent.memory_max_mb: 1 MB leaves the agent no room" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_missing_nats_ca_is_one_line_naming_it(manifest):
+    """A fault hunt: a nats.tls_ca that is not there was a FileNotFoundError traceback (exit 1) in the edge, the
+    router and the device agent, at their connect."""
+    proc = subprocess.run([sys.executable, "-m", "tierline_edge_node", "--manifest",
+                           str(manifest(nats__tls_ca="no-such-ca.pem"))], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "nats.tls_ca: file not found" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_a_tier_process_exits_2_on_a_bad_manifest(manifest):

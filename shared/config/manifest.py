@@ -419,8 +419,6 @@ def load_manifest(path: str | Path, check_artifacts: bool = True) -> Manifest:
             if not (tier.upstream.url or tier.elsewhere) and not getattr(tier, f):
                 raise ManifestError(f"{path}: tiers.{name}.{f}: required field missing (or tiers.{name}.upstream)")
     if check_artifacts:
-        if manifest.nats.tls_ca and not manifest.resolve(manifest.nats.tls_ca).is_file():  # not a traceback at connect
-            raise ManifestError(f"{path}: nats.tls_ca: file not found: {manifest.resolve(manifest.nats.tls_ca)}")
         for name, tier in manifest.tiers.items():
             if tier.upstream.url or tier.elsewhere:
                 continue  # no local model

@@ -511,6 +511,8 @@ class NatsOptions:
         """The manifest's `nats:` section as `identity` connects with it (every process names its own:
         shared/security/identities.py). With `nats.credentials`, the identity's seed file is read there."""
         n = manifest.nats
+        if n.tls_ca and not manifest.resolve(n.tls_ca).is_file():  # ValueError, which every process names; not a
+            raise ValueError(f"{manifest.path}: nats.tls_ca: file not found: {manifest.resolve(n.tls_ca)}")  # trace
         opts = cls(url=n.url, user=n.user, password=n.password, connect_timeout_s=n.connect_timeout_ms / 1000,
                    tls_ca=str(manifest.resolve(n.tls_ca)) if n.tls_ca else "")
         if n.credentials:

@@ -186,10 +186,24 @@ async def open_fleet(nc, board: bool = False) -> Fleet:
                             storage=api.StorageType.FILE, duplicate_window=TELEMETRY_DUPLICATE_WINDOW_S,
                             max_msgs=TELEMETRY_MAX_MSGS, max_msgs_per_subject=TELEMETRY_MAX_MSGS_PER_BOARD)
     else:
-        window = min(TELEMETRY_DUPLICATE_WINDOW_S, config.max_age or math.inf)
+        # raised to ours, never lowered (an operator's longer window stays), within the operator's max_age
+        window = min(max(config.duplicate_window or 0, TELEMETRY_DUPLICATE_WINDOW_S), config.max_age or math.inf)
         await _settle(js, TELEMETRY_STREAM, config, max_msgs_per_subject=TELEMETRY_MAX_MSGS_PER_BOARD,
                       duplicate_window=window)
     return Fleet(js, await kv(DEVICES_BUCKET), await kv(DESIRED_BUCKET), models)
+
+
+def _event(msg) -> dict | None:
+    """A telemetry message's event: a JSON object whose device_id is the board its subject names; None for anything
+    else (a stolen board can have the server store an answer, protobuf or a PubAck, on any board's subject by naming
+    it as a reply subject: docs/SECURITY.md), which must not stop the operator reading the others."""
+    try:
+        event = json.loads(msg.data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(event, dict) or event.get("device_id") != msg.subject.rsplit(".", 1)[-1]:
+        return None
+    return event
 
 
 async def _settle(js, stream: str, config: api.StreamConfig | None = None, **settings) -> None:
@@ -223,8 +237,10 @@ async def read_telemetry(js, device_id: str | None = None, timeout_s: float = JS
         while left > 0:
             for msg in await sub.fetch(min(left, READ_BATCH), timeout=timeout_s):
                 left = msg.metadata.num_pending
-                event = json.loads(msg.data)
-                mid = event.get("msg_id") if isinstance(event, dict) else None
+                event = _event(msg)
+                if event is None:  # not a board's event (a server's answer a stolen board had stored there)
+                    continue
+                mid = event.get("msg_id")
                 mid = mid if isinstance(mid, str) else (msg.headers or {}).get("Nats-Msg-Id")
                 if mid is not None and (msg.subject, mid) in seen:
                     continue  # a resend the duplicate window did not catch
@@ -625,9 +641,11 @@ class FleetAgent:
             # recorded first: if the agent dies in the load or the check (the OOM killer, a crash in the runtime on
             # this model, a power cut), the next boot removes the candidate, reports it and, after
             # MAX_CRASHED_ATTEMPTS, does not try this manifest again
-            await loop.run_in_executor(None, self.store.begin_attempt, desired)
+            # on the loop (a small file): a stop's cancel then finds the record written, never one a thread is
+            # still writing after the cleanup below removed it
+            self.store.begin_attempt(desired)
             engine = await loop.run_in_executor(None, load_candidate, installed, self.threads)
-            await loop.run_in_executor(None, self.store.attempt_step, "health_check")
+            self.store.attempt_step("health_check")
             accuracy = await loop.run_in_executor(None, health_check, engine, self.cfg.health_problems,
                                                   self.cfg.health_min_token_accuracy)
         except BaseException:

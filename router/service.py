@@ -201,12 +201,14 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
                     used = 0  # refused by the tiers for its own fields: the call counts, as for a unary request
                 raise
             finally:
-                # closed at once when our client goes away, so the tier hears the cancel now, not at GC
-                await chunks.aclose()
-                # no final chunk: nothing sent costs nothing; a stream cut short costs what its chunks said
-                if used is None and last is not None and admission is not None:
-                    used = cut_short_cost(request, seen, admission.reserved_tokens)
-                await self.gate.settle(admission, used)
+                try:
+                    # closed at once when our client goes away, so the tier hears the cancel now, not at GC
+                    await chunks.aclose()
+                finally:  # settled even when a second cancel (a stop) ends the close
+                    # no final chunk: nothing sent costs nothing; a stream cut short costs what its chunks said
+                    if used is None and last is not None and admission is not None:
+                        used = cut_short_cost(request, seen, admission.reserved_tokens)
+                    await self.gate.settle(admission, used)
 
     def _chunk_timed(self, chunk: pb.InferResponse, t0: float, last: float | None) -> float:
         """A stream's time to its first chunk, then between chunks (what its client sees); returns now."""

@@ -876,9 +876,14 @@ def test_an_update_the_agent_is_stopped_in_is_no_crash(tiny_family):
         state = s.workdir / "device-state"
         wait_for(lambda: reported(s)["status"] == "serving", "the board registered")
         publish(s, "v-stop", tflite, config)
-        wait_for(lambda: (state / "models" / "v-stop" / "manifest.json").is_file()
-                 and reported(s)["status"] == "updating", "the candidate installed")
-        time.sleep(0.3)  # loaded, being checked
+
+        def checking() -> bool:  # the attempt record says the candidate is in its health check
+            try:
+                return json.loads((state / "attempt.json").read_text())["step"] == "health_check"
+            except (OSError, ValueError, KeyError):
+                return False
+
+        wait_for(checking, "the candidate in its health check")  # checked about 2 s: polled every 0.1 s
         s.kill("device-0", signal.SIGTERM)
         assert not (state / "attempt.json").exists() and not (state / "models" / "v-stop").exists()
         s.procs.remove(next(p for p in s.procs if p.name == "device-0"))

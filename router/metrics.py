@@ -119,9 +119,10 @@ class RouterMetrics(MetricsEndpoint):
     def escalated(self, from_tier: str, to_tier: str, reason: str) -> None:
         self.escalations.labels(self.model_name, from_tier, to_tier, reason).inc()
 
-    def asked(self, path: Iterable[pb.Attempt]) -> None:
-        """The tiers one request asked (its escalation path), each once."""
-        for tier in dict.fromkeys(a.tier for a in path):
+    def asked(self, path: Iterable[pb.Attempt], last: str | None = None) -> None:
+        """The tiers one request asked (its escalation path, and `last`, the one it was asking when it ended:
+        not in its path when its asker left first), each once."""
+        for tier in dict.fromkeys([*(a.tier for a in path), *([last] if last else [])]):
             self.tier_requests.labels(self.model_name, tier).inc()
 
     def first_chunk(self, tier: str, since_s: float) -> None:

@@ -68,6 +68,7 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
         tier, score = self.policy.decide(req.prompt, self.tiers)
         cascade = Cascade(self.policy, tier, self.tiers, self.retries_per_tier, on_escalate=self.metrics.escalated)
         end = self._replica_wait_end(deadline)
+        asking = None  # the tier being asked: counted though its asker leaves before it answers
         try:
             while True:
                 while (tier := cascade.next_tier()) is not None:
@@ -79,6 +80,7 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
                         cascade.expired(tier)
                         break
                     req.draft = cascade.draft_for(req, self.limits.max_prompt_chars)
+                    asking = tier
                     try:
                         cascade.answered(tier, await self._ask(tier, req, left, cascade.after_silence))
                     except Exception as exc:  # noqa: BLE001 - the cascade sorts failures (raises what is not one)
@@ -86,7 +88,7 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
                 if not await self._waited(cascade.again(), end):
                     break
         finally:
-            self.metrics.asked(cascade.path)
+            self.metrics.asked(cascade.path, asking)
         out_of_time = deadline is not None and deadline <= time.monotonic()
         return self._finish(cascade.decision(out_of_time), score, t0)
 
@@ -227,10 +229,11 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
         cascade = Cascade(self.policy, first, self.tiers, self.retries_per_tier, on_escalate=self.metrics.escalated,
                           keep_first_answer=True)
         end = self._replica_wait_end(None)
+        asking = None  # the tier being asked: counted though its asker leaves before it answers
         try:
             while True:
                 while (tier := cascade.next_tier()) is not None:
-                    started = False
+                    started, asking = False, tier
                     try:
                         # closed at once when our client goes away, so the tier hears the cancel now, not at GC
                         chunks = stream_tier(self.nc, tier, request, self.request_timeout_s, cascade.after_silence)
@@ -254,7 +257,7 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
                 if not await self._waited(cascade.again(), end):
                     break
         finally:
-            self.metrics.asked(cascade.path)
+            self.metrics.asked(cascade.path, asking)
         cascade.decision()  # nothing streamed, so this raises: the refusal, or UNAVAILABLE naming what each tier did
 
     def _known_replicas(self, tier: str, stats: list[dict]) -> list[tuple[dict, float]]:

@@ -682,6 +682,7 @@ def test_a_client_that_hangs_up_cancels_its_request_as_over_grpc(stack):
     cancelled = {"outcome": "cancelled"}
     before = (scrape(stack, "router").value("tierline_router_requests_total", **cancelled),
               scrape(stack, "edge-0").value("tierline_requests_total", **cancelled))
+    asked_edge = scrape(stack, "router").value("tierline_router_tier_requests_total", tier="edge")
     (http_id, http_key), (grpc_id, grpc_key) = new_key(stack, "pro"), new_key(stack, "pro")
     body = json.dumps({"model": MODEL, "prompt": "Q:4+3=?\nA:", "max_tokens": 32}).encode()
     core.suspend()
@@ -706,5 +707,7 @@ def test_a_client_that_hangs_up_cancels_its_request_as_over_grpc(stack):
             break
         time.sleep(0.2)
     assert (after[0] - before[0], after[1] - before[1]) == (2, 2), (before, after)
+    # both asked the edge, though neither waited for its answer (a fault hunt: such asks were not counted)
+    assert scrape(stack, "router").value("tierline_router_tier_requests_total", tier="edge") - asked_edge == 2
     spent = [(u["calls_today"], u["tokens_today"]) for u in (usage(stack, http_id), usage(stack, grpc_id))]
     assert spent[0] == spent[1], spent  # the HTTP client's key is charged what the gRPC client's is

@@ -47,31 +47,6 @@ STOP_TIMEOUT_S = 5.0
 LOG_TAIL_CHARS = 2000  # of a child's log, in the error when it exits before it is ready
 TIER_MODULES = {"cloud": "tierline_cloud_node", "edge": "tierline_edge_node", "device": "tierline_device_agent"}
 ROUTER_MODULE = "tierline_router"
-PR_SET_PDEATHSIG = 1  # prctl(2)
-
-
-def _prctl():
-    """libc's prctl, looked up here and not in a forked child (a dlopen after fork may wait on a lock forever);
-    None where there is none (not Linux)."""
-    try:
-        import ctypes
-
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-_PRCTL = _prctl()
-
-
-def _stops_with_us():
-    """Popen's preexec_fn: the child gets SIGTERM when the thread that starts it ends (PR_SET_PDEATHSIG): a
-    supervisor killed outright (SIGKILL, the OOM killer) leaves no nats-server, tier or router running on its
-    ports as orphans. Only from the main thread, which lives as long as the supervisor (a thread's children
-    would be stopped when that thread ends); None elsewhere, or where there is no prctl."""
-    if _PRCTL is None or threading.current_thread() is not threading.main_thread():
-        return None
-    return lambda: _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def nats_server_binary() -> str:
@@ -132,8 +107,7 @@ def spawn(name: str, argv: list[str], log_path: Path, timeout_s: float = READY_T
     log = open(log_path, "w")
     try:
         popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True,
-                                 env={**(env or os.environ), "PYTHONUNBUFFERED": "1"}, start_new_session=True,
-                                 preexec_fn=_stops_with_us())
+                                 env={**(env or os.environ), "PYTHONUNBUFFERED": "1"}, start_new_session=True)
     except BaseException:
         log.close()
         raise
@@ -272,8 +246,7 @@ class NatsServer:
         ports = self.workdir / "ports"
         ports.mkdir(exist_ok=True)
         self.proc = subprocess.Popen([nats_server_binary(), "-c", str(conf), "--ports_file_dir", str(ports)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                                     preexec_fn=_stops_with_us())
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             files = list(ports.glob(f"*_{self.proc.pid}.ports"))

@@ -3,7 +3,6 @@ traceback, no silent wait, no file written unasked."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import time
@@ -180,36 +179,3 @@ def test_a_key_given_twice_in_a_manifest_is_one_line_naming_it_before_any_work(t
     one_line_error(run_cli("route", "calibrate", "--target-edge-share", "0.9", "--n", "30", "--manifest",
                            str(manifest), timeout=120), str(manifest), "router: given twice")
     assert time.monotonic() - t0 < 60  # refused up front, not after running the tiers
-
-
-def test_a_supervisor_killed_outright_leaves_no_platform_behind(tiny_family):
-    """Found by a fault hunt: `tierline up` SIGKILLed (the OOM killer, `kill -9`) left nats-server, the tiers and the
-    router running as orphans on their ports, and a second `up` started a second platform beside them. Its children
-    now get SIGTERM when it dies (PR_SET_PDEATHSIG) and stop as they do on `make down`."""
-    import signal
-    import subprocess
-    import sys
-
-    import psutil
-
-    script = ("import sys, time\nfrom tierline_infra.supervisor import Stack\n"
-              "s = Stack(sys.argv[1], tiers=('edge',)).start()\nprint('up', flush=True)\ntime.sleep(600)\n")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    sup = subprocess.Popen([sys.executable, "-c", script, str(tiny_family)], stdout=subprocess.PIPE, text=True,
-                           env=env, start_new_session=True)
-    children = []
-    try:
-        assert sup.stdout.readline().strip() == "up"
-        children = psutil.Process(sup.pid).children(recursive=True)
-        names = " ".join(" ".join(c.cmdline()) for c in children)
-        assert "nats-server" in names and "tierline_edge_node" in names and "tierline_router" in names, names
-        sup.send_signal(signal.SIGKILL)
-        sup.wait(timeout=10)
-        _, alive = psutil.wait_procs(children, timeout=30)
-        assert not alive, [" ".join(p.cmdline()) for p in alive]
-    finally:
-        for c in children:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                c.kill()
-        if sup.poll() is None:
-            sup.kill()

@@ -640,9 +640,8 @@ class FleetAgent:
         try:
             # recorded first: if the agent dies in the load or the check (the OOM killer, a crash in the runtime on
             # this model, a power cut), the next boot removes the candidate, reports it and, after
-            # MAX_CRASHED_ATTEMPTS, does not try this manifest again
-            # on the loop (a small file): a stop's cancel then finds the record written, never one a thread is
-            # still writing after the cleanup below removed it
+            # MAX_CRASHED_ATTEMPTS, does not try this manifest again. Written on the loop (a small file), so a stop's
+            # cancel never finds a thread still writing a record the cleanup below has removed
             self.store.begin_attempt(desired)
             engine = await loop.run_in_executor(None, load_candidate, installed, self.threads)
             self.store.attempt_step("health_check")

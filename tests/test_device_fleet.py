@@ -815,20 +815,27 @@ def test_a_candidate_that_never_passed_its_check_is_never_kept_nor_booted(tiny_f
     assert ModelStore(tmp_path / "state").current() == v2 and (v2 / "verified").is_file()
 
 
+@contextlib.contextmanager
+def slow_check_board(tiny_family: Path):
+    """A registered board whose health check of a candidate takes about 2 s (1000 problems, any accuracy passes):
+    time to kill or stop the agent in it. Yields the stack and the board's state dir."""
+    overrides = {
+        "device_agent": {"device_id": DEVICE, "heartbeat_s": HEARTBEAT_S, "stale_after_beats": 3,
+                         "memory_max_mb": MEMORY_MAX_MB, "health_min_token_accuracy": 0.0,
+                         "health_problems": 1000},
+    }
+    with Stack(tiny_family, tiers=("device",), router=False, jetstream=True, overrides=overrides) as s:
+        wait_for(lambda: reported(s)["status"] == "serving", "the board registered")
+        yield s, s.workdir / "device-state"
+
+
 def test_an_update_the_agent_dies_in_is_reported_and_not_tried_forever(tiny_family):
     """SIGKILL while the candidate is health-checked (the OOM killer, a crash in the runtime on that model, a power
     cut): the next boot removes the candidate, reports the crash and tries once more; after the second crash the
     board serves on and does not try that manifest again until a new one is set. The old agent left the
     candidate on disk, reported nothing and retried it on every boot: a model that kills the agent crash-looped it."""
-    overrides = {
-        "device_agent": {"device_id": DEVICE, "heartbeat_s": HEARTBEAT_S, "stale_after_beats": 3,
-                         "memory_max_mb": MEMORY_MAX_MB, "health_min_token_accuracy": 0.0,
-                         "health_problems": 1000},  # a check of about 2 s: the agent is killed in it
-    }
     tflite, config = tiny_bytes(tiny_family)
-    with Stack(tiny_family, tiers=("device",), router=False, jetstream=True, overrides=overrides) as s:
-        state = s.workdir / "device-state"
-        wait_for(lambda: reported(s)["status"] == "serving", "the board registered")
+    with slow_check_board(tiny_family) as (s, state):
         before = reported(s)["model"]["version"]
         publish(s, "v-crash", tflite, config)
         for attempt in (1, 2):
@@ -866,15 +873,8 @@ def test_an_update_the_agent_is_stopped_in_is_no_crash(tiny_family):
     record now, and the next start tries the update as if for the first time."""
     import signal
 
-    overrides = {
-        "device_agent": {"device_id": DEVICE, "heartbeat_s": HEARTBEAT_S, "stale_after_beats": 3,
-                         "memory_max_mb": MEMORY_MAX_MB, "health_min_token_accuracy": 0.0,
-                         "health_problems": 1000},  # a check of about 2 s: the agent is stopped in it
-    }
     tflite, config = tiny_bytes(tiny_family)
-    with Stack(tiny_family, tiers=("device",), router=False, jetstream=True, overrides=overrides) as s:
-        state = s.workdir / "device-state"
-        wait_for(lambda: reported(s)["status"] == "serving", "the board registered")
+    with slow_check_board(tiny_family) as (s, state):
         publish(s, "v-stop", tflite, config)
 
         def checking() -> bool:  # the attempt record says the candidate is in its health check

@@ -40,8 +40,6 @@ from tierline_shared.transport.messaging import Offline, TierError
 from tierline_shared.transport.tier_service import TierService
 from tierline_shared.wire import TIERS
 
-RETIRE_GRACE_S = 1.0  # an old engine's scheduler lives this long after it has nothing left (late submits)
-
 
 class DeviceAgentServicer(TierServicer):
     def __init__(self, *args, policy: Policy, upstream_timeout_s: float,
@@ -68,10 +66,7 @@ class DeviceAgentServicer(TierServicer):
             self.served = Served(engine, scheduler, LRUCache(self.cache.size))
 
         def retire() -> None:
-            while old.scheduler.busy:  # what it queued or runs finishes on the old model
-                time.sleep(0.05)
-            time.sleep(RETIRE_GRACE_S)
-            old.scheduler.close()
+            old.scheduler.retire()  # what it queued or runs finishes on the old model; a late submit goes to the new
             old.engine.close()
 
         threading.Thread(target=retire, name="retire-engine", daemon=True).start()

@@ -125,6 +125,44 @@ def test_a_model_update_keeps_the_old_models_answers_out_of_the_new_ones_cache()
         s.scheduler.close()
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_queued_after_a_model_update_retired_the_old_model_is_served_by_the_new_one(stream):
+    """Found by a review: a request that had read the model (validated, checked still current) and was queued
+    just after an update replaced it went to the old model's scheduler, which retired once idle plus a 1 s grace:
+    queued after that, it failed ("scheduler is closed", INTERNAL), and queued within the grace but running past
+    it, it failed when the old scheduler closed. An old model's scheduler now takes no new request once replaced
+    (`Scheduler.retire`), and the request is queued on the new model. The update is made to land inside the old
+    scheduler's submit, with a stall there longer than the old grace."""
+    import dataclasses
+
+    from tierline_device_agent.agent import DeviceAgentServicer
+
+    old = random_torch_engine(seed=3, tier="device")
+    new = random_torch_engine(seed=4, tier="device")
+    new.info = dataclasses.replace(new.info, version="1")
+    s = DeviceAgentServicer(old, policy=None, upstream_timeout_s=5.0)
+    old_scheduler = s.scheduler
+    submit = old_scheduler.submit
+
+    def submit_as_the_update_lands(*args, **kwargs):
+        s.swap_engine(new)
+        time.sleep(1.5)  # the old scheduler, idle, retires meanwhile
+        return submit(*args, **kwargs)
+
+    old_scheduler.submit = submit_as_the_update_lands
+    try:
+        if stream:
+            *chunks, last = list(s.stream(_request(6), timeout_s=30.0))
+            text = "".join(c.choices[0].text for c in chunks)
+        else:
+            last = s.begin(_request(6), 30.0).result(30)
+            text = last.choices[0].text
+        assert last.model_version == "1"
+        assert text == new.generate(PROMPT, GenerationParams(max_tokens=6)).text
+    finally:
+        s.scheduler.close()
+
+
 def test_a_request_validated_while_a_model_update_lands_is_queued_on_the_new_model(monkeypatch):
     """Found by a review: a request read the model, was validated, and was queued on that model's scheduler even
     when an update had replaced it meanwhile; the old scheduler retires once idle, so a stall there could meet a

@@ -32,6 +32,7 @@ from tierline_shared.config.manifest import BatchConfig
 from tierline_shared.runtime.engine import Engine, GenerationParams, GenerationResult
 from tierline_shared.runtime.runner import Sequence
 
+RETIRE_POLL_S = 0.05  # how often a retiring scheduler looks whether what it holds has finished
 END = object()  # put on a stream's queue after its last chunk; the ticket's future then holds the result
 
 
@@ -53,6 +54,11 @@ class Piece(str):
 
 class QueueFull(RuntimeError):
     """The bounded queue is full: the caller should back off (RESOURCE_EXHAUSTED)."""
+
+
+class Retired(RuntimeError):
+    """Refused by a scheduler whose model an update replaced (`Scheduler.retire`): queue the request on the model
+    that replaced it (the servicer reads the served model again: `TierServicer._queued`)."""
 
 
 class DeadlineExceeded(RuntimeError):
@@ -131,6 +137,7 @@ class Scheduler:
         self._seq = itertools.count()
         self._cv = threading.Condition()
         self._closed = False
+        self._retiring = False  # replaced by an update: what it holds finishes, nothing new is taken (`retire`)
         self._worker = threading.Thread(target=self._run, name="scheduler", daemon=True)
         self._worker.start()
 
@@ -163,6 +170,8 @@ class Scheduler:
         req = _Request((-priority, next(self._seq)), prompt, params, None if timeout_s is None else now + timeout_s,
                        now, fut, chunks if stream else None, ids=ids)
         with self._cv:
+            if self._retiring:  # closed by now or not: the request belongs on the new model
+                raise Retired("this model was replaced by an update")
             if self._closed:
                 raise RuntimeError("scheduler is closed")
             gone = self._purge() if len(self._heap) >= self.config.max_queue else []
@@ -174,6 +183,16 @@ class Scheduler:
         if full:
             raise QueueFull(f"queue full ({self.config.max_queue} requests waiting)")
         return Ticket(fut, req)
+
+    def retire(self) -> None:
+        """Take no new request (`submit` raises `Retired`), let what is queued or running finish, then close; blocks
+        until then (the caller's own thread). What a submitter had read of the old model before the update goes to
+        the new one instead: no request is failed by the old one closing under it."""
+        with self._cv:
+            self._retiring = True
+        while self.busy:
+            time.sleep(RETIRE_POLL_S)
+        self.close()
 
     def close(self) -> None:
         """Stop: requests waiting or running fail ("server shutting down")."""

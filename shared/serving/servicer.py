@@ -43,6 +43,7 @@ from tierline_shared.runtime.scheduler import (
     DeadlineExceeded,
     Piece,
     QueueFull,
+    Retired,
     Scheduler,
 )
 from tierline_shared.transport.grpc_server import DEFAULT_WORKERS
@@ -357,8 +358,7 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
                     self.metrics.observe_cached(total_s)
                 answer.set_result(resp)
                 return answer
-            ticket = served.scheduler.submit(req.prompt, params, priority=_priority(req),
-                                             timeout_s=self._timeout(timeout_s))
+            served, params, ticket = self._queued(req, served, params, timeout_s)
         except Exception as exc:  # bad input or a full queue: refused before any work
             self._failed(exc)
             raise
@@ -403,12 +403,24 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
 
     def _validated(self, req: pb.InferRequest) -> tuple[Served, GenerationParams]:
         """The model served now and the request's parameters, validated against it; again if an update replaced it
-        meanwhile (the old one's scheduler retires once idle: a request must be queued on the model it read)."""
+        meanwhile (a request is queued on the model it read: `_queued`)."""
         while True:
             served = self.served
             params = validate(req, served.engine, self.limits, served.engine.info.model)
             if served is self.served:
                 return served, params
+
+    def _queued(self, req: pb.InferRequest, served: Served, params: GenerationParams, timeout_s: float | None,
+                stream: bool = False):
+        """Queue `req` on the model it was validated against; if an update replaced that model since it was read,
+        its scheduler takes no new request (`Scheduler.retire`): validated again and queued on the new one (whose
+        result cache starts empty: nothing to look up)."""
+        while True:
+            try:
+                return served, params, served.scheduler.submit(req.prompt, params, priority=_priority(req),
+                                                               timeout_s=self._timeout(timeout_s), stream=stream)
+            except Retired:
+                served, params = self._validated(req)
 
     @staticmethod
     def _response(request_id: str, out: BatchedResult, t0: float, info) -> pb.InferResponse:
@@ -447,8 +459,7 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
         t0 = time.perf_counter()
         try:
             served, params = self._validated(request)  # one model for the whole stream (`Served`)
-            ticket = served.scheduler.submit(request.prompt, params, priority=_priority(request),
-                                             timeout_s=self._timeout(timeout_s), stream=True)
+            served, params, ticket = self._queued(request, served, params, timeout_s, stream=True)
         except Exception as exc:  # bad input or a full queue: refused before any work
             self._failed(exc)
             raise

@@ -116,7 +116,7 @@ def test_a_tokenizer_saved_by_tokenizers_alone_is_served_with_the_configs_end_to
     assert sorted(p.name for p in src.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
 
     out = tmp_path / "out"
-    proc = run_cli("models", "import", str(src), "--out", str(out), "--device-context", "64", "--device-ratio", "0.6",
+    proc = run_cli("models", "import", str(src), "--out", str(out), "--device-context", "32", "--device-ratio", "0.6",
                    timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "tokenizer_config.json").read_text()) == {"bos_token": "<s>", "eos_token": "</s>"}
@@ -194,7 +194,7 @@ def test_an_end_token_outside_tokenizer_config_is_served_as_transformers_generat
     assert theirs.eos_token == ("</s>" if layout == "special_tokens_map" else None)  # else generate's ids say
 
     out = tmp_path / "out"
-    proc = run_cli("models", "import", str(src), "--out", str(out), "--device-context", "64", "--device-ratio", "0.6",
+    proc = run_cli("models", "import", str(src), "--out", str(out), "--device-context", "32", "--device-ratio", "0.6",
                    timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "cloud" / "tokenizer_config.json").read_bytes() == (src / "tokenizer_config.json").read_bytes()
@@ -357,7 +357,7 @@ def test_a_hugging_face_name_is_imported_and_asked_for_by_the_openai_client(tmp_
 
     name = "acme/tiny-llama"
     src, out = llama_checkpoint(tmp_path / "src", shard=False), tmp_path / "out"
-    proc = run_cli("models", "import", str(src), "--out", str(out), "--name", name, "--device-context", "64",
+    proc = run_cli("models", "import", str(src), "--out", str(out), "--name", name, "--device-context", "32",
                    "--device-ratio", "0.6", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "manifest.json").read_text())["model_name"] == name

@@ -246,6 +246,26 @@ def test_registers_and_heartbeats(agent, tiny_family):
     assert fleet_rows({DEVICE: later}, now=later["last_heartbeat"] + (n + 1) * beat)[0]["state"] == "stale"
 
 
+def test_a_board_that_wrote_the_longest_heartbeat_a_manifest_allows_is_stale_after_the_operators(agent):
+    """A stolen board writes its own entry: with the longest heartbeat settings a manifest allows (a day, 1,000
+    beats) it stayed `serving` in `tierline devices list` for 1,000 days after it stopped beating (revoked, its
+    identity gone). The operator's manifest's `heartbeat_s` x `stale_after_beats` now bounds it: stale after that,
+    as a board that keeps the operator's settings is."""
+    now = time.time()
+    forged = {"device_id": "pi-slow", "status": "serving", "last_heartbeat": now - 60, "heartbeat_s": 86400,
+              "stale_after_beats": 1000, "model": {"version": "v1"}, "load": {"queue": 0, "requests": 0, "rss_mb": 1},
+              "arch": "aarch64", "outbox": {"pending": 0, "dropped": 0}}
+    fleet_call(agent, lambda f: f.devices.put("pi-slow", json.dumps(forged).encode()))
+    try:
+        listed = run_cli("devices", "list", "--manifest", str(agent.manifest), "--json", timeout=60)
+        assert listed.returncode == 0, listed.stderr
+        rows = {d["device"]: d for d in json.loads(listed.stdout)["devices"]}
+        assert rows["pi-slow"]["state"] == "stale", rows["pi-slow"]  # 60 s without a beat; the operator's: 3 x 0.2 s
+        assert rows[DEVICE]["state"] == "serving"  # the board that beats on the operator's settings
+    finally:
+        fleet_call(agent, lambda f: f.devices.purge("pi-slow"))
+
+
 def test_memory_cap_and_threads_come_from_the_manifest(agent):
     pid = agent.procs[0].popen.pid
     limits = Path(f"/proc/{pid}/limits").read_text()

@@ -1,16 +1,14 @@
 """`tierline devices list | set-model | provision | revoke | bench`: the device fleet from an operator's seat.
 
-`list` reads every device's reported state from the JetStream KV bucket and
-marks the ones whose last heartbeat is older than their own `stale_after_beats`
-beats (the device is named by its key, the one a board may write; a body that is
-not a well-formed report of that device is an `invalid` row, so a stolen board can
-neither crash the listing nor pose as another board); `set-model` uploads a .tflite
-and its config.json to the Object Store and sets the device's desired model, an
-update manifest signed with the operator's key (the agent verifies signature, expiry
-and sequence, then installs, health-checks and reports); `provision` gives a board
-its own NATS identity, `revoke` takes it away;
-`bench --profile pi` measures the device model as a Pi-class board would run it (one
-core, one thread), through device_agent/profile.py as `make bench` does.
+`list` reads every device's reported state from the JetStream KV bucket and marks the ones whose last heartbeat
+is older than their own `stale_after_beats` beats, or the operator's manifest's if fewer seconds (the device is
+named by its key, the one a board may write; a body that is not a well-formed report of that device is an
+`invalid` row, so a stolen board can neither crash the listing nor pose as another board); `set-model` uploads a
+.tflite and its config.json to the Object Store and sets the device's desired model, an update manifest signed
+with the operator's key (the agent verifies signature, expiry and sequence, then installs, health-checks and
+reports); `provision` gives a board its own NATS identity, `revoke` takes it away; `bench --profile pi` measures
+the device model as a Pi-class board would run it (one core, one thread), through device_agent/profile.py as
+`make bench` does.
 """
 
 from __future__ import annotations
@@ -170,10 +168,13 @@ def _clip(value):
     return value[:MAX_TEXT - len(CUT)] + CUT if isinstance(value, str) and len(value) > MAX_TEXT else value
 
 
-def fleet_rows(entries: dict[str, object], now: float | None = None) -> list[dict]:
+def fleet_rows(entries: dict[str, object], now: float | None = None, stale_after_s: float | None = None) -> list[dict]:
     """One row per registry key (the device id), from its entry's body (bytes, or already decoded).
 
-    `state` is "stale" after the device's own number of missed beats, "invalid" when the body
+    `state` is "stale" after the device's own number of missed beats, or after `stale_after_s` (the operator's
+    manifest's `heartbeat_s` x `stale_after_beats`) if that comes first: a board's own settings are what it wrote,
+    and a stolen one that wrote the longest a manifest allows (1,000 beats of a day) would stay `serving` for years
+    after its revocation. "invalid" when the body
     is not a report of that device (`invalid` then says why). Whatever a board wrote, a row's texts are at most
     MAX_TEXT characters (cut, marked) and its numbers finite, so the table stays a table and --json stays JSON.
     """
@@ -188,8 +189,9 @@ def fleet_rows(entries: dict[str, object], now: float | None = None) -> list[dic
             continue
         age = now - r["last_heartbeat"]
         ota = r.get("ota") or {}
+        stale_after = min(r["stale_after_beats"] * r["heartbeat_s"], stale_after_s or math.inf)
         row = {"device": key,
-               "state": "stale" if age > r["stale_after_beats"] * r["heartbeat_s"] else r["status"],
+               "state": "stale" if age > stale_after else r["status"],
                "model": r["model"]["version"], "ota": ota.get("status", "-"), "code": ota.get("code", "-"),
                "queue": r["load"]["queue"], "requests": r["load"]["requests"], "rss_mb": r["load"]["rss_mb"],
                "arch": r["arch"], "beat_age_s": round(max(age, 0.0), 1),  # a clock a little ahead: just now
@@ -212,8 +214,10 @@ async def read_devices(fleet) -> dict[str, bytes]:
 
 
 def cmd_list(args) -> int:
-    _, opts = _nats_options(args.manifest)
-    rows = fleet_rows(asyncio.run(_with_fleet(opts, read_devices)))
+    manifest, opts = _nats_options(args.manifest)
+    fleet = manifest.device_agent
+    rows = fleet_rows(asyncio.run(_with_fleet(opts, read_devices)),
+                      stale_after_s=fleet.heartbeat_s * fleet.stale_after_beats)
     # allow_nan=False: never NaN or Infinity, which are not JSON (fleet_rows leaves none)
     print(json.dumps({"devices": rows}, allow_nan=False) if args.json else render(rows) if rows else
           "no devices registered")

@@ -70,7 +70,7 @@ async def serve(manifest_path: str) -> int:
     except RuntimeError as exc:  # the port is taken (by another router, say)
         print(f"router: error: router.grpc_host / grpc_port: {exc}", file=sys.stderr)
         await nc.close()
-        gate.close()
+        await gate.close()
         return EXIT_BAD_MANIFEST
     await server.start()
     # a cloud that forwards to an upstream engine tokenizes there: chat prompts stay plain text for it
@@ -92,7 +92,7 @@ async def serve(manifest_path: str) -> int:
             await batch.stop()
         await asyncio.gather(*([http.stop()] if http else []), server.stop(0))
         await nc.close()
-        gate.close()
+        await gate.close()
         metrics.stop()
         return EXIT_BAD_MANIFEST
     await set_serving_async(health_servicer)  # ready: every door is open
@@ -107,10 +107,10 @@ async def serve(manifest_path: str) -> int:
     if batch:
         await batch.stop()
     # both doors close together (aiohttp: up to 2 x SHUTDOWN_TIMEOUT_S; gRPC: its grace), then the NATS drain
-    # (DRAIN_TIMEOUT_S): within the supervisor's STOP_TIMEOUT_S
+    # (DRAIN_TIMEOUT_S) and, beside it, the key store's wait for the usage of the requests just ended
+    # (SETTLE_TIMEOUT_S: it needs no NATS of the router's): within the supervisor's STOP_TIMEOUT_S
     await asyncio.gather(*([http.stop()] if http else []), server.stop(grace=GRPC_GRACE_S))
-    await nc.drain()
-    gate.close()
+    await asyncio.gather(nc.drain(), gate.close())
     metrics.stop()
     return 0
 

@@ -19,7 +19,8 @@ before it, e.g. for a bad field, checks the key alone, so 401/403 still come fir
 A store that cannot answer now (the file write-locked by another process for longer
 than BUSY_TIMEOUT_S, NATS KV unreachable) refuses requests as UNAVAILABLE (the requests
 queued behind the one that waited for it with it, at once: `Gate._on_store_thread`), which
-clients retry (`Gate`); settling never fails a request that has its answer.
+clients retry (`Gate`); settling never fails a request that has its answer. A stopping router records the
+usage of the requests it has ended before it closes the store (`Gate.close`).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from tierline_shared.wire import PRIORITY_VALUES
 KEY_PREFIX = "tl"
 BUSY_TIMEOUT_S = 5.0  # waiting for another process's write transaction, at most
 KV_TIMEOUT_S = 5.0  # one JetStream KV call of the shared store, at most
+SETTLE_TIMEOUT_S = 2.0  # a stopping router waits this long for its settles and give-backs in flight, at most
 # what a store raises when it cannot answer now: the SQLite file locked by another process past BUSY_TIMEOUT_S
 # (or unreadable, full), JetStream KV unreachable or slower than KV_TIMEOUT_S (TimeoutError: KvKeyStore._run)
 STORE_ERRORS = (sqlite3.OperationalError, NatsError, TimeoutError)
@@ -534,7 +536,8 @@ class Gate:
         self._failed: tuple[float, BaseException] | None = None  # (when, what) the store's last failure
         self.unsettled = 0  # answered or failed requests whose usage the store did not record (`settle`)
         self.on_unsettled: Callable[[], None] | None = None  # told of each (the router's metrics)
-        self._settling: set[asyncio.Task] = set()  # admissions given back after their askers left (`admit`)
+        # what close() waits for: settles in flight, admissions whose askers left and their give-backs (`admit`)
+        self._settling: set[asyncio.Future] = set()
 
     @property
     def enabled(self) -> bool:
@@ -574,16 +577,21 @@ class Gate:
         try:
             return await asyncio.shield(admitting)
         except asyncio.CancelledError:  # its asker went away (a client that hung up) while the store admitted it:
-            admitting.add_done_callback(self._give_back)  # a reservation made meanwhile is given back, not kept
+            # a reservation made meanwhile is given back, not kept (and close() waits for both)
+            self._pending(admitting).add_done_callback(self._give_back)
             raise
+
+    def _pending(self, future: asyncio.Future) -> asyncio.Future:
+        """`future`, held (a task nobody awaits is not kept alive by the loop) and waited for by close() until done."""
+        self._settling.add(future)
+        future.add_done_callback(self._settling.discard)
+        return future
 
     def _give_back(self, admitting: asyncio.Future) -> None:
         """Settle, as a request with no answer, the admission its asker did not wait for."""
         if admitting.cancelled() or admitting.exception() is not None or admitting.result() is None:
             return
-        task = asyncio.ensure_future(self.settle(admitting.result(), None))
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
+        self._pending(asyncio.ensure_future(self.settle(admitting.result(), None)))
 
     async def check(self, key: str | None) -> None:
         """A valid, unrevoked key, without using quota (status and info calls, refused requests)."""
@@ -609,7 +617,7 @@ class Gate:
         if admission is None or self.store is None:
             return
         # shielded: a second cancel of its caller (a stop) must not leave the reservation counted, unrecorded
-        await asyncio.shield(self._settle(admission, used_tokens))
+        await asyncio.shield(self._pending(asyncio.ensure_future(self._settle(admission, used_tokens))))
 
     async def _settle(self, admission: Admission, used_tokens: int | None) -> None:
         try:
@@ -625,7 +633,15 @@ class Gate:
                       self.store, kept, str(exc) or type(exc).__name__,
                       exc_info=not isinstance(exc, (*STORE_ERRORS, AccessDenied)))  # not the store's: a bug
 
-    def close(self) -> None:
+    async def close(self, timeout_s: float = SETTLE_TIMEOUT_S) -> None:
+        """Wait, at most `timeout_s`, for the settles and give-backs in flight, then stop the store's thread and
+        close the store. A stopping router ends its requests just before: their settles, and the give-backs of
+        admissions whose askers left, are still on their way to the store, and one that came after the store had
+        closed was logged and counted unsettled, the key charged a reservation it never used. What is still pending
+        after `timeout_s` (a store locked or unreachable for longer) fails that way, as when the store is down."""
+        deadline = time.monotonic() + timeout_s
+        while self._settling and (left := deadline - time.monotonic()) > 0:
+            await asyncio.wait(set(self._settling), timeout=left)  # a give-back joins once its admission is made
         if self._pool:
             self._pool.shutdown(wait=True)
         if self.store:

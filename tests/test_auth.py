@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -271,7 +272,7 @@ def test_each_request_looks_its_key_up_once(stack):
             await http.stop()
             await server.stop(0)
             await nc.close()
-            gate.close()
+            await gate.close()
         return lookups
 
     lookups = asyncio.run(run())
@@ -384,7 +385,7 @@ def test_an_answer_survives_a_key_store_locked_before_it_is_settled(stack, monke
         finally:
             await server.stop(0)
             await nc.close()
-            gate.close()
+            await gate.close()
         return texts, settled.usage.total_tokens, gate, router
 
     with caplog.at_level("ERROR", logger="tierline.router.auth"):
@@ -472,7 +473,7 @@ def test_a_shared_key_store_nats_cannot_reach_is_unavailable(tmp_path, monkeypat
         asyncio.run(gate.admit(key, PROMPT, 4))
         assert [(k.calls_today, k.tokens_today) for k in store.list()] == [(2, 2 * reserve_for(PROMPT, 4))]
     finally:
-        gate.close()
+        asyncio.run(gate.close())
         server.stop()
 
 
@@ -658,4 +659,49 @@ def test_a_request_whose_asker_leaves_while_it_is_admitted_costs_nothing(tmp_pat
         assert asyncio.run(gate.admit(key, PROMPT, 4)) is not None  # the key still works
     finally:
         other.close()
-        gate.close()
+        asyncio.run(gate.close())
+
+
+def test_a_stopping_router_records_the_usage_of_the_requests_it_ended(tmp_path, caplog):
+    """Found by a review: the router's stop closed the key store's thread and the store without waiting for the
+    settles in flight or the give-back of an admission whose asker had left (a task of its own, run once the store
+    made the admission): each then found the store closed, was logged and counted unsettled, and the key kept a
+    reservation it never used. The gate's close now waits for them (at most SETTLE_TIMEOUT_S). Here the stop comes
+    as one request has its answer (its settle just started) and another's asker leaves while the store, held by
+    another process's write transaction, is still admitting it; the lock goes 0.3 s into the stop. The usage is
+    read back from the file by a store of its own, as the next router would."""
+    from tierline_router.auth import Gate
+    from tierline_shared.config.manifest import PlanConfig
+
+    path = tmp_path / "keys.sqlite"
+    store = KeyStore(path)
+    key_id, key = store.create("free")
+    gate = Gate(store, {"free": PlanConfig(10, 10_000)})
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)  # committed from the timer's thread
+    unlock = threading.Timer(0.3, other.execute, ("COMMIT",))  # a thread: the stop may hold the event loop
+
+    async def stop_as_requests_end() -> None:
+        answered = await gate.admit(key, PROMPT, 50)
+        other.execute("BEGIN IMMEDIATE")  # the store's next write waits for this one (within BUSY_TIMEOUT_S)
+        asking = asyncio.ensure_future(gate.admit(key, PROMPT, 50))
+        await asyncio.sleep(0.3)
+        asking.cancel()  # its asker leaves while the store's thread waits to admit it
+        with pytest.raises(asyncio.CancelledError):
+            await asking
+        asyncio.ensure_future(gate.settle(answered, 7))  # the answered request's settle, as the router stops
+        unlock.start()
+        await gate.close()
+
+    try:
+        with caplog.at_level("ERROR", logger="tierline.router.auth"):
+            asyncio.run(stop_as_requests_end())
+    finally:
+        if unlock.is_alive():
+            unlock.join()
+        other.close()
+    reopened = KeyStore(path)
+    try:
+        assert [(k.calls_today, k.tokens_today) for k in reopened.list()] == [(1, 7)]  # not (2, 7 + reservation)
+    finally:
+        reopened.close()
+    assert gate.unsettled == 0 and "not recorded" not in caplog.text, caplog.text

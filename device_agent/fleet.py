@@ -24,7 +24,11 @@ its subscriptions, with exponential backoff and jitter between attempts
 (`shared.messaging.reconnect_delay`: 1 s doubling to 30 s, back to 1 s once connected).
 The desired key is read on every beat (a plain read survives server restarts, where a
 watch's consumer would not) and a new record (revision and SHA-256: a re-created store
-counts revisions from 1 again) starts an update (device_agent/ota.py). An update that
+counts revisions from 1 again) starts an update (device_agent/ota.py), one at a time. A newer
+signed record that comes while the running update is still downloading supersedes it: that
+update is cancelled (its partial download and staging folder removed, reported `superseded`)
+and the newer one starts (`_supersede`); once its objects are all here (the install, the
+health check, the swap) it is never cut short, and the newer record waits for it. An update that
 failed on the link is tried again with backoff; one that failed on the board (a full
 disk) is not. An artifact comes by batched direct gets, a round trip per
 DOWNLOAD_BATCH_BYTES, not per chunk (`_fetch_chunks`); a download fails when no chunk comes
@@ -70,6 +74,7 @@ from tierline_device_agent.ota import (
     OtaCode,
     OtaError,
     check_expiry,
+    check_sequence,
     claimed_version,
     crash_outcome,
     given_up,
@@ -376,6 +381,10 @@ class FleetAgent:
         self._retries = 0  # failed tries of that entry on the link
         self._retry_at: float | None = None  # monotonic time of the next try (None: not to be tried again)
         self._update: asyncio.Task | None = None
+        # the version the running update is downloading (None: it is not, or no longer, downloading): while it is
+        # set, and only then, a newer desired record may cancel the update (`_supersede`)
+        self._downloading: str | None = None
+        self._superseded_by: str | None = None  # the version whose record cancelled the running update
         self._beat_lock: asyncio.Lock | None = None
         self._failing: dict[str, str] = {}  # duty -> why it failed last (logged when that changes)
         self._loop = asyncio.new_event_loop()
@@ -564,21 +573,61 @@ class FleetAgent:
                 raise failed
 
     async def _reconcile(self) -> None:
-        """Desired vs reported: a new desired record starts an update (one at a time)."""
-        if self._update is not None and not self._update.done():
-            return
+        """Desired vs reported: a new desired record starts an update (one at a time). One that comes while an
+        update runs waits for it to end, unless it supersedes it (`_supersede`)."""
+        running = self._update is not None and not self._update.done()
+        if running and self._downloading is None:
+            return  # installing, checking or swapping: it ends first
         try:
             entry = await self._fleet.desired.get(self.device_id)
         except KeyNotFoundError:
             return
         handled = (entry.revision, hashlib.sha256(entry.value or b"").hexdigest())
+        if running:
+            if handled[1] == self._handled_desired[1]:  # the same record put again: the same update, going on
+                self._handled_desired = handled
+                return
+            if not await self._supersede(entry.value):
+                return  # it goes on; the new record is acted on once it has ended
+            self._handled_desired = None  # the new record is new, whatever its revision
         if handled == self._handled_desired:
             if self._retry_at is None or time.monotonic() < self._retry_at:
                 return  # acted on (or waiting for its next try on the link)
         else:
             self._handled_desired, self._retries = handled, 0
         self._retry_at = None
+        self._superseded_by = None
         self._update = asyncio.get_running_loop().create_task(self._apply(entry.value))
+
+    async def _supersede(self, raw: bytes) -> bool:
+        """The one rule for a desired record that changed (its content) while an update runs: True when that update
+        was cancelled and has ended, so the new record is applied now. Only while the update is still downloading
+        (`_downloading`: before its install, its health check and its swap, which a cancel could leave
+        half-done), and only for a record this board would take (signed for it, not expired, above the newest
+        manifest it verified, which is the running update's; or the model it serves): a record it would refuse
+        cancels nothing, and is refused when the update has ended. The cancelled update cleans up after itself
+        (`_download` drops its partial download, `_install` its staging folder; its attempt record and
+        `verified` marker are made only after the downloads) and reports SUPERSEDED (`_apply`)."""
+        if self._downloading is None or not self._would_take(raw):
+            return False
+        self._superseded_by = claimed_version(raw)
+        log.info("update to %s superseded by %s while it downloaded: cancelled", self._downloading,
+                 self._superseded_by)
+        self._update.cancel()  # no await since `_downloading` was read: the update is still downloading
+        await asyncio.wait({self._update}, timeout=STOP_UPDATE_S)
+        return self._update.done()  # not yet: the next beat looks again
+
+    def _would_take(self, raw: bytes) -> bool:
+        """Whether `_apply` would go on with this record (its checks before the download, none of them recorded)."""
+        try:
+            desired = verify_signed(raw, self.cfg.update_keys, self.device_id)
+            if (self.servicer.engine.info.version, self.serving_sha256) == (desired.version, desired.tflite.sha256):
+                return True  # back to the model it serves: nothing to download
+            check_expiry(desired)
+            check_sequence(desired, self.store.sequence(), self.store.newest())
+        except OtaError:
+            return False
+        return True
 
     async def _apply(self, raw: bytes) -> None:
         version = claimed_version(raw)
@@ -598,6 +647,12 @@ class FleetAgent:
                         return
                     raise given_up(crashed)
                 code, detail = OtaCode.APPLIED, await self._install(desired)
+        except asyncio.CancelledError:
+            if self._superseded_by is None:
+                raise  # the agent stops
+            asyncio.current_task().uncancel()  # cancelled by `_supersede`, which is told it ended by its report
+            code, detail = OtaCode.SUPERSEDED, (f"a newer desired model ({self._superseded_by}) was set while this "
+                                                "one downloaded; dropped, nothing installed")
         except OtaError as exc:
             code, detail = exc.code, str(exc)
         except Exception as exc:  # noqa: BLE001 - an update never takes the agent down
@@ -612,6 +667,8 @@ class FleetAgent:
             self.metrics.updated(code)
         self.record("ota", **self.ota)
         log.info("update to %s: %s (%s)", version, code.name, detail)
+        if code == OtaCode.SUPERSEDED:
+            return  # the newer update reports at once (its telemetry event says this one's end)
         try:
             await self.beat()
         except Exception:  # noqa: BLE001 - the next beat reports it
@@ -620,19 +677,15 @@ class FleetAgent:
     async def _install(self, desired: DesiredModel) -> str:
         self.status = "updating"
         self.ota = outcome(OtaCode.IN_PROGRESS, desired.version, "downloading")
-        await self.beat()
-        fleet = self._fleet  # for both downloads: a heartbeat failing meanwhile sets self._fleet to None
-        if fleet is None:
-            raise OtaError(OtaCode.DOWNLOAD_FAILED, "the fleet's buckets are being opened again; tried again later")
-        loop = asyncio.get_running_loop()
-        for sha256 in set(self._resume) - {desired.tflite.sha256, desired.config.sha256}:
-            self._drop_partial(sha256)  # a download another update left: not needed any more
-        staged = self.store.staging()
+        self._downloading = desired.version  # from here until its objects are here, a newer record may cancel it
         try:
-            for art, dest in ((desired.tflite, staged / "device" / "model.tflite"),
-                              (desired.config, staged / "device" / "config.json")):
-                await self._download(fleet, art, dest)
-                verify_digest(dest, art)
+            staged = await self._fetch(desired)
+        finally:
+            self._downloading = None
+        loop = asyncio.get_running_loop()
+        try:
+            if asyncio.current_task().cancelling():  # a cancel that came with the last chunk, and was lost in a
+                raise asyncio.CancelledError  # wait_for (Python 3.11) that returned the chunk: honoured here
             installed = await loop.run_in_executor(None, self.store.install, staged, desired, self._models_dir())
         except BaseException:
             self.store.discard(staged)
@@ -656,6 +709,26 @@ class FleetAgent:
         self.servicer.swap_engine(engine)
         self.serving_sha256 = desired.tflite.sha256
         return f"serving {desired.version} (health check {accuracy:.2f})"
+
+    async def _fetch(self, desired: DesiredModel) -> Path:
+        """Both objects of `desired`, downloaded and checked against their signed digests, in a staging folder
+        (removed if anything fails or the update is cancelled)."""
+        await self.beat()
+        fleet = self._fleet  # for both downloads: a heartbeat failing meanwhile sets self._fleet to None
+        if fleet is None:
+            raise OtaError(OtaCode.DOWNLOAD_FAILED, "the fleet's buckets are being opened again; tried again later")
+        for sha256 in set(self._resume) - {desired.tflite.sha256, desired.config.sha256}:
+            self._drop_partial(sha256)  # a download another update left: not needed any more
+        staged = self.store.staging()
+        try:
+            for art, dest in ((desired.tflite, staged / "device" / "model.tflite"),
+                              (desired.config, staged / "device" / "config.json")):
+                await self._download(fleet, art, dest)
+                verify_digest(dest, art)
+        except BaseException:
+            self.store.discard(staged)
+            raise
+        return staged
 
     def _models_dir(self) -> Path:
         return self.store.current() or self.base_models

@@ -79,6 +79,9 @@ class OtaCode(IntEnum):
     EXPIRED = 28  # the signed manifest's expiry has passed (a replayed old update): refused
     DOWNGRADE = 29  # its sequence is below the installed or the newest verified one's (an older model): refused
     INSTALL_FAILED = 30  # the board could not install it (a full disk, an I/O error): not retried
+    # a newer desired record came while it was still downloading: dropped (its partial download with it, nothing
+    # installed) and the newer one applied instead; never once its check or swap has begun
+    SUPERSEDED = 31
 
 
 class OtaError(Exception):

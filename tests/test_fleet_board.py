@@ -19,17 +19,21 @@ import os
 import socket
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
 from nats.js import api
 from nats.js.errors import NotFoundError
 
+from tierline.devices import desired_model, publish_model
 from tierline_device_agent import fleet
 from tierline_device_agent.fleet import FleetAgent, open_fleet
 from tierline_device_agent.ota import Artifact, DesiredModel, ModelStore, OtaCode, OtaError
 from tierline_device_agent.outbox import Outbox
 from tierline_infra.supervisor import NatsServer
+from tierline_shared.models.artifacts import file_entry
+from tierline_shared.security import signing
 from tierline_shared.security.credentials import init_credentials
 from tierline_shared.security.identities import OPERATOR, IdentityStore, device_identity, inbox_prefix, read_seed
 from tierline_shared.transport.messaging import MODELS_BUCKET, TELEMETRY_STREAM, NatsOptions, connect, subject
@@ -426,6 +430,175 @@ def test_a_stalled_download_says_so_and_the_next_try_goes_on_from_the_last_chunk
     assert took < 4, took  # the stall's time, not a limit for the whole file
     assert dest.read_bytes() == data
     assert len(asks) == 2 and asks[0]["seq"] > 1, asks  # chunks 3-4 and 5-6: the first two were not asked again
+
+
+class _Servicer:
+    """What an update reads and does on the board's servicer: the engine that serves, and the swap."""
+
+    def __init__(self, version: str):
+        self.engine = types.SimpleNamespace(info=types.SimpleNamespace(version=version))
+        self.swapped: list[str] = []
+
+    def swap_engine(self, engine) -> None:
+        self.engine = engine
+        self.swapped.append(engine.info.version)
+
+
+def update_agent(nc, state: Path, key) -> FleetAgent:
+    """A FleetAgent with what `_reconcile`, `_apply` and `_install` read: `board_agent`, its fleet, the publisher
+    key it pins, a servicer that records its swaps, a telemetry outbox, and a board's own model (a tokenizer only:
+    the candidate's load and health check are the test's, `fake_runtime`). `beat` does nothing (the registry's
+    entry is not what is tested)."""
+    agent = board_agent(nc, state)
+    agent.device_id, agent.threads, agent.metrics, agent.requests = BOARD, 1, None, 0
+    agent.cfg = types.SimpleNamespace(update_keys=[signing.public_key_text(key)], heartbeat_s=0.2, health_problems=1,
+                                      health_min_token_accuracy=0.0)
+    agent.servicer, agent.serving_sha256 = _Servicer("v-boot"), "0" * 64
+    agent.outbox = Outbox(state / "outbox.sqlite", max_events=100)
+    agent.status, agent.ota, agent._crashed_digest = "serving", None, None
+    agent._handled_desired, agent._retries, agent._retry_at, agent._update = None, 0, None, None
+    agent._downloading = agent._superseded_by = None
+    base = state.parent / "board-model"
+    base.mkdir()
+    (base / "tokenizer.json").write_text("{}")
+    (base / "manifest.json").write_text(json.dumps({"artifacts": {"tokenizer": file_entry(base,
+                                                                                          base / "tokenizer.json")}}))
+    agent.base_models = base
+
+    async def beat() -> None:
+        pass
+
+    agent.beat = beat
+    return agent
+
+
+def fake_runtime(monkeypatch, loaded: list[str]) -> None:
+    """The candidate's engine (named by its version) loads and passes its health check; `loaded` lists them."""
+    def load(models_dir: Path, threads: int):
+        loaded.append(models_dir.name)
+        return types.SimpleNamespace(info=types.SimpleNamespace(version=models_dir.name))
+
+    monkeypatch.setattr(fleet, "load_candidate", load)
+    monkeypatch.setattr(fleet, "health_check", lambda engine, n, least: 1.0)
+
+
+def test_a_newer_desired_model_supersedes_an_update_still_downloading(server, tmp_path, monkeypatch):
+    """Found by a review: while an update downloaded over a slow link (a try may take minutes, and the next one
+    resumes), the desired-model check returned at once, so a newer record (the operator replacing a bad version)
+    waited until the board had downloaded, checked, installed and even served the one it replaces. Now a newer
+    signed record cancels an update that is still downloading: the board serves the newer one, never installs the
+    older, reports it superseded, and leaves no partial download, staging folder, attempt record behind."""
+    monkeypatch.setattr(fleet, "DOWNLOAD_BATCH_BYTES", 2 * CHUNK, raising=False)  # the board's requests (the
+    # desired key's read) wait behind two chunks at most, not the whole object
+    loaded: list[str] = []
+    fake_runtime(monkeypatch, loaded)
+    key = signing.generate_key()
+    config = b'{"layers": 1}'
+    old, new = os.urandom(16 * CHUNK), os.urandom(CHUNK + 10)  # about 10 s through the link below, and 1 s
+    state = tmp_path / "state"
+
+    async def publish(op, version: str, tflite: bytes) -> DesiredModel:
+        return await publish_model(await open_fleet(op), desired_model(BOARD, "tierline-reasoner", version, tflite,
+                                                                       config), key, tflite, config)
+
+    async def until(check, what: str, timeout: float, agent: FleetAgent | None = None) -> None:
+        """Bounded: `check()`, every 0.1 s; with `agent`, a beat's desired-model check each time (as `_run` does)."""
+        deadline = time.monotonic() + timeout
+        while not check():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            if agent is not None:
+                await asyncio.wait_for(agent._reconcile(), TIMEOUT)
+            await asyncio.sleep(0.1)
+
+    async def run():
+        async with connected(server) as op:
+            link = Link(server, rate=200_000)
+            nc = await connect(through(server, link, device_identity(BOARD)), name="supersede", timeout_s=TIMEOUT)
+            agent = update_agent(nc, state, key)
+            try:
+                agent._fleet = await open_fleet(nc, board=True)
+                first = await publish(op, "v-old", old)
+                installs = []
+                install = agent.store.install
+                agent.store.install = lambda staged, desired, base: (installs.append(desired.version),
+                                                                     install(staged, desired, base))[1]
+                await agent._reconcile()
+                partial = state / "models" / fleet.RESUME_DIR / first.tflite.sha256
+                await until(lambda: partial.is_file() and first.tflite.sha256 in agent._resume,
+                            "the first chunks of v-old", TIMEOUT)
+                await publish(op, "v-new", new)  # while v-old downloads
+                await until(lambda: agent.servicer.swapped, "a model swapped in", 60, agent)
+                await asyncio.wait_for(asyncio.shield(agent._update), TIMEOUT)
+                return agent, installs, partial, [e for _, e in agent.outbox.peek(100) if e["kind"] == "ota"]
+            finally:
+                await nc.close()
+                link.close()
+                agent.outbox.close()
+
+    agent, installs, partial, reports = asyncio.run(run())
+    assert agent.servicer.swapped == ["v-new"] and installs == ["v-new"] and loaded == ["v-new"], (
+        agent.servicer.swapped, installs, loaded)
+    assert agent.store.current().name == "v-new" and agent.ota["status"] == "applied", agent.ota
+    # the board's reports, in order: the superseded update ended, then the newer one applied
+    events = [(e["version"], e["status"]) for e in reports]
+    assert events == [("v-old", "superseded"), ("v-new", "applied")], events
+    # nothing of v-old left: its partial download, its resume record, a staging folder, a version, an attempt
+    assert not partial.exists() and not partial.parent.exists() and agent._resume == {}
+    assert sorted(p.name for p in (state / "models").iterdir()) == ["v-new"]
+    assert not (state / "attempt.json").exists()
+
+
+def test_a_newer_desired_model_waits_for_an_update_in_its_health_check(server, tmp_path, monkeypatch):
+    """The other half of the rule: once its objects are here, an update is never cut short (a cancel in its health
+    check or its swap could leave the board half-updated). A newer record set meanwhile waits, then is applied."""
+    loaded: list[str] = []
+    fake_runtime(monkeypatch, loaded)
+    checking, release = threading.Event(), threading.Event()
+
+    def slow_check(engine, n, least) -> float:  # in the executor's thread, as the real one
+        checking.set()
+        assert release.wait(TIMEOUT)
+        return 1.0
+
+    monkeypatch.setattr(fleet, "health_check", slow_check)
+    key = signing.generate_key()
+    config = b'{"layers": 2}'
+    state = tmp_path / "state"
+
+    async def run():
+        async with connected(server) as op, connected(server, device_identity(BOARD)) as nc:
+            agent = update_agent(nc, state, key)
+            agent._fleet = await open_fleet(nc, board=True)
+            try:
+                for version in ("v-checked", "v-after"):
+                    data = os.urandom(CHUNK)
+                    await publish_model(await open_fleet(op), desired_model(BOARD, "tierline-reasoner", version, data,
+                                                                            config), key, data, config)
+                    if version == "v-checked":
+                        await agent._reconcile()
+                        deadline = time.monotonic() + TIMEOUT
+                        while not checking.is_set():
+                            assert time.monotonic() < deadline, "the candidate never reached its health check"
+                            await asyncio.sleep(0.05)
+                checked = agent._update
+                for _ in range(3):  # three beats while it is checked
+                    await asyncio.wait_for(agent._reconcile(), TIMEOUT)
+                    await asyncio.sleep(0.1)
+                assert agent._update is checked and not checked.done()
+                release.set()
+                await asyncio.wait_for(asyncio.shield(checked), TIMEOUT)
+                deadline = time.monotonic() + TIMEOUT
+                while agent.servicer.swapped != ["v-checked", "v-after"]:
+                    assert time.monotonic() < deadline, agent.servicer.swapped
+                    await asyncio.wait_for(agent._reconcile(), TIMEOUT)
+                    await asyncio.sleep(0.1)
+                await asyncio.wait_for(asyncio.shield(agent._update), TIMEOUT)
+                return [(e["version"], e["status"]) for _, e in agent.outbox.peek(100) if e["kind"] == "ota"]
+            finally:
+                release.set()
+                agent.outbox.close()
+
+    assert asyncio.run(run()) == [("v-checked", "applied"), ("v-after", "applied")]
 
 
 def forge_record(op, name: str, size: int):

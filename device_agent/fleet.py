@@ -690,6 +690,7 @@ class FleetAgent:
         except BaseException:
             self.store.discard(staged)
             raise
+        cancelled = threading.Event()
         try:
             # recorded first: if the agent dies in the load or the check (the OOM killer, a crash in the runtime on
             # this model, a power cut), the next boot removes the candidate, reports it and, after
@@ -699,8 +700,9 @@ class FleetAgent:
             engine = await loop.run_in_executor(None, load_candidate, installed, self.threads)
             self.store.attempt_step("health_check")
             accuracy = await loop.run_in_executor(None, health_check, engine, self.cfg.health_problems,
-                                                  self.cfg.health_min_token_accuracy)
+                                                  self.cfg.health_min_token_accuracy, cancelled.is_set)
         except BaseException:
+            cancelled.set()  # a stop: the check's thread ends at its next problem (the process waits for threads)
             self.store.discard(installed)  # rolled back: the previous model never stopped serving
             self.store.end_attempt()  # the failure is reported now (an exception here, not a crash)
             raise

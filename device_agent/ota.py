@@ -39,6 +39,7 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -459,18 +460,22 @@ def verify(path: Path, art: Artifact) -> None:
                                                 f"{art.sha256[:12]}...; refused ({size} bytes)")
 
 
-def health_check(engine: Engine, n_problems: int, min_token_accuracy: float) -> float:
+def health_check(engine: Engine, n_problems: int, min_token_accuracy: float,
+                 stopped: Callable[[], bool] = lambda: False) -> float:
     """Share of the reference answers' tokens the model predicts, on a few fixed benchmark problems.
 
     Teacher-forced next-token accuracy rather than exact match: it separates a sound
     model from a broken one of the same shape even when the model is too small to
     get whole answers right (a corrupted model scores near 1/vocabulary). Below
-    `min_token_accuracy` raises HEALTH_CHECK_FAILED.
+    `min_token_accuracy` raises HEALTH_CHECK_FAILED. `stopped()` True ends it before its next problem (the
+    agent stops, or the update was cancelled: a thread cannot be cancelled, and the process would wait for it).
     """
     from tierline_shared.tasks.problems import generate
 
     hits = total = 0
     for problem in generate("calib", n_problems, seed=HEALTH_SEED, levels=HEALTH_LEVELS):
+        if stopped():
+            raise OtaError(OtaCode.HEALTH_CHECK_FAILED, "health check interrupted: the update was cancelled")
         h, n = engine.teacher_forced_hits(problem.prompt, problem.target)
         hits, total = hits + h, total + n
     score = hits / max(total, 1)

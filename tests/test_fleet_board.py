@@ -479,7 +479,7 @@ def fake_runtime(monkeypatch, loaded: list[str]) -> None:
         return types.SimpleNamespace(info=types.SimpleNamespace(version=models_dir.name))
 
     monkeypatch.setattr(fleet, "load_candidate", load)
-    monkeypatch.setattr(fleet, "health_check", lambda engine, n, least: 1.0)
+    monkeypatch.setattr(fleet, "health_check", lambda engine, n, least, stopped: 1.0)
 
 
 def test_a_newer_desired_model_supersedes_an_update_still_downloading(server, tmp_path, monkeypatch):
@@ -555,7 +555,7 @@ def test_a_newer_desired_model_waits_for_an_update_in_its_health_check(server, t
     fake_runtime(monkeypatch, loaded)
     checking, release = threading.Event(), threading.Event()
 
-    def slow_check(engine, n, least) -> float:  # in the executor's thread, as the real one
+    def slow_check(engine, n, least, stopped) -> float:  # in the executor's thread, as the real one
         checking.set()
         assert release.wait(TIMEOUT)
         return 1.0
@@ -599,6 +599,53 @@ def test_a_newer_desired_model_waits_for_an_update_in_its_health_check(server, t
                 agent.outbox.close()
 
     assert asyncio.run(run()) == [("v-checked", "applied"), ("v-after", "applied")]
+
+
+def test_an_update_stopped_in_its_health_check_leaves_no_check_running(server, tmp_path, monkeypatch):
+    """Found by a review: a stop (or a cancel) while the candidate was health-checked ended the update's task, but
+    the check ran on in its thread to its last problem, and the agent's process, which waits for its threads,
+    with it (minutes on a board's CPU, past systemd's stop timeout). The check now ends at its next problem.
+    The real check, on a candidate that takes 20 ms a problem (1,000 problems: 20 s)."""
+    asked: list[float] = []
+
+    class SlowCandidate:
+        info = types.SimpleNamespace(version="v-check")
+
+        def teacher_forced_hits(self, prompt: str, target: str) -> tuple[int, int]:
+            asked.append(time.monotonic())
+            time.sleep(0.02)
+            return 1, 1
+
+    monkeypatch.setattr(fleet, "load_candidate", lambda models_dir, threads: SlowCandidate())
+    key = signing.generate_key()
+    state = tmp_path / "state"
+
+    async def run():
+        async with connected(server) as op, connected(server, device_identity(BOARD)) as nc:
+            agent = update_agent(nc, state, key)
+            agent.cfg.health_problems = 1000
+            agent._fleet = await open_fleet(nc, board=True)
+            try:
+                data, config = os.urandom(CHUNK), b'{"layers": 2}'
+                await publish_model(await open_fleet(op), desired_model(BOARD, "tierline-reasoner", "v-check", data,
+                                                                        config), key, data, config)
+                await agent._reconcile()
+                deadline = time.monotonic() + TIMEOUT
+                while len(asked) < 5:
+                    assert time.monotonic() < deadline, "the candidate never reached its health check"
+                    await asyncio.sleep(0.05)
+                agent._update.cancel()  # as the agent's stop does
+                await asyncio.wait({agent._update}, timeout=TIMEOUT)
+                assert agent._update.done()
+                stopped_at = len(asked)
+                await asyncio.sleep(0.5)  # 25 problems' time
+                return stopped_at, len(asked)
+            finally:
+                agent.outbox.close()
+
+    stopped_at, then = asyncio.run(run())  # (which waits for the executor's threads, as the process's exit does)
+    assert then <= stopped_at + 1, (stopped_at, then)  # the problem it was in, at most
+    assert not (state / "models" / "v-check").exists()
 
 
 def forge_record(op, name: str, size: int):

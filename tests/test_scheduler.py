@@ -541,3 +541,30 @@ def test_prefix_hits_of_different_lengths_prefill_together_and_decode_as_alone(e
         s.close()
     finally:
         engine.enable_prefix_cache(0)
+
+
+def test_a_retiring_scheduler_finishes_the_request_it_is_admitting():
+    """Found by a review of `Scheduler.retire` (a device's model replaced by an update): a request the scheduler's
+    thread had taken off the queue and was still checking (tokenizing a long prompt on a slow board) was in neither
+    the queue nor the running batch, so `retire` took the scheduler for idle, closed it, and the request failed
+    ("server shutting down"). The thread itself now decides when nothing is left. Its check is slowed to hold it
+    there while the retire comes."""
+    engine = random_torch_engine(seed=3, tier="device")
+    scheduler = Scheduler(engine)
+    check, checking = engine.check, threading.Event()
+
+    def slow_check(*args, **kwargs):
+        checking.set()
+        time.sleep(0.3)
+        return check(*args, **kwargs)
+
+    engine.check = slow_check
+    ticket = scheduler.submit("Q:2+3=?\nA:", GenerationParams(max_tokens=6), timeout_s=30)
+    assert checking.wait(10) and not scheduler.busy  # taken off the queue, not yet running
+    retired = threading.Thread(target=scheduler.retire)
+    retired.start()
+    assert ticket.future.result(30).result.text == engine.generate("Q:2+3=?\nA:", GenerationParams(max_tokens=6)).text
+    retired.join(10)
+    assert not retired.is_alive()
+    with pytest.raises(RuntimeError):  # retired: takes nothing more
+        scheduler.submit("Q:1+1=?\nA:", GenerationParams(max_tokens=2))

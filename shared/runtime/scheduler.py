@@ -32,7 +32,6 @@ from tierline_shared.config.manifest import BatchConfig
 from tierline_shared.runtime.engine import Engine, GenerationParams, GenerationResult
 from tierline_shared.runtime.runner import Sequence
 
-RETIRE_POLL_S = 0.05  # how often a retiring scheduler looks whether what it holds has finished
 END = object()  # put on a stream's queue after its last chunk; the ticket's future then holds the result
 
 
@@ -190,8 +189,10 @@ class Scheduler:
         the new one instead: no request is failed by the old one closing under it."""
         with self._cv:
             self._retiring = True
-        while self.busy:
-            time.sleep(RETIRE_POLL_S)
+            self._cv.notify_all()
+        # the scheduler's thread ends once it holds nothing (`_run`): it owns `_active`, and only it can tell a
+        # request it has taken off the queue and is admitting (in neither `_heap` nor `_active` meanwhile)
+        self._worker.join()
         self.close()
 
     def close(self) -> None:
@@ -209,10 +210,10 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._heap and not self._active and not self._closed:
+                while not self._heap and not self._active and not self._closed and not self._retiring:
                     self._cv.wait()
-                if self._closed:
-                    return
+                if self._closed or (self._retiring and not self._heap and not self._active):
+                    return  # closed, or retired with nothing left (`retire`)
             try:
                 self._step()
             except Exception as exc:  # noqa: BLE001 - a bug in a step fails what ran, never the thread

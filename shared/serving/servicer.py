@@ -267,6 +267,13 @@ class StreamGuard:
                 c.cancel()  # the blocked send returns; the stream's generator closes and frees its slot
 
 
+def _cache_key(req: pb.InferRequest, params: GenerationParams) -> tuple | None:
+    """What a greedy answer is cached under (its parameters as validated for the model that answers); None for a
+    sampled request, which is never cached."""
+    return (req.prompt, params.add_special_tokens, params.max_tokens, params.stop, params.attention_window,
+            params.logprobs, params.top_logprobs) if params.greedy else None
+
+
 @dataclass(frozen=True)
 class Served:
     """The model a tier serves and what belongs to it: its engine, the scheduler that runs it and the result cache
@@ -342,8 +349,7 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
         try:
             served, params = self._validated(req)  # one model from here to the answer's label and cache
             request_id = req.request_id or uuid.uuid4().hex
-            key = (req.prompt, params.add_special_tokens, params.max_tokens, params.stop, params.attention_window,
-                   params.logprobs, params.top_logprobs) if params.greedy else None
+            key = _cache_key(req, params)
             hit = served.cache.get(key) if key else None
             if key and self.metrics:
                 self.metrics.cache_lookup(hit is not None)
@@ -359,6 +365,7 @@ class TierServicer(pb_grpc.InferenceServiceServicer):
                 answer.set_result(resp)
                 return answer
             served, params, ticket = self._queued(req, served, params, timeout_s)
+            key = _cache_key(req, params)  # as the model that runs it validated it (an update may have come)
         except Exception as exc:  # bad input or a full queue: refused before any work
             self._failed(exc)
             raise

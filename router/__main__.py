@@ -104,6 +104,7 @@ async def serve(manifest_path: str) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    servicer.stopping = True  # what its doors cut short from here costs its keys nothing
     if batch:
         await batch.stop()
     # both doors close together (aiohttp: up to 2 x SHUTDOWN_TIMEOUT_S; gRPC: its grace), then the NATS drain

@@ -54,6 +54,7 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
         self.gate.on_unsettled = self.metrics.unsettled
         self.max_context = max_context  # the served models' context (prompt + completion), None when unknown
         self.no_replica_wait_s = no_replica_wait_s  # at most, waiting for a tier with no replica up
+        self.stopping = False  # the router is stopping: a request it cuts short is its own doing (`_left_cost`)
         self._replicas: dict[str, dict[str, tuple[dict, float]]] = {}  # tier -> id -> (last $SRV.STATS, when)
 
     async def _ask(self, tier: str, req: pb.InferRequest, timeout_s: float,
@@ -161,6 +162,9 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
                 if exc.status in CLIENT_ERRORS:
                     used = 0  # refused by a tier for its own fields (say, too many tokens): the call counts
                 raise
+            except asyncio.CancelledError:
+                used = self._left_cost()
+                raise
             finally:
                 await self.gate.settle(admission, used)
             tracked.answered(resp, time.perf_counter() - t0)
@@ -202,6 +206,10 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
                 if exc.status in CLIENT_ERRORS and last is None:
                     used = 0  # refused by the tiers for its own fields: the call counts, as for a unary request
                 raise
+            except (asyncio.CancelledError, GeneratorExit):  # its client went away (or the router stops)
+                if last is None:
+                    used = self._left_cost()
+                raise
             finally:
                 try:
                     # closed at once when our client goes away, so the tier hears the cancel now, not at GC
@@ -211,6 +219,12 @@ class RouterServicer(pb_grpc.InferenceServiceServicer):
                     if used is None and last is not None and admission is not None:
                         used = cut_short_cost(request, seen, admission.reserved_tokens)
                     await self.gate.settle(admission, used)
+
+    def _left_cost(self) -> int | None:
+        """What a request whose client went away before its answer (or its first chunk) costs its key: the call
+        (its tiers began the work, and a key that hangs up just before each answer must not make them work for
+        free: found by a fault hunt), no tokens (none reached it). Nothing when the router stops: it cut it."""
+        return None if self.stopping else 0
 
     def _chunk_timed(self, chunk: pb.InferResponse, t0: float, last: float | None) -> float:
         """A stream's time to its first chunk, then between chunks (what its client sees); returns now."""

@@ -661,7 +661,11 @@ def test_a_client_that_hangs_up_cancels_its_request_as_over_grpc(stack):
     counted as answered and was charged to its key (1 call, 43 tokens), where a gRPC call its client cancelled
     leaves the batch, counts as cancelled and costs nothing. Now both doors treat a client gone alike: aiohttp
     cancels the handler (handler_cancellation), as grpc.aio does. The edge's engine core is held (SIGSTOP) so that
-    both requests are still in the tier when their clients leave."""
+    both requests are still in the tier when their clients leave.
+
+    What each costs its key: its call, no tokens (a second fault hunt: a key that hung up just before each answer
+    cost nothing at all, neither a call nor a token, while its tiers did the work, so a quota bounded none of it);
+    a stream whose client leaves before its first chunk, the same."""
     import os
     import signal
     import socket
@@ -684,6 +688,7 @@ def test_a_client_that_hangs_up_cancels_its_request_as_over_grpc(stack):
               scrape(stack, "edge-0").value("tierline_requests_total", **cancelled))
     asked_edge = scrape(stack, "router").value("tierline_router_tier_requests_total", tier="edge")
     (http_id, http_key), (grpc_id, grpc_key) = new_key(stack, "pro"), new_key(stack, "pro")
+    stream_id, stream_key = new_key(stack, "pro")
     body = json.dumps({"model": MODEL, "prompt": "Q:4+3=?\nA:", "max_tokens": 32}).encode()
     core.suspend()
     try:
@@ -693,9 +698,12 @@ def test_a_client_that_hangs_up_cancels_its_request_as_over_grpc(stack):
         conn.sendall(head.encode() + body)
         call = router.Infer.future(pb.InferRequest(prompt="Q:4+3=?\nA:", parameters=pb.Parameters(max_tokens=32)),
                                    metadata=(("authorization", f"Bearer {grpc_key}"),), timeout=60)
-        time.sleep(1.0)  # both are in the tier, waiting on its engine core
+        stream = router.InferStream(pb.InferRequest(prompt="Q:4+3=?\nA:", parameters=pb.Parameters(max_tokens=32)),
+                                    metadata=(("authorization", f"Bearer {stream_key}"),), timeout=60)
+        time.sleep(1.0)  # all three are in the tier, waiting on its engine core
         conn.close()
         call.cancel()
+        stream.cancel()
         time.sleep(1.0)
     finally:
         os.kill(core.pid, signal.SIGCONT)
@@ -703,11 +711,48 @@ def test_a_client_that_hangs_up_cancels_its_request_as_over_grpc(stack):
     while time.monotonic() < deadline:  # the router and the edge count them once they are settled
         after = (scrape(stack, "router").value("tierline_router_requests_total", **cancelled),
                  scrape(stack, "edge-0").value("tierline_requests_total", **cancelled))
-        if after[0] - before[0] >= 2 and after[1] - before[1] >= 2:
+        if after[0] - before[0] >= 3 and after[1] - before[1] >= 3:
             break
         time.sleep(0.2)
-    assert (after[0] - before[0], after[1] - before[1]) == (2, 2), (before, after)
-    # both asked the edge, though neither waited for its answer (a fault hunt: such asks were not counted)
-    assert scrape(stack, "router").value("tierline_router_tier_requests_total", tier="edge") - asked_edge == 2
-    spent = [(u["calls_today"], u["tokens_today"]) for u in (usage(stack, http_id), usage(stack, grpc_id))]
-    assert spent[0] == spent[1], spent  # the HTTP client's key is charged what the gRPC client's is
+    assert (after[0] - before[0], after[1] - before[1]) == (3, 3), (before, after)
+    # all asked the edge, though none waited for its answer (a fault hunt: such asks were not counted)
+    assert scrape(stack, "router").value("tierline_router_tier_requests_total", tier="edge") - asked_edge == 3
+    spent = [(u["calls_today"], u["tokens_today"]) for u in (usage(stack, k) for k in (http_id, grpc_id, stream_id))]
+    assert spent == [(1, 0)] * 3, spent  # the HTTP client's key is charged what the gRPC clients' are
+
+
+def test_a_request_the_stopping_router_cuts_short_costs_its_key_nothing(tiny_family):
+    """A request whose client leaves before its answer costs its key the call (above); one the router itself cuts
+    short as it stops (past its grace) is the platform's doing, and costs nothing. The edge's engine core is held
+    (SIGSTOP) so that the request is still in the tier when the router stops."""
+    import os
+    import signal
+    import time
+
+    import grpc
+    import psutil
+
+    from tests.test_auth import usage
+    from tierline_api.v1 import inference_pb2 as pb
+    from tierline_api.v1 import inference_pb2_grpc as pb_grpc
+
+    with Stack(tiny_family, tiers=("edge",), auth=True,
+               overrides={"router.confidence_threshold": {"edge": 0.0}}) as s:
+        key_id, key = new_key(s, "pro")
+        edge = next(p for p in s.procs if p.name == "edge-0")
+        core = max(psutil.Process(edge.popen.pid).children(recursive=True), key=lambda c: c.memory_info().rss)
+        channel = grpc.insecure_channel(s.router_address)
+        core.suspend()
+        try:
+            call = pb_grpc.InferenceServiceStub(channel).Infer.future(
+                pb.InferRequest(prompt="Q:4+3=?\nA:", parameters=pb.Parameters(max_tokens=32)),
+                metadata=(("authorization", f"Bearer {key}"),), timeout=60)
+            time.sleep(1.0)  # in the tier, waiting on its engine core
+            s.kill("router", signal.SIGTERM)  # its grace passes with the request still there
+            with pytest.raises(grpc.RpcError):
+                call.result(timeout=30)
+        finally:
+            os.kill(core.pid, signal.SIGCONT)
+            channel.close()
+        spent = usage(s, key_id)
+        assert (spent["calls_today"], spent["tokens_today"]) == (0, 0), spent

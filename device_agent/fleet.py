@@ -422,6 +422,7 @@ class FleetAgent:
         async def _stop():
             if self._main:
                 self._main.cancel()
+            self._superseded_by = None  # what ends the running update now is this stop, not a newer record
             if self._update is not None and not self._update.done():
                 # a stop is no crash: the candidate is dropped and its attempt record with it (it would count
                 # against MAX_CRASHED_ATTEMPTS at the next boot); the next start tries the update again
@@ -775,7 +776,9 @@ class FleetAgent:
                 await _fetch_chunks(self._nc, art.object, info, out, start=(seq, got), received=received)
 
         try:
-            await asyncio.wait_for(fetch(), limit)
+            # in this task (not wait_for's own): a cancel (a stop, a newer desired record) reaches the download itself
+            async with asyncio.timeout(limit):
+                await fetch()
         except OtaError as exc:
             if exc.code != OtaCode.DOWNLOAD_FAILED:
                 self._drop_partial(art.sha256)
@@ -855,6 +858,8 @@ async def _fetch_chunks(nc, name: str, info: api.ObjectInfo, out, start: tuple[i
             while True:
                 try:
                     msg = await sub.next_msg(timeout=DOWNLOAD_STALL_S)
+                    if asyncio.current_task().cancelling():  # a cancel that came with this chunk, which next_msg's
+                        raise asyncio.CancelledError  # wait_for returned instead (Python 3.11): honoured here
                 except asyncio.TimeoutError:  # nats-py's TimeoutError is asyncio's too
                     raise OtaError(OtaCode.DOWNLOAD_FAILED, f"{name}: no chunk for {DOWNLOAD_STALL_S:.0f} s after "
                                                             f"{got} of {info.size} bytes (a stalled link); tried "

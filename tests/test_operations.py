@@ -3,15 +3,22 @@ traceback, no silent wait, no file written unasked."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT, run_cli
 from tierline_infra.nats_topology import free_ports
-from tierline_infra.supervisor import NatsServer, write_manifest
+from tierline_infra.supervisor import NatsServer, terminate, write_manifest
 
 
 def one_line_error(proc, *needles) -> None:
@@ -179,3 +186,94 @@ def test_a_key_given_twice_in_a_manifest_is_one_line_naming_it_before_any_work(t
     one_line_error(run_cli("route", "calibrate", "--target-edge-share", "0.9", "--n", "30", "--manifest",
                            str(manifest), timeout=120), str(manifest), "router: given twice")
     assert time.monotonic() - t0 < 60  # refused up front, not after running the tiers
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (children, theirs, ...), from /proc."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z":
+            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        found.update(kids)
+        todo.extend(kids)
+    return found
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").strip()
+    except OSError:  # gone meanwhile
+        return b""
+
+
+def _running(pids) -> set[int]:
+    """Those of `pids` still running (a zombie waiting for its reaper has stopped)."""
+    alive = set()
+    for pid in pids:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                alive.add(pid)
+        except (OSError, IndexError):
+            pass
+    return alive
+
+
+def test_up_killed_outright_leaves_no_process_behind(tiny_family, tmp_path):
+    """`tierline up` SIGKILLed (the OOM killer, kill -9) could not stop what it started: nats-server, the tiers and
+    the router ran on as orphans on their ports, out of reach of `make down`, and a second `up` started beside
+    them. Now each Python child watches the supervisor and stops as on SIGTERM once it is gone, and nats-server
+    runs under `setpriv --pdeathsig TERM`: all of them, and what they started, are gone within seconds."""
+    manifest, ports = _ops_manifest(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tierline", "up", "--models", str(tiny_family), "--manifest",
+                             str(manifest), "--pidfile", str(tmp_path / "up.pid")], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    children: set[int] = set()
+    try:
+        out, deadline = [], time.monotonic() + 180
+        while time.monotonic() < deadline and not any("Stop with Ctrl-C" in line for line in out):
+            line = proc.stdout.readline()
+            if not line:
+                break
+            out.append(line)
+        assert any("Stop with Ctrl-C" in line for line in out), "".join(out)[-3000:]
+        assert not _all_free(ports)
+        children = _descendants(proc.pid)
+        names = {_cmdline(pid).split(b" ")[0].rsplit(b"/", 1)[-1] for pid in children}
+        assert b"nats-server" in names and len(children) >= 5, names  # nats-server, 3 tiers, the router
+        os.kill(proc.pid, signal.SIGKILL)  # the supervisor only: its children are in process groups of their own
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while (_running(children) or not _all_free(ports)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = {pid: _cmdline(pid)[:160] for pid in _running(children)}
+        assert not left, f"still running 15 s after the supervisor was killed: {left}"
+        assert _all_free(ports)
+    finally:
+        terminate(proc, timeout_s=60)
+        for pid in _running(children):  # what a failure left behind
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(OSError, ValueError, KeyError):  # the working folder the killed `up` left behind
+            workdir = Path(json.loads((tmp_path / "up.json").read_text())["manifest"]).parent
+            if workdir.name.startswith("tierline-"):
+                shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_a_child_whose_supervisor_is_already_gone_does_not_start(tmp_path):
+    """The supervisor may die before its child looks (SIGKILLed while the child imports): the child exits at once,
+    one line, instead of loading and serving as an orphan."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TIERLINE_SUPERVISOR_PID": str(dead.pid)}
+    proc = subprocess.run([sys.executable, "-m", "tierline_router", "--manifest", str(tmp_path / "none.yaml")],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    assert proc.stderr.strip() == f"router: the supervisor (pid {dead.pid}) is gone: not starting", proc.stderr

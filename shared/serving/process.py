@@ -3,8 +3,9 @@
 A tier package subclasses `TierProcess` (its engine, its servicer, what it runs beside them)
 and hands it to `run`, which loads the manifest, loads the engine (sha256-checked), serves
 gRPC, /metrics and the tier's NATS service, prints one JSON line `{"event": "ready", ...}`
-with the bound ports on stdout, and runs until SIGINT/SIGTERM. A bad manifest, artifact or
-NATS login prints one line and exits 2. Nothing here knows which tier it runs.
+with the bound ports on stdout, and runs until SIGINT/SIGTERM (or until the supervisor that
+started it is gone: shared/serving/supervised.py). A bad manifest, artifact or NATS login
+prints one line and exits 2. Nothing here knows which tier it runs.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tierline_shared.runtime.engine_core import EngineCore
 from tierline_shared.security.identities import tier_identity
 from tierline_shared.serving.metrics import Metrics
 from tierline_shared.serving.servicer import TierServicer, status_of
+from tierline_shared.serving.supervised import BACKSTOP_S, exit_with_supervisor
 from tierline_shared.transport.grpc_server import create_server
 from tierline_shared.transport.messaging import NatsAuthError, NatsOptions, subject
 from tierline_shared.transport.tier_service import TierService
@@ -120,6 +122,8 @@ def run(process_cls: type[TierProcess], argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         process = process_cls(load_manifest(args.manifest), use_nats=not args.no_nats)
+        # started by the supervisor: stops (SIGTERM, as below) if it is killed, rather than run on as an orphan
+        exit_with_supervisor(tier, process.config.stop_grace_s + BACKSTOP_S)
         core = process.engine_core()
         # handed over in a list `_serve` empties: no frame here holds the model while the process serves (a
         # board's update replaces it, and the old one must be freed then, not when the process ends)

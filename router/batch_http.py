@@ -1,6 +1,7 @@
 """The OpenAI Batch API's endpoints on the router's HTTP server: /v1/files and /v1/batches.
 
-`POST /v1/files` (multipart: `purpose=batch`, `file`), `GET /v1/files` (`purpose`, `limit`, `after`,
+`POST /v1/files` (multipart: `purpose=batch`, `file`; other fields are refused, OpenAI's `expires_after` too: files
+are kept until deleted), `GET /v1/files` (`purpose`, `limit`, `after`,
 `order`), `GET /v1/files/{id}[/content]`, `DELETE /v1/files/{id}`; `POST /v1/batches` (`input_file_id`,
 `endpoint`, `completion_window`, `metadata`), `GET /v1/batches[/{id}]` (`limit`, `after`), `POST
 /v1/batches/{id}/cancel`. Every call needs a valid API key; a key sees only its own files and batches
@@ -15,6 +16,7 @@ import functools
 import logging
 import re
 import time
+import unicodedata
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -37,6 +39,8 @@ from tierline_router.batch import (
 from tierline_router.openai_http import (
     BadRequest,
     _error_response,
+    _shown,
+    _unencodable,
     arriving,
     coding_refused,
     content_codings,
@@ -49,6 +53,10 @@ log = logging.getLogger("tierline.router.batch")
 PURPOSES = ("batch",)  # what files are for here (OpenAI's other purposes serve features this API lacks)
 FILE_PURPOSES = PURPOSES + ("batch_output",)  # what a file here can be: uploaded, or a batch's output or errors
 METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 64, 512  # as OpenAI
+MAX_FILENAME_CHARS = 255  # an upload's filename, as common filesystems bound a name
+BIDI_CONTROLS = ("LRE", "RLE", "LRO", "RLO", "PDF", "LRI", "RLI", "FSI", "PDI")  # not in a filename (_filename)
+FORM_FIELDS = ("purpose", "file")  # of POST /v1/files; OpenAI's `expires_after[...]` is refused (no expiry here)
+_INTEGER = re.compile(r"-?[0-9]+")  # a query's integer (`limit`), as written in ASCII
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,80}$")  # file and batch ids (new_id), and nothing a KV key cannot be
 LIST_LIMIT = (1, 100)  # `limit` of GET /v1/batches; 20 when not given
 FILES_LIMIT = (1, 10_000)  # `limit` of GET /v1/files; 10,000 when not given (as OpenAI)
@@ -147,10 +155,17 @@ class BatchApi:
         while (part := await reader.next()) is not None:
             if not isinstance(part, BodyPartReader):
                 raise BadRequest("file", "a part of the body is itself multipart; send purpose and file as fields")
+            if part.name not in FORM_FIELDS:  # named, as the completion doors name an unsupported parameter
+                name = part.name or "(unnamed)"
+                if name.startswith("expires_after"):  # OpenAI's expires_after[anchor], expires_after[seconds]
+                    raise BadRequest("expires_after", "expires_after: not supported here; files are kept until "
+                                                      "deleted (DELETE /v1/files/{id})")
+                name = name if len(name) <= 40 else name[:37] + "..."
+                raise BadRequest(name, f"{name}: unsupported field; send purpose and file")
             if part.name == "purpose":
                 purpose = (await part.read(decode=True)).decode("utf-8", "replace")
             elif part.name == "file":
-                filename, chunks, size = part.filename or "upload.jsonl", [], 0
+                filename, chunks, size = _filename(part.filename), [], 0
                 while chunk := await part.read_chunk(1 << 16):
                     size += len(chunk)
                     if size > limit:
@@ -318,6 +333,20 @@ def _page(records: list[dict], limit: int) -> dict:
             "last_id": page[-1]["id"] if page else None, "has_more": len(records) > limit}
 
 
+def _filename(name: str | None) -> str:
+    """An upload's filename as it is kept and shown again: at most MAX_FILENAME_CHARS, text without control
+    characters (NUL, newlines, escapes), lone surrogates or the bidi controls that show a name as another
+    (U+202E: "gnp.jsonl" shown as "lnosj.png"); BadRequest naming `file` otherwise."""
+    if not name:
+        return "upload.jsonl"
+    if len(name) > MAX_FILENAME_CHARS:
+        raise BadRequest("file", f"file: a filename of {len(name)} characters; at most {MAX_FILENAME_CHARS}")
+    if bad := next((c for c in name if unicodedata.category(c) in ("Cc", "Cs")
+                    or unicodedata.bidirectional(c) in BIDI_CONTROLS), None):
+        raise BadRequest("file", f"file: the filename holds {ascii(bad)}; control characters are not accepted")
+    return name
+
+
 def _metadata(value) -> dict | None:
     if value is None:
         return None
@@ -326,17 +355,24 @@ def _metadata(value) -> dict | None:
             and len(v) <= METADATA_VALUE_CHARS for k, v in value.items()):
         raise BadRequest("metadata", f"metadata: at most {MAX_METADATA} string pairs (keys up to "
                                      f"{METADATA_KEY_CHARS} characters, values up to {METADATA_VALUE_CHARS})")
+    # as the completion doors: no string UTF-8 cannot carry (a lone surrogate, \ud800), and no NUL
+    if _unencodable(value) is not None or any("\x00" in s for pair in value.items() for s in pair):
+        raise BadRequest("metadata", "metadata: keys and values must be text: no NUL, no lone surrogate such as "
+                                     "\\ud800 (no UTF-8 encoding)")
     return value
 
 
 def _int_query(request: web.Request, name: str, default: int, bounds: tuple[int, int]) -> int:
+    """A query's integer: ASCII digits, a minus sign at most (not int()'s other digits, `_` or `+`)."""
     raw = request.query.get(name)
     if raw is None:
         return default
     try:
-        value = int(raw)
+        if not _INTEGER.fullmatch(raw):
+            raise ValueError(raw)
+        value = int(raw)  # ValueError past sys.get_int_max_str_digits()
     except ValueError:
-        raise BadRequest(name, f"{name}: must be an integer, got {raw!r}") from None
+        raise BadRequest(name, f"{name}: must be an integer, got {_shown(raw)}") from None
     if not bounds[0] <= value <= bounds[1]:
         raise BadRequest(name, f"{name}: {value} is out of range [{bounds[0]}, {bounds[1]}]")
     return value

@@ -57,7 +57,7 @@ from tierline_router.auth import AccessDenied, bearer_token
 from tierline_router.cascade import paid_tokens
 from tierline_router.chat import ChatTemplate, ChatTemplateError
 from tierline_shared.models.tokenizer import CHAT_TEMPLATE
-from tierline_shared.runtime.engine import MIN_TEMPERATURE
+from tierline_shared.runtime.engine import MAX_TEMPERATURE, MIN_TEMPERATURE
 from tierline_shared.transport.messaging import TierError
 
 log = logging.getLogger("tierline.router.http")
@@ -107,7 +107,7 @@ class ModelNotFound(BadRequest):
     gRPC answers INVALID_ARGUMENT naming `model` (shared/serving/servicer.py:validate_request)."""
 
     def __init__(self, name: str, served: str):
-        super().__init__("model", f"model: {name!r} does not exist here; this server serves {served!r}")
+        super().__init__("model", f"model: {_shown(name)} does not exist here; this server serves {_shown(served)}")
         self.status = "NOT_FOUND"
 
 
@@ -137,6 +137,9 @@ def _too_large(what: str = "") -> BodyRefused:
 
 
 _FIELD = re.compile(r"^(?:parameters\.)?([a-z_]+): ")  # "parameters.max_tokens: ..." from the platform's validation
+# a prompt that leaves no room in the context (shared/runtime/engine.py:Engine.check, servicer.validate), whatever
+# max_tokens: OpenAI's code `context_length_exceeded`, naming the prompt (chat: `messages`)
+_CONTEXT_FULL = re.compile(r"^prompt: .*maximum context length is \d+ tokens")
 
 
 def _client_names(chat: bool, body=None) -> dict[str, str]:
@@ -172,6 +175,8 @@ def error_body(exc: TierError, chat: bool = False, body=None) -> tuple[int, dict
         kind, code = "invalid_request_error", "model_not_found"
     elif isinstance(exc, BodyRefused):
         status, code = exc.http_status, exc.code
+    elif exc.status == "INVALID_ARGUMENT" and _CONTEXT_FULL.match(exc.message):
+        code = "context_length_exceeded"
     else:
         code = exc.status.lower()
     return status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
@@ -274,12 +279,16 @@ def _request(body: dict, prompt: str, allowed: set[str], chat: bool) -> pb.Infer
         value = _typed(body, name, (int,), "an integer", INT32)
         if value is not None:
             params.max_tokens = value
+    # ranges judged here on the JSON's value too where float32 would round it into them: a temperature below its
+    # range arrives as 0 (greedy), one or a top_p just above their bound as the bound itself
     if (t := _typed(body, "temperature", (int, float), "a number")) is not None:
         params.temperature = t
-        if t and not params.temperature:  # below float32's range: it would arrive as 0, greedy
-            raise BadRequest("temperature", f"temperature: must be 0 (greedy) or at least {MIN_TEMPERATURE}, "
-                                            f"got {_shown(body['temperature'])}")
+        if t and not params.temperature or t > MAX_TEMPERATURE:
+            raise BadRequest("temperature", f"temperature: must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, "
+                                            f"{MAX_TEMPERATURE:g}], got {_shown(body['temperature'])}")
     if (p := _typed(body, "top_p", (int, float), "a number")) is not None:
+        if p > 1:
+            raise BadRequest("top_p", f"top_p: must be in (0, 1], got {_shown(body['top_p'])}")
         params.top_p = p
     if (w := _typed(body, "attention_window", (int,), "an integer", INT32)) is not None:
         params.attention_window = w
@@ -459,7 +468,10 @@ def chat_messages(messages) -> list[dict]:
         if field := next((f for f in TOOL_FIELDS if m.get(f)), None):  # null or empty: as absent
             raise BadRequest(f"messages.{i}.{field}", f"messages.{i}.{field}: not supported here (no tools, text only)")
         content = m.get("content")
-        if isinstance(content, list):  # content parts: only text is served
+        if isinstance(content, list):  # content parts: only text is served, at least one (as OpenAI)
+            if not content:
+                raise BadRequest(f"messages.{i}.content", f"messages.{i}.content: an empty list of parts; give at "
+                                                          "least one text part")
             if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
                        for c in content):
                 raise BadRequest(f"messages.{i}.content", f"messages.{i}.content: only text parts are served")

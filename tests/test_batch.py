@@ -203,6 +203,76 @@ def test_requests_are_checked_and_named_by_their_openai_field(stack):
         assert err.value.body["param"] == field
 
 
+@pytest.mark.parametrize("metadata", [rb'{"k": "\ud800"}', rb'{"\udfff": "v"}', rb'{"k": "a\u0000b"}',
+                                      rb'{"k\u0000": "v"}'])
+def test_batch_metadata_that_is_not_text_is_a_400_naming_it(stack, metadata):
+    """Found by a fault hunt: metadata holding a lone surrogate (JSON's \\ud800 spells one) or a NUL was kept and
+    shown again, where the completion doors refuse such text."""
+    import httpx
+
+    f = api(stack).files.create(file=("m.jsonl", io.BytesIO(jsonl([line("a", PROMPTS[0])]))), purpose="batch")
+    body = (b'{"input_file_id": "%s", "endpoint": "/v1/completions", "completion_window": "24h", "metadata": %s}'
+            % (f.id.encode(), metadata))
+    r = httpx.post(f"{stack.http_base_url}/batches", content=body, timeout=60,
+                   headers={"authorization": f"Bearer {stack.api_key}", "content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "metadata", r.text
+
+
+@pytest.mark.parametrize("limit", ["\u0661\u0662", "1_0", "+5", " 5", "5\n"])  # int() takes each of them
+def test_a_list_limit_is_written_in_ascii_digits(stack, limit):
+    client = api(stack)
+    for listing in (client.files.list, client.batches.list):
+        with pytest.raises(openai.BadRequestError) as err:
+            listing(limit=limit)
+        assert err.value.body["param"] == "limit", err.value.body
+
+
+def _form(file_disposition: bytes, **fields: str) -> bytes:
+    """A multipart/form-data upload (boundary `b`): `fields` (purpose=batch unless given), then the file part."""
+    parts = [b'--b\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n' % (k.encode(), v.encode())
+             for k, v in {"purpose": "batch", **fields}.items()]
+    return b"".join(parts) + (b'--b\r\nContent-Disposition: form-data; name="file"; ' + file_disposition +
+                              b"\r\n\r\n" + jsonl([line("a", PROMPTS[0])]) + b"\r\n--b--\r\n")
+
+
+@pytest.mark.parametrize("disposition, fields, param", [
+    (b'filename="' + b"x" * 5000 + b'.jsonl"', {}, "file"),  # kept and listed whole
+    (b"filename*=UTF-8''a%00b.jsonl", {}, "file"),  # a NUL, as RFC 5987 spells it
+    (b"filename*=UTF-8''a%0Ab%1B%5B2J.jsonl", {}, "file"),  # a newline, a terminal escape
+    ('filename="\u202egnp.jsonl"'.encode(), {}, "file"),  # RIGHT-TO-LEFT OVERRIDE: shown as "lnosj.png"
+    (b'filename="b.jsonl"', {"expires_after[anchor]": "created_at", "expires_after[seconds]": "3600"},
+     "expires_after"),  # OpenAI's expiry, which was ignored: the file was kept for ever
+    (b'filename="b.jsonl"', {"purpose_": "batch"}, "purpose_"),  # an unknown field, which was ignored
+])
+def test_an_upload_with_a_field_or_filename_this_api_does_not_keep_is_a_400_naming_it(stack, disposition, fields,
+                                                                                        param):
+    """Found by a fault hunt: unknown form fields (OpenAI's expires_after among them) were ignored, and filenames of
+    5000 characters or holding control characters were kept as given."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    url = urlsplit(stack.http_base_url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    conn.request("POST", "/v1/files", body=_form(disposition, **fields), headers={
+        "content-type": "multipart/form-data; boundary=b", "authorization": f"Bearer {stack.api_key}"})
+    resp = conn.getresponse()
+    error = json.loads(resp.read())["error"]
+    conn.close()
+    assert resp.status == 400 and error["param"] == param and error["message"].startswith(param + ":"), error
+
+
+def test_the_openai_clients_expires_after_is_refused_and_a_long_filename_kept(stack):
+    client = api(stack)
+    data = jsonl([line("a", PROMPTS[0])])
+    with pytest.raises(openai.BadRequestError) as err:
+        client.files.create(file=("b.jsonl", io.BytesIO(data)), purpose="batch",
+                            expires_after={"anchor": "created_at", "seconds": 3600})
+    assert err.value.body["param"] == "expires_after" and "not supported" in err.value.body["message"]
+    name = "\u00e9" * 249 + ".jsonl"  # 255 characters: the most a filename may have (as common filesystems)
+    assert client.files.retrieve(client.files.create(file=(name, io.BytesIO(data)), purpose="batch").id).filename \
+        == name
+
+
 NESTED = (b'--outer\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
           b"--outer\r\nContent-Type: multipart/mixed; boundary=inner\r\n\r\n"
           b'--inner\r\nContent-Disposition: form-data; name="file"\r\n\r\n{}\r\n--inner--\r\n\r\n--outer--\r\n')

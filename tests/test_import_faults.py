@@ -372,7 +372,7 @@ def test_a_hugging_face_name_is_imported_and_asked_for_by_the_openai_client(tmp_
             assert grpc_client.infer("The quick", {"max_tokens": 4}).text is not None
         with pytest.raises(openai.NotFoundError) as other:  # a name that is not this one is still a 404
             client.models.retrieve("acme/other")
-        assert other.value.body["code"] == "model_not_found" and "'acme/other'" in other.value.body["message"]
+        assert other.value.body["code"] == "model_not_found" and '"acme/other"' in other.value.body["message"]
         # why the rule refuses '?': the client sends the name as it is, and the server sees only what is before it
-        with pytest.raises(openai.NotFoundError, match="'acme' does not exist here"):
+        with pytest.raises(openai.NotFoundError, match='"acme" does not exist here'):
             client.models.retrieve("acme?tiny-llama")

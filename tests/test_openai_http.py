@@ -210,6 +210,11 @@ def test_a_prompt_that_fills_the_context_is_named_and_a_vanishing_temperature_re
     (True, {"max_completion_tokens": 0}, "max_completion_tokens"),  # the name the client used, not max_tokens
     (True, {"max_tokens": 8, "max_completion_tokens": 10**6}, "max_completion_tokens"),  # the one in effect
     (True, {"max_tokens": 10**6}, "max_tokens"),
+    # found by a fault hunt: each of these was served
+    (False, {"temperature": 2.5}, "temperature"),  # OpenAI's range is [0, 2]
+    (False, {"temperature": 2.0000001}, "temperature"),  # float32 would round it to 2
+    (False, {"top_p": 1.00000001}, "top_p"),  # float32 would round it to 1
+    (True, {"messages": [{"role": "user", "content": []}]}, "messages.0.content"),  # OpenAI: at least one part
 ])
 def test_errors_name_the_field_as_the_client_sent_it(stack, chat, body, param):
     client = api(stack)
@@ -221,6 +226,50 @@ def test_errors_name_the_field_as_the_client_sent_it(stack, chat, body, param):
             client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, extra_body=body)
     error = err.value.body
     assert error["param"] == param and error["message"].startswith(param + ":"), error
+
+
+def test_a_temperature_above_2_is_refused_over_grpc_as_over_http(stack):
+    """The platform's own validation (shared/serving/servicer.py:validate_request) bounds it, for both doors."""
+    from tierline.client import InvalidArgument
+
+    with InferenceClient(api_key=stack.api_key, endpoint=stack.router_address) as c:
+        with pytest.raises(InvalidArgument) as err:
+            c.infer(PROMPT, {"temperature": 2.5, "max_tokens": 4})
+        assert err.value.message.startswith("parameters.temperature: "), err.value.message
+        assert c.infer(PROMPT, {"temperature": 2, "max_tokens": 4, "seed": 1}).choices[0].finish_reason
+
+
+@pytest.mark.parametrize("chat, stream, max_tokens", [(False, False, 4), (True, False, 4), (False, True, 4),
+                                                      (True, False, None)])
+def test_a_prompt_longer_than_the_context_is_the_prompts_fault_whatever_max_tokens(stack, chat, stream, max_tokens):
+    """Found by a fault hunt: a prompt longer than the context with a small max_tokens was a 400 naming max_tokens,
+    "reduce the prompt or max_tokens to at most 0". It is the prompt's (chat: `messages`), with OpenAI's code
+    `context_length_exceeded`; a max_tokens too large for a prompt that fits is still max_tokens' (the test above)."""
+    client = api(stack)
+    long = "1+" * 300 + "1=?"
+    extra = {} if max_tokens is None else {"max_tokens": max_tokens}
+    with pytest.raises(openai.BadRequestError) as err:
+        if chat:
+            client.chat.completions.create(model=MODEL, stream=stream, messages=[{"role": "user", "content": long}],
+                                           **extra)
+        else:
+            client.completions.create(model=MODEL, prompt=f"Q:{long}\nA:", stream=stream, **extra)
+    error = err.value.body
+    assert (error["param"], error["code"]) == ("messages" if chat else "prompt", "context_length_exceeded"), error
+    assert error["message"].startswith(error["param"] + ": ") and "maximum context length is 256 tokens" in \
+        error["message"] and "max_tokens to at most" not in error["message"], error
+
+
+def test_an_unknown_model_is_quoted_short_in_its_404(stack):
+    """Found by a fault hunt: the 404 quoted the name whole (a 900 KB name, a 900 KB answer)."""
+    client = api(stack)
+    for ask in (lambda: client.completions.create(model="m" * 100_000, prompt=PROMPT, max_tokens=4),
+                lambda: client.models.retrieve("m" * 7000)):
+        with pytest.raises(openai.NotFoundError) as err:
+            ask()
+        assert err.value.body["code"] == "model_not_found" and len(err.value.response.content) < 1000, \
+            len(err.value.response.content)
+        assert '"mmm' in err.value.body["message"] and "..." in err.value.body["message"]
 
 
 def test_a_model_can_be_retrieved_by_id_and_health_answers(stack):

@@ -27,6 +27,7 @@ Past = list  # backend-specific KV cache (list of per-layer arrays)
 # The sampler's range. Below MIN_TEMPERATURE (but 0, greedy) a distribution is an argmax in all but name,
 # and logits / temperature overflow to NaN; the seed is numpy's, which takes no negative numbers.
 MIN_TEMPERATURE = 0.01
+MAX_TEMPERATURE = 2.0  # what a request may ask (OpenAI's bound: servicer.validate_request); the sampler takes more
 MAX_SEED = 2**63 - 1  # the wire's int64
 MAX_TOP_LOGPROBS = 20  # alternatives per position at most (OpenAI's bound)
 INCOMPLETE_CHAR = "\ufffd"  # what a tokenizer decodes the first bytes of a character split across tokens to
@@ -318,11 +319,14 @@ class Engine(abc.ABC):
                 "parameters.attention_window",
             )
         n = len(prompt_ids(self.tokenizer, prompt, params.add_special_tokens) if ids is None else ids)
+        if n >= self.info.max_context:  # the prompt alone fills the context: its fault, whatever max_tokens asks
+            raise EngineError(f"{n} tokens; this model's maximum context length is {self.info.max_context} tokens, "
+                              "which leaves no room for an answer: reduce the prompt", "prompt")
         if n + params.max_tokens > self.info.max_context:
             raise EngineError(  # OpenAI's words, so that clients and people recognise it
                 f"this model's maximum context length is {self.info.max_context} tokens; you requested "
                 f"{n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} for the completion): "
-                f"reduce the prompt or max_tokens to at most {max(0, self.info.max_context - n)}",
+                f"reduce the prompt or max_tokens to at most {self.info.max_context - n}",
                 "parameters.max_tokens",
             )
         return n

@@ -27,6 +27,7 @@ from tierline_api.v1 import inference_pb2_grpc as pb_grpc
 from tierline_shared.config.manifest import LimitsConfig, TierConfig
 from tierline_shared.runtime.engine import (
     MAX_SEED,
+    MAX_TEMPERATURE,
     MAX_TOP_LOGPROBS,
     MIN_TEMPERATURE,
     Engine,
@@ -80,9 +81,9 @@ def validate_request(req: pb.InferRequest, limits: LimitsConfig, model_name: str
     if req.model and req.model != model_name:
         raise RequestError("model", f"unknown model {req.model!r}; this server serves {model_name!r}")
     p = req.parameters
-    if not (p.temperature == 0 or MIN_TEMPERATURE <= p.temperature < math.inf):
-        raise RequestError("parameters.temperature", f"must be 0 (greedy) or at least {MIN_TEMPERATURE}, "
-                                                     f"got {p.temperature}")
+    if not (p.temperature == 0 or MIN_TEMPERATURE <= p.temperature <= MAX_TEMPERATURE):
+        raise RequestError("parameters.temperature", f"must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, "
+                                                     f"{MAX_TEMPERATURE:g}], got {p.temperature}")
     if p.HasField("seed") and not 0 <= p.seed <= MAX_SEED:
         raise RequestError("parameters.seed", f"must be in [0, {MAX_SEED}], got {p.seed}")
     top_p = p.top_p if p.HasField("top_p") else 1.0
@@ -140,7 +141,7 @@ def validate(req: pb.InferRequest, engine: Engine, limits: LimitsConfig, model_n
         if room < 1:  # the prompt alone fills the context: its own fault, not that of a max_tokens never sent
             raise RequestError("prompt", f"{engine.info.max_context - room} tokens; this model's maximum context "
                                          f"length is {engine.info.max_context} tokens, which leaves no room for an "
-                                         "answer")
+                                         "answer: reduce the prompt")
         max_tokens = min(max_tokens, room)
     params = GenerationParams(max_tokens=max_tokens, temperature=p.temperature, top_p=top_p,
                               stop=tuple(p.stop), seed=p.seed if p.HasField("seed") else None,

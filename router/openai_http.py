@@ -269,8 +269,9 @@ def _unencodable(body) -> str | None:
 def _request(body: dict, prompt: str, allowed: set[str], chat: bool) -> pb.InferRequest:
     """An InferRequest from an OpenAI body; the platform's validation checks ranges afterwards."""
     unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise BadRequest(unknown[0], f"{unknown[0]}: unsupported parameter")
+    if unknown:  # named as sent, cut as a value is (`_shown`): a client's key may be any length
+        name = unknown[0] if len(unknown[0]) <= 40 else unknown[0][:37] + "..."
+        raise BadRequest(name, f"{name}: unsupported parameter")
     model = _typed(body, "model", (str,), "a string")
     if not model:  # the platform's validation takes "" as "the served one"; OpenAI requires a name
         raise BadRequest("model", "model: required")

@@ -272,6 +272,15 @@ def test_an_unknown_model_is_quoted_short_in_its_404(stack):
         assert '"mmm' in err.value.body["message"] and "..." in err.value.body["message"]
 
 
+def test_an_unknown_parameter_is_named_short(stack):
+    """Found with the 404 above: an unsupported parameter's 400 named it whole (a 100 KB key, a 200 KB answer)."""
+    client = api(stack)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, extra_body={"k" * 100_000: 1})
+    assert len(err.value.response.content) < 1000, len(err.value.response.content)
+    assert err.value.body["param"].startswith("kkk") and err.value.body["message"].endswith("unsupported parameter")
+
+
 def test_a_model_can_be_retrieved_by_id_and_health_answers(stack):
     import urllib.request
 

@@ -239,6 +239,15 @@ def test_a_temperature_above_2_is_refused_over_grpc_as_over_http(stack):
         assert c.infer(PROMPT, {"temperature": 2, "max_tokens": 4, "seed": 1}).choices[0].finish_reason
 
 
+def test_the_lowest_temperature_documented_is_served_through_both_doors(stack):
+    """0.01, the documented least temperature, was refused (400 naming temperature): the wire's float32 carries it as
+    0.0099999998, below the bound as a double. Noticed by the helper that bounded temperature above."""
+    assert api(stack).completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0.01,
+                                         seed=1).choices[0].finish_reason
+    with InferenceClient(api_key=stack.api_key, endpoint=stack.router_address) as c:
+        assert c.infer(PROMPT, {"temperature": 0.01, "max_tokens": 4, "seed": 1}).choices[0].finish_reason
+
+
 @pytest.mark.parametrize("chat, stream, max_tokens", [(False, False, 4), (True, False, 4), (False, True, 4),
                                                       (True, False, None)])
 def test_a_prompt_longer_than_the_context_is_the_prompts_fault_whatever_max_tokens(stack, chat, stream, max_tokens):

@@ -26,7 +26,8 @@ from tierline_shared.models.tokenizer import TextTokenizer
 Past = list  # backend-specific KV cache (list of per-layer arrays)
 # The sampler's range. Below MIN_TEMPERATURE (but 0, greedy) a distribution is an argmax in all but name,
 # and logits / temperature overflow to NaN; the seed is numpy's, which takes no negative numbers.
-MIN_TEMPERATURE = 0.01
+# 0.01 as the wire's float32 carries it (0.0099999998): a request that asks for exactly 0.01 gets it
+MIN_TEMPERATURE = float(np.float32(0.01))
 MAX_TEMPERATURE = 2.0  # what a request may ask (OpenAI's bound: servicer.validate_request); the sampler takes more
 MAX_SEED = 2**63 - 1  # the wire's int64
 MAX_TOP_LOGPROBS = 20  # alternatives per position at most (OpenAI's bound)
@@ -55,7 +56,7 @@ class GenerationParams:
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
             raise ValueError(f"max_tokens must be a positive int, got {self.max_tokens!r}")
         if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature < math.inf):
-            raise ValueError(f"temperature must be 0 or at least {MIN_TEMPERATURE}, got {self.temperature!r}")
+            raise ValueError(f"temperature must be 0 or at least {MIN_TEMPERATURE:g}, got {self.temperature!r}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be in [0, {MAX_SEED}], got {self.seed!r}")
         if not 0 < self.top_p <= 1:

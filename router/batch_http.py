@@ -38,6 +38,7 @@ from tierline_router.batch import (
 )
 from tierline_router.openai_http import (
     BadRequest,
+    _cut,
     _error_response,
     _shown,
     _unencodable,
@@ -160,7 +161,7 @@ class BatchApi:
                 if name.startswith("expires_after"):  # OpenAI's expires_after[anchor], expires_after[seconds]
                     raise BadRequest("expires_after", "expires_after: not supported here; files are kept until "
                                                       "deleted (DELETE /v1/files/{id})")
-                name = name if len(name) <= 40 else name[:37] + "..."
+                name = _cut(name)
                 raise BadRequest(name, f"{name}: unsupported field; send purpose and file")
             if part.name == "purpose":
                 purpose = (await part.read(decode=True)).decode("utf-8", "replace")

@@ -229,13 +229,18 @@ def _is_neutral(value, neutral) -> bool:
     return value == neutral
 
 
+def _cut(text: str) -> str:
+    """A text a client sent, as a message may repeat it: at most 40 characters, "..." marking the cut."""
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _shown(value) -> str:
     """A value as a message may quote it: short, whatever it is."""
     try:
         text = json.dumps(value)
     except (ValueError, RecursionError):
         text = type(value).__name__
-    return text if len(text) <= 40 else text[:37] + "..."
+    return _cut(text)
 
 
 def _unencodable(body) -> str | None:
@@ -269,8 +274,8 @@ def _unencodable(body) -> str | None:
 def _request(body: dict, prompt: str, allowed: set[str], chat: bool) -> pb.InferRequest:
     """An InferRequest from an OpenAI body; the platform's validation checks ranges afterwards."""
     unknown = sorted(set(body) - allowed)
-    if unknown:  # named as sent, cut as a value is (`_shown`): a client's key may be any length
-        name = unknown[0] if len(unknown[0]) <= 40 else unknown[0][:37] + "..."
+    if unknown:  # named as sent, cut: a client's key may be any length
+        name = _cut(unknown[0])
         raise BadRequest(name, f"{name}: unsupported parameter")
     model = _typed(body, "model", (str,), "a string")
     if not model:  # the platform's validation takes "" as "the served one"; OpenAI requires a name

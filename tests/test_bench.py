@@ -228,9 +228,10 @@ def test_the_tiered_section_says_where_the_cpu_went(report):
                                              "cloud-0 core", "device-0", "load generator"}, tiered.keys()
     assert all(isinstance(v, (int, float)) and v >= 0 for v in [*tiered.values(), *cloud.values()])
     # /proc counts CPU in clock ticks (10 ms): over the quick run's few requests one tick is a large share, and the
-    # idle router's heartbeats in the cloud-only run can take one too, so the comparison allows one tick
+    # idle router's heartbeats in the cloud-only run can take one too, so the comparison allows one tick; and the
+    # router's own CPU over those few requests may stay under one tick (a clean clone read 0.0 on a fast machine)
     tick = 1000 / os.sysconf("SC_CLK_TCK") / results["sections"]["tiered_vs_cloud"]["method"]["requests"]
-    assert tiered["router"] > 0 and cloud["cloud-0 core"] > 0 and cloud["router"] <= tiered["router"] + tick
+    assert cloud["cloud-0 core"] > 0 and cloud["router"] <= tiered["router"] + tick
     assert m["tiered"]["cores_busy"] > 0 and m["cloud_only"]["cores_busy"] > 0
     # escalations' drafts, counted by the tiers themselves (the quick run may escalate none)
     drafts = m["tiered"]["drafts"]
